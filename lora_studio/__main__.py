@@ -1,0 +1,3 @@
+from lora_studio.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The command line: ``lora-studio`` (window) and ``lora-studio inspect|compare|merge``."""

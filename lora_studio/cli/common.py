@@ -1,0 +1,91 @@
+"""Pieces the subcommands share: base/adapter arguments, progress on stderr, output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from lora_studio.core.errors import UserError
+from lora_studio.core.tasks import Progress
+
+
+def add_base_argument(parser) -> None:
+    parser.add_argument("base", nargs="?", help="model folder, .gguf file, or a repo id in the local Hugging Face cache")
+    parser.add_argument("--demo", action="store_true", help="use the embedded demo model (SmolLM2-135M-Instruct)")
+
+
+def add_adapter_argument(parser, help_text: str = "adapter folder, optionally named: NAME=PATH (repeatable)") -> None:
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH", help=help_text)
+
+
+def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
+    """``NAME=PATH`` or ``PATH`` (named after the folder); names must be unique."""
+    out: list[tuple[str, Path]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or ("/" in name or "\\" in name) or not name:
+            name, path = "", spec
+        path_obj = Path(path).expanduser()
+        name = name or path_obj.name or "adapter"
+        if any(n == name for n, _ in out):
+            raise UserError(f"two adapters are named {name!r}", "give each a unique name with NAME=PATH")
+        out.append((name, path_obj))
+    return out
+
+
+def resolve_base(args, *, report=None):
+    from lora_studio.core import demo
+    from lora_studio.core.sources import resolve_source
+
+    if getattr(args, "demo", False):
+        if args.base:
+            raise UserError("give either a base model or --demo, not both", "drop one of them")
+        return demo.ensure_demo_model(report=report or stderr_progress())
+    if not args.base:
+        raise UserError("no base model given", "pass a model folder, a .gguf file, a cached repo id, or --demo")
+    return resolve_source(args.base)
+
+
+class stderr_progress:
+    """A one-line progress display on stderr, only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._last = ""
+
+    def __call__(self, p: Progress) -> None:
+        if not self._tty:
+            return
+        frac = p.fraction
+        text = f"{p.message} {int(p.done)}/{int(p.total)} {p.unit}" if frac is not None else f"{p.message}…"
+        if text != self._last:
+            sys.stderr.write("\r\033[K" + text)
+            sys.stderr.flush()
+            self._last = text
+
+    def done(self) -> None:
+        if self._tty and self._last:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
+
+
+def human_bytes(n) -> str:
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)] if rows else [len(h) for h in headers]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])

@@ -1,0 +1,59 @@
+"""``lora-studio inspect BASE [--adapter NAME=PATH]... [--json]``: what a base and its adapters are, without loading weights."""
+
+from __future__ import annotations
+
+from lora_studio.cli.common import (
+    add_adapter_argument, add_base_argument, human_bytes, parse_adapter_specs, print_json, resolve_base, table,
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="show a base model and adapters: sizes, memory estimate, ranks, ΔW norms")
+    add_base_argument(p)
+    add_adapter_argument(p)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype for the memory estimate (default: the checkpoint's)")
+    p.add_argument("--device-map", default="cpu", help="cpu, cuda:N or auto, for the memory estimate (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from lora_studio.core.inspect_model import inspect_base_and_adapters
+
+    adapters = parse_adapter_specs(args.adapter)
+    source = resolve_base(args)
+    report = inspect_base_and_adapters(source, adapters, dtype=args.dtype, device_map=args.device_map)
+    if args.json:
+        print_json(report.to_json())
+    else:
+        print(render(report))
+    return 0
+
+
+def render(report) -> str:
+    b = report.estimate
+    fp = b.footprint
+    out = [
+        f"Base       {report.source.label}",
+        f"Path       {report.source.file}",
+        f"Arch       {fp.architecture} ({fp.model_type})",
+        f"Params     {fp.params:,}" + ("  (tied embeddings counted once)" if fp.tied_embeddings else ""),
+        f"Checkpoint {fp.checkpoint_dtype}, {human_bytes(fp.checkpoint_bytes)} on disk",
+        f"Memory     {b.dtype} on {b.device_map}: ~{human_bytes(b.needed_bytes)} -> {b.verdict.replace('_', ' ')} ({b.explanation})",
+    ]
+    for a in report.adapters:
+        out.append("")
+        flags = [x for x, on in (("rsLoRA", a.use_rslora), ("DoRA", a.use_dora)) if on]
+        pct = f" = {a.percent_of_base:.3f}% of base" if a.percent_of_base is not None else ""
+        out.append(f"Adapter {a.name}  ({a.path})")
+        out.append(f"  {a.peft_type} r={a.r} alpha={a.lora_alpha:g} scaling={a.scaling:.4g} {' '.join(flags)}".rstrip())
+        out.append(f"  init: {a.init_lora_weights}; targets: {a.target_modules}; modules_to_save: {a.modules_to_save or '-'}")
+        if a.trainable_token_indices:
+            out.append(f"  trainable tokens: {a.trainable_token_indices}")
+        out.append(f"  params {a.params:,}{pct}; weights {a.weights_file} {human_bytes(a.weights_bytes)}")
+        for w in a.warnings:
+            out.append(f"  warning: {w}")
+        rows = [[m.module, f"{m.in_features}x{m.out_features}", str(m.r), f"{m.delta_norm:.4g}",
+                 " ".join(f"{s:.3g}" for s in m.singular_values[:4])] for m in a.modules]
+        out.append("  " + table(rows, ["module", "in x out", "r", "|ΔW|_F", "top singular values"]).replace("\n", "\n  "))
+    return "\n".join(out)

@@ -1,0 +1,81 @@
+"""Entry point and the CLI's error policy.
+
+Exit codes everywhere: 0 ok; 2 bad input (one clear line on stderr, no traceback);
+1 internal error (one line; the traceback only with LORA_STUDIO_DEBUG=1); 130 when
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from lora_studio import __version__
+from lora_studio.core.errors import describe
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lora_studio.cli import compare_cmd, inspect_cmd, merge_cmd
+
+    parser = _OneLineParser(prog="lora-studio", description="Load a base model, attach, compare and merge LoRA adapters.")
+    parser.add_argument("--version", action="version", version=f"lora-studio {__version__}")
+    parser.add_argument("--demo", action="store_true", help="open the window with the embedded demo model loaded")
+    parser.add_argument("--open", dest="base", metavar="PATH", help="open the window with this base model loaded")
+    sub = parser.add_subparsers(dest="command", parser_class=_OneLineParser, metavar="{inspect,compare,merge}")
+    for module in (inspect_cmd, compare_cmd, merge_cmd):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from lora_studio.core.loading import offline_environment
+
+    offline_environment()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command is None:
+            return _open_window(args)
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write("lora-studio: interrupted\n")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # the one place the CLI turns errors into words
+        desc = describe(exc)
+        if os.environ.get("LORA_STUDIO_DEBUG"):
+            sys.stderr.write(desc.detail)
+        if desc.kind == "cancelled":
+            sys.stderr.write("lora-studio: cancelled\n")
+            return EXIT_INTERRUPTED
+        if desc.kind in ("user", "oom"):
+            sys.stderr.write(f"lora-studio: error: {desc.message}\n")
+            return EXIT_BAD_INPUT
+        sys.stderr.write(f"lora-studio: {desc.message} (set LORA_STUDIO_DEBUG=1 for the traceback)\n")
+        return EXIT_INTERNAL
+
+
+def _open_window(args) -> int:
+    try:
+        from lora_studio.gui.app import run_app
+    except ImportError as exc:
+        if "lora_studio.gui" not in str(exc):
+            raise
+        sys.stderr.write("lora-studio: the window is not built yet; try `lora-studio inspect --demo`\n")
+        return EXIT_INTERNAL
+    return run_app(demo=args.demo, base=args.base)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,292 @@
+"""Reading a PEFT LoRA adapter folder: its config, its tensor layout and its weights.
+
+Everything here treats the folder as untrusted: a broken config or weights file
+gives a :class:`UserError` that says what is wrong, and ``.bin`` pickles are only
+ever opened with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from lora_studio.core.errors import UserError
+from lora_studio.core.safetensors_io import read_header
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    raw: dict
+    peft_type: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    use_dora: bool
+    fan_in_fan_out: bool
+    target_modules: Any  # list of names, or a regex string
+    modules_to_save: list[str]
+    trainable_token_indices: Any
+    rank_pattern: dict
+    alpha_pattern: dict
+    init_lora_weights: Any
+    base_model_name_or_path: Optional[str]
+    peft_version: Optional[str]
+    warnings: tuple[str, ...] = ()
+
+    def rank_for(self, module: str) -> int:
+        return int(_pattern_value(self.rank_pattern, module, self.r))
+
+    def alpha_for(self, module: str) -> float:
+        return float(_pattern_value(self.alpha_pattern, module, self.lora_alpha))
+
+    def scaling_for(self, module: str) -> float:
+        """PEFT's scaling: alpha/r, or alpha/sqrt(r) with rsLoRA, per-module patterns applied."""
+        r = self.rank_for(module)
+        alpha = self.alpha_for(module)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / math.sqrt(self.r) if self.use_rslora else self.lora_alpha / self.r
+
+    @property
+    def init_method(self) -> str:
+        v = self.init_lora_weights
+        if v is True:
+            return "default (kaiming A, zero B)"
+        if v is False:
+            return "random (init_lora_weights=False)"
+        return str(v)
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    # Same rule as PEFT: a pattern key matches the module name or a dotted suffix of it.
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _peft_config_fields() -> set[str]:
+    from peft import LoraConfig
+
+    return {f.name for f in dataclasses.fields(LoraConfig)} | {"auto_mapping", "base_model_name_or_path", "revision", "peft_type", "task_type", "inference_mode", "peft_version"}
+
+
+def _peft_type_names() -> set[str]:
+    try:
+        from peft import PeftType
+
+        return {t.value for t in PeftType}
+    except Exception:  # pragma: no cover
+        return set()
+
+
+def _is_default(value) -> bool:
+    return value in (None, False, {}, [], "", 0)
+
+
+def read_adapter_config(folder: Path) -> AdapterConfig:
+    folder = check_adapter_folder(folder)
+    path = folder / CONFIG_NAME
+    try:
+        text = path.read_text("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text", "the adapter folder is damaged; save the adapter again") from exc
+    if not text.strip():
+        raise UserError(f"{path} is empty", "the adapter folder is damaged; save the adapter again")
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"{path.name} in {folder.name} is not valid JSON ({exc})", "fix or re-save the adapter") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"{path.name} in {folder.name} is not a JSON object", "fix or re-save the adapter")
+    peft_type = str(raw.get("peft_type", "")).upper()
+    version = raw.get("peft_version")
+    if peft_type != "LORA":
+        if not peft_type:
+            raise UserError(f"{path.name} in {folder.name} has no peft_type", "this does not look like a PEFT adapter")
+        if peft_type in _peft_type_names():
+            raise UserError(f"{folder.name} is a {peft_type} adapter; LoRA Studio handles LoRA adapters only", "pick a LoRA adapter folder")
+        raise UserError(f"{folder.name} has an unknown peft_type {raw.get('peft_type')!r}", "it may come from a newer PEFT; update PEFT or pick a LoRA adapter")
+    unknown = sorted(set(raw) - _peft_config_fields())
+    warnings: list[str] = []
+    if unknown:
+        from peft import __version__ as installed
+
+        used = [k for k in unknown if not _is_default(raw[k])]
+        recorded = f"saved by PEFT {version}" if version else "saved by an unknown PEFT version"
+        if used:
+            raise UserError(
+                f"{folder.name} uses settings this PEFT ({installed}) does not know: {', '.join(used)} ({recorded})",
+                "loading it would silently drop them; update PEFT",
+            )
+        warnings.append(f"ignored unknown default-valued settings {', '.join(unknown)} ({recorded})")
+    try:
+        r = int(raw.get("r", 8))
+        alpha = float(raw.get("lora_alpha", 8))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{path.name} in {folder.name}: r and lora_alpha must be numbers", "fix or re-save the adapter") from exc
+    if r <= 0:
+        raise UserError(f"{path.name} in {folder.name}: r is {r}", "r must be a positive rank")
+    return AdapterConfig(
+        raw=raw,
+        peft_type=peft_type,
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=bool(raw.get("use_rslora", False)),
+        use_dora=bool(raw.get("use_dora", False)),
+        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+        target_modules=raw.get("target_modules"),
+        modules_to_save=list(raw.get("modules_to_save") or []),
+        trainable_token_indices=raw.get("trainable_token_indices"),
+        rank_pattern=dict(raw.get("rank_pattern") or {}),
+        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+        init_lora_weights=raw.get("init_lora_weights", True),
+        base_model_name_or_path=raw.get("base_model_name_or_path"),
+        peft_version=version,
+        warnings=tuple(warnings),
+    )
+
+
+def check_adapter_folder(folder: Path) -> Path:
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise UserError(f"{folder} does not exist", "check the adapter path")
+    if folder.is_file():
+        if folder.name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
+            return folder.parent.absolute()
+        raise UserError(f"{folder} is a file, not an adapter folder", "pick the folder that holds adapter_config.json")
+    if not (folder / CONFIG_NAME).exists():
+        if (folder / "config.json").is_file():
+            raise UserError(f"{folder.name} is a full model, not a LoRA adapter", "load it as a base model instead")
+        empty = not any(folder.iterdir())
+        raise UserError(f"{folder} {'is empty' if empty else 'has no adapter_config.json'}", "pick a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    if (folder / CONFIG_NAME).is_dir():
+        raise UserError(f"{folder / CONFIG_NAME} is a folder, not a file", "the adapter folder is damaged")
+    return folder.absolute()
+
+
+def weights_file(folder: Path) -> Path:
+    folder = Path(folder)
+    st = folder / SAFETENSORS_NAME
+    if st.exists():
+        if st.is_dir():
+            raise UserError(f"{st} is a folder, not a weights file", "the adapter folder is damaged; save the adapter again")
+        return st
+    binary = folder / BIN_NAME
+    if binary.exists():
+        if binary.is_dir():
+            raise UserError(f"{binary} is a folder, not a weights file", "the adapter folder is damaged")
+        return binary
+    raise UserError(f"{folder.name} has no adapter weights ({SAFETENSORS_NAME})", "the adapter folder is incomplete; save the adapter again")
+
+
+def _load_bin(path: Path) -> dict:
+    import pickle
+
+    import torch
+
+    try:
+        # weights_only: tensors and plain containers only; a pickle that tries to run code is refused.
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise UserError(
+            f"{path.name} was refused: it is not a plain tensor file ({' '.join(str(exc).split())[:160]})",
+            "LoRA Studio only reads pickles with weights_only=True; prefer adapter_model.safetensors",
+        ) from exc
+    if not isinstance(data, dict) or not all(hasattr(v, "shape") for v in data.values()):
+        raise UserError(f"{path.name} does not hold a dict of tensors", "save the adapter as safetensors")
+    return data
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Adapter tensor names (PEFT prefix stripped) and shapes; headers only for safetensors."""
+    path = weights_file(folder)
+    if path.suffix == ".safetensors":
+        header = read_header(path)
+        return {strip_prefix(k): v.shape for k, v in header.tensors.items()}
+    return {strip_prefix(k): tuple(v.shape) for k, v in _load_bin(path).items()}
+
+
+def load_tensors(folder: Path) -> dict:
+    """All adapter tensors (small), PEFT prefix stripped."""
+    path = weights_file(folder)
+    if path.suffix == ".safetensors":
+        read_header(path)  # clear message for a truncated or corrupt file before safetensors' own
+        from safetensors.torch import load_file
+
+        try:
+            data = load_file(str(path))
+        except Exception as exc:
+            raise UserError(f"cannot read {path.name}: {exc}", "the adapter weights are damaged; save the adapter again") from exc
+    else:
+        data = _load_bin(path)
+    return {strip_prefix(k): v for k, v in data.items()}
+
+
+def strip_prefix(key: str) -> str:
+    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+
+
+@dataclass
+class LoraModuleKeys:
+    """Where one adapted module's tensors live in the adapter file."""
+
+    module: str  # e.g. "model.layers.0.self_attn.q_proj"
+    kind: str  # "linear" | "embedding"
+    a: Optional[str] = None
+    b: Optional[str] = None
+    magnitude: Optional[str] = None  # DoRA
+    bias: Optional[str] = None  # lora_bias
+
+
+@dataclass
+class AdapterLayout:
+    lora: dict[str, LoraModuleKeys] = field(default_factory=dict)
+    full_weights: dict[str, str] = field(default_factory=dict)  # modules_to_save: base param name -> key
+    trainable_tokens: dict[str, str] = field(default_factory=dict)  # module -> key of the delta
+    unknown: list[str] = field(default_factory=list)
+
+
+_SUFFIXES = (
+    (".lora_A.weight", "linear", "a"),
+    (".lora_B.weight", "linear", "b"),
+    (".lora_B.bias", "linear", "bias"),
+    (".lora_embedding_A", "embedding", "a"),
+    (".lora_embedding_B", "embedding", "b"),
+    (".lora_magnitude_vector.weight", None, "magnitude"),
+    (".lora_magnitude_vector", None, "magnitude"),
+)
+
+
+def layout(keys) -> AdapterLayout:
+    """Group stripped adapter keys by the module they adapt."""
+    out = AdapterLayout()
+    for key in keys:
+        for suffix, kind, role in _SUFFIXES:
+            if key.endswith(suffix):
+                module = key[: -len(suffix)]
+                entry = out.lora.setdefault(module, LoraModuleKeys(module, kind or "linear"))
+                if kind:
+                    entry.kind = kind
+                setattr(entry, role, key)
+                break
+        else:
+            if key.endswith(".token_adapter.trainable_tokens_delta"):
+                out.trainable_tokens[key[: -len(".token_adapter.trainable_tokens_delta")]] = key
+            elif key.endswith((".weight", ".bias")):
+                out.full_weights[key.replace(".modules_to_save.", ".").replace(".base_layer.", ".")] = key
+            else:
+                out.unknown.append(key)
+    return out

@@ -1,0 +1,136 @@
+"""Will this adapter fit this base? Decided from shapes, before anything is attached.
+
+Base shapes come from safetensors headers (a folder not yet loaded) or from a
+loaded model's parameters; adapter shapes from the adapter's header. A mismatch
+names the module and both shapes; a different ``base_model_name_or_path`` is only
+a warning, because folders get moved and renamed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional
+
+from lora_studio.core import adapter_files
+from lora_studio.core.errors import UserError
+
+
+@dataclass(frozen=True)
+class Compatibility:
+    adapter: str
+    modules: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def weight_shapes_from_headers(folder: Path) -> dict[str, tuple[int, ...]]:
+    from lora_studio.core.safetensors_io import read_headers
+
+    return {name: info.shape for h in read_headers(folder) for name, info in h.tensors.items()}
+
+
+def weight_shapes_from_model(model) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a loaded model, with PEFT wrapping removed from the names."""
+    shapes = {}
+    for name, p in model.named_parameters():
+        clean = adapter_files.strip_prefix(name).replace(".base_layer.", ".")
+        if ".lora_" in clean or ".modules_to_save." in clean or ".original_module." in clean or "token_adapter" in clean:
+            continue
+        shapes[clean] = tuple(p.shape)
+    if "lm_head.weight" not in shapes:
+        emb = _embedding_shape(shapes)
+        if emb is not None:
+            shapes["lm_head.weight"] = emb  # tied: the head is the embedding
+    return shapes
+
+
+def _embedding_shape(shapes: Mapping[str, tuple[int, ...]]) -> Optional[tuple[int, ...]]:
+    for key in ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight"):
+        if key in shapes:
+            return shapes[key]
+    return None
+
+
+def _fmt(in_f, out_f) -> str:
+    return f"in={in_f},out={out_f}"
+
+
+def check(adapter_folder: Path, base_shapes: Mapping[str, tuple[int, ...]], *, base_label: str = "the base",
+          base_identity: tuple[str, ...] = (), architecture: str = "") -> Compatibility:
+    """Raise UserError if the adapter cannot apply to a base with ``base_shapes``; else return warnings."""
+    folder = adapter_files.check_adapter_folder(adapter_folder)
+    config = adapter_files.read_adapter_config(folder)
+    shapes = adapter_files.tensor_shapes(folder)
+    lay = adapter_files.layout(shapes)
+    base_shapes = dict(base_shapes)
+    if "lm_head.weight" not in base_shapes and _embedding_shape(base_shapes) is not None:
+        base_shapes["lm_head.weight"] = _embedding_shape(base_shapes)
+    warnings = list(config.warnings)
+
+    missing = [m for m in lay.lora if f"{m}.weight" not in base_shapes]
+    if missing:
+        arch = f" ({architecture})" if architecture else ""
+        if len(missing) == len(lay.lora):
+            raise UserError(
+                f"{folder.name} does not fit {base_label}{arch}: it adapts {missing[0]}, which this base does not have",
+                "the adapter was made for another architecture; pick the base it was trained on",
+            )
+        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(f"{folder.name} adapts modules {base_label} does not have: {listed}",
+                        "these weights would be ignored; pick the base the adapter was trained on")
+
+    for module, keys in lay.lora.items():
+        if keys.a is None or keys.b is None:
+            raise UserError(f"{folder.name}: {module} has lora_{'A' if keys.a is None else 'B'} missing", "the adapter file is incomplete")
+        a_shape, b_shape = shapes[keys.a], shapes[keys.b]
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+            raise UserError(f"{folder.name}: {module} has inconsistent factors A{list(a_shape)} B{list(b_shape)}", "the adapter file is damaged")
+        base = base_shapes[f"{module}.weight"]
+        if len(base) != 2:
+            raise UserError(f"{folder.name}: {module} is not a 2-D layer in {base_label} (weight shape {list(base)})", "LoRA Studio adapts Linear, Conv1D and Embedding layers")
+        want_in, want_out = a_shape[1], b_shape[0]
+        if keys.kind == "embedding":
+            have_in, have_out = base  # Embedding weight: num_embeddings × dim
+        elif config.fan_in_fan_out:
+            have_in, have_out = base  # GPT-2 Conv1D stores in × out
+        else:
+            have_out, have_in = base
+        if (want_in, want_out) != (have_in, have_out):
+            raise UserError(
+                f"{module}: adapter expects {_fmt(want_in, want_out)}, base has {_fmt(have_in, have_out)}",
+                f"{folder.name} was trained on a different base; pick the base it was made for",
+            )
+        if keys.magnitude is not None:
+            mag = shapes[keys.magnitude]
+            if mag and mag[-1] != have_out and mag[0] != have_out:
+                raise UserError(f"{module}: DoRA magnitude has {list(mag)}, base out={have_out}", "the adapter was trained on a different base")
+
+    for param, key in lay.full_weights.items():
+        if param not in base_shapes:
+            raise UserError(f"{folder.name} replaces {param}, which {base_label} does not have", "pick the base the adapter was trained on")
+        if tuple(shapes[key]) != tuple(base_shapes[param]):
+            raise UserError(
+                f"{param}: adapter stores shape {list(shapes[key])}, base has {list(base_shapes[param])}",
+                "the adapter was trained with a resized vocabulary or on another base; resize the base's embeddings to the adapter's tokenizer first",
+            )
+
+    for module, key in lay.trainable_tokens.items():
+        base = base_shapes.get(f"{module}.weight")
+        if base is None or shapes[key][-1] != base[-1]:
+            raise UserError(f"{folder.name}: trainable tokens of {module} do not fit {base_label}", "pick the base the adapter was trained on")
+
+    trained_on = config.base_model_name_or_path
+    if trained_on and base_identity and not _same_base(trained_on, base_identity):
+        warnings.append(f"{folder.name} was trained on '{trained_on}'; the loaded base is '{base_identity[0]}' (shapes match, so it can be attached)")
+    return Compatibility(folder.name, len(lay.lora), warnings)
+
+
+def _same_base(trained_on: str, identity: tuple[str, ...]) -> bool:
+    want = trained_on.rstrip("/").split("/")[-1].lower()
+    for ident in identity:
+        if not ident:
+            continue
+        text = str(ident).rstrip("/")
+        if text == trained_on or text.split("/")[-1].lower() == want:
+            return True
+    return False

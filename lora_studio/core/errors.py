@@ -1,0 +1,79 @@
+"""Typed errors and the one place that decides how an error looks to a user.
+
+Every front end (window, CLI) calls :func:`describe` and nothing else to turn an
+exception into words, so a message reads the same wherever it surfaces.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+
+
+class StudioError(Exception):
+    """Base class of the errors LoRA Studio raises on purpose."""
+
+
+class UserError(StudioError):
+    """Bad input the user can fix: says what is wrong and what to do about it."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class Cancelled(StudioError):
+    """The user asked a long job to stop; not a failure."""
+
+    def __init__(self, message: str = "cancelled") -> None:
+        super().__init__(message)
+
+
+class OutOfMemory(UserError):
+    """Memory ran out (CPU RAM or an accelerator)."""
+
+
+@dataclass(frozen=True)
+class ErrorDescription:
+    kind: str  # "user" | "cancelled" | "oom" | "internal"
+    message: str  # one line, shown in the window or on stderr
+    detail: str  # the full story (traceback for internal errors), for the log
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()[:200]
+
+
+def describe(exc: BaseException) -> ErrorDescription:
+    """How an exception is shown: one clear line plus details for the log."""
+    detail = "".join(traceback.format_exception(exc))
+    if isinstance(exc, Cancelled):
+        return ErrorDescription("cancelled", str(exc) or "cancelled", detail)
+    if isinstance(exc, OutOfMemory):
+        return ErrorDescription("oom", _one_line(str(exc)), detail)
+    if isinstance(exc, UserError):
+        return ErrorDescription("user", _one_line(str(exc)), detail)
+    if _is_oom(exc):
+        return ErrorDescription(
+            "oom",
+            "out of memory: "
+            + _one_line(str(exc) or type(exc).__name__)
+            + " (choose a smaller dtype, another device, or close other programs)",
+            detail,
+        )
+    if isinstance(exc, KeyboardInterrupt):
+        return ErrorDescription("cancelled", "interrupted", detail)
+    text = _one_line(str(exc)) or type(exc).__name__
+    return ErrorDescription("internal", f"internal error: {type(exc).__name__}: {text}", detail)
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"

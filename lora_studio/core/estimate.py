@@ -1,0 +1,192 @@
+"""How big a model is and whether it fits, read from file headers before loading anything."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from lora_studio.core import nvml
+from lora_studio.core.errors import UserError
+from lora_studio.core.safetensors_io import read_headers
+from lora_studio.core.sources import ModelSource, read_config
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ST_TO_NAME = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+# Working memory on top of the weights while loading and running (buffers, caches,
+# allocator slack): 10% or 200 MiB, whichever is larger.
+OVERHEAD_FRACTION = 0.10
+OVERHEAD_MIN_BYTES = 200 * 1024**2
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """What the checkpoint holds, from headers alone."""
+
+    architecture: str
+    model_type: str
+    params: int  # tied embeddings counted once
+    checkpoint_dtype: str  # "float32", "bfloat16", "float16", or e.g. "gguf:Q4_1"
+    tied_embeddings: bool
+    checkpoint_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    footprint: ModelFootprint
+    dtype: str
+    device_map: str
+    weights_bytes: int
+    needed_bytes: int  # weights + working memory (+ transient for GGUF dequantisation)
+    free_ram_bytes: int
+    free_gpu_bytes: dict[str, int] = field(default_factory=dict)  # "cuda:N" -> free bytes
+    verdict: str = "fits"  # "fits" | "offload" | "does_not_fit"
+    where: str = "cpu"  # "cpu" | "cuda:N" | "auto"
+    explanation: str = ""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["footprint"] = asdict(self.footprint)
+        return d
+
+
+def _tied(config: dict) -> bool:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", True)))
+
+
+def read_footprint(source: ModelSource) -> ModelFootprint:
+    if source.gguf_file:
+        return _gguf_footprint(source)
+    config = read_config(source)
+    headers = read_headers(source.path)
+    tied = _tied(config)
+    names: set[str] = set()
+    params = 0
+    nbytes = 0
+    dtypes: Counter = Counter()
+    for header in headers:
+        for info in header.tensors.values():
+            names.add(info.name)
+            params += info.numel
+            nbytes += info.nbytes
+            dtypes[info.dtype] += info.numel
+    if tied:
+        # Some checkpoints store lm_head even when tied; it is one tensor in memory.
+        for head, emb in (("lm_head.weight", "model.embed_tokens.weight"), ("lm_head.weight", "transformer.wte.weight")):
+            if head in names and emb in names:
+                for header in headers:
+                    if head in header.tensors:
+                        params -= header.tensors[head].numel
+    st_dtype = dtypes.most_common(1)[0][0] if dtypes else "F32"
+    archs = config.get("architectures") or ["?"]
+    return ModelFootprint(str(archs[0]), str(config.get("model_type", "?")), params,
+                          ST_TO_NAME.get(st_dtype, st_dtype), tied, nbytes)
+
+
+def _gguf_footprint(source: ModelSource) -> ModelFootprint:
+    try:
+        import gguf
+    except ImportError as exc:  # pragma: no cover - gguf is a dependency
+        raise UserError("reading .gguf files needs the 'gguf' package", "pip install gguf") from exc
+    try:
+        reader = gguf.GGUFReader(str(source.file))
+    except Exception as exc:
+        raise UserError(f"{source.file.name} is not a readable GGUF file ({type(exc).__name__}: {exc})", "pick another .gguf file") from exc
+    arch = _gguf_field(reader, "general.architecture") or "?"
+    names = {t.name for t in reader.tensors}
+    params = sum(int(t.n_elements) for t in reader.tensors)
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    return ModelFootprint(
+        architecture=f"{arch} (GGUF)",
+        model_type=str(arch),
+        params=params,
+        checkpoint_dtype="gguf:" + types.most_common(1)[0][0] if types else "gguf",
+        tied_embeddings="output.weight" not in names,
+        checkpoint_bytes=source.file.stat().st_size,
+    )
+
+
+def _gguf_field(reader, key: str):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    try:
+        return f.contents()
+    except Exception:
+        return None
+
+
+def _default_dtype(footprint: ModelFootprint) -> str:
+    return footprint.checkpoint_dtype if footprint.checkpoint_dtype in DTYPE_BYTES else "float32"
+
+
+def estimate(source: ModelSource, dtype: Optional[str] = None, device_map: str = "cpu",
+             *, footprint: Optional[ModelFootprint] = None, gpus: Optional[list[nvml.GpuReading]] = None,
+             free_ram_bytes: Optional[int] = None) -> MemoryEstimate:
+    """Predict the memory a load needs and say whether and where it fits.
+
+    ``gpus`` and ``free_ram_bytes`` default to live readings (NVML, psutil); tests pass their own.
+    """
+    footprint = footprint or read_footprint(source)
+    dtype = dtype or _default_dtype(footprint)
+    if dtype not in DTYPE_BYTES:
+        raise UserError(f"unknown dtype {dtype!r}", "choose float32, bfloat16 or float16")
+    weights = footprint.params * DTYPE_BYTES[dtype]
+    needed = weights + max(int(weights * OVERHEAD_FRACTION), OVERHEAD_MIN_BYTES)
+    if source.gguf_file:
+        needed += footprint.params * 4  # GGUF tensors are dequantised to float32 first
+    if free_ram_bytes is None:
+        import psutil
+
+        free_ram_bytes = int(psutil.virtual_memory().available)
+    if gpus is None:
+        backend, _ = nvml.open_backend()
+        try:
+            gpus = nvml.read_all(backend)
+        finally:
+            if backend is not None:
+                backend.close()
+    free_gpu = {f"cuda:{g.index}": g.free_bytes for g in gpus}
+    verdict, where, why = _verdict(device_map, needed, free_ram_bytes, free_gpu)
+    return MemoryEstimate(footprint, dtype, device_map, weights, needed, free_ram_bytes, free_gpu, verdict, where, why)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+def _verdict(device_map: str, needed: int, free_ram: int, free_gpu: dict[str, int]) -> tuple[str, str, str]:
+    if device_map == "cpu":
+        if needed <= free_ram:
+            return "fits", "cpu", f"needs {_gib(needed)}, {_gib(free_ram)} RAM free"
+        return "does_not_fit", "cpu", f"needs {_gib(needed)} but only {_gib(free_ram)} RAM is free"
+    if device_map.startswith("cuda"):
+        if device_map not in free_gpu:
+            return "does_not_fit", device_map, f"{device_map} is not available (GPUs found: {', '.join(free_gpu) or 'none'})"
+        free = free_gpu[device_map]
+        if needed <= free:
+            return "fits", device_map, f"needs {_gib(needed)}, {_gib(free)} free on {device_map}"
+        return "does_not_fit", device_map, f"needs {_gib(needed)} but {device_map} has {_gib(free)} free (try device map 'auto')"
+    if device_map == "auto":
+        for dev, free in free_gpu.items():
+            if needed <= free:
+                return "fits", dev, f"fits on {dev} ({_gib(free)} free)"
+        if not free_gpu:
+            if needed <= free_ram:
+                return "fits", "cpu", f"no GPU: loads on the CPU ({_gib(free_ram)} RAM free)"
+            return "does_not_fit", "cpu", f"needs {_gib(needed)} but only {_gib(free_ram)} RAM is free and there is no GPU"
+        if needed <= sum(free_gpu.values()) + free_ram:
+            return "offload", "auto", f"spreads over {', '.join(free_gpu)} and CPU RAM (slower)"
+        return "does_not_fit", "auto", f"needs {_gib(needed)}; GPUs and RAM together have {_gib(sum(free_gpu.values()) + free_ram)} free"
+    raise UserError(f"unknown device map {device_map!r}", "use cpu, cuda:N or auto")
+
+
+def config_json_hash(source: ModelSource) -> Optional[str]:
+    import hashlib
+
+    path = source.path / "config.json"
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+

@@ -1,0 +1,153 @@
+"""Generating text from the session's model: one prompt, one variant, streamed token by token.
+
+Batched multi-variant comparison builds on the same input preparation and
+settings (see the comparison module); this module is the plain single run used by
+the window's quick test box and by verification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+from lora_studio.core.errors import Cancelled, UserError
+from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
+
+MAX_NEW_TOKENS_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 64
+    do_sample: bool = False  # greedy by default: deterministic, fair comparisons
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+    use_chat_template: bool = True
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def validate(settings: GenerationSettings, prompt: str) -> None:
+    if not prompt or not prompt.strip():
+        raise UserError("the prompt is empty", "type a prompt first")
+    if settings.max_new_tokens < 1:
+        raise UserError(f"max new tokens is {settings.max_new_tokens}", "ask for at least 1 new token")
+    if settings.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
+        raise UserError(f"max new tokens is {settings.max_new_tokens:,}", f"ask for at most {MAX_NEW_TOKENS_LIMIT:,}")
+    if settings.do_sample and not (settings.temperature > 0 and 0 < settings.top_p <= 1):
+        raise UserError("sampling needs temperature > 0 and 0 < top-p ≤ 1", "fix the decoding settings")
+
+
+def prompt_ids(tokenizer, prompt: str, use_chat_template: bool = True) -> list[int]:
+    """Token ids of the prompt, through the chat template when the tokenizer has one."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer(prompt)["input_ids"]]
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return []
+    return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
+
+
+def context_limit(model) -> Optional[int]:
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+class _StopOnCancel:
+    """A transformers StoppingCriteria that ends generation within one decoding step of a cancel."""
+
+    def __init__(self, cancel: CancelToken) -> None:
+        self.cancel = cancel
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.cancel.cancelled, dtype=torch.bool, device=input_ids.device)
+
+
+class _TokenCallbackStreamer:
+    """Receives each new token id from ``generate`` (on the generating thread)."""
+
+    def __init__(self, prompt_len: int, on_token: Callable[[int], None]) -> None:
+        self._skip_prompt = True
+        self._on_token = on_token
+
+    def put(self, value) -> None:
+        if self._skip_prompt:
+            self._skip_prompt = False  # the first call carries the prompt
+            return
+        for tok in value.reshape(-1).tolist():
+            self._on_token(int(tok))
+
+    def end(self) -> None:
+        pass
+
+
+def generation_kwargs(settings: GenerationSettings, model, tokenizer, cancel: CancelToken) -> dict:
+    from transformers import StoppingCriteriaList
+
+    kwargs = dict(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
+        stopping_criteria=StoppingCriteriaList([_StopOnCancel(cancel)]),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids(model, tokenizer) or [0])[0],
+        eos_token_id=eos_ids(model, tokenizer) or None,
+    )
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    token_ids: list[int]
+    prompt_token_count: int
+
+
+def generate(model, tokenizer, prompt: str, settings: GenerationSettings = GenerationSettings(), *,
+             cancel: Optional[CancelToken] = None, report: Report = no_report,
+             on_token: Optional[Callable[[int], None]] = None) -> Generated:
+    """Generate a continuation; ``on_token`` sees each new token id as it is produced."""
+    import torch
+
+    cancel = cancel or CancelToken()
+    validate(settings, prompt)
+    ids = prompt_ids(tokenizer, prompt, settings.use_chat_template)
+    limit = context_limit(model)
+    if limit and len(ids) + settings.max_new_tokens > limit:
+        raise UserError(f"prompt ({len(ids)} tokens) plus {settings.max_new_tokens} new tokens exceeds the model's context of {limit}",
+                        "shorten the prompt or ask for fewer tokens")
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    produced: list[int] = []
+
+    def on_new(tok: int) -> None:
+        produced.append(tok)
+        report(Progress(len(produced), settings.max_new_tokens, "generating", "tokens"))
+        if on_token is not None:
+            on_token(tok)
+
+    if settings.do_sample:
+        torch.manual_seed(settings.seed)
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             streamer=_TokenCallbackStreamer(len(ids), on_new),
+                             **generation_kwargs(settings, model, tokenizer, cancel))
+    if cancel.cancelled:
+        raise Cancelled()
+    new = [int(t) for t in out[0, len(ids):].tolist()]
+    return Generated(tokenizer.decode(new, skip_special_tokens=True), new, len(ids))

@@ -1,0 +1,122 @@
+"""What an adapter does, from its config and its small factors alone.
+
+The scaled update of a LoRA module is ΔW = s·B·A with B (out×r) and A (r×in).
+With QR factorisations Aᵀ = Q_a R_a and B = Q_b R_b, ΔW = s·Q_b (R_b R_aᵀ) Q_aᵀ,
+and Q_b, Q_a have orthonormal columns, so ΔW has the singular values of the r×r
+matrix s·R_b R_aᵀ. Norms and spectra cost O((in+out)·r²) and never build ΔW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from lora_studio.core import adapter_files
+from lora_studio.core.adapter_files import AdapterConfig, LoraModuleKeys
+
+
+@dataclass(frozen=True)
+class ModuleDelta:
+    module: str
+    kind: str  # "linear" | "embedding"
+    in_features: int
+    out_features: int
+    r: int
+    scaling: float
+    delta_norm: float  # Frobenius norm of s·B·A
+    singular_values: list[float]
+
+
+@dataclass(frozen=True)
+class AdapterInspection:
+    name: str
+    path: str
+    peft_type: str
+    r: int
+    lora_alpha: float
+    scaling: float
+    use_rslora: bool
+    use_dora: bool
+    init_lora_weights: str
+    target_modules: object
+    modules_to_save: list[str]
+    trainable_token_indices: object
+    params: int
+    percent_of_base: Optional[float]
+    base_model_name_or_path: Optional[str]
+    peft_version: Optional[str]
+    weights_file: str
+    weights_bytes: int
+    modules: list[ModuleDelta] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def delta_spectrum(a, b, scaling: float) -> list[float]:
+    """Singular values of scaling·B·A (largest first) from the factors, in float64."""
+    import torch
+
+    a64 = a.detach().to(torch.float64)
+    b64 = b.detach().to(torch.float64)
+    _, r_a = torch.linalg.qr(a64.T, mode="reduced")  # Aᵀ = Q_a R_a
+    _, r_b = torch.linalg.qr(b64, mode="reduced")  # B = Q_b R_b
+    core = scaling * (r_b @ r_a.T)
+    return [float(s) for s in torch.linalg.svdvals(core)]
+
+
+def module_delta(keys: LoraModuleKeys, tensors: dict, config: AdapterConfig) -> Optional[ModuleDelta]:
+    if keys.a is None or keys.b is None:
+        return None
+    a, b = tensors[keys.a], tensors[keys.b]
+    # Linear: A is r×in, B is out×r. Embedding: A is r×num_embeddings, B is dim×r and
+    # ΔW = (B A)ᵀ, which has the same spectrum.
+    in_f, out_f = a.shape[1], b.shape[0]
+    scaling = config.scaling_for(keys.module)
+    sv = delta_spectrum(a, b, scaling)
+    norm = sum(s * s for s in sv) ** 0.5
+    return ModuleDelta(keys.module, keys.kind, int(in_f), int(out_f), int(a.shape[0]), scaling, norm, sv)
+
+
+def inspect_adapter(folder: Path, *, name: Optional[str] = None, base_params: Optional[int] = None) -> AdapterInspection:
+    folder = adapter_files.check_adapter_folder(folder)
+    config = adapter_files.read_adapter_config(folder)
+    tensors = adapter_files.load_tensors(folder)
+    lay = adapter_files.layout(tensors)
+    modules = [d for d in (module_delta(k, tensors, config) for k in lay.lora.values()) if d is not None]
+    modules.sort(key=lambda d: _natural_key(d.module))
+    params = sum(int(t.numel()) for t in tensors.values())
+    wfile = adapter_files.weights_file(folder)
+    warnings = list(config.warnings)
+    if lay.unknown:
+        warnings.append(f"{len(lay.unknown)} tensors of unknown role: {', '.join(lay.unknown[:3])}")
+    return AdapterInspection(
+        name=name or folder.name,
+        path=str(folder),
+        peft_type=config.peft_type,
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        scaling=config.scaling,
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
+        init_lora_weights=config.init_method,
+        target_modules=config.target_modules,
+        modules_to_save=config.modules_to_save,
+        trainable_token_indices=config.trainable_token_indices,
+        params=params,
+        percent_of_base=(100.0 * params / base_params) if base_params else None,
+        base_model_name_or_path=config.base_model_name_or_path,
+        peft_version=config.peft_version,
+        weights_file=wfile.name,
+        weights_bytes=wfile.stat().st_size,
+        modules=modules,
+        warnings=warnings,
+    )
+
+
+def _natural_key(text: str):
+    import re
+
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]

@@ -1,0 +1,196 @@
+"""Loading a base model and its tokenizer, with progress and cancellation.
+
+transformers has no progress callback for ``from_pretrained``; it iterates its
+weights through a module-level ``tqdm``. :func:`_progress_hook` swaps that name,
+for the duration of one load, for an iterator that reports each tensor and stops
+the load when the user cancels. If a transformers release renames those loops the
+hook does nothing and loads still work, with stage-level progress only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+from lora_studio.core.errors import Cancelled, UserError
+from lora_studio.core.sources import ModelSource
+from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
+
+DTYPES = ("float32", "bfloat16", "float16")
+# module path -> attribute holding the tqdm used by a weight-loading loop
+_TQDM_SITES = (
+    ("transformers.core_model_loading", "tqdm"),
+    ("transformers.modeling_gguf_pytorch_utils", "tqdm"),
+)
+_hook_lock = threading.Lock()
+
+
+def offline_environment() -> None:
+    """Make sure nothing reaches for the network (set before transformers is imported)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class _ReportingIterable:
+    def __init__(self, iterable, stage: str, cancel: CancelToken, report: Report) -> None:
+        self._iterable = iterable
+        self._stage = stage
+        self._cancel = cancel
+        self._report = report
+        try:
+            self._total = len(iterable)
+        except TypeError:
+            self._total = None
+
+    def __iter__(self):
+        for i, item in enumerate(self._iterable):
+            if self._cancel.cancelled:
+                raise Cancelled()
+            self._report(Progress(i, self._total, self._stage, "tensors"))
+            yield item
+        self._report(Progress(self._total or 0, self._total, self._stage, "tensors"))
+
+
+@contextmanager
+def _progress_hook(cancel: CancelToken, report: Report):
+    with _hook_lock:
+        saved = []
+        for module_name, attr in _TQDM_SITES:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            if not hasattr(module, attr):
+                continue
+            original = getattr(module, attr)
+            saved.append((module, attr, original))
+
+            def factory(iterable=None, *args, desc: str = "", **kwargs):
+                stage = "dequantising GGUF tensors" if "GGUF" in (desc or "") else "loading weights"
+                return _ReportingIterable(iterable if iterable is not None else [], stage, cancel, report)
+
+            setattr(module, attr, factory)
+        try:
+            yield
+        finally:
+            for module, attr, original in saved:
+                setattr(module, attr, original)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}", "choose float32, bfloat16 or float16")
+    return getattr(torch, name)
+
+
+def remote_code_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in Path(folder).glob("*.py"))
+
+
+def check_remote_code(source: ModelSource, trust_remote_code: bool) -> None:
+    """Refuse a model that needs its own Python code unless the user trusted it."""
+    if trust_remote_code or source.gguf_file:
+        return
+    import json
+
+    try:
+        config = json.loads((source.path / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(config, dict) and config.get("auto_map"):
+        from transformers import CONFIG_MAPPING
+
+        if config.get("model_type") in CONFIG_MAPPING:
+            return  # transformers has a built-in class; the shipped code is not needed and not run
+        files = ", ".join(remote_code_files(source.path)) or "Python files named in auto_map"
+        raise UserError(
+            f"{source.label} needs its own Python code to load ({files}); it was not run",
+            "only if you trust where this model came from, enable 'trust remote code' for it",
+        )
+
+
+def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False):
+    offline_environment()
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as exc:
+        raise UserError(f"cannot load the tokenizer of {source.label}: {exc}", "the model folder needs tokenizer files (tokenizer.json or similar)") from exc
+
+
+def load_base(source: ModelSource, *, dtype: str = "float32", device_map: str = "cpu", trust_remote_code: bool = False,
+              cancel: Optional[CancelToken] = None, report: Report = no_report):
+    """Load model and tokenizer; returns ``(model, tokenizer)``. Raises Cancelled if cancelled."""
+    cancel = cancel or CancelToken()
+    offline_environment()
+    check_remote_code(source, trust_remote_code)
+    report(Progress(0, None, "reading tokenizer"))
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    cancel.raise_if_cancelled()
+    report(Progress(0, None, "loading weights"))
+    from transformers import AutoModelForCausalLM
+
+    # weights_only: a .bin checkpoint is never unpickled with arbitrary code.
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "weights_only": True}
+    if source.gguf_file:
+        # GGUF tensors are dequantised to float32; cast afterwards to the chosen dtype.
+        kwargs.update(gguf_file=source.gguf_file, dtype=torch_dtype("float32"))
+    else:
+        kwargs.update(dtype=torch_dtype(dtype), use_safetensors=_has_safetensors(source.path))
+    if device_map != "cpu":
+        kwargs["device_map"] = device_map
+    try:
+        with _progress_hook(cancel, report):
+            model = AutoModelForCausalLM.from_pretrained(str(source.path), **kwargs)
+    except (Cancelled, UserError):
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        from lora_studio.core.errors import _is_oom
+
+        if _is_oom(exc):
+            raise
+        raise UserError(f"cannot load {source.label}: {_short(exc)}", "check that the folder is a complete causal language model") from exc
+    cancel.raise_if_cancelled()
+    if source.gguf_file:
+        _forget_gguf_quantization(model)
+        if dtype != "float32":
+            model = model.to(torch_dtype(dtype))
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _forget_gguf_quantization(model) -> None:
+    """A GGUF load is fully dequantised; drop the marker that makes transformers refuse to save it."""
+    config = model.config
+    if getattr(config, "quantization_config", None) is not None:
+        try:
+            del config.quantization_config
+        except AttributeError:
+            config.quantization_config = None
+    for attr in ("hf_quantizer",):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if getattr(model, "is_quantized", False):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return any(Path(folder).glob("*.safetensors"))
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__

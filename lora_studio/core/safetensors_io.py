@@ -1,0 +1,357 @@
+"""Reading safetensors headers and tensors one at a time, and writing shards as a stream.
+
+The safetensors format is an 8-byte little-endian header length, a JSON header
+mapping each tensor name to its dtype, shape and byte range, then the raw bytes.
+Reading the header alone gives parameter counts and shapes without loading
+anything; reading one tensor with ``pread`` keeps memory at one tensor (an mmap
+would count every touched page of a shard in the process RSS). The writer lays
+out the header up front from known shapes, so tensors can be produced and written
+one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+from lora_studio.core.errors import UserError
+
+# safetensors dtype names -> bytes per element
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors spelling: "F32", "BF16", ...
+    shape: tuple[int, ...]
+    begin: int  # absolute file offsets of the data
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Parse and validate a safetensors header; a broken file gives a UserError."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a safetensors file", "point at the .safetensors file or its parent folder")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(f"{path.name} is not a safetensors file (only {len(head)} bytes)", "the file is truncated or empty; download it again")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+                raise UserError(f"{path.name} has a corrupt safetensors header (header length {n}, file {size} bytes)", "the file is damaged; download or save it again")
+            raw = f.read(n)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}", "check that the file exists and is readable") from exc
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+        if not isinstance(doc, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path.name} has a corrupt safetensors header ({exc})", "the file is damaged; download or save it again") from exc
+    data_start = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    metadata = doc.pop("__metadata__", None) or {}
+    for name, entry in doc.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path.name}: tensor {name!r} has a malformed header entry", "the file is damaged") from exc
+        info = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
+        expected = info.numel * DTYPE_SIZES.get(dtype, 0)
+        if dtype in DTYPE_SIZES and expected != info.nbytes:
+            raise UserError(f"{path.name}: tensor {name!r} has {info.nbytes} bytes, its shape needs {expected}", "the file is damaged")
+        if info.end > size:
+            raise UserError(
+                f"{path.name} is truncated: tensor {name!r} ends at byte {info.end} but the file has {size}",
+                "the download or save did not finish; get the file again",
+            )
+        tensors[name] = info
+    return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder, following its index when there is one."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{index} is not a valid safetensors index", "the model folder is damaged") from exc
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            shard = folder / name
+            if not shard.is_file():
+                raise UserError(f"{folder.name}: the index names shard {name} but it is missing", "the download did not finish; get the missing shard")
+            files.append(shard)
+        return files
+    single = folder / SINGLE_NAME
+    if single.is_file():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    raise UserError(f"{folder} holds no .safetensors weights", "LoRA Studio loads safetensors checkpoints; convert .bin weights first")
+
+
+def read_headers(folder: Path) -> list[SafetensorsHeader]:
+    return [read_header(p) for p in checkpoint_files(folder)]
+
+
+def torch_dtype(st_dtype: str):
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U8": torch.uint8, "BOOL": torch.bool,
+    }[st_dtype]
+
+
+def st_dtype(dtype) -> str:
+    import torch
+
+    return {
+        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+        torch.uint8: "U8", torch.bool: "BOOL",
+    }[dtype]
+
+
+def read_tensor(info: TensorInfo, path: Path, fd: Optional[int] = None):
+    """Read one tensor with pread: memory is that tensor, not the shard's pages."""
+    import torch
+
+    buf = bytearray(info.nbytes)
+    own = fd is None
+    if own:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        view = memoryview(buf)
+        done = 0
+        while done < info.nbytes:
+            got = os.preadv(fd, [view[done:]], info.begin + done)
+            if got <= 0:
+                raise UserError(f"{Path(path).name} ended early while reading {info.name}", "the file is truncated")
+            done += got
+    finally:
+        if own:
+            os.close(fd)
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+
+
+class ShardWriter:
+    """Writes one safetensors file tensor by tensor in a declared order.
+
+    ``plan`` gives name -> (safetensors dtype, shape) in the order tensors will be
+    written; the header is written first, then each :meth:`write` appends bytes.
+    """
+
+    def __init__(self, path: Path, plan: Mapping[str, tuple[str, tuple[int, ...]]], metadata: Optional[dict] = None):
+        self.path = Path(path)
+        self._order = list(plan)
+        header: dict = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        for name, (dtype, shape) in plan.items():
+            n = DTYPE_SIZES[dtype]
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors itself writes
+        self._plan = {k: (v[0], tuple(v[1])) for k, v in plan.items()}
+        self._next = 0
+        self.nbytes = 8 + len(raw) + offset
+        self._file = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)))
+        self._file.write(raw)
+
+    def write(self, name: str, tensor) -> int:
+        expected = self._order[self._next]
+        if name != expected:
+            raise RuntimeError(f"ShardWriter: expected {expected}, got {name}")
+        dtype, shape = self._plan[name]
+        if tuple(tensor.shape) != shape or st_dtype(tensor.dtype) != dtype:
+            raise RuntimeError(f"ShardWriter: {name} is {st_dtype(tensor.dtype)}{tuple(tensor.shape)}, planned {dtype}{shape}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
+        self._file.write(memoryview(data))
+        self._next += 1
+        return data.nbytes
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        complete = self._next == len(self._order)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if not complete:
+            raise RuntimeError(f"ShardWriter: {self.path.name} closed after {self._next}/{len(self._order)} tensors")
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def plan_shards(plan: Mapping[str, tuple[str, tuple[int, ...]]], max_shard_bytes: int) -> list[dict]:
+    """Split an ordered tensor plan into shards of at most ``max_shard_bytes`` (a lone big tensor gets its own)."""
+    shards: list[dict] = [{}]
+    size = 0
+    for name, (dtype, shape) in plan.items():
+        n = DTYPE_SIZES[dtype]
+        for d in shape:
+            n *= d
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = (dtype, tuple(shape))
+        size += n
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_index(folder: Path, shards: list[dict], names: list[str], total_size: int) -> None:
+    if len(shards) == 1:
+        return
+    weight_map = {t: names[i] for i, shard in enumerate(shards) for t in shard}
+    doc = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(folder) / INDEX_NAME).write_text(json.dumps(doc, indent=2) + "\n", "utf-8")
+
+
+def write_state_dict(folder: Path, tensors: Iterator[tuple[str, object]], plan: Mapping[str, tuple[str, tuple[int, ...]]],
+                     *, max_shard_bytes: int = 2 * 1024**3, metadata: Optional[dict] = None,
+                     on_tensor=None) -> list[Path]:
+    """Write tensors (yielded in ``plan`` order) as safetensors shards plus an index.
+
+    Tensors are consumed one at a time, so peak memory is one tensor whatever the model size.
+    """
+    shards = plan_shards(plan, max_shard_bytes)
+    names = shard_names(len(shards))
+    meta = {"format": "pt", **(metadata or {})}
+    paths = []
+    total = 0
+    it = iter(tensors)
+    for shard, name in zip(shards, names):
+        writer = ShardWriter(Path(folder) / name, shard, meta)
+        try:
+            for expected in shard:
+                got_name, tensor = next(it)
+                if got_name != expected:
+                    raise RuntimeError(f"tensor stream out of order: {got_name} before {expected}")
+                n = writer.write(got_name, tensor)
+                total += n
+                del tensor
+                if on_tensor is not None:
+                    on_tensor(got_name, n)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        paths.append(writer.path)
+    write_index(folder, shards, names, total)
+    return paths
+
+
+@contextmanager
+def atomic_output_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``target`` in one rename.
+
+    On any error or cancellation the temporary folder is removed and ``target`` is
+    left exactly as it was. An existing ``target`` is replaced only with ``overwrite``,
+    and even then only after the new folder is complete.
+    """
+    target = Path(target).absolute()
+    parent = target.parent
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists", "choose another output folder, or confirm overwriting it (--overwrite)")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{target} exists and is not a folder", "choose another output path")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {parent}: {exc.strerror or exc}", "choose a writable location") from exc
+    tmp = parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise UserError(f"cannot write in {parent}: {exc.strerror or exc}", "choose a writable output folder") from exc
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if target.exists():
+            old = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        _fsync_dir(parent)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+            raise UserError(f"the disk holding {parent} is full", "free some space or choose another output folder; nothing was written") from exc
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,143 @@
+"""Where a base model comes from: a local folder, the local Hugging Face cache, a GGUF file, the demo.
+
+Nothing here touches the network: the cache is scanned on disk, offline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from lora_studio.core.errors import UserError
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "folder" | "hf-cache" | "gguf" | "demo"
+    path: Path  # the model folder; for GGUF the folder that holds the file
+    label: str
+    gguf_file: Optional[str] = None  # file name inside ``path`` when kind == "gguf"
+    repo_id: Optional[str] = None
+
+    @property
+    def file(self) -> Path:
+        """The file or folder the user would point at."""
+        return self.path / self.gguf_file if self.gguf_file else self.path
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "path": str(self.file), "label": self.label, "repo_id": self.repo_id}
+
+
+def is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _folder_source(path: Path, kind: str = "folder", label: Optional[str] = None, repo_id: Optional[str] = None) -> ModelSource:
+    return ModelSource(kind, path, label or path.name, repo_id=repo_id)
+
+
+def resolve_source(spec: str | Path) -> ModelSource:
+    """Turn what the user typed or picked into a ModelSource, or say clearly why not."""
+    text = str(spec)
+    if not text.strip():
+        raise UserError("no base model given", "pass a model folder, a .gguf file, a cached repo id, or --demo")
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".gguf" or is_gguf(path):
+            if not is_gguf(path):
+                raise UserError(f"{path.name} is not a GGUF file (its first bytes are not 'GGUF')", "pick a real .gguf model file")
+            return ModelSource("gguf", path.parent.absolute(), path.name, gguf_file=path.name)
+        if path.name == "config.json":
+            return resolve_source(path.parent)
+        raise UserError(f"{path} is a file, not a model", "pick a model folder (with config.json) or a .gguf file")
+    if path.is_dir():
+        path = path.absolute()
+        if (path / "config.json").is_file():
+            return _folder_source(path)
+        if (path / "adapter_config.json").is_file():
+            raise UserError(f"{path.name} is a LoRA adapter folder, not a base model", "load a base model first, then attach this folder as an adapter")
+        ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
+        if len(ggufs) == 1:
+            return resolve_source(ggufs[0])
+        if len(ggufs) > 1:
+            raise UserError(f"{path.name} holds {len(ggufs)} .gguf files", "pick one of them: " + ", ".join(p.name for p in ggufs[:5]))
+        if not any(path.iterdir()):
+            raise UserError(f"{path} is an empty folder", "pick a model folder with config.json and .safetensors weights")
+        raise UserError(f"{path} has no config.json", "pick a Hugging Face model folder (config.json + .safetensors) or a .gguf file")
+    if "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1:
+        cached = find_in_hf_cache(text)
+        if cached is not None:
+            return cached
+        raise UserError(f"{text} is not in the local Hugging Face cache", "LoRA Studio never downloads; fetch it with your usual tools first, or pick a folder")
+    raise UserError(f"{text} does not exist", "check the path")
+
+
+def hf_cache_models() -> list[ModelSource]:
+    """Causal-LM-looking repos in the local Hugging Face cache (offline scan)."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        info = scan_cache_dir()
+    except Exception:  # no cache folder yet, or an unreadable one: nothing to list
+        return []
+    found = []
+    for repo in sorted(info.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        revisions = sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
+        for rev in revisions:
+            snap = Path(rev.snapshot_path)
+            if (snap / "config.json").is_file() and any(snap.glob("*.safetensors")):
+                found.append(_folder_source(snap, "hf-cache", repo.repo_id, repo_id=repo.repo_id))
+                break
+    return found
+
+
+def find_in_hf_cache(repo_id: str) -> Optional[ModelSource]:
+    for source in hf_cache_models():
+        if source.repo_id == repo_id:
+            return source
+    return None
+
+
+def list_local_models(extra_dirs: tuple[Path, ...] = ()) -> list[ModelSource]:
+    """Everything loadable that is on this machine: the demo, the HF cache, and models under ``extra_dirs``."""
+    from lora_studio.core import demo
+
+    found: list[ModelSource] = []
+    demo_source = demo.demo_source_if_available()
+    if demo_source is not None:
+        found.append(demo_source)
+    found.extend(hf_cache_models())
+    for root in extra_dirs:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for config in sorted(root.glob("*/config.json")):
+            found.append(_folder_source(config.parent.absolute()))
+        for gguf in sorted(root.glob("*.gguf")):
+            if is_gguf(gguf):
+                found.append(ModelSource("gguf", gguf.parent.absolute(), gguf.name, gguf_file=gguf.name))
+    return found
+
+
+def read_config(source: ModelSource) -> dict:
+    """config.json as a dict (GGUF sources have none: their metadata is read elsewhere)."""
+    path = source.path / "config.json"
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError as exc:
+        raise UserError(f"{source.path} has no config.json", "pick a complete model folder") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})", "the model folder is damaged") from exc
+    if not isinstance(doc, dict):
+        raise UserError(f"{path} is not a JSON object", "the model folder is damaged")
+    return doc

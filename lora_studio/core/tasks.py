@@ -1,0 +1,59 @@
+"""What every long core job takes: a cancel token and a progress report.
+
+Long jobs have the shape ``fn(..., *, cancel, report) -> result``. They call
+``cancel.raise_if_cancelled()`` at safe points and ``report(Progress(...))`` as
+work is done. Neither knows about threads or Qt: the window's worker adapts them
+to signals, the CLI to a terminal line, tests to lists.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from lora_studio.core.errors import Cancelled
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: float = 0
+    total: Optional[float] = None  # None: indeterminate
+    message: str = ""
+    unit: str = ""  # "tensors", "tokens", "bytes", ... for display
+
+    @property
+    def fraction(self) -> Optional[float]:
+        if not self.total:
+            return None
+        return max(0.0, min(1.0, self.done / self.total))
+
+
+Report = Callable[[Progress], None]
+
+
+def no_report(_: Progress) -> None:
+    """The report used when a caller does not want progress."""
+
+
+class CancelToken:
+    """Thread-safe flag a front end sets and a job polls."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled()
+
+
+def never_cancelled() -> CancelToken:
+    """A fresh token nobody will set, for callers without a Stop button."""
+    return CancelToken()

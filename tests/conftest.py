@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny real models and adapters, built once per test session.
+
+The models are random Llama / GPT-2 configs (tens of KB) saved as real
+safetensors folders with a real tokenizer; adapters are made with PEFT's own
+get_peft_model(init_lora_weights=False), so they change outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+import factories
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(models_dir):
+    """A random 2-layer Llama (float32), untied embeddings."""
+    return factories.make_llama(models_dir / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied(models_dir):
+    return factories.make_llama(models_dir / "tiny-llama-tied", tie_word_embeddings=True, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bf16(models_dir):
+    return factories.make_llama(models_dir / "tiny-llama-bf16", dtype="bfloat16", seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_wide(models_dir):
+    """Same architecture, another hidden size: adapters for it do not fit tiny_llama."""
+    return factories.make_llama(models_dir / "tiny-llama-wide", hidden_size=64, seed=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(models_dir):
+    return factories.make_gpt2(models_dir / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def llama_adapters(models_dir, tiny_llama):
+    """Two adapters for tiny_llama with different targets and seeds: {'alpha': path, 'beta': path}."""
+    return {
+        "alpha": factories.make_adapter(tiny_llama, models_dir / "adapter-alpha", seed=11),
+        "beta": factories.make_adapter(tiny_llama, models_dir / "adapter-beta", seed=12, r=8, lora_alpha=16,
+                                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
+    }
+
+
+@pytest.fixture(scope="session")
+def wide_adapter(models_dir, tiny_llama_wide):
+    return factories.make_adapter(tiny_llama_wide, models_dir / "adapter-wide", seed=13)
+
+
+@pytest.fixture(scope="session")
+def gpt2_adapter(models_dir, tiny_gpt2):
+    return factories.make_adapter(tiny_gpt2, models_dir / "adapter-gpt2", target_modules=("c_attn",), fan_in_fan_out=True, seed=14)
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    """A private LORA_STUDIO_DATA_DIR for tests that write app data."""
+    path = tmp_path / "data"
+    monkeypatch.setenv("LORA_STUDIO_DATA_DIR", str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_threads():
+    """Fail a test that leaves non-daemon threads running (napari does the same)."""
+    before = set(threading.enumerate())
+    yield
+    leftover = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+    for t in leftover:
+        t.join(timeout=5)
+    still = [t.name for t in leftover if t.is_alive()]
+    assert not still, f"test left threads running: {still}"
