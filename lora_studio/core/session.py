@@ -162,7 +162,7 @@ class Session:
 
         cancel = cancel or CancelToken()
         path = Path(path).expanduser().absolute()
-        name = validate_adapter_name(name or path.name)
+        name = validate_adapter_name(path.name if name is None else name)
         with self.lock:
             self.require_loaded()
             if name in self.adapters:

@@ -1,0 +1,81 @@
+"""Headers, pread tensors, the streaming writer and the atomic output folder."""
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_studio.core import safetensors_io as sio
+from lora_studio.core.errors import UserError
+
+
+def test_header_and_read_tensor_roundtrip(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2, 2).to(torch.bfloat16)}
+    save_file(tensors, tmp_path / "x.safetensors")
+    header = sio.read_header(tmp_path / "x.safetensors")
+    assert header.tensors["a"].shape == (3, 4) and header.tensors["c"].dtype == "BF16"
+    for name, t in tensors.items():
+        assert torch.equal(sio.read_tensor(header.tensors[name], header.path), t)
+
+
+def test_writer_output_loads_with_safetensors(tmp_path):
+    tensors = {f"w{i}": torch.randn(10, 7).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(5)}
+    plan = {k: (sio.st_dtype(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
+    paths = sio.write_state_dict(tmp_path, iter(tensors.items()), plan, max_shard_bytes=300)
+    assert len(paths) > 1 and (tmp_path / sio.INDEX_NAME).is_file()
+    index = json.loads((tmp_path / sio.INDEX_NAME).read_text())
+    loaded = {}
+    for p in paths:
+        loaded.update(load_file(p))
+    assert set(index["weight_map"]) == set(tensors)
+    for k in tensors:
+        assert torch.equal(loaded[k], tensors[k])
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda b: b[:5], "only 5 bytes"),
+    (lambda b: struct.pack("<Q", 10**12) + b[8:], "corrupt safetensors header"),
+    (lambda b: b[:8] + b"{" * (len(b) - 8), "corrupt safetensors header"),
+    (lambda b: b[:-8], "truncated"),
+])
+def test_damaged_files(tmp_path, damage, needle):
+    save_file({"a": torch.randn(4, 4)}, tmp_path / "x.safetensors")
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(damage(p.read_bytes()))
+    with pytest.raises(UserError, match=needle):
+        sio.read_header(p)
+
+
+def test_index_naming_missing_shard(tmp_path):
+    (tmp_path / sio.INDEX_NAME).write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(UserError, match="shard model-00001-of-00002.safetensors but it is missing"):
+        sio.checkpoint_files(tmp_path)
+
+
+def test_atomic_dir_success_failure_and_existing(tmp_path):
+    target = tmp_path / "out"
+    with sio.atomic_output_dir(target) as tmp:
+        (tmp / "f").write_text("new")
+    assert (target / "f").read_text() == "new"
+    with pytest.raises(UserError, match="already exists"):
+        with sio.atomic_output_dir(target):
+            pass
+    with pytest.raises(RuntimeError):
+        with sio.atomic_output_dir(target, overwrite=True) as tmp:
+            (tmp / "f").write_text("half")
+            raise RuntimeError("boom")
+    assert (target / "f").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary folders left behind
+    with sio.atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "g").write_text("replaced")
+    assert sorted(os.listdir(target)) == ["g"]
+
+
+def test_atomic_dir_disk_full_message(tmp_path):
+    with pytest.raises(UserError, match="disk .* is full"):
+        with sio.atomic_output_dir(tmp_path / "out"):
+            raise OSError(28, "No space left on device")
+    assert not (tmp_path / "out").exists()

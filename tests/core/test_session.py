@@ -1,0 +1,117 @@
+"""The session against PEFT itself: attach, switch, disable, delete, unload."""
+
+import pytest
+import torch
+
+import factories
+from lora_studio.core.errors import Cancelled, UserError
+from lora_studio.core.session import Session
+from lora_studio.core.sources import resolve_source
+from lora_studio.core.tasks import CancelToken
+
+IDS = torch.tensor([[5, 17, 42, 99, 120, 7]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.fixture
+def session(tiny_llama):
+    s = Session()
+    s.load(resolve_source(tiny_llama))
+    yield s
+    s.close()
+
+
+def test_attach_switch_disable_match_peft(session, tiny_llama, llama_adapters):
+    base_logits = logits(session.model)
+    session.attach(llama_adapters["alpha"], "alpha")
+    session.attach(llama_adapters["beta"], "beta")
+    assert session.active_adapter == "beta"
+    ref = factories.peft_model(tiny_llama, llama_adapters)
+    for name in ("alpha", "beta"):
+        session.activate(name)
+        ref.set_adapter(name)
+        assert session.state().active_adapter == name
+        assert torch.allclose(logits(session.model), logits(ref), atol=1e-6)
+        assert not torch.allclose(logits(session.model), base_logits, atol=1e-4)
+    session.disable_adapters()
+    assert session.active_adapter is None
+    assert torch.allclose(logits(session.model), base_logits, atol=1e-6)
+    session.activate("alpha")
+    assert session.active_adapter == "alpha"
+
+
+def test_delete_and_unload(session, llama_adapters):
+    base_logits = logits(session.model)
+    session.attach(llama_adapters["alpha"], "alpha")
+    session.attach(llama_adapters["beta"], "beta")
+    session.delete("beta")
+    assert session.active_adapter == "alpha" and list(session.adapters) == ["alpha"]
+    alpha_logits = logits(session.model)
+    session.delete("alpha")
+    assert session.active_adapter is None and not session.is_peft
+    assert torch.allclose(logits(session.model), base_logits, atol=1e-6)
+    session.attach(llama_adapters["alpha"], "alpha")
+    assert torch.allclose(logits(session.model), alpha_logits, atol=1e-6)
+    session.attach(llama_adapters["beta"], "beta")
+    session.unload_all()
+    assert not session.adapters and not session.is_peft
+    assert torch.allclose(logits(session.model), base_logits, atol=1e-6)
+
+
+def test_adapter_sizes_are_reported(session, llama_adapters):
+    a = session.attach(llama_adapters["alpha"], "alpha")
+    b = session.attach(llama_adapters["beta"], "beta")
+    assert a.size_bytes == 896 * 4  # 4 modules x (4x32 + out x 4) float32 params
+    assert b.size_bytes > a.size_bytes
+    assert [x[0] for x in session.state().adapters] == ["alpha", "beta"]
+
+
+def test_wrong_adapter_is_refused_and_session_unchanged(session, wide_adapter, llama_adapters):
+    session.attach(llama_adapters["alpha"], "alpha")
+    with pytest.raises(UserError, match=r"model\.layers\.0\.self_attn\.q_proj: adapter expects in=64,out=64, base has in=32,out=32"):
+        session.attach(wide_adapter, "wide")
+    assert list(session.adapters) == ["alpha"] and session.active_adapter == "alpha"
+
+
+def test_bad_names_and_duplicates(session, llama_adapters):
+    session.attach(llama_adapters["alpha"], "alpha")
+    with pytest.raises(UserError, match="already attached"):
+        session.attach(llama_adapters["alpha"], "alpha")
+    for bad in (" ", "a.b", "__base__", "two words"):
+        with pytest.raises(UserError):
+            session.attach(llama_adapters["beta"], bad)
+    with pytest.raises(UserError, match="no adapter named"):
+        session.activate("ghost")
+
+
+def test_nothing_loaded():
+    with pytest.raises(UserError, match="no base model is loaded"):
+        Session().attach("/tmp", "x")
+
+
+def test_cancel_during_load_leaves_session_empty(tiny_llama):
+    s = Session()
+    token = CancelToken()
+    seen = []
+
+    def report(p):
+        seen.append(p)
+        if p.unit == "tensors" and p.done >= 2:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        s.load(resolve_source(tiny_llama), cancel=token, report=report)
+    assert not s.loaded
+    assert any(p.total and p.unit == "tensors" for p in seen), "per-tensor progress was reported"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_load_in_dtype(tiny_llama, dtype):
+    s = Session()
+    state = s.load(resolve_source(tiny_llama), dtype=dtype)
+    assert state.dtype == dtype and next(s.model.parameters()).dtype == getattr(torch, dtype)
+    assert state.params == 39072 and state.device == "cpu"
