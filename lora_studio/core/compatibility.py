@@ -16,6 +16,16 @@ from lora_studio.core import adapter_files
 from lora_studio.core.errors import UserError
 
 
+class VocabularyMismatch(UserError):
+    """The adapter was trained on a resized vocabulary (added tokens): the base can be resized to match."""
+
+    def __init__(self, message: str, hint: str, *, adapter_vocab: int, base_vocab: int, adapter_has_tokenizer: bool):
+        super().__init__(message, hint)
+        self.adapter_vocab = adapter_vocab
+        self.base_vocab = base_vocab
+        self.adapter_has_tokenizer = adapter_has_tokenizer
+
+
 @dataclass(frozen=True)
 class Compatibility:
     adapter: str
@@ -79,6 +89,8 @@ def check(adapter_folder: Path, base_shapes: Mapping[str, tuple[int, ...]], *, b
         raise UserError(f"{folder.name} adapts modules {base_label} does not have: {listed}",
                         "these weights would be ignored; pick the base the adapter was trained on")
 
+    _check_vocabulary(folder, shapes, lay, base_shapes, base_label)
+
     for module, keys in lay.lora.items():
         if keys.a is None or keys.b is None:
             raise UserError(f"{folder.name}: {module} has lora_{'A' if keys.a is None else 'B'} missing", "the adapter file is incomplete")
@@ -123,6 +135,33 @@ def check(adapter_folder: Path, base_shapes: Mapping[str, tuple[int, ...]], *, b
     if trained_on and base_identity and not _same_base(trained_on, base_identity):
         warnings.append(f"{folder.name} was trained on '{trained_on}'; the loaded base is '{base_identity[0]}' (shapes match, so it can be attached)")
     return Compatibility(folder.name, len(lay.lora), warnings)
+
+
+VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight")
+
+
+def _check_vocabulary(folder: Path, shapes, lay, base_shapes, base_label: str) -> None:
+    """Spot an adapter trained with added tokens: its embedding rows outnumber the base's vocabulary."""
+    base_vocab = _embedding_shape(base_shapes)
+    if base_vocab is None:
+        return
+    vocab_sizes = []
+    for param, key in lay.full_weights.items():
+        if param in VOCAB_PARAMS and len(shapes[key]) == 2 and shapes[key][1] == base_vocab[1]:
+            vocab_sizes.append(shapes[key][0])
+    for module, keys in lay.lora.items():
+        if keys.kind == "embedding" and keys.a is not None and f"{module}.weight" in VOCAB_PARAMS:
+            vocab_sizes.append(shapes[keys.a][1])
+    wrong = [v for v in vocab_sizes if v != base_vocab[0]]
+    if not wrong:
+        return
+    has_tok = any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    hint = ("the adapter folder has its own tokenizer: resize the base to it (--resize-embeddings, or 'Resize and attach' in the window)"
+            if has_tok and wrong[0] > base_vocab[0] else "pick the base and tokenizer the adapter was trained with")
+    raise VocabularyMismatch(
+        f"{folder.name} was trained with a vocabulary of {wrong[0]} tokens; {base_label} has {base_vocab[0]}",
+        hint, adapter_vocab=wrong[0], base_vocab=base_vocab[0], adapter_has_tokenizer=has_tok,
+    )
 
 
 def _same_base(trained_on: str, identity: tuple[str, ...]) -> bool:

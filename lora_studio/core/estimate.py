@@ -59,6 +59,8 @@ def read_footprint(source: ModelSource) -> ModelFootprint:
     if source.gguf_file:
         return _gguf_footprint(source)
     config = read_config(source)
+    if not any(source.path.glob("*.safetensors")) and any(source.path.glob("*.bin")):
+        return _meta_footprint(source, config)
     headers = read_headers(source.path)
     tied = _tied(config)
     names: set[str] = set()
@@ -82,6 +84,24 @@ def read_footprint(source: ModelSource) -> ModelFootprint:
     archs = config.get("architectures") or ["?"]
     return ModelFootprint(str(archs[0]), str(config.get("model_type", "?")), params,
                           ST_TO_NAME.get(st_dtype, st_dtype), tied, nbytes)
+
+
+def _meta_footprint(source: ModelSource, config: dict) -> ModelFootprint:
+    """Count parameters of a .bin-only checkpoint by building the model on the meta device (nothing unpickled)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(source.path), trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as exc:
+        raise UserError(f"cannot read the architecture of {source.label}: {exc}", "check config.json") from exc
+    params = sum(p.numel() for p in model.parameters())  # tied parameters are one Parameter
+    size = sum(p.stat().st_size for p in source.path.glob("*.bin"))
+    archs = config.get("architectures") or [type(model).__name__]
+    return ModelFootprint(str(archs[0]), str(config.get("model_type", "?")), params,
+                          str(config.get("torch_dtype") or config.get("dtype") or "float32"), _tied(config), size)
 
 
 def _gguf_footprint(source: ModelSource) -> ModelFootprint:

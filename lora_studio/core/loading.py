@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,6 +155,11 @@ def load_base(source: ModelSource, *, dtype: str = "float32", device_map: str = 
             model = AutoModelForCausalLM.from_pretrained(str(source.path), **kwargs)
     except (Cancelled, UserError):
         raise
+    except pickle.UnpicklingError as exc:
+        raise UserError(
+            f"{source.label}: a .bin weights file was refused because it is not plain tensors (it could run code)",
+            "LoRA Studio opens pickles only with weights_only=True; get a safetensors copy of this model",
+        ) from exc
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         from lora_studio.core.errors import _is_oom
 

@@ -49,6 +49,7 @@ class Session:
         self.footprint: Optional[ModelFootprint] = None
         self.model = None  # the transformers model, or a PeftModel wrapping it
         self.tokenizer = None
+        self.tokenizer_source: Optional[Path] = None  # an adapter folder whose tokenizer replaced the base's
         self.dtype: Optional[str] = None
         self.device_map: Optional[str] = None
         self.adapters: dict[str, AttachedAdapter] = {}
@@ -119,6 +120,7 @@ class Session:
     def _release(self) -> None:
         self.model = None
         self.tokenizer = None
+        self.tokenizer_source = None
         self.source = None
         self.footprint = None
         self.adapters.clear()
@@ -155,9 +157,13 @@ class Session:
         return compatibility.check(Path(path), self.weight_shapes(), base_label=self.source.label if self.source else "the base",
                                    base_identity=self.base_identity(), architecture=arch)
 
-    def attach(self, path: Path, name: Optional[str] = None, *, activate: bool = True,
+    def attach(self, path: Path, name: Optional[str] = None, *, activate: bool = True, resize_embeddings: bool = False,
                cancel: Optional[CancelToken] = None, report: Report = no_report) -> AttachedAdapter:
-        """Check, then load an adapter under ``name`` (default: the folder name) and make it active."""
+        """Check, then load an adapter under ``name`` (default: the folder name) and make it active.
+
+        ``resize_embeddings``: for an adapter trained with added tokens, resize the base's
+        embeddings to the adapter's vocabulary and use the adapter folder's tokenizer.
+        """
         from peft import PeftModel
 
         cancel = cancel or CancelToken()
@@ -168,7 +174,13 @@ class Session:
             if name in self.adapters:
                 raise UserError(f"an adapter named {name!r} is already attached", "delete it first or attach under another name")
             report(Progress(0, 2, f"checking {name}", "steps"))
-            compat = self.check_adapter(path)
+            try:
+                compat = self.check_adapter(path)
+            except compatibility.VocabularyMismatch as mismatch:
+                if not resize_embeddings:
+                    raise
+                self._resize_vocabulary(path, mismatch)
+                compat = self.check_adapter(path)
             cancel.raise_if_cancelled()
             report(Progress(1, 2, f"loading {name}", "steps"))
             try:
@@ -183,14 +195,44 @@ class Session:
             if cancel.cancelled:
                 self._drop_adapter(name)
                 raise Cancelled()
-            attached = AttachedAdapter(name, path, self._adapter_bytes(name), compat.warnings)
+            attached = AttachedAdapter(name, path, self._adapter_bytes(name), list(compat.warnings))
             self.adapters[name] = attached
-            if activate or self._active is None:
-                self._set_active(name)
-            else:
-                self._set_active(self._active)
+            previous = self._active
+            self._set_active(name)
+            if not self._changes_outputs():
+                # PEFT only warns about keys it could not place; a zero update is legal (fresh init) but worth saying.
+                attached.warnings.append(f"{name} does not change the model's outputs (its lora_B weights may be zero)")
+            if not activate and previous is not None:
+                self._set_active(previous)
             report(Progress(2, 2, f"attached {name}", "steps"))
             return attached
+
+    def _resize_vocabulary(self, adapter: Path, mismatch: compatibility.VocabularyMismatch) -> None:
+        if self.adapters:
+            raise UserError(f"resizing the vocabulary to {mismatch.adapter_vocab} tokens needs a base without adapters",
+                            "unload the other adapters first, then attach this one")
+        if not mismatch.adapter_has_tokenizer or mismatch.adapter_vocab < mismatch.base_vocab:
+            raise UserError(str(mismatch.message), "the adapter folder has no tokenizer to resize the base with")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+        if len(tokenizer) > mismatch.adapter_vocab:
+            raise UserError(f"the tokenizer in {adapter.name} has {len(tokenizer)} tokens, more than the adapter's {mismatch.adapter_vocab} embedding rows",
+                            "the adapter folder is inconsistent")
+        self.base_model().resize_token_embeddings(mismatch.adapter_vocab)
+        self.tokenizer = tokenizer
+        self.tokenizer_source = adapter
+
+    def _changes_outputs(self) -> bool:
+        import torch
+
+        ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], device=next(self.model.parameters()).device)
+        ids = ids.clamp(max=self.base_model().get_input_embeddings().num_embeddings - 1)
+        with torch.inference_mode():
+            with_adapter = self.model(input_ids=ids).logits
+            with self.model.disable_adapter():
+                without = self.model(input_ids=ids).logits
+        return not torch.equal(with_adapter, without)
 
     def activate(self, name: str) -> None:
         with self.lock:

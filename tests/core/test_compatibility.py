@@ -51,8 +51,9 @@ def test_resized_vocabulary_modules_to_save(tiny_llama, tmp_path, models_dir):
     big_vocab = factories.make_llama(tmp_path / "bigvocab", vocab_size=400)
     adapter = factories.make_adapter(big_vocab, tmp_path / "ad", modules_to_save=["lm_head"])
     shapes = compatibility.weight_shapes_from_headers(tiny_llama)
-    with pytest.raises(UserError, match=r"lm_head\.weight: adapter stores shape \[400, 32\], base has \[320, 32\]"):
+    with pytest.raises(compatibility.VocabularyMismatch, match=r"vocabulary of 400 tokens; the base has 320") as err:
         compatibility.check(adapter, shapes)
+    assert (err.value.adapter_vocab, err.value.base_vocab, err.value.adapter_has_tokenizer) == (400, 320, False)
 
 
 def test_tied_base_accepts_lm_head_target(tiny_llama_tied, tmp_path):

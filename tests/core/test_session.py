@@ -115,3 +115,30 @@ def test_load_in_dtype(tiny_llama, dtype):
     state = s.load(resolve_source(tiny_llama), dtype=dtype)
     assert state.dtype == dtype and next(s.model.parameters()).dtype == getattr(torch, dtype)
     assert state.params == 39072 and state.device == "cpu"
+
+
+def test_zero_update_adapter_is_flagged(session, tiny_llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), LoraConfig(target_modules=["q_proj"]))
+    model.save_pretrained(str(tmp_path / "fresh"))  # default init: B = 0, no effect
+    attached = session.attach(tmp_path / "fresh", "fresh")
+    assert any("does not change the model's outputs" in w for w in attached.warnings)
+
+
+def test_added_tokens_adapter_resizes_with_its_tokenizer(session, tiny_llama, tmp_path):
+    from lora_studio.core.compatibility import VocabularyMismatch
+
+    bigger = factories.make_llama(tmp_path / "big", vocab_size=330)
+    adapter = factories.make_adapter(bigger, tmp_path / "added", modules_to_save=["lm_head", "embed_tokens"])
+    tok = factories.make_tokenizer()
+    tok.add_tokens([f"<extra{i}>" for i in range(10)])
+    tok.save_pretrained(str(adapter))
+    with pytest.raises(VocabularyMismatch, match="vocabulary of 330 tokens; .* has 320"):
+        session.attach(adapter, "added")
+    session.attach(adapter, "added", resize_embeddings=True)
+    assert session.tokenizer_source == adapter and len(session.tokenizer) == len(tok)
+    assert session.model.get_input_embeddings().weight.shape[0] == 330
+    ids = torch.tensor([session.tokenizer.convert_tokens_to_ids(["<extra9>"]) + [3, 4]])
+    assert session.model(input_ids=ids).logits.shape[-1] == 330  # the added token embeds and is predicted
