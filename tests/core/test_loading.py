@@ -1,0 +1,82 @@
+"""Loading is safe by default: no remote code, no unpickling of code; and it can be cancelled."""
+
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+
+from lora_studio.core import loading, sources
+from lora_studio.core.errors import UserError
+
+
+def _custom_code_model(base, folder, model_type, marker):
+    shutil.copytree(base, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = model_type
+    cfg["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomModel"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    for name in ("modeling_custom.py", "configuration_custom.py"):
+        (folder / name).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    return folder
+
+
+def test_remote_code_is_not_run_by_default(tiny_llama, tmp_path):
+    marker = tmp_path / "ran"
+    folder = _custom_code_model(tiny_llama, tmp_path / "custom", "my_custom_arch", marker)
+    with pytest.raises(UserError, match=r"needs its own Python code to load \(configuration_custom\.py, modeling_custom\.py\); it was not run"):
+        loading.load_base(sources.resolve_source(folder))
+    assert not marker.exists()
+
+
+def test_known_architecture_with_auto_map_loads_natively(tiny_llama, tmp_path):
+    marker = tmp_path / "ran"
+    folder = _custom_code_model(tiny_llama, tmp_path / "custom", "llama", marker)
+    model, _ = loading.load_base(sources.resolve_source(folder))
+    assert type(model).__name__ == "LlamaForCausalLM" and not marker.exists()
+
+
+def test_malicious_base_pickle_is_refused(tiny_llama, tmp_path):
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama / name, folder)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(folder / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"model.embed_tokens.weight": Evil()}, f)
+    with pytest.raises(UserError, match="refused because it is not plain tensors"):
+        loading.load_base(sources.resolve_source(folder))
+    assert not marker.exists()
+
+
+def test_plain_bin_checkpoint_loads(tiny_llama, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from lora_studio.core.estimate import read_footprint
+
+    folder = tmp_path / "binmodel"
+    shutil.copytree(tiny_llama, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    source = sources.resolve_source(folder)
+    assert read_footprint(source).params == 39072
+    model, _ = loading.load_base(source)
+    assert sum(p.numel() for p in model.parameters()) == 39072
+
+
+def test_missing_shard_is_a_clear_error(tiny_llama, tmp_path):
+    from lora_studio.core.session import Session
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    with pytest.raises(UserError, match="model-00002-of-00002.safetensors but it is missing"):
+        Session().load(sources.resolve_source(folder))
