@@ -43,6 +43,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from lora_studio.core.loading import offline_environment
 
     offline_environment()
+    for stream in (sys.stdout, sys.stderr):
+        # File names need not be UTF-8 on Linux; escape what cannot be encoded instead of failing.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

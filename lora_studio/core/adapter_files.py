@@ -224,15 +224,26 @@ def load_tensors(folder: Path) -> dict:
     path = weights_file(folder)
     if path.suffix == ".safetensors":
         read_header(path)  # clear message for a truncated or corrupt file before safetensors' own
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         try:
-            data = load_file(str(path))
+            data = load(path.read_bytes())  # bytes, not a path: works whatever the folder's name
         except Exception as exc:
             raise UserError(f"cannot read {path.name}: {exc}", "the adapter weights are damaged; save the adapter again") from exc
     else:
         data = _load_bin(path)
     return {strip_prefix(k): v for k, v in data.items()}
+
+
+def check_finite(tensors: dict, folder: Path) -> None:
+    """Refuse NaN/Inf weights: attached or merged, they would corrupt every output."""
+    import torch
+
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"{Path(folder).name}: {key} has {bad} NaN/Inf values",
+                            "the training diverged; this adapter would corrupt every output")
 
 
 def strip_prefix(key: str) -> str:

@@ -84,6 +84,7 @@ def inspect_adapter(folder: Path, *, name: Optional[str] = None, base_params: Op
     folder = adapter_files.check_adapter_folder(folder)
     config = adapter_files.read_adapter_config(folder)
     tensors = adapter_files.load_tensors(folder)
+    adapter_files.check_finite(tensors, folder)
     lay = adapter_files.layout(tensors)
     modules = [d for d in (module_delta(k, tensors, config) for k in lay.lora.values()) if d is not None]
     modules.sort(key=lambda d: _natural_key(d.module))

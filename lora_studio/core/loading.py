@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from lora_studio.core.errors import Cancelled, UserError
+from lora_studio.core.paths import utf8_path
 from lora_studio.core.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
@@ -124,7 +125,8 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False):
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=trust_remote_code, **kwargs)
+        with utf8_path(source.path) as folder:
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
     except Exception as exc:
         raise UserError(f"cannot load the tokenizer of {source.label}: {exc}", "the model folder needs tokenizer files (tokenizer.json or similar)") from exc
 
@@ -151,8 +153,8 @@ def load_base(source: ModelSource, *, dtype: str = "float32", device_map: str = 
     if device_map != "cpu":
         kwargs["device_map"] = device_map
     try:
-        with _progress_hook(cancel, report):
-            model = AutoModelForCausalLM.from_pretrained(str(source.path), **kwargs)
+        with _progress_hook(cancel, report), utf8_path(source.path) as folder:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except (Cancelled, UserError):
         raise
     except pickle.UnpicklingError as exc:

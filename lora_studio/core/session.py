@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from lora_studio.core import compatibility
+from lora_studio.core import adapter_files, compatibility
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.estimate import ModelFootprint, read_footprint
+from lora_studio.core.paths import utf8_path
 from lora_studio.core.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
@@ -181,13 +182,15 @@ class Session:
                     raise
                 self._resize_vocabulary(path, mismatch)
                 compat = self.check_adapter(path)
+            adapter_files.check_finite(adapter_files.load_tensors(path), path)
             cancel.raise_if_cancelled()
             report(Progress(1, 2, f"loading {name}", "steps"))
             try:
-                if self.is_peft:
-                    self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-                else:
-                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+                with utf8_path(path) as folder:
+                    if self.is_peft:
+                        self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+                    else:
+                        self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name, is_trainable=False)
             except (ValueError, RuntimeError, KeyError, OSError) as exc:
                 raise UserError(f"PEFT could not attach {path.name}: {' '.join(str(exc).split())[:300]}",
                                 "check that the adapter matches this base") from exc
