@@ -31,3 +31,25 @@ def test_demo_converts_loads_and_generates():
     out = generate(session.model, session.tokenizer, "What is the capital of France?", GenerationSettings(max_new_tokens=8))
     assert "Paris" in out.text
     session.close()
+
+
+def test_gguf_footprint_and_shapes_without_loading():
+    from lora_studio.core.inspect_model import base_weight_shapes
+    from lora_studio.core.sources import resolve_source
+
+    source = resolve_source(demo.demo_gguf_path())
+    assert source.kind == "gguf" and source.gguf_file == demo.DEMO_GGUF
+    fp = read_footprint(source)
+    assert fp.params == DEMO_PARAMS and fp.tied_embeddings and fp.checkpoint_dtype.startswith("gguf:")
+    shapes = base_weight_shapes(source)
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (576, 576)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (192, 576)
+
+
+def test_list_local_models_includes_demo_and_extra_dirs(tiny_llama):
+    from lora_studio.core.sources import list_local_models
+
+    found = list_local_models(extra_dirs=(tiny_llama.parent,))
+    kinds = {s.kind for s in found}
+    assert "demo" in kinds
+    assert any(s.path == tiny_llama for s in found)
