@@ -79,3 +79,29 @@ def test_atomic_dir_disk_full_message(tmp_path):
         with sio.atomic_output_dir(tmp_path / "out"):
             raise OSError(28, "No space left on device")
     assert not (tmp_path / "out").exists()
+
+
+def test_leftovers_of_killed_runs_are_cleaned_or_restored(tmp_path):
+    dead_pid = 2**22 + 12345  # above pid_max's default: no such process
+    stale = tmp_path / f".out.partial-{dead_pid}-abcd"
+    stale.mkdir()
+    (stale / "half.safetensors").write_text("x")
+    kept_old = tmp_path / f".prev.old-{dead_pid}-abcd"
+    kept_old.mkdir()
+    (kept_old / "f").write_text("old")
+    with sio.atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("new")
+    assert not stale.exists()
+    with pytest.raises(UserError, match="already exists"):
+        with sio.atomic_output_dir(tmp_path / "prev"):
+            pass
+    assert (tmp_path / "prev" / "f").read_text() == "old"  # killed between renames: the old folder came back
+
+
+def test_exchange_swaps_atomically(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("a"), (b / "x").write_text("b")
+    if not sio._exchange(a, b):
+        pytest.skip("renameat2 exchange not supported here")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
