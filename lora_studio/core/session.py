@@ -230,7 +230,8 @@ class Session:
         import torch
 
         ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], device=next(self.model.parameters()).device)
-        ids = ids.clamp(max=self.base_model().get_input_embeddings().num_embeddings - 1)
+        # .weight, not .num_embeddings: LoRA may wrap embed_tokens in a layer without that attribute.
+        ids = ids.clamp(max=self.base_model().get_input_embeddings().weight.shape[0] - 1)
         with torch.inference_mode():
             with_adapter = self.model(input_ids=ids).logits
             with self.model.disable_adapter():

@@ -80,23 +80,46 @@ def resolve_source(spec: str | Path) -> ModelSource:
     raise UserError(f"{text} does not exist", "check the path")
 
 
-def hf_cache_models() -> list[ModelSource]:
-    """Causal-LM-looking repos in the local Hugging Face cache (offline scan)."""
-    try:
-        from huggingface_hub import scan_cache_dir
+def hf_cache_dir() -> Path:
+    """The hub cache folder huggingface_hub would use (HF_HUB_CACHE, HF_HOME, or ~/.cache)."""
+    import os
 
-        info = scan_cache_dir()
-    except Exception:  # no cache folder yet, or an unreadable one: nothing to list
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        return Path(hub_constants.HF_HUB_CACHE)
+    except Exception:  # huggingface_hub missing or broken: fall back to its documented default
+        home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+        return Path(os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub")))
+
+
+def hf_cache_models(cache_dir: Optional[Path] = None) -> list[ModelSource]:
+    """Causal-LM-looking repos in the local Hugging Face cache (offline scan).
+
+    Walks ``models--owner--name/snapshots/<rev>`` directly rather than huggingface_hub's
+    scan_cache_dir, which gives up on a whole repo for one oddity (a copied snapshot, a
+    missing blobs folder) that does not stop the model from loading.
+    """
+    root = Path(cache_dir) if cache_dir is not None else hf_cache_dir()
+    try:
+        repos = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("models--"))
+    except OSError:  # no cache folder yet, or an unreadable one: nothing to list
         return []
     found = []
-    for repo in sorted(info.repos, key=lambda r: r.repo_id):
-        if repo.repo_type != "model":
+    for repo_path in repos:
+        repo_id = repo_path.name[len("models--"):].replace("--", "/")
+        snapshots = repo_path / "snapshots"
+        try:
+            revisions = [p for p in snapshots.iterdir() if p.is_dir()]
+        except OSError:
             continue
-        revisions = sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
-        for rev in revisions:
-            snap = Path(rev.snapshot_path)
+        # Prefer what refs/main points at, then the newest snapshot.
+        main_ref = repo_path / "refs" / "main"
+        preferred = main_ref.read_text().strip() if main_ref.is_file() else ""
+        revisions.sort(key=lambda p: (p.name != preferred, -p.stat().st_mtime))
+        for snap in revisions:
             if (snap / "config.json").is_file() and any(snap.glob("*.safetensors")):
-                found.append(_folder_source(snap, "hf-cache", repo.repo_id, repo_id=repo.repo_id))
+                found.append(_folder_source(snap, "hf-cache", repo_id, repo_id=repo_id))
                 break
     return found
 
