@@ -1,14 +1,77 @@
-"""``lora-studio merge``: placeholder until its issue lands."""
+"""``lora-studio merge BASE --adapter PATH [...] --out DIR``: merge adapters into the base and save a deployable folder."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+from lora_studio.cli.common import (
+    add_adapter_argument, add_base_argument, human_bytes, parse_adapter_specs, print_json, resolve_base, stderr_progress,
+)
 from lora_studio.core.errors import UserError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("merge", help="(not available yet)")
+    from lora_studio.core.combine import COMBINATIONS
+    from lora_studio.core.merge import DTYPES, ENGINES
+
+    p = sub.add_parser("merge", help="merge LoRA adapters into the base and save a verified model folder")
+    add_base_argument(p)
+    add_adapter_argument(p, "adapter folder to merge, optionally named NAME=PATH (repeat to combine several)")
+    p.add_argument("--weights", help="comma-separated weights, one per adapter (with --combination)")
+    p.add_argument("--combination", choices=COMBINATIONS, help="how to combine several adapters (PEFT add_weighted_adapter)")
+    p.add_argument("--density", type=float, help="fraction of entries kept, for ties, dare_* and magnitude_prune")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype of the saved weights (default: the base's)")
+    p.add_argument("--engine", choices=ENGINES, help="streaming (low memory, default where it applies) or in-memory (PEFT)")
+    p.add_argument("--safe-merge", action="store_true", help="in-memory engine: PEFT's NaN/Inf check while merging")
+    p.add_argument("--no-verify", action="store_true", help="skip comparing the saved model with the adapter model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically, at the end)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
 
+def parse_weights(text, count: int) -> list[float]:
+    if text is None:
+        return [1.0] * count
+    try:
+        weights = [float(w) for w in text.split(",") if w.strip()]
+    except ValueError as exc:
+        raise UserError(f"--weights {text!r} is not a comma-separated list of numbers", "write e.g. --weights 0.7,0.3") from exc
+    if len(weights) != count:
+        raise UserError(f"--weights has {len(weights)} values for {count} adapters", "give one weight per --adapter")
+    return weights
+
+
 def run(args) -> int:
-    raise UserError("'merge' is not available in this build yet", "see the README")
+    from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save
+
+    specs = parse_adapter_specs(args.adapter)
+    if not specs:
+        raise UserError("no adapter given", "pass --adapter PATH (repeat it to combine several)")
+    if args.weights is not None and args.combination is None:
+        raise UserError("--weights needs --combination", "add e.g. --combination linear")
+    if args.density is not None and args.combination is None:
+        raise UserError("--density needs --combination", "add e.g. --combination ties")
+    weights = parse_weights(args.weights, len(specs))
+    adapters = [AdapterSpec(name, path, w) for (name, path), w in zip(specs, weights)]
+    progress = stderr_progress()
+    source = resolve_base(args, report=progress)
+    options = MergeOptions(out=Path(args.out).expanduser(), dtype=args.dtype, engine=args.engine,
+                           combination=args.combination, density=args.density, safe_merge=args.safe_merge,
+                           verify=not args.no_verify, overwrite=args.overwrite)
+    try:
+        result = merge_and_save(source, adapters, options, report=progress)
+    finally:
+        progress.done()
+    if args.json:
+        print_json(result.to_json())
+        return 0
+    v = result.verification
+    print(f"Saved     {result.out}")
+    print(f"Engine    {result.engine}, {result.dtype}, {len(result.files)} shard(s), {human_bytes(result.bytes_written)} in {result.seconds:.1f} s")
+    print(f"Verified  {v.summary() if v else 'skipped (--no-verify)'}")
+    if v is not None and v.status != "pass":
+        sys.stderr.write("lora-studio: warning: the merged model differs from the adapter model more than expected for "
+                         f"{result.dtype}; see {result.out / 'README.md'}\n")
+    return 0

@@ -1,0 +1,230 @@
+"""Merge-and-save: the seed recipe vs LoRA Studio's streaming engine vs a plain copy.
+
+Builds, in a temporary folder, a synthetic TinyLlama-shaped model (~1.1B parameters,
+bfloat16, random weights, ~500 MB shards) written shard by shard with the streaming
+writer (building it never holds the model in memory), and a rank-16 adapter on all
+linear layers of the decoder (q, k, v, o, gate, up, down). Then, each in its own
+child process, in the same run:
+
+* seed: ``AutoModelForCausalLM.from_pretrained(bf16)`` -> ``PeftModel.from_pretrained``
+  -> ``merge_and_unload`` -> ``save_pretrained`` + tokenizer ``save_pretrained``;
+* stream: ``lora_studio.core.merge.merge_and_save`` (streaming engine, no verification);
+* copy: copying the base folder file by file, each file fsynced (the streaming
+  writer fsyncs its shards too, so both produce a folder that survives a power cut).
+
+Times are the work inside each child, after its imports; peak RSS is the child's
+VmHWM (imports included). ``bit_identical``: every tensor of the stream output
+equals the seed output's, compared one tensor at a time.
+
+Last line (JSON): {"seed_s", "seed_peak_rss_mb", "stream_s", "stream_peak_rss_mb", "copy_s",
+"bit_identical", "params", "rss_ratio", "time_ratio_seed", "time_ratio_copy"}.
+
+    .venv/bin/python benchmarks/bench_merge.py [--small] [--json] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+            vocab_size=32000)
+SMALL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+             vocab_size=32000)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"[bench_merge] {msg}\n")
+    sys.stderr.flush()
+
+
+def build(folder: Path, dims: dict, shard_bytes: int) -> tuple[Path, Path, int]:
+    """Base model folder and adapter folder, written tensor by tensor."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import factories
+
+    from lora_studio.core.safetensors_io import write_state_dict
+
+    base = folder / "base"
+    base.mkdir()
+    config = LlamaConfig(**dims, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2,
+                         pad_token_id=0, dtype="bfloat16")
+    config.save_pretrained(base)
+    factories.make_tokenizer().save_pretrained(base)
+    h, inter, kv = dims["hidden_size"], dims["intermediate_size"], dims["hidden_size"] // dims["num_attention_heads"] * dims["num_key_value_heads"]
+    shapes = {"model.embed_tokens.weight": (dims["vocab_size"], h)}
+    for i in range(dims["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h), p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        })
+    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (dims["vocab_size"], h)})
+    plan = {k: ("BF16", s) for k, s in shapes.items()}
+    gen = torch.Generator().manual_seed(0)
+
+    def tensors():
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight"):
+                yield name, torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                yield name, (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    write_state_dict(base, tensors(), plan, max_shard_bytes=shard_bytes)
+    params = sum(int(torch.tensor(s).prod()) for s in shapes.values())
+
+    adapter = folder / "adapter"
+    LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM", base_model_name_or_path=str(base)).save_pretrained(adapter)
+    lora = {}
+    for name, shape in shapes.items():
+        module = name[: -len(".weight")]
+        if module.split(".")[-1] in TARGETS:
+            out_f, in_f = shape
+            lora[f"base_model.model.{module}.lora_A.weight"] = (torch.randn(16, in_f, generator=gen) * 0.02).to(torch.bfloat16)
+            lora[f"base_model.model.{module}.lora_B.weight"] = (torch.randn(out_f, 16, generator=gen) * 0.02).to(torch.bfloat16)
+    save_file(lora, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return base, adapter, params
+
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report its parent's peak.
+PEAK = """
+def peak_rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+
+SEED = PEAK + """
+import sys, time, resource, json, os
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+base, adapter, out = sys.argv[1:4]
+t = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, adapter)
+model = model.merge_and_unload()
+model.save_pretrained(out)
+AutoTokenizer.from_pretrained(base).save_pretrained(out)
+s = time.perf_counter() - t
+print(json.dumps({"s": s, "rss_mb": peak_rss_mb()}))
+"""
+
+STREAM = PEAK + """
+import sys, time, resource, json
+from pathlib import Path
+from lora_studio.core.loading import offline_environment
+offline_environment()
+import torch, transformers, peft  # imported before timing, as the seed recipe's are
+import lora_studio.core.merge as merge
+from lora_studio.core.sources import resolve_source
+base, adapter, out = sys.argv[1:4]
+t = time.perf_counter()
+r = merge.merge_and_save(resolve_source(base), [merge.AdapterSpec("bench", Path(adapter))], merge.MergeOptions(out=Path(out), verify=False))
+assert r.engine == "streaming", r.engine
+s = time.perf_counter() - t
+print(json.dumps({"s": s, "rss_mb": peak_rss_mb()}))
+"""
+
+COPY = PEAK + """
+import sys, time, resource, json, os, shutil
+from pathlib import Path
+base, out = Path(sys.argv[1]), Path(sys.argv[2])
+t = time.perf_counter()
+out.mkdir()
+for p in sorted(base.iterdir()):
+    shutil.copyfile(p, out / p.name)
+    fd = os.open(out / p.name, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+s = time.perf_counter() - t
+print(json.dumps({"s": s, "rss_mb": peak_rss_mb()}))
+"""
+
+
+def child(code: str, *args) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bit_identical(a: Path, b: Path) -> bool:
+    """Every tensor equal, read one tensor at a time from both folders."""
+    import torch
+
+    from lora_studio.core.safetensors_io import read_headers, read_tensor
+
+    def index(folder):
+        return {n: (h.path, info) for h in read_headers(folder) for n, info in h.tensors.items()}
+
+    ia, ib = index(a), index(b)
+    if set(ia) != set(ib):
+        log(f"tensor names differ: {sorted(set(ia) ^ set(ib))[:5]}")
+        return False
+    for name, (pa, info_a) in ia.items():
+        pb, info_b = ib[name]
+        ta, tb = read_tensor(info_a, pa), read_tensor(info_b, pb)
+        if ta.dtype != tb.dtype or not torch.equal(ta, tb):
+            log(f"tensor {name} differs")
+            return False
+    return True
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="a ~50M-parameter model, for a quick smoke run")
+    ap.add_argument("--json", action="store_true", help="only the JSON line on stdout (it is printed last either way)")
+    ap.add_argument("--keep", help="build in this folder and keep it (default: a temporary folder, removed)")
+    args = ap.parse_args()
+    dims = SMALL if args.small else FULL
+    shard_bytes = (50 if args.small else 500) * 1024**2
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-merge-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        t = time.perf_counter()
+        base, adapter, params = build(work, dims, shard_bytes)
+        log(f"built {params / 1e9:.3f}B params in {time.perf_counter() - t:.1f} s at {work}")
+        copy = child(COPY, base, work / "copy")
+        shutil.rmtree(work / "copy")
+        log(f"copy   {copy}")
+        seed = child(SEED, base, adapter, work / "seed")
+        log(f"seed   {seed}")
+        stream = child(STREAM, base, adapter, work / "stream")
+        log(f"stream {stream}")
+        same = bit_identical(work / "seed", work / "stream")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "seed_s": round(seed["s"], 2), "seed_peak_rss_mb": round(seed["rss_mb"]), "stream_s": round(stream["s"], 2),
+        "stream_peak_rss_mb": round(stream["rss_mb"]), "copy_s": round(copy["s"], 2), "bit_identical": same,
+        "params": params, "rss_ratio": round(stream["rss_mb"] / seed["rss_mb"], 3),
+        "time_ratio_seed": round(stream["s"] / seed["s"], 3), "time_ratio_copy": round(stream["s"] / copy["s"], 3),
+    }
+    if not args.json:
+        log(f"stream RSS {result['rss_ratio']}x seed (target <= 0.25), time {result['time_ratio_seed']}x seed (<= 0.7), "
+            f"{result['time_ratio_copy']}x copy (<= 1.5); bit identical: {same}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

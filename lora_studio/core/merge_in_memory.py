@@ -1,0 +1,125 @@
+"""In-memory merge: PEFT's own per-layer ``merge`` on a loaded PeftModel, without disturbing it.
+
+``merge_and_unload`` would fold the adapter into the session's base for good (and
+undoing it in half precision is not exact), so the session could no longer show
+the adapter model or serve as the verification reference. Instead, each LoRA layer
+is merged by PEFT's ``layer.merge`` into a *copy* of its weight, which is taken for
+the output, and the original tensor is put back. The bits are PEFT's (same code,
+same dtypes: DoRA, lora_bias, Conv1D and embeddings included), the session stays
+as it was, and the extra memory is one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+from lora_studio.core.errors import UserError
+from lora_studio.core.safetensors_io import st_dtype
+from lora_studio.core.tasks import CancelToken
+
+
+def _wrapper_types():
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    try:
+        from peft.utils.other import TrainableTokensWrapper
+    except ImportError:  # pragma: no cover - older PEFT
+        TrainableTokensWrapper = ()
+    return LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper
+
+
+def merge_layer_copy(layer, adapter_name: str, safe_merge: bool) -> dict[str, object]:
+    """PEFT's merge of ``adapter_name`` into copies of ``layer``'s base weight (and bias); the layer is left untouched."""
+    base = layer.get_base_layer()
+    saved = {}
+    for pname in ("weight", "bias"):
+        p = getattr(base, pname, None)
+        if p is not None:
+            saved[pname] = p.data
+            p.data = p.data.clone()
+    merged_before = list(layer.merged_adapters)
+    caches_before = set(getattr(layer, "_caches", {}))
+    try:
+        try:
+            layer.merge(safe_merge=safe_merge, adapter_names=[adapter_name])
+        except ValueError as exc:  # safe_merge found NaN/Inf
+            raise UserError(f"merging {adapter_name} would put NaN/Inf into the weights", "the adapter is broken; do not merge it") from exc
+        return {pname: getattr(base, pname).data for pname in saved}
+    finally:
+        for pname, data in saved.items():
+            getattr(base, pname).data = data
+        layer.merged_adapters[:] = merged_before
+        for key in set(getattr(layer, "_caches", {})) - caches_before:
+            layer._caches.pop(key, None)
+
+
+class InMemoryPlan:
+    """Output names, in order, with where each tensor comes from in the PeftModel."""
+
+    def __init__(self, peft_model, adapter_name: str, out_dtype: Optional[str] = None):
+        import torch
+
+        LoraLayer, ModulesToSave, TrainableTokens = _wrapper_types()
+        self.model = peft_model
+        self.adapter_name = adapter_name
+        self.out_dtype = getattr(torch, out_dtype) if out_dtype else None
+        base = peft_model.get_base_model()
+        modules = dict(base.named_modules())
+        self.entries: dict[str, tuple[str, object, Optional[str]]] = {}  # out name -> (how, module or tensor, param)
+        seen_storage: set[int] = set()
+        for key, tensor in base.state_dict(keep_vars=True).items():
+            if ".lora_" in key or ".modules_to_save." in key or ".token_adapter." in key:
+                continue
+            ptr = tensor.data_ptr() if tensor.numel() else None
+            if ptr is not None and ptr in seen_storage:
+                continue  # a tied weight: saved once, tied again by the config on load
+            if ptr is not None:
+                seen_storage.add(ptr)
+            if ".base_layer." in key:
+                owner, pname = key.rsplit(".base_layer.", 1)
+                out = f"{owner}.{pname}"
+                module = modules[owner]
+                if TrainableTokens and isinstance(module, TrainableTokens):
+                    raise UserError("the in-memory engine does not merge trainable-token adapters yet",
+                                    "merge it in a Python script with PEFT's merge_and_unload")
+                if isinstance(module, LoraLayer) and pname in ("weight", "bias") and (
+                        adapter_name in getattr(module, "lora_A", {}) or adapter_name in getattr(module, "lora_embedding_A", {})):
+                    self.entries[out] = ("lora", module, pname)
+                else:
+                    self.entries[out] = ("tensor", tensor, None)
+            elif ".original_module." in key:
+                owner, pname = key.rsplit(".original_module.", 1)
+                module = modules[owner]
+                copies = getattr(module, "modules_to_save", {})
+                source = copies[adapter_name] if adapter_name in copies else module.original_module
+                self.entries[f"{owner}.{pname}"] = ("tensor", source.state_dict(keep_vars=True)[pname], None)
+            else:
+                self.entries[key] = ("tensor", tensor, None)
+
+    def shapes(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        plan = {}
+        for name, (how, obj, pname) in self.entries.items():
+            t = getattr(obj.get_base_layer(), pname) if how == "lora" else obj
+            dtype = self.out_dtype if (self.out_dtype is not None and t.is_floating_point()) else t.dtype
+            plan[name] = (st_dtype(dtype), tuple(t.shape))
+        return plan
+
+    def tensors(self, *, safe_merge: bool = False, cancel: Optional[CancelToken] = None) -> Iterator[tuple[str, object]]:
+        import torch
+
+        merged_cache: dict[int, dict] = {}
+        with torch.no_grad():
+            for name, (how, obj, pname) in self.entries.items():
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                if how == "lora":
+                    parts = merged_cache.pop(id(obj), None) or merge_layer_copy(obj, self.adapter_name, safe_merge)
+                    t = parts.pop(pname)
+                    if parts:
+                        merged_cache[id(obj)] = parts
+                else:
+                    t = obj.detach()
+                if self.out_dtype is not None and t.is_floating_point() and t.dtype != self.out_dtype:
+                    t = t.to(self.out_dtype)
+                yield name, t

@@ -1,0 +1,71 @@
+"""The README.md model card of a merged model: what went in, how, and whether it was verified."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+
+def file_sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> Optional[str]:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(chunk)
+                if not block:
+                    break
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def render(provenance: dict) -> str:
+    """Markdown with YAML front matter (Hub-style) and the full provenance as a JSON block."""
+    base = provenance["base"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- lora-studio",
+        "- merge",
+        "- lora",
+        "---",
+        "",
+        f"# {Path(provenance['output']).name}",
+        "",
+        f"A merged model: {base['label']} with {len(provenance['adapters'])} LoRA adapter(s) folded into its weights "
+        f"by LoRA Studio {provenance['tool_version']}. Load it like any causal LM; it needs neither PEFT nor the adapters.",
+        "",
+        "## Provenance",
+        "",
+        f"- **Base**: `{base['path']}` (config.json sha256 `{base.get('config_sha256') or 'n/a'}`)",
+        f"- **Dtype**: {provenance['dtype']}",
+        f"- **Engine**: {provenance['engine']}",
+        f"- **Combination**: {provenance.get('combination') or 'none (single adapter)'}"
+        + (f", density {provenance['density']}" if provenance.get("density") is not None else ""),
+        "",
+        "| adapter | weight | r | alpha | rsLoRA | DoRA | weights sha256 | path |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for a in provenance["adapters"]:
+        lines.append(f"| {a['name']} | {a['weight']:g} | {a['r']} | {a['lora_alpha']:g} | {'yes' if a['use_rslora'] else 'no'} | "
+                     f"{'yes' if a['use_dora'] else 'no'} | `{a['sha256']}` | `{a['path']}` |")
+    lines += ["", "## Verification", ""]
+    v = provenance.get("verification")
+    if v is None:
+        lines.append("Not verified (skipped at the user's request).")
+    else:
+        lim = v["thresholds"]
+        lines += [
+            f"**{v['status'].upper()}** — the saved folder, loaded with plain `AutoModelForCausalLM`, against base + adapter through PEFT "
+            f"on {v['prompts']} prompts, {v['tokens_compared']} greedy tokens:",
+            "",
+            f"- max |Δlogit|: {v['max_abs_logit_diff']:.4g} (limit {lim[0]:g})",
+            f"- mean KL(adapter ‖ merged): {v['mean_kl']:.4g} (limit {lim[1]:g})",
+            f"- greedy-token agreement: {v['greedy_agreement']:.1%} (limit {lim[2]:.0%})",
+        ]
+    lines += ["", "## Machine-readable provenance", "", "```json", json.dumps(provenance, indent=2, default=str), "```", ""]
+    return "\n".join(lines)

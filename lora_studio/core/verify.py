@@ -1,0 +1,141 @@
+"""Proving a merge: the saved folder, loaded as a plain model, against the adapter model.
+
+The reference (base + adapter through PEFT) greedily continues a few prompts; the
+merged model is then run on the same token sequences (teacher-forced) and compared:
+max |Δlogit|, mean KL(reference ‖ merged) per position, and how often the merged
+model's greedy choice agrees with the reference's over the generated tokens.
+Thresholds depend on the dtype, because half-precision merging rounds once more
+than applying the adapter on the side does:
+
+=========  ============  ========  =========
+dtype      max |Δlogit|  mean KL   agreement
+=========  ============  ========  =========
+float32    1e-3          1e-6      100 %
+float16    0.25          2e-3      95 %
+bfloat16   1.0           1e-2      90 %
+=========  ============  ========  =========
+
+Within all three: "pass"; otherwise "warn" (the folder is still saved: the user decides).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+from lora_studio.core.tasks import CancelToken
+
+PROMPTS = (
+    "The quick brown fox",
+    "Write a short list of three fruits:",
+    "What is the capital of France?",
+)
+NEW_TOKENS = 16
+THRESHOLDS = {  # dtype -> (max |Δlogit|, mean KL, greedy agreement)
+    "float32": (1e-3, 1e-6, 1.0),
+    "float16": (0.25, 2e-3, 0.95),
+    "bfloat16": (1.0, 1e-2, 0.90),
+}
+
+
+@dataclass(frozen=True)
+class Verification:
+    status: str  # "pass" | "warn"
+    max_abs_logit_diff: float
+    mean_kl: float
+    greedy_agreement: float  # fraction of generated positions where both models pick the same token
+    tokens_compared: int
+    prompts: int
+    dtype: str
+    thresholds: tuple[float, float, float]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"{self.status}: max |Δlogit| {self.max_abs_logit_diff:.3g}, mean KL {self.mean_kl:.3g}, "
+                f"greedy agreement {self.greedy_agreement:.0%} over {self.tokens_compared} tokens ({self.dtype})")
+
+
+@dataclass
+class Reference:
+    """What the adapter model produced: the token sequences and their logits (float32, on CPU)."""
+
+    sequences: list  # 1-D LongTensors: prompt + generated
+    prompt_lengths: list[int]
+    logits: list  # [seq_len, vocab] float32
+
+
+def _model_device(model):
+    return next(model.parameters()).device
+
+
+def reference_outputs(model, tokenizer, prompts: Sequence[str] = PROMPTS, new_tokens: int = NEW_TOKENS,
+                      cancel: Optional[CancelToken] = None) -> Reference:
+    """Greedy continuations of ``prompts`` by ``model`` (the adapter model) and their logits."""
+    import torch
+
+    device = _model_device(model)
+    ref = Reference([], [], [])
+    vocab = model.get_input_embeddings().weight.shape[0]  # .weight: a LoRA-wrapped embedding has no num_embeddings
+    with torch.inference_mode():
+        for prompt in prompts:
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            ids = tokenizer(prompt, return_tensors="pt").input_ids[0].tolist() or [0]
+            if vocab:
+                ids = [min(i, vocab - 1) for i in ids]
+            seq = torch.tensor([ids], device=device)
+            for _ in range(new_tokens):  # plain greedy: no EOS stop, no generation-config surprises
+                logits = model(input_ids=seq).logits[0, -1]
+                seq = torch.cat([seq, logits.argmax().view(1, 1)], dim=1)
+            full = model(input_ids=seq).logits[0].float().cpu()
+            ref.sequences.append(seq[0].cpu())
+            ref.prompt_lengths.append(len(ids))
+            ref.logits.append(full)
+    return ref
+
+
+def compare(merged_model, reference: Reference, dtype: str, cancel: Optional[CancelToken] = None) -> Verification:
+    import torch
+
+    device = _model_device(merged_model)
+    max_diff, kl_sum, positions, agree, compared = 0.0, 0.0, 0, 0, 0
+    with torch.inference_mode():
+        for seq, plen, ref_logits in zip(reference.sequences, reference.prompt_lengths, reference.logits):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            logits = merged_model(input_ids=seq.view(1, -1).to(device)).logits[0].float().cpu()
+            max_diff = max(max_diff, float((logits - ref_logits).abs().max()))
+            ref_logp = torch.log_softmax(ref_logits, -1)
+            logp = torch.log_softmax(logits, -1)
+            kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0)
+            kl_sum += float(kl.sum())
+            positions += kl.numel()
+            # logits at position i predict token i+1: the generated tokens are seq[plen:]
+            predicted = logits[plen - 1:-1].argmax(-1)
+            agree += int((predicted == seq[plen:]).sum())
+            compared += int(seq.numel() - plen)
+    limits = THRESHOLDS.get(dtype, THRESHOLDS["bfloat16"])
+    mean_kl = kl_sum / max(positions, 1)
+    agreement = agree / compared if compared else 1.0
+    ok = max_diff <= limits[0] and mean_kl <= limits[1] and agreement >= limits[2]
+    return Verification("pass" if ok else "warn", max_diff, mean_kl, agreement, compared, len(reference.sequences), dtype, limits)
+
+
+def load_merged(folder, dtype: str, device_map: str = "cpu"):
+    """The saved folder as a user would load it: plain AutoModelForCausalLM, nothing from LoRA Studio or PEFT."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the job reports its own progress; no tqdm bar on the user's terminal
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype), device_map=device_map)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+    model.eval()
+    return model
