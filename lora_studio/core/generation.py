@@ -7,6 +7,7 @@ the window's quick test box and by verification.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -151,3 +152,145 @@ def generate(model, tokenizer, prompt: str, settings: GenerationSettings = Gener
         raise Cancelled()
     new = [int(t) for t in out[0, len(ids):].tolist()]
     return Generated(tokenizer.decode(new, skip_special_tokens=True), new, len(ids))
+
+
+# -- batches: several rows in one ``generate`` (used by the comparison) ---------------------------------------------
+
+# Rows at or below this count decode with the weight-streaming matmul below (see _small_batch_linears).
+_SMALL_BATCH_ROWS = 16
+
+
+class _BatchStreamer:
+    """Receives each decoding step's new token per row (on the generating thread).
+
+    ``on_step`` gets one entry per row: the new token id, or None for a row that
+    already ended (generate keeps padding finished rows until every row ends).
+    """
+
+    def __init__(self, rows: int, eos: list[int], on_step: Callable[[list[Optional[int]]], None]) -> None:
+        self._skip_prompt = True
+        self._eos = set(eos)
+        self._finished = [False] * rows
+        self._on_step = on_step
+
+    def put(self, value) -> None:
+        if self._skip_prompt:
+            self._skip_prompt = False  # the first call carries the prompts
+            return
+        step: list[Optional[int]] = []
+        for row, tok in enumerate(value.reshape(-1).tolist()):
+            if self._finished[row]:
+                step.append(None)
+                continue
+            step.append(int(tok))
+            if tok in self._eos:
+                self._finished[row] = True
+        self._on_step(step)
+
+    def end(self) -> None:
+        pass
+
+
+def _small_batch_linear(module, x):
+    import torch
+
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 1 < rows <= _SMALL_BATCH_ROWS:
+        # W @ xᵀ streams the weight once for all rows; x @ Wᵀ (F.linear) makes MKL walk it once per row
+        # at 2-3 rows, which makes a 3-row decoding step cost ~3 single-row steps on CPU.
+        out = torch.mm(module.weight, x.reshape(rows, x.shape[-1]).t()).t()
+        if module.bias is not None:
+            out = out + module.bias
+        return out.reshape(*x.shape[:-1], module.weight.shape[0])
+    return torch.nn.functional.linear(x, module.weight, module.bias)
+
+
+class _small_batch_linears:
+    """While active, plain ``nn.Linear`` layers of a CPU model compute small batches as W @ xᵀ.
+
+    Only exact ``nn.Linear`` instances on the CPU, without an instance-level forward already
+    (accelerate's offload hooks install one), are touched; single rows keep F.linear, so a
+    one-row run is bit-for-bit what it is without this. Restored on exit.
+    """
+
+    def __init__(self, model) -> None:
+        self._model = model
+        self._patched: list = []
+
+    def __enter__(self):
+        import functools
+
+        import torch
+
+        for module in self._model.modules():
+            if (type(module) is torch.nn.Linear and "forward" not in module.__dict__
+                    and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32):
+                module.forward = functools.partial(_small_batch_linear, module)
+                self._patched.append(module)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module in self._patched:
+            module.__dict__.pop("forward", None)
+        self._patched.clear()
+
+
+def pad_token_id(model, tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return (eos_ids(model, tokenizer) or [0])[0]
+
+
+def check_context(model, prompt_len: int, settings: GenerationSettings) -> None:
+    limit = context_limit(model)
+    if limit and prompt_len + settings.max_new_tokens > limit:
+        raise UserError(f"prompt ({prompt_len} tokens) plus {settings.max_new_tokens} new tokens exceeds the model's context of {limit}",
+                        "shorten the prompt or ask for fewer tokens")
+
+
+def generate_rows(model, tokenizer, rows: list[list[int]], settings: GenerationSettings, *,
+                  cancel: Optional[CancelToken] = None,
+                  on_step: Optional[Callable[[list[Optional[int]]], None]] = None,
+                  model_kwargs: Optional[dict] = None) -> list[list[int]]:
+    """New token ids for each row of prompt ids, all rows in one ``generate``.
+
+    Rows of different lengths are left-padded with an attention mask (generate
+    derives position ids from the mask), so a row continues exactly as it would
+    alone. Each returned row ends at (and includes) its first EOS. ``model_kwargs``
+    go to ``generate`` (PEFT's ``adapter_names``). Raises Cancelled after a cancel,
+    within one decoding step. Sampling seeds torch's global generator with
+    ``settings.seed`` once for the whole batch.
+    """
+    import torch
+
+    cancel = cancel or CancelToken()
+    if not rows:
+        return []
+    for ids in rows:
+        check_context(model, len(ids), settings)
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids in rows)
+    pad = pad_token_id(model, tokenizer)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in rows], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=device)
+    eos = eos_ids(model, tokenizer)
+    streamer = _BatchStreamer(len(rows), eos, on_step or (lambda step: None))
+    if settings.do_sample:
+        torch.manual_seed(settings.seed)
+    kwargs = generation_kwargs(settings, model, tokenizer, cancel)
+    kwargs.update(model_kwargs or {})
+    # One row keeps the stock path, so it is bit-for-bit what ``generate`` gives.
+    with torch.inference_mode(), (_small_batch_linears(model) if len(rows) > 1 else contextlib.nullcontext()):
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer, **kwargs)
+    if cancel.cancelled:
+        raise Cancelled()
+    result = []
+    eos_set = set(eos)
+    for row in out[:, width:].tolist():
+        new: list[int] = []
+        for tok in row:
+            new.append(int(tok))
+            if tok in eos_set:
+                break
+        result.append(new)
+    return result

@@ -1,0 +1,544 @@
+"""Side-by-side comparison: N variants of the session's model on the same prompt(s).
+
+A *variant* is the base (adapters disabled), an attached adapter, a weighted
+combination made with :func:`add_combination` (an adapter like any other), or a
+merged model folder loaded read-only beside the session (:func:`load_beside`).
+
+Every base/adapter variant of a prompt goes into ONE ``generate`` with PEFT's
+mixed-adapter batches (``adapter_names=[...]``, ``"__base__"`` for the base).
+Rows are grouped by adapter (variant-major), so that each LoRA layer can add an
+adapter's update to a contiguous slice of the batch instead of PEFT's per-call
+gather/scatter (see :class:`_contiguous_sub_batches`). Several prompts share a
+batch left-padded (up to ``max_batch_rows`` rows). Greedy outputs are token for
+token those of running each variant alone.
+
+Sequential runs (one variant at a time, the session's state switched between
+runs) are used, and the reason is stated in the result, when PEFT cannot mix:
+DoRA adapters, adapters merged into the layers, non-LoRA adapters; and for
+sampling, where each column is seeded with the same seed on its own so that it is
+reproducible. Merged-folder variants are a separate model and always run alone.
+
+The session's active adapter and enabled state are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from lora_studio.core import divergence, generation
+from lora_studio.core.errors import UserError
+from lora_studio.core.generation import GenerationSettings
+from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+MAX_BATCH_ROWS = 16
+
+
+# -- variants ------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BesideModel:
+    """A merged model folder loaded read-only next to the session (its own model object)."""
+
+    path: Path
+    model: object = field(repr=False, compare=False)
+    tokenizer: object = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One column. ``kind``: "base", "adapter" (attached or combination) or "merged"."""
+
+    name: str
+    kind: str
+    adapter: Optional[str] = None  # the session's adapter name, for kind "adapter"
+    beside: Optional[BesideModel] = field(default=None, compare=False)  # for kind "merged"
+
+    @staticmethod
+    def base(name: str = "base") -> "Variant":
+        return Variant(name, "base")
+
+    @staticmethod
+    def of_adapter(adapter: str, name: Optional[str] = None) -> "Variant":
+        return Variant(name or adapter, "adapter", adapter=adapter)
+
+    @staticmethod
+    def merged(beside: BesideModel, name: Optional[str] = None) -> "Variant":
+        return Variant(name or beside.path.name, "merged", beside=beside)
+
+    @property
+    def on_session(self) -> bool:
+        return self.kind in ("base", "adapter")
+
+
+def session_variants(session, *, include_base: bool = True) -> list[Variant]:
+    """The base (optionally) and every adapter attached to the session, in attach order."""
+    out = [Variant.base()] if include_base else []
+    out += [Variant.of_adapter(name) for name in session.adapters]
+    return out
+
+
+def load_beside(path, session, *, cancel: Optional[CancelToken] = None, report: Report = no_report) -> BesideModel:
+    """Load a merged model folder read-only, with the session's dtype and device, for comparison."""
+    from lora_studio.core.loading import load_base
+    from lora_studio.core.sources import resolve_source
+
+    session.require_loaded()
+    path = Path(path).expanduser()
+    source = resolve_source(path)
+    model, tokenizer = load_base(source, dtype=session.dtype or "float32", device_map=session.device_map or "cpu",
+                                 cancel=cancel or CancelToken(), report=report)
+    model.eval()
+    ours = session.base_model().get_input_embeddings().num_embeddings
+    theirs = model.get_input_embeddings().num_embeddings
+    if ours != theirs or len(tokenizer) != len(session.tokenizer):
+        raise UserError(f"{path.name} has a vocabulary of {theirs} rows ({len(tokenizer)} tokens), the session's base has {ours} ({len(session.tokenizer)})",
+                        "compare a model merged from this base")
+    return BesideModel(path, model, tokenizer)
+
+
+# -- weighted combinations ---------------------------------------------------------------------------------------
+
+def add_combination(session, name: str, weights: dict[str, float], combination_type: str = "linear",
+                    density: Optional[float] = None):
+    """Create adapter ``name`` = a weighted combination of attached adapters (core.combine, PEFT add_weighted_adapter).
+
+    It is registered in the session like an attached adapter (its path reads
+    "combination (linear): a×0.5 + b×0.5"), can be compared, activated and deleted.
+    The session's active adapter does not change.
+    """
+    from lora_studio.core import combine
+    from lora_studio.core.session import AttachedAdapter, validate_adapter_name
+
+    name = validate_adapter_name(name)
+    if not weights:
+        raise UserError("a combination needs at least one adapter", "pick adapters and weights")
+    combine.check_combination(list(weights), list(weights.values()), combination_type, density)
+    with session.lock:
+        session.require_loaded()
+        if name in session.adapters:
+            raise UserError(f"an adapter named {name!r} is already attached", "choose another name")
+        for adapter in weights:
+            if adapter not in session.adapters:
+                raise UserError(f"no adapter named {adapter!r} is attached", "attach it first")
+        previous = session.model.active_adapter
+        try:
+            combine.add_combination(session.model, list(weights), list(weights.values()), combination_type, density,
+                                    new_name=name)
+        except UserError:
+            if name in session.model.peft_config:  # PEFT may fail after creating the empty adapter
+                session.model.delete_adapter(name)
+            raise
+        finally:
+            session.model.set_adapter(previous)
+        session.model.eval()
+        label = " + ".join(f"{a}×{w:g}" for a, w in weights.items())
+        attached = AttachedAdapter(name, Path(f"combination ({combination_type}): {label}"), session._adapter_bytes(name))
+        session.adapters[name] = attached
+        return attached
+
+
+# -- results -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """What ``on_tokens`` receives, on the worker thread, as a column grows."""
+
+    prompt_index: int
+    variant: str
+    token_ids: list[int]
+    text: str  # printable text added by these tokens (may be "" while a UTF-8 character is incomplete)
+
+
+@dataclass(frozen=True)
+class VariantOutput:
+    name: str
+    text: str
+    token_ids: list[int]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "text": self.text, "token_ids": list(self.token_ids)}
+
+
+@dataclass(frozen=True)
+class PromptComparison:
+    prompt: str
+    prompt_token_count: int
+    outputs: list[VariantOutput]
+    divergence: Optional[divergence.DivergenceReport] = None
+
+    def output(self, name: str) -> VariantOutput:
+        for o in self.outputs:
+            if o.name == name:
+                return o
+        raise KeyError(name)
+
+    def to_json(self) -> dict:
+        out = {"prompt": self.prompt, "prompt_token_count": self.prompt_token_count,
+               "variants": [o.to_json() for o in self.outputs]}
+        if self.divergence is not None:
+            out["divergence"] = self.divergence.to_json()
+        return out
+
+
+@dataclass(frozen=True)
+class ComparisonResult:
+    prompts: list[PromptComparison]
+    variants: list[str]
+    mixed_batch: bool  # the session's variants ran in mixed-adapter batches
+    fallback_reason: Optional[str]  # why they did not (None when they did)
+    seconds: float
+    settings: GenerationSettings
+
+    def to_json(self) -> dict:
+        return {"prompts": [p.to_json() for p in self.prompts], "variant_names": list(self.variants),
+                "mixed_batch": self.mixed_batch, "fallback_reason": self.fallback_reason,
+                "seconds": self.seconds, "settings": self.settings.to_json()}
+
+
+# -- the job -------------------------------------------------------------------------------------------------------
+
+def compare(session, variants: Sequence[Variant], prompts: str | Sequence[str], settings: GenerationSettings = GenerationSettings(), *,
+            reference: Optional[str] = None, score: bool = True, mixed: bool = True, max_batch_rows: int = MAX_BATCH_ROWS,
+            cancel: Optional[CancelToken] = None, report: Report = no_report,
+            on_tokens: Optional[Callable[[TokenDelta], None]] = None) -> ComparisonResult:
+    """Generate every variant's continuation of every prompt with the same settings.
+
+    ``reference``: the column the divergence is measured against (default: the
+    first variant); ``score``: also compute the teacher-forced scores. ``mixed``:
+    False forces sequential runs (what the benchmark compares against).
+    ``on_tokens`` is called on this (the worker) thread for each new token of each
+    column. Cancel stops within one decoding step and raises Cancelled.
+    """
+    cancel = cancel or CancelToken()
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    variants = list(variants)
+    _validate(session, variants, prompts, settings, reference)
+    reference = reference or variants[0].name
+    started = time.perf_counter()
+    tokenizer = session.tokenizer
+    ids = [generation.prompt_ids(tokenizer, p, settings.use_chat_template) for p in prompts]
+    on_session = [v for v in variants if v.on_session]
+    for v in variants:
+        model = v.beside.model if v.kind == "merged" else session.model
+        for row in ids:
+            generation.check_context(model, len(row), settings)
+
+    outputs: dict[tuple[int, str], list[int]] = {}
+    streams = {(i, v.name): _TextStream(tokenizer) for i in range(len(prompts)) for v in variants}
+    total = len(prompts) * len(variants) * settings.max_new_tokens
+    produced = [0]
+
+    def emit(prompt_index: int, variant: str, tok: int) -> None:
+        produced[0] += 1
+        text = streams[(prompt_index, variant)].push(tok)
+        if on_tokens is not None:
+            on_tokens(TokenDelta(prompt_index, variant, [tok], text))
+
+    def tick() -> None:
+        report(Progress(min(produced[0], total), total, "generating", "tokens"))
+
+    with session.lock, _restoring_session_state(session):
+        reason = mixed_batch_refusal(session, on_session, settings) if mixed else "sequential runs were asked for"
+        used_mixed = False
+        if on_session and reason is None:
+            try:
+                _run_mixed(session, on_session, ids, settings, max_batch_rows, cancel, emit, tick, outputs)
+                used_mixed = True
+            except _MixRefused as refused:  # PEFT said no before the first token: run them one at a time
+                reason = f"PEFT refused a mixed batch: {refused}"
+        if on_session and not used_mixed:
+            for v in on_session:
+                _select(session, v)
+                for i, row in enumerate(ids):
+                    cancel.raise_if_cancelled()
+                    outputs[(i, v.name)] = _run_rows(session.model, tokenizer, [row], settings, cancel,
+                                                     [(i, v.name)], emit, tick)[0]
+        for v in variants:
+            if v.kind != "merged":
+                continue
+            for i, row in enumerate(ids):
+                cancel.raise_if_cancelled()
+                outputs[(i, v.name)] = _run_rows(v.beside.model, tokenizer, [row], settings, cancel, [(i, v.name)], emit, tick)[0]
+
+        # Scoring is deterministic, so sampling does not stop it from using one mixed batch.
+        score_mixed = mixed and mixed_batch_refusal(session, on_session, GenerationSettings()) is None
+        for (i, name), stream in streams.items():
+            rest = stream.flush()
+            if rest and on_tokens is not None:
+                on_tokens(TokenDelta(i, name, [], rest))
+        results = []
+        for i, prompt in enumerate(prompts):
+            outs = [VariantOutput(v.name, tokenizer.decode(outputs[(i, v.name)], skip_special_tokens=True), outputs[(i, v.name)])
+                    for v in variants]
+            columns = {o.name: o.token_ids for o in outs}
+            firsts = divergence.first_divergences(columns, reference)
+            scores = {}
+            if score:
+                cancel.raise_if_cancelled()
+                report(Progress(i, len(prompts), "scoring against " + reference, "prompts"))
+                scores = _teacher_forced(session, variants, ids[i], columns[reference], reference, score_mixed)
+            report_div = divergence.DivergenceReport(
+                reference, [divergence.ColumnDivergence(v.name, firsts[v.name], scores.get(v.name)) for v in variants])
+            results.append(PromptComparison(prompt, len(ids[i]), outs, report_div))
+    return ComparisonResult(results, [v.name for v in variants], used_mixed, None if used_mixed else reason,
+                            time.perf_counter() - started, settings)
+
+
+def _validate(session, variants: list[Variant], prompts: list[str], settings: GenerationSettings, reference: Optional[str]) -> None:
+    session.require_loaded()
+    if not variants:
+        raise UserError("no variants to compare", "tick at least one variant")
+    if not prompts:
+        raise UserError("there are no prompts", "type a prompt or load a prompts file")
+    for p in prompts:
+        generation.validate(settings, p)
+    names = [v.name for v in variants]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"two columns are named {dupes[0]!r}", "give each variant a unique name")
+    for v in variants:
+        if v.kind == "adapter":
+            if v.adapter not in session.adapters:
+                raise UserError(f"no adapter named {v.adapter!r} is attached", "attach it first")
+        elif v.kind == "merged":
+            if v.beside is None:
+                raise UserError(f"variant {v.name} has no merged model loaded", "load the merged folder first")
+        elif v.kind != "base":
+            raise UserError(f"unknown variant kind {v.kind!r}", "use base, adapter or merged")
+    if reference is not None and reference not in names:
+        raise UserError(f"the reference column {reference!r} is not among the variants", f"pick one of {', '.join(names)}")
+
+
+def mixed_batch_refusal(session, variants: Sequence[Variant], settings: GenerationSettings) -> Optional[str]:
+    """Why the session's variants cannot share one mixed-adapter batch; None when they can."""
+    adapters = [v.adapter for v in variants if v.kind == "adapter"]
+    if len(variants) < 2:
+        return "fewer than two variants run on the session's model: nothing to batch"
+    if not session.is_peft:
+        return "the session has no adapters"
+    if settings.do_sample:
+        return "sampling: each column runs alone, seeded with the same seed, so that it is reproducible"
+    from peft import PeftType
+
+    for name in adapters:
+        config = session.model.peft_config.get(name)
+        if config is None:
+            continue
+        if config.peft_type != PeftType.LORA:
+            return f"{name} is a {config.peft_type.value} adapter; PEFT mixes only LoRA adapters in one batch"
+        if getattr(config, "use_dora", False):
+            return f"{name} is a DoRA adapter; PEFT cannot mix DoRA adapters in one batch"
+    from peft.tuners.lora import LoraLayer
+
+    for module in session.model.modules():
+        if isinstance(module, LoraLayer) and getattr(module, "merged", False):
+            return "adapter weights are merged into the model's layers; PEFT cannot mix batches then"
+    return None
+
+
+class _MixRefused(Exception):
+    pass
+
+
+def _run_mixed(session, variants, ids, settings, max_batch_rows, cancel, emit, tick, outputs) -> None:
+    """Variant-major rows, prompts chunked so that a batch has at most ``max_batch_rows`` rows."""
+    per_chunk = max(1, max_batch_rows // len(variants))
+    session.model.base_model.enable_adapter_layers()  # a disabled model ignores adapter_names
+    for start in range(0, len(ids), per_chunk):
+        cancel.raise_if_cancelled()
+        chunk = list(range(start, min(len(ids), start + per_chunk)))
+        keys = [(i, v.name) for v in variants for i in chunk]
+        names = [v.adapter if v.kind == "adapter" else BASE for v in variants for _ in chunk]
+        rows = [ids[i] for _ in variants for i in chunk]
+        with _contiguous_sub_batches(session.model, names):
+            new = _run_rows(session.model, session.tokenizer, rows, settings, cancel, keys, emit, tick,
+                            model_kwargs={"adapter_names": names}, refusable=start == 0)
+        for key, toks in zip(keys, new):
+            outputs[key] = toks
+
+
+def _run_rows(model, tokenizer, rows, settings, cancel, keys, emit, tick, *, model_kwargs=None, refusable=False) -> list[list[int]]:
+    started = [False]
+
+    def on_step(step):
+        started[0] = True
+        for key, tok in zip(keys, step):
+            if tok is not None:
+                emit(key[0], key[1], tok)
+        tick()
+
+    try:
+        return generation.generate_rows(model, tokenizer, rows, settings, cancel=cancel, on_step=on_step, model_kwargs=model_kwargs)
+    except (ValueError, TypeError) as exc:
+        if refusable and not started[0] and "adapter" in str(exc).lower():
+            raise _MixRefused(" ".join(str(exc).split())[:200]) from exc
+        raise
+
+
+def _select(session, variant: Variant) -> None:
+    """Give the session's model the behaviour of ``variant`` (for a sequential run)."""
+    if not session.is_peft:
+        return
+    if variant.kind == "base":
+        session.model.base_model.disable_adapter_layers()
+    else:
+        session.model.set_adapter(variant.adapter)
+        session.model.base_model.enable_adapter_layers()
+
+
+@contextmanager
+def _restoring_session_state(session):
+    active, enabled = session._active, session._enabled
+    try:
+        yield
+    finally:
+        if session.is_peft:
+            if active is not None and active in session.model.peft_config:
+                session.model.set_adapter(active)
+            if enabled:
+                session.model.base_model.enable_adapter_layers()
+            else:
+                session.model.base_model.disable_adapter_layers()
+
+
+class _contiguous_sub_batches:
+    """While active, LoRA Linear layers add each adapter's update to a contiguous slice of the batch.
+
+    PEFT's mixed-batch forward gathers each adapter's rows with a Python index list and
+    scatters the update back (two index ops per adapter per layer per step), which on a
+    CPU costs as much as the model itself at small batches. Our rows are grouped by
+    adapter, so a slice view does the same arithmetic on the same rows without copies.
+    Anything else (another ``adapter_names`` list, LoRA variants such as aLoRA) goes to
+    PEFT's own method. Restored on exit.
+    """
+
+    def __init__(self, model, adapter_names: list[str]) -> None:
+        self._model = model
+        self._names = adapter_names
+        self._groups = _groups(adapter_names)
+        self._patched: list = []
+
+    def __enter__(self):
+        from peft.tuners.lora import Linear as LoraLinear
+
+        for module in self._model.modules():
+            if type(module) is LoraLinear and "_mixed_batch_forward" not in module.__dict__:
+                original = module._mixed_batch_forward
+                module._mixed_batch_forward = functools.partial(_sliced_mixed_forward, module, original, self._names, self._groups)
+                self._patched.append(module)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module in self._patched:
+            module.__dict__.pop("_mixed_batch_forward", None)
+        self._patched.clear()
+
+
+def _groups(names: list[str]) -> list[tuple[str, int, int]]:
+    out: list[tuple[str, int, int]] = []
+    for i, name in enumerate(names):
+        if out and out[-1][0] == name:
+            out[-1] = (name, out[-1][1], i + 1)
+        else:
+            out.append((name, i, i + 1))
+    return out
+
+
+def _sliced_mixed_forward(layer, original, names, groups, x, *args, adapter_names, **kwargs):
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+    if (adapter_names is not names and adapter_names != names) or len(x) != len(names) \
+            or any(kwargs.get(k) is not None for k in VARIANT_KWARG_KEYS) \
+            or any(g[0] in layer.lora_variant for g in groups):
+        return original(x, *args, adapter_names=adapter_names, **kwargs)
+    for k in VARIANT_KWARG_KEYS:
+        kwargs.pop(k, None)
+    result = layer.base_layer(x, *args, **kwargs)
+    dtype = result.dtype
+    for name, start, stop in groups:
+        if name == BASE or name not in layer.lora_A:
+            continue
+        lora_A = layer.lora_A[name]
+        sub = x[start:stop].to(lora_A.weight.dtype)
+        update = layer.lora_B[name](lora_A(layer.lora_dropout[name](sub))) * layer.scaling[name]
+        result[start:stop] += update.to(dtype)
+    return result
+
+
+class _TextStream:
+    """Turns a column's tokens into printable text deltas, holding back incomplete UTF-8."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._tokens: list[int] = []
+        self._line_start = 0  # decode from here (the start of the current line) to keep decoding cheap
+        self._printed = 0
+        self._emitted: list[str] = []
+
+    def push(self, tok: int) -> str:
+        self._tokens.append(tok)
+        text = self._tokenizer.decode(self._tokens[self._line_start:], skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[self._printed:]
+        if text.endswith("\n"):
+            self._line_start, self._printed = len(self._tokens), 0
+        else:
+            self._printed = len(text)
+        self._emitted.append(delta)
+        return delta
+
+    def flush(self) -> str:
+        """What is still held back once the column has ended, so the deltas add up to its final text."""
+        full = self._tokenizer.decode(self._tokens, skip_special_tokens=True)
+        emitted = "".join(self._emitted)
+        rest = full[len(emitted):] if full.startswith(emitted) else ""
+        self._emitted.append(rest)
+        return rest
+
+
+# -- teacher-forced scoring ------------------------------------------------------------------------------------------
+
+def _teacher_forced(session, variants, prompt_ids, continuation, reference, mixed_ok) -> dict[str, divergence.TokenScores]:
+    """Each variant's logits over ``continuation`` given the prompt; scores against the reference's."""
+    import torch
+
+    if not continuation:
+        return {v.name: divergence.TokenScores([], [], []) for v in variants}
+    seq = list(prompt_ids) + list(continuation)  # logits at position t predict token t + 1
+    logits: dict[str, object] = {}
+
+    keep = len(continuation) + 1  # only the last positions' logits: a [rows, T, vocab] tensor can be GBs
+
+    def forward(model, rows: int, **kw):
+        device = next(model.parameters()).device
+        x = torch.tensor([seq] * rows, device=device)
+        with torch.inference_mode():
+            out = model(input_ids=x, attention_mask=torch.ones_like(x), logits_to_keep=keep, **kw).logits
+        out = out[:, -keep:]  # a model that ignores logits_to_keep returns every position
+        return out[:, :len(continuation)].float().cpu()
+
+    on_session = [v for v in variants if v.on_session]
+    if on_session:
+        if mixed_ok:
+            names = [v.adapter if v.kind == "adapter" else BASE for v in on_session]
+            session.model.base_model.enable_adapter_layers()
+            with _contiguous_sub_batches(session.model, names):
+                out = forward(session.model, len(on_session), adapter_names=names)
+            for v, row in zip(on_session, out):
+                logits[v.name] = row
+        else:
+            for v in on_session:
+                _select(session, v)
+                logits[v.name] = forward(session.model, 1)[0]
+    for v in variants:
+        if v.kind == "merged":
+            logits[v.name] = forward(v.beside.model, 1)[0]
+    ref = logits[reference]
+    return {v.name: divergence.token_scores(ref, logits[v.name], continuation) for v in variants}

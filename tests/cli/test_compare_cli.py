@@ -1,0 +1,107 @@
+"""`lora-studio compare` as a user runs it: JSON shape, human sections, prompts files, exit 2 on bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lora_studio.cli.main import main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP waits dominate."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def call(args, capsys):
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_compare_json_shape(tiny_llama, llama_adapters, capsys):
+    code, out, err = call(["compare", tiny_llama, "--adapter", f"alpha={llama_adapters['alpha']}",
+                           "--adapter", f"beta={llama_adapters['beta']}", "--prompt", "hello world",
+                           "--max-new-tokens", "8", "--json"], capsys)
+    assert code == 0, err
+    assert out.count("\n") == 1
+    obj = json.loads(out)
+    assert set(obj) >= {"prompt", "variants", "mixed_batch", "seconds"}
+    assert obj["prompt"] == "hello world" and obj["mixed_batch"] is True and obj["fallback_reason"] is None
+    assert [v["name"] for v in obj["variants"]] == ["base", "alpha", "beta"]
+    for v in obj["variants"]:
+        assert set(v) >= {"name", "text", "token_ids"} and isinstance(v["text"], str)
+        assert 1 <= len(v["token_ids"]) <= 8
+    assert isinstance(obj["seconds"], float)
+    cols = {c["name"]: c for c in obj["divergence"]["columns"]}
+    assert obj["divergence"]["reference"] == "base" and cols["base"]["first_divergence"] is None
+    assert 0 <= cols["alpha"]["agreement"] <= 100 and len(cols["alpha"]["kl"]) == len(obj["variants"][0]["token_ids"])
+
+
+def test_compare_without_base_from_prompts_file_human(tiny_llama, llama_adapters, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "fox"}\n\n{"prompt": "Paris is"}\n')
+    code, out, err = call(["compare", tiny_llama, "--no-base-variant", "--adapter", f"alpha={llama_adapters['alpha']}",
+                           "--adapter", f"beta={llama_adapters['beta']}", "--prompts-file", prompts,
+                           "--max-new-tokens", "4", "--raw", "--sequential"], capsys)
+    assert code == 0, err
+    assert "2 variants, one at a time (sequential runs were asked for)" in out
+    assert out.count("Prompt: ") == 2 and "--- alpha (" in out and "--- beta (" in out and "--- base" not in out
+    assert "Teacher-forced on alpha's continuation" in out
+
+
+def test_compare_json_several_prompts(tiny_llama, llama_adapters, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("fox\nhello world\n")
+    code, out, err = call(["compare", tiny_llama, "--adapter", f"alpha={llama_adapters['alpha']}", "--prompts-file", prompts,
+                           "--max-new-tokens", "3", "--json"], capsys)
+    assert code == 0, err
+    obj = json.loads(out)
+    assert [p["prompt"] for p in obj["prompts"]] == ["fox", "hello world"] and obj["mixed_batch"] is True
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--prompt", ""], "the prompt is empty"),
+    (["--prompt", "   "], "the prompt is empty"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "max new tokens is 0"),
+    (["--prompt", "hi", "--max-new-tokens", "1000000"], "max new tokens is 1,000,000"),
+    (["--prompt", "hi", "--adapter", "x=/nonexistent/adapter"], "/nonexistent/adapter does not exist"),
+    (["--prompt", "hi", "--merged", "/nonexistent/merged"], "/nonexistent/merged does not exist"),
+    ([], "no prompt given"),
+    (["--prompt", "hi", "--no-base-variant"], "nothing to compare"),
+    (["--prompt", "hi", "--reference", "zzz"], "--reference 'zzz' is not a variant"),
+    (["--prompt", "hi", "--max-new-tokens", "lots"], "invalid int value"),
+])
+def test_bad_input_exit_2(tiny_llama, extra, needle, capsys):
+    code, out, err = call(["compare", tiny_llama, *extra], capsys)
+    assert code == 2 and out == ""
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_prompts_files_exit_2(tiny_llama, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\nnot json\n')
+    code, _, err = call(["compare", tiny_llama, "--prompts-file", bad], capsys)
+    assert code == 2 and "bad.jsonl line 2 is not JSON" in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    code, _, err = call(["compare", tiny_llama, "--prompts-file", empty], capsys)
+    assert code == 2 and "empty.txt has no prompts" in err
+    code, _, err = call(["compare", tiny_llama, "--prompts-file", tmp_path / "missing.txt"], capsys)
+    assert code == 2 and "missing.txt does not exist" in err
+
+
+def test_mismatched_adapter_exit_2_in_a_subprocess(tiny_llama, wide_adapter):
+    proc = subprocess.run([sys.executable, "-m", "lora_studio", "compare", str(tiny_llama), "--adapter", f"w={wide_adapter}",
+                           "--prompt", "hi", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "adapter expects in=64,out=64" in proc.stderr
