@@ -1,0 +1,179 @@
+"""Does the window stay responsive? Drive the real window offscreen through load -> attach -> generate -> merge
+while a 5 ms QTimer measures how late the event loop runs (a "stall").
+
+Model: the demo (SmolLM2-135M-Instruct, float32, CPU) with its shipped 'pirate' adapter when both are on
+this machine, else a small random Llama + adapter built here (tests/factories.py). Every step runs through
+the window's own JobRunner, exactly as clicking the buttons does; the merge is core.merge.merge_and_save
+(in-memory engine on the session, verified) in a runner job, like the Merge panel will run it.
+
+Startup is measured separately: `lora-studio` in a fresh subprocess, process start -> first paint of the
+window (median of 3 runs).
+
+Last line (JSON): {"max_stall_ms", "p99_stall_ms", "startup_s", ...}. Targets: max stall < 50 ms, startup < 2 s.
+
+    .venv/bin/python benchmarks/bench_ui.py [--model PATH --adapter PATH] [--tokens 32] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+REPO = Path(__file__).resolve().parent.parent
+TICK_MS = 5
+
+
+def measure_startup(runs: int = 3) -> list[float]:
+    exe = Path(sys.executable).with_name("lora-studio")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lora_studio"]
+    times = []
+    with tempfile.TemporaryDirectory() as data:
+        env = dict(os.environ, LORA_STUDIO_STARTUP_REPORT="1", LORA_STUDIO_DATA_DIR=data, QT_QPA_PLATFORM="offscreen")
+        for _ in range(runs):
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+            line = next((l for l in out.stdout.splitlines() if l.startswith("window-shown")), None)
+            if line is None:
+                raise SystemExit(f"startup run failed: {out.stderr[-500:]}")
+            times.append(float(line.split()[1]))
+    return times
+
+
+def pick_model(args, tmp: Path) -> tuple[str, str, str]:
+    if args.model:
+        return args.model, args.adapter, "given"
+    from lora_studio.core import demo, demo_assets
+
+    adapters = {a.name: a.path for a in demo_assets.demo_adapters()}
+    if demo.demo_source_if_available() is not None and demo._converted() and "pirate" in adapters:
+        return str(demo.demo_folder()), str(adapters["pirate"]), "demo SmolLM2-135M + pirate"
+    sys.path.insert(0, str(REPO / "tests"))
+    import factories
+
+    base = factories.make_llama(tmp / "bench-llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                num_attention_heads=8, num_key_value_heads=4)
+    adapter = factories.make_adapter(base, tmp / "bench-adapter", r=8, lora_alpha=16)
+    return str(base), str(adapter), "random Llama 4x256 + r=8 adapter"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model")
+    parser.add_argument("--adapter")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
+    args = parser.parse_args()
+    if bool(args.model) != bool(args.adapter):
+        parser.error("--model and --adapter go together")
+
+    startup = measure_startup()
+    tmp_dir = tempfile.TemporaryDirectory()
+    tmp = Path(tmp_dir.name)
+    model, adapter, what = pick_model(args, tmp)
+
+    from PySide6.QtCore import QElapsedTimer, QEventLoop, QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from lora_studio.core.loading import offline_environment
+
+    offline_environment()
+    os.environ["LORA_STUDIO_DATA_DIR"] = str(tmp / "data")
+    app = QApplication.instance() or QApplication([])
+    from lora_studio.gui.main_window import MainWindow
+
+    window = MainWindow()
+    window.resize(1280, 820)
+    window.show()
+
+    def wait_for(cond, timeout_s=600.0):
+        deadline = time.monotonic() + timeout_s
+        loop = QEventLoop()
+        while not cond():
+            if time.monotonic() > deadline:
+                raise SystemExit("timed out")
+            QTimer.singleShot(10, loop.quit)
+            loop.exec()
+
+    wait_for(lambda: window.memory_panel.plot is not None and window.runner.is_idle())
+
+    gaps: list[float] = []
+    big: list[tuple[str, float]] = []  # (step, ms) of each stall over the target, to say where they happen
+    current = ["idle"]
+    clock = QElapsedTimer()
+    clock.start()
+    last = [clock.nsecsElapsed()]
+
+    def tick():
+        now = clock.nsecsElapsed()
+        gap = (now - last[0]) / 1e6
+        gaps.append(gap)
+        if gap - TICK_MS > 50:
+            big.append((current[0], round(gap - TICK_MS, 1)))
+        last[0] = now
+
+    timer = QTimer()
+    timer.setInterval(TICK_MS)
+    timer.timeout.connect(tick)
+    timer.start()
+    steps = {}
+
+    def step(name, start):
+        t = time.perf_counter()
+        current[0] = name
+        job = start()
+        if job is None:
+            raise SystemExit(f"{name} did not start: {window.status_label.text()}")
+        wait_for(window.runner.is_idle)
+        if job.state != "finished":
+            raise SystemExit(f"{name} {job.state}: {window.status_label.text()}")
+        steps[name] = round(time.perf_counter() - t, 2)
+
+    step("load", lambda: window.open_base(model))
+    step("attach", lambda: window.attach_adapter(adapter))
+    window.adapter_panel.select(window.session.state().adapters[0][0])
+    wait_for(lambda: window.adapter_panel.inspection is not None)
+    window.adapter_panel.prompt_edit.setText("Tell me about the sea.")
+    window.adapter_panel.max_tokens.setValue(args.tokens)
+    step("generate", window.adapter_panel.generate)
+
+    from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save
+
+    session = window.session
+    name, path, _ = session.state().adapters[0]
+
+    def merge(*, cancel, report):
+        return merge_and_save(session.source, [AdapterSpec(name, Path(path))],
+                              MergeOptions(out=tmp / "merged", engine="in-memory"), session=session, cancel=cancel, report=report)
+
+    step("merge", lambda: window.runner.submit("merging", merge, on_done=lambda _: window.memory_panel.mark("merged")))
+    timer.stop()
+    window.shutdown()
+    window.close()
+    tmp_dir.cleanup()
+
+    stalls = sorted(max(0.0, g - TICK_MS) for g in gaps[1:])
+    p99 = stalls[min(len(stalls) - 1, int(0.99 * len(stalls)))] if stalls else 0.0
+    result = {
+        "max_stall_ms": round(stalls[-1], 1) if stalls else 0.0,
+        "p99_stall_ms": round(p99, 1),
+        "startup_s": round(statistics.median(startup), 3),
+        "startup_runs_s": [round(s, 3) for s in startup],
+        "ticks": len(gaps),
+        "steps_s": steps,
+        "model": what,
+        "stalls_over_50ms": big[:20],
+        "targets": {"max_stall_ms": 50, "startup_s": 2.0},
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

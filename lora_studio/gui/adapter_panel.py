@@ -1,0 +1,438 @@
+"""Adapters on the loaded base: attach, switch, disable all, delete, unload; an inspector; a quick test box."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QFont
+from PySide6.QtWidgets import (QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit,
+                               QProgressBar, QPushButton, QSpinBox, QSplitter, QTreeWidget, QTreeWidgetItem,
+                               QVBoxLayout, QWidget)
+
+from lora_studio.core.memory import MemorySampler, format_bytes, measure_release
+from lora_studio.core.session import Session, SessionState
+from lora_studio.gui.jobs import JobRunner
+from lora_studio.gui.widgets import MessageLine, reset_progress, show_progress
+
+BASE_ROW = "__base__"
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def per_layer_norms(modules) -> tuple[list[str], list[float]]:
+    """‖ΔW‖ per transformer layer (root of the sum of squares over its modules); other modules by name."""
+    layers: dict[int, float] = {}
+    others: dict[str, float] = {}
+    for m in modules:
+        match = _LAYER.search(m.module)
+        if match:
+            layers[int(match.group(1))] = layers.get(int(match.group(1)), 0.0) + m.delta_norm ** 2
+        else:
+            others[m.module.rsplit(".", 1)[-1]] = others.get(m.module, 0.0) + m.delta_norm ** 2
+    labels = [str(i) for i in sorted(layers)] + list(others)
+    values = [layers[i] ** 0.5 for i in sorted(layers)] + [v ** 0.5 for v in others.values()]
+    return labels, values
+
+
+class AdapterPanel(QWidget):
+    changed = Signal(object)  # SessionState after any adapter change
+    event = Signal(str)  # a chart marker: "attached alpha", "deleted beta"
+    released = Signal(object)  # core.memory.Reclaimed after delete/unload
+    adapter_attached = Signal(str)  # folder path, for the Recent menu
+
+    def __init__(self, runner: JobRunner, session: Session, sampler: Optional[MemorySampler] = None, parent=None) -> None:
+        super().__init__(parent)
+        self.runner, self.session, self.sampler = runner, session, sampler
+        self.state: Optional[SessionState] = None
+        self._inspections: dict[str, object] = {}
+        self.inspection = None
+
+        self.attach_btn = QPushButton("Attach adapter folder…")
+        self.attach_btn.clicked.connect(self.browse_attach)
+        self.tree = QTreeWidget()
+        self.tree.setHeaderLabels(["", "Adapter", "Memory", "Folder"])
+        self.tree.setRootIsDecorated(False)
+        self.tree.setColumnWidth(0, 24)
+        self.tree.setColumnWidth(1, 150)
+        self.tree.setColumnWidth(2, 80)
+        self.tree.itemSelectionChanged.connect(self._selection_changed)
+        self.tree.itemDoubleClicked.connect(lambda *_: self.activate_selected())
+        self.activate_btn = QPushButton("Activate")
+        self.activate_btn.clicked.connect(self.activate_selected)
+        self.disable_btn = QPushButton("Disable all (base)")
+        self.disable_btn.clicked.connect(self.disable_all)
+        self.delete_btn = QPushButton("Delete")
+        self.delete_btn.clicked.connect(self.delete_selected)
+        self.unload_btn = QPushButton("Unload all")
+        self.unload_btn.clicked.connect(self.unload_all)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.clicked.connect(self.runner.cancel_current)
+        self.cancel_btn.setEnabled(False)
+        buttons = QHBoxLayout()
+        for b in (self.activate_btn, self.disable_btn, self.delete_btn, self.unload_btn):
+            buttons.addWidget(b)
+        buttons.addStretch(1)
+        self.progress = QProgressBar()
+        reset_progress(self.progress)
+        self.progress.hide()
+        self.message = MessageLine()
+        top = QHBoxLayout()
+        top.addWidget(self.attach_btn)
+        top.addStretch(1)
+        top.addWidget(self.progress, 3)
+        top.addWidget(self.cancel_btn)
+
+        list_box = QWidget()
+        list_layout = QVBoxLayout(list_box)
+        list_layout.setContentsMargins(0, 0, 0, 0)
+        list_layout.addLayout(top)
+        list_layout.addWidget(self.tree, 1)
+        list_layout.addLayout(buttons)
+        list_layout.addWidget(self.message)
+
+        # inspector
+        self.inspector = QGroupBox("Inspector")
+        form = QFormLayout()
+        self.fields: dict[str, QLabel] = {}
+        for key in ("name", "rank r", "alpha", "scaling", "targets", "params", "file", "notes"):
+            label = QLabel("–")
+            label.setWordWrap(True)
+            label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+            self.fields[key] = label
+            form.addRow(key, label)
+        self.chart_host = QVBoxLayout()
+        self.chart_title = QLabel("‖ΔW‖ per layer (Frobenius norm of scaling·B·A)")
+        self.chart_title.setStyleSheet("color: palette(mid);")
+        insp_layout = QVBoxLayout(self.inspector)
+        insp_layout.addLayout(form)
+        insp_layout.addWidget(self.chart_title)
+        insp_layout.addLayout(self.chart_host, 1)
+        self.chart = None
+        self.fields["name"].setText("select an adapter in the list to inspect it")
+
+        # quick generate
+        gen_box = QGroupBox("Try it (active adapter)")
+        self.prompt_edit = QLineEdit()
+        self.prompt_edit.setPlaceholderText("a prompt for the active adapter (or the base)…")
+        self.prompt_edit.returnPressed.connect(self.generate)
+        self.max_tokens = QSpinBox(minimum=1, maximum=4096, value=48)
+        self.max_tokens.setToolTip("new tokens")
+        self.generate_btn = QPushButton("Generate")
+        self.generate_btn.clicked.connect(self.generate)
+        row = QHBoxLayout()
+        row.addWidget(self.prompt_edit, 1)
+        row.addWidget(QLabel("tokens"))
+        row.addWidget(self.max_tokens)
+        row.addWidget(self.generate_btn)
+        self.output = QPlainTextEdit(readOnly=True)
+        self.output.setPlaceholderText("output appears here (greedy decoding)")
+        self.output.setMaximumHeight(110)
+        gen_layout = QVBoxLayout(gen_box)
+        gen_layout.addLayout(row)
+        gen_layout.addWidget(self.output)
+
+        upper = QSplitter(Qt.Horizontal)
+        upper.addWidget(list_box)
+        upper.addWidget(self.inspector)
+        upper.setStretchFactor(0, 3)
+        upper.setStretchFactor(1, 2)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addWidget(upper, 1)
+        layout.addWidget(gen_box)
+        self.setAcceptDrops(False)  # the window handles drops
+        runner.busy_changed.connect(lambda _: self._update_buttons())
+        self.show_state(session.state())
+
+    # -- state --------------------------------------------------------------------------------------------------------
+    def show_state(self, state: SessionState) -> None:
+        self.state = state
+        selected = self.selected_name()
+        self.tree.clear()
+        if state.base:
+            base = QTreeWidgetItem(["", "(base, adapters off)", "", state.base])
+            base.setData(1, Qt.UserRole, BASE_ROW)
+            base.setToolTip(1, "the base model's own behaviour")
+            self.tree.addTopLevelItem(base)
+            if state.active_adapter is None:
+                self._mark(base)
+            for name, path, size in state.adapters:
+                item = QTreeWidgetItem(["", name, format_bytes(size), path])
+                item.setData(1, Qt.UserRole, name)
+                item.setToolTip(3, path)
+                item.setToolTip(2, "memory its weights take in the loaded model")
+                self.tree.addTopLevelItem(item)
+                if name == state.active_adapter:
+                    self._mark(item)
+                if name == selected:
+                    item.setSelected(True)
+        self._update_buttons()
+        names = {a[0] for a in state.adapters}
+        if self.inspection is not None and self.inspection.name not in names:
+            self.clear_inspector()
+
+    def _mark(self, item: QTreeWidgetItem) -> None:
+        item.setText(0, "●")
+        item.setToolTip(0, "active")
+        font = QFont(item.font(1))
+        font.setBold(True)
+        for col in range(4):
+            item.setFont(col, font)
+
+    def active_row(self) -> Optional[str]:
+        for i in range(self.tree.topLevelItemCount()):
+            item = self.tree.topLevelItem(i)
+            if item.text(0) == "●":
+                return item.data(1, Qt.UserRole)
+        return None
+
+    def selected_name(self) -> Optional[str]:
+        items = self.tree.selectedItems()
+        return items[0].data(1, Qt.UserRole) if items else None
+
+    def select(self, name: str) -> None:
+        for i in range(self.tree.topLevelItemCount()):
+            item = self.tree.topLevelItem(i)
+            if item.data(1, Qt.UserRole) == name:
+                self.tree.setCurrentItem(item)
+                return
+
+    def _update_buttons(self) -> None:
+        busy = self.runner.busy_reason
+        loaded = bool(self.state and self.state.base)
+        has = bool(self.state and self.state.adapters)
+        sel = self.selected_name()
+        reasons = {
+            self.attach_btn: busy or ("" if loaded else "load a base model first"),
+            self.activate_btn: busy or ("" if sel else "select an adapter in the list"),
+            self.disable_btn: busy or ("" if has else "no adapters attached"),
+            self.delete_btn: busy or ("" if sel and sel != BASE_ROW else "select an adapter to delete"),
+            self.unload_btn: busy or ("" if has else "no adapters attached"),
+            self.generate_btn: busy or ("" if loaded else "load a base model first"),
+        }
+        tips = {self.attach_btn: "Attach a PEFT LoRA adapter folder (adapter_config.json + weights)",
+                self.activate_btn: "Make the selected adapter the active one",
+                self.disable_btn: "Base behaviour; adapters stay attached",
+                self.delete_btn: "Remove the selected adapter and free its memory",
+                self.unload_btn: "Remove every adapter; keep the base",
+                self.generate_btn: "Generate with the active adapter"}
+        for button, reason in reasons.items():
+            button.setEnabled(not reason)
+            button.setToolTip(reason or tips[button])
+        current = self.runner.current
+        self.cancel_btn.setEnabled(current is not None)
+
+    # -- jobs ---------------------------------------------------------------------------------------------------------
+    def _run(self, name: str, fn, on_done, *, marker: Optional[str] = None):
+        def done(result):
+            self._idle_progress()
+            on_done(result)
+            self.show_state(self.session.state())
+            self.changed.emit(self.state)
+            if marker:
+                self.event.emit(marker)
+
+        def failed(desc):
+            self._idle_progress()
+            self.message.show_message(desc.message, "error")
+            self.show_state(self.session.state())
+
+        def cancelled():
+            self._idle_progress()
+            self.message.show_message(f"{name} cancelled", "warn")
+            self.show_state(self.session.state())
+
+        self.progress.show()
+        self.progress.setRange(0, 0)
+        job = self.runner.submit(name, fn, on_done=done, on_error=failed, on_cancel=cancelled,
+                                 on_progress=lambda p: show_progress(self.progress, p))
+        self._update_buttons()
+        return job
+
+    def _idle_progress(self) -> None:
+        reset_progress(self.progress)
+        self.progress.hide()
+
+    def clear_inspector(self) -> None:
+        self.inspection = None
+        for label in self.fields.values():
+            label.setText("–")
+        self.fields["name"].setText("select an adapter in the list to inspect it")
+        if self.chart is not None:
+            self.chart.getPlotItem().clear()
+
+    def browse_attach(self) -> None:
+        start = str(Path(self.state.adapters[-1][1]).parent) if self.state and self.state.adapters else str(Path.home())
+        path = QFileDialog.getExistingDirectory(self, "Choose a LoRA adapter folder", start)
+        if path:
+            self.attach(path)
+
+    def unique_name(self, path: str) -> str:
+        base = re.sub(r"[.\s]+", "-", Path(path).name.strip()) or "adapter"
+        taken = {a[0] for a in (self.state.adapters if self.state else ())}
+        name, n = base, 2
+        while name in taken:
+            name, n = f"{base}-{n}", n + 1
+        return name
+
+    def attach(self, path: str, name: Optional[str] = None):
+        name = name or self.unique_name(path)
+        session = self.session
+
+        def run(*, cancel, report):
+            return session.attach(Path(path), name, cancel=cancel, report=report)
+
+        def done(attached):
+            text = f"attached {attached.name} ({format_bytes(attached.size_bytes)})"
+            if attached.warnings:
+                self.message.show_message(text + " — " + "; ".join(attached.warnings), "warn")
+            else:
+                self.message.show_message(text, "ok")
+            self.adapter_attached.emit(str(path))
+
+        self.message.show_message(f"attaching {name}…")
+        return self._run(f"attaching {name}", run, done, marker=f"attached {name}")
+
+    def activate_selected(self) -> None:
+        name = self.selected_name()
+        if name == BASE_ROW:
+            self.disable_all()
+        elif name:
+            self.activate(name)
+
+    def activate(self, name: str):
+        session = self.session
+        return self._run(f"activating {name}", lambda *, cancel, report: session.activate(name),
+                         lambda _: self.message.show_message(f"{name} is active", "ok"))
+
+    def disable_all(self):
+        session = self.session
+        return self._run("disabling adapters", lambda *, cancel, report: session.disable_adapters(),
+                         lambda _: self.message.show_message("adapters off: the model behaves as the base", "ok"),
+                         marker="adapters off")
+
+    def _release_job(self, label: str, expected: int, release):
+        sampler, session = self.sampler, self.session
+        on_gpu = str(session.device or "").startswith("cuda")
+
+        def run(*, cancel, report):
+            if sampler is None:
+                release()
+                return None
+            return measure_release(sampler, release, label=label, expected_bytes=expected, on_gpu=on_gpu)[1]
+
+        def done(reclaimed):
+            if reclaimed is None:
+                self.message.show_message(label, "ok")
+                return
+            self.message.show_message(reclaimed.message(), "warn" if reclaimed.leaked else "ok")
+            self.released.emit(reclaimed)
+
+        return self._run(label, run, done, marker=label)
+
+    def delete_selected(self):
+        name = self.selected_name()
+        if name and name != BASE_ROW:
+            return self.delete(name)
+        return None
+
+    def delete(self, name: str):
+        size = next((a[2] for a in (self.state.adapters if self.state else ()) if a[0] == name), 0)
+        self._inspections = {k: v for k, v in self._inspections.items() if k != name}
+        session = self.session
+        return self._release_job(f"deleted {name}", size, lambda: session.delete(name))
+
+    def unload_all(self):
+        size = sum(a[2] for a in (self.state.adapters if self.state else ()))
+        self._inspections.clear()
+        session = self.session
+        return self._release_job("unloaded all adapters", size, session.unload_all)
+
+    def generate(self):
+        from lora_studio.core.generation import GenerationSettings, generate
+
+        prompt = self.prompt_edit.text()
+        settings = GenerationSettings(max_new_tokens=self.max_tokens.value())
+        session = self.session
+        who = (self.state.active_adapter if self.state else None) or "base"
+
+        def run(*, cancel, report):
+            with session.lock:
+                model = session.require_loaded()
+                return generate(model, session.tokenizer, prompt, settings, cancel=cancel, report=report)
+
+        def done(generated):
+            self.output.setPlainText(generated.text)
+            self.message.show_message(f"{who}: {len(generated.token_ids)} tokens", "ok")
+
+        self.output.setPlainText("")
+        return self._run(f"generating with {who}", run, done)
+
+    # -- inspector ----------------------------------------------------------------------------------------------------
+    def _selection_changed(self) -> None:
+        self._update_buttons()
+        name = self.selected_name()
+        if not name or name == BASE_ROW or not self.state:
+            return
+        path = next((a[1] for a in self.state.adapters if a[0] == name), None)
+        if path is None:
+            return
+        if name in self._inspections:
+            self.show_inspection(self._inspections[name])
+            return
+        from lora_studio.core.inspection import inspect_adapter
+
+        params = self.state.params
+
+        def run(*, cancel, report):
+            return inspect_adapter(Path(path), name=name, base_params=params)
+
+        def done(insp):
+            self._inspections[name] = insp
+            if self.selected_name() == name:
+                self.show_inspection(insp)
+
+        self.runner.submit(f"inspecting {name}", run, exclusive=False, key="inspect", on_done=done,
+                           on_error=lambda d: self.fields["notes"].setText(d.message))
+
+    def show_inspection(self, insp) -> None:
+        self.inspection = insp
+        f = self.fields
+        f["name"].setText(f"<b>{insp.name}</b> ({insp.peft_type}{', DoRA' if insp.use_dora else ''}{', rsLoRA' if insp.use_rslora else ''})")
+        f["rank r"].setText(str(insp.r))
+        f["alpha"].setText(f"{insp.lora_alpha:g}")
+        f["scaling"].setText(f"{insp.scaling:g}")
+        targets = insp.target_modules
+        f["targets"].setText(", ".join(sorted(targets)) if isinstance(targets, (list, tuple, set)) else str(targets))
+        pct = f" ({insp.percent_of_base:.3f}% of base)" if insp.percent_of_base is not None else ""
+        f["params"].setText(f"{insp.params:,}{pct} in {len(insp.modules)} modules")
+        f["file"].setText(f"{insp.weights_file}, {format_bytes(insp.weights_bytes)}")
+        f["notes"].setText("; ".join(insp.warnings) or "–")
+        self._draw_chart(insp)
+
+    def _draw_chart(self, insp) -> None:
+        import pyqtgraph as pg
+
+        if self.chart is None:
+            self.chart = pg.PlotWidget()
+            self.chart.setMinimumHeight(120)
+            self.chart.setBackground("w")
+            self.chart.showGrid(y=True, alpha=0.25)
+            self.chart.setMouseEnabled(x=False, y=False)
+            self.chart.hideButtons()
+            self.chart.getPlotItem().setMenuEnabled(False)
+            self.chart.setLabel("bottom", "layer")
+            self.chart.setLabel("left", "‖ΔW‖")
+            self.chart_host.addWidget(self.chart, 1)
+        labels, values = per_layer_norms(insp.modules)
+        plot = self.chart.getPlotItem()
+        plot.clear()
+        xs = list(range(len(values)))
+        plot.addItem(pg.BarGraphItem(x=xs, height=values, width=0.7, brush="#4c78a8"))
+        plot.getAxis("bottom").setTicks([list(zip(xs, labels))])
+        if xs:
+            plot.setXRange(-0.6, len(xs) - 0.4, padding=0)
+            plot.setYRange(0, max(values) * 1.1 or 1, padding=0)
+        self.chart_values = (labels, values)

@@ -1,0 +1,420 @@
+"""The main window: base model (left), adapters / Compare / Merge tabs (centre), memory and log (bottom).
+
+Every long job goes through the window's one :class:`~lora_studio.gui.jobs.JobRunner`;
+later panels (comparison, merge) take ``window.runner`` and ``window.session`` and
+replace their placeholder tab with :meth:`MainWindow.set_tab`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from PySide6.QtCore import QObject, Qt, QTimer, Signal
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import (QDockWidget, QLabel, QMainWindow, QMenu, QProgressBar, QPushButton, QTabWidget,
+                               QVBoxLayout, QWidget)
+
+from lora_studio.core.memory import MemorySampler
+from lora_studio.core.session import Session
+from lora_studio.gui.adapter_panel import AdapterPanel
+from lora_studio.gui.jobs import JobRunner
+from lora_studio.gui.log_panel import LogPanel
+from lora_studio.gui.memory_panel import MemoryMonitor, MemoryPanel
+from lora_studio.gui.model_panel import ModelPanel
+from lora_studio.gui.settings import StudioSettings
+from lora_studio.gui.widgets import reset_progress, show_progress
+
+PLACEHOLDERS = {
+    "Compare": "Compare: run the same prompts through the base and each adapter side by side,\n"
+               "with token-level differences and divergence scores.\n\n(This panel arrives with the comparison feature.)",
+    "Merge": "Merge: fold one or more adapters into the base weights and save a deployable\n"
+             "safetensors model, checked against the unmerged outputs.\n\n(This panel arrives with the merge feature.)",
+}
+
+
+def drop_kind(path: Path) -> Optional[str]:
+    """What a dropped path is: 'adapter', 'base', or None."""
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return "adapter"
+    if path.is_file() and path.name == "adapter_config.json":
+        return "adapter"
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return "base"
+    if path.is_dir() and ((path / "config.json").is_file() or any(path.glob("*.gguf"))):
+        return "base"
+    if path.is_file() and path.name == "config.json":
+        return "base"
+    return None
+
+
+def warm_up(*, cancel, report, safe_to_freeze=lambda: True) -> None:
+    """Import torch/transformers/peft on a worker while the user looks around, then freeze the GC.
+
+    After gc.freeze() the hundreds of thousands of objects these imports create are
+    no longer scanned by each gc.collect() (the core collects after every unload):
+    a full collection drops from ~0.3 s to a few ms, and it holds the GIL, i.e. it
+    would freeze the window for that long.
+    """
+    import gc
+
+    for name in ("torch", "transformers", "peft"):
+        cancel.raise_if_cancelled()
+        __import__(name)
+    from transformers import AutoModelForCausalLM  # noqa: F401 - the lazy module a load needs first
+    gc.collect()
+    # Only while no model exists or is being built: frozen objects are never cycle-collected.
+    if safe_to_freeze():
+        gc.freeze()
+
+
+class _Preloader(QObject):
+    """Imports a slow module (pyqtgraph: ~1 s) on a daemon thread, then says so on the GUI thread."""
+
+    ready = Signal()
+    _done = Signal()
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self._done.connect(self.ready, Qt.QueuedConnection)
+
+    def start(self, module: str) -> None:
+        import importlib
+        import threading
+
+        def run() -> None:
+            try:
+                importlib.import_module(module)
+            finally:
+                self._done.emit()
+
+        threading.Thread(target=run, name=f"preload-{module}", daemon=True).start()
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, *, session: Optional[Session] = None, sampler: Optional[MemorySampler] = None,
+                 settings: Optional[StudioSettings] = None, sample_interval_s: float = 0.25) -> None:
+        super().__init__()
+        self.setWindowTitle("LoRA Studio")
+        self.setAcceptDrops(True)
+        self.setDockNestingEnabled(True)
+        self.session = session or Session()
+        self.settings = settings or StudioSettings()
+        self.runner = JobRunner(self)
+        self.monitor = MemoryMonitor(sampler, sample_interval_s, self)
+        gpus = len(self.monitor.sampler.read_gpus())
+
+        self.log_panel = LogPanel()
+        self.memory_panel = MemoryPanel(self.monitor)
+        self.model_panel = ModelPanel(self.runner, self.session, gpu_count=gpus)
+        self.adapter_panel = AdapterPanel(self.runner, self.session, self.monitor.sampler)
+
+        self.tabs = QTabWidget()
+        self.tabs.setDocumentMode(True)
+        self.tabs.addTab(self.adapter_panel, "Adapters")
+        for title, text in PLACEHOLDERS.items():
+            self.tabs.addTab(self._placeholder(text), title)
+        self.setCentralWidget(self.tabs)
+
+        self.model_dock = self._dock("Base model", self.model_panel, Qt.LeftDockWidgetArea, "dock-model")
+        self.memory_dock = self._dock("Memory", self.memory_panel, Qt.BottomDockWidgetArea, "dock-memory")
+        self.log_dock = self._dock("Log", self.log_panel, Qt.BottomDockWidgetArea, "dock-log")
+        self.splitDockWidget(self.memory_dock, self.log_dock, Qt.Horizontal)
+        self.resizeDocks([self.model_dock], [360], Qt.Horizontal)
+        self.resizeDocks([self.memory_dock, self.log_dock], [300, 300], Qt.Vertical)
+
+        # status bar: what is running, its progress, and the one Cancel for model jobs
+        self.status_label = QLabel("Ready. Pick a base model on the left, or drop a model or adapter folder here.")
+        self.job_progress = QProgressBar()
+        self.job_progress.setMaximumWidth(260)
+        self.job_progress.hide()
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self.runner.cancel_current)
+        self.cancel_btn.setToolTip("Stop the running job at its next safe point")
+        self.statusBar().addWidget(self.status_label, 1)
+        self.statusBar().addPermanentWidget(self.job_progress)
+        self.statusBar().addPermanentWidget(self.cancel_btn)
+
+        self._build_menus()
+        self._connect()
+        self._restore()
+
+    # -- construction -------------------------------------------------------------------------------------------------
+    def _placeholder(self, text: str) -> QWidget:
+        w = QWidget()
+        label = QLabel(text)
+        label.setAlignment(Qt.AlignCenter)
+        label.setWordWrap(True)
+        label.setStyleSheet("color: palette(mid); font-size: 11pt;")
+        layout = QVBoxLayout(w)
+        layout.addWidget(label)
+        return w
+
+    def _dock(self, title: str, widget: QWidget, area, name: str) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(name)  # saveState needs names
+        dock.setWidget(widget)
+        dock.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable | QDockWidget.DockWidgetClosable)
+        self.addDockWidget(area, dock)
+        return dock
+
+    def set_tab(self, title: str, widget: QWidget) -> None:
+        """Put a real panel where a placeholder tab was ('Compare', 'Merge'), or add a new tab."""
+        for i in range(self.tabs.count()):
+            if self.tabs.tabText(i) == title:
+                old = self.tabs.widget(i)
+                self.tabs.removeTab(i)
+                self.tabs.insertTab(i, widget, title)
+                old.deleteLater()
+                return
+        self.tabs.addTab(widget, title)
+
+    def _build_menus(self) -> None:
+        file_menu = self.menuBar().addMenu("&File")
+        act = QAction("Open model &folder…", self, shortcut=QKeySequence.Open)
+        act.triggered.connect(self.model_panel.browse_folder)
+        file_menu.addAction(act)
+        act = QAction("Open &GGUF file…", self)
+        act.triggered.connect(self.model_panel.browse_gguf)
+        file_menu.addAction(act)
+        act = QAction("&Attach adapter folder…", self, shortcut="Ctrl+A")
+        act.triggered.connect(self.adapter_panel.browse_attach)
+        file_menu.addAction(act)
+        self.recent_menu = QMenu("&Recent", self)
+        self.recent_menu.aboutToShow.connect(self._fill_recent)
+        file_menu.addMenu(self.recent_menu)
+        file_menu.addSeparator()
+        act = QAction("&Quit", self, shortcut=QKeySequence.Quit)
+        act.triggered.connect(self.close)
+        file_menu.addAction(act)
+        view = self.menuBar().addMenu("&View")
+        for dock in (self.model_dock, self.memory_dock, self.log_dock):
+            view.addAction(dock.toggleViewAction())
+        self._fill_recent()
+
+    def _fill_recent(self) -> None:
+        menu = self.recent_menu
+        menu.clear()
+        bases, adapters = self.settings.recent_bases(), self.settings.recent_adapters()
+        if bases:
+            menu.addSection("Base models")
+        for path in bases:
+            act = menu.addAction(Path(path).name or path)
+            act.setToolTip(path)
+            act.setData(path)
+            act.triggered.connect(lambda _=False, p=path: self.open_base(p))
+        if adapters:
+            menu.addSection("Adapters")
+        for path in adapters:
+            act = menu.addAction(Path(path).name or path)
+            act.setData(path)
+            act.triggered.connect(lambda _=False, p=path: self.attach_adapter(p))
+        if not bases and not adapters:
+            menu.addAction("(nothing yet)").setEnabled(False)
+        else:
+            menu.addSeparator()
+            menu.addAction("Clear recent", lambda: (self.settings.clear_recent(), self._fill_recent()))
+
+    def _connect(self) -> None:
+        r = self.runner
+        r.job_started.connect(self._job_started)
+        r.job_progress.connect(self._job_progress)
+        r.job_finished.connect(self._job_finished)
+        r.job_failed.connect(self._job_failed)
+        r.job_cancelled.connect(self._job_cancelled)
+        r.busy_changed.connect(self._busy_changed)
+        self.model_panel.loaded.connect(self._base_loaded)
+        self.adapter_panel.changed.connect(lambda state: self.model_panel.show_state(state))
+        self.adapter_panel.event.connect(self.memory_panel.mark)
+        self.adapter_panel.released.connect(self._released)
+        self.adapter_panel.adapter_attached.connect(self.settings.add_recent_adapter)
+
+    def _restore(self) -> None:
+        geometry, state = self.settings.window_geometry(), self.settings.window_state()
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+        else:
+            self.resize(1280, 820)
+        if state is not None:
+            self.restoreState(state)
+
+    # -- runner events ------------------------------------------------------------------------------------------------
+    def _job_started(self, job) -> None:
+        if job.exclusive:
+            self.log_panel.log(f"{job.name}…")
+            self.status_label.setText(f"{job.name}…")
+            self.job_progress.show()
+            self.job_progress.setRange(0, 0)
+
+    def _job_progress(self, job, progress) -> None:
+        if job.exclusive:
+            show_progress(self.job_progress, progress)
+
+    def _elapsed(self, job) -> str:
+        import time
+
+        return f"{time.monotonic() - job.started_at:.1f} s"
+
+    def _job_finished(self, job, _result) -> None:
+        if job.exclusive:
+            self.log_panel.log(f"{job.name}: done in {self._elapsed(job)}")
+            self.status_label.setText(f"{job.name}: done")
+
+    def _job_failed(self, job, desc) -> None:
+        # One readable line in the window; the full story (traceback for internal errors) in the log.
+        self.log_panel.log(f"{job.name}: {desc.message}", "error", desc.detail if desc.kind == "internal" else "")
+        self.status_label.setText(f"✖ {desc.message}")
+        self.status_label.setToolTip(desc.message)
+
+    def _job_cancelled(self, job) -> None:
+        if job.exclusive:
+            self.log_panel.log(f"{job.name}: cancelled", "warn")
+            self.status_label.setText(f"{job.name}: cancelled")
+
+    def _busy_changed(self, reason: str) -> None:
+        self.cancel_btn.setEnabled(bool(reason))
+        if not reason:
+            self.job_progress.hide()
+            reset_progress(self.job_progress)
+
+    def _base_loaded(self, state) -> None:
+        self.memory_panel.mark(f"loaded {state.base}")
+        self.adapter_panel.show_state(state)
+        if state.base_path:
+            self.settings.add_recent_base(state.base_path)
+
+    def _released(self, reclaimed) -> None:
+        self.memory_panel.show_release(reclaimed)
+        self.log_panel.log(reclaimed.message(), "warn" if reclaimed.leaked else "info")
+
+    def show_error(self, message: str) -> None:
+        self.status_label.setText(f"✖ {message}")
+        self.log_panel.log(message, "error")
+
+    # -- actions ------------------------------------------------------------------------------------------------------
+    def _guard(self, fn, *args):
+        from lora_studio.core.errors import describe
+
+        try:
+            return fn(*args)
+        except Exception as exc:  # Busy and friends: say it in the window
+            self.show_error(describe(exc).message)
+            return None
+
+    def open_base(self, path: str):
+        self.model_panel.set_source(str(path))
+        return self._guard(self.model_panel.load)
+
+    def attach_adapter(self, path: str):
+        if not self.session.loaded:
+            self.show_error("load a base model before attaching an adapter")
+            return None
+        return self._guard(self.adapter_panel.attach, str(path))
+
+    def load_demo(self):
+        """--demo: convert/find the demo model, load it, attach the shipped demo adapters (one job)."""
+        from lora_studio.core import demo, demo_assets
+        from lora_studio.core.errors import UserError
+        from lora_studio.core.tasks import Progress
+
+        session = self.session
+
+        def run(*, cancel, report):
+            source = demo.ensure_demo_model(cancel=cancel, report=report)
+            state = session.load(source, dtype="float32", device_map="cpu", cancel=cancel, report=report)
+            try:
+                adapters = demo_assets.demo_adapters()
+            except UserError:
+                adapters = []
+            for i, adapter in enumerate(adapters):
+                cancel.raise_if_cancelled()
+                report(Progress(i, len(adapters), f"attaching {adapter.name}", "adapters"))
+                session.attach(adapter.path, adapter.name, activate=(i == 0), cancel=cancel)
+            return session.state()
+
+        def done(state):
+            self.model_panel.source_edit.setText(state.base_path or "")
+            self.model_panel.show_state(state)
+            self._base_loaded(state)
+            if state.adapters:
+                names = ", ".join(a[0] for a in state.adapters)
+                self.memory_panel.mark(f"attached {names}")
+                self.log_panel.log(f"attached the demo adapters: {names} ({state.active_adapter} active)")
+            self.status_label.setText(f"demo loaded: {state.base} with {len(state.adapters)} adapters")
+
+        return self._guard(lambda: self.runner.submit("loading the demo model", run, on_done=done))
+
+    # -- drag and drop ------------------------------------------------------------------------------------------------
+    def dragEnterEvent(self, event) -> None:
+        if any(drop_kind(Path(u.toLocalFile())) for u in event.mimeData().urls() if u.isLocalFile()):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        paths = [Path(u.toLocalFile()) for u in event.mimeData().urls() if u.isLocalFile()]
+        self.handle_drop(paths)
+        event.acceptProposedAction()
+
+    def handle_drop(self, paths: list[Path]) -> None:
+        """A model folder or .gguf loads as the base; an adapter folder is attached (queued after a base load)."""
+        bases = [p for p in paths if drop_kind(p) == "base"]
+        adapters = [p.parent if p.is_file() else p for p in paths if drop_kind(p) == "adapter"]
+        if not bases and not adapters:
+            self.show_error("drop a model folder, a .gguf file, or a LoRA adapter folder")
+            return
+        if bases:
+            job = self.open_base(str(bases[0]))
+            if job is not None and adapters:
+                job.finished.connect(lambda _: self._attach_queue(list(adapters)))
+            return
+        self._attach_queue(adapters)
+
+    def _attach_queue(self, folders: list[Path]) -> None:
+        if not folders:
+            return
+        job = self.attach_adapter(str(folders[0]))
+        if job is not None and folders[1:]:
+            job.finished.connect(lambda _: QTimer.singleShot(0, lambda: self._attach_queue(folders[1:])))
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------------
+    shown_at: Optional[float] = None  # time.time() of the first paint (startup measurement)
+    _closed = False
+
+    def paintEvent(self, event) -> None:
+        super().paintEvent(event)
+        if self.shown_at is None:
+            import time
+
+            self.shown_at = time.time()
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if not getattr(self, "_started", False):
+            self._started = True
+            QTimer.singleShot(0, self._after_shown)
+
+    def _after_shown(self) -> None:
+        if self._closed:
+            return
+        # Off the critical path: sampling, the local model scan, and pyqtgraph's import on a thread.
+        self.monitor.start()
+        self.model_panel.refresh_local()
+        self._preloader = _Preloader(self)
+        self._preloader.ready.connect(self.memory_panel.build_chart)
+        self._preloader.start("pyqtgraph")
+        session, runner = self.session, self.runner
+        self.runner.submit("preparing torch",
+                           lambda *, cancel, report: warm_up(cancel=cancel, report=report,
+                                                             safe_to_freeze=lambda: session.model is None and runner.current is None),
+                           exclusive=False, key="warm-up")
+
+    def closeEvent(self, event) -> None:
+        self.settings.save_window(self.saveGeometry(), self.saveState())
+        self.shutdown()
+        super().closeEvent(event)
+
+    def shutdown(self) -> None:
+        """Stop sampling and every job; waits for the workers (used by close and by tests)."""
+        self._closed = True
+        self.monitor.close()
+        self.runner.shutdown()

@@ -1,0 +1,79 @@
+"""What the window remembers between runs: recent models and adapters, geometry, panel layout.
+
+Stored with QSettings as an INI file in the app's data directory (LORA_STUDIO_DATA_DIR
+moves it, so tests never touch the user's real settings).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from PySide6.QtCore import QByteArray, QSettings
+
+from lora_studio.core.paths import data_dir
+
+MAX_RECENT = 10
+RECENT_BASES = "recent/bases"
+RECENT_ADAPTERS = "recent/adapters"
+
+
+class StudioSettings:
+    def __init__(self, path: Optional[Path] = None) -> None:
+        path = path or (data_dir() / "window.ini")
+        self.path = Path(path)
+        self._qs = QSettings(str(self.path), QSettings.IniFormat)
+
+    # -- recent lists -------------------------------------------------------------------------------------------------
+    def _list(self, key: str) -> list[str]:
+        value = self._qs.value(key, [])
+        if isinstance(value, str):  # QSettings returns a lone string for a one-item list
+            value = [value]
+        return [str(v) for v in (value or []) if str(v)]
+
+    def recent_bases(self) -> list[str]:
+        return self._list(RECENT_BASES)
+
+    def recent_adapters(self) -> list[str]:
+        return self._list(RECENT_ADAPTERS)
+
+    def _push(self, key: str, path: str) -> None:
+        items = [p for p in self._list(key) if p != path]
+        self._qs.setValue(key, [path, *items][:MAX_RECENT])
+        self._qs.sync()
+
+    def add_recent_base(self, path: str) -> None:
+        self._push(RECENT_BASES, str(path))
+
+    def add_recent_adapter(self, path: str) -> None:
+        self._push(RECENT_ADAPTERS, str(path))
+
+    def forget(self, path: str) -> None:
+        for key in (RECENT_BASES, RECENT_ADAPTERS):
+            self._qs.setValue(key, [p for p in self._list(key) if p != path])
+        self._qs.sync()
+
+    def clear_recent(self) -> None:
+        self._qs.remove("recent")
+        self._qs.sync()
+
+    # -- window -------------------------------------------------------------------------------------------------------
+    def save_window(self, geometry: QByteArray, state: QByteArray) -> None:
+        self._qs.setValue("window/geometry", geometry)
+        self._qs.setValue("window/state", state)
+        self._qs.sync()
+
+    def window_geometry(self) -> Optional[QByteArray]:
+        value = self._qs.value("window/geometry")
+        return value if isinstance(value, QByteArray) and not value.isEmpty() else None
+
+    def window_state(self) -> Optional[QByteArray]:
+        value = self._qs.value("window/state")
+        return value if isinstance(value, QByteArray) and not value.isEmpty() else None
+
+    def value(self, key: str, default=None):
+        return self._qs.value(key, default)
+
+    def set_value(self, key: str, value) -> None:
+        self._qs.setValue(key, value)
+        self._qs.sync()
