@@ -22,6 +22,10 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+# Written by LoRA Studio's training script beside an adapter. PEFT rewrites
+# init_lora_weights to true when it converts an OLoRA/PiSSA adapter to plain LoRA
+# on save, so the init that was actually used is recorded here.
+SIDECAR_NAME = "lora_studio.json"
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class AdapterConfig:
     base_model_name_or_path: Optional[str]
     peft_version: Optional[str]
     warnings: tuple[str, ...] = ()
+    recorded_init: Optional[str] = None  # from lora_studio.json, when present
+    converted_to_lora: bool = False
 
     def rank_for(self, module: str) -> int:
         return int(_pattern_value(self.rank_pattern, module, self.r))
@@ -61,6 +67,10 @@ class AdapterConfig:
 
     @property
     def init_method(self) -> str:
+        if self.recorded_init and self.recorded_init != "default":
+            if self.converted_to_lora:
+                return f"{self.recorded_init} (converted to plain LoRA on save; applies to the unmodified base)"
+            return self.recorded_init
         v = self.init_lora_weights
         if v is True:
             return "default (kaiming A, zero B)"
@@ -156,7 +166,23 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
         base_model_name_or_path=raw.get("base_model_name_or_path"),
         peft_version=version,
         warnings=tuple(warnings),
+        **_read_sidecar(folder),
     )
+
+
+def _read_sidecar(folder: Path) -> dict:
+    """The init recorded beside the adapter; a damaged sidecar is ignored (it is only a label)."""
+    path = folder / SIDECAR_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text("utf-8"))
+        init = data.get("init_lora_weights")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(init, str) or not init:
+        return {}
+    return {"recorded_init": init[:40], "converted_to_lora": bool(data.get("converted_to_lora", False))}
 
 
 def check_adapter_folder(folder: Path) -> Path:
