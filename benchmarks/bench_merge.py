@@ -13,13 +13,25 @@ child process, in the same run:
   writer fsyncs its shards too, so both produce a folder that survives a power cut).
 
 Times are the work inside each child, after its imports; peak RSS is the child's
-VmHWM (imports included). ``bit_identical``: every tensor of the stream output
-equals the seed output's, compared one tensor at a time.
+VmHWM, imports included. Each child imports what its own path needs before the clock
+starts: the seed recipe torch + transformers + PEFT (~350 MB resident), the streaming
+engine torch only (~225 MB: it never imports transformers or PEFT; the child reports
+``stream_imported_peft`` to prove it). ``bit_identical``: every tensor of the stream
+output equals the seed output's, compared one tensor at a time.
+
+Before each child the benchmark runs ``sync`` (untimed), so no child pays for the disk
+writeback of the one before (the seed recipe does not fsync what it saves; copy and stream do).
+
+``--repeat N`` runs the three children N times, interleaved (copy, seed, stream, copy, ...),
+so that every ratio compares runs made minutes apart on the same machine; the JSON then
+holds the medians and the per-round ratios.
 
 Last line (JSON): {"seed_s", "seed_peak_rss_mb", "stream_s", "stream_peak_rss_mb", "copy_s",
-"bit_identical", "params", "rss_ratio", "time_ratio_seed", "time_ratio_copy"}.
+"bit_identical", "params", "rss_ratio", "time_ratio_seed", "time_ratio_copy", ...}.
 
-    .venv/bin/python benchmarks/bench_merge.py [--small] [--json] [--keep DIR]
+    .venv/bin/python benchmarks/bench_merge.py [--small] [--json] [--keep DIR] [--repeat N]
+
+With ``--keep DIR`` the synthetic model is built once and reused by later runs with the same DIR.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,7 +144,7 @@ import sys, time, resource, json
 from pathlib import Path
 from lora_studio.core.loading import offline_environment
 offline_environment()
-import torch, transformers, peft  # imported before timing, as the seed recipe's are
+import torch  # imported before timing, as the seed recipe's are; the streaming engine needs nothing else heavy
 import lora_studio.core.merge as merge
 from lora_studio.core.sources import resolve_source
 base, adapter, out = sys.argv[1:4]
@@ -139,7 +152,8 @@ t = time.perf_counter()
 r = merge.merge_and_save(resolve_source(base), [merge.AdapterSpec("bench", Path(adapter))], merge.MergeOptions(out=Path(out), verify=False))
 assert r.engine == "streaming", r.engine
 s = time.perf_counter() - t
-print(json.dumps({"s": s, "rss_mb": peak_rss_mb()}))
+print(json.dumps({"s": s, "rss_mb": peak_rss_mb(), "imported_peft": "peft" in sys.modules,
+                  "imported_transformers": "transformers" in sys.modules}))
 """
 
 COPY = PEAK + """
@@ -158,7 +172,18 @@ print(json.dumps({"s": s, "rss_mb": peak_rss_mb()}))
 """
 
 
+def settle() -> None:
+    """Flush every dirty page before the next child starts (untimed).
+
+    The seed recipe's save_pretrained does not fsync: without this its ~2 GB of dirty pages are
+    written back while the next child runs, and that child's own fsync waits behind them.
+    """
+    os.sync()
+    time.sleep(1.0)
+
+
 def child(code: str, *args) -> dict:
+    settle()
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
@@ -192,33 +217,61 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="a ~50M-parameter model, for a quick smoke run")
     ap.add_argument("--json", action="store_true", help="only the JSON line on stdout (it is printed last either way)")
-    ap.add_argument("--keep", help="build in this folder and keep it (default: a temporary folder, removed)")
+    ap.add_argument("--keep", help="build in this folder and keep it, or reuse what an earlier run built there "
+                                   "(default: a temporary folder, removed)")
+    ap.add_argument("--repeat", type=int, default=1, help="run copy, seed and stream this many times, interleaved; report medians")
     args = ap.parse_args()
     dims = SMALL if args.small else FULL
     shard_bytes = (50 if args.small else 500) * 1024**2
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-merge-"))
     work.mkdir(parents=True, exist_ok=True)
+    rounds = []
     try:
         t = time.perf_counter()
-        base, adapter, params = build(work, dims, shard_bytes)
-        log(f"built {params / 1e9:.3f}B params in {time.perf_counter() - t:.1f} s at {work}")
-        copy = child(COPY, base, work / "copy")
-        shutil.rmtree(work / "copy")
-        log(f"copy   {copy}")
-        seed = child(SEED, base, adapter, work / "seed")
-        log(f"seed   {seed}")
-        stream = child(STREAM, base, adapter, work / "stream")
-        log(f"stream {stream}")
+        marker = work / "built.json"
+        if args.keep and marker.is_file() and json.loads(marker.read_text()).get("dims") == dims:
+            base, adapter, params = work / "base", work / "adapter", json.loads(marker.read_text())["params"]
+            log(f"reusing the {params / 1e9:.3f}B-parameter model built earlier at {work}")
+        else:
+            for sub in ("base", "adapter"):
+                shutil.rmtree(work / sub, ignore_errors=True)
+            base, adapter, params = build(work, dims, shard_bytes)
+            marker.write_text(json.dumps({"dims": dims, "params": params}))
+            log(f"built {params / 1e9:.3f}B params in {time.perf_counter() - t:.1f} s at {work}")
+        for i in range(max(1, args.repeat)):
+            for sub in ("copy", "seed", "stream"):
+                shutil.rmtree(work / sub, ignore_errors=True)
+            copy = child(COPY, base, work / "copy")
+            shutil.rmtree(work / "copy")
+            log(f"copy   {copy}")
+            seed = child(SEED, base, adapter, work / "seed")
+            log(f"seed   {seed}")
+            stream = child(STREAM, base, adapter, work / "stream")
+            log(f"stream {stream}")
+            rounds.append({"copy": copy, "seed": seed, "stream": stream})
         same = bit_identical(work / "seed", work / "stream")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+    def med(kind, key):
+        return statistics.median(r[kind][key] for r in rounds)
+
+    seed_s, stream_s, copy_s = med("seed", "s"), med("stream", "s"), med("copy", "s")
+    seed_rss, stream_rss = med("seed", "rss_mb"), med("stream", "rss_mb")
     result = {
-        "seed_s": round(seed["s"], 2), "seed_peak_rss_mb": round(seed["rss_mb"]), "stream_s": round(stream["s"], 2),
-        "stream_peak_rss_mb": round(stream["rss_mb"]), "copy_s": round(copy["s"], 2), "bit_identical": same,
-        "params": params, "rss_ratio": round(stream["rss_mb"] / seed["rss_mb"], 3),
-        "time_ratio_seed": round(stream["s"] / seed["s"], 3), "time_ratio_copy": round(stream["s"] / copy["s"], 3),
+        "seed_s": round(seed_s, 2), "seed_peak_rss_mb": round(seed_rss), "stream_s": round(stream_s, 2),
+        "stream_peak_rss_mb": round(stream_rss), "copy_s": round(copy_s, 2), "bit_identical": same,
+        "params": params, "rss_ratio": round(stream_rss / seed_rss, 3),
+        "time_ratio_seed": round(statistics.median(r["stream"]["s"] / r["seed"]["s"] for r in rounds), 3),
+        "time_ratio_copy": round(statistics.median(r["stream"]["s"] / r["copy"]["s"] for r in rounds), 3),
+        "stream_imported_peft": any(r["stream"].get("imported_peft") or r["stream"].get("imported_transformers") for r in rounds),
+        "rounds": len(rounds),
     }
+    if len(rounds) > 1:
+        result["per_round"] = [{"seed_s": round(r["seed"]["s"], 2), "stream_s": round(r["stream"]["s"], 2), "copy_s": round(r["copy"]["s"], 2),
+                                "time_ratio_seed": round(r["stream"]["s"] / r["seed"]["s"], 3),
+                                "time_ratio_copy": round(r["stream"]["s"] / r["copy"]["s"], 3)} for r in rounds]
     if not args.json:
         log(f"stream RSS {result['rss_ratio']}x seed (target <= 0.25), time {result['time_ratio_seed']}x seed (<= 0.7), "
             f"{result['time_ratio_copy']}x copy (<= 1.5); bit identical: {same}")

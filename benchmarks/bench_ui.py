@@ -11,7 +11,10 @@ window (median of 3 runs).
 
 Last line (JSON): {"max_stall_ms", "p99_stall_ms", "startup_s", ...}. Targets: max stall < 50 ms, startup < 2 s.
 
-    .venv/bin/python benchmarks/bench_ui.py [--model PATH --adapter PATH] [--tokens 32] [--json]
+    .venv/bin/python benchmarks/bench_ui.py [--model PATH --adapter PATH] [--tokens 32] [--json] [--trace]
+
+--trace: a watchdog thread notices when the GUI thread's tick is more than 50 ms late and prints (stderr) the
+Python stack of every thread at that moment: what the GUI thread is doing, and which worker held the GIL.
 """
 
 from __future__ import annotations
@@ -46,6 +49,79 @@ def measure_startup(runs: int = 3) -> list[float]:
     return times
 
 
+class StallTracer:
+    """A daemon thread that records every thread's Python stack while the GUI thread's tick is late.
+
+    The GUI tick stores its time in ``last``; every 5 ms the watchdog compares. While the tick is more than
+    ``limit_ms`` late it captures all stacks (at most every 20 ms); when the tick comes back it prints the
+    stall's length and the distinct stacks seen. The watchdog needs the GIL too: a gap between its own
+    wake-ups means some thread held the GIL (a C call that does not release it) - it is printed as
+    "watchdog starved", and the stacks right after show whose Python frame made that call.
+    """
+
+    def __init__(self, limit_ms: float = 50.0) -> None:
+        import threading
+
+        self.limit = limit_ms / 1000
+        self.last = time.monotonic()
+        self.step = ["idle"]
+        self.reports: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stall-tracer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _stacks(self, own: int, main: int) -> list[str]:
+        import threading
+        import traceback
+
+        names = {t.ident: t.name for t in threading.enumerate()}
+        out = []
+        for ident, frame in sys._current_frames().items():
+            if ident == own:
+                continue
+            stack = traceback.extract_stack(frame)[-7:]
+            where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack))
+            if "threading.py" in where.split(" <- ")[0] or "queue.py" in where.split(" <- ")[0]:
+                continue  # idle threads
+            out.append(f"[{'GUI' if ident == main else names.get(ident, ident)}] {where}")
+        return out
+
+    def _run(self) -> None:
+        import threading
+
+        main, own = threading.main_thread().ident, threading.get_ident()
+        stall_for = None  # the tick time whose lateness is being recorded
+        seen: list[str] = []
+        last_capture = prev_wake = time.monotonic()
+        while not self._stop.wait(0.005):
+            woke = time.monotonic()
+            starved = woke - prev_wake
+            prev_wake = woke
+            late = woke - self.last
+            if stall_for is not None and self.last != stall_for:  # the tick is back: report the stall
+                length = (self.last - stall_for) * 1000
+                lines = [f"--- stall: GUI tick {length:.0f} ms apart during {self.step[0]} ---", *seen]
+                self.reports.append("\n".join(lines))
+                sys.stderr.write(self.reports[-1] + "\n")
+                stall_for, seen = None, []
+            if late < self.limit:
+                continue
+            if stall_for is None:
+                stall_for = self.last
+            if starved > 0.03:
+                seen.append(f"  (watchdog starved {starved * 1000:.0f} ms: the GIL was held, or no CPU)")
+            if woke - last_capture >= 0.02 or starved > 0.03:
+                last_capture = woke
+                for line in self._stacks(own, main):
+                    entry = f"  +{(woke - stall_for) * 1000:.0f}ms {line}"
+                    seen.append(entry)
+
+
 def pick_model(args, tmp: Path) -> tuple[str, str, str]:
     if args.model:
         return args.model, args.adapter, "given"
@@ -69,11 +145,15 @@ def main() -> int:
     parser.add_argument("--adapter")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
+    parser.add_argument("--trace", action="store_true", help="print every thread's stack when the GUI tick is > 50 ms late")
+    parser.add_argument("--no-startup", action="store_true", help="skip the startup measurement")
+    parser.add_argument("--switch-interval", type=float, help="override sys.setswitchinterval after the window is built "
+                                                              "(for comparisons; the window sets its own)")
     args = parser.parse_args()
     if bool(args.model) != bool(args.adapter):
         parser.error("--model and --adapter go together")
 
-    startup = measure_startup()
+    startup = [0.0] if args.no_startup else measure_startup()
     tmp_dir = tempfile.TemporaryDirectory()
     tmp = Path(tmp_dir.name)
     model, adapter, what = pick_model(args, tmp)
@@ -102,6 +182,8 @@ def main() -> int:
             loop.exec()
 
     wait_for(lambda: window.memory_panel.plot is not None and window.runner.is_idle())
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
 
     gaps: list[float] = []
     big: list[tuple[str, float]] = []  # (step, ms) of each stall over the target, to say where they happen
@@ -110,7 +192,11 @@ def main() -> int:
     clock.start()
     last = [clock.nsecsElapsed()]
 
+    tracer = StallTracer() if args.trace else None
+
     def tick():
+        if tracer is not None:
+            tracer.last = time.monotonic()
         now = clock.nsecsElapsed()
         gap = (now - last[0]) / 1e6
         gaps.append(gap)
@@ -122,6 +208,10 @@ def main() -> int:
     timer.setInterval(TICK_MS)
     timer.timeout.connect(tick)
     timer.start()
+    if tracer is not None:
+        tracer.step = current
+        tracer.last = time.monotonic()
+        tracer.start()
     steps = {}
 
     def step(name, start):
@@ -154,6 +244,8 @@ def main() -> int:
 
     step("merge", lambda: window.runner.submit("merging", merge, on_done=lambda _: window.memory_panel.mark("merged")))
     timer.stop()
+    if tracer is not None:
+        tracer.stop()
     window.shutdown()
     window.close()
     tmp_dir.cleanup()
@@ -168,6 +260,7 @@ def main() -> int:
         "ticks": len(gaps),
         "steps_s": steps,
         "model": what,
+        "switch_interval_s": sys.getswitchinterval(),
         "stalls_over_50ms": big[:20],
         "targets": {"max_stall_ms": 50, "startup_s": 2.0},
     }

@@ -82,3 +82,256 @@ def test_core_inspect_matches_session_messages(fixtures, tmp_path):
     with pytest.raises(UserError) as err:
         inspect_base_and_adapters(resolve_source(inputs["base"]), [("x", inputs["adapter"])])
     assert re.search(case.message, str(err.value))
+
+
+# -- the same corpus through `compare` and `merge` ----------------------------------------------------------------
+
+def run_cli(capsys, argv):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_refusal(code, out, err, pattern=None, exit_code=2):
+    assert code == exit_code, err
+    assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
+    assert out == "", out  # with --json: nothing on stdout
+    if pattern:
+        assert re.search(pattern, err), err
+
+
+def leftovers(out):
+    """The output folder and any hidden temporary sibling of it."""
+    return sorted(p.name for p in out.parent.iterdir() if out.name in p.name) if out.parent.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def fewer_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: OpenMP start-up costs more than it saves on a shared 2-core machine
+    yield
+    torch.set_num_threads(before)
+
+
+# Adapter cases refused after the (tiny) base is loaded all go through Session.attach, covered case by case above;
+# compare runs the ones refused before loading plus a representative set of those refused by attach.
+COMPARE_ADAPTER_CASES = {
+    "adapter-config-invalid-json", "adapter-future-peft-keys", "adapter-shape-mismatch", "adapter-weights-truncated",
+    "adapter-weights-malicious-pickle", "adapter-weights-nan", "adapter-does-not-exist",
+}
+COMPARE_CASES = [c for c in CASES if c.id.startswith("base-") or c.id in COMPARE_ADAPTER_CASES]
+
+
+@pytest.mark.parametrize("case", COMPARE_CASES, ids=lambda c: c.id)
+def test_cli_compare(case, fixtures, tmp_path, capsys, fewer_threads):
+    inputs = bad_inputs.build(case, tmp_path / "w", fixtures)
+    adapter = inputs["adapter"] or fixtures["adapter"]
+    code, out, err = run_cli(capsys, ["compare", inputs["base"], "--adapter", f"candidate={adapter}", "--prompt", "hello",
+                                      "--max-new-tokens", "2", "--json"])
+    assert_one_line_refusal(code, out, err, case.message)
+    _check_no_side_effects(tmp_path / "w")
+
+
+def test_cli_compare_awkward_paths_work(fixtures, tmp_path, capsys, fewer_threads):
+    import json
+
+    case = next(c for c in CASES if c.id == "paths-with-spaces-and-non-utf8")
+    inputs = bad_inputs.build(case, tmp_path / "w", fixtures)
+    code, out, err = run_cli(capsys, ["compare", inputs["base"], "--adapter", f"candidate={inputs['adapter']}", "--prompt", "hello",
+                                      "--max-new-tokens", "2", "--no-base-variant", "--json"])
+    assert code == 0, err
+    assert [v["name"] for v in json.loads(out)["variants"]] == ["candidate"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompt", ""], r"prompt is empty|empty prompt"),
+    (["--prompt", "   "], r"prompt is empty|empty prompt"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], r"max.new.tokens|new tokens"),
+    (["--prompt", "hi", "--max-new-tokens", "1000000"], r"max.new.tokens|new tokens"),
+    (["--prompt", "hi", "--max-new-tokens", "-3"], r"max.new.tokens|new tokens"),
+    (["--prompt", "hi", "--max-new-tokens", "many"], r"invalid int value"),
+], ids=["empty-prompt", "blank-prompt", "zero-tokens", "million-tokens", "negative-tokens", "tokens-not-a-number"])
+def test_cli_compare_bad_settings(extra, message, fixtures, capsys):
+    code, out, err = run_cli(capsys, ["compare", fixtures["base"], "--adapter", f"a={fixtures['adapter']}", "--json", *extra])
+    assert_one_line_refusal(code, out, err, message)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_cli_merge(case, fixtures, tmp_path, capsys):
+    inputs = bad_inputs.build(case, tmp_path / "w", fixtures)
+    out_dir = tmp_path / "w" / "merged"
+    adapter = inputs["adapter"] or fixtures["adapter"]
+    code, out, err = run_cli(capsys, ["merge", inputs["base"], "--adapter", adapter, "--out", out_dir, "--no-verify", "--json"])
+    if "merge" in case.ok_for:
+        assert code == 0, err
+        assert (out_dir / "config.json").is_file() and leftovers(out_dir) == ["merged"]
+    else:
+        assert_one_line_refusal(code, out, err, case.message)
+        assert leftovers(out_dir) == [], "a refused merge left output behind"
+    _check_no_side_effects(tmp_path / "w")
+
+
+# -- merge: what can go wrong on the output side -------------------------------------------------------------------
+
+def merge_argv(fixtures, out_dir, *extra):
+    return ["merge", fixtures["base"], "--adapter", fixtures["adapter"], "--out", out_dir, "--no-verify", "--json", *extra]
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_merge_into_read_only_folder(fixtures, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+    import pathlib
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores permission bits: refuse the way the kernel refuses everyone else
+        real_mkdir = pathlib.Path.mkdir
+
+        def mkdir(self, *a, **kw):
+            if ro in self.parents:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real_mkdir(self, *a, **kw)
+
+        monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    try:
+        code, out, err = run_cli(capsys, merge_argv(fixtures, ro / "merged"))
+        assert_one_line_refusal(code, out, err, r"cannot (write|create).*Permission denied")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_merge_onto_existing_folder_without_overwrite(fixtures, tmp_path, capsys):
+    out_dir = tmp_path / "mine"
+    out_dir.mkdir()
+    (out_dir / "notes.txt").write_text("my work")
+    (out_dir / "config.json").write_text("{}")
+    before = snapshot(out_dir)
+    code, out, err = run_cli(capsys, merge_argv(fixtures, out_dir))
+    assert_one_line_refusal(code, out, err, r"already exists.*--overwrite")
+    assert snapshot(out_dir) == before and leftovers(out_dir) == ["mine"]
+
+
+@pytest.mark.parametrize("budget", [0, 4096, 60_000], ids=["full-at-once", "full-in-header", "full-mid-shard"])
+def test_merge_when_the_disk_fills_up(budget, fixtures, tmp_path, capsys, monkeypatch):
+    """A size-limited writer: the shard writer's writes fail with ENOSPC once ``budget`` bytes are written."""
+    import errno
+
+    from lora_studio.core import safetensors_io
+
+    used = [0]
+    real_write_all, real_copy_range = safetensors_io._write_all, safetensors_io._copy_range
+
+    def spend(n):
+        used[0] += n
+        if used[0] > budget:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write_all(fd, data):
+        spend(memoryview(data).nbytes)
+        return real_write_all(fd, data)
+
+    def copy_range(src_fd, dst_fd, offset, nbytes, *rest):
+        spend(nbytes)
+        return real_copy_range(src_fd, dst_fd, offset, nbytes, *rest)
+
+    monkeypatch.setattr(safetensors_io, "_write_all", write_all)
+    monkeypatch.setattr(safetensors_io, "_copy_range", copy_range)
+    out_dir = tmp_path / "merged"
+    code, out, err = run_cli(capsys, merge_argv(fixtures, out_dir))
+    assert_one_line_refusal(code, out, err, r"disk .* is full")
+    assert leftovers(out_dir) == []
+
+
+@pytest.mark.parametrize("stage", ["merging tensor", "verifying: running", "verifying: loading"])
+def test_merge_interrupted_leaves_nothing(stage, fixtures, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (the CLI's cancel) at each stage of a merge: exit 130, one line, no output folder."""
+    from lora_studio.cli import merge_cmd
+
+    class Interrupting:
+        def __call__(self, p):
+            if p.message.startswith(stage) and (p.unit != "bytes" or p.done > 0):
+                raise KeyboardInterrupt
+
+        def done(self):
+            pass
+
+    monkeypatch.setattr(merge_cmd, "stderr_progress", Interrupting)
+    out_dir = tmp_path / "merged"
+    argv = [a for a in merge_argv(fixtures, out_dir) if a != "--no-verify"]
+    code, out, err = run_cli(capsys, argv)
+    assert_one_line_refusal(code, out, err, r"interrupted", exit_code=130)
+    assert leftovers(out_dir) == []
+
+
+@pytest.mark.parametrize("stage", ["merging tensor", "verifying: running", "verifying: loading"])
+@pytest.mark.parametrize("engine", ["streaming", "in-memory"])
+def test_merge_cancelled_from_report_leaves_nothing(stage, engine, fixtures, tmp_path):
+    """What the window's Cancel does: the token fires from a progress report; the job ends in Cancelled."""
+    from lora_studio.core.errors import Cancelled
+    from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save
+    from lora_studio.core.tasks import CancelToken
+
+    token = CancelToken()
+
+    def report(p):
+        if p.message.startswith(stage) and (p.unit != "bytes" or p.done > 0):
+            token.cancel()
+
+    out_dir = tmp_path / "merged"
+    with pytest.raises(Cancelled):
+        merge_and_save(resolve_source(fixtures["base"]), [AdapterSpec("a", fixtures["adapter"])],
+                       MergeOptions(out=out_dir, engine=engine, verify_prompts=("hello",), verify_tokens=2),
+                       cancel=token, report=report)
+    assert leftovers(out_dir) == []
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("engine", ["streaming", "in-memory"])
+def test_merge_refuses_non_finite_adapter_weights(value, engine, fixtures, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    adapter = shutil.copytree(fixtures["adapter"], tmp_path / "broken")
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if "lora_A" in k)[-1]
+    tensors[key][1, 2] = float(value)
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    out_dir = tmp_path / "merged"
+    code, out, err = run_cli(capsys, ["merge", fixtures["base"], "--adapter", adapter, "--out", out_dir, "--engine", engine,
+                                      "--no-verify", "--json"])
+    assert_one_line_refusal(code, out, err, r"has 1 NaN/Inf values")
+    assert leftovers(out_dir) == []
+
+
+# -- a few real processes: what a user's terminal sees ---------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["merge"])  # compare takes the same load path; one process start is enough
+def test_subprocess_one_line_and_empty_stdout(command, fixtures, tmp_path):
+    """Warnings from torch/transformers must not add lines: a malicious base .bin (torch warns about its pickle)."""
+    import os
+    import subprocess
+    import sys
+
+    case = next(c for c in CASES if c.id == "base-malicious-pickle")
+    inputs = bad_inputs.build(case, tmp_path / "w", fixtures)
+    out_dir = tmp_path / "w" / "merged"
+    argv = (["merge", inputs["base"], "--adapter", fixtures["adapter"], "--out", out_dir] if command == "merge" else
+            ["compare", inputs["base"], "--adapter", f"a={fixtures['adapter']}", "--prompt", "hi"])
+    env = {k: v for k, v in os.environ.items() if k != "LORA_STUDIO_DEBUG"}
+    proc = subprocess.run([sys.executable, "-m", "lora_studio", *map(str, argv), "--json"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert_one_line_refusal(proc.returncode, proc.stdout, proc.stderr, case.message)
+    assert not out_dir.exists()
+    _check_no_side_effects(tmp_path / "w")

@@ -43,6 +43,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from lora_studio.core.loading import offline_environment
 
     offline_environment()
+    if not os.environ.get("LORA_STUDIO_DEBUG"):
+        import warnings
+
+        # Deprecation notices and library chatter (torch, transformers, PEFT) are for their developers, not for our
+        # users: a bad input is one line on stderr. LORA_STUDIO_DEBUG=1 shows everything.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for stream in (sys.stdout, sys.stderr):
         # File names need not be UTF-8 on Linux; escape what cannot be encoded instead of failing.
         if hasattr(stream, "reconfigure"):
@@ -73,10 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _open_window(args) -> int:
     try:
         from lora_studio.gui.app import run_app
-    except ImportError as exc:
-        if "lora_studio.gui" not in str(exc):
-            raise
-        sys.stderr.write("lora-studio: the window is not built yet; try `lora-studio inspect --demo`\n")
+    except ImportError as exc:  # e.g. PySide6 missing or no Qt platform libraries
+        sys.stderr.write(f"lora-studio: the window cannot start ({exc}); the CLI works: try `lora-studio inspect --demo`\n")
         return EXIT_INTERNAL
     return run_app(demo=args.demo, base=args.base)
 

@@ -156,12 +156,30 @@ def _check_vocabulary(folder: Path, shapes, lay, base_shapes, base_label: str) -
     if not wrong:
         return
     has_tok = any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-    hint = ("the adapter folder has its own tokenizer: resize the base to it (--resize-embeddings, or 'Resize and attach' in the window)"
+    hint = ("the adapter folder has its own tokenizer with the added tokens: the window offers to resize the base to it "
+            "when you attach the adapter, and `lora-studio merge` does it on its own"
             if has_tok and wrong[0] > base_vocab[0] else "pick the base and tokenizer the adapter was trained with")
     raise VocabularyMismatch(
         f"{folder.name} was trained with a vocabulary of {wrong[0]} tokens; {base_label} has {base_vocab[0]}",
         hint, adapter_vocab=wrong[0], base_vocab=base_vocab[0], adapter_has_tokenizer=has_tok,
     )
+
+
+def quantization_label(config: Mapping) -> Optional[str]:
+    """'bitsandbytes 4-bit' and the like when a model's config.json declares quantized weights, else None."""
+    if not isinstance(config, Mapping):
+        return None
+    q = config.get("quantization_config")
+    if not q and isinstance(config.get("text_config"), Mapping):
+        q = config["text_config"].get("quantization_config")
+    if not q:
+        return None
+    if not isinstance(q, Mapping):
+        return "unknown method"
+    method = str(q.get("quant_method") or ("bitsandbytes" if q.get("load_in_4bit") or q.get("load_in_8bit") else "unknown method"))
+    bits = ("4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit")
+            else f"{q['bits']}-bit" if isinstance(q.get("bits"), int) else "")
+    return f"{method} {bits}".strip()
 
 
 def _same_base(trained_on: str, identity: tuple[str, ...]) -> bool:

@@ -10,8 +10,10 @@ hook does nothing and loads still work, with stage-level progress only.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import pickle
+import re
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,11 +121,50 @@ def check_remote_code(source: ModelSource, trust_remote_code: bool) -> None:
         )
 
 
+_ADDED_TOKENS_KEY = re.compile(r'"added_tokens"\s*:\s*\[')
+_MODEL_KEY = re.compile(r'"model"\s*:')
+
+
+def added_tokens_hint(folder: Path) -> dict:
+    """``added_tokens_decoder`` read from tokenizer.json's small "added_tokens" array, or {} to let transformers do it.
+
+    A tokenizer saved by transformers 5 has no ``added_tokens_decoder`` in tokenizer_config.json; loading it then
+    parses the *whole* tokenizer.json with Python's json module (SmolLM2's is 3.4 MB: 0.1-0.3 s in one C call
+    that holds the GIL, so the window freezes for that long) only to take that array. Handing transformers the
+    same entries up front skips that parse; the result is identical (its legacy path builds
+    ``AddedToken(**entry)`` from the same entries). Only for the case that path covers alone: no
+    special_tokens_map.json or added_tokens.json beside it.
+    """
+    tokenizer_json, config_json = folder / "tokenizer.json", folder / "tokenizer_config.json"
+    if not tokenizer_json.is_file() or not config_json.is_file():
+        return {}
+    if (folder / "special_tokens_map.json").exists() or (folder / "added_tokens.json").exists():
+        return {}
+    try:
+        config = json.loads(config_json.read_text("utf-8"))
+        if not isinstance(config, dict) or "added_tokens_decoder" in config:
+            return {}
+        text = tokenizer_json.read_text("utf-8")
+        found = _ADDED_TOKENS_KEY.search(text)
+        model = _MODEL_KEY.search(text)
+        if found is None or (model is not None and model.start() < found.start()):
+            return {}  # not the top-level key of a Hugging Face tokenizer.json (it comes before "model")
+        entries, _ = json.JSONDecoder().raw_decode(text, found.end() - 1)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    decoder = {}
+    for entry in entries if isinstance(entries, list) else ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int) or not isinstance(entry.get("content"), str):
+            return {}
+        decoder[entry["id"]] = {k: v for k, v in entry.items() if k != "id"}
+    return {"added_tokens_decoder": decoder} if decoder else {}
+
+
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False):
     offline_environment()
     from transformers import AutoTokenizer
 
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else added_tokens_hint(Path(source.path))
     try:
         with utf8_path(source.path) as folder:
             return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from lora_studio.core import nvml
+from lora_studio.core import garbage, nvml
 
 MiB = 1024**2
 GiB = 1024**3
@@ -151,7 +150,7 @@ class SamplingThread:
 def trim_heap(collect: bool = True) -> None:
     """Ask glibc to hand freed heap pages back to the OS, so RSS shows what was really freed."""
     if collect:
-        gc.collect()  # ~0.3 s with torch loaded: once per measurement, not more
+        garbage.collect()  # ~0.3 s with torch loaded: once per measurement, not more
     if not sys.platform.startswith("linux"):
         return
     try:

@@ -90,6 +90,7 @@ class MergePlan:
     disk_free_bytes: Optional[int]
     refusal: Optional[str] = None  # set: the merge must not start
     refusal_hint: str = ""
+    resize_vocabulary: bool = False  # the adapter brings added tokens: the base is resized to its tokenizer (in-memory)
 
     @property
     def disk_ok(self) -> bool:
@@ -193,6 +194,7 @@ def plan_merge(source: ModelSource, adapters: Sequence[AdapterSpec], options: Me
     from lora_studio.core.merge_streaming import stream_plan, streaming_refusal
 
     _check_request(adapters, options)
+    resize = _check_base(source, adapters, session)
     dtype = options.dtype or base_dtype(source, session)
     elem = ELEMENT_BYTES[dtype]
     adapter_bytes = sum(adapter_files.weights_file(a.path).stat().st_size for a in adapters)
@@ -211,6 +213,8 @@ def plan_merge(source: ModelSource, adapters: Sequence[AdapterSpec], options: Me
             stream_reason = "weighted combinations are built by PEFT in memory"
         else:
             stream_reason = streaming_refusal(adapters[0].path, sp.sources, _tied(cfg)) or ""
+        if not stream_reason and (resize or getattr(session, "tokenizer_source", None) is not None):
+            stream_reason = "the vocabulary is resized to the adapter's tokenizer (added tokens)"
     if sp is not None:
         output_bytes = sp.out_bytes
         model_bytes = sp.out_bytes
@@ -228,7 +232,8 @@ def plan_merge(source: ModelSource, adapters: Sequence[AdapterSpec], options: Me
     stream_peak = RUNTIME_BYTES + largest * (4 + elem + 4 + 4) + adapter_fp32
     predictions["streaming"] = EnginePrediction(
         "streaming", not stream_reason, stream_reason or "reads and writes one tensor at a time",
-        stream_peak, 0, 0 if session is not None else verify_one_model)
+        # with a session the reference is the loaded model; verification still loads the merged copy
+        stream_peak, 0, (model_bytes if options.verify else 0) if session is not None else verify_one_model)
     if session is not None and session.loaded:
         extra = 2 * largest * elem
         predictions["in-memory"] = EnginePrediction(
@@ -248,7 +253,7 @@ def plan_merge(source: ModelSource, adapters: Sequence[AdapterSpec], options: Me
     elif engine == "streaming" and not predictions["streaming"].available:
         refusal, hint = f"the streaming engine cannot do this merge: {stream_reason}", "use the in-memory engine (--engine in-memory)"
     free = _free_disk(options.out)
-    plan = MergePlan(engine, dtype, predictions, output_bytes, free)
+    plan = MergePlan(engine, dtype, predictions, output_bytes, free, resize_vocabulary=resize)
     if refusal is None and not plan.disk_ok:
         refusal = f"the output needs about {_gib(output_bytes)} but only {_gib(free)} is free at {Path(options.out).absolute().parent}"
         hint = "free some disk space or choose another output folder"
@@ -308,7 +313,7 @@ def merge_and_save(source: ModelSource, adapters: Sequence[AdapterSpec], options
     try:
         with atomic_output_dir(Path(options.out), overwrite=options.overwrite) as tmp:
             if engine == "in-memory" and session is None:
-                owned = session = _load_session(source, adapters, dtype, cancel, report)
+                owned = session = _load_session(source, adapters, dtype, cancel, report, resize=plan.resize_vocabulary)
             name = None
             if session is not None:  # the adapter (or combination) to merge becomes active: it is the reference
                 restore = (session.active_adapter, session.adapters_enabled)
@@ -326,7 +331,8 @@ def merge_and_save(source: ModelSource, adapters: Sequence[AdapterSpec], options
                 verification = _verify(source, adapters, options, dtype, tmp, session, cancel, report)
             provenance["verification"] = verification.to_json() if verification else None
             provenance["output"] = str(Path(options.out).absolute())
-            (tmp / "README.md").write_text(model_card.render(provenance), "utf-8")
+            # paths need not be UTF-8 on Linux: escape what cannot be written rather than fail at the very end
+            (tmp / "README.md").write_text(model_card.render(provenance), "utf-8", errors="backslashreplace")
             cancel.raise_if_cancelled()
             report(Progress(1, 1, "finishing", "steps"))
     finally:
@@ -349,7 +355,7 @@ def _run_streaming(source, adapter: AdapterSpec, dtype, tmp: Path, options: Merg
     check = dtype == "float16"
 
     def checked():
-        for name, t in stream_merged_tensors(sp, loaded, dtype, cancel=cancel, reuse_buffers=True):
+        for name, t in stream_merged_tensors(sp, loaded, dtype, cancel=cancel, reuse_buffers=True, ring=2, file_slices=True):
             # fp16 can overflow where the float32 sum did not: never write Inf silently
             # (bfloat16 and float32 share float32's range: a finite base plus a finite update stays finite)
             if check and name in targeted and not bool(torch.isfinite(t).all()):
@@ -357,10 +363,11 @@ def _run_streaming(source, adapter: AdapterSpec, dtype, tmp: Path, options: Merg
                                 "merge in bfloat16 or float32 instead")
             yield name, t
 
-    return _write(tmp, checked(), sp.out_plan, options, report)
+    # ring=2 + background: tensor i is written on a second thread while tensor i+1 is read and merged
+    return _write(tmp, checked(), sp.out_plan, options, report, background=True)
 
 
-def _write(tmp: Path, tensors, out_plan, options: MergeOptions, report):
+def _write(tmp: Path, tensors, out_plan, options: MergeOptions, report, background: bool = False):
     total = sum(DTYPE_SIZES[d] * _numel(s) for d, s in out_plan.values())
     count = len(out_plan)
     state = {"bytes": 0, "tensors": 0}
@@ -372,7 +379,7 @@ def _write(tmp: Path, tensors, out_plan, options: MergeOptions, report):
 
     report(Progress(0, total, f"merging tensor 0/{count}", "bytes"))
     paths = write_state_dict(tmp, tensors, out_plan, max_shard_bytes=options.max_shard_bytes, on_tensor=on_tensor,
-                             metadata={"merged_by": f"lora-studio {__version__}"})
+                             metadata={"merged_by": f"lora-studio {__version__}"}, background=background)
     return [p.name for p in paths], state["bytes"]
 
 
@@ -383,7 +390,7 @@ def _numel(shape) -> int:
     return n
 
 
-def _load_session(source, adapters: Sequence[AdapterSpec], dtype, cancel, report):
+def _load_session(source, adapters: Sequence[AdapterSpec], dtype, cancel, report, resize: bool = False):
     from lora_studio.core.session import Session
 
     session = Session()
@@ -391,7 +398,7 @@ def _load_session(source, adapters: Sequence[AdapterSpec], dtype, cancel, report
         report(Progress(0, None, f"loading {source.label} in {dtype}"))
         session.load(source, dtype=dtype, cancel=cancel, report=report)
         for a in adapters:
-            session.attach(a.path, a.name, cancel=cancel, report=report)
+            session.attach(a.path, a.name, resize_embeddings=resize, cancel=cancel, report=report)
     except BaseException:
         session.close()
         raise
@@ -457,12 +464,60 @@ def _write_config_from_model(model, source: ModelSource, tmp: Path, dtype: str) 
         del config.quantization_config
     config.save_pretrained(str(tmp))
     path = tmp / "config.json"
-    path.write_text(json.dumps(_clean_config(json.loads(path.read_text("utf-8")), dtype), indent=2, sort_keys=True) + "\n", "utf-8")
+    cfg = _clean_config(json.loads(path.read_text("utf-8")), dtype)
+    if _tied(cfg) and _embeddings_saved_apart(tmp, model):
+        # a head trained apart from the embedding (modules_to_save): tying them again on load would throw it away
+        cfg["tie_word_embeddings"] = False
+        if isinstance(cfg.get("text_config"), dict):
+            cfg["text_config"]["tie_word_embeddings"] = False
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", "utf-8")
     gen = source.path / "generation_config.json"
     if not source.gguf_file and gen.is_file():
         shutil.copyfile(gen, tmp / gen.name)
     elif getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(tmp))
+
+
+def _embeddings_saved_apart(tmp: Path, model) -> bool:
+    """Whether the written shards hold both the input embedding and a separate output embedding."""
+    names = {n for h in read_headers(tmp) for n in h.tensors}
+    modules = {id(m): n for n, m in model.named_modules()}
+    found = []
+    for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+        name = modules.get(id(emb)) if emb is not None else None
+        found.append(name is not None and f"{name}.weight" in names)
+    return all(found)
+
+
+def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session) -> bool:
+    """Refusals that depend on the base, before anything is written: code it would need, quantized weights,
+    adapters whose shapes do not fit (headers only). Returns True when the single adapter brings added tokens
+    and its own tokenizer, so the base must be resized to it (the in-memory engine does that)."""
+    from lora_studio.core import compatibility
+    from lora_studio.core.loading import check_remote_code
+
+    cfg = _base_config(source)
+    quant = compatibility.quantization_label(cfg) or getattr(session, "quantization", None)
+    if quant:
+        raise UserError(f"{source.label} is quantized ({quant}): merging into quantized weights would round the adapter's update away",
+                        "merge into the full-precision base model, then quantize the merged folder if you need to")
+    if session is not None:
+        return False  # the session's adapters were checked against it when they were attached
+    check_remote_code(source, False)
+    folder = _base_folder(source)
+    if folder is None:
+        return False  # a GGUF base: the adapters are checked when the in-memory engine attaches them
+    shapes = compatibility.weight_shapes_from_headers(folder)
+    arch = (cfg.get("architectures") or [""])[0] if isinstance(cfg.get("architectures"), list) else ""
+    resize = False
+    for a in adapters:
+        try:
+            compatibility.check(Path(a.path), shapes, base_label=source.label, architecture=arch)
+        except compatibility.VocabularyMismatch as mismatch:
+            if not (len(adapters) == 1 and mismatch.adapter_has_tokenizer and mismatch.adapter_vocab > mismatch.base_vocab):
+                raise
+            resize = True
+    return resize
 
 
 def _copy_tokenizer(source: ModelSource, tmp: Path, session) -> None:

@@ -67,15 +67,17 @@ class InMemoryPlan:
         base = peft_model.get_base_model()
         modules = dict(base.named_modules())
         self.entries: dict[str, tuple[str, object, Optional[str]]] = {}  # out name -> (how, module or tensor, param)
-        seen_storage: set[int] = set()
+        seen_storage: dict[int, str] = {}  # storage -> the out name that saves it
         for key, tensor in base.state_dict(keep_vars=True).items():
             if ".lora_" in key or ".modules_to_save." in key or ".token_adapter." in key:
                 continue
+            if ".original_module." in key:
+                # modules_to_save: the adapter's own copy is what gets saved, even where the original is tied
+                owner, pname = key.rsplit(".original_module.", 1)
+                copies = getattr(modules[owner], "modules_to_save", {})
+                if adapter_name in copies:
+                    tensor = copies[adapter_name].state_dict(keep_vars=True)[pname]
             ptr = tensor.data_ptr() if tensor.numel() else None
-            if ptr is not None and ptr in seen_storage:
-                continue  # a tied weight: saved once, tied again by the config on load
-            if ptr is not None:
-                seen_storage.add(ptr)
             if ".base_layer." in key:
                 owner, pname = key.rsplit(".base_layer.", 1)
                 out = f"{owner}.{pname}"
@@ -85,17 +87,21 @@ class InMemoryPlan:
                                     "merge it in a Python script with PEFT's merge_and_unload")
                 if isinstance(module, LoraLayer) and pname in ("weight", "bias") and (
                         adapter_name in getattr(module, "lora_A", {}) or adapter_name in getattr(module, "lora_embedding_A", {})):
-                    self.entries[out] = ("lora", module, pname)
+                    entry = ("lora", module, pname)
                 else:
-                    self.entries[out] = ("tensor", tensor, None)
-            elif ".original_module." in key:
-                owner, pname = key.rsplit(".original_module.", 1)
-                module = modules[owner]
-                copies = getattr(module, "modules_to_save", {})
-                source = copies[adapter_name] if adapter_name in copies else module.original_module
-                self.entries[f"{owner}.{pname}"] = ("tensor", source.state_dict(keep_vars=True)[pname], None)
+                    entry = ("tensor", tensor, None)
             else:
-                self.entries[key] = ("tensor", tensor, None)
+                out = ".".join(key.rsplit(".original_module.", 1))  # modules_to_save: saved under the module's own name
+                entry = ("tensor", tensor, None)  # for modules_to_save: the adapter's copy, chosen above
+            if ptr is not None and ptr in seen_storage:
+                # A tied weight is saved once and tied again by the config on load, unless the adapter changes one
+                # side only (LoRA on a tied lm_head or embedding): then both are saved and the merge unties them,
+                # so the merged model behaves like the adapter model.
+                if entry[0] != "lora" and self.entries[seen_storage[ptr]][0] != "lora":
+                    continue
+            elif ptr is not None:
+                seen_storage[ptr] = out
+            self.entries[out] = entry
 
     def shapes(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         plan = {}

@@ -32,7 +32,7 @@ from typing import Iterator, Optional
 from lora_studio.core import adapter_files
 from lora_studio.core.errors import UserError
 from lora_studio.core.safetensors_io import (
-    DTYPE_SIZES, TensorInfo, read_headers, read_tensor, st_dtype, torch_dtype,
+    DTYPE_SIZES, FileSlice, TensorInfo, read_headers, read_tensor, st_dtype, torch_dtype,
 )
 from lora_studio.core.tasks import CancelToken
 
@@ -188,9 +188,9 @@ class _Scratch:
     """Flat buffers reused from tensor to tensor.
 
     A fresh 50 MB tensor per weight costs page faults and zeroing on every use; reusing
-    three buffers (read, float32 update, output) nearly halves the merge time. The
-    matmul writes into a 64-byte-aligned buffer exactly like a fresh tensor, so the bits
-    do not change (the tests compare the saved folder with PEFT's merge).
+    the buffers (read, float32 update, upcast block, output) nearly halves the merge time.
+    The matmul writes into a 64-byte-aligned buffer exactly like a fresh tensor, so the
+    bits do not change (the tests compare the saved folder with PEFT's merge).
     """
 
     def __init__(self) -> None:
@@ -218,66 +218,101 @@ def _pread_into(fd: int, info: TensorInfo, path: Path, out_bytes) -> None:
         done += got
 
 
-def _merged_into(scratch: _Scratch, weight, a, b, scaling: float, fan_in_fan_out: bool):
-    """``merged_tensor`` for a linear weight, writing into reused buffers; same bits."""
+def _merged_into(scratch: _Scratch, weight, a, b, scaling: float, fan_in_fan_out: bool, slot: int = 0):
+    """``merged_tensor`` for a linear weight, writing into reused buffers; same bits.
+
+    PEFT adds the float32 update to a half-precision weight with a mixed-dtype in-place add;
+    torch runs that add several times slower than upcasting the weight (exact) and adding
+    float32 to float32, which computes the same float32 sums; the sum is then rounded once.
+    Each step is one whole-tensor operation: many small blocks would each pay torch's
+    thread-pool hand-off, which on a busy machine costs more than the arithmetic.
+    """
     import torch
 
     m, n = b.shape[0], a.shape[1]
-    delta = scratch.get("delta", torch.float32, (m, n))
-    torch.mm(b, a, out=delta)
+    # the buffer that is returned belongs to this ring slot; the others are free again once this returns
+    delta = scratch.get(f"delta{slot}" if weight.dtype == torch.float32 else "delta", torch.float32, (m, n))
+    torch.mm(b, a, out=delta)  # the same float32 matmul call as PEFT's (chunking it would change the bits)
     if fan_in_fan_out:
         delta = delta.T
     if delta.shape != weight.shape:
         raise UserError(f"the adapter's update has shape {tuple(delta.shape)} but the base weight has {tuple(weight.shape)}",
                         "the adapter was trained for another model")
+    # PEFT: ``weight += delta * scaling``. IEEE addition is commutative, so adding the weight into the
+    # scaled float32 update gives the same float32 sums without touching the weight.
     delta.mul_(scaling)
-    delta.add_(weight)
-    if delta.dtype == weight.dtype and delta.is_contiguous():
-        return delta
-    out = scratch.get("out", weight.dtype, tuple(weight.shape))
+    if weight.dtype == torch.float32:
+        delta.add_(weight)  # float32 base: no upcast copy, and the update buffer is the output
+        if delta.is_contiguous():
+            return delta
+    else:
+        upcast = scratch.get("upcast", torch.float32, tuple(weight.shape))
+        upcast.copy_(weight)  # bfloat16/float16 -> float32 is exact
+        delta.add_(upcast)
+    out = scratch.get(f"out{slot}", weight.dtype, tuple(weight.shape))
     out.copy_(delta)  # the same round-to-nearest-even conversion as .to()
     return out
 
 
 def stream_merged_tensors(plan: StreamPlan, adapter: Optional[StreamingAdapter], out_dtype: str, *,
-                          cancel: Optional[CancelToken] = None, reuse_buffers: bool = False) -> Iterator[tuple[str, object]]:
+                          cancel: Optional[CancelToken] = None, reuse_buffers: bool = False, ring: int = 1,
+                          file_slices: bool = False) -> Iterator[tuple[str, object]]:
     """Yield ``(name, merged tensor)`` in ``plan`` order, one tensor in memory at a time.
 
     ``reuse_buffers``: yielded tensors live in buffers that the next tensor overwrites;
     only for a consumer that is done with each tensor before asking for the next (the writer).
+    ``ring``: with reuse_buffers, how many yielded tensors stay valid at once (2: a yielded tensor
+    is overwritten only when the next-but-one is requested, for a writer on another thread).
+    ``file_slices``: a tensor the merge leaves unchanged (same dtype, no update) is yielded as a
+    :class:`~lora_studio.core.safetensors_io.FileSlice` for the writer to copy file to file.
     """
     import torch
 
     target = getattr(torch, out_dtype)
+    target_st = st_dtype(target)
     scratch = _Scratch() if reuse_buffers else None
     fds: dict[Path, int] = {}
+    produced = 0
     try:
         for name, (path, info) in plan.sources.items():
             if cancel is not None:
                 cancel.raise_if_cancelled()
+            replacement = adapter.replacements.get(name) if adapter is not None else None
+            update = adapter.updates.get(name) if adapter is not None else None
+            if (file_slices and replacement is None and update is None and info.nbytes > 0
+                    and (info.dtype == target_st or info.dtype not in FLOAT_ST_DTYPES)):
+                yield name, FileSlice(Path(path), info.dtype, info.shape, info.begin, info.nbytes)
+                continue
+            slot = produced % max(1, ring)
+            produced += 1
             fd = fds.get(path)
             if fd is None:
                 fd = fds[path] = os.open(path, os.O_RDONLY)
-            replacement = adapter.replacements.get(name) if adapter is not None else None
             if replacement is not None:
                 if tuple(replacement.shape) != info.shape:
                     raise UserError(f"the adapter's {name} has shape {tuple(replacement.shape)}, the base's {info.shape}",
                                     "the adapter was trained for another model or vocabulary")
                 tensor = replacement.clone()
             elif scratch is not None and info.nbytes > 0:
-                raw = scratch.get("read", torch.uint8, (info.nbytes,))
+                # a linear weight with an update is only an input (the output has its own buffer): one shared buffer
+                only_input = update is not None and update[0] != "embedding"
+                raw = scratch.get("read" if only_input else f"read{slot}", torch.uint8, (info.nbytes,))
                 _pread_into(fd, info, path, raw)
                 tensor = raw.view(torch_dtype(info.dtype)).view(info.shape)
             else:
                 tensor = read_tensor(info, path, fd)
             if tensor.is_floating_point() and tensor.dtype != target:
-                tensor = tensor.to(target)
-            update = adapter.updates.get(name) if adapter is not None else None
+                if scratch is not None and replacement is None:
+                    cast = scratch.get(f"cast{slot}", target, info.shape)
+                    cast.copy_(tensor)  # the same conversion as .to()
+                    tensor = cast
+                else:
+                    tensor = tensor.to(target)
             if update is not None:
                 kind, a, b, scaling = update
                 with torch.no_grad():
                     if scratch is not None and kind != "embedding":
-                        tensor = _merged_into(scratch, tensor, a, b, scaling, adapter.fan_in_fan_out)
+                        tensor = _merged_into(scratch, tensor, a, b, scaling, adapter.fan_in_fan_out, slot)
                     else:
                         tensor = merged_tensor(tensor, kind, a, b, scaling, adapter.fan_in_fan_out)
             yield name, tensor

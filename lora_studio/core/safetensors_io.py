@@ -179,11 +179,89 @@ def read_tensor(info: TensorInfo, path: Path, fd: Optional[int] = None):
     return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(info.shape)
 
 
+@dataclass(frozen=True)
+class FileSlice:
+    """A tensor's bytes left in a source file, written to the output by a file-to-file copy.
+
+    A writer copies them with ``os.copy_file_range`` (inside the kernel, no buffer in this
+    process) instead of reading them into memory first; used for tensors a merge leaves as they are.
+    """
+
+    path: Path
+    dtype: str  # safetensors spelling
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+_WRITEBACK = None
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing these bytes to disk now, without waiting (Linux ``sync_file_range``).
+
+    Without it the dirty pages of a fresh shard sit in memory until the closing fsync, which then
+    writes the whole shard while nothing else happens; started early, the disk writes overlap the
+    merge arithmetic and the closing fsync has little left to do. Elsewhere: a no-op.
+    """
+    global _WRITEBACK
+    if _WRITEBACK is None:
+        _WRITEBACK = False
+        try:
+            import ctypes
+            import ctypes.util
+            import sys
+
+            if sys.platform.startswith("linux"):
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                fn = libc.sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _WRITEBACK = fn
+        except (OSError, AttributeError):
+            _WRITEBACK = False
+    if _WRITEBACK and nbytes > 0:
+        _WRITEBACK(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE: start writeback, do not wait; errors surface at fsync
+
+
+def _write_all(fd: int, data) -> int:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.write(fd, view[done:])
+    return done
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int, name: str, path: Path) -> None:
+    """Append ``nbytes`` of ``src_fd`` from ``offset`` to ``dst_fd`` (at its position), file to file."""
+    done = 0
+    fast = hasattr(os, "copy_file_range")
+    while done < nbytes:
+        n = min(nbytes - done, 1 << 30)
+        got = -1
+        if fast:
+            try:
+                got = os.copy_file_range(src_fd, dst_fd, n, offset + done)
+            except OSError as exc:
+                if exc.errno not in (18, 22, 38, 95, 1):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP, EPERM: not here
+                    raise
+                fast = False
+                continue
+        else:
+            block = os.pread(src_fd, min(n, 16 * 1024**2), offset + done)
+            got = _write_all(dst_fd, block) if block else 0
+        if got <= 0:
+            raise UserError(f"{Path(path).name} ended early while reading {name}", "the file is truncated")
+        done += got
+
+
 class ShardWriter:
     """Writes one safetensors file tensor by tensor in a declared order.
 
     ``plan`` gives name -> (safetensors dtype, shape) in the order tensors will be
-    written; the header is written first, then each :meth:`write` appends bytes.
+    written; the header is written first, then each :meth:`write` appends bytes (a
+    tensor, or a :class:`FileSlice` copied file to file). Writeback to disk is started
+    after each tensor, so the closing fsync does not write the whole shard at once.
     """
 
     def __init__(self, path: Path, plan: Mapping[str, tuple[str, tuple[int, ...]]], metadata: Optional[dict] = None):
@@ -204,35 +282,66 @@ class ShardWriter:
         self._plan = {k: (v[0], tuple(v[1])) for k, v in plan.items()}
         self._next = 0
         self.nbytes = 8 + len(raw) + offset
-        self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
+        self._fd: Optional[int] = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+        self._src: dict[Path, int] = {}
+        self._pos = 0
+        self._flushed = 0  # bytes handed to writeback so far
+        try:
+            self._pos += _write_all(self._fd, struct.pack("<Q", len(raw)) + raw)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
 
     def write(self, name: str, tensor) -> int:
         expected = self._order[self._next]
         if name != expected:
             raise RuntimeError(f"ShardWriter: expected {expected}, got {name}")
         dtype, shape = self._plan[name]
-        if tuple(tensor.shape) != shape or st_dtype(tensor.dtype) != dtype:
-            raise RuntimeError(f"ShardWriter: {name} is {st_dtype(tensor.dtype)}{tuple(tensor.shape)}, planned {dtype}{shape}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
-        self._file.write(memoryview(data))
+        if isinstance(tensor, FileSlice):
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise RuntimeError(f"ShardWriter: {name} is {tensor.dtype}{tuple(tensor.shape)}, planned {dtype}{shape}")
+            src = self._src.get(tensor.path)
+            if src is None:
+                src = self._src[tensor.path] = os.open(tensor.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            _copy_range(src, self._fd, tensor.offset, tensor.nbytes, name, tensor.path)
+            n = tensor.nbytes
+        else:
+            if tuple(tensor.shape) != shape or st_dtype(tensor.dtype) != dtype:
+                raise RuntimeError(f"ShardWriter: {name} is {st_dtype(tensor.dtype)}{tuple(tensor.shape)}, planned {dtype}{shape}")
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
+            n = _write_all(self._fd, data) if data.nbytes else 0
+        self._pos += n
         self._next += 1
-        return data.nbytes
+        if self._pos - self._flushed >= 8 * 1024**2:
+            _start_writeback(self._fd, self._flushed, self._pos - self._flushed)
+            self._flushed = self._pos
+        return n
 
     def close(self) -> None:
-        if self._file.closed:
+        if self._fd is None:
             return
         complete = self._next == len(self._order)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            os.fsync(self._fd)
+        finally:
+            self._close_fds()
         if not complete:
             raise RuntimeError(f"ShardWriter: {self.path.name} closed after {self._next}/{len(self._order)} tensors")
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in self._src.values():
+            os.close(fd)
+        self._src.clear()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
 def plan_shards(plan: Mapping[str, tuple[str, tuple[int, ...]]], max_shard_bytes: int) -> list[dict]:
@@ -267,36 +376,120 @@ def write_index(folder: Path, shards: list[dict], names: list[str], total_size: 
 
 def write_state_dict(folder: Path, tensors: Iterator[tuple[str, object]], plan: Mapping[str, tuple[str, tuple[int, ...]]],
                      *, max_shard_bytes: int = 2 * 1024**3, metadata: Optional[dict] = None,
-                     on_tensor=None) -> list[Path]:
+                     on_tensor=None, background: bool = False) -> list[Path]:
     """Write tensors (yielded in ``plan`` order) as safetensors shards plus an index.
 
     Tensors are consumed one at a time, so peak memory is one tensor whatever the model size.
+
+    ``background``: a second thread writes each tensor while the iterator produces the next one
+    (file writes release the GIL, and so does torch's arithmetic). The iterator must leave a
+    yielded tensor untouched until the next-but-one is requested: at most two are alive, the
+    one being written and the one being computed (``stream_merged_tensors(..., ring=2)``).
+    ``on_tensor`` is still called on this thread, in order.
     """
     shards = plan_shards(plan, max_shard_bytes)
     names = shard_names(len(shards))
     meta = {"format": "pt", **(metadata or {})}
-    paths = []
-    total = 0
     it = iter(tensors)
-    for shard, name in zip(shards, names):
-        writer = ShardWriter(Path(folder) / name, shard, meta)
-        try:
-            for expected in shard:
-                got_name, tensor = next(it)
-                if got_name != expected:
-                    raise RuntimeError(f"tensor stream out of order: {got_name} before {expected}")
-                n = writer.write(got_name, tensor)
-                total += n
-                del tensor
-                if on_tensor is not None:
-                    on_tensor(got_name, n)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        paths.append(writer.path)
+    if background:
+        paths, total = _write_shards_in_background(folder, shards, names, meta, it, on_tensor)
+    else:
+        paths, total = [], 0
+        for shard, name in zip(shards, names):
+            writer = ShardWriter(Path(folder) / name, shard, meta)
+            try:
+                for expected in shard:
+                    got_name, tensor = _next_in_order(it, expected)
+                    n = writer.write(got_name, tensor)
+                    total += n
+                    del tensor
+                    if on_tensor is not None:
+                        on_tensor(got_name, n)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            paths.append(writer.path)
     write_index(folder, shards, names, total)
     return paths
+
+
+def _next_in_order(it, expected: str):
+    try:
+        got_name, tensor = next(it)
+    except StopIteration:
+        raise RuntimeError(f"tensor stream ended before {expected}") from None
+    if got_name != expected:
+        raise RuntimeError(f"tensor stream out of order: {got_name} before {expected}")
+    return got_name, tensor
+
+
+class _WriterStopped(Exception):
+    pass
+
+
+def _write_shards_in_background(folder: Path, shards: list[dict], names: list[str], meta: dict, it, on_tensor):
+    import queue
+    import threading
+
+    todo: queue.Queue = queue.Queue()  # (name, tensor), or None: stop
+    written: queue.Queue = queue.Queue()  # (name, nbytes) per tensor written, then ("", paths); or an exception
+    paths: list[Path] = []
+
+    def run() -> None:
+        try:
+            for shard, name in zip(shards, names):
+                writer = ShardWriter(Path(folder) / name, shard, meta)
+                try:
+                    for _ in shard:
+                        item = todo.get()
+                        if item is None:
+                            raise _WriterStopped()
+                        n = writer.write(item[0], item[1])
+                        written.put((item[0], n))
+                        del item
+                    writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+                paths.append(writer.path)
+            written.put(("", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
+            written.put(exc)
+
+    thread = threading.Thread(target=run, name="lora-studio-shard-writer", daemon=True)
+    thread.start()
+    total = produced = done = 0
+
+    def take() -> None:
+        nonlocal total, done
+        item = written.get()
+        if isinstance(item, BaseException):
+            raise item
+        name, n = item
+        if n is None:
+            return
+        total += n
+        done += 1
+        if on_tensor is not None:
+            on_tensor(name, n)
+
+    try:
+        for shard in shards:
+            for expected in shard:
+                while done < produced - 1:  # the iterator is about to reuse the buffer of the tensor two back
+                    take()
+                todo.put(_next_in_order(it, expected))
+                produced += 1
+        while done < produced:
+            take()
+        take()  # the writer's end: every shard closed and fsynced
+    except BaseException:
+        todo.put(None)
+        thread.join()
+        raise
+    thread.join()
+    return paths, total
 
 
 @contextmanager

@@ -7,13 +7,12 @@ session's lock makes a second concurrent caller wait rather than corrupt state.
 
 from __future__ import annotations
 
-import gc
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from lora_studio.core import adapter_files, compatibility
+from lora_studio.core import adapter_files, compatibility, garbage
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.estimate import ModelFootprint, read_footprint
 from lora_studio.core.paths import utf8_path
@@ -51,6 +50,7 @@ class Session:
         self.model = None  # the transformers model, or a PeftModel wrapping it
         self.tokenizer = None
         self.tokenizer_source: Optional[Path] = None  # an adapter folder whose tokenizer replaced the base's
+        self.quantization: Optional[str] = None  # e.g. "bitsandbytes 4-bit" when the base's weights are quantized
         self.dtype: Optional[str] = None
         self.device_map: Optional[str] = None
         self.adapters: dict[str, AttachedAdapter] = {}
@@ -105,10 +105,19 @@ class Session:
 
         cancel = cancel or CancelToken()
         footprint = read_footprint(source)
-        model, tokenizer = load_base(source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
-                                     cancel=cancel, report=report)
+        quant = None if source.gguf_file else compatibility.quantization_label(_read_config(source.path))
+        try:
+            model, tokenizer = load_base(source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
+                                         cancel=cancel, report=report)
+        except ImportError as exc:  # transformers names a missing quantization (or other optional) library
+            first = " ".join(str(exc).split())[:200]
+            if quant:
+                raise UserError(f"{source.label} is quantized ({quant}) and cannot be loaded here: {first}",
+                                "install that library (it may need a GPU), or load the full-precision model") from exc
+            raise UserError(f"cannot load {source.label}: {first}", "install the missing library, or pick another model") from exc
         with self.lock:
             self._release()
+            self.quantization = quant
             self.source, self.footprint = source, footprint
             self.model, self.tokenizer = model, tokenizer
             self.dtype, self.device_map = dtype, device_map
@@ -122,6 +131,7 @@ class Session:
         self.model = None
         self.tokenizer = None
         self.tokenizer_source = None
+        self.quantization = None
         self.source = None
         self.footprint = None
         self.adapters.clear()
@@ -301,6 +311,16 @@ class Session:
         return total
 
 
+def _read_config(folder: Path) -> dict:
+    import json
+
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}  # loading says what is wrong with it
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def validate_adapter_name(name: str) -> str:
     name = name.strip()
     if not name:
@@ -312,7 +332,7 @@ def validate_adapter_name(name: str) -> str:
 
 def release_memory() -> None:
     """Give freed tensors back: collect cycles and empty torch's CUDA cache when CUDA is in use."""
-    gc.collect()
+    garbage.collect()
     import sys
 
     torch = sys.modules.get("torch")

@@ -12,6 +12,8 @@ from PySide6.QtWidgets import (QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
                                QProgressBar, QPushButton, QSpinBox, QSplitter, QTreeWidget, QTreeWidgetItem,
                                QVBoxLayout, QWidget)
 
+from lora_studio.core.compatibility import VocabularyMismatch
+from lora_studio.core.errors import UserError
 from lora_studio.core.memory import MemorySampler, format_bytes, measure_release
 from lora_studio.core.session import Session, SessionState
 from lora_studio.gui.jobs import JobRunner
@@ -36,6 +38,19 @@ def per_layer_norms(modules) -> tuple[list[str], list[float]]:
     return labels, values
 
 
+def read_loss_log(folder: Path):
+    """The adapter's loss.csv as a TrainingLog, its one-line problem as a str, or None when there is none."""
+    from lora_studio.core.training_log import find_loss_csv, read_loss_csv
+
+    path = find_loss_csv(folder) if folder.is_dir() else None
+    if path is None:
+        return None
+    try:
+        return read_loss_csv(path)
+    except UserError as exc:
+        return str(exc)
+
+
 class AdapterPanel(QWidget):
     changed = Signal(object)  # SessionState after any adapter change
     event = Signal(str)  # a chart marker: "attached alpha", "deleted beta"
@@ -48,6 +63,8 @@ class AdapterPanel(QWidget):
         self.state: Optional[SessionState] = None
         self._inspections: dict[str, object] = {}
         self.inspection = None
+        # Asked when an adapter brings added tokens; replaceable in tests.
+        self.confirm_resize = self._ask_resize
 
         self.attach_btn = QPushButton("Attach adapter folder…")
         self.attach_btn.clicked.connect(self.browse_attach)
@@ -110,6 +127,21 @@ class AdapterPanel(QWidget):
         insp_layout.addWidget(self.chart_title)
         insp_layout.addLayout(self.chart_host, 1)
         self.chart = None
+        # training loss from loss.csv beside the adapter; hidden when there is none
+        self.loss_box = QWidget()
+        loss_layout = QVBoxLayout(self.loss_box)
+        loss_layout.setContentsMargins(0, 0, 0, 0)
+        self.loss_title = QLabel("training loss (loss.csv)")
+        self.loss_title.setStyleSheet("color: palette(mid);")
+        self.loss_title.setWordWrap(True)
+        loss_layout.addWidget(self.loss_title)
+        self.loss_host = QVBoxLayout()
+        loss_layout.addLayout(self.loss_host, 1)
+        self.loss_box.hide()
+        insp_layout.addWidget(self.loss_box, 1)
+        self.loss_chart = None
+        self.loss_values = None  # (train steps, train values, val steps, val values) as drawn
+        self._loss_logs: dict[str, object] = {}
         self.fields["name"].setText("select an adapter in the list to inspect it")
 
         # quick generate
@@ -231,7 +263,7 @@ class AdapterPanel(QWidget):
             on_done(result)
             self.show_state(self.session.state())
             self.changed.emit(self.state)
-            if marker:
+            if marker and not isinstance(result, Exception):  # a refusal handed back for a question marks nothing
                 self.event.emit(marker)
 
         def failed(desc):
@@ -257,6 +289,7 @@ class AdapterPanel(QWidget):
 
     def clear_inspector(self) -> None:
         self.inspection = None
+        self.show_loss(None)
         for label in self.fields.values():
             label.setText("–")
         self.fields["name"].setText("select an adapter in the list to inspect it")
@@ -277,14 +310,22 @@ class AdapterPanel(QWidget):
             name, n = f"{base}-{n}", n + 1
         return name
 
-    def attach(self, path: str, name: Optional[str] = None):
+    def attach(self, path: str, name: Optional[str] = None, *, resize_embeddings: bool = False):
         name = name or self.unique_name(path)
         session = self.session
 
         def run(*, cancel, report):
-            return session.attach(Path(path), name, cancel=cancel, report=report)
+            try:
+                return session.attach(Path(path), name, resize_embeddings=resize_embeddings, cancel=cancel, report=report)
+            except VocabularyMismatch as mismatch:
+                if resize_embeddings or not mismatch.adapter_has_tokenizer or mismatch.adapter_vocab < mismatch.base_vocab:
+                    raise
+                return mismatch  # the GUI thread asks the user, then attaches again with resizing
 
         def done(attached):
+            if isinstance(attached, VocabularyMismatch):
+                self._offer_resize(path, name, attached)
+                return
             text = f"attached {attached.name} ({format_bytes(attached.size_bytes)})"
             if attached.warnings:
                 self.message.show_message(text + " — " + "; ".join(attached.warnings), "warn")
@@ -294,6 +335,23 @@ class AdapterPanel(QWidget):
 
         self.message.show_message(f"attaching {name}…")
         return self._run(f"attaching {name}", run, done, marker=f"attached {name}")
+
+    def _offer_resize(self, path: str, name: str, mismatch: VocabularyMismatch) -> None:
+        if self.confirm_resize(mismatch):
+            self.attach(path, name, resize_embeddings=True)
+        else:
+            self.message.show_message(f"{mismatch.message} — not attached", "warn")
+
+    def _ask_resize(self, mismatch: VocabularyMismatch) -> bool:
+        from PySide6.QtWidgets import QMessageBox
+
+        answer = QMessageBox.question(
+            self, "Resize the vocabulary?",
+            f"{mismatch.message}.\n\nThe adapter folder has its own tokenizer with the added tokens. Resize the base's "
+            f"embeddings to {mismatch.adapter_vocab} tokens and use that tokenizer? (The files on disk are not changed; "
+            "a merge saves the adapter's tokenizer with the model.)",
+            QMessageBox.Yes | QMessageBox.No, QMessageBox.Yes)
+        return answer == QMessageBox.Yes
 
     def activate_selected(self) -> None:
         name = self.selected_name()
@@ -381,18 +439,22 @@ class AdapterPanel(QWidget):
             return
         if name in self._inspections:
             self.show_inspection(self._inspections[name])
+            self.show_loss(self._loss_logs.get(name))
             return
         from lora_studio.core.inspection import inspect_adapter
 
         params = self.state.params
 
         def run(*, cancel, report):
-            return inspect_adapter(Path(path), name=name, base_params=params)
+            return inspect_adapter(Path(path), name=name, base_params=params), read_loss_log(Path(path))
 
-        def done(insp):
+        def done(result):
+            insp, loss = result
             self._inspections[name] = insp
+            self._loss_logs[name] = loss
             if self.selected_name() == name:
                 self.show_inspection(insp)
+                self.show_loss(loss)
 
         self.runner.submit(f"inspecting {name}", run, exclusive=False, key="inspect", on_done=done,
                            on_error=lambda d: self.fields["notes"].setText(d.message))
@@ -436,3 +498,47 @@ class AdapterPanel(QWidget):
             plot.setXRange(-0.6, len(xs) - 0.4, padding=0)
             plot.setYRange(0, max(values) * 1.1 or 1, padding=0)
         self.chart_values = (labels, values)
+
+    def show_loss(self, log) -> None:
+        """Train/validation loss from the adapter's loss.csv; hidden when it has none."""
+        if log is None:
+            self.loss_box.hide()
+            self.loss_values = None
+            return
+        self.loss_box.show()
+        if isinstance(log, str):
+            self.loss_title.setText(f"training loss: {log}")
+            if self.loss_chart is not None:
+                self.loss_chart.hide()
+            self.loss_values = None
+            return
+        import pyqtgraph as pg  # lazy: ~1 s to import, preloaded after the window shows
+
+        if self.loss_chart is None:
+            self.loss_chart = pg.PlotWidget()
+            self.loss_chart.setMinimumHeight(110)
+            self.loss_chart.setBackground("w")
+            self.loss_chart.showGrid(x=True, y=True, alpha=0.25)
+            self.loss_chart.setMouseEnabled(x=False, y=False)
+            self.loss_chart.hideButtons()
+            self.loss_chart.getPlotItem().setMenuEnabled(False)
+            self.loss_chart.setLabel("bottom", "step")
+            self.loss_chart.setLabel("left", "loss")
+            self.loss_chart.addLegend(offset=(-6, 4), brush=pg.mkBrush(255, 255, 255, 210), labelTextSize="8pt")
+            self.loss_host.addWidget(self.loss_chart, 1)
+        self.loss_chart.show()
+        plot = self.loss_chart.getPlotItem()
+        plot.clear()
+        train, val = log.train, log.val
+        if len(train):
+            plot.plot(list(train.steps), list(train.values), pen=pg.mkPen("#4c78a8", width=2), name="train")
+        if len(val):
+            plot.plot(list(val.steps), list(val.values), pen=pg.mkPen("#e45756", width=2), name="validation",
+                      symbol="o", symbolSize=5, symbolBrush="#e45756", symbolPen=None)
+        parts = [f"train {train.last:.3f} (best {train.best:.3f})" if len(train) else "",
+                 f"validation {val.last:.3f} (best {val.best:.3f})" if len(val) else ""]
+        title = "training loss (loss.csv): " + ", ".join(p for p in parts if p)
+        if log.warnings:
+            title += " — " + "; ".join(log.warnings)
+        self.loss_title.setText(title)
+        self.loss_values = (list(train.steps), list(train.values), list(val.steps), list(val.values))

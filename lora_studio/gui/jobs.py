@@ -38,6 +38,11 @@ PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress updates a second reach the GU
 # Workers (and the torch/OpenMP threads they spawn, which inherit it) run at a lower CPU priority than
 # the GUI thread, so a machine busy with a load or a merge still repaints the window promptly.
 WORKER_NICE = 5
+# The GIL: while a worker runs Python (a model's forward pass, transformers' loading loops) the GUI thread gets
+# the GIL back only when the worker is made to drop it, after the interpreter's switch interval (5 ms by
+# default). A pyqtgraph repaint calls into Python from C++ dozens of times, each one waiting that long:
+# measured, a chart repaint beside a busy Python thread takes ~20 ms at 5 ms and ~12 ms at 1 ms (alone: 7 ms).
+GIL_SWITCH_INTERVAL_S = 0.001
 _niced: set[int] = set()
 
 
@@ -149,6 +154,10 @@ class JobRunner(QObject):
 
     def __init__(self, parent: Optional[QObject] = None, max_threads: int = 3) -> None:
         super().__init__(parent)
+        import sys
+
+        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # process-wide; only ever lowered
         self._pool = QThreadPool(self)
         self._pool.setMaxThreadCount(max_threads)
         self._bridge = _Bridge(self)

@@ -18,9 +18,12 @@ from PySide6.QtWidgets import (QDockWidget, QLabel, QMainWindow, QMenu, QProgres
 from lora_studio.core.memory import MemorySampler
 from lora_studio.core.session import Session
 from lora_studio.gui.adapter_panel import AdapterPanel
+from lora_studio.gui.compare_panel import ComparePanel
+from lora_studio.gui.gc_guard import GuiThreadGarbageCollector
 from lora_studio.gui.jobs import JobRunner
 from lora_studio.gui.log_panel import LogPanel
 from lora_studio.gui.memory_panel import MemoryMonitor, MemoryPanel
+from lora_studio.gui.merge_panel import MergePanel
 from lora_studio.gui.model_panel import ModelPanel
 from lora_studio.gui.settings import StudioSettings
 from lora_studio.gui.widgets import reset_progress, show_progress
@@ -62,7 +65,6 @@ def warm_up(*, cancel, report, safe_to_freeze=lambda: True) -> None:
         cancel.raise_if_cancelled()
         __import__(name)
     from transformers import AutoModelForCausalLM  # noqa: F401 - the lazy module a load needs first
-    gc.collect()
     # Only while no model exists or is being built: frozen objects are never cycle-collected.
     if safe_to_freeze():
         gc.freeze()
@@ -100,6 +102,7 @@ class MainWindow(QMainWindow):
         self.setDockNestingEnabled(True)
         self.session = session or Session()
         self.settings = settings or StudioSettings()
+        self.gc_guard = GuiThreadGarbageCollector(self)  # before any worker exists
         self.runner = JobRunner(self)
         self.monitor = MemoryMonitor(sampler, sample_interval_s, self)
         gpus = len(self.monitor.sampler.read_gpus())
@@ -115,6 +118,10 @@ class MainWindow(QMainWindow):
         for title, text in PLACEHOLDERS.items():
             self.tabs.addTab(self._placeholder(text), title)
         self.setCentralWidget(self.tabs)
+        self.compare_panel = ComparePanel(self.runner, self.session)
+        self.set_tab("Compare", self.compare_panel)
+        self.merge_panel = MergePanel(self)
+        self.set_tab("Merge", self.merge_panel)
 
         self.model_dock = self._dock("Base model", self.model_panel, Qt.LeftDockWidgetArea, "dock-model")
         self.memory_dock = self._dock("Memory", self.memory_panel, Qt.BottomDockWidgetArea, "dock-memory")
@@ -226,6 +233,9 @@ class MainWindow(QMainWindow):
         r.busy_changed.connect(self._busy_changed)
         self.model_panel.loaded.connect(self._base_loaded)
         self.adapter_panel.changed.connect(lambda state: self.model_panel.show_state(state))
+        self.adapter_panel.changed.connect(self.compare_panel.show_state)
+        self.compare_panel.state_changed.connect(self.adapter_panel.show_state)
+        self.compare_panel.state_changed.connect(self.model_panel.show_state)
         self.adapter_panel.event.connect(self.memory_panel.mark)
         self.adapter_panel.released.connect(self._released)
         self.adapter_panel.adapter_attached.connect(self.settings.add_recent_adapter)
@@ -281,6 +291,7 @@ class MainWindow(QMainWindow):
     def _base_loaded(self, state) -> None:
         self.memory_panel.mark(f"loaded {state.base}")
         self.adapter_panel.show_state(state)
+        self.compare_panel.show_state(state)
         if state.base_path:
             self.settings.add_recent_base(state.base_path)
 
@@ -342,6 +353,8 @@ class MainWindow(QMainWindow):
                 self.memory_panel.mark(f"attached {names}")
                 self.log_panel.log(f"attached the demo adapters: {names} ({state.active_adapter} active)")
             self.status_label.setText(f"demo loaded: {state.base} with {len(state.adapters)} adapters")
+            self.compare_panel.prefill_demo()
+            self._log_since_start("demo ready")
 
         return self._guard(lambda: self.runner.submit("loading the demo model", run, on_done=done))
 
@@ -380,12 +393,27 @@ class MainWindow(QMainWindow):
     shown_at: Optional[float] = None  # time.time() of the first paint (startup measurement)
     _closed = False
 
+    def _log_since_start(self, what: str, until: str = "") -> None:
+        """'<what> after 1.23 s (process start → <until>)' in the log panel and on stdout."""
+        import time
+
+        import psutil
+
+        seconds = (self.shown_at if until == "first paint" and self.shown_at else time.time()) - psutil.Process().create_time()
+        line = f"{what} after {seconds:.2f} s (process start → {until or what})"
+        self.log_panel.log(line)
+        print(line, flush=True)
+
+    def _log_first_paint(self) -> None:
+        self._log_since_start("window interactive", "first paint")
+
     def paintEvent(self, event) -> None:
         super().paintEvent(event)
         if self.shown_at is None:
             import time
 
             self.shown_at = time.time()
+            QTimer.singleShot(0, self._log_first_paint)  # a bound slot: dropped if the window is gone by then
 
     def showEvent(self, event) -> None:
         super().showEvent(event)
@@ -418,3 +446,4 @@ class MainWindow(QMainWindow):
         self._closed = True
         self.monitor.close()
         self.runner.shutdown()
+        self.gc_guard.close()

@@ -22,6 +22,18 @@ MAX_MARKERS = 30
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
+def nice_ceiling(value: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 times a power of ten that is >= value (0.1 at least)."""
+    import math
+
+    value = max(value, 0.1)
+    power = 10 ** math.floor(math.log10(value))
+    for step in (1, 2, 2.5, 5, 10):
+        if step * power >= value - 1e-12:
+            return step * power
+    return 10 * power
+
+
 class MemoryMonitor(QObject):
     """Owns the sampler and its thread; re-emits each sample on the GUI thread."""
 
@@ -97,7 +109,11 @@ class MemoryPanel(QWidget):
         plot = pg.PlotWidget()
         plot.setMinimumHeight(140)
         plot.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Expanding)
-        plot.showGrid(x=True, y=True, alpha=0.25)
+        # Horizontal grid lines only: pyqtgraph draws a grid as part of its axis, so an x grid would make the
+        # bottom axis repaint with every sample too. The y range is set by _redraw in steps (not auto-ranged
+        # each sample), so the left axis is re-laid out only when the range grows or shrinks a step.
+        plot.showGrid(x=False, y=True, alpha=0.25)
+        plot.enableAutoRange(axis="y", enable=False)
         plot.setLabel("left", "GiB")
         plot.setLabel("bottom", "seconds ago")
         plot.setXRange(-HISTORY_S, 0, padding=0.01)
@@ -106,6 +122,7 @@ class MemoryPanel(QWidget):
         plot.getPlotItem().setMenuEnabled(False)
         plot.addLegend(offset=(8, 4), labelTextSize="8pt", colCount=4)
         self._pg = pg
+        self._y_top = None
         self.plot = plot
         self.placeholder.hide()
         self.chart_host.addWidget(plot, 1)
@@ -172,7 +189,15 @@ class MemoryPanel(QWidget):
                 match = next((r for r in s.torch_cuda if r.device == t.device), None)
                 ys.append(match.allocated_bytes / GiB if match else float("nan"))
             self._curve(f"torch-{t.device}", f"torch {t.device}", Qt.DotLine).setData(xs, ys)
+        self._set_y_range(max(max(s.rss_bytes, s.ram_used_bytes, *(g.used_bytes for g in s.gpus)) for s in self.samples) / GiB)
         self._draw_markers(now)
+
+    def _set_y_range(self, peak_gib: float) -> None:
+        """0 .. the next 1-2-5 step above the peak (with headroom); changed only when that step changes."""
+        top = nice_ceiling(peak_gib * 1.08)
+        if top != self._y_top:
+            self._y_top = top
+            self.plot.setYRange(0, top, padding=0)
 
     def _draw_markers(self, now: float) -> None:
         pg = self._pg

@@ -130,6 +130,37 @@ def test_wrong_adapter_names_the_module_in_the_window(qtbot, window, tiny_llama,
     assert w.session.state().adapters == ()
 
 
+@pytest.fixture(scope="module")
+def added_tokens_adapter(models_dir):
+    import factories
+
+    bigger = factories.make_llama(models_dir / "gui-big-vocab", vocab_size=330)
+    adapter = factories.make_adapter(bigger, models_dir / "gui-added-tokens", modules_to_save=["lm_head", "embed_tokens"], seed=31)
+    tok = factories.make_tokenizer()
+    tok.add_tokens([f"<extra{i}>" for i in range(10)])
+    tok.save_pretrained(str(adapter))
+    return adapter
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_added_tokens_adapter_offers_to_resize(qtbot, window, tiny_llama, added_tokens_adapter, answer):
+    w = window
+    asked = []
+    w.adapter_panel.confirm_resize = lambda mismatch: asked.append(mismatch.adapter_vocab) or answer
+    w.open_base(str(tiny_llama))
+    idle(qtbot, w)
+    w.attach_adapter(str(added_tokens_adapter))
+    qtbot.waitUntil(lambda: bool(asked) and w.runner.is_idle(), timeout=TIMEOUT)
+    idle(qtbot, w)
+    assert asked == [330]
+    state = w.session.state()
+    if answer:
+        assert [a[0] for a in state.adapters] == ["gui-added-tokens"]
+        assert w.session.base_model().get_input_embeddings().weight.shape[0] == 330
+    else:
+        assert state.adapters == () and "not attached" in w.adapter_panel.message.text()
+
+
 def test_bad_model_path_says_so(qtbot, window, tmp_path):
     w = window
     w.open_base(str(tmp_path / "nope"))

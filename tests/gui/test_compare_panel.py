@@ -1,0 +1,244 @@
+"""The Compare tab through the window's real runner: columns, streamed text equal to core compare(), Stop, divergence."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import factories
+from lora_studio.core.comparison import Variant, compare
+from lora_studio.core.generation import GenerationSettings
+from lora_studio.core.memory import MemorySampler
+from lora_studio.gui.compare_panel import ColumnView, DeltaBuffer, KLStrip, display_text
+from lora_studio.gui.main_window import MainWindow
+from lora_studio.gui.settings import StudioSettings
+
+TIMEOUT = 30_000
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_long(tmp_path_factory):
+    """tiny_llama's shapes with a long context, so a run can be long enough to Stop (the adapters still fit)."""
+    return factories.make_llama(tmp_path_factory.mktemp("long") / "tiny-llama-long", max_position_embeddings=8192)
+
+
+def make_window(qtbot, tmp_path) -> MainWindow:
+    w = MainWindow(sampler=MemorySampler(open_nvml=False), settings=StudioSettings(tmp_path / "window.ini"), sample_interval_s=0.2)
+    qtbot.addWidget(w)
+    w.show()
+    qtbot.waitExposed(w)
+    return w
+
+
+def idle(qtbot, w):
+    qtbot.waitUntil(w.runner.is_idle, timeout=TIMEOUT)
+
+
+def loaded_window(qtbot, tmp_path, base, adapters):
+    w = make_window(qtbot, tmp_path)
+    w.open_base(str(base))
+    idle(qtbot, w)
+    for path in adapters:
+        w.attach_adapter(str(path))
+        idle(qtbot, w)
+    return w
+
+
+@pytest.fixture
+def window(qtbot, tmp_path, data_dir, tiny_llama, llama_adapters):
+    w = loaded_window(qtbot, tmp_path, tiny_llama, llama_adapters.values())
+    w.tabs.setCurrentWidget(w.compare_panel)
+    yield w
+    w.shutdown()
+
+
+def test_columns_follow_ticks_and_adapter_changes(qtbot, window):
+    panel = window.compare_panel
+    assert window.tabs.tabText(window.tabs.indexOf(panel)) == "Compare"
+    assert [name for name, _ in panel.ticked()] == ["base", "adapter-alpha", "adapter-beta"]
+    assert [c.name for c in panel.columns] == ["base", "adapter-alpha", "adapter-beta"]
+    assert panel.reference_combo.currentText() == "base"
+    panel.set_ticked(["base", "adapter-beta"])
+    assert [c.name for c in panel.columns] == ["base", "adapter-beta"]
+    window.adapter_panel.delete("adapter-beta")  # the list follows the session
+    idle(qtbot, window)
+    assert [name for name, _ in panel.available_variants()] == ["base", "adapter-alpha"]
+    assert [c.name for c in panel.columns] == ["base"]
+
+
+def test_run_fills_every_column_with_core_compare_text(qtbot, window):
+    panel = window.compare_panel
+    panel.prompt_edit.setPlainText("The quick brown fox")
+    panel.max_tokens.setValue(12)
+    panel.run()
+    assert panel.job is not None and not panel.run_btn.isEnabled()
+    idle(qtbot, window)
+    outcome = panel.outcome
+    assert outcome is not None
+    assert "one mixed batch" in panel.note.text()
+
+    session = window.session
+    variants = [Variant.base(), Variant.of_adapter("adapter-alpha"), Variant.of_adapter("adapter-beta")]
+    direct = compare(session, variants, "The quick brown fox", GenerationSettings(max_new_tokens=12)).prompts[0]
+    for column in panel.columns:
+        expected = direct.output(column.name).text
+        assert column.streamed == expected  # the stream alone built the text, exactly
+        assert column.text.toPlainText() == display_text(expected)
+        assert column.tokens == len(direct.output(column.name).token_ids)
+
+    # divergence: a strip per column, summary numbers in the header, the reference scores 0 against itself
+    report = outcome.result.prompts[0].divergence
+    assert report.reference == "base"
+    base, alpha = panel.column("base"), panel.column("adapter-alpha")
+    assert isinstance(alpha.strip, KLStrip) and len(alpha.strip.kl) == len(direct.output("base").token_ids)
+    assert base.strip.kl and max(base.strip.kl) == 0.0
+    assert "mean KL" in alpha.header.text() and "agreement" in alpha.header.text()
+    assert "reference" in base.header.text()
+    assert alpha.strip.tooltip_for(0).startswith("token 0")
+    first = report.column("adapter-alpha").first_divergence
+    if first is not None:  # the highlight starts where the text first differs
+        offset = outcome.divergence_offsets["adapter-alpha"]
+        block = alpha.text.document().findBlock(offset)
+        assert block.isValid()
+    assert window.adapter_panel.state.active_adapter == session.active_adapter  # state restored
+
+
+def test_empty_prompt_is_one_line_in_the_panel_and_no_job(qtbot, window):
+    panel = window.compare_panel
+    panel.prompt_edit.setPlainText("   \n ")
+    assert panel.run() is None
+    assert window.runner.is_idle()
+    assert panel.message.kind == "error" and "prompt is empty" in panel.message.text()
+    assert "\n" not in panel.message.text()
+
+
+def test_stop_cancels_a_long_run_and_the_window_stays_usable(qtbot, tmp_path, data_dir, tiny_llama_long, llama_adapters):
+    w = loaded_window(qtbot, tmp_path, tiny_llama_long, [llama_adapters["alpha"]])
+    try:
+        panel = w.compare_panel
+        panel.prompt_edit.setPlainText("hello world")
+        panel.max_tokens.setValue(4000)
+        panel.run()
+        qtbot.waitUntil(lambda: all(c.tokens >= 3 for c in panel.columns), timeout=TIMEOUT)  # streaming, not stuck
+        panel.stop()
+        idle(qtbot, w)
+        assert panel.job is None and panel.outcome is None
+        assert panel.message.kind == "warn" and "stopped" in panel.message.text()
+        assert all(c.tokens < 4000 for c in panel.columns)
+        assert panel.run_btn.isEnabled() and not panel.stop_btn.isEnabled()
+        # usable: another (short) run completes
+        panel.max_tokens.setValue(4)
+        panel.run()
+        idle(qtbot, w)
+        assert panel.outcome is not None and all(c.tokens >= 1 for c in panel.columns)
+    finally:
+        w.shutdown()
+
+
+def test_combination_variant_is_added_ticked_and_shown_in_the_adapter_list(qtbot, window):
+    panel = window.compare_panel
+    panel.add_combination_variant("mix", {"adapter-alpha": 0.5, "adapter-beta": 0.5}, "cat", None)
+    idle(qtbot, window)
+    assert ("mix", "adapter") in panel.ticked()
+    assert "mix" in [a[0] for a in window.adapter_panel.state.adapters]
+    assert panel.message.kind == "ok"
+    panel.add_combination_variant("mix", {"adapter-alpha": 1.0}, "linear", None)  # name taken: one line, no traceback
+    idle(qtbot, window)
+    assert panel.message.kind == "error" and "already attached" in panel.message.text()
+
+
+def test_merged_folder_variant_and_prompts_file(qtbot, window, tiny_llama, tmp_path):
+    panel = window.compare_panel
+    panel.add_merged_variant(str(tiny_llama))  # the base itself is a valid "merged" folder for this base
+    idle(qtbot, window)
+    assert ("tiny-llama", "merged") in panel.ticked()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello world"}\n{"prompt": "Paris"}\n', "utf-8")
+    panel.load_prompts_file(str(prompts))
+    idle(qtbot, window)
+    assert panel.prompt_select.isVisibleTo(panel) and panel.prompt_select.count() == 2
+    assert panel.prompt_edit.toPlainText() == "hello world"
+    panel.prompt_select.setCurrentIndex(1)
+    assert panel.prompt_edit.toPlainText() == "Paris"
+    panel.set_ticked(["base", "tiny-llama"])
+    panel.max_tokens.setValue(6)
+    panel.run()
+    idle(qtbot, window)
+    base, merged = panel.column("base"), panel.column("tiny-llama")
+    assert merged.text.toPlainText() == base.text.toPlainText()  # same weights: identical columns
+    assert merged.first_divergence is None and "identical" in merged.header.text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n", "utf-8")
+    panel.load_prompts_file(str(bad))
+    idle(qtbot, window)
+    assert panel.message.kind == "error" and "line 1" in panel.message.text()
+
+
+def test_delta_buffer_groups_per_variant_in_order():
+    from lora_studio.core.comparison import TokenDelta
+
+    buf = DeltaBuffer()
+    for text, variant in (("a", "x"), ("b", "y"), ("c", "x")):
+        buf.push(TokenDelta(0, variant, [1], text))
+    assert buf.drain() == {"x": ("ac", 2), "y": ("b", 1)}
+    assert buf.drain() == {}
+
+
+def test_loss_plot_appears_for_an_adapter_with_a_loss_csv(qtbot, tmp_path, data_dir, tiny_llama, llama_adapters):
+    with_log = tmp_path / "with-log"
+    shutil.copytree(llama_adapters["alpha"], with_log)
+    (with_log / "loss.csv").write_text("step,train_loss,val_loss\n0,3.0,\n1,2.5,2.8\n2,2.0,\n3,1.8,2.1\n", "utf-8")
+    w = loaded_window(qtbot, tmp_path, tiny_llama, [with_log, llama_adapters["beta"]])
+    try:
+        ap = w.adapter_panel
+        ap.select("with-log")
+        qtbot.waitUntil(lambda: ap.inspection is not None and ap.inspection.name == "with-log", timeout=TIMEOUT)
+        qtbot.waitUntil(lambda: ap.loss_chart is not None and ap.loss_box.isVisibleTo(ap), timeout=TIMEOUT)
+        assert ap.loss_values == ([0.0, 1.0, 2.0, 3.0], [3.0, 2.5, 2.0, 1.8], [1.0, 3.0], [2.8, 2.1])
+        ap.select("adapter-beta")  # no CSV: no plot
+        qtbot.waitUntil(lambda: ap.inspection.name == "adapter-beta", timeout=TIMEOUT)
+        assert not ap.loss_box.isVisibleTo(ap)
+    finally:
+        w.shutdown()
+
+
+def test_column_view_marks_divergence_from_offset(qtbot):
+    from lora_studio.core.comparison import VariantOutput
+    from lora_studio.core.divergence import ColumnDivergence, TokenScores
+
+    column = ColumnView("a", "adapter")
+    qtbot.addWidget(column)
+    column.append("hello world", 2)
+    scores = TokenScores([-0.1, -2.0], [0.0, 1.5], [True, False])
+    column.finish(VariantOutput("a", "hello world", [1, 2]), ColumnDivergence("a", 1, scores), "base", ["hello", " world"], 5)
+    doc = column.text.document()
+    fmt_before = doc.findBlock(0).begin().fragment().charFormat()
+    assert not fmt_before.background().color().name() == "#fde2c4"
+    fragments = []
+    it = doc.firstBlock().begin()
+    while not it.atEnd():
+        fragments.append((it.fragment().text(), it.fragment().charFormat().background().color().name()))
+        it += 1
+    assert fragments[-1] == (" world", "#fde2c4")
+    assert "differs from token 1" in column.header.text() and "mean KL 0.750" in column.header.text()
+
+
+def test_demo_prefill_and_startup_time_in_the_log(qtbot, tmp_path, data_dir, tiny_llama, llama_adapters):
+    from lora_studio.core.demo_assets import demo_prompts
+
+    w = loaded_window(qtbot, tmp_path, tiny_llama, [])
+    try:
+        qtbot.waitUntil(lambda: "window interactive after" in w.log_panel.contents(), timeout=TIMEOUT)
+        w.adapter_panel.attach(str(llama_adapters["alpha"]), name="pirate")
+        idle(qtbot, w)
+        w.adapter_panel.attach(str(llama_adapters["beta"]), name="other")
+        idle(qtbot, w)
+        panel = w.compare_panel
+        panel.prefill_demo()
+        assert panel.prompts == [demo_prompts()["pirate"]]  # one demo prompt per attached demo adapter
+        assert panel.prompt_edit.toPlainText() == demo_prompts()["pirate"]
+        assert [name for name, _ in panel.ticked()] == ["base", "pirate"]
+        assert panel.run_btn.isEnabled()
+    finally:
+        w.shutdown()

@@ -1,0 +1,202 @@
+"""The Merge tab through the window's real runner: plan, merge and verify, overwrite question, cancel, disk refusal, ties."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import factories
+from lora_studio.core import merge as merge_core
+from lora_studio.core.memory import MemorySampler
+from lora_studio.gui.main_window import MainWindow
+from lora_studio.gui.settings import StudioSettings
+
+TIMEOUT = 30_000
+
+
+@pytest.fixture
+def window(qtbot, tmp_path, data_dir):
+    w = MainWindow(sampler=MemorySampler(open_nvml=False), settings=StudioSettings(tmp_path / "window.ini"),
+                   sample_interval_s=0.05)
+    qtbot.addWidget(w)
+    w.show()
+    qtbot.waitExposed(w)
+    yield w
+    w.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gamma_adapter(models_dir, tiny_llama):
+    """Same rank as alpha (r=4), other targets: ties needs equal ranks."""
+    return factories.make_adapter(tiny_llama, models_dir / "merge-gamma", seed=41, target_modules=("q_proj", "o_proj"))
+
+
+def idle(qtbot, w):
+    qtbot.waitUntil(w.runner.is_idle, timeout=TIMEOUT)
+
+
+def loaded(qtbot, w, base, *adapters):
+    w.open_base(str(base))
+    idle(qtbot, w)
+    for path in adapters:
+        w.attach_adapter(str(path))
+        idle(qtbot, w)
+    panel = w.merge_panel
+    w.tabs.setCurrentWidget(panel)
+    qtbot.waitUntil(lambda: [r.name for r in panel.rows] == [Path(p).name for p in adapters], timeout=TIMEOUT)
+    return panel
+
+
+def planned(qtbot, panel):
+    qtbot.waitUntil(lambda: not panel.plan_pending and panel.runner.is_idle(), timeout=TIMEOUT)
+
+
+def test_merge_one_adapter_verified(qtbot, window, tiny_llama, llama_adapters, tmp_path):
+    w = window
+    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"])
+    assert w.tabs.tabText(w.tabs.indexOf(panel)) == "Merge"
+    assert [r.checked for r in panel.rows] == [True]  # the only adapter is ticked: a plain merge
+    assert not panel.combo_type.isEnabled() and not panel.density.isEnabled()
+    assert panel.dtype_combo.currentText() == "float32"  # the base's dtype
+    planned(qtbot, panel)
+    assert not panel.merge_btn.isEnabled() and "output folder" in panel.reason_label.text()
+
+    out = tmp_path / "out"
+    panel.out_edit.setText(str(out))
+    planned(qtbot, panel)
+    assert panel.merge_btn.isEnabled(), panel.reason_label.text()
+    assert panel.plan.engine == "streaming" and "auto → streaming" in panel.engine_note.text()
+    assert panel.plan_cells["streaming"][1].text().endswith("iB")  # a predicted peak RAM per engine
+    assert "✔" in panel.disk_label.text()
+
+    job = panel.start_merge()
+    assert job is not None and panel.cancel_btn.isEnabled() and not panel.merge_btn.isEnabled()
+    idle(qtbot, w)
+    assert job.state == "finished", panel.message.text()
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in names and "tokenizer.json" in names and "README.md" in names
+    assert "adapter_config.json" not in names
+    assert panel.badge.text() == "✔ verified" and panel.result_box.isVisible()
+    assert "max |Δlogit|" in panel.numbers.text() and "greedy agreement 100%" in panel.numbers.text()
+    assert "merged" in [m for _, m in w.memory_panel.markers]
+    opened = []
+    panel.open_url = opened.append
+    panel.open_card()
+    panel.open_folder()
+    assert [Path(u.toLocalFile()) for u in opened] == [out / "README.md", out]
+    assert w.session.active_adapter == "adapter-alpha"  # the session is as it was
+
+
+def test_existing_folder_and_no_keeps_it(qtbot, window, tiny_llama, llama_adapters, tmp_path):
+    w = window
+    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"])
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    asked = []
+    panel.confirm_overwrite = lambda path: asked.append(path) or False
+    panel.out_edit.setText(str(out))
+    planned(qtbot, panel)
+    assert panel.start_merge() is None
+    assert asked == [out] and w.runner.is_idle() and panel.merge_job is None
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+    assert "nothing was written" in panel.message.text()
+
+
+def test_cancel_mid_merge_leaves_no_folder(qtbot, window, tiny_llama, llama_adapters, tmp_path):
+    w = window
+    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"])
+    out = tmp_path / "cancelled"
+    panel.out_edit.setText(str(out))
+    planned(qtbot, panel)
+    job = panel.start_merge()
+    seen = []
+
+    def on_progress(p):  # cancel as soon as the merge reports writing tensors
+        seen.append(p)
+        if p.unit == "bytes":
+            panel.cancel_btn.click()
+
+    job.progressed.connect(on_progress)
+    idle(qtbot, w)
+    assert job.state == "cancelled" and any(p.unit == "bytes" for p in seen)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # the temporary folder is gone too
+    assert "cancelled" in panel.message.text() and panel.merge_btn.isEnabled()
+
+
+def test_not_enough_disk_disables_merge(qtbot, window, tiny_llama, llama_adapters, tmp_path, monkeypatch):
+    monkeypatch.setattr(merge_core, "_free_disk", lambda path: 1024)
+    w = window
+    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"])
+    panel.out_edit.setText(str(tmp_path / "full"))
+    planned(qtbot, panel)
+    assert not panel.merge_btn.isEnabled()
+    reason = panel.reason_label.text()
+    assert "needs about" in reason and "free" in reason and panel.merge_btn.toolTip() == reason
+    assert "✖" in panel.disk_label.text()
+    assert panel.start_merge() is None and w.runner.is_idle()
+
+
+def test_ties_combination_of_two(qtbot, window, tiny_llama, llama_adapters, gamma_adapter, tmp_path):
+    w = window
+    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"], gamma_adapter)
+    for row in panel.rows:
+        row.check.setChecked(True)
+    panel.rows[1].slider.setValue(0.5)
+    panel.combo_type.setCurrentText("linear")
+    assert panel.combo_type.isEnabled() and not panel.density.isEnabled()  # density only where it applies
+    panel.combo_type.setCurrentText("ties")
+    assert panel.density.isEnabled()
+    panel.density.setValue(0.6)
+    out = tmp_path / "ties"
+    panel.out_edit.setText(str(out))
+    planned(qtbot, panel)
+    assert panel.plan.engine == "in-memory" and "streaming does not apply" in panel.engine_note.text()
+    assert panel.preview_btn.isEnabled()
+
+    job = panel.start_merge()
+    idle(qtbot, w)
+    assert job.state == "finished", panel.message.text()
+    card = (out / "README.md").read_text()
+    block = json.loads(card.split("```json", 1)[1].split("```", 1)[0])
+    assert block["combination"] == "ties" and block["density"] == 0.6
+    assert [a["weight"] for a in block["adapters"]] == [1.0, 0.5]
+    assert panel.badge.text() in ("✔ verified", "⚠ check") and panel.numbers.text()
+    assert [a[0] for a in w.session.state().adapters] == ["adapter-alpha", "merge-gamma"]  # no combination left behind
+
+    # the Compare tab: preview the combination before saving, and the saved folder against the adapters
+    panel.preview_btn.click()
+    idle(qtbot, w)
+    assert w.tabs.currentWidget() is w.compare_panel
+    assert "mix-ties" in [a[0] for a in w.session.state().adapters]
+    qtbot.waitUntil(lambda: [r.name for r in panel.rows][-1:] == ["mix-ties"], timeout=TIMEOUT)
+    assert not panel.rows[-1].check.isEnabled()  # a preview combination has no folder to merge from
+    w.tabs.setCurrentWidget(panel)
+    assert panel.compare_merged_btn.isEnabled()
+    panel.compare_merged_btn.click()
+    idle(qtbot, w)
+    assert "ties" in w.compare_panel.merged and w.tabs.currentWidget() is w.compare_panel
+
+
+def test_bad_combination_is_one_line_and_no_job(qtbot, window, tiny_llama, llama_adapters, tmp_path):
+    """alpha (r=4) and beta (r=8): linear needs equal ranks; PEFT's refusal is one line in the panel."""
+    w = window
+    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"], llama_adapters["beta"])
+    for row in panel.rows:
+        row.check.setChecked(True)
+    panel.combo_type.setCurrentText("linear")
+    panel.out_edit.setText(str(tmp_path / "bad"))
+    planned(qtbot, panel)
+    job = panel.start_merge()
+    idle(qtbot, w)
+    assert job.state == "failed"
+    assert "PEFT cannot combine" in panel.message.text() and panel.message.kind == "error"
+    assert "Traceback" not in w.log_panel.contents()
+    assert not (tmp_path / "bad").exists()
+    w.adapter_panel.delete("adapter-beta")  # the rows follow the session
+    idle(qtbot, w)
+    assert [r.name for r in panel.rows] == ["adapter-alpha"] and panel.rows[0].checked
+    assert not panel.combo_type.isEnabled()
