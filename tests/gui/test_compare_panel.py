@@ -242,3 +242,29 @@ def test_demo_prefill_and_startup_time_in_the_log(qtbot, tmp_path, data_dir, tin
         assert panel.run_btn.isEnabled()
     finally:
         w.shutdown()
+
+
+def test_200_switch_attempts_while_the_panel_generates(qtbot, window):
+    """Issue 7, under load, through the window: switching while Compare generates is refused (busy) every time,
+    never half-applied; each column still holds what its own variant produces alone; switching works afterwards."""
+    panel, adapters = window.compare_panel, window.adapter_panel
+    panel.prompt_edit.setPlainText("The quick brown fox")
+    panel.max_tokens.setValue(24)
+    attempts = refused = 0
+    while attempts < 200:
+        panel.run()
+        job = panel.job
+        while attempts < 200 and not job.done:  # only attempts made while the comparison is running count
+            refused += window._guard(adapters.activate, ["adapter-alpha", "adapter-beta"][attempts % 2]) is None
+            attempts += 1
+            qtbot.wait(1)  # let tokens stream between attempts
+        idle(qtbot, window)
+    assert refused == attempts == 200 and window.runner.is_idle()
+    session = window.session
+    for column in panel.columns:
+        variant = Variant.base() if column.name == "base" else Variant.of_adapter(column.name)
+        alone = compare(session, [variant], "The quick brown fox", GenerationSettings(max_new_tokens=24)).prompts[0]
+        assert column.streamed == alone.output(column.name).text
+    adapters.activate("adapter-beta")
+    idle(qtbot, window)
+    assert window.session.state().active_adapter == "adapter-beta"
