@@ -90,3 +90,14 @@ def no_leftover_threads():
         t.join(timeout=5)
     still = [t.name for t in leftover if t.is_alive()]
     assert not still, f"test left threads running: {still}"
+
+
+@pytest.fixture(scope="session")
+def added_tokens_adapter(models_dir):
+    """An adapter trained on a vocabulary with 10 added tokens (embed_tokens/lm_head in modules_to_save), with its tokenizer."""
+    bigger = factories.make_llama(models_dir / "trap-big-vocab", vocab_size=330)
+    adapter = factories.make_adapter(bigger, models_dir / "trap-added-tokens", modules_to_save=["lm_head", "embed_tokens"], seed=31)
+    tok = factories.make_tokenizer()
+    tok.add_tokens([f"<extra{i}>" for i in range(10)])
+    tok.save_pretrained(str(adapter))
+    return adapter

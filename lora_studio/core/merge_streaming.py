@@ -32,7 +32,7 @@ from typing import Iterator, Optional
 from lora_studio.core import adapter_files
 from lora_studio.core.errors import UserError
 from lora_studio.core.safetensors_io import (
-    DTYPE_SIZES, FileSlice, TensorInfo, read_headers, read_tensor, st_dtype, torch_dtype,
+    DTYPE_SIZES, FileSlice, TensorInfo, pread_exact, read_headers, read_tensor, st_dtype, torch_dtype,
 )
 from lora_studio.core.tasks import CancelToken
 
@@ -209,13 +209,7 @@ class _Scratch:
 
 
 def _pread_into(fd: int, info: TensorInfo, path: Path, out_bytes) -> None:
-    view = memoryview(out_bytes.numpy()).cast("B")
-    done = 0
-    while done < info.nbytes:
-        got = os.preadv(fd, [view[done:]], info.begin + done)
-        if got <= 0:
-            raise UserError(f"{Path(path).name} ended early while reading {info.name}", "the file is truncated")
-        done += got
+    pread_exact(fd, out_bytes.numpy(), info, path)
 
 
 def _merged_into(scratch: _Scratch, weight, a, b, scaling: float, fan_in_fan_out: bool, slot: int = 0):

@@ -155,6 +155,17 @@ def st_dtype(dtype) -> str:
     }[dtype]
 
 
+def pread_exact(fd: int, buffer, info: TensorInfo, path: Path) -> None:
+    """Fill ``buffer`` (anything with the buffer protocol, ``info.nbytes`` long) with the tensor's bytes."""
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < info.nbytes:
+        got = os.preadv(fd, [view[done:]], info.begin + done)
+        if got <= 0:
+            raise UserError(f"{Path(path).name} ended early while reading {info.name}", "the file is truncated")
+        done += got
+
+
 def read_tensor(info: TensorInfo, path: Path, fd: Optional[int] = None):
     """Read one tensor with pread: memory is that tensor, not the shard's pages."""
     import torch
@@ -164,13 +175,7 @@ def read_tensor(info: TensorInfo, path: Path, fd: Optional[int] = None):
     if own:
         fd = os.open(path, os.O_RDONLY)
     try:
-        view = memoryview(buf)
-        done = 0
-        while done < info.nbytes:
-            got = os.preadv(fd, [view[done:]], info.begin + done)
-            if got <= 0:
-                raise UserError(f"{Path(path).name} ended early while reading {info.name}", "the file is truncated")
-            done += got
+        pread_exact(fd, buf, info, path)
     finally:
         if own:
             os.close(fd)

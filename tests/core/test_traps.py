@@ -25,16 +25,6 @@ def logits(model, ids=IDS):
 
 # -- resized vocabulary (added tokens; embed_tokens / lm_head in modules_to_save) -------------------------------------
 
-@pytest.fixture(scope="module")
-def added_tokens_adapter(models_dir):
-    bigger = factories.make_llama(models_dir / "trap-big-vocab", vocab_size=330)
-    adapter = factories.make_adapter(bigger, models_dir / "trap-added-tokens", modules_to_save=["lm_head", "embed_tokens"], seed=31)
-    tok = factories.make_tokenizer()
-    tok.add_tokens([f"<extra{i}>" for i in range(10)])
-    tok.save_pretrained(str(adapter))
-    return adapter
-
-
 def _check_resized_folder(out, adapter):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -18,16 +18,6 @@ WINDOW_CASES = ["base-config-invalid-json", "base-weights-truncated", "adapter-s
                 "adapter-weights-truncated", "adapter-weights-nan"]
 
 
-@pytest.fixture
-def window(qtbot, tmp_path, data_dir):
-    w = MainWindow(sampler=MemorySampler(open_nvml=False), settings=StudioSettings(tmp_path / "window.ini"), sample_interval_s=0.05)
-    qtbot.addWidget(w)
-    w.show()
-    qtbot.waitExposed(w)
-    yield w
-    w.shutdown()
-
-
 @pytest.fixture(scope="module")
 def fixtures(tiny_llama, llama_adapters, wide_adapter, gpt2_adapter):
     return {"base": tiny_llama, "adapter": llama_adapters["alpha"], "wide_adapter": wide_adapter, "gpt2_adapter": gpt2_adapter}

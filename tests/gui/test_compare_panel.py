@@ -13,6 +13,7 @@ from lora_studio.core.memory import MemorySampler
 from lora_studio.gui.compare_panel import ColumnView, DeltaBuffer, KLStrip, display_text
 from lora_studio.gui.main_window import MainWindow
 from lora_studio.gui.settings import StudioSettings
+from window_helpers import make_window as shared_make_window
 
 TIMEOUT = 30_000
 
@@ -24,11 +25,7 @@ def tiny_llama_long(tmp_path_factory):
 
 
 def make_window(qtbot, tmp_path) -> MainWindow:
-    w = MainWindow(sampler=MemorySampler(open_nvml=False), settings=StudioSettings(tmp_path / "window.ini"), sample_interval_s=0.2)
-    qtbot.addWidget(w)
-    w.show()
-    qtbot.waitExposed(w)
-    return w
+    return shared_make_window(qtbot, tmp_path, sample_interval_s=0.2)
 
 
 def idle(qtbot, w):

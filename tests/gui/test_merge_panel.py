@@ -16,17 +16,6 @@ from lora_studio.gui.settings import StudioSettings
 TIMEOUT = 30_000
 
 
-@pytest.fixture
-def window(qtbot, tmp_path, data_dir):
-    w = MainWindow(sampler=MemorySampler(open_nvml=False), settings=StudioSettings(tmp_path / "window.ini"),
-                   sample_interval_s=0.05)
-    qtbot.addWidget(w)
-    w.show()
-    qtbot.waitExposed(w)
-    yield w
-    w.shutdown()
-
-
 @pytest.fixture(scope="module")
 def gamma_adapter(models_dir, tiny_llama):
     """Same rank as alpha (r=4), other targets: ties needs equal ranks."""

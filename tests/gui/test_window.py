@@ -11,6 +11,7 @@ from lora_studio.core.nvml import GpuReading
 from lora_studio.gui.adapter_panel import BASE_ROW
 from lora_studio.gui.main_window import MainWindow, drop_kind
 from lora_studio.gui.settings import StudioSettings
+from window_helpers import make_window
 
 GiB = 1024**3
 TIMEOUT = 30_000
@@ -25,22 +26,6 @@ class FakeNvml:
 
     def close(self) -> None:
         pass
-
-
-def make_window(qtbot, tmp_path, sampler=None) -> MainWindow:
-    window = MainWindow(sampler=sampler or MemorySampler(open_nvml=False), settings=StudioSettings(tmp_path / "window.ini"),
-                        sample_interval_s=0.05)
-    qtbot.addWidget(window)
-    window.show()
-    qtbot.waitExposed(window)
-    return window
-
-
-@pytest.fixture
-def window(qtbot, tmp_path, data_dir):
-    w = make_window(qtbot, tmp_path)
-    yield w
-    w.shutdown()
 
 
 def idle(qtbot, w):
@@ -130,18 +115,6 @@ def test_wrong_adapter_names_the_module_in_the_window(qtbot, window, tiny_llama,
     assert w.session.state().adapters == ()
 
 
-@pytest.fixture(scope="module")
-def added_tokens_adapter(models_dir):
-    import factories
-
-    bigger = factories.make_llama(models_dir / "gui-big-vocab", vocab_size=330)
-    adapter = factories.make_adapter(bigger, models_dir / "gui-added-tokens", modules_to_save=["lm_head", "embed_tokens"], seed=31)
-    tok = factories.make_tokenizer()
-    tok.add_tokens([f"<extra{i}>" for i in range(10)])
-    tok.save_pretrained(str(adapter))
-    return adapter
-
-
 @pytest.mark.parametrize("answer", [True, False])
 def test_added_tokens_adapter_offers_to_resize(qtbot, window, tiny_llama, added_tokens_adapter, answer):
     w = window
@@ -155,7 +128,7 @@ def test_added_tokens_adapter_offers_to_resize(qtbot, window, tiny_llama, added_
     assert asked == [330]
     state = w.session.state()
     if answer:
-        assert [a[0] for a in state.adapters] == ["gui-added-tokens"]
+        assert [a[0] for a in state.adapters] == ["trap-added-tokens"]
         assert w.session.base_model().get_input_embeddings().weight.shape[0] == 330
     else:
         assert state.adapters == () and "not attached" in w.adapter_panel.message.text()

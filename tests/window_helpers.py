@@ -1,0 +1,23 @@
+"""Opening a real main window for a test (offscreen), shared by the GUI tests."""
+
+from __future__ import annotations
+
+from lora_studio.core.memory import MemorySampler
+from lora_studio.gui.main_window import MainWindow
+from lora_studio.gui.settings import StudioSettings
+
+TIMEOUT_MS = 30_000
+
+
+def make_window(qtbot, tmp_path, sampler=None, sample_interval_s: float = 0.05) -> MainWindow:
+    """A shown window with its settings in tmp_path and no real NVML unless a sampler says otherwise."""
+    window = MainWindow(sampler=sampler or MemorySampler(open_nvml=False), settings=StudioSettings(tmp_path / "window.ini"),
+                        sample_interval_s=sample_interval_s)
+    qtbot.addWidget(window)
+    window.show()
+    qtbot.waitExposed(window)
+    return window
+
+
+def idle(qtbot, window, timeout: int = TIMEOUT_MS) -> None:
+    qtbot.waitUntil(window.runner.is_idle, timeout=timeout)
