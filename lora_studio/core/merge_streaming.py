@@ -121,6 +121,12 @@ def load_streaming_adapter(adapter_folder: Path, base_tensor_names, tied_embeddi
     return out
 
 
+def _check_update_shape(delta, weight) -> None:
+    if delta.shape != weight.shape:
+        raise UserError(f"the adapter's update has shape {tuple(delta.shape)} but the base weight has {tuple(weight.shape)}",
+                        "the adapter was trained for another model")
+
+
 def merged_tensor(weight, kind: str, a, b, scaling: float, fan_in_fan_out: bool):
     """``weight`` (already in the output dtype, owned by the caller) with the LoRA update added, as PEFT does."""
     if kind == "embedding":
@@ -130,9 +136,7 @@ def merged_tensor(weight, kind: str, a, b, scaling: float, fan_in_fan_out: bool)
         delta = b @ a  # the same float32 matmul call as PEFT's (chunking it would change the bits)
         if fan_in_fan_out:
             delta = delta.T
-        if delta.shape != weight.shape:
-            raise UserError(f"the adapter's update has shape {tuple(delta.shape)} but the base weight has {tuple(weight.shape)}",
-                            "the adapter was trained for another model")
+        _check_update_shape(delta, weight)
         # PEFT: ``weight += delta * scaling``, a mixed-dtype in-place add computed in float32 and rounded once.
         # Same bits, fewer passes and allocations: scale in place, add the weight into the float32 delta
         # (IEEE addition is commutative), round once to the weight's dtype.
@@ -229,9 +233,7 @@ def _merged_into(scratch: _Scratch, weight, a, b, scaling: float, fan_in_fan_out
     torch.mm(b, a, out=delta)  # the same float32 matmul call as PEFT's (chunking it would change the bits)
     if fan_in_fan_out:
         delta = delta.T
-    if delta.shape != weight.shape:
-        raise UserError(f"the adapter's update has shape {tuple(delta.shape)} but the base weight has {tuple(weight.shape)}",
-                        "the adapter was trained for another model")
+    _check_update_shape(delta, weight)
     # PEFT: ``weight += delta * scaling``. IEEE addition is commutative, so adding the weight into the
     # scaled float32 update gives the same float32 sums without touching the weight.
     delta.mul_(scaling)
