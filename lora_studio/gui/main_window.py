@@ -1,8 +1,7 @@
 """The main window: base model (left), adapters / Compare / Merge tabs (centre), memory and log (bottom).
 
 Every long job goes through the window's one :class:`~lora_studio.gui.jobs.JobRunner`;
-later panels (comparison, merge) take ``window.runner`` and ``window.session`` and
-replace their placeholder tab with :meth:`MainWindow.set_tab`.
+the panels (model, adapters, comparison, merge) take ``window.runner`` and ``window.session``.
 """
 
 from __future__ import annotations
@@ -12,8 +11,7 @@ from typing import Optional
 
 from PySide6.QtCore import QObject, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QLabel, QMainWindow, QMenu, QProgressBar, QPushButton, QTabWidget,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import QDockWidget, QLabel, QMainWindow, QMenu, QProgressBar, QPushButton, QTabWidget, QWidget
 
 from lora_studio.core.memory import MemorySampler
 from lora_studio.core.session import Session
@@ -27,14 +25,6 @@ from lora_studio.gui.merge_panel import MergePanel
 from lora_studio.gui.model_panel import ModelPanel
 from lora_studio.gui.settings import StudioSettings
 from lora_studio.gui.widgets import reset_progress, show_progress
-
-PLACEHOLDERS = {
-    "Compare": "Compare: run the same prompts through the base and each adapter side by side,\n"
-               "with token-level differences and divergence scores.\n\n(This panel arrives with the comparison feature.)",
-    "Merge": "Merge: fold one or more adapters into the base weights and save a deployable\n"
-             "safetensors model, checked against the unmerged outputs.\n\n(This panel arrives with the merge feature.)",
-}
-
 
 def drop_kind(path: Path) -> Optional[str]:
     """What a dropped path is: 'adapter', 'base', or None."""
@@ -115,13 +105,11 @@ class MainWindow(QMainWindow):
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
         self.tabs.addTab(self.adapter_panel, "Adapters")
-        for title, text in PLACEHOLDERS.items():
-            self.tabs.addTab(self._placeholder(text), title)
         self.setCentralWidget(self.tabs)
         self.compare_panel = ComparePanel(self.runner, self.session)
-        self.set_tab("Compare", self.compare_panel)
-        self.merge_panel = MergePanel(self)
-        self.set_tab("Merge", self.merge_panel)
+        self.tabs.addTab(self.compare_panel, "Compare")
+        self.merge_panel = MergePanel(self)  # after the Compare panel: its preview buttons call into it
+        self.tabs.addTab(self.merge_panel, "Merge")
 
         self.model_dock = self._dock("Base model", self.model_panel, Qt.LeftDockWidgetArea, "dock-model")
         self.memory_dock = self._dock("Memory", self.memory_panel, Qt.BottomDockWidgetArea, "dock-memory")
@@ -148,16 +136,6 @@ class MainWindow(QMainWindow):
         self._restore()
 
     # -- construction -------------------------------------------------------------------------------------------------
-    def _placeholder(self, text: str) -> QWidget:
-        w = QWidget()
-        label = QLabel(text)
-        label.setAlignment(Qt.AlignCenter)
-        label.setWordWrap(True)
-        label.setStyleSheet("color: palette(mid); font-size: 11pt;")
-        layout = QVBoxLayout(w)
-        layout.addWidget(label)
-        return w
-
     def _dock(self, title: str, widget: QWidget, area, name: str) -> QDockWidget:
         dock = QDockWidget(title, self)
         dock.setObjectName(name)  # saveState needs names
@@ -165,17 +143,6 @@ class MainWindow(QMainWindow):
         dock.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable | QDockWidget.DockWidgetClosable)
         self.addDockWidget(area, dock)
         return dock
-
-    def set_tab(self, title: str, widget: QWidget) -> None:
-        """Put a real panel where a placeholder tab was ('Compare', 'Merge'), or add a new tab."""
-        for i in range(self.tabs.count()):
-            if self.tabs.tabText(i) == title:
-                old = self.tabs.widget(i)
-                self.tabs.removeTab(i)
-                self.tabs.insertTab(i, widget, title)
-                old.deleteLater()
-                return
-        self.tabs.addTab(widget, title)
 
     def _build_menus(self) -> None:
         file_menu = self.menuBar().addMenu("&File")

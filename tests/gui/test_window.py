@@ -170,7 +170,7 @@ def test_drop_a_model_and_an_adapter_folder(qtbot, window, tiny_llama, llama_ada
     assert window.session.active_adapter == "adapter-alpha"
 
 
-def test_placeholder_tabs_and_settings_roundtrip(qtbot, tmp_path, data_dir):
+def test_tabs_and_settings_roundtrip(qtbot, tmp_path, data_dir):
     w = make_window(qtbot, tmp_path)
     titles = [w.tabs.tabText(i) for i in range(w.tabs.count())]
     assert titles == ["Adapters", "Compare", "Merge"]
