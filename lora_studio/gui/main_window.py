@@ -321,6 +321,8 @@ class MainWindow(QMainWindow):
                 self.log_panel.log(f"attached the demo adapters: {names} ({state.active_adapter} active)")
             self.status_label.setText(f"demo loaded: {state.base} with {len(state.adapters)} adapters")
             self.compare_panel.prefill_demo()
+            if state.active_adapter:
+                self.adapter_panel.select(state.active_adapter)  # the inspector and loss plot show something at once
             self._log_since_start("demo ready")
 
         return self._guard(lambda: self.runner.submit("loading the demo model", run, on_done=done))
