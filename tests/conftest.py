@@ -101,3 +101,16 @@ def added_tokens_adapter(models_dir):
     tok.add_tokens([f"<extra{i}>" for i in range(10)])
     tok.save_pretrained(str(adapter))
     return adapter
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP waits dominate.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,6 +5,7 @@ import re
 import pytest
 
 import bad_inputs
+from cli_helpers import run_in_process
 from lora_studio.cli.main import main
 from lora_studio.core.errors import UserError, describe
 from lora_studio.core.inspect_model import inspect_base_and_adapters
@@ -86,15 +87,6 @@ def test_core_inspect_matches_session_messages(fixtures, tmp_path):
 
 # -- the same corpus through `compare` and `merge` ----------------------------------------------------------------
 
-def run_cli(capsys, argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def assert_one_line_refusal(code, out, err, pattern=None, exit_code=2):
     assert code == exit_code, err
     assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
@@ -108,16 +100,6 @@ def leftovers(out):
     return sorted(p.name for p in out.parent.iterdir() if out.name in p.name) if out.parent.is_dir() else []
 
 
-@pytest.fixture(scope="module")
-def fewer_threads():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: OpenMP start-up costs more than it saves on a shared 2-core machine
-    yield
-    torch.set_num_threads(before)
-
-
 # Adapter cases refused after the (tiny) base is loaded all go through Session.attach, covered case by case above;
 # compare runs the ones refused before loading plus a representative set of those refused by attach.
 COMPARE_ADAPTER_CASES = {
@@ -128,22 +110,22 @@ COMPARE_CASES = [c for c in CASES if c.id.startswith("base-") or c.id in COMPARE
 
 
 @pytest.mark.parametrize("case", COMPARE_CASES, ids=lambda c: c.id)
-def test_cli_compare(case, fixtures, tmp_path, capsys, fewer_threads):
+def test_cli_compare(case, fixtures, tmp_path, capsys, one_thread):
     inputs = bad_inputs.build(case, tmp_path / "w", fixtures)
     adapter = inputs["adapter"] or fixtures["adapter"]
-    code, out, err = run_cli(capsys, ["compare", inputs["base"], "--adapter", f"candidate={adapter}", "--prompt", "hello",
-                                      "--max-new-tokens", "2", "--json"])
+    code, out, err = run_in_process(capsys, ["compare", inputs["base"], "--adapter", f"candidate={adapter}", "--prompt", "hello",
+                                             "--max-new-tokens", "2", "--json"])
     assert_one_line_refusal(code, out, err, case.message)
     _check_no_side_effects(tmp_path / "w")
 
 
-def test_cli_compare_awkward_paths_work(fixtures, tmp_path, capsys, fewer_threads):
+def test_cli_compare_awkward_paths_work(fixtures, tmp_path, capsys, one_thread):
     import json
 
     case = next(c for c in CASES if c.id == "paths-with-spaces-and-non-utf8")
     inputs = bad_inputs.build(case, tmp_path / "w", fixtures)
-    code, out, err = run_cli(capsys, ["compare", inputs["base"], "--adapter", f"candidate={inputs['adapter']}", "--prompt", "hello",
-                                      "--max-new-tokens", "2", "--no-base-variant", "--json"])
+    code, out, err = run_in_process(capsys, ["compare", inputs["base"], "--adapter", f"candidate={inputs['adapter']}", "--prompt", "hello",
+                                             "--max-new-tokens", "2", "--no-base-variant", "--json"])
     assert code == 0, err
     assert [v["name"] for v in json.loads(out)["variants"]] == ["candidate"]
 
@@ -157,7 +139,7 @@ def test_cli_compare_awkward_paths_work(fixtures, tmp_path, capsys, fewer_thread
     (["--prompt", "hi", "--max-new-tokens", "many"], r"invalid int value"),
 ], ids=["empty-prompt", "blank-prompt", "zero-tokens", "million-tokens", "negative-tokens", "tokens-not-a-number"])
 def test_cli_compare_bad_settings(extra, message, fixtures, capsys):
-    code, out, err = run_cli(capsys, ["compare", fixtures["base"], "--adapter", f"a={fixtures['adapter']}", "--json", *extra])
+    code, out, err = run_in_process(capsys, ["compare", fixtures["base"], "--adapter", f"a={fixtures['adapter']}", "--json", *extra])
     assert_one_line_refusal(code, out, err, message)
 
 
@@ -166,7 +148,7 @@ def test_cli_merge(case, fixtures, tmp_path, capsys):
     inputs = bad_inputs.build(case, tmp_path / "w", fixtures)
     out_dir = tmp_path / "w" / "merged"
     adapter = inputs["adapter"] or fixtures["adapter"]
-    code, out, err = run_cli(capsys, ["merge", inputs["base"], "--adapter", adapter, "--out", out_dir, "--no-verify", "--json"])
+    code, out, err = run_in_process(capsys, ["merge", inputs["base"], "--adapter", adapter, "--out", out_dir, "--no-verify", "--json"])
     if "merge" in case.ok_for:
         assert code == 0, err
         assert (out_dir / "config.json").is_file() and leftovers(out_dir) == ["merged"]
@@ -204,7 +186,7 @@ def test_merge_into_read_only_folder(fixtures, tmp_path, capsys, monkeypatch):
 
         monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
     try:
-        code, out, err = run_cli(capsys, merge_argv(fixtures, ro / "merged"))
+        code, out, err = run_in_process(capsys, merge_argv(fixtures, ro / "merged"))
         assert_one_line_refusal(code, out, err, r"cannot (write|create).*Permission denied")
         assert list(ro.iterdir()) == []
     finally:
@@ -217,7 +199,7 @@ def test_merge_onto_existing_folder_without_overwrite(fixtures, tmp_path, capsys
     (out_dir / "notes.txt").write_text("my work")
     (out_dir / "config.json").write_text("{}")
     before = snapshot(out_dir)
-    code, out, err = run_cli(capsys, merge_argv(fixtures, out_dir))
+    code, out, err = run_in_process(capsys, merge_argv(fixtures, out_dir))
     assert_one_line_refusal(code, out, err, r"already exists.*--overwrite")
     assert snapshot(out_dir) == before and leftovers(out_dir) == ["mine"]
 
@@ -248,7 +230,7 @@ def test_merge_when_the_disk_fills_up(budget, fixtures, tmp_path, capsys, monkey
     monkeypatch.setattr(safetensors_io, "_write_all", write_all)
     monkeypatch.setattr(safetensors_io, "_copy_range", copy_range)
     out_dir = tmp_path / "merged"
-    code, out, err = run_cli(capsys, merge_argv(fixtures, out_dir))
+    code, out, err = run_in_process(capsys, merge_argv(fixtures, out_dir))
     assert_one_line_refusal(code, out, err, r"disk .* is full")
     assert leftovers(out_dir) == []
 
@@ -269,7 +251,7 @@ def test_merge_interrupted_leaves_nothing(stage, fixtures, tmp_path, capsys, mon
     monkeypatch.setattr(merge_cmd, "stderr_progress", Interrupting)
     out_dir = tmp_path / "merged"
     argv = [a for a in merge_argv(fixtures, out_dir) if a != "--no-verify"]
-    code, out, err = run_cli(capsys, argv)
+    code, out, err = run_in_process(capsys, argv)
     assert_one_line_refusal(code, out, err, r"interrupted", exit_code=130)
     assert leftovers(out_dir) == []
 
@@ -309,8 +291,8 @@ def test_merge_refuses_non_finite_adapter_weights(value, engine, fixtures, tmp_p
     tensors[key][1, 2] = float(value)
     save_file(tensors, adapter / "adapter_model.safetensors")
     out_dir = tmp_path / "merged"
-    code, out, err = run_cli(capsys, ["merge", fixtures["base"], "--adapter", adapter, "--out", out_dir, "--engine", engine,
-                                      "--no-verify", "--json"])
+    code, out, err = run_in_process(capsys, ["merge", fixtures["base"], "--adapter", adapter, "--out", out_dir, "--engine", engine,
+                                             "--no-verify", "--json"])
     assert_one_line_refusal(code, out, err, r"has 1 NaN/Inf values")
     assert leftovers(out_dir) == []
 

@@ -12,7 +12,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from lora_studio.core.comparison import Variant, compare
 from lora_studio.core.generation import GenerationSettings, generate
@@ -25,16 +24,13 @@ PROMPTS = ["hello world", "The quick brown fox"]
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_llama, llama_adapters):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def loaded(one_thread, tiny_llama, llama_adapters):
     s = Session()
     s.load(resolve_source(tiny_llama))
     s.attach(llama_adapters["alpha"], "alpha")
     s.attach(llama_adapters["beta"], "beta")
     yield s
     s.close()
-    torch.set_num_threads(before)
 
 
 def alone(session, name, prompt):

@@ -5,33 +5,17 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from lora_studio.cli.main import main
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP waits dominate."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from cli_helpers import run_in_process
 
 
-def call(args, capsys):
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_compare_json_shape(tiny_llama, llama_adapters, capsys):
-    code, out, err = call(["compare", tiny_llama, "--adapter", f"alpha={llama_adapters['alpha']}",
-                           "--adapter", f"beta={llama_adapters['beta']}", "--prompt", "hello world",
-                           "--max-new-tokens", "8", "--json"], capsys)
+    code, out, err = run_in_process(capsys, ["compare", tiny_llama, "--adapter", f"alpha={llama_adapters['alpha']}",
+                                             "--adapter", f"beta={llama_adapters['beta']}", "--prompt", "hello world",
+                                             "--max-new-tokens", "8", "--json"])
     assert code == 0, err
     assert out.count("\n") == 1
     obj = json.loads(out)
@@ -50,9 +34,9 @@ def test_compare_json_shape(tiny_llama, llama_adapters, capsys):
 def test_compare_without_base_from_prompts_file_human(tiny_llama, llama_adapters, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "fox"}\n\n{"prompt": "Paris is"}\n')
-    code, out, err = call(["compare", tiny_llama, "--no-base-variant", "--adapter", f"alpha={llama_adapters['alpha']}",
-                           "--adapter", f"beta={llama_adapters['beta']}", "--prompts-file", prompts,
-                           "--max-new-tokens", "4", "--raw", "--sequential"], capsys)
+    code, out, err = run_in_process(capsys, ["compare", tiny_llama, "--no-base-variant", "--adapter", f"alpha={llama_adapters['alpha']}",
+                                             "--adapter", f"beta={llama_adapters['beta']}", "--prompts-file", prompts,
+                                             "--max-new-tokens", "4", "--raw", "--sequential"])
     assert code == 0, err
     assert "2 variants, one at a time (sequential runs were asked for)" in out
     assert out.count("Prompt: ") == 2 and "--- alpha (" in out and "--- beta (" in out and "--- base" not in out
@@ -62,8 +46,8 @@ def test_compare_without_base_from_prompts_file_human(tiny_llama, llama_adapters
 def test_compare_json_several_prompts(tiny_llama, llama_adapters, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("fox\nhello world\n")
-    code, out, err = call(["compare", tiny_llama, "--adapter", f"alpha={llama_adapters['alpha']}", "--prompts-file", prompts,
-                           "--max-new-tokens", "3", "--json"], capsys)
+    code, out, err = run_in_process(capsys, ["compare", tiny_llama, "--adapter", f"alpha={llama_adapters['alpha']}", "--prompts-file", prompts,
+                                             "--max-new-tokens", "3", "--json"])
     assert code == 0, err
     obj = json.loads(out)
     assert [p["prompt"] for p in obj["prompts"]] == ["fox", "hello world"] and obj["mixed_batch"] is True
@@ -82,7 +66,7 @@ def test_compare_json_several_prompts(tiny_llama, llama_adapters, tmp_path, caps
     (["--prompt", "hi", "--max-new-tokens", "lots"], "invalid int value"),
 ])
 def test_bad_input_exit_2(tiny_llama, extra, needle, capsys):
-    code, out, err = call(["compare", tiny_llama, *extra], capsys)
+    code, out, err = run_in_process(capsys, ["compare", tiny_llama, *extra])
     assert code == 2 and out == ""
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
 
@@ -90,13 +74,13 @@ def test_bad_input_exit_2(tiny_llama, extra, needle, capsys):
 def test_bad_prompts_files_exit_2(tiny_llama, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\nnot json\n')
-    code, _, err = call(["compare", tiny_llama, "--prompts-file", bad], capsys)
+    code, _, err = run_in_process(capsys, ["compare", tiny_llama, "--prompts-file", bad])
     assert code == 2 and "bad.jsonl line 2 is not JSON" in err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    code, _, err = call(["compare", tiny_llama, "--prompts-file", empty], capsys)
+    code, _, err = run_in_process(capsys, ["compare", tiny_llama, "--prompts-file", empty])
     assert code == 2 and "empty.txt has no prompts" in err
-    code, _, err = call(["compare", tiny_llama, "--prompts-file", tmp_path / "missing.txt"], capsys)
+    code, _, err = run_in_process(capsys, ["compare", tiny_llama, "--prompts-file", tmp_path / "missing.txt"])
     assert code == 2 and "missing.txt does not exist" in err
 
 

@@ -6,16 +6,11 @@ import json
 
 import pytest
 
-from lora_studio.cli.main import main
+from cli_helpers import run_in_process
 
 
 def run_cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse usage errors exit directly
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_in_process(capsys, argv)
 
 
 def test_merge_json(tmp_path, capsys, tiny_llama, llama_adapters):

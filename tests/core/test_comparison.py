@@ -16,13 +16,7 @@ PROMPTS = ["hello world", "The quick brown fox jumps over the lazy dog. LoRA ada
 GREEDY = GenerationSettings(max_new_tokens=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP waits dominate."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
