@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from lora_studio.core.errors import UserError
+from lora_studio.core.memory import format_bytes
 from lora_studio.core.tasks import Progress
 
 
@@ -75,14 +76,8 @@ def print_json(obj) -> None:
 
 
 def human_bytes(n) -> str:
-    if n is None:
-        return "?"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    """Bytes for people, as the window shows them; '?' when unknown."""
+    return "?" if n is None else format_bytes(n)
 
 
 def table(rows: list[list[str]], headers: list[str]) -> str:

@@ -33,6 +33,7 @@ from lora_studio.core import adapter_files, model_card
 from lora_studio.core import verify as verification_mod
 from lora_studio.core.combine import check_combination
 from lora_studio.core.errors import UserError
+from lora_studio.core.memory import format_bytes
 from lora_studio.core.safetensors_io import DTYPE_SIZES, atomic_output_dir, read_headers, write_state_dict
 from lora_studio.core.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
@@ -255,15 +256,13 @@ def plan_merge(source: ModelSource, adapters: Sequence[AdapterSpec], options: Me
     free = _free_disk(options.out)
     plan = MergePlan(engine, dtype, predictions, output_bytes, free, resize_vocabulary=resize)
     if refusal is None and not plan.disk_ok:
-        refusal = f"the output needs about {_gib(output_bytes)} but only {_gib(free)} is free at {Path(options.out).absolute().parent}"
+        refusal = f"the output needs about {format_bytes(output_bytes)} but only {format_bytes(free)} is free at {Path(options.out).absolute().parent}"
         hint = "free some disk space or choose another output folder"
     if refusal:
         plan.engine, plan.refusal, plan.refusal_hint = None, refusal, hint
     return plan
 
 
-def _gib(n) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.0f} MiB"
 
 
 def _current_rss() -> int:
