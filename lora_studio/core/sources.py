@@ -6,6 +6,7 @@ Nothing here touches the network: the cache is scanned on disk, offline.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -82,8 +83,6 @@ def resolve_source(spec: str | Path) -> ModelSource:
 
 def hf_cache_dir() -> Path:
     """The hub cache folder huggingface_hub would use (HF_HUB_CACHE, HF_HOME, or ~/.cache)."""
-    import os
-
     try:
         import huggingface_hub.constants as hub_constants
 
