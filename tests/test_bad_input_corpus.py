@@ -212,7 +212,7 @@ def test_merge_when_the_disk_fills_up(budget, fixtures, tmp_path, capsys, monkey
     from lora_studio.core import safetensors_io
 
     used = [0]
-    real_write_all, real_copy_range = safetensors_io._write_all, safetensors_io._copy_range
+    real_write_all, real_copy_range, real_pwrite_all = safetensors_io._write_all, safetensors_io._copy_range, safetensors_io._pwrite_all
 
     def spend(n):
         used[0] += n
@@ -227,8 +227,13 @@ def test_merge_when_the_disk_fills_up(budget, fixtures, tmp_path, capsys, monkey
         spend(nbytes)
         return real_copy_range(src_fd, dst_fd, offset, nbytes, *rest)
 
+    def pwrite_all(fd, data, offset):  # direct I/O (Linux): every byte of a shard goes through here
+        spend(memoryview(data).nbytes)
+        return real_pwrite_all(fd, data, offset)
+
     monkeypatch.setattr(safetensors_io, "_write_all", write_all)
     monkeypatch.setattr(safetensors_io, "_copy_range", copy_range)
+    monkeypatch.setattr(safetensors_io, "_pwrite_all", pwrite_all)
     out_dir = tmp_path / "merged"
     code, out, err = run_in_process(capsys, merge_argv(fixtures, out_dir))
     assert_one_line_refusal(code, out, err, r"disk .* is full")

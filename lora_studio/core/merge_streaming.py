@@ -216,21 +216,88 @@ def _pread_into(fd: int, info: TensorInfo, path: Path, out_bytes) -> None:
     pread_exact(fd, out_bytes.numpy(), info, path)
 
 
+# Row blocks for the merge arithmetic: each block's float32 update (~2 MB) stays in the CPU caches
+# through the five steps below instead of making five trips through main memory (measured: ~1.6x faster).
+_BLOCK_ELEMENTS = 1 << 19
+_BLOCK_ROWS_MULTIPLE = 64
+# (rows, cols, rank, block rows, torch threads) -> whether the blocked matmul gives the whole matmul's bits here
+_BLOCKING_EXACT: dict[tuple, bool] = {}
+
+
+def _row_blocks(m: int, n: int) -> Optional[list[tuple[int, int]]]:
+    """Row ranges for a blocked merge of an (m, n) weight, or None when blocking does not pay.
+
+    Every block has at least ``_BLOCK_ROWS_MULTIPLE`` rows: BLAS libraries switch to other kernels
+    (with other rounding) for matrices of a few rows, so a short remainder joins the block before it.
+    """
+    rows = (_BLOCK_ELEMENTS // max(n, 1)) // _BLOCK_ROWS_MULTIPLE * _BLOCK_ROWS_MULTIPLE
+    if rows < _BLOCK_ROWS_MULTIPLE or m < 2 * rows:
+        return None
+    starts = list(range(0, m, rows))
+    if m - starts[-1] < _BLOCK_ROWS_MULTIPLE:
+        starts.pop()
+    return [(s, starts[i + 1] if i + 1 < len(starts) else m) for i, s in enumerate(starts)]
+
+
+def _blocking_is_exact(scratch: _Scratch, a, b, blocks: list[tuple[int, int]]) -> bool:
+    """Does ``B[rows] @ A``, block by block, give exactly the rows of PEFT's whole ``B @ A`` here?
+
+    It does with the BLAS builds we know (a rank-r product sums r terms in the same order whatever
+    the number of rows), but that is the library's choice, not a promise: the first weight of each
+    shape is multiplied both ways and compared, and a shape that differs is merged whole.
+    """
+    import torch
+
+    m, n = b.shape[0], a.shape[1]
+    key = (m, n, a.shape[0], blocks[0][1], torch.get_num_threads())
+    exact = _BLOCKING_EXACT.get(key)
+    if exact is None:
+        whole = torch.mm(b, a)  # transient, once per shape
+        block = scratch.get("delta", torch.float32, (max(e - s for s, e in blocks), n))
+        exact = True
+        for s, e in blocks:
+            torch.mm(b[s:e], a, out=block[: e - s])
+            if not torch.equal(block[: e - s], whole[s:e]):
+                exact = False
+                break
+        del whole
+        _BLOCKING_EXACT[key] = exact
+    return exact
+
+
 def _merged_into(scratch: _Scratch, weight, a, b, scaling: float, fan_in_fan_out: bool, slot: int = 0):
     """``merged_tensor`` for a linear weight, writing into reused buffers; same bits.
 
     PEFT adds the float32 update to a half-precision weight with a mixed-dtype in-place add;
     torch runs that add several times slower than upcasting the weight (exact) and adding
     float32 to float32, which computes the same float32 sums; the sum is then rounded once.
-    Each step is one whole-tensor operation: many small blocks would each pay torch's
-    thread-pool hand-off, which on a busy machine costs more than the arithmetic.
+    Large weights go through in row blocks (see ``_row_blocks``); each step is still one torch
+    call per block of ~0.5 M elements, so torch's per-call overhead stays small.
     """
     import torch
 
     m, n = b.shape[0], a.shape[1]
+    blocks = None if fan_in_fan_out else _row_blocks(m, n)
+    if blocks is not None and tuple(weight.shape) == (m, n) and _blocking_is_exact(scratch, a, b, blocks):
+        out = scratch.get(f"out{slot}", weight.dtype, (m, n))
+        rows = max(e - s for s, e in blocks)
+        delta = scratch.get("delta", torch.float32, (rows, n))
+        upcast = scratch.get("upcast", torch.float32, (rows, n)) if weight.dtype != torch.float32 else None
+        for s, e in blocks:
+            d = delta[: e - s]
+            torch.mm(b[s:e], a, out=d)
+            d.mul_(scaling)
+            if upcast is None:
+                torch.add(d, weight[s:e], out=out[s:e])
+            else:
+                u = upcast[: e - s]
+                u.copy_(weight[s:e])  # bfloat16/float16 -> float32 is exact
+                d.add_(u)
+                out[s:e].copy_(d)  # the same round-to-nearest-even conversion as .to()
+        return out
     # the buffer that is returned belongs to this ring slot; the others are free again once this returns
     delta = scratch.get(f"delta{slot}" if weight.dtype == torch.float32 else "delta", torch.float32, (m, n))
-    torch.mm(b, a, out=delta)  # the same float32 matmul call as PEFT's (chunking it would change the bits)
+    torch.mm(b, a, out=delta)  # the same float32 matmul call as PEFT's
     if fan_in_fan_out:
         delta = delta.T
     _check_update_shape(delta, weight)

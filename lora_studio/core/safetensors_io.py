@@ -260,13 +260,124 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int, name: str, p
         done += got
 
 
+class _DirectAppender:
+    """Appends bytes to a file opened with ``O_DIRECT``, through one page-aligned staging buffer.
+
+    Direct writes go from this buffer to the disk without a copy into the page cache. Measured on
+    the merge benchmark, that kernel copy (into freshly allocated cache pages) cost as much CPU as the
+    whole merge arithmetic; without it the writer thread barely competes with the merge for the cores.
+    ``O_DIRECT`` needs aligned offsets, lengths and memory: the buffer is an anonymous mmap
+    (page-aligned), every write but the last is a whole buffer, and the last is padded to the
+    alignment and the file truncated back to its real length.
+    """
+
+    ALIGN = 4096
+    CHUNK = 8 * 1024**2
+
+    def __init__(self, fd: int) -> None:
+        import mmap
+
+        self.fd = fd
+        self._map = mmap.mmap(-1, self.CHUNK)
+        self._view = memoryview(self._map)
+        self._fill = 0
+        self._offset = 0  # file offset of the buffer's first byte
+
+    @property
+    def size(self) -> int:
+        return self._offset + self._fill
+
+    def append(self, data) -> int:
+        data = memoryview(data).cast("B")
+        total = len(data)
+        while len(data):
+            n = min(len(data), self.CHUNK - self._fill)
+            self._view[self._fill:self._fill + n] = data[:n]
+            self._fill += n
+            data = data[n:]
+            if self._fill == self.CHUNK:
+                self._flush(self.CHUNK)
+        return total
+
+    def append_from_file(self, src_fd: int, offset: int, nbytes: int, name: str, path: Path) -> None:
+        """Read ``nbytes`` of ``src_fd`` straight into the staging buffer (no intermediate copy)."""
+        done = 0
+        while done < nbytes:
+            n = min(nbytes - done, self.CHUNK - self._fill)
+            got = os.preadv(src_fd, [self._view[self._fill:self._fill + n]], offset + done)
+            if got <= 0:
+                raise UserError(f"{Path(path).name} ended early while reading {name}", "the file is truncated")
+            self._fill += got
+            done += got
+            if self._fill == self.CHUNK:
+                self._flush(self.CHUNK)
+
+    def finish(self) -> None:
+        """Write what is left (padded to the alignment) and cut the file to its real length."""
+        size = self.size
+        if self._fill:
+            padded = -(-self._fill // self.ALIGN) * self.ALIGN
+            self._view[self._fill:padded] = bytes(padded - self._fill)
+            self._flush(padded)
+            os.ftruncate(self.fd, size)
+        self._offset, self._fill = size, 0
+
+    def close(self) -> None:
+        try:
+            self._view.release()
+            self._map.close()
+        except BufferError:  # a failed write's traceback still holds a slice: the map goes with it
+            pass
+
+    def _flush(self, nbytes: int) -> None:
+        _pwrite_all(self.fd, self._view[:nbytes], self._offset)
+        self._offset += self._fill
+        self._fill = 0
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        try:
+            done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            if exc.errno != 22 or not _drop_direct(fd):  # EINVAL: this filesystem refuses O_DIRECT writes
+                raise
+
+
+def _drop_direct(fd: int) -> bool:
+    """Turn ``O_DIRECT`` off on an open file (Linux allows it with F_SETFL); False when it was not on."""
+    import fcntl
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not flags & getattr(os, "O_DIRECT", 0):
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+    return True
+
+
+def _open_for_writing(path: Path) -> tuple[int, bool]:
+    """A new file for a shard: with ``O_DIRECT`` where the platform and filesystem take it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            return os.open(path, flags | direct, 0o666), True
+        except OSError as exc:
+            if exc.errno != 22:  # EINVAL: no direct I/O here (tmpfs on older kernels, some FUSE filesystems)
+                raise
+    return os.open(path, flags, 0o666), False
+
+
 class ShardWriter:
     """Writes one safetensors file tensor by tensor in a declared order.
 
     ``plan`` gives name -> (safetensors dtype, shape) in the order tensors will be
     written; the header is written first, then each :meth:`write` appends bytes (a
-    tensor, or a :class:`FileSlice` copied file to file). Writeback to disk is started
-    after each tensor, so the closing fsync does not write the whole shard at once.
+    tensor, or a :class:`FileSlice` copied file to file). On Linux the file is written
+    with direct I/O (:class:`_DirectAppender`); elsewhere through the page cache, with
+    writeback started after each tensor so the closing fsync does not write the whole shard at once.
     """
 
     def __init__(self, path: Path, plan: Mapping[str, tuple[str, tuple[int, ...]]], metadata: Optional[dict] = None):
@@ -287,12 +398,14 @@ class ShardWriter:
         self._plan = {k: (v[0], tuple(v[1])) for k, v in plan.items()}
         self._next = 0
         self.nbytes = 8 + len(raw) + offset
-        self._fd: Optional[int] = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+        self._fd: Optional[int]
+        self._fd, direct = _open_for_writing(self.path)
+        self._direct = _DirectAppender(self._fd) if direct else None
         self._src: dict[Path, int] = {}
         self._pos = 0
-        self._flushed = 0  # bytes handed to writeback so far
+        self._flushed = 0  # bytes handed to writeback so far (page-cache writes only)
         try:
-            self._pos += _write_all(self._fd, struct.pack("<Q", len(raw)) + raw)
+            self._pos += self._append(struct.pack("<Q", len(raw)) + raw)
         except BaseException:
             self.abort()
             raise
@@ -312,26 +425,36 @@ class ShardWriter:
             src = self._src.get(tensor.path)
             if src is None:
                 src = self._src[tensor.path] = os.open(tensor.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            _copy_range(src, self._fd, tensor.offset, tensor.nbytes, name, tensor.path)
+            if self._direct is not None:
+                self._direct.append_from_file(src, tensor.offset, tensor.nbytes, name, tensor.path)
+            else:
+                _copy_range(src, self._fd, tensor.offset, tensor.nbytes, name, tensor.path)
             n = tensor.nbytes
         else:
             if tuple(tensor.shape) != shape or st_dtype(tensor.dtype) != dtype:
                 raise RuntimeError(f"ShardWriter: {name} is {st_dtype(tensor.dtype)}{tuple(tensor.shape)}, planned {dtype}{shape}")
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
-            n = _write_all(self._fd, data) if data.nbytes else 0
+            n = self._append(data) if data.nbytes else 0
         self._pos += n
         self._next += 1
-        if self._pos - self._flushed >= 8 * 1024**2:
+        if self._direct is None and self._pos - self._flushed >= 8 * 1024**2:
             _start_writeback(self._fd, self._flushed, self._pos - self._flushed)
             self._flushed = self._pos
         return n
+
+    def _append(self, data) -> int:
+        if self._direct is not None:
+            return self._direct.append(data)
+        return _write_all(self._fd, data)
 
     def close(self) -> None:
         if self._fd is None:
             return
         complete = self._next == len(self._order)
         try:
-            os.fsync(self._fd)
+            if self._direct is not None:
+                self._direct.finish()
+            os.fsync(self._fd)  # direct writes skip the cache, but the file's size and blocks are metadata
         finally:
             self._close_fds()
         if not complete:
@@ -344,6 +467,9 @@ class ShardWriter:
         for fd in self._src.values():
             os.close(fd)
         self._src.clear()
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)

@@ -56,6 +56,55 @@ def test_gpt2_conv1d_fan_in_fan_out(tiny_gpt2, gpt2_adapter):
     assert "lm_head.weight" not in got  # GPT-2 ties its head to wte
 
 
+def test_row_blocks_never_leave_a_short_block():
+    from lora_studio.core import merge_streaming
+
+    rows = merge_streaming._BLOCK_ELEMENTS // 2048  # 256 rows of a 2048-wide weight
+    assert merge_streaming._row_blocks(5632, 2048)[:2] == [(0, rows), (rows, 2 * rows)]
+    blocks = merge_streaming._row_blocks(2 * rows + 10, 2048)
+    assert blocks == [(0, rows), (rows, 2 * rows + 10)]  # the 10-row remainder joins the last block
+    assert merge_streaming._row_blocks(rows, 2048) is None  # too small to be worth blocking
+    assert merge_streaming._row_blocks(4096, 1 << 20) is None  # rows too wide for a block of 64 rows
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_row_blocked_merge_is_bit_identical_to_peft(models_dir, monkeypatch, dtype):
+    """Small blocks, so a tiny model goes through the blocked path (q: 2 blocks; gate/up: 3, the last with 72 rows)."""
+    from lora_studio.core import merge_streaming
+
+    monkeypatch.setattr(merge_streaming, "_BLOCK_ELEMENTS", 64 * 128)
+    monkeypatch.setattr(merge_streaming, "_BLOCKING_EXACT", {})
+    base = models_dir / "blocked-llama"
+    if not base.exists():
+        factories.make_llama(base, hidden_size=128, intermediate_size=200, seed=9)
+    adapter = models_dir / "blocked-adapter"
+    if not adapter.exists():  # scaling 12/8 = 1.5: not a power of two, so no rounding step can hide
+        factories.make_adapter(base, adapter, r=8, lora_alpha=12, seed=23, target_modules=("q_proj", "gate_proj", "up_proj", "down_proj"))
+    assert_bit_identical(streamed(base, adapter, dtype), peft_merged(base, adapter, dtype))
+    assert merge_streaming._BLOCKING_EXACT and all(merge_streaming._BLOCKING_EXACT.values())
+
+
+def test_a_shape_whose_blocks_differ_is_merged_whole(models_dir, tiny_llama_bf16, monkeypatch):
+    from lora_studio.core import merge_streaming
+
+    monkeypatch.setattr(merge_streaming, "_BLOCK_ELEMENTS", 16 * 32)  # 16-row blocks of the 64x32 gate/up weights
+    monkeypatch.setattr(merge_streaming, "_BLOCK_ROWS_MULTIPLE", 16)
+    monkeypatch.setattr(merge_streaming, "_BLOCKING_EXACT", {})
+    real_equal, compared = torch.equal, []
+
+    def never_equal(x, y):  # as if this BLAS rounded a 16-row product differently from the whole
+        compared.append(x.shape)
+        return False
+
+    monkeypatch.setattr(torch, "equal", never_equal)
+    adapter = factories.make_adapter(tiny_llama_bf16, models_dir / "merge-whole-fallback", seed=24, dtype="bfloat16",
+                                     target_modules=("gate_proj", "up_proj"))
+    got = streamed(tiny_llama_bf16, adapter, "bfloat16")
+    monkeypatch.setattr(torch, "equal", real_equal)
+    assert compared and merge_streaming._BLOCKING_EXACT and not any(merge_streaming._BLOCKING_EXACT.values())
+    assert_bit_identical(got, peft_merged(tiny_llama_bf16, adapter, "bfloat16"))
+
+
 def test_tied_embeddings_stay_tied(models_dir, tiny_llama_tied):
     adapter = factories.make_adapter(tiny_llama_tied, models_dir / "merge-tied", seed=22)
     got = streamed(tiny_llama_tied, adapter, "float32", tied=True)

@@ -105,3 +105,64 @@ def test_exchange_swaps_atomically(tmp_path):
     if not sio._exchange(a, b):
         pytest.skip("renameat2 exchange not supported here")
     assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
+def _big_plan_and_tensors():
+    # sizes that straddle the staging buffer: several whole chunks, odd tails, a tensor of zero elements
+    tensors = {"a": torch.randn(3, 1001), "b": torch.randn(700_001).to(torch.bfloat16), "c": torch.zeros(0),
+               "d": torch.arange(13, dtype=torch.int64)}
+    return tensors, {k: (sio.st_dtype(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
+
+
+def test_direct_writer_across_chunks_and_file_slices(tmp_path, monkeypatch):
+    monkeypatch.setattr(sio._DirectAppender, "CHUNK", 64 * 1024)
+    tensors, plan = _big_plan_and_tensors()
+    src = tmp_path / "src.safetensors"
+    save_file(tensors, str(src))
+    header = sio.read_header(src)
+    out = tmp_path / "out.safetensors"
+    writer = sio.ShardWriter(out, plan)
+    for name, t in tensors.items():
+        info = header.tensors[name]
+        writer.write(name, sio.FileSlice(src, info.dtype, info.shape, info.begin, info.nbytes) if name in "ab" else t)
+    writer.close()
+    assert out.stat().st_size == writer.nbytes
+    got = sio.read_header(out)
+    for name, t in tensors.items():
+        assert torch.equal(sio.read_tensor(got.tensors[name], out), t), name
+
+
+def test_filesystem_that_refuses_direct_writes(tmp_path, monkeypatch):
+    """EINVAL from a direct write: the writer turns O_DIRECT off on that file and carries on through the cache."""
+    import errno
+
+    real_pwrite, refused = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        import fcntl
+
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(sio._DirectAppender, "CHUNK", 64 * 1024)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    tensors, plan = _big_plan_and_tensors()
+    sio.write_state_dict(tmp_path, iter(tensors.items()), plan)
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    if hasattr(os, "O_DIRECT") and not _is_tmpfs(tmp_path):
+        assert refused
+    got = sio.read_header(tmp_path / sio.SINGLE_NAME)
+    for name, t in tensors.items():
+        assert torch.equal(sio.read_tensor(got.tensors[name], tmp_path / sio.SINGLE_NAME), t), name
+
+
+def _is_tmpfs(path) -> bool:
+    try:
+        fd, direct = sio._open_for_writing(path / ".probe")
+    except OSError:
+        return True
+    os.close(fd)
+    os.unlink(path / ".probe")
+    return not direct
