@@ -181,7 +181,7 @@ def main() -> int:
             QTimer.singleShot(10, loop.quit)
             loop.exec()
 
-    wait_for(lambda: window.memory_panel.plot is not None and window.runner.is_idle())
+    wait_for(lambda: window.memory_panel.plot is not None and window.adapter_panel.chart is not None and window.runner.is_idle())
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
 

@@ -164,9 +164,11 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False):
     offline_environment()
     from transformers import AutoTokenizer
 
+    from lora_studio.core.tokenizer_parse import stepwise_tokenizer_parsing
+
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else added_tokens_hint(Path(source.path))
     try:
-        with utf8_path(source.path) as folder:
+        with utf8_path(source.path) as folder, stepwise_tokenizer_parsing():
             return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
     except Exception as exc:
         raise UserError(f"cannot load the tokenizer of {source.label}: {exc}", "the model folder needs tokenizer files (tokenizer.json or similar)") from exc
@@ -193,6 +195,10 @@ def load_base(source: ModelSource, *, dtype: str = "float32", device_map: str = 
         kwargs.update(dtype=torch_dtype(dtype), use_safetensors=_has_safetensors(source.path))
     if device_map != "cpu":
         kwargs["device_map"] = device_map
+    if not source.gguf_file:
+        from lora_studio.core.safetensors_io import warm_page_cache
+
+        warm_page_cache(sorted(Path(source.path).glob("*.safetensors")), cancel)
     try:
         with _progress_hook(cancel, report), utf8_path(source.path) as folder:
             model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)

@@ -34,7 +34,7 @@ from lora_studio.core import verify as verification_mod
 from lora_studio.core.combine import check_combination
 from lora_studio.core.errors import UserError
 from lora_studio.core.memory import format_bytes
-from lora_studio.core.safetensors_io import DTYPE_SIZES, atomic_output_dir, read_headers, write_state_dict
+from lora_studio.core.safetensors_io import DTYPE_SIZES, atomic_output_dir, read_ahead, read_headers, write_state_dict
 from lora_studio.core.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
@@ -362,11 +362,14 @@ def _run_streaming(source, adapter: AdapterSpec, dtype, tmp: Path, options: Merg
                                 "merge in bfloat16 or float32 instead")
             yield name, t
 
-    # ring=2 + background: tensor i is written on a second thread while tensor i+1 is read and merged
-    return _write(tmp, checked(), sp.out_plan, options, report, background=True)
+    # ring=2 + background: tensor i is written on a second thread while tensor i+1 is read and merged.
+    # direct: this engine is for models too big to hold, where copying the output into the page cache costs
+    # as much CPU as the merge; the in-memory engine's output goes through the cache, where its verification
+    # reads it back.
+    return _write(tmp, checked(), sp.out_plan, options, report, background=True, direct=True)
 
 
-def _write(tmp: Path, tensors, out_plan, options: MergeOptions, report, background: bool = False):
+def _write(tmp: Path, tensors, out_plan, options: MergeOptions, report, background: bool = False, direct: bool = False):
     total = sum(DTYPE_SIZES[d] * _numel(s) for d, s in out_plan.values())
     count = len(out_plan)
     state = {"bytes": 0, "tensors": 0}
@@ -378,7 +381,7 @@ def _write(tmp: Path, tensors, out_plan, options: MergeOptions, report, backgrou
 
     report(Progress(0, total, f"merging tensor 0/{count}", "bytes"))
     paths = write_state_dict(tmp, tensors, out_plan, max_shard_bytes=options.max_shard_bytes, on_tensor=on_tensor,
-                             metadata={"merged_by": f"lora-studio {__version__}"}, background=background)
+                             metadata={"merged_by": f"lora-studio {__version__}"}, background=background, direct=direct)
     return [p.name for p in paths], state["bytes"]
 
 
@@ -544,6 +547,7 @@ def _verify(source, adapters, options: MergeOptions, dtype, tmp: Path, session, 
     """Reference outputs from the adapter model, then the saved folder loaded plainly and compared."""
     from lora_studio.core.session import release_memory
 
+    read_ahead(tmp)  # streamed shards were written past the page cache: read them back while the reference runs
     report(Progress(0, 2, "verifying: running the adapter model", "steps"))
     owned = None
     if session is None:  # streaming without a session: load base + adapter just for the reference

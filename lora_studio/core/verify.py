@@ -20,6 +20,7 @@ Within all three: "pass"; otherwise "warn" (the folder is still saved: the user 
 
 from __future__ import annotations
 
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -129,6 +130,10 @@ def load_merged(folder, dtype: str, device_map: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     from transformers.utils import logging as hf_logging
+
+    from lora_studio.core.safetensors_io import warm_page_cache
+
+    warm_page_cache(sorted(Path(folder).glob("*.safetensors")))  # a streamed merge wrote past the cache
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the job reports its own progress; no tqdm bar on the user's terminal

@@ -474,8 +474,13 @@ class AdapterPanel(QWidget):
         f["notes"].setText("; ".join(insp.warnings) or "–")
         self._draw_chart(insp)
 
-    def _draw_chart(self, insp) -> None:
-        import pyqtgraph as pg
+    def build_charts(self) -> None:
+        """Create the ‖ΔW‖ and loss charts (once; ~50-100 ms of pyqtgraph set-up on the GUI thread).
+
+        The window calls this while idle, right after pyqtgraph's import, so that selecting the first
+        adapter only fills them in; otherwise it happens on first use.
+        """
+        import pyqtgraph as pg  # lazy: ~1 s to import, preloaded after the window shows
 
         if self.chart is None:
             self.chart = pg.PlotWidget()
@@ -488,12 +493,33 @@ class AdapterPanel(QWidget):
             self.chart.setLabel("bottom", "layer")
             self.chart.setLabel("left", "‖ΔW‖")
             self.chart_host.addWidget(self.chart, 1)
+        if self.loss_chart is None:
+            self.loss_chart = pg.PlotWidget()
+            self.loss_chart.setMinimumHeight(110)
+            self.loss_chart.setBackground("w")
+            self.loss_chart.showGrid(x=True, y=True, alpha=0.25)
+            self.loss_chart.setMouseEnabled(x=False, y=False)
+            self.loss_chart.hideButtons()
+            self.loss_chart.getPlotItem().setMenuEnabled(False)
+            self.loss_chart.setLabel("bottom", "step")
+            self.loss_chart.setLabel("left", "loss")
+            self.loss_chart.addLegend(offset=(-6, 4), brush=pg.mkBrush(255, 255, 255, 210), labelTextSize="8pt")
+            self.loss_host.addWidget(self.loss_chart, 1)
+
+    def _draw_chart(self, insp) -> None:
+        import pyqtgraph as pg
+
+        self.build_charts()
         labels, values = per_layer_norms(insp.modules)
         plot = self.chart.getPlotItem()
         plot.clear()
         xs = list(range(len(values)))
         plot.addItem(pg.BarGraphItem(x=xs, height=values, width=0.7, brush="#4c78a8"))
-        plot.getAxis("bottom").setTicks([list(zip(xs, labels))])
+        # at most ~12 labelled bars (every layer of a 30-layer model is unreadable, and each label costs
+        # text layout in every axis repaint); the others are minor ticks without text
+        step = max(1, -(-len(xs) // 12))
+        major = [(x, label) for x, label in zip(xs, labels) if x % step == 0]
+        plot.getAxis("bottom").setTicks([major, [(x, "") for x in xs if x % step]])
         if xs:
             plot.setXRange(-0.6, len(xs) - 0.4, padding=0)
             plot.setYRange(0, max(values) * 1.1 or 1, padding=0)
@@ -512,20 +538,9 @@ class AdapterPanel(QWidget):
                 self.loss_chart.hide()
             self.loss_values = None
             return
-        import pyqtgraph as pg  # lazy: ~1 s to import, preloaded after the window shows
+        import pyqtgraph as pg
 
-        if self.loss_chart is None:
-            self.loss_chart = pg.PlotWidget()
-            self.loss_chart.setMinimumHeight(110)
-            self.loss_chart.setBackground("w")
-            self.loss_chart.showGrid(x=True, y=True, alpha=0.25)
-            self.loss_chart.setMouseEnabled(x=False, y=False)
-            self.loss_chart.hideButtons()
-            self.loss_chart.getPlotItem().setMenuEnabled(False)
-            self.loss_chart.setLabel("bottom", "step")
-            self.loss_chart.setLabel("left", "loss")
-            self.loss_chart.addLegend(offset=(-6, 4), brush=pg.mkBrush(255, 255, 255, 210), labelTextSize="8pt")
-            self.loss_host.addWidget(self.loss_chart, 1)
+        self.build_charts()
         self.loss_chart.show()
         plot = self.loss_chart.getPlotItem()
         plot.clear()

@@ -397,13 +397,25 @@ class MainWindow(QMainWindow):
         self.monitor.start()
         self.model_panel.refresh_local()
         self._preloader = _Preloader(self)
-        self._preloader.ready.connect(self.memory_panel.build_chart)
+        self._preloader.ready.connect(self._build_charts)
         self._preloader.start("pyqtgraph")
         session, runner = self.session, self.runner
         self.runner.submit("preparing torch",
                            lambda *, cancel, report: warm_up(cancel=cancel, report=report,
                                                              safe_to_freeze=lambda: session.model is None and runner.current is None),
                            exclusive=False, key="warm-up")
+
+    def _build_charts(self) -> None:
+        # one chart per event-loop turn: each costs ~50-100 ms of pyqtgraph set-up; done now, while the
+        # user is still looking at the fresh window, rather than when an adapter is first selected
+        if self._closed:
+            return
+        self.memory_panel.build_chart()
+        QTimer.singleShot(0, self._build_inspector_charts)
+
+    def _build_inspector_charts(self) -> None:
+        if not self._closed:
+            self.adapter_panel.build_charts()
 
     def closeEvent(self, event) -> None:
         self.settings.save_window(self.saveGeometry(), self.saveState())

@@ -121,7 +121,7 @@ def test_direct_writer_across_chunks_and_file_slices(tmp_path, monkeypatch):
     save_file(tensors, str(src))
     header = sio.read_header(src)
     out = tmp_path / "out.safetensors"
-    writer = sio.ShardWriter(out, plan)
+    writer = sio.ShardWriter(out, plan, direct=True)
     for name, t in tensors.items():
         info = header.tensors[name]
         writer.write(name, sio.FileSlice(src, info.dtype, info.shape, info.begin, info.nbytes) if name in "ab" else t)
@@ -149,7 +149,7 @@ def test_filesystem_that_refuses_direct_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(sio._DirectAppender, "CHUNK", 64 * 1024)
     monkeypatch.setattr(os, "pwrite", pwrite)
     tensors, plan = _big_plan_and_tensors()
-    sio.write_state_dict(tmp_path, iter(tensors.items()), plan)
+    sio.write_state_dict(tmp_path, iter(tensors.items()), plan, direct=True)
     monkeypatch.setattr(os, "pwrite", real_pwrite)
     if hasattr(os, "O_DIRECT") and not _is_tmpfs(tmp_path):
         assert refused
@@ -160,7 +160,7 @@ def test_filesystem_that_refuses_direct_writes(tmp_path, monkeypatch):
 
 def _is_tmpfs(path) -> bool:
     try:
-        fd, direct = sio._open_for_writing(path / ".probe")
+        fd, direct = sio._open_for_writing(path / ".probe", True)
     except OSError:
         return True
     os.close(fd)

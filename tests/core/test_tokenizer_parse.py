@@ -1,0 +1,89 @@
+"""The step-by-step tokenizer.json parser builds the very tokenizer Tokenizer.from_file builds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+import factories
+from lora_studio.core import tokenizer_parse
+from lora_studio.core.loading import load_tokenizer
+from lora_studio.core.sources import resolve_source
+
+TEXTS = ["Hello world <|im_start|>user\nhi<|im_end|>", "  odd   spacing\tand\nnewlines", "ünïcödé 日本語 😀 <extra> <ctrl7>", ""]
+
+
+def assert_same_tokenizer(path):
+    ref = Tokenizer.from_file(str(path))
+    built = tokenizer_parse._build_bpe_in_steps(path)
+    assert built is not None, "the stepwise path fell back"
+    assert built.to_str() == ref.to_str()
+    for text in TEXTS:
+        assert built.encode(text).ids == ref.encode(text).ids, text
+        assert built.decode(ref.encode(text).ids) == ref.decode(ref.encode(text).ids)
+
+
+@pytest.fixture
+def tokenizer_file(tmp_path):
+    """The test models' tokenizer, plus added tokens past the vocabulary: a normal one, then a special one."""
+    tok = factories.make_tokenizer().backend_tokenizer
+    tok.add_tokens([AddedToken("<extra>", normalized=True)])
+    tok.add_special_tokens([AddedToken("<ctrl7>", lstrip=True)])
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_same_tokenizer_as_from_file(tokenizer_file):
+    doc = json.loads(tokenizer_file.read_text())
+    assert doc["added_tokens"][-1]["id"] > len(doc["model"]["vocab"])  # ids past the vocabulary are kept
+    assert_same_tokenizer(tokenizer_file)
+
+
+def test_older_merges_written_as_strings(tokenizer_file):
+    doc = json.loads(tokenizer_file.read_text())
+    doc["model"]["merges"] = [" ".join(pair) for pair in doc["model"]["merges"]]
+    tokenizer_file.write_text(json.dumps(doc))
+    assert_same_tokenizer(tokenizer_file)
+
+
+def test_what_it_does_not_know_goes_to_from_file(tmp_path, tokenizer_file):
+    word_level = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "word-level.json"
+    word_level.save(str(path))
+    assert tokenizer_parse._build_bpe_in_steps(path) is None
+    assert tokenizer_parse.parse_tokenizer_file(path).to_str() == word_level.to_str()
+
+    doc = json.loads(tokenizer_file.read_text())
+    doc["model"]["some_future_option"] = True
+    tokenizer_file.write_text(json.dumps(doc))
+    assert tokenizer_parse._build_bpe_in_steps(tokenizer_file) is None  # a field it does not pass on: not guessed
+
+
+def test_load_tokenizer_uses_it_and_puts_transformers_back(tiny_llama, monkeypatch):
+    from transformers import AutoTokenizer
+    from transformers import tokenization_utils_tokenizers as module
+
+    calls = []
+    real = tokenizer_parse._build_bpe_in_steps
+    monkeypatch.setattr(tokenizer_parse, "_build_bpe_in_steps", lambda path: calls.append(path) or real(path))
+    original = module.TokenizerFast
+    ours = load_tokenizer(resolve_source(str(tiny_llama)))
+    assert calls and module.TokenizerFast is original
+    plain = AutoTokenizer.from_pretrained(str(tiny_llama))
+    assert ours.backend_tokenizer.to_str() == plain.backend_tokenizer.to_str()
+    assert ours("hello <|im_end|>")["input_ids"] == plain("hello <|im_end|>")["input_ids"]
+    assert ours.eos_token == plain.eos_token and ours.chat_template == plain.chat_template
+
+
+@pytest.mark.slow
+def test_the_demo_tokenizer():
+    from lora_studio.core import demo
+
+    source = demo.demo_source_if_available()
+    if source is None or not (source.path / "tokenizer.json").is_file():
+        pytest.skip("the demo model is not converted on this machine")
+    assert_same_tokenizer(source.path / "tokenizer.json")
