@@ -198,7 +198,7 @@ def load_base(source: ModelSource, *, dtype: str = "float32", device_map: str = 
     if not source.gguf_file:
         from lora_studio.core.safetensors_io import warm_page_cache
 
-        warm_page_cache(sorted(Path(source.path).glob("*.safetensors")), cancel)
+        warm_page_cache(source.path, cancel)
     try:
         with _progress_hook(cancel, report), utf8_path(source.path) as folder:
             model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)

@@ -488,7 +488,7 @@ def read_ahead(folder: Path) -> None:
     advise = getattr(os, "posix_fadvise", None)
     if advise is None:
         return
-    for path in sorted(Path(folder).glob("*.safetensors")):
+    for path in _safetensors_files(folder):
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
@@ -501,8 +501,12 @@ def read_ahead(folder: Path) -> None:
             os.close(fd)
 
 
-def warm_page_cache(paths, cancel=None) -> None:
-    """Read files into the page cache, waiting for the disk with the GIL released.
+def _safetensors_files(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("*.safetensors"))
+
+
+def warm_page_cache(folder: Path, cancel=None) -> None:
+    """Read a folder's safetensors into the page cache, waiting for the disk with the GIL released.
 
     transformers copies each tensor out of an mmap inside torch calls that hold the GIL; a page that
     is not cached then waits for the disk inside that call, and the window, which needs the GIL to
@@ -511,7 +515,7 @@ def warm_page_cache(paths, cancel=None) -> None:
     pulls the pages in without copying them out; a cached file costs next to nothing. Skipped when
     the files would not fit in the memory there is, where they could not stay cached anyway.
     """
-    paths = [Path(p) for p in paths]
+    paths = _safetensors_files(folder)
     try:
         import psutil
 

@@ -20,7 +20,6 @@ Within all three: "pass"; otherwise "warn" (the folder is still saved: the user 
 
 from __future__ import annotations
 
-from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -133,7 +132,7 @@ def load_merged(folder, dtype: str, device_map: str = "cpu"):
 
     from lora_studio.core.safetensors_io import warm_page_cache
 
-    warm_page_cache(sorted(Path(folder).glob("*.safetensors")))  # a streamed merge wrote past the cache
+    warm_page_cache(folder)  # a streamed merge wrote past the cache
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the job reports its own progress; no tqdm bar on the user's terminal

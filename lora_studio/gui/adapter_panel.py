@@ -483,26 +483,10 @@ class AdapterPanel(QWidget):
         import pyqtgraph as pg  # lazy: ~1 s to import, preloaded after the window shows
 
         if self.chart is None:
-            self.chart = pg.PlotWidget()
-            self.chart.setMinimumHeight(120)
-            self.chart.setBackground("w")
-            self.chart.showGrid(y=True, alpha=0.25)
-            self.chart.setMouseEnabled(x=False, y=False)
-            self.chart.hideButtons()
-            self.chart.getPlotItem().setMenuEnabled(False)
-            self.chart.setLabel("bottom", "layer")
-            self.chart.setLabel("left", "‖ΔW‖")
+            self.chart = _static_plot(pg, 120, "layer", "‖ΔW‖", x_grid=False)
             self.chart_host.addWidget(self.chart, 1)
         if self.loss_chart is None:
-            self.loss_chart = pg.PlotWidget()
-            self.loss_chart.setMinimumHeight(110)
-            self.loss_chart.setBackground("w")
-            self.loss_chart.showGrid(x=True, y=True, alpha=0.25)
-            self.loss_chart.setMouseEnabled(x=False, y=False)
-            self.loss_chart.hideButtons()
-            self.loss_chart.getPlotItem().setMenuEnabled(False)
-            self.loss_chart.setLabel("bottom", "step")
-            self.loss_chart.setLabel("left", "loss")
+            self.loss_chart = _static_plot(pg, 110, "step", "loss", x_grid=True)
             self.loss_chart.addLegend(offset=(-6, 4), brush=pg.mkBrush(255, 255, 255, 210), labelTextSize="8pt")
             self.loss_host.addWidget(self.loss_chart, 1)
 
@@ -557,3 +541,17 @@ class AdapterPanel(QWidget):
             title += " — " + "; ".join(log.warnings)
         self.loss_title.setText(title)
         self.loss_values = (list(train.steps), list(train.values), list(val.steps), list(val.values))
+
+
+def _static_plot(pg, min_height: int, bottom: str, left: str, x_grid: bool):
+    """A white pyqtgraph plot without mouse interaction, menu or buttons (the inspector's charts)."""
+    plot = pg.PlotWidget()
+    plot.setMinimumHeight(min_height)
+    plot.setBackground("w")
+    plot.showGrid(x=x_grid, y=True, alpha=0.25)
+    plot.setMouseEnabled(x=False, y=False)
+    plot.hideButtons()
+    plot.getPlotItem().setMenuEnabled(False)
+    plot.setLabel("bottom", bottom)
+    plot.setLabel("left", left)
+    return plot

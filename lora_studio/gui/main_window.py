@@ -406,8 +406,8 @@ class MainWindow(QMainWindow):
                            exclusive=False, key="warm-up")
 
     def _build_charts(self) -> None:
-        # one chart per event-loop turn: each costs ~50-100 ms of pyqtgraph set-up; done now, while the
-        # user is still looking at the fresh window, rather than when an adapter is first selected
+        # the memory chart in this event-loop turn, the inspector's two in the next (pyqtgraph set-up costs
+        # ~50-100 ms a turn); done now, while the window is fresh, not when an adapter is first selected
         if self._closed:
             return
         self.memory_panel.build_chart()
