@@ -11,9 +11,9 @@ window (median of 3 runs).
 
 Last line (JSON): {"max_stall_ms", "p99_stall_ms", "startup_s", ...}. Targets: max stall < 50 ms, startup < 2 s.
 
-    .venv/bin/python benchmarks/bench_ui.py [--model PATH --adapter PATH] [--tokens 32] [--json] [--trace]
+    .venv/bin/python benchmarks/bench_ui.py [--model PATH --adapter PATH] [--tokens 32] [--json] [--trace [MS]]
 
---trace: a watchdog thread notices when the GUI thread's tick is more than 50 ms late and prints (stderr) the
+--trace: a watchdog thread notices when the GUI thread's tick is more than 50 (or MS) ms late and prints (stderr) the
 Python stack of every thread at that moment: what the GUI thread is doing, and which worker held the GIL.
 """
 
@@ -145,7 +145,8 @@ def main() -> int:
     parser.add_argument("--adapter")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
-    parser.add_argument("--trace", action="store_true", help="print every thread's stack when the GUI tick is > 50 ms late")
+    parser.add_argument("--trace", type=float, nargs="?", const=50.0, metavar="MS",
+                        help="print every thread's stack when the GUI tick is more than MS (default 50) ms late")
     parser.add_argument("--no-startup", action="store_true", help="skip the startup measurement")
     parser.add_argument("--switch-interval", type=float, help="override sys.setswitchinterval after the window is built "
                                                               "(for comparisons; the window sets its own)")
@@ -192,7 +193,7 @@ def main() -> int:
     clock.start()
     last = [clock.nsecsElapsed()]
 
-    tracer = StallTracer() if args.trace else None
+    tracer = StallTracer(args.trace) if args.trace else None
 
     def tick():
         if tracer is not None:

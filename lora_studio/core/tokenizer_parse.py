@@ -20,6 +20,7 @@ transformers' tokenizer module while a tokenizer loads.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +47,7 @@ def _build_bpe_in_steps(path: Path):
     from tokenizers.models import BPE
 
     try:
-        doc = json.loads(path.read_text("utf-8"))  # ~30 ms for SmolLM2's file (splitting it gains little)
+        doc = read_json_in_pieces(path.read_text("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None  # let from_file raise its own error
     if not isinstance(doc, dict) or doc.get("version") != "1.0":
@@ -82,6 +83,67 @@ def _build_bpe_in_steps(path: Path):
         if "id" in entry and tokenizer.token_to_id(entry["content"]) != entry["id"]:
             return None
     return tokenizer
+
+
+# The vocabulary and the merges are nearly all of a tokenizer.json; json.loads of SmolLM2's whole file is one
+# ~30 ms C call. Read in pieces of this many characters (~1.5 ms each), the GUI thread gets the GIL in between.
+PIECE_CHARS = 1 << 17
+_VOCAB_OPEN = re.compile(r'"vocab"\s*:\s*\{')
+_MERGES_OPEN = re.compile(r'\}\s*,\s*"merges"\s*:\s*\[')
+_MERGES_CLOSE = re.compile(r'\]\s*\}\s*\}\s*$')
+# where a piece may end: after an entry ("key": 123 / ["a", "b"] / "a b"), before the comma that follows it
+_VOCAB_CUT = re.compile(r'\d\s*,')
+_PAIR_CUT = re.compile(r'\]\s*,')
+_STRING_CUT = re.compile(r'"\s*,')
+_STARTS_WITH_PAIR = re.compile(r'\s*\[')
+
+
+def read_json_in_pieces(text: str):
+    """``json.loads(text)`` for a tokenizer.json, its vocabulary and merges parsed a piece at a time.
+
+    The pieces are cut at the commas between entries. A cut that lands inside a string (a token may hold
+    any characters) leaves that string unterminated, so the piece does not parse and is extended to the
+    next comma; what does parse is exactly the entries between two separators. The document around the
+    two bodies is parsed on its own and must come out with an empty vocabulary and empty merges, or the
+    spans were not what they seemed; anything unexpected is one plain ``json.loads``.
+    """
+    vocab_open = _VOCAB_OPEN.search(text)
+    merges_open = _MERGES_OPEN.search(text, vocab_open.end()) if vocab_open else None
+    merges_close = _MERGES_CLOSE.search(text, merges_open.end()) if merges_open else None
+    if merges_close is None:
+        return json.loads(text)
+    vocab_body = (vocab_open.end(), merges_open.start())
+    merges_body = (merges_open.end(), merges_close.start())
+    doc = json.loads(text[:vocab_body[0]] + text[vocab_body[1]:merges_body[0]] + text[merges_body[1]:])
+    model = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(model, dict) or model.get("vocab") != {} or model.get("merges") != []:
+        return json.loads(text)
+    vocab: dict = {}
+    for piece in _pieces(text, *vocab_body, _VOCAB_CUT, "{", "}"):
+        vocab.update(piece)
+    merges: list = []
+    pairs = _STARTS_WITH_PAIR.match(text, merges_body[0]) is not None  # [["a", "b"], ...] or older ["a b", ...]
+    for piece in _pieces(text, *merges_body, _PAIR_CUT if pairs else _STRING_CUT, "[", "]"):
+        merges.extend(piece)
+    model["vocab"], model["merges"] = vocab, merges
+    return doc
+
+
+def _pieces(text: str, start: int, end: int, cut: re.Pattern, left: str, right: str):
+    """The parsed pieces of the JSON object/array body ``text[start:end]``, each about PIECE_CHARS long."""
+    while start < end:
+        at = start + PIECE_CHARS
+        while True:
+            found = cut.search(text, at, end) if at < end else None
+            stop = found.end() - 1 if found else end  # the comma (excluded), or the end of the body
+            try:
+                yield json.loads(left + text[start:stop] + right)
+                break
+            except ValueError:
+                if found is None:
+                    raise
+                at = found.end()  # cut inside a string: try the next comma
+        start = stop + 1
 
 
 def _add(tokenizer, tokens: list) -> None:

@@ -8,8 +8,8 @@ from typing import Optional
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QFont
-from PySide6.QtWidgets import (QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit,
-                               QProgressBar, QPushButton, QSpinBox, QSplitter, QTreeWidget, QTreeWidgetItem,
+from PySide6.QtWidgets import (QFileDialog, QFormLayout, QFrame, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit,
+                               QPushButton, QScrollArea, QSpinBox, QSplitter, QTreeWidget, QTreeWidgetItem,
                                QVBoxLayout, QWidget)
 
 from lora_studio.core.compatibility import VocabularyMismatch
@@ -17,7 +17,7 @@ from lora_studio.core.errors import UserError
 from lora_studio.core.memory import MemorySampler, format_bytes, measure_release
 from lora_studio.core.session import Session, SessionState
 from lora_studio.gui.jobs import JobRunner
-from lora_studio.gui.widgets import MessageLine, reset_progress, show_progress
+from lora_studio.gui.widgets import MessageLine, job_progress_bar, reset_progress, show_progress
 
 BASE_ROW = "__base__"
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -91,9 +91,7 @@ class AdapterPanel(QWidget):
         for b in (self.activate_btn, self.disable_btn, self.delete_btn, self.unload_btn):
             buttons.addWidget(b)
         buttons.addStretch(1)
-        self.progress = QProgressBar()
-        reset_progress(self.progress)
-        self.progress.hide()
+        self.progress = job_progress_bar()
         self.message = MessageLine()
         top = QHBoxLayout()
         top.addWidget(self.attach_btn)
@@ -167,7 +165,14 @@ class AdapterPanel(QWidget):
 
         upper = QSplitter(Qt.Horizontal)
         upper.addWidget(list_box)
-        upper.addWidget(self.inspector)
+        # scrolled: the filled-in inspector (eight fields, two charts) is taller than a laptop screen allows,
+        # and unscrolled its minimum height made the whole window grow, and every chart re-lay out, mid-job
+        inspector_scroll = QScrollArea()
+        inspector_scroll.setWidgetResizable(True)
+        inspector_scroll.setFrameShape(QFrame.NoFrame)
+        inspector_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)  # the fields wrap instead
+        inspector_scroll.setWidget(self.inspector)
+        upper.addWidget(inspector_scroll)
         upper.setStretchFactor(0, 3)
         upper.setStretchFactor(1, 2)
         layout = QVBoxLayout(self)

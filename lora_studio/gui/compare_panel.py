@@ -26,7 +26,7 @@ from typing import Optional
 from PySide6.QtCore import QEvent, QRectF, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QFont, QPainter, QPen, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame, QGroupBox,
-                               QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QPlainTextEdit, QProgressBar,
+                               QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QPlainTextEdit, 
                                QPushButton, QScrollArea, QSizePolicy, QSpinBox, QSplitter, QToolTip, QVBoxLayout,
                                QWidget)
 
@@ -34,7 +34,7 @@ from lora_studio.core.errors import UserError, describe
 from lora_studio.core.generation import MAX_NEW_TOKENS_LIMIT, GenerationSettings, validate
 from lora_studio.core.session import Session, SessionState
 from lora_studio.gui.jobs import JobRunner
-from lora_studio.gui.widgets import MessageLine, reset_progress, show_progress
+from lora_studio.gui.widgets import MessageLine, job_progress_bar, reset_progress, show_progress
 
 FLUSH_INTERVAL_MS = 33  # ~30 redraws a second while tokens stream
 KIND_BASE, KIND_ADAPTER, KIND_MERGED = "base", "adapter", "merged"
@@ -381,9 +381,7 @@ class ComparePanel(QWidget):
         self.run_btn.clicked.connect(self.run)
         self.stop_btn = QPushButton("Stop")
         self.stop_btn.clicked.connect(self.stop)
-        self.progress = QProgressBar()
-        reset_progress(self.progress)
-        self.progress.hide()
+        self.progress = job_progress_bar()
         self.note = QLabel("")
         self.note.setStyleSheet("color: palette(mid);")
         self.note.setTextInteractionFlags(Qt.TextSelectableByMouse)

@@ -11,7 +11,7 @@ from typing import Optional
 
 from PySide6.QtCore import QObject, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import QDockWidget, QLabel, QMainWindow, QMenu, QProgressBar, QPushButton, QTabWidget, QWidget
+from PySide6.QtWidgets import QDockWidget, QFrame, QLabel, QMainWindow, QMenu, QPushButton, QScrollArea, QTabWidget, QWidget
 
 from lora_studio.core.memory import MemorySampler
 from lora_studio.core.session import Session
@@ -24,7 +24,7 @@ from lora_studio.gui.memory_panel import MemoryMonitor, MemoryPanel
 from lora_studio.gui.merge_panel import MergePanel
 from lora_studio.gui.model_panel import ModelPanel
 from lora_studio.gui.settings import StudioSettings
-from lora_studio.gui.widgets import reset_progress, show_progress
+from lora_studio.gui.widgets import job_progress_bar, reset_progress, show_progress
 
 def drop_kind(path: Path) -> Optional[str]:
     """What a dropped path is: 'adapter', 'base', or None."""
@@ -120,9 +120,8 @@ class MainWindow(QMainWindow):
 
         # status bar: what is running, its progress, and the one Cancel for model jobs
         self.status_label = QLabel("Ready. Pick a base model on the left, or drop a model or adapter folder here.")
-        self.job_progress = QProgressBar()
+        self.job_progress = job_progress_bar()
         self.job_progress.setMaximumWidth(260)
-        self.job_progress.hide()
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(self.runner.cancel_current)
@@ -139,7 +138,13 @@ class MainWindow(QMainWindow):
     def _dock(self, title: str, widget: QWidget, area, name: str) -> QDockWidget:
         dock = QDockWidget(title, self)
         dock.setObjectName(name)  # saveState needs names
-        dock.setWidget(widget)
+        # scrolled, so a panel that grows (a loaded model's details, a verdict) never makes the window taller than
+        # the screen, nor re-lays out the whole window in the middle of a job
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.NoFrame)
+        scroll.setWidget(widget)
+        dock.setWidget(scroll)
         dock.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable | QDockWidget.DockWidgetClosable)
         self.addDockWidget(area, dock)
         return dock

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 from PySide6.QtCore import Qt, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGridLayout, QGroupBox,
-                               QHBoxLayout, QLabel, QLineEdit, QMessageBox, QProgressBar, QPushButton, QScrollArea,
+                               QHBoxLayout, QLabel, QLineEdit, QMessageBox, QPushButton, QScrollArea,
                                QSizePolicy, QVBoxLayout, QWidget)
 from superqt import QLabeledDoubleSlider
 
@@ -25,7 +25,7 @@ from lora_studio.core.errors import UserError
 from lora_studio.core.memory import format_bytes
 from lora_studio.core.merge import DTYPES, AdapterSpec, MergeOptions, MergePlan, merge_and_save, plan_merge
 from lora_studio.core.session import SessionState
-from lora_studio.gui.widgets import STYLES, MessageLine, reset_progress, show_progress
+from lora_studio.gui.widgets import STYLES, MessageLine, job_progress_bar, reset_progress, show_progress
 
 PLAN_DEBOUNCE_MS = 300
 PLAN_KEY = "merge-plan"
@@ -195,9 +195,7 @@ class MergePanel(QWidget):
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(self.cancel_merge)
-        self.progress = QProgressBar()
-        reset_progress(self.progress)
-        self.progress.hide()
+        self.progress = job_progress_bar()
         self.reason_label = QLabel("")
         self.reason_label.setWordWrap(True)
         self.reason_label.setStyleSheet(STYLES["warn"])

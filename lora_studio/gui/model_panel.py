@@ -7,13 +7,13 @@ from typing import Optional
 
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
-                               QListWidget, QListWidgetItem, QProgressBar, QPushButton, QVBoxLayout, QWidget)
+                               QListWidget, QListWidgetItem, QPushButton, QVBoxLayout, QWidget)
 
 from lora_studio.core.estimate import MemoryEstimate
 from lora_studio.core.memory import format_bytes
 from lora_studio.core.session import Session, SessionState
 from lora_studio.gui.jobs import JobRunner
-from lora_studio.gui.widgets import MessageLine, reset_progress, show_progress
+from lora_studio.gui.widgets import MessageLine, job_progress_bar, reset_progress, show_progress
 
 DTYPES = ("float32", "bfloat16", "float16")
 VERDICT_TEXT = {"fits": ("✔ fits", "ok"), "offload": ("⚠ will offload", "warn"), "does_not_fit": ("✖ does not fit", "error")}
@@ -91,9 +91,7 @@ class ModelPanel(QWidget):
         btn_row = QHBoxLayout()
         btn_row.addWidget(self.load_btn, 1)
         btn_row.addWidget(self.cancel_btn)
-        self.progress = QProgressBar()
-        reset_progress(self.progress)
-        self.progress.hide()
+        self.progress = job_progress_bar()
         self.message = MessageLine()
         self.loaded_label = QLabel("No base model loaded.")
         self.loaded_label.setWordWrap(True)

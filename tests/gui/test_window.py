@@ -62,6 +62,11 @@ def test_load_attach_switch_delete_unload(qtbot, window, tiny_llama, llama_adapt
     assert w.adapter_panel.fields["rank r"].text() == "4"
     assert "% of base" in w.adapter_panel.fields["params"].text()
     assert w.adapter_panel.chart_values[0] == ["0", "1"]  # one bar per layer
+    # a filled-in inspector scrolls instead of making the window taller (a 768-pixel laptop screen), and a
+    # job's progress bar keeps its place while hidden: a job starting or ending does not re-lay out the window
+    assert w.minimumSizeHint().height() <= 680
+    assert w.adapter_panel.progress.sizePolicy().retainSizeWhenHidden()
+    assert w.job_progress.sizePolicy().retainSizeWhenHidden()
 
     w.adapter_panel.disable_all()
     idle(qtbot, w)
