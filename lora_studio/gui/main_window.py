@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from PySide6.QtCore import QObject, Qt, QTimer, Signal
+from PySide6.QtCore import QObject, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QDockWidget, QFrame, QLabel, QMainWindow, QMenu, QPushButton, QScrollArea, QTabWidget, QWidget
 
@@ -217,7 +217,11 @@ class MainWindow(QMainWindow):
         if geometry is not None:
             self.restoreGeometry(geometry)
         else:
-            self.resize(1280, 820)
+            size = QSize(1280, 820)
+            screen = self.screen()
+            if screen is not None:  # a laptop screen: the first window fits on it, status bar included
+                size = size.boundedTo(screen.availableGeometry().size())
+            self.resize(size)
         if state is not None:
             self.restoreState(state)
 

@@ -12,7 +12,7 @@ from collections import deque
 from typing import Optional
 
 from PySide6.QtCore import QObject, Qt, QTimer, Signal, Slot
-from PySide6.QtWidgets import QGridLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QGraphicsItem, QGridLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from lora_studio.core.memory import GiB, MemorySample, MemorySampler, Reclaimed, SamplingThread, format_bytes
 
@@ -121,6 +121,10 @@ class MemoryPanel(QWidget):
         plot.hideButtons()
         plot.getPlotItem().setMenuEnabled(False)
         plot.addLegend(offset=(8, 4), labelTextSize="8pt", colCount=4)
+        # Axes and legend change rarely (a y step, a new curve): Qt keeps them as pixmaps, so a repaint for a
+        # new sample does not call their Python paint() - each such call waits for the GIL beside a busy worker.
+        for item in (plot.getAxis("left"), plot.getAxis("bottom"), plot.getPlotItem().legend):
+            item.setCacheMode(QGraphicsItem.DeviceCoordinateCache)
         self._pg = pg
         self._y_top = None
         self.plot = plot
@@ -207,6 +211,7 @@ class MemoryPanel(QWidget):
             line = pg.InfiniteLine(angle=90, movable=False, pen=pg.mkPen("#888", width=1, style=Qt.DashLine),
                                    label="", labelOpts={"position": position, "color": "#333", "rotateAxis": (1, 0),
                                                         "anchors": [(1, 1), (1, 1)], "fill": (255, 255, 255, 200)})
+            line.label.setCacheMode(QGraphicsItem.DeviceCoordinateCache)  # the text only moves with time
             self.plot.addItem(line)
             self._marker_items.append(line)
         for item, (t, text) in zip(self._marker_items, self.markers):

@@ -39,8 +39,9 @@ class StudioSettings:
 
     def _push(self, key: str, path: str) -> None:
         items = [p for p in self._list(key) if p != path]
+        # no sync() here: this runs as a job ends, maybe while the disk is busy, and sync() fsyncs holding the GIL
+        # (45 ms once). Qt writes the change from the event loop shortly after, and save_window() syncs on close.
         self._qs.setValue(key, [path, *items][:MAX_RECENT])
-        self._qs.sync()
 
     def add_recent_base(self, path: str) -> None:
         self._push(RECENT_BASES, str(path))
