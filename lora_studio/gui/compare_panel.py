@@ -26,9 +26,8 @@ from typing import Optional
 from PySide6.QtCore import QEvent, QRectF, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QFont, QPainter, QPen, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame, QGroupBox,
-                               QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QPlainTextEdit, 
-                               QPushButton, QScrollArea, QSizePolicy, QSpinBox, QSplitter, QToolTip, QVBoxLayout,
-                               QWidget)
+                               QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QPlainTextEdit, QPushButton,
+                               QScrollArea, QSizePolicy, QSpinBox, QSplitter, QToolTip, QVBoxLayout, QWidget)
 
 from lora_studio.core.errors import UserError, describe
 from lora_studio.core.generation import MAX_NEW_TOKENS_LIMIT, GenerationSettings, validate

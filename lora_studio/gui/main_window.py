@@ -11,7 +11,8 @@ from typing import Optional
 
 from PySide6.QtCore import QObject, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import QDockWidget, QFrame, QLabel, QMainWindow, QMenu, QPushButton, QScrollArea, QTabWidget, QWidget
+from PySide6.QtWidgets import (QDockWidget, QFrame, QLabel, QMainWindow, QMenu, QPushButton, QScrollArea, QTabWidget,
+                               QWidget)
 
 from lora_studio.core.memory import MemorySampler
 from lora_studio.core.session import Session
