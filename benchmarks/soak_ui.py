@@ -1,0 +1,233 @@
+"""Does the window survive a working day? Drive the real window for a given time, cycle after cycle:
+
+    load base -> attach adapter -> inspect it -> Try it -> compare (base vs adapter) -> merge -> detach -> unload all
+
+with an idle pause in every cycle (the memory chart keeps drawing then, as on a desk). Every step goes through the
+panels' own methods and the window's job runner, exactly as the buttons do.
+
+The window runs in a child process, so a hard abort (a binding bug that frees ``None``, a segfault) is counted as a
+crash instead of killing the soak. The child prints one JSON line per cycle; the parent prints one JSON line last:
+
+    {"minutes", "cycles", "crashes", "rss_growth_pct_per_cycle", "objects_growth_per_cycle",
+     "none_refcount_per_min", "passed", ...}
+
+Passes when nothing crashed, at least one cycle ran, and RSS grows by less than 1 % per cycle after the first three.
+
+    .venv/bin/python benchmarks/soak_ui.py --minutes 30 [--tiny] [--idle-s 5] [--json]
+
+The platform is the environment's: under Xvfb (DISPLAY set) a real xcb window, else Qt's offscreen platform.
+Model: the demo (SmolLM2-135M-Instruct + its pirate adapter) unless --tiny or it is not installed, then a small
+random Llama + adapter built here (tests/factories.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RSS_GROWTH_LIMIT_PCT = 1.0
+WARMUP_CYCLES = 3
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys over xs (0 for fewer than two points)."""
+    if len(xs) < 2:
+        return 0.0
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+
+
+# -- the child: the window ---------------------------------------------------------------------------------------------
+def pick_model(tiny: bool, tmp: Path) -> tuple[str, str, str]:
+    if not tiny:
+        from lora_studio.core import demo, demo_assets
+
+        adapters = {a.name: a.path for a in demo_assets.demo_adapters()}
+        if demo.demo_source_if_available() is not None and "pirate" in adapters:
+            source = demo.ensure_demo_model()
+            return str(source.path), str(adapters["pirate"]), "demo SmolLM2-135M + pirate"
+    sys.path.insert(0, str(REPO / "tests"))
+    import factories
+
+    base = factories.make_llama(tmp / "soak-llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2)
+    adapter = factories.make_adapter(base, tmp / "soak-adapter", r=8, lora_alpha=16)
+    return str(base), str(adapter), "random Llama 2x128 + r=8 adapter"
+
+
+def child(args: argparse.Namespace) -> int:
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    import psutil
+    from PySide6.QtCore import QEventLoop, QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from lora_studio.core.loading import offline_environment
+
+    offline_environment()
+    tmp_dir = tempfile.TemporaryDirectory(prefix="soak-")
+    tmp = Path(tmp_dir.name)
+    model, adapter, what = pick_model(args.tiny, tmp)
+
+    app = QApplication.instance() or QApplication([])
+    from lora_studio.gui.main_window import MainWindow
+    from lora_studio.gui.settings import StudioSettings
+
+    window = MainWindow(settings=StudioSettings(tmp / "window.ini"))
+    window.resize(1280, 720)
+    window.show()
+    proc = psutil.Process()
+
+    def pump(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        loop = QEventLoop()
+        while time.monotonic() < deadline:
+            QTimer.singleShot(20, loop.quit)
+            loop.exec()
+
+    def wait_for(cond, what_for: str, timeout_s: float = 900.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        loop = QEventLoop()
+        while not cond():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out waiting for {what_for}")
+            QTimer.singleShot(10, loop.quit)
+            loop.exec()
+
+    def step(name: str, start) -> None:
+        job = start()
+        if job is None:
+            raise RuntimeError(f"{name} did not start: {window.status_label.text()}")
+        wait_for(window.runner.is_idle, name)
+        if job.state != "finished":
+            raise RuntimeError(f"{name} ended {job.state}: {window.status_label.text()}")
+
+    wait_for(lambda: window.memory_panel.plot is not None and window.runner.is_idle(), "the first paint")
+    print(json.dumps({"event": "started", "model": what, "platform": app.platformName()}), flush=True)
+    merged = tmp / "merged"
+    ap, cp, mp = window.adapter_panel, window.compare_panel, window.merge_panel
+    mp.confirm_overwrite = lambda _path: True
+    started = time.monotonic()
+    cycle = 0
+    while time.monotonic() - started < args.minutes * 60 or cycle == 0:
+        cycle += 1
+        t0 = time.monotonic()
+        step("load", lambda: window.open_base(model))
+        step("attach", lambda: window.attach_adapter(adapter))
+        name = window.session.state().adapters[0][0]
+        ap.select(name)
+        wait_for(lambda: ap.inspection is not None and ap.inspection.name == name and window.runner.is_idle(), "inspect")
+        ap.prompt_edit.setText("Tell me about the sea.")
+        ap.max_tokens.setValue(args.tokens)
+        step("try it", ap.generate)
+        cp.set_ticked([cp.base_name(), name])
+        cp.prompt_edit.setPlainText("Write one sentence about ships.")
+        cp.max_tokens.setValue(args.tokens)
+        step("compare", cp.run)
+        for row in mp.rows:
+            row.check.setChecked(row.name == name)
+        mp.out_edit.setText(str(merged))
+        wait_for(lambda: not mp.start_reason(), "the merge plan")
+        step("merge", mp.start_merge)
+        step("detach", lambda: ap.delete(name))
+        step("attach again", lambda: window.attach_adapter(adapter))
+        step("unload all", ap.unload_all)
+        pump(args.idle_s)  # idle: the memory chart keeps sampling and repainting
+        gc.collect()
+        print(json.dumps({
+            "event": "cycle", "cycle": cycle, "seconds": round(time.monotonic() - t0, 2),
+            "elapsed_min": round((time.monotonic() - started) / 60, 3),
+            "rss_mib": round(proc.memory_info().rss / 2**20, 1), "objects": len(gc.get_objects()),
+            "refcount_none": sys.getrefcount(None), "refcount_true": sys.getrefcount(True),
+            "refcount_false": sys.getrefcount(False),
+        }), flush=True)
+    window.shutdown()
+    window.close()
+    tmp_dir.cleanup()
+    return 0
+
+
+# -- the parent: run the child, judge it -------------------------------------------------------------------------------
+def summarise(cycles: list[dict], returncode: int, stderr_tail: str, minutes: float, model: str) -> dict:
+    after = cycles[WARMUP_CYCLES:] if len(cycles) > WARMUP_CYCLES + 1 else cycles[1:]
+    xs = [float(c["cycle"]) for c in after]
+    rss = [c["rss_mib"] for c in after]
+    rss_slope = slope(xs, rss)
+    rss_pct = 100.0 * rss_slope / statistics.fmean(rss) if rss else 0.0
+    objects_slope = slope(xs, [float(c["objects"]) for c in after])
+    minutes_x = [c["elapsed_min"] for c in cycles]
+    none_per_min = slope(minutes_x, [float(c["refcount_none"]) for c in cycles])
+    crashed = returncode != 0
+    result = {
+        "minutes": minutes,
+        "model": model,
+        "cycles": len(cycles),
+        "crashes": int(crashed),
+        "exit": returncode,
+        "cycle_s_median": round(statistics.median(c["seconds"] for c in cycles), 2) if cycles else None,
+        "rss_mib_first": cycles[0]["rss_mib"] if cycles else None,
+        "rss_mib_last": cycles[-1]["rss_mib"] if cycles else None,
+        "rss_growth_mib_per_cycle": round(rss_slope, 3),
+        "rss_growth_pct_per_cycle": round(rss_pct, 3),
+        "objects_growth_per_cycle": round(objects_slope, 1),
+        "refcount_none_first": cycles[0]["refcount_none"] if cycles else None,
+        "refcount_none_last": cycles[-1]["refcount_none"] if cycles else None,
+        "none_refcount_per_min": round(none_per_min, 1),
+        "targets": {"crashes": 0, "rss_growth_pct_per_cycle": RSS_GROWTH_LIMIT_PCT, "after_cycles": WARMUP_CYCLES},
+    }
+    result["passed"] = bool(not crashed and cycles and rss_pct < RSS_GROWTH_LIMIT_PCT)
+    if crashed:
+        result["error"] = stderr_tail[-1500:]
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=30.0, help="how long to keep cycling (default 30)")
+    parser.add_argument("--tiny", action="store_true", help="a small random model instead of the demo")
+    parser.add_argument("--tokens", type=int, default=16, help="new tokens for Try it and Compare")
+    parser.add_argument("--idle-s", type=float, default=5.0, help="idle seconds at the end of each cycle")
+    parser.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--minutes", str(args.minutes),
+           "--tokens", str(args.tokens), "--idle-s", str(args.idle_s)] + (["--tiny"] if args.tiny else [])
+    cycles: list[dict] = []
+    model = "?"
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == "started":
+                model = record["model"]
+                sys.stderr.write(f"soak: {model} on {record['platform']}\n")
+            elif record.get("event") == "cycle":
+                cycles.append(record)
+                sys.stderr.write(f"soak: cycle {record['cycle']} {record['seconds']} s, RSS {record['rss_mib']} MiB, "
+                                 f"None refs {record['refcount_none']}\n")
+        returncode = proc.wait()
+        err.seek(0)
+        stderr_tail = err.read()[-4000:]
+    print(json.dumps(summarise(cycles, returncode, stderr_tail, args.minutes, model)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
