@@ -60,9 +60,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from lora_studio.core import comparison, demo
-    from lora_studio.core.generation import GenerationSettings
-    from lora_studio.core.loading import offline_environment
+    from lora_studio.core.compare import runs as comparison
+
+    from lora_studio.core.demo import model as demo
+    from lora_studio.core.generation.generate import GenerationSettings
+    from lora_studio.core.model.loading import offline_environment
     from lora_studio.core.session import Session
 
     offline_environment()

@@ -125,7 +125,7 @@ class StallTracer:
 def pick_model(args, tmp: Path) -> tuple[str, str, str]:
     if args.model:
         return args.model, args.adapter, "given"
-    from lora_studio.core import demo, demo_assets
+    from lora_studio.core.demo import model as demo, assets as demo_assets
 
     adapters = {a.name: a.path for a in demo_assets.demo_adapters()}
     if demo.demo_source_if_available() is not None and demo._converted() and "pirate" in adapters:
@@ -162,7 +162,7 @@ def main() -> int:
     from PySide6.QtCore import QElapsedTimer, QEventLoop, QTimer
     from PySide6.QtWidgets import QApplication
 
-    from lora_studio.core.loading import offline_environment
+    from lora_studio.core.model.loading import offline_environment
 
     offline_environment()
     os.environ["LORA_STUDIO_DATA_DIR"] = str(tmp / "data")
@@ -234,7 +234,7 @@ def main() -> int:
     window.adapter_panel.max_tokens.setValue(args.tokens)
     step("generate", window.adapter_panel.generate)
 
-    from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save
+    from lora_studio.core.merge.run import AdapterSpec, MergeOptions, merge_and_save
 
     session = window.session
     name, path, _ = session.state().adapters[0]

@@ -50,7 +50,7 @@ def slope(xs: list[float], ys: list[float]) -> float:
 # -- the child: the window ---------------------------------------------------------------------------------------------
 def pick_model(tiny: bool, tmp: Path) -> tuple[str, str, str]:
     if not tiny:
-        from lora_studio.core import demo, demo_assets
+        from lora_studio.core.demo import model as demo, assets as demo_assets
 
         adapters = {a.name: a.path for a in demo_assets.demo_adapters()}
         if demo.demo_source_if_available() is not None and "pirate" in adapters:
@@ -72,7 +72,7 @@ def child(args: argparse.Namespace) -> int:
     from PySide6.QtCore import QEventLoop, QTimer
     from PySide6.QtWidgets import QApplication
 
-    from lora_studio.core.loading import offline_environment
+    from lora_studio.core.model.loading import offline_environment
 
     offline_environment()
     tmp_dir = tempfile.TemporaryDirectory(prefix="soak-")

@@ -8,9 +8,9 @@ import bad_inputs
 from cli_helpers import run_in_process
 from lora_studio.cli.main import main
 from lora_studio.core.errors import UserError, describe
-from lora_studio.core.inspect_model import inspect_base_and_adapters
+from lora_studio.core.report.inspect_report import inspect_base_and_adapters
 from lora_studio.core.session import Session
-from lora_studio.core.sources import resolve_source
+from lora_studio.core.model.sources import resolve_source
 
 CASES = bad_inputs.CASES
 
@@ -209,7 +209,7 @@ def test_merge_when_the_disk_fills_up(budget, fixtures, tmp_path, capsys, monkey
     """A size-limited writer: the shard writer's writes fail with ENOSPC once ``budget`` bytes are written."""
     import errno
 
-    from lora_studio.core import safetensors_io
+    from lora_studio.core.io import safetensors_io
 
     used = [0]
     real_write_all, real_copy_range, real_pwrite_all = safetensors_io._write_all, safetensors_io._copy_range, safetensors_io._pwrite_all
@@ -266,7 +266,7 @@ def test_merge_interrupted_leaves_nothing(stage, fixtures, tmp_path, capsys, mon
 def test_merge_cancelled_from_report_leaves_nothing(stage, engine, fixtures, tmp_path):
     """What the window's Cancel does: the token fires from a progress report; the job ends in Cancelled."""
     from lora_studio.core.errors import Cancelled
-    from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save
+    from lora_studio.core.merge.run import AdapterSpec, MergeOptions, merge_and_save
     from lora_studio.core.tasks import CancelToken
 
     token = CancelToken()

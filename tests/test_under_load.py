@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from lora_studio.core.comparison import Variant, compare
-from lora_studio.core.generation import GenerationSettings, generate
+from lora_studio.core.compare.runs import Variant, compare
+from lora_studio.core.generation.generate import GenerationSettings, generate
 from lora_studio.core.session import Session
-from lora_studio.core.sources import resolve_source
+from lora_studio.core.model.sources import resolve_source
 
 SWITCHES = 200
 SETTINGS = GenerationSettings(max_new_tokens=6)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lora_studio.core.memory import MemorySampler
+from lora_studio.core.system.memory import MemorySampler
 from lora_studio.gui.main_window import MainWindow
 from lora_studio.gui.settings import StudioSettings
 

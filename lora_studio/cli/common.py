@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from lora_studio.core.errors import UserError
-from lora_studio.core.memory import format_bytes
+from lora_studio.core.system.memory import format_bytes
 from lora_studio.core.tasks import Progress
 
 
@@ -36,8 +36,8 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 def resolve_base(args, *, report=None):
-    from lora_studio.core import demo
-    from lora_studio.core.sources import resolve_source
+    from lora_studio.core.demo import model as demo
+    from lora_studio.core.model.sources import resolve_source
 
     if getattr(args, "demo", False):
         if args.base:

@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
 
 
 def _prompts(args) -> list[str]:
-    from lora_studio.core.prompts import load_prompts
+    from lora_studio.core.generation.prompts import load_prompts
 
     if args.prompt is not None and args.prompts_file:
         raise UserError("give either --prompt or --prompts-file, not both", "drop one of them")
@@ -54,8 +54,8 @@ def _prompts(args) -> list[str]:
 
 
 def run(args) -> int:
-    from lora_studio.core import comparison
-    from lora_studio.core.generation import GenerationSettings, validate
+    from lora_studio.core.compare import runs as comparison
+    from lora_studio.core.generation.generate import GenerationSettings, validate
     from lora_studio.core.session import Session
 
     # Everything a user can get wrong is checked before the (slow) model load.

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from lora_studio.core.inspect_model import inspect_base_and_adapters
+    from lora_studio.core.report.inspect_report import inspect_base_and_adapters
 
     adapters = parse_adapter_specs(args.adapter)
     source = resolve_base(args)

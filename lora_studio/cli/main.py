@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from lora_studio.core.loading import offline_environment
+    from lora_studio.core.model.loading import offline_environment
 
     offline_environment()
     if not os.environ.get("LORA_STUDIO_DEBUG"):

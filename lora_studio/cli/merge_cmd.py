@@ -12,8 +12,8 @@ from lora_studio.core.errors import UserError
 
 
 def add_parser(sub) -> None:
-    from lora_studio.core.combine import COMBINATIONS
-    from lora_studio.core.merge import DTYPES, ENGINES
+    from lora_studio.core.adapters.combinations import COMBINATIONS
+    from lora_studio.core.merge.run import DTYPES, ENGINES
 
     p = sub.add_parser("merge", help="merge LoRA adapters into the base and save a verified model folder")
     add_base_argument(p)
@@ -44,7 +44,7 @@ def parse_weights(text, count: int) -> list[float]:
 
 
 def run(args) -> int:
-    from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save
+    from lora_studio.core.merge.run import AdapterSpec, MergeOptions, merge_and_save
 
     specs = parse_adapter_specs(args.adapter)
     if not specs:

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from lora_studio.core import adapter_files, compatibility, garbage
+from lora_studio.core.adapters import files as adapter_files, compatibility
+
+from lora_studio.core.system import garbage
 from lora_studio.core.errors import Cancelled, UserError
-from lora_studio.core.estimate import ModelFootprint, read_footprint
-from lora_studio.core.paths import utf8_path
-from lora_studio.core.sources import ModelSource
+from lora_studio.core.model.estimate import ModelFootprint, read_footprint
+from lora_studio.core.io.paths import utf8_path
+from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 
@@ -101,7 +103,7 @@ class Session:
     # -- base ------------------------------------------------------------------
     def load(self, source: ModelSource, *, dtype: str = "float32", device_map: str = "cpu", trust_remote_code: bool = False,
              cancel: Optional[CancelToken] = None, report: Report = no_report) -> SessionState:
-        from lora_studio.core.loading import load_base
+        from lora_studio.core.model.loading import load_base
 
         cancel = cancel or CancelToken()
         footprint = read_footprint(source)

@@ -12,9 +12,9 @@ from PySide6.QtWidgets import (QFileDialog, QFormLayout, QFrame, QGroupBox, QHBo
                                QPlainTextEdit, QPushButton, QScrollArea, QSpinBox, QSplitter, QTreeWidget,
                                QTreeWidgetItem, QVBoxLayout, QWidget)
 
-from lora_studio.core.compatibility import VocabularyMismatch
+from lora_studio.core.adapters.compatibility import VocabularyMismatch
 from lora_studio.core.errors import UserError
-from lora_studio.core.memory import MemorySampler, format_bytes, measure_release
+from lora_studio.core.system.memory import MemorySampler, format_bytes, measure_release
 from lora_studio.core.session import Session, SessionState
 from lora_studio.gui.jobs import JobRunner
 from lora_studio.gui.widgets import MessageLine, job_progress_bar, reset_progress, show_progress
@@ -40,7 +40,7 @@ def per_layer_norms(modules) -> tuple[list[str], list[float]]:
 
 def read_loss_log(folder: Path):
     """The adapter's loss.csv as a TrainingLog, its one-line problem as a str, or None when there is none."""
-    from lora_studio.core.training_log import find_loss_csv, read_loss_csv
+    from lora_studio.core.adapters.training_log import find_loss_csv, read_loss_csv
 
     path = find_loss_csv(folder) if folder.is_dir() else None
     if path is None:
@@ -414,7 +414,7 @@ class AdapterPanel(QWidget):
         return self._release_job("unloaded all adapters", size, session.unload_all)
 
     def generate(self):
-        from lora_studio.core.generation import GenerationSettings, generate
+        from lora_studio.core.generation.generate import GenerationSettings, generate
 
         prompt = self.prompt_edit.text()
         settings = GenerationSettings(max_new_tokens=self.max_tokens.value())
@@ -446,7 +446,7 @@ class AdapterPanel(QWidget):
             self.show_inspection(self._inspections[name])
             self.show_loss(self._loss_logs.get(name))
             return
-        from lora_studio.core.inspection import inspect_adapter
+        from lora_studio.core.adapters.inspection import inspect_adapter
 
         params = self.state.params
 

@@ -19,7 +19,7 @@ def run_app(demo: bool = False, base: Optional[str] = None) -> int:
     from PySide6.QtGui import QIcon
     from PySide6.QtWidgets import QApplication
 
-    from lora_studio.core.demo_assets import icon_path
+    from lora_studio.core.demo.assets import icon_path
     from lora_studio.gui.main_window import MainWindow
 
     app = QApplication.instance() or QApplication(sys.argv[:1])

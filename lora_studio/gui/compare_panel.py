@@ -30,7 +30,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog
                                QScrollArea, QSizePolicy, QSpinBox, QSplitter, QToolTip, QVBoxLayout, QWidget)
 
 from lora_studio.core.errors import UserError, describe
-from lora_studio.core.generation import MAX_NEW_TOKENS_LIMIT, GenerationSettings, validate
+from lora_studio.core.generation.generate import MAX_NEW_TOKENS_LIMIT, GenerationSettings, validate
 from lora_studio.core.session import Session, SessionState
 from lora_studio.gui.jobs import JobRunner
 from lora_studio.gui.widgets import MessageLine, job_progress_bar, reset_progress, show_progress
@@ -77,7 +77,7 @@ class RunOutcome:
 def _run_comparison(session, variants, prompt: str, settings: GenerationSettings, reference: Optional[str],
                     buffer: DeltaBuffer, *, cancel, report) -> RunOutcome:
     """The job (worker thread): core compare, then token pieces and character offsets for the marks."""
-    from lora_studio.core.comparison import compare
+    from lora_studio.core.compare.runs import compare
 
     result = compare(session, variants, [prompt], settings, reference=reference, cancel=cancel, report=report,
                      on_tokens=buffer.push)
@@ -594,7 +594,7 @@ class ComparePanel(QWidget):
 
     def load_prompts_file(self, path: str):
         """Read a .txt/.jsonl prompt list off the GUI thread (a side job: it does not touch the model)."""
-        from lora_studio.core.prompts import load_prompts
+        from lora_studio.core.generation.prompts import load_prompts
 
         def done(prompts):
             self.set_prompts(prompts)
@@ -606,7 +606,7 @@ class ComparePanel(QWidget):
 
     def prefill_demo(self) -> None:
         """--demo: each demo adapter's prompt in the selector (first selected), base and demo adapters ticked."""
-        from lora_studio.core import demo_assets
+        from lora_studio.core.demo import assets as demo_assets
 
         try:
             prompts = demo_assets.demo_prompts()
@@ -621,7 +621,7 @@ class ComparePanel(QWidget):
 
     # -- run --------------------------------------------------------------------------------------------------------
     def _variants(self, ticked: list[tuple[str, str]]):
-        from lora_studio.core.comparison import Variant
+        from lora_studio.core.compare.runs import Variant
 
         out = []
         for name, kind in ticked:
@@ -750,7 +750,7 @@ class ComparePanel(QWidget):
     def add_combination_variant(self, name: str, weights: dict[str, float], combination_type: str = "linear",
                                 density: Optional[float] = None):
         """Create a weighted combination of attached adapters on the session (a job), then tick it as a column."""
-        from lora_studio.core.comparison import add_combination
+        from lora_studio.core.compare.runs import add_combination
 
         session = self.session
         weights = dict(weights)
@@ -775,7 +775,7 @@ class ComparePanel(QWidget):
 
     def add_merged_variant(self, path: str):
         """Load a merged model folder read-only beside the session (a job), then tick it as a column."""
-        from lora_studio.core.comparison import load_beside
+        from lora_studio.core.compare.runs import load_beside
 
         session = self.session
         taken = {name for name, _ in self.available_variants()}

@@ -14,7 +14,7 @@ import threading
 
 from PySide6.QtCore import QObject, Qt, QTimer, Signal, Slot
 
-from lora_studio.core import garbage
+from lora_studio.core.system import garbage
 
 # Often enough that each collection is small: checked every 500 ms, a young generation had grown to 30-50k
 # objects during a load (10-40 ms per collection, on the GUI thread).

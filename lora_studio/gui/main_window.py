@@ -14,7 +14,7 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (QDockWidget, QFrame, QLabel, QMainWindow, QMenu, QPushButton, QScrollArea, QTabWidget,
                                QWidget)
 
-from lora_studio.core.memory import MemorySampler
+from lora_studio.core.system.memory import MemorySampler
 from lora_studio.core.session import Session
 from lora_studio.gui.adapter_panel import AdapterPanel
 from lora_studio.gui.compare_panel import ComparePanel
@@ -302,7 +302,7 @@ class MainWindow(QMainWindow):
 
     def load_demo(self):
         """--demo: convert/find the demo model, load it, attach the shipped demo adapters (one job)."""
-        from lora_studio.core import demo, demo_assets
+        from lora_studio.core.demo import model as demo, assets as demo_assets
         from lora_studio.core.errors import UserError
         from lora_studio.core.tasks import Progress
 

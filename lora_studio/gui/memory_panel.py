@@ -14,7 +14,7 @@ from typing import Optional
 from PySide6.QtCore import QObject, Qt, QTimer, Signal, Slot
 from PySide6.QtWidgets import QGraphicsItem, QGridLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
-from lora_studio.core.memory import GiB, MemorySample, MemorySampler, Reclaimed, SamplingThread, format_bytes
+from lora_studio.core.system.memory import GiB, MemorySample, MemorySampler, Reclaimed, SamplingThread, format_bytes
 
 HISTORY_S = 120.0  # the chart shows the last two minutes
 SAMPLE_INTERVAL_S = 0.25

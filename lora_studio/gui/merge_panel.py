@@ -20,10 +20,10 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog
                                QSizePolicy, QVBoxLayout, QWidget)
 from superqt import QLabeledDoubleSlider
 
-from lora_studio.core.combine import COMBINATIONS, NEEDS_DENSITY
+from lora_studio.core.adapters.combinations import COMBINATIONS, NEEDS_DENSITY
 from lora_studio.core.errors import UserError
-from lora_studio.core.memory import format_bytes
-from lora_studio.core.merge import DTYPES, AdapterSpec, MergeOptions, MergePlan, merge_and_save, plan_merge
+from lora_studio.core.system.memory import format_bytes
+from lora_studio.core.merge.run import DTYPES, AdapterSpec, MergeOptions, MergePlan, merge_and_save, plan_merge
 from lora_studio.core.session import SessionState
 from lora_studio.gui.widgets import STYLES, MessageLine, job_progress_bar, reset_progress, show_progress
 

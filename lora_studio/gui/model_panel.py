@@ -9,8 +9,8 @@ from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
                                QListWidget, QListWidgetItem, QPushButton, QVBoxLayout, QWidget)
 
-from lora_studio.core.estimate import MemoryEstimate
-from lora_studio.core.memory import format_bytes
+from lora_studio.core.model.estimate import MemoryEstimate
+from lora_studio.core.system.memory import format_bytes
 from lora_studio.core.session import Session, SessionState
 from lora_studio.gui.jobs import JobRunner
 from lora_studio.gui.widgets import MessageLine, job_progress_bar, reset_progress, show_progress
@@ -157,7 +157,7 @@ class ModelPanel(QWidget):
         return str(Path(text).expanduser().parent) if text else str(Path.home())
 
     def refresh_local(self) -> None:
-        from lora_studio.core.sources import list_local_models
+        from lora_studio.core.model.sources import list_local_models
 
         self.runner.submit("listing local models", lambda *, cancel, report: list_local_models(), exclusive=False,
                            key="list-models", on_done=self._show_local)
@@ -188,8 +188,8 @@ class ModelPanel(QWidget):
             self.verdict_label.show_message("pick a model to see whether it fits")
             self.detail_label.setText("")
             return
-        from lora_studio.core.estimate import estimate
-        from lora_studio.core.sources import resolve_source
+        from lora_studio.core.model.estimate import estimate
+        from lora_studio.core.model.sources import resolve_source
 
         dtype, device = self.dtype, self.device
 
@@ -220,7 +220,7 @@ class ModelPanel(QWidget):
 
     # -- loading ------------------------------------------------------------------------------------------------------
     def load(self, source_text: Optional[str] = None) -> None:
-        from lora_studio.core.sources import resolve_source
+        from lora_studio.core.model.sources import resolve_source
 
         text = (source_text if isinstance(source_text, str) else self.source_edit.text()).strip()
         dtype, device = self.dtype, self.device

@@ -11,7 +11,7 @@ from typing import Optional
 
 from PySide6.QtCore import QByteArray, QSettings
 
-from lora_studio.core.paths import data_dir
+from lora_studio.core.io.paths import data_dir
 
 MAX_RECENT = 10
 RECENT_BASES = "recent/bases"

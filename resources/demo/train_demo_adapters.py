@@ -2,7 +2,7 @@
 """Train the demo LoRA adapters shipped in resources/demo/adapters/.
 
 Reproducible and CPU-only: fixed seeds, a plain torch loop, the demo base model
-(SmolLM2-135M-Instruct, converted once by ``lora_studio.core.demo``). For each
+(SmolLM2-135M-Instruct, converted once by ``lora_studio.core.demo.model``). For each
 adapter in ``RECIPES`` it
 
 1. measures the UNMODIFIED base's loss on the adapter's validation split,
@@ -111,7 +111,7 @@ def read_pairs(path: Path) -> list[dict]:
 
 def encode(tokenizer, pair: dict) -> tuple[list[int], list[int]]:
     """Chat-templated ids and labels; labels are -100 except on the answer (and its end token)."""
-    from lora_studio.core.generation import prompt_ids
+    from lora_studio.core.generation.generate import prompt_ids
 
     prompt = prompt_ids(tokenizer, pair["instruction"], use_chat_template=True)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -190,7 +190,7 @@ def load_base(path: Path):
 
 
 def greedy(model, tokenizer, prompt, max_new_tokens=60) -> str:
-    from lora_studio.core.generation import GenerationSettings, generate
+    from lora_studio.core.generation.generate import GenerationSettings, generate
 
     return generate(model, tokenizer, prompt, GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False)).text
 
@@ -199,7 +199,7 @@ def train_one(recipe: Recipe, args, base_path: Path, tokenizer, prompts: dict) -
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from lora_studio.core.safetensors_io import atomic_output_dir
+    from lora_studio.core.io.safetensors_io import atomic_output_dir
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -375,7 +375,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from lora_studio.core import demo
+    from lora_studio.core.demo import model as demo
 
     if args.threads:
         torch.set_num_threads(args.threads)

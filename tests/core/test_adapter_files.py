@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import factories
-from lora_studio.core import adapter_files
+from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.errors import UserError
 
 

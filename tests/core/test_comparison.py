@@ -4,12 +4,12 @@ import pytest
 import torch
 
 import factories
-from lora_studio.core import comparison
-from lora_studio.core.comparison import Variant, add_combination, compare, load_beside, session_variants
+from lora_studio.core.compare import runs as comparison
+from lora_studio.core.compare.runs import Variant, add_combination, compare, load_beside, session_variants
 from lora_studio.core.errors import Cancelled, UserError
-from lora_studio.core.generation import GenerationSettings, generate
+from lora_studio.core.generation.generate import GenerationSettings, generate
 from lora_studio.core.session import Session
-from lora_studio.core.sources import resolve_source
+from lora_studio.core.model.sources import resolve_source
 from lora_studio.core.tasks import CancelToken
 
 PROMPTS = ["hello world", "The quick brown fox jumps over the lazy dog. LoRA adapters add", "Paris"]
@@ -184,7 +184,7 @@ def test_divergence_scores_match_a_hand_computation(session):
     ref_ids = cmp.output("base").token_ids
     base_col, beta_col = cmp.divergence.column("base"), cmp.divergence.column("beta")
     assert base_col.first_divergence is None and base_col.scores.mean_kl == 0 and base_col.scores.agreement == 100.0
-    from lora_studio.core.generation import prompt_ids
+    from lora_studio.core.generation.generate import prompt_ids
 
     seq = torch.tensor([prompt_ids(session.tokenizer, PROMPTS[0]) + ref_ids])
     start = seq.shape[1] - len(ref_ids) - 1

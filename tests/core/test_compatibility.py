@@ -3,7 +3,7 @@
 import pytest
 
 import factories
-from lora_studio.core import compatibility
+from lora_studio.core.adapters import compatibility
 from lora_studio.core.errors import UserError
 
 

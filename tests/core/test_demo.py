@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lora_studio.core import demo
-from lora_studio.core.estimate import read_footprint
+from lora_studio.core.demo import model as demo
+from lora_studio.core.model.estimate import read_footprint
 
 DEMO_PARAMS = 134_515_008  # SmolLM2-135M, tied embeddings counted once
 
@@ -17,7 +17,7 @@ def test_demo_wheel_is_installed():
 
 @pytest.mark.slow
 def test_demo_converts_loads_and_generates():
-    from lora_studio.core.generation import GenerationSettings, generate
+    from lora_studio.core.generation.generate import GenerationSettings, generate
     from lora_studio.core.session import Session
 
     source = demo.ensure_demo_model()  # converts on the first run on a machine, reuses afterwards
@@ -34,8 +34,8 @@ def test_demo_converts_loads_and_generates():
 
 
 def test_gguf_footprint_and_shapes_without_loading():
-    from lora_studio.core.inspect_model import base_weight_shapes
-    from lora_studio.core.sources import resolve_source
+    from lora_studio.core.report.inspect_report import base_weight_shapes
+    from lora_studio.core.model.sources import resolve_source
 
     source = resolve_source(demo.demo_gguf_path())
     assert source.kind == "gguf" and source.gguf_file == demo.DEMO_GGUF
@@ -47,7 +47,7 @@ def test_gguf_footprint_and_shapes_without_loading():
 
 
 def test_list_local_models_includes_demo_and_extra_dirs(tiny_llama):
-    from lora_studio.core.sources import list_local_models
+    from lora_studio.core.model.sources import list_local_models
 
     found = list_local_models(extra_dirs=(tiny_llama.parent,))
     kinds = {s.kind for s in found}

@@ -11,10 +11,10 @@ import shutil
 
 import pytest
 
-from lora_studio.core import demo_assets
-from lora_studio.core.adapter_files import read_adapter_config
+from lora_studio.core.demo import assets as demo_assets
+from lora_studio.core.adapters.files import read_adapter_config
 from lora_studio.core.errors import UserError
-from lora_studio.core.training_log import find_loss_csv, read_loss_csv
+from lora_studio.core.adapters.training_log import find_loss_csv, read_loss_csv
 
 DEMO_NAMES = {"pirate", "bullets", "sql"}
 
@@ -149,7 +149,7 @@ def test_quality_numbers_recorded():
 
 @pytest.fixture(scope="module")
 def demo_session():
-    from lora_studio.core import demo
+    from lora_studio.core.demo import model as demo
     from lora_studio.core.session import Session
 
     session = Session()
@@ -170,7 +170,7 @@ SIGNATURES = {
 
 @pytest.mark.slow
 def test_demo_adapters_change_greedy_answers(demo_session):
-    from lora_studio.core.generation import GenerationSettings, generate
+    from lora_studio.core.generation.generate import GenerationSettings, generate
 
     # Eight tokens show each signature (and keep six CPU generations within seconds).
     settings = GenerationSettings(max_new_tokens=8, do_sample=False)

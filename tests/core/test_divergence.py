@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lora_studio.core.divergence import (
+from lora_studio.core.compare.divergence import (
     ColumnDivergence, DivergenceReport, TokenScores, first_divergence, first_divergences, summary, token_scores,
 )
 

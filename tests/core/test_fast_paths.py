@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import factories
-from lora_studio.core import adapter_files
-from lora_studio.core.loading import added_tokens_hint
-from lora_studio.core.safetensors_io import FileSlice, ShardWriter, read_header, read_tensor
+from lora_studio.core.adapters import files as adapter_files
+from lora_studio.core.model.loading import added_tokens_hint
+from lora_studio.core.io.safetensors_io import FileSlice, ShardWriter, read_header, read_tensor
 
 
 def test_static_lora_field_list_matches_the_installed_peft():

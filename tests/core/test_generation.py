@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from lora_studio.core.errors import Cancelled, UserError
-from lora_studio.core.generation import GenerationSettings, generate, prompt_ids
+from lora_studio.core.generation.generate import GenerationSettings, generate, prompt_ids
 from lora_studio.core.session import Session
-from lora_studio.core.sources import resolve_source
+from lora_studio.core.model.sources import resolve_source
 from lora_studio.core.tasks import CancelToken
 
 

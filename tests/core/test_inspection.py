@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import factories
-from lora_studio.core.inspection import delta_spectrum, inspect_adapter
+from lora_studio.core.adapters.inspection import delta_spectrum, inspect_adapter
 
 
 def _peft_deltas(base, adapter, name="a"):

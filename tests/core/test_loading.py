@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from lora_studio.core import loading, sources
+from lora_studio.core.model import loading, sources
 from lora_studio.core.errors import UserError
 
 
@@ -59,7 +59,7 @@ def test_plain_bin_checkpoint_loads(tiny_llama, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from lora_studio.core.estimate import read_footprint
+    from lora_studio.core.model.estimate import read_footprint
 
     folder = tmp_path / "binmodel"
     shutil.copytree(tiny_llama, folder)

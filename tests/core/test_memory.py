@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from lora_studio.core import memory
-from lora_studio.core.memory import MemorySampler, Reclaimed, SamplingThread, measure_release
-from lora_studio.core.nvml import GpuReading
+from lora_studio.core.system import memory
+from lora_studio.core.system.memory import MemorySampler, Reclaimed, SamplingThread, measure_release
+from lora_studio.core.system.nvml import GpuReading
 
 GiB = 1024**3
 

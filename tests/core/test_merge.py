@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import factories
-from lora_studio.core import merge
+from lora_studio.core.merge import run as merge
 from lora_studio.core.errors import Cancelled, UserError
-from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save, plan_merge
-from lora_studio.core.safetensors_io import ShardWriter
-from lora_studio.core.sources import resolve_source
+from lora_studio.core.merge.run import AdapterSpec, MergeOptions, merge_and_save, plan_merge
+from lora_studio.core.io.safetensors_io import ShardWriter
+from lora_studio.core.model.sources import resolve_source
 from lora_studio.core.tasks import CancelToken
 
 QUICK = dict(verify_prompts=("The quick brown fox",), verify_tokens=4)
@@ -114,7 +114,7 @@ def test_existing_folder_needs_overwrite(tmp_path, tiny_llama, llama_adapters):
 
 
 def test_tied_embeddings_are_saved_once(tmp_path, tiny_llama_tied):
-    from lora_studio.core.safetensors_io import read_headers
+    from lora_studio.core.io.safetensors_io import read_headers
 
     adapter = factories.make_adapter(tiny_llama_tied, tmp_path / "ad", seed=42)
     out = tmp_path / "tied"

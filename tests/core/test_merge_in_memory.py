@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import factories
-from lora_studio.core.combine import add_combination, check_combination
+from lora_studio.core.adapters.combinations import add_combination, check_combination
 from lora_studio.core.errors import UserError
-from lora_studio.core.merge_in_memory import InMemoryPlan
+from lora_studio.core.merge.in_memory import InMemoryPlan
 
 
 def test_bit_identical_and_model_untouched(tiny_llama, llama_adapters):

@@ -7,7 +7,7 @@ import torch
 
 import factories
 from lora_studio.core.errors import UserError
-from lora_studio.core.merge_streaming import load_streaming_adapter, stream_merged_tensors, stream_plan, streaming_refusal
+from lora_studio.core.merge.streaming import load_streaming_adapter, stream_merged_tensors, stream_plan, streaming_refusal
 
 
 def streamed(base, adapter, dtype, tied=False, reuse=True):
@@ -57,7 +57,7 @@ def test_gpt2_conv1d_fan_in_fan_out(tiny_gpt2, gpt2_adapter):
 
 
 def test_row_blocks_never_leave_a_short_block():
-    from lora_studio.core import merge_streaming
+    from lora_studio.core.merge import streaming as merge_streaming
 
     rows = merge_streaming._BLOCK_ELEMENTS // 2048  # 256 rows of a 2048-wide weight
     assert merge_streaming._row_blocks(5632, 2048)[:2] == [(0, rows), (rows, 2 * rows)]
@@ -70,7 +70,7 @@ def test_row_blocks_never_leave_a_short_block():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_row_blocked_merge_is_bit_identical_to_peft(models_dir, monkeypatch, dtype):
     """Small blocks, so a tiny model goes through the blocked path (q: 2 blocks; gate/up: 3, the last with 72 rows)."""
-    from lora_studio.core import merge_streaming
+    from lora_studio.core.merge import streaming as merge_streaming
 
     monkeypatch.setattr(merge_streaming, "_BLOCK_ELEMENTS", 64 * 128)
     monkeypatch.setattr(merge_streaming, "_BLOCKING_EXACT", {})
@@ -85,7 +85,7 @@ def test_row_blocked_merge_is_bit_identical_to_peft(models_dir, monkeypatch, dty
 
 
 def test_a_shape_whose_blocks_differ_is_merged_whole(models_dir, tiny_llama_bf16, monkeypatch):
-    from lora_studio.core import merge_streaming
+    from lora_studio.core.merge import streaming as merge_streaming
 
     monkeypatch.setattr(merge_streaming, "_BLOCK_ELEMENTS", 16 * 32)  # 16-row blocks of the 64x32 gate/up weights
     monkeypatch.setattr(merge_streaming, "_BLOCK_ROWS_MULTIPLE", 16)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_studio.core import safetensors_io as sio
+from lora_studio.core.io import safetensors_io as sio
 from lora_studio.core.errors import UserError
 
 

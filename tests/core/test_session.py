@@ -6,7 +6,7 @@ import torch
 import factories
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.session import Session
-from lora_studio.core.sources import resolve_source
+from lora_studio.core.model.sources import resolve_source
 from lora_studio.core.tasks import CancelToken
 
 IDS = torch.tensor([[5, 17, 42, 99, 120, 7]])
@@ -128,7 +128,7 @@ def test_zero_update_adapter_is_flagged(session, tiny_llama, tmp_path):
 
 
 def test_added_tokens_adapter_resizes_with_its_tokenizer(session, tiny_llama, tmp_path):
-    from lora_studio.core.compatibility import VocabularyMismatch
+    from lora_studio.core.adapters.compatibility import VocabularyMismatch
 
     bigger = factories.make_llama(tmp_path / "big", vocab_size=330)
     adapter = factories.make_adapter(bigger, tmp_path / "added", modules_to_save=["lm_head", "embed_tokens"])

@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 
-from lora_studio.core import estimate, sources
+from lora_studio.core.model import estimate, sources
 from lora_studio.core.errors import UserError
-from lora_studio.core.nvml import GpuReading
+from lora_studio.core.system.nvml import GpuReading
 
 
 def test_folder_and_config_file(tiny_llama):

@@ -8,9 +8,9 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 import factories
-from lora_studio.core import tokenizer_parse
-from lora_studio.core.loading import load_tokenizer
-from lora_studio.core.sources import resolve_source
+from lora_studio.core.model import tokenizer_parse
+from lora_studio.core.model.loading import load_tokenizer
+from lora_studio.core.model.sources import resolve_source
 
 TEXTS = ["Hello world <|im_start|>user\nhi<|im_end|>", "  odd   spacing\tand\nnewlines", "ünïcödé 日本語 😀 <extra> <ctrl7>", ""]
 
@@ -81,7 +81,7 @@ def test_load_tokenizer_uses_it_and_puts_transformers_back(tiny_llama, monkeypat
 
 @pytest.mark.slow
 def test_the_demo_tokenizer():
-    from lora_studio.core import demo
+    from lora_studio.core.demo import model as demo
 
     source = demo.demo_source_if_available()
     if source is None or not (source.path / "tokenizer.json").is_file():

@@ -10,9 +10,9 @@ import torch
 
 import factories
 from lora_studio.core.errors import UserError
-from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save, plan_merge
+from lora_studio.core.merge.run import AdapterSpec, MergeOptions, merge_and_save, plan_merge
 from lora_studio.core.session import Session
-from lora_studio.core.sources import resolve_source
+from lora_studio.core.model.sources import resolve_source
 
 QUICK = dict(verify_prompts=("The quick brown fox",), verify_tokens=4)
 IDS = torch.tensor([[5, 17, 42, 99, 120, 7]])

@@ -9,7 +9,7 @@ import pytest
 from PySide6.QtWidgets import QApplication, QDialog
 
 import bad_inputs
-from lora_studio.core.memory import MemorySampler
+from lora_studio.core.system.memory import MemorySampler
 from lora_studio.gui.main_window import MainWindow
 from lora_studio.gui.settings import StudioSettings
 

@@ -7,9 +7,9 @@ import shutil
 import pytest
 
 import factories
-from lora_studio.core.comparison import Variant, compare
-from lora_studio.core.generation import GenerationSettings
-from lora_studio.core.memory import MemorySampler
+from lora_studio.core.compare.runs import Variant, compare
+from lora_studio.core.generation.generate import GenerationSettings
+from lora_studio.core.system.memory import MemorySampler
 from lora_studio.gui.compare_panel import ColumnView, DeltaBuffer, KLStrip, display_text
 from lora_studio.gui.main_window import MainWindow
 from lora_studio.gui.settings import StudioSettings
@@ -173,7 +173,7 @@ def test_merged_folder_variant_and_prompts_file(qtbot, window, tiny_llama, tmp_p
 
 
 def test_delta_buffer_groups_per_variant_in_order():
-    from lora_studio.core.comparison import TokenDelta
+    from lora_studio.core.compare.runs import TokenDelta
 
     buf = DeltaBuffer()
     for text, variant in (("a", "x"), ("b", "y"), ("c", "x")):
@@ -201,8 +201,8 @@ def test_loss_plot_appears_for_an_adapter_with_a_loss_csv(qtbot, tmp_path, data_
 
 
 def test_column_view_marks_divergence_from_offset(qtbot):
-    from lora_studio.core.comparison import VariantOutput
-    from lora_studio.core.divergence import ColumnDivergence, TokenScores
+    from lora_studio.core.compare.runs import VariantOutput
+    from lora_studio.core.compare.divergence import ColumnDivergence, TokenScores
 
     column = ColumnView("a", "adapter")
     qtbot.addWidget(column)
@@ -222,7 +222,7 @@ def test_column_view_marks_divergence_from_offset(qtbot):
 
 
 def test_demo_prefill_and_startup_time_in_the_log(qtbot, tmp_path, data_dir, tiny_llama, llama_adapters):
-    from lora_studio.core.demo_assets import demo_prompts
+    from lora_studio.core.demo.assets import demo_prompts
 
     w = loaded_window(qtbot, tmp_path, tiny_llama, [])
     try:

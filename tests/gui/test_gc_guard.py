@@ -7,7 +7,7 @@ import threading
 
 from PySide6.QtWidgets import QWidget
 
-from lora_studio.core import garbage
+from lora_studio.core.system import garbage
 from lora_studio.gui.gc_guard import GuiThreadGarbageCollector
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import factories
-from lora_studio.core import merge as merge_core
-from lora_studio.core.memory import MemorySampler
+from lora_studio.core.merge import run as merge_core
+from lora_studio.core.system.memory import MemorySampler
 from lora_studio.gui.main_window import MainWindow
 from lora_studio.gui.settings import StudioSettings
 

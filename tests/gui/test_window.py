@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_studio.core.memory import MemorySampler
-from lora_studio.core.nvml import GpuReading
+from lora_studio.core.system.memory import MemorySampler
+from lora_studio.core.system.nvml import GpuReading
 from lora_studio.gui.adapter_panel import BASE_ROW
 from lora_studio.gui.main_window import MainWindow, drop_kind
 from lora_studio.gui.settings import StudioSettings

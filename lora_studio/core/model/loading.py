@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 from lora_studio.core.errors import Cancelled, UserError
-from lora_studio.core.paths import utf8_path
-from lora_studio.core.sources import ModelSource
+from lora_studio.core.io.paths import utf8_path
+from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -164,7 +164,7 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False):
     offline_environment()
     from transformers import AutoTokenizer
 
-    from lora_studio.core.tokenizer_parse import stepwise_tokenizer_parsing
+    from lora_studio.core.model.tokenizer_parse import stepwise_tokenizer_parsing
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else added_tokens_hint(Path(source.path))
     try:
@@ -196,7 +196,7 @@ def load_base(source: ModelSource, *, dtype: str = "float32", device_map: str = 
     if device_map != "cpu":
         kwargs["device_map"] = device_map
     if not source.gguf_file:
-        from lora_studio.core.safetensors_io import warm_page_cache
+        from lora_studio.core.io.safetensors_io import warm_page_cache
 
         warm_page_cache(source.path, cancel)
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Iterator, Optional
 
 from lora_studio.core.errors import UserError
-from lora_studio.core.safetensors_io import st_dtype
+from lora_studio.core.io.safetensors_io import st_dtype
 from lora_studio.core.tasks import CancelToken
 
 

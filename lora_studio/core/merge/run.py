@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lora_studio import __version__
-from lora_studio.core import adapter_files, model_card
-from lora_studio.core import verify as verification_mod
-from lora_studio.core.combine import check_combination
+from lora_studio.core.adapters import files as adapter_files
+from lora_studio.core.merge import model_card
+from lora_studio.core.merge import verify as verification_mod
+from lora_studio.core.adapters.combinations import check_combination
 from lora_studio.core.errors import UserError
-from lora_studio.core.memory import format_bytes
-from lora_studio.core.safetensors_io import DTYPE_SIZES, atomic_output_dir, read_ahead, read_headers, write_state_dict
-from lora_studio.core.sources import ModelSource
+from lora_studio.core.system.memory import format_bytes
+from lora_studio.core.io.safetensors_io import DTYPE_SIZES, atomic_output_dir, read_ahead, read_headers, write_state_dict
+from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 ENGINES = ("streaming", "in-memory")
@@ -192,7 +193,7 @@ def _extra_files_bytes(source: ModelSource) -> int:
 
 def plan_merge(source: ModelSource, adapters: Sequence[AdapterSpec], options: MergeOptions, *, session=None) -> MergePlan:
     """What each engine would need, which one runs, and whether the merge may start. Reads headers only."""
-    from lora_studio.core.merge_streaming import stream_plan, streaming_refusal
+    from lora_studio.core.merge.streaming import stream_plan, streaming_refusal
 
     _check_request(adapters, options)
     resize = _check_base(source, adapters, session)
@@ -221,7 +222,7 @@ def plan_merge(source: ModelSource, adapters: Sequence[AdapterSpec], options: Me
         model_bytes = sp.out_bytes
         largest = sp.largest_tensor_elements
     else:
-        from lora_studio.core.estimate import read_footprint
+        from lora_studio.core.model.estimate import read_footprint
 
         fp = read_footprint(source)
         output_bytes = model_bytes = fp.params * elem
@@ -346,7 +347,7 @@ def merge_and_save(source: ModelSource, adapters: Sequence[AdapterSpec], options
 def _run_streaming(source, adapter: AdapterSpec, dtype, tmp: Path, options: MergeOptions, cancel, report):
     import torch
 
-    from lora_studio.core.merge_streaming import load_streaming_adapter, stream_merged_tensors, stream_plan
+    from lora_studio.core.merge.streaming import load_streaming_adapter, stream_merged_tensors, stream_plan
 
     sp = stream_plan(source.path, dtype)
     loaded = load_streaming_adapter(adapter.path, sp.sources, _tied(_base_config(source)))
@@ -409,7 +410,7 @@ def _load_session(source, adapters: Sequence[AdapterSpec], dtype, cancel, report
 
 def _select_adapter(session, adapters: Sequence[AdapterSpec], options: MergeOptions) -> str:
     """Make the adapter to merge active (building the weighted combination first); returns its name."""
-    from lora_studio.core.combine import add_combination
+    from lora_studio.core.adapters.combinations import add_combination
 
     if options.combination is None:
         name = adapters[0].name
@@ -435,7 +436,7 @@ def _restore_session(session, restore) -> None:
 
 
 def _run_in_memory(session, name: str, dtype, tmp: Path, options: MergeOptions, cancel, report):
-    from lora_studio.core.merge_in_memory import InMemoryPlan
+    from lora_studio.core.merge.in_memory import InMemoryPlan
 
     with session.lock:
         plan = InMemoryPlan(session.model, name, dtype if dtype != session.dtype else None)
@@ -495,8 +496,8 @@ def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session) -
     """Refusals that depend on the base, before anything is written: code it would need, quantized weights,
     adapters whose shapes do not fit (headers only). Returns True when the single adapter brings added tokens
     and its own tokenizer, so the base must be resized to it (the in-memory engine does that)."""
-    from lora_studio.core import compatibility
-    from lora_studio.core.loading import check_remote_code
+    from lora_studio.core.adapters import compatibility
+    from lora_studio.core.model.loading import check_remote_code
 
     cfg = _base_config(source)
     quant = compatibility.quantization_label(cfg) or getattr(session, "quantization", None)
@@ -534,7 +535,7 @@ def _copy_tokenizer(source: ModelSource, tmp: Path, session) -> None:
                     shutil.copyfile(p, tmp / p.name)
                     copied += 1
     if not copied:
-        from lora_studio.core.loading import load_tokenizer
+        from lora_studio.core.model.loading import load_tokenizer
 
         tokenizer = session.tokenizer if session is not None and session.tokenizer is not None else load_tokenizer(source)
         tokenizer.save_pretrained(str(tmp))

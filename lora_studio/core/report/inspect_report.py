@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from lora_studio.core import compatibility, estimate
-from lora_studio.core.inspection import AdapterInspection, inspect_adapter
-from lora_studio.core.sources import ModelSource
+from lora_studio.core.adapters import compatibility
+
+from lora_studio.core.model import estimate
+from lora_studio.core.adapters.inspection import AdapterInspection, inspect_adapter
+from lora_studio.core.model.sources import ModelSource
 
 
 @dataclass

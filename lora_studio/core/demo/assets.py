@@ -52,7 +52,7 @@ def candidate_dirs() -> list[Path]:
     bundle = getattr(sys, "_MEIPASS", None)
     if bundle:
         out.append(Path(bundle) / "resources")
-    package = Path(__file__).resolve().parent.parent  # lora_studio/
+    package = Path(__file__).resolve().parents[2]  # lora_studio/
     out.append(package / "resources")
     out.append(package.parent / "resources")
     prefixes = [sys.prefix, sysconfig.get_path("data")]
@@ -108,8 +108,8 @@ def demo_prompts() -> dict[str, str]:
 
 def demo_adapters() -> list[DemoAdapter]:
     """The trained demo adapters that are present, with their prompt and loss log."""
-    from lora_studio.core.adapter_files import CONFIG_NAME, SIDECAR_NAME
-    from lora_studio.core.training_log import find_loss_csv
+    from lora_studio.core.adapters.files import CONFIG_NAME, SIDECAR_NAME
+    from lora_studio.core.adapters.training_log import find_loss_csv
 
     root = demo_dir()
     out = []

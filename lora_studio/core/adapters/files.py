@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lora_studio.core.errors import UserError
-from lora_studio.core.safetensors_io import read_header
+from lora_studio.core.io.safetensors_io import read_header
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"

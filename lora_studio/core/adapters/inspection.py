@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from lora_studio.core import adapter_files
-from lora_studio.core.adapter_files import AdapterConfig, LoraModuleKeys
+from lora_studio.core.adapters import files as adapter_files
+from lora_studio.core.adapters.files import AdapterConfig, LoraModuleKeys
 
 
 @dataclass(frozen=True)

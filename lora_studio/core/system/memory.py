@@ -1,7 +1,7 @@
 """Live memory readings and memory attribution, headless.
 
 A :class:`MemorySampler` reads, on demand, the process RSS and system RAM
-(psutil), each NVIDIA GPU through an :class:`~lora_studio.core.nvml.NvmlBackend`
+(psutil), each NVIDIA GPU through an :class:`~lora_studio.core.system.nvml.NvmlBackend`
 (the real pynvml one unless a test injects a fake), and torch's allocated/reserved
 bytes per CUDA device — the latter only when torch is already imported and CUDA
 initialised, so sampling never drags torch in or creates a CUDA context.
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from lora_studio.core import garbage, nvml
+from lora_studio.core.system import garbage, nvml
 
 MiB = 1024**2
 GiB = 1024**3

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from lora_studio.core import adapter_files
+from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.errors import UserError
 
 
@@ -34,7 +34,7 @@ class Compatibility:
 
 
 def weight_shapes_from_headers(folder: Path) -> dict[str, tuple[int, ...]]:
-    from lora_studio.core.safetensors_io import read_headers
+    from lora_studio.core.io.safetensors_io import read_headers
 
     return {name: info.shape for h in read_headers(folder) for name, info in h.tensors.items()}
 

@@ -1,0 +1,1 @@
+"""The machine: live memory readings (process, system, GPUs through NVML, torch's allocator) and routing of cycle collection to one thread."""
