@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 run: install
+	# Qt's xcb plugin needs system libraries a fresh Debian lacks: installed here as root, else the command is printed.
+	$(PY) -m lora_studio.qt_system_libs --install
 	$(VENV)/bin/lora-studio --demo
 
 test: install

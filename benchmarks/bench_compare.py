@@ -3,7 +3,7 @@
 On the demo model (SmolLM2-135M-Instruct, float32, CPU unless --device), two
 LoRA adapters are made here with PEFT's get_peft_model(init_lora_weights=False)
 on the attention projections (r=4), saved to a temporary folder and attached to a
-Session like a user's. Then ``core.comparison.compare`` generates 48 greedy new
+Session like a user's. Then ``core.compare.compare`` generates 48 greedy new
 tokens for base + both adapters, sequentially (mixed=False: one generate per
 variant) and in one mixed batch, alternating, several repetitions; medians.
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from lora_studio.core.compare import runs as comparison
+    from lora_studio.core import compare as comparison
 
     from lora_studio.core.demo import model as demo
     from lora_studio.core.generation.generate import GenerationSettings

@@ -8,7 +8,7 @@ child process, in the same run:
 
 * seed: ``AutoModelForCausalLM.from_pretrained(bf16)`` -> ``PeftModel.from_pretrained``
   -> ``merge_and_unload`` -> ``save_pretrained`` + tokenizer ``save_pretrained``;
-* stream: ``lora_studio.core.merge.run.merge_and_save`` (streaming engine, no verification);
+* stream: ``lora_studio.core.merge.merge_and_save`` (streaming engine, no verification);
 * copy: copying the base folder file by file, each file fsynced (the streaming
   writer fsyncs its shards too, so both produce a folder that survives a power cut).
 
@@ -70,7 +70,7 @@ def build(folder: Path, dims: dict, shard_bytes: int) -> tuple[Path, Path, int]:
     sys.path.insert(0, str(ROOT / "tests"))
     import factories
 
-    from lora_studio.core.io.safetensors_io import write_state_dict
+    from lora_studio.core.io.shard_writer import write_state_dict
 
     base = folder / "base"
     base.mkdir()
@@ -145,7 +145,7 @@ from pathlib import Path
 from lora_studio.core.model.loading import offline_environment
 offline_environment()
 import torch  # imported before timing, as the seed recipe's are; the streaming engine needs nothing else heavy
-import lora_studio.core.merge.run as merge
+import lora_studio.core.merge as merge
 from lora_studio.core.model.sources import resolve_source
 base, adapter, out = sys.argv[1:4]
 t = time.perf_counter()
@@ -195,7 +195,7 @@ def bit_identical(a: Path, b: Path) -> bool:
     """Every tensor equal, read one tensor at a time from both folders."""
     import torch
 
-    from lora_studio.core.io.safetensors_io import read_headers, read_tensor
+    from lora_studio.core.io.safetensors_format import read_headers, read_tensor
 
     def index(folder):
         return {n: (h.path, info) for h in read_headers(folder) for n, info in h.tensors.items()}

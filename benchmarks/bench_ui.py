@@ -182,7 +182,7 @@ def main() -> int:
             QTimer.singleShot(10, loop.quit)
             loop.exec()
 
-    wait_for(lambda: window.memory_panel.plot is not None and window.adapter_panel.chart is not None and window.runner.is_idle())
+    wait_for(lambda: window.memory_panel.plot is not None and window.adapter_panel.inspector.chart is not None and window.runner.is_idle())
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
 
@@ -234,7 +234,7 @@ def main() -> int:
     window.adapter_panel.max_tokens.setValue(args.tokens)
     step("generate", window.adapter_panel.generate)
 
-    from lora_studio.core.merge.run import AdapterSpec, MergeOptions, merge_and_save
+    from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save
 
     session = window.session
     name, path, _ = session.state().adapters[0]

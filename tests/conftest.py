@@ -8,6 +8,7 @@ get_peft_model(init_lora_weights=False), so they change outputs.
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 
 import pytest
@@ -18,6 +19,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# In-process CLI runs open the log file: keep it out of the user's data folder.
+os.environ.setdefault("LORA_STUDIO_LOG_DIR", tempfile.mkdtemp(prefix="lora-studio-test-logs-"))
 
 
 @pytest.fixture(scope="session")

@@ -209,10 +209,10 @@ def test_merge_when_the_disk_fills_up(budget, fixtures, tmp_path, capsys, monkey
     """A size-limited writer: the shard writer's writes fail with ENOSPC once ``budget`` bytes are written."""
     import errno
 
-    from lora_studio.core.io import safetensors_io
+    from lora_studio.core.io import shard_writer
 
     used = [0]
-    real_write_all, real_copy_range, real_pwrite_all = safetensors_io._write_all, safetensors_io._copy_range, safetensors_io._pwrite_all
+    real_write_all, real_copy_range, real_pwrite_all = shard_writer._write_all, shard_writer._copy_range, shard_writer._pwrite_all
 
     def spend(n):
         used[0] += n
@@ -231,9 +231,9 @@ def test_merge_when_the_disk_fills_up(budget, fixtures, tmp_path, capsys, monkey
         spend(memoryview(data).nbytes)
         return real_pwrite_all(fd, data, offset)
 
-    monkeypatch.setattr(safetensors_io, "_write_all", write_all)
-    monkeypatch.setattr(safetensors_io, "_copy_range", copy_range)
-    monkeypatch.setattr(safetensors_io, "_pwrite_all", pwrite_all)
+    monkeypatch.setattr(shard_writer, "_write_all", write_all)
+    monkeypatch.setattr(shard_writer, "_copy_range", copy_range)
+    monkeypatch.setattr(shard_writer, "_pwrite_all", pwrite_all)
     out_dir = tmp_path / "merged"
     code, out, err = run_in_process(capsys, merge_argv(fixtures, out_dir))
     assert_one_line_refusal(code, out, err, r"disk .* is full")
@@ -266,7 +266,7 @@ def test_merge_interrupted_leaves_nothing(stage, fixtures, tmp_path, capsys, mon
 def test_merge_cancelled_from_report_leaves_nothing(stage, engine, fixtures, tmp_path):
     """What the window's Cancel does: the token fires from a progress report; the job ends in Cancelled."""
     from lora_studio.core.errors import Cancelled
-    from lora_studio.core.merge.run import AdapterSpec, MergeOptions, merge_and_save
+    from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save
     from lora_studio.core.tasks import CancelToken
 
     token = CancelToken()

@@ -38,7 +38,7 @@ DRIVER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from lora_studio.core.errors import UserError
-    from lora_studio.core.merge.run import AdapterSpec, MergeOptions, merge_and_save
+    from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save
     from lora_studio.core.model.sources import resolve_source
 
     base, adapter, shard = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from lora_studio.core.compare.runs import Variant, compare
+from lora_studio.core.compare import Variant, compare
 from lora_studio.core.generation.generate import GenerationSettings, generate
 from lora_studio.core.session import Session
 from lora_studio.core.model.sources import resolve_source

@@ -12,9 +12,16 @@ import sys
 import textwrap
 
 from lora_studio.cli.common import (
-    add_adapter_argument, add_base_argument, parse_adapter_specs, print_json, resolve_base, stderr_progress, table,
+    add_adapter_argument,
+    add_base_argument,
+    parse_adapter_specs,
+    print_json,
+    resolve_base,
+    stderr_progress,
+    table,
 )
 from lora_studio.core.errors import UserError
+from lora_studio.core.model.dtypes import DTYPES
 
 
 def add_parser(sub) -> None:
@@ -35,7 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every variant (default 0)")
     p.add_argument("--reference", metavar="NAME", help="the column divergence is measured against (default: the first)")
     p.add_argument("--sequential", action="store_true", help="run variants one at a time instead of one mixed batch")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="dtype to load in (default float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load in (default float32)")
     p.add_argument("--device-map", default="cpu", help="cpu, cuda:N or auto (default cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
@@ -54,7 +61,7 @@ def _prompts(args) -> list[str]:
 
 
 def run(args) -> int:
-    from lora_studio.core.compare import runs as comparison
+    from lora_studio.core import compare as comparison
     from lora_studio.core.generation.generate import GenerationSettings, validate
     from lora_studio.core.session import Session
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from lora_studio.cli.common import (
     add_adapter_argument, add_base_argument, human_bytes, parse_adapter_specs, print_json, resolve_base, table,
 )
+from lora_studio.core.model.dtypes import DTYPES
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="show a base model and adapters: sizes, memory estimate, ranks, ΔW norms")
     add_base_argument(p)
     add_adapter_argument(p)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype for the memory estimate (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype for the memory estimate (default: the checkpoint's)")
     p.add_argument("--device-map", default="cpu", help="cpu, cuda:N or auto, for the memory estimate (default: cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)

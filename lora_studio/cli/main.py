@@ -8,13 +8,16 @@ interrupted.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Optional, Sequence
 
 from lora_studio import __version__
+from lora_studio.app_logging import setup_logging
 from lora_studio.core.errors import describe
 
+logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -29,7 +32,10 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from lora_studio.cli import compare_cmd, inspect_cmd, merge_cmd
 
-    parser = _OneLineParser(prog="lora-studio", description="Load a base model, attach, compare and merge LoRA adapters.")
+    from lora_studio.app_logging import DEBUG_ENV, log_path
+
+    parser = _OneLineParser(prog="lora-studio", description="Load a base model, attach, compare and merge LoRA adapters.",
+                            epilog=f"Log file: {log_path()} (rotating; {DEBUG_ENV}=1 logs more and shows tracebacks).")
     parser.add_argument("--version", action="version", version=f"lora-studio {__version__}")
     parser.add_argument("--demo", action="store_true", help="open the window with the embedded demo model loaded")
     parser.add_argument("--open", dest="base", metavar="PATH", help="open the window with this base model loaded")
@@ -58,6 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is not None:
+        setup_logging(f"cli {args.command}")
     try:
         if args.command is None:
             return _open_window(args)
@@ -67,6 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as exc:  # the one place the CLI turns errors into words
         desc = describe(exc)
+        logger.log(logging.INFO if desc.kind in ("user", "cancelled") else logging.ERROR, "%s: %s\n%s",
+                   args.command, desc.message, desc.detail)
         if os.environ.get("LORA_STUDIO_DEBUG"):
             sys.stderr.write(desc.detail)
         if desc.kind == "cancelled":

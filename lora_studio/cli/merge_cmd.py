@@ -6,14 +6,21 @@ import sys
 from pathlib import Path
 
 from lora_studio.cli.common import (
-    add_adapter_argument, add_base_argument, human_bytes, parse_adapter_specs, print_json, resolve_base, stderr_progress,
+    add_adapter_argument,
+    add_base_argument,
+    human_bytes,
+    parse_adapter_specs,
+    print_json,
+    resolve_base,
+    stderr_progress,
 )
 from lora_studio.core.errors import UserError
 
 
 def add_parser(sub) -> None:
     from lora_studio.core.adapters.combinations import COMBINATIONS
-    from lora_studio.core.merge.run import DTYPES, ENGINES
+    from lora_studio.core.merge import ENGINES
+    from lora_studio.core.model.dtypes import DTYPES
 
     p = sub.add_parser("merge", help="merge LoRA adapters into the base and save a verified model folder")
     add_base_argument(p)
@@ -44,7 +51,7 @@ def parse_weights(text, count: int) -> list[float]:
 
 
 def run(args) -> int:
-    from lora_studio.core.merge.run import AdapterSpec, MergeOptions, merge_and_save
+    from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save
 
     specs = parse_adapter_specs(args.adapter)
     if not specs:

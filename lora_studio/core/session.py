@@ -1,24 +1,36 @@
 """A session: one base model, the adapters attached to it, and which one is active.
 
-The session is the single owner of the model objects. Front ends run one job at
-a time against it (the window's job runner, the CLI's straight-line code); the
-session's lock makes a second concurrent caller wait rather than corrupt state.
+The session is the single owner of the model objects and of their adapter state.
+Nothing outside this module switches the model's adapters: features ask the session,
+by :meth:`Session.variant_selected` / :meth:`Session.mixed_batch_selected` (select for a
+block, restore afterwards), :meth:`Session.register_combination` (a weighted
+combination that becomes an adapter of the session) and
+:meth:`Session.temporary_combination` (one that exists for a block only). Readers get
+:meth:`Session.state` (a frozen snapshot) or the read-only :attr:`Session.adapters`.
+
+Front ends run one job at a time against it (the window's job runner, the CLI's
+straight-line code); the session's lock makes a second concurrent caller wait rather
+than corrupt state.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from types import MappingProxyType
+from typing import Any, Optional
 
-from lora_studio.core.adapters import files as adapter_files, compatibility
-
-from lora_studio.core.system import garbage
+from lora_studio.core.adapters import combinations, compatibility
+from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.errors import Cancelled, UserError
-from lora_studio.core.model.estimate import ModelFootprint, read_footprint
 from lora_studio.core.io.paths import utf8_path
+from lora_studio.core.model.config import read_config_file
+from lora_studio.core.model.estimate import ModelFootprint, read_footprint
 from lora_studio.core.model.sources import ModelSource
+from lora_studio.core.system import garbage
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 
@@ -42,6 +54,12 @@ class SessionState:
     adapters: tuple[tuple[str, str, int], ...]  # (name, path, size_bytes)
     active_adapter: Optional[str]  # None: base behaviour
     adapters_enabled: bool
+    quantization: Optional[str] = None  # e.g. "bitsandbytes 4-bit" when the base's weights are quantized
+    tokenizer_source: Optional[str] = None  # an adapter folder whose tokenizer replaced the base's
+
+    @property
+    def loaded(self) -> bool:
+        return self.base is not None
 
 
 class Session:
@@ -49,15 +67,19 @@ class Session:
         self.lock = threading.RLock()
         self.source: Optional[ModelSource] = None
         self.footprint: Optional[ModelFootprint] = None
-        self.model = None  # the transformers model, or a PeftModel wrapping it
-        self.tokenizer = None
+        # Any, not Optional[PreTrainedModel | PeftModel]: most calls need one or the other, after require_loaded()
+        self.model: Any = None  # the transformers model, or a PeftModel wrapping it
+        self.tokenizer: Any = None
         self.tokenizer_source: Optional[Path] = None  # an adapter folder whose tokenizer replaced the base's
         self.quantization: Optional[str] = None  # e.g. "bitsandbytes 4-bit" when the base's weights are quantized
         self.dtype: Optional[str] = None
         self.device_map: Optional[str] = None
-        self.adapters: dict[str, AttachedAdapter] = {}
-        self._active: Optional[str] = None
+        self._adapters: dict[str, AttachedAdapter] = {}
+        self._active: Optional[str] = None  # the selection made by activate / disable_adapters
         self._enabled = True
+        # Inside a variant_selected / mixed_batch_selected block: what the model has now, (adapter, enabled);
+        # None outside any block, where the model has the selection above.
+        self._live: Optional[tuple[Optional[str], bool]] = None
 
     # -- state -----------------------------------------------------------------
     @property
@@ -67,11 +89,16 @@ class Session:
     @property
     def active_adapter(self) -> Optional[str]:
         """The adapter whose behaviour the model has now; None means the base's."""
-        return self._active if (self._enabled and self.adapters) else None
+        return self._active if (self._enabled and self._adapters) else None
 
     @property
     def adapters_enabled(self) -> bool:
         return self._enabled
+
+    @property
+    def adapters(self) -> Mapping[str, AttachedAdapter]:
+        """The attached adapters (combinations included) by name, in attach order; read-only."""
+        return MappingProxyType(self._adapters)
 
     def state(self) -> SessionState:
         with self.lock:
@@ -81,9 +108,11 @@ class Session:
                 dtype=self.dtype,
                 device=self.device,
                 params=self.footprint.params if self.footprint else None,
-                adapters=tuple((a.name, str(a.path), a.size_bytes) for a in self.adapters.values()),
+                adapters=tuple((a.name, str(a.path), a.size_bytes) for a in self._adapters.values()),
                 active_adapter=self.active_adapter,
                 adapters_enabled=self._enabled,
+                quantization=self.quantization,
+                tokenizer_source=str(self.tokenizer_source) if self.tokenizer_source is not None else None,
             )
 
     @property
@@ -107,7 +136,8 @@ class Session:
 
         cancel = cancel or CancelToken()
         footprint = read_footprint(source)
-        quant = None if source.gguf_file else compatibility.quantization_label(_read_config(source.path))
+        # read_footprint has already refused a damaged config.json
+        quant = None if source.gguf_file else compatibility.quantization_label(read_config_file(source.path, missing_ok=True))
         try:
             model, tokenizer = load_base(source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
                                          cancel=cancel, report=report)
@@ -136,9 +166,10 @@ class Session:
         self.quantization = None
         self.source = None
         self.footprint = None
-        self.adapters.clear()
+        self._adapters.clear()
         self._active = None
         self._enabled = True
+        self._live = None
         release_memory()
 
     def base_model(self):
@@ -184,7 +215,7 @@ class Session:
         name = validate_adapter_name(path.name if name is None else name)
         with self.lock:
             self.require_loaded()
-            if name in self.adapters:
+            if name in self._adapters:
                 raise UserError(f"an adapter named {name!r} is already attached", "delete it first or attach under another name")
             report(Progress(0, 2, f"checking {name}", "steps"))
             try:
@@ -211,7 +242,7 @@ class Session:
                 self._drop_adapter(name)
                 raise Cancelled()
             attached = AttachedAdapter(name, path, self._adapter_bytes(name), list(compat.warnings))
-            self.adapters[name] = attached
+            self._adapters[name] = attached
             previous = self._active
             self._set_active(name)
             if not self._changes_outputs():
@@ -223,7 +254,7 @@ class Session:
             return attached
 
     def _resize_vocabulary(self, adapter: Path, mismatch: compatibility.VocabularyMismatch) -> None:
-        if self.adapters:
+        if self._adapters:
             raise UserError(f"resizing the vocabulary to {mismatch.adapter_vocab} tokens needs a base without adapters",
                             "unload the other adapters first, then attach this one")
         if not mismatch.adapter_has_tokenizer or mismatch.adapter_vocab < mismatch.base_vocab:
@@ -252,7 +283,7 @@ class Session:
 
     def activate(self, name: str) -> None:
         with self.lock:
-            if name not in self.adapters:
+            if name not in self._adapters:
                 raise UserError(f"no adapter named {name!r} is attached", "attach it first")
             self._set_active(name)
 
@@ -271,15 +302,15 @@ class Session:
 
     def delete(self, name: str) -> None:
         with self.lock:
-            if name not in self.adapters:
+            if name not in self._adapters:
                 raise UserError(f"no adapter named {name!r} is attached", "nothing to delete")
             self._drop_adapter(name)
-            del self.adapters[name]
-            if not self.adapters:
+            del self._adapters[name]
+            if not self._adapters:
                 self._active = None
                 self._enabled = True
-            elif self._active == name or self._active not in self.adapters:
-                self._set_active(next(iter(self.adapters)))
+            elif self._active == name or self._active not in self._adapters:
+                self._set_active(next(iter(self._adapters)))
                 if not self._enabled:
                     self.model.base_model.disable_adapter_layers()
             release_memory()
@@ -300,10 +331,128 @@ class Session:
         with self.lock:
             if self.is_peft:
                 self.model = self.model.unload()
-            self.adapters.clear()
+            self._adapters.clear()
             self._active = None
             self._enabled = True
+            self._live = None
             release_memory()
+
+    # -- combinations ----------------------------------------------------------
+    def register_combination(self, name: str, weights: Mapping[str, float], combination_type: str = "linear",
+                             density: Optional[float] = None) -> AttachedAdapter:
+        """Create adapter ``name`` = a weighted combination of attached adapters (PEFT ``add_weighted_adapter``).
+
+        It is registered like an attached adapter (its path reads
+        "combination (linear): a×0.5 + b×0.5"), can be compared, activated and deleted.
+        The active adapter does not change.
+        """
+        name = validate_adapter_name(name)
+        if not weights:
+            raise UserError("a combination needs at least one adapter", "pick adapters and weights")
+        combinations.check_combination(list(weights), list(weights.values()), combination_type, density)
+        with self.lock:
+            self.require_loaded()
+            if name in self._adapters:
+                raise UserError(f"an adapter named {name!r} is already attached", "choose another name")
+            for adapter in weights:
+                if adapter not in self._adapters:
+                    raise UserError(f"no adapter named {adapter!r} is attached", "attach it first")
+            self._add_combination(name, list(weights), list(weights.values()), combination_type, density)
+            self.model.eval()
+            label = " + ".join(f"{a}×{w:g}" for a, w in weights.items())
+            path = Path(f"combination ({combination_type}): {label}")
+            attached = AttachedAdapter(name, path, self._adapter_bytes(name))
+            self._adapters[name] = attached
+            return attached
+
+    @contextmanager
+    def temporary_combination(self, name: str, weights: Sequence[tuple[str, float]], combination_type: str,
+                              density: Optional[float] = None) -> Iterator[str]:
+        """A weighted combination of attached adapters as PEFT adapter ``name`` for the block only; yields ``name``.
+
+        It is not registered (``adapters`` and ``state()`` do not list it) and is deleted
+        afterwards; one of that name left over is replaced. The selection does not change:
+        select it with :meth:`variant_selected` inside the block.
+        """
+        names, values = [a for a, _ in weights], [w for _, w in weights]
+        with self.lock:
+            self.require_loaded()
+            if not self.is_peft:
+                missing = f"adapter {names[0]!r} is not attached" if names else "no adapter given"
+                raise UserError(missing, "attach it before combining")
+            self._add_combination(name, names, values, combination_type, density)
+        try:
+            yield name
+        finally:
+            with self.lock:
+                if self.is_peft and name in self.model.peft_config:
+                    self.model.delete_adapter(name)
+
+    def _add_combination(self, name: str, names: list[str], weights: list[float], combination_type: str,
+                         density: Optional[float]) -> None:
+        """PEFT's add_weighted_adapter (replacing an adapter of that name); the model's active adapter stays."""
+        previous = self.model.active_adapter
+        try:
+            combinations.add_combination(self.model, names, weights, combination_type, density, new_name=name)
+        except UserError:
+            if name in self.model.peft_config:  # PEFT may fail after creating the empty adapter
+                self.model.delete_adapter(name)
+            raise
+        finally:
+            self.model.set_adapter(previous)
+
+    # -- selection for a block -------------------------------------------------
+    @contextmanager
+    def variant_selected(self, adapter: Optional[str]) -> Iterator[Any]:
+        """Within the block the model behaves as ``adapter`` (None: the base, adapters disabled); yields the model.
+
+        Afterwards the model has again what it had before (blocks nest). ``state()`` keeps
+        reporting the selection made by :meth:`activate` / :meth:`disable_adapters`.
+        The lock is held while switching; a caller that runs the model holds
+        ``session.lock`` around the block.
+        """
+        with self.lock:
+            self.require_loaded()
+            if adapter is not None and not (self.is_peft and adapter in self.model.peft_config):
+                raise UserError(f"no adapter named {adapter!r} is attached", "attach it first")
+        with self._selected(adapter, adapter is not None) as model:
+            yield model
+
+    @contextmanager
+    def mixed_batch_selected(self) -> Iterator[Any]:
+        """Within the block every adapter layer is on, for a batch that names each row's adapter
+        (PEFT's ``adapter_names``: a model with its adapters disabled would ignore them); yields the model.
+        Restored afterwards, as :meth:`variant_selected`."""
+        with self.lock:
+            self.require_loaded()
+        with self._selected(None, True) as model:
+            yield model
+
+    @contextmanager
+    def _selected(self, adapter: Optional[str], enabled: bool) -> Iterator[Any]:
+        with self.lock:
+            outer = self._live
+            previous = outer if outer is not None else (self._active, self._enabled)
+            self._apply_selection(adapter, enabled)
+            self._live = (adapter if adapter is not None else previous[0], enabled)
+            model = self.model
+        try:
+            yield model
+        finally:
+            with self.lock:
+                self._apply_selection(*previous)
+                self._live = outer
+
+    def _apply_selection(self, adapter: Optional[str], enabled: bool) -> None:
+        """Point the PEFT model at ``adapter`` (when given and still there) and switch its adapter layers on or off."""
+        if not self.is_peft:
+            return  # the plain base: base behaviour is the only one
+        if adapter is not None and adapter in self.model.peft_config:
+            self.model.set_adapter(adapter)
+        if enabled:
+            self.model.base_model.enable_adapter_layers()
+        else:
+            self.model.base_model.disable_adapter_layers()
 
     def _adapter_bytes(self, name: str) -> int:
         total = 0
@@ -311,16 +460,6 @@ class Session:
             if f".{name}." in pname or pname.endswith(f".{name}"):
                 total += p.numel() * p.element_size()
         return total
-
-
-def _read_config(folder: Path) -> dict:
-    import json
-
-    try:
-        cfg = json.loads((Path(folder) / "config.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        return {}  # loading says what is wrong with it
-    return cfg if isinstance(cfg, dict) else {}
 
 
 def validate_adapter_name(name: str) -> str:

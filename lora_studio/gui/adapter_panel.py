@@ -4,65 +4,55 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QFont
-from PySide6.QtWidgets import (QFileDialog, QFormLayout, QFrame, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
-                               QPlainTextEdit, QPushButton, QScrollArea, QSpinBox, QSplitter, QTreeWidget,
-                               QTreeWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QFileDialog,
+    QFrame,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QScrollArea,
+    QSpinBox,
+    QSplitter,
+    QTreeWidget,
+    QTreeWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 from lora_studio.core.adapters.compatibility import VocabularyMismatch
-from lora_studio.core.errors import UserError
+from lora_studio.core.adapters.inspection import AdapterInspection
+from lora_studio.core.session import SessionState
 from lora_studio.core.system.memory import MemorySampler, format_bytes, measure_release
-from lora_studio.core.session import Session, SessionState
-from lora_studio.gui.jobs import JobRunner
-from lora_studio.gui.widgets import MessageLine, job_progress_bar, reset_progress, show_progress
+from lora_studio.gui.adapter_inspector import AdapterInspector
+from lora_studio.gui.jobs import Job, JobRunner
+from lora_studio.gui.ops import unique_name
+from lora_studio.gui.panel import Panel
+from lora_studio.gui.session_model import SessionModel
+
+if TYPE_CHECKING:
+    from lora_studio.core.adapters.training_log import TrainingLog
 
 BASE_ROW = "__base__"
-_LAYER = re.compile(r"\.(\d+)\.")
+ACTIVE_MARK = "●"
 
 
-def per_layer_norms(modules) -> tuple[list[str], list[float]]:
-    """‖ΔW‖ per transformer layer (root of the sum of squares over its modules); other modules by name."""
-    layers: dict[int, float] = {}
-    others: dict[str, float] = {}
-    for m in modules:
-        match = _LAYER.search(m.module)
-        if match:
-            layers[int(match.group(1))] = layers.get(int(match.group(1)), 0.0) + m.delta_norm ** 2
-        else:
-            others[m.module.rsplit(".", 1)[-1]] = others.get(m.module, 0.0) + m.delta_norm ** 2
-    labels = [str(i) for i in sorted(layers)] + list(others)
-    values = [layers[i] ** 0.5 for i in sorted(layers)] + [v ** 0.5 for v in others.values()]
-    return labels, values
-
-
-def read_loss_log(folder: Path):
-    """The adapter's loss.csv as a TrainingLog, its one-line problem as a str, or None when there is none."""
-    from lora_studio.core.adapters.training_log import find_loss_csv, read_loss_csv
-
-    path = find_loss_csv(folder) if folder.is_dir() else None
-    if path is None:
-        return None
-    try:
-        return read_loss_csv(path)
-    except UserError as exc:
-        return str(exc)
-
-
-class AdapterPanel(QWidget):
-    changed = Signal(object)  # SessionState after any adapter change
-    event = Signal(str)  # a chart marker: "attached alpha", "deleted beta"
-    released = Signal(object)  # core.memory.Reclaimed after delete/unload
+class AdapterPanel(Panel):
+    released = Signal(object)  # core.system.memory.Reclaimed after delete/unload
     adapter_attached = Signal(str)  # folder path, for the Recent menu
 
-    def __init__(self, runner: JobRunner, session: Session, sampler: Optional[MemorySampler] = None, parent=None) -> None:
-        super().__init__(parent)
-        self.runner, self.session, self.sampler = runner, session, sampler
-        self.state: Optional[SessionState] = None
-        self._inspections: dict[str, object] = {}
-        self.inspection = None
+    def __init__(self, runner: JobRunner, session_model: SessionModel, sampler: MemorySampler | None = None,
+                 parent: QWidget | None = None) -> None:
+        super().__init__(runner, session_model, parent)
+        self.sampler = sampler
+        # name -> (inspection, loss log or its problem), read once per adapter
+        self._inspections: dict[str, tuple[AdapterInspection, TrainingLog | str | None]] = {}
         # Asked when an adapter brings added tokens; replaceable in tests.
         self.confirm_resize = self._ask_resize
 
@@ -91,8 +81,6 @@ class AdapterPanel(QWidget):
         for b in (self.activate_btn, self.disable_btn, self.delete_btn, self.unload_btn):
             buttons.addWidget(b)
         buttons.addStretch(1)
-        self.progress = job_progress_bar()
-        self.message = MessageLine()
         top = QHBoxLayout()
         top.addWidget(self.attach_btn)
         top.addStretch(1)
@@ -107,40 +95,7 @@ class AdapterPanel(QWidget):
         list_layout.addLayout(buttons)
         list_layout.addWidget(self.message)
 
-        # inspector
-        self.inspector = QGroupBox("Inspector")
-        form = QFormLayout()
-        self.fields: dict[str, QLabel] = {}
-        for key in ("name", "rank r", "alpha", "scaling", "targets", "params", "file", "notes"):
-            label = QLabel("–")
-            label.setWordWrap(True)
-            label.setTextInteractionFlags(Qt.TextSelectableByMouse)
-            self.fields[key] = label
-            form.addRow(key, label)
-        self.chart_host = QVBoxLayout()
-        self.chart_title = QLabel("‖ΔW‖ per layer (Frobenius norm of scaling·B·A)")
-        self.chart_title.setStyleSheet("color: palette(mid);")
-        insp_layout = QVBoxLayout(self.inspector)
-        insp_layout.addLayout(form)
-        insp_layout.addWidget(self.chart_title)
-        insp_layout.addLayout(self.chart_host, 1)
-        self.chart = None
-        # training loss from loss.csv beside the adapter; hidden when there is none
-        self.loss_box = QWidget()
-        loss_layout = QVBoxLayout(self.loss_box)
-        loss_layout.setContentsMargins(0, 0, 0, 0)
-        self.loss_title = QLabel("training loss (loss.csv)")
-        self.loss_title.setStyleSheet("color: palette(mid);")
-        self.loss_title.setWordWrap(True)
-        loss_layout.addWidget(self.loss_title)
-        self.loss_host = QVBoxLayout()
-        loss_layout.addLayout(self.loss_host, 1)
-        self.loss_box.hide()
-        insp_layout.addWidget(self.loss_box, 1)
-        self.loss_chart = None
-        self.loss_values = None  # (train steps, train values, val steps, val values) as drawn
-        self._loss_logs: dict[str, object] = {}
-        self.fields["name"].setText("select an adapter in the list to inspect it")
+        self.inspector = AdapterInspector()
 
         # quick generate
         gen_box = QGroupBox("Try it (active adapter)")
@@ -180,8 +135,15 @@ class AdapterPanel(QWidget):
         layout.addWidget(upper, 1)
         layout.addWidget(gen_box)
         self.setAcceptDrops(False)  # the window handles drops
-        runner.busy_changed.connect(lambda _: self._update_buttons())
-        self.show_state(session.state())
+        self.show_state(self.state)
+
+    @property
+    def inspection(self) -> AdapterInspection | None:
+        """The inspection the inspector shows (None when it shows none)."""
+        return self.inspector.inspection
+
+    def build_charts(self) -> None:
+        self.inspector.build_charts()
 
     # -- state --------------------------------------------------------------------------------------------------------
     def show_state(self, state: SessionState) -> None:
@@ -205,27 +167,27 @@ class AdapterPanel(QWidget):
                     self._mark(item)
                 if name == selected:
                     item.setSelected(True)
-        self._update_buttons()
+        self.update_buttons()
         names = {a[0] for a in state.adapters}
         if self.inspection is not None and self.inspection.name not in names:
-            self.clear_inspector()
+            self.inspector.clear()
 
     def _mark(self, item: QTreeWidgetItem) -> None:
-        item.setText(0, "●")
+        item.setText(0, ACTIVE_MARK)
         item.setToolTip(0, "active")
         font = QFont(item.font(1))
         font.setBold(True)
         for col in range(4):
             item.setFont(col, font)
 
-    def active_row(self) -> Optional[str]:
+    def active_row(self) -> str | None:
         for i in range(self.tree.topLevelItemCount()):
             item = self.tree.topLevelItem(i)
-            if item.text(0) == "●":
+            if item.text(0) == ACTIVE_MARK:
                 return item.data(1, Qt.UserRole)
         return None
 
-    def selected_name(self) -> Optional[str]:
+    def selected_name(self) -> str | None:
         items = self.tree.selectedItems()
         return items[0].data(1, Qt.UserRole) if items else None
 
@@ -236,86 +198,46 @@ class AdapterPanel(QWidget):
                 self.tree.setCurrentItem(item)
                 return
 
-    def _update_buttons(self) -> None:
-        busy = self.runner.busy_reason
-        loaded = bool(self.state and self.state.base)
-        has = bool(self.state and self.state.adapters)
+    def update_buttons(self) -> None:
+        busy = self.busy_reason
+        loaded = bool(self.state.base)
+        has = bool(self.state.adapters)
         sel = self.selected_name()
-        reasons = {
-            self.attach_btn: busy or ("" if loaded else "load a base model first"),
-            self.activate_btn: busy or ("" if sel else "select an adapter in the list"),
-            self.disable_btn: busy or ("" if has else "no adapters attached"),
-            self.delete_btn: busy or ("" if sel and sel != BASE_ROW else "select an adapter to delete"),
-            self.unload_btn: busy or ("" if has else "no adapters attached"),
-            self.generate_btn: busy or ("" if loaded else "load a base model first"),
-        }
-        tips = {self.attach_btn: "Attach a PEFT LoRA adapter folder (adapter_config.json + weights)",
-                self.activate_btn: "Make the selected adapter the active one",
-                self.disable_btn: "Base behaviour; adapters stay attached",
-                self.delete_btn: "Remove the selected adapter and free its memory",
-                self.unload_btn: "Remove every adapter; keep the base",
-                self.generate_btn: "Generate with the active adapter"}
-        for button, reason in reasons.items():
-            button.setEnabled(not reason)
-            button.setToolTip(reason or tips[button])
-        current = self.runner.current
-        self.cancel_btn.setEnabled(current is not None)
+        self.set_reasons({
+            self.attach_btn: (busy or ("" if loaded else "load a base model first"),
+                              "Attach a PEFT LoRA adapter folder (adapter_config.json + weights)"),
+            self.activate_btn: (busy or ("" if sel else "select an adapter in the list"),
+                                "Make the selected adapter the active one"),
+            self.disable_btn: (busy or ("" if has else "no adapters attached"), "Base behaviour; adapters stay attached"),
+            self.delete_btn: (busy or ("" if sel and sel != BASE_ROW else "select an adapter to delete"),
+                              "Remove the selected adapter and free its memory"),
+            self.unload_btn: (busy or ("" if has else "no adapters attached"), "Remove every adapter; keep the base"),
+            self.generate_btn: (busy or ("" if loaded else "load a base model first"), "Generate with the active adapter"),
+        })
+        self.cancel_btn.setEnabled(self.runner.current is not None)
 
     # -- jobs ---------------------------------------------------------------------------------------------------------
-    def _run(self, name: str, fn, on_done, *, marker: Optional[str] = None):
-        def done(result):
-            self._idle_progress()
+    def _run(self, name: str, fn, on_done, *, marker: str | None = None) -> Job | None:
+        """A model job of this panel; ``marker`` goes on the memory chart when it succeeds."""
+        def done(result) -> None:
             on_done(result)
-            self.show_state(self.session.state())
-            self.changed.emit(self.state)
             if marker and not isinstance(result, Exception):  # a refusal handed back for a question marks nothing
-                self.event.emit(marker)
+                self.marker.emit(marker)
 
-        def failed(desc):
-            self._idle_progress()
-            self.message.show_message(desc.message, "error")
-            self.show_state(self.session.state())
-
-        def cancelled():
-            self._idle_progress()
-            self.message.show_message(f"{name} cancelled", "warn")
-            self.show_state(self.session.state())
-
-        self.progress.show()
-        self.progress.setRange(0, 0)
-        job = self.runner.submit(name, fn, on_done=done, on_error=failed, on_cancel=cancelled,
-                                 on_progress=lambda p: show_progress(self.progress, p))
-        self._update_buttons()
-        return job
-
-    def _idle_progress(self) -> None:
-        reset_progress(self.progress)
-        self.progress.hide()
-
-    def clear_inspector(self) -> None:
-        self.inspection = None
-        self.show_loss(None)
-        for label in self.fields.values():
-            label.setText("–")
-        self.fields["name"].setText("select an adapter in the list to inspect it")
-        if self.chart is not None:
-            self.chart.getPlotItem().clear()
+        return self.op(name, fn).on_success(done).run()
 
     def browse_attach(self) -> None:
-        start = str(Path(self.state.adapters[-1][1]).parent) if self.state and self.state.adapters else str(Path.home())
+        start = str(Path(self.state.adapters[-1][1]).parent) if self.state.adapters else str(Path.home())
         path = QFileDialog.getExistingDirectory(self, "Choose a LoRA adapter folder", start)
         if path:
             self.attach(path)
 
     def unique_name(self, path: str) -> str:
-        base = re.sub(r"[.\s]+", "-", Path(path).name.strip()) or "adapter"
-        taken = {a[0] for a in (self.state.adapters if self.state else ())}
-        name, n = base, 2
-        while name in taken:
-            name, n = f"{base}-{n}", n + 1
-        return name
+        """A free adapter name from a folder's name (PEFT names have no dots)."""
+        stem = re.sub(r"[.\s]+", "-", Path(path).name.strip()) or "adapter"
+        return unique_name(stem, (a[0] for a in self.state.adapters))
 
-    def attach(self, path: str, name: Optional[str] = None, *, resize_embeddings: bool = False):
+    def attach(self, path: str, name: str | None = None, *, resize_embeddings: bool = False) -> Job | None:
         name = name or self.unique_name(path)
         session = self.session
 
@@ -327,25 +249,27 @@ class AdapterPanel(QWidget):
                     raise
                 return mismatch  # the GUI thread asks the user, then attaches again with resizing
 
-        def done(attached):
+        def done(attached) -> None:
             if isinstance(attached, VocabularyMismatch):
                 self._offer_resize(path, name, attached)
                 return
             text = f"attached {attached.name} ({format_bytes(attached.size_bytes)})"
             if attached.warnings:
-                self.message.show_message(text + " — " + "; ".join(attached.warnings), "warn")
+                self.show_message(text + " — " + "; ".join(attached.warnings), "warn")
             else:
-                self.message.show_message(text, "ok")
+                self.show_message(text, "ok")
             self.adapter_attached.emit(str(path))
 
-        self.message.show_message(f"attaching {name}…")
-        return self._run(f"attaching {name}", run, done, marker=f"attached {name}")
+        job = self._run(f"attaching {name}", run, done, marker=f"attached {name}")
+        if job is not None:
+            self.show_message(f"attaching {name}…")
+        return job
 
     def _offer_resize(self, path: str, name: str, mismatch: VocabularyMismatch) -> None:
         if self.confirm_resize(mismatch):
             self.attach(path, name, resize_embeddings=True)
         else:
-            self.message.show_message(f"{mismatch.message} — not attached", "warn")
+            self.show_message(f"{mismatch.message} — not attached", "warn")
 
     def _ask_resize(self, mismatch: VocabularyMismatch) -> bool:
         from PySide6.QtWidgets import QMessageBox
@@ -365,20 +289,20 @@ class AdapterPanel(QWidget):
         elif name:
             self.activate(name)
 
-    def activate(self, name: str):
+    def activate(self, name: str) -> Job | None:
         session = self.session
         return self._run(f"activating {name}", lambda *, cancel, report: session.activate(name),
-                         lambda _: self.message.show_message(f"{name} is active", "ok"))
+                         lambda _: self.show_message(f"{name} is active", "ok"))
 
-    def disable_all(self):
+    def disable_all(self) -> Job | None:
         session = self.session
         return self._run("disabling adapters", lambda *, cancel, report: session.disable_adapters(),
-                         lambda _: self.message.show_message("adapters off: the model behaves as the base", "ok"),
+                         lambda _: self.show_message("adapters off: the model behaves as the base", "ok"),
                          marker="adapters off")
 
-    def _release_job(self, label: str, expected: int, release):
-        sampler, session = self.sampler, self.session
-        on_gpu = str(session.device or "").startswith("cuda")
+    def _release_job(self, label: str, expected: int, release) -> Job | None:
+        sampler = self.sampler
+        on_gpu = str(self.state.device or "").startswith("cuda")
 
         def run(*, cancel, report):
             if sampler is None:
@@ -386,177 +310,81 @@ class AdapterPanel(QWidget):
                 return None
             return measure_release(sampler, release, label=label, expected_bytes=expected, on_gpu=on_gpu)[1]
 
-        def done(reclaimed):
+        def done(reclaimed) -> None:
             if reclaimed is None:
-                self.message.show_message(label, "ok")
+                self.show_message(label, "ok")
                 return
-            self.message.show_message(reclaimed.message(), "warn" if reclaimed.leaked else "ok")
+            self.show_message(reclaimed.message(), "warn" if reclaimed.leaked else "ok")
             self.released.emit(reclaimed)
 
         return self._run(label, run, done, marker=label)
 
-    def delete_selected(self):
+    def delete_selected(self) -> Job | None:
         name = self.selected_name()
         if name and name != BASE_ROW:
             return self.delete(name)
         return None
 
-    def delete(self, name: str):
-        size = next((a[2] for a in (self.state.adapters if self.state else ()) if a[0] == name), 0)
-        self._inspections = {k: v for k, v in self._inspections.items() if k != name}
+    def delete(self, name: str) -> Job | None:
+        size = next((a[2] for a in self.state.adapters if a[0] == name), 0)
+        self._inspections.pop(name, None)
         session = self.session
         return self._release_job(f"deleted {name}", size, lambda: session.delete(name))
 
-    def unload_all(self):
-        size = sum(a[2] for a in (self.state.adapters if self.state else ()))
+    def unload_all(self) -> Job | None:
+        size = sum(a[2] for a in self.state.adapters)
         self._inspections.clear()
         session = self.session
         return self._release_job("unloaded all adapters", size, session.unload_all)
 
-    def generate(self):
+    def generate(self) -> Job | None:
         from lora_studio.core.generation.generate import GenerationSettings, generate
 
         prompt = self.prompt_edit.text()
         settings = GenerationSettings(max_new_tokens=self.max_tokens.value())
         session = self.session
-        who = (self.state.active_adapter if self.state else None) or "base"
+        who = self.state.active_adapter or "base"
 
         def run(*, cancel, report):
             with session.lock:
                 model = session.require_loaded()
                 return generate(model, session.tokenizer, prompt, settings, cancel=cancel, report=report)
 
-        def done(generated):
+        def done(generated) -> None:
             self.output.setPlainText(generated.text)
-            self.message.show_message(f"{who}: {len(generated.token_ids)} tokens", "ok")
+            self.show_message(f"{who}: {len(generated.token_ids)} tokens", "ok")
 
         self.output.setPlainText("")
         return self._run(f"generating with {who}", run, done)
 
-    # -- inspector ----------------------------------------------------------------------------------------------------
+    # -- inspector (a keyed side job: selecting another adapter supersedes it) ---------------------------------------
     def _selection_changed(self) -> None:
-        self._update_buttons()
+        self.update_buttons()
         name = self.selected_name()
-        if not name or name == BASE_ROW or not self.state:
+        if not name or name == BASE_ROW:
             return
         path = next((a[1] for a in self.state.adapters if a[0] == name), None)
         if path is None:
             return
         if name in self._inspections:
-            self.show_inspection(self._inspections[name])
-            self.show_loss(self._loss_logs.get(name))
+            self._show_inspected(*self._inspections[name])
             return
         from lora_studio.core.adapters.inspection import inspect_adapter
+        from lora_studio.core.adapters.training_log import read_loss_log
 
         params = self.state.params
 
         def run(*, cancel, report):
             return inspect_adapter(Path(path), name=name, base_params=params), read_loss_log(Path(path))
 
-        def done(result):
-            insp, loss = result
-            self._inspections[name] = insp
-            self._loss_logs[name] = loss
+        def done(result) -> None:
+            self._inspections[name] = result
             if self.selected_name() == name:
-                self.show_inspection(insp)
-                self.show_loss(loss)
+                self._show_inspected(*result)
 
-        self.runner.submit(f"inspecting {name}", run, exclusive=False, key="inspect", on_done=done,
-                           on_error=lambda d: self.fields["notes"].setText(d.message))
+        self.op(f"inspecting {name}", run, exclusive=False, key="inspect", progress=False).on_success(done).on_failure(
+            lambda desc: self.inspector.show_error(desc.message)).on_cancel(lambda: None).run()
 
-    def show_inspection(self, insp) -> None:
-        self.inspection = insp
-        f = self.fields
-        f["name"].setText(f"<b>{insp.name}</b> ({insp.peft_type}{', DoRA' if insp.use_dora else ''}{', rsLoRA' if insp.use_rslora else ''})")
-        f["rank r"].setText(str(insp.r))
-        f["alpha"].setText(f"{insp.lora_alpha:g}")
-        f["scaling"].setText(f"{insp.scaling:g}")
-        targets = insp.target_modules
-        f["targets"].setText(", ".join(sorted(targets)) if isinstance(targets, (list, tuple, set)) else str(targets))
-        pct = f" ({insp.percent_of_base:.3f}% of base)" if insp.percent_of_base is not None else ""
-        f["params"].setText(f"{insp.params:,}{pct} in {len(insp.modules)} modules")
-        f["file"].setText(f"{insp.weights_file}, {format_bytes(insp.weights_bytes)}")
-        f["notes"].setText("; ".join(insp.warnings) or "–")
-        self._draw_chart(insp)
-
-    def build_charts(self) -> None:
-        """Create the ‖ΔW‖ and loss charts (once; ~50-100 ms of pyqtgraph set-up on the GUI thread).
-
-        The window calls this while idle, right after pyqtgraph's import, so that selecting the first
-        adapter only fills them in; otherwise it happens on first use.
-        """
-        import pyqtgraph as pg  # lazy: ~1 s to import, preloaded after the window shows
-
-        if self.chart is None:
-            self.chart = _static_plot(pg, 120, "layer", "‖ΔW‖", x_grid=False)
-            self.chart_host.addWidget(self.chart, 1)
-        if self.loss_chart is None:
-            self.loss_chart = _static_plot(pg, 110, "step", "loss", x_grid=True)
-            self.loss_chart.addLegend(offset=(-6, 4), brush=pg.mkBrush(255, 255, 255, 210), labelTextSize="8pt")
-            self.loss_host.addWidget(self.loss_chart, 1)
-
-    def _draw_chart(self, insp) -> None:
-        import pyqtgraph as pg
-
-        self.build_charts()
-        labels, values = per_layer_norms(insp.modules)
-        plot = self.chart.getPlotItem()
-        plot.clear()
-        xs = list(range(len(values)))
-        plot.addItem(pg.BarGraphItem(x=xs, height=values, width=0.7, brush="#4c78a8"))
-        # at most ~12 labelled bars (every layer of a 30-layer model is unreadable, and each label costs
-        # text layout in every axis repaint); the others are minor ticks without text
-        step = max(1, -(-len(xs) // 12))
-        major = [(x, label) for x, label in zip(xs, labels) if x % step == 0]
-        plot.getAxis("bottom").setTicks([major, [(x, "") for x in xs if x % step]])
-        if xs:
-            plot.setXRange(-0.6, len(xs) - 0.4, padding=0)
-            plot.setYRange(0, max(values) * 1.1 or 1, padding=0)
-        self.chart_values = (labels, values)
-
-    def show_loss(self, log) -> None:
-        """Train/validation loss from the adapter's loss.csv; hidden when it has none."""
-        if log is None:
-            self.loss_box.hide()
-            self.loss_values = None
-            return
-        self.loss_box.show()
-        if isinstance(log, str):
-            self.loss_title.setText(f"training loss: {log}")
-            if self.loss_chart is not None:
-                self.loss_chart.hide()
-            self.loss_values = None
-            return
-        import pyqtgraph as pg
-
-        self.build_charts()
-        self.loss_chart.show()
-        plot = self.loss_chart.getPlotItem()
-        plot.clear()
-        train, val = log.train, log.val
-        if len(train):
-            plot.plot(list(train.steps), list(train.values), pen=pg.mkPen("#4c78a8", width=2), name="train")
-        if len(val):
-            plot.plot(list(val.steps), list(val.values), pen=pg.mkPen("#e45756", width=2), name="validation",
-                      symbol="o", symbolSize=5, symbolBrush="#e45756", symbolPen=None)
-        parts = [f"train {train.last:.3f} (best {train.best:.3f})" if len(train) else "",
-                 f"validation {val.last:.3f} (best {val.best:.3f})" if len(val) else ""]
-        title = "training loss (loss.csv): " + ", ".join(p for p in parts if p)
-        if log.warnings:
-            title += " — " + "; ".join(log.warnings)
-        self.loss_title.setText(title)
-        self.loss_values = (list(train.steps), list(train.values), list(val.steps), list(val.values))
-
-
-def _static_plot(pg, min_height: int, bottom: str, left: str, x_grid: bool):
-    """A white pyqtgraph plot without mouse interaction, menu or buttons (the inspector's charts)."""
-    plot = pg.PlotWidget()
-    plot.setMinimumHeight(min_height)
-    plot.setBackground("w")
-    plot.showGrid(x=x_grid, y=True, alpha=0.25)
-    plot.setMouseEnabled(x=False, y=False)
-    plot.hideButtons()
-    plot.getPlotItem().setMenuEnabled(False)
-    plot.setLabel("bottom", bottom)
-    plot.setLabel("left", left)
-    return plot
+    def _show_inspected(self, inspection: AdapterInspection, loss: TrainingLog | str | None) -> None:
+        self.inspector.show_inspection(inspection)
+        self.inspector.show_loss(loss)

@@ -19,9 +19,11 @@ def run_app(demo: bool = False, base: Optional[str] = None) -> int:
     from PySide6.QtGui import QIcon
     from PySide6.QtWidgets import QApplication
 
+    from lora_studio.app_logging import setup_logging
     from lora_studio.core.demo.assets import icon_path
     from lora_studio.gui.main_window import MainWindow
 
+    setup_logging("window")
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("LoRA Studio")
     app.setOrganizationName("LoRA Studio")

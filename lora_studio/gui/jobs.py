@@ -24,10 +24,12 @@ Rules it enforces:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from PySide6.QtCore import QObject, QRunnable, Qt, QThreadPool, Signal, Slot
 
@@ -54,11 +56,9 @@ def _lower_worker_priority() -> None:
     if tid in _niced or not sys.platform.startswith("linux"):
         return
     _niced.add(tid)
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not allowed, or no such call here: stay as we are
         # Linux: PRIO_PROCESS with a thread id renices that one thread only.
         os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), WORKER_NICE))
-    except (OSError, AttributeError):
-        pass
 
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
 
@@ -75,7 +75,7 @@ class Job(QObject):
     failed = Signal(object)  # ErrorDescription
     cancelled = Signal()
 
-    def __init__(self, job_id: int, name: str, exclusive: bool, key: Optional[str], parent: QObject) -> None:
+    def __init__(self, job_id: int, name: str, exclusive: bool, key: str | None, parent: QObject) -> None:
         super().__init__(parent)
         self.id = job_id
         self.name = name
@@ -84,9 +84,9 @@ class Job(QObject):
         self.token = CancelToken()
         self.state = RUNNING
         self.started_at = time.monotonic()
-        self.last_progress: Optional[Progress] = None
+        self.last_progress: Progress | None = None
         self.result: Any = None
-        self.error: Optional[ErrorDescription] = None
+        self.error: ErrorDescription | None = None
 
     @property
     def done(self) -> bool:
@@ -113,7 +113,7 @@ class _Runnable(QRunnable):
         self.setAutoDelete(True)
         self._id, self._fn, self._token, self._bridge = job_id, fn, token, bridge
         self._last_emit = 0.0
-        self._pending: Optional[Progress] = None
+        self._pending: Progress | None = None
         self._lock = threading.Lock()
 
     def _report(self, progress: Progress) -> None:
@@ -151,8 +151,9 @@ class JobRunner(QObject):
     job_failed = Signal(object, object)  # Job, ErrorDescription
     job_cancelled = Signal(object)  # Job
     busy_changed = Signal(str)  # the busy reason, "" when free for model jobs
+    refused = Signal(str)  # a model job was refused (Busy): its one-line reason, for the status bar
 
-    def __init__(self, parent: Optional[QObject] = None, max_threads: int = 3) -> None:
+    def __init__(self, parent: QObject | None = None, max_threads: int = 3) -> None:
         super().__init__(parent)
         import sys
 
@@ -166,7 +167,8 @@ class JobRunner(QObject):
         self._ids = itertools.count(1)
         self._jobs: dict[int, Job] = {}  # not yet ended in the worker (stale keyed jobs included)
         self._by_key: dict[str, Job] = {}
-        self._exclusive: Optional[Job] = None
+        self._exclusive: Job | None = None
+        self._closed = False
 
     # -- state ------------------------------------------------------------------------------------------------------
     @property
@@ -176,7 +178,7 @@ class JobRunner(QObject):
         return f"busy: {job.name} — wait for it or press Cancel" if job is not None else ""
 
     @property
-    def current(self) -> Optional[Job]:
+    def current(self) -> Job | None:
         """The running model job, if any."""
         return self._exclusive
 
@@ -186,10 +188,15 @@ class JobRunner(QObject):
     def is_idle(self) -> bool:
         return not self._jobs
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`shutdown` ran (the window is closing): panels start no new side jobs then."""
+        return self._closed
+
     # -- submit -----------------------------------------------------------------------------------------------------
-    def submit(self, name: str, fn: Callable[..., Any], *, exclusive: bool = True, key: Optional[str] = None,
-               on_done: Optional[Callable[[Any], None]] = None, on_error: Optional[Callable[[ErrorDescription], None]] = None,
-               on_cancel: Optional[Callable[[], None]] = None, on_progress: Optional[Callable[[Progress], None]] = None) -> Job:
+    def submit(self, name: str, fn: Callable[..., Any], *, exclusive: bool = True, key: str | None = None,
+               on_done: Callable[[Any], None] | None = None, on_error: Callable[[ErrorDescription], None] | None = None,
+               on_cancel: Callable[[], None] | None = None, on_progress: Callable[[Progress], None] | None = None) -> Job:
         """Start ``fn(cancel=, report=)`` on a worker thread. Callbacks run on the GUI thread.
 
         ``exclusive``: the job uses or changes the model (raises :class:`Busy` when another does).
@@ -198,7 +205,9 @@ class JobRunner(QObject):
         if exclusive and key is not None:
             raise ValueError("keyed jobs are read-only side jobs; they cannot be exclusive")
         if exclusive and self._exclusive is not None:
-            raise Busy(self.busy_reason.split(" — ")[0], "wait for it to end or press Cancel")
+            busy = Busy(self.busy_reason.split(" — ")[0], "wait for it to end or press Cancel")
+            self.refused.emit(describe(busy).message)
+            raise busy
         job = Job(next(self._ids), name, exclusive, key, self)
         if on_progress:
             job.progressed.connect(on_progress)
@@ -282,6 +291,7 @@ class JobRunner(QObject):
     # -- shutdown -----------------------------------------------------------------------------------------------------
     def shutdown(self, timeout_ms: int = 10_000) -> bool:
         """Cancel everything and wait for the workers (window close, tests). True if all ended."""
+        self._closed = True
         self.cancel_all()
         ok = self._pool.waitForDone(timeout_ms)
         return bool(ok)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import deque
 
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QFont, QTextCursor
-from PySide6.QtWidgets import QHBoxLayout, QPlainTextEdit, QPushButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QPlainTextEdit, QPushButton, QVBoxLayout, QWidget
 
 MAX_BLOCKS = 5000  # old lines scroll away instead of growing without bound
+_LEVELS = {"info": logging.INFO, "ok": logging.INFO, "warn": logging.WARNING, "warning": logging.WARNING,
+           "error": logging.ERROR, "debug": logging.DEBUG}
+logger = logging.getLogger(__name__)
 
 
 class LogPanel(QWidget):
@@ -29,9 +35,20 @@ class LogPanel(QWidget):
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(self.text, 1)
         layout.addLayout(row)
-        self.lines: list[str] = []  # plain copies, for tests and "copy log"
+        # Plain copies, for tests and "copy log"; bounded like the view, or a day of jobs would grow it for ever.
+        self.lines: deque[str] = deque(maxlen=MAX_BLOCKS)
+        self.log_file = QLabel("")
+        self.log_file.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.log_file.setStyleSheet("color: palette(mid);")
+        row.insertWidget(0, self.log_file, 1)
+
+    def show_log_file(self, path) -> None:
+        """Say where the log file is (for a bug report)."""
+        self.log_file.setText(f"log file: {path}" if path else "no log file (the data folder is not writable)")
+        self.log_file.setToolTip(str(path or ""))
 
     def log(self, message: str, level: str = "info", detail: str = "") -> None:
+        logger.log(_LEVELS.get(level, logging.INFO), "%s%s", message, f"\n{detail.rstrip()}" if detail.strip() else "")
         stamp = time.strftime("%H:%M:%S")
         line = f"{stamp} {level.upper():5} {message}"
         self.lines.append(line)

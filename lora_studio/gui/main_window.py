@@ -1,33 +1,48 @@
 """The main window: base model (left), adapters / Compare / Merge tabs (centre), memory and log (bottom).
 
-Every long job goes through the window's one :class:`~lora_studio.gui.jobs.JobRunner`;
-the panels (model, adapters, comparison, merge) take ``window.runner`` and ``window.session``.
+Every long job goes through the window's one :class:`~lora_studio.gui.jobs.JobRunner`, and every
+panel shows the session through the window's one :class:`~lora_studio.gui.session_model.SessionModel`
+(its ``state_changed`` refreshes every panel after any change). The window builds the panels with what
+each one needs and connects their signals (chart markers, log lines, Recent menu); it pushes no state
+into them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
-from PySide6.QtCore import QObject, QSize, Qt, QTimer, Signal
+from PySide6.QtCore import QSize, Qt, QTimer
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QFrame, QLabel, QMainWindow, QMenu, QPushButton, QScrollArea, QTabWidget,
-                               QWidget)
+from PySide6.QtWidgets import (
+    QDockWidget,
+    QFrame,
+    QLabel,
+    QMainWindow,
+    QMenu,
+    QPushButton,
+    QScrollArea,
+    QTabWidget,
+    QWidget,
+)
 
-from lora_studio.core.system.memory import MemorySampler
+from lora_studio.app_logging import current_log_path
 from lora_studio.core.session import Session
+from lora_studio.core.system.memory import MemorySampler
 from lora_studio.gui.adapter_panel import AdapterPanel
 from lora_studio.gui.compare_panel import ComparePanel
 from lora_studio.gui.gc_guard import GuiThreadGarbageCollector
-from lora_studio.gui.jobs import JobRunner
+from lora_studio.gui.jobs import Busy, Job, JobRunner
 from lora_studio.gui.log_panel import LogPanel
 from lora_studio.gui.memory_panel import MemoryMonitor, MemoryPanel
 from lora_studio.gui.merge_panel import MergePanel
 from lora_studio.gui.model_panel import ModelPanel
+from lora_studio.gui.session_model import SessionModel
 from lora_studio.gui.settings import StudioSettings
+from lora_studio.gui.startup import Preloader, warm_up
 from lora_studio.gui.widgets import job_progress_bar, reset_progress, show_progress
 
-def drop_kind(path: Path) -> Optional[str]:
+
+def drop_kind(path: Path) -> str | None:
     """What a dropped path is: 'adapter', 'base', or None."""
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return "adapter"
@@ -42,51 +57,9 @@ def drop_kind(path: Path) -> Optional[str]:
     return None
 
 
-def warm_up(*, cancel, report, safe_to_freeze=lambda: True) -> None:
-    """Import torch/transformers/peft on a worker while the user looks around, then freeze the GC.
-
-    After gc.freeze() the hundreds of thousands of objects these imports create are
-    no longer scanned by each gc.collect() (the core collects after every unload):
-    a full collection drops from ~0.3 s to a few ms, and it holds the GIL, i.e. it
-    would freeze the window for that long.
-    """
-    import gc
-
-    for name in ("torch", "transformers", "peft"):
-        cancel.raise_if_cancelled()
-        __import__(name)
-    from transformers import AutoModelForCausalLM  # noqa: F401 - the lazy module a load needs first
-    # Only while no model exists or is being built: frozen objects are never cycle-collected.
-    if safe_to_freeze():
-        gc.freeze()
-
-
-class _Preloader(QObject):
-    """Imports a slow module (pyqtgraph: ~1 s) on a daemon thread, then says so on the GUI thread."""
-
-    ready = Signal()
-    _done = Signal()
-
-    def __init__(self, parent=None) -> None:
-        super().__init__(parent)
-        self._done.connect(self.ready, Qt.QueuedConnection)
-
-    def start(self, module: str) -> None:
-        import importlib
-        import threading
-
-        def run() -> None:
-            try:
-                importlib.import_module(module)
-            finally:
-                self._done.emit()
-
-        threading.Thread(target=run, name=f"preload-{module}", daemon=True).start()
-
-
 class MainWindow(QMainWindow):
-    def __init__(self, *, session: Optional[Session] = None, sampler: Optional[MemorySampler] = None,
-                 settings: Optional[StudioSettings] = None, sample_interval_s: float = 0.25) -> None:
+    def __init__(self, *, session: Session | None = None, sampler: MemorySampler | None = None,
+                 settings: StudioSettings | None = None, sample_interval_s: float = 0.25) -> None:
         super().__init__()
         self.setWindowTitle("LoRA Studio")
         self.setAcceptDrops(True)
@@ -95,21 +68,24 @@ class MainWindow(QMainWindow):
         self.settings = settings or StudioSettings()
         self.gc_guard = GuiThreadGarbageCollector(self)  # before any worker exists
         self.runner = JobRunner(self)
+        self.session_model = SessionModel(self.session, self.runner, self)  # before the panels: it refreshes first
         self.monitor = MemoryMonitor(sampler, sample_interval_s, self)
         gpus = len(self.monitor.sampler.read_gpus())
 
         self.log_panel = LogPanel()
+        self.log_panel.show_log_file(current_log_path())
         self.memory_panel = MemoryPanel(self.monitor)
-        self.model_panel = ModelPanel(self.runner, self.session, gpu_count=gpus)
-        self.adapter_panel = AdapterPanel(self.runner, self.session, self.monitor.sampler)
+        self.model_panel = ModelPanel(self.runner, self.session_model, gpu_count=gpus)
+        self.adapter_panel = AdapterPanel(self.runner, self.session_model, self.monitor.sampler)
 
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
         self.tabs.addTab(self.adapter_panel, "Adapters")
         self.setCentralWidget(self.tabs)
-        self.compare_panel = ComparePanel(self.runner, self.session)
+        self.compare_panel = ComparePanel(self.runner, self.session_model)
         self.tabs.addTab(self.compare_panel, "Compare")
-        self.merge_panel = MergePanel(self)  # after the Compare panel: its preview buttons call into it
+        self.merge_panel = MergePanel(self.runner, self.session_model, compare=self.compare_panel,
+                                      show_compare_tab=lambda: self.tabs.setCurrentWidget(self.compare_panel))
         self.tabs.addTab(self.merge_panel, "Merge")
 
         self.model_dock = self._dock("Base model", self.model_panel, Qt.LeftDockWidgetArea, "dock-model")
@@ -204,12 +180,11 @@ class MainWindow(QMainWindow):
         r.job_failed.connect(self._job_failed)
         r.job_cancelled.connect(self._job_cancelled)
         r.busy_changed.connect(self._busy_changed)
+        r.refused.connect(self.show_error)  # a model job refused while another runs: said in the status bar
         self.model_panel.loaded.connect(self._base_loaded)
-        self.adapter_panel.changed.connect(lambda state: self.model_panel.show_state(state))
-        self.adapter_panel.changed.connect(self.compare_panel.show_state)
-        self.compare_panel.state_changed.connect(self.adapter_panel.show_state)
-        self.compare_panel.state_changed.connect(self.model_panel.show_state)
-        self.adapter_panel.event.connect(self.memory_panel.mark)
+        for panel in (self.model_panel, self.adapter_panel, self.compare_panel, self.merge_panel):
+            panel.marker.connect(self.memory_panel.mark)
+            panel.log_line.connect(self.log_panel.log)
         self.adapter_panel.released.connect(self._released)
         self.adapter_panel.adapter_attached.connect(self.settings.add_recent_adapter)
 
@@ -267,8 +242,6 @@ class MainWindow(QMainWindow):
 
     def _base_loaded(self, state) -> None:
         self.memory_panel.mark(f"loaded {state.base}")
-        self.adapter_panel.show_state(state)
-        self.compare_panel.show_state(state)
         if state.base_path:
             self.settings.add_recent_base(state.base_path)
 
@@ -282,27 +255,31 @@ class MainWindow(QMainWindow):
 
     # -- actions ------------------------------------------------------------------------------------------------------
     def _guard(self, fn, *args):
+        """Run a panel action; a refusal or an error is said in the window and ``None`` returned."""
         from lora_studio.core.errors import describe
 
         try:
             return fn(*args)
-        except Exception as exc:  # Busy and friends: say it in the window
+        except Busy:
+            return None  # the runner said why (its refused signal)
+        except Exception as exc:  # noqa: BLE001 - anything else: one line in the window, never a dialog
             self.show_error(describe(exc).message)
             return None
 
-    def open_base(self, path: str):
+    def open_base(self, path: str) -> Job | None:
         self.model_panel.set_source(str(path))
         return self._guard(self.model_panel.load)
 
-    def attach_adapter(self, path: str):
-        if not self.session.loaded:
+    def attach_adapter(self, path: str) -> Job | None:
+        if not self.session_model.state.loaded:
             self.show_error("load a base model before attaching an adapter")
             return None
         return self._guard(self.adapter_panel.attach, str(path))
 
     def load_demo(self):
         """--demo: convert/find the demo model, load it, attach the shipped demo adapters (one job)."""
-        from lora_studio.core.demo import model as demo, assets as demo_assets
+        from lora_studio.core.demo import assets as demo_assets
+        from lora_studio.core.demo import model as demo
         from lora_studio.core.errors import UserError
         from lora_studio.core.tasks import Progress
 
@@ -310,7 +287,7 @@ class MainWindow(QMainWindow):
 
         def run(*, cancel, report):
             source = demo.ensure_demo_model(cancel=cancel, report=report)
-            state = session.load(source, dtype="float32", device_map="cpu", cancel=cancel, report=report)
+            session.load(source, dtype="float32", device_map="cpu", cancel=cancel, report=report)
             try:
                 adapters = demo_assets.demo_adapters()
             except UserError:
@@ -323,7 +300,6 @@ class MainWindow(QMainWindow):
 
         def done(state):
             self.model_panel.source_edit.setText(state.base_path or "")
-            self.model_panel.show_state(state)
             self._base_loaded(state)
             if state.adapters:
                 names = ", ".join(a[0] for a in state.adapters)
@@ -369,8 +345,9 @@ class MainWindow(QMainWindow):
             job.finished.connect(lambda _: QTimer.singleShot(0, lambda: self._attach_queue(folders[1:])))
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
-    shown_at: Optional[float] = None  # time.time() of the first paint (startup measurement)
+    shown_at: float | None = None  # time.time() of the first paint (startup measurement)
     _closed = False
+    _started = False  # the first show ran _after_shown
 
     def _log_since_start(self, what: str, until: str = "") -> None:
         """'<what> after 1.23 s (process start → <until>)' in the log panel and on stdout."""
@@ -396,7 +373,7 @@ class MainWindow(QMainWindow):
 
     def showEvent(self, event) -> None:
         super().showEvent(event)
-        if not getattr(self, "_started", False):
+        if not self._started:
             self._started = True
             QTimer.singleShot(0, self._after_shown)
 
@@ -406,13 +383,13 @@ class MainWindow(QMainWindow):
         # Off the critical path: sampling, the local model scan, and pyqtgraph's import on a thread.
         self.monitor.start()
         self.model_panel.refresh_local()
-        self._preloader = _Preloader(self)
+        self._preloader = Preloader(self)
         self._preloader.ready.connect(self._build_charts)
         self._preloader.start("pyqtgraph")
         session, runner = self.session, self.runner
         self.runner.submit("preparing torch",
                            lambda *, cancel, report: warm_up(cancel=cancel, report=report,
-                                                             safe_to_freeze=lambda: session.model is None and runner.current is None),
+                                                             safe_to_freeze=lambda: not session.loaded and runner.current is None),
                            exclusive=False, key="warm-up")
 
     def _build_charts(self) -> None:

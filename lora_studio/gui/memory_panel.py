@@ -9,9 +9,8 @@ costs about a second of startup.
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional
 
-from PySide6.QtCore import QObject, Qt, QTimer, Signal, Slot
+from PySide6.QtCore import QObject, Qt, Signal, Slot
 from PySide6.QtWidgets import QGraphicsItem, QGridLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from lora_studio.core.system.memory import GiB, MemorySample, MemorySampler, Reclaimed, SamplingThread, format_bytes
@@ -40,11 +39,11 @@ class MemoryMonitor(QObject):
     sampled = Signal(object)  # MemorySample
     _from_thread = Signal(object)
 
-    def __init__(self, sampler: Optional[MemorySampler] = None, interval_s: float = SAMPLE_INTERVAL_S, parent=None) -> None:
+    def __init__(self, sampler: MemorySampler | None = None, interval_s: float = SAMPLE_INTERVAL_S, parent=None) -> None:
         super().__init__(parent)
         self.sampler = sampler or MemorySampler()
         self.interval_s = interval_s
-        self._thread: Optional[SamplingThread] = None
+        self._thread: SamplingThread | None = None
         self._closed = False
         self._from_thread.connect(self.sampled, Qt.QueuedConnection)
 
@@ -161,7 +160,7 @@ class MemoryPanel(QWidget):
             label.setTextInteractionFlags(Qt.TextSelectableByMouse)
             self.gpu_box.addWidget(label, len(self.gpu_labels), 0)
             self.gpu_labels.append(label)
-        for label, gpu in zip(self.gpu_labels, sample.gpus):
+        for label, gpu in zip(self.gpu_labels, sample.gpus, strict=False):
             util = f" · {gpu.utilization_percent}% busy" if gpu.utilization_percent is not None else ""
             text = (f"<b>GPU {gpu.index}</b> {gpu.name}: {format_bytes(gpu.used_bytes)} / {format_bytes(gpu.total_bytes)}{util}")
             t = torch_by_dev.get(f"cuda:{gpu.index}")
@@ -214,7 +213,7 @@ class MemoryPanel(QWidget):
             line.label.setCacheMode(QGraphicsItem.DeviceCoordinateCache)  # the text only moves with time
             self.plot.addItem(line)
             self._marker_items.append(line)
-        for item, (t, text) in zip(self._marker_items, self.markers):
+        for item, (t, text) in zip(self._marker_items, self.markers, strict=False):
             item.setPos(t - now)
             if item.label.format != text:
                 item.label.setFormat(text)

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
-                               QListWidget, QListWidgetItem, QPushButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
+from lora_studio.core.model.dtypes import DTYPES
 from lora_studio.core.model.estimate import MemoryEstimate
+from lora_studio.core.session import SessionState
 from lora_studio.core.system.memory import format_bytes
-from lora_studio.core.session import Session, SessionState
-from lora_studio.gui.jobs import JobRunner
-from lora_studio.gui.widgets import MessageLine, job_progress_bar, reset_progress, show_progress
+from lora_studio.gui.jobs import Job, JobRunner
+from lora_studio.gui.panel import Panel
+from lora_studio.gui.session_model import SessionModel
+from lora_studio.gui.widgets import MessageLine
 
-DTYPES = ("float32", "bfloat16", "float16")
 VERDICT_TEXT = {"fits": ("✔ fits", "ok"), "offload": ("⚠ will offload", "warn"), "does_not_fit": ("✖ does not fit", "error")}
 
 
@@ -27,15 +40,15 @@ def format_params(n: int) -> str:
     return f"{n:,}"
 
 
-class ModelPanel(QWidget):
+class ModelPanel(Panel):
     loaded = Signal(object)  # SessionState after a successful load
     load_failed = Signal(object)  # ErrorDescription
 
-    def __init__(self, runner: JobRunner, session: Session, gpu_count: int = 0, parent=None) -> None:
-        super().__init__(parent)
-        self.runner, self.session = runner, session
-        self.estimate: Optional[MemoryEstimate] = None
-        self.load_job = None
+    def __init__(self, runner: JobRunner, session_model: SessionModel, gpu_count: int = 0,
+                 parent: QWidget | None = None) -> None:
+        super().__init__(runner, session_model, parent)
+        self.estimate: MemoryEstimate | None = None
+        self.load_job: Job | None = None
 
         self.source_edit = QLineEdit()
         self.source_edit.setPlaceholderText("model folder, .gguf file, or cached repo id")
@@ -55,7 +68,7 @@ class ModelPanel(QWidget):
         self.local_list.setMinimumHeight(70)
         self.local_list.setToolTip("Models on this machine: the demo and the local Hugging Face cache (never downloads)")
         self.local_list.itemClicked.connect(self._pick_local)
-        self.local_list.itemDoubleClicked.connect(lambda item: (self._pick_local(item), self.load()))
+        self.local_list.itemDoubleClicked.connect(self._load_local)
         refresh = QPushButton("Refresh")
         refresh.clicked.connect(self.refresh_local)
         local_head = QHBoxLayout()
@@ -91,8 +104,6 @@ class ModelPanel(QWidget):
         btn_row = QHBoxLayout()
         btn_row.addWidget(self.load_btn, 1)
         btn_row.addWidget(self.cancel_btn)
-        self.progress = job_progress_bar()
-        self.message = MessageLine()
         self.loaded_label = QLabel("No base model loaded.")
         self.loaded_label.setWordWrap(True)
         self.loaded_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -125,8 +136,8 @@ class ModelPanel(QWidget):
         self.dtype_combo.currentTextChanged.connect(lambda _: self._estimate_timer.start())
         self.device_combo.currentTextChanged.connect(lambda _: self._estimate_timer.start())
         self._local_sources: dict[str, object] = {}
-        self.set_busy(runner.busy_reason)
-        runner.busy_changed.connect(self.set_busy)
+        self.update_buttons()
+        self.show_state(self.state)
 
     # -- choosing -------------------------------------------------------------------------------------------------
     @property
@@ -157,10 +168,10 @@ class ModelPanel(QWidget):
         return str(Path(text).expanduser().parent) if text else str(Path.home())
 
     def refresh_local(self) -> None:
-        from lora_studio.core.model.sources import list_local_models
+        from lora_studio.core.demo.model import list_local_models
 
-        self.runner.submit("listing local models", lambda *, cancel, report: list_local_models(), exclusive=False,
-                           key="list-models", on_done=self._show_local)
+        self.op("listing local models", lambda *, cancel, report: list_local_models(), exclusive=False,
+                key="list-models", progress=False).on_success(self._show_local).on_failure(lambda _desc: None).run()
 
     def _show_local(self, sources) -> None:
         self.local_list.clear()
@@ -175,6 +186,10 @@ class ModelPanel(QWidget):
             item = QListWidgetItem("(none found: use Folder… or GGUF…)")
             item.setFlags(Qt.NoItemFlags)
             self.local_list.addItem(item)
+
+    def _load_local(self, item: QListWidgetItem) -> None:
+        self._pick_local(item)
+        self.load()
 
     def _pick_local(self, item: QListWidgetItem) -> None:
         path = item.data(Qt.UserRole)
@@ -199,8 +214,8 @@ class ModelPanel(QWidget):
             return estimate(source, dtype, device)
 
         self.verdict_label.show_message("estimating…")
-        self.runner.submit("estimating memory", run, exclusive=False, key="estimate",
-                           on_done=self._show_estimate, on_error=self._estimate_failed)
+        self.op("estimating memory", run, exclusive=False, key="estimate", progress=False).on_success(
+            self._show_estimate).on_failure(self._estimate_failed).on_cancel(lambda: None).run()
 
     def _show_estimate(self, est: MemoryEstimate) -> None:
         self.estimate = est
@@ -219,7 +234,8 @@ class ModelPanel(QWidget):
         self.detail_label.setText("")
 
     # -- loading ------------------------------------------------------------------------------------------------------
-    def load(self, source_text: Optional[str] = None) -> None:
+    def load(self, source_text: str | None = None) -> Job | None:
+        """Load a base model (a model job); returns the Job, or None when it did not start (said in the message line)."""
         from lora_studio.core.model.sources import resolve_source
 
         text = (source_text if isinstance(source_text, str) else self.source_edit.text()).strip()
@@ -231,40 +247,33 @@ class ModelPanel(QWidget):
             return session.load(source, dtype=dtype, device_map=device, cancel=cancel, report=report)
 
         label = Path(text).name or text or "model"
-        self.message.show_message(f"loading {label}…")
-        self.progress.show()
-        self.load_job = self.runner.submit(f"loading {label}", run, on_progress=lambda p: show_progress(self.progress, p),
-                                           on_done=self._loaded, on_error=self._load_failed, on_cancel=self._load_cancelled)
-        self.cancel_btn.setEnabled(True)
-        return self.load_job
+        job = (self.op(f"loading {label}", run)
+               .on_end(self._end_load)
+               .on_success(self._loaded)
+               .on_failure(self._load_failed)
+               .on_cancel(lambda: self.show_message("load cancelled; the previous model (if any) is unchanged", "warn"))
+               .run(f"loading {label}…"))
+        if job is not None:  # refused (Busy): the running load stays the one Cancel stops
+            self.load_job = job
+            self.update_buttons()  # the Cancel button follows load_job
+        return job
 
     def cancel_load(self) -> None:
-        if self.load_job is not None and not self.load_job.done:
-            self.load_job.cancel()
-            self.message.show_message("cancelling…")
+        self.cancel_job(self.load_job)
 
     def _end_load(self) -> None:
         self.load_job = None
-        self.cancel_btn.setEnabled(False)
-        reset_progress(self.progress)
-        self.progress.hide()
 
     def _loaded(self, state: SessionState) -> None:
-        self._end_load()
-        self.message.show_message(f"loaded {state.base}", "ok")
-        self.show_state(state)
+        self.show_message(f"loaded {state.base}", "ok")
         self.loaded.emit(state)
 
     def _load_failed(self, desc) -> None:
-        self._end_load()
-        self.message.show_message(desc.message, "error")
+        self.show_message(desc.message, "error")
         self.load_failed.emit(desc)
 
-    def _load_cancelled(self) -> None:
-        self._end_load()
-        self.message.show_message("load cancelled; the previous model (if any) is unchanged", "warn")
-
     def show_state(self, state: SessionState) -> None:
+        self.state = state
         if not state.base:
             self.loaded_label.setText("No base model loaded.")
             return
@@ -272,6 +281,6 @@ class ModelPanel(QWidget):
         self.loaded_label.setText(f"<b>{state.base}</b><br>{state.dtype} on {state.device} · {params}<br>"
                                   f"<span style='color:gray'>{state.base_path}</span>")
 
-    def set_busy(self, reason: str) -> None:
-        self.load_btn.setEnabled(not reason)
-        self.load_btn.setToolTip(reason or "Load this model (replaces the current one and its adapters)")
+    def update_buttons(self) -> None:
+        self.set_reasons({self.load_btn: (self.busy_reason, "Load this model (replaces the current one and its adapters)")})
+        self.cancel_btn.setEnabled(self.load_job is not None and not self.load_job.done)

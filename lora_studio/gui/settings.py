@@ -7,7 +7,6 @@ moves it, so tests never touch the user's real settings).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from PySide6.QtCore import QByteArray, QSettings
 
@@ -19,7 +18,7 @@ RECENT_ADAPTERS = "recent/adapters"
 
 
 class StudioSettings:
-    def __init__(self, path: Optional[Path] = None) -> None:
+    def __init__(self, path: Path | None = None) -> None:
         path = path or (data_dir() / "window.ini")
         self.path = Path(path)
         self._qs = QSettings(str(self.path), QSettings.IniFormat)
@@ -64,11 +63,11 @@ class StudioSettings:
         self._qs.setValue("window/state", state)
         self._qs.sync()
 
-    def window_geometry(self) -> Optional[QByteArray]:
+    def window_geometry(self) -> QByteArray | None:
         value = self._qs.value("window/geometry")
         return value if isinstance(value, QByteArray) and not value.isEmpty() else None
 
-    def window_state(self) -> Optional[QByteArray]:
+    def window_state(self) -> QByteArray | None:
         value = self._qs.value("window/state")
         return value if isinstance(value, QByteArray) and not value.isEmpty() else None
 

@@ -199,7 +199,7 @@ def train_one(recipe: Recipe, args, base_path: Path, tokenizer, prompts: dict) -
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from lora_studio.core.io.safetensors_io import atomic_output_dir
+    from lora_studio.core.io.atomic import atomic_output_dir
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)

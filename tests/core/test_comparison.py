@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import factories
-from lora_studio.core.compare import runs as comparison
-from lora_studio.core.compare.runs import Variant, add_combination, compare, load_beside, session_variants
+from lora_studio.core import compare as comparison
+from lora_studio.core.compare import Variant, compare, load_beside, session_variants
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.generation.generate import GenerationSettings, generate
 from lora_studio.core.session import Session
@@ -152,7 +152,7 @@ def test_merged_layers_fall_back(session):
 
 
 def test_combination_and_merged_model_variants(session, tiny_llama, llama_adapters, tmp_path):
-    attached = add_combination(session, "mix", {"alpha": 0.5, "beta": 0.5}, "cat")
+    attached = session.register_combination("mix", {"alpha": 0.5, "beta": 0.5}, "cat")
     try:
         assert "alpha×0.5 + beta×0.5" in str(attached.path)
         assert session.active_adapter == "alpha"  # creating it does not switch
@@ -226,14 +226,14 @@ def test_bad_input(session, kwargs, needle):
 
 def test_combination_bad_input(session):
     with pytest.raises(UserError, match="no adapter named 'zeta'"):
-        add_combination(session, "c", {"zeta": 1.0})
+        session.register_combination("c", {"zeta": 1.0})
     with pytest.raises(UserError, match="needs a density"):
-        add_combination(session, "c", {"alpha": 1.0}, "ties")
+        session.register_combination("c", {"alpha": 1.0}, "ties")
     with pytest.raises(UserError, match="already attached"):
-        add_combination(session, "alpha", {"beta": 1.0})
+        session.register_combination("alpha", {"beta": 1.0})
     # linear needs equal ranks: PEFT's refusal becomes one clear line, and nothing is left behind
     with pytest.raises(UserError, match="PEFT cannot combine these adapters with linear"):
-        add_combination(session, "c", {"alpha": 1.0, "beta": 1.0}, "linear")
+        session.register_combination("c", {"alpha": 1.0, "beta": 1.0}, "linear")
     assert "c" not in session.model.peft_config and "c" not in session.adapters
 
 

@@ -47,7 +47,7 @@ def test_gguf_footprint_and_shapes_without_loading():
 
 
 def test_list_local_models_includes_demo_and_extra_dirs(tiny_llama):
-    from lora_studio.core.model.sources import list_local_models
+    from lora_studio.core.demo.model import list_local_models
 
     found = list_local_models(extra_dirs=(tiny_llama.parent,))
     kinds = {s.kind for s in found}

@@ -10,27 +10,29 @@ import pytest
 import torch
 
 import factories
+from lora_studio.core._compat import peft_config
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.model.loading import added_tokens_hint
-from lora_studio.core.io.safetensors_io import FileSlice, ShardWriter, read_header, read_tensor
+from lora_studio.core.io.safetensors_format import FileSlice, read_header, read_tensor
+from lora_studio.core.io.shard_writer import ShardWriter
 
 
 def test_static_lora_field_list_matches_the_installed_peft():
     # The list lets read_adapter_config skip importing PEFT; it is only trusted for the version it was taken from.
-    if adapter_files._installed_peft_version() != adapter_files._STATIC_PEFT_VERSION:
+    if peft_config.installed_peft_version() != peft_config.LOCKED_PEFT_VERSION:
         pytest.skip("another PEFT is installed: the static list is not used")
     from peft import LoraConfig
 
-    fields = {f.name for f in dataclasses.fields(LoraConfig)} | adapter_files._EXTRA_CONFIG_KEYS
-    assert adapter_files._STATIC_LORA_FIELDS == fields
+    fields = {f.name for f in dataclasses.fields(LoraConfig)} | peft_config.EXTRA_CONFIG_KEYS
+    assert fields == peft_config.LORA_FIELDS
 
 
 def test_unknown_keys_still_checked_against_peft(monkeypatch):
     calls = []
-    real = adapter_files._peft_config_fields
-    monkeypatch.setattr(adapter_files, "_peft_config_fields", lambda: calls.append(1) or real())
-    assert adapter_files._unknown_config_keys({"r": 8, "peft_type": "LORA"}) == []
-    assert adapter_files._unknown_config_keys({"r": 8, "quantum_rank": 3}) == ["quantum_rank"]
+    real = peft_config.peft_config_fields
+    monkeypatch.setattr(peft_config, "peft_config_fields", lambda: calls.append(1) or real())
+    assert peft_config.unknown_config_keys({"r": 8, "peft_type": "LORA"}) == []
+    assert peft_config.unknown_config_keys({"r": 8, "quantum_rank": 3}) == ["quantum_rank"]
     assert calls  # a key outside the static list is looked up in the installed LoraConfig
 
 

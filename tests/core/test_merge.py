@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import factories
-from lora_studio.core.merge import run as merge
+from lora_studio.core.merge import plan as merge_plan
 from lora_studio.core.errors import Cancelled, UserError
-from lora_studio.core.merge.run import AdapterSpec, MergeOptions, merge_and_save, plan_merge
-from lora_studio.core.io.safetensors_io import ShardWriter
+from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save, plan_merge
+from lora_studio.core.io.shard_writer import ShardWriter
 from lora_studio.core.model.sources import resolve_source
 from lora_studio.core.tasks import CancelToken
 
@@ -114,7 +114,7 @@ def test_existing_folder_needs_overwrite(tmp_path, tiny_llama, llama_adapters):
 
 
 def test_tied_embeddings_are_saved_once(tmp_path, tiny_llama_tied):
-    from lora_studio.core.io.safetensors_io import read_headers
+    from lora_studio.core.io.safetensors_format import read_headers
 
     adapter = factories.make_adapter(tiny_llama_tied, tmp_path / "ad", seed=42)
     out = tmp_path / "tied"
@@ -135,7 +135,7 @@ def test_plan_predicts_and_refuses(tmp_path, tiny_llama, llama_adapters, monkeyp
     assert plan.engine == "in-memory" and "DoRA" in plan.predictions["streaming"].reason
     with pytest.raises(UserError, match="streaming engine cannot"):
         merge_and_save(source, [AdapterSpec("d", dora)], MergeOptions(out=tmp_path / "o", engine="streaming"))
-    monkeypatch.setattr(merge, "_free_disk", lambda path: 1000)
+    monkeypatch.setattr(merge_plan, "_free_disk", lambda path: 1000)
     plan = plan_merge(source, spec, MergeOptions(out=tmp_path / "o"))
     assert plan.refusal and "free" in plan.refusal and plan.engine is None
     with pytest.raises(UserError, match="only"):

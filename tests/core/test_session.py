@@ -142,3 +142,52 @@ def test_added_tokens_adapter_resizes_with_its_tokenizer(session, tiny_llama, tm
     assert session.model.get_input_embeddings().weight.shape[0] == 330
     ids = torch.tensor([session.tokenizer.convert_tokens_to_ids(["<extra9>"]) + [3, 4]])
     assert session.model(input_ids=ids).logits.shape[-1] == 330  # the added token embeds and is predicted
+
+
+def test_variant_selected_switches_for_the_block_and_restores(session, llama_adapters):
+    base_logits = logits(session.model)
+    session.attach(llama_adapters["alpha"], "alpha")
+    session.attach(llama_adapters["beta"], "beta")
+    session.activate("alpha")
+    alpha_logits = logits(session.model)
+    session.activate("beta")
+    beta_logits = logits(session.model)
+    before = session.state()
+    with session.variant_selected("alpha") as model:
+        assert torch.allclose(logits(model), alpha_logits, atol=1e-6)
+        with session.variant_selected(None):  # blocks nest: the inner one gives back alpha, not the user's beta
+            assert torch.allclose(logits(model), base_logits, atol=1e-6)
+        assert torch.allclose(logits(model), alpha_logits, atol=1e-6)
+        assert session.state() == before  # the snapshot keeps the user's selection
+    assert session.state() == before and torch.allclose(logits(session.model), beta_logits, atol=1e-6)
+    session.disable_adapters()
+    with pytest.raises(RuntimeError), session.variant_selected("alpha"):
+        raise RuntimeError("the job failed")
+    assert session.state().adapters_enabled is False and torch.allclose(logits(session.model), base_logits, atol=1e-6)
+    with session.mixed_batch_selected() as model:
+        assert torch.allclose(logits(model), beta_logits, atol=1e-6)  # layers on, the active adapter unchanged
+    assert torch.allclose(logits(session.model), base_logits, atol=1e-6)
+    with pytest.raises(UserError, match="no adapter named 'zeta'"), session.variant_selected("zeta"):
+        pass
+
+
+def test_adapters_are_read_only_and_combinations_go_through_the_session(session, llama_adapters):
+    session.attach(llama_adapters["alpha"], "alpha")
+    session.attach(llama_adapters["beta"], "beta")
+    session.activate("alpha")
+    with pytest.raises(TypeError):
+        session.adapters["x"] = session.adapters["alpha"]  # type: ignore[index]
+    mix = session.register_combination("mix", {"alpha": 0.5, "beta": 0.5}, "cat")
+    assert list(session.adapters) == ["alpha", "beta", "mix"] and session.active_adapter == "alpha"
+    assert mix.size_bytes > 0 and "combination (cat)" in str(mix.path)
+    session.delete("mix")
+    before = session.state()
+    with session.temporary_combination("tmp", [("alpha", 0.7), ("beta", 0.3)], "cat") as name:
+        assert name == "tmp" and "tmp" in session.model.peft_config and "tmp" not in session.adapters
+        with session.variant_selected(name) as model:
+            combined = logits(model)
+        assert session.state() == before
+    assert "tmp" not in session.model.peft_config and session.state() == before
+    for part in ("alpha", "beta"):  # the combination differs from both of its parts
+        session.activate(part)
+        assert not torch.allclose(combined, logits(session.model), atol=1e-4)

@@ -10,7 +10,7 @@ import torch
 
 import factories
 from lora_studio.core.errors import UserError
-from lora_studio.core.merge.run import AdapterSpec, MergeOptions, merge_and_save, plan_merge
+from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save, plan_merge
 from lora_studio.core.session import Session
 from lora_studio.core.model.sources import resolve_source
 

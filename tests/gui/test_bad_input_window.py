@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import re
 
+import bad_inputs
 import pytest
 from PySide6.QtWidgets import QApplication, QDialog
-
-import bad_inputs
-from lora_studio.core.system.memory import MemorySampler
-from lora_studio.gui.main_window import MainWindow
-from lora_studio.gui.settings import StudioSettings
 
 TIMEOUT = 30_000
 WINDOW_CASES = ["base-config-invalid-json", "base-weights-truncated", "adapter-shape-mismatch", "adapter-config-invalid-json",

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import shutil
 
-import pytest
-
 import factories
-from lora_studio.core.compare.runs import Variant, compare
-from lora_studio.core.generation.generate import GenerationSettings
-from lora_studio.core.system.memory import MemorySampler
-from lora_studio.gui.compare_panel import ColumnView, DeltaBuffer, KLStrip, display_text
-from lora_studio.gui.main_window import MainWindow
-from lora_studio.gui.settings import StudioSettings
+import pytest
 from window_helpers import make_window as shared_make_window
+
+from lora_studio.core.compare import Variant, compare
+from lora_studio.core.generation.generate import GenerationSettings
+from lora_studio.gui.compare_columns import ColumnView, KLStrip
+from lora_studio.gui.compare_stream import DeltaBuffer, display_text
+from lora_studio.gui.main_window import MainWindow
 
 TIMEOUT = 30_000
 
@@ -173,7 +172,7 @@ def test_merged_folder_variant_and_prompts_file(qtbot, window, tiny_llama, tmp_p
 
 
 def test_delta_buffer_groups_per_variant_in_order():
-    from lora_studio.core.compare.runs import TokenDelta
+    from lora_studio.core.compare import TokenDelta
 
     buf = DeltaBuffer()
     for text, variant in (("a", "x"), ("b", "y"), ("c", "x")):
@@ -191,17 +190,18 @@ def test_loss_plot_appears_for_an_adapter_with_a_loss_csv(qtbot, tmp_path, data_
         ap = w.adapter_panel
         ap.select("with-log")
         qtbot.waitUntil(lambda: ap.inspection is not None and ap.inspection.name == "with-log", timeout=TIMEOUT)
-        qtbot.waitUntil(lambda: ap.loss_chart is not None and ap.loss_box.isVisibleTo(ap), timeout=TIMEOUT)
-        assert ap.loss_values == ([0.0, 1.0, 2.0, 3.0], [3.0, 2.5, 2.0, 1.8], [1.0, 3.0], [2.8, 2.1])
+        qtbot.waitUntil(lambda: ap.inspector.loss_chart is not None and ap.inspector.loss_box.isVisibleTo(ap),
+                        timeout=TIMEOUT)
+        assert ap.inspector.loss_values == ([0.0, 1.0, 2.0, 3.0], [3.0, 2.5, 2.0, 1.8], [1.0, 3.0], [2.8, 2.1])
         ap.select("adapter-beta")  # no CSV: no plot
         qtbot.waitUntil(lambda: ap.inspection.name == "adapter-beta", timeout=TIMEOUT)
-        assert not ap.loss_box.isVisibleTo(ap)
+        assert not ap.inspector.loss_box.isVisibleTo(ap)
     finally:
         w.shutdown()
 
 
 def test_column_view_marks_divergence_from_offset(qtbot):
-    from lora_studio.core.compare.runs import VariantOutput
+    from lora_studio.core.compare import VariantOutput
     from lora_studio.core.compare.divergence import ColumnDivergence, TokenScores
 
     column = ColumnView("a", "adapter")
@@ -211,7 +211,7 @@ def test_column_view_marks_divergence_from_offset(qtbot):
     column.finish(VariantOutput("a", "hello world", [1, 2]), ColumnDivergence("a", 1, scores), "base", ["hello", " world"], 5)
     doc = column.text.document()
     fmt_before = doc.findBlock(0).begin().fragment().charFormat()
-    assert not fmt_before.background().color().name() == "#fde2c4"
+    assert fmt_before.background().color().name() != "#fde2c4"
     fragments = []
     it = doc.firstBlock().begin()
     while not it.atEnd():

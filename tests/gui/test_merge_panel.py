@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import factories
 import pytest
 
-import factories
-from lora_studio.core.merge import run as merge_core
-from lora_studio.core.system.memory import MemorySampler
-from lora_studio.gui.main_window import MainWindow
-from lora_studio.gui.settings import StudioSettings
+from lora_studio.core.merge import plan as merge_core
 
 TIMEOUT = 30_000
 

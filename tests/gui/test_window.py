@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from window_helpers import make_window
 
 from lora_studio.core.system.memory import MemorySampler
 from lora_studio.core.system.nvml import GpuReading
 from lora_studio.gui.adapter_panel import BASE_ROW
-from lora_studio.gui.main_window import MainWindow, drop_kind
-from lora_studio.gui.settings import StudioSettings
-from window_helpers import make_window
+from lora_studio.gui.main_window import drop_kind
 
 GiB = 1024**3
 TIMEOUT = 30_000
@@ -59,9 +58,9 @@ def test_load_attach_switch_delete_unload(qtbot, window, tiny_llama, llama_adapt
     idle(qtbot, w)
     assert w.session.active_adapter == "adapter-alpha" and w.adapter_panel.active_row() == "adapter-alpha"
     qtbot.waitUntil(lambda: w.adapter_panel.inspection is not None, timeout=TIMEOUT)
-    assert w.adapter_panel.fields["rank r"].text() == "4"
-    assert "% of base" in w.adapter_panel.fields["params"].text()
-    assert w.adapter_panel.chart_values[0] == ["0", "1"]  # one bar per layer
+    assert w.adapter_panel.inspector.fields["rank r"].text() == "4"
+    assert "% of base" in w.adapter_panel.inspector.fields["params"].text()
+    assert w.adapter_panel.inspector.chart_values[0] == ["0", "1"]  # one bar per layer
     # a filled-in inspector scrolls instead of making the window taller (a 768-pixel laptop screen), and a
     # job's progress bar keeps its place while hidden: a job starting or ending does not re-lay out the window
     assert w.minimumSizeHint().height() <= 680

@@ -34,7 +34,7 @@ class Compatibility:
 
 
 def weight_shapes_from_headers(folder: Path) -> dict[str, tuple[int, ...]]:
-    from lora_studio.core.io.safetensors_io import read_headers
+    from lora_studio.core.io.safetensors_format import read_headers
 
     return {name: info.shape for h in read_headers(folder) for name, info in h.tensors.items()}
 

@@ -7,7 +7,6 @@ ever opened with ``weights_only=True``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -15,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from lora_studio.core._compat.peft_config import unknown_config_keys
 from lora_studio.core.errors import UserError
-from lora_studio.core.io.safetensors_io import read_header
+from lora_studio.core.io.safetensors_format import read_header
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -87,49 +87,6 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-_EXTRA_CONFIG_KEYS = frozenset({"auto_mapping", "base_model_name_or_path", "revision", "peft_type", "task_type", "inference_mode",
-                                "peft_version"})
-# LoraConfig's fields in the PEFT version pinned by requirements.lock. Importing peft only to list them costs
-# ~3 s and ~110 MB (it imports transformers), which the streaming merge otherwise never needs. This list is a
-# fast path only: it is used when that exact PEFT version is installed and the config has no other key; any
-# other key (or another PEFT) is checked against the installed LoraConfig itself, so a setting from a newer
-# PEFT is still refused.
-_STATIC_PEFT_VERSION = "0.21.2"
-_STATIC_LORA_FIELDS = frozenset({
-    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path", "bias",
-    "corda_config", "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
-    "init_lora_weights", "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config",
-    "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core", "modules_to_save",
-    "monteclora_config", "peft_type", "peft_version", "qalora_group_size", "r", "rank_pattern", "revision",
-    "runtime_config", "target_modules", "target_parameters", "task_type", "trainable_token_indices", "use_bdlora",
-    "use_dora", "use_qalora", "use_rslora", "velora_config",
-}) | _EXTRA_CONFIG_KEYS
-
-
-def _installed_peft_version() -> Optional[str]:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover
-        return None
-    try:
-        return version("peft")
-    except PackageNotFoundError:  # pragma: no cover
-        return None
-
-
-def _peft_config_fields() -> set[str]:
-    from peft import LoraConfig
-
-    return {f.name for f in dataclasses.fields(LoraConfig)} | set(_EXTRA_CONFIG_KEYS)
-
-
-def _unknown_config_keys(raw: dict) -> list[str]:
-    """Keys of ``raw`` that the installed PEFT's LoraConfig does not have (imports peft only when it must)."""
-    if set(raw) <= _STATIC_LORA_FIELDS and _installed_peft_version() == _STATIC_PEFT_VERSION:
-        return []
-    return sorted(set(raw) - _peft_config_fields())
-
-
 def _peft_type_names() -> set[str]:
     try:
         from peft import PeftType
@@ -166,7 +123,7 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
         if peft_type in _peft_type_names():
             raise UserError(f"{folder.name} is a {peft_type} adapter; LoRA Studio handles LoRA adapters only", "pick a LoRA adapter folder")
         raise UserError(f"{folder.name} has an unknown peft_type {raw.get('peft_type')!r}", "it may come from a newer PEFT; update PEFT or pick a LoRA adapter")
-    unknown = _unknown_config_keys(raw)
+    unknown = unknown_config_keys(raw)
     warnings: list[str] = []
     if unknown:
         from peft import __version__ as installed

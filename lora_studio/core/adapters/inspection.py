@@ -8,6 +8,8 @@ matrix s·R_b R_aᵀ. Norms and spectra cost O((in+out)·r²) and never build Δ
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -121,3 +123,27 @@ def _natural_key(text: str):
     import re
 
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def per_layer_norms(modules: Sequence[ModuleDelta]) -> tuple[list[str], list[float]]:
+    """‖ΔW‖ per transformer layer (root of the sum of squares over its modules); other modules by their last name.
+
+    Layers come first, in index order, labelled by their index; modules outside the numbered layers (an
+    embedding, the head) follow, labelled by the last part of their name.
+    """
+    layers: dict[int, float] = {}
+    others: dict[str, float] = {}
+    for m in modules:
+        match = _LAYER_INDEX.search(m.module)
+        if match:
+            layer = int(match.group(1))
+            layers[layer] = layers.get(layer, 0.0) + m.delta_norm**2
+        else:
+            short = m.module.rsplit(".", 1)[-1]
+            others[short] = others.get(short, 0.0) + m.delta_norm**2
+    labels = [str(i) for i in sorted(layers)] + list(others)
+    values = [layers[i] ** 0.5 for i in sorted(layers)] + [v**0.5 for v in others.values()]
+    return labels, values

@@ -141,3 +141,17 @@ def read_loss_csv(path: Path) -> TrainingLog:
 def _series(points: list[tuple[float, float]]) -> Series:
     points.sort(key=lambda p: p[0])  # stable: rows logged out of order still plot left to right
     return Series(tuple(p[0] for p in points), tuple(p[1] for p in points))
+
+
+def read_loss_log(adapter_folder: Path) -> TrainingLog | str | None:
+    """The adapter's loss.csv as a TrainingLog, its one-line problem as a str, or None when it has none.
+
+    For a display that shows the problem in place of the plot rather than failing the whole inspection.
+    """
+    path = find_loss_csv(adapter_folder) if adapter_folder.is_dir() else None
+    if path is None:
+        return None
+    try:
+        return read_loss_csv(path)
+    except UserError as exc:
+        return str(exc)

@@ -1,16 +1,17 @@
 """Side-by-side comparison: N variants of the session's model on the same prompt(s).
 
-A *variant* is the base (adapters disabled), an attached adapter, a weighted
-combination made with :func:`add_combination` (an adapter like any other), or a
-merged model folder loaded read-only beside the session (:func:`load_beside`).
+A *variant* (core/compare/variants.py) is the base (adapters disabled), an attached
+adapter, a weighted combination registered on the session
+(:meth:`Session.register_combination`, an adapter like any other), or a merged model
+folder loaded read-only beside the session (:func:`load_beside`).
 
 Every base/adapter variant of a prompt goes into ONE ``generate`` with PEFT's
 mixed-adapter batches (``adapter_names=[...]``, ``"__base__"`` for the base).
 Rows are grouped by adapter (variant-major), so that each LoRA layer can add an
 adapter's update to a contiguous slice of the batch instead of PEFT's per-call
-gather/scatter (see :class:`_contiguous_sub_batches`). Several prompts share a
-batch left-padded (up to ``max_batch_rows`` rows). Greedy outputs are token for
-token those of running each variant alone.
+gather/scatter (a hook in ``core/_compat/peft_mixed_batch.py``). Several prompts
+share a batch left-padded (up to ``max_batch_rows`` rows). Greedy outputs are token
+for token those of running each variant alone.
 
 Sequential runs (one variant at a time, the session's state switched between
 runs) are used, and the reason is stated in the result, when PEFT cannot mix:
@@ -18,131 +19,30 @@ DoRA adapters, adapters merged into the layers, non-LoRA adapters; and for
 sampling, where each column is seeded with the same seed on its own so that it is
 reproducible. Merged-folder variants are a separate model and always run alone.
 
-The session's active adapter and enabled state are restored afterwards.
+The session selects each variant for its run and restores its active adapter and
+enabled state afterwards (:meth:`Session.variant_selected`,
+:meth:`Session.mixed_batch_selected`).
 """
 
 from __future__ import annotations
 
-import functools
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+from lora_studio.core._compat.peft_mixed_batch import contiguous_sub_batches
 from lora_studio.core.compare import divergence
-
-from lora_studio.core.generation import generate as generation
+from lora_studio.core.compare.variants import Variant
 from lora_studio.core.errors import UserError
+from lora_studio.core.generation import generate as generation
 from lora_studio.core.generation.generate import GenerationSettings
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
+if TYPE_CHECKING:
+    from lora_studio.core.session import Session
+
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 MAX_BATCH_ROWS = 16
-
-
-# -- variants ------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BesideModel:
-    """A merged model folder loaded read-only next to the session (its own model object)."""
-
-    path: Path
-    model: object = field(repr=False, compare=False)
-    tokenizer: object = field(repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One column. ``kind``: "base", "adapter" (attached or combination) or "merged"."""
-
-    name: str
-    kind: str
-    adapter: Optional[str] = None  # the session's adapter name, for kind "adapter"
-    beside: Optional[BesideModel] = field(default=None, compare=False)  # for kind "merged"
-
-    @staticmethod
-    def base(name: str = "base") -> "Variant":
-        return Variant(name, "base")
-
-    @staticmethod
-    def of_adapter(adapter: str, name: Optional[str] = None) -> "Variant":
-        return Variant(name or adapter, "adapter", adapter=adapter)
-
-    @staticmethod
-    def merged(beside: BesideModel, name: Optional[str] = None) -> "Variant":
-        return Variant(name or beside.path.name, "merged", beside=beside)
-
-    @property
-    def on_session(self) -> bool:
-        return self.kind in ("base", "adapter")
-
-
-def session_variants(session, *, include_base: bool = True) -> list[Variant]:
-    """The base (optionally) and every adapter attached to the session, in attach order."""
-    out = [Variant.base()] if include_base else []
-    out += [Variant.of_adapter(name) for name in session.adapters]
-    return out
-
-
-def load_beside(path, session, *, cancel: Optional[CancelToken] = None, report: Report = no_report) -> BesideModel:
-    """Load a merged model folder read-only, with the session's dtype and device, for comparison."""
-    from lora_studio.core.model.loading import load_base
-    from lora_studio.core.model.sources import resolve_source
-
-    session.require_loaded()
-    path = Path(path).expanduser()
-    source = resolve_source(path)
-    model, tokenizer = load_base(source, dtype=session.dtype or "float32", device_map=session.device_map or "cpu",
-                                 cancel=cancel or CancelToken(), report=report)
-    model.eval()
-    ours = session.base_model().get_input_embeddings().num_embeddings
-    theirs = model.get_input_embeddings().num_embeddings
-    if ours != theirs or len(tokenizer) != len(session.tokenizer):
-        raise UserError(f"{path.name} has a vocabulary of {theirs} rows ({len(tokenizer)} tokens), the session's base has {ours} ({len(session.tokenizer)})",
-                        "compare a model merged from this base")
-    return BesideModel(path, model, tokenizer)
-
-
-# -- weighted combinations ---------------------------------------------------------------------------------------
-
-def add_combination(session, name: str, weights: dict[str, float], combination_type: str = "linear",
-                    density: Optional[float] = None):
-    """Create adapter ``name`` = a weighted combination of attached adapters (core.combine, PEFT add_weighted_adapter).
-
-    It is registered in the session like an attached adapter (its path reads
-    "combination (linear): a×0.5 + b×0.5"), can be compared, activated and deleted.
-    The session's active adapter does not change.
-    """
-    from lora_studio.core.adapters import combinations as combine
-    from lora_studio.core.session import AttachedAdapter, validate_adapter_name
-
-    name = validate_adapter_name(name)
-    if not weights:
-        raise UserError("a combination needs at least one adapter", "pick adapters and weights")
-    combine.check_combination(list(weights), list(weights.values()), combination_type, density)
-    with session.lock:
-        session.require_loaded()
-        if name in session.adapters:
-            raise UserError(f"an adapter named {name!r} is already attached", "choose another name")
-        for adapter in weights:
-            if adapter not in session.adapters:
-                raise UserError(f"no adapter named {adapter!r} is attached", "attach it first")
-        previous = session.model.active_adapter
-        try:
-            combine.add_combination(session.model, list(weights), list(weights.values()), combination_type, density,
-                                    new_name=name)
-        except UserError:
-            if name in session.model.peft_config:  # PEFT may fail after creating the empty adapter
-                session.model.delete_adapter(name)
-            raise
-        finally:
-            session.model.set_adapter(previous)
-        session.model.eval()
-        label = " + ".join(f"{a}×{w:g}" for a, w in weights.items())
-        attached = AttachedAdapter(name, Path(f"combination ({combination_type}): {label}"), session._adapter_bytes(name))
-        session.adapters[name] = attached
-        return attached
 
 
 # -- results -------------------------------------------------------------------------------------------------------
@@ -205,7 +105,7 @@ class ComparisonResult:
 
 # -- the job -------------------------------------------------------------------------------------------------------
 
-def compare(session, variants: Sequence[Variant], prompts: str | Sequence[str], settings: GenerationSettings = GenerationSettings(), *,
+def compare(session: Session, variants: Sequence[Variant], prompts: str | Sequence[str], settings: GenerationSettings = GenerationSettings(), *,
             reference: Optional[str] = None, score: bool = True, mixed: bool = True, max_batch_rows: int = MAX_BATCH_ROWS,
             cancel: Optional[CancelToken] = None, report: Report = no_report,
             on_tokens: Optional[Callable[[TokenDelta], None]] = None) -> ComparisonResult:
@@ -245,7 +145,7 @@ def compare(session, variants: Sequence[Variant], prompts: str | Sequence[str], 
     def tick() -> None:
         report(Progress(min(produced[0], total), total, "generating", "tokens"))
 
-    with session.lock, _restoring_session_state(session):
+    with session.lock:
         reason = mixed_batch_refusal(session, on_session, settings) if mixed else "sequential runs were asked for"
         used_mixed = False
         if on_session and reason is None:
@@ -256,11 +156,11 @@ def compare(session, variants: Sequence[Variant], prompts: str | Sequence[str], 
                 reason = f"PEFT refused a mixed batch: {refused}"
         if on_session and not used_mixed:
             for v in on_session:
-                _select(session, v)
-                for i, row in enumerate(ids):
-                    cancel.raise_if_cancelled()
-                    outputs[(i, v.name)] = _run_rows(session.model, tokenizer, [row], settings, cancel,
-                                                     [(i, v.name)], emit, tick)[0]
+                with session.variant_selected(_adapter_of(v)) as model:
+                    for i, row in enumerate(ids):
+                        cancel.raise_if_cancelled()
+                        outputs[(i, v.name)] = _run_rows(model, tokenizer, [row], settings, cancel,
+                                                         [(i, v.name)], emit, tick)[0]
         for v in variants:
             if v.kind != "merged":
                 continue
@@ -317,7 +217,7 @@ def _validate(session, variants: list[Variant], prompts: list[str], settings: Ge
         raise UserError(f"the reference column {reference!r} is not among the variants", f"pick one of {', '.join(names)}")
 
 
-def mixed_batch_refusal(session, variants: Sequence[Variant], settings: GenerationSettings) -> Optional[str]:
+def mixed_batch_refusal(session: Session, variants: Sequence[Variant], settings: GenerationSettings) -> Optional[str]:
     """Why the session's variants cannot share one mixed-adapter batch; None when they can."""
     adapters = [v.adapter for v in variants if v.kind == "adapter"]
     if len(variants) < 2:
@@ -351,18 +251,18 @@ class _MixRefused(Exception):
 def _run_mixed(session, variants, ids, settings, max_batch_rows, cancel, emit, tick, outputs) -> None:
     """Variant-major rows, prompts chunked so that a batch has at most ``max_batch_rows`` rows."""
     per_chunk = max(1, max_batch_rows // len(variants))
-    session.model.base_model.enable_adapter_layers()  # a disabled model ignores adapter_names
-    for start in range(0, len(ids), per_chunk):
-        cancel.raise_if_cancelled()
-        chunk = list(range(start, min(len(ids), start + per_chunk)))
-        keys = [(i, v.name) for v in variants for i in chunk]
-        names = [v.adapter if v.kind == "adapter" else BASE for v in variants for _ in chunk]
-        rows = [ids[i] for _ in variants for i in chunk]
-        with _contiguous_sub_batches(session.model, names):
-            new = _run_rows(session.model, session.tokenizer, rows, settings, cancel, keys, emit, tick,
-                            model_kwargs={"adapter_names": names}, refusable=start == 0)
-        for key, toks in zip(keys, new):
-            outputs[key] = toks
+    with session.mixed_batch_selected() as model:  # a disabled model ignores adapter_names
+        for start in range(0, len(ids), per_chunk):
+            cancel.raise_if_cancelled()
+            chunk = list(range(start, min(len(ids), start + per_chunk)))
+            keys = [(i, v.name) for v in variants for i in chunk]
+            names = [v.adapter if v.kind == "adapter" else BASE for v in variants for _ in chunk]
+            rows = [ids[i] for _ in variants for i in chunk]
+            with contiguous_sub_batches(names):
+                new = _run_rows(model, session.tokenizer, rows, settings, cancel, keys, emit, tick,
+                                model_kwargs={"adapter_names": names}, refusable=start == 0)
+            for key, toks in zip(keys, new):
+                outputs[key] = toks
 
 
 def _run_rows(model, tokenizer, rows, settings, cancel, keys, emit, tick, *, model_kwargs=None, refusable=False) -> list[list[int]]:
@@ -383,94 +283,9 @@ def _run_rows(model, tokenizer, rows, settings, cancel, keys, emit, tick, *, mod
         raise
 
 
-def _select(session, variant: Variant) -> None:
-    """Give the session's model the behaviour of ``variant`` (for a sequential run)."""
-    if not session.is_peft:
-        return
-    if variant.kind == "base":
-        session.model.base_model.disable_adapter_layers()
-    else:
-        session.model.set_adapter(variant.adapter)
-        session.model.base_model.enable_adapter_layers()
-
-
-@contextmanager
-def _restoring_session_state(session):
-    active, enabled = session._active, session._enabled
-    try:
-        yield
-    finally:
-        if session.is_peft:
-            if active is not None and active in session.model.peft_config:
-                session.model.set_adapter(active)
-            if enabled:
-                session.model.base_model.enable_adapter_layers()
-            else:
-                session.model.base_model.disable_adapter_layers()
-
-
-class _contiguous_sub_batches:
-    """While active, LoRA Linear layers add each adapter's update to a contiguous slice of the batch.
-
-    PEFT's mixed-batch forward gathers each adapter's rows with a Python index list and
-    scatters the update back (two index ops per adapter per layer per step), which on a
-    CPU costs as much as the model itself at small batches. Our rows are grouped by
-    adapter, so a slice view does the same arithmetic on the same rows without copies.
-    Anything else (another ``adapter_names`` list, LoRA variants such as aLoRA) goes to
-    PEFT's own method. Restored on exit.
-    """
-
-    def __init__(self, model, adapter_names: list[str]) -> None:
-        self._model = model
-        self._names = adapter_names
-        self._groups = _groups(adapter_names)
-        self._patched: list = []
-
-    def __enter__(self):
-        from peft.tuners.lora import Linear as LoraLinear
-
-        for module in self._model.modules():
-            if type(module) is LoraLinear and "_mixed_batch_forward" not in module.__dict__:
-                original = module._mixed_batch_forward
-                module._mixed_batch_forward = functools.partial(_sliced_mixed_forward, module, original, self._names, self._groups)
-                self._patched.append(module)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for module in self._patched:
-            module.__dict__.pop("_mixed_batch_forward", None)
-        self._patched.clear()
-
-
-def _groups(names: list[str]) -> list[tuple[str, int, int]]:
-    out: list[tuple[str, int, int]] = []
-    for i, name in enumerate(names):
-        if out and out[-1][0] == name:
-            out[-1] = (name, out[-1][1], i + 1)
-        else:
-            out.append((name, i, i + 1))
-    return out
-
-
-def _sliced_mixed_forward(layer, original, names, groups, x, *args, adapter_names, **kwargs):
-    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
-
-    if (adapter_names is not names and adapter_names != names) or len(x) != len(names) \
-            or any(kwargs.get(k) is not None for k in VARIANT_KWARG_KEYS) \
-            or any(g[0] in layer.lora_variant for g in groups):
-        return original(x, *args, adapter_names=adapter_names, **kwargs)
-    for k in VARIANT_KWARG_KEYS:
-        kwargs.pop(k, None)
-    result = layer.base_layer(x, *args, **kwargs)
-    dtype = result.dtype
-    for name, start, stop in groups:
-        if name == BASE or name not in layer.lora_A:
-            continue
-        lora_A = layer.lora_A[name]
-        sub = x[start:stop].to(lora_A.weight.dtype)
-        update = layer.lora_B[name](lora_A(layer.lora_dropout[name](sub))) * layer.scaling[name]
-        result[start:stop] += update.to(dtype)
-    return result
+def _adapter_of(variant: Variant) -> Optional[str]:
+    """What the session selects for a sequential run of ``variant``: its adapter, or None (the base)."""
+    return variant.adapter if variant.kind == "adapter" else None
 
 
 class _TextStream:
@@ -530,15 +345,14 @@ def _teacher_forced(session, variants, prompt_ids, continuation, reference, mixe
     if on_session:
         if mixed_ok:
             names = [v.adapter if v.kind == "adapter" else BASE for v in on_session]
-            session.model.base_model.enable_adapter_layers()
-            with _contiguous_sub_batches(session.model, names):
-                out = forward(session.model, len(on_session), adapter_names=names)
+            with session.mixed_batch_selected() as model, contiguous_sub_batches(names):
+                out = forward(model, len(on_session), adapter_names=names)
             for v, row in zip(on_session, out):
                 logits[v.name] = row
         else:
             for v in on_session:
-                _select(session, v)
-                logits[v.name] = forward(session.model, 1)[0]
+                with session.variant_selected(_adapter_of(v)) as model:
+                    logits[v.name] = forward(model, 1)[0]
     for v in variants:
         if v.kind == "merged":
             logits[v.name] = forward(v.beside.model, 1)[0]

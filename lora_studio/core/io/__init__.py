@@ -1,1 +1,1 @@
-"""Files on disk: the safetensors format read and written as a stream, shard writing, the page cache, atomic output folders, and where LoRA Studio keeps its own files."""
+"""Files on disk, below every concept that uses them: the safetensors format (headers, one tensor at a time), the streaming shard writer (direct I/O, background writes, index), the page cache around checkpoints (read-ahead, warm-up), atomic output folders, and where LoRA Studio keeps its own files (paths)."""

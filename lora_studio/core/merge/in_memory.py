@@ -14,16 +14,16 @@ from __future__ import annotations
 from typing import Iterator, Optional
 
 from lora_studio.core.errors import UserError
-from lora_studio.core.io.safetensors_io import st_dtype
+from lora_studio.core.io.safetensors_format import st_dtype
 from lora_studio.core.tasks import CancelToken
 
 
 def _wrapper_types():
     from peft.tuners.lora import LoraLayer
-    from peft.utils.other import ModulesToSaveWrapper
+    from peft.utils import ModulesToSaveWrapper
 
     try:
-        from peft.utils.other import TrainableTokensWrapper
+        from peft.utils import TrainableTokensWrapper
     except ImportError:  # pragma: no cover - older PEFT
         TrainableTokensWrapper = ()
     return LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper

@@ -31,7 +31,7 @@ from typing import Iterator, Optional
 
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.errors import UserError
-from lora_studio.core.io.safetensors_io import (
+from lora_studio.core.io.safetensors_format import (
     DTYPE_SIZES, FileSlice, TensorInfo, pread_exact, read_headers, read_tensor, st_dtype, torch_dtype,
 )
 from lora_studio.core.tasks import CancelToken
@@ -327,7 +327,7 @@ def stream_merged_tensors(plan: StreamPlan, adapter: Optional[StreamingAdapter],
     ``ring``: with reuse_buffers, how many yielded tensors stay valid at once (2: a yielded tensor
     is overwritten only when the next-but-one is requested, for a writer on another thread).
     ``file_slices``: a tensor the merge leaves unchanged (same dtype, no update) is yielded as a
-    :class:`~lora_studio.core.io.safetensors_io.FileSlice` for the writer to copy file to file.
+    :class:`~lora_studio.core.io.safetensors_format.FileSlice` for the writer to copy file to file.
     """
     import torch
 

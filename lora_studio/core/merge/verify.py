@@ -130,7 +130,7 @@ def load_merged(folder, dtype: str, device_map: str = "cpu"):
 
     from transformers.utils import logging as hf_logging
 
-    from lora_studio.core.io.safetensors_io import warm_page_cache
+    from lora_studio.core.io.page_cache import warm_page_cache
 
     warm_page_cache(folder)  # a streamed merge wrote past the cache
 

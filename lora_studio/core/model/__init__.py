@@ -1,1 +1,1 @@
-"""Base models: where one comes from (folder, HF cache, GGUF), its config, how big it is and whether it fits, and loading it with its tokenizer."""
+"""Base models: where one comes from (folder, HF cache, GGUF), its config.json (one reader, the tied-embedding rule), the dtypes it is loaded and merged in, how big it is and whether it fits (estimate), and loading it with its tokenizer."""

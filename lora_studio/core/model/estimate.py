@@ -6,13 +6,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from lora_studio.core.system import nvml
 from lora_studio.core.errors import UserError
-from lora_studio.core.io.safetensors_io import read_headers
-from lora_studio.core.model.sources import ModelSource, read_config
+from lora_studio.core.io.safetensors_format import read_headers
+from lora_studio.core.model.config import read_config, tied_embeddings
+from lora_studio.core.model.dtypes import DTYPE_BYTES, ST_TO_NAME, check_dtype
+from lora_studio.core.model.sources import ModelSource
+from lora_studio.core.system import nvml
+from lora_studio.core.system.memory import format_bytes
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-ST_TO_NAME = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 # Working memory on top of the weights while loading and running (buffers, caches,
 # allocator slack): 10% or 200 MiB, whichever is larger.
 OVERHEAD_FRACTION = 0.10
@@ -50,11 +51,6 @@ class MemoryEstimate:
         return d
 
 
-def _tied(config: dict) -> bool:
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    return bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", True)))
-
-
 def read_footprint(source: ModelSource) -> ModelFootprint:
     if source.gguf_file:
         return _gguf_footprint(source)
@@ -62,7 +58,7 @@ def read_footprint(source: ModelSource) -> ModelFootprint:
     if not any(source.path.glob("*.safetensors")) and any(source.path.glob("*.bin")):
         return _meta_footprint(source, config)
     headers = read_headers(source.path)
-    tied = _tied(config)
+    tied = tied_embeddings(config)
     names: set[str] = set()
     params = 0
     nbytes = 0
@@ -101,7 +97,7 @@ def _meta_footprint(source: ModelSource, config: dict) -> ModelFootprint:
     size = sum(p.stat().st_size for p in source.path.glob("*.bin"))
     archs = config.get("architectures") or [type(model).__name__]
     return ModelFootprint(str(archs[0]), str(config.get("model_type", "?")), params,
-                          str(config.get("torch_dtype") or config.get("dtype") or "float32"), _tied(config), size)
+                          str(config.get("torch_dtype") or config.get("dtype") or "float32"), tied_embeddings(config), size)
 
 
 def _gguf_footprint(source: ModelSource) -> ModelFootprint:
@@ -150,8 +146,7 @@ def estimate(source: ModelSource, dtype: Optional[str] = None, device_map: str =
     """
     footprint = footprint or read_footprint(source)
     dtype = dtype or _default_dtype(footprint)
-    if dtype not in DTYPE_BYTES:
-        raise UserError(f"unknown dtype {dtype!r}", "choose float32, bfloat16 or float16")
+    check_dtype(dtype)
     weights = footprint.params * DTYPE_BYTES[dtype]
     needed = weights + max(int(weights * OVERHEAD_FRACTION), OVERHEAD_MIN_BYTES)
     if source.gguf_file:
@@ -172,41 +167,27 @@ def estimate(source: ModelSource, dtype: Optional[str] = None, device_map: str =
     return MemoryEstimate(footprint, dtype, device_map, weights, needed, free_ram_bytes, free_gpu, verdict, where, why)
 
 
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB"
-
-
 def _verdict(device_map: str, needed: int, free_ram: int, free_gpu: dict[str, int]) -> tuple[str, str, str]:
     if device_map == "cpu":
         if needed <= free_ram:
-            return "fits", "cpu", f"needs {_gib(needed)}, {_gib(free_ram)} RAM free"
-        return "does_not_fit", "cpu", f"needs {_gib(needed)} but only {_gib(free_ram)} RAM is free"
+            return "fits", "cpu", f"needs {format_bytes(needed)}, {format_bytes(free_ram)} RAM free"
+        return "does_not_fit", "cpu", f"needs {format_bytes(needed)} but only {format_bytes(free_ram)} RAM is free"
     if device_map.startswith("cuda"):
         if device_map not in free_gpu:
             return "does_not_fit", device_map, f"{device_map} is not available (GPUs found: {', '.join(free_gpu) or 'none'})"
         free = free_gpu[device_map]
         if needed <= free:
-            return "fits", device_map, f"needs {_gib(needed)}, {_gib(free)} free on {device_map}"
-        return "does_not_fit", device_map, f"needs {_gib(needed)} but {device_map} has {_gib(free)} free (try device map 'auto')"
+            return "fits", device_map, f"needs {format_bytes(needed)}, {format_bytes(free)} free on {device_map}"
+        return "does_not_fit", device_map, f"needs {format_bytes(needed)} but {device_map} has {format_bytes(free)} free (try device map 'auto')"
     if device_map == "auto":
         for dev, free in free_gpu.items():
             if needed <= free:
-                return "fits", dev, f"fits on {dev} ({_gib(free)} free)"
+                return "fits", dev, f"fits on {dev} ({format_bytes(free)} free)"
         if not free_gpu:
             if needed <= free_ram:
-                return "fits", "cpu", f"no GPU: loads on the CPU ({_gib(free_ram)} RAM free)"
-            return "does_not_fit", "cpu", f"needs {_gib(needed)} but only {_gib(free_ram)} RAM is free and there is no GPU"
+                return "fits", "cpu", f"no GPU: loads on the CPU ({format_bytes(free_ram)} RAM free)"
+            return "does_not_fit", "cpu", f"needs {format_bytes(needed)} but only {format_bytes(free_ram)} RAM is free and there is no GPU"
         if needed <= sum(free_gpu.values()) + free_ram:
             return "offload", "auto", f"spreads over {', '.join(free_gpu)} and CPU RAM (slower)"
-        return "does_not_fit", "auto", f"needs {_gib(needed)}; GPUs and RAM together have {_gib(sum(free_gpu.values()) + free_ram)} free"
+        return "does_not_fit", "auto", f"needs {format_bytes(needed)}; GPUs and RAM together have {format_bytes(sum(free_gpu.values()) + free_ram)} free"
     raise UserError(f"unknown device map {device_map!r}", "use cpu, cuda:N or auto")
-
-
-def config_json_hash(source: ModelSource) -> Optional[str]:
-    import hashlib
-
-    path = source.path / "config.json"
-    if not path.is_file():
-        return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-

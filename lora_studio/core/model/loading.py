@@ -1,36 +1,27 @@
 """Loading a base model and its tokenizer, with progress and cancellation.
 
-transformers has no progress callback for ``from_pretrained``; it iterates its
-weights through a module-level ``tqdm``. :func:`_progress_hook` swaps that name,
-for the duration of one load, for an iterator that reports each tensor and stops
-the load when the user cancels. If a transformers release renames those loops the
-hook does nothing and loads still work, with stage-level progress only.
+transformers has no progress callback for ``from_pretrained``; the hook in
+:mod:`lora_studio.core._compat.tqdm_progress` reports each tensor and stops the
+load when the user cancels. If a transformers release renames those loops the
+hook logs a warning and loads still work, with stage-level progress only.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import pickle
 import re
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+from lora_studio.core._compat.tqdm_progress import reporting_progress
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.io.paths import utf8_path
+from lora_studio.core.model.config import read_config_file
+from lora_studio.core.model.dtypes import torch_dtype
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
-
-DTYPES = ("float32", "bfloat16", "float16")
-# module path -> attribute holding the tqdm used by a weight-loading loop
-_TQDM_SITES = (
-    ("transformers.core_model_loading", "tqdm"),
-    ("transformers.modeling_gguf_pytorch_utils", "tqdm"),
-)
-_hook_lock = threading.Lock()
 
 
 def offline_environment() -> None:
@@ -41,60 +32,6 @@ def offline_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-class _ReportingIterable:
-    def __init__(self, iterable, stage: str, cancel: CancelToken, report: Report) -> None:
-        self._iterable = iterable
-        self._stage = stage
-        self._cancel = cancel
-        self._report = report
-        try:
-            self._total = len(iterable)
-        except TypeError:
-            self._total = None
-
-    def __iter__(self):
-        for i, item in enumerate(self._iterable):
-            if self._cancel.cancelled:
-                raise Cancelled()
-            self._report(Progress(i, self._total, self._stage, "tensors"))
-            yield item
-        self._report(Progress(self._total or 0, self._total, self._stage, "tensors"))
-
-
-@contextmanager
-def _progress_hook(cancel: CancelToken, report: Report):
-    with _hook_lock:
-        saved = []
-        for module_name, attr in _TQDM_SITES:
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:
-                continue
-            if not hasattr(module, attr):
-                continue
-            original = getattr(module, attr)
-            saved.append((module, attr, original))
-
-            def factory(iterable=None, *args, desc: str = "", **kwargs):
-                stage = "dequantising GGUF tensors" if "GGUF" in (desc or "") else "loading weights"
-                return _ReportingIterable(iterable if iterable is not None else [], stage, cancel, report)
-
-            setattr(module, attr, factory)
-        try:
-            yield
-        finally:
-            for module, attr, original in saved:
-                setattr(module, attr, original)
-
-
-def torch_dtype(name: str):
-    import torch
-
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}", "choose float32, bfloat16 or float16")
-    return getattr(torch, name)
-
-
 def remote_code_files(folder: Path) -> list[str]:
     return sorted(p.name for p in Path(folder).glob("*.py"))
 
@@ -103,13 +40,8 @@ def check_remote_code(source: ModelSource, trust_remote_code: bool) -> None:
     """Refuse a model that needs its own Python code unless the user trusted it."""
     if trust_remote_code or source.gguf_file:
         return
-    import json
-
-    try:
-        config = json.loads((source.path / "config.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        return
-    if isinstance(config, dict) and config.get("auto_map"):
+    config = read_config_file(source.path, missing_ok=True)
+    if config.get("auto_map"):
         from transformers import CONFIG_MAPPING
 
         if config.get("model_type") in CONFIG_MAPPING:
@@ -196,11 +128,11 @@ def load_base(source: ModelSource, *, dtype: str = "float32", device_map: str = 
     if device_map != "cpu":
         kwargs["device_map"] = device_map
     if not source.gguf_file:
-        from lora_studio.core.io.safetensors_io import warm_page_cache
+        from lora_studio.core.io.page_cache import warm_page_cache
 
         warm_page_cache(source.path, cancel)
     try:
-        with _progress_hook(cancel, report), utf8_path(source.path) as folder:
+        with reporting_progress(cancel, report), utf8_path(source.path) as folder:
             model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except (Cancelled, UserError):
         raise

@@ -1,11 +1,11 @@
-"""Where a base model comes from: a local folder, the local Hugging Face cache, a GGUF file, the demo.
+"""Where a base model comes from: a local folder, the local Hugging Face cache, a GGUF file (or the demo, which
+:mod:`lora_studio.core.demo.model` resolves and lists).
 
 Nothing here touches the network: the cache is scanned on disk, offline.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,16 +130,10 @@ def find_in_hf_cache(repo_id: str) -> Optional[ModelSource]:
     return None
 
 
-def list_local_models(extra_dirs: tuple[Path, ...] = ()) -> list[ModelSource]:
-    """Everything loadable that is on this machine: the demo, the HF cache, and models under ``extra_dirs``."""
-    from lora_studio.core.demo import model as demo
-
+def models_in_folders(roots: tuple[Path, ...]) -> list[ModelSource]:
+    """The model folders (``*/config.json``) and GGUF files directly under each of ``roots``."""
     found: list[ModelSource] = []
-    demo_source = demo.demo_source_if_available()
-    if demo_source is not None:
-        found.append(demo_source)
-    found.extend(hf_cache_models())
-    for root in extra_dirs:
+    for root in roots:
         root = Path(root)
         if not root.is_dir():
             continue
@@ -149,17 +143,3 @@ def list_local_models(extra_dirs: tuple[Path, ...] = ()) -> list[ModelSource]:
             if is_gguf(gguf):
                 found.append(ModelSource("gguf", gguf.parent.absolute(), gguf.name, gguf_file=gguf.name))
     return found
-
-
-def read_config(source: ModelSource) -> dict:
-    """config.json as a dict (GGUF sources have none: their metadata is read elsewhere)."""
-    path = source.path / "config.json"
-    try:
-        doc = json.loads(path.read_text("utf-8"))
-    except FileNotFoundError as exc:
-        raise UserError(f"{source.path} has no config.json", "pick a complete model folder") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})", "the model folder is damaged") from exc
-    if not isinstance(doc, dict):
-        raise UserError(f"{path} is not a JSON object", "the model folder is damaged")
-    return doc

@@ -14,16 +14,18 @@ The result is the same tokenizer (tests compare ``to_str()`` and encodings with
 field, odd merges) falls back to ``from_file``.
 
 :func:`stepwise_tokenizer_parsing` puts this in place of ``Tokenizer.from_file`` inside
-transformers' tokenizer module while a tokenizer loads.
+transformers' tokenizer module while a tokenizer loads (through ``core/_compat``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from lora_studio.core._compat.tokenizer_swap import tokenizer_files_parsed_by
 
 # BPE fields the Python constructor takes, besides vocab and merges (tokenizers 0.2x's serialization)
 _BPE_OPTIONS = ("dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk", "byte_fallback",
@@ -167,54 +169,12 @@ def _merge_pairs(merges: list):
     return pairs
 
 
-class _TokenizerClass:
-    """Stands in for ``tokenizers.Tokenizer`` in transformers' tokenizer module: ``from_file`` parses in steps.
-
-    transformers uses that name to build (``TokenizerFast(model)``), to parse (``from_file``,
-    ``from_str``) and in annotations; the first two give real ``tokenizers.Tokenizer`` objects.
-    """
-
-    def __new__(cls, *args, **kwargs):
-        from tokenizers import Tokenizer
-
-        return Tokenizer(*args, **kwargs)
-
-    @staticmethod
-    def from_file(path, *args, **kwargs):
-        from tokenizers import Tokenizer
-
-        return parse_tokenizer_file(path) if not args and not kwargs else Tokenizer.from_file(path, *args, **kwargs)
-
-    @staticmethod
-    def from_str(text, *args, **kwargs):
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_str(text, *args, **kwargs)
-
-
-_patch_lock = threading.Lock()
-_patch_users = 0
-_original = None
-
-
 @contextmanager
-def stepwise_tokenizer_parsing():
-    """While inside, transformers builds tokenizers from tokenizer.json with :func:`parse_tokenizer_file`.
+def stepwise_tokenizer_parsing() -> Iterator[None]:
+    """While inside, transformers on this thread parses a tokenizer.json with :func:`parse_tokenizer_file`.
 
-    Counted, so overlapping loads on several threads put the original back only when the last one ends.
+    The swap itself is a hook of :mod:`lora_studio.core._compat.tokenizer_swap`; where it does not apply,
+    transformers parses the file itself.
     """
-    global _patch_users, _original
-    from transformers import tokenization_utils_tokenizers as module
-
-    with _patch_lock:
-        if _patch_users == 0:
-            _original = module.TokenizerFast
-            module.TokenizerFast = _TokenizerClass
-        _patch_users += 1
-    try:
+    with tokenizer_files_parsed_by(parse_tokenizer_file):
         yield
-    finally:
-        with _patch_lock:
-            _patch_users -= 1
-            if _patch_users == 0:
-                module.TokenizerFast = _original

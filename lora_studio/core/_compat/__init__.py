@@ -1,0 +1,39 @@
+"""The one place where LoRA Studio patches library internals (transformers, PEFT, tokenizers).
+
+Each hook is its own module, named after what it hooks:
+
+- :mod:`.tqdm_progress`: the module-level ``tqdm`` of transformers' weight-loading loops, so that a load
+  reports each tensor and can be cancelled;
+- :mod:`.tokenizer_swap`: ``TokenizerFast`` in transformers' tokenizer module, so that a tokenizer.json is
+  parsed in steps short enough for the window to keep drawing;
+- :mod:`.peft_mixed_batch`: PEFT LoRA ``Linear._mixed_batch_forward``, so that a comparison batch grouped by
+  adapter adds each update to a contiguous slice instead of a gather/scatter;
+- :mod:`.peft_config`: LoraConfig's field list copied for the locked PEFT, so that reading an adapter
+  config does not import PEFT.
+
+Policy, the same for every hook: a patch is swapped in only for the duration of a call and only for the
+calling thread (:func:`.swap.swapped`); before it is applied its target is checked, and if the target is
+missing or changed (a module moved, an attribute gone, a signature different) the plain library path is
+used and a warning is logged once (:func:`.swap.warn_inactive`). A feature may get slower or lose its
+progress detail; it never breaks. :func:`self_check` says, for every hook, whether it applies to the
+installed libraries. Only this package imports private modules of those libraries (an import-linter
+contract in pyproject.toml). It depends on nothing in the core but ``errors`` and ``tasks``.
+
+Importing this package is cheap: the libraries are imported only when a hook is used or checked.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+ACTIVE = "active"
+HOOK_MODULES = ("tqdm_progress", "tokenizer_swap", "peft_mixed_batch", "peft_config")
+
+
+def self_check() -> dict[str, str]:
+    """For every hook, ``"active"`` or the reason it is inactive with the installed libraries."""
+    report: dict[str, str] = {}
+    for name in HOOK_MODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        report.update(module.checks())
+    return report

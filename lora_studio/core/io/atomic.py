@@ -1,0 +1,124 @@
+"""Atomic output folders: written beside the target and swapped in at the end, so a crash leaves the old or the new one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lora_studio.core.errors import UserError
+
+
+@contextmanager
+def atomic_output_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``target`` in one step.
+
+    On any error or cancellation the temporary folder is removed and ``target`` is
+    left exactly as it was. An existing ``target`` is replaced only with ``overwrite``,
+    and then by an atomic exchange (Linux ``renameat2``), so a crash at any moment
+    leaves either the old folder or the complete new one at ``target``. Temporary
+    folders of runs that were killed are removed on the next run.
+    """
+    target = Path(target).absolute()
+    parent = target.parent
+    if parent.is_dir():
+        _remove_stale_temporaries(parent, target.name)
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists", "choose another output folder, or confirm overwriting it (--overwrite)")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{target} exists and is not a folder", "choose another output path")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {parent}: {exc.strerror or exc}", "choose a writable location") from exc
+    tmp = parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise UserError(f"cannot write in {parent}: {exc.strerror or exc}", "choose a writable output folder") from exc
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if target.exists():
+            if _exchange(tmp, target):
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+            else:  # no renameat2: two renames, old folder kept aside until the new one is in place
+                old = parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                os.rename(target, old)
+                try:
+                    os.rename(tmp, target)
+                except BaseException:
+                    os.rename(old, target)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        _fsync_dir(parent)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+            raise UserError(f"the disk holding {parent} is full", "free some space or choose another output folder; nothing was written") from exc
+        if isinstance(exc, OSError) and exc.errno in (13, 30):  # EACCES, EROFS
+            raise UserError(f"cannot write to {parent}: {exc.strerror}", "choose a writable output folder; nothing was written") from exc
+        raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    rc = renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: filesystem or kernel without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove_stale_temporaries(parent: Path, name: str) -> None:
+    """Delete temporary folders left by runs that were killed (their process is gone)."""
+    for prefix in (f".{name}.partial-", f".{name}.old-"):
+        for path in parent.glob(prefix + "*"):
+            try:
+                pid = int(path.name[len(prefix):].split("-")[0])
+            except ValueError:
+                continue
+            if not _pid_alive(pid):
+                if prefix.endswith(".old-") and not (parent / name).exists():
+                    os.rename(path, parent / name)  # killed between two renames: put the old folder back
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

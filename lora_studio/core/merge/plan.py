@@ -1,0 +1,276 @@
+"""Planning a merge: what is asked (adapters, options), and what each engine would need, from headers only.
+
+``plan_merge`` reads headers only and says, before anything starts, what each
+engine would need (peak RAM/VRAM, disk), which one runs, and refuses when the
+request, the base or the disk does not allow the merge. It also reads what a merge
+needs to know about its base (config, dtype, tied embeddings).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from lora_studio.core.adapters import files as adapter_files
+from lora_studio.core.adapters.combinations import check_combination
+from lora_studio.core.errors import UserError
+from lora_studio.core.io.safetensors_format import read_headers
+from lora_studio.core.merge import verify as verification_mod
+from lora_studio.core.model.config import read_config, tied_embeddings
+from lora_studio.core.model.dtypes import DTYPE_BYTES, DTYPES, ST_TO_NAME
+from lora_studio.core.model.sources import ModelSource
+from lora_studio.core.system.memory import format_bytes
+
+if TYPE_CHECKING:
+    from lora_studio.core.session import Session, SessionState
+
+ENGINES = ("streaming", "in-memory")
+DEFAULT_SHARD_BYTES = 4 * 1024**3
+RUNTIME_BYTES = 450 * 1024**2  # Python + torch + transformers + PEFT imported, measured on CPU
+DISK_MARGIN_BYTES = 64 * 1024**2
+# The tokenizer files an output folder gets (outputs.copy_tokenizer); counted in the disk figure here.
+TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "vocab*.json", "merges.txt",
+                      "*.tiktoken", "spiece.model", "sentencepiece*.model", "chat_template*", "preprocessor_config.json")
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    name: str
+    path: Path
+    weight: float = 1.0
+
+
+@dataclass
+class MergeOptions:
+    out: Path
+    dtype: Optional[str] = None  # None: the base's dtype (the session's, when merging a session)
+    engine: Optional[str] = None  # None: streaming where it applies, else in-memory
+    combination: Optional[str] = None  # required for more than one adapter
+    density: Optional[float] = None
+    safe_merge: bool = False  # in-memory: PEFT's NaN/Inf check (the streaming engine always checks)
+    verify: bool = True
+    overwrite: bool = False
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    verify_prompts: tuple[str, ...] = verification_mod.PROMPTS
+    verify_tokens: int = verification_mod.NEW_TOKENS
+
+
+@dataclass(frozen=True)
+class EnginePrediction:
+    engine: str
+    available: bool
+    reason: str  # why it is unavailable, or what it does
+    peak_ram_bytes: int  # the merge itself
+    peak_vram_bytes: int
+    verify_ram_bytes: int  # the verification afterwards (0 without it)
+
+
+@dataclass
+class MergePlan:
+    engine: Optional[str]  # the engine that would run; None when refused
+    dtype: str
+    predictions: dict[str, EnginePrediction]
+    output_bytes: int
+    disk_free_bytes: Optional[int]
+    refusal: Optional[str] = None  # set: the merge must not start
+    refusal_hint: str = ""
+    resize_vocabulary: bool = False  # the adapter brings added tokens: the base is resized to its tokenizer (in-memory)
+
+    @property
+    def disk_ok(self) -> bool:
+        return self.disk_free_bytes is None or self.disk_free_bytes >= self.output_bytes + DISK_MARGIN_BYTES
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["disk_ok"] = self.disk_ok
+        return d
+
+
+# -- planning ------------------------------------------------------------------
+
+def base_folder(source: ModelSource) -> Optional[Path]:
+    """The safetensors folder the streaming engine can read, or None."""
+    if source.gguf_file:
+        return None
+    try:
+        read_headers(source.path)
+    except UserError:
+        return None
+    return source.path
+
+
+def base_config(source: ModelSource) -> dict:
+    """The base's config.json ({} for a GGUF base or a folder without one); UserError when it is damaged."""
+    return read_config(source, missing_ok=True)
+
+
+def base_dtype(source: ModelSource, session: Optional[Session | SessionState] = None) -> str:
+    """The dtype a merge keeps by default: the session's, else the checkpoint's."""
+    if session is not None and session.dtype:
+        return session.dtype
+    cfg = base_config(source)
+    for key in ("dtype", "torch_dtype"):
+        if cfg.get(key) in DTYPES:
+            return cfg[key]
+    folder = base_folder(source)
+    if folder is not None:
+        sizes: dict[str, int] = {}
+        for h in read_headers(folder):
+            for info in h.tensors.values():
+                if ST_TO_NAME.get(info.dtype) in DTYPES:
+                    sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
+        if sizes:
+            return ST_TO_NAME[max(sizes, key=lambda st: sizes[st])]
+    return "float32"
+
+
+def _free_disk(path: Path) -> Optional[int]:
+    path = Path(path).absolute()
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+def _extra_files_bytes(source: ModelSource) -> int:
+    total = 0
+    if not source.gguf_file:
+        for pattern in TOKENIZER_PATTERNS + ("config.json", "generation_config.json"):
+            for p in source.path.glob(pattern):
+                if p.is_file():
+                    total += p.stat().st_size
+    return total + 1024**2
+
+
+def plan_merge(source: ModelSource, adapters: Sequence[AdapterSpec], options: MergeOptions, *,
+               session: Optional[Session | SessionState] = None) -> MergePlan:
+    """What each engine would need, which one runs, and whether the merge may start. Reads headers only.
+
+    ``session``: the loaded :class:`Session` the merge would use, or its ``state()`` snapshot
+    (what a planner on another thread passes: planning reads no model).
+    """
+    from lora_studio.core.merge.streaming import stream_plan, streaming_refusal
+
+    _check_request(adapters, options)
+    resize = _check_base(source, adapters, session)
+    dtype = options.dtype or base_dtype(source, session)
+    elem = DTYPE_BYTES[dtype]
+    adapter_bytes = sum(adapter_files.weights_file(a.path).stat().st_size for a in adapters)
+    adapter_fp32 = adapter_bytes * 2 + adapter_bytes  # file bytes, float32 copies, products
+    folder = base_folder(source)
+    cfg = base_config(source)
+    predictions: dict[str, EnginePrediction] = {}
+
+    sp = None
+    stream_reason = ""
+    if folder is None:
+        stream_reason = "the base is not a safetensors folder"
+    else:
+        sp = stream_plan(folder, dtype)
+        if options.combination is not None or len(adapters) != 1:
+            stream_reason = "weighted combinations are built by PEFT in memory"
+        else:
+            stream_reason = streaming_refusal(adapters[0].path, sp.sources, tied_embeddings(cfg)) or ""
+        if not stream_reason and (resize or getattr(session, "tokenizer_source", None) is not None):
+            stream_reason = "the vocabulary is resized to the adapter's tokenizer (added tokens)"
+    if sp is not None:
+        output_bytes = sp.out_bytes
+        model_bytes = sp.out_bytes
+        largest = sp.largest_tensor_elements
+    else:
+        from lora_studio.core.model.estimate import read_footprint
+
+        fp = read_footprint(source)
+        output_bytes = model_bytes = fp.params * elem
+        largest = fp.params // 8  # no header to read: a conservative guess for the biggest tensor
+    output_bytes += _extra_files_bytes(source)
+    on_gpu = session is not None and session.device is not None and session.device.startswith("cuda")
+    verify_one_model = model_bytes + adapter_fp32 + RUNTIME_BYTES if options.verify else 0
+
+    stream_peak = RUNTIME_BYTES + largest * (4 + elem + 4 + 4) + adapter_fp32
+    predictions["streaming"] = EnginePrediction(
+        "streaming", not stream_reason, stream_reason or "reads and writes one tensor at a time",
+        # with a session the reference is the loaded model; verification still loads the merged copy
+        stream_peak, 0, (model_bytes if options.verify else 0) if session is not None else verify_one_model)
+    if session is not None and session.loaded:
+        extra = 2 * largest * elem
+        predictions["in-memory"] = EnginePrediction(
+            "in-memory", True, "merges the loaded session layer by layer",
+            _current_rss() + (0 if on_gpu else extra), extra if on_gpu else 0,
+            model_bytes + RUNTIME_BYTES if options.verify else 0)
+    else:
+        peak = RUNTIME_BYTES + model_bytes + adapter_fp32 * max(1, len(adapters) + (1 if options.combination else 0)) + 2 * largest * elem
+        predictions["in-memory"] = EnginePrediction(
+            "in-memory", True, "loads the base and the adapters, merges with PEFT",
+            peak, 0, peak + model_bytes if options.verify else 0)
+
+    engine = options.engine
+    refusal, hint = None, ""
+    if engine is None:
+        engine = "streaming" if predictions["streaming"].available and not options.safe_merge else "in-memory"
+    elif engine == "streaming" and not predictions["streaming"].available:
+        refusal, hint = f"the streaming engine cannot do this merge: {stream_reason}", "use the in-memory engine (--engine in-memory)"
+    free = _free_disk(options.out)
+    plan = MergePlan(engine, dtype, predictions, output_bytes, free, resize_vocabulary=resize)
+    if refusal is None and free is not None and not plan.disk_ok:  # disk_ok: unknown free space passes
+        refusal = f"the output needs about {format_bytes(output_bytes)} but only {format_bytes(free)} is free at {Path(options.out).absolute().parent}"
+        hint = "free some disk space or choose another output folder"
+    if refusal:
+        plan.engine, plan.refusal, plan.refusal_hint = None, refusal, hint
+    return plan
+
+
+def _current_rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _check_request(adapters: Sequence[AdapterSpec], options: MergeOptions) -> None:
+    if not adapters:
+        raise UserError("no adapter given", "pass at least one --adapter")
+    if options.dtype is not None and options.dtype not in DTYPES:
+        raise UserError(f"unknown dtype {options.dtype!r}", f"choose one of {', '.join(DTYPES)}")
+    if options.engine is not None and options.engine not in ENGINES:
+        raise UserError(f"unknown engine {options.engine!r}", f"choose one of {', '.join(ENGINES)}")
+    if options.verify_tokens < 1:
+        raise UserError("verification needs at least one token", "use a positive number of tokens")
+    check_combination([a.name for a in adapters], [a.weight for a in adapters], options.combination, options.density)
+    for a in adapters:
+        adapter_files.read_adapter_config(a.path)  # clear message for a missing or broken adapter folder
+        adapter_files.weights_file(a.path)
+
+
+def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session: Optional[Session | SessionState]) -> bool:
+    """Refusals that depend on the base, before anything is written: code it would need, quantized weights,
+    adapters whose shapes do not fit (headers only). Returns True when the single adapter brings added tokens
+    and its own tokenizer, so the base must be resized to it (the in-memory engine does that)."""
+    from lora_studio.core.adapters import compatibility
+    from lora_studio.core.model.loading import check_remote_code
+
+    cfg = base_config(source)
+    quant = compatibility.quantization_label(cfg) or getattr(session, "quantization", None)
+    if quant:
+        raise UserError(f"{source.label} is quantized ({quant}): merging into quantized weights would round the adapter's update away",
+                        "merge into the full-precision base model, then quantize the merged folder if you need to")
+    if session is not None:
+        return False  # the session's adapters were checked against it when they were attached
+    check_remote_code(source, False)
+    folder = base_folder(source)
+    if folder is None:
+        return False  # a GGUF base: the adapters are checked when the in-memory engine attaches them
+    shapes = compatibility.weight_shapes_from_headers(folder)
+    arch = (cfg.get("architectures") or [""])[0] if isinstance(cfg.get("architectures"), list) else ""
+    resize = False
+    for a in adapters:
+        try:
+            compatibility.check(Path(a.path), shapes, base_label=source.label, architecture=arch)
+        except compatibility.VocabularyMismatch as mismatch:
+            if not (len(adapters) == 1 and mismatch.adapter_has_tokenizer and mismatch.adapter_vocab > mismatch.base_vocab):
+                raise
+            resize = True
+    return resize

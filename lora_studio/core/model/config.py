@@ -1,0 +1,54 @@
+"""A base model's config.json: read with one error policy, and the settings read from it in more than one place.
+
+Every reader of a model's config.json goes through :func:`read_config_file`: a file that
+cannot be read, is not valid JSON or is not a JSON object is a UserError naming the file; a
+missing file is a UserError too unless the caller says it can do without (``missing_ok``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lora_studio.core.errors import UserError
+from lora_studio.core.model.sources import ModelSource
+
+CONFIG_NAME = "config.json"
+
+
+def read_config_file(folder: Path, *, missing_ok: bool = False) -> dict:
+    """``folder/config.json`` as a dict; ``{}`` for a missing file when ``missing_ok``."""
+    path = Path(folder) / CONFIG_NAME
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError as exc:
+        if missing_ok:
+            return {}
+        raise UserError(f"{Path(folder)} has no {CONFIG_NAME}", "pick a complete model folder") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}", "check that the file is readable") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})", "the model folder is damaged") from exc
+    if not isinstance(doc, dict):
+        raise UserError(f"{path} is not a JSON object", "the model folder is damaged")
+    return doc
+
+
+def read_config(source: ModelSource, *, missing_ok: bool = False) -> dict:
+    """A source's config.json as a dict; ``{}`` for a GGUF source (its metadata is in the file, read elsewhere)."""
+    if source.gguf_file:
+        return {}
+    return read_config_file(source.path, missing_ok=missing_ok)
+
+
+def tied_embeddings(config: dict) -> bool:
+    """Whether the output embedding (lm_head) shares the input embedding's weights.
+
+    As transformers decides it: the model that owns lm_head ties it by its own config's
+    ``tie_word_embeddings``, the top-level one; a composite model's ``text_config`` is asked only
+    when the top level does not say, and the default, as in ``PretrainedConfig``, is tied.
+    """
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        text = {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))

@@ -1,0 +1,192 @@
+"""The Merge tab's inputs: which adapters (and their weights, the combination) and where and how to save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
+
+from lora_studio.core.adapters.combinations import COMBINATIONS, NEEDS_DENSITY
+from lora_studio.core.model.dtypes import DTYPES
+from lora_studio.gui.merge_parts import AdapterRow
+
+ENGINE_CHOICES = (("auto", None), ("streaming", "streaming"), ("in-memory", "in-memory"))
+
+
+class AdapterPicker(QGroupBox):
+    """A row per attached adapter (tick it, weigh it), the combination type and its density, and Preview."""
+
+    changed = Signal()  # a tick, a weight, the combination or the density changed
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__("Adapters to merge", parent)
+        self.rows: list[AdapterRow] = []
+        self.rows_host = QWidget()
+        self.rows_grid = QGridLayout(self.rows_host)
+        self.rows_grid.setContentsMargins(2, 2, 2, 2)
+        self.rows_grid.setColumnStretch(1, 1)
+        self.no_adapters = QLabel("Attach an adapter in the Adapters tab; it appears here.")
+        self.no_adapters.setStyleSheet("color: palette(mid);")
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(self.rows_host)
+        scroll.setMinimumHeight(110)
+        self.combo_type = QComboBox()
+        self.combo_type.addItems(COMBINATIONS)
+        self.combo_type.setToolTip("how several adapters are combined (PEFT add_weighted_adapter)")
+        self.density = QDoubleSpinBox(minimum=0.01, maximum=1.0, singleStep=0.05, decimals=2, value=0.5)
+        self.density.setToolTip("fraction of entries kept (ties, dare_linear, dare_ties, magnitude_prune)")
+        self.mode_label = QLabel("")
+        self.mode_label.setWordWrap(True)
+        self.mode_label.setStyleSheet("color: palette(mid);")
+        self.preview_btn = QPushButton("Preview in Compare")
+        combo_row = QHBoxLayout()
+        combo_row.addWidget(QLabel("Combination"))
+        combo_row.addWidget(self.combo_type)
+        combo_row.addWidget(QLabel("density"))
+        combo_row.addWidget(self.density)
+        combo_row.addStretch(1)
+        combo_row.addWidget(self.preview_btn)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.no_adapters)
+        layout.addWidget(scroll, 1)
+        layout.addLayout(combo_row)
+        layout.addWidget(self.mode_label)
+        self.combo_type.currentIndexChanged.connect(self._changed)
+        self.density.valueChanged.connect(self._changed)
+
+    def show_adapters(self, adapters: tuple[tuple[str, str, int], ...], active: str | None) -> None:
+        """One row per (name, path, size); ticks and weights of adapters still attached are kept."""
+        wanted = [(name, path) for name, path, _ in adapters]
+        if wanted == [(r.name, r.path) for r in self.rows]:
+            return
+        old = {r.name: (r.check.isChecked(), r.weight) for r in self.rows}
+        for r in self.rows:
+            for w in (r.check, r.slider):
+                self.rows_grid.removeWidget(w)
+                w.deleteLater()
+        self.rows = []
+        for i, (name, path) in enumerate(wanted):
+            # a combination previewed in Compare is registered with a description, not a folder
+            row = AdapterRow(name, path, Path(path).is_dir())
+            checked, weight = old.get(name, (None, 1.0))
+            row.slider.setValue(weight)
+            row.check.setChecked(bool(checked))
+            row.check.toggled.connect(self._changed)
+            row.slider.valueChanged.connect(self._changed)
+            self.rows_grid.addWidget(row.check, i, 0)
+            self.rows_grid.addWidget(row.slider, i, 1)
+            self.rows.append(row)
+        self.rows_grid.setRowStretch(len(self.rows), 1)
+        if self.rows and not any(r.checked for r in self.rows):  # default: the active adapter (or the only one)
+            pick = next((r for r in self.rows if r.mergeable and r.name == active), None)
+            pick = pick or next((r for r in self.rows if r.mergeable), None)
+            if pick is not None:
+                pick.check.setChecked(True)
+        self.no_adapters.setVisible(not self.rows)
+
+    def checked_rows(self) -> list[AdapterRow]:
+        return [r for r in self.rows if r.checked]
+
+    def combination(self) -> str:
+        return self.combo_type.currentText()
+
+    def density_for(self, combination: str) -> float | None:
+        """The density, for the combinations that take one."""
+        return round(self.density.value(), 4) if combination in NEEDS_DENSITY else None
+
+    def update_enabled(self) -> None:
+        """Weights and the combination apply to two or more ticked adapters; say which merge the ticks make."""
+        rows = self.checked_rows()
+        several = len(rows) > 1
+        for r in self.rows:
+            r.slider.setEnabled(several and r.checked)
+        self.combo_type.setEnabled(several)
+        self.density.setEnabled(several and self.combination() in NEEDS_DENSITY)
+        if not rows:
+            self.mode_label.setText("")
+        elif several:
+            self.mode_label.setText(f"{self.combination()} combination of {len(rows)} adapters "
+                                    "(PEFT add_weighted_adapter), merged by the in-memory engine")
+        else:
+            self.mode_label.setText(f"plain merge of {rows[0].name} (weights apply to combinations of two or more)")
+
+    def _changed(self, *_args) -> None:
+        self.changed.emit()
+
+
+class OutputBox(QGroupBox):
+    """Where the merged model goes, its dtype, the engine, and the verify / safe-merge switches."""
+
+    changed = Signal()
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__("Output", parent)
+        self.out_edit = QLineEdit()
+        self.out_edit.setPlaceholderText("folder for the merged model (created)")
+        self.out_edit.setClearButtonEnabled(True)
+        self.browse_btn = QPushButton("Choose…")
+        out_row = QHBoxLayout()
+        out_row.addWidget(self.out_edit, 1)
+        out_row.addWidget(self.browse_btn)
+        self.dtype_combo = QComboBox()
+        self.dtype_combo.addItems(DTYPES)
+        self.dtype_combo.setToolTip("dtype of the saved weights (default: the base's)")
+        self.engine_combo = QComboBox()
+        for label, value in ENGINE_CHOICES:
+            self.engine_combo.addItem(label, value)
+        self.engine_combo.setToolTip("auto: streaming (one tensor at a time, low memory) where it applies, else in-memory")
+        self.engine_note = QLabel("")
+        self.engine_note.setWordWrap(True)
+        self.engine_note.setStyleSheet("color: palette(mid);")
+        self.verify_check = QCheckBox("Verify after saving")
+        self.verify_check.setChecked(True)
+        self.verify_check.setToolTip("load the saved folder plainly and compare its logits with the adapter model")
+        self.safe_check = QCheckBox("Safe merge (NaN/Inf check)")
+        self.safe_check.setToolTip("PEFT's safe_merge: check each merged weight for NaN/Inf (in-memory engine; "
+                                   "the streaming engine always checks float16 for Inf)")
+        checks = QHBoxLayout()
+        checks.addWidget(self.verify_check)
+        checks.addWidget(self.safe_check)
+        checks.addStretch(1)
+        form = QFormLayout(self)
+        form.addRow("Folder", out_row)
+        form.addRow("dtype", self.dtype_combo)
+        form.addRow("Engine", self.engine_combo)
+        form.addRow("", self.engine_note)
+        form.addRow("", checks)
+        self._dtype_for: str | None = None  # the base whose dtype the dtype box was last set to
+        for signal in (self.out_edit.textChanged, self.dtype_combo.currentIndexChanged,
+                       self.engine_combo.currentIndexChanged, self.verify_check.toggled, self.safe_check.toggled):
+            signal.connect(lambda *_: self.changed.emit())
+
+    def out_path(self) -> Path | None:
+        text = self.out_edit.text().strip()
+        return Path(text).expanduser().absolute() if text else None
+
+    def follow_base(self, base_path: str | None, dtype: str | None) -> None:
+        """A new base: the dtype box starts at the base's dtype (core.merge.base_dtype with a session)."""
+        if base_path != self._dtype_for and dtype in DTYPES:
+            self._dtype_for = base_path
+            self.dtype_combo.blockSignals(True)
+            self.dtype_combo.setCurrentText(dtype)
+            self.dtype_combo.blockSignals(False)
+
+    def engine(self) -> str | None:
+        """The engine chosen (None: auto)."""
+        return self.engine_combo.currentData()

@@ -1,0 +1,105 @@
+"""The base of every panel: its collaborators, its one message line, its progress bar, busy tooltips.
+
+A panel receives what it depends on explicitly: the window's :class:`~lora_studio.gui.jobs.JobRunner` and
+the :class:`~lora_studio.gui.session_model.SessionModel` (plus, per panel, a memory sampler or the Compare
+preview). It never reaches into the window. It
+
+* shows the session through :meth:`show_state`, called for every new snapshot the session model announces;
+* refreshes its buttons through :meth:`update_buttons`, called when the runner becomes busy or free and around
+  every job it runs (:meth:`set_reasons` enables a button or disables it with the reason as its tooltip);
+* runs its jobs through :meth:`op` (see :mod:`lora_studio.gui.ops`);
+* says what happened in its one :class:`~lora_studio.gui.widgets.MessageLine` (an error stays until the next
+  success replaces it) and asks for a chart marker or a log line through its signals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import QAbstractButton, QWidget
+
+from lora_studio.core.session import SessionState
+from lora_studio.gui.jobs import Job, JobRunner
+from lora_studio.gui.ops import PanelOp
+from lora_studio.gui.widgets import MessageLine, job_progress_bar, reset_progress
+
+if TYPE_CHECKING:
+    from lora_studio.core.session import Session
+    from lora_studio.gui.session_model import SessionModel
+
+
+class Panel(QWidget):
+    marker = Signal(str)  # a memory-chart marker: "attached alpha", "merged"
+    log_line = Signal(str, str)  # (message, level) for the Log panel
+
+    def __init__(self, runner: JobRunner, session_model: SessionModel, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.runner = runner
+        self.session_model = session_model
+        self.state: SessionState = session_model.state
+        self.message = MessageLine()
+        self.progress = job_progress_bar()
+        runner.busy_changed.connect(self._busy_changed)
+        session_model.state_changed.connect(self.show_state)
+
+    @property
+    def session(self) -> Session:
+        """The session, for the callables a job runs on a worker (never called into on the GUI thread)."""
+        return self.session_model.session
+
+    # -- what subclasses fill in ---------------------------------------------------------------------------------------
+    def show_state(self, state: SessionState) -> None:
+        """Show a new session snapshot (the session model calls this after every change)."""
+        self.state = state
+
+    def update_buttons(self) -> None:
+        """Enable what may run now, with the reason as the tooltip of what may not."""
+
+    def _busy_changed(self, _reason: str) -> None:
+        self.update_buttons()
+
+    # -- jobs ------------------------------------------------------------------------------------------------------------
+    def op(self, name: str, fn: Callable[..., Any], *, exclusive: bool = True, key: str | None = None,
+           progress: bool = True) -> PanelOp:
+        """A job of this panel: add handlers to it, then ``.run()``."""
+        return PanelOp(self, name, fn, exclusive=exclusive, key=key, progress=progress)
+
+    def cancel_job(self, job: Job | None, message: str = "cancelling…", kind: str = "info") -> bool:
+        """Ask a running job to stop (it ends at its next safe point); True if there was one."""
+        if job is None or job.done:
+            return False
+        job.cancel()
+        self.show_message(message, kind)
+        return True
+
+    @property
+    def busy_reason(self) -> str:
+        """'' when a model job may start; otherwise what runs ("busy: loading …")."""
+        return self.runner.busy_reason
+
+    # -- the message line and the progress bar -------------------------------------------------------------------------
+    def show_message(self, text: str, kind: str = "info") -> None:
+        self.message.show_message(text, kind)
+
+    def clear_error(self) -> None:
+        """A success after a failure: the old error line goes (a success handler may then say more)."""
+        if self.message.kind == "error":
+            self.message.show_message("", "info")
+
+    def begin_progress(self) -> None:
+        self.progress.show()
+        self.progress.setRange(0, 0)  # busy until the first report
+
+    def end_progress(self) -> None:
+        reset_progress(self.progress)
+        self.progress.hide()
+
+    @staticmethod
+    def set_reasons(buttons: Mapping[QAbstractButton, tuple[str, str]]) -> None:
+        """``{button: (reason, tip)}``: enabled with ``tip`` as its tooltip when ``reason`` is '', else disabled
+        with the reason as its tooltip (the busy tooltips)."""
+        for button, (reason, tip) in buttons.items():
+            button.setEnabled(not reason)
+            button.setToolTip(reason or tip)
