@@ -34,8 +34,13 @@ def make_adapters(session, folder: Path, count: int = 2, r: int = 4) -> list[Pat
     paths = []
     for i in range(count):
         torch.manual_seed(100 + i)
-        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                            init_lora_weights=False, task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
         peft_model = get_peft_model(session.model, config)
         with torch.no_grad():  # random B at full scale wrecks the text; keep the adapters plausible
             for name, p in peft_model.named_parameters():
@@ -61,7 +66,6 @@ def main(argv=None) -> int:
     import torch
 
     from lora_studio.core import compare as comparison
-
     from lora_studio.core.demo import model as demo
     from lora_studio.core.generation.generate import GenerationSettings
     from lora_studio.core.model.loading import offline_environment
@@ -98,15 +102,24 @@ def main(argv=None) -> int:
         say(f"rep {rep + 1}: sequential {s:.2f}s  mixed {m:.2f}s  ratio {m / s:.2f}  identical {seq_ids == mixed_ids}")
     lengths = [len(ids) for ids in seq_ids]
     seq_s, mixed_s = statistics.median(seq_times), statistics.median(mixed_times)
-    print(json.dumps({
-        "variants": len(variants), "sequential_s": round(seq_s, 3), "mixed_s": round(mixed_s, 3),
-        "ratio": round(mixed_s / seq_s, 3), "identical": identical,
-        # robust to a shared machine: each repetition's own ratio (adjacent runs), and best-of times
-        "paired_ratio_median": round(statistics.median(m / s for m, s in zip(mixed_times, seq_times)), 3),
-        "best_ratio": round(min(mixed_times) / min(seq_times), 3),
-        "new_tokens": lengths, "reps": args.reps,
-        "device": args.device, "threads": torch.get_num_threads(),
-    }))
+    print(
+        json.dumps(
+            {
+                "variants": len(variants),
+                "sequential_s": round(seq_s, 3),
+                "mixed_s": round(mixed_s, 3),
+                "ratio": round(mixed_s / seq_s, 3),
+                "identical": identical,
+                # robust to a shared machine: each repetition's own ratio (adjacent runs), and best-of times
+                "paired_ratio_median": round(statistics.median(m / s for m, s in zip(mixed_times, seq_times)), 3),
+                "best_ratio": round(min(mixed_times) / min(seq_times), 3),
+                "new_tokens": lengths,
+                "reps": args.reps,
+                "device": args.device,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
     return 0
 
 

@@ -48,10 +48,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-            vocab_size=32000)
-SMALL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-             vocab_size=32000)
+FULL = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+)
+SMALL = dict(
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    vocab_size=32000,
+)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -74,19 +86,38 @@ def build(folder: Path, dims: dict, shard_bytes: int) -> tuple[Path, Path, int]:
 
     base = folder / "base"
     base.mkdir()
-    config = LlamaConfig(**dims, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2,
-                         pad_token_id=0, dtype="bfloat16")
+    config = LlamaConfig(
+        **dims,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+        dtype="bfloat16",
+    )
     config.save_pretrained(base)
     factories.make_tokenizer().save_pretrained(base)
-    h, inter, kv = dims["hidden_size"], dims["intermediate_size"], dims["hidden_size"] // dims["num_attention_heads"] * dims["num_key_value_heads"]
+    h, inter, kv = (
+        dims["hidden_size"],
+        dims["intermediate_size"],
+        dims["hidden_size"] // dims["num_attention_heads"] * dims["num_key_value_heads"],
+    )
     shapes = {"model.embed_tokens.weight": (dims["vocab_size"], h)}
     for i in range(dims["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, h), p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
     shapes.update({"model.norm.weight": (h,), "lm_head.weight": (dims["vocab_size"], h)})
     plan = {k: ("BF16", s) for k, s in shapes.items()}
     gen = torch.Generator().manual_seed(0)
@@ -102,14 +133,20 @@ def build(folder: Path, dims: dict, shard_bytes: int) -> tuple[Path, Path, int]:
     params = sum(int(torch.tensor(s).prod()) for s in shapes.values())
 
     adapter = folder / "adapter"
-    LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM", base_model_name_or_path=str(base)).save_pretrained(adapter)
+    LoraConfig(
+        r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM", base_model_name_or_path=str(base)
+    ).save_pretrained(adapter)
     lora = {}
     for name, shape in shapes.items():
         module = name[: -len(".weight")]
         if module.split(".")[-1] in TARGETS:
             out_f, in_f = shape
-            lora[f"base_model.model.{module}.lora_A.weight"] = (torch.randn(16, in_f, generator=gen) * 0.02).to(torch.bfloat16)
-            lora[f"base_model.model.{module}.lora_B.weight"] = (torch.randn(out_f, 16, generator=gen) * 0.02).to(torch.bfloat16)
+            lora[f"base_model.model.{module}.lora_A.weight"] = (torch.randn(16, in_f, generator=gen) * 0.02).to(
+                torch.bfloat16
+            )
+            lora[f"base_model.model.{module}.lora_B.weight"] = (torch.randn(out_f, 16, generator=gen) * 0.02).to(
+                torch.bfloat16
+            )
     save_file(lora, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
     return base, adapter, params
 
@@ -122,7 +159,9 @@ def peak_rss_mb():
             return int(line.split()[1]) / 1024
 """
 
-SEED = PEAK + """
+SEED = (
+    PEAK
+    + """
 import sys, time, resource, json, os
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch
@@ -138,8 +177,11 @@ AutoTokenizer.from_pretrained(base).save_pretrained(out)
 s = time.perf_counter() - t
 print(json.dumps({"s": s, "rss_mb": peak_rss_mb()}))
 """
+)
 
-STREAM = PEAK + """
+STREAM = (
+    PEAK
+    + """
 import sys, time, resource, json
 from pathlib import Path
 from lora_studio.core.model.loading import offline_environment
@@ -155,8 +197,11 @@ s = time.perf_counter() - t
 print(json.dumps({"s": s, "rss_mb": peak_rss_mb(), "imported_peft": "peft" in sys.modules,
                   "imported_transformers": "transformers" in sys.modules}))
 """
+)
 
-COPY = PEAK + """
+COPY = (
+    PEAK
+    + """
 import sys, time, resource, json, os, shutil
 from pathlib import Path
 base, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -170,6 +215,7 @@ for p in sorted(base.iterdir()):
 s = time.perf_counter() - t
 print(json.dumps({"s": s, "rss_mb": peak_rss_mb()}))
 """
+)
 
 
 def settle() -> None:
@@ -185,7 +231,9 @@ def settle() -> None:
 def child(code: str, *args) -> dict:
     settle()
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -217,9 +265,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="a ~50M-parameter model, for a quick smoke run")
     ap.add_argument("--json", action="store_true", help="only the JSON line on stdout (it is printed last either way)")
-    ap.add_argument("--keep", help="build in this folder and keep it, or reuse what an earlier run built there "
-                                   "(default: a temporary folder, removed)")
-    ap.add_argument("--repeat", type=int, default=1, help="run copy, seed and stream this many times, interleaved; report medians")
+    ap.add_argument(
+        "--keep",
+        help="build in this folder and keep it, or reuse what an earlier run built there "
+        "(default: a temporary folder, removed)",
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="run copy, seed and stream this many times, interleaved; report medians"
+    )
     args = ap.parse_args()
     dims = SMALL if args.small else FULL
     shard_bytes = (50 if args.small else 500) * 1024**2
@@ -260,21 +313,37 @@ def main() -> int:
     seed_s, stream_s, copy_s = med("seed", "s"), med("stream", "s"), med("copy", "s")
     seed_rss, stream_rss = med("seed", "rss_mb"), med("stream", "rss_mb")
     result = {
-        "seed_s": round(seed_s, 2), "seed_peak_rss_mb": round(seed_rss), "stream_s": round(stream_s, 2),
-        "stream_peak_rss_mb": round(stream_rss), "copy_s": round(copy_s, 2), "bit_identical": same,
-        "params": params, "rss_ratio": round(stream_rss / seed_rss, 3),
+        "seed_s": round(seed_s, 2),
+        "seed_peak_rss_mb": round(seed_rss),
+        "stream_s": round(stream_s, 2),
+        "stream_peak_rss_mb": round(stream_rss),
+        "copy_s": round(copy_s, 2),
+        "bit_identical": same,
+        "params": params,
+        "rss_ratio": round(stream_rss / seed_rss, 3),
         "time_ratio_seed": round(statistics.median(r["stream"]["s"] / r["seed"]["s"] for r in rounds), 3),
         "time_ratio_copy": round(statistics.median(r["stream"]["s"] / r["copy"]["s"] for r in rounds), 3),
-        "stream_imported_peft": any(r["stream"].get("imported_peft") or r["stream"].get("imported_transformers") for r in rounds),
+        "stream_imported_peft": any(
+            r["stream"].get("imported_peft") or r["stream"].get("imported_transformers") for r in rounds
+        ),
         "rounds": len(rounds),
     }
     if len(rounds) > 1:
-        result["per_round"] = [{"seed_s": round(r["seed"]["s"], 2), "stream_s": round(r["stream"]["s"], 2), "copy_s": round(r["copy"]["s"], 2),
-                                "time_ratio_seed": round(r["stream"]["s"] / r["seed"]["s"], 3),
-                                "time_ratio_copy": round(r["stream"]["s"] / r["copy"]["s"], 3)} for r in rounds]
+        result["per_round"] = [
+            {
+                "seed_s": round(r["seed"]["s"], 2),
+                "stream_s": round(r["stream"]["s"], 2),
+                "copy_s": round(r["copy"]["s"], 2),
+                "time_ratio_seed": round(r["stream"]["s"] / r["seed"]["s"], 3),
+                "time_ratio_copy": round(r["stream"]["s"] / r["copy"]["s"], 3),
+            }
+            for r in rounds
+        ]
     if not args.json:
-        log(f"stream RSS {result['rss_ratio']}x seed (target <= 0.25), time {result['time_ratio_seed']}x seed (<= 0.7), "
-            f"{result['time_ratio_copy']}x copy (<= 1.5); bit identical: {same}")
+        log(
+            f"stream RSS {result['rss_ratio']}x seed (target <= 0.25), time {result['time_ratio_seed']}x seed (<= 0.7), "
+            f"{result['time_ratio_copy']}x copy (<= 1.5); bit identical: {same}"
+        )
     print(json.dumps(result))
     return 0
 

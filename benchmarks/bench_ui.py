@@ -125,7 +125,8 @@ class StallTracer:
 def pick_model(args, tmp: Path) -> tuple[str, str, str]:
     if args.model:
         return args.model, args.adapter, "given"
-    from lora_studio.core.demo import model as demo, assets as demo_assets
+    from lora_studio.core.demo import assets as demo_assets
+    from lora_studio.core.demo import model as demo
 
     adapters = {a.name: a.path for a in demo_assets.demo_adapters()}
     if demo.demo_source_if_available() is not None and demo._converted() and "pirate" in adapters:
@@ -133,8 +134,14 @@ def pick_model(args, tmp: Path) -> tuple[str, str, str]:
     sys.path.insert(0, str(REPO / "tests"))
     import factories
 
-    base = factories.make_llama(tmp / "bench-llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                                num_attention_heads=8, num_key_value_heads=4)
+    base = factories.make_llama(
+        tmp / "bench-llama",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     adapter = factories.make_adapter(base, tmp / "bench-adapter", r=8, lora_alpha=16)
     return str(base), str(adapter), "random Llama 4x256 + r=8 adapter"
 
@@ -145,11 +152,20 @@ def main() -> int:
     parser.add_argument("--adapter")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
-    parser.add_argument("--trace", type=float, nargs="?", const=50.0, metavar="MS",
-                        help="print every thread's stack when the GUI tick is more than MS (default 50) ms late")
+    parser.add_argument(
+        "--trace",
+        type=float,
+        nargs="?",
+        const=50.0,
+        metavar="MS",
+        help="print every thread's stack when the GUI tick is more than MS (default 50) ms late",
+    )
     parser.add_argument("--no-startup", action="store_true", help="skip the startup measurement")
-    parser.add_argument("--switch-interval", type=float, help="override sys.setswitchinterval after the window is built "
-                                                              "(for comparisons; the window sets its own)")
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        help="override sys.setswitchinterval after the window is built (for comparisons; the window sets its own)",
+    )
     args = parser.parse_args()
     if bool(args.model) != bool(args.adapter):
         parser.error("--model and --adapter go together")
@@ -182,7 +198,13 @@ def main() -> int:
             QTimer.singleShot(10, loop.quit)
             loop.exec()
 
-    wait_for(lambda: window.memory_panel.plot is not None and window.adapter_panel.inspector.chart is not None and window.runner.is_idle())
+    wait_for(
+        lambda: (
+            window.memory_panel.plot is not None
+            and window.adapter_panel.inspector.chart is not None
+            and window.runner.is_idle()
+        )
+    )
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
 
@@ -240,8 +262,14 @@ def main() -> int:
     name, path, _ = session.state().adapters[0]
 
     def merge(*, cancel, report):
-        return merge_and_save(session.source, [AdapterSpec(name, Path(path))],
-                              MergeOptions(out=tmp / "merged", engine="in-memory"), session=session, cancel=cancel, report=report)
+        return merge_and_save(
+            session.source,
+            [AdapterSpec(name, Path(path))],
+            MergeOptions(out=tmp / "merged", engine="in-memory"),
+            session=session,
+            cancel=cancel,
+            report=report,
+        )
 
     step("merge", lambda: window.runner.submit("merging", merge, on_done=lambda _: window.memory_panel.mark("merged")))
     timer.stop()

@@ -48,7 +48,8 @@ def nvml_check(result: dict) -> None:
     result["nvml"] = {
         "gpu0_used_gib": [gib(s.gpus[0].used_bytes) for s in (before, during, after)] if before.gpus else None,
         "torch_allocated_gib": [gib(s.torch_cuda[0].allocated_bytes) for s in (before, during, after)]
-        if before.torch_cuda else None,
+        if before.torch_cuda
+        else None,
         "saw_1gib": bool(before.gpus and during.gpus[0].used_bytes - before.gpus[0].used_bytes >= 0.9 * 2**30),
     }
     sampler.close()
@@ -94,8 +95,11 @@ def session_checks(result: dict, tokens: int, rounds: int, tmp: Path) -> None:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
     result["compare"] = {
-        "variants": len(variants), "prompts": len(prompts), "tokens": tokens,
-        "mixed_s": [round(x, 3) for x in mixed], "sequential_s": [round(x, 3) for x in sequential],
+        "variants": len(variants),
+        "prompts": len(prompts),
+        "tokens": tokens,
+        "mixed_s": [round(x, 3) for x in mixed],
+        "sequential_s": [round(x, 3) for x in sequential],
         "ratio_median": round(statistics.median(m / s for m, s in zip(mixed, sequential, strict=True)), 3),
     }
 
@@ -103,13 +107,20 @@ def session_checks(result: dict, tokens: int, rounds: int, tmp: Path) -> None:
     for engine in ("streaming", "in-memory"):
         out = tmp / f"merged-{engine}"
         t = time.perf_counter()
-        merged = merge_and_save(source, [AdapterSpec("pirate", adapters["pirate"])],
-                                MergeOptions(out=out, engine=engine, dtype="bfloat16"), session=session)
+        merged = merge_and_save(
+            source,
+            [AdapterSpec("pirate", adapters["pirate"])],
+            MergeOptions(out=out, engine=engine, dtype="bfloat16"),
+            session=session,
+        )
         verification = merged.verification
-        merges[engine] = {"s": round(time.perf_counter() - t, 2), "engine": merged.engine,
-                          "verification": verification.summary() if verification else None,
-                          "verified": bool(verification and verification.status == "pass"),
-                          "bytes_written": merged.bytes_written}
+        merges[engine] = {
+            "s": round(time.perf_counter() - t, 2),
+            "engine": merged.engine,
+            "verification": verification.summary() if verification else None,
+            "verified": bool(verification and verification.status == "pass"),
+            "bytes_written": merged.bytes_written,
+        }
     result["merge"] = merges
     result["peak_allocated_gib"] = gib(torch.cuda.max_memory_allocated(0))
     session.close()
@@ -134,8 +145,11 @@ def window_check(result: dict) -> None:
         QTimer.singleShot(1500, loop.quit)  # a few samples
         loop.exec()
         curves = window.memory_panel.curve_names()
-        result["window"] = {"platform": app.platformName(), "curves": curves,
-                            "gpu_curve": any("gpu" in c.lower() for c in curves)}
+        result["window"] = {
+            "platform": app.platformName(),
+            "curves": curves,
+            "gpu_curve": any("gpu" in c.lower() for c in curves),
+        }
         window.shutdown()
         window.close()
 
@@ -158,9 +172,11 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     result["gpu_name"] = torch.cuda.get_device_name(0)
-    checks = (("nvml", lambda: nvml_check(result)),
-              ("session", lambda: session_checks(result, args.tokens, args.rounds, Path(tmp.name))),
-              ("window", lambda: window_check(result)))
+    checks = (
+        ("nvml", lambda: nvml_check(result)),
+        ("session", lambda: session_checks(result, args.tokens, args.rounds, Path(tmp.name))),
+        ("window", lambda: window_check(result)),
+    )
     tmp = tempfile.TemporaryDirectory()
     failures = {}
     for name, check in checks:

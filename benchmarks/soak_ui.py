@@ -50,7 +50,8 @@ def slope(xs: list[float], ys: list[float]) -> float:
 # -- the child: the window ---------------------------------------------------------------------------------------------
 def pick_model(tiny: bool, tmp: Path) -> tuple[str, str, str]:
     if not tiny:
-        from lora_studio.core.demo import model as demo, assets as demo_assets
+        from lora_studio.core.demo import assets as demo_assets
+        from lora_studio.core.demo import model as demo
 
         adapters = {a.name: a.path for a in demo_assets.demo_adapters()}
         if demo.demo_source_if_available() is not None and "pirate" in adapters:
@@ -59,8 +60,14 @@ def pick_model(tiny: bool, tmp: Path) -> tuple[str, str, str]:
     sys.path.insert(0, str(REPO / "tests"))
     import factories
 
-    base = factories.make_llama(tmp / "soak-llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2)
+    base = factories.make_llama(
+        tmp / "soak-llama",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     adapter = factories.make_adapter(base, tmp / "soak-adapter", r=8, lora_alpha=16)
     return str(base), str(adapter), "random Llama 2x128 + r=8 adapter"
 
@@ -126,7 +133,9 @@ def child(args: argparse.Namespace) -> int:
         step("attach", lambda: window.attach_adapter(adapter))
         name = window.session.state().adapters[0][0]
         ap.select(name)
-        wait_for(lambda: ap.inspection is not None and ap.inspection.name == name and window.runner.is_idle(), "inspect")
+        wait_for(
+            lambda: ap.inspection is not None and ap.inspection.name == name and window.runner.is_idle(), "inspect"
+        )
         ap.prompt_edit.setText("Tell me about the sea.")
         ap.max_tokens.setValue(args.tokens)
         step("try it", ap.generate)
@@ -144,13 +153,22 @@ def child(args: argparse.Namespace) -> int:
         step("unload all", ap.unload_all)
         pump(args.idle_s)  # idle: the memory chart keeps sampling and repainting
         gc.collect()
-        print(json.dumps({
-            "event": "cycle", "cycle": cycle, "seconds": round(time.monotonic() - t0, 2),
-            "elapsed_min": round((time.monotonic() - started) / 60, 3),
-            "rss_mib": round(proc.memory_info().rss / 2**20, 1), "objects": len(gc.get_objects()),
-            "refcount_none": sys.getrefcount(None), "refcount_true": sys.getrefcount(True),
-            "refcount_false": sys.getrefcount(False),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "event": "cycle",
+                    "cycle": cycle,
+                    "seconds": round(time.monotonic() - t0, 2),
+                    "elapsed_min": round((time.monotonic() - started) / 60, 3),
+                    "rss_mib": round(proc.memory_info().rss / 2**20, 1),
+                    "objects": len(gc.get_objects()),
+                    "refcount_none": sys.getrefcount(None),
+                    "refcount_true": sys.getrefcount(True),
+                    "refcount_false": sys.getrefcount(False),
+                }
+            ),
+            flush=True,
+        )
     window.shutdown()
     window.close()
     tmp_dir.cleanup()
@@ -203,8 +221,17 @@ def main() -> int:
     if args.child:
         return child(args)
 
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--minutes", str(args.minutes),
-           "--tokens", str(args.tokens), "--idle-s", str(args.idle_s)] + (["--tiny"] if args.tiny else [])
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        "--minutes",
+        str(args.minutes),
+        "--tokens",
+        str(args.tokens),
+        "--idle-s",
+        str(args.idle_s),
+    ] + (["--tiny"] if args.tiny else [])
     cycles: list[dict] = []
     model = "?"
     with tempfile.TemporaryFile(mode="w+") as err:
@@ -220,8 +247,10 @@ def main() -> int:
                 sys.stderr.write(f"soak: {model} on {record['platform']}\n")
             elif record.get("event") == "cycle":
                 cycles.append(record)
-                sys.stderr.write(f"soak: cycle {record['cycle']} {record['seconds']} s, RSS {record['rss_mib']} MiB, "
-                                 f"None refs {record['refcount_none']}\n")
+                sys.stderr.write(
+                    f"soak: cycle {record['cycle']} {record['seconds']} s, RSS {record['rss_mib']} MiB, "
+                    f"None refs {record['refcount_none']}\n"
+                )
         returncode = proc.wait()
         err.seek(0)
         stderr_tail = err.read()[-4000:]

@@ -12,7 +12,6 @@ import logging
 import logging.handlers
 import os
 from pathlib import Path
-from typing import Optional
 
 LOG_NAME = "lora-studio.log"
 MAX_BYTES = 1024 * 1024
@@ -21,7 +20,7 @@ DEBUG_ENV = "LORA_STUDIO_DEBUG"
 LOG_DIR_ENV = "LORA_STUDIO_LOG_DIR"  # another folder for the log (tests, portable installs)
 _FORMAT = "%(asctime)s %(levelname)-7s %(threadName)s %(name)s: %(message)s"
 
-_handler: Optional[logging.Handler] = None
+_handler: logging.Handler | None = None
 
 
 def log_path() -> Path:
@@ -41,7 +40,7 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def setup_logging(front_end: str) -> Optional[Path]:
+def setup_logging(front_end: str) -> Path | None:
     """Route the package's log records to the rotating file; returns its path (None if it cannot be written).
 
     Idempotent: a second call keeps the first handler. A log file that cannot be opened (read-only data folder)
@@ -55,8 +54,9 @@ def setup_logging(front_end: str) -> Optional[Path]:
         return current_log_path()
     try:
         path = log_path()
-        handler = logging.handlers.RotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS,
-                                                       encoding="utf-8", delay=True)
+        handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8", delay=True
+        )
     except OSError:
         return None
     handler.setFormatter(logging.Formatter(_FORMAT))
@@ -67,7 +67,7 @@ def setup_logging(front_end: str) -> Optional[Path]:
     return path
 
 
-def current_log_path() -> Optional[Path]:
+def current_log_path() -> Path | None:
     """The file that :func:`setup_logging` opened, or None before it ran (or when it could not)."""
     return Path(_handler.baseFilename) if isinstance(_handler, logging.FileHandler) else None
 

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 # soname -> Debian package, for the libraries Qt 6's xcb plugin and its Gui/Widgets/DBus libraries need.
 DEBIAN_PACKAGES = {
@@ -59,7 +58,7 @@ RUNTIME_PACKAGES = ("fonts-dejavu-core",)
 QT_LIBRARIES = ("libQt6Core.so.6", "libQt6Gui.so.6", "libQt6Widgets.so.6", "libQt6DBus.so.6", "libQt6XcbQpa.so.6")
 
 
-def qt_folder() -> Optional[Path]:
+def qt_folder() -> Path | None:
     """PySide6's Qt folder, found without importing PySide6."""
     spec = importlib.util.find_spec("PySide6")
     if spec is None or not spec.submodule_search_locations:
@@ -78,7 +77,7 @@ def parse_ldd(text: str) -> list[str]:
     return [line.split("=>")[0].strip() for line in text.splitlines() if "=> not found" in line]
 
 
-def missing_libraries(qt: Optional[Path] = None) -> list[str]:
+def missing_libraries(qt: Path | None = None) -> list[str]:
     qt = qt or qt_folder()
     if qt is None or shutil.which("ldd") is None:
         return []
@@ -101,7 +100,7 @@ def install_command(packages: list[str]) -> str:
     return f"sudo apt-get update && sudo apt-get install -y {' '.join(packages)}"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_studio.qt_system_libs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--install", action="store_true", help="install what is missing with apt-get (as root)")
     args = parser.parse_args(argv)
@@ -113,8 +112,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     packages, unknown = packages_for(missing)
     print(f"lora-studio: Qt's window needs system libraries that are missing: {', '.join(missing)}", file=sys.stderr)
     if unknown:
-        print(f"lora-studio: no Debian package is known for {', '.join(unknown)}; install it with your package manager",
-              file=sys.stderr)
+        print(
+            f"lora-studio: no Debian package is known for {', '.join(unknown)}; install it with your package manager",
+            file=sys.stderr,
+        )
     if not packages:
         return 1
     can_install = args.install and shutil.which("apt-get") is not None and os.geteuid() == 0
@@ -125,12 +126,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     quiet = {"stdout": subprocess.DEVNULL}
     subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, **quiet)
-    done = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages,
-                           *RUNTIME_PACKAGES], env=env, check=False, **quiet)
+    done = subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages, *RUNTIME_PACKAGES],
+        env=env,
+        check=False,
+        **quiet,
+    )
     still = missing_libraries()
     if done.returncode != 0 or still:
-        print(f"lora-studio: apt-get could not install everything (still missing: {', '.join(still) or '?'}); "
-              f"try: {install_command(packages)}", file=sys.stderr)
+        print(
+            f"lora-studio: apt-get could not install everything (still missing: {', '.join(still) or '?'}); "
+            f"try: {install_command(packages)}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -1,6 +1,6 @@
 """Render resources/icons/lora-studio.svg to PNG (run after editing the SVG).
 
-    QT_QPA_PLATFORM=offscreen .venv/bin/python packaging/render_icon.py
+QT_QPA_PLATFORM=offscreen .venv/bin/python packaging/render_icon.py
 """
 
 import sys

@@ -12,9 +12,9 @@ import os
 import pickle
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import factories
 
@@ -37,14 +37,16 @@ def _adapter_case(mutate: Callable[[Path], None]):
         adapter = _copy(fx["adapter"], work / "adapter")
         mutate(adapter)
         return {"base": fx["base"], "adapter": adapter}
+
     return build
 
 
-def _base_case(mutate: Callable[[Path], Optional[Path]]):
+def _base_case(mutate: Callable[[Path], Path | None]):
     def build(work: Path, fx: dict) -> dict:
         base = _copy(fx["base"], work / "base")
         result = mutate(base)
         return {"base": result or base, "adapter": None}
+
     return build
 
 
@@ -60,6 +62,7 @@ def _weights(mutate_bytes):
     def m(a: Path):
         p = a / "adapter_model.safetensors"
         p.write_bytes(mutate_bytes(p.read_bytes()))
+
     return m
 
 
@@ -109,8 +112,14 @@ def _base_remote_code(b: Path):
 
 def _base_missing_shard(b: Path):
     (b / "model.safetensors").rename(b / "model-00001-of-00002.safetensors")
-    (b / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (b / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {},
+                "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+            }
+        )
+    )
 
 
 def _base_evil_bin(b: Path):
@@ -140,48 +149,126 @@ def _spaces_and_bytes_name(work: Path, fx: dict) -> dict:
 
 CASES: list[BadCase] = [
     # adapters
-    BadCase("adapter-config-missing", _adapter_case(lambda a: (a / "adapter_config.json").unlink()), r"has no adapter_config\.json"),
+    BadCase(
+        "adapter-config-missing",
+        _adapter_case(lambda a: (a / "adapter_config.json").unlink()),
+        r"has no adapter_config\.json",
+    ),
     BadCase("adapter-config-empty", _adapter_case(_config("")), r"adapter_config\.json is empty"),
     BadCase("adapter-config-invalid-json", _adapter_case(_config("{'r': 4,")), r"is not valid JSON"),
     BadCase("adapter-config-not-object", _adapter_case(_config("[]")), r"is not a JSON object"),
-    BadCase("adapter-config-not-utf8", _adapter_case(lambda a: (a / "adapter_config.json").write_bytes(b"\xff\xfe{")), r"not UTF-8"),
-    BadCase("adapter-peft-type-unknown", _adapter_case(_edit_config(peft_type="HYPERLORA")), r"unknown peft_type 'HYPERLORA'"),
-    BadCase("adapter-peft-type-not-lora", _adapter_case(_edit_config(peft_type="IA3")), r"IA3 adapter; LoRA Studio handles LoRA adapters only"),
-    BadCase("adapter-future-peft-keys", _adapter_case(_edit_config(quantum_rank=3, peft_version="1.9.0")), r"does not know: quantum_rank \(saved by PEFT 1\.9\.0\)"),
+    BadCase(
+        "adapter-config-not-utf8",
+        _adapter_case(lambda a: (a / "adapter_config.json").write_bytes(b"\xff\xfe{")),
+        r"not UTF-8",
+    ),
+    BadCase(
+        "adapter-peft-type-unknown",
+        _adapter_case(_edit_config(peft_type="HYPERLORA")),
+        r"unknown peft_type 'HYPERLORA'",
+    ),
+    BadCase(
+        "adapter-peft-type-not-lora",
+        _adapter_case(_edit_config(peft_type="IA3")),
+        r"IA3 adapter; LoRA Studio handles LoRA adapters only",
+    ),
+    BadCase(
+        "adapter-future-peft-keys",
+        _adapter_case(_edit_config(quantum_rank=3, peft_version="1.9.0")),
+        r"does not know: quantum_rank \(saved by PEFT 1\.9\.0\)",
+    ),
     BadCase("adapter-r-zero", _adapter_case(_edit_config(r=0)), r"r is 0"),
     BadCase("adapter-r-not-number", _adapter_case(_edit_config(r="four")), r"r and lora_alpha must be numbers"),
-    BadCase("adapter-other-architecture", lambda w, fx: {"base": fx["base"], "adapter": fx["gpt2_adapter"]}, r"another architecture|does not have"),
-    BadCase("adapter-shape-mismatch", lambda w, fx: {"base": fx["base"], "adapter": fx["wide_adapter"]},
-            r"model\.layers\.0\.self_attn\.q_proj: adapter expects in=64,out=64, base has in=32,out=32"),
+    BadCase(
+        "adapter-other-architecture",
+        lambda w, fx: {"base": fx["base"], "adapter": fx["gpt2_adapter"]},
+        r"another architecture|does not have",
+    ),
+    BadCase(
+        "adapter-shape-mismatch",
+        lambda w, fx: {"base": fx["base"], "adapter": fx["wide_adapter"]},
+        r"model\.layers\.0\.self_attn\.q_proj: adapter expects in=64,out=64, base has in=32,out=32",
+    ),
     BadCase("adapter-weights-truncated", _adapter_case(_weights(lambda b: b[:-40])), r"truncated"),
-    BadCase("adapter-weights-corrupt-header", _adapter_case(_weights(lambda b: struct.pack("<Q", 7) + b"{broken" + b[15:])), r"corrupt safetensors header"),
+    BadCase(
+        "adapter-weights-corrupt-header",
+        _adapter_case(_weights(lambda b: struct.pack("<Q", 7) + b"{broken" + b[15:])),
+        r"corrupt safetensors header",
+    ),
     BadCase("adapter-weights-tiny-file", _adapter_case(_weights(lambda b: b[:3])), r"not a safetensors file"),
     BadCase("adapter-weights-is-directory", _adapter_case(_weights_dir), r"is a folder, not a weights file"),
-    BadCase("adapter-weights-missing", _adapter_case(lambda a: (a / "adapter_model.safetensors").unlink()), r"has no adapter weights"),
+    BadCase(
+        "adapter-weights-missing",
+        _adapter_case(lambda a: (a / "adapter_model.safetensors").unlink()),
+        r"has no adapter weights",
+    ),
     BadCase("adapter-weights-malicious-pickle", _adapter_case(_evil_pickle), r"refused: it is not a plain tensor file"),
     BadCase("adapter-weights-nan", _adapter_case(_nan_weights), r"has 1 NaN/Inf values"),
     BadCase("adapter-lora-b-missing", _adapter_case(_drop_tensor), r"lora_B missing"),
     BadCase("adapter-empty-folder", _empty_folder, r"is empty"),
     BadCase("adapter-does-not-exist", lambda w, fx: {"base": fx["base"], "adapter": w / "nowhere"}, r"does not exist"),
-    BadCase("adapter-is-a-file", lambda w, fx: {"base": fx["base"], "adapter": (w / "file.txt", (w / "file.txt").write_text("x"))[0]},
-            r"is a file, not an adapter folder"),
-    BadCase("adapter-is-a-full-model", lambda w, fx: {"base": fx["base"], "adapter": fx["base"]}, r"is a full model, not a LoRA adapter"),
+    BadCase(
+        "adapter-is-a-file",
+        lambda w, fx: {"base": fx["base"], "adapter": (w / "file.txt", (w / "file.txt").write_text("x"))[0]},
+        r"is a file, not an adapter folder",
+    ),
+    BadCase(
+        "adapter-is-a-full-model",
+        lambda w, fx: {"base": fx["base"], "adapter": fx["base"]},
+        r"is a full model, not a LoRA adapter",
+    ),
     # bases
     BadCase("base-does-not-exist", lambda w, fx: {"base": w / "no-model", "adapter": None}, r"does not exist"),
-    BadCase("base-empty-folder", lambda w, fx: {"base": (w / "empty", (w / "empty").mkdir())[0], "adapter": None}, r"is an empty folder"),
-    BadCase("base-is-a-text-file", lambda w, fx: {"base": (w / "notes.txt", (w / "notes.txt").write_text("hi"))[0], "adapter": None},
-            r"is a file, not a model"),
-    BadCase("base-fake-gguf", lambda w, fx: {"base": (w / "m.gguf", (w / "m.gguf").write_bytes(b"GGML" + b"\0" * 64))[0], "adapter": None},
-            r"is not a GGUF file"),
-    BadCase("base-config-invalid-json", _base_case(lambda b: _write(b / "config.json", "{oops")), r"config\.json is not valid JSON"),
-    BadCase("base-index-missing-shard", _base_case(_base_missing_shard), r"shard model-00002-of-00002\.safetensors but it is missing"),
+    BadCase(
+        "base-empty-folder",
+        lambda w, fx: {"base": (w / "empty", (w / "empty").mkdir())[0], "adapter": None},
+        r"is an empty folder",
+    ),
+    BadCase(
+        "base-is-a-text-file",
+        lambda w, fx: {"base": (w / "notes.txt", (w / "notes.txt").write_text("hi"))[0], "adapter": None},
+        r"is a file, not a model",
+    ),
+    BadCase(
+        "base-fake-gguf",
+        lambda w, fx: {"base": (w / "m.gguf", (w / "m.gguf").write_bytes(b"GGML" + b"\0" * 64))[0], "adapter": None},
+        r"is not a GGUF file",
+    ),
+    BadCase(
+        "base-config-invalid-json",
+        _base_case(lambda b: _write(b / "config.json", "{oops")),
+        r"config\.json is not valid JSON",
+    ),
+    BadCase(
+        "base-index-missing-shard",
+        _base_case(_base_missing_shard),
+        r"shard model-00002-of-00002\.safetensors but it is missing",
+    ),
     BadCase("base-weights-truncated", _base_case(lambda b: _truncate(b / "model.safetensors")), r"truncated"),
-    BadCase("base-is-an-adapter", lambda w, fx: {"base": fx["adapter"], "adapter": None}, r"LoRA adapter folder, not a base model"),
-    BadCase("base-needs-remote-code", _base_case(_base_remote_code), r"needs its own Python code to load \(modeling_custom\.py\); it was not run",
-            ok_for=frozenset({"inspect"})),
-    BadCase("base-malicious-pickle", _base_case(_base_evil_bin), r"refused because it is not plain tensors", ok_for=frozenset({"inspect"})),
+    BadCase(
+        "base-is-an-adapter",
+        lambda w, fx: {"base": fx["adapter"], "adapter": None},
+        r"LoRA adapter folder, not a base model",
+    ),
+    BadCase(
+        "base-needs-remote-code",
+        _base_case(_base_remote_code),
+        r"needs its own Python code to load \(modeling_custom\.py\); it was not run",
+        ok_for=frozenset({"inspect"}),
+    ),
+    BadCase(
+        "base-malicious-pickle",
+        _base_case(_base_evil_bin),
+        r"refused because it is not plain tensors",
+        ok_for=frozenset({"inspect"}),
+    ),
     # valid inputs with awkward names must simply work
-    BadCase("paths-with-spaces-and-non-utf8", _spaces_and_bytes_name, r"", ok_for=frozenset({"inspect", "attach", "compare", "merge", "window"})),
+    BadCase(
+        "paths-with-spaces-and-non-utf8",
+        _spaces_and_bytes_name,
+        r"",
+        ok_for=frozenset({"inspect", "attach", "compare", "merge", "window"}),
+    ),
 ]
 
 

@@ -11,9 +11,8 @@ import os
 import tempfile
 import threading
 
-import pytest
-
 import factories
+import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,8 +59,14 @@ def llama_adapters(models_dir, tiny_llama):
     """Two adapters for tiny_llama with different targets and seeds: {'alpha': path, 'beta': path}."""
     return {
         "alpha": factories.make_adapter(tiny_llama, models_dir / "adapter-alpha", seed=11),
-        "beta": factories.make_adapter(tiny_llama, models_dir / "adapter-beta", seed=12, r=8, lora_alpha=16,
-                                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
+        "beta": factories.make_adapter(
+            tiny_llama,
+            models_dir / "adapter-beta",
+            seed=12,
+            r=8,
+            lora_alpha=16,
+            target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+        ),
     }
 
 
@@ -72,7 +77,9 @@ def wide_adapter(models_dir, tiny_llama_wide):
 
 @pytest.fixture(scope="session")
 def gpt2_adapter(models_dir, tiny_gpt2):
-    return factories.make_adapter(tiny_gpt2, models_dir / "adapter-gpt2", target_modules=("c_attn",), fan_in_fan_out=True, seed=14)
+    return factories.make_adapter(
+        tiny_gpt2, models_dir / "adapter-gpt2", target_modules=("c_attn",), fan_in_fan_out=True, seed=14
+    )
 
 
 @pytest.fixture
@@ -99,7 +106,9 @@ def no_leftover_threads():
 def added_tokens_adapter(models_dir):
     """An adapter trained on a vocabulary with 10 added tokens (embed_tokens/lm_head in modules_to_save), with its tokenizer."""
     bigger = factories.make_llama(models_dir / "trap-big-vocab", vocab_size=330)
-    adapter = factories.make_adapter(bigger, models_dir / "trap-added-tokens", modules_to_save=["lm_head", "embed_tokens"], seed=31)
+    adapter = factories.make_adapter(
+        bigger, models_dir / "trap-added-tokens", modules_to_save=["lm_head", "embed_tokens"], seed=31
+    )
     tok = factories.make_tokenizer()
     tok.add_tokens([f"<extra{i}>" for i in range(10)])
     tok.save_pretrained(str(adapter))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -43,7 +42,10 @@ def make_tokenizer(chat_template: bool = True):
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
     )
     if chat_template:
@@ -55,9 +57,17 @@ def llama_config(**overrides):
     from transformers import LlamaConfig
 
     kw = dict(
-        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     kw.update(overrides)
     return LlamaConfig(**kw)
@@ -66,8 +76,16 @@ def llama_config(**overrides):
 def gpt2_config(**overrides):
     from transformers import GPT2Config
 
-    kw = dict(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-              bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    kw = dict(
+        vocab_size=VOCAB_SIZE,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     kw.update(overrides)
     return GPT2Config(**kw)
 
@@ -99,16 +117,32 @@ def make_gpt2(folder: Path, **kw) -> Path:
     return save_model(folder, gpt2_config(**kw), dtype=dtype, seed=seed)
 
 
-def make_adapter(base: Path, folder: Path, *, r: int = 4, lora_alpha: int = 8, target_modules=("q_proj", "v_proj"),
-                 seed: int = 1, dtype: str = "float32", scale: float = 1.0, **lora_kwargs) -> Path:
+def make_adapter(
+    base: Path,
+    folder: Path,
+    *,
+    r: int = 4,
+    lora_alpha: int = 8,
+    target_modules=("q_proj", "v_proj"),
+    seed: int = 1,
+    dtype: str = "float32",
+    scale: float = 1.0,
+    **lora_kwargs,
+) -> Path:
     """A LoRA adapter for ``base`` with random (non-zero) A and B, saved with PEFT's save_pretrained."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, dtype))
-    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(target_modules), init_lora_weights=False,
-                        task_type="CAUSAL_LM", **lora_kwargs)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=list(target_modules),
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        **lora_kwargs,
+    )
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, config)
     if scale != 1.0:
@@ -131,7 +165,7 @@ def edit_adapter_config(folder: Path, **changes) -> None:
     path.write_text(json.dumps(cfg))
 
 
-def peft_model(base: Path, adapters: dict, dtype: str = "float32", active: Optional[str] = None):
+def peft_model(base: Path, adapters: dict, dtype: str = "float32", active: str | None = None):
     """The reference: a PeftModel with ``adapters`` (name -> folder) loaded by PEFT directly."""
     import torch
     from peft import PeftModel

@@ -2,22 +2,27 @@
 
 import re
 
-import pytest
-
 import bad_inputs
+import pytest
 from cli_helpers import run_in_process
+
 from lora_studio.cli.main import main
 from lora_studio.core.errors import UserError, describe
+from lora_studio.core.model.sources import resolve_source
 from lora_studio.core.report.inspect_report import inspect_base_and_adapters
 from lora_studio.core.session import Session
-from lora_studio.core.model.sources import resolve_source
 
 CASES = bad_inputs.CASES
 
 
 @pytest.fixture(scope="module")
 def fixtures(tiny_llama, llama_adapters, wide_adapter, gpt2_adapter):
-    return {"base": tiny_llama, "adapter": llama_adapters["alpha"], "wide_adapter": wide_adapter, "gpt2_adapter": gpt2_adapter}
+    return {
+        "base": tiny_llama,
+        "adapter": llama_adapters["alpha"],
+        "wide_adapter": wide_adapter,
+        "gpt2_adapter": gpt2_adapter,
+    }
 
 
 def test_corpus_is_large_enough():
@@ -87,6 +92,7 @@ def test_core_inspect_matches_session_messages(fixtures, tmp_path):
 
 # -- the same corpus through `compare` and `merge` ----------------------------------------------------------------
 
+
 def assert_one_line_refusal(code, out, err, pattern=None, exit_code=2):
     assert code == exit_code, err
     assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
@@ -103,8 +109,13 @@ def leftovers(out):
 # Adapter cases refused after the (tiny) base is loaded all go through Session.attach, covered case by case above;
 # compare runs the ones refused before loading plus a representative set of those refused by attach.
 COMPARE_ADAPTER_CASES = {
-    "adapter-config-invalid-json", "adapter-future-peft-keys", "adapter-shape-mismatch", "adapter-weights-truncated",
-    "adapter-weights-malicious-pickle", "adapter-weights-nan", "adapter-does-not-exist",
+    "adapter-config-invalid-json",
+    "adapter-future-peft-keys",
+    "adapter-shape-mismatch",
+    "adapter-weights-truncated",
+    "adapter-weights-malicious-pickle",
+    "adapter-weights-nan",
+    "adapter-does-not-exist",
 }
 COMPARE_CASES = [c for c in CASES if c.id.startswith("base-") or c.id in COMPARE_ADAPTER_CASES]
 
@@ -113,8 +124,20 @@ COMPARE_CASES = [c for c in CASES if c.id.startswith("base-") or c.id in COMPARE
 def test_cli_compare(case, fixtures, tmp_path, capsys, one_thread):
     inputs = bad_inputs.build(case, tmp_path / "w", fixtures)
     adapter = inputs["adapter"] or fixtures["adapter"]
-    code, out, err = run_in_process(capsys, ["compare", inputs["base"], "--adapter", f"candidate={adapter}", "--prompt", "hello",
-                                             "--max-new-tokens", "2", "--json"])
+    code, out, err = run_in_process(
+        capsys,
+        [
+            "compare",
+            inputs["base"],
+            "--adapter",
+            f"candidate={adapter}",
+            "--prompt",
+            "hello",
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ],
+    )
     assert_one_line_refusal(code, out, err, case.message)
     _check_no_side_effects(tmp_path / "w")
 
@@ -124,22 +147,41 @@ def test_cli_compare_awkward_paths_work(fixtures, tmp_path, capsys, one_thread):
 
     case = next(c for c in CASES if c.id == "paths-with-spaces-and-non-utf8")
     inputs = bad_inputs.build(case, tmp_path / "w", fixtures)
-    code, out, err = run_in_process(capsys, ["compare", inputs["base"], "--adapter", f"candidate={inputs['adapter']}", "--prompt", "hello",
-                                             "--max-new-tokens", "2", "--no-base-variant", "--json"])
+    code, out, err = run_in_process(
+        capsys,
+        [
+            "compare",
+            inputs["base"],
+            "--adapter",
+            f"candidate={inputs['adapter']}",
+            "--prompt",
+            "hello",
+            "--max-new-tokens",
+            "2",
+            "--no-base-variant",
+            "--json",
+        ],
+    )
     assert code == 0, err
     assert [v["name"] for v in json.loads(out)["variants"]] == ["candidate"]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--prompt", ""], r"prompt is empty|empty prompt"),
-    (["--prompt", "   "], r"prompt is empty|empty prompt"),
-    (["--prompt", "hi", "--max-new-tokens", "0"], r"max.new.tokens|new tokens"),
-    (["--prompt", "hi", "--max-new-tokens", "1000000"], r"max.new.tokens|new tokens"),
-    (["--prompt", "hi", "--max-new-tokens", "-3"], r"max.new.tokens|new tokens"),
-    (["--prompt", "hi", "--max-new-tokens", "many"], r"invalid int value"),
-], ids=["empty-prompt", "blank-prompt", "zero-tokens", "million-tokens", "negative-tokens", "tokens-not-a-number"])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt", ""], r"prompt is empty|empty prompt"),
+        (["--prompt", "   "], r"prompt is empty|empty prompt"),
+        (["--prompt", "hi", "--max-new-tokens", "0"], r"max.new.tokens|new tokens"),
+        (["--prompt", "hi", "--max-new-tokens", "1000000"], r"max.new.tokens|new tokens"),
+        (["--prompt", "hi", "--max-new-tokens", "-3"], r"max.new.tokens|new tokens"),
+        (["--prompt", "hi", "--max-new-tokens", "many"], r"invalid int value"),
+    ],
+    ids=["empty-prompt", "blank-prompt", "zero-tokens", "million-tokens", "negative-tokens", "tokens-not-a-number"],
+)
 def test_cli_compare_bad_settings(extra, message, fixtures, capsys):
-    code, out, err = run_in_process(capsys, ["compare", fixtures["base"], "--adapter", f"a={fixtures['adapter']}", "--json", *extra])
+    code, out, err = run_in_process(
+        capsys, ["compare", fixtures["base"], "--adapter", f"a={fixtures['adapter']}", "--json", *extra]
+    )
     assert_one_line_refusal(code, out, err, message)
 
 
@@ -148,7 +190,9 @@ def test_cli_merge(case, fixtures, tmp_path, capsys):
     inputs = bad_inputs.build(case, tmp_path / "w", fixtures)
     out_dir = tmp_path / "w" / "merged"
     adapter = inputs["adapter"] or fixtures["adapter"]
-    code, out, err = run_in_process(capsys, ["merge", inputs["base"], "--adapter", adapter, "--out", out_dir, "--no-verify", "--json"])
+    code, out, err = run_in_process(
+        capsys, ["merge", inputs["base"], "--adapter", adapter, "--out", out_dir, "--no-verify", "--json"]
+    )
     if "merge" in case.ok_for:
         assert code == 0, err
         assert (out_dir / "config.json").is_file() and leftovers(out_dir) == ["merged"]
@@ -160,8 +204,19 @@ def test_cli_merge(case, fixtures, tmp_path, capsys):
 
 # -- merge: what can go wrong on the output side -------------------------------------------------------------------
 
+
 def merge_argv(fixtures, out_dir, *extra):
-    return ["merge", fixtures["base"], "--adapter", fixtures["adapter"], "--out", out_dir, "--no-verify", "--json", *extra]
+    return [
+        "merge",
+        fixtures["base"],
+        "--adapter",
+        fixtures["adapter"],
+        "--out",
+        out_dir,
+        "--no-verify",
+        "--json",
+        *extra,
+    ]
 
 
 def snapshot(folder):
@@ -212,7 +267,11 @@ def test_merge_when_the_disk_fills_up(budget, fixtures, tmp_path, capsys, monkey
     from lora_studio.core.io import shard_writer
 
     used = [0]
-    real_write_all, real_copy_range, real_pwrite_all = shard_writer._write_all, shard_writer._copy_range, shard_writer._pwrite_all
+    real_write_all, real_copy_range, real_pwrite_all = (
+        shard_writer._write_all,
+        shard_writer._copy_range,
+        shard_writer._pwrite_all,
+    )
 
     def spend(n):
         used[0] += n
@@ -277,9 +336,13 @@ def test_merge_cancelled_from_report_leaves_nothing(stage, engine, fixtures, tmp
 
     out_dir = tmp_path / "merged"
     with pytest.raises(Cancelled):
-        merge_and_save(resolve_source(fixtures["base"]), [AdapterSpec("a", fixtures["adapter"])],
-                       MergeOptions(out=out_dir, engine=engine, verify_prompts=("hello",), verify_tokens=2),
-                       cancel=token, report=report)
+        merge_and_save(
+            resolve_source(fixtures["base"]),
+            [AdapterSpec("a", fixtures["adapter"])],
+            MergeOptions(out=out_dir, engine=engine, verify_prompts=("hello",), verify_tokens=2),
+            cancel=token,
+            report=report,
+        )
     assert leftovers(out_dir) == []
 
 
@@ -296,13 +359,27 @@ def test_merge_refuses_non_finite_adapter_weights(value, engine, fixtures, tmp_p
     tensors[key][1, 2] = float(value)
     save_file(tensors, adapter / "adapter_model.safetensors")
     out_dir = tmp_path / "merged"
-    code, out, err = run_in_process(capsys, ["merge", fixtures["base"], "--adapter", adapter, "--out", out_dir, "--engine", engine,
-                                             "--no-verify", "--json"])
+    code, out, err = run_in_process(
+        capsys,
+        [
+            "merge",
+            fixtures["base"],
+            "--adapter",
+            adapter,
+            "--out",
+            out_dir,
+            "--engine",
+            engine,
+            "--no-verify",
+            "--json",
+        ],
+    )
     assert_one_line_refusal(code, out, err, r"has 1 NaN/Inf values")
     assert leftovers(out_dir) == []
 
 
 # -- a few real processes: what a user's terminal sees ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("command", ["merge"])  # compare takes the same load path; one process start is enough
 def test_subprocess_one_line_and_empty_stdout(command, fixtures, tmp_path):
@@ -314,11 +391,19 @@ def test_subprocess_one_line_and_empty_stdout(command, fixtures, tmp_path):
     case = next(c for c in CASES if c.id == "base-malicious-pickle")
     inputs = bad_inputs.build(case, tmp_path / "w", fixtures)
     out_dir = tmp_path / "w" / "merged"
-    argv = (["merge", inputs["base"], "--adapter", fixtures["adapter"], "--out", out_dir] if command == "merge" else
-            ["compare", inputs["base"], "--adapter", f"a={fixtures['adapter']}", "--prompt", "hi"])
+    argv = (
+        ["merge", inputs["base"], "--adapter", fixtures["adapter"], "--out", out_dir]
+        if command == "merge"
+        else ["compare", inputs["base"], "--adapter", f"a={fixtures['adapter']}", "--prompt", "hi"]
+    )
     env = {k: v for k, v in os.environ.items() if k != "LORA_STUDIO_DEBUG"}
-    proc = subprocess.run([sys.executable, "-m", "lora_studio", *map(str, argv), "--json"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_studio", *map(str, argv), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert_one_line_refusal(proc.returncode, proc.stdout, proc.stderr, case.message)
     assert not out_dir.exists()
     _check_no_side_effects(tmp_path / "w")

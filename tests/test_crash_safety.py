@@ -23,10 +23,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import factories
 import pytest
 import torch
-
-import factories
 
 KILLS = 20
 SEED = 20240607
@@ -74,8 +73,13 @@ class Driver:
         script = tmp / "driver.py"
         script.write_text(DRIVER)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
-        self.proc = subprocess.Popen([sys.executable, str(script), str(base), str(adapter), str(SHARD_BYTES), str(reference)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), str(base), str(adapter), str(SHARD_BYTES), str(reference)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert json.loads(self._line()) == {"ready": True}
 
     def _line(self) -> str:
@@ -106,9 +110,18 @@ class Driver:
 @pytest.fixture(scope="module")
 def crash_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
-    base = factories.make_llama(root / "base", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                                num_attention_heads=8, num_key_value_heads=2, seed=21)
-    adapter = factories.make_adapter(base, root / "adapter", r=8, target_modules=("q_proj", "v_proj", "up_proj"), seed=22)
+    base = factories.make_llama(
+        root / "base",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        seed=21,
+    )
+    adapter = factories.make_adapter(
+        base, root / "adapter", r=8, target_modules=("q_proj", "v_proj", "up_proj"), seed=22
+    )
     return root, base, adapter
 
 
@@ -127,7 +140,13 @@ def snapshot(folder: Path) -> dict:
 
 def check_complete(folder: Path, reference: dict, *, load_with_transformers: bool) -> None:
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "README.md", "model.safetensors.index.json"} <= names, names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "README.md",
+        "model.safetensors.index.json",
+    } <= names, names
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 3 and all((folder / s).is_file() for s in shards)
@@ -154,7 +173,11 @@ def test_sigkill_during_save_never_leaves_a_partial_folder(crash_models, tmp_pat
         peft_merged = factories.peft_model(base, {"a": adapter}).merge_and_unload().state_dict()
         assert all(torch.equal(reference[k], peft_merged[k]) for k in reference)  # the reference is PEFT's merge
 
-        fresh, replaced, kept = tmp_path / "fresh" / "merged", tmp_path / "replaced" / "merged", tmp_path / "kept" / "merged"
+        fresh, replaced, kept = (
+            tmp_path / "fresh" / "merged",
+            tmp_path / "replaced" / "merged",
+            tmp_path / "kept" / "merged",
+        )
         for folder in (fresh.parent, replaced.parent, kept.parent):
             folder.mkdir()
         # the old folder an --overwrite run replaces, and one the user did not agree to overwrite

@@ -12,8 +12,9 @@ from lora_studio.app_logging import LOG_NAME
 def _cli(args, data, **env):
     full = dict(os.environ, LORA_STUDIO_DATA_DIR=str(data), **env)
     full.pop("LORA_STUDIO_LOG_DIR", None)
-    return subprocess.run([sys.executable, "-m", "lora_studio", *args], env=full, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lora_studio", *args], env=full, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_error_goes_to_the_log_file_in_the_data_folder(tmp_path):
@@ -32,13 +33,16 @@ def test_help_names_the_log_file(tmp_path):
 
 
 def test_debug_raises_the_level(tmp_path):
-    code = ("import logging; from lora_studio.app_logging import setup_logging; p = setup_logging('t'); "
-            "logging.getLogger('lora_studio.x').debug('deep detail'); print(p)")
+    code = (
+        "import logging; from lora_studio.app_logging import setup_logging; p = setup_logging('t'); "
+        "logging.getLogger('lora_studio.x').debug('deep detail'); print(p)"
+    )
     for debug, expected in (("1", True), ("", False)):
         env = dict(os.environ, LORA_STUDIO_DATA_DIR=str(tmp_path / f"d{debug}"), LORA_STUDIO_DEBUG=debug)
         env.pop("LORA_STUDIO_LOG_DIR", None)
-        path = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
-                              check=True).stdout.strip()
+        path = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True
+        ).stdout.strip()
         assert ("deep detail" in open(path).read()) is expected
 
 

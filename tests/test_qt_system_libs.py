@@ -16,8 +16,12 @@ LDD = """\
 
 
 def test_ldd_output_names_the_missing_libraries():
-    assert qt_system_libs.parse_ldd(LDD) == ["libxcb-cursor.so.0", "libxcb-icccm.so.4", "libxcb-keysyms.so.1",
-                                             "libmystery.so.7"]
+    assert qt_system_libs.parse_ldd(LDD) == [
+        "libxcb-cursor.so.0",
+        "libxcb-icccm.so.4",
+        "libxcb-keysyms.so.1",
+        "libmystery.so.7",
+    ]
 
 
 def test_missing_libraries_map_to_debian_packages():

@@ -15,8 +15,8 @@ import pytest
 
 from lora_studio.core.compare import Variant, compare
 from lora_studio.core.generation.generate import GenerationSettings, generate
-from lora_studio.core.session import Session
 from lora_studio.core.model.sources import resolve_source
+from lora_studio.core.session import Session
 
 SWITCHES = 200
 SETTINGS = GenerationSettings(max_new_tokens=6)

@@ -11,8 +11,11 @@ TIMEOUT_MS = 30_000
 
 def make_window(qtbot, tmp_path, sampler=None, sample_interval_s: float = 0.05) -> MainWindow:
     """A shown window with its settings in tmp_path and no real NVML unless a sampler says otherwise."""
-    window = MainWindow(sampler=sampler or MemorySampler(open_nvml=False), settings=StudioSettings(tmp_path / "window.ini"),
-                        sample_interval_s=sample_interval_s)
+    window = MainWindow(
+        sampler=sampler or MemorySampler(open_nvml=False),
+        settings=StudioSettings(tmp_path / "window.ini"),
+        sample_interval_s=sample_interval_s,
+    )
     qtbot.addWidget(window)
     window.show()
     qtbot.waitExposed(window)

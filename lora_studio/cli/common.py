@@ -12,7 +12,9 @@ from lora_studio.core.tasks import Progress
 
 
 def add_base_argument(parser) -> None:
-    parser.add_argument("base", nargs="?", help="model folder, .gguf file, or a repo id in the local Hugging Face cache")
+    parser.add_argument(
+        "base", nargs="?", help="model folder, .gguf file, or a repo id in the local Hugging Face cache"
+    )
     parser.add_argument("--demo", action="store_true", help="use the embedded demo model (SmolLM2-135M-Instruct)")
 
 

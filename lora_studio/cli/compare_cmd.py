@@ -28,12 +28,21 @@ def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="generate with the base, each adapter and a merged model side by side")
     add_base_argument(p)
     add_adapter_argument(p, "adapter folder to compare, optionally named: NAME=PATH (repeatable)")
-    p.add_argument("--merged", action="append", default=[], metavar="[NAME=]PATH",
-                   help="a merged model folder to compare beside the session (repeatable)")
-    p.add_argument("--base-variant", action=argparse.BooleanOptionalAction, default=True,
-                   help="include the base with adapters disabled as a column (default: yes)")
+    p.add_argument(
+        "--merged",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="a merged model folder to compare beside the session (repeatable)",
+    )
+    p.add_argument(
+        "--base-variant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="include the base with adapters disabled as a column (default: yes)",
+    )
     p.add_argument("--prompt", help="the prompt (the chat template is applied when the tokenizer has one)")
-    p.add_argument("--prompts-file", metavar="FILE", help="prompts: .txt one per line, or .jsonl with a \"prompt\" field")
+    p.add_argument("--prompts-file", metavar="FILE", help='prompts: .txt one per line, or .jsonl with a "prompt" field')
     p.add_argument("--raw", action="store_true", help="feed the prompt as raw text, without the chat template")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="new tokens per variant (default 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -67,8 +76,14 @@ def run(args) -> int:
 
     # Everything a user can get wrong is checked before the (slow) model load.
     prompts = _prompts(args)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                                  top_p=args.top_p, seed=args.seed, use_chat_template=not args.raw)
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        use_chat_template=not args.raw,
+    )
     for prompt in prompts:
         validate(settings, prompt)
     adapters = parse_adapter_specs(args.adapter)
@@ -80,7 +95,9 @@ def run(args) -> int:
     if not names:
         raise UserError("nothing to compare", "add --adapter or --merged, or keep the base variant")
     if len(set(names)) != len(names):
-        raise UserError(f"two variants are named {next(n for n in names if names.count(n) > 1)!r}", "name them with NAME=PATH")
+        raise UserError(
+            f"two variants are named {next(n for n in names if names.count(n) > 1)!r}", "name them with NAME=PATH"
+        )
     if args.reference is not None and args.reference not in names:
         raise UserError(f"--reference {args.reference!r} is not a variant", f"pick one of {', '.join(names)}")
 
@@ -95,8 +112,9 @@ def run(args) -> int:
             variants.append(comparison.Variant.of_adapter(name))
         for name, path in merged:
             variants.append(comparison.Variant.merged(comparison.load_beside(path, session, report=progress), name))
-        result = comparison.compare(session, variants, prompts, settings, reference=args.reference, mixed=not args.sequential,
-                                    report=progress)
+        result = comparison.compare(
+            session, variants, prompts, settings, reference=args.reference, mixed=not args.sequential, report=progress
+        )
     finally:
         progress.done()
         session.close()
@@ -109,8 +127,12 @@ def run(args) -> int:
 
 def to_json(result) -> dict:
     """The single-prompt shape {"prompt", "variants", "mixed_batch", "seconds", ...}; several prompts under "prompts"."""
-    common = {"mixed_batch": result.mixed_batch, "fallback_reason": result.fallback_reason,
-              "seconds": round(result.seconds, 3), "settings": result.settings.to_json()}
+    common = {
+        "mixed_batch": result.mixed_batch,
+        "fallback_reason": result.fallback_reason,
+        "seconds": round(result.seconds, 3),
+        "settings": result.settings.to_json(),
+    }
     if len(result.prompts) == 1:
         return {**result.prompts[0].to_json(), **common}
     return {"prompts": [p.to_json() for p in result.prompts], **common}
@@ -136,9 +158,16 @@ def render(result) -> str:
             for para in (o.text.strip() or "(empty)").splitlines() or [""]:
                 out.append(textwrap.fill(para, 100) if para else "")
         if div is not None and any(c.scores for c in div.columns):
-            rows = [[c.name, "-" if c.first_divergence is None else str(c.first_divergence),
-                     f"{c.scores.mean_kl:.4f}" if c.scores else "-", f"{c.scores.agreement:.1f}%" if c.scores else "-",
-                     f"{c.scores.mean_logprob:.3f}" if c.scores else "-"] for c in div.columns]
+            rows = [
+                [
+                    c.name,
+                    "-" if c.first_divergence is None else str(c.first_divergence),
+                    f"{c.scores.mean_kl:.4f}" if c.scores else "-",
+                    f"{c.scores.agreement:.1f}%" if c.scores else "-",
+                    f"{c.scores.mean_logprob:.3f}" if c.scores else "-",
+                ]
+                for c in div.columns
+            ]
             out.append("")
             out.append(f"Teacher-forced on {div.reference}'s continuation:")
             out.append(table(rows, ["variant", "first diff", "mean KL", "agreement", "mean logprob"]))

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from lora_studio.cli.common import (
-    add_adapter_argument, add_base_argument, human_bytes, parse_adapter_specs, print_json, resolve_base, table,
+    add_adapter_argument,
+    add_base_argument,
+    human_bytes,
+    parse_adapter_specs,
+    print_json,
+    resolve_base,
+    table,
 )
 from lora_studio.core.model.dtypes import DTYPES
 
@@ -48,13 +54,25 @@ def render(report) -> str:
         pct = f" = {a.percent_of_base:.3f}% of base" if a.percent_of_base is not None else ""
         out.append(f"Adapter {a.name}  ({a.path})")
         out.append(f"  {a.peft_type} r={a.r} alpha={a.lora_alpha:g} scaling={a.scaling:.4g} {' '.join(flags)}".rstrip())
-        out.append(f"  init: {a.init_lora_weights}; targets: {a.target_modules}; modules_to_save: {a.modules_to_save or '-'}")
+        out.append(
+            f"  init: {a.init_lora_weights}; targets: {a.target_modules}; modules_to_save: {a.modules_to_save or '-'}"
+        )
         if a.trainable_token_indices:
             out.append(f"  trainable tokens: {a.trainable_token_indices}")
         out.append(f"  params {a.params:,}{pct}; weights {a.weights_file} {human_bytes(a.weights_bytes)}")
         for w in a.warnings:
             out.append(f"  warning: {w}")
-        rows = [[m.module, f"{m.in_features}x{m.out_features}", str(m.r), f"{m.delta_norm:.4g}",
-                 " ".join(f"{s:.3g}" for s in m.singular_values[:4])] for m in a.modules]
-        out.append("  " + table(rows, ["module", "in x out", "r", "|ΔW|_F", "top singular values"]).replace("\n", "\n  "))
+        rows = [
+            [
+                m.module,
+                f"{m.in_features}x{m.out_features}",
+                str(m.r),
+                f"{m.delta_norm:.4g}",
+                " ".join(f"{s:.3g}" for s in m.singular_values[:4]),
+            ]
+            for m in a.modules
+        ]
+        out.append(
+            "  " + table(rows, ["module", "in x out", "r", "|ΔW|_F", "top singular values"]).replace("\n", "\n  ")
+        )
     return "\n".join(out)

@@ -11,7 +11,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from lora_studio import __version__
 from lora_studio.app_logging import setup_logging
@@ -24,18 +24,20 @@ EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit 2."""
 
-    def error(self, message: str):  # noqa: D401 - argparse API
+    def error(self, message: str):
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         raise SystemExit(EXIT_BAD_INPUT)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lora_studio.app_logging import DEBUG_ENV, log_path
     from lora_studio.cli import compare_cmd, inspect_cmd, merge_cmd
 
-    from lora_studio.app_logging import DEBUG_ENV, log_path
-
-    parser = _OneLineParser(prog="lora-studio", description="Load a base model, attach, compare and merge LoRA adapters.",
-                            epilog=f"Log file: {log_path()} (rotating; {DEBUG_ENV}=1 logs more and shows tracebacks).")
+    parser = _OneLineParser(
+        prog="lora-studio",
+        description="Load a base model, attach, compare and merge LoRA adapters.",
+        epilog=f"Log file: {log_path()} (rotating; {DEBUG_ENV}=1 logs more and shows tracebacks).",
+    )
     parser.add_argument("--version", action="version", version=f"lora-studio {__version__}")
     parser.add_argument("--demo", action="store_true", help="open the window with the embedded demo model loaded")
     parser.add_argument("--open", dest="base", metavar="PATH", help="open the window with this base model loaded")
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from lora_studio.core.model.loading import offline_environment
 
     offline_environment()
@@ -75,8 +77,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as exc:  # the one place the CLI turns errors into words
         desc = describe(exc)
-        logger.log(logging.INFO if desc.kind in ("user", "cancelled") else logging.ERROR, "%s: %s\n%s",
-                   args.command, desc.message, desc.detail)
+        logger.log(
+            logging.INFO if desc.kind in ("user", "cancelled") else logging.ERROR,
+            "%s: %s\n%s",
+            args.command,
+            desc.message,
+            desc.detail,
+        )
         if os.environ.get("LORA_STUDIO_DEBUG"):
             sys.stderr.write(desc.detail)
         if desc.kind == "cancelled":
@@ -93,7 +100,9 @@ def _open_window(args) -> int:
     try:
         from lora_studio.gui.app import run_app
     except ImportError as exc:  # e.g. PySide6 missing or no Qt platform libraries
-        sys.stderr.write(f"lora-studio: the window cannot start ({exc}); the CLI works: try `lora-studio inspect --demo`\n")
+        sys.stderr.write(
+            f"lora-studio: the window cannot start ({exc}); the CLI works: try `lora-studio inspect --demo`\n"
+        )
         return EXIT_INTERNAL
     return run_app(demo=args.demo, base=args.base)
 

@@ -26,14 +26,20 @@ def add_parser(sub) -> None:
     add_base_argument(p)
     add_adapter_argument(p, "adapter folder to merge, optionally named NAME=PATH (repeat to combine several)")
     p.add_argument("--weights", help="comma-separated weights, one per adapter (with --combination)")
-    p.add_argument("--combination", choices=COMBINATIONS, help="how to combine several adapters (PEFT add_weighted_adapter)")
+    p.add_argument(
+        "--combination", choices=COMBINATIONS, help="how to combine several adapters (PEFT add_weighted_adapter)"
+    )
     p.add_argument("--density", type=float, help="fraction of entries kept, for ties, dare_* and magnitude_prune")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the saved weights (default: the base's)")
-    p.add_argument("--engine", choices=ENGINES, help="streaming (low memory, default where it applies) or in-memory (PEFT)")
+    p.add_argument(
+        "--engine", choices=ENGINES, help="streaming (low memory, default where it applies) or in-memory (PEFT)"
+    )
     p.add_argument("--safe-merge", action="store_true", help="in-memory engine: PEFT's NaN/Inf check while merging")
     p.add_argument("--no-verify", action="store_true", help="skip comparing the saved model with the adapter model")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically, at the end)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output folder (atomically, at the end)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -44,7 +50,9 @@ def parse_weights(text, count: int) -> list[float]:
     try:
         weights = [float(w) for w in text.split(",") if w.strip()]
     except ValueError as exc:
-        raise UserError(f"--weights {text!r} is not a comma-separated list of numbers", "write e.g. --weights 0.7,0.3") from exc
+        raise UserError(
+            f"--weights {text!r} is not a comma-separated list of numbers", "write e.g. --weights 0.7,0.3"
+        ) from exc
     if len(weights) != count:
         raise UserError(f"--weights has {len(weights)} values for {count} adapters", "give one weight per --adapter")
     return weights
@@ -64,9 +72,16 @@ def run(args) -> int:
     adapters = [AdapterSpec(name, path, w) for (name, path), w in zip(specs, weights)]
     progress = stderr_progress()
     source = resolve_base(args, report=progress)
-    options = MergeOptions(out=Path(args.out).expanduser(), dtype=args.dtype, engine=args.engine,
-                           combination=args.combination, density=args.density, safe_merge=args.safe_merge,
-                           verify=not args.no_verify, overwrite=args.overwrite)
+    options = MergeOptions(
+        out=Path(args.out).expanduser(),
+        dtype=args.dtype,
+        engine=args.engine,
+        combination=args.combination,
+        density=args.density,
+        safe_merge=args.safe_merge,
+        verify=not args.no_verify,
+        overwrite=args.overwrite,
+    )
     try:
         result = merge_and_save(source, adapters, options, report=progress)
     finally:
@@ -76,9 +91,13 @@ def run(args) -> int:
         return 0
     v = result.verification
     print(f"Saved     {result.out}")
-    print(f"Engine    {result.engine}, {result.dtype}, {len(result.files)} shard(s), {human_bytes(result.bytes_written)} in {result.seconds:.1f} s")
+    print(
+        f"Engine    {result.engine}, {result.dtype}, {len(result.files)} shard(s), {human_bytes(result.bytes_written)} in {result.seconds:.1f} s"
+    )
     print(f"Verified  {v.summary() if v else 'skipped (--no-verify)'}")
     if v is not None and v.status != "pass":
-        sys.stderr.write("lora-studio: warning: the merged model differs from the adapter model more than expected for "
-                         f"{result.dtype}; see {result.out / 'README.md'}\n")
+        sys.stderr.write(
+            "lora-studio: warning: the merged model differs from the adapter model more than expected for "
+            f"{result.dtype}; see {result.out / 'README.md'}\n"
+        )
     return 0

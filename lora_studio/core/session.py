@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Optional
+from typing import Any
 
 from lora_studio.core.adapters import combinations, compatibility
 from lora_studio.core.adapters import files as adapter_files
@@ -46,16 +46,16 @@ class AttachedAdapter:
 class SessionState:
     """A snapshot for display: safe to hand to another thread."""
 
-    base: Optional[str]
-    base_path: Optional[str]
-    dtype: Optional[str]
-    device: Optional[str]
-    params: Optional[int]
+    base: str | None
+    base_path: str | None
+    dtype: str | None
+    device: str | None
+    params: int | None
     adapters: tuple[tuple[str, str, int], ...]  # (name, path, size_bytes)
-    active_adapter: Optional[str]  # None: base behaviour
+    active_adapter: str | None  # None: base behaviour
     adapters_enabled: bool
-    quantization: Optional[str] = None  # e.g. "bitsandbytes 4-bit" when the base's weights are quantized
-    tokenizer_source: Optional[str] = None  # an adapter folder whose tokenizer replaced the base's
+    quantization: str | None = None  # e.g. "bitsandbytes 4-bit" when the base's weights are quantized
+    tokenizer_source: str | None = None  # an adapter folder whose tokenizer replaced the base's
 
     @property
     def loaded(self) -> bool:
@@ -65,21 +65,21 @@ class SessionState:
 class Session:
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        self.source: Optional[ModelSource] = None
-        self.footprint: Optional[ModelFootprint] = None
+        self.source: ModelSource | None = None
+        self.footprint: ModelFootprint | None = None
         # Any, not Optional[PreTrainedModel | PeftModel]: most calls need one or the other, after require_loaded()
         self.model: Any = None  # the transformers model, or a PeftModel wrapping it
         self.tokenizer: Any = None
-        self.tokenizer_source: Optional[Path] = None  # an adapter folder whose tokenizer replaced the base's
-        self.quantization: Optional[str] = None  # e.g. "bitsandbytes 4-bit" when the base's weights are quantized
-        self.dtype: Optional[str] = None
-        self.device_map: Optional[str] = None
+        self.tokenizer_source: Path | None = None  # an adapter folder whose tokenizer replaced the base's
+        self.quantization: str | None = None  # e.g. "bitsandbytes 4-bit" when the base's weights are quantized
+        self.dtype: str | None = None
+        self.device_map: str | None = None
         self._adapters: dict[str, AttachedAdapter] = {}
-        self._active: Optional[str] = None  # the selection made by activate / disable_adapters
+        self._active: str | None = None  # the selection made by activate / disable_adapters
         self._enabled = True
         # Inside a variant_selected / mixed_batch_selected block: what the model has now, (adapter, enabled);
         # None outside any block, where the model has the selection above.
-        self._live: Optional[tuple[Optional[str], bool]] = None
+        self._live: tuple[str | None, bool] | None = None
 
     # -- state -----------------------------------------------------------------
     @property
@@ -87,7 +87,7 @@ class Session:
         return self.model is not None
 
     @property
-    def active_adapter(self) -> Optional[str]:
+    def active_adapter(self) -> str | None:
         """The adapter whose behaviour the model has now; None means the base's."""
         return self._active if (self._enabled and self._adapters) else None
 
@@ -116,7 +116,7 @@ class Session:
             )
 
     @property
-    def device(self) -> Optional[str]:
+    def device(self) -> str | None:
         if self.model is None:
             return None
         try:
@@ -130,23 +130,45 @@ class Session:
         return self.model
 
     # -- base ------------------------------------------------------------------
-    def load(self, source: ModelSource, *, dtype: str = "float32", device_map: str = "cpu", trust_remote_code: bool = False,
-             cancel: Optional[CancelToken] = None, report: Report = no_report) -> SessionState:
+    def load(
+        self,
+        source: ModelSource,
+        *,
+        dtype: str = "float32",
+        device_map: str = "cpu",
+        trust_remote_code: bool = False,
+        cancel: CancelToken | None = None,
+        report: Report = no_report,
+    ) -> SessionState:
         from lora_studio.core.model.loading import load_base
 
         cancel = cancel or CancelToken()
         footprint = read_footprint(source)
         # read_footprint has already refused a damaged config.json
-        quant = None if source.gguf_file else compatibility.quantization_label(read_config_file(source.path, missing_ok=True))
+        quant = (
+            None
+            if source.gguf_file
+            else compatibility.quantization_label(read_config_file(source.path, missing_ok=True))
+        )
         try:
-            model, tokenizer = load_base(source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
-                                         cancel=cancel, report=report)
+            model, tokenizer = load_base(
+                source,
+                dtype=dtype,
+                device_map=device_map,
+                trust_remote_code=trust_remote_code,
+                cancel=cancel,
+                report=report,
+            )
         except ImportError as exc:  # transformers names a missing quantization (or other optional) library
             first = " ".join(str(exc).split())[:200]
             if quant:
-                raise UserError(f"{source.label} is quantized ({quant}) and cannot be loaded here: {first}",
-                                "install that library (it may need a GPU), or load the full-precision model") from exc
-            raise UserError(f"cannot load {source.label}: {first}", "install the missing library, or pick another model") from exc
+                raise UserError(
+                    f"{source.label} is quantized ({quant}) and cannot be loaded here: {first}",
+                    "install that library (it may need a GPU), or load the full-precision model",
+                ) from exc
+            raise UserError(
+                f"cannot load {source.label}: {first}", "install the missing library, or pick another model"
+            ) from exc
         with self.lock:
             self._release()
             self.quantization = quant
@@ -192,17 +214,35 @@ class Session:
         if self.source is None:
             return ()
         config = self.base_model().config
-        return (self.source.label, str(self.source.path), self.source.repo_id or "", str(getattr(config, "_name_or_path", "")))
+        return (
+            self.source.label,
+            str(self.source.path),
+            self.source.repo_id or "",
+            str(getattr(config, "_name_or_path", "")),
+        )
 
     # -- adapters --------------------------------------------------------------
     def check_adapter(self, path: Path) -> compatibility.Compatibility:
         self.require_loaded()
         arch = type(self.base_model()).__name__
-        return compatibility.check(Path(path), self.weight_shapes(), base_label=self.source.label if self.source else "the base",
-                                   base_identity=self.base_identity(), architecture=arch)
+        return compatibility.check(
+            Path(path),
+            self.weight_shapes(),
+            base_label=self.source.label if self.source else "the base",
+            base_identity=self.base_identity(),
+            architecture=arch,
+        )
 
-    def attach(self, path: Path, name: Optional[str] = None, *, activate: bool = True, resize_embeddings: bool = False,
-               cancel: Optional[CancelToken] = None, report: Report = no_report) -> AttachedAdapter:
+    def attach(
+        self,
+        path: Path,
+        name: str | None = None,
+        *,
+        activate: bool = True,
+        resize_embeddings: bool = False,
+        cancel: CancelToken | None = None,
+        report: Report = no_report,
+    ) -> AttachedAdapter:
         """Check, then load an adapter under ``name`` (default: the folder name) and make it active.
 
         ``resize_embeddings``: for an adapter trained with added tokens, resize the base's
@@ -216,7 +256,9 @@ class Session:
         with self.lock:
             self.require_loaded()
             if name in self._adapters:
-                raise UserError(f"an adapter named {name!r} is already attached", "delete it first or attach under another name")
+                raise UserError(
+                    f"an adapter named {name!r} is already attached", "delete it first or attach under another name"
+                )
             report(Progress(0, 2, f"checking {name}", "steps"))
             try:
                 compat = self.check_adapter(path)
@@ -233,10 +275,14 @@ class Session:
                     if self.is_peft:
                         self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
                     else:
-                        self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name, is_trainable=False)
+                        self.model = PeftModel.from_pretrained(
+                            self.model, str(folder), adapter_name=name, is_trainable=False
+                        )
             except (ValueError, RuntimeError, KeyError, OSError) as exc:
-                raise UserError(f"PEFT could not attach {path.name}: {' '.join(str(exc).split())[:300]}",
-                                "check that the adapter matches this base") from exc
+                raise UserError(
+                    f"PEFT could not attach {path.name}: {' '.join(str(exc).split())[:300]}",
+                    "check that the adapter matches this base",
+                ) from exc
             self.model.eval()
             if cancel.cancelled:
                 self._drop_adapter(name)
@@ -255,16 +301,20 @@ class Session:
 
     def _resize_vocabulary(self, adapter: Path, mismatch: compatibility.VocabularyMismatch) -> None:
         if self._adapters:
-            raise UserError(f"resizing the vocabulary to {mismatch.adapter_vocab} tokens needs a base without adapters",
-                            "unload the other adapters first, then attach this one")
+            raise UserError(
+                f"resizing the vocabulary to {mismatch.adapter_vocab} tokens needs a base without adapters",
+                "unload the other adapters first, then attach this one",
+            )
         if not mismatch.adapter_has_tokenizer or mismatch.adapter_vocab < mismatch.base_vocab:
             raise UserError(str(mismatch.message), "the adapter folder has no tokenizer to resize the base with")
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(adapter))
         if len(tokenizer) > mismatch.adapter_vocab:
-            raise UserError(f"the tokenizer in {adapter.name} has {len(tokenizer)} tokens, more than the adapter's {mismatch.adapter_vocab} embedding rows",
-                            "the adapter folder is inconsistent")
+            raise UserError(
+                f"the tokenizer in {adapter.name} has {len(tokenizer)} tokens, more than the adapter's {mismatch.adapter_vocab} embedding rows",
+                "the adapter folder is inconsistent",
+            )
         self.base_model().resize_token_embeddings(mismatch.adapter_vocab)
         self.tokenizer = tokenizer
         self.tokenizer_source = adapter
@@ -338,8 +388,9 @@ class Session:
             release_memory()
 
     # -- combinations ----------------------------------------------------------
-    def register_combination(self, name: str, weights: Mapping[str, float], combination_type: str = "linear",
-                             density: Optional[float] = None) -> AttachedAdapter:
+    def register_combination(
+        self, name: str, weights: Mapping[str, float], combination_type: str = "linear", density: float | None = None
+    ) -> AttachedAdapter:
         """Create adapter ``name`` = a weighted combination of attached adapters (PEFT ``add_weighted_adapter``).
 
         It is registered like an attached adapter (its path reads
@@ -366,8 +417,9 @@ class Session:
             return attached
 
     @contextmanager
-    def temporary_combination(self, name: str, weights: Sequence[tuple[str, float]], combination_type: str,
-                              density: Optional[float] = None) -> Iterator[str]:
+    def temporary_combination(
+        self, name: str, weights: Sequence[tuple[str, float]], combination_type: str, density: float | None = None
+    ) -> Iterator[str]:
         """A weighted combination of attached adapters as PEFT adapter ``name`` for the block only; yields ``name``.
 
         It is not registered (``adapters`` and ``state()`` do not list it) and is deleted
@@ -388,8 +440,9 @@ class Session:
                 if self.is_peft and name in self.model.peft_config:
                     self.model.delete_adapter(name)
 
-    def _add_combination(self, name: str, names: list[str], weights: list[float], combination_type: str,
-                         density: Optional[float]) -> None:
+    def _add_combination(
+        self, name: str, names: list[str], weights: list[float], combination_type: str, density: float | None
+    ) -> None:
         """PEFT's add_weighted_adapter (replacing an adapter of that name); the model's active adapter stays."""
         previous = self.model.active_adapter
         try:
@@ -403,7 +456,7 @@ class Session:
 
     # -- selection for a block -------------------------------------------------
     @contextmanager
-    def variant_selected(self, adapter: Optional[str]) -> Iterator[Any]:
+    def variant_selected(self, adapter: str | None) -> Iterator[Any]:
         """Within the block the model behaves as ``adapter`` (None: the base, adapters disabled); yields the model.
 
         Afterwards the model has again what it had before (blocks nest). ``state()`` keeps
@@ -429,7 +482,7 @@ class Session:
             yield model
 
     @contextmanager
-    def _selected(self, adapter: Optional[str], enabled: bool) -> Iterator[Any]:
+    def _selected(self, adapter: str | None, enabled: bool) -> Iterator[Any]:
         with self.lock:
             outer = self._live
             previous = outer if outer is not None else (self._active, self._enabled)
@@ -443,7 +496,7 @@ class Session:
                 self._apply_selection(*previous)
                 self._live = outer
 
-    def _apply_selection(self, adapter: Optional[str], enabled: bool) -> None:
+    def _apply_selection(self, adapter: str | None, enabled: bool) -> None:
         """Point the PEFT model at ``adapter`` (when given and still there) and switch its adapter layers on or off."""
         if not self.is_peft:
             return  # the plain base: base behaviour is the only one

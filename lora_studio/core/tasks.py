@@ -9,8 +9,8 @@ to signals, the CLI to a terminal line, tests to lists.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from lora_studio.core.errors import Cancelled
 
@@ -18,12 +18,12 @@ from lora_studio.core.errors import Cancelled
 @dataclass(frozen=True)
 class Progress:
     done: float = 0
-    total: Optional[float] = None  # None: indeterminate
+    total: float | None = None  # None: indeterminate
     message: str = ""
     unit: str = ""  # "tensors", "tokens", "bytes", ... for display
 
     @property
-    def fraction(self) -> Optional[float]:
+    def fraction(self) -> float | None:
         if not self.total:
             return None
         return max(0.0, min(1.0, self.done / self.total))

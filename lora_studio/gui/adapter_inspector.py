@@ -35,7 +35,7 @@ class AdapterInspector(QGroupBox):
         for key in FIELDS:
             label = QLabel("–")
             label.setWordWrap(True)
-            label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+            label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
             self.fields[key] = label
             form.addRow(key, label)
         self.chart_host = QVBoxLayout()
@@ -148,10 +148,20 @@ class AdapterInspector(QGroupBox):
         if len(train):
             plot.plot(list(train.steps), list(train.values), pen=pg.mkPen("#4c78a8", width=2), name="train")
         if len(val):
-            plot.plot(list(val.steps), list(val.values), pen=pg.mkPen("#e45756", width=2), name="validation",
-                      symbol="o", symbolSize=5, symbolBrush="#e45756", symbolPen=None)
-        parts = [f"train {train.last:.3f} (best {train.best:.3f})" if len(train) else "",
-                 f"validation {val.last:.3f} (best {val.best:.3f})" if len(val) else ""]
+            plot.plot(
+                list(val.steps),
+                list(val.values),
+                pen=pg.mkPen("#e45756", width=2),
+                name="validation",
+                symbol="o",
+                symbolSize=5,
+                symbolBrush="#e45756",
+                symbolPen=None,
+            )
+        parts = [
+            f"train {train.last:.3f} (best {train.best:.3f})" if len(train) else "",
+            f"validation {val.last:.3f} (best {val.best:.3f})" if len(val) else "",
+        ]
         title = "training loss (loss.csv): " + ", ".join(p for p in parts if p)
         if log.warnings:
             title += " — " + "; ".join(log.warnings)

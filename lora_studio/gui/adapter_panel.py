@@ -47,8 +47,13 @@ class AdapterPanel(Panel):
     released = Signal(object)  # core.system.memory.Reclaimed after delete/unload
     adapter_attached = Signal(str)  # folder path, for the Recent menu
 
-    def __init__(self, runner: JobRunner, session_model: SessionModel, sampler: MemorySampler | None = None,
-                 parent: QWidget | None = None) -> None:
+    def __init__(
+        self,
+        runner: JobRunner,
+        session_model: SessionModel,
+        sampler: MemorySampler | None = None,
+        parent: QWidget | None = None,
+    ) -> None:
         super().__init__(runner, session_model, parent)
         self.sampler = sampler
         # name -> (inspection, loss log or its problem), read once per adapter
@@ -118,14 +123,14 @@ class AdapterPanel(Panel):
         gen_layout.addLayout(row)
         gen_layout.addWidget(self.output)
 
-        upper = QSplitter(Qt.Horizontal)
+        upper = QSplitter(Qt.Orientation.Horizontal)
         upper.addWidget(list_box)
         # scrolled: the filled-in inspector (eight fields, two charts) is taller than a laptop screen allows,
         # and unscrolled its minimum height made the whole window grow, and every chart re-lay out, mid-job
         inspector_scroll = QScrollArea()
         inspector_scroll.setWidgetResizable(True)
-        inspector_scroll.setFrameShape(QFrame.NoFrame)
-        inspector_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)  # the fields wrap instead
+        inspector_scroll.setFrameShape(QFrame.Shape.NoFrame)
+        inspector_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # the fields wrap instead
         inspector_scroll.setWidget(self.inspector)
         upper.addWidget(inspector_scroll)
         upper.setStretchFactor(0, 3)
@@ -152,14 +157,14 @@ class AdapterPanel(Panel):
         self.tree.clear()
         if state.base:
             base = QTreeWidgetItem(["", "(base, adapters off)", "", state.base])
-            base.setData(1, Qt.UserRole, BASE_ROW)
+            base.setData(1, Qt.ItemDataRole.UserRole, BASE_ROW)
             base.setToolTip(1, "the base model's own behaviour")
             self.tree.addTopLevelItem(base)
             if state.active_adapter is None:
                 self._mark(base)
             for name, path, size in state.adapters:
                 item = QTreeWidgetItem(["", name, format_bytes(size), path])
-                item.setData(1, Qt.UserRole, name)
+                item.setData(1, Qt.ItemDataRole.UserRole, name)
                 item.setToolTip(3, path)
                 item.setToolTip(2, "memory its weights take in the loaded model")
                 self.tree.addTopLevelItem(item)
@@ -184,17 +189,17 @@ class AdapterPanel(Panel):
         for i in range(self.tree.topLevelItemCount()):
             item = self.tree.topLevelItem(i)
             if item.text(0) == ACTIVE_MARK:
-                return item.data(1, Qt.UserRole)
+                return item.data(1, Qt.ItemDataRole.UserRole)
         return None
 
     def selected_name(self) -> str | None:
         items = self.tree.selectedItems()
-        return items[0].data(1, Qt.UserRole) if items else None
+        return items[0].data(1, Qt.ItemDataRole.UserRole) if items else None
 
     def select(self, name: str) -> None:
         for i in range(self.tree.topLevelItemCount()):
             item = self.tree.topLevelItem(i)
-            if item.data(1, Qt.UserRole) == name:
+            if item.data(1, Qt.ItemDataRole.UserRole) == name:
                 self.tree.setCurrentItem(item)
                 return
 
@@ -203,22 +208,40 @@ class AdapterPanel(Panel):
         loaded = bool(self.state.base)
         has = bool(self.state.adapters)
         sel = self.selected_name()
-        self.set_reasons({
-            self.attach_btn: (busy or ("" if loaded else "load a base model first"),
-                              "Attach a PEFT LoRA adapter folder (adapter_config.json + weights)"),
-            self.activate_btn: (busy or ("" if sel else "select an adapter in the list"),
-                                "Make the selected adapter the active one"),
-            self.disable_btn: (busy or ("" if has else "no adapters attached"), "Base behaviour; adapters stay attached"),
-            self.delete_btn: (busy or ("" if sel and sel != BASE_ROW else "select an adapter to delete"),
-                              "Remove the selected adapter and free its memory"),
-            self.unload_btn: (busy or ("" if has else "no adapters attached"), "Remove every adapter; keep the base"),
-            self.generate_btn: (busy or ("" if loaded else "load a base model first"), "Generate with the active adapter"),
-        })
+        self.set_reasons(
+            {
+                self.attach_btn: (
+                    busy or ("" if loaded else "load a base model first"),
+                    "Attach a PEFT LoRA adapter folder (adapter_config.json + weights)",
+                ),
+                self.activate_btn: (
+                    busy or ("" if sel else "select an adapter in the list"),
+                    "Make the selected adapter the active one",
+                ),
+                self.disable_btn: (
+                    busy or ("" if has else "no adapters attached"),
+                    "Base behaviour; adapters stay attached",
+                ),
+                self.delete_btn: (
+                    busy or ("" if sel and sel != BASE_ROW else "select an adapter to delete"),
+                    "Remove the selected adapter and free its memory",
+                ),
+                self.unload_btn: (
+                    busy or ("" if has else "no adapters attached"),
+                    "Remove every adapter; keep the base",
+                ),
+                self.generate_btn: (
+                    busy or ("" if loaded else "load a base model first"),
+                    "Generate with the active adapter",
+                ),
+            }
+        )
         self.cancel_btn.setEnabled(self.runner.current is not None)
 
     # -- jobs ---------------------------------------------------------------------------------------------------------
     def _run(self, name: str, fn, on_done, *, marker: str | None = None) -> Job | None:
         """A model job of this panel; ``marker`` goes on the memory chart when it succeeds."""
+
         def done(result) -> None:
             on_done(result)
             if marker and not isinstance(result, Exception):  # a refusal handed back for a question marks nothing
@@ -243,9 +266,15 @@ class AdapterPanel(Panel):
 
         def run(*, cancel, report):
             try:
-                return session.attach(Path(path), name, resize_embeddings=resize_embeddings, cancel=cancel, report=report)
+                return session.attach(
+                    Path(path), name, resize_embeddings=resize_embeddings, cancel=cancel, report=report
+                )
             except VocabularyMismatch as mismatch:
-                if resize_embeddings or not mismatch.adapter_has_tokenizer or mismatch.adapter_vocab < mismatch.base_vocab:
+                if (
+                    resize_embeddings
+                    or not mismatch.adapter_has_tokenizer
+                    or mismatch.adapter_vocab < mismatch.base_vocab
+                ):
                     raise
                 return mismatch  # the GUI thread asks the user, then attaches again with resizing
 
@@ -275,12 +304,15 @@ class AdapterPanel(Panel):
         from PySide6.QtWidgets import QMessageBox
 
         answer = QMessageBox.question(
-            self, "Resize the vocabulary?",
+            self,
+            "Resize the vocabulary?",
             f"{mismatch.message}.\n\nThe adapter folder has its own tokenizer with the added tokens. Resize the base's "
             f"embeddings to {mismatch.adapter_vocab} tokens and use that tokenizer? (The files on disk are not changed; "
             "a merge saves the adapter's tokenizer with the model.)",
-            QMessageBox.Yes | QMessageBox.No, QMessageBox.Yes)
-        return answer == QMessageBox.Yes
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.Yes,
+        )
+        return answer == QMessageBox.StandardButton.Yes
 
     def activate_selected(self) -> None:
         name = self.selected_name()
@@ -291,14 +323,20 @@ class AdapterPanel(Panel):
 
     def activate(self, name: str) -> Job | None:
         session = self.session
-        return self._run(f"activating {name}", lambda *, cancel, report: session.activate(name),
-                         lambda _: self.show_message(f"{name} is active", "ok"))
+        return self._run(
+            f"activating {name}",
+            lambda *, cancel, report: session.activate(name),
+            lambda _: self.show_message(f"{name} is active", "ok"),
+        )
 
     def disable_all(self) -> Job | None:
         session = self.session
-        return self._run("disabling adapters", lambda *, cancel, report: session.disable_adapters(),
-                         lambda _: self.show_message("adapters off: the model behaves as the base", "ok"),
-                         marker="adapters off")
+        return self._run(
+            "disabling adapters",
+            lambda *, cancel, report: session.disable_adapters(),
+            lambda _: self.show_message("adapters off: the model behaves as the base", "ok"),
+            marker="adapters off",
+        )
 
     def _release_job(self, label: str, expected: int, release) -> Job | None:
         sampler = self.sampler
@@ -383,7 +421,8 @@ class AdapterPanel(Panel):
                 self._show_inspected(*result)
 
         self.op(f"inspecting {name}", run, exclusive=False, key="inspect", progress=False).on_success(done).on_failure(
-            lambda desc: self.inspector.show_error(desc.message)).on_cancel(lambda: None).run()
+            lambda desc: self.inspector.show_error(desc.message)
+        ).on_cancel(lambda: None).run()
 
     def _show_inspected(self, inspection: AdapterInspection, loss: TrainingLog | str | None) -> None:
         self.inspector.show_inspection(inspection)

@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Optional
 
 STARTUP_ENV = "LORA_STUDIO_STARTUP_REPORT"  # set by the benchmark: print startup time and quit
 
 
-def run_app(demo: bool = False, base: Optional[str] = None) -> int:
+def run_app(demo: bool = False, base: str | None = None) -> int:
     from PySide6.QtCore import QTimer
     from PySide6.QtGui import QIcon
     from PySide6.QtWidgets import QApplication
@@ -34,6 +33,7 @@ def run_app(demo: bool = False, base: Optional[str] = None) -> int:
     window = MainWindow()
     window.show()
     if os.environ.get(STARTUP_ENV):
+
         def report() -> None:
             import psutil
 

@@ -22,6 +22,7 @@ COLUMN_MIN_WIDTH = 180
 
 # -- the KL heat strip ------------------------------------------------------------------------------------------------
 
+
 def kl_color(kl: float) -> QColor:
     """Pale for agreement, deep red for large KL; 1 - exp(-kl) keeps small differences visible."""
     t = 1.0 - math.exp(-max(0.0, kl))
@@ -38,7 +39,7 @@ class KLStrip(QWidget):
         super().__init__(parent)
         self.setFixedHeight(self.HEIGHT)
         self.setMouseTracking(True)
-        self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
         self.kl: list[float] = []
         self.logprobs: list[float] = []
         self.agrees: list[bool] = []
@@ -68,10 +69,10 @@ class KLStrip(QWidget):
     def tooltip_for(self, i: int) -> str:
         piece = self.pieces[i] if i < len(self.pieces) else ""
         agree = "its greedy choice agrees" if self.agrees[i] else "its greedy choice differs"
-        return (f"token {i} {piece!r}\nlog p = {self.logprobs[i]:.3f}\nKL = {self.kl[i]:.4f} nats\n{agree}")
+        return f"token {i} {piece!r}\nlog p = {self.logprobs[i]:.3f}\nKL = {self.kl[i]:.4f} nats\n{agree}"
 
     def event(self, event) -> bool:
-        if event.type() == QEvent.ToolTip and self.kl:
+        if event.type() == QEvent.Type.ToolTip and self.kl:
             i = self.index_at(event.position().x() if hasattr(event, "position") else event.pos().x())
             if i is not None:
                 QToolTip.showText(event.globalPos(), self.tooltip_for(i), self)
@@ -98,18 +99,19 @@ class KLStrip(QWidget):
 
 # -- one column -------------------------------------------------------------------------------------------------------
 
+
 class ColumnView(QFrame):
     """Header (name, summary numbers), the streamed text, the KL strip."""
 
     def __init__(self, name: str, kind: str, parent=None) -> None:
         super().__init__(parent)
         self.name, self.kind = name, kind
-        self.setFrameShape(QFrame.StyledPanel)
+        self.setFrameShape(QFrame.Shape.StyledPanel)
         self.setMinimumWidth(COLUMN_MIN_WIDTH)
         self.header = QLabel()
-        self.header.setTextFormat(Qt.RichText)
+        self.header.setTextFormat(Qt.TextFormat.RichText)
         self.header.setWordWrap(True)
-        self.header.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.header.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.text = QPlainTextEdit(readOnly=True)
         self.text.setPlaceholderText("press Run")
         font = QFont(self.text.font())
@@ -150,7 +152,7 @@ class ColumnView(QFrame):
             bar = self.text.verticalScrollBar()
             at_end = bar.value() >= bar.maximum() - 2
             cursor = QTextCursor(self.text.document())
-            cursor.movePosition(QTextCursor.End)
+            cursor.movePosition(QTextCursor.MoveOperation.End)
             cursor.insertText(display_text(text))
             if at_end:
                 bar.setValue(bar.maximum())
@@ -172,7 +174,7 @@ class ColumnView(QFrame):
             fmt.setBackground(QColor(DIVERGED_BACKGROUND))
             cursor = QTextCursor(self.text.document())
             cursor.setPosition(offset)
-            cursor.movePosition(QTextCursor.End, QTextCursor.KeepAnchor)
+            cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
             cursor.mergeCharFormat(fmt)
         self.strip.set_scores(column.scores, pieces, column.first_divergence)
         parts = [f"{self.tokens} tokens"]
@@ -186,9 +188,12 @@ class ColumnView(QFrame):
             parts.append(f"mean KL {column.scores.mean_kl:.3f}")
             parts.append(f"agreement {column.scores.agreement:.0f} %")
         self.set_header(" · ".join(parts))
-        self.setToolTip("" if self.name == reference else
-                        "highlighted: from the first token that differs from the reference;\n"
-                        "strip: how surprised this variant is by the reference's tokens (KL, nats)")
+        self.setToolTip(
+            ""
+            if self.name == reference
+            else "highlighted: from the first token that differs from the reference;\n"
+            "strip: how surprised this variant is by the reference's tokens (KL, nats)"
+        )
 
 
 def _html(text: str) -> str:

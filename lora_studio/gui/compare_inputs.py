@@ -34,12 +34,12 @@ class PromptBox(QWidget):
         self.edit.setFixedHeight(72)
         self.select = QComboBox()
         self.select.setToolTip("prompts from the loaded file; the chosen one goes into the box")
-        self.select.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.select.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.select.setMinimumContentsLength(30)
         self.select.currentIndexChanged.connect(self._picked)
         self.select.hide()
         self.load_btn = QPushButton("Load prompts…")
-        self.load_btn.setToolTip("a .txt file (one prompt per line) or .jsonl ({\"prompt\": ...} per line)")
+        self.load_btn.setToolTip('a .txt file (one prompt per line) or .jsonl ({"prompt": ...} per line)')
         self.chat_check = QCheckBox("chat template")
         self.chat_check.setChecked(True)
         self.chat_check.setToolTip("wrap the prompt in the tokenizer's chat template; off: the text is fed as is")
@@ -64,8 +64,8 @@ class PromptBox(QWidget):
         self.select.clear()
         for i, prompt in enumerate(self.prompts):
             label = " ".join((labels[i] if labels else prompt).split())
-            self.select.addItem(label if len(label) <= MAX_PROMPT_LABEL else label[:MAX_PROMPT_LABEL - 1] + "…")
-            self.select.setItemData(i, prompt, Qt.ToolTipRole)
+            self.select.addItem(label if len(label) <= MAX_PROMPT_LABEL else label[: MAX_PROMPT_LABEL - 1] + "…")
+            self.select.setItemData(i, prompt, Qt.ItemDataRole.ToolTipRole)
         self.select.blockSignals(False)
         self.select.setVisible(bool(self.prompts))
         if self.prompts:
@@ -110,6 +110,11 @@ class DecodingBox(QGroupBox):
             w.setEnabled(sampling)
 
     def settings(self, use_chat_template: bool) -> GenerationSettings:
-        return GenerationSettings(max_new_tokens=self.max_tokens.value(), do_sample=self.mode_combo.currentText() == "sampling",
-                                  temperature=self.temperature.value(), top_p=self.top_p.value(), seed=self.seed.value(),
-                                  use_chat_template=use_chat_template)
+        return GenerationSettings(
+            max_new_tokens=self.max_tokens.value(),
+            do_sample=self.mode_combo.currentText() == "sampling",
+            temperature=self.temperature.value(),
+            top_p=self.top_p.value(),
+            seed=self.seed.value(),
+            use_chat_template=use_chat_template,
+        )

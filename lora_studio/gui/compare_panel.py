@@ -42,12 +42,14 @@ from lora_studio.gui.panel import Panel
 from lora_studio.gui.session_model import SessionModel
 
 FLUSH_INTERVAL_MS = 33  # ~30 redraws a second while tokens stream
-LEGEND = ("<b>Reading the columns</b><br>"
-          f"<span style='background:{DIVERGED_BACKGROUND}'>&nbsp;highlighted&nbsp;</span> from the first token "
-          "that differs from the reference column.<br>"
-          "The strip under each column: KL(reference ‖ column) per reference token, pale = same "
-          "distribution, red = far apart; hover a cell for the token, its log-probability and KL. "
-          "The black tick marks the first divergence.")
+LEGEND = (
+    "<b>Reading the columns</b><br>"
+    f"<span style='background:{DIVERGED_BACKGROUND}'>&nbsp;highlighted&nbsp;</span> from the first token "
+    "that differs from the reference column.<br>"
+    "The strip under each column: KL(reference ‖ column) per reference token, pale = same "
+    "distribution, red = far apart; hover a cell for the token, its log-probability and KL. "
+    "The black tick marks the first divergence."
+)
 
 
 class ComparePanel(Panel):
@@ -94,7 +96,7 @@ class ComparePanel(Panel):
         self.stop_btn.clicked.connect(self.stop)
         self.note = QLabel("")
         self.note.setStyleSheet("color: palette(mid);")
-        self.note.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.note.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         run_row = QHBoxLayout()
         run_row.addWidget(self.run_btn)
         run_row.addWidget(self.stop_btn)
@@ -102,14 +104,14 @@ class ComparePanel(Panel):
         run_row.addWidget(self.note, 2)
 
         # columns
-        self.column_splitter = QSplitter(Qt.Horizontal)
+        self.column_splitter = QSplitter(Qt.Orientation.Horizontal)
         self.column_splitter.setChildrenCollapsible(False)
         self.columns_scroll = QScrollArea()
         self.columns_scroll.setWidgetResizable(True)
-        self.columns_scroll.setFrameShape(QFrame.NoFrame)
+        self.columns_scroll.setFrameShape(QFrame.Shape.NoFrame)
         self.columns_scroll.setWidget(self.column_splitter)
         self.empty_label = QLabel("Tick variants on the left; each becomes a column here.")
-        self.empty_label.setAlignment(Qt.AlignCenter)
+        self.empty_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.empty_label.setStyleSheet("color: palette(mid);")
 
         main = QWidget()
@@ -121,7 +123,7 @@ class ComparePanel(Panel):
         mlay.addWidget(self.empty_label)
         mlay.addWidget(self.columns_scroll, 1)
 
-        splitter = QSplitter(Qt.Horizontal)
+        splitter = QSplitter(Qt.Orientation.Horizontal)
         splitter.addWidget(side)
         splitter.addWidget(main)
         splitter.setStretchFactor(0, 0)
@@ -206,8 +208,9 @@ class ComparePanel(Panel):
         self.prompt_box.set_prompts(prompts, labels)
 
     def browse_prompts(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load prompts", str(Path.home()),
-                                              "Prompt lists (*.txt *.jsonl *.ndjson);;All files (*)")
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Load prompts", str(Path.home()), "Prompt lists (*.txt *.jsonl *.ndjson);;All files (*)"
+        )
         if path:
             self.load_prompts_file(path)
 
@@ -219,8 +222,18 @@ class ComparePanel(Panel):
             self.set_prompts(prompts)
             self.show_message(f"{len(prompts)} prompts from {Path(path).name}", "ok")
 
-        return self.op(f"reading {Path(path).name}", lambda *, cancel, report: load_prompts(path), exclusive=False,
-                       key="compare-prompts", progress=False).on_success(done).on_cancel(lambda: None).run()
+        return (
+            self.op(
+                f"reading {Path(path).name}",
+                lambda *, cancel, report: load_prompts(path),
+                exclusive=False,
+                key="compare-prompts",
+                progress=False,
+            )
+            .on_success(done)
+            .on_cancel(lambda: None)
+            .run()
+        )
 
     def prefill_demo(self) -> None:
         """--demo: each demo adapter's prompt in the selector (first selected), base and demo adapters ticked."""
@@ -273,8 +286,13 @@ class ComparePanel(Panel):
         def fn(*, cancel, report):
             return run_comparison(session, variants, prompt, settings, reference, buffer, cancel=cancel, report=report)
 
-        job = (self.op(f"comparing {len(variants)} variants", fn).on_end(self._end_run).on_success(self._done)
-               .on_cancel(self._cancelled).run())
+        job = (
+            self.op(f"comparing {len(variants)} variants", fn)
+            .on_end(self._end_run)
+            .on_success(self._done)
+            .on_cancel(self._cancelled)
+            .run()
+        )
         if job is None:
             return None
         self._buffer = buffer
@@ -283,8 +301,11 @@ class ComparePanel(Panel):
         self._build_columns(ticked)
         for column in self.columns:
             column.text.setPlaceholderText("waiting for the first token…")
-        mode = ("greedy" if not settings.do_sample else
-                f"sampling T={settings.temperature:g} top-p={settings.top_p:g} seed={settings.seed}")
+        mode = (
+            "greedy"
+            if not settings.do_sample
+            else f"sampling T={settings.temperature:g} top-p={settings.top_p:g} seed={settings.seed}"
+        )
         self.note.setText(f"{mode}, up to {settings.max_new_tokens} new tokens")
         self.show_message(f"comparing {len(variants)} variants…")
         self._flush_timer.start()
@@ -318,8 +339,13 @@ class ComparePanel(Panel):
                 output = cmp.output(column.name)
             except KeyError:
                 continue
-            column.finish(output, report.column(column.name), report.reference, outcome.reference_pieces,
-                          outcome.divergence_offsets.get(column.name))
+            column.finish(
+                output,
+                report.column(column.name),
+                report.reference,
+                outcome.reference_pieces,
+                outcome.divergence_offsets.get(column.name),
+            )
         how = "one mixed batch" if result.mixed_batch else f"sequential: {result.fallback_reason}"
         merged = sum(1 for c in self.columns if c.kind == KIND_MERGED)
         if merged and result.mixed_batch:
@@ -334,8 +360,9 @@ class ComparePanel(Panel):
         self.show_message("comparison stopped", "warn")
 
     # -- variants made here (the Merge tab previews through these two) ------------------------------------------------
-    def add_combination_variant(self, name: str, weights: dict[str, float], combination_type: str = "linear",
-                                density: float | None = None) -> Job | None:
+    def add_combination_variant(
+        self, name: str, weights: dict[str, float], combination_type: str = "linear", density: float | None = None
+    ) -> Job | None:
         """Create a weighted combination of attached adapters on the session (a job), then tick it as a column."""
         session = self.session
         weights = dict(weights)

@@ -53,13 +53,23 @@ class RunOutcome:
     divergence_offsets: dict[str, int | None] = field(default_factory=dict)  # char offset of the first differing token
 
 
-def run_comparison(session: Session, variants: Sequence[Variant], prompt: str, settings: GenerationSettings,
-                   reference: str | None, buffer: DeltaBuffer, *, cancel, report) -> RunOutcome:
+def run_comparison(
+    session: Session,
+    variants: Sequence[Variant],
+    prompt: str,
+    settings: GenerationSettings,
+    reference: str | None,
+    buffer: DeltaBuffer,
+    *,
+    cancel,
+    report,
+) -> RunOutcome:
     """The job (worker thread): core compare, then token pieces and character offsets for the marks."""
     from lora_studio.core.compare import compare
 
-    result = compare(session, variants, [prompt], settings, reference=reference, cancel=cancel, report=report,
-                     on_tokens=buffer.push)
+    result = compare(
+        session, variants, [prompt], settings, reference=reference, cancel=cancel, report=report, on_tokens=buffer.push
+    )
     cmp = result.prompts[0]
     with session.lock:
         tokenizer = session.tokenizer
@@ -79,4 +89,3 @@ def run_comparison(session: Session, variants: Sequence[Variant], prompt: str, s
 def display_text(text: str) -> str:
     """The text as a QPlainTextEdit holds it: a lone \\r (or \\r\\n) becomes one line break, so offsets stay aligned."""
     return text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2029", "\n")
-

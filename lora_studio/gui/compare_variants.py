@@ -78,17 +78,21 @@ class VariantPicker(QGroupBox):
         """Rebuild the list from the state and the merged folders, keeping ticks and the selected row."""
         paths = {name: path for name, path, _ in (self.state.adapters if self.state else ())}
         self.variant_list.blockSignals(True)
-        current = self.variant_list.currentItem().data(Qt.UserRole) if self.variant_list.currentItem() else None
+        current = (
+            self.variant_list.currentItem().data(Qt.ItemDataRole.UserRole) if self.variant_list.currentItem() else None
+        )
         self.variant_list.clear()
         for name, kind in self.available_variants():
             label = {KIND_BASE: f"{name}", KIND_ADAPTER: name, KIND_MERGED: f"{name} (merged folder)"}[kind]
             item = QListWidgetItem(label)
-            item.setData(Qt.UserRole, (name, kind))
-            item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-            item.setCheckState(Qt.Unchecked if name in self.unticked else Qt.Checked)
-            tip = {KIND_BASE: "the base model with every adapter disabled",
-                   KIND_ADAPTER: paths.get(name, ""),
-                   KIND_MERGED: f"{self.merged_paths.get(name, '')}\nloaded read-only beside the session"}[kind]
+            item.setData(Qt.ItemDataRole.UserRole, (name, kind))
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            item.setCheckState(Qt.CheckState.Unchecked if name in self.unticked else Qt.CheckState.Checked)
+            tip = {
+                KIND_BASE: "the base model with every adapter disabled",
+                KIND_ADAPTER: paths.get(name, ""),
+                KIND_MERGED: f"{self.merged_paths.get(name, '')}\nloaded read-only beside the session",
+            }[kind]
             item.setToolTip(tip)
             self.variant_list.addItem(item)
             if (name, kind) == current:
@@ -101,8 +105,8 @@ class VariantPicker(QGroupBox):
         out = []
         for i in range(self.variant_list.count()):
             item = self.variant_list.item(i)
-            if item.checkState() == Qt.Checked:
-                out.append(tuple(item.data(Qt.UserRole)))
+            if item.checkState() == Qt.CheckState.Checked:
+                out.append(tuple(item.data(Qt.ItemDataRole.UserRole)))
         return out
 
     def set_ticked(self, names) -> None:
@@ -111,8 +115,8 @@ class VariantPicker(QGroupBox):
         self.variant_list.blockSignals(True)
         for i in range(self.variant_list.count()):
             item = self.variant_list.item(i)
-            name = item.data(Qt.UserRole)[0]
-            item.setCheckState(Qt.Checked if name in names else Qt.Unchecked)
+            name = item.data(Qt.ItemDataRole.UserRole)[0]
+            item.setCheckState(Qt.CheckState.Checked if name in names else Qt.CheckState.Unchecked)
         self.variant_list.blockSignals(False)
         self._ticks_changed()
 
@@ -122,8 +126,8 @@ class VariantPicker(QGroupBox):
     def _ticks_changed(self, *_args) -> None:
         for i in range(self.variant_list.count()):
             item = self.variant_list.item(i)
-            name = item.data(Qt.UserRole)[0]
-            if item.checkState() == Qt.Checked:
+            name = item.data(Qt.ItemDataRole.UserRole)[0]
+            if item.checkState() == Qt.CheckState.Checked:
                 self.unticked.discard(name)
             else:
                 self.unticked.add(name)
@@ -140,9 +144,9 @@ class VariantPicker(QGroupBox):
     # -- merged folders -------------------------------------------------------------------------------------------------
     def selected_merged(self) -> str | None:
         item = self.variant_list.currentItem()
-        if item is None or item.data(Qt.UserRole)[1] != KIND_MERGED:
+        if item is None or item.data(Qt.ItemDataRole.UserRole)[1] != KIND_MERGED:
             return None
-        return item.data(Qt.UserRole)[0]
+        return item.data(Qt.ItemDataRole.UserRole)[0]
 
     def add_merged(self, name: str, beside: Any, path: str) -> None:
         self.merged[name] = beside
@@ -164,5 +168,8 @@ class VariantPicker(QGroupBox):
         self.add_merged_btn.setToolTip(reason or "load a merged model folder read-only beside the session, as a column")
         removable = self.selected_merged() is not None and not running
         self.remove_btn.setEnabled(removable)
-        self.remove_btn.setToolTip("unload the selected merged folder" if removable
-                                   else "select a merged folder to unload it (delete adapters in the Adapters tab)")
+        self.remove_btn.setToolTip(
+            "unload the selected merged folder"
+            if removable
+            else "select a merged folder to unload it (delete adapters in the Adapters tab)"
+        )

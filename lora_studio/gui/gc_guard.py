@@ -31,7 +31,7 @@ class GuiThreadGarbageCollector(QObject):
     def __init__(self, parent: QObject) -> None:
         super().__init__(parent)
         self._gui_thread = threading.current_thread()
-        self._requested.connect(self._collect_for_worker, Qt.QueuedConnection)
+        self._requested.connect(self._collect_for_worker, Qt.ConnectionType.QueuedConnection)
         if GuiThreadGarbageCollector._active == 0:
             GuiThreadGarbageCollector._was_enabled = gc.isenabled()
         self._previous = garbage.set_collector(self.collect)

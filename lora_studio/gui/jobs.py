@@ -60,6 +60,7 @@ def _lower_worker_priority() -> None:
         # Linux: PRIO_PROCESS with a thread id renices that one thread only.
         os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), WORKER_NICE))
 
+
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
 
 
@@ -162,8 +163,8 @@ class JobRunner(QObject):
         self._pool = QThreadPool(self)
         self._pool.setMaxThreadCount(max_threads)
         self._bridge = _Bridge(self)
-        self._bridge.progress.connect(self._on_progress, Qt.QueuedConnection)
-        self._bridge.outcome.connect(self._on_outcome, Qt.QueuedConnection)
+        self._bridge.progress.connect(self._on_progress, Qt.ConnectionType.QueuedConnection)
+        self._bridge.outcome.connect(self._on_outcome, Qt.ConnectionType.QueuedConnection)
         self._ids = itertools.count(1)
         self._jobs: dict[int, Job] = {}  # not yet ended in the worker (stale keyed jobs included)
         self._by_key: dict[str, Job] = {}
@@ -194,9 +195,18 @@ class JobRunner(QObject):
         return self._closed
 
     # -- submit -----------------------------------------------------------------------------------------------------
-    def submit(self, name: str, fn: Callable[..., Any], *, exclusive: bool = True, key: str | None = None,
-               on_done: Callable[[Any], None] | None = None, on_error: Callable[[ErrorDescription], None] | None = None,
-               on_cancel: Callable[[], None] | None = None, on_progress: Callable[[Progress], None] | None = None) -> Job:
+    def submit(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        exclusive: bool = True,
+        key: str | None = None,
+        on_done: Callable[[Any], None] | None = None,
+        on_error: Callable[[ErrorDescription], None] | None = None,
+        on_cancel: Callable[[], None] | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> Job:
         """Start ``fn(cancel=, report=)`` on a worker thread. Callbacks run on the GUI thread.
 
         ``exclusive``: the job uses or changes the model (raises :class:`Busy` when another does).

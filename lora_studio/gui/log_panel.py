@@ -11,8 +11,14 @@ from PySide6.QtGui import QFont, QTextCursor
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPlainTextEdit, QPushButton, QVBoxLayout, QWidget
 
 MAX_BLOCKS = 5000  # old lines scroll away instead of growing without bound
-_LEVELS = {"info": logging.INFO, "ok": logging.INFO, "warn": logging.WARNING, "warning": logging.WARNING,
-           "error": logging.ERROR, "debug": logging.DEBUG}
+_LEVELS = {
+    "info": logging.INFO,
+    "ok": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "debug": logging.DEBUG,
+}
 logger = logging.getLogger(__name__)
 
 
@@ -22,7 +28,7 @@ class LogPanel(QWidget):
         self.text = QPlainTextEdit(readOnly=True)
         self.text.setMaximumBlockCount(MAX_BLOCKS)
         font = QFont("monospace")
-        font.setStyleHint(QFont.Monospace)
+        font.setStyleHint(QFont.StyleHint.Monospace)
         font.setPointSizeF(max(8.0, font.pointSizeF() * 0.9))
         self.text.setFont(font)
         self.text.setPlaceholderText("What LoRA Studio did, and the details behind any error, appear here.")
@@ -38,7 +44,7 @@ class LogPanel(QWidget):
         # Plain copies, for tests and "copy log"; bounded like the view, or a day of jobs would grow it for ever.
         self.lines: deque[str] = deque(maxlen=MAX_BLOCKS)
         self.log_file = QLabel("")
-        self.log_file.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.log_file.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.log_file.setStyleSheet("color: palette(mid);")
         row.insertWidget(0, self.log_file, 1)
 
@@ -57,7 +63,7 @@ class LogPanel(QWidget):
             indented = "\n".join("      " + d for d in detail.rstrip().splitlines())
             self.lines.append(indented)
             self.text.appendPlainText(indented)
-        self.text.moveCursor(QTextCursor.End)
+        self.text.moveCursor(QTextCursor.MoveOperation.End)
 
     def contents(self) -> str:
         return "\n".join(self.lines)

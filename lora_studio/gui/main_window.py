@@ -58,8 +58,14 @@ def drop_kind(path: Path) -> str | None:
 
 
 class MainWindow(QMainWindow):
-    def __init__(self, *, session: Session | None = None, sampler: MemorySampler | None = None,
-                 settings: StudioSettings | None = None, sample_interval_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        *,
+        session: Session | None = None,
+        sampler: MemorySampler | None = None,
+        settings: StudioSettings | None = None,
+        sample_interval_s: float = 0.25,
+    ) -> None:
         super().__init__()
         self.setWindowTitle("LoRA Studio")
         self.setAcceptDrops(True)
@@ -84,16 +90,22 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(self.tabs)
         self.compare_panel = ComparePanel(self.runner, self.session_model)
         self.tabs.addTab(self.compare_panel, "Compare")
-        self.merge_panel = MergePanel(self.runner, self.session_model, compare=self.compare_panel,
-                                      show_compare_tab=lambda: self.tabs.setCurrentWidget(self.compare_panel))
+        self.merge_panel = MergePanel(
+            self.runner,
+            self.session_model,
+            compare=self.compare_panel,
+            show_compare_tab=lambda: self.tabs.setCurrentWidget(self.compare_panel),
+        )
         self.tabs.addTab(self.merge_panel, "Merge")
 
-        self.model_dock = self._dock("Base model", self.model_panel, Qt.LeftDockWidgetArea, "dock-model")
-        self.memory_dock = self._dock("Memory", self.memory_panel, Qt.BottomDockWidgetArea, "dock-memory")
-        self.log_dock = self._dock("Log", self.log_panel, Qt.BottomDockWidgetArea, "dock-log")
-        self.splitDockWidget(self.memory_dock, self.log_dock, Qt.Horizontal)
-        self.resizeDocks([self.model_dock], [360], Qt.Horizontal)
-        self.resizeDocks([self.memory_dock, self.log_dock], [300, 300], Qt.Vertical)
+        self.model_dock = self._dock("Base model", self.model_panel, Qt.DockWidgetArea.LeftDockWidgetArea, "dock-model")
+        self.memory_dock = self._dock(
+            "Memory", self.memory_panel, Qt.DockWidgetArea.BottomDockWidgetArea, "dock-memory"
+        )
+        self.log_dock = self._dock("Log", self.log_panel, Qt.DockWidgetArea.BottomDockWidgetArea, "dock-log")
+        self.splitDockWidget(self.memory_dock, self.log_dock, Qt.Orientation.Horizontal)
+        self.resizeDocks([self.model_dock], [360], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.memory_dock, self.log_dock], [300, 300], Qt.Orientation.Vertical)
 
         # status bar: what is running, its progress, and the one Cancel for model jobs
         self.status_label = QLabel("Ready. Pick a base model on the left, or drop a model or adapter folder here.")
@@ -119,16 +131,20 @@ class MainWindow(QMainWindow):
         # the screen, nor re-lays out the whole window in the middle of a job
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QFrame.NoFrame)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
         scroll.setWidget(widget)
         dock.setWidget(scroll)
-        dock.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable | QDockWidget.DockWidgetClosable)
+        dock.setFeatures(
+            QDockWidget.DockWidgetFeature.DockWidgetMovable
+            | QDockWidget.DockWidgetFeature.DockWidgetFloatable
+            | QDockWidget.DockWidgetFeature.DockWidgetClosable
+        )
         self.addDockWidget(area, dock)
         return dock
 
     def _build_menus(self) -> None:
         file_menu = self.menuBar().addMenu("&File")
-        act = QAction("Open model &folder…", self, shortcut=QKeySequence.Open)
+        act = QAction("Open model &folder…", self, shortcut=QKeySequence.StandardKey.Open)
         act.triggered.connect(self.model_panel.browse_folder)
         file_menu.addAction(act)
         act = QAction("Open &GGUF file…", self)
@@ -141,7 +157,7 @@ class MainWindow(QMainWindow):
         self.recent_menu.aboutToShow.connect(self._fill_recent)
         file_menu.addMenu(self.recent_menu)
         file_menu.addSeparator()
-        act = QAction("&Quit", self, shortcut=QKeySequence.Quit)
+        act = QAction("&Quit", self, shortcut=QKeySequence.StandardKey.Quit)
         act.triggered.connect(self.close)
         file_menu.addAction(act)
         view = self.menuBar().addMenu("&View")
@@ -355,7 +371,9 @@ class MainWindow(QMainWindow):
 
         import psutil
 
-        seconds = (self.shown_at if until == "first paint" and self.shown_at else time.time()) - psutil.Process().create_time()
+        seconds = (
+            self.shown_at if until == "first paint" and self.shown_at else time.time()
+        ) - psutil.Process().create_time()
         line = f"{what} after {seconds:.2f} s (process start → {until or what})"
         self.log_panel.log(line)
         print(line, flush=True)
@@ -387,10 +405,14 @@ class MainWindow(QMainWindow):
         self._preloader.ready.connect(self._build_charts)
         self._preloader.start("pyqtgraph")
         session, runner = self.session, self.runner
-        self.runner.submit("preparing torch",
-                           lambda *, cancel, report: warm_up(cancel=cancel, report=report,
-                                                             safe_to_freeze=lambda: not session.loaded and runner.current is None),
-                           exclusive=False, key="warm-up")
+        self.runner.submit(
+            "preparing torch",
+            lambda *, cancel, report: warm_up(
+                cancel=cancel, report=report, safe_to_freeze=lambda: not session.loaded and runner.current is None
+            ),
+            exclusive=False,
+            key="warm-up",
+        )
 
     def _build_charts(self) -> None:
         # the memory chart in this event-loop turn, the inspector's two in the next (pyqtgraph set-up costs

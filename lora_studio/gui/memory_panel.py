@@ -39,13 +39,15 @@ class MemoryMonitor(QObject):
     sampled = Signal(object)  # MemorySample
     _from_thread = Signal(object)
 
-    def __init__(self, sampler: MemorySampler | None = None, interval_s: float = SAMPLE_INTERVAL_S, parent=None) -> None:
+    def __init__(
+        self, sampler: MemorySampler | None = None, interval_s: float = SAMPLE_INTERVAL_S, parent=None
+    ) -> None:
         super().__init__(parent)
         self.sampler = sampler or MemorySampler()
         self.interval_s = interval_s
         self._thread: SamplingThread | None = None
         self._closed = False
-        self._from_thread.connect(self.sampled, Qt.QueuedConnection)
+        self._from_thread.connect(self.sampled, Qt.ConnectionType.QueuedConnection)
 
     def start(self) -> None:
         if self._thread is None and not self._closed:
@@ -69,7 +71,7 @@ class MemoryPanel(QWidget):
         self.samples: deque[MemorySample] = deque(maxlen=int(HISTORY_S / monitor.interval_s) + 8)
         self.markers: deque[tuple[float, str]] = deque(maxlen=MAX_MARKERS)
         self.ram_label = QLabel("Reading memory…")
-        self.ram_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.ram_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.gpu_box = QGridLayout()
         self.gpu_labels: list[QLabel] = []
         self.no_gpu_label = QLabel("")
@@ -79,7 +81,7 @@ class MemoryPanel(QWidget):
         self.release_label.hide()
         self.chart_host = QVBoxLayout()
         self.placeholder = QLabel("chart starting…")
-        self.placeholder.setAlignment(Qt.AlignCenter)
+        self.placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.chart_host.addWidget(self.placeholder)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
@@ -107,7 +109,7 @@ class MemoryPanel(QWidget):
         pg.setConfigOptions(antialias=False, background="w", foreground="#333")
         plot = pg.PlotWidget()
         plot.setMinimumHeight(140)
-        plot.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Expanding)
+        plot.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         # Horizontal grid lines only: pyqtgraph draws a grid as part of its axis, so an x grid would make the
         # bottom axis repaint with every sample too. The y range is set by _redraw in steps (not auto-ranged
         # each sample), so the left axis is re-laid out only when the range grows or shrinks a step.
@@ -123,7 +125,7 @@ class MemoryPanel(QWidget):
         # Axes and legend change rarely (a y step, a new curve): Qt keeps them as pixmaps, so a repaint for a
         # new sample does not call their Python paint() - each such call waits for the GIL beside a busy worker.
         for item in (plot.getAxis("left"), plot.getAxis("bottom"), plot.getPlotItem().legend):
-            item.setCacheMode(QGraphicsItem.DeviceCoordinateCache)
+            item.setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)
         self._pg = pg
         self._y_top = None
         self.plot = plot
@@ -131,7 +133,7 @@ class MemoryPanel(QWidget):
         self.chart_host.addWidget(plot, 1)
         self._redraw()
 
-    def _curve(self, key: str, label: str, style=Qt.SolidLine):
+    def _curve(self, key: str, label: str, style=Qt.PenStyle.SolidLine):
         curve = self._curves.get(key)
         if curve is None:
             color = COLORS[len(self._curves) % len(COLORS)]
@@ -147,9 +149,11 @@ class MemoryPanel(QWidget):
     def on_sample(self, sample: MemorySample) -> None:
         self.samples.append(sample)
         ram_pct = 100.0 * sample.ram_used_bytes / sample.ram_total_bytes if sample.ram_total_bytes else 0
-        self.ram_label.setText(f"<b>This process</b> {format_bytes(sample.rss_bytes)} &nbsp;·&nbsp; "
-                               f"<b>System RAM</b> {format_bytes(sample.ram_used_bytes)} / {format_bytes(sample.ram_total_bytes)} "
-                               f"({ram_pct:.0f}%)")
+        self.ram_label.setText(
+            f"<b>This process</b> {format_bytes(sample.rss_bytes)} &nbsp;·&nbsp; "
+            f"<b>System RAM</b> {format_bytes(sample.ram_used_bytes)} / {format_bytes(sample.ram_total_bytes)} "
+            f"({ram_pct:.0f}%)"
+        )
         self._update_gpu_labels(sample)
         self._redraw()
 
@@ -157,15 +161,17 @@ class MemoryPanel(QWidget):
         torch_by_dev = {t.device: t for t in sample.torch_cuda}
         while len(self.gpu_labels) < len(sample.gpus):
             label = QLabel()
-            label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+            label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
             self.gpu_box.addWidget(label, len(self.gpu_labels), 0)
             self.gpu_labels.append(label)
         for label, gpu in zip(self.gpu_labels, sample.gpus, strict=False):
             util = f" · {gpu.utilization_percent}% busy" if gpu.utilization_percent is not None else ""
-            text = (f"<b>GPU {gpu.index}</b> {gpu.name}: {format_bytes(gpu.used_bytes)} / {format_bytes(gpu.total_bytes)}{util}")
+            text = f"<b>GPU {gpu.index}</b> {gpu.name}: {format_bytes(gpu.used_bytes)} / {format_bytes(gpu.total_bytes)}{util}"
             t = torch_by_dev.get(f"cuda:{gpu.index}")
             if t is not None:
-                text += f" · torch {format_bytes(t.allocated_bytes)} allocated, {format_bytes(t.reserved_bytes)} reserved"
+                text += (
+                    f" · torch {format_bytes(t.allocated_bytes)} allocated, {format_bytes(t.reserved_bytes)} reserved"
+                )
             label.setText(text)
         if not sample.gpus and self.monitor.sampler.gpu_status:
             self.no_gpu_label.setText(self.monitor.sampler.gpu_status)
@@ -192,7 +198,9 @@ class MemoryPanel(QWidget):
                 match = next((r for r in s.torch_cuda if r.device == t.device), None)
                 ys.append(match.allocated_bytes / GiB if match else float("nan"))
             self._curve(f"torch-{t.device}", f"torch {t.device}", Qt.DotLine).setData(xs, ys)
-        self._set_y_range(max(max(s.rss_bytes, s.ram_used_bytes, *(g.used_bytes for g in s.gpus)) for s in self.samples) / GiB)
+        self._set_y_range(
+            max(max(s.rss_bytes, s.ram_used_bytes, *(g.used_bytes for g in s.gpus)) for s in self.samples) / GiB
+        )
         self._draw_markers(now)
 
     def _set_y_range(self, peak_gib: float) -> None:
@@ -207,10 +215,20 @@ class MemoryPanel(QWidget):
         while len(self._marker_items) < len(self.markers):
             # vertical text along the line, staggered so neighbouring markers do not overprint
             position = (0.95, 0.7, 0.45)[len(self._marker_items) % 3]
-            line = pg.InfiniteLine(angle=90, movable=False, pen=pg.mkPen("#888", width=1, style=Qt.DashLine),
-                                   label="", labelOpts={"position": position, "color": "#333", "rotateAxis": (1, 0),
-                                                        "anchors": [(1, 1), (1, 1)], "fill": (255, 255, 255, 200)})
-            line.label.setCacheMode(QGraphicsItem.DeviceCoordinateCache)  # the text only moves with time
+            line = pg.InfiniteLine(
+                angle=90,
+                movable=False,
+                pen=pg.mkPen("#888", width=1, style=Qt.PenStyle.DashLine),
+                label="",
+                labelOpts={
+                    "position": position,
+                    "color": "#333",
+                    "rotateAxis": (1, 0),
+                    "anchors": [(1, 1), (1, 1)],
+                    "fill": (255, 255, 255, 200),
+                },
+            )
+            line.label.setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)  # the text only moves with time
             self.plot.addItem(line)
             self._marker_items.append(line)
         for item, (t, text) in zip(self._marker_items, self.markers, strict=False):
@@ -232,5 +250,7 @@ class MemoryPanel(QWidget):
 
     def show_release(self, reclaimed: Reclaimed) -> None:
         self.release_label.setText(reclaimed.message())
-        self.release_label.setStyleSheet("color: #b35900; font-weight: bold;" if reclaimed.leaked else "color: #2a7a2a;")
+        self.release_label.setStyleSheet(
+            "color: #b35900; font-weight: bold;" if reclaimed.leaked else "color: #2a7a2a;"
+        )
         self.release_label.show()

@@ -121,8 +121,10 @@ class AdapterPicker(QGroupBox):
         if not rows:
             self.mode_label.setText("")
         elif several:
-            self.mode_label.setText(f"{self.combination()} combination of {len(rows)} adapters "
-                                    "(PEFT add_weighted_adapter), merged by the in-memory engine")
+            self.mode_label.setText(
+                f"{self.combination()} combination of {len(rows)} adapters "
+                "(PEFT add_weighted_adapter), merged by the in-memory engine"
+            )
         else:
             self.mode_label.setText(f"plain merge of {rows[0].name} (weights apply to combinations of two or more)")
 
@@ -150,7 +152,9 @@ class OutputBox(QGroupBox):
         self.engine_combo = QComboBox()
         for label, value in ENGINE_CHOICES:
             self.engine_combo.addItem(label, value)
-        self.engine_combo.setToolTip("auto: streaming (one tensor at a time, low memory) where it applies, else in-memory")
+        self.engine_combo.setToolTip(
+            "auto: streaming (one tensor at a time, low memory) where it applies, else in-memory"
+        )
         self.engine_note = QLabel("")
         self.engine_note.setWordWrap(True)
         self.engine_note.setStyleSheet("color: palette(mid);")
@@ -158,8 +162,10 @@ class OutputBox(QGroupBox):
         self.verify_check.setChecked(True)
         self.verify_check.setToolTip("load the saved folder plainly and compare its logits with the adapter model")
         self.safe_check = QCheckBox("Safe merge (NaN/Inf check)")
-        self.safe_check.setToolTip("PEFT's safe_merge: check each merged weight for NaN/Inf (in-memory engine; "
-                                   "the streaming engine always checks float16 for Inf)")
+        self.safe_check.setToolTip(
+            "PEFT's safe_merge: check each merged weight for NaN/Inf (in-memory engine; "
+            "the streaming engine always checks float16 for Inf)"
+        )
         checks = QHBoxLayout()
         checks.addWidget(self.verify_check)
         checks.addWidget(self.safe_check)
@@ -171,8 +177,13 @@ class OutputBox(QGroupBox):
         form.addRow("", self.engine_note)
         form.addRow("", checks)
         self._dtype_for: str | None = None  # the base whose dtype the dtype box was last set to
-        for signal in (self.out_edit.textChanged, self.dtype_combo.currentIndexChanged,
-                       self.engine_combo.currentIndexChanged, self.verify_check.toggled, self.safe_check.toggled):
+        for signal in (
+            self.out_edit.textChanged,
+            self.dtype_combo.currentIndexChanged,
+            self.engine_combo.currentIndexChanged,
+            self.verify_check.toggled,
+            self.safe_check.toggled,
+        ):
             signal.connect(lambda *_: self.changed.emit())
 
     def out_path(self) -> Path | None:

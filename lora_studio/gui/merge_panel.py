@@ -48,15 +48,23 @@ PLAN_KEY = "merge-plan"
 class ComparePreview(Protocol):
     """What the Merge tab asks of the Compare tab (the ComparePanel is one)."""
 
-    def add_combination_variant(self, name: str, weights: dict[str, float], combination_type: str = "linear",
-                                density: float | None = None) -> Job | None: ...
+    def add_combination_variant(
+        self, name: str, weights: dict[str, float], combination_type: str = "linear", density: float | None = None
+    ) -> Job | None: ...
 
     def add_merged_variant(self, path: str) -> Job | None: ...
 
 
 class MergePanel(Panel):
-    def __init__(self, runner: JobRunner, session_model: SessionModel, *, compare: ComparePreview | None = None,
-                 show_compare_tab: Callable[[], None] = lambda: None, parent: QWidget | None = None) -> None:
+    def __init__(
+        self,
+        runner: JobRunner,
+        session_model: SessionModel,
+        *,
+        compare: ComparePreview | None = None,
+        show_compare_tab: Callable[[], None] = lambda: None,
+        parent: QWidget | None = None,
+    ) -> None:
         """``compare``: where previews go (None: no Compare tab); ``show_compare_tab``: bring it to the front."""
         super().__init__(runner, session_model, parent)
         self.compare = compare
@@ -80,8 +88,11 @@ class MergePanel(Panel):
         self.adapters = AdapterPicker()
         self.adapters.changed.connect(self._inputs_changed)
         self.adapters.preview_btn.clicked.connect(self.preview_in_compare)
-        self.combo_type, self.density, self.preview_btn = (self.adapters.combo_type, self.adapters.density,
-                                                           self.adapters.preview_btn)
+        self.combo_type, self.density, self.preview_btn = (
+            self.adapters.combo_type,
+            self.adapters.density,
+            self.adapters.preview_btn,
+        )
         self.output = OutputBox()
         self.output.changed.connect(self._inputs_changed)
         self.output.browse_btn.clicked.connect(self.browse_out)
@@ -107,7 +118,7 @@ class MergePanel(Panel):
         self.reason_label.setWordWrap(True)
         self.reason_label.setStyleSheet(STYLES["warn"])
         for b in (self.merge_btn, self.cancel_btn):
-            b.setSizePolicy(QSizePolicy.Fixed, QSizePolicy.Fixed)
+            b.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Fixed)
         run_row = QHBoxLayout()
         run_row.addWidget(self.merge_btn)
         run_row.addWidget(self.cancel_btn)
@@ -163,10 +174,15 @@ class MergePanel(Panel):
             specs = [AdapterSpec(r.name, Path(r.path), r.weight) for r in rows]
             combination = self.adapters.combination()
             density = self.adapters.density_for(combination)
-        options = MergeOptions(out=out or self.out_path() or Path.home() / "merged-model",
-                               dtype=self.dtype_combo.currentText(), engine=self.output.engine(),
-                               combination=combination, density=density, safe_merge=self.safe_check.isChecked(),
-                               verify=self.verify_check.isChecked())
+        options = MergeOptions(
+            out=out or self.out_path() or Path.home() / "merged-model",
+            dtype=self.dtype_combo.currentText(),
+            engine=self.output.engine(),
+            combination=combination,
+            density=density,
+            safe_merge=self.safe_check.isChecked(),
+            verify=self.verify_check.isChecked(),
+        )
         return specs, options
 
     def _inputs_changed(self, *_args) -> None:
@@ -202,10 +218,13 @@ class MergePanel(Panel):
             except UserError as exc:  # bad inputs are a reason shown by the button, not a failed job in the log
                 return exc
 
-        return (self.op("checking the merge", run, exclusive=False, key=PLAN_KEY, progress=False)
-                .on_success(lambda result: self._plan_done(seq, result))
-                .on_failure(lambda desc: self._plan_done(seq, UserError(desc.message)))
-                .on_cancel(lambda: None).run())
+        return (
+            self.op("checking the merge", run, exclusive=False, key=PLAN_KEY, progress=False)
+            .on_success(lambda result: self._plan_done(seq, result))
+            .on_failure(lambda desc: self._plan_done(seq, UserError(desc.message)))
+            .on_cancel(lambda: None)
+            .run()
+        )
 
     def _plan_done(self, seq: int, result) -> None:
         if seq != self._plan_seq:
@@ -216,9 +235,11 @@ class MergePanel(Panel):
         else:
             self.plan, self.plan_error = result, ""
         self.plan_table.show_plan(self.plan, self.out_path())
-        self.engine_note.setText("" if self.plan is None else
-                                 engine_note(self.plan, self.output.engine() is not None,
-                                             self.safe_check.isChecked()))
+        self.engine_note.setText(
+            ""
+            if self.plan is None
+            else engine_note(self.plan, self.output.engine() is not None, self.safe_check.isChecked())
+        )
         self.update_buttons()
 
     # -- buttons --------------------------------------------------------------------------------------------------
@@ -257,24 +278,33 @@ class MergePanel(Panel):
         else:
             preview_reason = "tick two or more adapters to preview their combination"
         compare_reason = no_compare or busy or ("" if self.result is not None else "no merged folder yet")
-        self.set_reasons({
-            self.preview_btn: (preview_reason, "add this weighted combination as a variant in the Compare tab"),
-            self.compare_merged_btn: (compare_reason,
-                                      "load the saved folder beside the session and compare it with the adapter"),
-        })
+        self.set_reasons(
+            {
+                self.preview_btn: (preview_reason, "add this weighted combination as a variant in the Compare tab"),
+                self.compare_merged_btn: (
+                    compare_reason,
+                    "load the saved folder beside the session and compare it with the adapter",
+                ),
+            }
+        )
 
     def browse_out(self) -> None:
-        start = self.out_edit.text().strip() or str(Path(self.state.base_path).parent if self.state.base_path
-                                                    else Path.home())
+        start = self.out_edit.text().strip() or str(
+            Path(self.state.base_path).parent if self.state.base_path else Path.home()
+        )
         path = QFileDialog.getExistingDirectory(self, "Choose the output folder for the merged model", start)
         if path:
             self.out_edit.setText(path)
 
     def _ask_overwrite(self, path: Path) -> bool:
-        answer = QMessageBox.question(self, "Overwrite?", f"Overwrite {path}?\n\nIts contents are replaced when the merge "
-                                      "completes; until then it stays as it is.", QMessageBox.Yes | QMessageBox.No,
-                                      QMessageBox.No)
-        return answer == QMessageBox.Yes
+        answer = QMessageBox.question(
+            self,
+            "Overwrite?",
+            f"Overwrite {path}?\n\nIts contents are replaced when the merge completes; until then it stays as it is.",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No,
+        )
+        return answer == QMessageBox.StandardButton.Yes
 
     # -- merge --------------------------------------------------------------------------------------------------------
     def start_merge(self) -> Job | None:
@@ -304,12 +334,17 @@ class MergePanel(Panel):
             return merge_and_save(source, specs, options, session=session, cancel=cancel, report=report)
 
         what = specs[0].name if len(specs) == 1 else f"{options.combination} of {len(specs)} adapters"
-        job = (self.op(f"merging {what} into {out.name}", run)
-               .on_end(self._end_merge)
-               .on_success(self._merged)
-               .on_cancel(lambda: self.show_message(
-                   "merge cancelled; no output folder was written (an existing one is unchanged)", "warn"))
-               .run(f"merging {what} into {out}…"))
+        job = (
+            self.op(f"merging {what} into {out.name}", run)
+            .on_end(self._end_merge)
+            .on_success(self._merged)
+            .on_cancel(
+                lambda: self.show_message(
+                    "merge cancelled; no output folder was written (an existing one is unchanged)", "warn"
+                )
+            )
+            .run(f"merging {what} into {out}…")
+        )
         if job is None:
             return None
         self.merge_job = job
@@ -329,12 +364,17 @@ class MergePanel(Panel):
         v = result.verification
         self.result_box.show_result(result)
         kind = "ok" if v is None or v.status == "pass" else "warn"
-        self.show_message(f"saved {result.out}" if v is None or v.status == "pass" else
-                          f"saved {result.out}, but the merged model differs more than expected for {v.dtype}: "
-                          "see the numbers above and the model card", kind)
+        self.show_message(
+            f"saved {result.out}"
+            if v is None or v.status == "pass"
+            else f"saved {result.out}, but the merged model differs more than expected for {v.dtype}: "
+            "see the numbers above and the model card",
+            kind,
+        )
         self.marker.emit("merged")
-        self.log_line.emit(f"merged into {result.out}: {v.summary() if v else 'not verified'}",
-                           "info" if kind == "ok" else "warn")
+        self.log_line.emit(
+            f"merged into {result.out}: {v.summary() if v else 'not verified'}", "info" if kind == "ok" else "warn"
+        )
 
     # -- result actions -----------------------------------------------------------------------------------------------
     def open_card(self) -> None:
@@ -360,8 +400,9 @@ class MergePanel(Panel):
         combination = self.adapters.combination()
         weights = {r.name: r.weight for r in rows}
         try:
-            self.compare.add_combination_variant(self.variant_name(combination), weights, combination,
-                                                 self.adapters.density_for(combination))
+            self.compare.add_combination_variant(
+                self.variant_name(combination), weights, combination, self.adapters.density_for(combination)
+            )
         except UserError as exc:
             self.show_message(str(exc), "error")
             return

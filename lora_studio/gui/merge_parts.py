@@ -25,7 +25,10 @@ from lora_studio.gui.widgets import STYLES
 
 ENGINES = ("streaming", "in-memory")
 BADGES = {
-    "pass": ("✔ verified", "color: white; background: #2a7a2a; padding: 3px 8px; border-radius: 4px; font-weight: bold;"),
+    "pass": (
+        "✔ verified",
+        "color: white; background: #2a7a2a; padding: 3px 8px; border-radius: 4px; font-weight: bold;",
+    ),
     "warn": ("⚠ check", "color: white; background: #c06000; padding: 3px 8px; border-radius: 4px; font-weight: bold;"),
     None: ("saved, not verified", "color: white; background: #777; padding: 3px 8px; border-radius: 4px;"),
 }
@@ -37,10 +40,11 @@ class AdapterRow:
     def __init__(self, name: str, path: str, mergeable: bool) -> None:
         self.name, self.path, self.mergeable = name, path, mergeable
         self.check = QCheckBox(name)
-        self.check.setToolTip(path if mergeable else
-                              f"{path}\n(a combination built for Compare: tick its adapters here to merge it)")
+        self.check.setToolTip(
+            path if mergeable else f"{path}\n(a combination built for Compare: tick its adapters here to merge it)"
+        )
         self.check.setEnabled(mergeable)
-        self.slider = QLabeledDoubleSlider(Qt.Horizontal)
+        self.slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
         self.slider.setRange(0.0, 2.0)
         self.slider.setSingleStep(0.05)
         self.slider.setDecimals(2)
@@ -71,7 +75,7 @@ class PlanTable(QGroupBox):
             cells = [QLabel(engine)] + [QLabel("–") for _ in range(4)]
             cells[4].setWordWrap(True)
             cells[4].setStyleSheet("color: palette(mid);")
-            cells[4].setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+            cells[4].setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
             for col, cell in enumerate(cells):
                 grid.addWidget(cell, row, col)
             self.cells[engine] = cells
@@ -106,8 +110,9 @@ class PlanTable(QGroupBox):
         else:
             free = "unknown" if plan.disk_free_bytes is None else format_bytes(plan.disk_free_bytes)
             mark = "✔" if plan.disk_ok else "✖"
-            self.disk_label.setText(f"Disk: {mark} the output needs about {format_bytes(plan.output_bytes)}; "
-                                    f"{free} free at {out.parent}")
+            self.disk_label.setText(
+                f"Disk: {mark} the output needs about {format_bytes(plan.output_bytes)}; {free} free at {out.parent}"
+            )
             self.disk_label.setStyleSheet(STYLES["ok"] if plan.disk_ok else STYLES["error"])
 
 
@@ -133,13 +138,13 @@ class ResultBox(QGroupBox):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__("Result", parent)
         self.badge = QLabel("")
-        self.badge.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.badge.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.numbers = QLabel("")
         self.numbers.setWordWrap(True)
-        self.numbers.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.numbers.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.saved_label = QLabel("")
         self.saved_label.setWordWrap(True)
-        self.saved_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.saved_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.card_btn = QPushButton("Open model card")
         self.folder_btn = QPushButton("Open folder")
         self.compare_merged_btn = QPushButton("Compare merged vs adapter")
@@ -164,14 +169,20 @@ class ResultBox(QGroupBox):
         self.badge.setStyleSheet(style)
         if v is not None:
             limits = v.thresholds
-            self.numbers.setText(f"max |Δlogit| {v.max_abs_logit_diff:.3g} (≤ {limits[0]:g}) · mean KL {v.mean_kl:.3g} "
-                                 f"(≤ {limits[1]:g}) · greedy agreement {v.greedy_agreement:.0%} (≥ {limits[2]:.0%}) "
-                                 f"over {v.tokens_compared} tokens, {v.dtype}")
-            self.numbers.setToolTip("the saved folder, loaded with plain AutoModelForCausalLM, against base + adapter "
-                                    "through PEFT on the same tokens")
+            self.numbers.setText(
+                f"max |Δlogit| {v.max_abs_logit_diff:.3g} (≤ {limits[0]:g}) · mean KL {v.mean_kl:.3g} "
+                f"(≤ {limits[1]:g}) · greedy agreement {v.greedy_agreement:.0%} (≥ {limits[2]:.0%}) "
+                f"over {v.tokens_compared} tokens, {v.dtype}"
+            )
+            self.numbers.setToolTip(
+                "the saved folder, loaded with plain AutoModelForCausalLM, against base + adapter "
+                "through PEFT on the same tokens"
+            )
         else:
             self.numbers.setText("verification was off")
-        self.saved_label.setText(f"Saved <b>{result.out}</b> — {result.engine} engine, {result.dtype}, "
-                                 f"{len(result.files)} shard(s), {format_bytes(result.bytes_written)} in "
-                                 f"{result.seconds:.1f} s")
+        self.saved_label.setText(
+            f"Saved <b>{result.out}</b> — {result.engine} engine, {result.dtype}, "
+            f"{len(result.files)} shard(s), {format_bytes(result.bytes_written)} in "
+            f"{result.seconds:.1f} s"
+        )
         self.show()

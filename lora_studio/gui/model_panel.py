@@ -29,7 +29,11 @@ from lora_studio.gui.panel import Panel
 from lora_studio.gui.session_model import SessionModel
 from lora_studio.gui.widgets import MessageLine
 
-VERDICT_TEXT = {"fits": ("✔ fits", "ok"), "offload": ("⚠ will offload", "warn"), "does_not_fit": ("✖ does not fit", "error")}
+VERDICT_TEXT = {
+    "fits": ("✔ fits", "ok"),
+    "offload": ("⚠ will offload", "warn"),
+    "does_not_fit": ("✖ does not fit", "error"),
+}
 
 
 def format_params(n: int) -> str:
@@ -44,8 +48,9 @@ class ModelPanel(Panel):
     loaded = Signal(object)  # SessionState after a successful load
     load_failed = Signal(object)  # ErrorDescription
 
-    def __init__(self, runner: JobRunner, session_model: SessionModel, gpu_count: int = 0,
-                 parent: QWidget | None = None) -> None:
+    def __init__(
+        self, runner: JobRunner, session_model: SessionModel, gpu_count: int = 0, parent: QWidget | None = None
+    ) -> None:
         super().__init__(runner, session_model, parent)
         self.estimate: MemoryEstimate | None = None
         self.load_job: Job | None = None
@@ -66,7 +71,9 @@ class ModelPanel(Panel):
 
         self.local_list = QListWidget()
         self.local_list.setMinimumHeight(70)
-        self.local_list.setToolTip("Models on this machine: the demo and the local Hugging Face cache (never downloads)")
+        self.local_list.setToolTip(
+            "Models on this machine: the demo and the local Hugging Face cache (never downloads)"
+        )
         self.local_list.itemClicked.connect(self._pick_local)
         self.local_list.itemDoubleClicked.connect(self._load_local)
         refresh = QPushButton("Refresh")
@@ -106,7 +113,7 @@ class ModelPanel(Panel):
         btn_row.addWidget(self.cancel_btn)
         self.loaded_label = QLabel("No base model loaded.")
         self.loaded_label.setWordWrap(True)
-        self.loaded_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.loaded_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
         pick_box = QGroupBox("Choose a model")
         pick_layout = QVBoxLayout(pick_box)
@@ -159,7 +166,9 @@ class ModelPanel(Panel):
             self.set_source(path)
 
     def browse_gguf(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Choose a GGUF model", self._start_dir(), "GGUF models (*.gguf);;All files (*)")
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Choose a GGUF model", self._start_dir(), "GGUF models (*.gguf);;All files (*)"
+        )
         if path:
             self.set_source(path)
 
@@ -170,21 +179,28 @@ class ModelPanel(Panel):
     def refresh_local(self) -> None:
         from lora_studio.core.demo.model import list_local_models
 
-        self.op("listing local models", lambda *, cancel, report: list_local_models(), exclusive=False,
-                key="list-models", progress=False).on_success(self._show_local).on_failure(lambda _desc: None).run()
+        self.op(
+            "listing local models",
+            lambda *, cancel, report: list_local_models(),
+            exclusive=False,
+            key="list-models",
+            progress=False,
+        ).on_success(self._show_local).on_failure(lambda _desc: None).run()
 
     def _show_local(self, sources) -> None:
         self.local_list.clear()
         self._local_sources.clear()
         for source in sources:
-            kind = {"hf-cache": "HF cache", "gguf": "GGUF", "demo": "demo", "folder": "folder"}.get(source.kind, source.kind)
+            kind = {"hf-cache": "HF cache", "gguf": "GGUF", "demo": "demo", "folder": "folder"}.get(
+                source.kind, source.kind
+            )
             item = QListWidgetItem(f"{source.label}   [{kind}]")
-            item.setData(Qt.UserRole, str(source.file))
+            item.setData(Qt.ItemDataRole.UserRole, str(source.file))
             item.setToolTip(str(source.file))
             self.local_list.addItem(item)
         if not sources:
             item = QListWidgetItem("(none found: use Folder… or GGUF…)")
-            item.setFlags(Qt.NoItemFlags)
+            item.setFlags(Qt.ItemFlag.NoItemFlags)
             self.local_list.addItem(item)
 
     def _load_local(self, item: QListWidgetItem) -> None:
@@ -192,7 +208,7 @@ class ModelPanel(Panel):
         self.load()
 
     def _pick_local(self, item: QListWidgetItem) -> None:
-        path = item.data(Qt.UserRole)
+        path = item.data(Qt.ItemDataRole.UserRole)
         if path:
             self.set_source(path)
 
@@ -215,7 +231,8 @@ class ModelPanel(Panel):
 
         self.verdict_label.show_message("estimating…")
         self.op("estimating memory", run, exclusive=False, key="estimate", progress=False).on_success(
-            self._show_estimate).on_failure(self._estimate_failed).on_cancel(lambda: None).run()
+            self._show_estimate
+        ).on_failure(self._estimate_failed).on_cancel(lambda: None).run()
 
     def _show_estimate(self, est: MemoryEstimate) -> None:
         self.estimate = est
@@ -225,7 +242,8 @@ class ModelPanel(Panel):
         self.detail_label.setText(
             f"{fp.architecture} · {format_params(fp.params)} params · checkpoint {fp.checkpoint_dtype} "
             f"({format_bytes(fp.checkpoint_bytes)}) · weights as {est.dtype}: {format_bytes(est.weights_bytes)}, "
-            f"needs ≈ {format_bytes(est.needed_bytes)}")
+            f"needs ≈ {format_bytes(est.needed_bytes)}"
+        )
         self.load_btn.setText("Load anyway" if est.verdict == "does_not_fit" else "Load")
 
     def _estimate_failed(self, desc) -> None:
@@ -247,12 +265,14 @@ class ModelPanel(Panel):
             return session.load(source, dtype=dtype, device_map=device, cancel=cancel, report=report)
 
         label = Path(text).name or text or "model"
-        job = (self.op(f"loading {label}", run)
-               .on_end(self._end_load)
-               .on_success(self._loaded)
-               .on_failure(self._load_failed)
-               .on_cancel(lambda: self.show_message("load cancelled; the previous model (if any) is unchanged", "warn"))
-               .run(f"loading {label}…"))
+        job = (
+            self.op(f"loading {label}", run)
+            .on_end(self._end_load)
+            .on_success(self._loaded)
+            .on_failure(self._load_failed)
+            .on_cancel(lambda: self.show_message("load cancelled; the previous model (if any) is unchanged", "warn"))
+            .run(f"loading {label}…")
+        )
         if job is not None:  # refused (Busy): the running load stays the one Cancel stops
             self.load_job = job
             self.update_buttons()  # the Cancel button follows load_job
@@ -278,9 +298,13 @@ class ModelPanel(Panel):
             self.loaded_label.setText("No base model loaded.")
             return
         params = f"{format_params(state.params)} params" if state.params else ""
-        self.loaded_label.setText(f"<b>{state.base}</b><br>{state.dtype} on {state.device} · {params}<br>"
-                                  f"<span style='color:gray'>{state.base_path}</span>")
+        self.loaded_label.setText(
+            f"<b>{state.base}</b><br>{state.dtype} on {state.device} · {params}<br>"
+            f"<span style='color:gray'>{state.base_path}</span>"
+        )
 
     def update_buttons(self) -> None:
-        self.set_reasons({self.load_btn: (self.busy_reason, "Load this model (replaces the current one and its adapters)")})
+        self.set_reasons(
+            {self.load_btn: (self.busy_reason, "Load this model (replaces the current one and its adapters)")}
+        )
         self.cancel_btn.setEnabled(self.load_job is not None and not self.load_job.done)

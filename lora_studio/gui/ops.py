@@ -36,8 +36,16 @@ if TYPE_CHECKING:
 class PanelOp:
     """One job started from a panel. Build it with :meth:`Panel.op`, add handlers, then :meth:`run` it."""
 
-    def __init__(self, panel: Panel, name: str, fn: Callable[..., Any], *, exclusive: bool = True,
-                 key: str | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        panel: Panel,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        exclusive: bool = True,
+        key: str | None = None,
+        progress: bool = True,
+    ) -> None:
         self.panel, self.name, self.fn = panel, name, fn
         self.exclusive, self.key, self.progress = exclusive, key, progress
         self._success: Callable[[Any], None] | None = None
@@ -74,11 +82,16 @@ class PanelOp:
         # Lambdas, not bound methods: PySide holds a bound method's object weakly, and nothing else keeps this op
         # alive until its job ends; the job's connections hold the lambdas (and so the op) until then.
         try:
-            job = panel.runner.submit(self.name, self.fn, exclusive=self.exclusive, key=self.key,
-                                      on_done=lambda result: self._finished(result),
-                                      on_error=lambda desc: self._failed(desc),
-                                      on_cancel=lambda: self._cancelled(),
-                                      on_progress=(lambda p: show_progress(bar, p)) if self.progress else None)
+            job = panel.runner.submit(
+                self.name,
+                self.fn,
+                exclusive=self.exclusive,
+                key=self.key,
+                on_done=lambda result: self._finished(result),
+                on_error=lambda desc: self._failed(desc),
+                on_cancel=lambda: self._cancelled(),
+                on_progress=(lambda p: show_progress(bar, p)) if self.progress else None,
+            )
         except Busy as exc:
             panel.show_message(describe(exc).message, "warn")
             return None

@@ -61,8 +61,15 @@ class Panel(QWidget):
         self.update_buttons()
 
     # -- jobs ------------------------------------------------------------------------------------------------------------
-    def op(self, name: str, fn: Callable[..., Any], *, exclusive: bool = True, key: str | None = None,
-           progress: bool = True) -> PanelOp:
+    def op(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        exclusive: bool = True,
+        key: str | None = None,
+        progress: bool = True,
+    ) -> PanelOp:
         """A job of this panel: add handlers to it, then ``.run()``."""
         return PanelOp(self, name, fn, exclusive=exclusive, key=key, progress=progress)
 

@@ -21,7 +21,7 @@ class StudioSettings:
     def __init__(self, path: Path | None = None) -> None:
         path = path or (data_dir() / "window.ini")
         self.path = Path(path)
-        self._qs = QSettings(str(self.path), QSettings.IniFormat)
+        self._qs = QSettings(str(self.path), QSettings.Format.IniFormat)
 
     # -- recent lists -------------------------------------------------------------------------------------------------
     def _list(self, key: str) -> list[str]:

@@ -25,6 +25,7 @@ def warm_up(*, cancel: CancelToken, report: Report, safe_to_freeze: Callable[[],
         cancel.raise_if_cancelled()
         __import__(name)
     from transformers import AutoModelForCausalLM  # noqa: F401 - the lazy module a load needs first
+
     # Only while no model exists or is being built: frozen objects are never cycle-collected.
     if safe_to_freeze():
         gc.freeze()
@@ -38,7 +39,7 @@ class Preloader(QObject):
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
-        self._done.connect(self.ready, Qt.QueuedConnection)
+        self._done.connect(self.ready, Qt.ConnectionType.QueuedConnection)
 
     def start(self, module: str) -> None:
         import importlib

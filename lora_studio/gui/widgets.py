@@ -21,7 +21,7 @@ class MessageLine(QLabel):
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         self.setWordWrap(True)
-        self.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.kind = "info"
 
     def show_message(self, text: str, kind: str = "info") -> None:

@@ -79,11 +79,19 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--top-layers", type=int, default=12,
-                   help="put LoRA on the attention of the top N decoder layers only (0 = all); "
-                        "the backward pass then stops there, which is what keeps CPU training short")
-    p.add_argument("--eval-every", type=int, default=2,
-                   help="validation loss every N steps (default 2; 1 = every step, about 1.5x the time)")
+    p.add_argument(
+        "--top-layers",
+        type=int,
+        default=12,
+        help="put LoRA on the attention of the top N decoder layers only (0 = all); "
+        "the backward pass then stops there, which is what keeps CPU training short",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=2,
+        help="validation loss every N steps (default 2; 1 = every step, about 1.5x the time)",
+    )
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiply every recipe's learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -96,6 +104,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- data
+
 
 def read_pairs(path: Path) -> list[dict]:
     pairs = []
@@ -139,8 +148,9 @@ def loss_sum(model, ids, labels, mask):
 
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     target = labels[:, 1:]
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                            ignore_index=-100, reduction="sum")
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return total, int((target != -100).sum())
 
 
@@ -180,6 +190,7 @@ def lr_at(step, steps, peak):
 
 # ----------------------------------------------------------------------------- model
 
+
 def load_base(path: Path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -218,9 +229,16 @@ def train_one(recipe: Recipe, args, base_path: Path, tokenizer, prompts: dict) -
 
     n_layers = model.config.num_hidden_layers
     layers = list(range(n_layers - args.top_layers, n_layers)) if 0 < args.top_layers < n_layers else None
-    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=TARGET_MODULES,
-                        layers_to_transform=layers, init_lora_weights=recipe.init, task_type="CAUSAL_LM",
-                        base_model_name_or_path=BASE_REPO_ID)
+    config = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=0.0,
+        target_modules=TARGET_MODULES,
+        layers_to_transform=layers,
+        init_lora_weights=recipe.init,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=BASE_REPO_ID,
+    )
     torch.manual_seed(args.seed)
     model = get_peft_model(model, config)
     # get_peft_model records the local folder; ship the portable hub id instead.
@@ -240,8 +258,15 @@ def train_one(recipe: Recipe, args, base_path: Path, tokenizer, prompts: dict) -
     rows = []
     start = time.monotonic()
     model.eval()  # no dropout anywhere; LoRA dropout is 0 too
-    rows.append({"step": 0, "train_loss": "", "val_loss": f"{eval_loss(model, val, pad_id):.5f}",
-                 "lr": "0", "elapsed_s": f"{time.monotonic() - start:.1f}"})
+    rows.append(
+        {
+            "step": 0,
+            "train_loss": "",
+            "val_loss": f"{eval_loss(model, val, pad_id):.5f}",
+            "lr": "0",
+            "elapsed_s": f"{time.monotonic() - start:.1f}",
+        }
+    )
     for step, idx in enumerate(batches(len(train), args.batch_size, steps, args.seed), 1):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr)
@@ -252,11 +277,21 @@ def train_one(recipe: Recipe, args, base_path: Path, tokenizer, prompts: dict) -
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         val_loss = eval_loss(model, val, pad_id) if step % args.eval_every == 0 or step == steps else None
-        rows.append({"step": step, "train_loss": f"{loss.item():.5f}",
-                     "val_loss": "" if val_loss is None else f"{val_loss:.5f}",
-                     "lr": f"{opt.param_groups[0]['lr']:.3g}", "elapsed_s": f"{time.monotonic() - start:.1f}"})
-        print(f"[{recipe.name}] step {step}/{steps} train {loss.item():.4f}"
-              + ("" if val_loss is None else f" val {val_loss:.4f}") + f" ({time.monotonic() - start:.0f}s)", flush=True)
+        rows.append(
+            {
+                "step": step,
+                "train_loss": f"{loss.item():.5f}",
+                "val_loss": "" if val_loss is None else f"{val_loss:.5f}",
+                "lr": f"{opt.param_groups[0]['lr']:.3g}",
+                "elapsed_s": f"{time.monotonic() - start:.1f}",
+            }
+        )
+        print(
+            f"[{recipe.name}] step {step}/{steps} train {loss.item():.4f}"
+            + ("" if val_loss is None else f" val {val_loss:.4f}")
+            + f" ({time.monotonic() - start:.0f}s)",
+            flush=True,
+        )
     train_seconds = time.monotonic() - start
 
     # The trained model's logits on the validation set, to check the saved adapter against.
@@ -282,8 +317,12 @@ def train_one(recipe: Recipe, args, base_path: Path, tokenizer, prompts: dict) -
             "kind": recipe.kind,
             "description": recipe.description,
             "dataset": f"resources/demo/data/{recipe.name}.{{train,val}}.jsonl",
-            "steps": steps, "batch_size": args.batch_size, "lr": lr, "seed": args.seed,
-            "top_layers": args.top_layers, "eval_every": args.eval_every,
+            "steps": steps,
+            "batch_size": args.batch_size,
+            "lr": lr,
+            "seed": args.seed,
+            "top_layers": args.top_layers,
+            "eval_every": args.eval_every,
         }
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", "utf-8")
         (tmp / "README.md").write_text(readme(recipe, sidecar, init_dir is not None), "utf-8")
@@ -301,12 +340,17 @@ def train_one(recipe: Recipe, args, base_path: Path, tokenizer, prompts: dict) -
     real = probe[2].bool()
     max_diff = float((reloaded_logits - trained_logits)[real].abs().max())
     answer = greedy(fresh, tokenizer, prompt) if prompt and not args.no_samples else None
-    print(f"[{recipe.name}] adapter val loss {adapter_val:.4f} (base {base_val:.4f}); "
-          f"reloaded-vs-trained max |dlogit| {max_diff:.2e}", flush=True)
+    print(
+        f"[{recipe.name}] adapter val loss {adapter_val:.4f} (base {base_val:.4f}); "
+        f"reloaded-vs-trained max |dlogit| {max_diff:.2e}",
+        flush=True,
+    )
     if answer is not None:
         print(f"[{recipe.name}] base:    {base_answer!r}\n[{recipe.name}] adapter: {answer!r}", flush=True)
     if max_diff > 1e-2:
-        raise SystemExit(f"{recipe.name}: the saved adapter does not reproduce the trained model (max |dlogit| {max_diff})")
+        raise SystemExit(
+            f"{recipe.name}: the saved adapter does not reproduce the trained model (max |dlogit| {max_diff})"
+        )
     return {
         "kind": recipe.kind,
         "init": sidecar["init_lora_weights"],
@@ -325,7 +369,7 @@ def train_one(recipe: Recipe, args, base_path: Path, tokenizer, prompts: dict) -
 
 
 def readme(recipe: Recipe, sidecar: dict, converted: bool) -> str:
-    init = "OLoRA (`init_lora_weights=\"olora\"`)" if converted else "PEFT's default (Kaiming A, zero B)"
+    init = 'OLoRA (`init_lora_weights="olora"`)' if converted else "PEFT's default (Kaiming A, zero B)"
     lines = [
         f"# Demo adapter: {recipe.name}",
         "",
@@ -336,12 +380,17 @@ def readme(recipe: Recipe, sidecar: dict, converted: bool) -> str:
         f"- Initialisation: {init}.",
     ]
     if converted:
-        lines.append("- Saved with PEFT's `path_initial_model_for_weight_conversion`: a plain LoRA of rank "
-                     f"{2 * sidecar['trained_rank']} (twice the trained rank) that applies to the unmodified base. "
-                     "`adapter_config.json` therefore says `init_lora_weights: true`; `lora_studio.json` records the "
-                     "init actually used.")
-    lines += [f"- `loss.csv`: training loss every step, validation loss every {sidecar['eval_every']} steps "
-              "(step 0 is the base).", ""]
+        lines.append(
+            "- Saved with PEFT's `path_initial_model_for_weight_conversion`: a plain LoRA of rank "
+            f"{2 * sidecar['trained_rank']} (twice the trained rank) that applies to the unmodified base. "
+            "`adapter_config.json` therefore says `init_lora_weights: true`; `lora_studio.json` records the "
+            "init actually used."
+        )
+    lines += [
+        f"- `loss.csv`: training loss every step, validation loss every {sidecar['eval_every']} steps "
+        "(step 0 is the base).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -358,7 +407,7 @@ def record_quality(path: Path, results: dict, torch_version: str) -> dict:
         quality = {
             "base_model": BASE_REPO_ID,
             "metric": "mean cross-entropy per answer token on the adapter's own validation split "
-                      "(chat template applied; lower is better)",
+            "(chat template applied; lower is better)",
             "torch": torch_version,
             "adapters": {k: adapters[k] for k in sorted(adapters)},
         }

@@ -5,17 +5,28 @@ import subprocess
 import sys
 
 import pytest
-
 from cli_helpers import run_in_process
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_compare_json_shape(tiny_llama, llama_adapters, capsys):
-    code, out, err = run_in_process(capsys, ["compare", tiny_llama, "--adapter", f"alpha={llama_adapters['alpha']}",
-                                             "--adapter", f"beta={llama_adapters['beta']}", "--prompt", "hello world",
-                                             "--max-new-tokens", "8", "--json"])
+    code, out, err = run_in_process(
+        capsys,
+        [
+            "compare",
+            tiny_llama,
+            "--adapter",
+            f"alpha={llama_adapters['alpha']}",
+            "--adapter",
+            f"beta={llama_adapters['beta']}",
+            "--prompt",
+            "hello world",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ],
+    )
     assert code == 0, err
     assert out.count("\n") == 1
     obj = json.loads(out)
@@ -34,9 +45,24 @@ def test_compare_json_shape(tiny_llama, llama_adapters, capsys):
 def test_compare_without_base_from_prompts_file_human(tiny_llama, llama_adapters, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "fox"}\n\n{"prompt": "Paris is"}\n')
-    code, out, err = run_in_process(capsys, ["compare", tiny_llama, "--no-base-variant", "--adapter", f"alpha={llama_adapters['alpha']}",
-                                             "--adapter", f"beta={llama_adapters['beta']}", "--prompts-file", prompts,
-                                             "--max-new-tokens", "4", "--raw", "--sequential"])
+    code, out, err = run_in_process(
+        capsys,
+        [
+            "compare",
+            tiny_llama,
+            "--no-base-variant",
+            "--adapter",
+            f"alpha={llama_adapters['alpha']}",
+            "--adapter",
+            f"beta={llama_adapters['beta']}",
+            "--prompts-file",
+            prompts,
+            "--max-new-tokens",
+            "4",
+            "--raw",
+            "--sequential",
+        ],
+    )
     assert code == 0, err
     assert "2 variants, one at a time (sequential runs were asked for)" in out
     assert out.count("Prompt: ") == 2 and "--- alpha (" in out and "--- beta (" in out and "--- base" not in out
@@ -46,25 +72,40 @@ def test_compare_without_base_from_prompts_file_human(tiny_llama, llama_adapters
 def test_compare_json_several_prompts(tiny_llama, llama_adapters, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("fox\nhello world\n")
-    code, out, err = run_in_process(capsys, ["compare", tiny_llama, "--adapter", f"alpha={llama_adapters['alpha']}", "--prompts-file", prompts,
-                                             "--max-new-tokens", "3", "--json"])
+    code, out, err = run_in_process(
+        capsys,
+        [
+            "compare",
+            tiny_llama,
+            "--adapter",
+            f"alpha={llama_adapters['alpha']}",
+            "--prompts-file",
+            prompts,
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ],
+    )
     assert code == 0, err
     obj = json.loads(out)
     assert [p["prompt"] for p in obj["prompts"]] == ["fox", "hello world"] and obj["mixed_batch"] is True
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--prompt", ""], "the prompt is empty"),
-    (["--prompt", "   "], "the prompt is empty"),
-    (["--prompt", "hi", "--max-new-tokens", "0"], "max new tokens is 0"),
-    (["--prompt", "hi", "--max-new-tokens", "1000000"], "max new tokens is 1,000,000"),
-    (["--prompt", "hi", "--adapter", "x=/nonexistent/adapter"], "/nonexistent/adapter does not exist"),
-    (["--prompt", "hi", "--merged", "/nonexistent/merged"], "/nonexistent/merged does not exist"),
-    ([], "no prompt given"),
-    (["--prompt", "hi", "--no-base-variant"], "nothing to compare"),
-    (["--prompt", "hi", "--reference", "zzz"], "--reference 'zzz' is not a variant"),
-    (["--prompt", "hi", "--max-new-tokens", "lots"], "invalid int value"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--prompt", ""], "the prompt is empty"),
+        (["--prompt", "   "], "the prompt is empty"),
+        (["--prompt", "hi", "--max-new-tokens", "0"], "max new tokens is 0"),
+        (["--prompt", "hi", "--max-new-tokens", "1000000"], "max new tokens is 1,000,000"),
+        (["--prompt", "hi", "--adapter", "x=/nonexistent/adapter"], "/nonexistent/adapter does not exist"),
+        (["--prompt", "hi", "--merged", "/nonexistent/merged"], "/nonexistent/merged does not exist"),
+        ([], "no prompt given"),
+        (["--prompt", "hi", "--no-base-variant"], "nothing to compare"),
+        (["--prompt", "hi", "--reference", "zzz"], "--reference 'zzz' is not a variant"),
+        (["--prompt", "hi", "--max-new-tokens", "lots"], "invalid int value"),
+    ],
+)
 def test_bad_input_exit_2(tiny_llama, extra, needle, capsys):
     code, out, err = run_in_process(capsys, ["compare", tiny_llama, *extra])
     assert code == 2 and out == ""
@@ -85,7 +126,22 @@ def test_bad_prompts_files_exit_2(tiny_llama, tmp_path, capsys):
 
 
 def test_mismatched_adapter_exit_2_in_a_subprocess(tiny_llama, wide_adapter):
-    proc = subprocess.run([sys.executable, "-m", "lora_studio", "compare", str(tiny_llama), "--adapter", f"w={wide_adapter}",
-                           "--prompt", "hi", "--json"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lora_studio",
+            "compare",
+            str(tiny_llama),
+            "--adapter",
+            f"w={wide_adapter}",
+            "--prompt",
+            "hi",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "adapter expects in=64,out=64" in proc.stderr

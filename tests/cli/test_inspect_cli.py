@@ -10,20 +10,42 @@ from lora_studio.cli.main import main
 
 
 def run_cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "lora_studio", *map(str, args)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_studio", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
 def test_inspect_json(tiny_llama, llama_adapters, capsys):
-    code = main(["inspect", str(tiny_llama), "--adapter", f"a={llama_adapters['alpha']}", "--adapter", str(llama_adapters["beta"]), "--json"])
+    code = main(
+        [
+            "inspect",
+            str(tiny_llama),
+            "--adapter",
+            f"a={llama_adapters['alpha']}",
+            "--adapter",
+            str(llama_adapters["beta"]),
+            "--json",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert code == 0
     assert set(out["base"]) >= {"path", "architecture", "params", "dtype", "estimated_bytes"}
     assert out["base"]["params"] == 39072 and out["base"]["architecture"] == "LlamaForCausalLM"
     a, b = out["adapters"]
     assert (a["name"], b["name"]) == ("a", "adapter-beta")
-    assert set(a) >= {"name", "peft_type", "r", "lora_alpha", "scaling", "use_dora", "target_modules", "params",
-                      "percent_of_base", "modules"}
+    assert set(a) >= {
+        "name",
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "scaling",
+        "use_dora",
+        "target_modules",
+        "params",
+        "percent_of_base",
+        "modules",
+    }
     assert a["modules"][0].keys() >= {"module", "delta_norm", "singular_values"}
     assert b["r"] == 8 and b["scaling"] == 2.0
 
@@ -41,12 +63,15 @@ def test_mismatched_adapter_exit_2_one_line(tiny_llama, wide_adapter):
     assert "model.layers.0.self_attn.q_proj: adapter expects in=64,out=64, base has in=32,out=32" in err
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["inspect"], "no base model given"),
-    (["inspect", "/nonexistent/model"], "does not exist"),
-    (["inspect", "--bogus-flag"], "unrecognized arguments"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["inspect"], "no base model given"),
+        (["inspect", "/nonexistent/model"], "does not exist"),
+        (["inspect", "--bogus-flag"], "unrecognized arguments"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_bad_input_exit_2(args, needle, capsys):
     try:
         code = main(args)

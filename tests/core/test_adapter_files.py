@@ -1,11 +1,9 @@
 """Reading adapter folders: configs, weights, and the clear refusals for broken ones."""
 
-import json
-
+import factories
 import pytest
 import torch
 
-import factories
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.errors import UserError
 
@@ -21,14 +19,17 @@ def test_reads_config(adapter):
     assert cfg.scaling_for("model.layers.0.self_attn.q_proj") == 2.0
 
 
-@pytest.mark.parametrize("content,needle", [
-    ("", "is empty"),
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "not a JSON object"),
-    ('{"peft_type": "IA3"}', "IA3 adapter"),
-    ('{"peft_type": "FANCY_NEW"}', "unknown peft_type"),
-    ('{"r": 4}', "no peft_type"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ("", "is empty"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"peft_type": "IA3"}', "IA3 adapter"),
+        ('{"peft_type": "FANCY_NEW"}', "unknown peft_type"),
+        ('{"r": 4}', "no peft_type"),
+    ],
+)
 def test_broken_configs(adapter, content, needle):
     (adapter / "adapter_config.json").write_text(content)
     with pytest.raises(UserError, match=needle):
@@ -97,12 +98,18 @@ def test_malicious_pickle_is_refused_and_not_executed(adapter, tmp_path):
 
 
 def test_layout_groups_keys():
-    lay = adapter_files.layout([
-        "model.layers.0.q_proj.lora_A.weight", "model.layers.0.q_proj.lora_B.weight",
-        "model.layers.0.q_proj.lora_magnitude_vector", "model.embed_tokens.lora_embedding_A",
-        "model.embed_tokens.lora_embedding_B", "lm_head.weight",
-        "model.embed_tokens.token_adapter.trainable_tokens_delta", "weird.thing",
-    ])
+    lay = adapter_files.layout(
+        [
+            "model.layers.0.q_proj.lora_A.weight",
+            "model.layers.0.q_proj.lora_B.weight",
+            "model.layers.0.q_proj.lora_magnitude_vector",
+            "model.embed_tokens.lora_embedding_A",
+            "model.embed_tokens.lora_embedding_B",
+            "lm_head.weight",
+            "model.embed_tokens.token_adapter.trainable_tokens_delta",
+            "weird.thing",
+        ]
+    )
     assert lay.lora["model.layers.0.q_proj"].magnitude
     assert lay.lora["model.embed_tokens"].kind == "embedding"
     assert lay.full_weights == {"lm_head.weight": "lm_head.weight"}

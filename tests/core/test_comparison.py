@@ -1,15 +1,15 @@
 """Comparison: one mixed-adapter batch gives each variant's single-run tokens; streaming, cancel, fallbacks, state."""
 
+import factories
 import pytest
 import torch
 
-import factories
 from lora_studio.core import compare as comparison
 from lora_studio.core.compare import Variant, compare, load_beside, session_variants
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.generation.generate import GenerationSettings, generate
-from lora_studio.core.session import Session
 from lora_studio.core.model.sources import resolve_source
+from lora_studio.core.session import Session
 from lora_studio.core.tasks import CancelToken
 
 PROMPTS = ["hello world", "The quick brown fox jumps over the lazy dog. LoRA adapters add", "Paris"]
@@ -100,14 +100,23 @@ def test_cancel_stops_within_one_step(session):
             token.cancel()
 
     with pytest.raises(Cancelled):
-        compare(session, session_variants(session), "fox", GenerationSettings(max_new_tokens=60), cancel=token, on_tokens=on_tokens)
+        compare(
+            session,
+            session_variants(session),
+            "fox",
+            GenerationSettings(max_new_tokens=60),
+            cancel=token,
+            on_tokens=on_tokens,
+        )
     assert len(deltas) <= 4 * 3
     assert session.active_adapter == "alpha" and session.adapters_enabled
 
 
 def test_progress_counts_tokens(session):
     seen = []
-    compare(session, session_variants(session), "fox", GenerationSettings(max_new_tokens=5), report=seen.append, score=False)
+    compare(
+        session, session_variants(session), "fox", GenerationSettings(max_new_tokens=5), report=seen.append, score=False
+    )
     tokens = [p for p in seen if p.unit == "tokens"]
     assert tokens and tokens[-1].total == 15 and tokens[-1].done <= 15
 
@@ -190,9 +199,9 @@ def test_divergence_scores_match_a_hand_computation(session):
     start = seq.shape[1] - len(ref_ids) - 1
     session.activate("beta")
     with torch.inference_mode():
-        q = session.model(input_ids=seq).logits[0, start:start + len(ref_ids)].double().log_softmax(-1)
+        q = session.model(input_ids=seq).logits[0, start : start + len(ref_ids)].double().log_softmax(-1)
         with session.model.disable_adapter():
-            p = session.model(input_ids=seq).logits[0, start:start + len(ref_ids)].double().log_softmax(-1)
+            p = session.model(input_ids=seq).logits[0, start : start + len(ref_ids)].double().log_softmax(-1)
     session.activate("alpha")
     kl = (p.exp() * (p - q)).sum(-1)
     assert beta_col.scores.kl == pytest.approx(kl.tolist(), abs=1e-5)
@@ -205,17 +214,20 @@ def test_divergence_scores_match_a_hand_computation(session):
     assert beta_col.first_divergence == expected_first
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(prompts=""), "prompt is empty"),
-    (dict(prompts=[]), "there are no prompts"),
-    (dict(settings=GenerationSettings(max_new_tokens=0)), "max new tokens is 0"),
-    (dict(settings=GenerationSettings(max_new_tokens=1_000_000)), "max new tokens is 1,000,000"),
-    (dict(settings=GenerationSettings(max_new_tokens=200)), "exceeds the model's context of 128"),
-    (dict(variants=[]), "no variants"),
-    (dict(variants=[Variant.of_adapter("nope")]), "no adapter named 'nope'"),
-    (dict(variants=[Variant.base(), Variant.base()]), "two columns are named 'base'"),
-    (dict(reference="gamma"), "reference column 'gamma'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(prompts=""), "prompt is empty"),
+        (dict(prompts=[]), "there are no prompts"),
+        (dict(settings=GenerationSettings(max_new_tokens=0)), "max new tokens is 0"),
+        (dict(settings=GenerationSettings(max_new_tokens=1_000_000)), "max new tokens is 1,000,000"),
+        (dict(settings=GenerationSettings(max_new_tokens=200)), "exceeds the model's context of 128"),
+        (dict(variants=[]), "no variants"),
+        (dict(variants=[Variant.of_adapter("nope")]), "no adapter named 'nope'"),
+        (dict(variants=[Variant.base(), Variant.base()]), "two columns are named 'base'"),
+        (dict(reference="gamma"), "reference column 'gamma'"),
+    ],
+)
 def test_bad_input(session, kwargs, needle):
     args = dict(variants=session_variants(session), prompts="hi", settings=GREEDY)
     args.update(kwargs)

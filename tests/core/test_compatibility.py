@@ -1,8 +1,8 @@
 """Compatibility is decided from shapes before attaching, with messages that name the module."""
 
+import factories
 import pytest
 
-import factories
 from lora_studio.core.adapters import compatibility
 from lora_studio.core.errors import UserError
 
@@ -17,12 +17,16 @@ def test_shape_mismatch_names_module_and_both_shapes(tiny_llama, wide_adapter):
     shapes = compatibility.weight_shapes_from_headers(tiny_llama)
     with pytest.raises(UserError) as err:
         compatibility.check(wide_adapter, shapes)
-    assert str(err.value).startswith("model.layers.0.self_attn.q_proj: adapter expects in=64,out=64, base has in=32,out=32")
+    assert str(err.value).startswith(
+        "model.layers.0.self_attn.q_proj: adapter expects in=64,out=64, base has in=32,out=32"
+    )
 
 
 def test_other_architecture(tiny_llama, gpt2_adapter):
     shapes = compatibility.weight_shapes_from_headers(tiny_llama)
-    with pytest.raises(UserError, match=r"transformer\.h\.0\.attn\.c_attn, which this base does not have|another architecture"):
+    with pytest.raises(
+        UserError, match=r"transformer\.h\.0\.attn\.c_attn, which this base does not have|another architecture"
+    ):
         compatibility.check(gpt2_adapter, shapes, base_label="this base", architecture="LlamaForCausalLM")
 
 

@@ -28,14 +28,16 @@ def test_demo_converts_loads_and_generates():
     assert read_footprint(source).params == DEMO_PARAMS
     session = Session()
     session.load(source)
-    out = generate(session.model, session.tokenizer, "What is the capital of France?", GenerationSettings(max_new_tokens=8))
+    out = generate(
+        session.model, session.tokenizer, "What is the capital of France?", GenerationSettings(max_new_tokens=8)
+    )
     assert "Paris" in out.text
     session.close()
 
 
 def test_gguf_footprint_and_shapes_without_loading():
-    from lora_studio.core.report.inspect_report import base_weight_shapes
     from lora_studio.core.model.sources import resolve_source
+    from lora_studio.core.report.inspect_report import base_weight_shapes
 
     source = resolve_source(demo.demo_gguf_path())
     assert source.kind == "gguf" and source.gguf_file == demo.DEMO_GGUF

@@ -11,15 +11,16 @@ import shutil
 
 import pytest
 
-from lora_studio.core.demo import assets as demo_assets
 from lora_studio.core.adapters.files import read_adapter_config
-from lora_studio.core.errors import UserError
 from lora_studio.core.adapters.training_log import find_loss_csv, read_loss_csv
+from lora_studio.core.demo import assets as demo_assets
+from lora_studio.core.errors import UserError
 
 DEMO_NAMES = {"pirate", "bullets", "sql"}
 
 
 # -- training_log -------------------------------------------------------------
+
 
 def _write(tmp_path, text, name="loss.csv"):
     path = tmp_path / name
@@ -52,15 +53,18 @@ def test_loss_csv_non_finite_values_are_skipped_and_reported(tmp_path):
     assert log.train.values == (2.0,) and "2 non-finite" in log.warnings[0]
 
 
-@pytest.mark.parametrize("text, words", [
-    ("", "is empty"),
-    ("step,train_loss\n1,abc\n", "line 2: train_loss is 'abc'"),
-    ("epoch,accuracy\n1,0.5\n", "no step column"),
-    ("step,accuracy\n1,0.5\n", "no loss column"),
-    ("step,train_loss\n1,2.0,9\n", "line 2 has 3 fields"),
-    ("step,train_loss\n,2.0\n", "the step is missing"),
-    ("step,train_loss,val_loss\n1,,\n", "no loss values"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("", "is empty"),
+        ("step,train_loss\n1,abc\n", "line 2: train_loss is 'abc'"),
+        ("epoch,accuracy\n1,0.5\n", "no step column"),
+        ("step,accuracy\n1,0.5\n", "no loss column"),
+        ("step,train_loss\n1,2.0,9\n", "line 2 has 3 fields"),
+        ("step,train_loss\n,2.0\n", "the step is missing"),
+        ("step,train_loss,val_loss\n1,,\n", "no loss values"),
+    ],
+)
 def test_malformed_loss_csv_is_a_clear_error(tmp_path, text, words):
     with pytest.raises(UserError) as info:
         read_loss_csv(_write(tmp_path, text))
@@ -79,6 +83,7 @@ def test_loss_csv_not_utf8_and_missing(tmp_path):
 
 # -- demo_assets ---------------------------------------------------------------
 
+
 def test_demo_assets_found_in_the_source_checkout():
     adapters = demo_assets.demo_adapters()
     assert {a.name for a in adapters} == DEMO_NAMES
@@ -95,8 +100,7 @@ def test_demo_assets_found_in_the_source_checkout():
 
 def test_demo_assets_override_and_installed_layouts(tmp_path, monkeypatch):
     copy = tmp_path / "share" / "lora-studio" / "resources"
-    shutil.copytree(demo_assets.resources_dir() / "demo", copy / "demo",
-                    ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copytree(demo_assets.resources_dir() / "demo", copy / "demo", ignore=shutil.ignore_patterns("*.safetensors"))
     monkeypatch.setenv(demo_assets.RESOURCES_ENV, str(copy))
     assert demo_assets.resources_dir() == copy
     # An explicit override that is not a resources folder says so instead of guessing.
@@ -130,7 +134,10 @@ def test_olora_adapter_says_which_init_it_used():
     folder = next(a.path for a in demo_assets.demo_adapters() if a.name == "bullets")
     config = read_adapter_config(folder)
     # PEFT's conversion to plain LoRA rewrites the config (init true, rank doubled) ...
-    assert config.init_lora_weights is True and config.r == 2 * json.loads((folder / "lora_studio.json").read_text())["trained_rank"]
+    assert (
+        config.init_lora_weights is True
+        and config.r == 2 * json.loads((folder / "lora_studio.json").read_text())["trained_rank"]
+    )
     # ... so the inspector reads the init from lora_studio.json.
     assert config.init_method.startswith("olora (converted to plain LoRA")
     plain = next(a.path for a in demo_assets.demo_adapters() if a.name == "pirate")
@@ -146,6 +153,7 @@ def test_quality_numbers_recorded():
 
 
 # -- the real demo model (slow: one load for the module) ------------------------
+
 
 @pytest.fixture(scope="module")
 def demo_session():

@@ -6,19 +6,28 @@ import pytest
 import torch
 
 from lora_studio.core.compare.divergence import (
-    ColumnDivergence, DivergenceReport, TokenScores, first_divergence, first_divergences, summary, token_scores,
+    ColumnDivergence,
+    DivergenceReport,
+    TokenScores,
+    first_divergence,
+    first_divergences,
+    summary,
+    token_scores,
 )
 
 
-@pytest.mark.parametrize("tokens,reference,expected", [
-    ([1, 2, 3], [1, 2, 3], None),
-    ([1, 2, 4], [1, 2, 3], 2),
-    ([9, 2, 3], [1, 2, 3], 0),
-    ([1, 2], [1, 2, 3], 2),  # stopped early (EOS): diverges where it ended
-    ([1, 2, 3, 4], [1, 2, 3], 3),
-    ([], [], None),
-    ([], [5], 0),
-])
+@pytest.mark.parametrize(
+    "tokens,reference,expected",
+    [
+        ([1, 2, 3], [1, 2, 3], None),
+        ([1, 2, 4], [1, 2, 3], 2),
+        ([9, 2, 3], [1, 2, 3], 0),
+        ([1, 2], [1, 2, 3], 2),  # stopped early (EOS): diverges where it ended
+        ([1, 2, 3, 4], [1, 2, 3], 3),
+        ([], [], None),
+        ([], [5], 0),
+    ],
+)
 def test_first_divergence(tokens, reference, expected):
     assert first_divergence(tokens, reference) == expected
 
@@ -77,7 +86,9 @@ def test_empty_continuation_and_report_json():
     report = DivergenceReport("base", [ColumnDivergence("base", None, empty), ColumnDivergence("a", 2, None)])
     js = report.to_json()
     assert js["reference"] == "base" and js["columns"][0]["agreement"] == 100.0 and "mean_kl" not in js["columns"][1]
-    assert summary(report) == {"base": {"first_divergence": None, "mean_kl": 0.0, "agreement": 100.0},
-                               "a": {"first_divergence": 2, "mean_kl": None, "agreement": None}}
+    assert summary(report) == {
+        "base": {"first_divergence": None, "mean_kl": 0.0, "agreement": 100.0},
+        "a": {"first_divergence": 2, "mean_kl": None, "agreement": None},
+    }
     with pytest.raises(KeyError):
         report.column("nope")

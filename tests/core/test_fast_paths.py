@@ -6,15 +6,15 @@ import dataclasses
 import json
 import os
 
+import factories
 import pytest
 import torch
 
-import factories
 from lora_studio.core._compat import peft_config
 from lora_studio.core.adapters import files as adapter_files
-from lora_studio.core.model.loading import added_tokens_hint
 from lora_studio.core.io.safetensors_format import FileSlice, read_header, read_tensor
 from lora_studio.core.io.shard_writer import ShardWriter
+from lora_studio.core.model.loading import added_tokens_hint
 
 
 def test_static_lora_field_list_matches_the_installed_peft():

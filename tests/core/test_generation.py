@@ -5,8 +5,8 @@ import torch
 
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.generation.generate import GenerationSettings, generate, prompt_ids
-from lora_studio.core.session import Session
 from lora_studio.core.model.sources import resolve_source
+from lora_studio.core.session import Session
 from lora_studio.core.tasks import CancelToken
 
 
@@ -21,11 +21,19 @@ def session(tiny_llama, llama_adapters):
 
 def test_greedy_matches_transformers_and_streams_in_order(session):
     streamed = []
-    out = generate(session.model, session.tokenizer, "hello world", GenerationSettings(max_new_tokens=12), on_token=streamed.append)
+    out = generate(
+        session.model, session.tokenizer, "hello world", GenerationSettings(max_new_tokens=12), on_token=streamed.append
+    )
     ids = prompt_ids(session.tokenizer, "hello world")
-    ref = session.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
-    expected = ref[0, len(ids):].tolist()
+    ref = session.model.generate(
+        input_ids=torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    expected = ref[0, len(ids) :].tolist()
     assert streamed == out.token_ids
     # our run stops at EOS; transformers' reference here does not
     assert out.token_ids == expected[: len(out.token_ids)]
@@ -56,18 +64,28 @@ def test_cancel_stops_within_one_step(session):
             token.cancel()
 
     with pytest.raises(Cancelled):
-        generate(session.model, session.tokenizer, "fox", GenerationSettings(max_new_tokens=50), cancel=token, on_token=on_token)
+        generate(
+            session.model,
+            session.tokenizer,
+            "fox",
+            GenerationSettings(max_new_tokens=50),
+            cancel=token,
+            on_token=on_token,
+        )
     assert 3 <= len(seen) <= 4
 
 
-@pytest.mark.parametrize("prompt,settings,needle", [
-    ("", GenerationSettings(), "prompt is empty"),
-    ("   ", GenerationSettings(), "prompt is empty"),
-    ("hi", GenerationSettings(max_new_tokens=0), "max new tokens is 0"),
-    ("hi", GenerationSettings(max_new_tokens=1_000_000), "max new tokens is 1,000,000"),
-    ("hi", GenerationSettings(max_new_tokens=200), "exceeds the model's context of 128"),
-    ("hi", GenerationSettings(do_sample=True, temperature=0), "temperature > 0"),
-])
+@pytest.mark.parametrize(
+    "prompt,settings,needle",
+    [
+        ("", GenerationSettings(), "prompt is empty"),
+        ("   ", GenerationSettings(), "prompt is empty"),
+        ("hi", GenerationSettings(max_new_tokens=0), "max new tokens is 0"),
+        ("hi", GenerationSettings(max_new_tokens=1_000_000), "max new tokens is 1,000,000"),
+        ("hi", GenerationSettings(max_new_tokens=200), "exceeds the model's context of 128"),
+        ("hi", GenerationSettings(do_sample=True, temperature=0), "temperature > 0"),
+    ],
+)
 def test_bad_settings(session, prompt, settings, needle):
     with pytest.raises(UserError, match=needle):
         generate(session.model, session.tokenizer, prompt, settings)

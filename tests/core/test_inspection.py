@@ -2,10 +2,10 @@
 
 import math
 
+import factories
 import pytest
 import torch
 
-import factories
 from lora_studio.core.adapters.inspection import delta_spectrum, inspect_adapter
 
 
@@ -20,11 +20,14 @@ def _peft_deltas(base, adapter, name="a"):
     return pm, out
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(r=4, lora_alpha=8),
-    dict(r=8, lora_alpha=16, use_rslora=True),
-    dict(r=4, lora_alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 32}),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(r=4, lora_alpha=8),
+        dict(r=8, lora_alpha=16, use_rslora=True),
+        dict(r=4, lora_alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 32}),
+    ],
+)
 def test_norms_and_singular_values_match_peft(tiny_llama, tmp_path, kwargs):
     adapter = factories.make_adapter(tiny_llama, tmp_path / "ad", **kwargs)
     pm, deltas = _peft_deltas(tiny_llama, adapter)
@@ -49,8 +52,13 @@ def test_scaling_rslora_and_percent(tiny_llama, tmp_path):
 
 
 def test_modules_to_save_dora_and_embedding_counted(tiny_llama, tmp_path):
-    adapter = factories.make_adapter(tiny_llama, tmp_path / "dora", use_dora=True, modules_to_save=["lm_head"],
-                                     target_modules=("q_proj", "embed_tokens"))
+    adapter = factories.make_adapter(
+        tiny_llama,
+        tmp_path / "dora",
+        use_dora=True,
+        modules_to_save=["lm_head"],
+        target_modules=("q_proj", "embed_tokens"),
+    )
     info = inspect_adapter(adapter)
     assert info.use_dora and info.modules_to_save == ["lm_head"]
     kinds = {m.module: m.kind for m in info.modules}
@@ -58,7 +66,11 @@ def test_modules_to_save_dora_and_embedding_counted(tiny_llama, tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
-        assert info.params == sum(f.get_slice(k).get_shape()[0] * (f.get_slice(k).get_shape()[1] if len(f.get_slice(k).get_shape()) > 1 else 1) for k in f.keys())
+        assert info.params == sum(
+            f.get_slice(k).get_shape()[0]
+            * (f.get_slice(k).get_shape()[1] if len(f.get_slice(k).get_shape()) > 1 else 1)
+            for k in f.keys()
+        )
 
 
 def test_spectrum_from_factors_matches_dense():

@@ -7,15 +7,18 @@ import shutil
 
 import pytest
 
-from lora_studio.core.model import loading, sources
 from lora_studio.core.errors import UserError
+from lora_studio.core.model import loading, sources
 
 
 def _custom_code_model(base, folder, model_type, marker):
     shutil.copytree(base, folder)
     cfg = json.loads((folder / "config.json").read_text())
     cfg["model_type"] = model_type
-    cfg["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomModel"}
+    cfg["auto_map"] = {
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForCausalLM": "modeling_custom.CustomModel",
+    }
     (folder / "config.json").write_text(json.dumps(cfg))
     for name in ("modeling_custom.py", "configuration_custom.py"):
         (folder / name).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
@@ -25,7 +28,10 @@ def _custom_code_model(base, folder, model_type, marker):
 def test_remote_code_is_not_run_by_default(tiny_llama, tmp_path):
     marker = tmp_path / "ran"
     folder = _custom_code_model(tiny_llama, tmp_path / "custom", "my_custom_arch", marker)
-    with pytest.raises(UserError, match=r"needs its own Python code to load \(configuration_custom\.py, modeling_custom\.py\); it was not run"):
+    with pytest.raises(
+        UserError,
+        match=r"needs its own Python code to load \(configuration_custom\.py, modeling_custom\.py\); it was not run",
+    ):
         loading.load_base(sources.resolve_source(folder))
     assert not marker.exists()
 
@@ -76,7 +82,9 @@ def test_missing_shard_is_a_clear_error(tiny_llama, tmp_path):
 
     folder = tmp_path / "sharded"
     shutil.copytree(tiny_llama, folder)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})
+    )
     (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
     with pytest.raises(UserError, match="model-00002-of-00002.safetensors but it is missing"):
         Session().load(sources.resolve_source(folder))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import errno
 import json
 
+import factories
 import pytest
 import torch
 
-import factories
-from lora_studio.core.merge import plan as merge_plan
 from lora_studio.core.errors import Cancelled, UserError
-from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save, plan_merge
 from lora_studio.core.io.shard_writer import ShardWriter
+from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save, plan_merge
+from lora_studio.core.merge import plan as merge_plan
 from lora_studio.core.model.sources import resolve_source
 from lora_studio.core.tasks import CancelToken
 
@@ -21,8 +21,15 @@ QUICK = dict(verify_prompts=("The quick brown fox",), verify_tokens=4)
 
 @pytest.fixture(scope="module")
 def rslora(models_dir, tiny_llama_bf16):
-    return factories.make_adapter(tiny_llama_bf16, models_dir / "save-rslora", r=8, lora_alpha=16, use_rslora=True, seed=41,
-                                  target_modules=("q_proj", "v_proj", "up_proj"))
+    return factories.make_adapter(
+        tiny_llama_bf16,
+        models_dir / "save-rslora",
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        seed=41,
+        target_modules=("q_proj", "v_proj", "up_proj"),
+    )
 
 
 def siblings(out):
@@ -34,8 +41,12 @@ def test_streaming_save_is_a_deployable_verified_folder(tmp_path, tiny_llama_bf1
 
     out = tmp_path / "merged"
     progress = []
-    result = merge_and_save(resolve_source(tiny_llama_bf16), [AdapterSpec("rs", rslora)], MergeOptions(out=out, **QUICK),
-                            report=progress.append)
+    result = merge_and_save(
+        resolve_source(tiny_llama_bf16),
+        [AdapterSpec("rs", rslora)],
+        MergeOptions(out=out, **QUICK),
+        report=progress.append,
+    )
     assert result.engine == "streaming" and result.dtype == "bfloat16"
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= names
@@ -46,7 +57,15 @@ def test_streaming_save_is_a_deployable_verified_folder(tmp_path, tiny_llama_bf1
     assert bytes_reports[-1].done == bytes_reports[-1].total == result.bytes_written
     assert result.verification.status == "pass"
     card = (out / "README.md").read_text()
-    for needle in (str(tiny_llama_bf16), "config.json sha256", "| rs | 1 | 8 | 16 | yes |", "streaming", "bfloat16", "PASS", "0.1.0"):
+    for needle in (
+        str(tiny_llama_bf16),
+        "config.json sha256",
+        "| rs | 1 | 8 | 16 | yes |",
+        "streaming",
+        "bfloat16",
+        "PASS",
+        "0.1.0",
+    ):
         assert needle in card
     model = AutoModelForCausalLM.from_pretrained(str(out))
     tokenizer = AutoTokenizer.from_pretrained(str(out))
@@ -66,8 +85,9 @@ def test_session_in_memory_combination_leaves_session_as_it_was(tmp_path, tiny_l
     session.activate("alpha")
     before = session.state()
     adapters = [AdapterSpec("alpha", llama_adapters["alpha"], 0.6), AdapterSpec("beta", llama_adapters["beta"], 0.4)]
-    result = merge_and_save(session.source, adapters, MergeOptions(out=tmp_path / "mix", combination="cat", **QUICK),
-                            session=session)
+    result = merge_and_save(
+        session.source, adapters, MergeOptions(out=tmp_path / "mix", combination="cat", **QUICK), session=session
+    )
     assert result.engine == "in-memory" and result.verification.status == "pass"
     assert session.state() == before and set(session.model.peft_config) == {"alpha", "beta"}
     card = (tmp_path / "mix" / "README.md").read_text()
@@ -84,8 +104,13 @@ def test_cancel_leaves_no_folder(tmp_path, tiny_llama, llama_adapters):
             token.cancel()
 
     with pytest.raises(Cancelled):
-        merge_and_save(resolve_source(tiny_llama), [AdapterSpec("a", llama_adapters["alpha"])],
-                       MergeOptions(out=out, verify=False), cancel=token, report=report)
+        merge_and_save(
+            resolve_source(tiny_llama),
+            [AdapterSpec("a", llama_adapters["alpha"])],
+            MergeOptions(out=out, verify=False),
+            cancel=token,
+            report=report,
+        )
     assert not out.exists() and siblings(out) == []
 
 
@@ -97,7 +122,9 @@ def test_disk_full_is_a_clear_error_and_cleans_up(tmp_path, tiny_llama, llama_ad
 
     monkeypatch.setattr(ShardWriter, "write", fail)
     with pytest.raises(UserError, match="full"):
-        merge_and_save(resolve_source(tiny_llama), [AdapterSpec("a", llama_adapters["alpha"])], MergeOptions(out=out, verify=False))
+        merge_and_save(
+            resolve_source(tiny_llama), [AdapterSpec("a", llama_adapters["alpha"])], MergeOptions(out=out, verify=False)
+        )
     assert not out.exists() and siblings(out) == []
 
 
@@ -152,8 +179,12 @@ def test_streaming_with_a_session_verifies_against_it(tmp_path, tiny_llama, llam
     session.attach(llama_adapters["beta"], "beta", activate=False)
     session.disable_adapters()
     before = session.state()
-    result = merge_and_save(session.source, [AdapterSpec("beta", llama_adapters["beta"])],
-                            MergeOptions(out=tmp_path / "b", dtype="float32", **QUICK), session=session)
+    result = merge_and_save(
+        session.source,
+        [AdapterSpec("beta", llama_adapters["beta"])],
+        MergeOptions(out=tmp_path / "b", dtype="float32", **QUICK),
+        session=session,
+    )
     assert result.engine == "streaming" and result.verification.status == "pass"
     assert session.state() == before
     session.close()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import factories
 import pytest
 import torch
 
-import factories
 from lora_studio.core.adapters.combinations import add_combination, check_combination
 from lora_studio.core.errors import UserError
 from lora_studio.core.merge.in_memory import InMemoryPlan

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import factories
 import pytest
 import torch
 
-import factories
 from lora_studio.core.errors import UserError
-from lora_studio.core.merge.streaming import load_streaming_adapter, stream_merged_tensors, stream_plan, streaming_refusal
+from lora_studio.core.merge.streaming import (
+    load_streaming_adapter,
+    stream_merged_tensors,
+    stream_plan,
+    streaming_refusal,
+)
 
 
 def streamed(base, adapter, dtype, tied=False, reuse=True):
@@ -31,8 +36,16 @@ def assert_bit_identical(got, ref):
 
 @pytest.fixture(scope="module")
 def rslora_bf16(models_dir, tiny_llama_bf16):
-    return factories.make_adapter(tiny_llama_bf16, models_dir / "merge-rslora-bf16", r=8, lora_alpha=16, use_rslora=True, seed=21,
-                                  dtype="bfloat16", target_modules=("q_proj", "k_proj", "gate_proj", "down_proj", "embed_tokens"))
+    return factories.make_adapter(
+        tiny_llama_bf16,
+        models_dir / "merge-rslora-bf16",
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        seed=21,
+        dtype="bfloat16",
+        target_modules=("q_proj", "k_proj", "gate_proj", "down_proj", "embed_tokens"),
+    )
 
 
 @pytest.mark.parametrize("dtype, reuse", [("float32", True), ("bfloat16", True), ("bfloat16", False)])
@@ -40,13 +53,17 @@ def test_llama_bit_identical_to_peft(tiny_llama, llama_adapters, dtype, reuse):
     got = streamed(tiny_llama, llama_adapters["beta"], dtype, reuse=reuse)
     ref = peft_merged(tiny_llama, llama_adapters["beta"], dtype)
     assert_bit_identical(got, ref)
-    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
-                           streamed(tiny_llama, llama_adapters["alpha"], dtype)["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        got["model.layers.0.self_attn.q_proj.weight"],
+        streamed(tiny_llama, llama_adapters["alpha"], dtype)["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 def test_rslora_and_embedding_in_bf16_and_fp16(tiny_llama_bf16, rslora_bf16):
     for dtype in ("bfloat16", "float16"):
-        assert_bit_identical(streamed(tiny_llama_bf16, rslora_bf16, dtype), peft_merged(tiny_llama_bf16, rslora_bf16, dtype))
+        assert_bit_identical(
+            streamed(tiny_llama_bf16, rslora_bf16, dtype), peft_merged(tiny_llama_bf16, rslora_bf16, dtype)
+        )
 
 
 def test_gpt2_conv1d_fan_in_fan_out(tiny_gpt2, gpt2_adapter):
@@ -79,7 +96,9 @@ def test_row_blocked_merge_is_bit_identical_to_peft(models_dir, monkeypatch, dty
         factories.make_llama(base, hidden_size=128, intermediate_size=200, seed=9)
     adapter = models_dir / "blocked-adapter"
     if not adapter.exists():  # scaling 12/8 = 1.5: not a power of two, so no rounding step can hide
-        factories.make_adapter(base, adapter, r=8, lora_alpha=12, seed=23, target_modules=("q_proj", "gate_proj", "up_proj", "down_proj"))
+        factories.make_adapter(
+            base, adapter, r=8, lora_alpha=12, seed=23, target_modules=("q_proj", "gate_proj", "up_proj", "down_proj")
+        )
     assert_bit_identical(streamed(base, adapter, dtype), peft_merged(base, adapter, dtype))
     assert merge_streaming._BLOCKING_EXACT and all(merge_streaming._BLOCKING_EXACT.values())
 
@@ -97,8 +116,13 @@ def test_a_shape_whose_blocks_differ_is_merged_whole(models_dir, tiny_llama_bf16
         return False
 
     monkeypatch.setattr(torch, "equal", never_equal)
-    adapter = factories.make_adapter(tiny_llama_bf16, models_dir / "merge-whole-fallback", seed=24, dtype="bfloat16",
-                                     target_modules=("gate_proj", "up_proj"))
+    adapter = factories.make_adapter(
+        tiny_llama_bf16,
+        models_dir / "merge-whole-fallback",
+        seed=24,
+        dtype="bfloat16",
+        target_modules=("gate_proj", "up_proj"),
+    )
     got = streamed(tiny_llama_bf16, adapter, "bfloat16")
     monkeypatch.setattr(torch, "equal", real_equal)
     assert compared and merge_streaming._BLOCKING_EXACT and not any(merge_streaming._BLOCKING_EXACT.values())
@@ -111,7 +135,9 @@ def test_tied_embeddings_stay_tied(models_dir, tiny_llama_tied):
     assert "lm_head.weight" not in got
     assert_bit_identical(got, peft_merged(tiny_llama_tied, adapter, "float32"))
     # adapting the tied embedding itself is left to the in-memory engine
-    emb = factories.make_adapter(tiny_llama_tied, models_dir / "merge-tied-emb", seed=23, target_modules=("embed_tokens",))
+    emb = factories.make_adapter(
+        tiny_llama_tied, models_dir / "merge-tied-emb", seed=23, target_modules=("embed_tokens",)
+    )
     assert "tied embedding" in streaming_refusal(emb, stream_plan(tiny_llama_tied, "float32").sources, True)
 
 

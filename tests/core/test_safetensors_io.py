@@ -8,13 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_studio.core.errors import UserError
 from lora_studio.core.io import atomic, shard_writer
 from lora_studio.core.io import safetensors_format as stf
-from lora_studio.core.errors import UserError
 
 
 def test_header_and_read_tensor_roundtrip(tmp_path):
-    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2, 2).to(torch.bfloat16)}
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.arange(5, dtype=torch.int64),
+        "c": torch.randn(2, 2).to(torch.bfloat16),
+    }
     save_file(tensors, tmp_path / "x.safetensors")
     header = stf.read_header(tmp_path / "x.safetensors")
     assert header.tensors["a"].shape == (3, 4) and header.tensors["c"].dtype == "BF16"
@@ -36,12 +40,15 @@ def test_writer_output_loads_with_safetensors(tmp_path):
         assert torch.equal(loaded[k], tensors[k])
 
 
-@pytest.mark.parametrize("damage,needle", [
-    (lambda b: b[:5], "only 5 bytes"),
-    (lambda b: struct.pack("<Q", 10**12) + b[8:], "corrupt safetensors header"),
-    (lambda b: b[:8] + b"{" * (len(b) - 8), "corrupt safetensors header"),
-    (lambda b: b[:-8], "truncated"),
-])
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (lambda b: b[:5], "only 5 bytes"),
+        (lambda b: struct.pack("<Q", 10**12) + b[8:], "corrupt safetensors header"),
+        (lambda b: b[:8] + b"{" * (len(b) - 8), "corrupt safetensors header"),
+        (lambda b: b[:-8], "truncated"),
+    ],
+)
 def test_damaged_files(tmp_path, damage, needle):
     save_file({"a": torch.randn(4, 4)}, tmp_path / "x.safetensors")
     p = tmp_path / "x.safetensors"
@@ -61,13 +68,11 @@ def test_atomic_dir_success_failure_and_existing(tmp_path):
     with atomic.atomic_output_dir(target) as tmp:
         (tmp / "f").write_text("new")
     assert (target / "f").read_text() == "new"
-    with pytest.raises(UserError, match="already exists"):
-        with atomic.atomic_output_dir(target):
-            pass
-    with pytest.raises(RuntimeError):
-        with atomic.atomic_output_dir(target, overwrite=True) as tmp:
-            (tmp / "f").write_text("half")
-            raise RuntimeError("boom")
+    with pytest.raises(UserError, match="already exists"), atomic.atomic_output_dir(target):
+        pass
+    with pytest.raises(RuntimeError), atomic.atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "f").write_text("half")
+        raise RuntimeError("boom")
     assert (target / "f").read_text() == "new"
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary folders left behind
     with atomic.atomic_output_dir(target, overwrite=True) as tmp:
@@ -76,9 +81,8 @@ def test_atomic_dir_success_failure_and_existing(tmp_path):
 
 
 def test_atomic_dir_disk_full_message(tmp_path):
-    with pytest.raises(UserError, match="disk .* is full"):
-        with atomic.atomic_output_dir(tmp_path / "out"):
-            raise OSError(28, "No space left on device")
+    with pytest.raises(UserError, match="disk .* is full"), atomic.atomic_output_dir(tmp_path / "out"):
+        raise OSError(28, "No space left on device")
     assert not (tmp_path / "out").exists()
 
 
@@ -93,9 +97,8 @@ def test_leftovers_of_killed_runs_are_cleaned_or_restored(tmp_path):
     with atomic.atomic_output_dir(tmp_path / "out") as tmp:
         (tmp / "f").write_text("new")
     assert not stale.exists()
-    with pytest.raises(UserError, match="already exists"):
-        with atomic.atomic_output_dir(tmp_path / "prev"):
-            pass
+    with pytest.raises(UserError, match="already exists"), atomic.atomic_output_dir(tmp_path / "prev"):
+        pass
     assert (tmp_path / "prev" / "f").read_text() == "old"  # killed between renames: the old folder came back
 
 
@@ -110,8 +113,12 @@ def test_exchange_swaps_atomically(tmp_path):
 
 def _big_plan_and_tensors():
     # sizes that straddle the staging buffer: several whole chunks, odd tails, a tensor of zero elements
-    tensors = {"a": torch.randn(3, 1001), "b": torch.randn(700_001).to(torch.bfloat16), "c": torch.zeros(0),
-               "d": torch.arange(13, dtype=torch.int64)}
+    tensors = {
+        "a": torch.randn(3, 1001),
+        "b": torch.randn(700_001).to(torch.bfloat16),
+        "c": torch.zeros(0),
+        "d": torch.arange(13, dtype=torch.int64),
+    }
     return tensors, {k: (stf.st_dtype(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
 
 

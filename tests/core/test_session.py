@@ -1,12 +1,12 @@
 """The session against PEFT itself: attach, switch, disable, delete, unload."""
 
+import factories
 import pytest
 import torch
 
-import factories
 from lora_studio.core.errors import Cancelled, UserError
-from lora_studio.core.session import Session
 from lora_studio.core.model.sources import resolve_source
+from lora_studio.core.session import Session
 from lora_studio.core.tasks import CancelToken
 
 IDS = torch.tensor([[5, 17, 42, 99, 120, 7]])
@@ -72,7 +72,9 @@ def test_adapter_sizes_are_reported(session, llama_adapters):
 
 def test_wrong_adapter_is_refused_and_session_unchanged(session, wide_adapter, llama_adapters):
     session.attach(llama_adapters["alpha"], "alpha")
-    with pytest.raises(UserError, match=r"model\.layers\.0\.self_attn\.q_proj: adapter expects in=64,out=64, base has in=32,out=32"):
+    with pytest.raises(
+        UserError, match=r"model\.layers\.0\.self_attn\.q_proj: adapter expects in=64,out=64, base has in=32,out=32"
+    ):
         session.attach(wide_adapter, "wide")
     assert list(session.adapters) == ["alpha"] and session.active_adapter == "alpha"
 

@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from lora_studio.core.model import estimate, sources
 from lora_studio.core.errors import UserError
+from lora_studio.core.model import estimate, sources
 from lora_studio.core.system.nvml import GpuReading
 
 
@@ -14,13 +14,16 @@ def test_folder_and_config_file(tiny_llama):
     assert sources.resolve_source(tiny_llama / "config.json").path == tiny_llama
 
 
-@pytest.mark.parametrize("make,needle", [
-    (lambda p: p, "does not exist"),
-    (lambda p: (p.mkdir(), p)[1], "empty folder"),
-    (lambda p: (p.write_text("x"), p)[1], "is a file, not a model"),
-    (lambda p: (p.with_suffix(".gguf").write_bytes(b"NOPE" * 10), p.with_suffix(".gguf"))[1], "not a GGUF file"),
-    (lambda p: (p.mkdir(), (p / "adapter_config.json").write_text("{}"), p)[2], "adapter folder, not a base model"),
-])
+@pytest.mark.parametrize(
+    "make,needle",
+    [
+        (lambda p: p, "does not exist"),
+        (lambda p: (p.mkdir(), p)[1], "empty folder"),
+        (lambda p: (p.write_text("x"), p)[1], "is a file, not a model"),
+        (lambda p: (p.with_suffix(".gguf").write_bytes(b"NOPE" * 10), p.with_suffix(".gguf"))[1], "not a GGUF file"),
+        (lambda p: (p.mkdir(), (p / "adapter_config.json").write_text("{}"), p)[2], "adapter folder, not a base model"),
+    ],
+)
 def test_bad_sources(tmp_path, make, needle):
     with pytest.raises(UserError, match=needle):
         sources.resolve_source(make(tmp_path / "thing"))

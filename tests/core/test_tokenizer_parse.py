@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 
+import factories
 import pytest
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
-import factories
 from lora_studio.core.model import tokenizer_parse
 from lora_studio.core.model.loading import load_tokenizer
 from lora_studio.core.model.sources import resolve_source
 
-TEXTS = ["Hello world <|im_start|>user\nhi<|im_end|>", "  odd   spacing\tand\nnewlines", "ünïcödé 日本語 😀 <extra> <ctrl7>", ""]
+TEXTS = [
+    "Hello world <|im_start|>user\nhi<|im_end|>",
+    "  odd   spacing\tand\nnewlines",
+    "ünïcödé 日本語 😀 <extra> <ctrl7>",
+    "",
+]
 
 
 def assert_same_tokenizer(path):
@@ -89,22 +94,29 @@ def test_the_demo_tokenizer():
     assert_same_tokenizer(source.path / "tokenizer.json")
 
 
-TRICKY_TOKENS = ['1, "x', "a1,", '"], [', '}, "merges": [', "\\", "\\\",", "日本,", " ", ""]
+TRICKY_TOKENS = ['1, "x', "a1,", '"], [', '}, "merges": [', "\\", '\\",', "日本,", " ", ""]
 
 
-@pytest.mark.parametrize("dump", [
-    lambda doc: json.dumps(doc),
-    lambda doc: json.dumps(doc, indent=2, ensure_ascii=False),
-    lambda doc: json.dumps(doc, separators=(",", ":")),
-], ids=["default", "indented-unicode", "compact"])
+@pytest.mark.parametrize(
+    "dump",
+    [
+        lambda doc: json.dumps(doc),
+        lambda doc: json.dumps(doc, indent=2, ensure_ascii=False),
+        lambda doc: json.dumps(doc, separators=(",", ":")),
+    ],
+    ids=["default", "indented-unicode", "compact"],
+)
 @pytest.mark.parametrize("pairs", [True, False], ids=["pair-merges", "string-merges"])
 def test_read_in_pieces_is_json_loads(monkeypatch, dump, pairs):
     # pieces of a few characters: nearly every cut lands inside a string or a pair and must be extended
     monkeypatch.setattr(tokenizer_parse, "PIECE_CHARS", 7)
     vocab = {f"t{i}": i for i in range(300)} | {token: 300 + i for i, token in enumerate(TRICKY_TOKENS)}
     merges = [[a, b] for a, b in zip(TRICKY_TOKENS, reversed(TRICKY_TOKENS))] * 20
-    doc = {"version": "1.0", "added_tokens": [{"id": 0, "content": '"vocab": {'}],
-           "model": {"type": "BPE", "vocab": vocab, "merges": merges if pairs else [f"{a} {b}" for a, b in merges]}}
+    doc = {
+        "version": "1.0",
+        "added_tokens": [{"id": 0, "content": '"vocab": {'}],
+        "model": {"type": "BPE", "vocab": vocab, "merges": merges if pairs else [f"{a} {b}" for a, b in merges]},
+    }
     text = dump(doc)
     parsed = tokenizer_parse.read_json_in_pieces(text)
     assert parsed == json.loads(text)
@@ -113,8 +125,12 @@ def test_read_in_pieces_is_json_loads(monkeypatch, dump, pairs):
 
 def test_read_in_pieces_takes_any_json(monkeypatch):
     monkeypatch.setattr(tokenizer_parse, "PIECE_CHARS", 5)
-    for text in ['{"a": 1}', '[1, 2]', '{"model": {"vocab": {"a": 1}, "merges": [["a", "b"]]}, "after": 1}',
-                 '{"model": {"vocab": {"a": 1}, "merges": []}}']:
+    for text in [
+        '{"a": 1}',
+        "[1, 2]",
+        '{"model": {"vocab": {"a": 1}, "merges": [["a", "b"]]}, "after": 1}',
+        '{"model": {"vocab": {"a": 1}, "merges": []}}',
+    ]:
         assert tokenizer_parse.read_json_in_pieces(text) == json.loads(text)
     with pytest.raises(ValueError):
         tokenizer_parse.read_json_in_pieces('{"model": {"vocab": {"a": 1,, }, "merges": [["a", "b"]]}}')

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 
+import factories
 import pytest
 import torch
 
-import factories
 from lora_studio.core.errors import UserError
 from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save, plan_merge
-from lora_studio.core.session import Session
 from lora_studio.core.model.sources import resolve_source
+from lora_studio.core.session import Session
 
 QUICK = dict(verify_prompts=("The quick brown fox",), verify_tokens=4)
 IDS = torch.tensor([[5, 17, 42, 99, 120, 7]])
@@ -24,6 +24,7 @@ def logits(model, ids=IDS):
 
 
 # -- resized vocabulary (added tokens; embed_tokens / lm_head in modules_to_save) -------------------------------------
+
 
 def _check_resized_folder(out, adapter):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -44,10 +45,16 @@ def test_resized_vocabulary_merge_saves_the_adapters_tokenizer(tiny_llama, added
     session = Session()
     session.load(resolve_source(tiny_llama))
     session.attach(added_tokens_adapter, "added", resize_embeddings=True)
-    plan = plan_merge(session.source, [AdapterSpec("added", added_tokens_adapter)], MergeOptions(out=tmp_path / "o"), session=session)
+    plan = plan_merge(
+        session.source, [AdapterSpec("added", added_tokens_adapter)], MergeOptions(out=tmp_path / "o"), session=session
+    )
     assert plan.engine == "in-memory" and "resized" in plan.predictions["streaming"].reason
-    result = merge_and_save(session.source, [AdapterSpec("added", added_tokens_adapter)],
-                            MergeOptions(out=tmp_path / "merged", **QUICK), session=session)
+    result = merge_and_save(
+        session.source,
+        [AdapterSpec("added", added_tokens_adapter)],
+        MergeOptions(out=tmp_path / "merged", **QUICK),
+        session=session,
+    )
     assert result.verification.status == "pass"
     _check_resized_folder(tmp_path / "merged", added_tokens_adapter)
     session.close()
@@ -55,10 +62,15 @@ def test_resized_vocabulary_merge_saves_the_adapters_tokenizer(tiny_llama, added
 
 def test_resized_vocabulary_merge_without_a_session(tiny_llama, added_tokens_adapter, tmp_path):
     """The CLI path: detected from header shapes, the base resized to the adapter's own tokenizer."""
-    plan = plan_merge(resolve_source(tiny_llama), [AdapterSpec("added", added_tokens_adapter)], MergeOptions(out=tmp_path / "o"))
+    plan = plan_merge(
+        resolve_source(tiny_llama), [AdapterSpec("added", added_tokens_adapter)], MergeOptions(out=tmp_path / "o")
+    )
     assert plan.resize_vocabulary and plan.engine == "in-memory"
-    merge_and_save(resolve_source(tiny_llama), [AdapterSpec("added", added_tokens_adapter)],
-                   MergeOptions(out=tmp_path / "merged", verify=False))
+    merge_and_save(
+        resolve_source(tiny_llama),
+        [AdapterSpec("added", added_tokens_adapter)],
+        MergeOptions(out=tmp_path / "merged", verify=False),
+    )
     _check_resized_folder(tmp_path / "merged", added_tokens_adapter)
 
 
@@ -67,11 +79,14 @@ def test_resized_vocabulary_without_a_tokenizer_is_refused(tiny_llama, added_tok
     for p in adapter.glob("*token*"):
         p.unlink()
     with pytest.raises(UserError, match=r"vocabulary of 330 tokens; tiny-llama has 320"):
-        merge_and_save(resolve_source(tiny_llama), [AdapterSpec("x", adapter)], MergeOptions(out=tmp_path / "o", verify=False))
+        merge_and_save(
+            resolve_source(tiny_llama), [AdapterSpec("x", adapter)], MergeOptions(out=tmp_path / "o", verify=False)
+        )
     assert not (tmp_path / "o").exists()
 
 
 # -- adapter keys that match no module --------------------------------------------------------------------------------
+
 
 def test_keys_matching_no_module_are_refused_by_name(tiny_llama, llama_adapters, tmp_path):
     from safetensors.torch import load_file, save_file
@@ -111,6 +126,7 @@ def test_newer_peft_setting_is_refused_with_the_recorded_version(tiny_llama, lla
 
 # -- tied embeddings with a trained lm_head ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["modules_to_save", "lora_on_lm_head"])
 def test_tied_base_with_a_trained_head_is_not_retied(kind, tiny_llama_tied, tmp_path):
     from safetensors.torch import load_file, save_file
@@ -122,9 +138,13 @@ def test_tied_base_with_a_trained_head_is_not_retied(kind, tiny_llama_tied, tmp_
         tensors = {k: (v + 0.25 if "lm_head" in k else v) for k, v in tensors.items()}  # the head was trained
         save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
     else:
-        adapter = factories.make_adapter(tiny_llama_tied, tmp_path / "ad", target_modules=("q_proj", "lm_head"), seed=34)
+        adapter = factories.make_adapter(
+            tiny_llama_tied, tmp_path / "ad", target_modules=("q_proj", "lm_head"), seed=34
+        )
     out = tmp_path / "merged"
-    result = merge_and_save(resolve_source(tiny_llama_tied), [AdapterSpec("a", adapter)], MergeOptions(out=out, **QUICK))
+    result = merge_and_save(
+        resolve_source(tiny_llama_tied), [AdapterSpec("a", adapter)], MergeOptions(out=out, **QUICK)
+    )
     assert result.verification.status == "pass", result.verification.summary()
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     merged = AutoModelForCausalLM.from_pretrained(str(out))
@@ -136,6 +156,7 @@ def test_tied_base_with_a_trained_head_is_not_retied(kind, tiny_llama_tied, tmp_
 
 
 # -- what the merged folder must and must not contain -------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def two_eos_base(models_dir):
@@ -152,13 +173,16 @@ def test_merged_folder_keeps_the_eos_list_and_has_no_adapter_config(engine, two_
 
     adapter = factories.make_adapter(two_eos_base, tmp_path / "ad", seed=36)
     out = tmp_path / "merged"
-    merge_and_save(resolve_source(two_eos_base), [AdapterSpec("a", adapter)], MergeOptions(out=out, engine=engine, verify=False))
+    merge_and_save(
+        resolve_source(two_eos_base), [AdapterSpec("a", adapter)], MergeOptions(out=out, engine=engine, verify=False)
+    )
     assert not (out / "adapter_config.json").exists() and not list(out.glob("adapter_model*"))
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 1]
     assert GenerationConfig.from_pretrained(str(out)).eos_token_id == [2, 1]
 
 
 # -- quantized bases ---------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def quantized_base(tiny_llama, tmp_path):
@@ -173,10 +197,28 @@ def test_merge_refuses_a_quantized_base(quantized_base, llama_adapters, tmp_path
     from lora_studio.cli.main import main
 
     for engine in ("streaming", "in-memory"):
-        with pytest.raises(UserError, match=r"quantized \(bitsandbytes 4-bit\): merging into quantized weights would round"):
-            merge_and_save(resolve_source(quantized_base), [AdapterSpec("a", llama_adapters["alpha"])],
-                           MergeOptions(out=tmp_path / "o", engine=engine, verify=False))
-    assert main(["merge", str(quantized_base), "--adapter", str(llama_adapters["alpha"]), "--out", str(tmp_path / "o"), "--json"]) == 2
+        with pytest.raises(
+            UserError, match=r"quantized \(bitsandbytes 4-bit\): merging into quantized weights would round"
+        ):
+            merge_and_save(
+                resolve_source(quantized_base),
+                [AdapterSpec("a", llama_adapters["alpha"])],
+                MergeOptions(out=tmp_path / "o", engine=engine, verify=False),
+            )
+    assert (
+        main(
+            [
+                "merge",
+                str(quantized_base),
+                "--adapter",
+                str(llama_adapters["alpha"]),
+                "--out",
+                str(tmp_path / "o"),
+                "--json",
+            ]
+        )
+        == 2
+    )
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "bitsandbytes 4-bit" in err
     assert not (tmp_path / "o").exists()
@@ -191,7 +233,10 @@ def test_session_says_why_a_quantized_base_does_not_load(quantized_base):
     else:  # pragma: no cover - where bitsandbytes is installed the load may work (GPU); merging is still refused
         pytest.skip("bitsandbytes is installed")
     session = Session()
-    with pytest.raises(UserError, match=r"tiny-llama-4bit is quantized \(bitsandbytes 4-bit\) and cannot be loaded here: .*bitsandbytes"):
+    with pytest.raises(
+        UserError,
+        match=r"tiny-llama-4bit is quantized \(bitsandbytes 4-bit\) and cannot be loaded here: .*bitsandbytes",
+    ):
         session.load(resolve_source(quantized_base))
     assert not session.loaded
 
@@ -200,9 +245,15 @@ def test_a_session_holding_a_quantized_model_is_not_merged(tiny_llama, llama_ada
     session = Session()
     session.load(resolve_source(tiny_llama))
     session.attach(llama_adapters["alpha"], "alpha")
-    session.quantization = "bitsandbytes 8-bit"  # what load() records for a base loaded quantized (needs bitsandbytes + GPU)
+    session.quantization = (
+        "bitsandbytes 8-bit"  # what load() records for a base loaded quantized (needs bitsandbytes + GPU)
+    )
     with pytest.raises(UserError, match=r"quantized \(bitsandbytes 8-bit\)"):
-        merge_and_save(session.source, [AdapterSpec("alpha", llama_adapters["alpha"])],
-                       MergeOptions(out=tmp_path / "o", engine="in-memory", verify=False), session=session)
+        merge_and_save(
+            session.source,
+            [AdapterSpec("alpha", llama_adapters["alpha"])],
+            MergeOptions(out=tmp_path / "o", engine="in-memory", verify=False),
+            session=session,
+        )
     assert not (tmp_path / "o").exists()
     session.close()

@@ -10,13 +10,24 @@ import pytest
 from PySide6.QtWidgets import QApplication, QDialog
 
 TIMEOUT = 30_000
-WINDOW_CASES = ["base-config-invalid-json", "base-weights-truncated", "adapter-shape-mismatch", "adapter-config-invalid-json",
-                "adapter-weights-truncated", "adapter-weights-nan"]
+WINDOW_CASES = [
+    "base-config-invalid-json",
+    "base-weights-truncated",
+    "adapter-shape-mismatch",
+    "adapter-config-invalid-json",
+    "adapter-weights-truncated",
+    "adapter-weights-nan",
+]
 
 
 @pytest.fixture(scope="module")
 def fixtures(tiny_llama, llama_adapters, wide_adapter, gpt2_adapter):
-    return {"base": tiny_llama, "adapter": llama_adapters["alpha"], "wide_adapter": wide_adapter, "gpt2_adapter": gpt2_adapter}
+    return {
+        "base": tiny_llama,
+        "adapter": llama_adapters["alpha"],
+        "wide_adapter": wide_adapter,
+        "gpt2_adapter": gpt2_adapter,
+    }
 
 
 def idle(qtbot, w):

@@ -109,7 +109,9 @@ def test_empty_prompt_is_one_line_in_the_panel_and_no_job(qtbot, window):
     assert "\n" not in panel.message.text()
 
 
-def test_stop_cancels_a_long_run_and_the_window_stays_usable(qtbot, tmp_path, data_dir, tiny_llama_long, llama_adapters):
+def test_stop_cancels_a_long_run_and_the_window_stays_usable(
+    qtbot, tmp_path, data_dir, tiny_llama_long, llama_adapters
+):
     w = loaded_window(qtbot, tmp_path, tiny_llama_long, [llama_adapters["alpha"]])
     try:
         panel = w.compare_panel
@@ -190,8 +192,9 @@ def test_loss_plot_appears_for_an_adapter_with_a_loss_csv(qtbot, tmp_path, data_
         ap = w.adapter_panel
         ap.select("with-log")
         qtbot.waitUntil(lambda: ap.inspection is not None and ap.inspection.name == "with-log", timeout=TIMEOUT)
-        qtbot.waitUntil(lambda: ap.inspector.loss_chart is not None and ap.inspector.loss_box.isVisibleTo(ap),
-                        timeout=TIMEOUT)
+        qtbot.waitUntil(
+            lambda: ap.inspector.loss_chart is not None and ap.inspector.loss_box.isVisibleTo(ap), timeout=TIMEOUT
+        )
         assert ap.inspector.loss_values == ([0.0, 1.0, 2.0, 3.0], [3.0, 2.5, 2.0, 1.8], [1.0, 3.0], [2.8, 2.1])
         ap.select("adapter-beta")  # no CSV: no plot
         qtbot.waitUntil(lambda: ap.inspection.name == "adapter-beta", timeout=TIMEOUT)
@@ -208,7 +211,9 @@ def test_column_view_marks_divergence_from_offset(qtbot):
     qtbot.addWidget(column)
     column.append("hello world", 2)
     scores = TokenScores([-0.1, -2.0], [0.0, 1.5], [True, False])
-    column.finish(VariantOutput("a", "hello world", [1, 2]), ColumnDivergence("a", 1, scores), "base", ["hello", " world"], 5)
+    column.finish(
+        VariantOutput("a", "hello world", [1, 2]), ColumnDivergence("a", 1, scores), "base", ["hello", " world"], 5
+    )
     doc = column.text.document()
     fmt_before = doc.findBlock(0).begin().fragment().charFormat()
     assert fmt_before.background().color().name() != "#fde2c4"

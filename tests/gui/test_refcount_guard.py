@@ -29,7 +29,9 @@ def _assert_steady(before: tuple[int, int, int], after: tuple[int, int, int], *,
     for name, b, a in zip(("None", "True", "False"), before, after, strict=True):
         low = b - TOLERANCE
         high = None if may_rise else b + TOLERANCE
-        assert a >= low and (high is None or a <= high), f"sys.getrefcount({name}) moved by {a - b} over {CALLS} Qt calls"
+        assert a >= low and (high is None or a <= high), (
+            f"sys.getrefcount({name}) moved by {a - b} over {CALLS} Qt calls"
+        )
 
 
 def test_painter_path_calls_keep_refcounts() -> None:

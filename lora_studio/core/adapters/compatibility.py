@@ -8,9 +8,9 @@ a warning, because folders get moved and renamed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional
 
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.errors import UserError
@@ -44,7 +44,12 @@ def weight_shapes_from_model(model) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for name, p in model.named_parameters():
         clean = adapter_files.strip_prefix(name).replace(".base_layer.", ".")
-        if ".lora_" in clean or ".modules_to_save." in clean or ".original_module." in clean or "token_adapter" in clean:
+        if (
+            ".lora_" in clean
+            or ".modules_to_save." in clean
+            or ".original_module." in clean
+            or "token_adapter" in clean
+        ):
             continue
         shapes[clean] = tuple(p.shape)
     if "lm_head.weight" not in shapes:
@@ -54,7 +59,7 @@ def weight_shapes_from_model(model) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _embedding_shape(shapes: Mapping[str, tuple[int, ...]]) -> Optional[tuple[int, ...]]:
+def _embedding_shape(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] | None:
     for key in ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight"):
         if key in shapes:
             return shapes[key]
@@ -65,8 +70,14 @@ def _fmt(in_f, out_f) -> str:
     return f"in={in_f},out={out_f}"
 
 
-def check(adapter_folder: Path, base_shapes: Mapping[str, tuple[int, ...]], *, base_label: str = "the base",
-          base_identity: tuple[str, ...] = (), architecture: str = "") -> Compatibility:
+def check(
+    adapter_folder: Path,
+    base_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    base_label: str = "the base",
+    base_identity: tuple[str, ...] = (),
+    architecture: str = "",
+) -> Compatibility:
     """Raise UserError if the adapter cannot apply to a base with ``base_shapes``; else return warnings."""
     folder = adapter_files.check_adapter_folder(adapter_folder)
     config = adapter_files.read_adapter_config(folder)
@@ -86,20 +97,31 @@ def check(adapter_folder: Path, base_shapes: Mapping[str, tuple[int, ...]], *, b
                 "the adapter was made for another architecture; pick the base it was trained on",
             )
         listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise UserError(f"{folder.name} adapts modules {base_label} does not have: {listed}",
-                        "these weights would be ignored; pick the base the adapter was trained on")
+        raise UserError(
+            f"{folder.name} adapts modules {base_label} does not have: {listed}",
+            "these weights would be ignored; pick the base the adapter was trained on",
+        )
 
     _check_vocabulary(folder, shapes, lay, base_shapes, base_label)
 
     for module, keys in lay.lora.items():
         if keys.a is None or keys.b is None:
-            raise UserError(f"{folder.name}: {module} has lora_{'A' if keys.a is None else 'B'} missing", "the adapter file is incomplete")
+            raise UserError(
+                f"{folder.name}: {module} has lora_{'A' if keys.a is None else 'B'} missing",
+                "the adapter file is incomplete",
+            )
         a_shape, b_shape = shapes[keys.a], shapes[keys.b]
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-            raise UserError(f"{folder.name}: {module} has inconsistent factors A{list(a_shape)} B{list(b_shape)}", "the adapter file is damaged")
+            raise UserError(
+                f"{folder.name}: {module} has inconsistent factors A{list(a_shape)} B{list(b_shape)}",
+                "the adapter file is damaged",
+            )
         base = base_shapes[f"{module}.weight"]
         if len(base) != 2:
-            raise UserError(f"{folder.name}: {module} is not a 2-D layer in {base_label} (weight shape {list(base)})", "LoRA Studio adapts Linear, Conv1D and Embedding layers")
+            raise UserError(
+                f"{folder.name}: {module} is not a 2-D layer in {base_label} (weight shape {list(base)})",
+                "LoRA Studio adapts Linear, Conv1D and Embedding layers",
+            )
         want_in, want_out = a_shape[1], b_shape[0]
         if keys.kind == "embedding":
             have_in, have_out = base  # Embedding weight: num_embeddings × dim
@@ -115,11 +137,17 @@ def check(adapter_folder: Path, base_shapes: Mapping[str, tuple[int, ...]], *, b
         if keys.magnitude is not None:
             mag = shapes[keys.magnitude]
             if mag and mag[-1] != have_out and mag[0] != have_out:
-                raise UserError(f"{module}: DoRA magnitude has {list(mag)}, base out={have_out}", "the adapter was trained on a different base")
+                raise UserError(
+                    f"{module}: DoRA magnitude has {list(mag)}, base out={have_out}",
+                    "the adapter was trained on a different base",
+                )
 
     for param, key in lay.full_weights.items():
         if param not in base_shapes:
-            raise UserError(f"{folder.name} replaces {param}, which {base_label} does not have", "pick the base the adapter was trained on")
+            raise UserError(
+                f"{folder.name} replaces {param}, which {base_label} does not have",
+                "pick the base the adapter was trained on",
+            )
         if tuple(shapes[key]) != tuple(base_shapes[param]):
             raise UserError(
                 f"{param}: adapter stores shape {list(shapes[key])}, base has {list(base_shapes[param])}",
@@ -129,15 +157,25 @@ def check(adapter_folder: Path, base_shapes: Mapping[str, tuple[int, ...]], *, b
     for module, key in lay.trainable_tokens.items():
         base = base_shapes.get(f"{module}.weight")
         if base is None or shapes[key][-1] != base[-1]:
-            raise UserError(f"{folder.name}: trainable tokens of {module} do not fit {base_label}", "pick the base the adapter was trained on")
+            raise UserError(
+                f"{folder.name}: trainable tokens of {module} do not fit {base_label}",
+                "pick the base the adapter was trained on",
+            )
 
     trained_on = config.base_model_name_or_path
     if trained_on and base_identity and not _same_base(trained_on, base_identity):
-        warnings.append(f"{folder.name} was trained on '{trained_on}'; the loaded base is '{base_identity[0]}' (shapes match, so it can be attached)")
+        warnings.append(
+            f"{folder.name} was trained on '{trained_on}'; the loaded base is '{base_identity[0]}' (shapes match, so it can be attached)"
+        )
     return Compatibility(folder.name, len(lay.lora), warnings)
 
 
-VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight")
+VOCAB_PARAMS = (
+    "model.embed_tokens.weight",
+    "lm_head.weight",
+    "transformer.wte.weight",
+    "model.decoder.embed_tokens.weight",
+)
 
 
 def _check_vocabulary(folder: Path, shapes, lay, base_shapes, base_label: str) -> None:
@@ -156,16 +194,22 @@ def _check_vocabulary(folder: Path, shapes, lay, base_shapes, base_label: str) -
     if not wrong:
         return
     has_tok = any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-    hint = ("the adapter folder has its own tokenizer with the added tokens: the window offers to resize the base to it "
-            "when you attach the adapter, and `lora-studio merge` does it on its own"
-            if has_tok and wrong[0] > base_vocab[0] else "pick the base and tokenizer the adapter was trained with")
+    hint = (
+        "the adapter folder has its own tokenizer with the added tokens: the window offers to resize the base to it "
+        "when you attach the adapter, and `lora-studio merge` does it on its own"
+        if has_tok and wrong[0] > base_vocab[0]
+        else "pick the base and tokenizer the adapter was trained with"
+    )
     raise VocabularyMismatch(
         f"{folder.name} was trained with a vocabulary of {wrong[0]} tokens; {base_label} has {base_vocab[0]}",
-        hint, adapter_vocab=wrong[0], base_vocab=base_vocab[0], adapter_has_tokenizer=has_tok,
+        hint,
+        adapter_vocab=wrong[0],
+        base_vocab=base_vocab[0],
+        adapter_has_tokenizer=has_tok,
     )
 
 
-def quantization_label(config: Mapping) -> Optional[str]:
+def quantization_label(config: Mapping) -> str | None:
     """'bitsandbytes 4-bit' and the like when a model's config.json declares quantized weights, else None."""
     if not isinstance(config, Mapping):
         return None
@@ -176,9 +220,19 @@ def quantization_label(config: Mapping) -> Optional[str]:
         return None
     if not isinstance(q, Mapping):
         return "unknown method"
-    method = str(q.get("quant_method") or ("bitsandbytes" if q.get("load_in_4bit") or q.get("load_in_8bit") else "unknown method"))
-    bits = ("4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit")
-            else f"{q['bits']}-bit" if isinstance(q.get("bits"), int) else "")
+    method = str(
+        q.get("quant_method")
+        or ("bitsandbytes" if q.get("load_in_4bit") or q.get("load_in_8bit") else "unknown method")
+    )
+    bits = (
+        "4-bit"
+        if q.get("load_in_4bit")
+        else "8-bit"
+        if q.get("load_in_8bit")
+        else f"{q['bits']}-bit"
+        if isinstance(q.get("bits"), int)
+        else ""
+    )
     return f"{method} {bits}".strip()
 
 

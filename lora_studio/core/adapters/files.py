@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from lora_studio.core._compat.peft_config import unknown_config_keys
 from lora_studio.core.errors import UserError
@@ -43,10 +43,10 @@ class AdapterConfig:
     rank_pattern: dict
     alpha_pattern: dict
     init_lora_weights: Any
-    base_model_name_or_path: Optional[str]
-    peft_version: Optional[str]
+    base_model_name_or_path: str | None
+    peft_version: str | None
     warnings: tuple[str, ...] = ()
-    recorded_init: Optional[str] = None  # from lora_studio.json, when present
+    recorded_init: str | None = None  # from lora_studio.json, when present
     converted_to_lora: bool = False
 
     def rank_for(self, module: str) -> int:
@@ -112,7 +112,9 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
     try:
         raw = json.loads(text)
     except ValueError as exc:
-        raise UserError(f"{path.name} in {folder.name} is not valid JSON ({exc})", "fix or re-save the adapter") from exc
+        raise UserError(
+            f"{path.name} in {folder.name} is not valid JSON ({exc})", "fix or re-save the adapter"
+        ) from exc
     if not isinstance(raw, dict):
         raise UserError(f"{path.name} in {folder.name} is not a JSON object", "fix or re-save the adapter")
     peft_type = str(raw.get("peft_type", "")).upper()
@@ -121,8 +123,14 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
         if not peft_type:
             raise UserError(f"{path.name} in {folder.name} has no peft_type", "this does not look like a PEFT adapter")
         if peft_type in _peft_type_names():
-            raise UserError(f"{folder.name} is a {peft_type} adapter; LoRA Studio handles LoRA adapters only", "pick a LoRA adapter folder")
-        raise UserError(f"{folder.name} has an unknown peft_type {raw.get('peft_type')!r}", "it may come from a newer PEFT; update PEFT or pick a LoRA adapter")
+            raise UserError(
+                f"{folder.name} is a {peft_type} adapter; LoRA Studio handles LoRA adapters only",
+                "pick a LoRA adapter folder",
+            )
+        raise UserError(
+            f"{folder.name} has an unknown peft_type {raw.get('peft_type')!r}",
+            "it may come from a newer PEFT; update PEFT or pick a LoRA adapter",
+        )
     unknown = unknown_config_keys(raw)
     warnings: list[str] = []
     if unknown:
@@ -140,7 +148,9 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
         r = int(raw.get("r", 8))
         alpha = float(raw.get("lora_alpha", 8))
     except (TypeError, ValueError) as exc:
-        raise UserError(f"{path.name} in {folder.name}: r and lora_alpha must be numbers", "fix or re-save the adapter") from exc
+        raise UserError(
+            f"{path.name} in {folder.name}: r and lora_alpha must be numbers", "fix or re-save the adapter"
+        ) from exc
     if r <= 0:
         raise UserError(f"{path.name} in {folder.name}: r is {r}", "r must be a positive rank")
     return AdapterConfig(
@@ -191,7 +201,10 @@ def check_adapter_folder(folder: Path) -> Path:
         if (folder / "config.json").is_file():
             raise UserError(f"{folder.name} is a full model, not a LoRA adapter", "load it as a base model instead")
         empty = not any(folder.iterdir())
-        raise UserError(f"{folder} {'is empty' if empty else 'has no adapter_config.json'}", "pick a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+        raise UserError(
+            f"{folder} {'is empty' if empty else 'has no adapter_config.json'}",
+            "pick a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)",
+        )
     if (folder / CONFIG_NAME).is_dir():
         raise UserError(f"{folder / CONFIG_NAME} is a folder, not a file", "the adapter folder is damaged")
     return folder.absolute()
@@ -202,14 +215,19 @@ def weights_file(folder: Path) -> Path:
     st = folder / SAFETENSORS_NAME
     if st.exists():
         if st.is_dir():
-            raise UserError(f"{st} is a folder, not a weights file", "the adapter folder is damaged; save the adapter again")
+            raise UserError(
+                f"{st} is a folder, not a weights file", "the adapter folder is damaged; save the adapter again"
+            )
         return st
     binary = folder / BIN_NAME
     if binary.exists():
         if binary.is_dir():
             raise UserError(f"{binary} is a folder, not a weights file", "the adapter folder is damaged")
         return binary
-    raise UserError(f"{folder.name} has no adapter weights ({SAFETENSORS_NAME})", "the adapter folder is incomplete; save the adapter again")
+    raise UserError(
+        f"{folder.name} has no adapter weights ({SAFETENSORS_NAME})",
+        "the adapter folder is incomplete; save the adapter again",
+    )
 
 
 def _load_bin(path: Path) -> dict:
@@ -249,7 +267,9 @@ def load_tensors(folder: Path) -> dict:
         try:
             data = load(path.read_bytes())  # bytes, not a path: works whatever the folder's name
         except Exception as exc:
-            raise UserError(f"cannot read {path.name}: {exc}", "the adapter weights are damaged; save the adapter again") from exc
+            raise UserError(
+                f"cannot read {path.name}: {exc}", "the adapter weights are damaged; save the adapter again"
+            ) from exc
     else:
         data = _load_bin(path)
     return {strip_prefix(k): v for k, v in data.items()}
@@ -268,12 +288,14 @@ def check_finite(tensors: dict, folder: Path) -> None:
             continue
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise UserError(f"{Path(folder).name}: {key} has {bad} NaN/Inf values",
-                            "the training diverged; this adapter would corrupt every output")
+            raise UserError(
+                f"{Path(folder).name}: {key} has {bad} NaN/Inf values",
+                "the training diverged; this adapter would corrupt every output",
+            )
 
 
 def strip_prefix(key: str) -> str:
-    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
 
 
 @dataclass
@@ -282,10 +304,10 @@ class LoraModuleKeys:
 
     module: str  # e.g. "model.layers.0.self_attn.q_proj"
     kind: str  # "linear" | "embedding"
-    a: Optional[str] = None
-    b: Optional[str] = None
-    magnitude: Optional[str] = None  # DoRA
-    bias: Optional[str] = None  # lora_bias
+    a: str | None = None
+    b: str | None = None
+    magnitude: str | None = None  # DoRA
+    bias: str | None = None  # lora_bias
 
 
 @dataclass

@@ -12,7 +12,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.adapters.files import AdapterConfig, LoraModuleKeys
@@ -45,9 +44,9 @@ class AdapterInspection:
     modules_to_save: list[str]
     trainable_token_indices: object
     params: int
-    percent_of_base: Optional[float]
-    base_model_name_or_path: Optional[str]
-    peft_version: Optional[str]
+    percent_of_base: float | None
+    base_model_name_or_path: str | None
+    peft_version: str | None
     weights_file: str
     weights_bytes: int
     modules: list[ModuleDelta] = field(default_factory=list)
@@ -69,7 +68,7 @@ def delta_spectrum(a, b, scaling: float) -> list[float]:
     return [float(s) for s in torch.linalg.svdvals(core)]
 
 
-def module_delta(keys: LoraModuleKeys, tensors: dict, config: AdapterConfig) -> Optional[ModuleDelta]:
+def module_delta(keys: LoraModuleKeys, tensors: dict, config: AdapterConfig) -> ModuleDelta | None:
     if keys.a is None or keys.b is None:
         return None
     a, b = tensors[keys.a], tensors[keys.b]
@@ -82,7 +81,7 @@ def module_delta(keys: LoraModuleKeys, tensors: dict, config: AdapterConfig) -> 
     return ModuleDelta(keys.module, keys.kind, int(in_f), int(out_f), int(a.shape[0]), scaling, norm, sv)
 
 
-def inspect_adapter(folder: Path, *, name: Optional[str] = None, base_params: Optional[int] = None) -> AdapterInspection:
+def inspect_adapter(folder: Path, *, name: str | None = None, base_params: int | None = None) -> AdapterInspection:
     folder = adapter_files.check_adapter_folder(folder)
     config = adapter_files.read_adapter_config(folder)
     tensors = adapter_files.load_tensors(folder)

@@ -15,7 +15,6 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from lora_studio.core.errors import UserError
 
@@ -36,11 +35,11 @@ class Series:
         return len(self.steps)
 
     @property
-    def last(self) -> Optional[float]:
+    def last(self) -> float | None:
         return self.values[-1] if self.values else None
 
     @property
-    def best(self) -> Optional[float]:
+    def best(self) -> float | None:
         return min(self.values) if self.values else None
 
 
@@ -49,8 +48,8 @@ class TrainingLog:
     path: Path
     train: Series
     val: Series
-    train_column: Optional[str]
-    val_column: Optional[str]
+    train_column: str | None
+    val_column: str | None
     warnings: tuple[str, ...] = ()
 
     @property
@@ -58,13 +57,13 @@ class TrainingLog:
         return len(self.val) > 0
 
 
-def find_loss_csv(adapter_folder: Path) -> Optional[Path]:
+def find_loss_csv(adapter_folder: Path) -> Path | None:
     """The loss CSV that sits beside an adapter, if there is one."""
     path = Path(adapter_folder) / LOSS_CSV
     return path if path.is_file() else None
 
 
-def _pick(header: list[str], names: tuple[str, ...]) -> Optional[str]:
+def _pick(header: list[str], names: tuple[str, ...]) -> str | None:
     lowered = {h.strip().lower(): h for h in header}
     for name in names:
         if name in lowered:
@@ -72,15 +71,17 @@ def _pick(header: list[str], names: tuple[str, ...]) -> Optional[str]:
     return None
 
 
-def _number(text: str, path: Path, line: int, column: str) -> Optional[float]:
+def _number(text: str, path: Path, line: int, column: str) -> float | None:
     text = text.strip()
     if not text:
         return None
     try:
         return float(text)
     except ValueError:
-        raise UserError(f"{path.name} line {line}: {column} is {text[:40]!r}, not a number",
-                        "fix the CSV, or remove it from the adapter folder") from None
+        raise UserError(
+            f"{path.name} line {line}: {column} is {text[:40]!r}, not a number",
+            "fix the CSV, or remove it from the adapter folder",
+        ) from None
 
 
 def read_loss_csv(path: Path) -> TrainingLog:
@@ -89,8 +90,10 @@ def read_loss_csv(path: Path) -> TrainingLog:
     if not path.is_file():
         raise UserError(f"no loss log at {path}", "the adapter folder has no loss.csv")
     if path.stat().st_size > MAX_BYTES:
-        raise UserError(f"{path.name} is {path.stat().st_size // (1024 * 1024)} MB, too big for a loss log",
-                        "pick the CSV with one row per training step")
+        raise UserError(
+            f"{path.name} is {path.stat().st_size // (1024 * 1024)} MB, too big for a loss log",
+            "pick the CSV with one row per training step",
+        )
     try:
         text = path.read_text("utf-8-sig")
     except UnicodeDecodeError:
@@ -106,19 +109,25 @@ def read_loss_csv(path: Path) -> TrainingLog:
     train_col = _pick(header, TRAIN_COLUMNS)
     val_col = _pick(header, VAL_COLUMNS)
     if step_col is None:
-        raise UserError(f"{path.name} has no step column (header: {', '.join(header)[:120]})",
-                        "the first row must name the columns, e.g. step,train_loss,val_loss")
+        raise UserError(
+            f"{path.name} has no step column (header: {', '.join(header)[:120]})",
+            "the first row must name the columns, e.g. step,train_loss,val_loss",
+        )
     if train_col is None and val_col is None:
-        raise UserError(f"{path.name} has no loss column (header: {', '.join(header)[:120]})",
-                        "name a column train_loss or val_loss")
+        raise UserError(
+            f"{path.name} has no loss column (header: {', '.join(header)[:120]})",
+            "name a column train_loss or val_loss",
+        )
     index = {name: header.index(name) for name in (step_col, train_col, val_col) if name is not None}
     train: list[tuple[float, float]] = []
     val: list[tuple[float, float]] = []
     skipped = 0
     for line, row in enumerate(rows[1:], 2):
         if len(row) != len(header):
-            raise UserError(f"{path.name} line {line} has {len(row)} fields, the header has {len(header)}",
-                            "fix the CSV, or remove it from the adapter folder")
+            raise UserError(
+                f"{path.name} line {line} has {len(row)} fields, the header has {len(header)}",
+                "fix the CSV, or remove it from the adapter folder",
+            )
         step = _number(row[index[step_col]], path, line, step_col)
         if step is None or not math.isfinite(step):
             raise UserError(f"{path.name} line {line}: the step is missing", "every row needs a step number")

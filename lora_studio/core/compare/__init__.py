@@ -18,6 +18,20 @@ from lora_studio.core.compare.runs import (
 )
 from lora_studio.core.compare.variants import BesideModel, Variant, load_beside, session_variants
 
-__all__ = ["BASE", "MAX_BATCH_ROWS", "BesideModel", "ColumnDivergence", "ComparisonResult", "DivergenceReport",
-           "PromptComparison", "TokenDelta", "TokenScores", "Variant", "VariantOutput", "compare", "load_beside",
-           "mixed_batch_refusal", "session_variants"]
+__all__ = [
+    "BASE",
+    "MAX_BATCH_ROWS",
+    "BesideModel",
+    "ColumnDivergence",
+    "ComparisonResult",
+    "DivergenceReport",
+    "PromptComparison",
+    "TokenDelta",
+    "TokenScores",
+    "Variant",
+    "VariantOutput",
+    "compare",
+    "load_beside",
+    "mixed_batch_refusal",
+    "session_variants",
+]

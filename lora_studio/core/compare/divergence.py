@@ -16,11 +16,11 @@ comparison module's job.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 
-def first_divergence(tokens: Sequence[int], reference: Sequence[int]) -> Optional[int]:
+def first_divergence(tokens: Sequence[int], reference: Sequence[int]) -> int | None:
     """Index of the first position where ``tokens`` and ``reference`` differ; None if equal.
 
     A column that is a strict prefix of the other (it stopped early at EOS) diverges
@@ -34,7 +34,7 @@ def first_divergence(tokens: Sequence[int], reference: Sequence[int]) -> Optiona
     return None
 
 
-def first_divergences(columns: dict[str, Sequence[int]], reference: str) -> dict[str, Optional[int]]:
+def first_divergences(columns: dict[str, Sequence[int]], reference: str) -> dict[str, int | None]:
     if reference not in columns:
         raise KeyError(reference)
     ref = columns[reference]
@@ -76,7 +76,9 @@ def token_scores(reference_logits, variant_logits, target_ids) -> TokenScores:
     var = torch.log_softmax(variant_logits.detach().to(torch.float64), dim=-1)
     target = torch.as_tensor(list(target_ids), dtype=torch.long, device=var.device)
     if ref.shape != var.shape or ref.shape[0] != target.shape[0]:
-        raise ValueError(f"shapes differ: reference {tuple(ref.shape)}, variant {tuple(var.shape)}, targets {tuple(target.shape)}")
+        raise ValueError(
+            f"shapes differ: reference {tuple(ref.shape)}, variant {tuple(var.shape)}, targets {tuple(target.shape)}"
+        )
     logprobs = var.gather(-1, target[:, None])[:, 0]
     # KL(p||q) = sum p (log p - log q); xlogy-style guard: where p is 0 the term is 0 even if q is 0.
     p = ref.exp()
@@ -89,14 +91,19 @@ def token_scores(reference_logits, variant_logits, target_ids) -> TokenScores:
 @dataclass(frozen=True)
 class ColumnDivergence:
     name: str
-    first_divergence: Optional[int]  # vs the reference's generated tokens
-    scores: Optional[TokenScores] = None  # teacher-forced on the reference continuation
+    first_divergence: int | None  # vs the reference's generated tokens
+    scores: TokenScores | None = None  # teacher-forced on the reference continuation
 
     def to_json(self) -> dict:
         out = {"name": self.name, "first_divergence": self.first_divergence}
         if self.scores is not None:
-            out.update(mean_kl=self.scores.mean_kl, agreement=self.scores.agreement,
-                       mean_logprob=self.scores.mean_logprob, logprobs=self.scores.logprobs, kl=self.scores.kl)
+            out.update(
+                mean_kl=self.scores.mean_kl,
+                agreement=self.scores.agreement,
+                mean_logprob=self.scores.mean_logprob,
+                logprobs=self.scores.logprobs,
+                kl=self.scores.kl,
+            )
         return out
 
 
@@ -119,7 +126,9 @@ def summary(report: DivergenceReport) -> dict:
     """{name: {first_divergence, mean_kl, agreement}} for compact display."""
     out = {}
     for c in report.columns:
-        out[c.name] = {"first_divergence": c.first_divergence,
-                       "mean_kl": c.scores.mean_kl if c.scores else None,
-                       "agreement": c.scores.agreement if c.scores else None}
+        out[c.name] = {
+            "first_divergence": c.first_divergence,
+            "mean_kl": c.scores.mean_kl if c.scores else None,
+            "agreement": c.scores.agreement if c.scores else None,
+        }
     return out

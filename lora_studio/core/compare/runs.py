@@ -27,8 +27,9 @@ enabled state afterwards (:meth:`Session.variant_selected`,
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING
 
 from lora_studio.core._compat.peft_mixed_batch import contiguous_sub_batches
 from lora_studio.core.compare import divergence
@@ -46,6 +47,7 @@ MAX_BATCH_ROWS = 16
 
 
 # -- results -------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TokenDelta:
@@ -72,7 +74,7 @@ class PromptComparison:
     prompt: str
     prompt_token_count: int
     outputs: list[VariantOutput]
-    divergence: Optional[divergence.DivergenceReport] = None
+    divergence: divergence.DivergenceReport | None = None
 
     def output(self, name: str) -> VariantOutput:
         for o in self.outputs:
@@ -81,8 +83,11 @@ class PromptComparison:
         raise KeyError(name)
 
     def to_json(self) -> dict:
-        out = {"prompt": self.prompt, "prompt_token_count": self.prompt_token_count,
-               "variants": [o.to_json() for o in self.outputs]}
+        out = {
+            "prompt": self.prompt,
+            "prompt_token_count": self.prompt_token_count,
+            "variants": [o.to_json() for o in self.outputs],
+        }
         if self.divergence is not None:
             out["divergence"] = self.divergence.to_json()
         return out
@@ -93,22 +98,38 @@ class ComparisonResult:
     prompts: list[PromptComparison]
     variants: list[str]
     mixed_batch: bool  # the session's variants ran in mixed-adapter batches
-    fallback_reason: Optional[str]  # why they did not (None when they did)
+    fallback_reason: str | None  # why they did not (None when they did)
     seconds: float
     settings: GenerationSettings
 
     def to_json(self) -> dict:
-        return {"prompts": [p.to_json() for p in self.prompts], "variant_names": list(self.variants),
-                "mixed_batch": self.mixed_batch, "fallback_reason": self.fallback_reason,
-                "seconds": self.seconds, "settings": self.settings.to_json()}
+        return {
+            "prompts": [p.to_json() for p in self.prompts],
+            "variant_names": list(self.variants),
+            "mixed_batch": self.mixed_batch,
+            "fallback_reason": self.fallback_reason,
+            "seconds": self.seconds,
+            "settings": self.settings.to_json(),
+        }
 
 
 # -- the job -------------------------------------------------------------------------------------------------------
 
-def compare(session: Session, variants: Sequence[Variant], prompts: str | Sequence[str], settings: GenerationSettings = GenerationSettings(), *,
-            reference: Optional[str] = None, score: bool = True, mixed: bool = True, max_batch_rows: int = MAX_BATCH_ROWS,
-            cancel: Optional[CancelToken] = None, report: Report = no_report,
-            on_tokens: Optional[Callable[[TokenDelta], None]] = None) -> ComparisonResult:
+
+def compare(
+    session: Session,
+    variants: Sequence[Variant],
+    prompts: str | Sequence[str],
+    settings: GenerationSettings = GenerationSettings(),
+    *,
+    reference: str | None = None,
+    score: bool = True,
+    mixed: bool = True,
+    max_batch_rows: int = MAX_BATCH_ROWS,
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+    on_tokens: Callable[[TokenDelta], None] | None = None,
+) -> ComparisonResult:
     """Generate every variant's continuation of every prompt with the same settings.
 
     ``reference``: the column the divergence is measured against (default: the
@@ -159,14 +180,17 @@ def compare(session: Session, variants: Sequence[Variant], prompts: str | Sequen
                 with session.variant_selected(_adapter_of(v)) as model:
                     for i, row in enumerate(ids):
                         cancel.raise_if_cancelled()
-                        outputs[(i, v.name)] = _run_rows(model, tokenizer, [row], settings, cancel,
-                                                         [(i, v.name)], emit, tick)[0]
+                        outputs[(i, v.name)] = _run_rows(
+                            model, tokenizer, [row], settings, cancel, [(i, v.name)], emit, tick
+                        )[0]
         for v in variants:
             if v.kind != "merged":
                 continue
             for i, row in enumerate(ids):
                 cancel.raise_if_cancelled()
-                outputs[(i, v.name)] = _run_rows(v.beside.model, tokenizer, [row], settings, cancel, [(i, v.name)], emit, tick)[0]
+                outputs[(i, v.name)] = _run_rows(
+                    v.beside.model, tokenizer, [row], settings, cancel, [(i, v.name)], emit, tick
+                )[0]
 
         # Scoring is deterministic, so sampling does not stop it from using one mixed batch.
         score_mixed = mixed and mixed_batch_refusal(session, on_session, GenerationSettings()) is None
@@ -176,8 +200,12 @@ def compare(session: Session, variants: Sequence[Variant], prompts: str | Sequen
                 on_tokens(TokenDelta(i, name, [], rest))
         results = []
         for i, prompt in enumerate(prompts):
-            outs = [VariantOutput(v.name, tokenizer.decode(outputs[(i, v.name)], skip_special_tokens=True), outputs[(i, v.name)])
-                    for v in variants]
+            outs = [
+                VariantOutput(
+                    v.name, tokenizer.decode(outputs[(i, v.name)], skip_special_tokens=True), outputs[(i, v.name)]
+                )
+                for v in variants
+            ]
             columns = {o.name: o.token_ids for o in outs}
             firsts = divergence.first_divergences(columns, reference)
             scores = {}
@@ -186,13 +214,22 @@ def compare(session: Session, variants: Sequence[Variant], prompts: str | Sequen
                 report(Progress(i, len(prompts), "scoring against " + reference, "prompts"))
                 scores = _teacher_forced(session, variants, ids[i], columns[reference], reference, score_mixed)
             report_div = divergence.DivergenceReport(
-                reference, [divergence.ColumnDivergence(v.name, firsts[v.name], scores.get(v.name)) for v in variants])
+                reference, [divergence.ColumnDivergence(v.name, firsts[v.name], scores.get(v.name)) for v in variants]
+            )
             results.append(PromptComparison(prompt, len(ids[i]), outs, report_div))
-    return ComparisonResult(results, [v.name for v in variants], used_mixed, None if used_mixed else reason,
-                            time.perf_counter() - started, settings)
+    return ComparisonResult(
+        results,
+        [v.name for v in variants],
+        used_mixed,
+        None if used_mixed else reason,
+        time.perf_counter() - started,
+        settings,
+    )
 
 
-def _validate(session, variants: list[Variant], prompts: list[str], settings: GenerationSettings, reference: Optional[str]) -> None:
+def _validate(
+    session, variants: list[Variant], prompts: list[str], settings: GenerationSettings, reference: str | None
+) -> None:
     session.require_loaded()
     if not variants:
         raise UserError("no variants to compare", "tick at least one variant")
@@ -214,10 +251,12 @@ def _validate(session, variants: list[Variant], prompts: list[str], settings: Ge
         elif v.kind != "base":
             raise UserError(f"unknown variant kind {v.kind!r}", "use base, adapter or merged")
     if reference is not None and reference not in names:
-        raise UserError(f"the reference column {reference!r} is not among the variants", f"pick one of {', '.join(names)}")
+        raise UserError(
+            f"the reference column {reference!r} is not among the variants", f"pick one of {', '.join(names)}"
+        )
 
 
-def mixed_batch_refusal(session: Session, variants: Sequence[Variant], settings: GenerationSettings) -> Optional[str]:
+def mixed_batch_refusal(session: Session, variants: Sequence[Variant], settings: GenerationSettings) -> str | None:
     """Why the session's variants cannot share one mixed-adapter batch; None when they can."""
     adapters = [v.adapter for v in variants if v.kind == "adapter"]
     if len(variants) < 2:
@@ -259,13 +298,25 @@ def _run_mixed(session, variants, ids, settings, max_batch_rows, cancel, emit, t
             names = [v.adapter if v.kind == "adapter" else BASE for v in variants for _ in chunk]
             rows = [ids[i] for _ in variants for i in chunk]
             with contiguous_sub_batches(names):
-                new = _run_rows(model, session.tokenizer, rows, settings, cancel, keys, emit, tick,
-                                model_kwargs={"adapter_names": names}, refusable=start == 0)
+                new = _run_rows(
+                    model,
+                    session.tokenizer,
+                    rows,
+                    settings,
+                    cancel,
+                    keys,
+                    emit,
+                    tick,
+                    model_kwargs={"adapter_names": names},
+                    refusable=start == 0,
+                )
             for key, toks in zip(keys, new):
                 outputs[key] = toks
 
 
-def _run_rows(model, tokenizer, rows, settings, cancel, keys, emit, tick, *, model_kwargs=None, refusable=False) -> list[list[int]]:
+def _run_rows(
+    model, tokenizer, rows, settings, cancel, keys, emit, tick, *, model_kwargs=None, refusable=False
+) -> list[list[int]]:
     started = [False]
 
     def on_step(step):
@@ -276,14 +327,16 @@ def _run_rows(model, tokenizer, rows, settings, cancel, keys, emit, tick, *, mod
         tick()
 
     try:
-        return generation.generate_rows(model, tokenizer, rows, settings, cancel=cancel, on_step=on_step, model_kwargs=model_kwargs)
+        return generation.generate_rows(
+            model, tokenizer, rows, settings, cancel=cancel, on_step=on_step, model_kwargs=model_kwargs
+        )
     except (ValueError, TypeError) as exc:
         if refusable and not started[0] and "adapter" in str(exc).lower():
             raise _MixRefused(" ".join(str(exc).split())[:200]) from exc
         raise
 
 
-def _adapter_of(variant: Variant) -> Optional[str]:
+def _adapter_of(variant: Variant) -> str | None:
     """What the session selects for a sequential run of ``variant``: its adapter, or None (the base)."""
     return variant.adapter if variant.kind == "adapter" else None
 
@@ -300,10 +353,10 @@ class _TextStream:
 
     def push(self, tok: int) -> str:
         self._tokens.append(tok)
-        text = self._tokenizer.decode(self._tokens[self._line_start:], skip_special_tokens=True)
+        text = self._tokenizer.decode(self._tokens[self._line_start :], skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return ""
-        delta = text[self._printed:]
+        delta = text[self._printed :]
         if text.endswith("\n"):
             self._line_start, self._printed = len(self._tokens), 0
         else:
@@ -315,14 +368,17 @@ class _TextStream:
         """What is still held back once the column has ended, so the deltas add up to its final text."""
         full = self._tokenizer.decode(self._tokens, skip_special_tokens=True)
         emitted = "".join(self._emitted)
-        rest = full[len(emitted):] if full.startswith(emitted) else ""
+        rest = full[len(emitted) :] if full.startswith(emitted) else ""
         self._emitted.append(rest)
         return rest
 
 
 # -- teacher-forced scoring ------------------------------------------------------------------------------------------
 
-def _teacher_forced(session, variants, prompt_ids, continuation, reference, mixed_ok) -> dict[str, divergence.TokenScores]:
+
+def _teacher_forced(
+    session, variants, prompt_ids, continuation, reference, mixed_ok
+) -> dict[str, divergence.TokenScores]:
     """Each variant's logits over ``continuation`` given the prompt; scores against the reference's."""
     import torch
 
@@ -339,7 +395,7 @@ def _teacher_forced(session, variants, prompt_ids, continuation, reference, mixe
         with torch.inference_mode():
             out = model(input_ids=x, attention_mask=torch.ones_like(x), logits_to_keep=keep, **kw).logits
         out = out[:, -keep:]  # a model that ignores logits_to_keep returns every position
-        return out[:, :len(continuation)].float().cpu()
+        return out[:, : len(continuation)].float().cpu()
 
     on_session = [v for v in variants if v.on_session]
     if on_session:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.tasks import CancelToken, Report, no_report
@@ -34,19 +34,19 @@ class Variant:
 
     name: str
     kind: str
-    adapter: Optional[str] = None  # the session's adapter name, for kind "adapter"
-    beside: Optional[BesideModel] = field(default=None, compare=False)  # for kind "merged"
+    adapter: str | None = None  # the session's adapter name, for kind "adapter"
+    beside: BesideModel | None = field(default=None, compare=False)  # for kind "merged"
 
     @staticmethod
     def base(name: str = "base") -> Variant:
         return Variant(name, "base")
 
     @staticmethod
-    def of_adapter(adapter: str, name: Optional[str] = None) -> Variant:
+    def of_adapter(adapter: str, name: str | None = None) -> Variant:
         return Variant(name or adapter, "adapter", adapter=adapter)
 
     @staticmethod
-    def merged(beside: BesideModel, name: Optional[str] = None) -> Variant:
+    def merged(beside: BesideModel, name: str | None = None) -> Variant:
         return Variant(name or beside.path.name, "merged", beside=beside)
 
     @property
@@ -61,8 +61,9 @@ def session_variants(session: Session, *, include_base: bool = True) -> list[Var
     return out
 
 
-def load_beside(path: str | Path, session: Session, *, cancel: Optional[CancelToken] = None,
-                report: Report = no_report) -> BesideModel:
+def load_beside(
+    path: str | Path, session: Session, *, cancel: CancelToken | None = None, report: Report = no_report
+) -> BesideModel:
     """Load a merged model folder read-only, with the session's dtype and device, for comparison."""
     from lora_studio.core.model.loading import load_base
     from lora_studio.core.model.sources import resolve_source
@@ -70,12 +71,19 @@ def load_beside(path: str | Path, session: Session, *, cancel: Optional[CancelTo
     session.require_loaded()
     path = Path(path).expanduser()
     source = resolve_source(path)
-    model, tokenizer = load_base(source, dtype=session.dtype or "float32", device_map=session.device_map or "cpu",
-                                 cancel=cancel or CancelToken(), report=report)
+    model, tokenizer = load_base(
+        source,
+        dtype=session.dtype or "float32",
+        device_map=session.device_map or "cpu",
+        cancel=cancel or CancelToken(),
+        report=report,
+    )
     model.eval()
     ours = session.base_model().get_input_embeddings().num_embeddings
     theirs = model.get_input_embeddings().num_embeddings
     if ours != theirs or len(tokenizer) != len(session.tokenizer):
-        raise UserError(f"{path.name} has a vocabulary of {theirs} rows ({len(tokenizer)} tokens), the session's base has {ours} ({len(session.tokenizer)})",
-                        "compare a model merged from this base")
+        raise UserError(
+            f"{path.name} has a vocabulary of {theirs} rows ({len(tokenizer)} tokens), the session's base has {ours} ({len(session.tokenizer)})",
+            "compare a model merged from this base",
+        )
     return BesideModel(path, model, tokenizer)

@@ -22,7 +22,6 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from lora_studio.core.errors import UserError
 
@@ -39,8 +38,8 @@ class DemoAdapter:
     kind: str  # style / format / task
     description: str
     prompt: str
-    loss_csv: Optional[Path]
-    init: Optional[str]  # the init it was trained with, from lora_studio.json
+    loss_csv: Path | None
+    init: str | None  # the init it was trained with, from lora_studio.json
 
 
 def candidate_dirs() -> list[Path]:
@@ -71,17 +70,21 @@ def resources_dir() -> Path:
             return path
     override = os.environ.get(RESOURCES_ENV)
     if override:
-        raise UserError(f"{RESOURCES_ENV}={override} has no {PROMPTS_FILE.as_posix()}",
-                        "point it at the resources folder of a LoRA Studio checkout")
-    raise UserError("the demo resources are not installed",
-                    f"run from a source checkout, reinstall LoRA Studio, or set {RESOURCES_ENV}")
+        raise UserError(
+            f"{RESOURCES_ENV}={override} has no {PROMPTS_FILE.as_posix()}",
+            "point it at the resources folder of a LoRA Studio checkout",
+        )
+    raise UserError(
+        "the demo resources are not installed",
+        f"run from a source checkout, reinstall LoRA Studio, or set {RESOURCES_ENV}",
+    )
 
 
 def demo_dir() -> Path:
     return resources_dir() / "demo"
 
 
-def icon_path(suffix: str = "svg") -> Optional[Path]:
+def icon_path(suffix: str = "svg") -> Path | None:
     """The app icon (``svg`` or ``png``), or None if this install lacks it."""
     try:
         path = resources_dir() / "icons" / f"lora-studio.{suffix}"
@@ -94,7 +97,9 @@ def _read_prompts(path: Path) -> list[dict]:
     try:
         data = json.loads(path.read_text("utf-8"))
         prompts = data["prompts"]
-        if not isinstance(prompts, list) or not all(isinstance(p, dict) and p.get("adapter") and p.get("prompt") for p in prompts):
+        if not isinstance(prompts, list) or not all(
+            isinstance(p, dict) and p.get("adapter") and p.get("prompt") for p in prompts
+        ):
             raise ValueError("every entry needs 'adapter' and 'prompt'")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path} is damaged ({exc})", "reinstall LoRA Studio or restore the file") from exc
@@ -125,14 +130,16 @@ def demo_adapters() -> list[DemoAdapter]:
                 init = json.loads(sidecar.read_text("utf-8")).get("init_lora_weights")
             except (OSError, ValueError, AttributeError):
                 init = None
-        out.append(DemoAdapter(
-            name=name,
-            path=folder,
-            title=str(entry.get("title", name)),
-            kind=str(entry.get("kind", "")),
-            description=str(entry.get("description", "")),
-            prompt=str(entry["prompt"]),
-            loss_csv=find_loss_csv(folder),
-            init=None if init is None else str(init),
-        ))
+        out.append(
+            DemoAdapter(
+                name=name,
+                path=folder,
+                title=str(entry.get("title", name)),
+                kind=str(entry.get("kind", "")),
+                description=str(entry.get("description", "")),
+                prompt=str(entry["prompt"]),
+                loss_csv=find_loss_csv(folder),
+                init=None if init is None else str(init),
+            )
+        )
     return out

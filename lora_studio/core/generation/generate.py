@@ -8,8 +8,8 @@ the window's quick test box and by verification.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
 
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
@@ -44,7 +44,9 @@ def validate(settings: GenerationSettings, prompt: str) -> None:
 def prompt_ids(tokenizer, prompt: str, use_chat_template: bool = True) -> list[int]:
     """Token ids of the prompt, through the chat template when the tokenizer has one."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return [int(i) for i in ids]
@@ -60,7 +62,7 @@ def eos_ids(model, tokenizer) -> list[int]:
     return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
 
 
-def context_limit(model) -> Optional[int]:
+def context_limit(model) -> int | None:
     config = model.config
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
@@ -102,7 +104,9 @@ def generation_kwargs(settings: GenerationSettings, model, tokenizer, cancel: Ca
         max_new_tokens=settings.max_new_tokens,
         do_sample=settings.do_sample,
         stopping_criteria=StoppingCriteriaList([_StopOnCancel(cancel)]),
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids(model, tokenizer) or [0])[0],
+        pad_token_id=tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else (eos_ids(model, tokenizer) or [0])[0],
         eos_token_id=eos_ids(model, tokenizer) or None,
     )
     if settings.do_sample:
@@ -119,9 +123,16 @@ class Generated:
     prompt_token_count: int
 
 
-def generate(model, tokenizer, prompt: str, settings: GenerationSettings = GenerationSettings(), *,
-             cancel: Optional[CancelToken] = None, report: Report = no_report,
-             on_token: Optional[Callable[[int], None]] = None) -> Generated:
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    settings: GenerationSettings = GenerationSettings(),
+    *,
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+    on_token: Callable[[int], None] | None = None,
+) -> Generated:
     """Generate a continuation; ``on_token`` sees each new token id as it is produced."""
     import torch
 
@@ -130,8 +141,10 @@ def generate(model, tokenizer, prompt: str, settings: GenerationSettings = Gener
     ids = prompt_ids(tokenizer, prompt, settings.use_chat_template)
     limit = context_limit(model)
     if limit and len(ids) + settings.max_new_tokens > limit:
-        raise UserError(f"prompt ({len(ids)} tokens) plus {settings.max_new_tokens} new tokens exceeds the model's context of {limit}",
-                        "shorten the prompt or ask for fewer tokens")
+        raise UserError(
+            f"prompt ({len(ids)} tokens) plus {settings.max_new_tokens} new tokens exceeds the model's context of {limit}",
+            "shorten the prompt or ask for fewer tokens",
+        )
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     produced: list[int] = []
@@ -145,12 +158,15 @@ def generate(model, tokenizer, prompt: str, settings: GenerationSettings = Gener
     if settings.do_sample:
         torch.manual_seed(settings.seed)
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             streamer=_TokenCallbackStreamer(len(ids), on_new),
-                             **generation_kwargs(settings, model, tokenizer, cancel))
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            streamer=_TokenCallbackStreamer(len(ids), on_new),
+            **generation_kwargs(settings, model, tokenizer, cancel),
+        )
     if cancel.cancelled:
         raise Cancelled()
-    new = [int(t) for t in out[0, len(ids):].tolist()]
+    new = [int(t) for t in out[0, len(ids) :].tolist()]
     return Generated(tokenizer.decode(new, skip_special_tokens=True), new, len(ids))
 
 
@@ -167,7 +183,7 @@ class _BatchStreamer:
     already ended (generate keeps padding finished rows until every row ends).
     """
 
-    def __init__(self, rows: int, eos: list[int], on_step: Callable[[list[Optional[int]]], None]) -> None:
+    def __init__(self, rows: int, eos: list[int], on_step: Callable[[list[int | None]], None]) -> None:
         self._skip_prompt = True
         self._eos = set(eos)
         self._finished = [False] * rows
@@ -177,7 +193,7 @@ class _BatchStreamer:
         if self._skip_prompt:
             self._skip_prompt = False  # the first call carries the prompts
             return
-        step: list[Optional[int]] = []
+        step: list[int | None] = []
         for row, tok in enumerate(value.reshape(-1).tolist()):
             if self._finished[row]:
                 step.append(None)
@@ -223,8 +239,12 @@ class _small_batch_linears:
         import torch
 
         for module in self._model.modules():
-            if (type(module) is torch.nn.Linear and "forward" not in module.__dict__
-                    and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32):
+            if (
+                type(module) is torch.nn.Linear
+                and "forward" not in module.__dict__
+                and module.weight.device.type == "cpu"
+                and module.weight.dtype == torch.float32
+            ):
                 module.forward = functools.partial(_small_batch_linear, module)
                 self._patched.append(module)
         return self
@@ -244,14 +264,22 @@ def pad_token_id(model, tokenizer) -> int:
 def check_context(model, prompt_len: int, settings: GenerationSettings) -> None:
     limit = context_limit(model)
     if limit and prompt_len + settings.max_new_tokens > limit:
-        raise UserError(f"prompt ({prompt_len} tokens) plus {settings.max_new_tokens} new tokens exceeds the model's context of {limit}",
-                        "shorten the prompt or ask for fewer tokens")
+        raise UserError(
+            f"prompt ({prompt_len} tokens) plus {settings.max_new_tokens} new tokens exceeds the model's context of {limit}",
+            "shorten the prompt or ask for fewer tokens",
+        )
 
 
-def generate_rows(model, tokenizer, rows: list[list[int]], settings: GenerationSettings, *,
-                  cancel: Optional[CancelToken] = None,
-                  on_step: Optional[Callable[[list[Optional[int]]], None]] = None,
-                  model_kwargs: Optional[dict] = None) -> list[list[int]]:
+def generate_rows(
+    model,
+    tokenizer,
+    rows: list[list[int]],
+    settings: GenerationSettings,
+    *,
+    cancel: CancelToken | None = None,
+    on_step: Callable[[list[int | None]], None] | None = None,
+    model_kwargs: dict | None = None,
+) -> list[list[int]]:
     """New token ids for each row of prompt ids, all rows in one ``generate``.
 
     Rows of different lengths are left-padded with an attention mask (generate
@@ -280,7 +308,7 @@ def generate_rows(model, tokenizer, rows: list[list[int]], settings: GenerationS
     kwargs = generation_kwargs(settings, model, tokenizer, cancel)
     kwargs.update(model_kwargs or {})
     # One row keeps the stock path, so it is bit-for-bit what ``generate`` gives.
-    with torch.inference_mode(), (_small_batch_linears(model) if len(rows) > 1 else contextlib.nullcontext()):
+    with torch.inference_mode(), _small_batch_linears(model) if len(rows) > 1 else contextlib.nullcontext():
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer, **kwargs)
     if cancel.cancelled:
         raise Cancelled()

@@ -14,7 +14,9 @@ def load_prompts(path) -> list[str]:
     """The prompts in ``path``; blank lines are skipped. Raises UserError naming the bad line."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"{path} does not exist" if not path.exists() else f"{path} is not a file", "give a .txt or .jsonl file")
+        raise UserError(
+            f"{path} does not exist" if not path.exists() else f"{path} is not a file", "give a .txt or .jsonl file"
+        )
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -30,10 +32,14 @@ def load_prompts(path) -> list[str]:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path.name} line {number} is not JSON: {exc.msg}", 'write one {"prompt": "..."} object per line') from exc
+                raise UserError(
+                    f"{path.name} line {number} is not JSON: {exc.msg}", 'write one {"prompt": "..."} object per line'
+                ) from exc
             prompt = item.get("prompt") if isinstance(item, dict) else None
             if not isinstance(prompt, str) or not prompt.strip():
-                raise UserError(f'{path.name} line {number} has no "prompt" text', 'write one {"prompt": "..."} object per line')
+                raise UserError(
+                    f'{path.name} line {number} has no "prompt" text', 'write one {"prompt": "..."} object per line'
+                )
         else:
             prompt = line
         prompts.append(prompt)

@@ -27,7 +27,9 @@ def atomic_output_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path
     if parent.is_dir():
         _remove_stale_temporaries(parent, target.name)
     if target.exists() and not overwrite:
-        raise UserError(f"{target} already exists", "choose another output folder, or confirm overwriting it (--overwrite)")
+        raise UserError(
+            f"{target} already exists", "choose another output folder, or confirm overwriting it (--overwrite)"
+        )
     if target.exists() and not target.is_dir():
         raise UserError(f"{target} exists and is not a folder", "choose another output path")
     try:
@@ -60,9 +62,14 @@ def atomic_output_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
-            raise UserError(f"the disk holding {parent} is full", "free some space or choose another output folder; nothing was written") from exc
+            raise UserError(
+                f"the disk holding {parent} is full",
+                "free some space or choose another output folder; nothing was written",
+            ) from exc
         if isinstance(exc, OSError) and exc.errno in (13, 30):  # EACCES, EROFS
-            raise UserError(f"cannot write to {parent}: {exc.strerror}", "choose a writable output folder; nothing was written") from exc
+            raise UserError(
+                f"cannot write to {parent}: {exc.strerror}", "choose a writable output folder; nothing was written"
+            ) from exc
         raise
 
 
@@ -91,7 +98,7 @@ def _remove_stale_temporaries(parent: Path, name: str) -> None:
     for prefix in (f".{name}.partial-", f".{name}.old-"):
         for path in parent.glob(prefix + "*"):
             try:
-                pid = int(path.name[len(prefix):].split("-")[0])
+                pid = int(path.name[len(prefix) :].split("-")[0])
             except ValueError:
                 continue
             if not _pid_alive(pid):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from lora_studio.core.tasks import CancelToken
@@ -37,7 +37,7 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("*.safetensors"))
 
 
-def warm_page_cache(folder: Path, cancel: Optional[CancelToken] = None) -> None:
+def warm_page_cache(folder: Path, cancel: CancelToken | None = None) -> None:
     """Read a folder's safetensors into the page cache, waiting for the disk with the GIL released.
 
     transformers copies each tensor out of an mmap inside torch calls that hold the GIL; a page that

@@ -14,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from lora_studio.core.errors import UserError
 
@@ -23,8 +23,21 @@ if TYPE_CHECKING:
 
 # safetensors dtype names -> bytes per element
 DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
@@ -62,25 +75,37 @@ def read_header(path: Path) -> SafetensorsHeader:
     """Parse and validate a safetensors header; a broken file gives a UserError."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path} is a folder, not a safetensors file", "point at the .safetensors file or its parent folder")
+        raise UserError(
+            f"{path} is a folder, not a safetensors file", "point at the .safetensors file or its parent folder"
+        )
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise UserError(f"{path.name} is not a safetensors file (only {len(head)} bytes)", "the file is truncated or empty; download it again")
+                raise UserError(
+                    f"{path.name} is not a safetensors file (only {len(head)} bytes)",
+                    "the file is truncated or empty; download it again",
+                )
             (n,) = struct.unpack("<Q", head)
             if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
-                raise UserError(f"{path.name} has a corrupt safetensors header (header length {n}, file {size} bytes)", "the file is damaged; download or save it again")
+                raise UserError(
+                    f"{path.name} has a corrupt safetensors header (header length {n}, file {size} bytes)",
+                    "the file is damaged; download or save it again",
+                )
             raw = f.read(n)
     except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}", "check that the file exists and is readable") from exc
+        raise UserError(
+            f"cannot read {path}: {exc.strerror or exc}", "check that the file exists and is readable"
+        ) from exc
     try:
         doc = json.loads(raw.decode("utf-8"))
         if not isinstance(doc, dict):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"{path.name} has a corrupt safetensors header ({exc})", "the file is damaged; download or save it again") from exc
+        raise UserError(
+            f"{path.name} has a corrupt safetensors header ({exc})", "the file is damaged; download or save it again"
+        ) from exc
     data_start = 8 + n
     tensors: dict[str, TensorInfo] = {}
     metadata = doc.pop("__metadata__", None) or {}
@@ -90,11 +115,16 @@ def read_header(path: Path) -> SafetensorsHeader:
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{path.name}: tensor {name!r} has a malformed header entry", "the file is damaged") from exc
+            raise UserError(
+                f"{path.name}: tensor {name!r} has a malformed header entry", "the file is damaged"
+            ) from exc
         info = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
         expected = info.numel * DTYPE_SIZES.get(dtype, 0)
         if dtype in DTYPE_SIZES and expected != info.nbytes:
-            raise UserError(f"{path.name}: tensor {name!r} has {info.nbytes} bytes, its shape needs {expected}", "the file is damaged")
+            raise UserError(
+                f"{path.name}: tensor {name!r} has {info.nbytes} bytes, its shape needs {expected}",
+                "the file is damaged",
+            )
         if info.end > size:
             raise UserError(
                 f"{path.name} is truncated: tensor {name!r} ends at byte {info.end} but the file has {size}",
@@ -117,7 +147,10 @@ def checkpoint_files(folder: Path) -> list[Path]:
         for name in dict.fromkeys(weight_map.values()):
             shard = folder / name
             if not shard.is_file():
-                raise UserError(f"{folder.name}: the index names shard {name} but it is missing", "the download did not finish; get the missing shard")
+                raise UserError(
+                    f"{folder.name}: the index names shard {name} but it is missing",
+                    "the download did not finish; get the missing shard",
+                )
             files.append(shard)
         return files
     single = folder / SINGLE_NAME
@@ -126,7 +159,10 @@ def checkpoint_files(folder: Path) -> list[Path]:
     found = sorted(folder.glob("*.safetensors"))
     if found:
         return found
-    raise UserError(f"{folder} holds no .safetensors weights", "LoRA Studio loads safetensors checkpoints; convert .bin weights first")
+    raise UserError(
+        f"{folder} holds no .safetensors weights",
+        "LoRA Studio loads safetensors checkpoints; convert .bin weights first",
+    )
 
 
 def read_headers(folder: Path) -> list[SafetensorsHeader]:
@@ -138,9 +174,16 @@ def torch_dtype(st_dtype: str) -> torch.dtype:
     import torch
 
     return {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-        "U8": torch.uint8, "BOOL": torch.bool,
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
     }[st_dtype]
 
 
@@ -149,9 +192,16 @@ def st_dtype(dtype: torch.dtype) -> str:
     import torch
 
     return {
-        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-        torch.uint8: "U8", torch.bool: "BOOL",
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
     }[dtype]
 
 
@@ -166,7 +216,7 @@ def pread_exact(fd: int, buffer, info: TensorInfo, path: Path) -> None:
         done += got
 
 
-def read_tensor(info: TensorInfo, path: Path, fd: Optional[int] = None) -> torch.Tensor:
+def read_tensor(info: TensorInfo, path: Path, fd: int | None = None) -> torch.Tensor:
     """Read one tensor with pread: memory is that tensor, not the shard's pages."""
     import torch
 

@@ -12,7 +12,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.safetensors_format import DTYPE_SIZES, INDEX_NAME, SINGLE_NAME, FileSlice, st_dtype
@@ -48,7 +48,9 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
         except (OSError, AttributeError):
             _WRITEBACK = False
     if _WRITEBACK and nbytes > 0:
-        _WRITEBACK(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE: start writeback, do not wait; errors surface at fsync
+        _WRITEBACK(
+            fd, offset, nbytes, 2
+        )  # SYNC_FILE_RANGE_WRITE: start writeback, do not wait; errors surface at fsync
 
 
 def _write_all(fd: int, data) -> int:
@@ -114,7 +116,7 @@ class _DirectAppender:
         total = len(data)
         while len(data):
             n = min(len(data), self.CHUNK - self._fill)
-            self._view[self._fill:self._fill + n] = data[:n]
+            self._view[self._fill : self._fill + n] = data[:n]
             self._fill += n
             data = data[n:]
             if self._fill == self.CHUNK:
@@ -126,7 +128,7 @@ class _DirectAppender:
         done = 0
         while done < nbytes:
             n = min(nbytes - done, self.CHUNK - self._fill)
-            got = os.preadv(src_fd, [self._view[self._fill:self._fill + n]], offset + done)
+            got = os.preadv(src_fd, [self._view[self._fill : self._fill + n]], offset + done)
             if got <= 0:
                 raise UserError(f"{Path(path).name} ended early while reading {name}", "the file is truncated")
             self._fill += got
@@ -139,7 +141,7 @@ class _DirectAppender:
         size = self.size
         if self._fill:
             padded = -(-self._fill // self.ALIGN) * self.ALIGN
-            self._view[self._fill:padded] = bytes(padded - self._fill)
+            self._view[self._fill : padded] = bytes(padded - self._fill)
             self._flush(padded)
             os.ftruncate(self.fd, size)
         self._offset, self._fill = size, 0
@@ -204,8 +206,13 @@ class ShardWriter:
     nothing cached for whoever reads the file next.
     """
 
-    def __init__(self, path: Path, plan: Mapping[str, tuple[str, tuple[int, ...]]], metadata: Optional[dict] = None,
-                 direct: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        plan: Mapping[str, tuple[str, tuple[int, ...]]],
+        metadata: dict | None = None,
+        direct: bool = False,
+    ):
         self.path = Path(path)
         self._order = list(plan)
         header: dict = {}
@@ -223,7 +230,7 @@ class ShardWriter:
         self._plan = {k: (v[0], tuple(v[1])) for k, v in plan.items()}
         self._next = 0
         self.nbytes = 8 + len(raw) + offset
-        self._fd: Optional[int]
+        self._fd: int | None
         self._fd, direct = _open_for_writing(self.path, direct)
         self._direct = _DirectAppender(self._fd) if direct else None
         self._src: dict[Path, int] = {}
@@ -239,7 +246,7 @@ class ShardWriter:
     def closed(self) -> bool:
         return self._fd is None
 
-    def write(self, name: str, tensor: Union[torch.Tensor, FileSlice]) -> int:
+    def write(self, name: str, tensor: torch.Tensor | FileSlice) -> int:
         """Append the next planned tensor (its bytes, or a file slice copied file to file); returns bytes written."""
         expected = self._order[self._next]
         if name != expected:
@@ -247,7 +254,9 @@ class ShardWriter:
         dtype, shape = self._plan[name]
         if isinstance(tensor, FileSlice):
             if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-                raise RuntimeError(f"ShardWriter: {name} is {tensor.dtype}{tuple(tensor.shape)}, planned {dtype}{shape}")
+                raise RuntimeError(
+                    f"ShardWriter: {name} is {tensor.dtype}{tuple(tensor.shape)}, planned {dtype}{shape}"
+                )
             src = self._src.get(tensor.path)
             if src is None:
                 src = self._src[tensor.path] = os.open(tensor.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -258,7 +267,9 @@ class ShardWriter:
             n = tensor.nbytes
         else:
             if tuple(tensor.shape) != shape or st_dtype(tensor.dtype) != dtype:
-                raise RuntimeError(f"ShardWriter: {name} is {st_dtype(tensor.dtype)}{tuple(tensor.shape)}, planned {dtype}{shape}")
+                raise RuntimeError(
+                    f"ShardWriter: {name} is {st_dtype(tensor.dtype)}{tuple(tensor.shape)}, planned {dtype}{shape}"
+                )
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
             n = self._append(data) if data.nbytes else 0
         self._pos += n
@@ -336,10 +347,17 @@ def write_index(folder: Path, shards: list[dict], names: list[str], total_size: 
     (Path(folder) / INDEX_NAME).write_text(json.dumps(doc, indent=2) + "\n", "utf-8")
 
 
-def write_state_dict(folder: Path, tensors: Iterator[tuple[str, Union[torch.Tensor, FileSlice]]],
-                     plan: Mapping[str, tuple[str, tuple[int, ...]]], *, max_shard_bytes: int = 2 * 1024**3,
-                     metadata: Optional[dict] = None, on_tensor: Optional[Callable[[str, int], None]] = None,
-                     background: bool = False, direct: bool = False) -> list[Path]:
+def write_state_dict(
+    folder: Path,
+    tensors: Iterator[tuple[str, torch.Tensor | FileSlice]],
+    plan: Mapping[str, tuple[str, tuple[int, ...]]],
+    *,
+    max_shard_bytes: int = 2 * 1024**3,
+    metadata: dict | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
+    background: bool = False,
+    direct: bool = False,
+) -> list[Path]:
     """Write tensors (yielded in ``plan`` order) as safetensors shards plus an index.
 
     Tensors are consumed one at a time, so peak memory is one tensor whatever the model size.
@@ -392,7 +410,9 @@ class _WriterStopped(Exception):
     pass
 
 
-def _write_shards_in_background(folder: Path, shards: list[dict], names: list[str], meta: dict, it, on_tensor, direct: bool):
+def _write_shards_in_background(
+    folder: Path, shards: list[dict], names: list[str], meta: dict, it, on_tensor, direct: bool
+):
     import queue
     import threading
 

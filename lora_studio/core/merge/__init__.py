@@ -19,5 +19,17 @@ from lora_studio.core.merge.plan import (
 from lora_studio.core.merge.run import COMBINED_NAME, MergeResult, merge_and_save
 from lora_studio.core.merge.verify import Verification
 
-__all__ = ["COMBINED_NAME", "DTYPES", "ENGINES", "AdapterSpec", "EnginePrediction", "MergeOptions", "MergePlan",
-           "MergeResult", "Verification", "base_dtype", "merge_and_save", "plan_merge"]
+__all__ = [
+    "COMBINED_NAME",
+    "DTYPES",
+    "ENGINES",
+    "AdapterSpec",
+    "EnginePrediction",
+    "MergeOptions",
+    "MergePlan",
+    "MergeResult",
+    "Verification",
+    "base_dtype",
+    "merge_and_save",
+    "plan_merge",
+]

@@ -11,7 +11,7 @@ as it was, and the extra memory is one tensor at a time.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.safetensors_format import st_dtype
@@ -44,7 +44,9 @@ def merge_layer_copy(layer, adapter_name: str, safe_merge: bool) -> dict[str, ob
         try:
             layer.merge(safe_merge=safe_merge, adapter_names=[adapter_name])
         except ValueError as exc:  # safe_merge found NaN/Inf
-            raise UserError(f"merging {adapter_name} would put NaN/Inf into the weights", "the adapter is broken; do not merge it") from exc
+            raise UserError(
+                f"merging {adapter_name} would put NaN/Inf into the weights", "the adapter is broken; do not merge it"
+            ) from exc
         return {pname: getattr(base, pname).data for pname in saved}
     finally:
         for pname, data in saved.items():
@@ -57,7 +59,7 @@ def merge_layer_copy(layer, adapter_name: str, safe_merge: bool) -> dict[str, ob
 class InMemoryPlan:
     """Output names, in order, with where each tensor comes from in the PeftModel."""
 
-    def __init__(self, peft_model, adapter_name: str, out_dtype: Optional[str] = None):
+    def __init__(self, peft_model, adapter_name: str, out_dtype: str | None = None):
         import torch
 
         LoraLayer, ModulesToSave, TrainableTokens = _wrapper_types()
@@ -66,7 +68,7 @@ class InMemoryPlan:
         self.out_dtype = getattr(torch, out_dtype) if out_dtype else None
         base = peft_model.get_base_model()
         modules = dict(base.named_modules())
-        self.entries: dict[str, tuple[str, object, Optional[str]]] = {}  # out name -> (how, module or tensor, param)
+        self.entries: dict[str, tuple[str, object, str | None]] = {}  # out name -> (how, module or tensor, param)
         seen_storage: dict[int, str] = {}  # storage -> the out name that saves it
         for key, tensor in base.state_dict(keep_vars=True).items():
             if ".lora_" in key or ".modules_to_save." in key or ".token_adapter." in key:
@@ -83,10 +85,18 @@ class InMemoryPlan:
                 out = f"{owner}.{pname}"
                 module = modules[owner]
                 if TrainableTokens and isinstance(module, TrainableTokens):
-                    raise UserError("the in-memory engine does not merge trainable-token adapters yet",
-                                    "merge it in a Python script with PEFT's merge_and_unload")
-                if isinstance(module, LoraLayer) and pname in ("weight", "bias") and (
-                        adapter_name in getattr(module, "lora_A", {}) or adapter_name in getattr(module, "lora_embedding_A", {})):
+                    raise UserError(
+                        "the in-memory engine does not merge trainable-token adapters yet",
+                        "merge it in a Python script with PEFT's merge_and_unload",
+                    )
+                if (
+                    isinstance(module, LoraLayer)
+                    and pname in ("weight", "bias")
+                    and (
+                        adapter_name in getattr(module, "lora_A", {})
+                        or adapter_name in getattr(module, "lora_embedding_A", {})
+                    )
+                ):
                     entry = ("lora", module, pname)
                 else:
                     entry = ("tensor", tensor, None)
@@ -111,7 +121,7 @@ class InMemoryPlan:
             plan[name] = (st_dtype(dtype), tuple(t.shape))
         return plan
 
-    def tensors(self, *, safe_merge: bool = False, cancel: Optional[CancelToken] = None) -> Iterator[tuple[str, object]]:
+    def tensors(self, *, safe_merge: bool = False, cancel: CancelToken | None = None) -> Iterator[tuple[str, object]]:
         import torch
 
         merged_cache: dict[int, dict] = {}

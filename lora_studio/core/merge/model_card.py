@@ -5,10 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional
 
 
-def file_sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> Optional[str]:
+def file_sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> str | None:
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -51,8 +50,10 @@ def render(provenance: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for a in provenance["adapters"]:
-        lines.append(f"| {a['name']} | {a['weight']:g} | {a['r']} | {a['lora_alpha']:g} | {'yes' if a['use_rslora'] else 'no'} | "
-                     f"{'yes' if a['use_dora'] else 'no'} | `{a['sha256']}` | `{a['path']}` |")
+        lines.append(
+            f"| {a['name']} | {a['weight']:g} | {a['r']} | {a['lora_alpha']:g} | {'yes' if a['use_rslora'] else 'no'} | "
+            f"{'yes' if a['use_dora'] else 'no'} | `{a['sha256']}` | `{a['path']}` |"
+        )
     lines += ["", "## Verification", ""]
     v = provenance.get("verification")
     if v is None:
@@ -67,5 +68,13 @@ def render(provenance: dict) -> str:
             f"- mean KL(adapter ‖ merged): {v['mean_kl']:.4g} (limit {lim[1]:g})",
             f"- greedy-token agreement: {v['greedy_agreement']:.1%} (limit {lim[2]:.0%})",
         ]
-    lines += ["", "## Machine-readable provenance", "", "```json", json.dumps(provenance, indent=2, default=str), "```", ""]
+    lines += [
+        "",
+        "## Machine-readable provenance",
+        "",
+        "```json",
+        json.dumps(provenance, indent=2, default=str),
+        "```",
+        "",
+    ]
     return "\n".join(lines)

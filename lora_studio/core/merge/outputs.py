@@ -10,8 +10,9 @@ import copy
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lora_studio import __version__
 from lora_studio.core.adapters import files as adapter_files
@@ -77,9 +78,13 @@ def _embeddings_saved_apart(tmp: Path, model: Any) -> bool:
     return all(found)
 
 
-def copy_tokenizer(source: ModelSource, tmp: Path, session: Optional[Session]) -> None:
+def copy_tokenizer(source: ModelSource, tmp: Path, session: Session | None) -> None:
     """The tokenizer files: the base's, or the one a session uses when it was resized or came from a GGUF file."""
-    if session is not None and session.tokenizer is not None and (session.tokenizer_source is not None or source.gguf_file):
+    if (
+        session is not None
+        and session.tokenizer is not None
+        and (session.tokenizer_source is not None or source.gguf_file)
+    ):
         session.tokenizer.save_pretrained(str(tmp))  # a resized vocabulary or a GGUF tokenizer: save what is in use
         return
     copied = 0
@@ -92,29 +97,60 @@ def copy_tokenizer(source: ModelSource, tmp: Path, session: Optional[Session]) -
     if not copied:
         from lora_studio.core.model.loading import load_tokenizer
 
-        tokenizer = session.tokenizer if session is not None and session.tokenizer is not None else load_tokenizer(source)
+        tokenizer = (
+            session.tokenizer if session is not None and session.tokenizer is not None else load_tokenizer(source)
+        )
         tokenizer.save_pretrained(str(tmp))
     stray = tmp / "adapter_config.json"
     if stray.exists():
         stray.unlink()
 
 
-def provenance(source: ModelSource, adapters: Sequence[AdapterSpec], options: MergeOptions, engine: str, dtype: str) -> dict:
+def provenance(
+    source: ModelSource, adapters: Sequence[AdapterSpec], options: MergeOptions, engine: str, dtype: str
+) -> dict:
     """Where the merge came from (base, adapters with their hashes, options), for the model card."""
     cfg_path = source.path / "config.json"
-    base = {"label": source.label, "path": str(source.file), "kind": source.kind,
-            "config_sha256": model_card.file_sha256(cfg_path) if not source.gguf_file and cfg_path.is_file()
-            else model_card.file_sha256(source.file) if source.gguf_file else None}
+    base = {
+        "label": source.label,
+        "path": str(source.file),
+        "kind": source.kind,
+        "config_sha256": model_card.file_sha256(cfg_path)
+        if not source.gguf_file and cfg_path.is_file()
+        else model_card.file_sha256(source.file)
+        if source.gguf_file
+        else None,
+    }
     items = []
     for a in adapters:
         cfg = adapter_files.read_adapter_config(a.path)
         wf = adapter_files.weights_file(a.path)
-        items.append({"name": a.name, "path": str(Path(a.path).absolute()), "weight": a.weight, "r": cfg.r,
-                      "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
-                      "target_modules": cfg.target_modules, "file": wf.name, "sha256": model_card.file_sha256(wf)})
-    return {"tool": "lora-studio", "tool_version": __version__, "base": base, "adapters": items,
-            "combination": options.combination, "density": options.density, "dtype": dtype, "engine": engine,
-            "safe_merge": options.safe_merge, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        items.append(
+            {
+                "name": a.name,
+                "path": str(Path(a.path).absolute()),
+                "weight": a.weight,
+                "r": cfg.r,
+                "lora_alpha": cfg.lora_alpha,
+                "use_rslora": cfg.use_rslora,
+                "use_dora": cfg.use_dora,
+                "target_modules": cfg.target_modules,
+                "file": wf.name,
+                "sha256": model_card.file_sha256(wf),
+            }
+        )
+    return {
+        "tool": "lora-studio",
+        "tool_version": __version__,
+        "base": base,
+        "adapters": items,
+        "combination": options.combination,
+        "density": options.density,
+        "dtype": dtype,
+        "engine": engine,
+        "safe_merge": options.safe_merge,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def write_model_card(tmp: Path, record: dict, out: Path) -> None:

@@ -9,9 +9,10 @@ needs to know about its base (config, dtype, tied embeddings).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING
 
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.adapters.combinations import check_combination
@@ -31,8 +32,20 @@ DEFAULT_SHARD_BYTES = 4 * 1024**3
 RUNTIME_BYTES = 450 * 1024**2  # Python + torch + transformers + PEFT imported, measured on CPU
 DISK_MARGIN_BYTES = 64 * 1024**2
 # The tokenizer files an output folder gets (outputs.copy_tokenizer); counted in the disk figure here.
-TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "vocab*.json", "merges.txt",
-                      "*.tiktoken", "spiece.model", "sentencepiece*.model", "chat_template*", "preprocessor_config.json")
+TOKENIZER_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "vocab*.json",
+    "merges.txt",
+    "*.tiktoken",
+    "spiece.model",
+    "sentencepiece*.model",
+    "chat_template*",
+    "preprocessor_config.json",
+)
+
 
 @dataclass(frozen=True)
 class AdapterSpec:
@@ -44,10 +57,10 @@ class AdapterSpec:
 @dataclass
 class MergeOptions:
     out: Path
-    dtype: Optional[str] = None  # None: the base's dtype (the session's, when merging a session)
-    engine: Optional[str] = None  # None: streaming where it applies, else in-memory
-    combination: Optional[str] = None  # required for more than one adapter
-    density: Optional[float] = None
+    dtype: str | None = None  # None: the base's dtype (the session's, when merging a session)
+    engine: str | None = None  # None: streaming where it applies, else in-memory
+    combination: str | None = None  # required for more than one adapter
+    density: float | None = None
     safe_merge: bool = False  # in-memory: PEFT's NaN/Inf check (the streaming engine always checks)
     verify: bool = True
     overwrite: bool = False
@@ -68,12 +81,12 @@ class EnginePrediction:
 
 @dataclass
 class MergePlan:
-    engine: Optional[str]  # the engine that would run; None when refused
+    engine: str | None  # the engine that would run; None when refused
     dtype: str
     predictions: dict[str, EnginePrediction]
     output_bytes: int
-    disk_free_bytes: Optional[int]
-    refusal: Optional[str] = None  # set: the merge must not start
+    disk_free_bytes: int | None
+    refusal: str | None = None  # set: the merge must not start
     refusal_hint: str = ""
     resize_vocabulary: bool = False  # the adapter brings added tokens: the base is resized to its tokenizer (in-memory)
 
@@ -89,7 +102,8 @@ class MergePlan:
 
 # -- planning ------------------------------------------------------------------
 
-def base_folder(source: ModelSource) -> Optional[Path]:
+
+def base_folder(source: ModelSource) -> Path | None:
     """The safetensors folder the streaming engine can read, or None."""
     if source.gguf_file:
         return None
@@ -105,7 +119,7 @@ def base_config(source: ModelSource) -> dict:
     return read_config(source, missing_ok=True)
 
 
-def base_dtype(source: ModelSource, session: Optional[Session | SessionState] = None) -> str:
+def base_dtype(source: ModelSource, session: Session | SessionState | None = None) -> str:
     """The dtype a merge keeps by default: the session's, else the checkpoint's."""
     if session is not None and session.dtype:
         return session.dtype
@@ -125,7 +139,7 @@ def base_dtype(source: ModelSource, session: Optional[Session | SessionState] = 
     return "float32"
 
 
-def _free_disk(path: Path) -> Optional[int]:
+def _free_disk(path: Path) -> int | None:
     path = Path(path).absolute()
     for p in (path, *path.parents):
         if p.exists():
@@ -146,8 +160,13 @@ def _extra_files_bytes(source: ModelSource) -> int:
     return total + 1024**2
 
 
-def plan_merge(source: ModelSource, adapters: Sequence[AdapterSpec], options: MergeOptions, *,
-               session: Optional[Session | SessionState] = None) -> MergePlan:
+def plan_merge(
+    source: ModelSource,
+    adapters: Sequence[AdapterSpec],
+    options: MergeOptions,
+    *,
+    session: Session | SessionState | None = None,
+) -> MergePlan:
     """What each engine would need, which one runs, and whether the merge may start. Reads headers only.
 
     ``session``: the loaded :class:`Session` the merge would use, or its ``state()`` snapshot
@@ -193,27 +212,49 @@ def plan_merge(source: ModelSource, adapters: Sequence[AdapterSpec], options: Me
 
     stream_peak = RUNTIME_BYTES + largest * (4 + elem + 4 + 4) + adapter_fp32
     predictions["streaming"] = EnginePrediction(
-        "streaming", not stream_reason, stream_reason or "reads and writes one tensor at a time",
+        "streaming",
+        not stream_reason,
+        stream_reason or "reads and writes one tensor at a time",
         # with a session the reference is the loaded model; verification still loads the merged copy
-        stream_peak, 0, (model_bytes if options.verify else 0) if session is not None else verify_one_model)
+        stream_peak,
+        0,
+        (model_bytes if options.verify else 0) if session is not None else verify_one_model,
+    )
     if session is not None and session.loaded:
         extra = 2 * largest * elem
         predictions["in-memory"] = EnginePrediction(
-            "in-memory", True, "merges the loaded session layer by layer",
-            _current_rss() + (0 if on_gpu else extra), extra if on_gpu else 0,
-            model_bytes + RUNTIME_BYTES if options.verify else 0)
+            "in-memory",
+            True,
+            "merges the loaded session layer by layer",
+            _current_rss() + (0 if on_gpu else extra),
+            extra if on_gpu else 0,
+            model_bytes + RUNTIME_BYTES if options.verify else 0,
+        )
     else:
-        peak = RUNTIME_BYTES + model_bytes + adapter_fp32 * max(1, len(adapters) + (1 if options.combination else 0)) + 2 * largest * elem
+        peak = (
+            RUNTIME_BYTES
+            + model_bytes
+            + adapter_fp32 * max(1, len(adapters) + (1 if options.combination else 0))
+            + 2 * largest * elem
+        )
         predictions["in-memory"] = EnginePrediction(
-            "in-memory", True, "loads the base and the adapters, merges with PEFT",
-            peak, 0, peak + model_bytes if options.verify else 0)
+            "in-memory",
+            True,
+            "loads the base and the adapters, merges with PEFT",
+            peak,
+            0,
+            peak + model_bytes if options.verify else 0,
+        )
 
     engine = options.engine
     refusal, hint = None, ""
     if engine is None:
         engine = "streaming" if predictions["streaming"].available and not options.safe_merge else "in-memory"
     elif engine == "streaming" and not predictions["streaming"].available:
-        refusal, hint = f"the streaming engine cannot do this merge: {stream_reason}", "use the in-memory engine (--engine in-memory)"
+        refusal, hint = (
+            f"the streaming engine cannot do this merge: {stream_reason}",
+            "use the in-memory engine (--engine in-memory)",
+        )
     free = _free_disk(options.out)
     plan = MergePlan(engine, dtype, predictions, output_bytes, free, resize_vocabulary=resize)
     if refusal is None and free is not None and not plan.disk_ok:  # disk_ok: unknown free space passes
@@ -245,7 +286,7 @@ def _check_request(adapters: Sequence[AdapterSpec], options: MergeOptions) -> No
         adapter_files.weights_file(a.path)
 
 
-def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session: Optional[Session | SessionState]) -> bool:
+def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session: Session | SessionState | None) -> bool:
     """Refusals that depend on the base, before anything is written: code it would need, quantized weights,
     adapters whose shapes do not fit (headers only). Returns True when the single adapter brings added tokens
     and its own tokenizer, so the base must be resized to it (the in-memory engine does that)."""
@@ -255,8 +296,10 @@ def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session: O
     cfg = base_config(source)
     quant = compatibility.quantization_label(cfg) or getattr(session, "quantization", None)
     if quant:
-        raise UserError(f"{source.label} is quantized ({quant}): merging into quantized weights would round the adapter's update away",
-                        "merge into the full-precision base model, then quantize the merged folder if you need to")
+        raise UserError(
+            f"{source.label} is quantized ({quant}): merging into quantized weights would round the adapter's update away",
+            "merge into the full-precision base model, then quantize the merged folder if you need to",
+        )
     if session is not None:
         return False  # the session's adapters were checked against it when they were attached
     check_remote_code(source, False)
@@ -270,7 +313,9 @@ def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session: O
         try:
             compatibility.check(Path(a.path), shapes, base_label=source.label, architecture=arch)
         except compatibility.VocabularyMismatch as mismatch:
-            if not (len(adapters) == 1 and mismatch.adapter_has_tokenizer and mismatch.adapter_vocab > mismatch.base_vocab):
+            if not (
+                len(adapters) == 1 and mismatch.adapter_has_tokenizer and mismatch.adapter_vocab > mismatch.base_vocab
+            ):
                 raise
             resize = True
     return resize

@@ -21,10 +21,11 @@ and the result recorded in its README.md model card.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING
 
 from lora_studio import __version__
 from lora_studio.core.errors import UserError
@@ -53,18 +54,30 @@ class MergeResult:
     files: list[str]
     bytes_written: int
     seconds: float
-    verification: Optional[verification_mod.Verification]
+    verification: verification_mod.Verification | None
     provenance: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"out": str(self.out), "engine": self.engine, "dtype": self.dtype, "files": self.files,
-                "bytes_written": self.bytes_written, "seconds": round(self.seconds, 3),
-                "verification": self.verification.to_json() if self.verification else None}
+        return {
+            "out": str(self.out),
+            "engine": self.engine,
+            "dtype": self.dtype,
+            "files": self.files,
+            "bytes_written": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+            "verification": self.verification.to_json() if self.verification else None,
+        }
 
 
-def merge_and_save(source: ModelSource, adapters: Sequence[AdapterSpec], options: MergeOptions, *,
-                   session: Optional[Session] = None, cancel: Optional[CancelToken] = None,
-                   report: Report = no_report) -> MergeResult:
+def merge_and_save(
+    source: ModelSource,
+    adapters: Sequence[AdapterSpec],
+    options: MergeOptions,
+    *,
+    session: Session | None = None,
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+) -> MergeResult:
     """Merge ``adapters`` into ``source`` and save the model folder ``options.out``; verify it unless told not to.
 
     With ``session`` (a loaded Session holding these adapters, by name), the in-memory
@@ -110,8 +123,16 @@ def merge_and_save(source: ModelSource, adapters: Sequence[AdapterSpec], options
     finally:
         if owned is not None:
             owned.close()
-    return MergeResult(Path(options.out).absolute(), engine, dtype, files, written, time.perf_counter() - started,
-                       verification, provenance)
+    return MergeResult(
+        Path(options.out).absolute(),
+        engine,
+        dtype,
+        files,
+        written,
+        time.perf_counter() - started,
+        verification,
+        provenance,
+    )
 
 
 def _run_streaming(source, adapter: AdapterSpec, dtype, tmp: Path, options: MergeOptions, cancel, report):
@@ -125,12 +146,16 @@ def _run_streaming(source, adapter: AdapterSpec, dtype, tmp: Path, options: Merg
     check = dtype == "float16"
 
     def checked():
-        for name, t in stream_merged_tensors(sp, loaded, dtype, cancel=cancel, reuse_buffers=True, ring=2, file_slices=True):
+        for name, t in stream_merged_tensors(
+            sp, loaded, dtype, cancel=cancel, reuse_buffers=True, ring=2, file_slices=True
+        ):
             # fp16 can overflow where the float32 sum did not: never write Inf silently
             # (bfloat16 and float32 share float32's range: a finite base plus a finite update stays finite)
             if check and name in targeted and not bool(torch.isfinite(t).all()):
-                raise UserError(f"merging {adapter.name} puts NaN/Inf into {name} in {dtype}",
-                                "merge in bfloat16 or float32 instead")
+                raise UserError(
+                    f"merging {adapter.name} puts NaN/Inf into {name} in {dtype}",
+                    "merge in bfloat16 or float32 instead",
+                )
             yield name, t
 
     # ring=2 + background: tensor i is written on a second thread while tensor i+1 is read and merged.
@@ -151,8 +176,16 @@ def _write(tmp: Path, tensors, out_plan, options: MergeOptions, report, backgrou
         report(Progress(state["bytes"], total, f"merging tensor {state['tensors']}/{count}", "bytes"))
 
     report(Progress(0, total, f"merging tensor 0/{count}", "bytes"))
-    paths = write_state_dict(tmp, tensors, out_plan, max_shard_bytes=options.max_shard_bytes, on_tensor=on_tensor,
-                             metadata={"merged_by": f"lora-studio {__version__}"}, background=background, direct=direct)
+    paths = write_state_dict(
+        tmp,
+        tensors,
+        out_plan,
+        max_shard_bytes=options.max_shard_bytes,
+        on_tensor=on_tensor,
+        metadata={"merged_by": f"lora-studio {__version__}"},
+        background=background,
+        direct=direct,
+    )
     return [p.name for p in paths], state["bytes"]
 
 
@@ -178,14 +211,18 @@ def _load_session(source, adapters: Sequence[AdapterSpec], dtype, cancel, report
     return session
 
 
-def _select_adapter(session: Session, adapters: Sequence[AdapterSpec], options: MergeOptions,
-                    selection: ExitStack) -> str:
+def _select_adapter(
+    session: Session, adapters: Sequence[AdapterSpec], options: MergeOptions, selection: ExitStack
+) -> str:
     """Select the adapter to merge (building the weighted combination first) until ``selection`` ends; its name."""
     if options.combination is None:
         name = adapters[0].name
     else:
-        name = selection.enter_context(session.temporary_combination(
-            COMBINED_NAME, [(a.name, a.weight) for a in adapters], options.combination, options.density))
+        name = selection.enter_context(
+            session.temporary_combination(
+                COMBINED_NAME, [(a.name, a.weight) for a in adapters], options.combination, options.density
+            )
+        )
     # entered after the combination, so left before it: PEFT warns when the active adapter is deleted
     selection.enter_context(session.variant_selected(name))
     return name
@@ -199,8 +236,9 @@ def _run_in_memory(session: Session, name: str, dtype, tmp: Path, options: Merge
         return _write(tmp, plan.tensors(safe_merge=options.safe_merge, cancel=cancel), plan.shapes(), options, report)
 
 
-def _verify(source, adapters, options: MergeOptions, dtype, tmp: Path, session: Optional[Session], cancel,
-            report) -> verification_mod.Verification:
+def _verify(
+    source, adapters, options: MergeOptions, dtype, tmp: Path, session: Session | None, cancel, report
+) -> verification_mod.Verification:
     """Reference outputs from the adapter model, then the saved folder loaded plainly and compared."""
     from lora_studio.core.session import release_memory
 
@@ -212,7 +250,9 @@ def _verify(source, adapters, options: MergeOptions, dtype, tmp: Path, session: 
         session.activate(adapters[0].name)
     try:
         with session.lock:
-            ref = verification_mod.reference_outputs(session.model, session.tokenizer, options.verify_prompts, options.verify_tokens, cancel)
+            ref = verification_mod.reference_outputs(
+                session.model, session.tokenizer, options.verify_prompts, options.verify_tokens, cancel
+            )
             device = session.device or "cpu"
     finally:
         if owned is not None:

@@ -25,14 +25,21 @@ the in-memory engine, which runs PEFT's own code, handles those.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.safetensors_format import (
-    DTYPE_SIZES, FileSlice, TensorInfo, pread_exact, read_headers, read_tensor, st_dtype, torch_dtype,
+    DTYPE_SIZES,
+    FileSlice,
+    TensorInfo,
+    pread_exact,
+    read_headers,
+    read_tensor,
+    st_dtype,
+    torch_dtype,
 )
 from lora_studio.core.tasks import CancelToken
 
@@ -44,13 +51,15 @@ class StreamingAdapter:
     """An adapter ready to stream: per base tensor name, the factors and the scaling."""
 
     path: Path
-    updates: dict[str, tuple[str, object, object, float]] = field(default_factory=dict)  # weight name -> (kind, A, B, scaling)
+    updates: dict[str, tuple[str, object, object, float]] = field(
+        default_factory=dict
+    )  # weight name -> (kind, A, B, scaling)
     replacements: dict[str, object] = field(default_factory=dict)  # base tensor name -> the adapter's saved full tensor
     fan_in_fan_out: bool = False
     nbytes: int = 0
 
 
-def streaming_refusal(adapter_folder: Path, base_tensor_names, tied_embeddings: bool) -> Optional[str]:
+def streaming_refusal(adapter_folder: Path, base_tensor_names, tied_embeddings: bool) -> str | None:
     """Why the streaming engine cannot merge this adapter exactly, or None when it can."""
     config = adapter_files.read_adapter_config(adapter_folder)
     keys = adapter_files.tensor_shapes(adapter_folder)
@@ -83,10 +92,19 @@ def streaming_refusal(adapter_folder: Path, base_tensor_names, tied_embeddings: 
 
 
 def _is_embedding(module: str) -> bool:
-    return module.split(".")[-1] in ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings", "tok_embeddings", "output")
+    return module.split(".")[-1] in (
+        "embed_tokens",
+        "lm_head",
+        "wte",
+        "embed_in",
+        "embed_out",
+        "word_embeddings",
+        "tok_embeddings",
+        "output",
+    )
 
 
-def _base_weight_name(module: str, names: set[str]) -> Optional[str]:
+def _base_weight_name(module: str, names: set[str]) -> str | None:
     # Checkpoints saved from a bare backbone lack the model's first prefix (e.g. GPT-2's "transformer.").
     candidates = [f"{module}.weight"]
     if "." in module:
@@ -102,7 +120,10 @@ def load_streaming_adapter(adapter_folder: Path, base_tensor_names, tied_embeddi
 
     reason = streaming_refusal(adapter_folder, base_tensor_names, tied_embeddings)
     if reason:
-        raise UserError(f"the streaming engine cannot merge this adapter exactly: {reason}", "use the in-memory engine (--engine in-memory)")
+        raise UserError(
+            f"the streaming engine cannot merge this adapter exactly: {reason}",
+            "use the in-memory engine (--engine in-memory)",
+        )
     config = adapter_files.read_adapter_config(adapter_folder)
     tensors = adapter_files.load_tensors(adapter_folder)
     adapter_files.check_finite(tensors, adapter_folder)
@@ -123,8 +144,10 @@ def load_streaming_adapter(adapter_folder: Path, base_tensor_names, tied_embeddi
 
 def _check_update_shape(delta, weight) -> None:
     if delta.shape != weight.shape:
-        raise UserError(f"the adapter's update has shape {tuple(delta.shape)} but the base weight has {tuple(weight.shape)}",
-                        "the adapter was trained for another model")
+        raise UserError(
+            f"the adapter's update has shape {tuple(delta.shape)} but the base weight has {tuple(weight.shape)}",
+            "the adapter was trained for another model",
+        )
 
 
 def merged_tensor(weight, kind: str, a, b, scaling: float, fan_in_fan_out: bool):
@@ -180,9 +203,14 @@ def stream_plan(base_folder: Path, out_dtype: str) -> StreamPlan:
     for header in read_headers(Path(base_folder)):
         for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].begin):
             if name in sources:
-                raise UserError(f"{Path(base_folder).name}: tensor {name} appears in two shards", "the checkpoint is damaged")
+                raise UserError(
+                    f"{Path(base_folder).name}: tensor {name} appears in two shards", "the checkpoint is damaged"
+                )
             if info.dtype not in DTYPE_SIZES or info.dtype.startswith("F8"):
-                raise UserError(f"{Path(base_folder).name}: tensor {name} is {info.dtype}", "quantised checkpoints cannot be merged; use the original weights")
+                raise UserError(
+                    f"{Path(base_folder).name}: tensor {name} is {info.dtype}",
+                    "quantised checkpoints cannot be merged; use the original weights",
+                )
             sources[name] = (header.path, info)
             out_plan[name] = (out_st if info.dtype in FLOAT_ST_DTYPES else info.dtype, info.shape)
     return StreamPlan(sources, out_plan)
@@ -224,7 +252,7 @@ _BLOCK_ROWS_MULTIPLE = 64
 _BLOCKING_EXACT: dict[tuple, bool] = {}
 
 
-def _row_blocks(m: int, n: int) -> Optional[list[tuple[int, int]]]:
+def _row_blocks(m: int, n: int) -> list[tuple[int, int]] | None:
     """Row ranges for a blocked merge of an (m, n) weight, or None when blocking does not pay.
 
     Every block has at least ``_BLOCK_ROWS_MULTIPLE`` rows: BLAS libraries switch to other kernels
@@ -317,9 +345,16 @@ def _merged_into(scratch: _Scratch, weight, a, b, scaling: float, fan_in_fan_out
     return out
 
 
-def stream_merged_tensors(plan: StreamPlan, adapter: Optional[StreamingAdapter], out_dtype: str, *,
-                          cancel: Optional[CancelToken] = None, reuse_buffers: bool = False, ring: int = 1,
-                          file_slices: bool = False) -> Iterator[tuple[str, object]]:
+def stream_merged_tensors(
+    plan: StreamPlan,
+    adapter: StreamingAdapter | None,
+    out_dtype: str,
+    *,
+    cancel: CancelToken | None = None,
+    reuse_buffers: bool = False,
+    ring: int = 1,
+    file_slices: bool = False,
+) -> Iterator[tuple[str, object]]:
     """Yield ``(name, merged tensor)`` in ``plan`` order, one tensor in memory at a time.
 
     ``reuse_buffers``: yielded tensors live in buffers that the next tensor overwrites;
@@ -342,8 +377,13 @@ def stream_merged_tensors(plan: StreamPlan, adapter: Optional[StreamingAdapter],
                 cancel.raise_if_cancelled()
             replacement = adapter.replacements.get(name) if adapter is not None else None
             update = adapter.updates.get(name) if adapter is not None else None
-            if (file_slices and replacement is None and update is None and info.nbytes > 0
-                    and (info.dtype == target_st or info.dtype not in FLOAT_ST_DTYPES)):
+            if (
+                file_slices
+                and replacement is None
+                and update is None
+                and info.nbytes > 0
+                and (info.dtype == target_st or info.dtype not in FLOAT_ST_DTYPES)
+            ):
                 yield name, FileSlice(Path(path), info.dtype, info.shape, info.begin, info.nbytes)
                 continue
             slot = produced % max(1, ring)
@@ -353,8 +393,10 @@ def stream_merged_tensors(plan: StreamPlan, adapter: Optional[StreamingAdapter],
                 fd = fds[path] = os.open(path, os.O_RDONLY)
             if replacement is not None:
                 if tuple(replacement.shape) != info.shape:
-                    raise UserError(f"the adapter's {name} has shape {tuple(replacement.shape)}, the base's {info.shape}",
-                                    "the adapter was trained for another model or vocabulary")
+                    raise UserError(
+                        f"the adapter's {name} has shape {tuple(replacement.shape)}, the base's {info.shape}",
+                        "the adapter was trained for another model or vocabulary",
+                    )
                 tensor = replacement.clone()
             elif scratch is not None and info.nbytes > 0:
                 # a linear weight with an update is only an input (the output has its own buffer): one shared buffer

@@ -20,8 +20,8 @@ Within all three: "pass"; otherwise "warn" (the folder is still saved: the user 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
 
 from lora_studio.core.tasks import CancelToken
 
@@ -53,8 +53,10 @@ class Verification:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"{self.status}: max |Δlogit| {self.max_abs_logit_diff:.3g}, mean KL {self.mean_kl:.3g}, "
-                f"greedy agreement {self.greedy_agreement:.0%} over {self.tokens_compared} tokens ({self.dtype})")
+        return (
+            f"{self.status}: max |Δlogit| {self.max_abs_logit_diff:.3g}, mean KL {self.mean_kl:.3g}, "
+            f"greedy agreement {self.greedy_agreement:.0%} over {self.tokens_compared} tokens ({self.dtype})"
+        )
 
 
 @dataclass
@@ -70,8 +72,13 @@ def _model_device(model):
     return next(model.parameters()).device
 
 
-def reference_outputs(model, tokenizer, prompts: Sequence[str] = PROMPTS, new_tokens: int = NEW_TOKENS,
-                      cancel: Optional[CancelToken] = None) -> Reference:
+def reference_outputs(
+    model,
+    tokenizer,
+    prompts: Sequence[str] = PROMPTS,
+    new_tokens: int = NEW_TOKENS,
+    cancel: CancelToken | None = None,
+) -> Reference:
     """Greedy continuations of ``prompts`` by ``model`` (the adapter model) and their logits."""
     import torch
 
@@ -96,7 +103,7 @@ def reference_outputs(model, tokenizer, prompts: Sequence[str] = PROMPTS, new_to
     return ref
 
 
-def compare(merged_model, reference: Reference, dtype: str, cancel: Optional[CancelToken] = None) -> Verification:
+def compare(merged_model, reference: Reference, dtype: str, cancel: CancelToken | None = None) -> Verification:
     import torch
 
     device = _model_device(merged_model)
@@ -113,21 +120,22 @@ def compare(merged_model, reference: Reference, dtype: str, cancel: Optional[Can
             kl_sum += float(kl.sum())
             positions += kl.numel()
             # logits at position i predict token i+1: the generated tokens are seq[plen:]
-            predicted = logits[plen - 1:-1].argmax(-1)
+            predicted = logits[plen - 1 : -1].argmax(-1)
             agree += int((predicted == seq[plen:]).sum())
             compared += int(seq.numel() - plen)
     limits = THRESHOLDS.get(dtype, THRESHOLDS["bfloat16"])
     mean_kl = kl_sum / max(positions, 1)
     agreement = agree / compared if compared else 1.0
     ok = max_diff <= limits[0] and mean_kl <= limits[1] and agreement >= limits[2]
-    return Verification("pass" if ok else "warn", max_diff, mean_kl, agreement, compared, len(reference.sequences), dtype, limits)
+    return Verification(
+        "pass" if ok else "warn", max_diff, mean_kl, agreement, compared, len(reference.sequences), dtype, limits
+    )
 
 
 def load_merged(folder, dtype: str, device_map: str = "cpu"):
     """The saved folder as a user would load it: plain AutoModelForCausalLM, nothing from LoRA Studio or PEFT."""
     import torch
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     from lora_studio.core.io.page_cache import warm_page_cache

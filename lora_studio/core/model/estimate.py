@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.safetensors_format import read_headers
@@ -71,15 +70,19 @@ def read_footprint(source: ModelSource) -> ModelFootprint:
             dtypes[info.dtype] += info.numel
     if tied:
         # Some checkpoints store lm_head even when tied; it is one tensor in memory.
-        for head, emb in (("lm_head.weight", "model.embed_tokens.weight"), ("lm_head.weight", "transformer.wte.weight")):
+        for head, emb in (
+            ("lm_head.weight", "model.embed_tokens.weight"),
+            ("lm_head.weight", "transformer.wte.weight"),
+        ):
             if head in names and emb in names:
                 for header in headers:
                     if head in header.tensors:
                         params -= header.tensors[head].numel
     st_dtype = dtypes.most_common(1)[0][0] if dtypes else "F32"
     archs = config.get("architectures") or ["?"]
-    return ModelFootprint(str(archs[0]), str(config.get("model_type", "?")), params,
-                          ST_TO_NAME.get(st_dtype, st_dtype), tied, nbytes)
+    return ModelFootprint(
+        str(archs[0]), str(config.get("model_type", "?")), params, ST_TO_NAME.get(st_dtype, st_dtype), tied, nbytes
+    )
 
 
 def _meta_footprint(source: ModelSource, config: dict) -> ModelFootprint:
@@ -96,8 +99,14 @@ def _meta_footprint(source: ModelSource, config: dict) -> ModelFootprint:
     params = sum(p.numel() for p in model.parameters())  # tied parameters are one Parameter
     size = sum(p.stat().st_size for p in source.path.glob("*.bin"))
     archs = config.get("architectures") or [type(model).__name__]
-    return ModelFootprint(str(archs[0]), str(config.get("model_type", "?")), params,
-                          str(config.get("torch_dtype") or config.get("dtype") or "float32"), tied_embeddings(config), size)
+    return ModelFootprint(
+        str(archs[0]),
+        str(config.get("model_type", "?")),
+        params,
+        str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+        tied_embeddings(config),
+        size,
+    )
 
 
 def _gguf_footprint(source: ModelSource) -> ModelFootprint:
@@ -108,7 +117,9 @@ def _gguf_footprint(source: ModelSource) -> ModelFootprint:
     try:
         reader = gguf.GGUFReader(str(source.file))
     except Exception as exc:
-        raise UserError(f"{source.file.name} is not a readable GGUF file ({type(exc).__name__}: {exc})", "pick another .gguf file") from exc
+        raise UserError(
+            f"{source.file.name} is not a readable GGUF file ({type(exc).__name__}: {exc})", "pick another .gguf file"
+        ) from exc
     arch = _gguf_field(reader, "general.architecture") or "?"
     names = {t.name for t in reader.tensors}
     params = sum(int(t.n_elements) for t in reader.tensors)
@@ -137,9 +148,15 @@ def _default_dtype(footprint: ModelFootprint) -> str:
     return footprint.checkpoint_dtype if footprint.checkpoint_dtype in DTYPE_BYTES else "float32"
 
 
-def estimate(source: ModelSource, dtype: Optional[str] = None, device_map: str = "cpu",
-             *, footprint: Optional[ModelFootprint] = None, gpus: Optional[list[nvml.GpuReading]] = None,
-             free_ram_bytes: Optional[int] = None) -> MemoryEstimate:
+def estimate(
+    source: ModelSource,
+    dtype: str | None = None,
+    device_map: str = "cpu",
+    *,
+    footprint: ModelFootprint | None = None,
+    gpus: list[nvml.GpuReading] | None = None,
+    free_ram_bytes: int | None = None,
+) -> MemoryEstimate:
     """Predict the memory a load needs and say whether and where it fits.
 
     ``gpus`` and ``free_ram_bytes`` default to live readings (NVML, psutil); tests pass their own.
@@ -174,11 +191,19 @@ def _verdict(device_map: str, needed: int, free_ram: int, free_gpu: dict[str, in
         return "does_not_fit", "cpu", f"needs {format_bytes(needed)} but only {format_bytes(free_ram)} RAM is free"
     if device_map.startswith("cuda"):
         if device_map not in free_gpu:
-            return "does_not_fit", device_map, f"{device_map} is not available (GPUs found: {', '.join(free_gpu) or 'none'})"
+            return (
+                "does_not_fit",
+                device_map,
+                f"{device_map} is not available (GPUs found: {', '.join(free_gpu) or 'none'})",
+            )
         free = free_gpu[device_map]
         if needed <= free:
             return "fits", device_map, f"needs {format_bytes(needed)}, {format_bytes(free)} free on {device_map}"
-        return "does_not_fit", device_map, f"needs {format_bytes(needed)} but {device_map} has {format_bytes(free)} free (try device map 'auto')"
+        return (
+            "does_not_fit",
+            device_map,
+            f"needs {format_bytes(needed)} but {device_map} has {format_bytes(free)} free (try device map 'auto')",
+        )
     if device_map == "auto":
         for dev, free in free_gpu.items():
             if needed <= free:
@@ -186,8 +211,16 @@ def _verdict(device_map: str, needed: int, free_ram: int, free_gpu: dict[str, in
         if not free_gpu:
             if needed <= free_ram:
                 return "fits", "cpu", f"no GPU: loads on the CPU ({format_bytes(free_ram)} RAM free)"
-            return "does_not_fit", "cpu", f"needs {format_bytes(needed)} but only {format_bytes(free_ram)} RAM is free and there is no GPU"
+            return (
+                "does_not_fit",
+                "cpu",
+                f"needs {format_bytes(needed)} but only {format_bytes(free_ram)} RAM is free and there is no GPU",
+            )
         if needed <= sum(free_gpu.values()) + free_ram:
             return "offload", "auto", f"spreads over {', '.join(free_gpu)} and CPU RAM (slower)"
-        return "does_not_fit", "auto", f"needs {format_bytes(needed)}; GPUs and RAM together have {format_bytes(sum(free_gpu.values()) + free_ram)} free"
+        return (
+            "does_not_fit",
+            "auto",
+            f"needs {format_bytes(needed)}; GPUs and RAM together have {format_bytes(sum(free_gpu.values()) + free_ram)} free",
+        )
     raise UserError(f"unknown device map {device_map!r}", "use cpu, cuda:N or auto")

@@ -13,7 +13,6 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Optional
 
 from lora_studio.core._compat.tqdm_progress import reporting_progress
 from lora_studio.core.errors import Cancelled, UserError
@@ -86,7 +85,11 @@ def added_tokens_hint(folder: Path) -> dict:
         return {}
     decoder = {}
     for entry in entries if isinstance(entries, list) else ():
-        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int) or not isinstance(entry.get("content"), str):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("id"), int)
+            or not isinstance(entry.get("content"), str)
+        ):
             return {}
         decoder[entry["id"]] = {k: v for k, v in entry.items() if k != "id"}
     return {"added_tokens_decoder": decoder} if decoder else {}
@@ -103,11 +106,21 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False):
         with utf8_path(source.path) as folder, stepwise_tokenizer_parsing():
             return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
     except Exception as exc:
-        raise UserError(f"cannot load the tokenizer of {source.label}: {exc}", "the model folder needs tokenizer files (tokenizer.json or similar)") from exc
+        raise UserError(
+            f"cannot load the tokenizer of {source.label}: {exc}",
+            "the model folder needs tokenizer files (tokenizer.json or similar)",
+        ) from exc
 
 
-def load_base(source: ModelSource, *, dtype: str = "float32", device_map: str = "cpu", trust_remote_code: bool = False,
-              cancel: Optional[CancelToken] = None, report: Report = no_report):
+def load_base(
+    source: ModelSource,
+    *,
+    dtype: str = "float32",
+    device_map: str = "cpu",
+    trust_remote_code: bool = False,
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+):
     """Load model and tokenizer; returns ``(model, tokenizer)``. Raises Cancelled if cancelled."""
     cancel = cancel or CancelToken()
     offline_environment()
@@ -146,7 +159,9 @@ def load_base(source: ModelSource, *, dtype: str = "float32", device_map: str = 
 
         if _is_oom(exc):
             raise
-        raise UserError(f"cannot load {source.label}: {_short(exc)}", "check that the folder is a complete causal language model") from exc
+        raise UserError(
+            f"cannot load {source.label}: {_short(exc)}", "check that the folder is a complete causal language model"
+        ) from exc
     cancel.raise_if_cancelled()
     if source.gguf_file:
         _forget_gguf_quantization(model)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from lora_studio.core.errors import UserError
 
@@ -21,8 +20,8 @@ class ModelSource:
     kind: str  # "folder" | "hf-cache" | "gguf" | "demo"
     path: Path  # the model folder; for GGUF the folder that holds the file
     label: str
-    gguf_file: Optional[str] = None  # file name inside ``path`` when kind == "gguf"
-    repo_id: Optional[str] = None
+    gguf_file: str | None = None  # file name inside ``path`` when kind == "gguf"
+    repo_id: str | None = None
 
     @property
     def file(self) -> Path:
@@ -41,7 +40,9 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
-def _folder_source(path: Path, kind: str = "folder", label: Optional[str] = None, repo_id: Optional[str] = None) -> ModelSource:
+def _folder_source(
+    path: Path, kind: str = "folder", label: str | None = None, repo_id: str | None = None
+) -> ModelSource:
     return ModelSource(kind, path, label or path.name, repo_id=repo_id)
 
 
@@ -54,7 +55,9 @@ def resolve_source(spec: str | Path) -> ModelSource:
     if path.is_file():
         if path.suffix.lower() == ".gguf" or is_gguf(path):
             if not is_gguf(path):
-                raise UserError(f"{path.name} is not a GGUF file (its first bytes are not 'GGUF')", "pick a real .gguf model file")
+                raise UserError(
+                    f"{path.name} is not a GGUF file (its first bytes are not 'GGUF')", "pick a real .gguf model file"
+                )
             return ModelSource("gguf", path.parent.absolute(), path.name, gguf_file=path.name)
         if path.name == "config.json":
             return resolve_source(path.parent)
@@ -64,20 +67,34 @@ def resolve_source(spec: str | Path) -> ModelSource:
         if (path / "config.json").is_file():
             return _folder_source(path)
         if (path / "adapter_config.json").is_file():
-            raise UserError(f"{path.name} is a LoRA adapter folder, not a base model", "load a base model first, then attach this folder as an adapter")
+            raise UserError(
+                f"{path.name} is a LoRA adapter folder, not a base model",
+                "load a base model first, then attach this folder as an adapter",
+            )
         ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
         if len(ggufs) == 1:
             return resolve_source(ggufs[0])
         if len(ggufs) > 1:
-            raise UserError(f"{path.name} holds {len(ggufs)} .gguf files", "pick one of them: " + ", ".join(p.name for p in ggufs[:5]))
+            raise UserError(
+                f"{path.name} holds {len(ggufs)} .gguf files",
+                "pick one of them: " + ", ".join(p.name for p in ggufs[:5]),
+            )
         if not any(path.iterdir()):
-            raise UserError(f"{path} is an empty folder", "pick a model folder with config.json and .safetensors weights")
-        raise UserError(f"{path} has no config.json", "pick a Hugging Face model folder (config.json + .safetensors) or a .gguf file")
+            raise UserError(
+                f"{path} is an empty folder", "pick a model folder with config.json and .safetensors weights"
+            )
+        raise UserError(
+            f"{path} has no config.json",
+            "pick a Hugging Face model folder (config.json + .safetensors) or a .gguf file",
+        )
     if "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1:
         cached = find_in_hf_cache(text)
         if cached is not None:
             return cached
-        raise UserError(f"{text} is not in the local Hugging Face cache", "LoRA Studio never downloads; fetch it with your usual tools first, or pick a folder")
+        raise UserError(
+            f"{text} is not in the local Hugging Face cache",
+            "LoRA Studio never downloads; fetch it with your usual tools first, or pick a folder",
+        )
     raise UserError(f"{text} does not exist", "check the path")
 
 
@@ -92,7 +109,7 @@ def hf_cache_dir() -> Path:
         return Path(os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub")))
 
 
-def hf_cache_models(cache_dir: Optional[Path] = None) -> list[ModelSource]:
+def hf_cache_models(cache_dir: Path | None = None) -> list[ModelSource]:
     """Causal-LM-looking repos in the local Hugging Face cache (offline scan).
 
     Walks ``models--owner--name/snapshots/<rev>`` directly rather than huggingface_hub's
@@ -106,7 +123,7 @@ def hf_cache_models(cache_dir: Optional[Path] = None) -> list[ModelSource]:
         return []
     found = []
     for repo_path in repos:
-        repo_id = repo_path.name[len("models--"):].replace("--", "/")
+        repo_id = repo_path.name[len("models--") :].replace("--", "/")
         snapshots = repo_path / "snapshots"
         try:
             revisions = [p for p in snapshots.iterdir() if p.is_dir()]
@@ -123,7 +140,7 @@ def hf_cache_models(cache_dir: Optional[Path] = None) -> list[ModelSource]:
     return found
 
 
-def find_in_hf_cache(repo_id: str) -> Optional[ModelSource]:
+def find_in_hf_cache(repo_id: str) -> ModelSource | None:
     for source in hf_cache_models():
         if source.repo_id == repo_id:
             return source

@@ -28,8 +28,15 @@ from pathlib import Path
 from lora_studio.core._compat.tokenizer_swap import tokenizer_files_parsed_by
 
 # BPE fields the Python constructor takes, besides vocab and merges (tokenizers 0.2x's serialization)
-_BPE_OPTIONS = ("dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk", "byte_fallback",
-                "ignore_merges")
+_BPE_OPTIONS = (
+    "dropout",
+    "unk_token",
+    "continuing_subword_prefix",
+    "end_of_word_suffix",
+    "fuse_unk",
+    "byte_fallback",
+    "ignore_merges",
+)
 _ADDED_TOKEN_FIELDS = {"id", "content", "single_word", "lstrip", "rstrip", "normalized", "special"}
 
 
@@ -55,14 +62,19 @@ def _build_bpe_in_steps(path: Path):
     if not isinstance(doc, dict) or doc.get("version") != "1.0":
         return None
     model = doc.get("model")
-    if not isinstance(model, dict) or model.get("type") != "BPE" or set(model) - {"type", "vocab", "merges", *_BPE_OPTIONS}:
+    if (
+        not isinstance(model, dict)
+        or model.get("type") != "BPE"
+        or set(model) - {"type", "vocab", "merges", *_BPE_OPTIONS}
+    ):
         return None
     vocab, merges, added = model.get("vocab"), model.get("merges"), doc.get("added_tokens") or []
     if not isinstance(vocab, dict) or not isinstance(merges, list) or not isinstance(added, list):
         return None
     pairs = _merge_pairs(merges)
-    if pairs is None or not all(isinstance(t, dict) and set(t) <= _ADDED_TOKEN_FIELDS and isinstance(t.get("content"), str)
-                                for t in added):
+    if pairs is None or not all(
+        isinstance(t, dict) and set(t) <= _ADDED_TOKEN_FIELDS and isinstance(t.get("content"), str) for t in added
+    ):
         return None
     skeleton = dict(doc, added_tokens=[], model={"type": "BPE", "vocab": {}, "merges": []})
     tokenizer = Tokenizer.from_str(json.dumps(skeleton))  # everything but the vocabulary: a few kB
@@ -72,9 +84,14 @@ def _build_bpe_in_steps(path: Path):
     # go in one call (the same ids: each token is looked up, or numbered, in turn)
     run: list = []
     for entry in added:
-        token = AddedToken(entry["content"], single_word=entry.get("single_word", False), lstrip=entry.get("lstrip", False),
-                           rstrip=entry.get("rstrip", False), normalized=entry.get("normalized", True),
-                           special=entry.get("special", False))
+        token = AddedToken(
+            entry["content"],
+            single_word=entry.get("single_word", False),
+            lstrip=entry.get("lstrip", False),
+            rstrip=entry.get("rstrip", False),
+            normalized=entry.get("normalized", True),
+            special=entry.get("special", False),
+        )
         if run and run[-1].special != token.special:
             _add(tokenizer, run)
             run = []
@@ -92,12 +109,12 @@ def _build_bpe_in_steps(path: Path):
 PIECE_CHARS = 1 << 17
 _VOCAB_OPEN = re.compile(r'"vocab"\s*:\s*\{')
 _MERGES_OPEN = re.compile(r'\}\s*,\s*"merges"\s*:\s*\[')
-_MERGES_CLOSE = re.compile(r'\]\s*\}\s*\}\s*$')
+_MERGES_CLOSE = re.compile(r"\]\s*\}\s*\}\s*$")
 # where a piece may end: after an entry ("key": 123 / ["a", "b"] / "a b"), before the comma that follows it
-_VOCAB_CUT = re.compile(r'\d\s*,')
-_PAIR_CUT = re.compile(r'\]\s*,')
+_VOCAB_CUT = re.compile(r"\d\s*,")
+_PAIR_CUT = re.compile(r"\]\s*,")
 _STRING_CUT = re.compile(r'"\s*,')
-_STARTS_WITH_PAIR = re.compile(r'\s*\[')
+_STARTS_WITH_PAIR = re.compile(r"\s*\[")
 
 
 def read_json_in_pieces(text: str):
@@ -116,7 +133,7 @@ def read_json_in_pieces(text: str):
         return json.loads(text)
     vocab_body = (vocab_open.end(), merges_open.start())
     merges_body = (merges_open.end(), merges_close.start())
-    doc = json.loads(text[:vocab_body[0]] + text[vocab_body[1]:merges_body[0]] + text[merges_body[1]:])
+    doc = json.loads(text[: vocab_body[0]] + text[vocab_body[1] : merges_body[0]] + text[merges_body[1] :])
     model = doc.get("model") if isinstance(doc, dict) else None
     if not isinstance(model, dict) or model.get("vocab") != {} or model.get("merges") != []:
         return json.loads(text)

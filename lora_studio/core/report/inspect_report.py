@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from lora_studio.core.adapters import compatibility
-
-from lora_studio.core.model import estimate
 from lora_studio.core.adapters.inspection import AdapterInspection, inspect_adapter
+from lora_studio.core.model import estimate
 from lora_studio.core.model.sources import ModelSource
 
 
@@ -57,8 +55,9 @@ def base_weight_shapes(source: ModelSource) -> dict[str, tuple[int, ...]]:
     return compatibility.weight_shapes_from_model(model)
 
 
-def inspect_base_and_adapters(source: ModelSource, adapters: list[tuple[str, Path]], *, dtype: Optional[str] = None,
-                              device_map: str = "cpu") -> InspectReport:
+def inspect_base_and_adapters(
+    source: ModelSource, adapters: list[tuple[str, Path]], *, dtype: str | None = None, device_map: str = "cpu"
+) -> InspectReport:
     est = estimate.estimate(source, dtype, device_map)
     report = InspectReport(source, est)
     if not adapters:
@@ -66,8 +65,9 @@ def inspect_base_and_adapters(source: ModelSource, adapters: list[tuple[str, Pat
     shapes = base_weight_shapes(source)
     identity = (source.label, str(source.path), source.repo_id or "")
     for name, path in adapters:
-        compat = compatibility.check(path, shapes, base_label=source.label, base_identity=identity,
-                                     architecture=est.footprint.architecture)
+        compat = compatibility.check(
+            path, shapes, base_label=source.label, base_identity=identity, architecture=est.footprint.architecture
+        )
         info = inspect_adapter(path, name=name, base_params=est.footprint.params)
         info.warnings.extend(w for w in compat.warnings if w not in info.warnings)
         report.adapters.append(info)

@@ -9,12 +9,12 @@ off automatic collection and installs a collector that runs on its GUI thread
 from __future__ import annotations
 
 import gc
-from typing import Callable, Optional
+from collections.abc import Callable
 
-_collector: Optional[Callable[[], None]] = None
+_collector: Callable[[], None] | None = None
 
 
-def set_collector(fn: Optional[Callable[[], None]]) -> Optional[Callable[[], None]]:
+def set_collector(fn: Callable[[], None] | None) -> Callable[[], None] | None:
     """Install ``fn`` as the way to collect (None: plain gc.collect); returns the previous one."""
     global _collector
     previous, _collector = _collector, fn

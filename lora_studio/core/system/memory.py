@@ -19,8 +19,8 @@ import ctypes.util
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from lora_studio.core.system import garbage, nvml
 
@@ -61,8 +61,10 @@ def torch_cuda_readings() -> tuple[TorchCudaReading, ...]:
     try:
         if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
             return ()
-        return tuple(TorchCudaReading(f"cuda:{i}", int(torch.cuda.memory_allocated(i)), int(torch.cuda.memory_reserved(i)))
-                     for i in range(torch.cuda.device_count()))
+        return tuple(
+            TorchCudaReading(f"cuda:{i}", int(torch.cuda.memory_allocated(i)), int(torch.cuda.memory_reserved(i)))
+            for i in range(torch.cuda.device_count())
+        )
     except Exception:  # a broken driver must not stop the RAM readings
         return ()
 
@@ -75,7 +77,7 @@ class MemorySampler:
     says why ("no NVIDIA GPU found ...") and the GPU part stays empty.
     """
 
-    def __init__(self, backend: Optional[nvml.NvmlBackend] = None, *, open_nvml: bool = True) -> None:
+    def __init__(self, backend: nvml.NvmlBackend | None = None, *, open_nvml: bool = True) -> None:
         import psutil
 
         self._psutil = psutil
@@ -109,8 +111,14 @@ class MemorySampler:
         with self._lock:
             vm = self._psutil.virtual_memory()
             rss = int(self._process.memory_info().rss)
-            return MemorySample(time.monotonic(), rss, int(vm.total - vm.available), int(vm.total),
-                                self.read_gpus(), torch_cuda_readings())
+            return MemorySample(
+                time.monotonic(),
+                rss,
+                int(vm.total - vm.available),
+                int(vm.total),
+                self.read_gpus(),
+                torch_cuda_readings(),
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -122,14 +130,16 @@ class MemorySampler:
 class SamplingThread:
     """Calls ``on_sample(sampler.sample())`` every ``interval_s`` on a daemon thread until :meth:`stop`."""
 
-    def __init__(self, sampler: MemorySampler, on_sample: Callable[[MemorySample], None], interval_s: float = 0.25) -> None:
+    def __init__(
+        self, sampler: MemorySampler, on_sample: Callable[[MemorySample], None], interval_s: float = 0.25
+    ) -> None:
         self.sampler = sampler
         self.interval_s = interval_s
         self._on_sample = on_sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lora-studio-memory", daemon=True)
 
-    def start(self) -> "SamplingThread":
+    def start(self) -> SamplingThread:
         self._thread.start()
         return self
 
@@ -196,8 +206,15 @@ class Reclaimed:
         return text
 
 
-def measure_release(sampler: MemorySampler, release: Callable[[], object], *, label: str, expected_bytes: int = 0,
-                    on_gpu: bool = False, settle_s: float = 0.0) -> tuple[object, Reclaimed]:
+def measure_release(
+    sampler: MemorySampler,
+    release: Callable[[], object],
+    *,
+    label: str,
+    expected_bytes: int = 0,
+    on_gpu: bool = False,
+    settle_s: float = 0.0,
+) -> tuple[object, Reclaimed]:
     """Run ``release()`` (a delete or unload) between two samples; return its result and what came back."""
     trim_heap(collect=False)
     before = sampler.sample()
@@ -207,11 +224,18 @@ def measure_release(sampler: MemorySampler, release: Callable[[], object], *, la
         time.sleep(settle_s)
     after = sampler.sample()
     gpu_before = {f"cuda:{g.index}": g.used_bytes for g in before.gpus}
-    gpu_freed = {f"cuda:{g.index}": gpu_before[f"cuda:{g.index}"] - g.used_bytes
-                 for g in after.gpus if f"cuda:{g.index}" in gpu_before}
+    gpu_freed = {
+        f"cuda:{g.index}": gpu_before[f"cuda:{g.index}"] - g.used_bytes
+        for g in after.gpus
+        if f"cuda:{g.index}" in gpu_before
+    }
     torch_before = {t.device: t.allocated_bytes for t in before.torch_cuda}
-    torch_freed = {t.device: torch_before[t.device] - t.allocated_bytes for t in after.torch_cuda if t.device in torch_before}
-    return result, Reclaimed(label, int(expected_bytes), before.rss_bytes - after.rss_bytes, gpu_freed, torch_freed, on_gpu)
+    torch_freed = {
+        t.device: torch_before[t.device] - t.allocated_bytes for t in after.torch_cuda if t.device in torch_before
+    }
+    return result, Reclaimed(
+        label, int(expected_bytes), before.rss_bytes - after.rss_bytes, gpu_freed, torch_freed, on_gpu
+    )
 
 
 def format_bytes(n: float) -> str:

@@ -9,7 +9,7 @@ initialised (no driver, no GPU, library missing) :func:`open_backend` returns
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class GpuReading:
     name: str
     used_bytes: int
     total_bytes: int
-    utilization_percent: Optional[int]
+    utilization_percent: int | None
 
     @property
     def free_bytes(self) -> int:
@@ -64,7 +64,7 @@ class PynvmlBackend:
             pass
 
 
-def open_backend() -> tuple[Optional[NvmlBackend], str]:
+def open_backend() -> tuple[NvmlBackend | None, str]:
     """The real backend, or None and a sentence saying why there is none."""
     try:
         backend = PynvmlBackend()
@@ -78,7 +78,7 @@ def open_backend() -> tuple[Optional[NvmlBackend], str]:
     return backend, ""
 
 
-def read_all(backend: Optional[NvmlBackend]) -> list[GpuReading]:
+def read_all(backend: NvmlBackend | None) -> list[GpuReading]:
     if backend is None:
         return []
     return [backend.read(i) for i in range(backend.device_count())]
