@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lora-studio-installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install run demo test lint bench clean
+.PHONY: install run demo test lint lint-only bench clean
 
 install: $(STAMP)
 
@@ -25,11 +25,22 @@ run: install
 	$(PY) -m lora_studio.qt_system_libs --install
 	$(VENV)/bin/lora-studio --demo
 
+# Every file ruff checks and formats (the package, its tests, benchmarks and build scripts).
+LINT_PATHS := lora_studio tests benchmarks resources packaging
+
+# One command: each step runs only if the one before passed, and any failure fails `make test`.
 test: install
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
-	$(VENV)/bin/lint-imports
+	$(MAKE) --no-print-directory lint-only
 
+# The static checks alone (no pytest): ruff lint, ruff format, mypy, the import contracts.
 lint: install
+	$(MAKE) --no-print-directory lint-only
+
+lint-only:
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
 bench: install

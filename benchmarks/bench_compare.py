@@ -111,7 +111,9 @@ def main(argv=None) -> int:
                 "ratio": round(mixed_s / seq_s, 3),
                 "identical": identical,
                 # robust to a shared machine: each repetition's own ratio (adjacent runs), and best-of times
-                "paired_ratio_median": round(statistics.median(m / s for m, s in zip(mixed_times, seq_times)), 3),
+                "paired_ratio_median": round(
+                    statistics.median(m / s for m, s in zip(mixed_times, seq_times, strict=True)), 3
+                ),
                 "best_ratio": round(min(mixed_times) / min(seq_times), 3),
                 "new_tokens": lengths,
                 "reps": args.reps,

@@ -44,7 +44,7 @@ def slope(xs: list[float], ys: list[float]) -> float:
         return 0.0
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     den = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
 
 
 # -- the child: the window ---------------------------------------------------------------------------------------------
@@ -124,6 +124,8 @@ def child(args: argparse.Namespace) -> int:
     merged = tmp / "merged"
     ap, cp, mp = window.adapter_panel, window.compare_panel, window.merge_panel
     mp.confirm_overwrite = lambda _path: True
+    unload_asked: list[int] = []  # "Unload all" asks first; the soak answers yes and counts the questions
+    ap.confirm_unload = lambda names: unload_asked.append(len(names)) is None
     started = time.monotonic()
     cycle = 0
     while time.monotonic() - started < args.minutes * 60 or cycle == 0:
@@ -134,7 +136,8 @@ def child(args: argparse.Namespace) -> int:
         name = window.session.state().adapters[0][0]
         ap.select(name)
         wait_for(
-            lambda: ap.inspection is not None and ap.inspection.name == name and window.runner.is_idle(), "inspect"
+            lambda name=name: ap.inspection is not None and ap.inspection.name == name and window.runner.is_idle(),
+            "inspect",
         )
         ap.prompt_edit.setText("Tell me about the sea.")
         ap.max_tokens.setValue(args.tokens)
@@ -148,9 +151,11 @@ def child(args: argparse.Namespace) -> int:
         mp.out_edit.setText(str(merged))
         wait_for(lambda: not mp.start_reason(), "the merge plan")
         step("merge", mp.start_merge)
-        step("detach", lambda: ap.delete(name))
+        step("detach", lambda name=name: ap.detach(name))
         step("attach again", lambda: window.attach_adapter(adapter))
         step("unload all", ap.unload_all)
+        if len(unload_asked) != cycle:
+            raise RuntimeError("Unload all did not ask to confirm")
         pump(args.idle_s)  # idle: the memory chart keeps sampling and repainting
         gc.collect()
         print(

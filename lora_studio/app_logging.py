@@ -2,8 +2,9 @@
 
 The package logs through :mod:`logging` (``logging.getLogger(__name__)`` everywhere). A front end calls
 :func:`setup_logging` once: records go to a rotating file in the data directory, ``logs/lora-studio.log``
-(1 MiB, 3 old files kept; ``LORA_STUDIO_LOG_DIR`` puts it elsewhere). ``LORA_STUDIO_DEBUG=1`` lowers the level from INFO to DEBUG. Nothing is printed to the
-terminal by this handler: the CLI's one-line error policy stays as it is.
+(1 MiB, 3 old files kept; ``LORA_STUDIO_LOG_DIR`` puts it elsewhere). ``LORA_STUDIO_DEBUG=1`` lowers the level
+from INFO to DEBUG. Nothing is printed to the terminal by this handler: the CLI's one-line error policy stays as
+it is.
 """
 
 from __future__ import annotations

@@ -124,13 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"lora-studio: installing {' '.join(packages)} with apt-get", file=sys.stderr)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    quiet = {"stdout": subprocess.DEVNULL}
-    subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, **quiet)
+    subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, stdout=subprocess.DEVNULL)
     done = subprocess.run(
         ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages, *RUNTIME_PACKAGES],
         env=env,
         check=False,
-        **quiet,
+        stdout=subprocess.DEVNULL,
     )
     still = missing_libraries()
     if done.returncode != 0 or still:

@@ -104,7 +104,10 @@ def no_leftover_threads():
 
 @pytest.fixture(scope="session")
 def added_tokens_adapter(models_dir):
-    """An adapter trained on a vocabulary with 10 added tokens (embed_tokens/lm_head in modules_to_save), with its tokenizer."""
+    """An adapter trained on a vocabulary with 10 added tokens, with its tokenizer.
+
+    embed_tokens/lm_head are in modules_to_save.
+    """
     bigger = factories.make_llama(models_dir / "trap-big-vocab", vocab_size=330)
     adapter = factories.make_adapter(
         bigger, models_dir / "trap-added-tokens", modules_to_save=["lm_head", "embed_tokens"], seed=31

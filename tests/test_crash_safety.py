@@ -12,6 +12,7 @@ killed the hard way; only the import time is shared.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -93,10 +94,8 @@ class Driver:
         pid = json.loads(self._line())["pid"]
         if kill_after is not None:
             time.sleep(kill_after)
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it may have finished already
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         result = json.loads(self._line())
         result["killed"] = os.WIFSIGNALED(result["status"])
         result["exit"] = os.WEXITSTATUS(result["status"]) if os.WIFEXITED(result["status"]) else None
@@ -165,7 +164,7 @@ def siblings(out: Path) -> list[str]:
 
 
 def test_sigkill_during_save_never_leaves_a_partial_folder(crash_models, tmp_path):
-    root, base, adapter = crash_models
+    _root, base, adapter = crash_models
     reference_dir = tmp_path / "reference"
     driver = Driver(tmp_path, base, adapter, reference_dir)
     try:

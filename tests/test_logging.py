@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from lora_studio.app_logging import LOG_NAME
 
@@ -43,7 +44,7 @@ def test_debug_raises_the_level(tmp_path):
         path = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True
         ).stdout.strip()
-        assert ("deep detail" in open(path).read()) is expected
+        assert ("deep detail" in Path(path).read_text()) is expected
 
 
 def test_log_panel_shows_the_file_and_logs_its_lines(qtbot, caplog):

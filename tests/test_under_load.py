@@ -76,7 +76,7 @@ def test_switching_200_times_while_comparing(loaded):
                 mixed = len(runs) % 2 == 0  # alternate one mixed batch and one run per variant
                 streamed: dict = {}
 
-                def on_tokens(delta):
+                def on_tokens(delta, streamed=streamed):
                     streamed.setdefault((delta.prompt_index, delta.variant), []).extend(delta.token_ids)
                     if delta.token_ids and len(streamed) == 1:
                         time.sleep(0.001)  # a slow consumer (the GUI) gives the switcher time to try to get in

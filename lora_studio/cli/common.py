@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,6 +51,21 @@ def resolve_base(args, *, report=None):
     return resolve_source(args.base)
 
 
+MIB = 1024**2
+
+
+def progress_text(p: Progress) -> str:
+    """One progress line for people: bytes as MiB with the percentage, other counts as done/total unit (%)."""
+    total = p.total  # no total (None or 0): no fraction, just the message
+    if not total:
+        return f"{p.message}…"
+    percent = f"{max(0.0, min(1.0, p.done / total)) * 100:.0f} %"
+    if p.unit == "bytes":
+        return f"{p.message} · {p.done / MIB:,.1f} / {total / MIB:,.1f} MiB ({percent})"
+    unit = f" {p.unit}" if p.unit else ""
+    return f"{p.message} · {int(p.done)}/{int(total)}{unit} ({percent})"
+
+
 class stderr_progress:
     """A one-line progress display on stderr, only when stderr is a terminal."""
 
@@ -60,8 +76,10 @@ class stderr_progress:
     def __call__(self, p: Progress) -> None:
         if not self._tty:
             return
-        frac = p.fraction
-        text = f"{p.message} {int(p.done)}/{int(p.total)} {p.unit}" if frac is not None else f"{p.message}…"
+        # a line wider than the terminal wraps, and "\r" then rewrites only its last part
+        width = shutil.get_terminal_size((100, 24)).columns - 1
+        text = progress_text(p)
+        text = text if len(text) <= width else text[: max(width - 1, 1)] + "…"
         if text != self._last:
             sys.stderr.write("\r\033[K" + text)
             sys.stderr.flush()
@@ -83,6 +101,9 @@ def human_bytes(n) -> str:
 
 
 def table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)] if rows else [len(h) for h in headers]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    if rows:
+        widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    else:
+        widths = [len(h) for h in headers]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip()  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])

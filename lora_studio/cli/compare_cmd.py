@@ -126,7 +126,10 @@ def run(args) -> int:
 
 
 def to_json(result) -> dict:
-    """The single-prompt shape {"prompt", "variants", "mixed_batch", "seconds", ...}; several prompts under "prompts"."""
+    """The single-prompt shape {"prompt", "variants", "mixed_batch", "seconds", ...}.
+
+    Several prompts go under "prompts".
+    """
     common = {
         "mixed_batch": result.mixed_batch,
         "fallback_reason": result.fallback_reason,

@@ -1,4 +1,7 @@
-"""``lora-studio inspect BASE [--adapter NAME=PATH]... [--json]``: what a base and its adapters are, without loading weights."""
+"""``lora-studio inspect BASE [--adapter NAME=PATH]... [--json]``.
+
+What a base and its adapters are, without loading weights.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ def render(report) -> str:
         f"Arch       {fp.architecture} ({fp.model_type})",
         f"Params     {fp.params:,}" + ("  (tied embeddings counted once)" if fp.tied_embeddings else ""),
         f"Checkpoint {fp.checkpoint_dtype}, {human_bytes(fp.checkpoint_bytes)} on disk",
-        f"Memory     {b.dtype} on {b.device_map}: ~{human_bytes(b.needed_bytes)} -> {b.verdict.replace('_', ' ')} ({b.explanation})",
+        f"Memory     {b.dtype} on {b.device_map}: ~{human_bytes(b.needed_bytes)} -> "
+        f"{b.verdict.replace('_', ' ')} ({b.explanation})",
     ]
     for a in report.adapters:
         out.append("")

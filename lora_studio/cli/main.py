@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("lora-studio: interrupted\n")
         return EXIT_INTERRUPTED
-    except Exception as exc:  # the one place the CLI turns errors into words
+    except Exception as exc:  # noqa: BLE001 - the one place the CLI turns errors into words
         desc = describe(exc)
         logger.log(
             logging.INFO if desc.kind in ("user", "cancelled") else logging.ERROR,

@@ -1,4 +1,7 @@
-"""``lora-studio merge BASE --adapter PATH [...] --out DIR``: merge adapters into the base and save a deployable folder."""
+"""``lora-studio merge BASE --adapter PATH [...] --out DIR``.
+
+Merge adapters into the base and save a deployable folder.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +43,11 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing output folder (atomically, at the end)"
     )
+    p.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="save the weighted combination (--combination) as a PEFT adapter folder instead of merging it",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -69,7 +77,9 @@ def run(args) -> int:
     if args.density is not None and args.combination is None:
         raise UserError("--density needs --combination", "add e.g. --combination ties")
     weights = parse_weights(args.weights, len(specs))
-    adapters = [AdapterSpec(name, path, w) for (name, path), w in zip(specs, weights)]
+    adapters = [AdapterSpec(name, path, w) for (name, path), w in zip(specs, weights, strict=True)]
+    if args.adapter_only:
+        return _save_adapter_only(args, adapters)
     progress = stderr_progress()
     source = resolve_base(args, report=progress)
     options = MergeOptions(
@@ -92,7 +102,8 @@ def run(args) -> int:
     v = result.verification
     print(f"Saved     {result.out}")
     print(
-        f"Engine    {result.engine}, {result.dtype}, {len(result.files)} shard(s), {human_bytes(result.bytes_written)} in {result.seconds:.1f} s"
+        f"Engine    {result.engine}, {result.dtype}, {len(result.files)} shard(s), "
+        f"{human_bytes(result.bytes_written)} in {result.seconds:.1f} s"
     )
     print(f"Verified  {v.summary() if v else 'skipped (--no-verify)'}")
     if v is not None and v.status != "pass":
@@ -100,4 +111,40 @@ def run(args) -> int:
             "lora-studio: warning: the merged model differs from the adapter model more than expected for "
             f"{result.dtype}; see {result.out / 'README.md'}\n"
         )
+    return 0
+
+
+def _save_adapter_only(args, adapters) -> int:
+    """``--adapter-only``: the combination as an adapter folder (PEFT's save), nothing merged or verified."""
+    from lora_studio.core.merge import save_combination
+
+    if args.combination is None or len(adapters) < 2:
+        raise UserError("--adapter-only saves a combination", "give two or more --adapter and a --combination")
+    for flag, given in (("--engine", args.engine), ("--safe-merge", args.safe_merge)):
+        if given:
+            raise UserError(f"{flag} applies to a merge, not to --adapter-only", f"drop {flag}")
+    progress = stderr_progress()
+    source = resolve_base(args, report=progress)
+    try:
+        saved = save_combination(
+            source,
+            adapters,
+            [a.weight for a in adapters],
+            args.combination,
+            Path(args.out).expanduser(),
+            density=args.density,
+            overwrite=args.overwrite,
+            dtype=args.dtype,
+            report=progress,
+        )
+    finally:
+        progress.done()
+    if args.json:
+        print_json(saved.to_json())
+        return 0
+    print(f"Saved     {saved.out}")
+    print(
+        f"Adapter   {saved.combination} of {len(saved.adapters)} adapters, rank {saved.rank}, "
+        f"{human_bytes(saved.bytes_written)} in {saved.seconds:.1f} s (load it on the base with PEFT)"
+    )
     return 0

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import traceback
 from dataclasses import dataclass
+from typing import Literal
+
+# How an error is shown: a user's mistake, a stop on request, memory ran out, or a bug.
+ErrorKind = Literal["user", "cancelled", "oom", "internal"]
 
 
 class StudioError(Exception):
@@ -39,7 +43,7 @@ class OutOfMemory(UserError):
 
 @dataclass(frozen=True)
 class ErrorDescription:
-    kind: str  # "user" | "cancelled" | "oom" | "internal"
+    kind: ErrorKind
     message: str  # one line, shown in the window or on stderr
     detail: str  # the full story (traceback for internal errors), for the log
 

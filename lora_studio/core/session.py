@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_studio.core.adapters import combinations, compatibility
 from lora_studio.core.adapters import files as adapter_files
@@ -32,6 +32,9 @@ from lora_studio.core.model.estimate import ModelFootprint, read_footprint
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system import garbage
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -124,7 +127,7 @@ class Session:
         except StopIteration:  # pragma: no cover
             return None
 
-    def require_loaded(self):
+    def require_loaded(self) -> Any:  # the model (Any: see self.model)
         if self.model is None:
             raise UserError("no base model is loaded", "load a base model first")
         return self.model
@@ -194,7 +197,7 @@ class Session:
         self._live = None
         release_memory()
 
-    def base_model(self):
+    def base_model(self) -> PreTrainedModel:
         """The underlying transformers model (inside the PEFT wrapper when there is one)."""
         model = self.require_loaded()
         if self.is_peft:
@@ -312,7 +315,8 @@ class Session:
         tokenizer = AutoTokenizer.from_pretrained(str(adapter))
         if len(tokenizer) > mismatch.adapter_vocab:
             raise UserError(
-                f"the tokenizer in {adapter.name} has {len(tokenizer)} tokens, more than the adapter's {mismatch.adapter_vocab} embedding rows",
+                f"the tokenizer in {adapter.name} has {len(tokenizer)} tokens, "
+                f"more than the adapter's {mismatch.adapter_vocab} embedding rows",
                 "the adapter folder is inconsistent",
             )
         self.base_model().resize_token_embeddings(mismatch.adapter_vocab)
@@ -324,7 +328,9 @@ class Session:
 
         ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], device=next(self.model.parameters()).device)
         # .weight, not .num_embeddings: LoRA may wrap embed_tokens in a layer without that attribute.
-        ids = ids.clamp(max=self.base_model().get_input_embeddings().weight.shape[0] - 1)
+        weight = self.base_model().get_input_embeddings().weight
+        assert isinstance(weight, torch.Tensor)  # a parameter (nn.Module's attribute type also allows a module)
+        ids = ids.clamp(max=weight.shape[0] - 1)
         with torch.inference_mode():
             with_adapter = self.model(input_ids=ids).logits
             with self.model.disable_adapter():

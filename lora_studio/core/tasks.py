@@ -8,19 +8,35 @@ to signals, the CLI to a terminal line, tests to lists.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from lora_studio.core.errors import Cancelled
 
+_COUNTS = re.compile(r"\s*\d[\d,.]*(?:\s*/\s*\d[\d,.]*)?")
+
+
+def stage_of(message: str) -> str:
+    """The stage a message names: the message without its counts ("merging tensor 5/272" -> "merging tensor")."""
+    return _COUNTS.sub("", message).strip()
+
 
 @dataclass(frozen=True)
 class Progress:
+    """One report of a long job. ``stage`` names the step it is in; a front end that drops reports to keep up
+    drops only repeats of one stage, never the first report of a new one."""
+
     done: float = 0
     total: float | None = None  # None: indeterminate
     message: str = ""
     unit: str = ""  # "tensors", "tokens", "bytes", ... for display
+    stage: str = ""  # "" : derived from the message (its words without the counts)
+
+    def __post_init__(self) -> None:
+        if not self.stage:
+            object.__setattr__(self, "stage", stage_of(self.message))
 
     @property
     def fraction(self) -> float | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QFormLayout, QGroupBox, QLabel, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QFormLayout, QGroupBox, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from lora_studio.core.adapters.inspection import AdapterInspection, per_layer_norms
 from lora_studio.core.system.memory import format_bytes
@@ -19,7 +19,7 @@ from lora_studio.core.system.memory import format_bytes
 if TYPE_CHECKING:
     from lora_studio.core.adapters.training_log import TrainingLog
 
-FIELDS = ("name", "rank r", "alpha", "scaling", "targets", "params", "file", "notes")
+FIELDS = ("name", "rank r", "alpha", "scaling", "init", "targets", "params", "file", "notes")
 NOTHING_SELECTED = "select an adapter in the list to inspect it"
 MAX_LABELLED_BARS = 12  # more labels are unreadable, and each one costs text layout in every axis repaint
 
@@ -63,12 +63,15 @@ class AdapterInspector(QGroupBox):
         self.loss_values: tuple[list, list, list, list] | None = None  # (train steps, values, val steps, values)
         self.fields["name"].setText(NOTHING_SELECTED)
 
-    def clear(self) -> None:
+    def clear(self, why: str = NOTHING_SELECTED) -> None:
+        """Show no adapter; ``why`` in the name field (nothing selected, or the base selected)."""
         self.inspection = None
+        self.chart_values = None
         self.show_loss(None)
         for label in self.fields.values():
             label.setText("–")
-        self.fields["name"].setText(NOTHING_SELECTED)
+            label.setToolTip("")
+        self.fields["name"].setText(why)
         if self.chart is not None:
             self.chart.getPlotItem().clear()
 
@@ -83,6 +86,8 @@ class AdapterInspector(QGroupBox):
         f["rank r"].setText(str(insp.r))
         f["alpha"].setText(f"{insp.lora_alpha:g}")
         f["scaling"].setText(f"{insp.scaling:g}")
+        f["init"].setText(insp.init_summary or insp.init_lora_weights)  # "OLoRA, converted"
+        f["init"].setToolTip(f"init_lora_weights: {insp.init_lora_weights}")
         targets = insp.target_modules
         f["targets"].setText(", ".join(sorted(targets)) if isinstance(targets, (list, tuple, set)) else str(targets))
         pct = f" ({insp.percent_of_base:.3f}% of base)" if insp.percent_of_base is not None else ""
@@ -173,6 +178,9 @@ def _static_plot(pg: Any, min_height: int, bottom: str, left: str, x_grid: bool)
     """A white pyqtgraph plot without mouse interaction, menu or buttons (the inspector's charts)."""
     plot = pg.PlotWidget()
     plot.setMinimumHeight(min_height)
+    # no preferred height (pyqtgraph asks for 480 px): the inspector's wrapped fields make its scroll area size it by
+    # height-for-width, which summed both charts' 480 and put the ‖ΔW‖ chart's axis below the fold at 720 px
+    plot.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Ignored)
     plot.setBackground("w")
     plot.showGrid(x=x_grid, y=True, alpha=0.25)
     plot.setMouseEnabled(x=False, y=False)

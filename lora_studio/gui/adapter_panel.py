@@ -1,24 +1,25 @@
-"""Adapters on the loaded base: attach, switch, disable all, delete, unload; an inspector; a quick test box."""
+"""Adapters on the loaded base: attach, switch, disable all, detach, unload; an inspector; a streamed Try it box."""
 
 from __future__ import annotations
 
 import re
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QFont
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtGui import QFont, QKeySequence, QShortcut, QTextCursor
 from PySide6.QtWidgets import (
     QFileDialog,
     QFrame,
     QGroupBox,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
+    QMessageBox,
     QPlainTextEdit,
     QPushButton,
     QScrollArea,
-    QSpinBox,
     QSplitter,
     QTreeWidget,
     QTreeWidgetItem,
@@ -31,6 +32,7 @@ from lora_studio.core.adapters.inspection import AdapterInspection
 from lora_studio.core.session import SessionState
 from lora_studio.core.system.memory import MemorySampler, format_bytes, measure_release
 from lora_studio.gui.adapter_inspector import AdapterInspector
+from lora_studio.gui.compare_inputs import DecodingBox
 from lora_studio.gui.jobs import Job, JobRunner
 from lora_studio.gui.ops import unique_name
 from lora_studio.gui.panel import Panel
@@ -38,13 +40,36 @@ from lora_studio.gui.session_model import SessionModel
 
 if TYPE_CHECKING:
     from lora_studio.core.adapters.training_log import TrainingLog
+    from lora_studio.core.generation.generate import Generated
 
 BASE_ROW = "__base__"
 ACTIVE_MARK = "●"
+FLUSH_INTERVAL_MS = 33  # ~30 redraws a second while Try it streams (Compare's rate)
+DETACH_TIP = "Detach the selected adapter from the model and free its memory; its files on disk are untouched"
+
+
+class _TextBuffer:
+    """Text the worker streams, drained by the GUI thread's timer: never one signal per token."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._parts: list[str] = []
+        self._tokens = 0
+
+    def push(self, text: str, tokens: int) -> None:  # worker thread
+        with self._lock:
+            self._parts.append(text)
+            self._tokens += tokens
+
+    def drain(self) -> tuple[str, int]:
+        """(text added, tokens added) since the last drain."""
+        with self._lock:
+            parts, tokens, self._parts, self._tokens = self._parts, self._tokens, [], 0
+        return "".join(parts), tokens
 
 
 class AdapterPanel(Panel):
-    released = Signal(object)  # core.system.memory.Reclaimed after delete/unload
+    released = Signal(object)  # core.system.memory.Reclaimed after detach/unload
     adapter_attached = Signal(str)  # folder path, for the Recent menu
 
     def __init__(
@@ -58,8 +83,15 @@ class AdapterPanel(Panel):
         self.sampler = sampler
         # name -> (inspection, loss log or its problem), read once per adapter
         self._inspections: dict[str, tuple[AdapterInspection, TrainingLog | str | None]] = {}
-        # Asked when an adapter brings added tokens; replaceable in tests.
+        # Asked when an adapter brings added tokens, and before Unload all; replaceable in tests and the soak.
         self.confirm_resize = self._ask_resize
+        self.confirm_unload: Callable[[Sequence[str]], bool] = self._ask_unload
+        self.generate_job: Job | None = None
+        self.streamed_tokens = 0
+        self._stream = _TextBuffer()
+        self._flush_timer = QTimer(self)
+        self._flush_timer.setInterval(FLUSH_INTERVAL_MS)
+        self._flush_timer.timeout.connect(self.flush)
 
         self.attach_btn = QPushButton("Attach adapter folder…")
         self.attach_btn.clicked.connect(self.browse_attach)
@@ -75,15 +107,15 @@ class AdapterPanel(Panel):
         self.activate_btn.clicked.connect(self.activate_selected)
         self.disable_btn = QPushButton("Disable all (base)")
         self.disable_btn.clicked.connect(self.disable_all)
-        self.delete_btn = QPushButton("Delete")
-        self.delete_btn.clicked.connect(self.delete_selected)
-        self.unload_btn = QPushButton("Unload all")
+        self.detach_btn = QPushButton("Detach")
+        self.detach_btn.clicked.connect(self.detach_selected)
+        self.unload_btn = QPushButton("Unload all…")
         self.unload_btn.clicked.connect(self.unload_all)
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.clicked.connect(self.runner.cancel_current)
         self.cancel_btn.setEnabled(False)
         buttons = QHBoxLayout()
-        for b in (self.activate_btn, self.disable_btn, self.delete_btn, self.unload_btn):
+        for b in (self.activate_btn, self.disable_btn, self.detach_btn, self.unload_btn):
             buttons.addWidget(b)
         buttons.addStretch(1)
         top = QHBoxLayout()
@@ -102,30 +134,50 @@ class AdapterPanel(Panel):
 
         self.inspector = AdapterInspector()
 
-        # quick generate
+        # Try it: the active adapter (or the base) on one prompt, streamed like a Compare column
         gen_box = QGroupBox("Try it (active adapter)")
         self.prompt_edit = QLineEdit()
-        self.prompt_edit.setPlaceholderText("a prompt for the active adapter (or the base)…")
+        self.prompt_edit.setPlaceholderText("a prompt for the active adapter (or the base)… Enter or Ctrl+Enter runs")
         self.prompt_edit.returnPressed.connect(self.generate)
-        self.max_tokens = QSpinBox(minimum=1, maximum=4096, value=48)
-        self.max_tokens.setToolTip("new tokens")
         self.generate_btn = QPushButton("Generate")
         self.generate_btn.clicked.connect(self.generate)
+        self.stop_btn = QPushButton("Stop")
+        self.stop_btn.clicked.connect(self.stop_generation)
+        for keys in ("Ctrl+Return", "Ctrl+Enter"):  # Ctrl+Enter anywhere in the box, as in Compare
+            shortcut = QShortcut(QKeySequence(keys), gen_box)
+            shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+            shortcut.activated.connect(self.generate)
+        self.decoding = DecodingBox()  # Compare's decoding settings, the same widget
+        self.decoding.setTitle("Decoding")
+        self.max_tokens = self.decoding.max_tokens
+        self.max_tokens.setValue(48)
         row = QHBoxLayout()
         row.addWidget(self.prompt_edit, 1)
-        row.addWidget(QLabel("tokens"))
-        row.addWidget(self.max_tokens)
         row.addWidget(self.generate_btn)
+        row.addWidget(self.stop_btn)
         self.output = QPlainTextEdit(readOnly=True)
-        self.output.setPlaceholderText("output appears here (greedy decoding)")
-        self.output.setMaximumHeight(110)
+        self.output.setPlaceholderText("the output streams here as it is generated")
+        self.output.setMinimumHeight(60)
+        below = QHBoxLayout()
+        below.addWidget(self.output, 1)
+        below.addWidget(self.decoding)
         gen_layout = QVBoxLayout(gen_box)
+        gen_layout.setContentsMargins(6, 4, 6, 4)
         gen_layout.addLayout(row)
-        gen_layout.addWidget(self.output)
+        gen_layout.addLayout(below, 1)
 
+        # The list column (list, buttons, message, Try it) spans the tab's height beside the inspector, so the
+        # inspector shows its fields and the ‖ΔW‖ chart together even at 1280x720.
+        left = QSplitter(Qt.Orientation.Vertical)
+        left.setChildrenCollapsible(False)
+        left.addWidget(list_box)
+        left.addWidget(gen_box)
+        left.setStretchFactor(0, 1)
+        left.setStretchFactor(1, 1)
         upper = QSplitter(Qt.Orientation.Horizontal)
-        upper.addWidget(list_box)
-        # scrolled: the filled-in inspector (eight fields, two charts) is taller than a laptop screen allows,
+        upper.setChildrenCollapsible(False)
+        upper.addWidget(left)
+        # scrolled: the filled-in inspector (nine fields, two charts) may be taller than a laptop screen allows,
         # and unscrolled its minimum height made the whole window grow, and every chart re-lay out, mid-job
         inspector_scroll = QScrollArea()
         inspector_scroll.setWidgetResizable(True)
@@ -135,10 +187,10 @@ class AdapterPanel(Panel):
         upper.addWidget(inspector_scroll)
         upper.setStretchFactor(0, 3)
         upper.setStretchFactor(1, 2)
+        upper.setSizes([600, 400])  # the inspector ~40 %: its fields wrap less, so the chart shows below them
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(upper, 1)
-        layout.addWidget(gen_box)
         self.setAcceptDrops(False)  # the window handles drops
         self.show_state(self.state)
 
@@ -188,7 +240,7 @@ class AdapterPanel(Panel):
     def active_row(self) -> str | None:
         for i in range(self.tree.topLevelItemCount()):
             item = self.tree.topLevelItem(i)
-            if item.text(0) == ACTIVE_MARK:
+            if item is not None and item.text(0) == ACTIVE_MARK:
                 return item.data(1, Qt.ItemDataRole.UserRole)
         return None
 
@@ -199,7 +251,7 @@ class AdapterPanel(Panel):
     def select(self, name: str) -> None:
         for i in range(self.tree.topLevelItemCount()):
             item = self.tree.topLevelItem(i)
-            if item.data(1, Qt.ItemDataRole.UserRole) == name:
+            if item is not None and item.data(1, Qt.ItemDataRole.UserRole) == name:
                 self.tree.setCurrentItem(item)
                 return
 
@@ -222,21 +274,24 @@ class AdapterPanel(Panel):
                     busy or ("" if has else "no adapters attached"),
                     "Base behaviour; adapters stay attached",
                 ),
-                self.delete_btn: (
-                    busy or ("" if sel and sel != BASE_ROW else "select an adapter to delete"),
-                    "Remove the selected adapter and free its memory",
+                self.detach_btn: (
+                    busy or ("" if sel and sel != BASE_ROW else "select an adapter to detach"),
+                    DETACH_TIP,
                 ),
                 self.unload_btn: (
                     busy or ("" if has else "no adapters attached"),
-                    "Remove every adapter; keep the base",
+                    "Detach every adapter (asks first); keep the base. The files on disk are untouched",
                 ),
                 self.generate_btn: (
                     busy or ("" if loaded else "load a base model first"),
-                    "Generate with the active adapter",
+                    "Generate with the active adapter, streamed (Enter or Ctrl+Enter)",
                 ),
             }
         )
         self.cancel_btn.setEnabled(self.runner.current is not None)
+        running = self.generate_job is not None
+        self.stop_btn.setEnabled(running)
+        self.stop_btn.setToolTip("stop generating within one decoding step" if running else "nothing is generating")
 
     # -- jobs ---------------------------------------------------------------------------------------------------------
     def _run(self, name: str, fn, on_done, *, marker: str | None = None) -> Job | None:
@@ -250,9 +305,11 @@ class AdapterPanel(Panel):
         return self.op(name, fn).on_success(done).run()
 
     def browse_attach(self) -> None:
-        start = str(Path(self.state.adapters[-1][1]).parent) if self.state.adapters else str(Path.home())
+        beside_last = str(Path(self.state.adapters[-1][1]).parent) if self.state.adapters else ""
+        start = self.start_folder("adapter", beside_last)
         path = QFileDialog.getExistingDirectory(self, "Choose a LoRA adapter folder", start)
         if path:
+            self.remember_folder("adapter", path)
             self.attach(path)
 
     def unique_name(self, path: str) -> str:
@@ -301,14 +358,12 @@ class AdapterPanel(Panel):
             self.show_message(f"{mismatch.message} — not attached", "warn")
 
     def _ask_resize(self, mismatch: VocabularyMismatch) -> bool:
-        from PySide6.QtWidgets import QMessageBox
-
         answer = QMessageBox.question(
             self,
             "Resize the vocabulary?",
-            f"{mismatch.message}.\n\nThe adapter folder has its own tokenizer with the added tokens. Resize the base's "
-            f"embeddings to {mismatch.adapter_vocab} tokens and use that tokenizer? (The files on disk are not changed; "
-            "a merge saves the adapter's tokenizer with the model.)",
+            f"{mismatch.message}.\n\nThe adapter folder has its own tokenizer with the added tokens. "
+            f"Resize the base's embeddings to {mismatch.adapter_vocab} tokens and use that tokenizer? "
+            "(The files on disk are not changed; a merge saves the adapter's tokenizer with the model.)",
             QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
             QMessageBox.StandardButton.Yes,
         )
@@ -357,55 +412,118 @@ class AdapterPanel(Panel):
 
         return self._run(label, run, done, marker=label)
 
-    def delete_selected(self) -> Job | None:
+    def detach_selected(self) -> Job | None:
         name = self.selected_name()
         if name and name != BASE_ROW:
-            return self.delete(name)
+            return self.detach(name)
         return None
 
-    def delete(self, name: str) -> Job | None:
+    def detach(self, name: str) -> Job | None:
+        """Take the adapter off the model and free its memory (the session's ``delete``); its files stay."""
         size = next((a[2] for a in self.state.adapters if a[0] == name), 0)
         self._inspections.pop(name, None)
         session = self.session
-        return self._release_job(f"deleted {name}", size, lambda: session.delete(name))
+        return self._release_job(f"detached {name}", size, lambda: session.delete(name))
 
     def unload_all(self) -> Job | None:
+        """Detach every adapter, after :attr:`confirm_unload` says yes (None when it says no)."""
+        names = [a[0] for a in self.state.adapters]
+        if not names or not self.confirm_unload(names):
+            return None
         size = sum(a[2] for a in self.state.adapters)
         self._inspections.clear()
         session = self.session
         return self._release_job("unloaded all adapters", size, session.unload_all)
 
-    def generate(self) -> Job | None:
-        from lora_studio.core.generation.generate import GenerationSettings, generate
+    def _ask_unload(self, names: Sequence[str]) -> bool:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        answer = QMessageBox.question(
+            self,
+            "Unload all adapters?",
+            f"Detach all {len(names)} adapters ({shown}) from the model and free their memory?\n\n"
+            "The base stays loaded and the adapter folders on disk are untouched; attach them again to use them.",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No,
+        )
+        return answer == QMessageBox.StandardButton.Yes
 
+    def generate(self) -> Job | None:
+        """Generate with the active adapter (or the base), streamed into the output box as tokens arrive."""
+        from lora_studio.core.generation.generate import generate
+
+        if self.generate_job is not None:
+            return None  # Ctrl+Enter again while it streams: the running one goes on (Stop ends it)
         prompt = self.prompt_edit.text()
-        settings = GenerationSettings(max_new_tokens=self.max_tokens.value())
+        settings = self.decoding.settings(use_chat_template=True)
         session = self.session
         who = self.state.active_adapter or "base"
+        stream = _TextBuffer()
 
         def run(*, cancel, report):
             with session.lock:
                 model = session.require_loaded()
-                return generate(model, session.tokenizer, prompt, settings, cancel=cancel, report=report)
+                return generate(
+                    model, session.tokenizer, prompt, settings, cancel=cancel, report=report, on_text=stream.push
+                )
 
-        def done(generated) -> None:
-            self.output.setPlainText(generated.text)
+        def done(generated: Generated) -> None:
+            self.output.setPlainText(generated.text)  # exactly the decoded result, whatever was streamed
             self.show_message(f"{who}: {len(generated.token_ids)} tokens", "ok")
 
+        job = (
+            self.op(f"generating with {who}", run)
+            .on_end(self._end_generation)
+            .on_success(done)
+            .on_cancel(lambda: self.show_message(f"{who}: stopped after {self.streamed_tokens} tokens", "warn"))
+            .run()
+        )
+        if job is None:
+            return None
+        self._stream, self.generate_job, self.streamed_tokens = stream, job, 0
         self.output.setPlainText("")
-        return self._run(f"generating with {who}", run, done)
+        self.output.setPlaceholderText("waiting for the first token…")
+        self._flush_timer.start()
+        self.update_buttons()
+        return job
+
+    def stop_generation(self) -> None:
+        if self.cancel_job(self.generate_job, "stopping…", "warn"):
+            self.stop_btn.setEnabled(False)
+
+    def flush(self) -> None:
+        """Append what the worker streamed since the last tick (the timer's slot)."""
+        text, tokens = self._stream.drain()
+        if not text and not tokens:
+            return
+        self.streamed_tokens += tokens
+        if text:
+            cursor = self.output.textCursor()
+            cursor.movePosition(QTextCursor.MoveOperation.End)
+            cursor.insertText(text)
+            self.output.setTextCursor(cursor)
+            self.output.ensureCursorVisible()
+
+    def _end_generation(self) -> None:
+        self._flush_timer.stop()
+        self.flush()
+        self.generate_job = None
+        self.output.setPlaceholderText("the output streams here as it is generated")
 
     # -- inspector (a keyed side job: selecting another adapter supersedes it) ---------------------------------------
     def _selection_changed(self) -> None:
         self.update_buttons()
         name = self.selected_name()
-        if not name or name == BASE_ROW:
+        if name == BASE_ROW:  # the base has no adapter to inspect: an empty inspector, not the last adapter's
+            self.inspector.clear("the base model: no adapter is applied")
+            return
+        if not name:
             return
         path = next((a[1] for a in self.state.adapters if a[0] == name), None)
         if path is None:
             return
         if name in self._inspections:
-            self._show_inspected(*self._inspections[name])
+            if self._inspections[name][0] is not self.inspection:  # the list was rebuilt: nothing new to draw
+                self._show_inspected(*self._inspections[name])
             return
         from lora_studio.core.adapters.inspection import inspect_adapter
         from lora_studio.core.adapters.training_log import read_loss_log

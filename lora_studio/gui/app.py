@@ -23,7 +23,9 @@ def run_app(demo: bool = False, base: str | None = None) -> int:
     from lora_studio.gui.main_window import MainWindow
 
     setup_logging("window")
-    app = QApplication.instance() or QApplication(sys.argv[:1])
+    existing = QApplication.instance()
+    assert existing is None or isinstance(existing, QApplication)  # this process only ever makes a QApplication
+    app = existing or QApplication(sys.argv[:1])
     app.setApplicationName("LoRA Studio")
     app.setOrganizationName("LoRA Studio")
     app.setDesktopFileName("lora-studio")

@@ -30,8 +30,9 @@ class PromptBox(QWidget):
         super().__init__(parent)
         self.prompts: list[str] = []
         self.edit = QPlainTextEdit()
-        self.edit.setPlaceholderText("a prompt to send to every ticked variant…")
-        self.edit.setFixedHeight(72)
+        self.edit.setPlaceholderText("a prompt to send to every ticked variant… (Ctrl+Enter runs)")
+        self.edit.setTabChangesFocus(True)  # Tab moves on to the next control; a prompt rarely needs a tab character
+        self.edit.setFixedHeight(60)
         self.select = QComboBox()
         self.select.setToolTip("prompts from the loaded file; the chosen one goes into the box")
         self.select.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)

@@ -41,7 +41,7 @@ class VariantPicker(QGroupBox):
         self.variant_list.setToolTip("ticked variants become columns")
         self.variant_list.itemChanged.connect(self._ticks_changed)
         self.variant_list.currentItemChanged.connect(lambda *_: self.current_changed.emit())
-        self.add_merged_btn = QPushButton("Add merged model folder…")
+        self.add_merged_btn = QPushButton("Add merged folder…")
         self.remove_btn = QPushButton("Remove")
         self.reference_combo = QComboBox()
         self.reference_combo.setToolTip("divergence and KL are measured against this column (applies to the next run)")
@@ -56,7 +56,7 @@ class VariantPicker(QGroupBox):
         ref_row.addWidget(self.reference_combo, 1)
         layout.addLayout(ref_row)
 
-    # -- what is listed -------------------------------------------------------------------------------------------------
+    # -- what is listed ------------------------------------------------------------------------------------------------
     def base_name(self) -> str:
         adapters = {a[0] for a in self.state.adapters} if self.state else set()
         return "base" if "base" not in adapters else "base (adapters off)"
@@ -100,7 +100,7 @@ class VariantPicker(QGroupBox):
         self.variant_list.blockSignals(False)
         self._ticks_changed()
 
-    # -- ticks and the reference ------------------------------------------------------------------------------------------
+    # -- ticks and the reference ---------------------------------------------------------------------------------------
     def ticked(self) -> list[tuple[str, str]]:
         out = []
         for i in range(self.variant_list.count()):
@@ -123,6 +123,18 @@ class VariantPicker(QGroupBox):
     def reference(self) -> str | None:
         return self.reference_combo.currentText() or None
 
+    def set_reference(self, name: str) -> None:
+        """Make the ticked variant ``name`` the reference (for the next run)."""
+        if self.reference_combo.findText(name) >= 0:
+            self.reference_combo.setCurrentText(name)
+
+    def merged_named_for(self, path: str) -> str | None:
+        """The column name of the merged folder at ``path`` when it is already loaded beside the session."""
+        for name, held in self.merged_paths.items():
+            if held == path and name in self.merged:
+                return name
+        return None
+
     def _ticks_changed(self, *_args) -> None:
         for i in range(self.variant_list.count()):
             item = self.variant_list.item(i)
@@ -141,7 +153,7 @@ class VariantPicker(QGroupBox):
         self.reference_combo.blockSignals(False)
         self.ticks_changed.emit()
 
-    # -- merged folders -------------------------------------------------------------------------------------------------
+    # -- merged folders ------------------------------------------------------------------------------------------------
     def selected_merged(self) -> str | None:
         item = self.variant_list.currentItem()
         if item is None or item.data(Qt.ItemDataRole.UserRole)[1] != KIND_MERGED:

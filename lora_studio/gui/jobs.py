@@ -5,7 +5,10 @@ runner runs it on a private QThreadPool, so the GUI thread only ever draws; it
 hands back, on the GUI thread:
 
 * progress, throttled to about 20 updates a second (a per-tensor report from a
-  10 000-tensor load must not flood the event loop), the last one always delivered;
+  10 000-tensor load must not flood the event loop). Only repeats of one stage
+  (``Progress.stage``) are dropped: the first report of every new stage is delivered at
+  once, so "verifying" shows the moment a merge's last tensor is written; the last
+  report of a job is always delivered;
 * exactly ONE terminal signal per job: ``finished(result)``, ``failed(ErrorDescription)``
   or ``cancelled()``. Errors are turned into words by ``core.errors.describe`` only.
 
@@ -29,7 +32,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from PySide6.QtCore import QObject, QRunnable, Qt, QThreadPool, Signal, Slot
 
@@ -61,7 +64,11 @@ def _lower_worker_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), WORKER_NICE))
 
 
-RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
+JobState = Literal["running", "finished", "failed", "cancelled"]
+RUNNING: JobState = "running"
+FINISHED: JobState = "finished"
+FAILED: JobState = "failed"
+CANCELLED: JobState = "cancelled"
 
 
 class Busy(UserError):
@@ -83,7 +90,7 @@ class Job(QObject):
         self.exclusive = exclusive
         self.key = key
         self.token = CancelToken()
-        self.state = RUNNING
+        self.state: JobState = RUNNING
         self.started_at = time.monotonic()
         self.last_progress: Progress | None = None
         self.result: Any = None
@@ -114,6 +121,7 @@ class _Runnable(QRunnable):
         self.setAutoDelete(True)
         self._id, self._fn, self._token, self._bridge = job_id, fn, token, bridge
         self._last_emit = 0.0
+        self._last_stage: str | None = None
         self._pending: Progress | None = None
         self._lock = threading.Lock()
 
@@ -121,15 +129,18 @@ class _Runnable(QRunnable):
         now = time.monotonic()
         final = progress.total is not None and progress.done >= progress.total
         with self._lock:
-            if not final and now - self._last_emit < PROGRESS_INTERVAL_S:
+            repeat = progress.stage == self._last_stage
+            if repeat and not final and now - self._last_emit < PROGRESS_INTERVAL_S:
                 self._pending = progress  # keep the newest; sent with the next one or before the outcome
                 return
-            self._last_emit = now
+            # a new stage goes out at once; an older stage's pending repeat is superseded by it
+            self._last_emit, self._last_stage = now, progress.stage
             self._pending = None
         self._bridge.progress.emit(self._id, progress)
 
     def run(self) -> None:  # worker thread
         _lower_worker_priority()
+        payload: object  # the exception, the result, or None when cancelled
         try:
             result = self._fn(cancel=self._token, report=self._report)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes one terminal signal
@@ -268,7 +279,7 @@ class JobRunner(QObject):
         if self._exclusive is job:
             self._exclusive = None
             self.busy_changed.emit("")
-        if self._by_key.get(job.key or "") is job:
+        if job.key is not None and self._by_key.get(job.key) is job:
             del self._by_key[job.key]
         if job.done:  # superseded earlier: its listeners already saw 'cancelled'
             job.deleteLater()
@@ -282,7 +293,7 @@ class JobRunner(QObject):
             self._end(job, CANCELLED if desc.kind == "cancelled" else FAILED, desc)
         job.deleteLater()
 
-    def _end(self, job: Job, state: str, payload: object) -> None:
+    def _end(self, job: Job, state: JobState, payload: object) -> None:
         if job.done:
             return
         job.state = state

@@ -9,6 +9,7 @@ into them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt, QTimer
@@ -16,9 +17,9 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QDockWidget,
     QFrame,
-    QLabel,
     QMainWindow,
     QMenu,
+    QMessageBox,
     QPushButton,
     QScrollArea,
     QTabWidget,
@@ -26,7 +27,7 @@ from PySide6.QtWidgets import (
 )
 
 from lora_studio.app_logging import current_log_path
-from lora_studio.core.session import Session
+from lora_studio.core.session import Session, SessionState
 from lora_studio.core.system.memory import MemorySampler
 from lora_studio.gui.adapter_panel import AdapterPanel
 from lora_studio.gui.compare_panel import ComparePanel
@@ -39,7 +40,25 @@ from lora_studio.gui.model_panel import ModelPanel
 from lora_studio.gui.session_model import SessionModel
 from lora_studio.gui.settings import StudioSettings
 from lora_studio.gui.startup import Preloader, warm_up
-from lora_studio.gui.widgets import job_progress_bar, reset_progress, show_progress
+from lora_studio.gui.widgets import ElidedLabel, job_progress_bar, reset_progress, show_progress
+
+
+def session_markers(before: SessionState, after: SessionState) -> list[str]:
+    """Chart markers for the session changes no panel marks itself: an adapter activated, a combination added.
+
+    Loads, attaches, detaches and unloads are marked by whoever ran them; a new base marks nothing here.
+    """
+    if after.base != before.base or after.base_path != before.base_path:
+        return []
+    names_before = {name for name, _, _ in before.adapters}
+    marks = [
+        f"combined {name}"
+        for name, path, _ in after.adapters
+        if name not in names_before and str(path).startswith("combination (")
+    ]
+    if after.active_adapter and after.active_adapter != before.active_adapter and after.active_adapter in names_before:
+        marks.append(f"activated {after.active_adapter}")
+    return marks
 
 
 def drop_kind(path: Path) -> str | None:
@@ -72,6 +91,8 @@ class MainWindow(QMainWindow):
         self.setDockNestingEnabled(True)
         self.session = session or Session()
         self.settings = settings or StudioSettings()
+        # asked (with the running job's name) before the window closes during a model job; tests replace it
+        self.confirm_quit: Callable[[str], bool] = self._ask_quit
         self.gc_guard = GuiThreadGarbageCollector(self)  # before any worker exists
         self.runner = JobRunner(self)
         self.session_model = SessionModel(self.session, self.runner, self)  # before the panels: it refreshes first
@@ -98,19 +119,23 @@ class MainWindow(QMainWindow):
         )
         self.tabs.addTab(self.merge_panel, "Merge")
 
+        # the Base model column runs the window's full height (Load and the Loaded box in view at 720 pixels);
+        # Memory and Log share the bottom right of it
+        self.setCorner(Qt.Corner.BottomLeftCorner, Qt.DockWidgetArea.LeftDockWidgetArea)
         self.model_dock = self._dock("Base model", self.model_panel, Qt.DockWidgetArea.LeftDockWidgetArea, "dock-model")
         self.memory_dock = self._dock(
             "Memory", self.memory_panel, Qt.DockWidgetArea.BottomDockWidgetArea, "dock-memory"
         )
         self.log_dock = self._dock("Log", self.log_panel, Qt.DockWidgetArea.BottomDockWidgetArea, "dock-log")
         self.splitDockWidget(self.memory_dock, self.log_dock, Qt.Orientation.Horizontal)
-        self.resizeDocks([self.model_dock], [360], Qt.Orientation.Horizontal)
-        self.resizeDocks([self.memory_dock, self.log_dock], [300, 300], Qt.Orientation.Vertical)
 
         # status bar: what is running, its progress, and the one Cancel for model jobs
-        self.status_label = QLabel("Ready. Pick a base model on the left, or drop a model or adapter folder here.")
+        # elided to its share of the bar (full text in the tooltip): a long message never widens the window
+        self.status_label = ElidedLabel("Ready. Pick a base model on the left, or drop a model or adapter folder here.")
         self.job_progress = job_progress_bar()
-        self.job_progress.setMaximumWidth(260)
+        # wide enough for "verifying: loading the saved folder: 123/456 tensors"; longer texts elide in the middle
+        self.job_progress.setMinimumWidth(300)
+        self.job_progress.setMaximumWidth(420)
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(self.runner.cancel_current)
@@ -144,25 +169,32 @@ class MainWindow(QMainWindow):
 
     def _build_menus(self) -> None:
         file_menu = self.menuBar().addMenu("&File")
-        act = QAction("Open model &folder…", self, shortcut=QKeySequence.StandardKey.Open)
+        act = QAction("Open model &folder…", self, shortcut=QKeySequence(QKeySequence.StandardKey.Open))
         act.triggered.connect(self.model_panel.browse_folder)
         file_menu.addAction(act)
         act = QAction("Open &GGUF file…", self)
         act.triggered.connect(self.model_panel.browse_gguf)
         file_menu.addAction(act)
-        act = QAction("&Attach adapter folder…", self, shortcut="Ctrl+A")
+        act = QAction("&Attach adapter folder…", self, shortcut=QKeySequence("Ctrl+A"))
         act.triggered.connect(self.adapter_panel.browse_attach)
         file_menu.addAction(act)
         self.recent_menu = QMenu("&Recent", self)
         self.recent_menu.aboutToShow.connect(self._fill_recent)
         file_menu.addMenu(self.recent_menu)
         file_menu.addSeparator()
-        act = QAction("&Quit", self, shortcut=QKeySequence.StandardKey.Quit)
+        act = QAction("&Quit", self, shortcut=QKeySequence("Ctrl+Q"))  # StandardKey.Quit is empty on some platforms
         act.triggered.connect(self.close)
         file_menu.addAction(act)
         view = self.menuBar().addMenu("&View")
         for dock in (self.model_dock, self.memory_dock, self.log_dock):
             view.addAction(dock.toggleViewAction())
+        help_menu = self.menuBar().addMenu("&Help")
+        act = QAction("&Keyboard shortcuts…", self, shortcut=QKeySequence("Ctrl+/"))
+        act.triggered.connect(self.show_shortcuts)
+        help_menu.addAction(act)
+        act = QAction("&About LoRA Studio…", self)
+        act.triggered.connect(self.show_about)
+        help_menu.addAction(act)
         self._fill_recent()
 
     def _fill_recent(self) -> None:
@@ -186,7 +218,11 @@ class MainWindow(QMainWindow):
             menu.addAction("(nothing yet)").setEnabled(False)
         else:
             menu.addSeparator()
-            menu.addAction("Clear recent", lambda: (self.settings.clear_recent(), self._fill_recent()))
+            menu.addAction("Clear recent", self._clear_recent)
+
+    def _clear_recent(self) -> None:
+        self.settings.clear_recent()
+        self._fill_recent()
 
     def _connect(self) -> None:
         r = self.runner
@@ -196,11 +232,14 @@ class MainWindow(QMainWindow):
         r.job_failed.connect(self._job_failed)
         r.job_cancelled.connect(self._job_cancelled)
         r.busy_changed.connect(self._busy_changed)
-        r.refused.connect(self.show_error)  # a model job refused while another runs: said in the status bar
+        r.refused.connect(self._refused)  # a model job refused while another runs: said in the status bar
         self.model_panel.loaded.connect(self._base_loaded)
         for panel in (self.model_panel, self.adapter_panel, self.compare_panel, self.merge_panel):
             panel.marker.connect(self.memory_panel.mark)
             panel.log_line.connect(self.log_panel.log)
+            panel.folders = self.settings  # file dialogs open where the last one of their kind ended
+        self.session_model.state_changed.connect(self._mark_session_change)
+        self._marked_state = self.session_model.state
         self.adapter_panel.released.connect(self._released)
         self.adapter_panel.adapter_attached.connect(self.settings.add_recent_adapter)
 
@@ -216,6 +255,22 @@ class MainWindow(QMainWindow):
             self.resize(size)
         if state is not None:
             self.restoreState(state)
+        else:
+            self.fit_docks()
+
+    def fit_docks(self) -> None:
+        """The first layout, for this window's size: a Base model column of ~330 px, Memory and Log below the
+        tabs taking ~30 % of the height (the Adapters tab keeps room for the inspector's fields and chart),
+        Memory wider than Log."""
+        width, height = self.width(), self.height()
+        model_width = max(300, min(340, int(width * 0.26)))
+        bottom = max(190, min(260, int(height * 0.3)))
+        self.resizeDocks([self.model_dock], [model_width], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.memory_dock, self.log_dock], [bottom, bottom], Qt.Orientation.Vertical)
+        rest = width - model_width
+        self.resizeDocks(
+            [self.memory_dock, self.log_dock], [int(rest * 0.58), int(rest * 0.42)], Qt.Orientation.Horizontal
+        )
 
     # -- runner events ------------------------------------------------------------------------------------------------
     def _job_started(self, job) -> None:
@@ -242,8 +297,8 @@ class MainWindow(QMainWindow):
     def _job_failed(self, job, desc) -> None:
         # One readable line in the window; the full story (traceback for internal errors) in the log.
         self.log_panel.log(f"{job.name}: {desc.message}", "error", desc.detail if desc.kind == "internal" else "")
-        self.status_label.setText(f"✖ {desc.message}")
-        self.status_label.setToolTip(desc.message)
+        if job.exclusive:  # a side job's failure (an estimate, an inspection) is its panel's line, not the window's
+            self.status_label.setText(f"✖ {desc.message}")
 
     def _job_cancelled(self, job) -> None:
         if job.exclusive:
@@ -264,6 +319,15 @@ class MainWindow(QMainWindow):
     def _released(self, reclaimed) -> None:
         self.memory_panel.show_release(reclaimed)
         self.log_panel.log(reclaimed.message(), "warn" if reclaimed.leaked else "info")
+
+    def _refused(self, message: str) -> None:
+        # the panel that asked says it too, as a warning; not an error for the log (nothing failed)
+        self.status_label.setText(message)
+
+    def _mark_session_change(self, state: SessionState) -> None:
+        for text in session_markers(self._marked_state, state):
+            self.memory_panel.mark(text)
+        self._marked_state = state
 
     def show_error(self, message: str) -> None:
         self.status_label.setText(f"✖ {message}")
@@ -426,7 +490,35 @@ class MainWindow(QMainWindow):
         if not self._closed:
             self.adapter_panel.build_charts()
 
+    # -- help ---------------------------------------------------------------------------------------------------------
+    def show_shortcuts(self) -> None:
+        from lora_studio.gui.help_dialogs import ShortcutsDialog
+
+        self._shortcuts_dialog = ShortcutsDialog(self)
+        self._shortcuts_dialog.show()
+
+    def show_about(self) -> None:
+        from lora_studio.gui.help_dialogs import AboutDialog
+
+        self._about_dialog = AboutDialog(self)
+        self._about_dialog.show()
+
+    # -- closing ------------------------------------------------------------------------------------------------------
+    def _ask_quit(self, job_name: str) -> bool:
+        answer = QMessageBox.question(
+            self,
+            "Quit LoRA Studio?",
+            f"“{job_name}” is still running.\n\nQuit anyway? The job is cancelled at its next safe point first.",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No,
+        )
+        return answer == QMessageBox.StandardButton.Yes
+
     def closeEvent(self, event) -> None:
+        job = None if self._closed else self.runner.current
+        if job is not None and not job.done and not self.confirm_quit(job.name):
+            event.ignore()  # the user keeps the window and the job
+            return
         self.settings.save_window(self.saveGeometry(), self.saveState())
         self.shutdown()
         super().closeEvent(event)

@@ -4,21 +4,89 @@ The sampling (psutil, NVML, torch) happens on the core's SamplingThread, never o
 the GUI thread; samples arrive here through a queued signal. pyqtgraph is imported
 when the chart is first built (after the window is shown) because importing it
 costs about a second of startup.
+
+The readings say what each number is: the process's resident memory split into its own (anonymous) memory and
+mapped-file pages (weights loaded by mmap count in RSS, but the system counts clean file pages as page cache, so
+RSS can exceed the system's "in use"), and system RAM in use (total - available). The lines above the chart
+double as its legend. Event markers closer than a few pixels merge into one "N events" marker; every marker's
+full text is in its tooltip.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from PySide6.QtCore import QObject, Qt, Signal, Slot
-from PySide6.QtWidgets import QGraphicsItem, QGridLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QGraphicsItem, QGridLayout, QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from lora_studio.core.system.memory import GiB, MemorySample, MemorySampler, Reclaimed, SamplingThread, format_bytes
+from lora_studio.gui.widgets import ElidedLabel
 
 HISTORY_S = 120.0  # the chart shows the last two minutes
 SAMPLE_INTERVAL_S = 0.25
 MAX_MARKERS = 30
+MARKER_MIN_GAP_PX = 18  # markers closer than this (about a label's line height) merge into one
+REPEAT_MARKER_S = 1.0  # the same text again within this long is one event (a panel and the window both said it)
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+# fixed colours per curve, so the readings above the chart can be its legend
+CURVE_COLORS = {"rss": "#1f77b4", "anon": "#1f77b4", "ram": "#ff7f0e"}
+GPU_COLORS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+PROCESS_TIP = (
+    "This process's resident memory (RSS), split in two:\n"
+    "• its own: heap and tensors it created (anonymous memory, RssAnon)\n"
+    "• mapped files: pages of files it maps - weights loaded by mmap from .safetensors, libraries (RssFile)\n"
+    "Mapped file pages count in RSS, but the system counts clean ones as page cache (reclaimable), so this can be\n"
+    "larger than 'System RAM in use'. Solid line: RSS; dotted: its own memory."
+)
+SYSTEM_TIP = (
+    "System RAM in use by every process: total - available (the kernel's MemAvailable).\n"
+    "Page cache, which includes the weight files this process maps, counts as available, not as in use."
+)
+
+GPU_TIP = (
+    "GPU memory in use by every process on this GPU (NVML), and torch's allocator in this process:\n"
+    "allocated = live tensors (dotted line); reserved = what torch keeps cached for reuse (also counts in use)."
+)
+
+
+@dataclass(frozen=True)
+class MarkerGroup:
+    """One drawn marker: the events that fall within a few pixels of each other."""
+
+    time: float  # time.monotonic() of its first event (where its line is drawn)
+    events: tuple[tuple[float, str], ...]  # (time.monotonic(), text), oldest first
+
+    @property
+    def label(self) -> str:
+        return self.events[0][1] if len(self.events) == 1 else f"{len(self.events)} events"
+
+
+def group_markers(markers: Sequence[tuple[float, str]], min_gap_s: float) -> list[MarkerGroup]:
+    """Markers in time order, merged so that no two drawn lines are closer than ``min_gap_s``.
+
+    A group starts at its first event and takes every later one within ``min_gap_s`` of that start, so the
+    next group's line is at least ``min_gap_s`` away.
+    """
+    groups: list[list[tuple[float, str]]] = []
+    for t, text in sorted(markers, key=lambda m: m[0]):
+        if groups and t - groups[-1][0][0] < min_gap_s:
+            groups[-1].append((t, text))
+        else:
+            groups.append([(t, text)])
+    return [MarkerGroup(g[0][0], tuple(g)) for g in groups]
+
+
+SWATCH_GLYPHS = {"solid": "━━", "dash": "╍╍", "dot": "┉┉"}
+
+
+def swatch(color: str, style: str = "solid") -> str:
+    """A short coloured line in rich text ("solid", "dash" or "dot"): the legend entry of a curve."""
+    return f"<span style='color:{color}; font-weight:bold'>{SWATCH_GLYPHS[style]}</span>"
 
 
 def nice_ceiling(value: float) -> float:
@@ -70,29 +138,45 @@ class MemoryPanel(QWidget):
         self.monitor = monitor
         self.samples: deque[MemorySample] = deque(maxlen=int(HISTORY_S / monitor.interval_s) + 8)
         self.markers: deque[tuple[float, str]] = deque(maxlen=MAX_MARKERS)
+        self._marker_clock: dict[float, str] = {}  # marker time -> wall-clock "HH:MM:SS", for the tooltips
+        # the process line: RSS = its own + mapped files; the system line: RAM in use (page cache not counted)
         self.ram_label = QLabel("Reading memory…")
         self.ram_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.ram_label.setToolTip(PROCESS_TIP)
+        self.system_label = QLabel("")
+        self.system_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.system_label.setToolTip(SYSTEM_TIP)
         self.gpu_box = QGridLayout()
         self.gpu_labels: list[QLabel] = []
-        self.no_gpu_label = QLabel("")
+        self.no_gpu_label = ElidedLabel("")  # beside the system line: one line, the full reason in its tooltip
         self.no_gpu_label.setStyleSheet("color: palette(mid);")
-        self.release_label = QLabel("")
-        self.release_label.setWordWrap(True)
+        self.no_gpu_label.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        # one elided line whose place is kept while hidden: a release message never takes the chart's height
+        self.release_label = ElidedLabel("")
+        policy = self.release_label.sizePolicy()
+        policy.setRetainSizeWhenHidden(True)
+        self.release_label.setSizePolicy(policy)
         self.release_label.hide()
         self.chart_host = QVBoxLayout()
         self.placeholder = QLabel("chart starting…")
         self.placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.chart_host.addWidget(self.placeholder)
+        system_row = QHBoxLayout()
+        system_row.addWidget(self.system_label)
+        system_row.addWidget(self.no_gpu_label, 1)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
+        layout.setSpacing(2)
         layout.addWidget(self.ram_label)
+        layout.addLayout(system_row)
         layout.addLayout(self.gpu_box)
-        layout.addWidget(self.no_gpu_label)
         layout.addWidget(self.release_label)
         layout.addLayout(self.chart_host, 1)
-        self.plot = None
+        self.plot: Any = None  # a pyqtgraph PlotWidget once built
+        self._y_top: float | None = None
         self._curves: dict[str, object] = {}
         self._marker_items: list = []
+        self.groups: list[MarkerGroup] = []  # the markers as drawn (merged when close)
         if not monitor.sampler.has_gpus:
             self.no_gpu_label.setText(monitor.sampler.gpu_status or "no NVIDIA GPU found")
         else:
@@ -108,7 +192,7 @@ class MemoryPanel(QWidget):
 
         pg.setConfigOptions(antialias=False, background="w", foreground="#333")
         plot = pg.PlotWidget()
-        plot.setMinimumHeight(140)
+        plot.setMinimumHeight(110)
         plot.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         # Horizontal grid lines only: pyqtgraph draws a grid as part of its axis, so an x grid would make the
         # bottom axis repaint with every sample too. The y range is set by _redraw in steps (not auto-ranged
@@ -121,13 +205,12 @@ class MemoryPanel(QWidget):
         plot.setMouseEnabled(x=False, y=False)
         plot.hideButtons()
         plot.getPlotItem().setMenuEnabled(False)
-        plot.addLegend(offset=(8, 4), labelTextSize="8pt", colCount=4)
-        # Axes and legend change rarely (a y step, a new curve): Qt keeps them as pixmaps, so a repaint for a
-        # new sample does not call their Python paint() - each such call waits for the GIL beside a busy worker.
-        for item in (plot.getAxis("left"), plot.getAxis("bottom"), plot.getPlotItem().legend):
+        # No legend inside the plot (it hid the newest markers): the readings above the chart carry the swatches.
+        # Axes change rarely (a y step): Qt keeps them as pixmaps, so a repaint for a new sample does not call
+        # their Python paint() - each such call waits for the GIL beside a busy worker.
+        for item in (plot.getAxis("left"), plot.getAxis("bottom")):
             item.setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)
         self._pg = pg
-        self._y_top = None
         self.plot = plot
         self.placeholder.hide()
         self.chart_host.addWidget(plot, 1)
@@ -136,7 +219,7 @@ class MemoryPanel(QWidget):
     def _curve(self, key: str, label: str, style=Qt.PenStyle.SolidLine):
         curve = self._curves.get(key)
         if curve is None:
-            color = COLORS[len(self._curves) % len(COLORS)]
+            color = curve_color(key)
             curve = self.plot.plot([], [], name=label, pen=self._pg.mkPen(color, width=2, style=style))
             self._curves[key] = curve
         return curve
@@ -148,12 +231,8 @@ class MemoryPanel(QWidget):
     @Slot(object)
     def on_sample(self, sample: MemorySample) -> None:
         self.samples.append(sample)
-        ram_pct = 100.0 * sample.ram_used_bytes / sample.ram_total_bytes if sample.ram_total_bytes else 0
-        self.ram_label.setText(
-            f"<b>This process</b> {format_bytes(sample.rss_bytes)} &nbsp;·&nbsp; "
-            f"<b>System RAM</b> {format_bytes(sample.ram_used_bytes)} / {format_bytes(sample.ram_total_bytes)} "
-            f"({ram_pct:.0f}%)"
-        )
+        self.ram_label.setText(process_text(sample))
+        self.system_label.setText(system_text(sample))
         self._update_gpu_labels(sample)
         self._redraw()
 
@@ -166,13 +245,16 @@ class MemoryPanel(QWidget):
             self.gpu_labels.append(label)
         for label, gpu in zip(self.gpu_labels, sample.gpus, strict=False):
             util = f" · {gpu.utilization_percent}% busy" if gpu.utilization_percent is not None else ""
-            text = f"<b>GPU {gpu.index}</b> {gpu.name}: {format_bytes(gpu.used_bytes)} / {format_bytes(gpu.total_bytes)}{util}"
+            used = f"{format_bytes(gpu.used_bytes)} / {format_bytes(gpu.total_bytes)}"
+            text = f"{swatch(curve_color(f'gpu{gpu.index}'))} <b>GPU {gpu.index}</b> {gpu.name}: {used}{util}"
             t = torch_by_dev.get(f"cuda:{gpu.index}")
             if t is not None:
                 text += (
-                    f" · torch {format_bytes(t.allocated_bytes)} allocated, {format_bytes(t.reserved_bytes)} reserved"
+                    f" · {swatch(curve_color(f'gpu{gpu.index}'), 'dot')} torch {format_bytes(t.allocated_bytes)}"
+                    f" allocated, {format_bytes(t.reserved_bytes)} reserved"
                 )
             label.setText(text)
+            label.setToolTip(GPU_TIP)
         if not sample.gpus and self.monitor.sampler.gpu_status:
             self.no_gpu_label.setText(self.monitor.sampler.gpu_status)
             self.no_gpu_label.show()
@@ -183,7 +265,13 @@ class MemoryPanel(QWidget):
         now = self.samples[-1].time
         xs = [s.time - now for s in self.samples]
         self._curve("rss", "this process").setData(xs, [s.rss_bytes / GiB for s in self.samples])
-        self._curve("ram", "system RAM", Qt.DashLine).setData(xs, [s.ram_used_bytes / GiB for s in self.samples])
+        if self.samples[-1].has_rss_split:
+            self._curve("anon", "its own", Qt.PenStyle.DotLine).setData(
+                xs, [s.rss_anon_bytes / GiB for s in self.samples]
+            )
+        self._curve("ram", "system RAM", Qt.PenStyle.DashLine).setData(
+            xs, [s.ram_used_bytes / GiB for s in self.samples]
+        )
         last = self.samples[-1]
         for gpu in last.gpus:
             key = f"gpu{gpu.index}"
@@ -195,9 +283,9 @@ class MemoryPanel(QWidget):
         for t in last.torch_cuda:
             ys = []
             for s in self.samples:
-                match = next((r for r in s.torch_cuda if r.device == t.device), None)
-                ys.append(match.allocated_bytes / GiB if match else float("nan"))
-            self._curve(f"torch-{t.device}", f"torch {t.device}", Qt.DotLine).setData(xs, ys)
+                reading = next((r for r in s.torch_cuda if r.device == t.device), None)
+                ys.append(reading.allocated_bytes / GiB if reading else float("nan"))
+            self._curve(f"torch-{t.device}", f"torch {t.device}", Qt.PenStyle.DotLine).setData(xs, ys)
         self._set_y_range(
             max(max(s.rss_bytes, s.ram_used_bytes, *(g.used_bytes for g in s.gpus)) for s in self.samples) / GiB
         )
@@ -210,47 +298,102 @@ class MemoryPanel(QWidget):
             self._y_top = top
             self.plot.setYRange(0, top, padding=0)
 
-    def _draw_markers(self, now: float) -> None:
+    def _marker_gap_s(self) -> float:
+        """How many seconds MARKER_MIN_GAP_PX is on the chart now."""
+        width = self.plot.getPlotItem().getViewBox().width() if self.plot is not None else 0
+        return MARKER_MIN_GAP_PX * HISTORY_S * 1.02 / (width if width > 50 else 500)
+
+    def _new_marker_line(self):
         pg = self._pg
-        while len(self._marker_items) < len(self.markers):
-            # vertical text along the line, staggered so neighbouring markers do not overprint
-            position = (0.95, 0.7, 0.45)[len(self._marker_items) % 3]
-            line = pg.InfiniteLine(
-                angle=90,
-                movable=False,
-                pen=pg.mkPen("#888", width=1, style=Qt.PenStyle.DashLine),
-                label="",
-                labelOpts={
-                    "position": position,
-                    "color": "#333",
-                    "rotateAxis": (1, 0),
-                    "anchors": [(1, 1), (1, 1)],
-                    "fill": (255, 255, 255, 200),
-                },
-            )
-            line.label.setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)  # the text only moves with time
-            self.plot.addItem(line)
-            self._marker_items.append(line)
-        for item, (t, text) in zip(self._marker_items, self.markers, strict=False):
-            item.setPos(t - now)
-            if item.label.format != text:
-                item.label.setFormat(text)
-            item.setVisible(t - now > -HISTORY_S)
+        # vertical text along the line, from the bottom of the chart up (the curves' legend is above the chart)
+        line = pg.InfiniteLine(
+            angle=90,
+            movable=False,
+            pen=pg.mkPen("#888", width=1, style=Qt.PenStyle.DashLine),
+            label="",
+            labelOpts={
+                "position": 0.04,
+                "color": "#333",
+                "rotateAxis": (1, 0),
+                "anchors": [(0, 1), (0, 1)],
+                "fill": (255, 255, 255, 200),
+            },
+        )
+        line.label.setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)  # the text only moves with time
+        line.shown = ("", "")  # (label, tooltip) it shows: set again only when they change
+        self.plot.addItem(line)
+        return line
+
+    def _draw_markers(self, now: float) -> None:
+        from PySide6.QtGui import QFontMetrics
+
+        visible = [(t, text) for t, text in self.markers if t - now > -HISTORY_S]
+        self.groups = group_markers(visible, self._marker_gap_s())
+        while len(self._marker_items) < len(self.groups):
+            self._marker_items.append(self._new_marker_line())
+        room = max(40, int(self.plot.getPlotItem().getViewBox().height()) - 8)  # the label's length, in pixels
+        for item, group in zip(self._marker_items, self.groups, strict=False):
+            item.setPos(group.time - now)
+            tip = "\n".join(f"{self._marker_clock.get(t, '')}  {text}".strip() for t, text in group.events)
+            label = QFontMetrics(item.label.textItem.font()).elidedText(group.label, Qt.TextElideMode.ElideRight, room)
+            if item.shown != (label, tip):
+                item.shown = (label, tip)
+                item.label.setFormat(label)
+                item.label.setToolTip(tip)
+                item.setToolTip(tip)
+            item.setVisible(True)
+        for item in self._marker_items[len(self.groups) :]:
+            item.setVisible(False)
 
     # -- events -------------------------------------------------------------------------------------------------------
     def mark(self, text: str) -> None:
-        """An event marker on the chart ('loaded base', 'attached alpha', 'merged')."""
-        import time
-
-        if len(self.markers) == self.markers.maxlen and self._marker_items:
-            # the oldest marker falls off: reuse its line for the newest
-            self._marker_items.append(self._marker_items.pop(0))
-        self.markers.append((time.monotonic(), text))
+        """An event marker on the chart ('loaded base', 'attached alpha', 'merged'); a repeat within a second is
+        the same event (the window and a panel may both announce it)."""
+        now = time.monotonic()
+        if self.markers and self.markers[-1][1] == text and now - self.markers[-1][0] < REPEAT_MARKER_S:
+            return
+        if len(self.markers) == self.markers.maxlen:
+            self._marker_clock.pop(self.markers[0][0], None)
+        self.markers.append((now, text))
+        self._marker_clock[now] = time.strftime("%H:%M:%S")
         self._redraw()
 
+    def marker_groups(self) -> list[tuple[str, str]]:
+        """(label, tooltip) of each drawn marker, oldest first (what a user sees and reads on hover)."""
+        return [item.shown for item in self._marker_items[: len(self.groups)]]
+
     def show_release(self, reclaimed: Reclaimed) -> None:
+        """'deleted alpha: 1.4 MiB of RAM came back' on one line above the chart (full text in its tooltip)."""
         self.release_label.setText(reclaimed.message())
         self.release_label.setStyleSheet(
             "color: #b35900; font-weight: bold;" if reclaimed.leaked else "color: #2a7a2a;"
         )
         self.release_label.show()
+
+
+def curve_color(key: str) -> str:
+    """The fixed colour of a chart curve ("rss", "anon", "ram", "gpuN", "torch-cuda:N")."""
+    if key in CURVE_COLORS:
+        return CURVE_COLORS[key]
+    index = key.rsplit(":", 1)[-1] if key.startswith("torch-") else key.removeprefix("gpu")
+    return GPU_COLORS[int(index) % len(GPU_COLORS)] if index.isdigit() else COLORS[-1]
+
+
+def process_text(sample: MemorySample) -> str:
+    """The process line: RSS, and (where the OS says) how much of it is the process's own vs mapped files."""
+    text = f"{swatch(CURVE_COLORS['rss'])} <b>This process</b> {format_bytes(sample.rss_bytes)} resident"
+    if sample.has_rss_split:
+        text += (
+            f" = {swatch(CURVE_COLORS['anon'], 'dot')} {format_bytes(sample.rss_anon_bytes)} its own"
+            f" + {format_bytes(sample.rss_file_bytes)} mapped files"
+        )
+    return text
+
+
+def system_text(sample: MemorySample) -> str:
+    """The system line: RAM in use by every process (total - available) of the total."""
+    pct = 100.0 * sample.ram_used_bytes / sample.ram_total_bytes if sample.ram_total_bytes else 0
+    return (
+        f"{swatch(CURVE_COLORS['ram'], 'dash')} <b>System RAM in use</b> {format_bytes(sample.ram_used_bytes)}"
+        f" / {format_bytes(sample.ram_total_bytes)} ({pct:.0f}%)"
+    )

@@ -21,15 +21,29 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from lora_studio.core.adapters.combinations import COMBINATIONS, NEEDS_DENSITY
+from lora_studio.core.adapters.combinations import (
+    COMBINATIONS,
+    DEFAULT_COMBINATION,
+    NEEDS_DENSITY,
+    combination_refusal,
+    combined_rank,
+    fitting_combination,
+)
+from lora_studio.core.merge.plan import EngineName
 from lora_studio.core.model.dtypes import DTYPES
 from lora_studio.gui.merge_parts import AdapterRow
+from lora_studio.gui.widgets import STYLES
 
 ENGINE_CHOICES = (("auto", None), ("streaming", "streaming"), ("in-memory", "in-memory"))
 
 
 class AdapterPicker(QGroupBox):
-    """A row per attached adapter (tick it, weigh it), the combination type and its density, and Preview."""
+    """A row per attached adapter (tick it, weigh it), the combination type and its density, Preview and Save.
+
+    The combination type follows the ticks: it starts at one that works for any ranks (cat), keeps the one the
+    user chose while it works, and when new ticks make it fail (linear with unequal ranks) it moves to one that
+    works (svd, which keeps the rank, for a rank-keeping choice; else cat), saying so below.
+    """
 
     changed = Signal()  # a tick, a weight, the combination or the density changed
 
@@ -39,7 +53,7 @@ class AdapterPicker(QGroupBox):
         self.rows_host = QWidget()
         self.rows_grid = QGridLayout(self.rows_host)
         self.rows_grid.setContentsMargins(2, 2, 2, 2)
-        self.rows_grid.setColumnStretch(1, 1)
+        self.rows_grid.setColumnStretch(2, 1)
         self.no_adapters = QLabel("Attach an adapter in the Adapters tab; it appears here.")
         self.no_adapters.setStyleSheet("color: palette(mid);")
         scroll = QScrollArea()
@@ -48,26 +62,42 @@ class AdapterPicker(QGroupBox):
         scroll.setMinimumHeight(110)
         self.combo_type = QComboBox()
         self.combo_type.addItems(COMBINATIONS)
-        self.combo_type.setToolTip("how several adapters are combined (PEFT add_weighted_adapter)")
+        self.combo_type.setCurrentText(DEFAULT_COMBINATION)
+        self.combo_type.setToolTip(
+            "how several adapters are combined (PEFT add_weighted_adapter): cat and svd take any ranks "
+            "(cat is exact, its rank the sum; svd keeps the largest rank); linear, ties, dare_* and "
+            "magnitude_prune need equal ranks"
+        )
+        self.chosen_type: str | None = None  # the type the user picked (None: the default)
+        self._fitting = False  # the picker itself is changing the type
+        self.type_note = ""  # why the picker changed the type
+        self.refusal_text = ""
         self.density = QDoubleSpinBox(minimum=0.01, maximum=1.0, singleStep=0.05, decimals=2, value=0.5)
         self.density.setToolTip("fraction of entries kept (ties, dare_linear, dare_ties, magnitude_prune)")
         self.mode_label = QLabel("")
         self.mode_label.setWordWrap(True)
         self.mode_label.setStyleSheet("color: palette(mid);")
         self.preview_btn = QPushButton("Preview in Compare")
+        self.save_adapter_btn = QPushButton("Save as adapter…")
         combo_row = QHBoxLayout()
         combo_row.addWidget(QLabel("Combination"))
         combo_row.addWidget(self.combo_type)
         combo_row.addWidget(QLabel("density"))
         combo_row.addWidget(self.density)
         combo_row.addStretch(1)
-        combo_row.addWidget(self.preview_btn)
+        # the buttons on a row of their own: on one row with the combination they made the Merge tab ~1040 px
+        # wide at least, which squeezed the Base model dock at 1280 px (window-ux)
+        action_row = QHBoxLayout()
+        action_row.addStretch(1)
+        action_row.addWidget(self.preview_btn)
+        action_row.addWidget(self.save_adapter_btn)
         layout = QVBoxLayout(self)
         layout.addWidget(self.no_adapters)
         layout.addWidget(scroll, 1)
         layout.addLayout(combo_row)
+        layout.addLayout(action_row)
         layout.addWidget(self.mode_label)
-        self.combo_type.currentIndexChanged.connect(self._changed)
+        self.combo_type.currentIndexChanged.connect(self._type_changed)
         self.density.valueChanged.connect(self._changed)
 
     def show_adapters(self, adapters: tuple[tuple[str, str, int], ...], active: str | None) -> None:
@@ -77,7 +107,7 @@ class AdapterPicker(QGroupBox):
             return
         old = {r.name: (r.check.isChecked(), r.weight) for r in self.rows}
         for r in self.rows:
-            for w in (r.check, r.slider):
+            for w in r.widgets():
                 self.rows_grid.removeWidget(w)
                 w.deleteLater()
         self.rows = []
@@ -85,12 +115,12 @@ class AdapterPicker(QGroupBox):
             # a combination previewed in Compare is registered with a description, not a folder
             row = AdapterRow(name, path, Path(path).is_dir())
             checked, weight = old.get(name, (None, 1.0))
-            row.slider.setValue(weight)
+            row.set_weight(weight)
             row.check.setChecked(bool(checked))
-            row.check.toggled.connect(self._changed)
+            row.check.toggled.connect(self._ticks_changed)
             row.slider.valueChanged.connect(self._changed)
-            self.rows_grid.addWidget(row.check, i, 0)
-            self.rows_grid.addWidget(row.slider, i, 1)
+            for col, widget in enumerate(row.widgets()):
+                self.rows_grid.addWidget(widget, i, col)
             self.rows.append(row)
         self.rows_grid.setRowStretch(len(self.rows), 1)
         if self.rows and not any(r.checked for r in self.rows):  # default: the active adapter (or the only one)
@@ -99,6 +129,43 @@ class AdapterPicker(QGroupBox):
             if pick is not None:
                 pick.check.setChecked(True)
         self.no_adapters.setVisible(not self.rows)
+        self.fit_type()
+
+    def fit_type(self) -> None:
+        """After the ticks changed: a combination type that works for the ticked adapters (see the class)."""
+        members = [r.member for r in self.checked_rows()]
+        known = [m for m in members if m is not None]
+        current = self.combination()
+        refusal = combination_refusal(known, current) if len(known) == len(members) else None
+        if refusal is None:
+            self.type_note = ""
+            return
+        wanted = fitting_combination(known, self.chosen_type or current)
+        if wanted == current or combination_refusal(known, wanted) is not None:
+            self.type_note = ""  # nothing works better (a DoRA adapter, ...): the plan says why
+            return
+        why = refusal[0].split(": ", 1)[-1]
+        kept = "exact" if wanted == "cat" else "keeps the largest rank"
+        self.type_note = (
+            f"switched from {current} to {wanted} ({kept}, rank {combined_rank(known, wanted)}): {current} {why[3:]}"
+            if why.startswith("it ")
+            else f"switched from {current} to {wanted}: {why}"
+        )
+        self._fitting = True
+        try:
+            self.combo_type.setCurrentText(wanted)
+        finally:
+            self._fitting = False
+
+    def _ticks_changed(self, *_args) -> None:
+        self.fit_type()
+        self.changed.emit()
+
+    def _type_changed(self, *_args) -> None:
+        if not self._fitting:  # the user's choice: kept while it works for the ticked adapters
+            self.chosen_type = self.combination()
+            self.type_note = ""
+        self.changed.emit()
 
     def checked_rows(self) -> list[AdapterRow]:
         return [r for r in self.rows if r.checked]
@@ -114,16 +181,28 @@ class AdapterPicker(QGroupBox):
         """Weights and the combination apply to two or more ticked adapters; say which merge the ticks make."""
         rows = self.checked_rows()
         several = len(rows) > 1
+        self.mode_label.setStyleSheet("color: palette(mid);")
+        self.refusal_text = ""  # the combination's refusal shown in mode_label ('' for none)
         for r in self.rows:
-            r.slider.setEnabled(several and r.checked)
+            r.set_enabled(several and r.checked)
         self.combo_type.setEnabled(several)
         self.density.setEnabled(several and self.combination() in NEEDS_DENSITY)
         if not rows:
             self.mode_label.setText("")
         elif several:
+            members = [r.member for r in rows if r.member is not None]
+            known = len(members) == len(rows)
+            refusal = combination_refusal(members, self.combination()) if known else None
+            if refusal is not None:  # the plan refuses it too; said here, beside the type, before anything runs
+                self.refusal_text = refusal[0]
+                self.mode_label.setText(f"{refusal[0]} ({refusal[1]})")
+                self.mode_label.setStyleSheet(STYLES["warn"])
+                return
+            rank = f", rank {combined_rank(members, self.combination())}" if known else ""
             self.mode_label.setText(
                 f"{self.combination()} combination of {len(rows)} adapters "
-                "(PEFT add_weighted_adapter), merged by the in-memory engine"
+                f"(PEFT add_weighted_adapter{rank}), merged by the in-memory engine"
+                + (f"\n{self.type_note}" if self.type_note else "")
             )
         else:
             self.mode_label.setText(f"plain merge of {rows[0].name} (weights apply to combinations of two or more)")
@@ -198,6 +277,6 @@ class OutputBox(QGroupBox):
             self.dtype_combo.setCurrentText(dtype)
             self.dtype_combo.blockSignals(False)
 
-    def engine(self) -> str | None:
+    def engine(self) -> EngineName | None:
         """The engine chosen (None: auto)."""
         return self.engine_combo.currentData()

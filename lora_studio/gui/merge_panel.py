@@ -28,11 +28,19 @@ from PySide6.QtWidgets import (
 )
 
 from lora_studio.core.errors import UserError
-from lora_studio.core.merge import AdapterSpec, MergeOptions, MergePlan, merge_and_save, plan_merge
+from lora_studio.core.merge import (
+    AdapterSpec,
+    MergeOptions,
+    MergePlan,
+    SavedCombination,
+    merge_and_save,
+    plan_merge,
+    save_combination,
+)
 from lora_studio.core.session import SessionState
 from lora_studio.gui.jobs import Job, JobRunner
 from lora_studio.gui.merge_inputs import AdapterPicker, OutputBox
-from lora_studio.gui.merge_parts import AdapterRow, PlanTable, ResultBox, engine_note
+from lora_studio.gui.merge_parts import AdapterRow, CardDialog, PlanTable, ResultBox, engine_note
 from lora_studio.gui.ops import unique_name
 from lora_studio.gui.panel import Panel
 from lora_studio.gui.session_model import SessionModel
@@ -52,7 +60,7 @@ class ComparePreview(Protocol):
         self, name: str, weights: dict[str, float], combination_type: str = "linear", density: float | None = None
     ) -> Job | None: ...
 
-    def add_merged_variant(self, path: str) -> Job | None: ...
+    def add_merged_variant(self, path: str, against: tuple[str, ...] = ()) -> Job | None: ...
 
 
 class MergePanel(Panel):
@@ -79,6 +87,9 @@ class MergePanel(Panel):
         # Injectable for tests: answer the overwrite question, open a file or folder.
         self.confirm_overwrite: Callable[[Path], bool] = self._ask_overwrite
         self.open_url: Callable[[QUrl], object] = QDesktopServices.openUrl
+        self.ask_adapter_folder: Callable[[Path], Path | None] = self._ask_adapter_folder
+        self.card_dialog: CardDialog | None = None
+        self.save_job: Job | None = None
 
         self._plan_timer = QTimer(self)
         self._plan_timer.setSingleShot(True)
@@ -88,6 +99,8 @@ class MergePanel(Panel):
         self.adapters = AdapterPicker()
         self.adapters.changed.connect(self._inputs_changed)
         self.adapters.preview_btn.clicked.connect(self.preview_in_compare)
+        self.adapters.save_adapter_btn.clicked.connect(self.save_adapter)
+        self.save_adapter_btn = self.adapters.save_adapter_btn
         self.combo_type, self.density, self.preview_btn = (
             self.adapters.combo_type,
             self.adapters.density,
@@ -253,6 +266,8 @@ class MergePanel(Panel):
             return "attach an adapter first (Adapters tab)"
         if not self.checked_rows():
             return "tick the adapter(s) to merge"
+        if self.plan_error and not self.plan_pending:
+            return self.plan_error  # what is wrong with the request comes before where to save it
         if self.out_path() is None:
             return "choose an output folder"
         if self.plan_pending:
@@ -268,8 +283,10 @@ class MergePanel(Panel):
         reason = self.start_reason()
         running = self.merge_job is not None and not self.merge_job.done
         self.set_reasons({self.merge_btn: (reason, "merge the ticked adapter(s) into the base and save the folder")})
+        # a combination's refusal is already shown beside its type: one line, not two (the tooltip keeps it)
+        shown_above = bool(self.adapters.refusal_text) and self.adapters.refusal_text in reason
         self.reason_label.setText("" if running else reason)
-        self.reason_label.setVisible(not running and bool(reason))
+        self.reason_label.setVisible(not running and bool(reason) and not shown_above)
         self.cancel_btn.setEnabled(running)
         busy = self.busy_reason
         no_compare = "" if self.compare is not None else "the Compare panel is not available"
@@ -281,6 +298,10 @@ class MergePanel(Panel):
         self.set_reasons(
             {
                 self.preview_btn: (preview_reason, "add this weighted combination as a variant in the Compare tab"),
+                self.save_adapter_btn: (
+                    (busy or self.plan_error) if len(self.checked_rows()) > 1 else "tick two or more adapters",
+                    "save this weighted combination as a PEFT adapter folder, without merging it into the base",
+                ),
                 self.compare_merged_btn: (
                     compare_reason,
                     "load the saved folder beside the session and compare it with the adapter",
@@ -378,12 +399,91 @@ class MergePanel(Panel):
 
     # -- result actions -----------------------------------------------------------------------------------------------
     def open_card(self) -> None:
-        if self.result is not None:
-            self.open_url(QUrl.fromLocalFile(str(Path(self.result.out) / "README.md")))
+        """The desktop's app for README.md; where none opens it (no launcher: openUrl says False), the card is
+        shown inside the app."""
+        if self.result is None:
+            return
+        card = Path(self.result.out) / "README.md"
+        if not self.open_url(QUrl.fromLocalFile(str(card))):
+            self.show_card(card)
+
+    def show_card(self, card: Path) -> CardDialog:
+        """The model card in a read-only dialog, rendered as Markdown (not modal: the window stays usable)."""
+        if self.card_dialog is not None:
+            self.card_dialog.close()
+            self.card_dialog.deleteLater()
+        self.card_dialog = CardDialog(card, self)
+        self.card_dialog.show()
+        return self.card_dialog
 
     def open_folder(self) -> None:
-        if self.result is not None:
-            self.open_url(QUrl.fromLocalFile(str(self.result.out)))
+        if self.result is not None and not self.open_url(QUrl.fromLocalFile(str(self.result.out))):
+            self.show_message(f"no file manager opens folders here; the merged model is in {self.result.out}", "info")
+
+    # -- save the combination as an adapter ---------------------------------------------------------------------
+    def _ask_adapter_folder(self, start: Path) -> Path | None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save the combination as an adapter folder", str(start))
+        return Path(path) if path else None
+
+    def save_adapter(self) -> Job | None:
+        """Ask for a folder and save the ticked adapters' weighted combination there as a PEFT adapter (no merge)."""
+        rows = self.checked_rows()
+        if len(rows) < 2:
+            self.show_message("tick two or more adapters to save their combination", "warn")
+            return None
+        if self.plan_error:
+            self.show_message(self.plan_error, "error")
+            return None
+        combination = self.adapters.combination()
+        density = self.adapters.density_for(combination)
+        out_dir = self.out_path()
+        start_dir = out_dir.parent if out_dir is not None else Path(self.state.base_path or Path.home()).parent
+        out = self.ask_adapter_folder(start_dir / self.variant_name(combination))
+        if out is None:
+            return None
+        overwrite = False
+        if out.is_dir() and any(out.iterdir()):
+            if not self.confirm_overwrite(out):
+                self.show_message(f"kept {out} as it is; nothing was written", "info")
+                return None
+            overwrite = True
+        elif out.is_dir():
+            overwrite = True  # an empty folder: nothing to lose
+        names, weights = [r.name for r in rows], [r.weight for r in rows]
+        session = self.session
+
+        def run(*, cancel, report):
+            return save_combination(
+                session,
+                names,
+                weights,
+                combination,
+                out,
+                density=density,
+                overwrite=overwrite,
+                cancel=cancel,
+                report=report,
+            )
+
+        job = (
+            self.op(f"saving the {combination} combination as an adapter", run)
+            .on_success(self._adapter_saved)
+            .on_end(self._end_save)
+            .run(f"saving the {combination} combination of {len(rows)} adapters into {out}…")
+        )
+        self.save_job = job
+        return job
+
+    def _end_save(self) -> None:
+        self.save_job = None
+
+    def _adapter_saved(self, saved: SavedCombination) -> None:
+        self.show_message(
+            f"saved the {saved.combination} combination (rank {saved.rank}) as the adapter folder {saved.out}; "
+            "attach it in the Adapters tab",
+            "ok",
+        )
+        self.log_line.emit(f"saved a {saved.combination} combination as the adapter {saved.out}", "info")
 
     # -- the Compare tab ----------------------------------------------------------------------------------------------
     def variant_name(self, combination: str) -> str:
@@ -415,7 +515,8 @@ class MergePanel(Panel):
             self.show_message("the Compare panel is not available", "warn")
             return
         try:
-            self.compare.add_merged_variant(str(self.result.out))
+            sources = tuple(a["name"] for a in self.result.provenance.get("adapters", []))
+            self.compare.add_merged_variant(str(self.result.out), against=sources)  # ticks these two, adapter as ref
         except UserError as exc:
             self.show_message(str(exc), "error")
             return

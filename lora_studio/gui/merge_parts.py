@@ -8,17 +8,24 @@ from typing import Any
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QCheckBox,
+    QDialog,
+    QDialogButtonBox,
+    QDoubleSpinBox,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QPushButton,
     QSizePolicy,
+    QTextBrowser,
     QVBoxLayout,
     QWidget,
 )
-from superqt import QLabeledDoubleSlider
+from superqt import QDoubleSlider
 
+from lora_studio.core.adapters import files as adapter_files
+from lora_studio.core.adapters.combinations import CombinationMember, member_from_config
+from lora_studio.core.errors import UserError
 from lora_studio.core.merge import MergePlan
 from lora_studio.core.system.memory import format_bytes
 from lora_studio.gui.widgets import STYLES
@@ -34,23 +41,67 @@ BADGES = {
 }
 
 
+WEIGHT_RANGE = (0.0, 2.0)
+
+
 class AdapterRow:
-    """One attached adapter: a checkbox (merge it?) and its weight in a combination."""
+    """One attached adapter: a checkbox (merge it?), its rank, and its weight in a combination (a slider and a
+    spin box that types it, kept in sync)."""
 
     def __init__(self, name: str, path: str, mergeable: bool) -> None:
         self.name, self.path, self.mergeable = name, path, mergeable
+        # what a combination type needs to know about it (its config; a folder-less preview combination has none)
+        self.member: CombinationMember | None = None
+        if mergeable:
+            try:
+                self.member = member_from_config(name, adapter_files.read_adapter_config(Path(path)))
+            except UserError:
+                self.member = None  # the plan says what is wrong with the folder
         self.check = QCheckBox(name)
         self.check.setToolTip(
             path if mergeable else f"{path}\n(a combination built for Compare: tick its adapters here to merge it)"
         )
         self.check.setEnabled(mergeable)
-        self.slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
-        self.slider.setRange(0.0, 2.0)
+        self.rank_label = QLabel(self.member.rank_text if self.member else "")
+        self.rank_label.setStyleSheet("color: palette(mid);")
+        self.rank_label.setToolTip(
+            "the adapter's LoRA rank (linear, ties, dare_* and magnitude_prune need equal ranks)"
+        )
+        tip = f"weight of this adapter in the combination ({WEIGHT_RANGE[0]:g}–{WEIGHT_RANGE[1]:g})"
+        self.slider = QDoubleSlider(Qt.Orientation.Horizontal)
+        self.slider.setRange(*WEIGHT_RANGE)
         self.slider.setSingleStep(0.05)
-        self.slider.setDecimals(2)
+        self.slider.setMinimumWidth(140)
+        self.slider.setToolTip(tip)
+        self.spin = QDoubleSpinBox()
+        self.spin.setRange(*WEIGHT_RANGE)
+        self.spin.setDecimals(2)
+        self.spin.setSingleStep(0.05)
+        self.spin.setKeyboardTracking(False)  # typing "0.75" is one change, not "0", "0.", "0.7", "0.75"
+        self.spin.setToolTip(tip + "; type a value")
         self.slider.setValue(1.0)
-        self.slider.setMinimumWidth(160)
-        self.slider.setToolTip("weight of this adapter in the combination (0–2)")
+        self.spin.setValue(1.0)
+        self.slider.valueChanged.connect(self._slider_moved)
+        self.spin.valueChanged.connect(self._spin_typed)
+
+    def _slider_moved(self, value: float) -> None:
+        self.spin.blockSignals(True)  # the slider already announced the change
+        self.spin.setValue(round(float(value), 2))
+        self.spin.blockSignals(False)
+
+    def _spin_typed(self, value: float) -> None:
+        if abs(float(self.slider.value()) - value) > 1e-9:
+            self.slider.setValue(value)  # its valueChanged tells the picker
+
+    def set_weight(self, value: float) -> None:
+        self.slider.setValue(value)
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.slider.setEnabled(enabled)
+        self.spin.setEnabled(enabled)
+
+    def widgets(self) -> tuple[QWidget, ...]:
+        return (self.check, self.rank_label, self.slider, self.spin)
 
     @property
     def checked(self) -> bool:
@@ -186,3 +237,41 @@ class ResultBox(QGroupBox):
             f"{result.seconds:.1f} s"
         )
         self.show()
+
+
+def card_markdown(text: str) -> str:
+    """A model card for QTextBrowser.setMarkdown: its YAML front matter as a code block (Markdown would read
+    ``key: value`` followed by ``---`` as a heading)."""
+    if text.startswith("---\n"):
+        head, sep, body = text[4:].partition("\n---\n")
+        if sep:
+            return f"```yaml\n{head}\n```\n\n{body}"
+    return text
+
+
+class CardDialog(QDialog):
+    """A model card shown inside the app, read-only, rendered as Markdown (where no desktop app opens files)."""
+
+    def __init__(self, path: Path, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.path = path
+        self.setWindowTitle(f"Model card — {path.parent.name}")
+        self.browser = QTextBrowser()
+        self.browser.setOpenExternalLinks(False)
+        self.browser.setReadOnly(True)
+        try:
+            text = path.read_text("utf-8", errors="replace")
+        except OSError as exc:
+            text = f"Cannot read {path}: {exc.strerror or exc}"
+        self.text = text
+        self.browser.setMarkdown(card_markdown(text))
+        self.path_label = QLabel(str(path))
+        self.path_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.path_label.setStyleSheet("color: palette(mid);")
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+        buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.browser, 1)
+        layout.addWidget(self.path_label)
+        layout.addWidget(buttons)
+        self.resize(760, 560)

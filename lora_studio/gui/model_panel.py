@@ -8,7 +8,6 @@ from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QComboBox,
     QFileDialog,
-    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -70,7 +69,7 @@ class ModelPanel(Panel):
         pick_row.addWidget(gguf_btn)
 
         self.local_list = QListWidget()
-        self.local_list.setMinimumHeight(70)
+        self.local_list.setMinimumHeight(44)  # about two rows; it takes what height the dock has left
         self.local_list.setToolTip(
             "Models on this machine: the demo and the local Hugging Face cache (never downloads)"
         )
@@ -92,9 +91,13 @@ class ModelPanel(Panel):
             self.device_combo.addItem(f"cuda:{i}")
         self.device_combo.addItem("auto")
         self.device_combo.setToolTip("cpu, one GPU, or auto (spread over GPUs and RAM)")
-        form = QFormLayout()
-        form.addRow("dtype", self.dtype_combo)
-        form.addRow("device", self.device_combo)
+        # dtype and device on one row: the Load button and the Loaded box stay in view on a 720-pixel screen
+        form = QHBoxLayout()
+        for text, combo in (("dtype", self.dtype_combo), ("device", self.device_combo)):
+            label = QLabel(text)
+            label.setBuddy(combo)
+            form.addWidget(label)
+            form.addWidget(combo, 1)
 
         self.verdict_label = MessageLine()
         self.verdict_label.show_message("pick a model to see whether it fits")
@@ -108,8 +111,10 @@ class ModelPanel(Panel):
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(self.cancel_load)
+        # the load's progress between Load and Cancel (its place kept while hidden), not on a row of its own
         btn_row = QHBoxLayout()
-        btn_row.addWidget(self.load_btn, 1)
+        btn_row.addWidget(self.load_btn)
+        btn_row.addWidget(self.progress, 1)
         btn_row.addWidget(self.cancel_btn)
         self.loaded_label = QLabel("No base model loaded.")
         self.loaded_label.setWordWrap(True)
@@ -133,7 +138,6 @@ class ModelPanel(Panel):
         layout.addWidget(pick_box, 1)
         layout.addWidget(est_box)
         layout.addLayout(btn_row)
-        layout.addWidget(self.progress)
         layout.addWidget(self.message)
         layout.addWidget(state_box)
 
@@ -163,6 +167,7 @@ class ModelPanel(Panel):
     def browse_folder(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Choose a model folder", self._start_dir())
         if path:
+            self.remember_folder("model", path)
             self.set_source(path)
 
     def browse_gguf(self) -> None:
@@ -170,11 +175,14 @@ class ModelPanel(Panel):
             self, "Choose a GGUF model", self._start_dir(), "GGUF models (*.gguf);;All files (*)"
         )
         if path:
+            self.remember_folder("model", path)
             self.set_source(path)
 
     def _start_dir(self) -> str:
+        """Where the last model dialog ended; else beside the model in the box; else home."""
         text = self.source_edit.text().strip()
-        return str(Path(text).expanduser().parent) if text else str(Path.home())
+        beside = Path(text).expanduser().parent if text else None
+        return self.start_folder("model", str(beside) if beside is not None and beside.is_dir() else "")
 
     def refresh_local(self) -> None:
         from lora_studio.core.demo.model import list_local_models
@@ -212,7 +220,7 @@ class ModelPanel(Panel):
         if path:
             self.set_source(path)
 
-    # -- estimate (a keyed side job: a newer one replaces an older one) --------------------------------------------------
+    # -- estimate (a keyed side job: a newer one replaces an older one) ------------------------------------------------
     def update_estimate(self) -> None:
         text = self.source_edit.text().strip()
         if not text:
@@ -253,7 +261,10 @@ class ModelPanel(Panel):
 
     # -- loading ------------------------------------------------------------------------------------------------------
     def load(self, source_text: str | None = None) -> Job | None:
-        """Load a base model (a model job); returns the Job, or None when it did not start (said in the message line)."""
+        """Load a base model (a model job).
+
+        Returns the Job, or None when it did not start (said in the message line).
+        """
         from lora_studio.core.model.sources import resolve_source
 
         text = (source_text if isinstance(source_text, str) else self.source_edit.text()).strip()

@@ -9,7 +9,9 @@ preview). It never reaches into the window. It
   every job it runs (:meth:`set_reasons` enables a button or disables it with the reason as its tooltip);
 * runs its jobs through :meth:`op` (see :mod:`lora_studio.gui.ops`);
 * says what happened in its one :class:`~lora_studio.gui.widgets.MessageLine` (an error stays until the next
-  success replaces it) and asks for a chart marker or a log line through its signals.
+  success replaces it) and asks for a chart marker or a log line through its signals;
+* opens its file dialogs where the last one of the same kind ended (:meth:`start_folder`, :meth:`remember_folder`;
+  the window hands every panel its settings as :attr:`folders`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from lora_studio.gui.widgets import MessageLine, job_progress_bar, reset_progres
 if TYPE_CHECKING:
     from lora_studio.core.session import Session
     from lora_studio.gui.session_model import SessionModel
+    from lora_studio.gui.settings import StudioSettings
 
 
 class Panel(QWidget):
@@ -41,6 +44,7 @@ class Panel(QWidget):
         self.state: SessionState = session_model.state
         self.message = MessageLine()
         self.progress = job_progress_bar()
+        self.folders: StudioSettings | None = None  # where file dialogs start; set by the window
         runner.busy_changed.connect(self._busy_changed)
         session_model.state_changed.connect(self.show_state)
 
@@ -60,7 +64,7 @@ class Panel(QWidget):
     def _busy_changed(self, _reason: str) -> None:
         self.update_buttons()
 
-    # -- jobs ------------------------------------------------------------------------------------------------------------
+    # -- jobs ----------------------------------------------------------------------------------------------------------
     def op(
         self,
         name: str,
@@ -102,6 +106,19 @@ class Panel(QWidget):
     def end_progress(self) -> None:
         reset_progress(self.progress)
         self.progress.hide()
+
+    # -- file dialogs --------------------------------------------------------------------------------------------------
+    def start_folder(self, kind: str, fallback: str = "") -> str:
+        """Where a file dialog of this kind opens: where the last one ended, else ``fallback``, else home."""
+        from pathlib import Path
+
+        last = self.folders.last_folder(kind) if self.folders is not None else None
+        return last or fallback or str(Path.home())
+
+    def remember_folder(self, kind: str, path: str) -> None:
+        """A dialog of this kind ended on ``path``: the next one opens beside it."""
+        if self.folders is not None and path:
+            self.folders.remember_folder(kind, path)
 
     @staticmethod
     def set_reasons(buttons: Mapping[QAbstractButton, tuple[str, str]]) -> None:

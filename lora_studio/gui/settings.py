@@ -28,7 +28,9 @@ class StudioSettings:
         value = self._qs.value(key, [])
         if isinstance(value, str):  # QSettings returns a lone string for a one-item list
             value = [value]
-        return [str(v) for v in (value or []) if str(v)]
+        elif not isinstance(value, list):  # None: no such key
+            value = []
+        return [str(v) for v in value if str(v)]
 
     def recent_bases(self) -> list[str]:
         return self._list(RECENT_BASES)
@@ -56,6 +58,17 @@ class StudioSettings:
     def clear_recent(self) -> None:
         self._qs.remove("recent")
         self._qs.sync()
+
+    # -- last-used folders, one per kind of file dialog ("adapter", "model", "prompts", "merged", ...) -----------------
+    def last_folder(self, kind: str) -> str | None:
+        """The folder the last dialog of this kind ended in, if it still exists."""
+        value = self._qs.value(f"last_folder/{kind}")
+        return str(value) if value and Path(str(value)).is_dir() else None
+
+    def remember_folder(self, kind: str, path: str) -> None:
+        """Remember where a dialog of this kind ended: the folder holding what was chosen (a file or a folder),
+        so the next dialog opens beside it (the sibling adapter, the next prompt file)."""
+        self._qs.setValue(f"last_folder/{kind}", str(Path(path).parent))  # no sync(): see _push
 
     # -- window -------------------------------------------------------------------------------------------------------
     def save_window(self, geometry: QByteArray, state: QByteArray) -> None:

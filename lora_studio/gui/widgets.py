@@ -1,10 +1,12 @@
-"""Small shared pieces: a message line that states one result, progress bars fed from core Progress."""
+"""Small shared pieces: a message line stating one result, an eliding label, progress bars fed from core Progress."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QLabel, QProgressBar
+from PySide6.QtCore import QSize, Qt
+from PySide6.QtGui import QResizeEvent
+from PySide6.QtWidgets import QLabel, QProgressBar, QSizePolicy, QWidget
 
+from lora_studio.core.system.memory import format_bytes
 from lora_studio.core.tasks import Progress
 
 STYLES = {
@@ -31,6 +33,54 @@ class MessageLine(QLabel):
         self.setToolTip(text)
 
 
+class ElidedLabel(QLabel):
+    """One line that fits the width it is given: elided (…) when too long, the full text in its tooltip.
+
+    A plain QLabel asks for its whole text's width, so a long status makes the status bar (and so the window)
+    wider, or its text is cut off at the edge. ``text()`` is the full text.
+    """
+
+    def __init__(
+        self,
+        text: str = "",
+        parent: QWidget | None = None,
+        mode: Qt.TextElideMode = Qt.TextElideMode.ElideRight,
+    ) -> None:
+        super().__init__(parent)
+        self._full = ""
+        self._mode = mode
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.setText(text)
+
+    def text(self) -> str:
+        return self._full
+
+    def setText(self, text: str) -> None:
+        self._full = text
+        self._fit()
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        self._fit()
+
+    def minimumSizeHint(self) -> QSize:
+        return QSize(0, super().minimumSizeHint().height())
+
+    def _fit(self) -> None:
+        shown = self.fontMetrics().elidedText(self._full, self._mode, max(0, self.width() - 2))
+        super().setText(shown)
+        self.setToolTip(self._full)
+
+
+class ElidingProgressBar(QProgressBar):
+    """A progress bar whose text is elided in the middle to fit (the count at the end stays), full text in the
+    tooltip (show_progress sets it)."""
+
+    def text(self) -> str:  # Qt's virtual: the style asks it for the text to draw
+        full = super().text()
+        return self.fontMetrics().elidedText(full, Qt.TextElideMode.ElideMiddle, max(0, self.width() - 16))
+
+
 def job_progress_bar() -> QProgressBar:
     """A progress bar that is hidden between jobs but keeps its place in the layout.
 
@@ -38,7 +88,7 @@ def job_progress_bar() -> QProgressBar:
     beside it is resized and repainted (pyqtgraph calls back into Python for each), which beside a
     busy worker stalled the window by 50-70 ms.
     """
-    bar = QProgressBar()
+    bar = ElidingProgressBar()
     policy = bar.sizePolicy()
     policy.setRetainSizeWhenHidden(True)
     bar.setSizePolicy(policy)
@@ -47,18 +97,26 @@ def job_progress_bar() -> QProgressBar:
     return bar
 
 
+def progress_text(progress: Progress) -> str:
+    """What a bar says: the stage and its count ("verifying: running the adapter model: 2/3 prompts"), bytes in MiB."""
+    if progress.fraction is None:
+        return progress.message
+    if progress.unit == "bytes":
+        done, total = format_bytes(int(progress.done)), format_bytes(int(progress.total or 0))
+        return f"{progress.message} · {done} of {total}"
+    unit = f" {progress.unit}" if progress.unit else ""
+    return f"{progress.message}: {int(progress.done):,}/{int(progress.total or 0):,}{unit}"
+
+
 def show_progress(bar: QProgressBar, progress: Progress) -> None:
-    """Determinate when the work is countable, a busy bar when not."""
+    """Determinate when the work is countable, a busy bar when not; the text also in the tooltip (a bar elides)."""
     fraction = progress.fraction
     if fraction is None:
         bar.setRange(0, 0)
-        bar.setFormat(progress.message)
     else:
         bar.setRange(0, 1000)
         bar.setValue(int(fraction * 1000))
-        total = int(progress.total or 0)
-        unit = f" {progress.unit}" if progress.unit else ""
-        bar.setFormat(f"{progress.message}: {int(progress.done):,}/{total:,}{unit}")
+    bar.setFormat(progress_text(progress))
     bar.setTextVisible(True)
     bar.setToolTip(bar.format())
 

@@ -375,7 +375,8 @@ def readme(recipe: Recipe, sidecar: dict, converted: bool) -> str:
         "",
         f"{recipe.description} A {recipe.kind} adapter for {BASE_REPO_ID}, trained by "
         "`resources/demo/train_demo_adapters.py` on `resources/demo/data/"
-        f"{recipe.name}.train.jsonl` ({sidecar['steps']} steps, batch {sidecar['batch_size']}, seed {sidecar['seed']}).",
+        f"{recipe.name}.train.jsonl` ({sidecar['steps']} steps, batch {sidecar['batch_size']}, "
+        f"seed {sidecar['seed']}).",
         "",
         f"- Initialisation: {init}.",
     ]

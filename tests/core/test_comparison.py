@@ -48,7 +48,7 @@ def test_mixed_batch_equals_single_runs_for_prompts_of_different_lengths(session
     result = compare(session, session_variants(session), PROMPTS, GREEDY)
     assert result.mixed_batch and result.fallback_reason is None
     assert result.variants == ["base", "alpha", "beta"]
-    for prompt, cmp in zip(PROMPTS, result.prompts):
+    for prompt, cmp in zip(PROMPTS, result.prompts, strict=True):
         columns = {o.name: o.token_ids for o in cmp.outputs}
         for name in ("base", "alpha", "beta"):
             assert columns[name] == single_run(session, name, prompt), (prompt, name)
@@ -67,7 +67,7 @@ def test_sequential_equals_mixed_and_restores_disabled_state(session):
         seq = compare(session, session_variants(session), PROMPTS[:2], GREEDY, mixed=False, score=False)
         assert not session.adapters_enabled
         assert not seq.mixed_batch and "sequential" in seq.fallback_reason
-        for a, b in zip(mixed.prompts, seq.prompts):
+        for a, b in zip(mixed.prompts, seq.prompts, strict=True):
             assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
         # still base behaviour after both
         x = torch.tensor([[1, 2, 3]])
@@ -210,7 +210,7 @@ def test_divergence_scores_match_a_hand_computation(session):
     agree = (q.argmax(-1) == torch.tensor(ref_ids)).double().mean().item() * 100
     assert beta_col.scores.agreement == pytest.approx(agree)
     beta_ids = cmp.output("beta").token_ids
-    expected_first = next((i for i, (a, b) in enumerate(zip(beta_ids, ref_ids)) if a != b), None)
+    expected_first = next((i for i, (a, b) in enumerate(zip(beta_ids, ref_ids, strict=False)) if a != b), None)
     assert beta_col.first_divergence == expected_first
 
 
@@ -256,7 +256,7 @@ def test_gpt2_conv1d_adapter_mixed_equals_single(tiny_gpt2, gpt2_adapter):
         s.attach(gpt2_adapter, "g")
         result = compare(s, session_variants(s), PROMPTS[:2], GREEDY, score=False)
         assert result.mixed_batch
-        for prompt, cmp in zip(PROMPTS[:2], result.prompts):
+        for prompt, cmp in zip(PROMPTS[:2], result.prompts, strict=True):
             assert cmp.output("g").token_ids == single_run_on(s, "g", prompt)
             s.disable_adapters()
             assert cmp.output("base").token_ids == generate(s.model, s.tokenizer, prompt, GREEDY).token_ids

@@ -118,7 +118,7 @@ def test_missing_resources_is_a_clear_error(tmp_path, monkeypatch):
         demo_assets.resources_dir()
     assert demo_assets.icon_path() is None
     monkeypatch.setenv(demo_assets.RESOURCES_ENV, str(tmp_path))
-    with pytest.raises(UserError, match="has no demo/prompts.json"):
+    with pytest.raises(UserError, match=r"has no demo/prompts.json"):
         demo_assets.resources_dir()
 
 

@@ -47,12 +47,12 @@ def test_token_scores_by_hand():
     s = token_scores(ref_logits, var_logits, target)
     # position 0: p = (1/3,1/3,1/3), q = (1/2,1/4,1/4)
     p0, q0 = [1 / 3] * 3, [0.5, 0.25, 0.25]
-    kl0 = sum(p * math.log(p / q) for p, q in zip(p0, q0))
+    kl0 = sum(p * math.log(p / q) for p, q in zip(p0, q0, strict=True))
     # position 1: p ∝ (e², 1, 1), q ∝ (1, 1, e³)
     zp, zq = math.exp(2) + 2, math.exp(3) + 2
     p1 = [math.exp(2) / zp, 1 / zp, 1 / zp]
     q1 = [1 / zq, 1 / zq, math.exp(3) / zq]
-    kl1 = sum(p * math.log(p / q) for p, q in zip(p1, q1))
+    kl1 = sum(p * math.log(p / q) for p, q in zip(p1, q1, strict=True))
     assert s.kl == pytest.approx([kl0, kl1], rel=1e-9)
     assert s.logprobs == pytest.approx([math.log(0.5), math.log(1 / zq)], rel=1e-9)
     assert s.agrees == [True, False]

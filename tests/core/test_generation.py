@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_studio.core.errors import Cancelled, UserError
-from lora_studio.core.generation.generate import GenerationSettings, generate, prompt_ids
+from lora_studio.core.generation.generate import GenerationSettings, TextStream, generate, prompt_ids
 from lora_studio.core.model.sources import resolve_source
 from lora_studio.core.session import Session
 from lora_studio.core.tasks import CancelToken
@@ -73,6 +73,30 @@ def test_cancel_stops_within_one_step(session):
             on_token=on_token,
         )
     assert 3 <= len(seen) <= 4
+
+
+def test_text_streams_in_deltas_that_add_up(session):
+    """Try it streams text as it is generated: the deltas (and the tokens they cover) add up to the result."""
+    deltas: list[tuple[str, int]] = []
+    out = generate(
+        session.model,
+        session.tokenizer,
+        "hello world",
+        GenerationSettings(max_new_tokens=20),
+        on_text=lambda text, tokens: deltas.append((text, tokens)),
+    )
+    assert len(deltas) > 1
+    assert "".join(t for t, _ in deltas) == out.text
+    assert sum(n for _, n in deltas) == len(out.token_ids)
+
+
+def test_text_stream_holds_back_an_incomplete_character(session):
+    tok = session.tokenizer
+    ids = tok("héllo ✓ wörld", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + stream.flush() == tok.decode(ids, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize(

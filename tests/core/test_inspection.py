@@ -69,7 +69,7 @@ def test_modules_to_save_dora_and_embedding_counted(tiny_llama, tmp_path):
         assert info.params == sum(
             f.get_slice(k).get_shape()[0]
             * (f.get_slice(k).get_shape()[1] if len(f.get_slice(k).get_shape()) > 1 else 1)
-            for k in f.keys()
+            for k in f.keys()  # noqa: SIM118 - safe_open has keys() but is not iterable
         )
 
 
@@ -85,3 +85,14 @@ def test_gpt2_conv1d_adapter(tiny_gpt2, gpt2_adapter):
     info = inspect_adapter(gpt2_adapter)
     for m in info.modules:
         assert m.delta_norm == pytest.approx(float(torch.linalg.matrix_norm(deltas[m.module])), rel=1e-6)
+
+
+def test_init_method_of_the_demo_adapters():
+    """The demo's bullets adapter was trained with OLoRA and converted to plain LoRA on save (its sidecar says so)."""
+    from lora_studio.core.demo.assets import demo_dir
+
+    adapters = demo_dir() / "adapters"
+    bullets = inspect_adapter(adapters / "bullets")
+    assert bullets.init_summary == "OLoRA, converted"
+    assert bullets.init_lora_weights.startswith("olora (converted to plain LoRA")
+    assert inspect_adapter(adapters / "pirate").init_summary == "default"

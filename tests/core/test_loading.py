@@ -86,5 +86,5 @@ def test_missing_shard_is_a_clear_error(tiny_llama, tmp_path):
         json.dumps({"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})
     )
     (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
-    with pytest.raises(UserError, match="model-00002-of-00002.safetensors but it is missing"):
+    with pytest.raises(UserError, match=r"model-00002-of-00002.safetensors but it is missing"):
         Session().load(sources.resolve_source(folder))

@@ -59,7 +59,7 @@ def test_damaged_files(tmp_path, damage, needle):
 
 def test_index_naming_missing_shard(tmp_path):
     (tmp_path / stf.INDEX_NAME).write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
-    with pytest.raises(UserError, match="shard model-00001-of-00002.safetensors but it is missing"):
+    with pytest.raises(UserError, match=r"shard model-00001-of-00002.safetensors but it is missing"):
         stf.checkpoint_files(tmp_path)
 
 
@@ -81,7 +81,7 @@ def test_atomic_dir_success_failure_and_existing(tmp_path):
 
 
 def test_atomic_dir_disk_full_message(tmp_path):
-    with pytest.raises(UserError, match="disk .* is full"), atomic.atomic_output_dir(tmp_path / "out"):
+    with pytest.raises(UserError, match=r"disk .* is full"), atomic.atomic_output_dir(tmp_path / "out"):
         raise OSError(28, "No space left on device")
     assert not (tmp_path / "out").exists()
 

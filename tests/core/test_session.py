@@ -137,12 +137,12 @@ def test_added_tokens_adapter_resizes_with_its_tokenizer(session, tiny_llama, tm
     tok = factories.make_tokenizer()
     tok.add_tokens([f"<extra{i}>" for i in range(10)])
     tok.save_pretrained(str(adapter))
-    with pytest.raises(VocabularyMismatch, match="vocabulary of 330 tokens; .* has 320"):
+    with pytest.raises(VocabularyMismatch, match=r"vocabulary of 330 tokens; .* has 320"):
         session.attach(adapter, "added")
     session.attach(adapter, "added", resize_embeddings=True)
     assert session.tokenizer_source == adapter and len(session.tokenizer) == len(tok)
     assert session.model.get_input_embeddings().weight.shape[0] == 330
-    ids = torch.tensor([session.tokenizer.convert_tokens_to_ids(["<extra9>"]) + [3, 4]])
+    ids = torch.tensor([[*session.tokenizer.convert_tokens_to_ids(["<extra9>"]), 3, 4]])
     assert session.model(input_ids=ids).logits.shape[-1] == 330  # the added token embeds and is predicted
 
 

@@ -111,7 +111,7 @@ def test_read_in_pieces_is_json_loads(monkeypatch, dump, pairs):
     # pieces of a few characters: nearly every cut lands inside a string or a pair and must be extended
     monkeypatch.setattr(tokenizer_parse, "PIECE_CHARS", 7)
     vocab = {f"t{i}": i for i in range(300)} | {token: 300 + i for i, token in enumerate(TRICKY_TOKENS)}
-    merges = [[a, b] for a, b in zip(TRICKY_TOKENS, reversed(TRICKY_TOKENS))] * 20
+    merges = [[a, b] for a, b in zip(TRICKY_TOKENS, reversed(TRICKY_TOKENS), strict=True)] * 20
     doc = {
         "version": "1.0",
         "added_tokens": [{"id": 0, "content": '"vocab": {'}],

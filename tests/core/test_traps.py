@@ -155,7 +155,7 @@ def test_tied_base_with_a_trained_head_is_not_retied(kind, tiny_llama_tied, tmp_
     assert torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)  # the input side is untouched
 
 
-# -- what the merged folder must and must not contain -------------------------------------------------------------------
+# -- what the merged folder must and must not contain ------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,7 @@
-"""The Compare tab through the window's real runner: columns, streamed text equal to core compare(), Stop, divergence."""
+"""The Compare tab through the window's real runner.
+
+Columns, streamed text equal to core compare(), Stop, divergence.
+"""
 
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ def test_columns_follow_ticks_and_adapter_changes(qtbot, window):
     assert panel.reference_combo.currentText() == "base"
     panel.set_ticked(["base", "adapter-beta"])
     assert [c.name for c in panel.columns] == ["base", "adapter-beta"]
-    window.adapter_panel.delete("adapter-beta")  # the list follows the session
+    window.adapter_panel.detach("adapter-beta")  # the list follows the session
     idle(qtbot, window)
     assert [name for name, _ in panel.available_variants()] == ["base", "adapter-alpha"]
     assert [c.name for c in panel.columns] == ["base"]

@@ -132,6 +132,55 @@ def test_progress_is_throttled_and_the_last_one_arrives(qtbot, runner):
     assert got[-1].done == 20_000
 
 
+def test_every_stage_change_arrives_only_repeats_are_dropped(qtbot, runner):
+    """Issue 16: the bar sat at "tensor 272/272" through verification because the stage change was throttled away."""
+    got = []
+    gate = threading.Event()
+
+    def merge_like(*, cancel, report):
+        for i in range(1000):  # far faster than the throttle's interval
+            report(Progress(i, 1000, f"merging tensor {i}/1000", "bytes"))
+        report(Progress(0, 3, "verifying: running the adapter model", "prompts"))  # at once after the last repeat
+        gate.wait(10)  # the job stays in this stage: nothing later would carry it to the window
+        return "ok"
+
+    job = runner.submit("merge", merge_like, on_progress=got.append)
+    seen = record(job)
+    qtbot.waitUntil(lambda: bool(got) and got[-1].stage == "verifying: running the adapter model", timeout=10_000)
+    gate.set()
+    settle(qtbot, runner, seen)
+    assert seen == [("finished", "ok")]
+    assert len(got) < 100  # the 1000 repeats were throttled
+    assert [p.stage for p in got].count("verifying: running the adapter model") == 1
+    assert got[0].stage == "merging tensor" and got[0].done == 0  # a job's first report is a new stage
+
+
+def test_many_stages_all_arrive_in_order(qtbot, runner):
+    got = []
+
+    def stages(*, cancel, report):
+        for stage in range(50):
+            for i in range(100):
+                report(Progress(i, 100, f"stage {chr(65 + stage // 26)}{chr(65 + stage % 26)}", "items"))
+        return "ok"
+
+    job = runner.submit("many", stages, on_progress=got.append)
+    seen = record(job)
+    settle(qtbot, runner, seen)
+    names = [p.stage for p in got]
+    firsts = list(dict.fromkeys(names))
+    assert len(firsts) == 50 and names == sorted(names, key=firsts.index)  # each stage shows, none out of order
+
+
+def test_stage_is_the_message_without_its_counts():
+    assert Progress(5, 272, "merging tensor 5/272", "bytes").stage == "merging tensor"
+    assert (
+        Progress(1, 3, "verifying: running the adapter model", "prompts").stage
+        == "verifying: running the adapter model"
+    )
+    assert Progress(1, 3, "anything", stage="named").stage == "named"
+
+
 def test_unhandled_base_exception_still_ends_the_job(qtbot, runner):
     def interrupted(*, cancel, report):
         raise KeyboardInterrupt

@@ -1,4 +1,7 @@
-"""The Merge tab through the window's real runner: plan, merge and verify, overwrite question, cancel, disk refusal, ties."""
+"""The Merge tab through the window's real runner.
+
+Plan, merge and verify, overwrite question, cancel, disk refusal, ties.
+"""
 
 from __future__ import annotations
 
@@ -168,21 +171,27 @@ def test_ties_combination_of_two(qtbot, window, tiny_llama, llama_adapters, gamm
 
 
 def test_bad_combination_is_one_line_and_no_job(qtbot, window, tiny_llama, llama_adapters, tmp_path):
-    """alpha (r=4) and beta (r=8): linear needs equal ranks; PEFT's refusal is one line in the panel."""
+    """alpha (r=4) and beta (r=8): linear needs equal ranks; the plan refuses it in one line before any job."""
     w = window
     panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"], llama_adapters["beta"])
     for row in panel.rows:
         row.check.setChecked(True)
+    assert panel.combo_type.currentText() == "cat"  # the default works for any ranks
     panel.combo_type.setCurrentText("linear")
     panel.out_edit.setText(str(tmp_path / "bad"))
     planned(qtbot, panel)
-    job = panel.start_merge()
-    idle(qtbot, w)
-    assert job.state == "failed"
-    assert "PEFT cannot combine" in panel.message.text() and panel.message.kind == "error"
+    reason = panel.reason_label.text()
+    assert "PEFT cannot combine these adapters with linear" in reason and "same rank" in reason
+    assert "\n" not in reason and not panel.merge_btn.isEnabled() and not panel.preview_btn.isEnabled()
+    assert not panel.save_adapter_btn.isEnabled()
+    # one line, beside the combination type (the Merge button's tooltip says it too)
+    assert "same rank" in panel.adapters.mode_label.text() and not panel.reason_label.isVisible()
+    assert panel.merge_btn.toolTip() == reason
+    assert panel.start_merge() is None and w.runner.is_idle() and panel.merge_job is None
+    assert "PEFT cannot combine" in panel.message.text()
     assert "Traceback" not in w.log_panel.contents()
     assert not (tmp_path / "bad").exists()
-    w.adapter_panel.delete("adapter-beta")  # the rows follow the session
+    w.adapter_panel.detach("adapter-beta")  # the rows follow the session
     idle(qtbot, w)
     assert [r.name for r in panel.rows] == ["adapter-alpha"] and panel.rows[0].checked
     assert not panel.combo_type.isEnabled()

@@ -71,7 +71,7 @@ def test_load_attach_switch_delete_unload(qtbot, window, tiny_llama, llama_adapt
     idle(qtbot, w)
     assert w.session.active_adapter is None and w.adapter_panel.active_row() == BASE_ROW
 
-    w.adapter_panel.delete("adapter-beta")
+    w.adapter_panel.detach("adapter-beta")
     idle(qtbot, w)
     assert [a[0] for a in w.session.state().adapters] == ["adapter-alpha"]
     assert "came back" in w.memory_panel.release_label.text()
@@ -81,6 +81,7 @@ def test_load_attach_switch_delete_unload(qtbot, window, tiny_llama, llama_adapt
     idle(qtbot, w)
     assert "tokens" in w.adapter_panel.message.text()
 
+    w.adapter_panel.confirm_unload = lambda names: True  # the question "Unload all" asks, answered
     w.adapter_panel.unload_all()
     idle(qtbot, w)
     assert w.session.state().adapters == () and w.session.loaded

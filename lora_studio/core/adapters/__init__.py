@@ -1,1 +1,5 @@
-"""LoRA adapter folders: reading their config and tensors, whether one fits a base, what one does (inspection), weighted combinations, and training-loss logs."""
+"""LoRA adapter folders.
+
+Reading their config and tensors, whether one fits a base, what one does (inspection), weighted combinations,
+and training-loss logs.
+"""

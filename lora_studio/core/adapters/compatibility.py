@@ -11,9 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class VocabularyMismatch(UserError):
@@ -39,7 +43,7 @@ def weight_shapes_from_headers(folder: Path) -> dict[str, tuple[int, ...]]:
     return {name: info.shape for h in read_headers(folder) for name, info in h.tensors.items()}
 
 
-def weight_shapes_from_model(model) -> dict[str, tuple[int, ...]]:
+def weight_shapes_from_model(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of a loaded model, with PEFT wrapping removed from the names."""
     shapes = {}
     for name, p in model.named_parameters():
@@ -84,8 +88,9 @@ def check(
     shapes = adapter_files.tensor_shapes(folder)
     lay = adapter_files.layout(shapes)
     base_shapes = dict(base_shapes)
-    if "lm_head.weight" not in base_shapes and _embedding_shape(base_shapes) is not None:
-        base_shapes["lm_head.weight"] = _embedding_shape(base_shapes)
+    embedding = _embedding_shape(base_shapes)
+    if "lm_head.weight" not in base_shapes and embedding is not None:
+        base_shapes["lm_head.weight"] = embedding
     warnings = list(config.warnings)
 
     missing = [m for m in lay.lora if f"{m}.weight" not in base_shapes]
@@ -151,12 +156,13 @@ def check(
         if tuple(shapes[key]) != tuple(base_shapes[param]):
             raise UserError(
                 f"{param}: adapter stores shape {list(shapes[key])}, base has {list(base_shapes[param])}",
-                "the adapter was trained with a resized vocabulary or on another base; resize the base's embeddings to the adapter's tokenizer first",
+                "the adapter was trained with a resized vocabulary or on another base; "
+                "resize the base's embeddings to the adapter's tokenizer first",
             )
 
     for module, key in lay.trainable_tokens.items():
-        base = base_shapes.get(f"{module}.weight")
-        if base is None or shapes[key][-1] != base[-1]:
+        base_shape = base_shapes.get(f"{module}.weight")
+        if base_shape is None or shapes[key][-1] != base_shape[-1]:
             raise UserError(
                 f"{folder.name}: trainable tokens of {module} do not fit {base_label}",
                 "pick the base the adapter was trained on",
@@ -165,7 +171,8 @@ def check(
     trained_on = config.base_model_name_or_path
     if trained_on and base_identity and not _same_base(trained_on, base_identity):
         warnings.append(
-            f"{folder.name} was trained on '{trained_on}'; the loaded base is '{base_identity[0]}' (shapes match, so it can be attached)"
+            f"{folder.name} was trained on '{trained_on}'; the loaded base is '{base_identity[0]}' "
+            "(shapes match, so it can be attached)"
         )
     return Compatibility(folder.name, len(lay.lora), warnings)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lora_studio.core._compat.peft_config import unknown_config_keys
 from lora_studio.core.errors import UserError
@@ -92,7 +93,7 @@ def _peft_type_names() -> set[str]:
         from peft import PeftType
 
         return {t.value for t in PeftType}
-    except Exception:  # pragma: no cover
+    except Exception:  # noqa: BLE001 - best effort: without PEFT's type list the check is skipped  # pragma: no cover
         return set()
 
 
@@ -298,12 +299,15 @@ def strip_prefix(key: str) -> str:
     return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
 
 
+ModuleKind = Literal["linear", "embedding"]  # what a LoRA module adapts (Conv1D counts as linear)
+
+
 @dataclass
 class LoraModuleKeys:
     """Where one adapted module's tensors live in the adapter file."""
 
     module: str  # e.g. "model.layers.0.self_attn.q_proj"
-    kind: str  # "linear" | "embedding"
+    kind: ModuleKind
     a: str | None = None
     b: str | None = None
     magnitude: str | None = None  # DoRA
@@ -318,7 +322,8 @@ class AdapterLayout:
     unknown: list[str] = field(default_factory=list)
 
 
-_SUFFIXES = (
+# key suffix -> (the kind of module it implies, None: no hint; the LoraModuleKeys field it fills)
+_SUFFIXES: tuple[tuple[str, ModuleKind | None, str], ...] = (
     (".lora_A.weight", "linear", "a"),
     (".lora_B.weight", "linear", "b"),
     (".lora_B.bias", "linear", "bias"),
@@ -329,7 +334,7 @@ _SUFFIXES = (
 )
 
 
-def layout(keys) -> AdapterLayout:
+def layout(keys: Iterable[str]) -> AdapterLayout:
     """Group stripped adapter keys by the module they adapt."""
     out = AdapterLayout()
     for key in keys:

@@ -12,15 +12,19 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_studio.core.adapters import files as adapter_files
-from lora_studio.core.adapters.files import AdapterConfig, LoraModuleKeys
+from lora_studio.core.adapters.files import AdapterConfig, LoraModuleKeys, ModuleKind
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
 class ModuleDelta:
     module: str
-    kind: str  # "linear" | "embedding"
+    kind: ModuleKind
     in_features: int
     out_features: int
     r: int
@@ -51,12 +55,13 @@ class AdapterInspection:
     weights_bytes: int
     modules: list[ModuleDelta] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    init_summary: str = ""  # a few words for the inspector: "OLoRA, converted", "default"
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def delta_spectrum(a, b, scaling: float) -> list[float]:
+def delta_spectrum(a: torch.Tensor, b: torch.Tensor, scaling: float) -> list[float]:
     """Singular values of scaling·B·A (largest first) from the factors, in float64."""
     import torch
 
@@ -104,6 +109,7 @@ def inspect_adapter(folder: Path, *, name: str | None = None, base_params: int |
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
         init_lora_weights=config.init_method,
+        init_summary=init_summary(config),
         target_modules=config.target_modules,
         modules_to_save=config.modules_to_save,
         trainable_token_indices=config.trainable_token_indices,
@@ -116,6 +122,41 @@ def inspect_adapter(folder: Path, *, name: str | None = None, base_params: int |
         modules=modules,
         warnings=warnings,
     )
+
+
+# PEFT's init_lora_weights values, as their papers spell them
+_INIT_NAMES = {
+    "default": "default",
+    "gaussian": "Gaussian",
+    "olora": "OLoRA",
+    "pissa": "PiSSA",
+    "corda": "CorDA",
+    "eva": "EVA",
+    "loftq": "LoftQ",
+    "orthogonal": "orthogonal",
+    "lora_ga": "LoRA-GA",
+}
+
+
+def init_summary(config: AdapterConfig) -> str:
+    """How the adapter was initialised, in a few words: "OLoRA, converted" (converted to plain LoRA on save).
+
+    The sidecar (lora_studio.json) records the init that was actually used: PEFT writes
+    ``init_lora_weights: true`` when it converts an OLoRA/PiSSA adapter to plain LoRA.
+    """
+    value = config.recorded_init if config.recorded_init else config.init_lora_weights
+    if value is True:
+        name = "default"
+    elif value is False:
+        name = "random"
+    else:
+        text = str(value)
+        key = text.lower()
+        if key.startswith("pissa_niter_"):
+            name = f"PiSSA (fast SVD, {key.removeprefix('pissa_niter_')} iterations)"
+        else:
+            name = _INIT_NAMES.get(key, text)
+    return f"{name}, converted" if config.converted_to_lora else name
 
 
 def _natural_key(text: str):

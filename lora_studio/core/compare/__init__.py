@@ -1,4 +1,7 @@
-"""Side-by-side comparison: variants (base, adapters, combinations, merged folders) run on the same prompts in one mixed batch, and how far their outputs diverge.
+"""Side-by-side comparison.
+
+Variants (base, adapters, combinations, merged folders) run on the same prompts in one mixed batch, and how far
+their outputs diverge.
 
 ``variants`` says what a column is (and loads merged folders beside the session),
 ``runs`` generates every column (mixed-adapter batches, or sequential runs and why),
@@ -16,7 +19,7 @@ from lora_studio.core.compare.runs import (
     compare,
     mixed_batch_refusal,
 )
-from lora_studio.core.compare.variants import BesideModel, Variant, load_beside, session_variants
+from lora_studio.core.compare.variants import BesideModel, Variant, VariantKind, load_beside, session_variants
 
 __all__ = [
     "BASE",
@@ -29,6 +32,7 @@ __all__ = [
     "TokenDelta",
     "TokenScores",
     "Variant",
+    "VariantKind",
     "VariantOutput",
     "compare",
     "load_beside",

@@ -16,8 +16,12 @@ comparison module's job.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def first_divergence(tokens: Sequence[int], reference: Sequence[int]) -> int | None:
@@ -26,7 +30,7 @@ def first_divergence(tokens: Sequence[int], reference: Sequence[int]) -> int | N
     A column that is a strict prefix of the other (it stopped early at EOS) diverges
     at its own end: the position where one has a token and the other has none.
     """
-    for i, (a, b) in enumerate(zip(tokens, reference)):
+    for i, (a, b) in enumerate(zip(tokens, reference, strict=False)):
         if a != b:
             return i
     if len(tokens) != len(reference):
@@ -34,7 +38,7 @@ def first_divergence(tokens: Sequence[int], reference: Sequence[int]) -> int | N
     return None
 
 
-def first_divergences(columns: dict[str, Sequence[int]], reference: str) -> dict[str, int | None]:
+def first_divergences(columns: Mapping[str, Sequence[int]], reference: str) -> dict[str, int | None]:
     if reference not in columns:
         raise KeyError(reference)
     ref = columns[reference]
@@ -63,7 +67,9 @@ class TokenScores:
         return sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
 
 
-def token_scores(reference_logits, variant_logits, target_ids) -> TokenScores:
+def token_scores(
+    reference_logits: torch.Tensor, variant_logits: torch.Tensor, target_ids: Sequence[int]
+) -> TokenScores:
     """Scores from logits at the positions that predict each reference token.
 
     ``reference_logits`` and ``variant_logits``: [T, V] tensors, row t being the
@@ -95,7 +101,7 @@ class ColumnDivergence:
     scores: TokenScores | None = None  # teacher-forced on the reference continuation
 
     def to_json(self) -> dict:
-        out = {"name": self.name, "first_divergence": self.first_divergence}
+        out: dict[str, object] = {"name": self.name, "first_divergence": self.first_divergence}
         if self.scores is not None:
             out.update(
                 mean_kl=self.scores.mean_kl,

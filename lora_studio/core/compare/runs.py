@@ -29,17 +29,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lora_studio.core._compat.peft_mixed_batch import contiguous_sub_batches
 from lora_studio.core.compare import divergence
-from lora_studio.core.compare.variants import Variant
+from lora_studio.core.compare.variants import BesideModel, Variant
 from lora_studio.core.errors import UserError
 from lora_studio.core.generation import generate as generation
 from lora_studio.core.generation.generate import GenerationSettings
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 if TYPE_CHECKING:
+    import torch
+
     from lora_studio.core.session import Session
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -148,12 +150,12 @@ def compare(
     ids = [generation.prompt_ids(tokenizer, p, settings.use_chat_template) for p in prompts]
     on_session = [v for v in variants if v.on_session]
     for v in variants:
-        model = v.beside.model if v.kind == "merged" else session.model
+        model = _beside(v).model if v.kind == "merged" else session.model
         for row in ids:
             generation.check_context(model, len(row), settings)
 
     outputs: dict[tuple[int, str], list[int]] = {}
-    streams = {(i, v.name): _TextStream(tokenizer) for i in range(len(prompts)) for v in variants}
+    streams = {(i, v.name): generation.TextStream(tokenizer) for i in range(len(prompts)) for v in variants}
     total = len(prompts) * len(variants) * settings.max_new_tokens
     produced = [0]
 
@@ -189,7 +191,7 @@ def compare(
             for i, row in enumerate(ids):
                 cancel.raise_if_cancelled()
                 outputs[(i, v.name)] = _run_rows(
-                    v.beside.model, tokenizer, [row], settings, cancel, [(i, v.name)], emit, tick
+                    _beside(v).model, tokenizer, [row], settings, cancel, [(i, v.name)], emit, tick
                 )[0]
 
         # Scoring is deterministic, so sampling does not stop it from using one mixed batch.
@@ -310,7 +312,7 @@ def _run_mixed(session, variants, ids, settings, max_batch_rows, cancel, emit, t
                     model_kwargs={"adapter_names": names},
                     refusable=start == 0,
                 )
-            for key, toks in zip(keys, new):
+            for key, toks in zip(keys, new, strict=True):
                 outputs[key] = toks
 
 
@@ -321,7 +323,7 @@ def _run_rows(
 
     def on_step(step):
         started[0] = True
-        for key, tok in zip(keys, step):
+        for key, tok in zip(keys, step, strict=True):
             if tok is not None:
                 emit(key[0], key[1], tok)
         tick()
@@ -336,41 +338,15 @@ def _run_rows(
         raise
 
 
+def _beside(variant: Variant) -> BesideModel:
+    """The model a "merged" variant runs on (``Variant.merged`` always gives it one)."""
+    assert variant.beside is not None, variant.name
+    return variant.beside
+
+
 def _adapter_of(variant: Variant) -> str | None:
     """What the session selects for a sequential run of ``variant``: its adapter, or None (the base)."""
     return variant.adapter if variant.kind == "adapter" else None
-
-
-class _TextStream:
-    """Turns a column's tokens into printable text deltas, holding back incomplete UTF-8."""
-
-    def __init__(self, tokenizer) -> None:
-        self._tokenizer = tokenizer
-        self._tokens: list[int] = []
-        self._line_start = 0  # decode from here (the start of the current line) to keep decoding cheap
-        self._printed = 0
-        self._emitted: list[str] = []
-
-    def push(self, tok: int) -> str:
-        self._tokens.append(tok)
-        text = self._tokenizer.decode(self._tokens[self._line_start :], skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        delta = text[self._printed :]
-        if text.endswith("\n"):
-            self._line_start, self._printed = len(self._tokens), 0
-        else:
-            self._printed = len(text)
-        self._emitted.append(delta)
-        return delta
-
-    def flush(self) -> str:
-        """What is still held back once the column has ended, so the deltas add up to its final text."""
-        full = self._tokenizer.decode(self._tokens, skip_special_tokens=True)
-        emitted = "".join(self._emitted)
-        rest = full[len(emitted) :] if full.startswith(emitted) else ""
-        self._emitted.append(rest)
-        return rest
 
 
 # -- teacher-forced scoring ------------------------------------------------------------------------------------------
@@ -385,11 +361,11 @@ def _teacher_forced(
     if not continuation:
         return {v.name: divergence.TokenScores([], [], []) for v in variants}
     seq = list(prompt_ids) + list(continuation)  # logits at position t predict token t + 1
-    logits: dict[str, object] = {}
+    logits: dict[str, torch.Tensor] = {}
 
     keep = len(continuation) + 1  # only the last positions' logits: a [rows, T, vocab] tensor can be GBs
 
-    def forward(model, rows: int, **kw):
+    def forward(model: Any, rows: int, **kw: Any) -> torch.Tensor:
         device = next(model.parameters()).device
         x = torch.tensor([seq] * rows, device=device)
         with torch.inference_mode():
@@ -403,7 +379,7 @@ def _teacher_forced(
             names = [v.adapter if v.kind == "adapter" else BASE for v in on_session]
             with session.mixed_batch_selected() as model, contiguous_sub_batches(names):
                 out = forward(model, len(on_session), adapter_names=names)
-            for v, row in zip(on_session, out):
+            for v, row in zip(on_session, out, strict=True):
                 logits[v.name] = row
         else:
             for v in on_session:
@@ -411,6 +387,6 @@ def _teacher_forced(
                     logits[v.name] = forward(model, 1)[0]
     for v in variants:
         if v.kind == "merged":
-            logits[v.name] = forward(v.beside.model, 1)[0]
+            logits[v.name] = forward(_beside(v).model, 1)[0]
     ref = logits[reference]
     return {v.name: divergence.token_scores(ref, logits[v.name], continuation) for v in variants}

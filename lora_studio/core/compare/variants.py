@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.tasks import CancelToken, Report, no_report
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
     from lora_studio.core.session import Session
 
 
@@ -24,16 +26,20 @@ class BesideModel:
     """A merged model folder loaded read-only next to the session (its own model object)."""
 
     path: Path
-    model: object = field(repr=False, compare=False)
-    tokenizer: object = field(repr=False, compare=False)
+    model: PreTrainedModel = field(repr=False, compare=False)
+    tokenizer: PreTrainedTokenizerBase = field(repr=False, compare=False)
+
+
+# "adapter": attached or a combination on the session; "merged": a merged folder loaded beside it
+VariantKind = Literal["base", "adapter", "merged"]
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One column. ``kind``: "base", "adapter" (attached or combination) or "merged"."""
+    """One column of a comparison."""
 
     name: str
-    kind: str
+    kind: VariantKind
     adapter: str | None = None  # the session's adapter name, for kind "adapter"
     beside: BesideModel | None = field(default=None, compare=False)  # for kind "merged"
 
@@ -83,7 +89,8 @@ def load_beside(
     theirs = model.get_input_embeddings().num_embeddings
     if ours != theirs or len(tokenizer) != len(session.tokenizer):
         raise UserError(
-            f"{path.name} has a vocabulary of {theirs} rows ({len(tokenizer)} tokens), the session's base has {ours} ({len(session.tokenizer)})",
+            f"{path.name} has a vocabulary of {theirs} rows ({len(tokenizer)} tokens), "
+            f"the session's base has {ours} ({len(session.tokenizer)})",
             "compare a model merged from this base",
         )
     return BesideModel(path, model, tokenizer)

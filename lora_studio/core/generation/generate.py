@@ -10,9 +10,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModelForCausalLM
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    # What generates: a transformers causal LM, or the PeftModel wrapping one (a session's model). A causal LM's
+    # class mixes GenerationMixin into PreTrainedModel; the static type does not show it (see the generate calls).
+    CausalLM = PreTrainedModel | PeftModelForCausalLM
 
 MAX_NEW_TOKENS_LIMIT = 4096
 
@@ -41,10 +51,11 @@ def validate(settings: GenerationSettings, prompt: str) -> None:
         raise UserError("sampling needs temperature > 0 and 0 < top-p ≤ 1", "fix the decoding settings")
 
 
-def prompt_ids(tokenizer, prompt: str, use_chat_template: bool = True) -> list[int]:
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, use_chat_template: bool = True) -> list[int]:
     """Token ids of the prompt, through the chat template when the tokenizer has one."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
+        # a list of ids, or (newer transformers) a BatchEncoding holding them
+        ids: Any = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
         )
         if hasattr(ids, "keys"):
@@ -53,7 +64,7 @@ def prompt_ids(tokenizer, prompt: str, use_chat_template: bool = True) -> list[i
     return [int(i) for i in tokenizer(prompt)["input_ids"]]
 
 
-def eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model: CausalLM, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     ids = getattr(model.generation_config, "eos_token_id", None)
     if ids is None:
         ids = tokenizer.eos_token_id
@@ -62,7 +73,7 @@ def eos_ids(model, tokenizer) -> list[int]:
     return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
 
 
-def context_limit(model) -> int | None:
+def context_limit(model: CausalLM) -> int | None:
     config = model.config
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
@@ -86,7 +97,7 @@ class _TokenCallbackStreamer:
         self._skip_prompt = True
         self._on_token = on_token
 
-    def put(self, value) -> None:
+    def put(self, value: torch.Tensor) -> None:
         if self._skip_prompt:
             self._skip_prompt = False  # the first call carries the prompt
             return
@@ -97,7 +108,9 @@ class _TokenCallbackStreamer:
         pass
 
 
-def generation_kwargs(settings: GenerationSettings, model, tokenizer, cancel: CancelToken) -> dict:
+def generation_kwargs(
+    settings: GenerationSettings, model: CausalLM, tokenizer: PreTrainedTokenizerBase, cancel: CancelToken
+) -> dict:
     from transformers import StoppingCriteriaList
 
     kwargs = dict(
@@ -116,6 +129,42 @@ def generation_kwargs(settings: GenerationSettings, model, tokenizer, cancel: Ca
     return kwargs
 
 
+class TextStream:
+    """Turns a stream of token ids into printable text deltas, holding back incomplete UTF-8.
+
+    ``push`` returns the text a new token adds ("" while a multi-byte character is incomplete); once the
+    stream has ended, ``flush`` returns what is still held back, so the deltas add up to the decoded text.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._tokens: list[int] = []
+        self._line_start = 0  # decode from here (the start of the current line) to keep decoding cheap
+        self._printed = 0
+        self._emitted: list[str] = []
+
+    def push(self, tok: int) -> str:
+        self._tokens.append(tok)
+        text = self._tokenizer.decode(self._tokens[self._line_start :], skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[self._printed :]
+        if text.endswith("\n"):
+            self._line_start, self._printed = len(self._tokens), 0
+        else:
+            self._printed = len(text)
+        self._emitted.append(delta)
+        return delta
+
+    def flush(self) -> str:
+        """What is still held back once the stream has ended."""
+        full = self._tokenizer.decode(self._tokens, skip_special_tokens=True)
+        emitted = "".join(self._emitted)
+        rest = full[len(emitted) :] if full.startswith(emitted) else ""
+        self._emitted.append(rest)
+        return rest
+
+
 @dataclass(frozen=True)
 class Generated:
     text: str
@@ -124,16 +173,22 @@ class Generated:
 
 
 def generate(
-    model,
-    tokenizer,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
     prompt: str,
     settings: GenerationSettings = GenerationSettings(),
     *,
     cancel: CancelToken | None = None,
     report: Report = no_report,
     on_token: Callable[[int], None] | None = None,
+    on_text: Callable[[str, int], None] | None = None,
 ) -> Generated:
-    """Generate a continuation; ``on_token`` sees each new token id as it is produced."""
+    """Generate a continuation; ``on_token`` sees each new token id as it is produced.
+
+    ``on_text(delta, tokens)`` sees the printable text each new token adds (with how many tokens it covers),
+    on the generating thread: the deltas add up to the result's text (a front end streams them). A cancel
+    stops within one decoding step and raises Cancelled; what was streamed until then stays streamed.
+    """
     import torch
 
     cancel = cancel or CancelToken()
@@ -142,32 +197,48 @@ def generate(
     limit = context_limit(model)
     if limit and len(ids) + settings.max_new_tokens > limit:
         raise UserError(
-            f"prompt ({len(ids)} tokens) plus {settings.max_new_tokens} new tokens exceeds the model's context of {limit}",
+            f"prompt ({len(ids)} tokens) plus {settings.max_new_tokens} new tokens "
+            f"exceeds the model's context of {limit}",
             "shorten the prompt or ask for fewer tokens",
         )
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     produced: list[int] = []
+    stream = TextStream(tokenizer) if on_text is not None else None
+    held = [0]  # tokens whose text is still held back (an incomplete character)
 
     def on_new(tok: int) -> None:
         produced.append(tok)
         report(Progress(len(produced), settings.max_new_tokens, "generating", "tokens"))
         if on_token is not None:
             on_token(tok)
+        if stream is not None and on_text is not None:
+            delta = stream.push(tok)
+            held[0] += 1
+            if delta:
+                on_text(delta, held[0])
+                held[0] = 0
 
     if settings.do_sample:
         torch.manual_seed(settings.seed)
     with torch.inference_mode():
-        out = model.generate(
+        # PreTrainedModel's type lacks the GenerationMixin a causal LM's class adds
+        out = model.generate(  # type: ignore[operator]
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             streamer=_TokenCallbackStreamer(len(ids), on_new),
             **generation_kwargs(settings, model, tokenizer, cancel),
         )
+    if stream is not None and on_text is not None:
+        rest = stream.flush()
+        if rest or held[0]:
+            on_text(rest, held[0])
     if cancel.cancelled:
         raise Cancelled()
     new = [int(t) for t in out[0, len(ids) :].tolist()]
-    return Generated(tokenizer.decode(new, skip_special_tokens=True), new, len(ids))
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    assert isinstance(text, str)  # one sequence of ids decodes to one string
+    return Generated(text, new, len(ids))
 
 
 # -- batches: several rows in one ``generate`` (used by the comparison) ---------------------------------------------
@@ -189,7 +260,7 @@ class _BatchStreamer:
         self._finished = [False] * rows
         self._on_step = on_step
 
-    def put(self, value) -> None:
+    def put(self, value: torch.Tensor) -> None:
         if self._skip_prompt:
             self._skip_prompt = False  # the first call carries the prompts
             return
@@ -255,24 +326,25 @@ class _small_batch_linears:
         self._patched.clear()
 
 
-def pad_token_id(model, tokenizer) -> int:
+def pad_token_id(model: CausalLM, tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
     return (eos_ids(model, tokenizer) or [0])[0]
 
 
-def check_context(model, prompt_len: int, settings: GenerationSettings) -> None:
+def check_context(model: CausalLM, prompt_len: int, settings: GenerationSettings) -> None:
     limit = context_limit(model)
     if limit and prompt_len + settings.max_new_tokens > limit:
         raise UserError(
-            f"prompt ({prompt_len} tokens) plus {settings.max_new_tokens} new tokens exceeds the model's context of {limit}",
+            f"prompt ({prompt_len} tokens) plus {settings.max_new_tokens} new tokens "
+            f"exceeds the model's context of {limit}",
             "shorten the prompt or ask for fewer tokens",
         )
 
 
 def generate_rows(
-    model,
-    tokenizer,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
     rows: list[list[int]],
     settings: GenerationSettings,
     *,
@@ -309,7 +381,10 @@ def generate_rows(
     kwargs.update(model_kwargs or {})
     # One row keeps the stock path, so it is bit-for-bit what ``generate`` gives.
     with torch.inference_mode(), _small_batch_linears(model) if len(rows) > 1 else contextlib.nullcontext():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer, **kwargs)
+        # PreTrainedModel's type lacks the GenerationMixin a causal LM's class adds
+        out = model.generate(  # type: ignore[operator]
+            input_ids=input_ids, attention_mask=attention_mask, streamer=streamer, **kwargs
+        )
     if cancel.cancelled:
         raise Cancelled()
     result = []

@@ -10,7 +10,7 @@ from lora_studio.core.errors import UserError
 MAX_PROMPTS = 1000
 
 
-def load_prompts(path) -> list[str]:
+def load_prompts(path: str | Path) -> list[str]:
     """The prompts in ``path``; blank lines are skipped. Raises UserError naming the bad line."""
     path = Path(path).expanduser()
     if not path.is_file():

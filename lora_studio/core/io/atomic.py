@@ -1,4 +1,7 @@
-"""Atomic output folders: written beside the target and swapped in at the end, so a crash leaves the old or the new one."""
+"""Atomic output folders.
+
+Written beside the target and swapped in at the end, so a crash leaves the old or the new one.
+"""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from lora_studio.core.errors import UserError
 
 if TYPE_CHECKING:
     import torch
+    from typing_extensions import Buffer
 
 # safetensors dtype names -> bytes per element
 DTYPE_SIZES = {
@@ -205,7 +206,7 @@ def st_dtype(dtype: torch.dtype) -> str:
     }[dtype]
 
 
-def pread_exact(fd: int, buffer, info: TensorInfo, path: Path) -> None:
+def pread_exact(fd: int, buffer: Buffer, info: TensorInfo, path: Path) -> None:
     """Fill ``buffer`` (anything with the buffer protocol, ``info.nbytes`` long) with the tensor's bytes."""
     view = memoryview(buffer).cast("B")
     done = 0

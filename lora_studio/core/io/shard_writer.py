@@ -19,6 +19,7 @@ from lora_studio.core.io.safetensors_format import DTYPE_SIZES, INDEX_NAME, SING
 
 if TYPE_CHECKING:
     import torch
+    from typing_extensions import Buffer
 
 
 _WRITEBACK: Any = None  # None: not looked up yet; False: unavailable; else libc's sync_file_range
@@ -111,7 +112,7 @@ class _DirectAppender:
     def size(self) -> int:
         return self._offset + self._fill
 
-    def append(self, data) -> int:
+    def append(self, data: Buffer) -> int:
         data = memoryview(data).cast("B")
         total = len(data)
         while len(data):
@@ -377,7 +378,7 @@ def write_state_dict(
         paths, total = _write_shards_in_background(folder, shards, names, meta, it, on_tensor, direct)
     else:
         paths, total = [], 0
-        for shard, name in zip(shards, names):
+        for shard, name in zip(shards, names, strict=True):
             writer = ShardWriter(Path(folder) / name, shard, meta, direct)
             try:
                 for expected in shard:
@@ -422,7 +423,7 @@ def _write_shards_in_background(
 
     def run() -> None:
         try:
-            for shard, name in zip(shards, names):
+            for shard, name in zip(shards, names, strict=True):
                 writer = ShardWriter(Path(folder) / name, shard, meta, direct)
                 try:
                     for _ in shard:

@@ -12,10 +12,19 @@ as it was, and the extra memory is one tensor at a time.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Literal
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.safetensors_format import st_dtype
 from lora_studio.core.tasks import CancelToken
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    # Where an output tensor comes from: a LoRA layer's merged "weight"/"bias", or a tensor saved as it is.
+    _Entry = tuple[Literal["lora"], LoraLayer, str] | tuple[Literal["tensor"], torch.Tensor, None]
 
 
 def _wrapper_types():
@@ -29,8 +38,11 @@ def _wrapper_types():
     return LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper
 
 
-def merge_layer_copy(layer, adapter_name: str, safe_merge: bool) -> dict[str, object]:
-    """PEFT's merge of ``adapter_name`` into copies of ``layer``'s base weight (and bias); the layer is left untouched."""
+def merge_layer_copy(layer: LoraLayer, adapter_name: str, safe_merge: bool) -> dict[str, torch.Tensor]:
+    """PEFT's merge of ``adapter_name`` into copies of ``layer``'s base weight (and bias).
+
+    The layer is left untouched.
+    """
     base = layer.get_base_layer()
     saved = {}
     for pname in ("weight", "bias"):
@@ -59,16 +71,16 @@ def merge_layer_copy(layer, adapter_name: str, safe_merge: bool) -> dict[str, ob
 class InMemoryPlan:
     """Output names, in order, with where each tensor comes from in the PeftModel."""
 
-    def __init__(self, peft_model, adapter_name: str, out_dtype: str | None = None):
+    def __init__(self, peft_model: PeftModel, adapter_name: str, out_dtype: str | None = None) -> None:
         import torch
 
-        LoraLayer, ModulesToSave, TrainableTokens = _wrapper_types()
+        LoraLayer, _, TrainableTokens = _wrapper_types()
         self.model = peft_model
         self.adapter_name = adapter_name
         self.out_dtype = getattr(torch, out_dtype) if out_dtype else None
         base = peft_model.get_base_model()
         modules = dict(base.named_modules())
-        self.entries: dict[str, tuple[str, object, str | None]] = {}  # out name -> (how, module or tensor, param)
+        self.entries: dict[str, _Entry] = {}  # out name -> where its tensor comes from
         seen_storage: dict[int, str] = {}  # storage -> the out name that saves it
         for key, tensor in base.state_dict(keep_vars=True).items():
             if ".lora_" in key or ".modules_to_save." in key or ".token_adapter." in key:
@@ -97,7 +109,7 @@ class InMemoryPlan:
                         or adapter_name in getattr(module, "lora_embedding_A", {})
                     )
                 ):
-                    entry = ("lora", module, pname)
+                    entry: _Entry = ("lora", module, pname)
                 else:
                     entry = ("tensor", tensor, None)
             else:
@@ -115,27 +127,30 @@ class InMemoryPlan:
 
     def shapes(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         plan = {}
-        for name, (how, obj, pname) in self.entries.items():
-            t = getattr(obj.get_base_layer(), pname) if how == "lora" else obj
+        for name, entry in self.entries.items():
+            t = getattr(entry[1].get_base_layer(), entry[2]) if entry[0] == "lora" else entry[1]
             dtype = self.out_dtype if (self.out_dtype is not None and t.is_floating_point()) else t.dtype
             plan[name] = (st_dtype(dtype), tuple(t.shape))
         return plan
 
-    def tensors(self, *, safe_merge: bool = False, cancel: CancelToken | None = None) -> Iterator[tuple[str, object]]:
+    def tensors(
+        self, *, safe_merge: bool = False, cancel: CancelToken | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         import torch
 
-        merged_cache: dict[int, dict] = {}
+        merged_cache: dict[int, dict[str, torch.Tensor]] = {}
         with torch.no_grad():
-            for name, (how, obj, pname) in self.entries.items():
+            for name, entry in self.entries.items():
                 if cancel is not None:
                     cancel.raise_if_cancelled()
-                if how == "lora":
-                    parts = merged_cache.pop(id(obj), None) or merge_layer_copy(obj, self.adapter_name, safe_merge)
+                if entry[0] == "lora":
+                    _, layer, pname = entry
+                    parts = merged_cache.pop(id(layer), None) or merge_layer_copy(layer, self.adapter_name, safe_merge)
                     t = parts.pop(pname)
                     if parts:
-                        merged_cache[id(obj)] = parts
+                        merged_cache[id(layer)] = parts
                 else:
-                    t = obj.detach()
+                    t = entry[1].detach()
                 if self.out_dtype is not None and t.is_floating_point() and t.dtype != self.out_dtype:
                     t = t.to(self.out_dtype)
                 yield name, t

@@ -21,22 +21,40 @@ def file_sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> str | None:
     return h.hexdigest()
 
 
+TAGS = ("lora", "merged", "peft", "lora-studio")
+
+
+def _yaml_scalar(value: str) -> str:
+    """A YAML string that stays one string (quoted when plain style could read it as something else)."""
+    plain = value and value.strip() == value and not any(c in value for c in ":#{}[],&*!|>'\"%@`") and value[0] != "-"
+    return value if plain else json.dumps(value)
+
+
+def front_matter(provenance: dict) -> list[str]:
+    """The Hub's model-card metadata: the base (its hub id when known), the library, tags, the license when known."""
+    base = provenance["base"]
+    lines = []
+    if base.get("hub_id"):
+        lines.append(f"base_model: {_yaml_scalar(base['hub_id'])}")
+    lines.append("library_name: transformers")
+    if base.get("license"):
+        lines.append(f"license: {_yaml_scalar(base['license'])}")
+    lines.append("tags:")
+    lines += [f"- {t}" for t in TAGS]
+    return lines
+
+
 def render(provenance: dict) -> str:
     """Markdown with YAML front matter (Hub-style) and the full provenance as a JSON block."""
     base = provenance["base"]
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags:",
-        "- lora-studio",
-        "- merge",
-        "- lora",
-        "---",
+    lines = ["---", *front_matter(provenance), "---"]
+    lines += [
         "",
         f"# {Path(provenance['output']).name}",
         "",
         f"A merged model: {base['label']} with {len(provenance['adapters'])} LoRA adapter(s) folded into its weights "
-        f"by LoRA Studio {provenance['tool_version']}. Load it like any causal LM; it needs neither PEFT nor the adapters.",
+        f"by LoRA Studio {provenance['tool_version']}. "
+        "Load it like any causal LM; it needs neither PEFT nor the adapters.",
         "",
         "## Provenance",
         "",
@@ -51,8 +69,9 @@ def render(provenance: dict) -> str:
     ]
     for a in provenance["adapters"]:
         lines.append(
-            f"| {a['name']} | {a['weight']:g} | {a['r']} | {a['lora_alpha']:g} | {'yes' if a['use_rslora'] else 'no'} | "
-            f"{'yes' if a['use_dora'] else 'no'} | `{a['sha256']}` | `{a['path']}` |"
+            f"| {a['name']} | {a['weight']:g} | {a['r']} | {a['lora_alpha']:g} | "
+            f"{'yes' if a['use_rslora'] else 'no'} | {'yes' if a['use_dora'] else 'no'} | "
+            f"`{a['sha256']}` | `{a['path']}` |"
         )
     lines += ["", "## Verification", ""]
     v = provenance.get("verification")
@@ -61,8 +80,8 @@ def render(provenance: dict) -> str:
     else:
         lim = v["thresholds"]
         lines += [
-            f"**{v['status'].upper()}** — the saved folder, loaded with plain `AutoModelForCausalLM`, against base + adapter through PEFT "
-            f"on {v['prompts']} prompts, {v['tokens_compared']} greedy tokens:",
+            f"**{v['status'].upper()}** — the saved folder, loaded with plain `AutoModelForCausalLM`, "
+            f"against base + adapter through PEFT on {v['prompts']} prompts, {v['tokens_compared']} greedy tokens:",
             "",
             f"- max |Δlogit|: {v['max_abs_logit_diff']:.4g} (limit {lim[0]:g})",
             f"- mean KL(adapter ‖ merged): {v['mean_kl']:.4g} (limit {lim[1]:g})",

@@ -12,10 +12,10 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from lora_studio.core.adapters import files as adapter_files
-from lora_studio.core.adapters.combinations import check_combination
+from lora_studio.core.adapters.combinations import check_combination, check_members, member_from_config
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.safetensors_format import read_headers
 from lora_studio.core.merge import verify as verification_mod
@@ -27,7 +27,8 @@ from lora_studio.core.system.memory import format_bytes
 if TYPE_CHECKING:
     from lora_studio.core.session import Session, SessionState
 
-ENGINES = ("streaming", "in-memory")
+EngineName = Literal["streaming", "in-memory"]
+ENGINES: tuple[EngineName, ...] = ("streaming", "in-memory")
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 RUNTIME_BYTES = 450 * 1024**2  # Python + torch + transformers + PEFT imported, measured on CPU
 DISK_MARGIN_BYTES = 64 * 1024**2
@@ -58,7 +59,7 @@ class AdapterSpec:
 class MergeOptions:
     out: Path
     dtype: str | None = None  # None: the base's dtype (the session's, when merging a session)
-    engine: str | None = None  # None: streaming where it applies, else in-memory
+    engine: EngineName | None = None  # None: streaming where it applies, else in-memory
     combination: str | None = None  # required for more than one adapter
     density: float | None = None
     safe_merge: bool = False  # in-memory: PEFT's NaN/Inf check (the streaming engine always checks)
@@ -71,7 +72,7 @@ class MergeOptions:
 
 @dataclass(frozen=True)
 class EnginePrediction:
-    engine: str
+    engine: EngineName
     available: bool
     reason: str  # why it is unavailable, or what it does
     peak_ram_bytes: int  # the merge itself
@@ -81,7 +82,7 @@ class EnginePrediction:
 
 @dataclass
 class MergePlan:
-    engine: str | None  # the engine that would run; None when refused
+    engine: EngineName | None  # the engine that would run; None when refused
     dtype: str
     predictions: dict[str, EnginePrediction]
     output_bytes: int
@@ -153,7 +154,7 @@ def _free_disk(path: Path) -> int | None:
 def _extra_files_bytes(source: ModelSource) -> int:
     total = 0
     if not source.gguf_file:
-        for pattern in TOKENIZER_PATTERNS + ("config.json", "generation_config.json"):
+        for pattern in (*TOKENIZER_PATTERNS, "config.json", "generation_config.json"):
             for p in source.path.glob(pattern):
                 if p.is_file():
                     total += p.stat().st_size
@@ -258,7 +259,10 @@ def plan_merge(
     free = _free_disk(options.out)
     plan = MergePlan(engine, dtype, predictions, output_bytes, free, resize_vocabulary=resize)
     if refusal is None and free is not None and not plan.disk_ok:  # disk_ok: unknown free space passes
-        refusal = f"the output needs about {format_bytes(output_bytes)} but only {format_bytes(free)} is free at {Path(options.out).absolute().parent}"
+        refusal = (
+            f"the output needs about {format_bytes(output_bytes)} but only {format_bytes(free)} is free at "
+            f"{Path(options.out).absolute().parent}"
+        )
         hint = "free some disk space or choose another output folder"
     if refusal:
         plan.engine, plan.refusal, plan.refusal_hint = None, refusal, hint
@@ -281,9 +285,12 @@ def _check_request(adapters: Sequence[AdapterSpec], options: MergeOptions) -> No
     if options.verify_tokens < 1:
         raise UserError("verification needs at least one token", "use a positive number of tokens")
     check_combination([a.name for a in adapters], [a.weight for a in adapters], options.combination, options.density)
+    configs = []
     for a in adapters:
-        adapter_files.read_adapter_config(a.path)  # clear message for a missing or broken adapter folder
+        configs.append(adapter_files.read_adapter_config(a.path))  # clear message for a missing or broken folder
         adapter_files.weights_file(a.path)
+    # what the combination type needs of the adapters (equal ranks, ...): refused here, not after loading
+    check_members([member_from_config(a.name, c) for a, c in zip(adapters, configs, strict=True)], options.combination)
 
 
 def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session: Session | SessionState | None) -> bool:
@@ -297,7 +304,8 @@ def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session: S
     quant = compatibility.quantization_label(cfg) or getattr(session, "quantization", None)
     if quant:
         raise UserError(
-            f"{source.label} is quantized ({quant}): merging into quantized weights would round the adapter's update away",
+            f"{source.label} is quantized ({quant}): "
+            "merging into quantized weights would round the adapter's update away",
             "merge into the full-precision base model, then quantize the merged folder if you need to",
         )
     if session is not None:

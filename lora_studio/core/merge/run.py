@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +35,7 @@ from lora_studio.core.io.safetensors_format import DTYPE_SIZES
 from lora_studio.core.io.shard_writer import write_state_dict
 from lora_studio.core.merge import outputs
 from lora_studio.core.merge import verify as verification_mod
-from lora_studio.core.merge.plan import AdapterSpec, MergeOptions, base_config, plan_merge
+from lora_studio.core.merge.plan import AdapterSpec, EngineName, MergeOptions, base_config, plan_merge
 from lora_studio.core.model.config import tied_embeddings
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
@@ -49,7 +49,7 @@ COMBINED_NAME = "lora_studio_combined"  # the weighted combination a merge build
 @dataclass
 class MergeResult:
     out: Path
-    engine: str
+    engine: EngineName
     dtype: str
     files: list[str]
     bytes_written: int
@@ -196,6 +196,15 @@ def _numel(shape) -> int:
     return n
 
 
+def _verifying(report: Report) -> Report:
+    """``report`` with "verifying: " before each message: the reference model loaded for a verification."""
+
+    def prefixed(progress: Progress) -> None:
+        report(replace(progress, message=f"verifying: {progress.message}", stage=""))
+
+    return prefixed
+
+
 def _load_session(source, adapters: Sequence[AdapterSpec], dtype, cancel, report, resize: bool = False) -> Session:
     from lora_studio.core.session import Session
 
@@ -243,15 +252,15 @@ def _verify(
     from lora_studio.core.session import release_memory
 
     read_ahead(tmp)  # streamed shards were written past the page cache: read them back while the reference runs
-    report(Progress(0, 2, "verifying: running the adapter model", "steps"))
+    report(Progress(0, None, verification_mod.REFERENCE_STAGE))
     owned = None
     if session is None:  # streaming without a session: load base + adapter just for the reference
-        owned = session = _load_session(source, adapters, dtype, cancel, report)
+        owned = session = _load_session(source, adapters, dtype, cancel, _verifying(report))
         session.activate(adapters[0].name)
     try:
         with session.lock:
             ref = verification_mod.reference_outputs(
-                session.model, session.tokenizer, options.verify_prompts, options.verify_tokens, cancel
+                session.model, session.tokenizer, options.verify_prompts, options.verify_tokens, cancel, report
             )
             device = session.device or "cpu"
     finally:
@@ -259,12 +268,13 @@ def _verify(
             owned.close()  # free the reference before loading the merged model: one model in memory at a time
     release_memory()
     cancel.raise_if_cancelled()
-    report(Progress(1, 2, "verifying: loading the saved folder", "steps"))
-    merged = verification_mod.load_merged(tmp, dtype, device_map=device if device.startswith("cuda") else "cpu")
+    merged = verification_mod.load_merged(
+        tmp, dtype, device_map=device if device.startswith("cuda") else "cpu", cancel=cancel, report=report
+    )
     try:
-        result = verification_mod.compare(merged, ref, dtype, cancel)
+        result = verification_mod.compare(merged, ref, dtype, cancel, report)
     finally:
         del merged
         release_memory()
-    report(Progress(2, 2, f"verification {result.status}", "steps"))
+    report(Progress(1, 1, f"verification {result.status}", "steps"))
     return result

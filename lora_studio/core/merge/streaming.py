@@ -25,9 +25,10 @@ the in-memory engine, which runs PEFT's own code, handles those.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.errors import UserError
@@ -43,6 +44,11 @@ from lora_studio.core.io.safetensors_format import (
 )
 from lora_studio.core.tasks import CancelToken
 
+if TYPE_CHECKING:
+    import torch
+
+    from lora_studio.core.adapters.files import ModuleKind
+
 FLOAT_ST_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
@@ -51,15 +57,16 @@ class StreamingAdapter:
     """An adapter ready to stream: per base tensor name, the factors and the scaling."""
 
     path: Path
-    updates: dict[str, tuple[str, object, object, float]] = field(
+    updates: dict[str, tuple[ModuleKind, torch.Tensor, torch.Tensor, float]] = field(
         default_factory=dict
     )  # weight name -> (kind, A, B, scaling)
-    replacements: dict[str, object] = field(default_factory=dict)  # base tensor name -> the adapter's saved full tensor
+    # base tensor name -> the adapter's saved full tensor
+    replacements: dict[str, torch.Tensor] = field(default_factory=dict)
     fan_in_fan_out: bool = False
     nbytes: int = 0
 
 
-def streaming_refusal(adapter_folder: Path, base_tensor_names, tied_embeddings: bool) -> str | None:
+def streaming_refusal(adapter_folder: Path, base_tensor_names: Iterable[str], tied_embeddings: bool) -> str | None:
     """Why the streaming engine cannot merge this adapter exactly, or None when it can."""
     config = adapter_files.read_adapter_config(adapter_folder)
     keys = adapter_files.tensor_shapes(adapter_folder)
@@ -115,7 +122,9 @@ def _base_weight_name(module: str, names: set[str]) -> str | None:
     return None
 
 
-def load_streaming_adapter(adapter_folder: Path, base_tensor_names, tied_embeddings: bool = False) -> StreamingAdapter:
+def load_streaming_adapter(
+    adapter_folder: Path, base_tensor_names: Iterable[str], tied_embeddings: bool = False
+) -> StreamingAdapter:
     import torch
 
     reason = streaming_refusal(adapter_folder, base_tensor_names, tied_embeddings)
@@ -135,7 +144,9 @@ def load_streaming_adapter(adapter_folder: Path, base_tensor_names, tied_embeddi
         a = tensors[entry.a].to(torch.float32)
         b = tensors[entry.b].to(torch.float32)
         out.nbytes += (a.numel() + b.numel()) * 4
-        out.updates[_base_weight_name(module, names)] = (entry.kind, a, b, config.scaling_for(module))
+        target = _base_weight_name(module, names)
+        assert target is not None  # streaming_refusal returned None: every adapted module has its base weight
+        out.updates[target] = (entry.kind, a, b, config.scaling_for(module))
     for full, key in lay.full_weights.items():
         out.replacements[full] = tensors[key]
         out.nbytes += tensors[key].numel() * tensors[key].element_size()
@@ -150,7 +161,9 @@ def _check_update_shape(delta, weight) -> None:
         )
 
 
-def merged_tensor(weight, kind: str, a, b, scaling: float, fan_in_fan_out: bool):
+def merged_tensor(
+    weight: torch.Tensor, kind: ModuleKind, a: torch.Tensor, b: torch.Tensor, scaling: float, fan_in_fan_out: bool
+) -> torch.Tensor:
     """``weight`` (already in the output dtype, owned by the caller) with the LoRA update added, as PEFT does."""
     if kind == "embedding":
         delta = (b @ a).T * scaling
@@ -226,9 +239,9 @@ class _Scratch:
     """
 
     def __init__(self) -> None:
-        self._flat: dict[tuple[str, object], object] = {}
+        self._flat: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
-    def get(self, role: str, dtype, shape):
+    def get(self, role: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         import torch
 
         n = 1
@@ -354,7 +367,7 @@ def stream_merged_tensors(
     reuse_buffers: bool = False,
     ring: int = 1,
     file_slices: bool = False,
-) -> Iterator[tuple[str, object]]:
+) -> Iterator[tuple[str, torch.Tensor | FileSlice]]:
     """Yield ``(name, merged tensor)`` in ``plan`` order, one tensor in memory at a time.
 
     ``reuse_buffers``: yielded tensors live in buffers that the next tensor overwrites;
@@ -369,6 +382,7 @@ def stream_merged_tensors(
     target = getattr(torch, out_dtype)
     target_st = st_dtype(target)
     scratch = _Scratch() if reuse_buffers else None
+    fan_in_fan_out = adapter.fan_in_fan_out if adapter is not None else False
     fds: dict[Path, int] = {}
     produced = 0
     try:
@@ -417,9 +431,9 @@ def stream_merged_tensors(
                 kind, a, b, scaling = update
                 with torch.no_grad():
                     if scratch is not None and kind != "embedding":
-                        tensor = _merged_into(scratch, tensor, a, b, scaling, adapter.fan_in_fan_out, slot)
+                        tensor = _merged_into(scratch, tensor, a, b, scaling, fan_in_fan_out, slot)
                     else:
-                        tensor = merged_tensor(tensor, kind, a, b, scaling, adapter.fan_in_fan_out)
+                        tensor = merged_tensor(tensor, kind, a, b, scaling, fan_in_fan_out)
             yield name, tensor
             del tensor
     finally:

@@ -22,8 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from lora_studio.core.tasks import CancelToken
+from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from lora_studio.core.generation.generate import CausalLM
 
 PROMPTS = (
     "The quick brown fox",
@@ -31,6 +39,10 @@ PROMPTS = (
     "What is the capital of France?",
 )
 NEW_TOKENS = 16
+# The stages a verification reports (merge_and_save adds "verifying: loading the saved folder" between them).
+REFERENCE_STAGE = "verifying: running the adapter model"
+MERGED_STAGE = "verifying: running the saved folder"
+LOADING_STAGE = "verifying: loading the saved folder"
 THRESHOLDS = {  # dtype -> (max |Δlogit|, mean KL, greedy agreement)
     "float32": (1e-3, 1e-6, 1.0),
     "float16": (0.25, 2e-3, 0.95),
@@ -38,9 +50,12 @@ THRESHOLDS = {  # dtype -> (max |Δlogit|, mean KL, greedy agreement)
 }
 
 
+VerificationStatus = Literal["pass", "warn"]  # "warn": the saved folder differs more than its dtype explains
+
+
 @dataclass(frozen=True)
 class Verification:
-    status: str  # "pass" | "warn"
+    status: VerificationStatus
     max_abs_logit_diff: float
     mean_kl: float
     greedy_agreement: float  # fraction of generated positions where both models pick the same token
@@ -63,32 +78,38 @@ class Verification:
 class Reference:
     """What the adapter model produced: the token sequences and their logits (float32, on CPU)."""
 
-    sequences: list  # 1-D LongTensors: prompt + generated
+    sequences: list[torch.Tensor]  # 1-D LongTensors: prompt + generated
     prompt_lengths: list[int]
-    logits: list  # [seq_len, vocab] float32
+    logits: list[torch.Tensor]  # [seq_len, vocab] float32
 
 
-def _model_device(model):
+def _model_device(model: CausalLM) -> torch.device:
     return next(model.parameters()).device
 
 
 def reference_outputs(
-    model,
-    tokenizer,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str] = PROMPTS,
     new_tokens: int = NEW_TOKENS,
     cancel: CancelToken | None = None,
+    report: Report = no_report,
 ) -> Reference:
-    """Greedy continuations of ``prompts`` by ``model`` (the adapter model) and their logits."""
+    """Greedy continuations of ``prompts`` by ``model`` (the adapter model) and their logits.
+
+    Reports "verifying: running the adapter model" once per prompt: a prompt takes seconds on a big model."""
     import torch
 
     device = _model_device(model)
     ref = Reference([], [], [])
-    vocab = model.get_input_embeddings().weight.shape[0]  # .weight: a LoRA-wrapped embedding has no num_embeddings
+    weight = model.get_input_embeddings().weight  # .weight: a LoRA-wrapped embedding has no num_embeddings
+    assert isinstance(weight, torch.Tensor)  # a parameter (nn.Module's attribute type also allows a module)
+    vocab = weight.shape[0]
     with torch.inference_mode():
-        for prompt in prompts:
+        for done, prompt in enumerate(prompts):
             if cancel is not None:
                 cancel.raise_if_cancelled()
+            report(Progress(done, len(prompts), REFERENCE_STAGE, "prompts"))
             ids = tokenizer(prompt, return_tensors="pt").input_ids[0].tolist() or [0]
             if vocab:
                 ids = [min(i, vocab - 1) for i in ids]
@@ -100,18 +121,30 @@ def reference_outputs(
             ref.sequences.append(seq[0].cpu())
             ref.prompt_lengths.append(len(ids))
             ref.logits.append(full)
+    report(Progress(len(prompts), len(prompts), REFERENCE_STAGE, "prompts"))
     return ref
 
 
-def compare(merged_model, reference: Reference, dtype: str, cancel: CancelToken | None = None) -> Verification:
+def compare(
+    merged_model: PreTrainedModel,
+    reference: Reference,
+    dtype: str,
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+) -> Verification:
+    """The merged model on the reference's sequences; reports "verifying: running the saved folder" once per prompt."""
     import torch
 
     device = _model_device(merged_model)
     max_diff, kl_sum, positions, agree, compared = 0.0, 0.0, 0, 0, 0
     with torch.inference_mode():
-        for seq, plen, ref_logits in zip(reference.sequences, reference.prompt_lengths, reference.logits):
+        count = len(reference.sequences)
+        for done, (seq, plen, ref_logits) in enumerate(
+            zip(reference.sequences, reference.prompt_lengths, reference.logits, strict=True)
+        ):
             if cancel is not None:
                 cancel.raise_if_cancelled()
+            report(Progress(done, count, MERGED_STAGE, "prompts"))
             logits = merged_model(input_ids=seq.view(1, -1).to(device)).logits[0].float().cpu()
             max_diff = max(max_diff, float((logits - ref_logits).abs().max()))
             ref_logp = torch.log_softmax(ref_logits, -1)
@@ -123,6 +156,7 @@ def compare(merged_model, reference: Reference, dtype: str, cancel: CancelToken 
             predicted = logits[plen - 1 : -1].argmax(-1)
             agree += int((predicted == seq[plen:]).sum())
             compared += int(seq.numel() - plen)
+    report(Progress(count, count, MERGED_STAGE, "prompts"))
     limits = THRESHOLDS.get(dtype, THRESHOLDS["bfloat16"])
     mean_kl = kl_sum / max(positions, 1)
     agreement = agree / compared if compared else 1.0
@@ -132,20 +166,38 @@ def compare(merged_model, reference: Reference, dtype: str, cancel: CancelToken 
     )
 
 
-def load_merged(folder, dtype: str, device_map: str = "cpu"):
-    """The saved folder as a user would load it: plain AutoModelForCausalLM, nothing from LoRA Studio or PEFT."""
+def load_merged(
+    folder: Path,
+    dtype: str,
+    device_map: str = "cpu",
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+) -> PreTrainedModel:
+    """The saved folder as a user would load it: plain AutoModelForCausalLM, nothing from LoRA Studio or PEFT.
+
+    With ``report``, each tensor is reported as "verifying: loading the saved folder"."""
+    from dataclasses import replace
+
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from lora_studio.core._compat.tqdm_progress import reporting_progress
     from lora_studio.core.io.page_cache import warm_page_cache
 
+    report(Progress(0, None, LOADING_STAGE))
     warm_page_cache(folder)  # a streamed merge wrote past the cache
+
+    def loading(progress: Progress) -> None:
+        report(replace(progress, message=LOADING_STAGE, stage=""))
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the job reports its own progress; no tqdm bar on the user's terminal
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype), device_map=device_map)
+        with reporting_progress(cancel or CancelToken(), loading):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=getattr(torch, dtype), device_map=device_map
+            )
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.safetensors_format import read_headers
@@ -31,6 +32,10 @@ class ModelFootprint:
     checkpoint_bytes: int
 
 
+# "offload": fits only with part of the weights on the CPU (device_map "auto")
+Verdict = Literal["fits", "offload", "does_not_fit"]
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     footprint: ModelFootprint
@@ -40,7 +45,7 @@ class MemoryEstimate:
     needed_bytes: int  # weights + working memory (+ transient for GGUF dequantisation)
     free_ram_bytes: int
     free_gpu_bytes: dict[str, int] = field(default_factory=dict)  # "cuda:N" -> free bytes
-    verdict: str = "fits"  # "fits" | "offload" | "does_not_fit"
+    verdict: Verdict = "fits"
     where: str = "cpu"  # "cpu" | "cuda:N" | "auto"
     explanation: str = ""
 
@@ -140,7 +145,7 @@ def _gguf_field(reader, key: str):
         return None
     try:
         return f.contents()
-    except Exception:
+    except Exception:  # noqa: BLE001 - a field this gguf version cannot decode reads as missing
         return None
 
 
@@ -184,7 +189,7 @@ def estimate(
     return MemoryEstimate(footprint, dtype, device_map, weights, needed, free_ram_bytes, free_gpu, verdict, where, why)
 
 
-def _verdict(device_map: str, needed: int, free_ram: int, free_gpu: dict[str, int]) -> tuple[str, str, str]:
+def _verdict(device_map: str, needed: int, free_ram: int, free_gpu: dict[str, int]) -> tuple[Verdict, str, str]:
     if device_map == "cpu":
         if needed <= free_ram:
             return "fits", "cpu", f"needs {format_bytes(needed)}, {format_bytes(free_ram)} RAM free"
@@ -221,6 +226,7 @@ def _verdict(device_map: str, needed: int, free_ram: int, free_gpu: dict[str, in
         return (
             "does_not_fit",
             "auto",
-            f"needs {format_bytes(needed)}; GPUs and RAM together have {format_bytes(sum(free_gpu.values()) + free_ram)} free",
+            f"needs {format_bytes(needed)}; "
+            f"GPUs and RAM together have {format_bytes(sum(free_gpu.values()) + free_ram)} free",
         )
     raise UserError(f"unknown device map {device_map!r}", "use cpu, cuda:N or auto")

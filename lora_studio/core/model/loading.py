@@ -8,11 +8,13 @@ hook logs a warning and loads still work, with stage-level progress only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_studio.core._compat.tqdm_progress import reporting_progress
 from lora_studio.core.errors import Cancelled, UserError
@@ -21,6 +23,9 @@ from lora_studio.core.model.config import read_config_file
 from lora_studio.core.model.dtypes import torch_dtype
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def offline_environment() -> None:
@@ -95,7 +100,7 @@ def added_tokens_hint(folder: Path) -> dict:
     return {"added_tokens_decoder": decoder} if decoder else {}
 
 
-def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False):
+def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     offline_environment()
     from transformers import AutoTokenizer
 
@@ -120,7 +125,7 @@ def load_base(
     trust_remote_code: bool = False,
     cancel: CancelToken | None = None,
     report: Report = no_report,
-):
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer; returns ``(model, tokenizer)``. Raises Cancelled if cancelled."""
     cancel = cancel or CancelToken()
     offline_environment()
@@ -166,7 +171,8 @@ def load_base(
     if source.gguf_file:
         _forget_gguf_quantization(model)
         if dtype != "float32":
-            model = model.to(torch_dtype(dtype))
+            # transformers declares .to with functools.wraps(Module.to): mypy then takes the dtype for ``self``
+            model = model.to(torch_dtype(dtype))  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
@@ -184,10 +190,8 @@ def _forget_gguf_quantization(model) -> None:
         if getattr(model, attr, None) is not None:
             setattr(model, attr, None)
     if getattr(model, "is_quantized", False):
-        try:
+        with contextlib.suppress(AttributeError):  # a read-only property on some versions: nothing to drop
             model.is_quantized = False
-        except AttributeError:
-            pass
 
 
 def _has_safetensors(folder: Path) -> bool:

@@ -9,15 +9,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from lora_studio.core.errors import UserError
 
 GGUF_MAGIC = b"GGUF"
 
 
+SourceKind = Literal["folder", "hf-cache", "gguf", "demo"]
+
+
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "folder" | "hf-cache" | "gguf" | "demo"
+    kind: SourceKind
     path: Path  # the model folder; for GGUF the folder that holds the file
     label: str
     gguf_file: str | None = None  # file name inside ``path`` when kind == "gguf"
@@ -41,7 +45,7 @@ def is_gguf(path: Path) -> bool:
 
 
 def _folder_source(
-    path: Path, kind: str = "folder", label: str | None = None, repo_id: str | None = None
+    path: Path, kind: SourceKind = "folder", label: str | None = None, repo_id: str | None = None
 ) -> ModelSource:
     return ModelSource(kind, path, label or path.name, repo_id=repo_id)
 
@@ -104,7 +108,7 @@ def hf_cache_dir() -> Path:
         import huggingface_hub.constants as hub_constants
 
         return Path(hub_constants.HF_HUB_CACHE)
-    except Exception:  # huggingface_hub missing or broken: fall back to its documented default
+    except Exception:  # noqa: BLE001 - huggingface_hub missing or broken: fall back to its documented default
         home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
         return Path(os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub")))
 

@@ -24,8 +24,12 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lora_studio.core._compat.tokenizer_swap import tokenizer_files_parsed_by
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 # BPE fields the Python constructor takes, besides vocab and merges (tokenizers 0.2x's serialization)
 _BPE_OPTIONS = (
@@ -40,7 +44,7 @@ _BPE_OPTIONS = (
 _ADDED_TOKEN_FIELDS = {"id", "content", "single_word", "lstrip", "rstrip", "normalized", "special"}
 
 
-def parse_tokenizer_file(path) -> object:
+def parse_tokenizer_file(path: str | Path) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` equal to ``Tokenizer.from_file(path)``, built in short steps where possible."""
     from tokenizers import Tokenizer
 
@@ -117,7 +121,7 @@ _STRING_CUT = re.compile(r'"\s*,')
 _STARTS_WITH_PAIR = re.compile(r"\s*\[")
 
 
-def read_json_in_pieces(text: str):
+def read_json_in_pieces(text: str) -> Any:
     """``json.loads(text)`` for a tokenizer.json, its vocabulary and merges parsed a piece at a time.
 
     The pieces are cut at the commas between entries. A cut that lands inside a string (a token may hold
@@ -129,7 +133,7 @@ def read_json_in_pieces(text: str):
     vocab_open = _VOCAB_OPEN.search(text)
     merges_open = _MERGES_OPEN.search(text, vocab_open.end()) if vocab_open else None
     merges_close = _MERGES_CLOSE.search(text, merges_open.end()) if merges_open else None
-    if merges_close is None:
+    if vocab_open is None or merges_open is None or merges_close is None:
         return json.loads(text)
     vocab_body = (vocab_open.end(), merges_open.start())
     merges_body = (merges_open.end(), merges_close.start())

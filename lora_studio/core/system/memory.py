@@ -14,6 +14,7 @@ how much came back and whether that matches what should have.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
@@ -47,10 +48,33 @@ class MemorySample:
     ram_total_bytes: int
     gpus: tuple[nvml.GpuReading, ...] = ()
     torch_cuda: tuple[TorchCudaReading, ...] = ()
+    # The RSS split (Linux; 0 when unknown): memory only this process has (heap, tensors it computed) vs pages of
+    # mapped files (safetensors weights loaded by mmap, libraries). File pages count in RSS, but the system counts
+    # clean ones as page cache, i.e. "available" - which is why RSS can exceed the system's "used" RAM.
+    rss_anon_bytes: int = 0
+    rss_file_bytes: int = 0  # file-backed and shared memory pages (RssFile + RssShmem)
 
     @property
     def gpu_used_bytes(self) -> int:
         return sum(g.used_bytes for g in self.gpus)
+
+    @property
+    def has_rss_split(self) -> bool:
+        return self.rss_anon_bytes > 0 or self.rss_file_bytes > 0
+
+
+def read_rss_split(status_path: str = "/proc/self/status") -> tuple[int, int]:
+    """(anonymous, file-backed + shared) resident bytes of this process from /proc; (0, 0) where there is none."""
+    values: dict[str, int] = {}
+    try:
+        with open(status_path, encoding="ascii", errors="replace") as status:
+            for line in status:
+                key, _, rest = line.partition(":")
+                if key in ("RssAnon", "RssFile", "RssShmem"):
+                    values[key] = int(rest.split()[0]) * 1024  # "kB"
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return values.get("RssAnon", 0), values.get("RssFile", 0) + values.get("RssShmem", 0)
 
 
 def torch_cuda_readings() -> tuple[TorchCudaReading, ...]:
@@ -65,7 +89,7 @@ def torch_cuda_readings() -> tuple[TorchCudaReading, ...]:
             TorchCudaReading(f"cuda:{i}", int(torch.cuda.memory_allocated(i)), int(torch.cuda.memory_reserved(i)))
             for i in range(torch.cuda.device_count())
         )
-    except Exception:  # a broken driver must not stop the RAM readings
+    except Exception:  # noqa: BLE001 - a broken driver must not stop the RAM readings
         return ()
 
 
@@ -90,6 +114,7 @@ class MemorySampler:
             reason = "" if backend is not None else "no NVIDIA GPU found"
         self._backend = backend
         self.gpu_status = reason
+        self._has_proc_status = sys.platform.startswith("linux")
 
     @property
     def has_gpus(self) -> bool:
@@ -103,7 +128,7 @@ class MemorySampler:
             return ()
         try:
             return tuple(nvml.read_all(self._backend))
-        except Exception as exc:  # a GPU that fell off the bus: say so, keep the rest working
+        except Exception as exc:  # noqa: BLE001 - a GPU that fell off the bus: say so, keep the rest working
             self.gpu_status = f"GPU readings stopped ({type(exc).__name__})"
             return ()
 
@@ -111,6 +136,7 @@ class MemorySampler:
         with self._lock:
             vm = self._psutil.virtual_memory()
             rss = int(self._process.memory_info().rss)
+            anon, file_backed = read_rss_split() if self._has_proc_status else (0, 0)
             return MemorySample(
                 time.monotonic(),
                 rss,
@@ -118,6 +144,8 @@ class MemorySampler:
                 int(vm.total),
                 self.read_gpus(),
                 torch_cuda_readings(),
+                anon,
+                file_backed,
             )
 
     def close(self) -> None:
@@ -145,10 +173,9 @@ class SamplingThread:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
+            # a thread boundary: a failed reading is skipped, the next one may work
+            with contextlib.suppress(Exception):
                 self._on_sample(self.sampler.sample())
-            except Exception:  # a failed reading is skipped, the next one may work
-                pass
             self._stop.wait(self.interval_s)
 
     def stop(self, timeout: float = 2.0) -> None:

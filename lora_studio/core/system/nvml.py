@@ -8,6 +8,7 @@ initialised (no driver, no GPU, library missing) :func:`open_backend` returns
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,10 +59,8 @@ class PynvmlBackend:
         return GpuReading(index, self._names[index], int(mem.used), int(mem.total), util)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # best-effort cleanup: a failed shutdown changes nothing for us
             self._nvml.nvmlShutdown()
-        except Exception:
-            pass
 
 
 def open_backend() -> tuple[NvmlBackend | None, str]:
@@ -70,7 +69,7 @@ def open_backend() -> tuple[NvmlBackend | None, str]:
         backend = PynvmlBackend()
     except ImportError:
         return None, "no NVIDIA GPU found (the nvidia-ml-py package is not installed)"
-    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+    except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...: all mean no GPU
         return None, f"no NVIDIA GPU found ({type(exc).__name__})"
     if backend.device_count() == 0:
         backend.close()

@@ -1,0 +1,254 @@
+"""The window at laptop sizes, the memory chart's readings and markers, closing during a job, the Help menu."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import threading
+import time
+
+import pytest
+from PySide6.QtCore import QPoint
+from PySide6.QtWidgets import QScrollArea, QWidget
+from window_helpers import TIMEOUT_MS, idle
+
+from lora_studio.core.session import SessionState
+from lora_studio.core.system.memory import MemorySample, MemorySampler, Reclaimed, read_rss_split
+from lora_studio.gui.help_dialogs import about_rows, window_shortcuts
+from lora_studio.gui.main_window import session_markers
+from lora_studio.gui.memory_panel import MemoryMonitor, MemoryPanel, group_markers, process_text, system_text
+
+GiB = 1024**3
+
+
+def _state(base="tiny", adapters=(), active=None) -> SessionState:
+    return SessionState(base, f"/m/{base}" if base else None, "float32", "cpu", 10, tuple(adapters), active, True)
+
+
+def _visible_in(scroll: QScrollArea, widget: QWidget) -> bool:
+    """Whether all of ``widget`` lies inside the scroll area's viewport (seen without scrolling)."""
+    viewport = scroll.viewport()
+    top_left = widget.mapTo(viewport, QPoint(0, 0))
+    bottom_right = widget.mapTo(viewport, QPoint(widget.width() - 1, widget.height() - 1))
+    return widget.isVisible() and viewport.rect().contains(top_left) and viewport.rect().contains(bottom_right)
+
+
+# -- layout at 1280x720 and 1280x820 -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("height", [720, 820])
+def test_laptop_sizes_show_load_loaded_inspector_and_the_memory_axis(
+    qtbot, window, tiny_llama, llama_adapters, tmp_path, height
+):
+    w = window
+    w.resize(1280, height)
+    w.fit_docks()
+    w.model_panel.set_source(str(tiny_llama))
+    w.model_panel.load()
+    idle(qtbot, w)
+    # an adapter with a training log: the inspector has fields, the ‖ΔW‖ chart and the loss chart to show
+    adapter = tmp_path / "with-loss"
+    shutil.copytree(llama_adapters["alpha"], adapter)
+    rows = [f"{step},{3.0 - step / 10:.3f},{3.1 - step / 10 if step % 3 == 0 else ''}" for step in range(12)]
+    (adapter / "loss.csv").write_text("step,train_loss,val_loss\n" + "\n".join(rows) + "\n")
+    w.attach_adapter(str(adapter))
+    idle(qtbot, w)
+    w.adapter_panel.select("with-loss")
+    inspector = w.adapter_panel.inspector
+    qtbot.waitUntil(lambda: inspector.loss_values is not None and bool(inspector.chart_values), timeout=TIMEOUT_MS)
+    qtbot.wait(50)
+    inspector_scroll = inspector.parentWidget().parentWidget()
+    assert isinstance(inspector_scroll, QScrollArea)
+    assert inspector_scroll.verticalScrollBar().value() == 0
+    # the fields and the whole ‖ΔW‖ chart (its layer axis included) are seen together, without scrolling
+    assert _visible_in(inspector_scroll, inspector.fields["name"]) and _visible_in(inspector_scroll, inspector.chart)
+    qtbot.waitUntil(lambda: w.memory_panel.plot is not None, timeout=TIMEOUT_MS)
+    qtbot.wait(50)
+    model_scroll = w.model_dock.widget()
+    assert isinstance(model_scroll, QScrollArea)
+    assert model_scroll.verticalScrollBar().maximum() == 0  # the Base model column needs no scrolling
+    assert _visible_in(model_scroll, w.model_panel.load_btn)
+    assert _visible_in(model_scroll, w.model_panel.loaded_label)
+    assert "tiny-llama" in w.model_panel.loaded_label.text()
+
+    memory_scroll = w.memory_dock.widget()
+    plot = w.memory_panel.plot
+    before = plot.height()
+    long = Reclaimed("detached a-very-long-adapter-name-that-goes-on " * 4, 64 * 2**20, 1 * 2**20)
+    w.memory_panel.show_release(long)
+    qtbot.wait(50)
+    # the "came back" line is one elided line in a place kept for it: the chart (and its time axis) stays
+    assert plot.height() == before
+    assert memory_scroll.verticalScrollBar().maximum() == 0
+    assert _visible_in(memory_scroll, plot)
+    assert w.memory_panel.release_label.toolTip() == long.message()
+    assert w.minimumSizeHint().height() <= 680
+
+
+# -- memory readings -------------------------------------------------------------------------------------------------
+def test_rss_split_from_proc_status(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nVmRSS:\t  3000 kB\nRssAnon:\t  1000 kB\nRssFile:\t  1900 kB\nRssShmem:\t 100 kB\n")
+    assert read_rss_split(str(status)) == (1000 * 1024, 2000 * 1024)
+    assert read_rss_split(str(tmp_path / "missing")) == (0, 0)
+    sample = MemorySampler(open_nvml=False).sample()
+    assert sample.rss_anon_bytes > 0 and sample.has_rss_split  # Linux: the real process has both
+    assert sample.rss_anon_bytes + sample.rss_file_bytes <= sample.rss_bytes * 1.2
+
+
+def test_readings_say_what_each_number_is(qtbot, window):
+    panel = window.memory_panel
+    qtbot.waitUntil(lambda: len(panel.samples) >= 2, timeout=TIMEOUT_MS)
+    assert "its own" in panel.ram_label.text() and "mapped files" in panel.ram_label.text()
+    assert "System RAM in use" in panel.system_label.text()
+    assert "page cache" in panel.ram_label.toolTip() and "mmap" in panel.ram_label.toolTip()
+    assert "total - available" in panel.system_label.toolTip()
+    # mapped weights: RSS (2 GiB, most of it file pages) above the system's "in use" (1.7 GiB) reads as it is
+    sample = MemorySample(0.0, 2 * GiB, int(1.7 * GiB), 16 * GiB, rss_anon_bytes=GiB // 2, rss_file_bytes=3 * GiB // 2)
+    assert "512.0 MiB its own" in process_text(sample) and "1.50 GiB mapped files" in process_text(sample)
+    assert "1.70 GiB" in system_text(sample) and "(11%)" in system_text(sample)
+    qtbot.waitUntil(lambda: panel.plot is not None and "anon" in panel.curve_names(), timeout=TIMEOUT_MS)
+    assert panel.plot.getPlotItem().legend is None  # the readings are the legend: nothing covers the markers
+
+
+# -- markers ---------------------------------------------------------------------------------------------------------
+def test_group_markers_merges_close_events_only():
+    groups = group_markers([(10.0, "a"), (10.5, "b"), (11.0, "c"), (30.0, "d"), (31.9, "e"), (34.5, "f")], 2.0)
+    assert [g.label for g in groups] == ["3 events", "2 events", "f"]
+    assert [t for t, _ in groups[0].events] == [10.0, 10.5, 11.0] and groups[1].time == 30.0
+    assert all(b.time - a.time >= 2.0 for a, b in itertools.pairwise(groups))
+
+
+def test_close_markers_collapse_with_a_tooltip_and_far_ones_stay_apart(qtbot, tmp_path, data_dir):
+    monitor = MemoryMonitor(MemorySampler(open_nvml=False), 0.05)
+    panel = MemoryPanel(monitor)
+    qtbot.addWidget(panel)
+    panel.resize(560, 200)
+    panel.show()
+    panel.build_chart()
+    monitor.start()
+    try:
+        qtbot.waitUntil(lambda: len(panel.samples) >= 2, timeout=TIMEOUT_MS)
+        now = time.monotonic()
+        panel.markers.extend([(now - 60, "loaded tiny-llama"), (now - 30, "merged")])
+        for text in ("attached alpha", "attached beta", "activated alpha"):
+            panel.mark(text)
+        panel.mark("activated alpha")  # the same event said twice (window and panel): one marker
+        groups = panel.marker_groups()
+        assert [label for label, _ in groups][1:] == ["merged", "3 events"]
+        # a label longer than the chart is tall is elided; its tooltip has the full text (and the time)
+        assert "loaded tiny-llama".startswith(groups[0][0].rstrip("…")) and groups[0][1].endswith("loaded tiny-llama")
+        tip = groups[-1][1]
+        assert tip.count("\n") == 2 and "attached alpha" in tip and "activated alpha" in tip
+        assert sum(text == "activated alpha" for _, text in panel.markers) == 1
+        line = panel._marker_items[2]
+        assert line.label.toolTip() == tip and line.toolTip() == tip
+        # what Qt shows on hover: the first item under the cursor that has a tooltip (QGraphicsScene.helpEvent)
+        centre = line.label.mapToScene(line.label.boundingRect().center())
+        under = [item.toolTip() for item in panel.plot.scene().items(centre) if item.toolTip()]
+        assert under and under[0] == tip
+    finally:
+        monitor.close()
+
+
+def test_session_markers_for_activate_and_combine():
+    two = (("alpha", "/a", 1), ("beta", "/b", 1))
+    assert session_markers(_state(adapters=two, active="beta"), _state(adapters=two, active="alpha")) == [
+        "activated alpha"
+    ]
+    mixed = (*two, ("mix", "combination (cat): alpha×1 + beta×1", 2))
+    assert session_markers(_state(adapters=two, active="beta"), _state(adapters=mixed, active="beta")) == [
+        "combined mix"
+    ]
+    # attach (marked by the panel) and a new base (marked by the window) add nothing here
+    assert session_markers(_state(adapters=two[:1], active="alpha"), _state(adapters=two, active="beta")) == []
+    assert session_markers(_state(base=None), _state(adapters=two, active="alpha")) == []
+
+
+def test_activate_and_combine_put_markers_on_the_chart(qtbot, window, tiny_llama, llama_adapters):
+    w = window
+    w.open_base(str(tiny_llama))
+    idle(qtbot, w)
+    for key in ("alpha", "beta"):
+        w.attach_adapter(str(llama_adapters[key]))
+        idle(qtbot, w)
+    w.adapter_panel.activate("adapter-alpha")
+    idle(qtbot, w)
+    session = w.session
+    w.runner.submit(
+        "combining",
+        lambda *, cancel, report: session.register_combination(
+            "mix", {"adapter-alpha": 1.0, "adapter-beta": 1.0}, "cat"
+        ),
+    )
+    idle(qtbot, w)
+    marks = [text for _, text in w.memory_panel.markers]
+    assert "activated adapter-alpha" in marks and "combined mix" in marks
+
+
+# -- closing during a job --------------------------------------------------------------------------------------------
+def test_closing_during_a_job_asks_first(qtbot, window):
+    w = window
+    started, ended = threading.Event(), threading.Event()
+
+    def slow(*, cancel, report):
+        started.set()
+        try:
+            while not cancel.cancelled:
+                time.sleep(0.01)
+            cancel.raise_if_cancelled()
+        finally:
+            ended.set()
+
+    asked: list[str] = []
+    w.confirm_quit = lambda name: asked.append(name) or False
+    job = w.runner.submit("merging slowly", slow)
+    assert started.wait(10)
+    w.close()
+    assert asked == ["merging slowly"] and w.isVisible() and not job.done  # "no": the window and the job stay
+
+    w.confirm_quit = lambda name: asked.append(name) or True
+    w.close()
+    assert asked == ["merging slowly", "merging slowly"] and not w.isVisible()
+    assert ended.is_set() and w.runner.closed  # "yes": the job was cancelled and its worker waited for
+
+
+def test_closing_while_idle_does_not_ask(qtbot, tmp_path, data_dir):
+    from window_helpers import make_window
+
+    w = make_window(qtbot, tmp_path)
+    asked: list[str] = []
+    w.confirm_quit = lambda name: asked.append(name) or False
+    qtbot.waitUntil(lambda: w.runner.current is None, timeout=TIMEOUT_MS)
+    w.close()
+    assert asked == [] and not w.isVisible()
+
+
+# -- Help menu -------------------------------------------------------------------------------------------------------
+def test_help_menu_lists_shortcuts_and_about(qtbot, window):
+    w = window
+    menus = [a.text() for a in w.menuBar().actions()]
+    assert "&Help" in menus
+    keys = dict(window_shortcuts(w))
+    assert keys.get("Ctrl+Q") == "Quit" and keys.get("Ctrl+O") == "Open model folder"
+    assert keys.get("Ctrl+/") == "Keyboard shortcuts"
+    w.show_shortcuts()
+    dialog = w._shortcuts_dialog
+    assert dialog.isVisible() and dialog.table.rowCount() == len(dialog.rows) >= 5
+    texts = {dialog.table.item(r, 1).text() for r in range(dialog.table.rowCount())}
+    assert "Quit" in texts and "load it" in texts
+    dialog.close()
+
+    rows = dict(about_rows())
+    for name in ("LoRA Studio", "Python", "torch", "transformers", "peft", "PySide6", "Log file", "Data folder"):
+        assert rows.get(name), name
+    assert rows["PySide6"][0].isdigit() and rows["torch"] != "not installed"
+    assert rows["Data folder"] == str(data_dir_of())
+    w.show_about()
+    about = w._about_dialog
+    assert about.isVisible() and "transformers" in about.text.text() and rows["Data folder"] in about.text.text()
+    about.close()
+
+
+def data_dir_of():
+    from lora_studio.core.io.paths import data_dir
+
+    return data_dir()
