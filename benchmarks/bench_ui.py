@@ -128,25 +128,9 @@ class StallTracer:
 def pick_model(args, tmp: Path) -> tuple[str, str, str]:
     if args.model:
         return args.model, args.adapter, "given"
-    from lora_studio.core.demo import assets as demo_assets
-    from lora_studio.core.demo import model as demo
+    from bench_models import demo_or_random
 
-    adapters = {a.name: a.path for a in demo_assets.demo_adapters()}
-    if demo.demo_source_if_available() is not None and demo._converted() and "pirate" in adapters:
-        return str(demo.demo_folder()), str(adapters["pirate"]), "demo SmolLM2-135M + pirate"
-    sys.path.insert(0, str(REPO / "tests"))
-    import factories
-
-    base = factories.make_llama(
-        tmp / "bench-llama",
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-    )
-    adapter = factories.make_adapter(base, tmp / "bench-adapter", r=8, lora_alpha=16)
-    return str(base), str(adapter), "random Llama 4x256 + r=8 adapter"
+    return demo_or_random(tmp, layers=4, hidden=256, heads=8, kv_heads=4)
 
 
 def run_many(runs: int) -> int:

@@ -33,7 +33,6 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
 RSS_GROWTH_LIMIT_PCT = 1.0
 WARMUP_CYCLES = 3
 
@@ -49,27 +48,9 @@ def slope(xs: list[float], ys: list[float]) -> float:
 
 # -- the child: the window ---------------------------------------------------------------------------------------------
 def pick_model(tiny: bool, tmp: Path) -> tuple[str, str, str]:
-    if not tiny:
-        from lora_studio.core.demo import assets as demo_assets
-        from lora_studio.core.demo import model as demo
+    from bench_models import demo_or_random
 
-        adapters = {a.name: a.path for a in demo_assets.demo_adapters()}
-        if demo.demo_source_if_available() is not None and "pirate" in adapters:
-            source = demo.ensure_demo_model()
-            return str(source.path), str(adapters["pirate"]), "demo SmolLM2-135M + pirate"
-    sys.path.insert(0, str(REPO / "tests"))
-    import factories
-
-    base = factories.make_llama(
-        tmp / "soak-llama",
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    adapter = factories.make_adapter(base, tmp / "soak-adapter", r=8, lora_alpha=16)
-    return str(base), str(adapter), "random Llama 2x128 + r=8 adapter"
+    return demo_or_random(tmp, layers=2, hidden=128, heads=4, kv_heads=2, use_demo=not tiny)
 
 
 def child(args: argparse.Namespace) -> int:

@@ -24,3 +24,23 @@ def make_window(qtbot, tmp_path, sampler=None, sample_interval_s: float = 0.05) 
 
 def idle(qtbot, window, timeout: int = TIMEOUT_MS) -> None:
     qtbot.waitUntil(window.runner.is_idle, timeout=timeout)
+
+
+def merge_panel_with(qtbot, window, base, *adapters):
+    """The window with ``base`` loaded and ``adapters`` attached, showing its Merge panel (rows for each adapter)."""
+    from pathlib import Path
+
+    window.open_base(str(base))
+    idle(qtbot, window)
+    for path in adapters:
+        window.attach_adapter(str(path))
+        idle(qtbot, window)
+    panel = window.merge_panel
+    window.tabs.setCurrentWidget(panel)
+    qtbot.waitUntil(lambda: [r.name for r in panel.rows] == [Path(p).name for p in adapters], timeout=TIMEOUT_MS)
+    return panel
+
+
+def plan_settled(qtbot, panel) -> None:
+    """Until the Merge panel's plan for the current inputs is in."""
+    qtbot.waitUntil(lambda: not panel.plan_pending and panel.runner.is_idle(), timeout=TIMEOUT_MS)

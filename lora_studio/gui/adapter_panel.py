@@ -1,23 +1,18 @@
-"""Adapters on the loaded base: attach, switch, disable all, detach, unload; an inspector; a streamed Try it box."""
+"""Adapters on the loaded base: attach, switch, disable all, detach, unload; an inspector; a Try it box (try_it.py)."""
 
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtGui import QFont, QKeySequence, QShortcut, QTextCursor
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QFont
 from PySide6.QtWidgets import (
     QFileDialog,
     QFrame,
-    QGroupBox,
     QHBoxLayout,
-    QLineEdit,
-    QMessageBox,
-    QPlainTextEdit,
     QPushButton,
     QScrollArea,
     QSplitter,
@@ -32,40 +27,19 @@ from lora_studio.core.adapters.inspection import AdapterInspection
 from lora_studio.core.session import SessionState
 from lora_studio.core.system.memory import MemorySampler, format_bytes, measure_release
 from lora_studio.gui.adapter_inspector import AdapterInspector
-from lora_studio.gui.compare_inputs import DecodingBox
+from lora_studio.gui.adapter_questions import ask_resize, ask_unload
 from lora_studio.gui.jobs import Job, JobRunner
 from lora_studio.gui.ops import unique_name
 from lora_studio.gui.panel import Panel
 from lora_studio.gui.session_model import SessionModel
+from lora_studio.gui.try_it import TryItBox
 
 if TYPE_CHECKING:
     from lora_studio.core.adapters.training_log import TrainingLog
-    from lora_studio.core.generation.generate import Generated
 
 BASE_ROW = "__base__"
 ACTIVE_MARK = "●"
-FLUSH_INTERVAL_MS = 33  # ~30 redraws a second while Try it streams (Compare's rate)
 DETACH_TIP = "Detach the selected adapter from the model and free its memory; its files on disk are untouched"
-
-
-class _TextBuffer:
-    """Text the worker streams, drained by the GUI thread's timer: never one signal per token."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._parts: list[str] = []
-        self._tokens = 0
-
-    def push(self, text: str, tokens: int) -> None:  # worker thread
-        with self._lock:
-            self._parts.append(text)
-            self._tokens += tokens
-
-    def drain(self) -> tuple[str, int]:
-        """(text added, tokens added) since the last drain."""
-        with self._lock:
-            parts, tokens, self._parts, self._tokens = self._parts, self._tokens, [], 0
-        return "".join(parts), tokens
 
 
 class AdapterPanel(Panel):
@@ -84,15 +58,8 @@ class AdapterPanel(Panel):
         # name -> (inspection, loss log or its problem), read once per adapter
         self._inspections: dict[str, tuple[AdapterInspection, TrainingLog | str | None]] = {}
         # Asked when an adapter brings added tokens, and before Unload all; replaceable in tests and the soak.
-        self.confirm_resize = self._ask_resize
-        self.confirm_unload: Callable[[Sequence[str]], bool] = self._ask_unload
-        self.generate_job: Job | None = None
-        self.streamed_tokens = 0
-        self._stream = _TextBuffer()
-        self._flush_timer = QTimer(self)
-        self._flush_timer.setInterval(FLUSH_INTERVAL_MS)
-        self._flush_timer.timeout.connect(self.flush)
-
+        self.confirm_resize: Callable[[VocabularyMismatch], bool] = lambda mismatch: ask_resize(self, mismatch)
+        self.confirm_unload: Callable[[Sequence[str]], bool] = lambda names: ask_unload(self, names)
         self.attach_btn = QPushButton("Attach adapter folder…")
         self.attach_btn.clicked.connect(self.browse_attach)
         self.tree = QTreeWidget()
@@ -134,44 +101,15 @@ class AdapterPanel(Panel):
 
         self.inspector = AdapterInspector()
 
-        # Try it: the active adapter (or the base) on one prompt, streamed like a Compare column
-        gen_box = QGroupBox("Try it (active adapter)")
-        self.prompt_edit = QLineEdit()
-        self.prompt_edit.setPlaceholderText("a prompt for the active adapter (or the base)… Enter or Ctrl+Enter runs")
-        self.prompt_edit.returnPressed.connect(self.generate)
-        self.generate_btn = QPushButton("Generate")
-        self.generate_btn.clicked.connect(self.generate)
-        self.stop_btn = QPushButton("Stop")
-        self.stop_btn.clicked.connect(self.stop_generation)
-        for keys in ("Ctrl+Return", "Ctrl+Enter"):  # Ctrl+Enter anywhere in the box, as in Compare
-            shortcut = QShortcut(QKeySequence(keys), gen_box)
-            shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
-            shortcut.activated.connect(self.generate)
-        self.decoding = DecodingBox()  # Compare's decoding settings, the same widget
-        self.decoding.setTitle("Decoding")
-        self.max_tokens = self.decoding.max_tokens
-        self.max_tokens.setValue(48)
-        row = QHBoxLayout()
-        row.addWidget(self.prompt_edit, 1)
-        row.addWidget(self.generate_btn)
-        row.addWidget(self.stop_btn)
-        self.output = QPlainTextEdit(readOnly=True)
-        self.output.setPlaceholderText("the output streams here as it is generated")
-        self.output.setMinimumHeight(60)
-        below = QHBoxLayout()
-        below.addWidget(self.output, 1)
-        below.addWidget(self.decoding)
-        gen_layout = QVBoxLayout(gen_box)
-        gen_layout.setContentsMargins(6, 4, 6, 4)
-        gen_layout.addLayout(row)
-        gen_layout.addLayout(below, 1)
+        self.try_it = TryItBox(self)
+        self.prompt_edit, self.max_tokens = self.try_it.prompt_edit, self.try_it.max_tokens
 
         # The list column (list, buttons, message, Try it) spans the tab's height beside the inspector, so the
         # inspector shows its fields and the ‖ΔW‖ chart together even at 1280x720.
         left = QSplitter(Qt.Orientation.Vertical)
         left.setChildrenCollapsible(False)
         left.addWidget(list_box)
-        left.addWidget(gen_box)
+        left.addWidget(self.try_it)
         left.setStretchFactor(0, 1)
         left.setStretchFactor(1, 1)
         upper = QSplitter(Qt.Orientation.Horizontal)
@@ -282,16 +220,10 @@ class AdapterPanel(Panel):
                     busy or ("" if has else "no adapters attached"),
                     "Detach every adapter (asks first); keep the base. The files on disk are untouched",
                 ),
-                self.generate_btn: (
-                    busy or ("" if loaded else "load a base model first"),
-                    "Generate with the active adapter, streamed (Enter or Ctrl+Enter)",
-                ),
             }
         )
         self.cancel_btn.setEnabled(self.runner.current is not None)
-        running = self.generate_job is not None
-        self.stop_btn.setEnabled(running)
-        self.stop_btn.setToolTip("stop generating within one decoding step" if running else "nothing is generating")
+        self.try_it.update_buttons(busy or ("" if loaded else "load a base model first"))
 
     # -- jobs ---------------------------------------------------------------------------------------------------------
     def _run(self, name: str, fn, on_done, *, marker: str | None = None) -> Job | None:
@@ -356,18 +288,6 @@ class AdapterPanel(Panel):
             self.attach(path, name, resize_embeddings=True)
         else:
             self.show_message(f"{mismatch.message} — not attached", "warn")
-
-    def _ask_resize(self, mismatch: VocabularyMismatch) -> bool:
-        answer = QMessageBox.question(
-            self,
-            "Resize the vocabulary?",
-            f"{mismatch.message}.\n\nThe adapter folder has its own tokenizer with the added tokens. "
-            f"Resize the base's embeddings to {mismatch.adapter_vocab} tokens and use that tokenizer? "
-            "(The files on disk are not changed; a merge saves the adapter's tokenizer with the model.)",
-            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-            QMessageBox.StandardButton.Yes,
-        )
-        return answer == QMessageBox.StandardButton.Yes
 
     def activate_selected(self) -> None:
         name = self.selected_name()
@@ -435,79 +355,9 @@ class AdapterPanel(Panel):
         session = self.session
         return self._release_job("unloaded all adapters", size, session.unload_all)
 
-    def _ask_unload(self, names: Sequence[str]) -> bool:
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        answer = QMessageBox.question(
-            self,
-            "Unload all adapters?",
-            f"Detach all {len(names)} adapters ({shown}) from the model and free their memory?\n\n"
-            "The base stays loaded and the adapter folders on disk are untouched; attach them again to use them.",
-            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-            QMessageBox.StandardButton.No,
-        )
-        return answer == QMessageBox.StandardButton.Yes
-
     def generate(self) -> Job | None:
-        """Generate with the active adapter (or the base), streamed into the output box as tokens arrive."""
-        from lora_studio.core.generation.generate import generate
-
-        if self.generate_job is not None:
-            return None  # Ctrl+Enter again while it streams: the running one goes on (Stop ends it)
-        prompt = self.prompt_edit.text()
-        settings = self.decoding.settings(use_chat_template=True)
-        session = self.session
-        who = self.state.active_adapter or "base"
-        stream = _TextBuffer()
-
-        def run(*, cancel, report):
-            with session.lock:
-                model = session.require_loaded()
-                return generate(
-                    model, session.tokenizer, prompt, settings, cancel=cancel, report=report, on_text=stream.push
-                )
-
-        def done(generated: Generated) -> None:
-            self.output.setPlainText(generated.text)  # exactly the decoded result, whatever was streamed
-            self.show_message(f"{who}: {len(generated.token_ids)} tokens", "ok")
-
-        job = (
-            self.op(f"generating with {who}", run)
-            .on_end(self._end_generation)
-            .on_success(done)
-            .on_cancel(lambda: self.show_message(f"{who}: stopped after {self.streamed_tokens} tokens", "warn"))
-            .run()
-        )
-        if job is None:
-            return None
-        self._stream, self.generate_job, self.streamed_tokens = stream, job, 0
-        self.output.setPlainText("")
-        self.output.setPlaceholderText("waiting for the first token…")
-        self._flush_timer.start()
-        self.update_buttons()
-        return job
-
-    def stop_generation(self) -> None:
-        if self.cancel_job(self.generate_job, "stopping…", "warn"):
-            self.stop_btn.setEnabled(False)
-
-    def flush(self) -> None:
-        """Append what the worker streamed since the last tick (the timer's slot)."""
-        text, tokens = self._stream.drain()
-        if not text and not tokens:
-            return
-        self.streamed_tokens += tokens
-        if text:
-            cursor = self.output.textCursor()
-            cursor.movePosition(QTextCursor.MoveOperation.End)
-            cursor.insertText(text)
-            self.output.setTextCursor(cursor)
-            self.output.ensureCursorVisible()
-
-    def _end_generation(self) -> None:
-        self._flush_timer.stop()
-        self.flush()
-        self.generate_job = None
-        self.output.setPlaceholderText("the output streams here as it is generated")
+        """Try it: generate with the active adapter (or the base), streamed (see :class:`TryItBox`)."""
+        return self.try_it.generate()
 
     # -- inspector (a keyed side job: selecting another adapter supersedes it) ---------------------------------------
     def _selection_changed(self) -> None:

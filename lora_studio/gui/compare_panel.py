@@ -7,9 +7,10 @@ a DeltaBuffer and drawn by a ~30 Hz timer. After a run every column is marked wh
 from the reference column, with the per-token KL against it in a strip.
 
 "Run all prompts" runs the loaded prompt list in one job (core compare takes several prompts); a
-prompt bar above the columns picks which prompt's results the columns show, while it streams and after.
-The Merge tab's "Compare merged vs adapter" lands in :meth:`ComparePanel.add_merged_variant` with the
-adapters the folder came from: exactly those columns are ticked, the adapter being the reference.
+prompt bar above the columns picks which prompt's results the columns show, while it streams and after
+(compare_results.py: the prompt bar, the legend and the columns). The Merge tab's "Compare merged vs
+adapter" lands in :meth:`ComparePanel.add_merged_variant` with the adapters the folder came from
+(compare_merged.py): exactly those columns are ticked, the adapter being the reference.
 
 The GUI thread never calls into the model: merged models travel as opaque references from the job
 that loaded them to the job that compares them.
@@ -17,23 +18,18 @@ that loaded them to the job that compares them.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QFileDialog,
-    QFrame,
     QHBoxLayout,
     QLabel,
     QPushButton,
-    QScrollArea,
     QSizePolicy,
     QSplitter,
-    QTabBar,
     QVBoxLayout,
     QWidget,
 )
@@ -41,34 +37,19 @@ from PySide6.QtWidgets import (
 from lora_studio.core.errors import UserError
 from lora_studio.core.generation.generate import GenerationSettings, validate
 from lora_studio.core.session import SessionState
-from lora_studio.gui.compare_columns import (
-    DIVERGED_BACKGROUND,
-    KIND_ADAPTER,
-    KIND_BASE,
-    KIND_MERGED,
-    ColumnView,
-    strip_legend,
-)
+from lora_studio.gui.compare_columns import KIND_ADAPTER, KIND_BASE, ColumnView
 from lora_studio.gui.compare_inputs import DecodingBox, PromptBox
+from lora_studio.gui.compare_merged import MergedFolders
+from lora_studio.gui.compare_results import CompareResults
 from lora_studio.gui.compare_stream import DeltaBuffer, RunOutcome, run_comparison
 from lora_studio.gui.compare_variants import VariantPicker
 from lora_studio.gui.jobs import Job, JobRunner
-from lora_studio.gui.ops import unique_name
 from lora_studio.gui.panel import Panel
 from lora_studio.gui.session_model import SessionModel
+from lora_studio.gui.shortcuts import add_run_shortcuts
 
 FLUSH_INTERVAL_MS = 33  # ~30 redraws a second while tokens stream
 SIDE_WIDTH = 215  # the variant list and decoding box; the rest of the tab is the columns'
-PROMPT_TAB_LABEL = 22  # characters of a prompt on its tab in the prompt bar
-RUN_KEYS = ("Ctrl+Return", "Ctrl+Enter")  # Return on the main keyboard, Enter on the keypad
-LEGEND = (
-    "<b>Reading the columns</b><br>"
-    f"<span style='background:{DIVERGED_BACKGROUND}'>&nbsp;highlighted&nbsp;</span> from the first token "
-    "that differs from the reference column.<br>"
-    "The strip under each column: KL(reference ‖ column) per reference token, pale = same "
-    "distribution, red = far apart; hover a cell for the token, its log-probability and KL. "
-    "The black tick marks the first divergence."
-)
 
 
 class ComparePanel(Panel):
@@ -76,23 +57,19 @@ class ComparePanel(Panel):
 
     def __init__(self, runner: JobRunner, session_model: SessionModel, parent: QWidget | None = None) -> None:
         super().__init__(runner, session_model, parent)
-        self.columns: list[ColumnView] = []
         self.job: Job | None = None
-        self.outcome: RunOutcome | None = None
         self._buffer = DeltaBuffer()
         self._flush_timer = QTimer(self)
         self._flush_timer.setInterval(FLUSH_INTERVAL_MS)
         self._flush_timer.timeout.connect(self.flush)
         self._template_for: str | None = None  # the base whose tokenizer the chat toggle follows
-        self.run_prompts: list[str] = []  # the prompts of the last run, one prompt-bar tab each
-        self.shown_prompt = 0  # which of them the columns show
-        self._streamed: dict[tuple[int, str], tuple[str, int]] = {}  # (prompt, variant) -> text and tokens so far
 
         self.variants = VariantPicker()
         self.variants.ticks_changed.connect(self._ticks_changed)
         self.variants.current_changed.connect(self.update_buttons)
-        self.variants.add_merged_btn.clicked.connect(self.browse_merged)
-        self.variants.remove_btn.clicked.connect(self.remove_selected_merged)
+        self.merged_folders = MergedFolders(self)
+        self.variants.add_merged_btn.clicked.connect(self.merged_folders.browse)
+        self.variants.remove_btn.clicked.connect(self.merged_folders.remove_selected)
         self.reference_combo = self.variants.reference_combo
         self.decoding = DecodingBox()
         self.max_tokens = self.decoding.max_tokens
@@ -127,36 +104,10 @@ class ComparePanel(Panel):
         run_row.addWidget(self.progress, 1)
         run_row.addWidget(self.note, 2)
         # Ctrl+Enter runs from anywhere in the tab (the prompt box included); Tab leaves the prompt box
-        self.run_shortcuts = [QShortcut(QKeySequence(keys), self) for keys in RUN_KEYS]
-        for shortcut in self.run_shortcuts:
-            shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
-            shortcut.activated.connect(self._run_key)
+        self.run_shortcuts = add_run_shortcuts(self, self._run_key)
 
-        # the prompt bar (one tab per prompt of a "Run all prompts" run) and what the marks mean
-        self.prompt_tabs = QTabBar()
-        self.prompt_tabs.setDocumentMode(True)
-        self.prompt_tabs.setExpanding(False)
-        self.prompt_tabs.setUsesScrollButtons(True)
-        self.prompt_tabs.setElideMode(Qt.TextElideMode.ElideRight)
-        self.prompt_tabs.currentChanged.connect(self.show_prompt)
-        self.prompt_tabs.hide()
-        self.legend = strip_legend()
-        self.legend.setToolTip(LEGEND)
-        results_row = QHBoxLayout()
-        results_row.addWidget(self.prompt_tabs, 1)
-        results_row.addStretch(0)
-        results_row.addWidget(self.legend)
-
-        # columns
-        self.column_splitter = QSplitter(Qt.Orientation.Horizontal)
-        self.column_splitter.setChildrenCollapsible(False)
-        self.columns_scroll = QScrollArea()
-        self.columns_scroll.setWidgetResizable(True)
-        self.columns_scroll.setFrameShape(QFrame.Shape.NoFrame)
-        self.columns_scroll.setWidget(self.column_splitter)
-        self.empty_label = QLabel("Tick variants on the left; each becomes a column here.")
-        self.empty_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.empty_label.setStyleSheet("color: palette(mid);")
+        self.results = CompareResults()
+        self.results.summary_changed.connect(self._show_summary)
 
         main = QWidget()
         mlay = QVBoxLayout(main)
@@ -164,9 +115,7 @@ class ComparePanel(Panel):
         mlay.addWidget(self.prompt_box)
         mlay.addLayout(run_row)
         mlay.addWidget(self.message)
-        mlay.addLayout(results_row)
-        mlay.addWidget(self.empty_label)
-        mlay.addWidget(self.columns_scroll, 1)
+        mlay.addWidget(self.results, 1)
 
         splitter = QSplitter(Qt.Orientation.Horizontal)
         splitter.addWidget(side)
@@ -185,7 +134,7 @@ class ComparePanel(Panel):
         previous = self.state
         self.state = state
         if not state.base or previous.base_path != state.base_path:
-            self._release_merged(self.variants.take_merged())  # loaded beside another base: no longer comparable
+            self.merged_folders.release(self.variants.take_merged())  # loaded beside another base: no longer comparable
         if state.base and state.base_path != self._template_for:
             self._template_for = state.base_path
             self.prompt_box.follow_tokenizer(self.session_model.has_chat_template())
@@ -215,29 +164,21 @@ class ComparePanel(Panel):
 
     def _ticks_changed(self) -> None:
         if self.job is None:
-            self._build_columns(self.ticked())
-            self.run_prompts = []  # fresh columns: the last run's prompt bar no longer applies
-            self._fill_prompt_tabs([])
+            self.results.show_ticked(self.ticked())
         self.update_buttons()
 
-    def _build_columns(self, variants: list[tuple[str, str]]) -> None:
-        for column in self.columns:
-            column.hide()
-            column.setParent(None)  # out of the splitter now; freed when the last reference goes
-        self.columns = [ColumnView(name, kind) for name, kind in variants]
-        for column in self.columns:
-            self.column_splitter.addWidget(column)
-            column.strip.hovered.connect(self._token_hovered)
-        if self.columns:
-            self.column_splitter.setSizes([1000] * len(self.columns))
-        self.empty_label.setVisible(not self.columns)
-        self.columns_scroll.setVisible(bool(self.columns))
+    @property
+    def columns(self) -> list[ColumnView]:
+        """The columns shown, one per variant of the last run (or of the ticks since)."""
+        return self.results.columns
 
     def column(self, name: str) -> ColumnView:
-        for c in self.columns:
-            if c.name == name:
-                return c
-        raise KeyError(name)
+        return self.results.column(name)
+
+    @property
+    def outcome(self) -> RunOutcome | None:
+        """The last finished run (None while one runs, or before the first)."""
+        return self.results.outcome
 
     def update_buttons(self) -> None:
         running = self.job is not None
@@ -367,14 +308,7 @@ class ComparePanel(Panel):
             return None
         self._buffer = buffer
         self.job = job
-        self.outcome = None
-        self._streamed = {}
-        self.run_prompts = list(prompts)
-        self.shown_prompt = 0
-        self._build_columns(ticked)
-        self._fill_prompt_tabs(prompts)
-        for column in self.columns:
-            column.text.setPlaceholderText("waiting for the first token…")
+        self.results.start_run(prompts, ticked)
         mode = (
             "greedy"
             if not settings.do_sample
@@ -386,101 +320,31 @@ class ComparePanel(Panel):
         self.update_buttons()
         return job
 
-    def _fill_prompt_tabs(self, prompts: list[str]) -> None:
-        """One tab per prompt of a several-prompt run (hidden for one prompt)."""
-        self.prompt_tabs.blockSignals(True)
-        while self.prompt_tabs.count():
-            self.prompt_tabs.removeTab(0)
-        if len(prompts) > 1:
-            for number, prompt in enumerate(prompts, start=1):
-                words = " ".join(prompt.split())
-                short = words if len(words) <= PROMPT_TAB_LABEL else words[: PROMPT_TAB_LABEL - 1] + "…"
-                index = self.prompt_tabs.addTab(f"{number}: {short}")
-                self.prompt_tabs.setTabToolTip(index, prompt)
-            self.prompt_tabs.setCurrentIndex(0)
-        self.prompt_tabs.blockSignals(False)
-        self.prompt_tabs.setVisible(len(prompts) > 1)
-
-    def show_prompt(self, index: int) -> None:
-        """Show prompt ``index`` of the last run in the columns: what it streamed so far, or its finished result."""
-        if not 0 <= index < len(self.run_prompts):
-            return
-        if self.prompt_tabs.currentIndex() != index and self.prompt_tabs.count() > index:
-            self.prompt_tabs.setCurrentIndex(index)  # the tab bar's signal calls back here with the same index
-            return
-        self.shown_prompt = index
-        for column in self.columns:
-            column.reset()
-            text, tokens = self._streamed.get((index, column.name), ("", 0))
-            if text or tokens:
-                column.append(text, tokens)
-        if self.outcome is not None:
-            self._show_result(index)
-
-    def _token_hovered(self, index: int | None) -> None:
-        """A KL-strip cell is under the mouse: its reference token lights up in every column that holds it."""
-        for column in self.columns:
-            column.highlight_token(index)
-
     def stop(self) -> None:
         if self.cancel_job(self.job, "stopping…", "warn"):
             self.stop_btn.setEnabled(False)
 
     def flush(self) -> None:
         """Draw what the worker streamed since the last tick (the timer's slot)."""
-        for (prompt, variant), (text, tokens) in self._buffer.drain_prompts().items():
-            old_text, old_tokens = self._streamed.get((prompt, variant), ("", 0))
-            self._streamed[(prompt, variant)] = (old_text + text, old_tokens + tokens)
-            if prompt != self.shown_prompt:
-                continue
-            with contextlib.suppress(KeyError):  # a column unticked since the run started
-                self.column(variant).append(text, tokens)
+        self.results.add_streamed(self._buffer.drain_prompts())
 
     def _end_run(self) -> None:
         self._flush_timer.stop()
         self.flush()
         self.job = None
-        for column in self.columns:
-            column.text.setPlaceholderText("")
+        self.results.end_run()
 
     def _done(self, outcome: RunOutcome) -> None:
-        self.outcome = outcome
+        self.results.show_outcome(outcome)
         result = outcome.result
-        self._show_result(self.shown_prompt)
         reference = result.prompts[0].divergence.reference
         on = f" on {len(result.prompts)} prompts" if len(result.prompts) > 1 else ""
         self.show_message(f"compared {len(result.variants)} variants{on} against {reference}", "ok")
         self.run_finished.emit(outcome)
 
-    def _show_result(self, index: int) -> None:
-        """Prompt ``index`` of the finished run: final texts, divergence marks, strips, headers and the note."""
-        assert self.outcome is not None
-        result = self.outcome.result
-        cmp = result.prompts[index]
-        display = self.outcome.displays[index]
-        report = cmp.divergence
-        for column in self.columns:
-            try:
-                output = cmp.output(column.name)
-            except KeyError:
-                continue
-            column.finish(
-                output,
-                report.column(column.name),
-                report.reference,
-                display.reference_pieces,
-                display.divergence_offsets.get(column.name),
-                display.token_spans,
-            )
-        how = "one mixed batch" if result.mixed_batch else f"sequential: {result.fallback_reason}"
-        merged = sum(1 for c in self.columns if c.kind == KIND_MERGED)
-        if merged and result.mixed_batch:
-            how += f" (+{merged} merged folder{'s' if merged > 1 else ''} on its own)"
-        several = len(result.prompts) > 1
-        which = f"prompt {index + 1}/{len(result.prompts)}, {cmp.prompt_token_count} tokens"
-        prompt = which if several else f"prompt {cmp.prompt_token_count} tokens"
-        self.note.setText(f"{how} · {result.seconds:.1f} s · {prompt}")
-        self.note.setToolTip(self.note.text() + (f"\n\n{cmp.prompt}" if several else ""))
+    def _show_summary(self, note: str, tooltip: str) -> None:
+        self.note.setText(note)
+        self.note.setToolTip(tooltip)
 
     def _cancelled(self) -> None:
         self.note.setText(f"stopped after {max((c.tokens for c in self.columns), default=0)} tokens per column")
@@ -506,72 +370,6 @@ class ComparePanel(Panel):
         what = f"combining into {name}"
         return self.op(what, fn, progress=False).on_success(done).run(f"{what}…")
 
-    def browse_merged(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Choose a merged model folder", str(Path.home()))
-        if path:
-            self.add_merged_variant(path)
-
     def add_merged_variant(self, path: str, against: Sequence[str] = ()) -> Job | None:
-        """Load a merged model folder read-only beside the session (a job), then tick it as a column.
-
-        ``against``: the adapters the folder was merged from ("Compare merged vs adapter"): then exactly the
-        merged column and those adapters are ticked, the first adapter being the reference, and a folder
-        already loaded beside the session is reused rather than loaded twice.
-        """
-        from lora_studio.core.compare import load_beside
-
-        against = list(against)
-        loaded = self.variants.merged_named_for(str(path)) if against else None
-        if loaded is not None:
-            self._tick_merged_against(loaded, against)
-            return None
-        session = self.session
-        stem = Path(path).name or "merged"
-        name = unique_name(stem, (n for n, _ in self.available_variants()))
-
-        def fn(*, cancel, report):
-            return load_beside(path, session, cancel=cancel, report=report)
-
-        def done(beside) -> None:
-            self.variants.add_merged(name, beside, str(path))
-            if against:
-                self._tick_merged_against(name, against)
-            else:
-                self.show_message(f"{name}: merged folder loaded beside the base, ready to compare", "ok")
-
-        what = f"loading {stem} beside the base"
-        return self.op(what, fn, progress=False).on_success(done).run(f"{what}…")
-
-    def _tick_merged_against(self, merged: str, adapters: list[str]) -> None:
-        """Tick exactly ``merged`` and the ``adapters`` it came from; the first attached one is the reference."""
-        attached = {name for name, kind in self.available_variants() if kind == KIND_ADAPTER}
-        sources = [a for a in adapters if a in attached]
-        reference = sources[0] if sources else self.base_name()  # its adapters are gone: against the base then
-        self.set_ticked([merged, *sources] if sources else [merged, reference])
-        self.variants.set_reference(reference)
-        gone = [a for a in adapters if a not in attached]
-        note = f" ({', '.join(gone)} no longer attached)" if gone else ""
-        self.show_message(f"{merged} against {reference}{note}: press Run to compare", "ok")
-
-    def remove_selected_merged(self) -> None:
-        name = self.variants.selected_merged()
-        if name is None:
-            return
-        self._release_merged(self.variants.take_merged([name]))
-        self.variants.fill()
-        self.show_message(f"unloaded {name}", "ok")
-
-    def _release_merged(self, held: list) -> None:
-        if not held:
-            return
-        from lora_studio.core.session import release_memory
-
-        # The last reference goes away on a worker, where freeing the model's memory is allowed to take a while.
-        def fn(*, cancel, report):
-            held.clear()
-            release_memory()
-
-        try:
-            self.runner.submit("unloading merged models", fn, exclusive=False)
-        except Exception:  # noqa: BLE001 - the references are dropped here then; nothing to tell
-            held.clear()
+        """Load a merged model folder beside the session and tick it as a column (see :meth:`MergedFolders.add`)."""
+        return self.merged_folders.add(path, against)

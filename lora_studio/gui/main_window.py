@@ -4,7 +4,7 @@ Every long job goes through the window's one :class:`~lora_studio.gui.jobs.JobRu
 panel shows the session through the window's one :class:`~lora_studio.gui.session_model.SessionModel`
 (its ``state_changed`` refreshes every panel after any change). The window builds the panels with what
 each one needs and connects their signals (chart markers, log lines, Recent menu); it pushes no state
-into them.
+into them. The menus are window_menus.py's, drag and drop drop.py's.
 """
 
 from __future__ import annotations
@@ -13,14 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt, QTimer
-from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QDockWidget,
     QFrame,
     QMainWindow,
-    QMenu,
     QMessageBox,
-    QPushButton,
     QScrollArea,
     QTabWidget,
     QWidget,
@@ -29,9 +26,11 @@ from PySide6.QtWidgets import (
 from lora_studio.app_logging import current_log_path
 from lora_studio.core.session import Session, SessionState
 from lora_studio.core.system.memory import MemorySampler
+from lora_studio.gui import drop
 from lora_studio.gui.adapter_panel import AdapterPanel
 from lora_studio.gui.compare_panel import ComparePanel
 from lora_studio.gui.gc_guard import GuiThreadGarbageCollector
+from lora_studio.gui.job_status import JobStatus
 from lora_studio.gui.jobs import Busy, Job, JobRunner
 from lora_studio.gui.log_panel import LogPanel
 from lora_studio.gui.memory_panel import MemoryMonitor, MemoryPanel
@@ -40,7 +39,7 @@ from lora_studio.gui.model_panel import ModelPanel
 from lora_studio.gui.session_model import SessionModel
 from lora_studio.gui.settings import StudioSettings
 from lora_studio.gui.startup import Preloader, warm_up
-from lora_studio.gui.widgets import ElidedLabel, job_progress_bar, reset_progress, show_progress
+from lora_studio.gui.window_menus import WindowMenus
 
 
 def session_markers(before: SessionState, after: SessionState) -> list[str]:
@@ -59,21 +58,6 @@ def session_markers(before: SessionState, after: SessionState) -> list[str]:
     if after.active_adapter and after.active_adapter != before.active_adapter and after.active_adapter in names_before:
         marks.append(f"activated {after.active_adapter}")
     return marks
-
-
-def drop_kind(path: Path) -> str | None:
-    """What a dropped path is: 'adapter', 'base', or None."""
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        return "adapter"
-    if path.is_file() and path.name == "adapter_config.json":
-        return "adapter"
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return "base"
-    if path.is_dir() and ((path / "config.json").is_file() or any(path.glob("*.gguf"))):
-        return "base"
-    if path.is_file() and path.name == "config.json":
-        return "base"
-    return None
 
 
 class MainWindow(QMainWindow):
@@ -130,21 +114,11 @@ class MainWindow(QMainWindow):
         self.splitDockWidget(self.memory_dock, self.log_dock, Qt.Orientation.Horizontal)
 
         # status bar: what is running, its progress, and the one Cancel for model jobs
-        # elided to its share of the bar (full text in the tooltip): a long message never widens the window
-        self.status_label = ElidedLabel("Ready. Pick a base model on the left, or drop a model or adapter folder here.")
-        self.job_progress = job_progress_bar()
-        # wide enough for "verifying: loading the saved folder: 123/456 tensors"; longer texts elide in the middle
-        self.job_progress.setMinimumWidth(300)
-        self.job_progress.setMaximumWidth(420)
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setEnabled(False)
-        self.cancel_btn.clicked.connect(self.runner.cancel_current)
-        self.cancel_btn.setToolTip("Stop the running job at its next safe point")
-        self.statusBar().addWidget(self.status_label, 1)
-        self.statusBar().addPermanentWidget(self.job_progress)
-        self.statusBar().addPermanentWidget(self.cancel_btn)
+        self.job_status = JobStatus(self.runner, self.log_panel, self.statusBar())
+        self.status_label, self.job_progress = self.job_status.label, self.job_status.progress
+        self.cancel_btn = self.job_status.cancel_btn
 
-        self._build_menus()
+        self.menus = WindowMenus(self)
         self._connect()
         self._restore()
 
@@ -167,72 +141,7 @@ class MainWindow(QMainWindow):
         self.addDockWidget(area, dock)
         return dock
 
-    def _build_menus(self) -> None:
-        file_menu = self.menuBar().addMenu("&File")
-        act = QAction("Open model &folder…", self, shortcut=QKeySequence(QKeySequence.StandardKey.Open))
-        act.triggered.connect(self.model_panel.browse_folder)
-        file_menu.addAction(act)
-        act = QAction("Open &GGUF file…", self)
-        act.triggered.connect(self.model_panel.browse_gguf)
-        file_menu.addAction(act)
-        act = QAction("&Attach adapter folder…", self, shortcut=QKeySequence("Ctrl+A"))
-        act.triggered.connect(self.adapter_panel.browse_attach)
-        file_menu.addAction(act)
-        self.recent_menu = QMenu("&Recent", self)
-        self.recent_menu.aboutToShow.connect(self._fill_recent)
-        file_menu.addMenu(self.recent_menu)
-        file_menu.addSeparator()
-        act = QAction("&Quit", self, shortcut=QKeySequence("Ctrl+Q"))  # StandardKey.Quit is empty on some platforms
-        act.triggered.connect(self.close)
-        file_menu.addAction(act)
-        view = self.menuBar().addMenu("&View")
-        for dock in (self.model_dock, self.memory_dock, self.log_dock):
-            view.addAction(dock.toggleViewAction())
-        help_menu = self.menuBar().addMenu("&Help")
-        act = QAction("&Keyboard shortcuts…", self, shortcut=QKeySequence("Ctrl+/"))
-        act.triggered.connect(self.show_shortcuts)
-        help_menu.addAction(act)
-        act = QAction("&About LoRA Studio…", self)
-        act.triggered.connect(self.show_about)
-        help_menu.addAction(act)
-        self._fill_recent()
-
-    def _fill_recent(self) -> None:
-        menu = self.recent_menu
-        menu.clear()
-        bases, adapters = self.settings.recent_bases(), self.settings.recent_adapters()
-        if bases:
-            menu.addSection("Base models")
-        for path in bases:
-            act = menu.addAction(Path(path).name or path)
-            act.setToolTip(path)
-            act.setData(path)
-            act.triggered.connect(lambda _=False, p=path: self.open_base(p))
-        if adapters:
-            menu.addSection("Adapters")
-        for path in adapters:
-            act = menu.addAction(Path(path).name or path)
-            act.setData(path)
-            act.triggered.connect(lambda _=False, p=path: self.attach_adapter(p))
-        if not bases and not adapters:
-            menu.addAction("(nothing yet)").setEnabled(False)
-        else:
-            menu.addSeparator()
-            menu.addAction("Clear recent", self._clear_recent)
-
-    def _clear_recent(self) -> None:
-        self.settings.clear_recent()
-        self._fill_recent()
-
     def _connect(self) -> None:
-        r = self.runner
-        r.job_started.connect(self._job_started)
-        r.job_progress.connect(self._job_progress)
-        r.job_finished.connect(self._job_finished)
-        r.job_failed.connect(self._job_failed)
-        r.job_cancelled.connect(self._job_cancelled)
-        r.busy_changed.connect(self._busy_changed)
-        r.refused.connect(self._refused)  # a model job refused while another runs: said in the status bar
         self.model_panel.loaded.connect(self._base_loaded)
         for panel in (self.model_panel, self.adapter_panel, self.compare_panel, self.merge_panel):
             panel.marker.connect(self.memory_panel.mark)
@@ -272,45 +181,7 @@ class MainWindow(QMainWindow):
             [self.memory_dock, self.log_dock], [int(rest * 0.58), int(rest * 0.42)], Qt.Orientation.Horizontal
         )
 
-    # -- runner events ------------------------------------------------------------------------------------------------
-    def _job_started(self, job) -> None:
-        if job.exclusive:
-            self.log_panel.log(f"{job.name}…")
-            self.status_label.setText(f"{job.name}…")
-            self.job_progress.show()
-            self.job_progress.setRange(0, 0)
-
-    def _job_progress(self, job, progress) -> None:
-        if job.exclusive:
-            show_progress(self.job_progress, progress)
-
-    def _elapsed(self, job) -> str:
-        import time
-
-        return f"{time.monotonic() - job.started_at:.1f} s"
-
-    def _job_finished(self, job, _result) -> None:
-        if job.exclusive:
-            self.log_panel.log(f"{job.name}: done in {self._elapsed(job)}")
-            self.status_label.setText(f"{job.name}: done")
-
-    def _job_failed(self, job, desc) -> None:
-        # One readable line in the window; the full story (traceback for internal errors) in the log.
-        self.log_panel.log(f"{job.name}: {desc.message}", "error", desc.detail if desc.kind == "internal" else "")
-        if job.exclusive:  # a side job's failure (an estimate, an inspection) is its panel's line, not the window's
-            self.status_label.setText(f"✖ {desc.message}")
-
-    def _job_cancelled(self, job) -> None:
-        if job.exclusive:
-            self.log_panel.log(f"{job.name}: cancelled", "warn")
-            self.status_label.setText(f"{job.name}: cancelled")
-
-    def _busy_changed(self, reason: str) -> None:
-        self.cancel_btn.setEnabled(bool(reason))
-        if not reason:
-            self.job_progress.hide()
-            reset_progress(self.job_progress)
-
+    # -- what the panels tell the window ----------------------------------------------------------------------------
     def _base_loaded(self, state) -> None:
         self.memory_panel.mark(f"loaded {state.base}")
         if state.base_path:
@@ -319,10 +190,6 @@ class MainWindow(QMainWindow):
     def _released(self, reclaimed) -> None:
         self.memory_panel.show_release(reclaimed)
         self.log_panel.log(reclaimed.message(), "warn" if reclaimed.leaked else "info")
-
-    def _refused(self, message: str) -> None:
-        # the panel that asked says it too, as a warning; not an error for the log (nothing failed)
-        self.status_label.setText(message)
 
     def _mark_session_change(self, state: SessionState) -> None:
         for text in session_markers(self._marked_state, state):
@@ -393,36 +260,18 @@ class MainWindow(QMainWindow):
 
         return self._guard(lambda: self.runner.submit("loading the demo model", run, on_done=done))
 
-    # -- drag and drop ------------------------------------------------------------------------------------------------
+    # -- drag and drop (drop.py) --------------------------------------------------------------------------------------
     def dragEnterEvent(self, event) -> None:
-        if any(drop_kind(Path(u.toLocalFile())) for u in event.mimeData().urls() if u.isLocalFile()):
+        if drop.accepts(event.mimeData()):
             event.acceptProposedAction()
 
     def dropEvent(self, event) -> None:
-        paths = [Path(u.toLocalFile()) for u in event.mimeData().urls() if u.isLocalFile()]
-        self.handle_drop(paths)
+        self.handle_drop(drop.dropped_paths(event.mimeData()))
         event.acceptProposedAction()
 
     def handle_drop(self, paths: list[Path]) -> None:
         """A model folder or .gguf loads as the base; an adapter folder is attached (queued after a base load)."""
-        bases = [p for p in paths if drop_kind(p) == "base"]
-        adapters = [p.parent if p.is_file() else p for p in paths if drop_kind(p) == "adapter"]
-        if not bases and not adapters:
-            self.show_error("drop a model folder, a .gguf file, or a LoRA adapter folder")
-            return
-        if bases:
-            job = self.open_base(str(bases[0]))
-            if job is not None and adapters:
-                job.finished.connect(lambda _: self._attach_queue(list(adapters)))
-            return
-        self._attach_queue(adapters)
-
-    def _attach_queue(self, folders: list[Path]) -> None:
-        if not folders:
-            return
-        job = self.attach_adapter(str(folders[0]))
-        if job is not None and folders[1:]:
-            job.finished.connect(lambda _: QTimer.singleShot(0, lambda: self._attach_queue(folders[1:])))
+        drop.handle_drop(self, paths)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
     shown_at: float | None = None  # time.time() of the first paint (startup measurement)
@@ -489,19 +338,6 @@ class MainWindow(QMainWindow):
     def _build_inspector_charts(self) -> None:
         if not self._closed:
             self.adapter_panel.build_charts()
-
-    # -- help ---------------------------------------------------------------------------------------------------------
-    def show_shortcuts(self) -> None:
-        from lora_studio.gui.help_dialogs import ShortcutsDialog
-
-        self._shortcuts_dialog = ShortcutsDialog(self)
-        self._shortcuts_dialog.show()
-
-    def show_about(self) -> None:
-        from lora_studio.gui.help_dialogs import AboutDialog
-
-        self._about_dialog = AboutDialog(self)
-        self._about_dialog.show()
 
     # -- closing ------------------------------------------------------------------------------------------------------
     def _ask_quit(self, job_name: str) -> bool:

@@ -4,7 +4,8 @@ Everything heavy is the core's (core/merge/): ``plan_merge`` runs as a keyed rea
 whenever the inputs change (debounced), on the session's snapshot, never the model;
 ``merge_and_save`` as one exclusive model job through the window's JobRunner. The panel reads the
 session only through the session model's snapshots. Previews go to the Compare tab through the
-``compare`` collaborator it is given (see :class:`ComparePreview`).
+``compare`` collaborator it is given (merge_preview.py); the result box and saving a combination as an
+adapter are merge_result.py's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QTimer, QUrl
 from PySide6.QtGui import QDesktopServices
@@ -20,7 +21,6 @@ from PySide6.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
     QLabel,
-    QMessageBox,
     QPushButton,
     QSizePolicy,
     QVBoxLayout,
@@ -32,15 +32,24 @@ from lora_studio.core.merge import (
     AdapterSpec,
     MergeOptions,
     MergePlan,
-    SavedCombination,
     merge_and_save,
     plan_merge,
-    save_combination,
 )
 from lora_studio.core.session import SessionState
 from lora_studio.gui.jobs import Job, JobRunner
 from lora_studio.gui.merge_inputs import AdapterPicker, OutputBox
-from lora_studio.gui.merge_parts import AdapterRow, CardDialog, PlanTable, ResultBox, engine_note
+from lora_studio.gui.merge_parts import AdapterRow, PlanTable, engine_note
+from lora_studio.gui.merge_preview import ComparePreview, compare_merged, preview_in_compare
+from lora_studio.gui.merge_result import (
+    CardDialog,
+    ResultBox,
+    ask_adapter_folder,
+    ask_overwrite,
+    open_card,
+    open_folder,
+    save_as_adapter,
+    show_card,
+)
 from lora_studio.gui.ops import unique_name
 from lora_studio.gui.panel import Panel
 from lora_studio.gui.session_model import SessionModel
@@ -51,16 +60,6 @@ if TYPE_CHECKING:
 
 PLAN_DEBOUNCE_MS = 300
 PLAN_KEY = "merge-plan"
-
-
-class ComparePreview(Protocol):
-    """What the Merge tab asks of the Compare tab (the ComparePanel is one)."""
-
-    def add_combination_variant(
-        self, name: str, weights: dict[str, float], combination_type: str = "linear", density: float | None = None
-    ) -> Job | None: ...
-
-    def add_merged_variant(self, path: str, against: tuple[str, ...] = ()) -> Job | None: ...
 
 
 class MergePanel(Panel):
@@ -85,9 +84,9 @@ class MergePanel(Panel):
         self.merge_job: Job | None = None
         self.result = None
         # Injectable for tests: answer the overwrite question, open a file or folder.
-        self.confirm_overwrite: Callable[[Path], bool] = self._ask_overwrite
+        self.confirm_overwrite: Callable[[Path], bool] = lambda path: ask_overwrite(self, path)
         self.open_url: Callable[[QUrl], object] = QDesktopServices.openUrl
-        self.ask_adapter_folder: Callable[[Path], Path | None] = self._ask_adapter_folder
+        self.ask_adapter_folder: Callable[[Path], Path | None] = lambda start: ask_adapter_folder(self, start)
         self.card_dialog: CardDialog | None = None
         self.save_job: Job | None = None
 
@@ -317,16 +316,6 @@ class MergePanel(Panel):
         if path:
             self.out_edit.setText(path)
 
-    def _ask_overwrite(self, path: Path) -> bool:
-        answer = QMessageBox.question(
-            self,
-            "Overwrite?",
-            f"Overwrite {path}?\n\nIts contents are replaced when the merge completes; until then it stays as it is.",
-            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-            QMessageBox.StandardButton.No,
-        )
-        return answer == QMessageBox.StandardButton.Yes
-
     # -- merge --------------------------------------------------------------------------------------------------------
     def start_merge(self) -> Job | None:
         """Start the merge job (after confirming an overwrite); returns the Job, or None when it did not start."""
@@ -397,127 +386,28 @@ class MergePanel(Panel):
             f"merged into {result.out}: {v.summary() if v else 'not verified'}", "info" if kind == "ok" else "warn"
         )
 
-    # -- result actions -----------------------------------------------------------------------------------------------
+    # -- the result and saving the combination as an adapter (merge_result.py) ------------------------------------
     def open_card(self) -> None:
-        """The desktop's app for README.md; where none opens it (no launcher: openUrl says False), the card is
-        shown inside the app."""
-        if self.result is None:
-            return
-        card = Path(self.result.out) / "README.md"
-        if not self.open_url(QUrl.fromLocalFile(str(card))):
-            self.show_card(card)
+        open_card(self)
 
     def show_card(self, card: Path) -> CardDialog:
-        """The model card in a read-only dialog, rendered as Markdown (not modal: the window stays usable)."""
-        if self.card_dialog is not None:
-            self.card_dialog.close()
-            self.card_dialog.deleteLater()
-        self.card_dialog = CardDialog(card, self)
-        self.card_dialog.show()
-        return self.card_dialog
+        return show_card(self, card)
 
     def open_folder(self) -> None:
-        if self.result is not None and not self.open_url(QUrl.fromLocalFile(str(self.result.out))):
-            self.show_message(f"no file manager opens folders here; the merged model is in {self.result.out}", "info")
-
-    # -- save the combination as an adapter ---------------------------------------------------------------------
-    def _ask_adapter_folder(self, start: Path) -> Path | None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save the combination as an adapter folder", str(start))
-        return Path(path) if path else None
+        open_folder(self)
 
     def save_adapter(self) -> Job | None:
         """Ask for a folder and save the ticked adapters' weighted combination there as a PEFT adapter (no merge)."""
-        rows = self.checked_rows()
-        if len(rows) < 2:
-            self.show_message("tick two or more adapters to save their combination", "warn")
-            return None
-        if self.plan_error:
-            self.show_message(self.plan_error, "error")
-            return None
-        combination = self.adapters.combination()
-        density = self.adapters.density_for(combination)
-        out_dir = self.out_path()
-        start_dir = out_dir.parent if out_dir is not None else Path(self.state.base_path or Path.home()).parent
-        out = self.ask_adapter_folder(start_dir / self.variant_name(combination))
-        if out is None:
-            return None
-        overwrite = False
-        if out.is_dir() and any(out.iterdir()):
-            if not self.confirm_overwrite(out):
-                self.show_message(f"kept {out} as it is; nothing was written", "info")
-                return None
-            overwrite = True
-        elif out.is_dir():
-            overwrite = True  # an empty folder: nothing to lose
-        names, weights = [r.name for r in rows], [r.weight for r in rows]
-        session = self.session
-
-        def run(*, cancel, report):
-            return save_combination(
-                session,
-                names,
-                weights,
-                combination,
-                out,
-                density=density,
-                overwrite=overwrite,
-                cancel=cancel,
-                report=report,
-            )
-
-        job = (
-            self.op(f"saving the {combination} combination as an adapter", run)
-            .on_success(self._adapter_saved)
-            .on_end(self._end_save)
-            .run(f"saving the {combination} combination of {len(rows)} adapters into {out}…")
-        )
-        self.save_job = job
-        return job
-
-    def _end_save(self) -> None:
-        self.save_job = None
-
-    def _adapter_saved(self, saved: SavedCombination) -> None:
-        self.show_message(
-            f"saved the {saved.combination} combination (rank {saved.rank}) as the adapter folder {saved.out}; "
-            "attach it in the Adapters tab",
-            "ok",
-        )
-        self.log_line.emit(f"saved a {saved.combination} combination as the adapter {saved.out}", "info")
+        return save_as_adapter(self)
 
     # -- the Compare tab ----------------------------------------------------------------------------------------------
     def variant_name(self, combination: str) -> str:
         return unique_name(f"mix-{combination}", (a[0] for a in self.state.adapters))
 
     def preview_in_compare(self) -> None:
-        if self.compare is None:
-            self.show_message("the Compare panel is not available", "warn")
-            return
-        rows = self.checked_rows()
-        if len(rows) < 2:
-            self.show_message("tick two or more adapters to preview a combination", "warn")
-            return
-        combination = self.adapters.combination()
-        weights = {r.name: r.weight for r in rows}
-        try:
-            self.compare.add_combination_variant(
-                self.variant_name(combination), weights, combination, self.adapters.density_for(combination)
-            )
-        except UserError as exc:
-            self.show_message(str(exc), "error")
-            return
-        self.show_compare_tab()
+        """Add the ticked adapters' weighted combination as a Compare column (see merge_preview.py)."""
+        preview_in_compare(self)
 
     def compare_merged(self) -> None:
-        if self.result is None:
-            return
-        if self.compare is None:
-            self.show_message("the Compare panel is not available", "warn")
-            return
-        try:
-            sources = tuple(a["name"] for a in self.result.provenance.get("adapters", []))
-            self.compare.add_merged_variant(str(self.result.out), against=sources)  # ticks these two, adapter as ref
-        except UserError as exc:
-            self.show_message(str(exc), "error")
-            return
-        self.show_compare_tab()
+        """The saved folder against the adapter(s) it came from, in the Compare tab."""
+        compare_merged(self)

@@ -1,23 +1,18 @@
-"""The pieces of the Merge tab: an adapter row, the plan table (what each engine needs), the result box."""
+"""The pieces of the Merge tab: an adapter row, the plan table (what each engine needs). The result box is
+merge_result.py's."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QCheckBox,
-    QDialog,
-    QDialogButtonBox,
     QDoubleSpinBox,
     QGridLayout,
     QGroupBox,
-    QHBoxLayout,
     QLabel,
-    QPushButton,
     QSizePolicy,
-    QTextBrowser,
     QVBoxLayout,
     QWidget,
 )
@@ -31,16 +26,6 @@ from lora_studio.core.system.memory import format_bytes
 from lora_studio.gui.widgets import STYLES
 
 ENGINES = ("streaming", "in-memory")
-BADGES = {
-    "pass": (
-        "✔ verified",
-        "color: white; background: #2a7a2a; padding: 3px 8px; border-radius: 4px; font-weight: bold;",
-    ),
-    "warn": ("⚠ check", "color: white; background: #c06000; padding: 3px 8px; border-radius: 4px; font-weight: bold;"),
-    None: ("saved, not verified", "color: white; background: #777; padding: 3px 8px; border-radius: 4px;"),
-}
-
-
 WEIGHT_RANGE = (0.0, 2.0)
 
 
@@ -181,97 +166,3 @@ def engine_note(plan: MergePlan, explicit_engine: bool, safe_merge: bool) -> str
             why = f"streaming does not apply: {stream.reason}"
         return f"auto → in-memory ({why})"
     return ""
-
-
-class ResultBox(QGroupBox):
-    """The verification badge and numbers of the last merge, where it was saved, and what to do with it."""
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__("Result", parent)
-        self.badge = QLabel("")
-        self.badge.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.numbers = QLabel("")
-        self.numbers.setWordWrap(True)
-        self.numbers.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.saved_label = QLabel("")
-        self.saved_label.setWordWrap(True)
-        self.saved_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.card_btn = QPushButton("Open model card")
-        self.folder_btn = QPushButton("Open folder")
-        self.compare_merged_btn = QPushButton("Compare merged vs adapter")
-        badge_row = QHBoxLayout()
-        badge_row.addWidget(self.badge)
-        badge_row.addWidget(self.numbers, 1)
-        buttons = QHBoxLayout()
-        for b in (self.card_btn, self.folder_btn, self.compare_merged_btn):
-            buttons.addWidget(b)
-        buttons.addStretch(1)
-        layout = QVBoxLayout(self)
-        layout.addLayout(badge_row)
-        layout.addWidget(self.saved_label)
-        layout.addLayout(buttons)
-        self.hide()
-
-    def show_result(self, result: Any) -> None:
-        """``result``: core.merge MergeResult (its verification may be None when verification was off)."""
-        v = result.verification
-        text, style = BADGES[v.status if v is not None else None]
-        self.badge.setText(text)
-        self.badge.setStyleSheet(style)
-        if v is not None:
-            limits = v.thresholds
-            self.numbers.setText(
-                f"max |Δlogit| {v.max_abs_logit_diff:.3g} (≤ {limits[0]:g}) · mean KL {v.mean_kl:.3g} "
-                f"(≤ {limits[1]:g}) · greedy agreement {v.greedy_agreement:.0%} (≥ {limits[2]:.0%}) "
-                f"over {v.tokens_compared} tokens, {v.dtype}"
-            )
-            self.numbers.setToolTip(
-                "the saved folder, loaded with plain AutoModelForCausalLM, against base + adapter "
-                "through PEFT on the same tokens"
-            )
-        else:
-            self.numbers.setText("verification was off")
-        self.saved_label.setText(
-            f"Saved <b>{result.out}</b> — {result.engine} engine, {result.dtype}, "
-            f"{len(result.files)} shard(s), {format_bytes(result.bytes_written)} in "
-            f"{result.seconds:.1f} s"
-        )
-        self.show()
-
-
-def card_markdown(text: str) -> str:
-    """A model card for QTextBrowser.setMarkdown: its YAML front matter as a code block (Markdown would read
-    ``key: value`` followed by ``---`` as a heading)."""
-    if text.startswith("---\n"):
-        head, sep, body = text[4:].partition("\n---\n")
-        if sep:
-            return f"```yaml\n{head}\n```\n\n{body}"
-    return text
-
-
-class CardDialog(QDialog):
-    """A model card shown inside the app, read-only, rendered as Markdown (where no desktop app opens files)."""
-
-    def __init__(self, path: Path, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.path = path
-        self.setWindowTitle(f"Model card — {path.parent.name}")
-        self.browser = QTextBrowser()
-        self.browser.setOpenExternalLinks(False)
-        self.browser.setReadOnly(True)
-        try:
-            text = path.read_text("utf-8", errors="replace")
-        except OSError as exc:
-            text = f"Cannot read {path}: {exc.strerror or exc}"
-        self.text = text
-        self.browser.setMarkdown(card_markdown(text))
-        self.path_label = QLabel(str(path))
-        self.path_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.path_label.setStyleSheet("color: palette(mid);")
-        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
-        buttons.rejected.connect(self.reject)
-        layout = QVBoxLayout(self)
-        layout.addWidget(self.browser, 1)
-        layout.addWidget(self.path_label)
-        layout.addWidget(buttons)
-        self.resize(760, 560)

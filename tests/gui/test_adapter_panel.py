@@ -37,21 +37,21 @@ def slow_steps(loaded):
 
 def test_try_it_streams_tokens_as_they_come(qtbot, loaded, slow_steps):
     panel = loaded.adapter_panel
-    assert isinstance(panel.decoding, DecodingBox)  # Compare's settings widget, reused
+    assert isinstance(panel.try_it.decoding, DecodingBox)  # Compare's settings widget, reused
     panel.prompt_edit.setText("hello world")
     panel.max_tokens.setValue(30)
     seen: list[str] = []
-    panel._flush_timer.timeout.connect(lambda: seen.append(panel.output.toPlainText()))
+    panel.try_it._flush_timer.timeout.connect(lambda: seen.append(panel.try_it.output.toPlainText()))
     job = panel.generate()
-    assert job is not None and panel.stop_btn.isEnabled() and not panel.generate_btn.isEnabled()
+    assert job is not None and panel.try_it.stop_btn.isEnabled() and not panel.try_it.generate_btn.isEnabled()
     idle(qtbot, loaded)
     assert job.state == "finished", panel.message.text()
-    final = panel.output.toPlainText()
+    final = panel.try_it.output.toPlainText()
     partial = [t for t in dict.fromkeys(seen) if t and t != final]
     assert len(partial) >= 2, seen  # text appeared in pieces while generating
     assert all(final.startswith(t) for t in partial)
-    assert final == job.result.text and panel.streamed_tokens == len(job.result.token_ids)
-    assert "tokens" in panel.message.text() and not panel.stop_btn.isEnabled()
+    assert final == job.result.text and panel.try_it.streamed_tokens == len(job.result.token_ids)
+    assert "tokens" in panel.message.text() and not panel.try_it.stop_btn.isEnabled()
 
 
 def test_stop_ends_within_a_step_and_keeps_the_text(qtbot, loaded, slow_steps):
@@ -59,13 +59,13 @@ def test_stop_ends_within_a_step_and_keeps_the_text(qtbot, loaded, slow_steps):
     panel.prompt_edit.setText("hello world")
     panel.max_tokens.setValue(100)
     job = panel.generate()
-    qtbot.waitUntil(lambda: panel.streamed_tokens >= 2, timeout=TIMEOUT_MS)
-    qtbot.mouseClick(panel.stop_btn, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: panel.try_it.streamed_tokens >= 2, timeout=TIMEOUT_MS)
+    qtbot.mouseClick(panel.try_it.stop_btn, Qt.MouseButton.LeftButton)
     idle(qtbot, loaded)
     assert job.state == "cancelled"
-    assert 2 <= panel.streamed_tokens < 20  # stopped within a step or so, not at 100
+    assert 2 <= panel.try_it.streamed_tokens < 20  # stopped within a step or so, not at 100
     assert "stopped after" in panel.message.text() and panel.message.kind == "warn"
-    assert panel.generate_btn.isEnabled() and not panel.stop_btn.isEnabled()
+    assert panel.try_it.generate_btn.isEnabled() and not panel.try_it.stop_btn.isEnabled()
 
 
 def test_ctrl_enter_runs_with_the_sampling_settings(qtbot, loaded):
@@ -73,26 +73,26 @@ def test_ctrl_enter_runs_with_the_sampling_settings(qtbot, loaded):
     loaded.activateWindow()
     panel.prompt_edit.setText("hello world")
     panel.max_tokens.setValue(8)
-    panel.decoding.mode_combo.setCurrentText("sampling")
-    panel.decoding.temperature.setValue(1.3)
-    panel.decoding.seed.setValue(7)
+    panel.try_it.decoding.mode_combo.setCurrentText("sampling")
+    panel.try_it.decoding.temperature.setValue(1.3)
+    panel.try_it.decoding.seed.setValue(7)
     started = []
     loaded.runner.job_started.connect(started.append)
     panel.prompt_edit.setFocus()
     qtbot.keyClick(panel.prompt_edit, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
     idle(qtbot, loaded)
     assert len(started) == 1 and started[0].name == "generating with adapter-alpha"  # one run, not two
-    first = panel.output.toPlainText()
+    first = panel.try_it.output.toPlainText()
     panel.generate()
     idle(qtbot, loaded)
-    assert panel.output.toPlainText() == first  # the same seed samples the same text
-    panel.decoding.seed.setValue(8)
+    assert panel.try_it.output.toPlainText() == first  # the same seed samples the same text
+    panel.try_it.decoding.seed.setValue(8)
     texts = set()
     for seed in range(8, 12):
-        panel.decoding.seed.setValue(seed)
+        panel.try_it.decoding.seed.setValue(seed)
         panel.generate()
         idle(qtbot, loaded)
-        texts.add(panel.output.toPlainText())
+        texts.add(panel.try_it.output.toPlainText())
     assert len(texts | {first}) > 1  # sampling really samples
 
 

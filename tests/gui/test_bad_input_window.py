@@ -8,6 +8,7 @@ import re
 import bad_inputs
 import pytest
 from PySide6.QtWidgets import QApplication, QDialog
+from window_helpers import idle
 
 TIMEOUT = 30_000
 WINDOW_CASES = [
@@ -28,10 +29,6 @@ def fixtures(tiny_llama, llama_adapters, wide_adapter, gpt2_adapter):
         "wide_adapter": wide_adapter,
         "gpt2_adapter": gpt2_adapter,
     }
-
-
-def idle(qtbot, w):
-    qtbot.waitUntil(w.runner.is_idle, timeout=TIMEOUT)
 
 
 def no_dialogs():

@@ -95,8 +95,8 @@ def test_run_all_prompts_shows_each_prompt_in_the_prompt_bar(qtbot, window):
     assert panel.run_all_btn.isEnabled()
     panel.max_tokens.setValue(8)
     job = panel.run_all()
-    assert job is not None and panel.prompt_tabs.isVisibleTo(panel) and panel.prompt_tabs.count() == 3
-    panel.show_prompt(1)  # switching while it streams is allowed
+    assert job is not None and panel.results.prompt_tabs.isVisibleTo(panel) and panel.results.prompt_tabs.count() == 3
+    panel.results.show_prompt(1)  # switching while it streams is allowed
     idle(qtbot, window)
     outcome = panel.outcome
     assert [p.prompt for p in outcome.result.prompts] == PROMPTS
@@ -104,10 +104,10 @@ def test_run_all_prompts_shows_each_prompt_in_the_prompt_bar(qtbot, window):
 
     variants = [Variant.base(), Variant.of_adapter("adapter-alpha"), Variant.of_adapter("adapter-beta")]
     direct = compare(window.session, variants, PROMPTS, GenerationSettings(max_new_tokens=8))
-    assert panel.shown_prompt == 1 and "prompt 2/3" in panel.note.text()
+    assert panel.results.shown_prompt == 1 and "prompt 2/3" in panel.note.text()
     for index in (1, 0, 2):
-        panel.prompt_tabs.setCurrentIndex(index)
-        assert panel.shown_prompt == index
+        panel.results.prompt_tabs.setCurrentIndex(index)
+        assert panel.results.shown_prompt == index
         for column in panel.columns:
             expected = direct.prompts[index].output(column.name)
             assert column.text.toPlainText() == display_text(expected.text)
@@ -115,17 +115,17 @@ def test_run_all_prompts_shows_each_prompt_in_the_prompt_bar(qtbot, window):
             assert column.tokens == len(expected.token_ids)
             assert len(column.strip.kl) == len(direct.prompts[index].output("base").token_ids)
         assert f"prompt {index + 1}/3" in panel.note.text()
-        assert PROMPTS[index] in panel.prompt_tabs.tabToolTip(index)
+        assert PROMPTS[index] in panel.results.prompt_tabs.tabToolTip(index)
 
     # ticking another set of variants starts fresh columns: the old prompt bar goes
     panel.set_ticked(["base", "adapter-alpha"])
-    assert not panel.prompt_tabs.isVisibleTo(panel) and panel.run_prompts == []
+    assert not panel.results.prompt_tabs.isVisibleTo(panel) and panel.results.run_prompts == []
     panel.run_all()
     idle(qtbot, window)
-    assert panel.prompt_tabs.count() == 3 and [c.name for c in panel.columns] == ["base", "adapter-alpha"]
+    assert panel.results.prompt_tabs.count() == 3 and [c.name for c in panel.columns] == ["base", "adapter-alpha"]
     # a one-prompt Run afterwards hides the prompt bar again
     ran(qtbot, window, panel.run)
-    assert not panel.prompt_tabs.isVisibleTo(panel) and len(panel.outcome.result.prompts) == 1
+    assert not panel.results.prompt_tabs.isVisibleTo(panel) and len(panel.outcome.result.prompts) == 1
 
 
 def test_run_all_names_the_bad_prompt(qtbot, window):
@@ -137,8 +137,8 @@ def test_run_all_names_the_bad_prompt(qtbot, window):
 
 def test_heat_strip_has_a_legend_and_hover_highlights_the_token(qtbot, window):
     panel = window.compare_panel
-    assert panel.legend.isVisibleTo(panel)
-    legend = panel.legend.findChild(KLLegend)
+    assert panel.results.legend.isVisibleTo(panel)
+    legend = panel.results.legend.findChild(KLLegend)
     image = legend.grab().toImage()
     middle = legend.height() // 2
     low = image.pixelColor(int(0.1 * legend.width()), middle)  # between the tick labels
@@ -218,9 +218,9 @@ def test_four_columns_fit_a_1280_window_without_scrolling(qtbot, window, llama_a
     qtbot.wait(50)
     assert len(panel.columns) == 4, panel.ticked()
     QApplication.processEvents()
-    assert not panel.columns_scroll.horizontalScrollBar().isVisible(), (
-        panel.columns_scroll.viewport().width(),
-        panel.column_splitter.minimumSizeHint().width(),
+    assert not panel.results.columns_scroll.horizontalScrollBar().isVisible(), (
+        panel.results.columns_scroll.viewport().width(),
+        panel.results.column_splitter.minimumSizeHint().width(),
     )
     assert all(c.width() >= COLUMN_MIN_WIDTH for c in panel.columns)
     assert all(c.visibleRegion().boundingRect().width() >= COLUMN_MIN_WIDTH - 1 for c in panel.columns)

@@ -9,6 +9,7 @@ import shutil
 
 import factories
 import pytest
+from window_helpers import idle
 from window_helpers import make_window as shared_make_window
 
 from lora_studio.core.compare import Variant, compare
@@ -28,10 +29,6 @@ def tiny_llama_long(tmp_path_factory):
 
 def make_window(qtbot, tmp_path) -> MainWindow:
     return shared_make_window(qtbot, tmp_path, sample_interval_s=0.2)
-
-
-def idle(qtbot, w):
-    qtbot.waitUntil(w.runner.is_idle, timeout=TIMEOUT)
 
 
 def loaded_window(qtbot, tmp_path, base, adapters):

@@ -4,13 +4,16 @@ shown inside the app (real window, real runner, tiny models)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import factories
 import pytest
 from PySide6.QtCore import Qt
+from window_helpers import idle
+from window_helpers import merge_panel_with as loaded
+from window_helpers import plan_settled as planned
 
-from lora_studio.gui.merge_parts import AdapterRow, card_markdown
+from lora_studio.gui.merge_parts import AdapterRow
+from lora_studio.gui.merge_result import card_markdown
 
 TIMEOUT = 30_000
 
@@ -19,26 +22,6 @@ TIMEOUT = 30_000
 def gamma_adapter(models_dir, tiny_llama):
     """r=4 like alpha: linear works for alpha + gamma."""
     return factories.make_adapter(tiny_llama, models_dir / "comb-gamma", seed=61, target_modules=("q_proj", "o_proj"))
-
-
-def idle(qtbot, w):
-    qtbot.waitUntil(w.runner.is_idle, timeout=TIMEOUT)
-
-
-def loaded(qtbot, w, base, *adapters):
-    w.open_base(str(base))
-    idle(qtbot, w)
-    for path in adapters:
-        w.attach_adapter(str(path))
-        idle(qtbot, w)
-    panel = w.merge_panel
-    w.tabs.setCurrentWidget(panel)
-    qtbot.waitUntil(lambda: [r.name for r in panel.rows] == [Path(p).name for p in adapters], timeout=TIMEOUT)
-    return panel
-
-
-def planned(qtbot, panel):
-    qtbot.waitUntil(lambda: not panel.plan_pending and panel.runner.is_idle(), timeout=TIMEOUT)
 
 
 def test_spin_box_and_slider_stay_in_sync(qtbot, llama_adapters):

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import factories
 import pytest
+from window_helpers import idle
+from window_helpers import merge_panel_with as loaded
+from window_helpers import plan_settled as planned
 
 from lora_studio.core.merge import plan as merge_core
 
@@ -20,26 +23,6 @@ TIMEOUT = 30_000
 def gamma_adapter(models_dir, tiny_llama):
     """Same rank as alpha (r=4), other targets: ties needs equal ranks."""
     return factories.make_adapter(tiny_llama, models_dir / "merge-gamma", seed=41, target_modules=("q_proj", "o_proj"))
-
-
-def idle(qtbot, w):
-    qtbot.waitUntil(w.runner.is_idle, timeout=TIMEOUT)
-
-
-def loaded(qtbot, w, base, *adapters):
-    w.open_base(str(base))
-    idle(qtbot, w)
-    for path in adapters:
-        w.attach_adapter(str(path))
-        idle(qtbot, w)
-    panel = w.merge_panel
-    w.tabs.setCurrentWidget(panel)
-    qtbot.waitUntil(lambda: [r.name for r in panel.rows] == [Path(p).name for p in adapters], timeout=TIMEOUT)
-    return panel
-
-
-def planned(qtbot, panel):
-    qtbot.waitUntil(lambda: not panel.plan_pending and panel.runner.is_idle(), timeout=TIMEOUT)
 
 
 def test_merge_one_adapter_verified(qtbot, window, tiny_llama, llama_adapters, tmp_path):

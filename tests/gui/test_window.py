@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from window_helpers import make_window
+from window_helpers import idle, make_window
 
 from lora_studio.core.system.memory import MemorySampler
 from lora_studio.core.system.nvml import GpuReading
 from lora_studio.gui.adapter_panel import BASE_ROW
-from lora_studio.gui.main_window import drop_kind
+from lora_studio.gui.drop import drop_kind
 
 GiB = 1024**3
 TIMEOUT = 30_000
@@ -25,10 +25,6 @@ class FakeNvml:
 
     def close(self) -> None:
         pass
-
-
-def idle(qtbot, w):
-    qtbot.waitUntil(w.runner.is_idle, timeout=TIMEOUT)
 
 
 def test_load_attach_switch_delete_unload(qtbot, window, tiny_llama, llama_adapters):

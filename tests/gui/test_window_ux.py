@@ -230,8 +230,8 @@ def test_help_menu_lists_shortcuts_and_about(qtbot, window):
     keys = dict(window_shortcuts(w))
     assert keys.get("Ctrl+Q") == "Quit" and keys.get("Ctrl+O") == "Open model folder"
     assert keys.get("Ctrl+/") == "Keyboard shortcuts"
-    w.show_shortcuts()
-    dialog = w._shortcuts_dialog
+    w.menus.show_shortcuts()
+    dialog = w.menus.shortcuts_dialog
     assert dialog.isVisible() and dialog.table.rowCount() == len(dialog.rows) >= 5
     texts = {dialog.table.item(r, 1).text() for r in range(dialog.table.rowCount())}
     assert "Quit" in texts and "load it" in texts
@@ -242,8 +242,8 @@ def test_help_menu_lists_shortcuts_and_about(qtbot, window):
         assert rows.get(name), name
     assert rows["PySide6"][0].isdigit() and rows["torch"] != "not installed"
     assert rows["Data folder"] == str(data_dir_of())
-    w.show_about()
-    about = w._about_dialog
+    w.menus.show_about()
+    about = w.menus.about_dialog
     assert about.isVisible() and "transformers" in about.text.text() and rows["Data folder"] in about.text.text()
     about.close()
 

@@ -1,0 +1,242 @@
+"""The Merge tab's result and its actions: the verification badge and numbers of the last merge, its model card
+(the desktop's app, else a dialog inside the app), its folder; and saving the ticked adapters' weighted
+combination as a PEFT adapter folder instead of merging it (core.merge.save_combination, one model job).
+
+The actions take the :class:`~lora_studio.gui.merge_panel.MergePanel` they act for: its last ``result``, its
+replaceable ``open_url`` / ``confirm_overwrite`` / ``ask_adapter_folder``, its message line and its jobs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PySide6.QtCore import Qt, QUrl
+from PySide6.QtWidgets import (
+    QDialog,
+    QDialogButtonBox,
+    QFileDialog,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QMessageBox,
+    QPushButton,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
+
+from lora_studio.core.merge import SavedCombination, save_combination
+from lora_studio.core.system.memory import format_bytes
+from lora_studio.gui.jobs import Job
+
+if TYPE_CHECKING:
+    from lora_studio.gui.merge_panel import MergePanel
+
+BADGES = {
+    "pass": (
+        "✔ verified",
+        "color: white; background: #2a7a2a; padding: 3px 8px; border-radius: 4px; font-weight: bold;",
+    ),
+    "warn": ("⚠ check", "color: white; background: #c06000; padding: 3px 8px; border-radius: 4px; font-weight: bold;"),
+    None: ("saved, not verified", "color: white; background: #777; padding: 3px 8px; border-radius: 4px;"),
+}
+
+
+class ResultBox(QGroupBox):
+    """The verification badge and numbers of the last merge, where it was saved, and what to do with it."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__("Result", parent)
+        self.badge = QLabel("")
+        self.badge.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.numbers = QLabel("")
+        self.numbers.setWordWrap(True)
+        self.numbers.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.saved_label = QLabel("")
+        self.saved_label.setWordWrap(True)
+        self.saved_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.card_btn = QPushButton("Open model card")
+        self.folder_btn = QPushButton("Open folder")
+        self.compare_merged_btn = QPushButton("Compare merged vs adapter")
+        badge_row = QHBoxLayout()
+        badge_row.addWidget(self.badge)
+        badge_row.addWidget(self.numbers, 1)
+        buttons = QHBoxLayout()
+        for b in (self.card_btn, self.folder_btn, self.compare_merged_btn):
+            buttons.addWidget(b)
+        buttons.addStretch(1)
+        layout = QVBoxLayout(self)
+        layout.addLayout(badge_row)
+        layout.addWidget(self.saved_label)
+        layout.addLayout(buttons)
+        self.hide()
+
+    def show_result(self, result: Any) -> None:
+        """``result``: core.merge MergeResult (its verification may be None when verification was off)."""
+        v = result.verification
+        text, style = BADGES[v.status if v is not None else None]
+        self.badge.setText(text)
+        self.badge.setStyleSheet(style)
+        if v is not None:
+            limits = v.thresholds
+            self.numbers.setText(
+                f"max |Δlogit| {v.max_abs_logit_diff:.3g} (≤ {limits[0]:g}) · mean KL {v.mean_kl:.3g} "
+                f"(≤ {limits[1]:g}) · greedy agreement {v.greedy_agreement:.0%} (≥ {limits[2]:.0%}) "
+                f"over {v.tokens_compared} tokens, {v.dtype}"
+            )
+            self.numbers.setToolTip(
+                "the saved folder, loaded with plain AutoModelForCausalLM, against base + adapter "
+                "through PEFT on the same tokens"
+            )
+        else:
+            self.numbers.setText("verification was off")
+        self.saved_label.setText(
+            f"Saved <b>{result.out}</b> — {result.engine} engine, {result.dtype}, "
+            f"{len(result.files)} shard(s), {format_bytes(result.bytes_written)} in "
+            f"{result.seconds:.1f} s"
+        )
+        self.show()
+
+
+def card_markdown(text: str) -> str:
+    """A model card for QTextBrowser.setMarkdown: its YAML front matter as a code block (Markdown would read
+    ``key: value`` followed by ``---`` as a heading)."""
+    if text.startswith("---\n"):
+        head, sep, body = text[4:].partition("\n---\n")
+        if sep:
+            return f"```yaml\n{head}\n```\n\n{body}"
+    return text
+
+
+class CardDialog(QDialog):
+    """A model card shown inside the app, read-only, rendered as Markdown (where no desktop app opens files)."""
+
+    def __init__(self, path: Path, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.path = path
+        self.setWindowTitle(f"Model card — {path.parent.name}")
+        self.browser = QTextBrowser()
+        self.browser.setOpenExternalLinks(False)
+        self.browser.setReadOnly(True)
+        try:
+            text = path.read_text("utf-8", errors="replace")
+        except OSError as exc:
+            text = f"Cannot read {path}: {exc.strerror or exc}"
+        self.text = text
+        self.browser.setMarkdown(card_markdown(text))
+        self.path_label = QLabel(str(path))
+        self.path_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.path_label.setStyleSheet("color: palette(mid);")
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+        buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.browser, 1)
+        layout.addWidget(self.path_label)
+        layout.addWidget(buttons)
+        self.resize(760, 560)
+
+
+# -- the result's actions ----------------------------------------------------------------------------------------------
+def open_card(panel: MergePanel) -> None:
+    """The desktop's app for README.md; where none opens it (no launcher: openUrl says False), the card is
+    shown inside the app."""
+    if panel.result is None:
+        return
+    card = Path(panel.result.out) / "README.md"
+    if not panel.open_url(QUrl.fromLocalFile(str(card))):
+        panel.show_card(card)
+
+
+def show_card(panel: MergePanel, card: Path) -> CardDialog:
+    """The model card in a read-only dialog, rendered as Markdown (not modal: the window stays usable)."""
+    if panel.card_dialog is not None:
+        panel.card_dialog.close()
+        panel.card_dialog.deleteLater()
+    panel.card_dialog = CardDialog(card, panel)
+    panel.card_dialog.show()
+    return panel.card_dialog
+
+
+def open_folder(panel: MergePanel) -> None:
+    if panel.result is not None and not panel.open_url(QUrl.fromLocalFile(str(panel.result.out))):
+        panel.show_message(f"no file manager opens folders here; the merged model is in {panel.result.out}", "info")
+
+
+# -- save the combination as an adapter --------------------------------------------------------------------------------
+def ask_adapter_folder(parent: QWidget, start: Path) -> Path | None:
+    path, _ = QFileDialog.getSaveFileName(parent, "Save the combination as an adapter folder", str(start))
+    return Path(path) if path else None
+
+
+def save_as_adapter(panel: MergePanel) -> Job | None:
+    """Ask for a folder and save the ticked adapters' weighted combination there as a PEFT adapter (no merge)."""
+    rows = panel.checked_rows()
+    if len(rows) < 2:
+        panel.show_message("tick two or more adapters to save their combination", "warn")
+        return None
+    if panel.plan_error:
+        panel.show_message(panel.plan_error, "error")
+        return None
+    combination = panel.adapters.combination()
+    density = panel.adapters.density_for(combination)
+    out_dir = panel.out_path()
+    start_dir = out_dir.parent if out_dir is not None else Path(panel.state.base_path or Path.home()).parent
+    out = panel.ask_adapter_folder(start_dir / panel.variant_name(combination))
+    if out is None:
+        return None
+    overwrite = False
+    if out.is_dir() and any(out.iterdir()):
+        if not panel.confirm_overwrite(out):
+            panel.show_message(f"kept {out} as it is; nothing was written", "info")
+            return None
+        overwrite = True
+    elif out.is_dir():
+        overwrite = True  # an empty folder: nothing to lose
+    names, weights = [r.name for r in rows], [r.weight for r in rows]
+    session = panel.session
+
+    def run(*, cancel, report):
+        return save_combination(
+            session,
+            names,
+            weights,
+            combination,
+            out,
+            density=density,
+            overwrite=overwrite,
+            cancel=cancel,
+            report=report,
+        )
+
+    def saved(result: SavedCombination) -> None:
+        panel.show_message(
+            f"saved the {result.combination} combination (rank {result.rank}) as the adapter folder {result.out}; "
+            "attach it in the Adapters tab",
+            "ok",
+        )
+        panel.log_line.emit(f"saved a {result.combination} combination as the adapter {result.out}", "info")
+
+    def ended() -> None:
+        panel.save_job = None
+
+    job = (
+        panel.op(f"saving the {combination} combination as an adapter", run)
+        .on_success(saved)
+        .on_end(ended)
+        .run(f"saving the {combination} combination of {len(rows)} adapters into {out}…")
+    )
+    panel.save_job = job
+    return job
+
+
+def ask_overwrite(parent: QWidget, path: Path) -> bool:
+    """Yes: replace the non-empty folder ``path`` (a merge's output, or a saved combination's)."""
+    answer = QMessageBox.question(
+        parent,
+        "Overwrite?",
+        f"Overwrite {path}?\n\nIts contents are replaced when the merge completes; until then it stays as it is.",
+        QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+        QMessageBox.StandardButton.No,
+    )
+    return answer == QMessageBox.StandardButton.Yes
