@@ -19,9 +19,11 @@ from PySide6.QtCore import QTimer, QUrl
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
     QFileDialog,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QVBoxLayout,
     QWidget,
@@ -145,7 +147,9 @@ class MergePanel(Panel):
         self.result_box.folder_btn.clicked.connect(self.open_folder)
         self.compare_merged_btn.clicked.connect(self.compare_merged)
 
-        layout = QVBoxLayout(self)
+        # The tab scrolls rather than growing: a result box appearing must not take height from the Memory dock.
+        body = QWidget()
+        layout = QVBoxLayout(body)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(top)
         layout.addWidget(self.plan_table)
@@ -153,6 +157,13 @@ class MergePanel(Panel):
         layout.addWidget(self.result_box)
         layout.addWidget(self.message)
         layout.addStretch(1)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.scroll.setWidget(body)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.scroll)
 
         self.show_state(self.state)
 
@@ -373,6 +384,8 @@ class MergePanel(Panel):
         self.result = result
         v = result.verification
         self.result_box.show_result(result)
+        # once laid out, scroll so the verdict and its buttons are in view
+        QTimer.singleShot(0, lambda: self.scroll.ensureWidgetVisible(self.result_box, 0, 0))
         kind = "ok" if v is None or v.status == "pass" else "warn"
         self.show_message(
             f"saved {result.out}"

@@ -252,3 +252,32 @@ def data_dir_of():
     from lora_studio.core.io.paths import data_dir
 
     return data_dir()
+
+
+def test_a_merge_result_does_not_squeeze_the_memory_chart(qtbot, window, tiny_llama, llama_adapters, tmp_path):
+    """At 1280x720 the Merge tab scrolls when its result box appears; the Memory dock keeps its height and axis."""
+    w = window
+    w.resize(1280, 720)
+    w.fit_docks()
+    w.open_base(str(tiny_llama))
+    idle(qtbot, w)
+    w.attach_adapter(str(llama_adapters["alpha"]))
+    idle(qtbot, w)
+    panel = w.merge_panel
+    w.tabs.setCurrentWidget(panel)
+    qtbot.waitUntil(lambda: w.memory_panel.plot is not None and bool(panel.rows), timeout=TIMEOUT_MS)
+    for row in panel.rows:
+        row.check.setChecked(True)
+    panel.out_edit.setText(str(tmp_path / "merged"))
+    qtbot.waitUntil(lambda: not panel.start_reason(), timeout=TIMEOUT_MS)
+    qtbot.wait(50)
+    dock_before, plot_before = w.memory_dock.height(), w.memory_panel.plot.height()
+    assert panel.start_merge() is not None
+    idle(qtbot, w)
+    qtbot.waitUntil(panel.result_box.isVisible, timeout=TIMEOUT_MS)
+    qtbot.wait(50)
+    assert w.memory_dock.height() == dock_before
+    assert w.memory_panel.plot.height() == plot_before
+    assert w.minimumSizeHint().height() <= 680
+    # the tab scrolled to the verdict: the badge is in view
+    qtbot.waitUntil(lambda: _visible_in(panel.scroll, panel.result_box.badge), timeout=TIMEOUT_MS)
