@@ -157,13 +157,13 @@ class MergePanel(Panel):
         layout.addWidget(self.result_box)
         layout.addWidget(self.message)
         layout.addStretch(1)
-        self.scroll = QScrollArea()
-        self.scroll.setWidgetResizable(True)
-        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
-        self.scroll.setWidget(body)
+        self.body_scroll = QScrollArea()
+        self.body_scroll.setWidgetResizable(True)
+        self.body_scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.body_scroll.setWidget(body)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(self.scroll)
+        outer.addWidget(self.body_scroll)
 
         self.show_state(self.state)
 
@@ -385,7 +385,7 @@ class MergePanel(Panel):
         v = result.verification
         self.result_box.show_result(result)
         # once laid out, scroll so the verdict and its buttons are in view
-        QTimer.singleShot(0, lambda: self.scroll.ensureWidgetVisible(self.result_box, 0, 0))
+        QTimer.singleShot(0, lambda: self.body_scroll.ensureWidgetVisible(self.result_box, 0, 0))
         kind = "ok" if v is None or v.status == "pass" else "warn"
         self.show_message(
             f"saved {result.out}"

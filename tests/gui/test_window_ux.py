@@ -280,4 +280,4 @@ def test_a_merge_result_does_not_squeeze_the_memory_chart(qtbot, window, tiny_ll
     assert w.memory_panel.plot.height() == plot_before
     assert w.minimumSizeHint().height() <= 680
     # the tab scrolled to the verdict: the badge is in view
-    qtbot.waitUntil(lambda: _visible_in(panel.scroll, panel.result_box.badge), timeout=TIMEOUT_MS)
+    qtbot.waitUntil(lambda: _visible_in(panel.body_scroll, panel.result_box.badge), timeout=TIMEOUT_MS)
