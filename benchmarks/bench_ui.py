@@ -158,6 +158,7 @@ def run_many(runs: int) -> int:
         "p99_stall_ms_median": statistics.median(r["p99_stall_ms"] for r in results),
         "startup_s_median": statistics.median(r["startup_s"] for r in results),
         "startup_s_worst": max(r["startup_s"] for r in results),
+        "stalls_over_50ms_runs": [r["stalls_over_50ms"] for r in results],
         "model": results[0]["model"],
         "targets": results[0]["targets"],
     }
