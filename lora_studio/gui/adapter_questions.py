@@ -8,34 +8,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from PySide6.QtWidgets import QMessageBox, QWidget
+from PySide6.QtWidgets import QWidget
 
 from lora_studio.core.adapters.compatibility import VocabularyMismatch
+from lora_studio.gui.widgets import ask_yes_no
 
 
 def ask_resize(parent: QWidget, mismatch: VocabularyMismatch) -> bool:
     """Yes: attach again with the base's embeddings resized to the adapter's tokenizer."""
-    answer = QMessageBox.question(
+    return ask_yes_no(
         parent,
         "Resize the vocabulary?",
         f"{mismatch.message}.\n\nThe adapter folder has its own tokenizer with the added tokens. "
         f"Resize the base's embeddings to {mismatch.adapter_vocab} tokens and use that tokenizer? "
         "(The files on disk are not changed; a merge saves the adapter's tokenizer with the model.)",
-        QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-        QMessageBox.StandardButton.Yes,
+        default_yes=True,
     )
-    return answer == QMessageBox.StandardButton.Yes
 
 
 def ask_unload(parent: QWidget, names: Sequence[str]) -> bool:
     """Yes: detach every adapter in ``names`` (the base stays)."""
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    answer = QMessageBox.question(
+    return ask_yes_no(
         parent,
         "Unload all adapters?",
         f"Detach all {len(names)} adapters ({shown}) from the model and free their memory?\n\n"
         "The base stays loaded and the adapter folders on disk are untouched; attach them again to use them.",
-        QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-        QMessageBox.StandardButton.No,
     )
-    return answer == QMessageBox.StandardButton.Yes

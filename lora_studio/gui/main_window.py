@@ -17,7 +17,6 @@ from PySide6.QtWidgets import (
     QDockWidget,
     QFrame,
     QMainWindow,
-    QMessageBox,
     QScrollArea,
     QTabWidget,
     QWidget,
@@ -39,6 +38,7 @@ from lora_studio.gui.model_panel import ModelPanel
 from lora_studio.gui.session_model import SessionModel
 from lora_studio.gui.settings import StudioSettings
 from lora_studio.gui.startup import Preloader, warm_up
+from lora_studio.gui.widgets import ask_yes_no
 from lora_studio.gui.window_menus import WindowMenus
 
 
@@ -341,14 +341,11 @@ class MainWindow(QMainWindow):
 
     # -- closing ------------------------------------------------------------------------------------------------------
     def _ask_quit(self, job_name: str) -> bool:
-        answer = QMessageBox.question(
+        return ask_yes_no(
             self,
             "Quit LoRA Studio?",
             f"“{job_name}” is still running.\n\nQuit anyway? The job is cancelled at its next safe point first.",
-            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-            QMessageBox.StandardButton.No,
         )
-        return answer == QMessageBox.StandardButton.Yes
 
     def closeEvent(self, event) -> None:
         job = None if self._closed else self.runner.current

@@ -19,7 +19,6 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QMessageBox,
     QPushButton,
     QTextBrowser,
     QVBoxLayout,
@@ -29,6 +28,7 @@ from PySide6.QtWidgets import (
 from lora_studio.core.merge import SavedCombination, save_combination
 from lora_studio.core.system.memory import format_bytes
 from lora_studio.gui.jobs import Job
+from lora_studio.gui.widgets import ask_yes_no
 
 if TYPE_CHECKING:
     from lora_studio.gui.merge_panel import MergePanel
@@ -232,11 +232,8 @@ def save_as_adapter(panel: MergePanel) -> Job | None:
 
 def ask_overwrite(parent: QWidget, path: Path) -> bool:
     """Yes: replace the non-empty folder ``path`` (a merge's output, or a saved combination's)."""
-    answer = QMessageBox.question(
+    return ask_yes_no(
         parent,
         "Overwrite?",
         f"Overwrite {path}?\n\nIts contents are replaced when the merge completes; until then it stays as it is.",
-        QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-        QMessageBox.StandardButton.No,
     )
-    return answer == QMessageBox.StandardButton.Yes

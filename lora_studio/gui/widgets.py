@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QResizeEvent
-from PySide6.QtWidgets import QLabel, QProgressBar, QSizePolicy, QWidget
+from PySide6.QtWidgets import QLabel, QMessageBox, QProgressBar, QSizePolicy, QWidget
 
 from lora_studio.core.system.memory import format_bytes
 from lora_studio.core.tasks import Progress
@@ -126,3 +126,9 @@ def reset_progress(bar: QProgressBar) -> None:
     bar.setValue(0)
     bar.setFormat("")
     bar.setToolTip("")
+
+
+def ask_yes_no(parent: QWidget, title: str, text: str, *, default_yes: bool = False) -> bool:
+    """A Yes/No question; True for Yes. ``default_yes`` picks the button Enter presses (No unless it is safe)."""
+    yes, no = QMessageBox.StandardButton.Yes, QMessageBox.StandardButton.No
+    return QMessageBox.question(parent, title, text, yes | no, yes if default_yes else no) == yes
