@@ -73,12 +73,24 @@ class ElidedLabel(QLabel):
 
 
 class ElidingProgressBar(QProgressBar):
-    """A progress bar whose text is elided in the middle to fit (the count at the end stays), full text in the
-    tooltip (show_progress sets it)."""
+    """A progress bar whose text fits: the count after the last ": " stays whole and the stage before it is elided at
+    its end ("verifying: running the adap…: 1/3 prompts"), so the stage still reads from its start. The full text is
+    in the tooltip (show_progress sets it)."""
 
     def text(self) -> str:  # Qt's virtual: the style asks it for the text to draw
         full = super().text()
-        return self.fontMetrics().elidedText(full, Qt.TextElideMode.ElideMiddle, max(0, self.width() - 16))
+        metrics = self.fontMetrics()
+        room = max(0, self.width() - 16)
+        if metrics.horizontalAdvance(full) <= room:
+            return full
+        stage, sep, count = full.rpartition(": ")
+        if not sep:
+            return metrics.elidedText(full, Qt.TextElideMode.ElideMiddle, room)
+        tail = sep + count
+        head_room = room - metrics.horizontalAdvance(tail)
+        if head_room <= metrics.horizontalAdvance("…") * 4:  # too narrow for any of the stage: keep the middle rule
+            return metrics.elidedText(full, Qt.TextElideMode.ElideMiddle, room)
+        return metrics.elidedText(stage, Qt.TextElideMode.ElideRight, head_room) + tail
 
 
 def job_progress_bar() -> QProgressBar:

@@ -68,6 +68,9 @@ def test_long_texts_elide_with_the_full_text_in_the_tooltip(qtbot):
     assert bar.format() == full and bar.toolTip() == full
     drawn = bar.text()  # what the style draws
     assert drawn != full and "…" in drawn and drawn.endswith("12 tensors")  # the count at the end stays
+    bar.setFixedWidth(260)  # room for the count and the start of the stage: the stage is cut at its end
+    drawn = bar.text()
+    assert drawn.startswith("verifying: ") and drawn.endswith("…: 7/12 tensors"), drawn
     label = ElidedLabel("x" * 400)
     qtbot.addWidget(label)
     label.setFixedWidth(120)
