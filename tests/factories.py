@@ -180,3 +180,16 @@ def peft_model(base: Path, adapters: dict, dtype: str = "float32", active: str |
         pm.set_adapter(active)
     pm.eval()
     return pm
+
+
+def alpha_beta_session(base: Path, adapters: dict):
+    """A Session with ``base`` loaded and the conftest adapters "alpha" and "beta" attached, alpha active."""
+    from lora_studio.core.model.sources import resolve_source
+    from lora_studio.core.session import Session
+
+    session = Session()
+    session.load(resolve_source(base))
+    session.attach(adapters["alpha"], "alpha")
+    session.attach(adapters["beta"], "beta")
+    session.activate("alpha")
+    return session

@@ -20,7 +20,6 @@ from lora_studio.core.adapters.combinations import (
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.merge import AdapterSpec, MergeOptions, plan_merge, save_combination
 from lora_studio.core.model.sources import resolve_source
-from lora_studio.core.session import Session
 from lora_studio.core.tasks import CancelToken
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,11 +96,7 @@ def test_rslora_combination_is_the_weighted_sum(models_dir, tiny_llama):
 
 @pytest.fixture
 def session(tiny_llama, llama_adapters):
-    s = Session()
-    s.load(resolve_source(tiny_llama))
-    s.attach(llama_adapters["alpha"], "alpha")
-    s.attach(llama_adapters["beta"], "beta")
-    s.activate("alpha")
+    s = factories.alpha_beta_session(tiny_llama, llama_adapters)
     yield s
     s.close()
 

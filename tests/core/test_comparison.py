@@ -21,11 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def session(one_thread, tiny_llama, llama_adapters):
-    s = Session()
-    s.load(resolve_source(tiny_llama))
-    s.attach(llama_adapters["alpha"], "alpha")
-    s.attach(llama_adapters["beta"], "beta")
-    s.activate("alpha")
+    s = factories.alpha_beta_session(tiny_llama, llama_adapters)
     yield s
     s.close()
 
