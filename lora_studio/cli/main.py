@@ -31,7 +31,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from lora_studio.app_logging import DEBUG_ENV, log_path
-    from lora_studio.cli import compare_cmd, inspect_cmd, merge_cmd
+    from lora_studio.cli import compare_cmd, inspect_cmd, merge_cmd, train_cmd
 
     parser = _OneLineParser(
         prog="lora-studio",
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true", help="open the window with the embedded demo model loaded")
     parser.add_argument("--open", dest="base", metavar="PATH", help="open the window with this base model loaded")
     sub = parser.add_subparsers(dest="command", parser_class=_OneLineParser, metavar="{inspect,compare,merge}")
-    for module in (inspect_cmd, compare_cmd, merge_cmd):
+    for module in (inspect_cmd, compare_cmd, merge_cmd, train_cmd):
         module.add_parser(sub)
     return parser
 

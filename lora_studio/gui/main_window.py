@@ -38,6 +38,7 @@ from lora_studio.gui.model_panel import ModelPanel
 from lora_studio.gui.session_model import SessionModel
 from lora_studio.gui.settings import StudioSettings
 from lora_studio.gui.startup import Preloader, warm_up
+from lora_studio.gui.train_panel import TrainPanel
 from lora_studio.gui.widgets import ask_yes_no
 from lora_studio.gui.window_menus import WindowMenus
 
@@ -102,6 +103,8 @@ class MainWindow(QMainWindow):
             show_compare_tab=lambda: self.tabs.setCurrentWidget(self.compare_panel),
         )
         self.tabs.addTab(self.merge_panel, "Merge")
+        self.train_panel = TrainPanel(self.runner, self.session_model, attach=self.attach_adapter)
+        self.tabs.addTab(self.train_panel, "Train")
 
         # the Base model column runs the window's full height (Load and the Loaded box in view at 720 pixels);
         # Memory and Log share the bottom right of it
@@ -143,7 +146,7 @@ class MainWindow(QMainWindow):
 
     def _connect(self) -> None:
         self.model_panel.loaded.connect(self._base_loaded)
-        for panel in (self.model_panel, self.adapter_panel, self.compare_panel, self.merge_panel):
+        for panel in (self.model_panel, self.adapter_panel, self.compare_panel, self.merge_panel, self.train_panel):
             panel.marker.connect(self.memory_panel.mark)
             panel.log_line.connect(self.log_panel.log)
             panel.folders = self.settings  # file dialogs open where the last one of their kind ended
@@ -254,6 +257,7 @@ class MainWindow(QMainWindow):
                 self.log_panel.log(f"attached the demo adapters: {names} ({state.active_adapter} active)")
             self.status_label.setText(f"demo loaded: {state.base} with {len(state.adapters)} adapters")
             self.compare_panel.prefill_demo()
+            self.train_panel.prefill_demo()
             if state.active_adapter:
                 self.adapter_panel.select(state.active_adapter)  # the inspector and loss plot show something at once
             self._log_since_start("demo ready")

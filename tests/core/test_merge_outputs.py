@@ -81,4 +81,4 @@ def test_hub_name_and_license_rules(tmp_path, tiny_llama, llama_adapters, instal
     (cfg_named / "config.json").write_text(json.dumps(cfg))
     assert hub_name(resolve_source(cfg_named)) == "org/base-model" and base_license(resolve_source(cfg_named)) == "mit"
     lines = front_matter({"base": {"hub_id": None, "license": "other: see LICENSE"}})
-    assert lines[:2] == ["library_name: transformers", 'license: "other: see LICENSE"']  # YAML-safe quoting
+    assert lines[1:3] == ["library_name: transformers", 'license: "other: see LICENSE"']  # YAML-safe quoting

@@ -2,52 +2,30 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from lora_studio.core.io import card_format
+from lora_studio.core.io.hashing import file_sha256
 
-def file_sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> str | None:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while True:
-                block = f.read(chunk)
-                if not block:
-                    break
-                h.update(block)
-    except OSError:
-        return None
-    return h.hexdigest()
+__all__ = ["file_sha256", "front_matter", "render"]
 
 
 TAGS = ("lora", "merged", "peft", "lora-studio")
 
 
-def _yaml_scalar(value: str) -> str:
-    """A YAML string that stays one string (quoted when plain style could read it as something else)."""
-    plain = value and value.strip() == value and not any(c in value for c in ":#{}[],&*!|>'\"%@`") and value[0] != "-"
-    return value if plain else json.dumps(value)
-
-
 def front_matter(provenance: dict) -> list[str]:
     """The Hub's model-card metadata: the base (its hub id when known), the library, tags, the license when known."""
     base = provenance["base"]
-    lines = []
-    if base.get("hub_id"):
-        lines.append(f"base_model: {_yaml_scalar(base['hub_id'])}")
-    lines.append("library_name: transformers")
-    if base.get("license"):
-        lines.append(f"license: {_yaml_scalar(base['license'])}")
-    lines.append("tags:")
-    lines += [f"- {t}" for t in TAGS]
-    return lines
+    return card_format.front_matter(
+        base_model=base.get("hub_id"), library_name="transformers", license=base.get("license"), tags=TAGS
+    )
 
 
 def render(provenance: dict) -> str:
     """Markdown with YAML front matter (Hub-style) and the full provenance as a JSON block."""
     base = provenance["base"]
-    lines = ["---", *front_matter(provenance), "---"]
+    lines = front_matter(provenance)
     lines += [
         "",
         f"# {Path(provenance['output']).name}",

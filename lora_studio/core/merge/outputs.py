@@ -6,10 +6,8 @@ failure leaves no half-written output.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -22,7 +20,9 @@ from lora_studio.core.errors import UserError
 from lora_studio.core.io.safetensors_format import read_headers
 from lora_studio.core.merge import model_card
 from lora_studio.core.merge.plan import TOKENIZER_PATTERNS, AdapterSpec, MergeOptions, base_config
+from lora_studio.core.model import identity
 from lora_studio.core.model.config import read_config_file, tied_embeddings
+from lora_studio.core.model.identity import base_license
 from lora_studio.core.model.sources import ModelSource
 
 if TYPE_CHECKING:
@@ -40,51 +40,15 @@ def _clean_config(cfg: dict, dtype: str) -> dict:
     return cfg
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def hub_name(source: ModelSource, adapters: Sequence[AdapterSpec] = ()) -> str | None:
-    """The base's Hugging Face Hub id when known: the cache's repo id, else the one its adapters name
-    (when they agree), else the config's ``_name_or_path``, when it reads as ``owner/name`` and is no local path."""
-    if source.repo_id:
-        return source.repo_id
-    named = set()
+    """The base's Hugging Face Hub id when known (see :func:`lora_studio.core.model.identity.hub_id`)."""
+    named = []
     for a in adapters:
         try:
-            named.add(adapter_files.read_adapter_config(a.path).base_model_name_or_path or "")
+            named.append(adapter_files.read_adapter_config(a.path).base_model_name_or_path or "")
         except UserError:
-            named.add("")
-    candidates = [named.pop()] if len(named) == 1 else []
-    if not source.gguf_file:
-        with contextlib.suppress(UserError):  # a damaged config is the merge's error to report, not this one's
-            candidates.append(str(base_config(source).get("_name_or_path") or ""))
-    for name in candidates:
-        if name and _HUB_ID.match(name) and not Path(name).expanduser().exists():
-            return name
-    return None
-
-
-def base_license(source: ModelSource) -> str | None:
-    """The base's license when it says: its README.md front matter (``license:``), else its config.json."""
-    if source.gguf_file:
-        return None
-    readme = source.path / "README.md"
-    try:
-        text = readme.read_text("utf-8", errors="replace") if readme.is_file() else ""
-    except OSError:
-        text = ""
-    if text.startswith("---"):
-        for line in text.split("\n")[1:]:
-            if line.strip() == "---":
-                break
-            key, sep, value = line.partition(":")
-            if sep and key.strip() == "license" and value.strip().strip("'\""):
-                return value.strip().strip("'\"")
-    try:
-        license_value = base_config(source).get("license")
-    except UserError:
-        return None
-    return license_value if isinstance(license_value, str) and license_value.strip() else None
+            named.append("")
+    return identity.hub_id(source, named)
 
 
 def write_config_from_folder(source: ModelSource, tmp: Path, dtype: str) -> None:

@@ -1,0 +1,432 @@
+"""Training data from local files: read, recognised by shape, rendered and tokenised as the model will see it.
+
+Files: JSONL (or a JSON array), CSV, Parquet, and a folder written by ``datasets.save_to_disk``. Shapes, by
+their columns:
+
+* ``messages``: a chat (``[{"role", "content"}, ...]``); the loss is on the last assistant turn;
+* ``prompt`` / ``completion``;
+* ``instruction`` (+ ``input``) / ``output`` (also ``response`` or ``answer``);
+* ``text``: plain text; the loss is on all of it.
+
+A model with a chat template sees every shape but ``text`` as a chat (the user's turn, then the assistant's),
+exactly as the window renders a prompt when it generates; a model without one sees prompt + completion as
+plain text ending in the end-of-sequence token. Tokenisation follows TRL's ``SFTTrainer`` (the chat template
+applied to the prompt with the generation prompt, then to the whole conversation; the completion starts where
+the two diverge), so a dataset handed to the trainer already tokenised trains exactly as TRL would train it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lora_studio.core.errors import UserError
+from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
+
+Shape = Literal["messages", "prompt_completion", "instruction", "text"]
+SHAPES_ACCEPTED = (
+    "messages (a list of {role, content}); prompt + completion; instruction (+ input) + output/response/answer; text"
+)
+OUTPUT_COLUMNS = ("output", "response", "answer")
+SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+MAX_FILE_BYTES = 4 * 1024**3  # a training file this big is not meant for a desktop run
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row as the trainer sees it: token ids and which of them carry the loss."""
+
+    input_ids: list[int]
+    completion_mask: list[int]  # 1: the loss is computed on this token
+    source_row: int  # 1-based row number in its file
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha1(json.dumps(self.input_ids).encode()).hexdigest()
+
+
+@dataclass
+class PreparedData:
+    """The training and validation examples, and what a user should know about them."""
+
+    train: list[Example]
+    val: list[Example]
+    shape: Shape
+    columns: tuple[str, ...]
+    train_file: Path
+    val_file: Path | None
+    rows_too_long: int = 0  # rows cut at max_length
+    max_length: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(len(e.input_ids[: self.max_length]) for e in self.train)
+
+    def summary(self) -> str:
+        val = f", {len(self.val)} validation" if self.val else ", no validation"
+        return f"{len(self.train)} training rows{val} ({self.shape.replace('_', ' + ')})"
+
+
+# -- reading ---------------------------------------------------------------------------------------------------------
+
+
+def read_rows(path: Path) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+    """The rows of a local data file or ``save_to_disk`` folder, and its columns."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"{path} does not exist", "pick a JSONL, CSV or Parquet file, or a save_to_disk folder")
+    if path.is_dir():
+        return _read_saved_dataset(path)
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise UserError(
+            f"{path.name}: unknown data file type {path.suffix or '(none)'}",
+            "use .jsonl, .json, .csv or .parquet, or a folder written by datasets.save_to_disk",
+        )
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise UserError(f"{path.name} is larger than {MAX_FILE_BYTES // 1024**3} GiB", "use a smaller file")
+    if kind == "json":
+        rows = _read_json_rows(path)
+    else:
+        if kind == "csv":
+            _check_utf8(path)
+        rows = _read_with_datasets(path, kind)
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    return rows, tuple(columns)
+
+
+def _check_utf8(path: Path) -> None:
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(
+                    f"{path.name}, line {number}: not UTF-8 text (byte {exc.start + 1})",
+                    "save the file as UTF-8",
+                ) from exc
+
+
+def _read_json_rows(path: Path) -> list[dict[str, Any]]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path.name}, line {line}: not UTF-8 text", "save the file as UTF-8") from exc
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # one JSON array of rows
+        try:
+            rows = json.loads(text)
+        except ValueError as exc:
+            raise UserError(f"{path.name}: not valid JSON ({exc})", "one JSON array of objects, or JSON Lines") from exc
+        numbered = list(enumerate(rows, 1))
+    else:
+        numbered = []
+        for number, text_line in enumerate(text.splitlines(), 1):
+            if not text_line.strip():
+                continue
+            try:
+                numbered.append((number, json.loads(text_line)))
+            except ValueError as exc:
+                raise UserError(
+                    f"{path.name}, line {number}: not valid JSON ({exc})", "one JSON object per line"
+                ) from exc
+    for number, row in numbered:
+        if not isinstance(row, dict):
+            raise UserError(f"{path.name}, row {number}: a {type(row).__name__}, not an object", "one object per row")
+    return [row for _, row in numbered]
+
+
+def _datasets_quietly():
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
+def _read_with_datasets(path: Path, kind: str) -> list[dict[str, Any]]:
+    datasets = _datasets_quietly()
+    # the library caches what it reads; the cache goes in a temporary folder, not the user's home
+    with tempfile.TemporaryDirectory(prefix="lora-studio-data-") as cache:
+        try:
+            loader = datasets.Dataset.from_csv if kind == "csv" else datasets.Dataset.from_parquet
+            table = loader(str(path), keep_in_memory=True, cache_dir=cache)
+        except Exception as exc:
+            raise UserError(f"{path.name}: cannot read it as {kind.upper()} ({_first_line(exc)})", "") from exc
+        return table.to_list()
+
+
+def _read_saved_dataset(path: Path) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+    datasets = _datasets_quietly()
+    if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        raise UserError(
+            f"{path} is a folder but not one written by datasets.save_to_disk",
+            "pick a data file, or the folder that holds dataset_info.json",
+        )
+    try:
+        loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
+    except Exception as exc:
+        raise UserError(f"{path.name}: cannot read the saved dataset ({_first_line(exc)})", "") from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        split = "train" if "train" in loaded else next(iter(loaded))
+        loaded = loaded[split]
+    return loaded.to_list(), tuple(loaded.column_names)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+# -- shapes ----------------------------------------------------------------------------------------------------------
+
+
+def detect_shape(columns: tuple[str, ...], where: str) -> Shape:
+    names = set(columns)
+    if "messages" in names:
+        return "messages"
+    if {"prompt", "completion"} <= names:
+        return "prompt_completion"
+    if "instruction" in names and names & set(OUTPUT_COLUMNS):
+        return "instruction"
+    if "text" in names:
+        return "text"
+    found = ", ".join(columns) if columns else "none"
+    raise UserError(f"{where}: columns {found} match no dataset shape", f"accepted: {SHAPES_ACCEPTED}")
+
+
+Conversation = tuple[list[dict[str, str]], list[dict[str, str]]]  # (prompt turns, completion turns)
+
+
+def row_as_conversation(row: dict[str, Any], shape: Shape, where: str) -> Conversation | str:
+    """A prompt/completion pair of chat turns, or plain text for ``text`` rows."""
+    if shape == "text":
+        return _text(row.get("text"), where, "text")
+    if shape == "messages":
+        return _split_chat(row.get("messages"), where)
+    if shape == "prompt_completion":
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational prompt-completion
+            return _turns(prompt, where), _turns(completion, where)
+        return [_turn("user", _text(prompt, where, "prompt"))], [
+            _turn("assistant", _text(completion, where, "completion"))
+        ]
+    instruction = _text(row.get("instruction"), where, "instruction")
+    extra = row.get("input")
+    if isinstance(extra, str) and extra.strip():
+        instruction = f"{instruction}\n\n{extra}"
+    output_column = (
+        next(c for c in OUTPUT_COLUMNS if c in row and row[c] is not None)
+        if any(row.get(c) is not None for c in OUTPUT_COLUMNS)
+        else OUTPUT_COLUMNS[0]
+    )
+    return [_turn("user", instruction)], [_turn("assistant", _text(row.get(output_column), where, output_column))]
+
+
+def _turn(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def _text(value: Any, where: str, column: str) -> str:
+    if not isinstance(value, str):
+        kind = "empty" if value is None else f"a {type(value).__name__}"
+        raise UserError(f"{where}: {column!r} is {kind}, not text", "every row needs text in that column")
+    if not value.strip():
+        raise UserError(f"{where}: {column!r} is empty", "remove the row or fill it in")
+    return value
+
+
+def _turns(value: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise UserError(
+            f"{where}: 'messages' is not a list of turns", 'write [{"role": "user", "content": "..."}, ...]'
+        )
+    turns = []
+    for n, turn in enumerate(value, 1):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise UserError(f"{where}: turn {n} needs a 'role' and a text 'content'", "")
+        turns.append(_turn(turn["role"], turn["content"]))
+    return turns
+
+
+def _split_chat(value: Any, where: str) -> Conversation:
+    turns = _turns(value, where)
+    last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
+    if last is None:
+        raise UserError(f"{where}: the chat has no assistant turn", "each chat needs an answer to learn from")
+    if last == 0:
+        raise UserError(f"{where}: the chat starts with the assistant's answer", "put the user's turn before it")
+    return turns[:last], [turns[last]]  # turns after the last answer carry nothing to learn
+
+
+# -- tokenising ------------------------------------------------------------------------------------------------------
+
+
+def encode(tokenizer: Any, item: Conversation | str, *, completion_only: bool, source_row: int) -> Example:
+    """Token ids and loss mask for one row, the way TRL's SFTTrainer tokenises it."""
+    if isinstance(item, str):  # language modelling: all of it, ending in EOS
+        eos = tokenizer.eos_token or ""
+        text = item if item.endswith(eos) else item + eos
+        ids = list(tokenizer(text=text)["input_ids"])
+        return Example(ids, [1] * len(ids), source_row)
+    prompt, completion = item
+    if getattr(tokenizer, "chat_template", None):
+        prompt_ids = list(
+            tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True, add_generation_prompt=True)[
+                "input_ids"
+            ]
+        )
+        ids = list(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
+    else:
+        eos = tokenizer.eos_token or ""
+        prompt_text = "\n\n".join(t["content"] for t in prompt) + "\n\n"
+        answer = "\n\n".join(t["content"] for t in completion)
+        answer = answer if answer.endswith(eos) else answer + eos
+        prompt_ids = list(tokenizer(text=prompt_text)["input_ids"])
+        ids = list(tokenizer(text=prompt_text + answer)["input_ids"])
+    start = 0
+    while start < min(len(prompt_ids), len(ids)) and prompt_ids[start] == ids[start]:
+        start += 1
+    mask = [0] * start + [1] * (len(ids) - start) if completion_only else [1] * len(ids)
+    return Example(ids, mask, source_row)
+
+
+def _encode_rows(
+    rows: list[dict[str, Any]],
+    shape: Shape,
+    tokenizer: Any,
+    name: str,
+    *,
+    completion_only: bool,
+    cancel: CancelToken,
+    report: Report,
+) -> list[Example]:
+    out = []
+    for n, row in enumerate(rows, 1):
+        if n % 64 == 0:
+            cancel.raise_if_cancelled()
+            report(Progress(n, len(rows), f"preparing data: row {n}/{len(rows)}", "rows"))
+        out.append(
+            encode(
+                tokenizer,
+                row_as_conversation(row, shape, f"{name}, row {n}"),
+                completion_only=completion_only,
+                source_row=n,
+            )
+        )
+    return out
+
+
+def prepare(
+    train_file: Path,
+    tokenizer: Any,
+    *,
+    val_file: Path | None = None,
+    val_fraction: float = 0.1,
+    max_length: int = 512,
+    completion_only: bool = True,
+    seed: int = 42,
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+) -> PreparedData:
+    """Read, check and tokenise the training (and validation) data."""
+    cancel = cancel or CancelToken()
+    train_file = Path(train_file).expanduser()
+    rows, columns = read_rows(train_file)
+    if not rows:
+        raise UserError(f"{train_file.name} has no rows", "a training set needs at least a few examples")
+    shape = detect_shape(columns, train_file.name)
+    train = _encode_rows(
+        rows, shape, tokenizer, train_file.name, completion_only=completion_only, cancel=cancel, report=report
+    )
+    warnings: list[str] = []
+    val: list[Example] = []
+    if val_file is not None:
+        val_file = Path(val_file).expanduser()
+        val_rows, val_columns = read_rows(val_file)
+        if not val_rows:
+            raise UserError(f"{val_file.name} has no rows", "give a validation file with rows, or none")
+        val = _encode_rows(
+            val_rows,
+            detect_shape(val_columns, val_file.name),
+            tokenizer,
+            val_file.name,
+            completion_only=completion_only,
+            cancel=cancel,
+            report=report,
+        )
+        shared = {e.fingerprint for e in train} & {e.fingerprint for e in val}
+        if shared:
+            warnings.append(
+                f"{len(shared)} validation row(s) also appear in the training data: the validation loss will look "
+                "better than it is"
+            )
+    elif val_fraction > 0 and len(train) >= 2:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        held = max(1, round(len(train) * val_fraction))
+        held_out = set(order[:held])
+        val = [e for i, e in enumerate(train) if i in held_out]
+        train = [e for i, e in enumerate(train) if i not in held_out]
+    without_loss = [e.source_row for e in train if not any(e.completion_mask[:max_length])]
+    if len(without_loss) == len(train):
+        raise UserError(
+            f"no training row has an answer within the first {max_length} tokens",
+            "raise max length, or shorten the prompts",
+        )
+    if without_loss:
+        warnings.append(
+            f"{len(without_loss)} row(s) have no answer within {max_length} tokens and teach nothing "
+            f"(first: row {without_loss[0]})"
+        )
+    too_long = sum(len(e.input_ids) > max_length for e in train + val)
+    if too_long:
+        longest = max(len(e.input_ids) for e in train + val)
+        warnings.append(
+            f"{too_long} row(s) are longer than {max_length} tokens (longest {longest}) and are cut at the end"
+        )
+    return PreparedData(train, val, shape, columns, train_file, val_file, too_long, max_length, warnings)
+
+
+# -- preview ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreviewRow:
+    """One row as the model sees it, in runs of text that do or do not carry the loss."""
+
+    row: int
+    pieces: tuple[tuple[str, bool], ...]  # (text, carries the loss)
+    tokens: int
+    truncated: bool
+
+
+def preview(examples: list[Example], tokenizer: Any, *, max_length: int, rows: int = 5) -> list[PreviewRow]:
+    out = []
+    for example in examples[:rows]:
+        ids, mask = example.input_ids[:max_length], example.completion_mask[:max_length]
+        pieces: list[tuple[str, bool]] = []
+        start = 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or mask[i] != mask[start]:
+                pieces.append((tokenizer.decode(ids[start:i]), bool(mask[start])))
+                start = i
+        out.append(PreviewRow(example.source_row, tuple(pieces), len(ids), len(example.input_ids) > max_length))
+    return out
+
+
+def as_trainer_dataset(examples: list[Example]) -> Any:
+    """A ``datasets.Dataset`` already tokenised: TRL builds the labels from ``completion_mask`` and truncates."""
+    datasets = _datasets_quietly()
+    return datasets.Dataset.from_dict(
+        {"input_ids": [e.input_ids for e in examples], "completion_mask": [e.completion_mask for e in examples]}
+    )

@@ -1,0 +1,392 @@
+"""The training job: a LoRA (or OLoRA / PiSSA) adapter trained with TRL's SFTTrainer, saved like a merge.
+
+``train_adapter(request, *, cancel, report, on_metrics) -> TrainResult`` loads its own copy of the base (OLoRA
+and PiSSA rewrite the base weights while training, so the session's model is never used), prepares the data
+(:mod:`.data`), trains, and writes the adapter into a temporary sibling of the output folder that is renamed
+when complete. Checkpoints go beside it (``<out>.checkpoints/checkpoint-N``): Stop ends after the current step
+and writes one, and a run resumed from any of them ends with the same weights as an uninterrupted run (same
+seed, on the CPU). The saved adapter is a standard PEFT folder; OLoRA / PiSSA are converted on save (PEFT's
+``path_initial_model_for_weight_conversion``) so it applies to the unmodified base.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_studio.core.errors import Cancelled, OutOfMemory, UserError
+from lora_studio.core.model.sources import ModelSource
+from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
+from lora_studio.core.train.data import PreparedData, as_trainer_dataset, prepare
+from lora_studio.core.train.records import INITIAL_ADAPTER, OnMetrics, RunRecord, TrainRequest, no_metrics
+from lora_studio.core.train.settings import CONVERTED_INITS, TrainSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter: Path
+    checkpoints: Path
+    kept: str  # "best" or "last": which weights the saved adapter holds
+    kept_step: int
+    lora: RunRecord
+    baseline: RunRecord | None
+    data_summary: str
+    warnings: tuple[str, ...]
+    settings: TrainSettings
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "adapter": str(self.adapter),
+            "checkpoints": str(self.checkpoints),
+            "kept": self.kept,
+            "kept_step": self.kept_step,
+            **{k: v for k, v in self.lora.to_json().items() if k != "run"},
+            "baseline": self.baseline.to_json() if self.baseline else None,
+            "data": self.data_summary,
+            "warnings": list(self.warnings),
+            "settings": self.settings.to_json(),
+        }
+
+
+def train_adapter(
+    request: TrainRequest,
+    *,
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+    on_metrics: OnMetrics = no_metrics,
+) -> TrainResult:
+    """Train, save and describe one adapter; raises Cancelled (with the checkpoint to resume from) on Stop.
+
+    However it ends, the run's copy of the model, its trainer and optimizer are freed and the heap trimmed, so
+    the memory chart shows the memory come back."""
+    try:
+        return _train(request, cancel=cancel or CancelToken(), report=report, on_metrics=on_metrics)
+    finally:
+        from lora_studio.core.system.memory import trim_heap
+
+        trim_heap()
+
+
+def _train(request: TrainRequest, *, cancel: CancelToken, report: Report, on_metrics: OnMetrics) -> TrainResult:
+    from lora_studio.core.model.loading import load_base, load_tokenizer
+    from lora_studio.core.train import save
+
+    settings = request.settings
+    settings.check()
+    out = Path(request.out).expanduser().absolute()
+    if out.exists() and not request.overwrite:
+        raise UserError(
+            f"{out} already exists", "choose another output folder, or confirm overwriting it (--overwrite)"
+        )
+    resume = _checked_checkpoint(request.resume) if request.resume is not None else None
+    if settings.baseline:
+        _check_baseline_allowed(request.base)
+    # the data first: a bad file is said before the weights are loaded
+    report(Progress(0, None, "reading the tokenizer"))
+    tokenizer = load_tokenizer(request.base, trust_remote_code=request.trust_remote_code)
+    data = prepare(
+        request.train_file,
+        tokenizer,
+        val_file=request.val_file,
+        val_fraction=settings.val_fraction,
+        max_length=settings.max_length,
+        completion_only=settings.completion_only,
+        seed=settings.seed,
+        cancel=cancel,
+        report=report,
+    )
+    report(Progress(0, None, "loading the base model"))
+    model, tokenizer = load_base(
+        request.base,
+        dtype=settings.dtype,
+        device_map=settings.device,
+        trust_remote_code=request.trust_remote_code,
+        cancel=cancel,
+    )
+    cancel.raise_if_cancelled()
+    for warning in data.warnings:
+        log.warning("training data: %s", warning)
+    peft_model = _with_new_adapter(model, settings, request.checkpoints, resume)
+    record = _run_trainer(
+        peft_model, tokenizer, data, settings, request.checkpoints, resume, "lora", cancel, report, on_metrics
+    )
+    keep = settings.keep if record.best_state is not None and record.best_step is not None else "last"
+    kept_step = record.best_step if keep == "best" and record.best_step is not None else record.steps
+    if keep == "best" and record.best_state is not None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(peft_model, record.best_state)
+    report(Progress(0, None, "saving the adapter"))
+    adapter = save.save_trained_adapter(
+        request, out, peft_model, tokenizer, data, record, keep=keep, kept_step=kept_step, cancel=cancel
+    )
+    baseline = None
+    if settings.baseline:
+        del peft_model, model  # the baseline needs the memory
+        baseline = _run_baseline(request, tokenizer, data, cancel, report, on_metrics)
+        save.add_baseline(adapter, record, baseline)
+    return TrainResult(
+        adapter,
+        request.checkpoints,
+        keep,
+        kept_step,
+        record,
+        baseline,
+        data.summary(),
+        tuple(data.warnings) + ((record.overfitting,) if record.overfitting else ()),
+        settings,
+    )
+
+
+def _checked_checkpoint(path: Path) -> Path:
+    path = Path(path).expanduser().absolute()
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(
+            f"{path} is not a training checkpoint (no trainer_state.json)",
+            "pick a checkpoint-N folder inside the run's .checkpoints folder",
+        )
+    return path
+
+
+BASELINE_MAX_PARAMS = 500_000_000
+
+
+def _check_baseline_allowed(source: ModelSource) -> None:
+    from lora_studio.core.model.estimate import read_footprint
+
+    params = read_footprint(source).params
+    if params > BASELINE_MAX_PARAMS:
+        raise UserError(
+            f"a full fine-tuning baseline of {params / 1e6:.0f} M parameters is too large for a desktop run",
+            f"the baseline is offered for models up to {BASELINE_MAX_PARAMS // 1_000_000} M parameters",
+        )
+
+
+# -- the adapter -----------------------------------------------------------------------------------------------------
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """The leaf names of the model's linear layers that can carry a LoRA (the output head excluded)."""
+    import torch
+
+    names = set()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for full_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not output:
+            names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+ATTENTION_WORDS = ("attn", "attention")
+
+
+def resolve_targets(model: Any, targets: tuple[str, ...]) -> list[str] | str:
+    """Module names for LoraConfig from a preset or the user's names; unknown names list the valid ones."""
+    import torch
+
+    valid = linear_module_names(model)
+    if tuple(targets) == ("all-linear",):
+        return "all-linear"
+    if tuple(targets) == ("attention",):
+        found = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) and any(w in name.lower() for w in ATTENTION_WORDS)
+            }
+        )
+        if not found:
+            raise UserError(
+                "this model has no linear layers inside attention blocks", f"choose from: {', '.join(valid)}"
+            )
+        return found
+    unknown = [t for t in targets if t not in valid]
+    if unknown:
+        raise UserError(
+            f"target module(s) {', '.join(unknown)} not found in this model",
+            f"choose from: {', '.join(valid)} (or the presets attention, all-linear)",
+        )
+    return list(targets)
+
+
+def lora_config(model: Any, settings: TrainSettings) -> Any:
+    from peft import LoraConfig
+
+    init: Any = True if settings.init == "default" else settings.init
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float alpha works
+        lora_dropout=settings.dropout,
+        target_modules=resolve_targets(model, settings.targets),
+        init_lora_weights=init,
+        use_rslora=settings.rslora,
+        use_dora=settings.dora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _with_new_adapter(model: Any, settings: TrainSettings, checkpoints: Path, resume: Path | None) -> Any:
+    import torch
+    from peft import get_peft_model
+
+    config = lora_config(model, settings)
+    torch.manual_seed(settings.seed)  # the initial A (and the QR/SVD inits are deterministic)
+    peft_model = get_peft_model(model, config)
+    if settings.init in CONVERTED_INITS:
+        initial = checkpoints / INITIAL_ADAPTER
+        if resume is None or not initial.is_dir():
+            # PEFT's recipe: save the starting adapter marked as a plain init, so that loading it back for the
+            # conversion does not decompose the (already rewritten) base a second time.
+            peft_model.peft_config["default"].init_lora_weights = True
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            peft_model.save_pretrained(str(initial))
+            peft_model.peft_config["default"].init_lora_weights = settings.init
+    return peft_model
+
+
+# -- one trainer run -------------------------------------------------------------------------------------------------
+
+
+def _sft_config(settings: TrainSettings, output_dir: Path, has_val: bool, run: str) -> Any:
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate if run == "lora" else settings.learning_rate / 10,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps if settings.max_steps > 0 else -1,
+        lr_scheduler_type=settings.scheduler,
+        warmup_steps=settings.warmup_ratio,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        max_length=settings.max_length,
+        completion_only_loss=settings.completion_only,
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the callback, which stops the run
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=settings.eval_steps,
+        save_strategy="steps" if run == "lora" else "no",
+        save_steps=settings.save_steps,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=settings.device == "cpu",
+        bf16=settings.dtype == "bfloat16",
+        fp16=settings.dtype == "float16",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=False,
+        dataset_num_proc=None,
+    )
+
+
+def _run_trainer(
+    model: Any,
+    tokenizer: Any,
+    data: PreparedData,
+    settings: TrainSettings,
+    output_dir: Path,
+    resume: Path | None,
+    run: str,
+    cancel: CancelToken,
+    report: Report,
+    on_metrics: OnMetrics,
+) -> RunRecord:
+    from trl import SFTTrainer
+
+    from lora_studio.core.train.callbacks import StudioCallback
+
+    record = RunRecord(run)
+    record.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    record.total_params = sum(p.numel() for p in model.parameters())
+    callback = StudioCallback(record, settings, cancel, report, on_metrics)
+    trainer = SFTTrainer(
+        model=model,
+        args=_sft_config(settings, output_dir, bool(data.val), run),
+        train_dataset=as_trainer_dataset(data.train),
+        eval_dataset=as_trainer_dataset(data.val) if data.val else None,
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    trainer.remove_callback(_printer_callback())
+    try:
+        if resume is not None:
+            callback.restore_history(resume)
+        elif data.val:
+            callback.total_steps = total_steps(settings, len(data.train))
+            callback.evaluate_at_start(trainer)
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    except (Cancelled, UserError):
+        raise
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError":
+            raise _oom(settings) from exc
+        raise
+    except MemoryError as exc:
+        raise _oom(settings) from exc
+    finally:
+        model.eval()
+    if record.nan_at is not None:
+        raise UserError(
+            f"the training loss became NaN at step {record.nan_at}; the run was stopped",
+            "lower the learning rate (e.g. 1e-4) or use float32",
+        )
+    if cancel.cancelled:
+        checkpoint = output_dir / f"checkpoint-{record.steps}"
+        raise Cancelled(
+            f"training stopped after step {record.steps}; Resume continues from {checkpoint}"
+            if run == "lora"
+            else "training stopped"
+        )
+    return record
+
+
+def total_steps(settings: TrainSettings, rows: int) -> int:
+    """Optimiser steps the run will take (as the Trainer counts them, on one device)."""
+    if settings.max_steps > 0:
+        return settings.max_steps
+    per_epoch = max(1, math.ceil(rows / settings.batch_size) // settings.grad_accum)
+    return math.ceil(settings.epochs * per_epoch)
+
+
+def _printer_callback() -> Any:
+    from transformers import PrinterCallback
+
+    return PrinterCallback
+
+
+def _oom(settings: TrainSettings) -> OutOfMemory:
+    return OutOfMemory(
+        f"out of memory while training with batch size {settings.batch_size} x max length {settings.max_length}",
+        "lower the batch size (raise gradient accumulation to keep the effective batch) or the max length",
+    )
+
+
+def _run_baseline(
+    request: TrainRequest,
+    tokenizer: Any,
+    data: PreparedData,
+    cancel: CancelToken,
+    report: Report,
+    on_metrics: OnMetrics,
+) -> RunRecord:
+    """Every weight trained on the same data and steps (at a tenth of the learning rate), nothing saved."""
+    import tempfile
+
+    from lora_studio.core.model.loading import load_base
+
+    report(Progress(0, None, "loading the base model for the full fine-tuning baseline"))
+    model, _ = load_base(request.base, dtype=request.settings.dtype, device_map=request.settings.device, cancel=cancel)
+    model.requires_grad_(True)
+    with tempfile.TemporaryDirectory(prefix="lora-studio-baseline-") as scratch:
+        record = _run_trainer(
+            model, tokenizer, data, request.settings, Path(scratch), None, "full", cancel, report, on_metrics
+        )
+    del model
+    return record
