@@ -75,6 +75,8 @@ def run_studio(base: str, out: Path, steps: int) -> dict:
     record = result.lora
     return {
         "tokens_per_s": record.tokens / record.seconds,
+        "tokens": record.tokens,
+        "seconds": record.seconds,
         "losses": [r["train_loss"] for r in record.rows if r.get("train_loss") is not None],
         "estimate_bytes": estimate.total,
         "peak_rss_bytes": peak_rss_bytes(),
@@ -133,6 +135,8 @@ def run_plain(base: str, out: Path, steps: int) -> dict:
     metrics = trainer.train().metrics
     return {
         "tokens_per_s": trainer.state.num_input_tokens_seen / metrics["train_runtime"],
+        "tokens": trainer.state.num_input_tokens_seen,
+        "seconds": metrics["train_runtime"],
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "peak_rss_bytes": peak_rss_bytes(),
     }
