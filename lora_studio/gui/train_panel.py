@@ -298,20 +298,11 @@ class TrainPanel(Panel):
         def run(*, cancel, report):
             from lora_studio.core.model.loading import load_tokenizer
             from lora_studio.core.model.sources import resolve_source
-            from lora_studio.core.train import prepare, preview
+            from lora_studio.core.train import preview
+            from lora_studio.core.train.data import prepare_as_set
 
             tokenizer = load_tokenizer(resolve_source(base))
-            prepared = prepare(
-                data,
-                tokenizer,
-                val_file=val,
-                val_fraction=settings.val_fraction,
-                max_length=settings.max_length,
-                completion_only=settings.completion_only,
-                seed=settings.seed,
-                cancel=cancel,
-                report=report,
-            )
+            prepared = prepare_as_set(settings, data, tokenizer, val, cancel=cancel, report=report)
             return prepared, preview(prepared.train, tokenizer, max_length=settings.max_length)
 
         def done(result) -> None:

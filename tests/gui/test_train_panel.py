@@ -9,13 +9,18 @@ from window_helpers import TIMEOUT_MS, idle, make_window
 WORDS = ["cat", "dog", "sun", "sea", "red", "blue", "one", "two"]
 
 
-def test_train_tab_end_to_end(qtbot, tmp_path, tiny_llama):
+def train_tab(qtbot, tmp_path, base):
+    """A window with ``base`` loaded and its Train tab given a small data file."""
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"say {w}", "completion": f"{w} {w}"}) + "\n" for w in WORDS * 3))
     window = make_window(qtbot, tmp_path)
-    window.open_base(str(tiny_llama))
+    window.open_base(str(base))
     idle(qtbot, window)
-    panel = window.train_panel
+    return window, window.train_panel, data
+
+
+def test_train_tab_end_to_end(qtbot, tmp_path, tiny_llama):
+    window, panel, data = train_tab(qtbot, tmp_path, tiny_llama)
     window.tabs.setCurrentWidget(panel)
     assert not panel.start_btn.isEnabled() and "training data" in panel.start_btn.toolTip()
     panel.data_edit.setText(str(data))
@@ -46,12 +51,7 @@ def test_train_tab_end_to_end(qtbot, tmp_path, tiny_llama):
 
 
 def test_stop_then_resume_in_the_window(qtbot, tmp_path, tiny_llama):
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"say {w}", "completion": f"{w} {w}"}) + "\n" for w in WORDS * 3))
-    window = make_window(qtbot, tmp_path)
-    window.open_base(str(tiny_llama))
-    idle(qtbot, window)
-    panel = window.train_panel
+    window, panel, data = train_tab(qtbot, tmp_path, tiny_llama)
     panel.data_edit.setText(str(data))
     panel.out_edit.setText(str(tmp_path / "run"))
     panel.form.max_steps.setValue(400)

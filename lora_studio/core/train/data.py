@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
+from lora_studio.core.train.settings import TrainSettings
 
 Shape = Literal["messages", "prompt_completion", "instruction", "text"]
 SHAPES_ACCEPTED = (
@@ -395,6 +396,29 @@ def prepare(
             f"{too_long} row(s) are longer than {max_length} tokens (longest {longest}) and are cut at the end"
         )
     return PreparedData(train, val, shape, columns, train_file, val_file, too_long, max_length, warnings)
+
+
+def prepare_as_set(
+    settings: TrainSettings,
+    train_file: Path,
+    tokenizer: Any,
+    val_file: Path | None = None,
+    *,
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+) -> PreparedData:
+    """:func:`prepare` with the data settings of a run (hold-out share, max length, loss mask, seed)."""
+    return prepare(
+        train_file,
+        tokenizer,
+        val_file=val_file,
+        val_fraction=settings.val_fraction,
+        max_length=settings.max_length,
+        completion_only=settings.completion_only,
+        seed=settings.seed,
+        cancel=cancel,
+        report=report,
+    )
 
 
 # -- preview ---------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 from lora_studio.core.errors import Cancelled, OutOfMemory, UserError
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
-from lora_studio.core.train.data import PreparedData, as_trainer_dataset, prepare
+from lora_studio.core.train.data import PreparedData, as_trainer_dataset, prepare_as_set
 from lora_studio.core.train.records import INITIAL_ADAPTER, OnMetrics, RunRecord, TrainRequest, no_metrics
 from lora_studio.core.train.settings import CONVERTED_INITS, TrainSettings
 
@@ -89,17 +89,7 @@ def _train(request: TrainRequest, *, cancel: CancelToken, report: Report, on_met
     # the data first: a bad file is said before the weights are loaded
     report(Progress(0, None, "reading the tokenizer"))
     tokenizer = load_tokenizer(request.base, trust_remote_code=request.trust_remote_code)
-    data = prepare(
-        request.train_file,
-        tokenizer,
-        val_file=request.val_file,
-        val_fraction=settings.val_fraction,
-        max_length=settings.max_length,
-        completion_only=settings.completion_only,
-        seed=settings.seed,
-        cancel=cancel,
-        report=report,
-    )
+    data = prepare_as_set(settings, request.train_file, tokenizer, request.val_file, cancel=cancel, report=report)
     report(Progress(0, None, "loading the base model"))
     model, tokenizer = load_base(
         request.base,
