@@ -100,9 +100,9 @@ class TrainPanel(Panel):
         self.out_edit = QLineEdit()
         self.out_edit.setPlaceholderText("adapter folder to write")
         files = QFormLayout()
-        files.addRow("Data", self._with_browse(self.data_edit, "train-data", self._browse_data))
-        files.addRow("Validation", self._with_browse(self.val_edit, "train-data", self._browse_val))
-        files.addRow("Save to", self._with_browse(self.out_edit, "train-out", self._browse_out))
+        files.addRow("Data", self._with_browse(self.data_edit, self._browse_data))
+        files.addRow("Validation", self._with_browse(self.val_edit, self._browse_val))
+        files.addRow("Save to", self._with_browse(self.out_edit, self._browse_out))
         self.form = TrainSettingsForm()
         self.form.changed.connect(self._settings_changed)
         self.preview_btn = QPushButton("Preview data")
@@ -177,7 +177,7 @@ class TrainPanel(Panel):
         self.update_buttons()
 
     # -- layout helpers ------------------------------------------------------------------------------------------------
-    def _with_browse(self, edit: QLineEdit, _kind: str, browse: Callable[[], None]) -> QWidget:
+    def _with_browse(self, edit: QLineEdit, browse: Callable[[], None]) -> QWidget:
         row = QWidget()
         h = QHBoxLayout(row)
         h.setContentsMargins(0, 0, 0, 0)

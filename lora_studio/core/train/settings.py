@@ -8,19 +8,17 @@ work into one clear :class:`~lora_studio.core.errors.UserError` before anything 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 from lora_studio.core.errors import UserError
 
 # PEFT's init_lora_weights values offered: the plain (Kaiming A, zero B) one and the two that start from the
 # base's own structure (OLoRA: QR; PiSSA: SVD), converted on save so the adapter applies to the unmodified base.
-InitMethod = Literal["gaussian", "default", "olora", "pissa"]
 INIT_METHODS: tuple[str, ...] = ("default", "gaussian", "olora", "pissa")
 CONVERTED_INITS = ("olora", "pissa")  # these rewrite the base weights while training
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 TARGET_PRESETS = ("attention", "all-linear")
-KeepWhich = Literal["best", "last"]
 
 # The guide's advice, shown as tooltips in the window and as --help in the CLI.
 ADVICE = {
@@ -80,7 +78,6 @@ class TrainSettings:
     patience: int = 3
     keep: str = "best"  # which adapter is saved when validation ran: the best by validation loss, or the last
     baseline: bool = False  # also fine-tune every weight on the same data and steps, for comparison
-    extra: dict[str, Any] = field(default_factory=dict)  # reserved: settings a later version adds
 
     def with_changes(self, **changes: Any) -> TrainSettings:
         return replace(self, **changes)
@@ -88,12 +85,11 @@ class TrainSettings:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["targets"] = list(self.targets)
-        out.pop("extra")
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainSettings:
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         if "targets" in values:
             values["targets"] = tuple(values["targets"])
