@@ -133,6 +133,25 @@ def load_base(
     report(Progress(0, None, "reading tokenizer"))
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     cancel.raise_if_cancelled()
+    model = load_model(
+        source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, cancel=cancel, report=report
+    )
+    return model, tokenizer
+
+
+def load_model(
+    source: ModelSource,
+    *,
+    dtype: str = "float32",
+    device_map: str = "cpu",
+    trust_remote_code: bool = False,
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+) -> PreTrainedModel:
+    """Load the weights alone (frozen, in eval mode), for a caller that has the tokenizer already."""
+    cancel = cancel or CancelToken()
+    offline_environment()
+    check_remote_code(source, trust_remote_code)
     report(Progress(0, None, "loading weights"))
     from transformers import AutoModelForCausalLM
 
@@ -175,7 +194,7 @@ def load_base(
             model = model.to(torch_dtype(dtype))  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
-    return model, tokenizer
+    return model
 
 
 def _forget_gguf_quantization(model) -> None:

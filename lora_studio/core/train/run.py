@@ -73,7 +73,7 @@ def train_adapter(
 
 
 def _train(request: TrainRequest, *, cancel: CancelToken, report: Report, on_metrics: OnMetrics) -> TrainResult:
-    from lora_studio.core.model.loading import load_base, load_tokenizer
+    from lora_studio.core.model.loading import load_model, load_tokenizer
     from lora_studio.core.train import save
 
     settings = request.settings
@@ -91,7 +91,7 @@ def _train(request: TrainRequest, *, cancel: CancelToken, report: Report, on_met
     tokenizer = load_tokenizer(request.base, trust_remote_code=request.trust_remote_code)
     data = prepare_as_set(settings, request.train_file, tokenizer, request.val_file, cancel=cancel, report=report)
     report(Progress(0, None, "loading the base model"))
-    model, tokenizer = load_base(
+    model = load_model(
         request.base,
         dtype=settings.dtype,
         device_map=settings.device,
@@ -369,10 +369,17 @@ def _run_baseline(
     """Every weight trained on the same data and steps (at a tenth of the learning rate), nothing saved."""
     import tempfile
 
-    from lora_studio.core.model.loading import load_base
+    from lora_studio.core.model.loading import load_model
 
     report(Progress(0, None, "loading the base model for the full fine-tuning baseline"))
-    model, _ = load_base(request.base, dtype=request.settings.dtype, device_map=request.settings.device, cancel=cancel)
+    settings = request.settings
+    model = load_model(
+        request.base,
+        dtype=settings.dtype,
+        device_map=settings.device,
+        trust_remote_code=request.trust_remote_code,
+        cancel=cancel,
+    )
     model.requires_grad_(True)
     with tempfile.TemporaryDirectory(prefix="lora-studio-baseline-") as scratch:
         record = _run_trainer(
