@@ -48,7 +48,8 @@ class ErrorDescription:
     detail: str  # the full story (traceback for internal errors), for the log
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception says memory ran out (MemoryError, torch's OutOfMemoryError, a CUDA message)."""
     if isinstance(exc, MemoryError):
         return True
     name = type(exc).__name__
@@ -64,7 +65,7 @@ def describe(exc: BaseException) -> ErrorDescription:
         return ErrorDescription("oom", _one_line(str(exc)), detail)
     if isinstance(exc, UserError):
         return ErrorDescription("user", _one_line(str(exc)), detail)
-    if _is_oom(exc):
+    if is_out_of_memory(exc):
         return ErrorDescription(
             "oom",
             "out of memory: "

@@ -179,9 +179,9 @@ def load_model(
             "LoRA Studio opens pickles only with weights_only=True; get a safetensors copy of this model",
         ) from exc
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        from lora_studio.core.errors import _is_oom
+        from lora_studio.core.errors import is_out_of_memory
 
-        if _is_oom(exc):
+        if is_out_of_memory(exc):
             raise
         raise UserError(
             f"cannot load {source.label}: {_short(exc)}", "check that the folder is a complete causal language model"

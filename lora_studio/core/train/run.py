@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_studio.core.errors import Cancelled, OutOfMemory, UserError
+from lora_studio.core.errors import Cancelled, OutOfMemory, UserError, is_out_of_memory
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 from lora_studio.core.train.data import PreparedData, as_trainer_dataset, prepare_as_set
@@ -314,12 +314,10 @@ def _run_trainer(
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     except (Cancelled, UserError):
         raise
-    except RuntimeError as exc:
-        if "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError":
+    except (RuntimeError, MemoryError) as exc:
+        if is_out_of_memory(exc):
             raise _oom(settings) from exc
         raise
-    except MemoryError as exc:
-        raise _oom(settings) from exc
     finally:
         model.eval()
     if record.nan_at is not None:
