@@ -173,6 +173,15 @@ def estimate(
     needed = weights + max(int(weights * OVERHEAD_FRACTION), OVERHEAD_MIN_BYTES)
     if source.gguf_file:
         needed += footprint.params * 4  # GGUF tensors are dequantised to float32 first
+    free_ram_bytes, free_gpu = free_memory(free_ram_bytes, gpus)
+    verdict, where, why = judge(device_map, needed, free_ram_bytes, free_gpu)
+    return MemoryEstimate(footprint, dtype, device_map, weights, needed, free_ram_bytes, free_gpu, verdict, where, why)
+
+
+def free_memory(
+    free_ram_bytes: int | None = None, gpus: list[nvml.GpuReading] | None = None
+) -> tuple[int, dict[str, int]]:
+    """Free RAM and free memory per GPU ("cuda:N"), read live (psutil, NVML) unless given."""
     if free_ram_bytes is None:
         import psutil
 
@@ -184,12 +193,11 @@ def estimate(
         finally:
             if backend is not None:
                 backend.close()
-    free_gpu = {f"cuda:{g.index}": g.free_bytes for g in gpus}
-    verdict, where, why = _verdict(device_map, needed, free_ram_bytes, free_gpu)
-    return MemoryEstimate(footprint, dtype, device_map, weights, needed, free_ram_bytes, free_gpu, verdict, where, why)
+    return free_ram_bytes, {f"cuda:{g.index}": g.free_bytes for g in gpus}
 
 
-def _verdict(device_map: str, needed: int, free_ram: int, free_gpu: dict[str, int]) -> tuple[Verdict, str, str]:
+def judge(device_map: str, needed: int, free_ram: int, free_gpu: dict[str, int]) -> tuple[Verdict, str, str]:
+    """Whether ``needed`` bytes fit where ``device_map`` puts them: (verdict, where, one line saying why)."""
     if device_map == "cpu":
         if needed <= free_ram:
             return "fits", "cpu", f"needs {format_bytes(needed)}, {format_bytes(free_ram)} RAM free"

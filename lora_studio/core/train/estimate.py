@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from lora_studio.core.io.safetensors_format import read_headers
 from lora_studio.core.model.config import read_config
 from lora_studio.core.model.dtypes import DTYPE_BYTES
-from lora_studio.core.model.estimate import Verdict, estimate, read_footprint
+from lora_studio.core.model.estimate import Verdict, free_memory, judge, read_footprint
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system.memory import format_bytes
 from lora_studio.core.train.run import ATTENTION_WORDS
@@ -106,15 +106,9 @@ def training_memory(
     adapter_state = adapter * 4 * 4  # weights, gradients, two AdamW moments, float32
     activations = ACTIVATION_FACTOR * hidden * layers * tokens * width
     logits = LOGIT_COPIES * tokens * vocab * 4
-    load = estimate(
-        source, settings.dtype, settings.device if settings.device != "cpu" else "cpu", free_ram_bytes=free_ram_bytes
-    )
     needed = weights + adapter_state + activations + logits + RUNTIME_BYTES
-    free = load.free_ram_bytes if settings.device == "cpu" else load.free_gpu_bytes.get(settings.device, 0)
-    if needed <= free:
-        verdict: Verdict = "fits"
-        why = f"{format_bytes(free)} free"
-    else:
-        verdict = "does_not_fit"
-        why = f"only {format_bytes(free)} free: lower the batch size or the max length"
+    free_ram, free_gpu = free_memory(free_ram_bytes)
+    verdict, _where, why = judge(settings.device, needed, free_ram, free_gpu)
+    if verdict != "fits":
+        why += ": lower the batch size or the max length"
     return TrainingMemory(weights, adapter, adapter_state, activations, logits, RUNTIME_BYTES, verdict, why)
