@@ -131,12 +131,15 @@ def run(args) -> int:
     try:
         result = train_adapter(request, cancel=cancel, report=progress)
     except Cancelled as exc:
-        progress.done()
-        sys.stderr.write(f"lora-studio: {exc}\n")
-        return 130
+        stopped: Cancelled | None = exc
+    else:
+        stopped = None
     finally:
         signal.signal(signal.SIGINT, previous)
         progress.done()
+    if stopped is not None:
+        sys.stderr.write(f"lora-studio: {stopped}\n")
+        return 130
     if args.json:
         print_json(result.to_json())
         return 0
@@ -160,11 +163,9 @@ def run(args) -> int:
 
 
 def _export(args, request) -> int:
-    from lora_studio.core.train.script import export_script, script_targets
+    from lora_studio.core.train.script import export_script
 
-    exported = export_script(
-        request, Path(args.export_script), script_targets(request), gpus=args.gpus, overwrite=args.overwrite
-    )
+    exported = export_script(request, Path(args.export_script), gpus=args.gpus, overwrite=args.overwrite)
     if args.json:
         print_json(exported.to_json())
         return 0

@@ -408,10 +408,9 @@ class TrainPanel(Panel):
         def run(*, cancel, report):
             from lora_studio.core.model.sources import resolve_source
             from lora_studio.core.train import TrainRequest
-            from lora_studio.core.train.script import export_script, script_targets
+            from lora_studio.core.train.script import export_script
 
-            request = TrainRequest(resolve_source(base), data, out, settings, val)
-            return export_script(request, Path(folder), script_targets(request))
+            return export_script(TrainRequest(resolve_source(base), data, out, settings, val), Path(folder))
 
         def done(exported) -> None:
             self.show_message(

@@ -286,7 +286,7 @@ def test_exported_script_trains_with_accelerate_on_two_processes(tiny_llama, pai
     from lora_studio.core.train.script import export_script, script_targets
 
     req = request(tiny_llama, pairs, tmp_path / "cluster-out", QUICK.with_changes(max_steps=4, batch_size=2))
-    exported = export_script(req, tmp_path / "job", script_targets(req))
+    exported = export_script(req, tmp_path / "job")
     assert script_targets(req) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}

@@ -91,14 +91,9 @@ class StudioCallback(TrainerCallback):
             if "eval_loss" in entry and (val := finite(entry["eval_loss"])) is not None:
                 self._row(step)["val_loss"] = val
                 self._val_history.append((val, self.record.last_train_loss))
-                if step > 0 and (self.record.best_val_loss is None or val < self.record.best_val_loss):
-                    # the best weights of a step before the resume are not in memory: "best" then means the best
-                    # seen since, unless none beats this one (then the last weights are kept)
-                    self.record.best_val_loss, self.record.best_step = val, step
-
-    def evaluate_at_start(self, trainer: Any) -> None:
-        """The validation loss before any step: the curve's starting point."""
-        trainer.evaluate()  # on_evaluate records it
+                # the best weights of a step before the resume are not in memory: "best" then means the best
+                # seen since, unless none beats this one (then the last weights are kept)
+                self._is_new_best(step, val)
 
     # -- the hooks -------------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -154,12 +149,10 @@ class StudioCallback(TrainerCallback):
         row = self._row(step)
         row["val_loss"] = val
         record = self.record
-        if step > 0 and (record.best_val_loss is None or val < record.best_val_loss):
-            record.best_val_loss, record.best_step = val, step
-            if record.run == "lora" and self._model is not None:
-                from peft import get_peft_model_state_dict
+        if self._is_new_best(step, val) and record.run == "lora" and self._model is not None:
+            from peft import get_peft_model_state_dict
 
-                record.best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self._model).items()}
+            record.best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self._model).items()}
         warning = self._overfitting(val, record.last_train_loss)
         self.on_metrics(
             TrainMetrics(
@@ -172,6 +165,14 @@ class StudioCallback(TrainerCallback):
                 warning=warning,
             )
         )
+
+    def _is_new_best(self, step: int, val: float) -> bool:
+        """Record ``val`` as the best validation loss when it is one (the loss before any step does not count)."""
+        record = self.record
+        if step > 0 and (record.best_val_loss is None or val < record.best_val_loss):
+            record.best_val_loss, record.best_step = val, step
+            return True
+        return False
 
     def _overfitting(self, val: float, train: float | None) -> str:
         """The warning, the first time the validation loss rose K evaluations in a row while training fell."""

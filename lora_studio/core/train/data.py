@@ -17,7 +17,6 @@ the two diverge), so a dataset handed to the trainer already tokenised trains ex
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import tempfile
@@ -46,10 +45,6 @@ class Example:
     completion_mask: list[int]  # 1: the loss is computed on this token
     source_row: int  # 1-based row number in its file
 
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha1(json.dumps(self.input_ids).encode()).hexdigest()
-
 
 @dataclass
 class PreparedData:
@@ -64,10 +59,6 @@ class PreparedData:
     rows_too_long: int = 0  # rows cut at max_length
     max_length: int = 0
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def train_tokens(self) -> int:
-        return sum(len(e.input_ids[: self.max_length]) for e in self.train)
 
     def summary(self) -> str:
         val = f", {len(self.val)} validation" if self.val else ", no validation"
@@ -225,11 +216,7 @@ def row_as_conversation(row: dict[str, Any], shape: Shape, where: str) -> Conver
     extra = row.get("input")
     if isinstance(extra, str) and extra.strip():
         instruction = f"{instruction}\n\n{extra}"
-    output_column = (
-        next(c for c in OUTPUT_COLUMNS if c in row and row[c] is not None)
-        if any(row.get(c) is not None for c in OUTPUT_COLUMNS)
-        else OUTPUT_COLUMNS[0]
-    )
+    output_column = next((c for c in OUTPUT_COLUMNS if row.get(c) is not None), OUTPUT_COLUMNS[0])
     return [_turn("user", instruction)], [_turn("assistant", _text(row.get(output_column), where, output_column))]
 
 
@@ -365,7 +352,7 @@ def prepare(
             cancel=cancel,
             report=report,
         )
-        shared = {e.fingerprint for e in train} & {e.fingerprint for e in val}
+        shared = {tuple(e.input_ids) for e in train} & {tuple(e.input_ids) for e in val}
         if shared:
             warnings.append(
                 f"{len(shared)} validation row(s) also appear in the training data: the validation loss will look "

@@ -288,6 +288,7 @@ def _run_trainer(
     report: Report,
     on_metrics: OnMetrics,
 ) -> RunRecord:
+    from transformers import PrinterCallback
     from trl import SFTTrainer
 
     from lora_studio.core.train.callbacks import StudioCallback
@@ -304,13 +305,13 @@ def _run_trainer(
         processing_class=tokenizer,
         callbacks=[callback],
     )
-    trainer.remove_callback(_printer_callback())
+    trainer.remove_callback(PrinterCallback)  # the callback above reports; nothing printed to stdout
     try:
         if resume is not None:
             callback.restore_history(resume)
-        elif data.val:
+        elif data.val:  # the validation loss before any step: the curve's starting point (on_evaluate records it)
             callback.total_steps = total_steps(settings, len(data.train))
-            callback.evaluate_at_start(trainer)
+            trainer.evaluate()
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     except (Cancelled, UserError):
         raise
@@ -341,12 +342,6 @@ def total_steps(settings: TrainSettings, rows: int) -> int:
         return settings.max_steps
     per_epoch = max(1, math.ceil(rows / settings.batch_size) // settings.grad_accum)
     return math.ceil(settings.epochs * per_epoch)
-
-
-def _printer_callback() -> Any:
-    from transformers import PrinterCallback
-
-    return PrinterCallback
 
 
 def _oom(settings: TrainSettings) -> OutOfMemory:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_studio import __version__
 from lora_studio.core.adapters.files import SIDECAR_NAME
+from lora_studio.core.adapters.training_log import LOSS_CSV
 from lora_studio.core.io.atomic import atomic_output_dir
 from lora_studio.core.io.card_format import front_matter
 from lora_studio.core.io.hashing import file_sha256, tree_sha256
@@ -28,7 +29,6 @@ from lora_studio.core.train.settings import ADVICE, CONVERTED_INITS
 if TYPE_CHECKING:
     from lora_studio.core.train.data import PreparedData
 
-LOSS_CSV = "loss.csv"
 CARD = "README.md"
 INIT_NAMES = {"default": "LoRA", "gaussian": "LoRA (gaussian init)", "olora": "OLoRA", "pissa": "PiSSA"}
 

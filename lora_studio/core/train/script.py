@@ -206,9 +206,7 @@ def script_targets(request: TrainRequest) -> list[str] | str:
     return resolve_targets(model, request.settings.targets)
 
 
-def export_script(
-    request: TrainRequest, folder: Path, target_modules: list[str] | str, *, gpus: int = 2, overwrite: bool = False
-) -> ExportedScript:
+def export_script(request: TrainRequest, folder: Path, *, gpus: int = 2, overwrite: bool = False) -> ExportedScript:
     """Write ``train_lora.py`` and two accelerate configs (DDP, FSDP) into ``folder`` (atomically)."""
     settings = request.settings
     settings.check()
@@ -216,6 +214,7 @@ def export_script(
         raise UserError("a GGUF base cannot be trained by the exported script", "export from a Hugging Face folder")
     if gpus < 1:
         raise UserError("the accelerate configs need at least one GPU", "")
+    target_modules = script_targets(request)
     job = {
         "base": str(request.base.path),
         "train_file": str(Path(request.train_file).absolute()),
