@@ -7,9 +7,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lora-studio-installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install run demo test lint lint-only bench clean
+LLAMA_STAMP := $(VENV)/.llama-cpp-installed
+
+.PHONY: install llama-cpp run demo test lint lint-only bench clean
 
 install: $(STAMP)
+
+# llama.cpp's Python binding, for the K-quant GGUF types and checking exports in llama.cpp itself. Optional for
+# `make run` (the window offers it); built from its source distribution once (about 6-9 minutes on 2 cores), then
+# pip's wheel cache makes it seconds.
+llama-cpp: install $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements.lock llama-cpp-python
+	touch $(LLAMA_STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +40,7 @@ run: install
 LINT_PATHS := lora_studio tests benchmarks resources packaging
 
 # One command: each step runs only if the one before passed, and any failure fails `make test`.
-test: install
+test: install llama-cpp
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
 	$(MAKE) --no-print-directory lint-only
 

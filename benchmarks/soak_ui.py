@@ -1,6 +1,7 @@
 """Does the window survive a working day? Drive the real window for a given time, cycle after cycle:
 
-    load base -> attach adapter -> inspect it -> Try it -> compare (base vs adapter) -> merge -> detach -> unload all
+    load base -> attach adapter -> inspect it -> Try it -> compare (base vs adapter) -> merge -> GGUF export
+    (q8_0, checked in llama.cpp when it is installed) -> detach -> unload all
 
 with an idle pause in every cycle (the memory chart keeps drawing then, as on a desk). Every step goes through the
 panels' own methods and the window's job runner, exactly as the buttons do.
@@ -132,6 +133,12 @@ def child(args: argparse.Namespace) -> int:
         mp.out_edit.setText(str(merged))
         wait_for(lambda: not mp.start_reason(), "the merge plan")
         step("merge", mp.start_merge)
+        fmt = mp.output.format_combo
+        fmt.setCurrentIndex(fmt.findData("gguf"))
+        mp.out_edit.setText(str(tmp / "export.q8_0.gguf"))
+        wait_for(lambda: not mp.start_reason(), "the export plan")
+        step("export", mp.start_merge)
+        fmt.setCurrentIndex(fmt.findData("hf"))
         step("detach", lambda name=name: ap.detach(name))
         step("attach again", lambda: window.attach_adapter(adapter))
         step("unload all", ap.unload_all)

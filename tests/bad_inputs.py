@@ -147,6 +147,61 @@ def _spaces_and_bytes_name(work: Path, fx: dict) -> dict:
     return {"base": base, "adapter": adapter}
 
 
+def _outside_copy(b: Path) -> Path:
+    """A real shard outside the base folder: what a hostile index or link points at."""
+    outside = b.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    shutil.copy(b / "model.safetensors", outside / "x.safetensors")
+    return outside / "x.safetensors"
+
+
+def _index_to(target_of):
+    def mutate(b: Path):
+        target = target_of(b, _outside_copy(b))
+        (b / "model.safetensors").unlink()
+        (b / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {"model.embed_tokens.weight": str(target)}})
+        )
+
+    return mutate
+
+
+def _link_out(name: str):
+    def mutate(b: Path):
+        outside = b.parent / "outside"
+        outside.mkdir(exist_ok=True)
+        shutil.move(str(b / name), outside / name)
+        (b / name).symlink_to(outside / name)
+
+    return mutate
+
+
+def _fifo(name: str):
+    def mutate(folder: Path):
+        (folder / name).unlink()
+        os.mkfifo(folder / name)
+
+    return mutate
+
+
+def _metadata_list(data: bytes) -> bytes:
+    """The same safetensors file with ``__metadata__`` turned into a list (the header keeps its length)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = ["format", "pt"]
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
+
+
+def _deep(n: int = 100_000) -> str:
+    return "[" * n + "]" * n
+
+
+def _odd_adapter_name(work: Path, fx: dict) -> dict:
+    """Real adapter folders have dots and spaces in their names: a valid name is derived, not refused."""
+    return {"base": fx["base"], "adapter": _copy(fx["adapter"], work / "llama-3.1 lora")}
+
+
 CASES: list[BadCase] = [
     # adapters
     BadCase(
@@ -262,7 +317,62 @@ CASES: list[BadCase] = [
         r"refused because it is not plain tensors",
         ok_for=frozenset({"inspect"}),
     ),
+    # hostile folders: nothing outside the chosen folder is read, nothing blocks
+    BadCase(
+        "base-index-points-outside",
+        _base_case(_index_to(lambda b, target: "../outside/x.safetensors")),
+        r"'\.\./outside/x\.safetensors' points outside the folder",
+    ),
+    BadCase(
+        "base-index-absolute-path",
+        _base_case(_index_to(lambda b, target: str(target))),
+        r"x\.safetensors' points outside the folder",
+    ),
+    BadCase(
+        "base-weights-link-outside",
+        _base_case(_link_out("model.safetensors")),
+        r"'model\.safetensors' points outside the folder",
+    ),
+    BadCase(
+        "base-tokenizer-link-outside",
+        _base_case(_link_out("tokenizer.json")),
+        r"'tokenizer\.json' points outside the folder",
+    ),
+    BadCase("base-weights-fifo", _base_case(_fifo("model.safetensors")), r"is not a regular file"),
+    BadCase("adapter-config-fifo", _adapter_case(_fifo("adapter_config.json")), r"is not a regular file"),
+    BadCase("adapter-weights-fifo", _adapter_case(_fifo("adapter_model.safetensors")), r"is not a regular file"),
+    # settings that PEFT refuses, or that would write non-finite weights
+    BadCase("adapter-alpha-nan", _adapter_case(_edit_config(lora_alpha=float("nan"))), r"lora_alpha is nan"),
+    BadCase("adapter-alpha-infinite", _adapter_case(_edit_config(lora_alpha=float("inf"))), r"lora_alpha is inf"),
+    BadCase(
+        "adapter-alpha-string", _adapter_case(_edit_config(lora_alpha="sixteen")), r"r and lora_alpha must be numbers"
+    ),
+    BadCase("adapter-r-float", _adapter_case(_edit_config(r=4.0)), r"r a whole number"),
+    BadCase("adapter-r-huge", _adapter_case(_edit_config(r=10**9)), r"more than any LoRA rank"),
+    BadCase("adapter-rank-pattern-zero", _adapter_case(_edit_config(rank_pattern={"q_proj": 0})), r"\['q_proj'\] is 0"),
+    BadCase("adapter-rank-pattern-list", _adapter_case(_edit_config(rank_pattern=[4, 8])), r"not an object of module"),
+    BadCase(
+        "adapter-rank-pattern-bad-regex",
+        _adapter_case(_edit_config(rank_pattern={"q_proj(": 4})),
+        r"'q_proj\(' is not a valid pattern",
+    ),
+    BadCase("adapter-target-modules-number", _adapter_case(_edit_config(target_modules=7)), r"not module names"),
+    BadCase(
+        "adapter-weights-metadata-not-object",
+        _adapter_case(_weights(_metadata_list)),
+        r"__metadata__ is not an object",
+    ),
+    BadCase("adapter-config-deeply-nested", _adapter_case(_config(_deep())), r"nested too deeply"),
+    BadCase(
+        "base-config-deeply-nested", _base_case(lambda b: _write(b / "config.json", _deep())), r"nested too deeply"
+    ),
     # valid inputs with awkward names must simply work
+    BadCase(
+        "adapter-folder-name-with-dots-and-spaces",
+        _odd_adapter_name,
+        r"",
+        ok_for=frozenset({"inspect", "attach", "compare", "merge", "window"}),
+    ),
     BadCase(
         "paths-with-spaces-and-non-utf8",
         _spaces_and_bytes_name,

@@ -73,6 +73,25 @@ def llama_config(**overrides):
     return LlamaConfig(**kw)
 
 
+def qwen2_config(**overrides):
+    from transformers import Qwen2Config
+
+    kw = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    kw.update(overrides)
+    return Qwen2Config(**kw)
+
+
 def gpt2_config(**overrides):
     from transformers import GPT2Config
 
@@ -109,6 +128,12 @@ def make_llama(folder: Path, **kw) -> Path:
     dtype = kw.pop("dtype", "float32")
     seed = kw.pop("seed", 0)
     return save_model(folder, llama_config(**kw), dtype=dtype, seed=seed)
+
+
+def make_qwen2(folder: Path, **kw) -> Path:
+    dtype = kw.pop("dtype", "float32")
+    seed = kw.pop("seed", 0)
+    return save_model(folder, qwen2_config(**kw), dtype=dtype, seed=seed)
 
 
 def make_gpt2(folder: Path, **kw) -> Path:

@@ -407,3 +407,127 @@ def test_subprocess_one_line_and_empty_stdout(command, fixtures, tmp_path):
     assert_one_line_refusal(proc.returncode, proc.stdout, proc.stderr, case.message)
     assert not out_dir.exists()
     _check_no_side_effects(tmp_path / "w")
+
+
+# -- outputs never overlap inputs; an output that appears meanwhile is never replaced -------------------------------
+
+
+@pytest.fixture
+def own_inputs(fixtures, tmp_path):
+    """Copies of the base and the adapter that a test may see destroyed (the shared fixtures must not be)."""
+    import shutil
+
+    root = tmp_path / "inputs"
+    base = shutil.copytree(fixtures["base"], root / "base")
+    adapter = shutil.copytree(fixtures["adapter"], root / "adapter")
+    return {"base": base, "adapter": adapter, "root": root}
+
+
+@pytest.mark.parametrize("where", ["base", "adapter", "parent-of-both", "empty", "current-folder"])
+def test_merge_refuses_an_output_that_overlaps_an_input(where, own_inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(own_inputs["root"])
+    out = {
+        "base": str(own_inputs["base"]),
+        "adapter": str(own_inputs["adapter"]),
+        "parent-of-both": str(own_inputs["root"]),
+        "empty": "",
+        "current-folder": ".",
+    }[where]
+    before = snapshot(own_inputs["root"])
+    argv = ["merge", own_inputs["base"], "--adapter", own_inputs["adapter"], "--out", out, "--overwrite", "--json"]
+    code, stdout, err = run_in_process(capsys, argv)
+    refusals = {"empty": r"--out is empty", "current-folder": r"is or contains|current folder"}
+    words = refusals.get(where, "is or contains")
+    assert_one_line_refusal(code, stdout, err, words)
+    assert snapshot(own_inputs["root"]) == before  # the inputs are byte-identical
+
+
+def test_export_and_adapter_only_refuse_overlapping_outputs(own_inputs, capsys):
+    cases = [
+        ["export", own_inputs["base"], "--adapter", own_inputs["adapter"], "--out", own_inputs["adapter"] / "x.gguf"],
+        [
+            "merge",
+            own_inputs["base"],
+            "--adapter",
+            f"a={own_inputs['adapter']}",
+            "--adapter",
+            f"b={own_inputs['adapter']}",
+            "--combination",
+            "cat",
+            "--adapter-only",
+            "--out",
+            own_inputs["adapter"],
+            "--overwrite",
+        ],
+    ]
+    (own_inputs["adapter"] / "x.gguf").write_bytes(b"mine")
+    before = snapshot(own_inputs["root"])
+    for argv in cases:
+        code, stdout, err = run_in_process(capsys, argv)
+        assert_one_line_refusal(code, stdout, err, r"inside the adapter|is or contains the adapter")
+    assert snapshot(own_inputs["root"]) == before
+
+
+def test_an_output_that_appears_during_the_merge_is_not_replaced(fixtures, tmp_path, capsys, monkeypatch):
+    from lora_studio.core.merge import outputs
+
+    out_dir = tmp_path / "merged"
+    real = outputs.write_model_card
+
+    def someone_else_writes_there(*args, **kwargs):
+        out_dir.mkdir()
+        (out_dir / "theirs.txt").write_text("keep me")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(outputs, "write_model_card", someone_else_writes_there)
+    code, out, err = run_in_process(capsys, merge_argv(fixtures, out_dir))
+    assert_one_line_refusal(code, out, err, r"appeared while this job was running; it was not replaced")
+    assert [p.name for p in out_dir.iterdir()] == ["theirs.txt"] and leftovers(out_dir) == ["merged"]
+
+
+def test_sigterm_during_a_merge_cleans_up_like_ctrl_c(fixtures, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from lora_studio.core.merge import outputs
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # what `kill` or a closing terminal sends
+
+    monkeypatch.setattr(outputs, "write_model_card", terminated)
+    out_dir = tmp_path / "merged"
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = run_in_process(capsys, merge_argv(fixtures, out_dir))
+    assert code == 130 and "interrupted" in err and leftovers(out_dir) == []
+    assert signal.getsignal(signal.SIGTERM) is before  # the CLI put the previous handler back
+
+
+def test_verification_fails_non_finite_logits_and_json_stays_valid(tiny_llama, capsys):
+    import json as json_mod
+
+    import torch
+
+    from lora_studio.cli.common import print_json
+    from lora_studio.core.merge import verify
+
+    model = factories_model(tiny_llama)
+    reference = verify.reference_outputs(model, tokenizer_of(tiny_llama), new_tokens=2)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    result = verify.compare(model, reference, "float32")
+    assert result.status == "fail" and result.max_abs_logit_diff == float("inf")
+    print_json(result.to_json())
+    doc = json_mod.loads(capsys.readouterr().out)  # strict JSON: no bare NaN or Infinity
+    assert doc["status"] == "fail" and doc["max_abs_logit_diff"] is None
+
+
+def factories_model(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+
+
+def tokenizer_of(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -25,13 +26,15 @@ def add_adapter_argument(parser, help_text: str = "adapter folder, optionally na
 
 def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
     """``NAME=PATH`` or ``PATH`` (named after the folder); names must be unique."""
+    from lora_studio.core.session import adapter_name_for
+
     out: list[tuple[str, Path]] = []
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or ("/" in name or "\\" in name) or not name:
             name, path = "", spec
         path_obj = Path(path).expanduser()
-        name = name or path_obj.name or "adapter"
+        name = name or adapter_name_for(path_obj)
         if any(n == name for n, _ in out):
             raise UserError(f"two adapters are named {name!r}", "give each a unique name with NAME=PATH")
         out.append((name, path_obj))
@@ -49,6 +52,13 @@ def resolve_base(args, *, report=None):
     if not args.base:
         raise UserError("no base model given", "pass a model folder, a .gguf file, a cached repo id, or --demo")
     return resolve_source(args.base)
+
+
+def output_path(text: str) -> Path:
+    """``--out`` as a path; an empty one is bad input (``Path("")`` would silently mean the current folder)."""
+    if not text.strip():
+        raise UserError("--out is empty", "give the output's name")
+    return Path(text).expanduser()
 
 
 MIB = 1024**2
@@ -92,7 +102,18 @@ class stderr_progress:
 
 
 def print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
+    """One JSON object on stdout; NaN and Infinity (not JSON) are written as null."""
+    sys.stdout.write(json.dumps(_finite(obj), indent=None, default=str, allow_nan=False) + "\n")
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def human_bytes(n) -> str:

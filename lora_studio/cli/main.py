@@ -31,18 +31,20 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from lora_studio.app_logging import DEBUG_ENV, log_path
-    from lora_studio.cli import compare_cmd, inspect_cmd, merge_cmd, train_cmd
+    from lora_studio.cli import compare_cmd, export_cmd, inspect_cmd, merge_cmd, train_cmd
 
     parser = _OneLineParser(
         prog="lora-studio",
-        description="Load a base model, attach, compare and merge LoRA adapters.",
+        description="Load a base model, attach, compare, merge, train and export LoRA adapters.",
         epilog=f"Log file: {log_path()} (rotating; {DEBUG_ENV}=1 logs more and shows tracebacks).",
     )
     parser.add_argument("--version", action="version", version=f"lora-studio {__version__}")
     parser.add_argument("--demo", action="store_true", help="open the window with the embedded demo model loaded")
     parser.add_argument("--open", dest="base", metavar="PATH", help="open the window with this base model loaded")
-    sub = parser.add_subparsers(dest="command", parser_class=_OneLineParser, metavar="{inspect,compare,merge}")
-    for module in (inspect_cmd, compare_cmd, merge_cmd, train_cmd):
+    sub = parser.add_subparsers(
+        dest="command", parser_class=_OneLineParser, metavar="{inspect,compare,merge,train,export}"
+    )
+    for module in (inspect_cmd, compare_cmd, merge_cmd, train_cmd, export_cmd):
         module.add_parser(sub)
     return parser
 
@@ -68,9 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is not None:
         setup_logging(f"cli {args.command}")
+    if args.command is None:
+        return _open_window(args)
+    previous = _interrupt_on_termination()
     try:
-        if args.command is None:
-            return _open_window(args)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         sys.stderr.write("lora-studio: interrupted\n")
@@ -94,6 +97,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         sys.stderr.write(f"lora-studio: {desc.message} (set LORA_STUDIO_DEBUG=1 for the traceback)\n")
         return EXIT_INTERNAL
+    finally:
+        import signal
+
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt_on_termination() -> dict:
+    """SIGTERM and SIGHUP end a command the way Ctrl-C does: its outputs' temporary siblings are removed on the way
+    out (the default action would kill the process and leave them for the next run to clean)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # signal handlers can only be set from the main thread (an in-process test runner, say)
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    return {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def _open_window(args) -> int:

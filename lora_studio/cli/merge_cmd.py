@@ -6,12 +6,12 @@ Merge adapters into the base and save a deployable folder.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from lora_studio.cli.common import (
     add_adapter_argument,
     add_base_argument,
     human_bytes,
+    output_path,
     parse_adapter_specs,
     print_json,
     resolve_base,
@@ -83,7 +83,7 @@ def run(args) -> int:
     progress = stderr_progress()
     source = resolve_base(args, report=progress)
     options = MergeOptions(
-        out=Path(args.out).expanduser(),
+        out=output_path(args.out),
         dtype=args.dtype,
         engine=args.engine,
         combination=args.combination,
@@ -131,7 +131,7 @@ def _save_adapter_only(args, adapters) -> int:
             adapters,
             [a.weight for a in adapters],
             args.combination,
-            Path(args.out).expanduser(),
+            output_path(args.out),
             density=args.density,
             overwrite=args.overwrite,
             dtype=args.dtype,

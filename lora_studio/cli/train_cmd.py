@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from lora_studio.cli.common import add_base_argument, print_json, resolve_base, stderr_progress
+from lora_studio.cli.common import add_base_argument, output_path, print_json, resolve_base, stderr_progress
 from lora_studio.core.errors import Cancelled
 from lora_studio.core.tasks import CancelToken
 
@@ -109,7 +109,7 @@ def run(args) -> int:
     request = TrainRequest(
         source,
         Path(args.data).expanduser(),
-        Path(args.out).expanduser(),
+        output_path(args.out),
         settings,
         val_file=Path(args.val).expanduser() if args.val else None,
         resume=Path(args.resume).expanduser() if args.resume else None,

@@ -15,6 +15,7 @@ than corrupt state.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -255,7 +256,7 @@ class Session:
 
         cancel = cancel or CancelToken()
         path = Path(path).expanduser().absolute()
-        name = validate_adapter_name(path.name if name is None else name)
+        name = validate_adapter_name(adapter_name_for(path) if name is None else name)
         with self.lock:
             self.require_loaded()
             if name in self._adapters:
@@ -528,6 +529,13 @@ def validate_adapter_name(name: str) -> str:
     if name == "__base__" or "." in name or any(c.isspace() for c in name):
         raise UserError(f"{name!r} cannot be an adapter name", "use letters, digits, '-' and '_' (no dots or spaces)")
     return name
+
+
+def adapter_name_for(folder: Path) -> str:
+    """A valid adapter name from a folder's name ("llama-3.1 lora" -> "llama-3_1_lora"): most real adapter folders
+    have dots or spaces in their names, which PEFT cannot take as an adapter name."""
+    name = re.sub(r"[.\s]+", "_", Path(folder).name.strip()).strip("_")
+    return name if name and name != "__base__" else "adapter"
 
 
 def release_memory() -> None:

@@ -29,12 +29,20 @@ from lora_studio.core.adapters.combinations import (
     combined_rank,
     fitting_combination,
 )
+from lora_studio.core.export import DEFAULT_TYPE, OUTPUT_TYPES
+from lora_studio.core.export.adapter import ADAPTER_TYPES
 from lora_studio.core.merge.plan import EngineName
 from lora_studio.core.model.dtypes import DTYPES
 from lora_studio.gui.merge_parts import AdapterRow
 from lora_studio.gui.widgets import STYLES
 
 ENGINE_CHOICES = (("auto", None), ("streaming", "streaming"), ("in-memory", "in-memory"))
+# what a merge saves: a Hugging Face folder (core/merge) or a GGUF file (core/export)
+FORMAT_CHOICES = (
+    ("Hugging Face folder", "hf"),
+    ("GGUF, merged (llama.cpp, Ollama)", "gguf"),
+    ("GGUF, adapter only (llama-server --lora)", "gguf-lora"),
+)
 
 
 class AdapterPicker(QGroupBox):
@@ -212,12 +220,26 @@ class AdapterPicker(QGroupBox):
 
 
 class OutputBox(QGroupBox):
-    """Where the merged model goes, its dtype, the engine, and the verify / safe-merge switches."""
+    """Where the merged model goes and in which format: a Hugging Face folder (dtype, engine, safe merge) or a
+    GGUF file (its type); and the verify switch."""
 
     changed = Signal()
+    format_changed = Signal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__("Output", parent)
+        self.format_combo = QComboBox()
+        for label, fmt in FORMAT_CHOICES:
+            self.format_combo.addItem(label, fmt)
+        self.format_combo.setToolTip(
+            "Hugging Face folder: for transformers and vLLM. GGUF: one file for llama.cpp and Ollama, merged, "
+            "or the adapter alone for any GGUF of this base"
+        )
+        self.gguf_type_combo = QComboBox()
+        for spec in OUTPUT_TYPES.values():
+            self.gguf_type_combo.addItem(f"{spec.name} — {spec.description}", spec.name)
+        self.gguf_type_combo.setCurrentIndex(list(OUTPUT_TYPES).index(DEFAULT_TYPE))
+        self.gguf_type_combo.setToolTip("the GGUF's weight type; the K-quants are written by llama.cpp's quantiser")
         self.out_edit = QLineEdit()
         self.out_edit.setPlaceholderText("folder for the merged model (created)")
         self.out_edit.setClearButtonEnabled(True)
@@ -249,14 +271,28 @@ class OutputBox(QGroupBox):
         checks.addWidget(self.verify_check)
         checks.addWidget(self.safe_check)
         checks.addStretch(1)
-        form = QFormLayout(self)
-        form.addRow("Folder", out_row)
+        self.install_btn = QPushButton("Install llama.cpp…")
+        self.install_btn.setToolTip(
+            "build llama.cpp's Python binding in the background (minutes, once): K-quant types and checking "
+            "the GGUF in llama.cpp itself"
+        )
+        self.install_btn.hide()
+        self.form = form = QFormLayout(self)
+        form.addRow("Format", self.format_combo)
+        form.addRow("Save to", out_row)
         form.addRow("dtype", self.dtype_combo)
         form.addRow("Engine", self.engine_combo)
         form.addRow("", self.engine_note)
+        form.addRow("GGUF type", self.gguf_type_combo)
         form.addRow("", checks)
+        form.addRow("", self.install_btn)
         self._dtype_for: str | None = None  # the base whose dtype the dtype box was last set to
+        self._last_format = ""
+        self.format_combo.currentIndexChanged.connect(self._format_changed)
+        self._format_changed()
         for signal in (
+            self.format_combo.currentIndexChanged,
+            self.gguf_type_combo.currentIndexChanged,
             self.out_edit.textChanged,
             self.dtype_combo.currentIndexChanged,
             self.engine_combo.currentIndexChanged,
@@ -264,6 +300,31 @@ class OutputBox(QGroupBox):
             self.safe_check.toggled,
         ):
             signal.connect(lambda *_: self.changed.emit())
+
+    def format(self) -> str:
+        """ "hf", "gguf" or "gguf-lora"."""
+        return str(self.format_combo.currentData())
+
+    def gguf_type(self) -> str:
+        return str(self.gguf_type_combo.currentData())
+
+    def _format_changed(self, *_args) -> None:
+        fmt = self.format()
+        gguf = fmt != "hf"
+        for widget in (self.dtype_combo, self.engine_combo, self.engine_note):
+            self.form.setRowVisible(widget, not gguf)
+        self.safe_check.setVisible(not gguf)
+        self.form.setRowVisible(self.gguf_type_combo, gguf)
+        # an adapter-only GGUF is small: only the float types and q8_0
+        model = self.gguf_type_combo.model()
+        for i in range(self.gguf_type_combo.count()):
+            allowed = fmt != "gguf-lora" or self.gguf_type_combo.itemData(i) in ADAPTER_TYPES
+            model.item(i).setEnabled(allowed)  # type: ignore[attr-defined]  # a QStandardItemModel
+        if fmt == "gguf-lora" and self._last_format != "gguf-lora":  # an adapter is small: f16, as llama.cpp's
+            self.gguf_type_combo.setCurrentIndex(list(OUTPUT_TYPES).index("f16"))
+        self._last_format = fmt
+        self.out_edit.setPlaceholderText("the .gguf file to write" if gguf else "folder for the merged model (created)")
+        self.format_changed.emit()
 
     def out_path(self) -> Path | None:
         text = self.out_edit.text().strip()

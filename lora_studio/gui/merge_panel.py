@@ -1,4 +1,5 @@
-"""The Merge tab: pick adapters (and weights), see what each engine would need, merge and save, verify.
+"""The Merge tab: pick adapters (and weights), see what each engine would need, merge and save, verify; or
+export the adapter as a GGUF file verified in llama.cpp (merge_export.py).
 
 Everything heavy is the core's (core/merge/): ``plan_merge`` runs as a keyed read-only side job
 whenever the inputs change (debounced), on the session's snapshot, never the model;
@@ -30,6 +31,8 @@ from PySide6.QtWidgets import (
 )
 
 from lora_studio.core.errors import UserError
+from lora_studio.core.export import OUTPUT_TYPES, ExportPlan
+from lora_studio.core.export.runtime import llama_cpp_version
 from lora_studio.core.merge import (
     AdapterSpec,
     MergeOptions,
@@ -38,6 +41,7 @@ from lora_studio.core.merge import (
     plan_merge,
 )
 from lora_studio.core.session import SessionState
+from lora_studio.gui import merge_export
 from lora_studio.gui.jobs import Job, JobRunner
 from lora_studio.gui.merge_inputs import AdapterPicker, OutputBox
 from lora_studio.gui.merge_parts import AdapterRow, PlanTable, engine_note
@@ -80,6 +84,8 @@ class MergePanel(Panel):
         self.show_compare_tab = show_compare_tab
         self.source: ModelSource | None = None  # the session's ModelSource, with the state
         self.plan: MergePlan | None = None
+        self.export_plan: ExportPlan | None = None  # the plan when the format is a GGUF
+        self.install_job: Job | None = None
         self.plan_error = ""
         self.plan_pending = False
         self._plan_seq = 0
@@ -110,6 +116,9 @@ class MergePanel(Panel):
         self.output = OutputBox()
         self.output.changed.connect(self._inputs_changed)
         self.output.browse_btn.clicked.connect(self.browse_out)
+        self.output.format_changed.connect(self._format_changed)
+        self.output.gguf_type_combo.currentIndexChanged.connect(self._gguf_type_changed)
+        self.output.install_btn.clicked.connect(self.install_llama_cpp)
         self.out_edit, self.dtype_combo = self.output.out_edit, self.output.dtype_combo
         self.engine_combo, self.engine_note = self.output.engine_combo, self.output.engine_note
         self.verify_check, self.safe_check = self.output.verify_check, self.output.safe_check
@@ -119,6 +128,9 @@ class MergePanel(Panel):
 
         self.plan_table = PlanTable()
         self.plan_cells, self.disk_label = self.plan_table.cells, self.plan_table.disk_label
+        self.export_plan_label = QLabel("")
+        self.export_plan_label.setWordWrap(True)
+        self.export_plan_label.hide()
 
         # -- run ---------------------------------------------------------------------------------------------------
         self.merge_btn = QPushButton("Merge && save")
@@ -153,6 +165,7 @@ class MergePanel(Panel):
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(top)
         layout.addWidget(self.plan_table)
+        layout.addWidget(self.export_plan_label)
         layout.addLayout(run_row)
         layout.addWidget(self.result_box)
         layout.addWidget(self.message)
@@ -165,6 +178,7 @@ class MergePanel(Panel):
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(self.body_scroll)
 
+        self.update_install_button()
         self.show_state(self.state)
 
     # -- session state --------------------------------------------------------------------------------------------
@@ -184,6 +198,9 @@ class MergePanel(Panel):
 
     def out_path(self) -> Path | None:
         return self.output.out_path()
+
+    def is_gguf(self) -> bool:
+        return self.output.format() != "hf"
 
     def request(self, out: Path | None = None) -> tuple[list[AdapterSpec], MergeOptions]:
         """What the inputs ask for; raises UserError when they cannot make a merge."""
@@ -228,6 +245,8 @@ class MergePanel(Panel):
         if not state.base or source is None:
             self._plan_done(seq, UserError("no base model is loaded", "load a base model first"))
             return None
+        if self.is_gguf():
+            return merge_export.refresh_export_plan(self, seq)
         try:
             specs, options = self.request()
         except UserError as exc:
@@ -253,10 +272,18 @@ class MergePanel(Panel):
         if seq != self._plan_seq:
             return  # the inputs changed meanwhile: a newer plan is on its way
         self.plan_pending = False
+        self.export_plan = None
         if isinstance(result, UserError):
             self.plan, self.plan_error = None, str(result)
+        elif isinstance(result, ExportPlan):
+            self.plan, self.export_plan, self.plan_error = None, result, ""
         else:
             self.plan, self.plan_error = result, ""
+        gguf = self.is_gguf()
+        self.plan_table.setVisible(not gguf)
+        self.export_plan_label.setVisible(gguf and self.export_plan is not None)
+        if self.export_plan is not None:
+            self.export_plan_label.setText(merge_export.plan_text(self.export_plan))
         self.plan_table.show_plan(self.plan, self.out_path())
         self.engine_note.setText(
             ""
@@ -272,16 +299,17 @@ class MergePanel(Panel):
             return self.busy_reason
         if not self.state.base:
             return "load a base model first"
-        if not self.rows:
+        gguf_base_only = self.output.format() == "gguf"  # a GGUF of the base alone needs no adapter
+        if not self.rows and not gguf_base_only:
             return "attach an adapter first (Adapters tab)"
-        if not self.checked_rows():
+        if not self.checked_rows() and not gguf_base_only:
             return "tick the adapter(s) to merge"
         if self.plan_error and not self.plan_pending:
             return self.plan_error  # what is wrong with the request comes before where to save it
         if self.out_path() is None:
-            return "choose an output folder"
+            return "choose the .gguf file" if self.is_gguf() else "choose an output folder"
         if self.plan_pending:
-            return "checking what the merge needs…"
+            return "checking what the export needs…" if self.is_gguf() else "checking what the merge needs…"
         if self.plan_error:
             return self.plan_error
         if self.plan is not None and self.plan.refusal:
@@ -292,7 +320,12 @@ class MergePanel(Panel):
     def update_buttons(self) -> None:
         reason = self.start_reason()
         running = self.merge_job is not None and not self.merge_job.done
-        self.set_reasons({self.merge_btn: (reason, "merge the ticked adapter(s) into the base and save the folder")})
+        action = (
+            "write the GGUF, run it in llama.cpp against the adapter, and write its serving bundle"
+            if self.is_gguf()
+            else "merge the ticked adapter(s) into the base and save the folder"
+        )
+        self.set_reasons({self.merge_btn: (reason, action)})
         # a combination's refusal is already shown beside its type: one line, not two (the tooltip keeps it)
         shown_above = bool(self.adapters.refusal_text) and self.adapters.refusal_text in reason
         self.reason_label.setText("" if running else reason)
@@ -305,6 +338,8 @@ class MergePanel(Panel):
         else:
             preview_reason = "tick two or more adapters to preview their combination"
         compare_reason = no_compare or busy or ("" if self.result is not None else "no merged folder yet")
+        if self.result is not None and not hasattr(self.result, "engine"):
+            compare_reason = "load the GGUF in llama.cpp to compare it (the Compare tab runs transformers models)"
         self.set_reasons(
             {
                 self.preview_btn: (preview_reason, "add this weighted combination as a variant in the Compare tab"),
@@ -323,9 +358,46 @@ class MergePanel(Panel):
         start = self.out_edit.text().strip() or str(
             Path(self.state.base_path).parent if self.state.base_path else Path.home()
         )
-        path = QFileDialog.getExistingDirectory(self, "Choose the output folder for the merged model", start)
+        if self.is_gguf():
+            suggested = merge_export.suggested_path(self)
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Save the GGUF as", str(suggested or start), "GGUF files (*.gguf)"
+            )
+        else:
+            path = QFileDialog.getExistingDirectory(self, "Choose the output folder for the merged model", start)
         if path:
             self.out_edit.setText(path)
+
+    def _format_changed(self) -> None:
+        """A GGUF wants a .gguf file name: suggest one that says what it holds when the box has a folder."""
+        gguf = self.is_gguf()
+        self.merge_btn.setText("Export GGUF" if gguf else "Merge && save")
+        self.plan_table.setVisible(not gguf)  # the other format's plan is not this one's: hidden until it comes
+        self.export_plan_label.hide()
+        text = self.out_edit.text().strip()
+        if gguf and (not text or not text.lower().endswith(".gguf")):
+            suggested = merge_export.suggested_path(self)
+            if suggested is not None:
+                self.out_edit.setText(str(suggested))
+        elif not gguf and text.lower().endswith(".gguf"):
+            self.out_edit.setText(text[: -len(".gguf")])
+        self.update_install_button()
+
+    def _gguf_type_changed(self, *_args) -> None:
+        """A file name that says its type (``….q8_0.gguf``) follows a new type."""
+        text = self.out_edit.text().strip()
+        for name in OUTPUT_TYPES:
+            if text.endswith(f".{name}.gguf"):
+                self.out_edit.setText(text[: -len(f".{name}.gguf")] + f".{self.output.gguf_type()}.gguf")
+                return
+
+    def update_install_button(self) -> None:
+        missing = llama_cpp_version() is None
+        self.output.install_btn.setVisible(self.is_gguf() and (missing or self.install_job is not None))
+
+    def install_llama_cpp(self) -> Job | None:
+        """Build and install llama.cpp's binding in the background (merge_export.install)."""
+        return merge_export.install(self)
 
     # -- merge --------------------------------------------------------------------------------------------------------
     def start_merge(self) -> Job | None:
@@ -337,6 +409,8 @@ class MergePanel(Panel):
         out = self.out_path()
         if out is None:  # start_reason() said so already
             return None
+        if self.is_gguf():
+            return self._track(merge_export.start_export(self, out))
         try:
             specs, options = self.request(out)
         except UserError as exc:
@@ -366,6 +440,10 @@ class MergePanel(Panel):
             )
             .run(f"merging {what} into {out}…")
         )
+        return self._track(job)
+
+    def _track(self, job: Job | None) -> Job | None:
+        """The merge or export job that started: Cancel acts on it; the last result is cleared."""
         if job is None:
             return None
         self.merge_job = job
@@ -398,6 +476,20 @@ class MergePanel(Panel):
         self.log_line.emit(
             f"merged into {result.out}: {v.summary() if v else 'not verified'}", "info" if kind == "ok" else "warn"
         )
+
+    def _exported(self, result) -> None:
+        self.result = result
+        v = result.verification
+        self.result_box.show_export(result)
+        QTimer.singleShot(0, lambda: self.body_scroll.ensureWidgetVisible(self.result_box, 0, 0))
+        kind = "ok" if v.status == "pass" else "warn"
+        self.show_message(
+            f"saved {result.out}"
+            + ("" if v.status == "pass" else f" — verification {v.status}: {v.reason or v.summary()}"),
+            kind,
+        )
+        self.marker.emit("exported")
+        self.log_line.emit(f"exported {result.out}: {v.summary()}", "info" if kind == "ok" else "warn")
 
     # -- the result and saving the combination as an adapter (merge_result.py) ------------------------------------
     def open_card(self) -> None:

@@ -8,6 +8,7 @@ replaceable ``open_url`` / ``confirm_overwrite`` / ``ask_adapter_folder``, its m
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,11 @@ BADGES = {
         "color: white; background: #2a7a2a; padding: 3px 8px; border-radius: 4px; font-weight: bold;",
     ),
     "warn": ("⚠ check", "color: white; background: #c06000; padding: 3px 8px; border-radius: 4px; font-weight: bold;"),
+    "fail": (
+        "✖ differs",
+        "color: white; background: #b02020; padding: 3px 8px; border-radius: 4px; font-weight: bold;",
+    ),
+    "skipped": ("saved, not checked", "color: white; background: #777; padding: 3px 8px; border-radius: 4px;"),
     None: ("saved, not verified", "color: white; background: #777; padding: 3px 8px; border-radius: 4px;"),
 }
 
@@ -96,7 +102,59 @@ class ResultBox(QGroupBox):
             f"{len(result.files)} shard(s), {format_bytes(result.bytes_written)} in "
             f"{result.seconds:.1f} s"
         )
+        self.compare_merged_btn.show()
+        self.card_btn.setText("Open model card")
         self.show()
+
+    def show_export(self, result: Any) -> None:
+        """``result``: core.export ExportResult: the badge is llama.cpp's own run against the adapter model."""
+        v = result.verification
+        text, style = BADGES[v.status]
+        self.badge.setText(text)
+        self.badge.setStyleSheet(style)
+        if v.status == "skipped":
+            self.numbers.setText(f"not run in llama.cpp: {v.reason}")
+        else:
+            agreement, kl = v.thresholds
+            template = v.template.status if v.template is not None else "none"
+            self.numbers.setText(
+                f"llama.cpp vs the adapter: greedy agreement {v.greedy_agreement:.0%} (≥ {agreement:.0%}) · "
+                f"top-k KL {v.mean_top_k_kl:.2g} (≤ {kl:g}) over {v.tokens_compared} tokens, {v.type} · "
+                f"chat template & stop tokens: {template}" + (f" — {v.reason}" if v.reason else "")
+            )
+        self.numbers.setToolTip(
+            "the GGUF run by llama.cpp (llama-cpp-python) against base + adapter in transformers on the same "
+            "tokens; the chat template embedded in the GGUF tokenised by llama.cpp against the Hugging Face one"
+        )
+        lines = [
+            f"Saved <b>{result.out}</b> — {result.format}, {result.type}, {format_bytes(result.bytes_written)} "
+            f"in {result.seconds:.1f} s"
+        ]
+        if v.sample:
+            lines.append(
+                f"“{html.escape(v.sample['prompt'])}” → adapter: <i>{html.escape(v.sample['adapter'])}</i> · "
+                f"llama.cpp: <i>{html.escape(v.sample['llama_cpp'])}</i>"
+            )
+        if result.bundle is not None:
+            for label, line in result.bundle.commands.items():
+                lines.append(f"<b>{label}</b>: <code>{html.escape(line)}</code>")
+        self.saved_label.setText("<br>".join(lines))
+        self.card_btn.setText("Open serving notes")
+        self.compare_merged_btn.hide()
+        self.show()
+
+
+def result_card(result: Any) -> Path:
+    """The README of a merge's folder, or of an export's serving bundle."""
+    bundle = getattr(result, "bundle", None)
+    if bundle is not None:
+        return Path(bundle.folder) / "README.md"
+    return Path(result.out) / "README.md"
+
+
+def result_folder(result: Any) -> Path:
+    out = Path(result.out)
+    return out.parent if out.is_file() else out
 
 
 def card_markdown(text: str) -> str:
@@ -143,7 +201,7 @@ def open_card(panel: MergePanel) -> None:
     shown inside the app."""
     if panel.result is None:
         return
-    card = Path(panel.result.out) / "README.md"
+    card = result_card(panel.result)
     if not panel.open_url(QUrl.fromLocalFile(str(card))):
         panel.show_card(card)
 
@@ -159,8 +217,11 @@ def show_card(panel: MergePanel, card: Path) -> CardDialog:
 
 
 def open_folder(panel: MergePanel) -> None:
-    if panel.result is not None and not panel.open_url(QUrl.fromLocalFile(str(panel.result.out))):
-        panel.show_message(f"no file manager opens folders here; the merged model is in {panel.result.out}", "info")
+    if panel.result is None:
+        return
+    folder = result_folder(panel.result)
+    if not panel.open_url(QUrl.fromLocalFile(str(folder))):
+        panel.show_message(f"no file manager opens folders here; the output is in {folder}", "info")
 
 
 # -- save the combination as an adapter --------------------------------------------------------------------------------

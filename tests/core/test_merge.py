@@ -162,7 +162,7 @@ def test_plan_predicts_and_refuses(tmp_path, tiny_llama, llama_adapters, monkeyp
     assert plan.engine == "in-memory" and "DoRA" in plan.predictions["streaming"].reason
     with pytest.raises(UserError, match="streaming engine cannot"):
         merge_and_save(source, [AdapterSpec("d", dora)], MergeOptions(out=tmp_path / "o", engine="streaming"))
-    monkeypatch.setattr(merge_plan, "_free_disk", lambda path: 1000)
+    monkeypatch.setattr(merge_plan.paths, "free_disk", lambda path: 1000)
     plan = plan_merge(source, spec, MergeOptions(out=tmp_path / "o"))
     assert plan.refusal and "free" in plan.refusal and plan.engine is None
     with pytest.raises(UserError, match="only"):

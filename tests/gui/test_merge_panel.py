@@ -100,7 +100,7 @@ def test_cancel_mid_merge_leaves_no_folder(qtbot, window, tiny_llama, llama_adap
 
 
 def test_not_enough_disk_disables_merge(qtbot, window, tiny_llama, llama_adapters, tmp_path, monkeypatch):
-    monkeypatch.setattr(merge_core, "_free_disk", lambda path: 1024)
+    monkeypatch.setattr(merge_core.paths, "free_disk", lambda path: 1024)
     w = window
     panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"])
     panel.out_edit.setText(str(tmp_path / "full"))

@@ -1,4 +1,4 @@
-"""The one place where LoRA Studio patches library internals (transformers, PEFT, tokenizers).
+"""The one place where LoRA Studio patches library internals (transformers, PEFT, tokenizers, gguf).
 
 Each hook is its own module, named after what it hooks:
 
@@ -9,7 +9,9 @@ Each hook is its own module, named after what it hooks:
 - :mod:`.peft_mixed_batch`: PEFT LoRA ``Linear._mixed_batch_forward``, so that a comparison batch grouped by
   adapter adds each update to a contiguous slice instead of a gather/scatter;
 - :mod:`.peft_config`: LoraConfig's field list copied for the locked PEFT, so that reading an adapter
-  config does not import PEFT.
+  config does not import PEFT;
+- :mod:`.gguf_pieces`: gguf's ``GGUFWriter.write_tensor_data`` fed row pieces, so that a GGUF export
+  never holds a whole converted tensor.
 
 Policy, the same for every hook: a patch is swapped in only for the duration of a call and only for the
 calling thread (:func:`.swap.swapped`); before it is applied its target is checked, and if the target is
@@ -27,7 +29,7 @@ from __future__ import annotations
 import importlib
 
 ACTIVE = "active"
-HOOK_MODULES = ("tqdm_progress", "tokenizer_swap", "peft_mixed_batch", "peft_config")
+HOOK_MODULES = ("tqdm_progress", "tokenizer_swap", "peft_mixed_batch", "peft_config", "gguf_pieces")
 
 
 def self_check() -> dict[str, str]:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from lora_studio.core._compat.peft_config import unknown_config_keys
 from lora_studio.core.errors import UserError
+from lora_studio.core.io.paths import check_folder_contained, inside, regular_file
 from lora_studio.core.io.safetensors_format import read_header
 
 CONFIG_NAME = "adapter_config.json"
@@ -103,7 +104,7 @@ def _is_default(value) -> bool:
 
 def read_adapter_config(folder: Path) -> AdapterConfig:
     folder = check_adapter_folder(folder)
-    path = folder / CONFIG_NAME
+    path = regular_file(inside(folder, CONFIG_NAME), "adapter config")
     try:
         text = path.read_text("utf-8")
     except UnicodeDecodeError as exc:
@@ -112,9 +113,11 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
         raise UserError(f"{path} is empty", "the adapter folder is damaged; save the adapter again")
     try:
         raw = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise UserError(
-            f"{path.name} in {folder.name} is not valid JSON ({exc})", "fix or re-save the adapter"
+            f"{path.name} in {folder.name} is not valid JSON ({why})",
+            "fix or re-save the adapter",
         ) from exc
     if not isinstance(raw, dict):
         raise UserError(f"{path.name} in {folder.name} is not a JSON object", "fix or re-save the adapter")
@@ -145,15 +148,18 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
                 "loading it would silently drop them; update PEFT",
             )
         warnings.append(f"ignored unknown default-valued settings {', '.join(unknown)} ({recorded})")
-    try:
-        r = int(raw.get("r", 8))
-        alpha = float(raw.get("lora_alpha", 8))
-    except (TypeError, ValueError) as exc:
-        raise UserError(
-            f"{path.name} in {folder.name}: r and lora_alpha must be numbers", "fix or re-save the adapter"
-        ) from exc
-    if r <= 0:
-        raise UserError(f"{path.name} in {folder.name}: r is {r}", "r must be a positive rank")
+    where = f"{path.name} in {folder.name}"
+    r = _rank(raw.get("r", 8), f"{where}: r")
+    alpha = _alpha(raw.get("lora_alpha", 8), f"{where}: lora_alpha")
+    targets = raw.get("target_modules")
+    if not (
+        targets is None
+        or isinstance(targets, str)
+        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise UserError(f"{where}: target_modules is {targets!r}, not module names", "fix or re-save the adapter")
+    rank_pattern = _pattern(raw.get("rank_pattern"), f"{where}: rank_pattern", _rank)
+    alpha_pattern = _pattern(raw.get("alpha_pattern"), f"{where}: alpha_pattern", _alpha)
     return AdapterConfig(
         raw=raw,
         peft_type=peft_type,
@@ -165,14 +171,54 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
         target_modules=raw.get("target_modules"),
         modules_to_save=list(raw.get("modules_to_save") or []),
         trainable_token_indices=raw.get("trainable_token_indices"),
-        rank_pattern=dict(raw.get("rank_pattern") or {}),
-        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
         init_lora_weights=raw.get("init_lora_weights", True),
         base_model_name_or_path=raw.get("base_model_name_or_path"),
         peft_version=version,
         warnings=tuple(warnings),
         **_read_sidecar(folder),
     )
+
+
+MAX_RANK = 1 << 16  # far above any real adapter; a bigger r is a damaged or hostile config
+
+
+def _rank(value, what: str) -> int:
+    """A rank as PEFT reads it: a positive whole number (not a bool, a float or a string)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(
+            f"{what} is {value!r}; r and lora_alpha must be numbers (r a whole number)", "fix or re-save the adapter"
+        )
+    if value <= 0:
+        raise UserError(f"{what} is {value}", "r must be a positive rank")
+    if value > MAX_RANK:
+        raise UserError(f"{what} is {value}, more than any LoRA rank ({MAX_RANK})", "the adapter config is damaged")
+    return value
+
+
+def _alpha(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{what} is {value!r}; r and lora_alpha must be numbers", "fix or re-save the adapter")
+    if not math.isfinite(value):
+        raise UserError(f"{what} is {value}; it must be a finite number", "fix or re-save the adapter")
+    return float(value)
+
+
+def _pattern(value, what: str, check) -> dict:
+    """rank_pattern / alpha_pattern: an object of regular expressions to numbers, each checked."""
+    if value in (None, {}):
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{what} is not an object of module patterns", "fix or re-save the adapter")
+    out = {}
+    for key, number in value.items():
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as exc:
+            raise UserError(f"{what}: {key!r} is not a valid pattern ({exc})", "fix or re-save the adapter") from exc
+        out[key] = check(number, f"{what}[{key!r}]")
+    return out
 
 
 def _read_sidecar(folder: Path) -> dict:
@@ -208,6 +254,7 @@ def check_adapter_folder(folder: Path) -> Path:
         )
     if (folder / CONFIG_NAME).is_dir():
         raise UserError(f"{folder / CONFIG_NAME} is a folder, not a file", "the adapter folder is damaged")
+    check_folder_contained(folder, "adapter folder")
     return folder.absolute()
 
 
@@ -215,6 +262,7 @@ def weights_file(folder: Path) -> Path:
     folder = Path(folder)
     st = folder / SAFETENSORS_NAME
     if st.exists():
+        regular_file(inside(folder, SAFETENSORS_NAME, "weights file"), "weights file")
         if st.is_dir():
             raise UserError(
                 f"{st} is a folder, not a weights file", "the adapter folder is damaged; save the adapter again"
@@ -222,6 +270,7 @@ def weights_file(folder: Path) -> Path:
         return st
     binary = folder / BIN_NAME
     if binary.exists():
+        regular_file(inside(folder, BIN_NAME, "weights file"), "weights file")
         if binary.is_dir():
             raise UserError(f"{binary} is a folder, not a weights file", "the adapter folder is damaged")
         return binary

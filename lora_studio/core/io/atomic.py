@@ -1,4 +1,4 @@
-"""Atomic output folders.
+"""Atomic outputs: folders and files.
 
 Written beside the target and swapped in at the end, so a crash leaves the old or the new one.
 """
@@ -47,6 +47,8 @@ def atomic_output_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path
     try:
         yield tmp
         _fsync_dir(tmp)
+        if target.exists() and not overwrite:
+            raise _appeared(target)
         if target.exists():
             if _exchange(tmp, target):
                 shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
@@ -60,20 +62,111 @@ def atomic_output_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path
                     raise
                 shutil.rmtree(old, ignore_errors=True)
         else:
-            os.rename(tmp, target)
+            _rename_no_replace(tmp, target)
         _fsync_dir(parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
-            raise UserError(
-                f"the disk holding {parent} is full",
-                "free some space or choose another output folder; nothing was written",
-            ) from exc
-        if isinstance(exc, OSError) and exc.errno in (13, 30):  # EACCES, EROFS
-            raise UserError(
-                f"cannot write to {parent}: {exc.strerror}", "choose a writable output folder; nothing was written"
-            ) from exc
+        _raise_write_error(exc, parent)
         raise
+
+
+def _raise_write_error(exc: BaseException, parent: Path) -> None:
+    """A full or read-only disk is the user's to fix: say so in one line (the partial output is already gone)."""
+    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+        raise UserError(
+            f"the disk holding {parent} is full",
+            "free some space or choose another output location; nothing was written",
+        ) from exc
+    if isinstance(exc, OSError) and exc.errno in (13, 30):  # EACCES, EROFS
+        raise UserError(
+            f"cannot write to {parent}: {exc.strerror}", "choose a writable output location; nothing was written"
+        ) from exc
+
+
+@contextmanager
+def atomic_output_file(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success it is renamed to ``target`` (one atomic step).
+
+    On any error or cancellation the temporary file is removed and ``target`` is untouched.
+    """
+    target = Path(target).absolute()
+    parent = target.parent
+    if parent.is_dir():
+        _remove_stale_temporaries(parent, target.name)
+    if target.exists() and not overwrite:
+        raise UserError(
+            f"{target} already exists", "choose another output file, or confirm overwriting it (--overwrite)"
+        )
+    if target.is_dir():
+        raise UserError(f"{target} is a folder", "choose an output file name")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {parent}: {exc.strerror or exc}", "choose a writable location") from exc
+    tmp = parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            _rename_no_replace(tmp, target)
+        _fsync_dir(parent)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        _raise_write_error(exc, parent)
+        raise
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write a small text file in place of ``path`` atomically (a reader sees the old or the new text)."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text, "utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _appeared(target: Path) -> UserError:
+    return UserError(
+        f"{target} appeared while this job was running; it was not replaced",
+        "the new output was discarded; choose another name, or confirm overwriting (--overwrite)",
+    )
+
+
+def _rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` only if nothing is at ``dst`` at that instant (renameat2 RENAME_NOREPLACE), so an
+    output that another job or the user created meanwhile is never replaced."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        AT_FDCWD, RENAME_NOREPLACE = -100, 1
+        if renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == 17:  # EEXIST
+            raise _appeared(dst)
+        if err not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: no renameat2 here, use the plain path
+            raise OSError(err, os.strerror(err), str(dst))
+    if src.is_dir():
+        if dst.exists():
+            raise _appeared(dst)
+        os.rename(src, dst)  # a window of microseconds remains where renameat2 is missing
+        return
+    try:
+        os.link(src, dst)  # a hard link fails if dst exists: no-replace for a file without renameat2
+    except FileExistsError:
+        raise _appeared(dst) from None
+    os.unlink(src)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -97,7 +190,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _remove_stale_temporaries(parent: Path, name: str) -> None:
-    """Delete temporary folders left by runs that were killed (their process is gone)."""
+    """Delete temporary folders and files left by runs that were killed (their process is gone)."""
     for prefix in (f".{name}.partial-", f".{name}.old-"):
         for path in parent.glob(prefix + "*"):
             try:
@@ -107,8 +200,10 @@ def _remove_stale_temporaries(parent: Path, name: str) -> None:
             if not _pid_alive(pid):
                 if prefix.endswith(".old-") and not (parent / name).exists():
                     os.rename(path, parent / name)  # killed between two renames: put the old folder back
-                else:
+                elif path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,3 +51,107 @@ def utf8_path(path: Path) -> Iterator[Path]:
         link = Path(tmp) / "".join(c if c.isprintable() and c != "\ufffd" else "_" for c in link.name)
         os.symlink(os.path.abspath(path), link)
         yield link
+
+
+def free_disk(path: Path) -> int | None:
+    """Free bytes on the disk that holds ``path`` (or would: its nearest existing parent); None if unknown."""
+    path = Path(path).absolute()
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+def containment_root(folder: Path) -> Path:
+    """The folder a model's files must stay inside: the folder itself, or for a snapshot in the Hugging Face
+    cache (``models--org--name/snapshots/REV``, whose files are links into ``../../blobs``) the repo's cache folder."""
+    folder = Path(folder).resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(("models--", "datasets--")):
+        return folder.parent.parent
+    return folder
+
+
+def inside(folder: Path, name: str | Path, what: str = "file") -> Path:
+    """``folder/name``, refused (UserError) when it lies outside ``folder`` once links are followed.
+
+    Model and adapter folders come from anywhere: an index or a link must not make LoRA Studio read (or copy
+    into an output) a file the user did not choose."""
+    from lora_studio.core.errors import UserError
+
+    folder = Path(folder)
+    candidate = folder / name
+    root = containment_root(folder)
+    resolved = candidate.resolve()
+    if not resolved.is_relative_to(root):
+        raise UserError(
+            f"{folder.name}: the {what} {str(name)!r} points outside the folder ({resolved})",
+            "LoRA Studio reads only files inside the folders you choose; the folder may be hostile",
+        )
+    return candidate
+
+
+def regular_file(path: Path, what: str = "file") -> Path:
+    """``path`` when it is a regular file (links followed); a FIFO or device would block or never end."""
+    import stat
+
+    from lora_studio.core.errors import UserError
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return Path(path)  # missing: the caller's own message says so
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise UserError(
+            f"{Path(path).name} is not a regular file (a pipe, socket or device)",
+            f"the {what} must be a plain file; the folder may be hostile",
+        )
+    return Path(path)
+
+
+def check_output_apart(out: Path, inputs: dict[str, Path | None]) -> None:
+    """Refuse an output that is, contains or lies in one of the inputs (the inputs would be replaced or mixed
+    into the output), the working folder, or a mount point (it cannot be replaced in one step)."""
+    from lora_studio.core.errors import UserError
+
+    if not str(out).strip():
+        raise UserError("the output path is empty", "give a folder or file name for the output")
+    target = Path(os.path.abspath(out))
+    resolved = target.resolve()
+    for label, source in inputs.items():
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if resolved == src or src.is_relative_to(resolved):
+            raise UserError(
+                f"the output {target} is or contains the {label} ({src}); it would be replaced",
+                "choose an output outside the input folders",
+            )
+        if resolved.is_relative_to(src) and target.exists():
+            raise UserError(
+                f"the output {target} is inside the {label} ({src}) and exists; replacing it would change the {label}",
+                "choose an output outside the input folders",
+            )
+    if resolved == Path.cwd().resolve() or Path.cwd().resolve().is_relative_to(resolved):
+        raise UserError(
+            f"the output {target} is the current folder (or holds it)",
+            "choose an output folder of its own",
+        )
+    if target.exists() and os.path.ismount(target):
+        raise UserError(f"{target} is a mount point; it cannot be replaced", "choose a folder inside it")
+
+
+def check_folder_contained(folder: Path, what: str = "model folder") -> None:
+    """Every entry of a model or adapter folder must be what it looks like: no link out of the folder (a library
+    that loads from it would read the outside file), no pipe or device (a read would block for ever)."""
+    folder = Path(folder)
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return  # unreadable: the caller's read says so
+    for entry in entries:
+        if entry.is_symlink():
+            inside(folder, entry.name, "link")
+        regular_file(Path(entry.path), f"{what}'s {entry.name}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_studio.core.errors import UserError
+from lora_studio.core.io.paths import inside, regular_file
 
 if TYPE_CHECKING:
     import torch
@@ -79,6 +80,7 @@ def read_header(path: Path) -> SafetensorsHeader:
         raise UserError(
             f"{path} is a folder, not a safetensors file", "point at the .safetensors file or its parent folder"
         )
+    regular_file(path, "weights file")  # a FIFO would block the open below forever
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -103,13 +105,19 @@ def read_header(path: Path) -> SafetensorsHeader:
         doc = json.loads(raw.decode("utf-8"))
         if not isinstance(doc, dict):
             raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise UserError(
-            f"{path.name} has a corrupt safetensors header ({exc})", "the file is damaged; download or save it again"
+            f"{path.name} has a corrupt safetensors header "
+            f"({'nested too deeply' if isinstance(exc, RecursionError) else exc})",
+            "the file is damaged; download or save it again",
         ) from exc
     data_start = 8 + n
     tensors: dict[str, TensorInfo] = {}
     metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise UserError(
+            f"{path.name} has a corrupt safetensors header (__metadata__ is not an object)", "the file is damaged"
+        )
     for name, entry in doc.items():
         try:
             dtype = entry["dtype"]
@@ -142,24 +150,26 @@ def checkpoint_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise UserError(f"{index} is not a valid safetensors index", "the model folder is damaged") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index} is not a valid safetensors index", "the model folder is damaged")
         files = []
         for name in dict.fromkeys(weight_map.values()):
-            shard = folder / name
+            shard = inside(folder, name, "shard named by the index")
             if not shard.is_file():
                 raise UserError(
                     f"{folder.name}: the index names shard {name} but it is missing",
                     "the download did not finish; get the missing shard",
                 )
-            files.append(shard)
+            files.append(regular_file(shard, "weights shard"))
         return files
     single = folder / SINGLE_NAME
     if single.is_file():
-        return [single]
+        return [regular_file(inside(folder, SINGLE_NAME, "weights file"), "weights file")]
     found = sorted(folder.glob("*.safetensors"))
     if found:
-        return found
+        return [regular_file(inside(folder, p.name, "weights file"), "weights file") for p in found]
     raise UserError(
         f"{folder} holds no .safetensors weights",
         "LoRA Studio loads safetensors checkpoints; convert .bin weights first",

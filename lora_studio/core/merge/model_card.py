@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from lora_studio.core.io import card_format
@@ -65,7 +66,18 @@ def render(provenance: dict) -> str:
             f"- mean KL(adapter ‖ merged): {v['mean_kl']:.4g} (limit {lim[1]:g})",
             f"- greedy-token agreement: {v['greedy_agreement']:.1%} (limit {lim[2]:.0%})",
         ]
+    out = provenance["output"]
     lines += [
+        "",
+        "## Serving",
+        "",
+        "vLLM serves the folder as it is; for llama.cpp or Ollama, export a GGUF "
+        "(`lora-studio export`, or the Merge tab's GGUF formats):",
+        "",
+        "```sh",
+        f"vllm serve {shlex.quote(str(out))}",
+        f"lora-studio export {shlex.quote(str(out))} --type q8_0 --out {shlex.quote(str(out) + '.q8_0.gguf')}",
+        "```",
         "",
         "## Machine-readable provenance",
         "",

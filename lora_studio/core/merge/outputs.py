@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lora_studio import __version__
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.errors import UserError
+from lora_studio.core.io.paths import inside, regular_file
 from lora_studio.core.io.safetensors_format import read_headers
 from lora_studio.core.merge import model_card
 from lora_studio.core.merge.plan import TOKENIZER_PATTERNS, AdapterSpec, MergeOptions, base_config
@@ -108,6 +109,8 @@ def copy_tokenizer(source: ModelSource, tmp: Path, session: Session | None) -> N
         for pattern in TOKENIZER_PATTERNS:
             for p in source.path.glob(pattern):
                 if p.is_file() and not (tmp / p.name).exists():
+                    # a link out of the base folder is refused, not followed into the output
+                    regular_file(inside(source.path, p.name, "tokenizer file"), "tokenizer file")
                     shutil.copyfile(p, tmp / p.name)
                     copied += 1
     if not copied:

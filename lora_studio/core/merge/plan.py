@@ -8,7 +8,6 @@ needs to know about its base (config, dtype, tied embeddings).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.adapters.combinations import check_combination, check_members, member_from_config
 from lora_studio.core.errors import UserError
+from lora_studio.core.io import paths
 from lora_studio.core.io.safetensors_format import read_headers
 from lora_studio.core.merge import verify as verification_mod
 from lora_studio.core.model.config import read_config, tied_embeddings
@@ -140,17 +140,6 @@ def base_dtype(source: ModelSource, session: Session | SessionState | None = Non
     return "float32"
 
 
-def _free_disk(path: Path) -> int | None:
-    path = Path(path).absolute()
-    for p in (path, *path.parents):
-        if p.exists():
-            try:
-                return shutil.disk_usage(p).free
-            except OSError:
-                return None
-    return None
-
-
 def _extra_files_bytes(source: ModelSource) -> int:
     total = 0
     if not source.gguf_file:
@@ -176,6 +165,7 @@ def plan_merge(
     from lora_studio.core.merge.streaming import stream_plan, streaming_refusal
 
     _check_request(adapters, options)
+    paths.check_output_apart(options.out, input_paths(source, adapters))
     resize = _check_base(source, adapters, session)
     dtype = options.dtype or base_dtype(source, session)
     elem = DTYPE_BYTES[dtype]
@@ -256,12 +246,12 @@ def plan_merge(
             f"the streaming engine cannot do this merge: {stream_reason}",
             "use the in-memory engine (--engine in-memory)",
         )
-    free = _free_disk(options.out)
+    free = paths.free_disk(options.out)
     plan = MergePlan(engine, dtype, predictions, output_bytes, free, resize_vocabulary=resize)
     if refusal is None and free is not None and not plan.disk_ok:  # disk_ok: unknown free space passes
         refusal = (
-            f"the output needs about {format_bytes(output_bytes)} but only {format_bytes(free)} is free at "
-            f"{Path(options.out).absolute().parent}"
+            f"the output needs about {format_bytes(output_bytes)} plus {format_bytes(DISK_MARGIN_BYTES)} kept free, "
+            f"and only {format_bytes(free)} is free at {Path(options.out).absolute().parent}"
         )
         hint = "free some disk space or choose another output folder"
     if refusal:
@@ -273,6 +263,12 @@ def _current_rss() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+def input_paths(source: ModelSource, adapters: Sequence[AdapterSpec] = ()) -> dict[str, Path | None]:
+    """What a job reads, by what it is to the user: an output must stay apart from all of them."""
+    base = source.path / source.gguf_file if source.gguf_file else source.path
+    return {"base model": base, **{f"adapter {a.name}": Path(a.path) for a in adapters}}
 
 
 def _check_request(adapters: Sequence[AdapterSpec], options: MergeOptions) -> None:

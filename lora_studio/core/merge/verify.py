@@ -50,7 +50,8 @@ THRESHOLDS = {  # dtype -> (max |Δlogit|, mean KL, greedy agreement)
 }
 
 
-VerificationStatus = Literal["pass", "warn"]  # "warn": the saved folder differs more than its dtype explains
+# "warn": the saved folder differs more than its dtype explains; "fail": it computes NaN or Inf logits
+VerificationStatus = Literal["pass", "warn", "fail"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ def compare(
 
     device = _model_device(merged_model)
     max_diff, kl_sum, positions, agree, compared = 0.0, 0.0, 0, 0, 0
+    non_finite = False
     with torch.inference_mode():
         count = len(reference.sequences)
         for done, (seq, plen, ref_logits) in enumerate(
@@ -146,6 +148,8 @@ def compare(
                 cancel.raise_if_cancelled()
             report(Progress(done, count, MERGED_STAGE, "prompts"))
             logits = merged_model(input_ids=seq.view(1, -1).to(device)).logits[0].float().cpu()
+            if not (bool(torch.isfinite(logits).all()) and bool(torch.isfinite(ref_logits).all())):
+                non_finite = True  # max() skips NaN: a broken model must not read as a perfect one
             max_diff = max(max_diff, float((logits - ref_logits).abs().max()))
             ref_logp = torch.log_softmax(ref_logits, -1)
             logp = torch.log_softmax(logits, -1)
@@ -161,9 +165,10 @@ def compare(
     mean_kl = kl_sum / max(positions, 1)
     agreement = agree / compared if compared else 1.0
     ok = max_diff <= limits[0] and mean_kl <= limits[1] and agreement >= limits[2]
-    return Verification(
-        "pass" if ok else "warn", max_diff, mean_kl, agreement, compared, len(reference.sequences), dtype, limits
-    )
+    status: VerificationStatus = "pass" if ok else "warn"
+    if non_finite:
+        status, max_diff, mean_kl = "fail", float("inf"), float("inf")
+    return Verification(status, max_diff, mean_kl, agreement, compared, len(reference.sequences), dtype, limits)
 
 
 def load_merged(

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from lora_studio.core.errors import UserError
+from lora_studio.core.io.paths import inside, regular_file
 from lora_studio.core.model.sources import ModelSource
 
 CONFIG_NAME = "config.json"
@@ -18,7 +19,7 @@ CONFIG_NAME = "config.json"
 
 def read_config_file(folder: Path, *, missing_ok: bool = False) -> dict:
     """``folder/config.json`` as a dict; ``{}`` for a missing file when ``missing_ok``."""
-    path = Path(folder) / CONFIG_NAME
+    path = regular_file(inside(Path(folder), CONFIG_NAME), "model config")
     try:
         doc = json.loads(path.read_text("utf-8"))
     except FileNotFoundError as exc:
@@ -27,8 +28,8 @@ def read_config_file(folder: Path, *, missing_ok: bool = False) -> dict:
         raise UserError(f"{Path(folder)} has no {CONFIG_NAME}", "pick a complete model folder") from exc
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}", "check that the file is readable") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})", "the model folder is damaged") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise UserError(f"{path} is not valid JSON ({_short(exc)})", "the model folder is damaged") from exc
     if not isinstance(doc, dict):
         raise UserError(f"{path} is not a JSON object", "the model folder is damaged")
     return doc
@@ -52,3 +53,7 @@ def tied_embeddings(config: dict) -> bool:
     if not isinstance(text, dict):
         text = {}
     return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
+
+
+def _short(exc: BaseException) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from lora_studio.core.errors import UserError
+from lora_studio.core.io.paths import check_folder_contained
 
 GGUF_MAGIC = b"GGUF"
 
@@ -69,6 +70,7 @@ def resolve_source(spec: str | Path) -> ModelSource:
     if path.is_dir():
         path = path.absolute()
         if (path / "config.json").is_file():
+            check_folder_contained(path)
             return _folder_source(path)
         if (path / "adapter_config.json").is_file():
             raise UserError(

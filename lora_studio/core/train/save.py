@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from lora_studio import __version__
 from lora_studio.core.adapters.files import SIDECAR_NAME
 from lora_studio.core.adapters.training_log import LOSS_CSV
-from lora_studio.core.io.atomic import atomic_output_dir
+from lora_studio.core.io.atomic import atomic_output_dir, replace_text
 from lora_studio.core.io.card_format import front_matter
 from lora_studio.core.io.hashing import file_sha256, tree_sha256
 from lora_studio.core.model.identity import base_license, hub_id
@@ -71,15 +70,9 @@ def add_baseline(adapter: Path, record: RunRecord, baseline: RunRecord) -> None:
     sidecar = adapter / SIDECAR_NAME
     provenance = json.loads(sidecar.read_text("utf-8"))
     provenance["baseline"] = baseline.to_json()
-    _replace(adapter / LOSS_CSV, loss_csv(record, baseline))
-    _replace(sidecar, json.dumps(provenance, indent=2) + "\n")
-    _replace(adapter / CARD, render_card(provenance))
-
-
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(text, "utf-8")
-    os.replace(tmp, path)
+    replace_text(adapter / LOSS_CSV, loss_csv(record, baseline))
+    replace_text(sidecar, json.dumps(provenance, indent=2) + "\n")
+    replace_text(adapter / CARD, render_card(provenance))
 
 
 def loss_csv(record: RunRecord, baseline: RunRecord | None = None) -> str:

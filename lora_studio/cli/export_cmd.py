@@ -1,0 +1,100 @@
+"""``lora-studio export BASE [--adapter PATH] --format gguf|gguf-lora --type TYPE --out FILE``.
+
+A GGUF for llama.cpp / Ollama, verified in llama.cpp, with a serving bundle beside it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lora_studio.cli.common import (
+    add_adapter_argument,
+    add_base_argument,
+    human_bytes,
+    output_path,
+    parse_adapter_specs,
+    print_json,
+    resolve_base,
+    stderr_progress,
+)
+from lora_studio.core.errors import UserError
+
+
+def add_parser(sub) -> None:
+    from lora_studio.core.export import DEFAULT_TYPE, FORMATS, OUTPUT_TYPES
+
+    p = sub.add_parser("export", help="export a GGUF (merged, or the adapter alone), verified in llama.cpp")
+    add_base_argument(p)
+    add_adapter_argument(p, "adapter folder, optionally NAME=PATH (without it, --format gguf exports the base)")
+    p.add_argument("--format", choices=FORMATS, default="gguf", help="gguf: merged model; gguf-lora: adapter alone")
+    p.add_argument(
+        "--type",
+        choices=list(OUTPUT_TYPES),
+        metavar="TYPE",
+        help=f"{', '.join(OUTPUT_TYPES)} (default {DEFAULT_TYPE}; f16 for gguf-lora)",
+    )
+    p.add_argument("--out", required=True, help="output .gguf file (must not exist unless --overwrite)")
+    p.add_argument(
+        "--base-gguf", help="gguf-lora: the base GGUF to verify the adapter on (default: an f16 one, temporary)"
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip running the file in llama.cpp")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (atomically, at the end)")
+    p.add_argument("--plan", action="store_true", help="only print what the export needs (size, memory, disk)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from lora_studio.core.export import ExportRequest, export_gguf, plan_export
+
+    specs = parse_adapter_specs(args.adapter)
+    if len(specs) > 1:
+        raise UserError("export takes one adapter", "combine several with `lora-studio merge --adapter-only` first")
+    name, adapter = specs[0] if specs else (None, None)
+    out = output_path(args.out)
+    if out.suffix.lower() != ".gguf":
+        raise UserError(f"{out.name} does not end in .gguf", "name the output file like model.q8_0.gguf")
+    base_gguf = Path(args.base_gguf).expanduser() if args.base_gguf else None
+    if base_gguf is not None and (args.format != "gguf-lora" or not base_gguf.is_file()):
+        raise UserError("--base-gguf needs --format gguf-lora and an existing .gguf file", "give the base GGUF's path")
+    progress = stderr_progress()
+    source = resolve_base(args, report=progress)
+    request = ExportRequest(
+        source,
+        out,
+        args.format,
+        args.type,
+        adapter=adapter,
+        adapter_name=name,
+        verify=not args.no_verify,
+        overwrite=args.overwrite,
+        base_gguf=base_gguf,
+    )
+    if args.plan:
+        plan = plan_export(request)
+        if plan.refusal:
+            raise UserError(plan.refusal, plan.hint)
+        if args.json:
+            print_json(plan.to_json())
+        else:
+            print(plan.summary())
+        return 0
+    try:
+        result = export_gguf(request, report=progress)
+    finally:
+        progress.done()
+    if args.json:
+        print_json(result.to_json())
+        return 0
+    v = result.verification
+    print(f"Saved     {result.out}")
+    print(f"Format    {result.format}, {result.type}, {human_bytes(result.bytes_written)} in {result.seconds:.1f} s")
+    print(f"Verified  {v.summary()}")
+    if result.bundle is not None:
+        print(f"Serving   {result.bundle.folder}/ (Modelfile, README.md)")
+        for label, line in result.bundle.commands.items():
+            print(f"  {label}: {line}")
+    if v.status in ("warn", "fail"):
+        sys.stderr.write(f"lora-studio: warning: verification {v.status}: {v.reason}\n")
+    return 0

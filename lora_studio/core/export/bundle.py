@@ -1,0 +1,184 @@
+"""The serving bundle written beside an export: how to run it in Ollama, llama.cpp's server and vLLM.
+
+``<export>.serve/`` holds an Ollama ``Modelfile`` (FROM the file; TEMPLATE translated from the
+chat template where it is one of the families Ollama's template language is written for here,
+ChatML, Llama 3 and Mistral [INST]; otherwise Ollama reads the template embedded in the GGUF;
+``PARAMETER stop`` for each stop token; the template's default system prompt as SYSTEM), and a
+README.md with the commands: ``llama-server`` (merged, or base + ``--lora``), the same through
+llama-cpp-python's server, ``ollama create``, and vLLM for a Hugging Face folder or PEFT adapter.
+Paths are absolute, so each line runs as given from any folder.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lora_studio.core.io.atomic import atomic_output_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+CHATML = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+LLAMA3 = (
+    "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+    '{{- range .Messages }}{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+    "{{ .Content }}<|eot_id|>{{ end }}{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+MISTRAL = (
+    '{{- range .Messages }}{{- if eq .Role "user" }}[INST] {{ if and $.System (eq .Content (index $.Messages 0)'
+    '.Content) }}{{ $.System }}\n\n{{ end }}{{ .Content }}[/INST]{{ else if eq .Role "assistant" }} '
+    "{{ .Content }}</s>{{ end }}{{ end }}"
+)
+
+
+@dataclass(frozen=True)
+class ServingBundle:
+    folder: Path
+    family: str | None  # the chat template family translated for Ollama, or None
+    stop: list[str]
+    commands: dict[str, str]
+
+    def to_json(self) -> dict:
+        return {"folder": str(self.folder), "family": self.family, "stop": self.stop, "commands": self.commands}
+
+
+def template_family(tokenizer: PreTrainedTokenizerBase | None) -> str | None:
+    text = _render(tokenizer, [{"role": "user", "content": "hi"}])
+    if text is None:
+        return None
+    if "<|im_start|>" in text:
+        return "chatml"
+    if "<|start_header_id|>" in text:
+        return "llama3"
+    if "[INST]" in text:
+        return "mistral"
+    return None
+
+
+def default_system_prompt(tokenizer: PreTrainedTokenizerBase | None, family: str | None) -> str | None:
+    """The system prompt the template adds when the chat has none (SmolLM2 and Qwen2 have one)."""
+    text = _render(tokenizer, [{"role": "user", "content": "hi"}])
+    if text is None or family != "chatml" or not text.startswith("<|im_start|>system\n"):
+        return None
+    return text[len("<|im_start|>system\n") :].split("<|im_end|>", 1)[0] or None
+
+
+def _render(tokenizer, messages) -> str | None:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    except Exception:  # noqa: BLE001 - a template that cannot render is simply not translated
+        return None
+
+
+def stop_texts(tokenizer: PreTrainedTokenizerBase | None, stop_ids: list[int]) -> list[str]:
+    if tokenizer is None:
+        return []
+    texts = []
+    for token in stop_ids:
+        text = tokenizer.convert_ids_to_tokens(token)
+        if isinstance(text, str) and text and text not in texts:
+            texts.append(text)
+    return texts
+
+
+def modelfile(gguf: Path, tokenizer, stop_ids: list[int], base_gguf: Path | None = None) -> tuple[str, str | None]:
+    """The Ollama Modelfile text and the template family it translated (None: Ollama reads the GGUF's)."""
+    family = template_family(tokenizer)
+    lines = []
+    if base_gguf is not None:
+        lines += [f"FROM {base_gguf}", f"ADAPTER {gguf}"]
+    else:
+        lines.append(f"FROM {gguf}")
+    template = {"chatml": CHATML, "llama3": LLAMA3, "mistral": MISTRAL}.get(family or "")
+    if template:
+        lines.append(f'TEMPLATE """{template}"""')
+    else:
+        lines.append("# no TEMPLATE: Ollama uses the chat template embedded in the GGUF")
+    if (system := default_system_prompt(tokenizer, family)) is not None:
+        lines.append(f'SYSTEM """{system}"""')
+    for text in stop_texts(tokenizer, stop_ids):
+        lines.append(f"PARAMETER stop {json_quote(text)}")
+    return "\n".join(lines) + "\n", family
+
+
+def json_quote(text: str) -> str:
+    import json
+
+    return json.dumps(text, ensure_ascii=False)
+
+
+def commands(
+    gguf: Path,
+    name: str,
+    *,
+    base_gguf: Path | None = None,
+    hf_folder: Path | None = None,
+    peft_adapter: Path | None = None,
+    adapter_name: str | None = None,
+    base_model: str | None = None,
+    rank: int | None = None,
+    modelfile_path: Path | None = None,
+) -> dict[str, str]:
+    q = shlex.quote
+    out: dict[str, str] = {}
+    if base_gguf is not None:
+        out["llama-server"] = f"llama-server -m {q(str(base_gguf))} --lora {q(str(gguf))} --jinja --port 8080"
+        out["llama-cpp-python server"] = (
+            f"python -m llama_cpp.server --model {q(str(base_gguf))} --lora_path {q(str(gguf))} --port 8080"
+        )
+    else:
+        out["llama-server"] = f"llama-server -m {q(str(gguf))} --jinja --port 8080"
+        out["llama-cpp-python server"] = f"python -m llama_cpp.server --model {q(str(gguf))} --port 8080"
+    if modelfile_path is not None:
+        out["ollama"] = f"ollama create {q(name)} -f {q(str(modelfile_path))} && ollama run {q(name)}"
+    if hf_folder is not None:
+        out["vllm"] = f"vllm serve {q(str(hf_folder))}"
+    if peft_adapter is not None and base_model is not None:
+        out["vllm"] = (
+            f"vllm serve {q(base_model)} --enable-lora"
+            f" --lora-modules {q(adapter_name or peft_adapter.name)}={q(str(peft_adapter))}"
+            f" --max-lora-rank {max(8, rank or 8)}"
+        )
+    return out
+
+
+def write_bundle(
+    gguf: Path,
+    tokenizer,
+    stop_ids: list[int],
+    card: str,
+    *,
+    base_gguf: Path | None = None,
+    peft_adapter: Path | None = None,
+    adapter_name: str | None = None,
+    base_model: str | None = None,
+    rank: int | None = None,
+    overwrite: bool = True,
+) -> ServingBundle:
+    """Write ``<gguf>.serve/`` (Modelfile, README.md) beside the export, atomically."""
+    gguf = Path(gguf).absolute()
+    folder = gguf.with_name(gguf.name + ".serve")
+    name = gguf.stem.replace(".", "-").lower()
+    text, family = modelfile(gguf, tokenizer, stop_ids, base_gguf)
+    cmds = commands(
+        gguf,
+        name,
+        adapter_name=adapter_name,
+        base_gguf=base_gguf,
+        peft_adapter=peft_adapter,
+        base_model=base_model,
+        rank=rank,
+        modelfile_path=folder / "Modelfile",
+    )
+    readme = [f"# Serving {gguf.name}", "", card.rstrip(), "", "## Commands", ""]
+    for label, line in cmds.items():
+        readme += [f"{label}:", "", "```sh", line, "```", ""]
+    with atomic_output_dir(folder, overwrite=overwrite) as tmp:
+        (tmp / "Modelfile").write_text(text, "utf-8")
+        (tmp / "README.md").write_text("\n".join(readme), "utf-8")
+    return ServingBundle(folder, family, stop_texts(tokenizer, stop_ids), cmds)

@@ -1,0 +1,455 @@
+"""Export to GGUF: plan, write (atomically), verify in llama.cpp, and write the serving bundle.
+
+``plan_export`` reads headers only and says what the export needs (size, peak memory, disk) or
+why it is refused; ``export_gguf`` runs it as a long job (``cancel``, ``report``): the file is
+written to a temporary sibling and renamed when complete, so a cancel, a crash or a full disk
+leaves no file. Formats:
+
+* ``gguf``: the adapter merged into the base (or the base alone), streamed (core/export/merged.py);
+  K-quants go through an f16 (bf16 for a bf16 base) temporary file and llama.cpp's quantiser;
+* ``gguf-lora``: the adapter alone (core/export/adapter.py), for ``--lora`` on any GGUF of the base.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from lora_studio import __version__
+from lora_studio.core.errors import UserError
+from lora_studio.core.export import runtime
+from lora_studio.core.export import verify as export_verify
+from lora_studio.core.export.adapter import ADAPTER_TYPES, adapter_refusal, write_adapter_gguf
+from lora_studio.core.export.architecture import Architecture, architecture
+from lora_studio.core.export.bundle import ServingBundle, write_bundle
+from lora_studio.core.export.gguf_types import DEFAULT_TYPE, K_QUANT_SOURCE, OUTPUT_TYPES, output_type
+from lora_studio.core.export.merged import plan_tensors, write_merged_gguf
+from lora_studio.core.export.vocab import VocabSummary
+from lora_studio.core.io.atomic import atomic_output_file
+from lora_studio.core.io.paths import check_output_apart, free_disk
+from lora_studio.core.merge import verify as merge_verify
+from lora_studio.core.merge.plan import base_dtype
+from lora_studio.core.merge.streaming import stream_plan, streaming_refusal
+from lora_studio.core.model.config import read_config, tied_embeddings
+from lora_studio.core.model.identity import hub_id
+from lora_studio.core.model.sources import ModelSource
+from lora_studio.core.system.memory import format_bytes
+from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
+
+if TYPE_CHECKING:
+    from lora_studio.core.session import Session
+
+Format = Literal["gguf", "gguf-lora"]
+FORMATS: tuple[Format, ...] = ("gguf", "gguf-lora")
+DEFAULT_ADAPTER_TYPE = "f16"
+WORKING_SET = 300 * 1024**2  # Python, torch and the tokenizer beside the tensors in flight
+
+
+@dataclass
+class ExportRequest:
+    source: ModelSource
+    out: Path
+    format: Format = "gguf"
+    type: str | None = None  # None: q8_0 for a merged GGUF, f16 for an adapter
+    adapter: Path | None = None  # None with "gguf": the base alone
+    adapter_name: str | None = None  # the session's name of the adapter (its folder name by default)
+    verify: bool = True
+    overwrite: bool = False
+    base_gguf: Path | None = None  # "gguf-lora": the base GGUF to verify (and serve) the adapter on
+    prompts: Sequence[str] = merge_verify.PROMPTS
+    new_tokens: int = merge_verify.NEW_TOKENS
+
+    @property
+    def type_name(self) -> str:
+        if self.type:
+            return self.type.lower()
+        return DEFAULT_ADAPTER_TYPE if self.format == "gguf-lora" else DEFAULT_TYPE
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    format: Format
+    type: str
+    output_bytes: int
+    peak_memory_bytes: int
+    disk_needed_bytes: int
+    disk_free_bytes: int | None
+    tensors: int
+    needs_llama_cpp: bool
+    llama_cpp: str | None  # the installed llama-cpp-python version
+    refusal: str | None = None
+    hint: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        if self.refusal:
+            return self.refusal
+        return (
+            f"{self.type} GGUF of about {format_bytes(self.output_bytes)}; peak memory about "
+            f"{format_bytes(self.peak_memory_bytes)}; needs {format_bytes(self.disk_needed_bytes)} of disk"
+            + (f" ({format_bytes(self.disk_free_bytes)} free)" if self.disk_free_bytes is not None else "")
+        )
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    format: Format
+    type: str
+    bytes_written: int
+    seconds: float
+    verification: export_verify.GgufVerification
+    bundle: ServingBundle | None
+    vocab: VocabSummary | None = None
+    details: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "out": str(self.out),
+            "format": self.format,
+            "type": self.type,
+            "bytes": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+            "verification": self.verification.to_json(),
+            "bundle": self.bundle.to_json() if self.bundle else None,
+            "vocab": asdict(self.vocab) if self.vocab else None,
+            **self.details,
+        }
+
+
+def plan_export(request: ExportRequest) -> ExportPlan:
+    """What the export needs, from headers alone; ``refusal`` says why it cannot start."""
+    type_name = request.type_name
+    llama_cpp = runtime.llama_cpp_version()
+
+    def refused(reason: str, hint: str = "") -> ExportPlan:
+        return ExportPlan(request.format, type_name, 0, 0, 0, None, 0, False, llama_cpp, reason, hint)
+
+    if request.format not in FORMATS:
+        return refused(f"unknown export format {request.format!r}", f"choose one of {', '.join(FORMATS)}")
+    if type_name not in OUTPUT_TYPES:
+        return refused(f"unknown GGUF type {type_name!r}", f"choose one of {', '.join(OUTPUT_TYPES)}")
+    try:
+        check_output_apart(
+            request.out,
+            {"base model": request.source.path, "adapter": request.adapter, "base GGUF": request.base_gguf},
+        )
+    except UserError as exc:
+        return refused(exc.message, exc.hint)
+    if request.source.gguf_file:
+        return refused(
+            "GGUF export reads the base's safetensors folder; this base is a GGUF file",
+            "open the original Hugging Face model folder as the base",
+        )
+    try:
+        arch = architecture(read_config(request.source))
+        stream = stream_plan(request.source.path, base_dtype(request.source))
+    except UserError as exc:
+        return refused(exc.message, exc.hint)
+    spec = output_type(type_name)
+    if request.format == "gguf-lora":
+        if request.adapter is None:
+            return refused("an adapter-only GGUF needs an adapter", "pass --adapter PATH")
+        if type_name not in ADAPTER_TYPES:
+            return refused(
+                f"an adapter-only GGUF is written as {', '.join(ADAPTER_TYPES)}, not {type_name}",
+                "quantise the base GGUF instead: the adapter is small",
+            )
+        reason = adapter_refusal(request.adapter, arch)
+        if reason:
+            return refused(reason, "export a merged GGUF instead (--format gguf)")
+        size = _adapter_bytes(request.adapter, type_name)
+        tensors = 0
+        peak = size * 4 + WORKING_SET
+        disk = size
+    else:
+        if request.adapter is not None:
+            reason = streaming_refusal(request.adapter, stream.sources, tied_embeddings(arch.config))
+            if reason:
+                return refused(
+                    f"the streaming GGUF export cannot merge this adapter exactly: {reason}",
+                    "merge it into a Hugging Face folder first (in-memory engine), then export that folder",
+                )
+        written = K_QUANT_SOURCE if spec.writer == "llama.cpp" else type_name
+        if spec.writer == "llama.cpp" and base_dtype(request.source) == "bfloat16":
+            written = "bf16"
+        planned = plan_tensors(arch, stream, written)
+        tensors = len(planned)
+        intermediate = sum(p.nbytes for p in planned)
+        if spec.writer == "llama.cpp":
+            size = sum(_k_quant_bytes(p.name, p.shape, p.nbytes, type_name, spec.bits_per_weight) for p in planned)
+            disk = intermediate + size
+            if llama_cpp is None:
+                return refused(f"the {type_name} type is written by llama.cpp's quantiser", runtime.INSTALL_HINT)
+        else:
+            size = intermediate
+            disk = size
+        largest = stream.largest_tensor_elements
+        peak = largest * 16 + _adapter_bytes(request.adapter, "f32") + WORKING_SET
+    if request.verify:
+        # the reference model (base + adapter in the base's dtype), then llama.cpp's copy: one at a time
+        reference = sum(info.nbytes for _, info in stream.sources.values())
+        peak = max(peak, reference + WORKING_SET, size + WORKING_SET)
+    free = free_disk(request.out)
+    plan = ExportPlan(request.format, type_name, size, peak, disk, free, tensors, spec.writer == "llama.cpp", llama_cpp)
+    if free is not None and free < disk:
+        return replace(plan, refusal=f"needs {format_bytes(disk)} of disk, {format_bytes(free)} is free")
+    return plan
+
+
+# llama.cpp's K-quant mixes, roughly: embeddings and output at q6_k; a row that does not fill the
+# 256-wide super-blocks falls back to a legacy type (bits per weight of each)
+_K_FALLBACK_BITS = {"q4_k_m": 5.5, "q5_k_m": 6.0, "q6_k": 8.5}
+_Q6_K_BITS, _Q8_0_BITS = 6.5625, 8.5
+
+
+def _k_quant_bytes(name: str, shape: tuple[int, ...], planned_bytes: int, type_name: str, bits: float) -> int:
+    """About how many bytes llama.cpp's quantiser writes for one tensor (norms and biases stay as planned)."""
+    if len(shape) < 2:
+        return planned_bytes
+    fits = shape[-1] % 256 == 0
+    if name.startswith(("token_embd", "output.")):
+        bits = _Q6_K_BITS if fits else _Q8_0_BITS
+    elif not fits:
+        bits = _K_FALLBACK_BITS.get(type_name, bits)
+    return int(math.prod(shape) * bits / 8)
+
+
+def _adapter_bytes(adapter: Path | None, type_name: str) -> int:
+    if adapter is None:
+        return 0
+    from lora_studio.core.adapters.files import tensor_shapes
+
+    per = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.0625}[type_name]
+    total = sum(math.prod(shape) for shape in tensor_shapes(adapter).values())
+    return int(total * per)
+
+
+def export_gguf(
+    request: ExportRequest,
+    *,
+    session: Session | None = None,
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+) -> ExportResult:
+    """Write, verify and bundle the export. ``session``: a loaded session holding the adapter (by
+    ``request.adapter_name``) whose model is the verification reference, instead of loading one."""
+    from lora_studio.core.model.loading import load_tokenizer
+
+    cancel = cancel or CancelToken()
+    started = time.perf_counter()
+    plan = plan_export(request)
+    if plan.refusal:
+        raise UserError(plan.refusal, plan.hint)
+    type_name = plan.type
+    arch = architecture(read_config(request.source))
+    report(Progress(0, None, "reading the tokenizer"))
+    tokenizer = session.tokenizer if session is not None else load_tokenizer(request.source)
+    out = Path(request.out).absolute()
+    vocab = None
+    details: dict = {"plan": plan.to_json()}
+    with atomic_output_file(out, overwrite=request.overwrite) as tmp:
+        if request.format == "gguf-lora":
+            assert request.adapter is not None  # plan_export refuses an adapter-only export without one
+            details["adapter"] = write_adapter_gguf(tmp, arch, request.adapter, type_name, cancel=cancel, report=report)
+        else:
+            vocab = _write_merged(request, arch, tokenizer, plan, tmp, cancel, report)
+        cancel.raise_if_cancelled()
+        verification = _verify(request, arch, tokenizer, type_name, tmp, session, cancel, report)
+    report(Progress(1, 1, "writing the serving bundle", "steps"))
+    bundle = write_bundle(
+        out,
+        tokenizer,
+        export_verify.hf_stop_tokens(tokenizer, request.source.path),
+        export_card(request, type_name, out, verification),
+        base_gguf=request.base_gguf.absolute() if request.format == "gguf-lora" and request.base_gguf else None,
+        peft_adapter=Path(request.adapter).absolute() if request.adapter else None,
+        adapter_name=request.adapter_name or (Path(request.adapter).name if request.adapter else None),
+        base_model=hub_id(request.source) or str(request.source.path),
+        rank=details.get("adapter", {}).get("rank"),
+    )
+    report(Progress(1, 1, f"export {verification.status}", "steps"))
+    return ExportResult(
+        out,
+        request.format,
+        type_name,
+        out.stat().st_size,
+        time.perf_counter() - started,
+        verification,
+        bundle,
+        vocab,
+        details,
+    )
+
+
+def _write_merged(request: ExportRequest, arch: Architecture, tokenizer, plan: ExportPlan, tmp: Path, cancel, report):
+    type_name = plan.type
+    spec = output_type(type_name)
+    dtype = base_dtype(request.source)
+    stream = stream_plan(request.source.path, dtype)
+    name = _model_name(request)
+    if spec.writer == "python":
+        return write_merged_gguf(
+            tmp,
+            arch,
+            stream,
+            request.source.path,
+            request.adapter,
+            tokenizer,
+            type_name,
+            name,
+            cancel=cancel,
+            report=report,
+        )
+    source_type = "bf16" if dtype == "bfloat16" else K_QUANT_SOURCE
+    intermediate = tmp.with_name(tmp.name + f".{source_type}")
+    try:
+        vocab = write_merged_gguf(
+            intermediate,
+            arch,
+            stream,
+            request.source.path,
+            request.adapter,
+            tokenizer,
+            source_type,
+            name,
+            cancel=cancel,
+            report=report,
+        )
+        runtime.quantise_file(intermediate, tmp, type_name, plan.output_bytes, cancel=cancel, report=report)
+    finally:
+        intermediate.unlink(missing_ok=True)
+    return vocab
+
+
+def _model_name(request: ExportRequest) -> str:
+    base = hub_id(request.source) or request.source.label
+    if request.adapter is None:
+        return str(base)
+    return f"{base} + {request.adapter_name or Path(request.adapter).name}"
+
+
+def _verify(
+    request: ExportRequest, arch: Architecture, tokenizer, type_name: str, gguf: Path, session, cancel, report
+) -> export_verify.GgufVerification:
+    if not request.verify:
+        return export_verify.skipped(type_name, "not asked (--no-verify)")
+    version = runtime.llama_cpp_version()
+    if version is None:
+        return export_verify.skipped(type_name, f"llama.cpp is not installed; {runtime.INSTALL_HINT}")
+    reference = _reference(request, session, cancel, report)
+    cancel.raise_if_cancelled()
+    with ExitStack() as stack:
+        model, lora, threshold_type = gguf, None, type_name
+        if request.format == "gguf-lora":
+            lora = gguf
+            model = request.base_gguf or stack.enter_context(
+                _temporary_base(request, arch, tokenizer, gguf, cancel, report)
+            )
+            threshold_type = _file_type_name(model) or type_name
+        report(Progress(0, None, export_verify.RUNTIME_STAGE))
+        n_ctx = max(len(s) for s in reference.sequences) + 8
+        runner = stack.enter_context(runtime.GgufRunner(model, lora=lora, n_ctx=max(64, n_ctx)))
+        outputs = export_verify.compare_outputs(runner, reference, cancel, report)
+        template = export_verify.check_template(runner, tokenizer, request.source.path)
+        sample = export_verify.sample_continuations(runner, reference, tokenizer)
+    return export_verify.verdict(
+        threshold_type,
+        outputs,
+        template,
+        len(reference.sequences),
+        f"llama.cpp (llama-cpp-python {version})",
+        sample,
+    )
+
+
+def _reference(request: ExportRequest, session, cancel, report) -> merge_verify.Reference:
+    """The adapter model's greedy continuations (the session's model when given, else loaded for the job)."""
+    from lora_studio.core.session import Session, release_memory
+
+    report(Progress(0, None, merge_verify.REFERENCE_STAGE))
+    owned = None
+    name = request.adapter_name or (Path(request.adapter).name if request.adapter else None)
+    if session is None:
+        owned = session = Session()
+        session.load(request.source, dtype=base_dtype(request.source), cancel=cancel, report=report)
+        if request.adapter is not None:
+            assert name is not None
+            session.attach(Path(request.adapter), name, cancel=cancel, report=report)
+    try:
+        with session.lock, session.variant_selected(name):
+            return merge_verify.reference_outputs(
+                session.model, session.tokenizer, request.prompts, request.new_tokens, cancel, report
+            )
+    finally:
+        if owned is not None:
+            owned.close()
+            release_memory()
+
+
+@contextmanager
+def _temporary_base(request: ExportRequest, arch: Architecture, tokenizer, beside: Path, cancel, report):
+    """A base GGUF (f16) written beside the adapter GGUF just to verify it on, removed afterwards."""
+    path = beside.with_name(beside.name + ".base-f16")
+    stream = stream_plan(request.source.path, base_dtype(request.source))
+    try:
+        write_merged_gguf(
+            path, arch, stream, request.source.path, None, tokenizer, "f16", "base", cancel=cancel, report=report
+        )
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _file_type_name(path: Path) -> str | None:
+    """The output type of an existing GGUF (from general.file_type), for the thresholds."""
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+        field_ = reader.fields.get("general.file_type")
+        if field_ is None:
+            return None
+        value = int(field_.parts[field_.data[0]][0])
+        name = gguf.LlamaFileType(value).name
+    except Exception:  # noqa: BLE001 - an unreadable type only means the default thresholds
+        return None
+    short = {"ALL_F32": "f32", "MOSTLY_F16": "f16", "MOSTLY_BF16": "bf16"}.get(
+        name, name.removeprefix("MOSTLY_").lower()
+    )
+    return short if short in OUTPUT_TYPES else None
+
+
+def export_card(request: ExportRequest, type_name: str, out: Path, verification) -> str:
+    """What the file is and how it was proven: the bundle's README and the window's summary."""
+    badge = verification.status.upper()
+    lines = [
+        f"**Verification: {badge}** — {verification.summary()}",
+        "",
+        f"- file: `{out.name}` ({request.format}, {type_name})",
+        f"- base: {hub_id(request.source) or request.source.label}",
+        f"- adapter: {request.adapter_name or (Path(request.adapter).name if request.adapter else 'none')}",
+        f"- written by LoRA Studio {__version__}",
+    ]
+    if verification.sample:
+        s = verification.sample
+        lines += [
+            "",
+            f"Greedy continuation of “{s['prompt']}”:",
+            "",
+            f"- adapter model (transformers + PEFT): “{s['adapter']}”",
+            f"- this file in llama.cpp: “{s['llama_cpp']}”",
+        ]
+    if verification.template is not None and verification.template.problems:
+        lines += ["", "Template and token problems:", *[f"- {p}" for p in verification.template.problems]]
+    if verification.thresholds:
+        agreement, kl = verification.thresholds
+        lines += ["", f"Thresholds for {verification.type}: greedy agreement ≥ {agreement:.0%}, top-k KL ≤ {kl:g}."]
+    return "\n".join(lines)

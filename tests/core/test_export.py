@@ -1,0 +1,312 @@
+"""GGUF export: tiny Llama and Qwen2 models with real PEFT adapters, loaded back by llama.cpp itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import factories
+import pytest
+
+from lora_studio.core.errors import Cancelled, UserError
+from lora_studio.core.export import ExportRequest, export_gguf, plan_export
+from lora_studio.core.export import merged as merged_mod
+from lora_studio.core.export.runtime import GgufRunner
+from lora_studio.core.model.sources import resolve_source
+from lora_studio.core.tasks import CancelToken
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp's binding is installed by `make test`")
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def model_pair(root: Path, make, **config):
+    """A tiny model and an adapter on every linear layer, q/k included (the ones llama.cpp permutes)."""
+    base = make(root / "base", **config)
+    return base, factories.make_adapter(base, root / "adapter", target_modules=ALL_LINEAR, scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory):
+    # large random weights: clear greedy choices, so float16's rounding cannot flip one
+    return model_pair(tmp_path_factory.mktemp("export-llama"), factories.make_llama, initializer_range=0.5)
+
+
+@pytest.fixture(scope="module")
+def qwen2_pair(tmp_path_factory):
+    return model_pair(tmp_path_factory.mktemp("export-qwen2"), factories.make_qwen2, initializer_range=0.5)
+
+
+@pytest.fixture(scope="module")
+def llama_quant_pair(tmp_path_factory):
+    """256 wide, for the quantised types: rows of 32 are one quantisation block each (and K-quants need 256),
+    harsher on quantisation than any real model."""
+    return model_pair(
+        tmp_path_factory.mktemp("export-llama-quant"), factories.make_llama, hidden_size=256, intermediate_size=512
+    )
+
+
+def export(base, out, fmt="gguf", type_name=None, adapter=None, **kw):
+    return export_gguf(ExportRequest(resolve_source(base), out, fmt, type_name, adapter=adapter, **kw))
+
+
+def greedy(model: Path, prompt_ids: list[int], n: int, lora: Path | None = None) -> list[int]:
+    seq = list(prompt_ids)
+    with GgufRunner(model, lora=lora, n_ctx=64) as runner:
+        for _ in range(n):
+            seq.append(int(runner.logits(seq)[-1].argmax()))
+    return seq[len(prompt_ids) :]
+
+
+def hf_greedy(base, adapter, prompt_ids: list[int], n: int) -> list[int]:
+    import torch
+
+    model = factories.peft_model(base, {"a": adapter})
+    seq = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt_ids) :]
+
+
+@pytest.mark.parametrize("pair", ["llama_pair", "qwen2_pair"])
+def test_f16_gguf_generates_the_adapter_models_tokens_in_llama_cpp(pair, request, tmp_path):
+    base, adapter = request.getfixturevalue(pair)
+    result = export(base, tmp_path / "m.f16.gguf", type_name="f16", adapter=adapter)
+    v = result.verification
+    assert v.status == "pass", v.summary()
+    assert v.greedy_agreement == 1.0 and v.tokens_compared == 48
+    assert v.sample is not None and v.sample["llama_cpp"] == v.sample["adapter"]  # llama.cpp's own greedy text
+    assert v.template is not None and v.template.status == "pass" and v.template.same_prompt_tokens
+    prompt = [5, 40, 41, 42, 43]
+    assert greedy(result.out, prompt, 12) == hf_greedy(base, adapter, prompt, 12)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+    modelfile = (result.bundle.folder / "Modelfile").read_text()
+    assert (
+        f"FROM {result.out}" in modelfile and "<|im_start|>" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    )
+    assert "llama-server -m" in (result.bundle.folder / "README.md").read_text()
+
+
+def test_q8_0_is_within_its_thresholds_and_the_planned_size(llama_quant_pair, tmp_path):
+    base, adapter = llama_quant_pair
+    request = ExportRequest(resolve_source(base), tmp_path / "m.gguf", "gguf", "q8_0", adapter=adapter)
+    plan = plan_export(request)
+    result = export_gguf(request)
+    assert result.verification.status == "pass", result.verification.summary()
+    assert result.verification.greedy_agreement >= 0.85
+    assert result.bytes_written == pytest.approx(plan.output_bytes, rel=0.2)  # the header's strings on top
+
+
+def test_the_k_quants_go_through_llama_cpps_quantiser(llama_quant_pair, tmp_path):
+    base, adapter = llama_quant_pair
+    result = export(base, tmp_path / "m.q4_k_m.gguf", type_name="q4_k_m", adapter=adapter)
+    import gguf
+
+    assert int(gguf.GGUFReader(str(result.out)).fields["general.file_type"].parts[-1][0]) == int(
+        gguf.LlamaFileType.MOSTLY_Q4_K_M
+    )
+    # a random model's next-token distributions are nearly flat: its greedy choices flip at 4 bits, so the
+    # distribution is what is checked here (the demo model's test checks the badge)
+    v = result.verification
+    assert v.mean_top_k_kl is not None and v.mean_top_k_kl <= v.thresholds[1], v.summary()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.q4_k_m.gguf", "m.q4_k_m.gguf.serve"]
+
+
+def test_adapter_only_gguf_on_a_base_gguf_equals_the_merged_gguf(llama_pair, tmp_path):
+    base, adapter = llama_pair
+    merged = export(base, tmp_path / "merged.gguf", type_name="f32", adapter=adapter, verify=False).out
+    base_gguf = export(base, tmp_path / "base.gguf", type_name="f32", verify=False).out
+    lora = export(base, tmp_path / "lora.gguf", "gguf-lora", "f32", adapter=adapter, base_gguf=base_gguf)
+    assert lora.verification.status == "pass", lora.verification.summary()
+    prompt = [7, 50, 60, 70]
+    assert greedy(base_gguf, prompt, 10, lora=lora.out) == greedy(merged, prompt, 10)
+    with GgufRunner(base_gguf, lora=lora.out) as a, GgufRunner(merged) as b:
+        assert abs(a.logits(prompt) - b.logits(prompt)).max() < 1e-4
+    assert f"--lora {lora.out}" in (lora.bundle.folder / "README.md").read_text()
+    assert f"ADAPTER {lora.out}" in (lora.bundle.folder / "Modelfile").read_text()
+
+
+def test_rslora_scaling_is_folded_into_the_adapter_gguf(llama_pair, tmp_path):
+    base, _ = llama_pair
+    adapter = factories.make_adapter(base, tmp_path / "rs", r=8, lora_alpha=4, use_rslora=True, scale=3.0)
+    result = export(base, tmp_path / "rs.gguf", "gguf-lora", "f32", adapter=adapter)
+    assert result.details["adapter"]["folded"] == result.details["adapter"]["modules"] > 0
+    assert result.verification.status == "pass", result.verification.summary()
+
+
+def test_streamed_merge_has_the_tensors_of_the_merge_save_convert_recipe(llama_pair, tmp_path):
+    """The seed recipe (PEFT merge_and_unload, save_pretrained) then a plain conversion of that folder."""
+    import gguf
+
+    base, adapter = llama_pair
+    model = factories.peft_model(base, {"a": adapter}).merge_and_unload()
+    folder = tmp_path / "seed"
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (Path(base) / f).exists():
+            shutil.copy(Path(base) / f, folder / f)
+    for type_name in ("f16", "q8_0"):
+        streamed = export(base, tmp_path / f"s.{type_name}.gguf", type_name=type_name, adapter=adapter, verify=False)
+        seed = export(folder, tmp_path / f"seed.{type_name}.gguf", type_name=type_name, verify=False)
+        a = {t.name: bytes(t.data) for t in gguf.GGUFReader(str(streamed.out)).tensors}
+        b = {t.name: bytes(t.data) for t in gguf.GGUFReader(str(seed.out)).tensors}
+        assert a == b
+
+
+def test_quantising_on_threads_gives_the_same_bytes():
+    import gguf
+    import numpy as np
+
+    data = np.random.default_rng(0).standard_normal((merged_mod.QUANTISE_ROWS * 2 + 100, 64)).astype(np.float32)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    assert np.array_equal(merged_mod.quantise(data, q8, threads=3), gguf.quants.quantize(data, q8))
+
+
+def test_a_broken_chat_template_and_a_lost_eos_are_caught(llama_pair, tmp_path):
+    base, _ = llama_pair
+    cases = {
+        # the template in the GGUF (tokenizer_config.json wins in gguf's reader) differs from the one transformers uses
+        "template": lambda d: _edit_json(d / "tokenizer_config.json", chat_template="{{ messages[0]['content'] }}"),
+        # generation stops on token 3 in transformers; the GGUF never hears of it
+        "eos": lambda d: _edit_json(d / "generation_config.json", eos_token_id=[2, 3]),
+    }
+    for label, damage in cases.items():
+        folder = tmp_path / label
+        shutil.copytree(base, folder)
+        damage(folder)
+        result = export(folder, tmp_path / f"{label}.gguf", type_name="f32")
+        v = result.verification
+        assert v.status == "fail" and v.template is not None and v.template.status == "fail", label
+        if label == "eos":
+            assert v.template.stop_tokens_missing == [3]
+        else:
+            assert "tokenises differently" in v.reason or "render" in v.reason
+        assert "FAIL" in (result.bundle.folder / "README.md").read_text()
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_cancel_and_a_full_disk_leave_no_file(llama_pair, tmp_path, monkeypatch):
+    base, adapter = llama_pair
+    cancel = CancelToken()
+
+    def cancel_on_third(progress):
+        if progress.message.startswith(merged_mod.WRITING_STAGE) and progress.done >= 2:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        export_gguf(
+            ExportRequest(resolve_source(base), tmp_path / "c.gguf", "gguf", "f16", adapter=adapter),
+            cancel=cancel,
+            report=cancel_on_third,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+    import gguf
+
+    calls = []
+
+    def full_disk(self, tensor, *a, **k):
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(28, "No space left on device")
+        return original(self, tensor, *a, **k)
+
+    original = gguf.GGUFWriter.write_tensor_data
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full_disk)
+    with pytest.raises(UserError, match="full"):
+        export(base, tmp_path / "d.gguf", type_name="f16", adapter=adapter)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refusals_say_why_before_writing(tmp_path, tiny_gpt2, gpt2_adapter, llama_pair):
+    base, adapter = llama_pair
+    cases = [
+        (ExportRequest(resolve_source(tiny_gpt2), tmp_path / "g.gguf", adapter=gpt2_adapter), "supports Llama"),
+        (
+            ExportRequest(resolve_source(base), tmp_path / "x.gguf", "gguf-lora", "q4_k_m", adapter=adapter),
+            "written as",
+        ),
+        (ExportRequest(resolve_source(base), tmp_path / "x.gguf", "gguf-lora"), "needs an adapter"),
+        (
+            ExportRequest(resolve_source(base), tmp_path / "x.gguf", "gguf", "q3_z", adapter=adapter),
+            "unknown GGUF type",
+        ),
+    ]
+    dora = factories.make_adapter(base, tmp_path / "dora", use_dora=True)
+    cases.append((ExportRequest(resolve_source(base), tmp_path / "x.gguf", "gguf-lora", adapter=dora), "DoRA"))
+    cases.append((ExportRequest(resolve_source(base), tmp_path / "x.gguf", "gguf", adapter=dora), "DoRA"))
+    embed = factories.make_adapter(base, tmp_path / "embed", target_modules=("embed_tokens", "q_proj"))
+    cases.append((ExportRequest(resolve_source(base), tmp_path / "x.gguf", "gguf-lora", adapter=embed), "embedding"))
+    for req, words in cases:
+        plan = plan_export(req)
+        assert plan.refusal and words in plan.refusal, (words, plan.refusal)
+        with pytest.raises(UserError):
+            export_gguf(req)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dora", "embed"]
+
+
+def test_an_unknown_pre_tokenizer_is_refused(llama_pair, tmp_path):
+    base, _ = llama_pair
+    folder = tmp_path / "odd"
+    shutil.copytree(base, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="split this tokenizer's text differently"):
+        export(folder, tmp_path / "odd.gguf", type_name="f16", verify=False)
+    assert not (tmp_path / "odd.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def demo_session():
+    from lora_studio.core.demo import assets as demo_assets
+    from lora_studio.core.demo import model as demo
+    from lora_studio.core.session import Session
+
+    session = Session()
+    session.load(demo.ensure_demo_model())
+    pirate = next(a for a in demo_assets.demo_adapters() if a.name == "pirate")
+    session.attach(pirate.path, "pirate", activate=False)
+    yield session, pirate
+    session.close()
+
+
+@pytest.mark.slow
+def test_the_demo_pirate_adapter_as_q4_k_m_passes_in_llama_cpp_and_talks_like_a_pirate(demo_session, tmp_path):
+    session, pirate = demo_session
+    request = ExportRequest(
+        session.source, tmp_path / "pirate.q4_k_m.gguf", "gguf", "q4_k_m", adapter=pirate.path, adapter_name="pirate"
+    )
+    result = export_gguf(request, session=session)
+    assert result.verification.status == "pass", result.verification.summary()
+    assert result.verification.template is not None and result.verification.template.same_prompt_tokens
+    from llama_cpp import Llama
+
+    llm = Llama(str(result.out), n_ctx=256, verbose=False)
+    try:
+        reply = llm.create_chat_completion(
+            [{"role": "user", "content": pirate.prompt}], max_tokens=24, temperature=0.0
+        )["choices"][0]["message"]["content"]
+    finally:
+        llm.close()
+    assert any(w in reply.lower() for w in ("arr", "matey", "ye ", "yer ")), reply
+
+
+def test_without_llama_cpp_the_export_works_and_says_how_to_check_it(llama_pair, tmp_path, monkeypatch):
+    from lora_studio.core.export import runtime
+
+    monkeypatch.setattr(runtime, "llama_cpp_version", lambda: None)
+    base, adapter = llama_pair
+    result = export(base, tmp_path / "m.gguf", type_name="q8_0", adapter=adapter)
+    v = result.verification
+    assert v.status == "skipped" and "not installed" in v.reason and "make llama-cpp" in v.reason
+    assert result.out.is_file() and "skipped" in (result.bundle.folder / "README.md").read_text()
+    plan = plan_export(ExportRequest(resolve_source(base), tmp_path / "k.gguf", "gguf", "q4_k_m", adapter=adapter))
+    assert plan.refusal and "llama.cpp's quantiser" in plan.refusal and "make llama-cpp" in plan.hint
