@@ -16,6 +16,9 @@ def make_window(qtbot, tmp_path, sampler=None, sample_interval_s: float = 0.05) 
         settings=StudioSettings(tmp_path / "window.ini"),
         sample_interval_s=sample_interval_s,
     )
+    # pytest-qt closes the window after each test; a job still running then (a slow machine) must not open the
+    # modal "Quit?" question, which nothing in a test answers: the run would wait for ever
+    window.confirm_quit = lambda _job_name: True
     qtbot.addWidget(window)
     window.show()
     qtbot.waitExposed(window)
