@@ -74,20 +74,25 @@ def llama_config(**overrides):
 
 
 def qwen2_config(**overrides):
+    """The tiny Llama's shape as a Qwen2 (q/k/v biases, no rotary permutation in GGUF)."""
     from transformers import Qwen2Config
 
-    kw = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=2,
-    )
+    kw = llama_config().to_dict()
+    kw = {
+        k: kw[k]
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "tie_word_embeddings",
+            "bos_token_id",
+            "eos_token_id",
+        )
+    }
     kw.update(overrides)
     return Qwen2Config(**kw)
 

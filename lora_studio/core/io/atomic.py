@@ -25,21 +25,9 @@ def atomic_output_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path
     leaves either the old folder or the complete new one at ``target``. Temporary
     folders of runs that were killed are removed on the next run.
     """
-    target = Path(target).absolute()
-    parent = target.parent
-    if parent.is_dir():
-        _remove_stale_temporaries(parent, target.name)
-    if target.exists() and not overwrite:
-        raise UserError(
-            f"{target} already exists", "choose another output folder, or confirm overwriting it (--overwrite)"
-        )
+    target, parent, tmp = _prepare(target, overwrite, "folder")
     if target.exists() and not target.is_dir():
         raise UserError(f"{target} exists and is not a folder", "choose another output path")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {parent}: {exc.strerror or exc}", "choose a writable location") from exc
-    tmp = parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
     except OSError as exc:
@@ -70,6 +58,24 @@ def atomic_output_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path
         raise
 
 
+def _prepare(target: Path, overwrite: bool, kind: str) -> tuple[Path, Path, Path]:
+    """(target, its parent, the temporary sibling's path): stale temporaries removed, an existing target refused
+    without ``overwrite``, the parent created."""
+    target = Path(os.path.abspath(target))  # abspath, not absolute(): "." and ".." are resolved, never a name
+    parent = target.parent
+    if parent.is_dir():
+        _remove_stale_temporaries(parent, target.name)
+    if target.exists() and not overwrite:
+        raise UserError(
+            f"{target} already exists", f"choose another output {kind}, or confirm overwriting it (--overwrite)"
+        )
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {parent}: {exc.strerror or exc}", "choose a writable location") from exc
+    return target, parent, parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def _raise_write_error(exc: BaseException, parent: Path) -> None:
     """A full or read-only disk is the user's to fix: say so in one line (the partial output is already gone)."""
     if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
@@ -89,21 +95,9 @@ def atomic_output_file(target: Path, *, overwrite: bool = False) -> Iterator[Pat
 
     On any error or cancellation the temporary file is removed and ``target`` is untouched.
     """
-    target = Path(target).absolute()
-    parent = target.parent
-    if parent.is_dir():
-        _remove_stale_temporaries(parent, target.name)
-    if target.exists() and not overwrite:
-        raise UserError(
-            f"{target} already exists", "choose another output file, or confirm overwriting it (--overwrite)"
-        )
+    target, parent, tmp = _prepare(target, overwrite, "file")
     if target.is_dir():
         raise UserError(f"{target} is a folder", "choose an output file name")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {parent}: {exc.strerror or exc}", "choose a writable location") from exc
-    tmp = parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         yield tmp
         with open(tmp, "rb+") as f:
