@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 PACKAGE = "llama-cpp-python"
 PINNED = "llama-cpp-python==0.3.36"  # the release whose vendored llama.cpp the export follows
 INSTALL_HINT = (
-    f"install llama.cpp's Python binding: `make llama-cpp` (or Help ▸ Install llama.cpp in the window); "
-    f"it builds {PINNED} from source once, about 9 minutes on 2 cores"
+    f"install llama.cpp's Python binding: `make llama-cpp` (or Install llama.cpp… in the window's Merge tab); "
+    f"it builds {PINNED} from source once, 6-9 minutes on 2 cores"
 )
 QUANTISE_STAGE = "quantising with llama.cpp"
 
