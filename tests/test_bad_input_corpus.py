@@ -531,3 +531,24 @@ def tokenizer_of(folder):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+# -- a prompt that is not text, a device this machine lacks ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", ["half a surrogate \ud800 here", "bytes from argv \udcff\udcfe"])
+def test_a_prompt_that_is_not_valid_text_is_one_line(prompt, fixtures, capsys, one_thread):
+    code, out, err = run_in_process(
+        capsys,
+        ["compare", fixtures["base"], "--adapter", f"a={fixtures['adapter']}", "--prompt", prompt, "--json"],
+    )
+    assert_one_line_refusal(code, out, err, r"the prompt is not valid text: character \d+")
+
+
+def test_a_cuda_device_this_machine_lacks_is_one_line(fixtures, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["compare", fixtures["base"], "--adapter", f"a={fixtures['adapter']}", "--prompt", "hi"]
+    code, out, err = run_in_process(capsys, [*argv, "--device-map", "cuda:0", "--json"])
+    assert_one_line_refusal(code, out, err, r"no CUDA device is available .* the only device here is cpu")

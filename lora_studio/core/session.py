@@ -147,6 +147,7 @@ class Session:
         from lora_studio.core.model.loading import load_base
 
         cancel = cancel or CancelToken()
+        check_device(device_map)
         footprint = read_footprint(source)
         # read_footprint has already refused a damaged config.json
         quant = (
@@ -529,6 +530,25 @@ def validate_adapter_name(name: str) -> str:
     if name == "__base__" or "." in name or any(c.isspace() for c in name):
         raise UserError(f"{name!r} cannot be an adapter name", "use letters, digits, '-' and '_' (no dots or spaces)")
     return name
+
+
+def check_device(device_map: str) -> None:
+    """A ``cuda:N`` that this machine has, before anything loads (torch would fail with an AssertionError)."""
+    if not device_map.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise UserError(
+            f"no CUDA device is available (torch {torch.__version__} is {build}); the only device here is cpu",
+            "use the cpu device (--device-map cpu)",
+        )
+    index = device_map.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= count):
+        devices = ", ".join(f"cuda:{i}" for i in range(count))
+        raise UserError(f"there is no {device_map}; this machine has {devices}", "pick one of those, or cpu")
 
 
 def adapter_name_for(folder: Path) -> str:

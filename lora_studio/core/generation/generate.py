@@ -51,8 +51,21 @@ def validate(settings: GenerationSettings, prompt: str) -> None:
         raise UserError("sampling needs temperature > 0 and 0 < top-p ≤ 1", "fix the decoding settings")
 
 
+def check_text(prompt: str) -> None:
+    """A prompt must be text the tokenizer can encode: invalid UTF-8 read from argv or a file arrives as lone
+    surrogates, which the tokenizer rejects with an internal error."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(
+            f"the prompt is not valid text: character {exc.start + 1} is invalid UTF-8 or a lone surrogate",
+            "give the prompt as UTF-8 text",
+        ) from exc
+
+
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, use_chat_template: bool = True) -> list[int]:
     """Token ids of the prompt, through the chat template when the tokenizer has one."""
+    check_text(prompt)
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         # a list of ids, or (newer transformers) a BatchEncoding holding them
         ids: Any = tokenizer.apply_chat_template(
