@@ -70,17 +70,13 @@ def refresh_export_plan(panel: MergePanel, seq: int) -> Job | None:
         panel._plan_done(seq, exc)
         return None
 
-    def run(*, cancel, report):
-        plan = plan_export(request)  # headers only: never the model
-        return UserError(plan.refusal, plan.hint) if plan.refusal else plan
+    def plan() -> ExportPlan:
+        found = plan_export(request)  # headers only: never the model
+        if found.refusal:
+            raise UserError(found.refusal, found.hint)
+        return found
 
-    return (
-        panel.op("checking the export", run, exclusive=False, key=EXPORT_PLAN_KEY, progress=False)
-        .on_success(lambda result: panel._plan_done(seq, result))
-        .on_failure(lambda desc: panel._plan_done(seq, UserError(desc.message)))
-        .on_cancel(lambda: None)
-        .run()
-    )
+    return panel.run_plan(seq, "checking the export", EXPORT_PLAN_KEY, plan)
 
 
 def plan_text(plan: ExportPlan) -> str:

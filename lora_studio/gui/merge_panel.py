@@ -253,15 +253,22 @@ class MergePanel(Panel):
             self._plan_done(seq, exc)
             return None
 
+        # the snapshot, not the session: the plan reads its dtype, device and tokenizer only
+        return self.run_plan(
+            seq, "checking the merge", PLAN_KEY, lambda: plan_merge(source, specs, options, session=state)
+        )
+
+    def run_plan(self, seq: int, what: str, key: str, plan: Callable[[], object]) -> Job | None:
+        """``plan()`` as a keyed read-only side job; its result, or the UserError it raised, goes to _plan_done."""
+
         def run(*, cancel, report):
             try:
-                # the snapshot, not the session: the plan reads its dtype, device and tokenizer only
-                return plan_merge(source, specs, options, session=state)
+                return plan()
             except UserError as exc:  # bad inputs are a reason shown by the button, not a failed job in the log
                 return exc
 
         return (
-            self.op("checking the merge", run, exclusive=False, key=PLAN_KEY, progress=False)
+            self.op(what, run, exclusive=False, key=key, progress=False)
             .on_success(lambda result: self._plan_done(seq, result))
             .on_failure(lambda desc: self._plan_done(seq, UserError(desc.message)))
             .on_cancel(lambda: None)

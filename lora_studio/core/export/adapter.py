@@ -34,6 +34,16 @@ ADAPTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 WRITING_STAGE = "writing adapter tensor"
 
 
+TYPE_HINT = "quantise the base GGUF instead: the adapter is small"
+
+
+def type_refusal(type_name: str) -> str | None:
+    """Why an adapter-only GGUF cannot have this type, or None."""
+    if type_name in ADAPTER_TYPES:
+        return None
+    return f"an adapter-only GGUF is written as {', '.join(ADAPTER_TYPES)}, not {type_name}"
+
+
 def adapter_refusal(adapter_folder: Path, arch: Architecture) -> str | None:
     """Why this adapter cannot be an adapter-only GGUF, or None."""
     config = adapter_files.read_adapter_config(adapter_folder)
@@ -74,11 +84,8 @@ def write_adapter_gguf(
     import torch
 
     cancel = cancel or CancelToken()
-    if type_name not in ADAPTER_TYPES:
-        raise UserError(
-            f"an adapter-only GGUF is written as {', '.join(ADAPTER_TYPES)}, not {type_name}",
-            "quantise the base GGUF instead: the adapter is small",
-        )
+    if reason := type_refusal(type_name):
+        raise UserError(reason, TYPE_HINT)
     reason = adapter_refusal(adapter_folder, arch)
     if reason:
         raise UserError(reason, "export a merged GGUF instead (--format gguf)")

@@ -11,6 +11,7 @@ Paths are absolute, so each line runs as given from any folder.
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,32 +46,36 @@ class ServingBundle:
         return {"folder": str(self.folder), "family": self.family, "stop": self.stop, "commands": self.commands}
 
 
-def template_family(tokenizer: PreTrainedTokenizerBase | None) -> str | None:
-    text = _render(tokenizer, [{"role": "user", "content": "hi"}])
-    if text is None:
+def template_family(rendered: str | None) -> str | None:
+    """The chat template's family, from a one-turn chat it rendered."""
+    if rendered is None:
         return None
-    if "<|im_start|>" in text:
+    if "<|im_start|>" in rendered:
         return "chatml"
-    if "<|start_header_id|>" in text:
+    if "<|start_header_id|>" in rendered:
         return "llama3"
-    if "[INST]" in text:
+    if "[INST]" in rendered:
         return "mistral"
     return None
 
 
-def default_system_prompt(tokenizer: PreTrainedTokenizerBase | None, family: str | None) -> str | None:
+def default_system_prompt(rendered: str | None, family: str | None) -> str | None:
     """The system prompt the template adds when the chat has none (SmolLM2 and Qwen2 have one)."""
-    text = _render(tokenizer, [{"role": "user", "content": "hi"}])
-    if text is None or family != "chatml" or not text.startswith("<|im_start|>system\n"):
+    if rendered is None or family != "chatml" or not rendered.startswith("<|im_start|>system\n"):
         return None
-    return text[len("<|im_start|>system\n") :].split("<|im_end|>", 1)[0] or None
+    return rendered[len("<|im_start|>system\n") :].split("<|im_end|>", 1)[0] or None
 
 
-def _render(tokenizer, messages) -> str | None:
+def render_one_turn(tokenizer: PreTrainedTokenizerBase | None) -> str | None:
+    """A one-turn chat through the tokenizer's template; None without one, or when it cannot render."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         return None
     try:
-        return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        return str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+            )
+        )
     except Exception:  # noqa: BLE001 - a template that cannot render is simply not translated
         return None
 
@@ -86,9 +91,10 @@ def stop_texts(tokenizer: PreTrainedTokenizerBase | None, stop_ids: list[int]) -
     return texts
 
 
-def modelfile(gguf: Path, tokenizer, stop_ids: list[int], base_gguf: Path | None = None) -> tuple[str, str | None]:
+def modelfile(gguf: Path, tokenizer, stop: list[str], base_gguf: Path | None = None) -> tuple[str, str | None]:
     """The Ollama Modelfile text and the template family it translated (None: Ollama reads the GGUF's)."""
-    family = template_family(tokenizer)
+    rendered = render_one_turn(tokenizer)
+    family = template_family(rendered)
     lines = []
     if base_gguf is not None:
         lines += [f"FROM {base_gguf}", f"ADAPTER {gguf}"]
@@ -99,30 +105,23 @@ def modelfile(gguf: Path, tokenizer, stop_ids: list[int], base_gguf: Path | None
         lines.append(f'TEMPLATE """{template}"""')
     else:
         lines.append("# no TEMPLATE: Ollama uses the chat template embedded in the GGUF")
-    if (system := default_system_prompt(tokenizer, family)) is not None:
+    if (system := default_system_prompt(rendered, family)) is not None:
         lines.append(f'SYSTEM """{system}"""')
-    for text in stop_texts(tokenizer, stop_ids):
-        lines.append(f"PARAMETER stop {json_quote(text)}")
+    for text in stop:
+        lines.append(f"PARAMETER stop {json.dumps(text, ensure_ascii=False)}")
     return "\n".join(lines) + "\n", family
-
-
-def json_quote(text: str) -> str:
-    import json
-
-    return json.dumps(text, ensure_ascii=False)
 
 
 def commands(
     gguf: Path,
     name: str,
+    modelfile_path: Path,
     *,
     base_gguf: Path | None = None,
-    hf_folder: Path | None = None,
     peft_adapter: Path | None = None,
     adapter_name: str | None = None,
     base_model: str | None = None,
     rank: int | None = None,
-    modelfile_path: Path | None = None,
 ) -> dict[str, str]:
     q = shlex.quote
     out: dict[str, str] = {}
@@ -134,10 +133,7 @@ def commands(
     else:
         out["llama-server"] = f"llama-server -m {q(str(gguf))} --jinja --port 8080"
         out["llama-cpp-python server"] = f"python -m llama_cpp.server --model {q(str(gguf))} --port 8080"
-    if modelfile_path is not None:
-        out["ollama"] = f"ollama create {q(name)} -f {q(str(modelfile_path))} && ollama run {q(name)}"
-    if hf_folder is not None:
-        out["vllm"] = f"vllm serve {q(str(hf_folder))}"
+    out["ollama"] = f"ollama create {q(name)} -f {q(str(modelfile_path))} && ollama run {q(name)}"
     if peft_adapter is not None and base_model is not None:
         out["vllm"] = (
             f"vllm serve {q(base_model)} --enable-lora"
@@ -164,16 +160,17 @@ def write_bundle(
     gguf = Path(gguf).absolute()
     folder = gguf.with_name(gguf.name + ".serve")
     name = gguf.stem.replace(".", "-").lower()
-    text, family = modelfile(gguf, tokenizer, stop_ids, base_gguf)
+    stop = stop_texts(tokenizer, stop_ids)
+    text, family = modelfile(gguf, tokenizer, stop, base_gguf)
     cmds = commands(
         gguf,
         name,
+        folder / "Modelfile",
         adapter_name=adapter_name,
         base_gguf=base_gguf,
         peft_adapter=peft_adapter,
         base_model=base_model,
         rank=rank,
-        modelfile_path=folder / "Modelfile",
     )
     readme = [f"# Serving {gguf.name}", "", card.rstrip(), "", "## Commands", ""]
     for label, line in cmds.items():
@@ -181,4 +178,4 @@ def write_bundle(
     with atomic_output_dir(folder, overwrite=overwrite) as tmp:
         (tmp / "Modelfile").write_text(text, "utf-8")
         (tmp / "README.md").write_text("\n".join(readme), "utf-8")
-    return ServingBundle(folder, family, stop_texts(tokenizer, stop_ids), cmds)
+    return ServingBundle(folder, family, stop, cmds)

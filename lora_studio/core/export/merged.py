@@ -110,17 +110,15 @@ def quantise(data: np.ndarray, qtype: Any, threads: int = 1) -> np.ndarray:
     import gguf
     import numpy as np
 
-    if data.ndim < 2 or data.shape[0] <= QUANTISE_ROWS:
-        return quantise_rows(data, qtype) if data.ndim == 2 else gguf.quants.quantize(data, qtype)
-    starts = range(0, data.shape[0], QUANTISE_ROWS)
+    if data.ndim != 2:
+        return gguf.quants.quantize(data, qtype)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return np.concatenate(list(_quantised_pieces(data, qtype, pool)), axis=0)
 
-    def piece(i: int) -> np.ndarray:
-        return quantise_rows(data[i : i + QUANTISE_ROWS], qtype)
 
-    if threads <= 1:
-        return np.concatenate([piece(i) for i in starts], axis=0)
-    with ThreadPoolExecutor(threads) as pool:
-        return np.concatenate(list(pool.map(piece, starts)), axis=0)
+def _quantised_pieces(rows: np.ndarray, qtype: Any, pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
+    """``rows`` quantised ``QUANTISE_ROWS`` rows at a time on ``pool``, in order."""
+    return pool.map(lambda i: quantise_rows(rows[i : i + QUANTISE_ROWS], qtype), range(0, rows.shape[0], QUANTISE_ROWS))
 
 
 def converted_pieces(source: Any, planned: PlannedTensor, threads: int = 1) -> Iterator[np.ndarray]:
@@ -151,46 +149,43 @@ def _float(tensor):
     return tensor if tensor.dtype in (torch.float16, torch.float32) else tensor.to(torch.float32)
 
 
-def _row_pieces(tensor, qtype: Any, threads: int) -> Iterator[np.ndarray]:
+def _block_rows(threads: int) -> int:
+    return QUANTISE_ROWS * max(1, threads) * 4  # rows converted to float32 at once: a few pieces per thread
 
-    step = QUANTISE_ROWS * max(1, threads) * 4  # a few pieces per thread per block: fewer waits
+
+def _row_pieces(tensor, qtype: Any, threads: int) -> Iterator[np.ndarray]:
+    step = _block_rows(threads)
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for i in range(0, tensor.shape[0], step):
-            block = _float(tensor[i : i + step]).numpy()
-            yield from pool.map(
-                lambda j, b=block: quantise_rows(b[j : j + QUANTISE_ROWS], qtype),
-                range(0, block.shape[0], QUANTISE_ROWS),
-            )
+            yield from _quantised_pieces(_float(tensor[i : i + step]).numpy(), qtype, pool)
 
 
 def _slice_pieces(source, planned: PlannedTensor, threads: int) -> Iterator[np.ndarray]:
     """An untouched tensor read from its shard a block of rows at a time (no whole copy in memory)."""
     rows = source.shape[0]
-    step = QUANTISE_ROWS * max(1, threads) * 4  # a few pieces per thread per block: fewer waits
+    step = _block_rows(threads)
     for i in range(0, rows, step):
         yield from _row_pieces(_read_rows(source, i, min(step, rows - i)), planned.qtype, threads)
 
 
 def _read_rows(source, start: int, count: int):
+    """Rows ``start`` .. ``start + count`` of a FileSlice, read with the checkpoint reader's ``pread_exact``."""
     import torch
 
-    from lora_studio.core.io.safetensors_format import torch_dtype
+    from lora_studio.core.io.safetensors_format import TensorInfo, pread_exact, torch_dtype
 
-    dtype = torch_dtype(source.dtype)
     row_bytes = source.nbytes // max(1, source.shape[0])
-    buffer = bytearray(row_bytes * count)
-    view = memoryview(buffer)
+    begin = source.offset + start * row_bytes
+    rows = TensorInfo(
+        f"rows {start}..{start + count}", source.dtype, (count, *source.shape[1:]), begin, begin + count * row_bytes
+    )
+    buffer = bytearray(rows.nbytes)
     fd = os.open(source.path, os.O_RDONLY)
     try:
-        done = 0
-        while done < len(buffer):
-            got = os.preadv(fd, [view[done:]], source.offset + start * row_bytes + done)
-            if got <= 0:
-                raise UserError(f"{Path(source.path).name} ended early", "the checkpoint file is truncated")
-            done += got
+        pread_exact(fd, buffer, rows, source.path)
     finally:
         os.close(fd)
-    return torch.frombuffer(buffer, dtype=dtype).view(count, *source.shape[1:])
+    return torch.frombuffer(buffer, dtype=torch_dtype(source.dtype)).view(rows.shape)
 
 
 def add_general(writer, arch: Architecture, name: str, type_name: str) -> None:
@@ -208,6 +203,7 @@ def write_merged_gguf(
     out: Path,
     arch: Architecture,
     stream: StreamPlan,
+    dtype: str,
     base_folder: Path,
     adapter_folder: Path | None,
     tokenizer: PreTrainedTokenizerBase,
@@ -217,11 +213,11 @@ def write_merged_gguf(
     cancel: CancelToken | None = None,
     report: Report = no_report,
 ) -> VocabSummary:
-    """Write the GGUF of ``base_folder`` (+ the adapter merged in) to ``out``, tensor by tensor."""
+    """Write the GGUF of ``base_folder`` (+ the adapter merged in, in ``dtype``: the one ``stream`` was planned
+    for) to ``out``, tensor by tensor."""
     import gguf
 
     cancel = cancel or CancelToken()
-    base_dtype = _stream_dtype(stream)
     adapter = None
     if adapter_folder is not None:
         adapter = load_streaming_adapter(adapter_folder, stream.sources, tied_embeddings(arch.config))
@@ -229,8 +225,8 @@ def write_merged_gguf(
     writer = gguf.GGUFWriter(path=None, arch=arch.gguf_name)
     add_general(writer, arch, model_name, type_name)
     vocab = add_vocab(writer, base_folder, tokenizer, int(arch.config["vocab_size"]))
-    for p in planned:
-        writer.add_tensor_info(p.name, _byte_shape(p), _numpy_dtype(p.qtype), p.nbytes, raw_dtype=p.qtype)
+    for t in planned:
+        writer.add_tensor_info(t.name, _byte_shape(t), _numpy_dtype(t.qtype), t.nbytes, raw_dtype=t.qtype)
     threads = max(1, min(4, os.cpu_count() or 1))
     try:
         writer.write_header_to_file(path=Path(out))
@@ -243,11 +239,12 @@ def write_merged_gguf(
         for extra, data in zip(extras, (d for _, d in extra_tensors(arch)), strict=True):
             write_tensor_pieces(writer, [quantise(data, extra.qtype)], extra.nbytes)
             done += 1
-        for hf_name, tensor in _merged(stream, adapter, base_dtype, cancel):
-            found = by_name.get(hf_name)
-            if found is None:
+        # a tensor the merge leaves as it is comes as a FileSlice, read in row blocks
+        merged = stream_merged_tensors(stream, adapter, dtype, cancel=cancel, reuse_buffers=True, file_slices=True)
+        for hf_name, tensor in merged:
+            p = by_name.get(hf_name)
+            if p is None:
                 continue  # a rotary cache llama.cpp computes itself
-            p = found
             report(Progress(done, count, f"{WRITING_STAGE} {done + 1}/{count}", "tensors"))
             try:
                 write_tensor_pieces(writer, converted_pieces(tensor, p, threads), p.nbytes)
@@ -258,24 +255,6 @@ def write_merged_gguf(
     finally:
         writer.close()
     return vocab
-
-
-def _merged(stream: StreamPlan, adapter, dtype: str, cancel: CancelToken) -> Iterator[tuple[str, Any]]:
-    """Merged tensors; one the merge leaves as it is comes as a FileSlice, to be read in row blocks."""
-    yield from stream_merged_tensors(stream, adapter, dtype, cancel=cancel, reuse_buffers=True, file_slices=True)
-
-
-def _stream_dtype(stream: StreamPlan) -> str:
-    """The merge keeps the checkpoint's float dtype (the "merge, save" recipe saves in the base's dtype)."""
-    from lora_studio.core.merge.streaming import FLOAT_ST_DTYPES, tensor_dtype_name
-
-    sizes: dict[str, int] = {}
-    for _, info in stream.sources.values():
-        if info.dtype in FLOAT_ST_DTYPES:
-            sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
-    if not sizes:
-        raise UserError("the checkpoint has no float tensors", "pick a model folder with float weights")
-    return tensor_dtype_name(max(sizes, key=lambda d: sizes[d]))
 
 
 def _byte_shape(p: PlannedTensor) -> tuple[int, ...]:

@@ -24,16 +24,16 @@ from lora_studio import __version__
 from lora_studio.core.errors import UserError
 from lora_studio.core.export import runtime
 from lora_studio.core.export import verify as export_verify
-from lora_studio.core.export.adapter import ADAPTER_TYPES, adapter_refusal, write_adapter_gguf
+from lora_studio.core.export.adapter import TYPE_HINT, adapter_refusal, type_refusal, write_adapter_gguf
 from lora_studio.core.export.architecture import Architecture, architecture
 from lora_studio.core.export.bundle import ServingBundle, write_bundle
-from lora_studio.core.export.gguf_types import DEFAULT_TYPE, K_QUANT_SOURCE, OUTPUT_TYPES, output_type
+from lora_studio.core.export.gguf_types import DEFAULT_TYPE, K_QUANT_SOURCE, OUTPUT_TYPES, llama_file_type, output_type
 from lora_studio.core.export.merged import plan_tensors, write_merged_gguf
 from lora_studio.core.export.vocab import VocabSummary
 from lora_studio.core.io.atomic import atomic_output_file
 from lora_studio.core.io.paths import check_output_apart, free_disk
 from lora_studio.core.merge import verify as merge_verify
-from lora_studio.core.merge.plan import base_dtype
+from lora_studio.core.merge.plan import AdapterSpec, base_dtype, input_paths
 from lora_studio.core.merge.streaming import stream_plan, streaming_refusal
 from lora_studio.core.model.config import read_config, tied_embeddings
 from lora_studio.core.model.identity import hub_id
@@ -63,6 +63,15 @@ class ExportRequest:
     base_gguf: Path | None = None  # "gguf-lora": the base GGUF to verify (and serve) the adapter on
     prompts: Sequence[str] = merge_verify.PROMPTS
     new_tokens: int = merge_verify.NEW_TOKENS
+
+    @property
+    def adapter_label(self) -> str | None:
+        """The adapter's name: the one given, else the session's rule for a folder name."""
+        from lora_studio.core.session import adapter_name_for
+
+        if self.adapter_name:
+            return self.adapter_name
+        return adapter_name_for(Path(self.adapter)) if self.adapter is not None else None
 
     @property
     def type_name(self) -> str:
@@ -137,10 +146,8 @@ def plan_export(request: ExportRequest) -> ExportPlan:
     if type_name not in OUTPUT_TYPES:
         return refused(f"unknown GGUF type {type_name!r}", f"choose one of {', '.join(OUTPUT_TYPES)}")
     try:
-        check_output_apart(
-            request.out,
-            {"base model": request.source.path, "adapter": request.adapter, "base GGUF": request.base_gguf},
-        )
+        adapters = [AdapterSpec(request.adapter_label or "", request.adapter)] if request.adapter else []
+        check_output_apart(request.out, {**input_paths(request.source, adapters), "base GGUF": request.base_gguf})
     except UserError as exc:
         return refused(exc.message, exc.hint)
     if request.source.gguf_file:
@@ -157,11 +164,8 @@ def plan_export(request: ExportRequest) -> ExportPlan:
     if request.format == "gguf-lora":
         if request.adapter is None:
             return refused("an adapter-only GGUF needs an adapter", "pass --adapter PATH")
-        if type_name not in ADAPTER_TYPES:
-            return refused(
-                f"an adapter-only GGUF is written as {', '.join(ADAPTER_TYPES)}, not {type_name}",
-                "quantise the base GGUF instead: the adapter is small",
-            )
+        if reason := type_refusal(type_name):
+            return refused(reason, TYPE_HINT)
         reason = adapter_refusal(request.adapter, arch)
         if reason:
             return refused(reason, "export a merged GGUF instead (--format gguf)")
@@ -271,7 +275,7 @@ def export_gguf(
         export_card(request, type_name, out, verification),
         base_gguf=request.base_gguf.absolute() if request.format == "gguf-lora" and request.base_gguf else None,
         peft_adapter=Path(request.adapter).absolute() if request.adapter else None,
-        adapter_name=request.adapter_name or (Path(request.adapter).name if request.adapter else None),
+        adapter_name=request.adapter_label,
         base_model=hub_id(request.source) or str(request.source.path),
         rank=details.get("adapter", {}).get("rank"),
     )
@@ -290,42 +294,30 @@ def export_gguf(
 
 
 def _write_merged(request: ExportRequest, arch: Architecture, tokenizer, plan: ExportPlan, tmp: Path, cancel, report):
-    type_name = plan.type
-    spec = output_type(type_name)
+    """The merged GGUF into ``tmp``; a K-quant through an f16 (bf16 for a bf16 base) file and llama.cpp's quantiser."""
     dtype = base_dtype(request.source)
-    stream = stream_plan(request.source.path, dtype)
-    name = _model_name(request)
-    if spec.writer == "python":
-        return write_merged_gguf(
-            tmp,
-            arch,
-            stream,
-            request.source.path,
-            request.adapter,
-            tokenizer,
-            type_name,
-            name,
-            cancel=cancel,
-            report=report,
-        )
-    source_type = "bf16" if dtype == "bfloat16" else K_QUANT_SOURCE
-    intermediate = tmp.with_name(tmp.name + f".{source_type}")
+    quantiser = output_type(plan.type).writer == "llama.cpp"
+    written = ("bf16" if dtype == "bfloat16" else K_QUANT_SOURCE) if quantiser else plan.type
+    target = tmp.with_name(f"{tmp.name}.{written}") if quantiser else tmp
     try:
         vocab = write_merged_gguf(
-            intermediate,
+            target,
             arch,
-            stream,
+            stream_plan(request.source.path, dtype),
+            dtype,
             request.source.path,
             request.adapter,
             tokenizer,
-            source_type,
-            name,
+            written,
+            _model_name(request),
             cancel=cancel,
             report=report,
         )
-        runtime.quantise_file(intermediate, tmp, type_name, plan.output_bytes, cancel=cancel, report=report)
+        if quantiser:
+            runtime.quantise_file(target, tmp, plan.type, plan.output_bytes, cancel=cancel, report=report)
     finally:
-        intermediate.unlink(missing_ok=True)
+        if quantiser:
+            target.unlink(missing_ok=True)
     return vocab
 
 
@@ -333,7 +325,7 @@ def _model_name(request: ExportRequest) -> str:
     base = hub_id(request.source) or request.source.label
     if request.adapter is None:
         return str(base)
-    return f"{base} + {request.adapter_name or Path(request.adapter).name}"
+    return f"{base} + {request.adapter_label}"
 
 
 def _verify(
@@ -376,7 +368,7 @@ def _reference(request: ExportRequest, session, cancel, report) -> merge_verify.
 
     report(Progress(0, None, merge_verify.REFERENCE_STAGE))
     owned = None
-    name = request.adapter_name or (Path(request.adapter).name if request.adapter else None)
+    name = request.adapter_label
     if session is None:
         owned = session = Session()
         session.load(request.source, dtype=base_dtype(request.source), cancel=cancel, report=report)
@@ -398,10 +390,20 @@ def _reference(request: ExportRequest, session, cancel, report) -> merge_verify.
 def _temporary_base(request: ExportRequest, arch: Architecture, tokenizer, beside: Path, cancel, report):
     """A base GGUF (f16) written beside the adapter GGUF just to verify it on, removed afterwards."""
     path = beside.with_name(beside.name + ".base-f16")
-    stream = stream_plan(request.source.path, base_dtype(request.source))
+    dtype = base_dtype(request.source)
     try:
         write_merged_gguf(
-            path, arch, stream, request.source.path, None, tokenizer, "f16", "base", cancel=cancel, report=report
+            path,
+            arch,
+            stream_plan(request.source.path, dtype),
+            dtype,
+            request.source.path,
+            None,
+            tokenizer,
+            "f16",
+            "base",
+            cancel=cancel,
+            report=report,
         )
         yield path
     finally:
@@ -418,13 +420,9 @@ def _file_type_name(path: Path) -> str | None:
         if field_ is None:
             return None
         value = int(field_.parts[field_.data[0]][0])
-        name = gguf.LlamaFileType(value).name
     except Exception:  # noqa: BLE001 - an unreadable type only means the default thresholds
         return None
-    short = {"ALL_F32": "f32", "MOSTLY_F16": "f16", "MOSTLY_BF16": "bf16"}.get(
-        name, name.removeprefix("MOSTLY_").lower()
-    )
-    return short if short in OUTPUT_TYPES else None
+    return {llama_file_type(name): name for name in OUTPUT_TYPES}.get(value)
 
 
 def export_card(request: ExportRequest, type_name: str, out: Path, verification) -> str:
@@ -435,7 +433,7 @@ def export_card(request: ExportRequest, type_name: str, out: Path, verification)
         "",
         f"- file: `{out.name}` ({request.format}, {type_name})",
         f"- base: {hub_id(request.source) or request.source.label}",
-        f"- adapter: {request.adapter_name or (Path(request.adapter).name if request.adapter else 'none')}",
+        f"- adapter: {request.adapter_label or 'none'}",
         f"- written by LoRA Studio {__version__}",
     ]
     if verification.sample:

@@ -187,9 +187,10 @@ def check_template(runner: GgufRunner, tokenizer: PreTrainedTokenizerBase, folde
                 f"the chat prompt tokenises differently from token {first} on "
                 f"({len(hf_ids)} tokens in Hugging Face, {len(llama_ids)} in llama.cpp)"
             )
-    status: Literal["pass", "fail", "none"] = "fail" if problems else ("pass" if same is not None else "none")
-    if status == "none" and (missing or eos[0] is not None):
-        status = "pass"
+    # "none": neither side has a chat template nor an EOS to compare
+    status: Literal["pass", "fail", "none"] = (
+        "fail" if problems else "pass" if same is not None or eos[0] is not None else "none"
+    )
     return TemplateCheck(status, same, bos, eos, missing, problems)
 
 

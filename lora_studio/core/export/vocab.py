@@ -15,7 +15,7 @@ llama.cpp would split text differently and the model would see other tokens than
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from hashlib import sha256
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,7 +102,7 @@ def add_vocab(
         summary = _add_gpt2(writer, tokenizer, spec, vocab_size)
         special = gguf.SpecialVocab(folder, load_merges=True)
     special.add_to_gguf(writer, quiet=True)
-    return VocabSummary(summary.model, summary.pre, summary.size, special.chat_template is not None)
+    return replace(summary, chat_template=special.chat_template is not None)
 
 
 def _add_gpt2(writer, tokenizer, spec: dict, vocab_size: int) -> VocabSummary:

@@ -26,7 +26,7 @@ from lora_studio.core.adapters.combinations import (
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.atomic import atomic_output_dir
 from lora_studio.core.io.paths import check_output_apart
-from lora_studio.core.merge.plan import AdapterSpec, base_dtype
+from lora_studio.core.merge.plan import AdapterSpec, base_dtype, input_paths
 from lora_studio.core.merge.run import COMBINED_NAME
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
@@ -103,12 +103,9 @@ def save_combination(
     configs = [adapter_files.read_adapter_config(p) for p in paths] if all(p.is_dir() for p in paths) else []
     if configs:
         check_members([member_from_config(n, c) for n, c in zip(names, configs, strict=True)], combination_type)
-    base_path = session.source.path if session is not None and session.source is not None else None
-    if isinstance(session_or_source, ModelSource):
-        base_path = session_or_source.path
-    check_output_apart(
-        Path(out), {"base model": base_path, **{f"adapter {n}": p for n, p in zip(names, paths, strict=True)}}
-    )
+    base = session_or_source if isinstance(session_or_source, ModelSource) else session_or_source.source
+    members = [AdapterSpec(n, p) for n, p in zip(names, paths, strict=True)]
+    check_output_apart(Path(out), input_paths(base, members))
     try:
         with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
             if session is None:

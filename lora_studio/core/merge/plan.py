@@ -265,9 +265,9 @@ def _current_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def input_paths(source: ModelSource, adapters: Sequence[AdapterSpec] = ()) -> dict[str, Path | None]:
+def input_paths(source: ModelSource | None, adapters: Sequence[AdapterSpec] = ()) -> dict[str, Path | None]:
     """What a job reads, by what it is to the user: an output must stay apart from all of them."""
-    base = source.path / source.gguf_file if source.gguf_file else source.path
+    base = None if source is None else source.path / source.gguf_file if source.gguf_file else source.path
     return {"base model": base, **{f"adapter {a.name}": Path(a.path) for a in adapters}}
 
 
