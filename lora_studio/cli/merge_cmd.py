@@ -30,6 +30,12 @@ def add_parser(sub) -> None:
     add_adapter_argument(p, "adapter folder to merge, optionally named NAME=PATH (repeat to combine several)")
     p.add_argument("--weights", help="comma-separated weights, one per adapter (with --combination)")
     p.add_argument(
+        "--scale",
+        type=float,
+        metavar="S",
+        help="merge a single adapter at S times its trained strength (PEFT's set_scale; default 1)",
+    )
+    p.add_argument(
         "--combination", choices=COMBINATIONS, help="how to combine several adapters (PEFT add_weighted_adapter)"
     )
     p.add_argument("--density", type=float, help="fraction of entries kept, for ties, dare_* and magnitude_prune")
@@ -76,7 +82,9 @@ def run(args) -> int:
         raise UserError("--weights needs --combination", "add e.g. --combination linear")
     if args.density is not None and args.combination is None:
         raise UserError("--density needs --combination", "add e.g. --combination ties")
-    weights = parse_weights(args.weights, len(specs))
+    if args.scale is not None and (args.combination is not None or len(specs) > 1):
+        raise UserError("--scale applies to a single adapter", "for a combination, give --weights")
+    weights = parse_weights(args.weights, len(specs)) if args.scale is None else [args.scale]
     adapters = [AdapterSpec(name, path, w) for (name, path), w in zip(specs, weights, strict=True)]
     if args.adapter_only:
         return _save_adapter_only(args, adapters)

@@ -60,10 +60,14 @@ class SessionState:
     adapters_enabled: bool
     quantization: str | None = None  # e.g. "bitsandbytes 4-bit" when the base's weights are quantized
     tokenizer_source: str | None = None  # an adapter folder whose tokenizer replaced the base's
+    scales: tuple[tuple[str, float], ...] = ()  # (adapter, scale) for the adapters whose scale is not 1
 
     @property
     def loaded(self) -> bool:
         return self.base is not None
+
+    def scale_of(self, adapter: str) -> float:
+        return dict(self.scales).get(adapter, 1.0)
 
 
 class Session:
@@ -79,6 +83,7 @@ class Session:
         self.dtype: str | None = None
         self.device_map: str | None = None
         self._adapters: dict[str, AttachedAdapter] = {}
+        self._scales: dict[str, float] = {}  # adapters whose LoRA scale is not 1 (see set_scale)
         self._active: str | None = None  # the selection made by activate / disable_adapters
         self._enabled = True
         # Inside a variant_selected / mixed_batch_selected block: what the model has now, (adapter, enabled);
@@ -117,6 +122,7 @@ class Session:
                 adapters_enabled=self._enabled,
                 quantization=self.quantization,
                 tokenizer_source=str(self.tokenizer_source) if self.tokenizer_source is not None else None,
+                scales=tuple(self._scales.items()),
             )
 
     @property
@@ -194,6 +200,7 @@ class Session:
         self.source = None
         self.footprint = None
         self._adapters.clear()
+        self._scales.clear()
         self._active = None
         self._enabled = True
         self._live = None
@@ -374,6 +381,7 @@ class Session:
             release_memory()
 
     def _drop_adapter(self, name: str) -> None:
+        self._scales.pop(name, None)
         if not self.is_peft:
             return
         if len(self.model.peft_config) <= 1:
@@ -390,6 +398,7 @@ class Session:
             if self.is_peft:
                 self.model = self.model.unload()
             self._adapters.clear()
+            self._scales.clear()
             self._active = None
             self._enabled = True
             self._live = None
@@ -462,6 +471,53 @@ class Session:
         finally:
             self.model.set_adapter(previous)
 
+    # -- scales ----------------------------------------------------------------
+    @property
+    def scales(self) -> Mapping[str, float]:
+        """The adapters whose LoRA scale is not 1, read-only."""
+        return MappingProxyType(self._scales)
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Run ``adapter`` at ``scale`` times its trained strength (PEFT's ``set_scale``: ΔW = scale·(alpha/r)·B·A).
+
+        Applied to the layers, without a merge: generation, comparison and evaluation see it; 1 restores the
+        adapter as trained, 0 makes it the base.
+        """
+        scale = check_scale(scale)
+        with self.lock:
+            self.require_loaded()
+            if adapter not in self._adapters or not self.is_peft or adapter not in self.model.peft_config:
+                raise UserError(f"no adapter named {adapter!r} is attached", "attach it first")
+            self._apply_scale(adapter, scale)
+            if scale == 1.0:
+                self._scales.pop(adapter, None)
+            else:
+                self._scales[adapter] = scale
+
+    @contextmanager
+    def scale_selected(self, adapter: str, scale: float) -> Iterator[None]:
+        """``adapter`` at ``scale`` for the block; its own scale again afterwards."""
+        scale = check_scale(scale)
+        with self.lock:
+            self.require_loaded()
+            if not (self.is_peft and adapter in self.model.peft_config):
+                raise UserError(f"no adapter named {adapter!r} is attached", "attach it first")
+            previous = self._scales.get(adapter, 1.0)
+            self._apply_scale(adapter, scale)
+        try:
+            yield
+        finally:
+            with self.lock:
+                if self.is_peft and adapter in self.model.peft_config:
+                    self._apply_scale(adapter, previous)
+
+    def _apply_scale(self, adapter: str, scale: float) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer):
+                module.set_scale(adapter, scale)  # from alpha and r each time: scales never compound
+
     # -- selection for a block -------------------------------------------------
     @contextmanager
     def variant_selected(self, adapter: str | None) -> Iterator[Any]:
@@ -521,6 +577,20 @@ class Session:
             if f".{name}." in pname or pname.endswith(f".{name}"):
                 total += p.numel() * p.element_size()
         return total
+
+
+MAX_SCALE = 4.0
+
+
+def check_scale(scale: float) -> float:
+    """A usable adapter scale, as a float: finite, from 0 to ``MAX_SCALE``."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise UserError(f"scale {scale!r} is not a number", "use a number like 0.5") from None
+    if not (0.0 <= value <= MAX_SCALE):  # also refuses NaN
+        raise UserError(f"scale {scale} is outside 0 to {MAX_SCALE:g}", "use a scale like 0.5, 1 or 1.5")
+    return value
 
 
 def validate_adapter_name(name: str) -> str:

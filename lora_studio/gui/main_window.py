@@ -28,6 +28,7 @@ from lora_studio.core.system.memory import MemorySampler
 from lora_studio.gui import drop
 from lora_studio.gui.adapter_panel import AdapterPanel
 from lora_studio.gui.compare_panel import ComparePanel
+from lora_studio.gui.evaluate_panel import EvaluatePanel
 from lora_studio.gui.gc_guard import GuiThreadGarbageCollector
 from lora_studio.gui.job_status import JobStatus
 from lora_studio.gui.jobs import Busy, Job, JobRunner
@@ -96,6 +97,14 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(self.tabs)
         self.compare_panel = ComparePanel(self.runner, self.session_model)
         self.tabs.addTab(self.compare_panel, "Compare")
+        self.evaluate_panel = EvaluatePanel(
+            self.runner,
+            self.session_model,
+            merged_models=lambda: self.compare_panel.merged,
+            open_in_compare=self.open_in_compare,
+            use_scale=self.use_scale_in_merge,
+        )
+        self.tabs.addTab(self.evaluate_panel, "Evaluate")
         self.merge_panel = MergePanel(
             self.runner,
             self.session_model,
@@ -146,7 +155,15 @@ class MainWindow(QMainWindow):
 
     def _connect(self) -> None:
         self.model_panel.loaded.connect(self._base_loaded)
-        for panel in (self.model_panel, self.adapter_panel, self.compare_panel, self.merge_panel, self.train_panel):
+        panels = (
+            self.model_panel,
+            self.adapter_panel,
+            self.compare_panel,
+            self.evaluate_panel,
+            self.merge_panel,
+            self.train_panel,
+        )
+        for panel in panels:
             panel.marker.connect(self.memory_panel.mark)
             panel.log_line.connect(self.log_panel.log)
             panel.folders = self.settings  # file dialogs open where the last one of their kind ended
@@ -185,6 +202,19 @@ class MainWindow(QMainWindow):
         )
 
     # -- what the panels tell the window ----------------------------------------------------------------------------
+    def open_in_compare(self, prompt: str, variants: list[str]) -> None:
+        """An example of the Evaluate tab in Compare: its prompt, the same variants, run."""
+        compare = self.compare_panel
+        base = compare.base_name()
+        compare.set_prompts([prompt])
+        compare.set_ticked([base if name == "base" else name for name in variants])
+        self.tabs.setCurrentWidget(compare)
+        compare.run()
+
+    def use_scale_in_merge(self, adapter: str, scale: float) -> None:
+        self.merge_panel.use_scale(adapter, scale)
+        self.tabs.setCurrentWidget(self.merge_panel)
+
     def _base_loaded(self, state) -> None:
         self.memory_panel.mark(f"loaded {state.base}")
         if state.base_path:

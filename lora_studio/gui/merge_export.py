@@ -41,6 +41,11 @@ def export_request(panel: MergePanel, out: Path | None = None) -> ExportRequest:
     if path.suffix.lower() != ".gguf":
         raise UserError(f"{path.name} does not end in .gguf", "name the file like model.q8_0.gguf")
     row = rows[0] if rows else None
+    if row is not None and row.weight != 1.0:
+        raise UserError(
+            f"{row.name} is set to scale {row.weight:g}: a GGUF export takes an adapter as trained",
+            "merge at this scale to a folder, or set the weight back to 1",
+        )
     return ExportRequest(
         panel.source,
         path,

@@ -192,7 +192,7 @@ class AdapterPicker(QGroupBox):
         self.mode_label.setStyleSheet("color: palette(mid);")
         self.refusal_text = ""  # the combination's refusal shown in mode_label ('' for none)
         for r in self.rows:
-            r.set_enabled(several and r.checked)
+            r.set_enabled(r.checked)  # alone, the weight is the adapter's scale
         self.combo_type.setEnabled(several)
         self.density.setEnabled(several and self.combination() in NEEDS_DENSITY)
         if not rows:
@@ -213,7 +213,11 @@ class AdapterPicker(QGroupBox):
                 + (f"\n{self.type_note}" if self.type_note else "")
             )
         else:
-            self.mode_label.setText(f"plain merge of {rows[0].name} (weights apply to combinations of two or more)")
+            scale = rows[0].weight
+            at = f" at scale {scale:g}" if scale != 1.0 else ""
+            self.mode_label.setText(
+                f"plain merge of {rows[0].name}{at} (alone, its weight is its LoRA scale: 1 is as trained)"
+            )
 
     def _changed(self, *_args) -> None:
         self.changed.emit()
@@ -341,3 +345,15 @@ class OutputBox(QGroupBox):
     def engine(self) -> EngineName | None:
         """The engine chosen (None: auto)."""
         return self.engine_combo.currentData()
+
+
+def use_scale(picker: AdapterPicker, adapter: str, scale: float) -> bool:
+    """Tick ``adapter`` alone at weight ``scale`` (its LoRA scale in a plain merge); False when it is not listed."""
+    rows = [r for r in picker.rows if r.name == adapter and r.mergeable]
+    if not rows:
+        return False
+    for r in picker.rows:
+        r.check.setChecked(r is rows[0])
+    rows[0].set_weight(scale)
+    picker.update_enabled()
+    return True

@@ -43,7 +43,7 @@ from lora_studio.core.merge import (
 from lora_studio.core.session import SessionState
 from lora_studio.gui import merge_export
 from lora_studio.gui.jobs import Job, JobRunner
-from lora_studio.gui.merge_inputs import AdapterPicker, OutputBox
+from lora_studio.gui.merge_inputs import AdapterPicker, OutputBox, use_scale
 from lora_studio.gui.merge_parts import AdapterRow, PlanTable, engine_note
 from lora_studio.gui.merge_preview import ComparePreview, compare_merged, preview_in_compare
 from lora_studio.gui.merge_result import (
@@ -202,6 +202,13 @@ class MergePanel(Panel):
     def is_gguf(self) -> bool:
         return self.output.format() != "hf"
 
+    def use_scale(self, adapter: str, scale: float) -> None:
+        """Merge ``adapter`` alone at ``scale`` (what the Evaluate tab's scale sweep found best)."""
+        if use_scale(self.adapters, adapter, scale):
+            self.show_message(f"{adapter} ticked alone at scale {scale:g}: Merge writes it at that scale", "ok")
+        else:
+            self.show_message(f"{adapter} is not an adapter folder this tab can merge", "warn")
+
     def request(self, out: Path | None = None) -> tuple[list[AdapterSpec], MergeOptions]:
         """What the inputs ask for; raises UserError when they cannot make a merge."""
         rows = self.checked_rows()
@@ -209,7 +216,7 @@ class MergePanel(Panel):
             raise UserError("no adapter ticked", "tick the adapter(s) to merge")
         combination = density = None
         if len(rows) == 1:
-            specs = [AdapterSpec(rows[0].name, Path(rows[0].path), 1.0)]  # a single adapter: a plain merge
+            specs = [AdapterSpec(rows[0].name, Path(rows[0].path), rows[0].weight)]  # alone: its scale
         else:
             specs = [AdapterSpec(r.name, Path(r.path), r.weight) for r in rows]
             combination = self.adapters.combination()

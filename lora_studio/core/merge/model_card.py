@@ -23,6 +23,11 @@ def front_matter(provenance: dict) -> list[str]:
     )
 
 
+def _single(adapters: list[dict]) -> str:
+    weight = adapters[0]["weight"] if adapters else 1.0
+    return "none (single adapter)" if weight == 1.0 else f"none (single adapter at scale {weight:g})"
+
+
 def render(provenance: dict) -> str:
     """Markdown with YAML front matter (Hub-style) and the full provenance as a JSON block."""
     base = provenance["base"]
@@ -40,7 +45,7 @@ def render(provenance: dict) -> str:
         f"- **Base**: `{base['path']}` (config.json sha256 `{base.get('config_sha256') or 'n/a'}`)",
         f"- **Dtype**: {provenance['dtype']}",
         f"- **Engine**: {provenance['engine']}",
-        f"- **Combination**: {provenance.get('combination') or 'none (single adapter)'}"
+        f"- **Combination**: {provenance.get('combination') or _single(provenance['adapters'])}"
         + (f", density {provenance['density']}" if provenance.get("density") is not None else ""),
         "",
         "| adapter | weight | r | alpha | rsLoRA | DoRA | weights sha256 | path |",

@@ -52,7 +52,7 @@ TOKENIZER_PATTERNS = (
 class AdapterSpec:
     name: str
     path: Path
-    weight: float = 1.0
+    weight: float = 1.0  # in a combination its weight; alone its LoRA scale (ΔW = weight·(alpha/r)·B·A)
 
 
 @dataclass
@@ -280,7 +280,14 @@ def _check_request(adapters: Sequence[AdapterSpec], options: MergeOptions) -> No
         raise UserError(f"unknown engine {options.engine!r}", f"choose one of {', '.join(ENGINES)}")
     if options.verify_tokens < 1:
         raise UserError("verification needs at least one token", "use a positive number of tokens")
-    check_combination([a.name for a in adapters], [a.weight for a in adapters], options.combination, options.density)
+    if options.combination is None and len(adapters) == 1:
+        from lora_studio.core.session import check_scale
+
+        check_scale(adapters[0].weight)  # a single adapter's weight is its LoRA scale (PEFT's set_scale)
+    else:
+        check_combination(
+            [a.name for a in adapters], [a.weight for a in adapters], options.combination, options.density
+        )
     configs = []
     for a in adapters:
         configs.append(adapter_files.read_adapter_config(a.path))  # clear message for a missing or broken folder

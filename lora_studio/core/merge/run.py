@@ -142,6 +142,8 @@ def _run_streaming(source, adapter: AdapterSpec, dtype, tmp: Path, options: Merg
 
     sp = stream_plan(source.path, dtype)
     loaded = load_streaming_adapter(adapter.path, sp.sources, tied_embeddings(base_config(source)))
+    if adapter.weight != 1.0:  # a single adapter's scale, as PEFT's set_scale applies it
+        loaded.updates = {t: (kind, a, b, s * adapter.weight) for t, (kind, a, b, s) in loaded.updates.items()}
     targeted = set(loaded.updates)
     check = dtype == "float16"
 
@@ -226,6 +228,7 @@ def _select_adapter(
     """Select the adapter to merge (building the weighted combination first) until ``selection`` ends; its name."""
     if options.combination is None:
         name = adapters[0].name
+        selection.enter_context(session.scale_selected(name, adapters[0].weight))
     else:
         name = selection.enter_context(
             session.temporary_combination(
@@ -257,6 +260,8 @@ def _verify(
     if session is None:  # streaming without a session: load base + adapter just for the reference
         owned = session = _load_session(source, adapters, dtype, cancel, _verifying(report))
         session.activate(adapters[0].name)
+        if options.combination is None:
+            session.set_scale(adapters[0].name, adapters[0].weight)
     try:
         with session.lock:
             ref = verification_mod.reference_outputs(
