@@ -205,3 +205,40 @@ def test_demo_sets_and_defaults():
     from lora_studio.core.demo.assets import demo_dir
 
     assert datasets.default_set_for(demo_dir() / "adapters" / "pirate").name == "pirate.val.jsonl"
+
+
+def test_layers_below_the_first_adapted_one_run_once_per_example(tiny_llama, models_dir, data_file):
+    """Adapters on the top layer only: layer 0 sees each example once, and the losses equal sequential runs."""
+    from lora_studio.core._compat.shared_prefix import first_adapted_layer
+    from lora_studio.core.model.sources import resolve_source
+    from lora_studio.core.session import Session
+
+    top = {
+        name: factories.make_adapter(
+            tiny_llama, models_dir / f"top-{name}", seed=seed, layers_to_transform=[1], target_modules=("q_proj",)
+        )
+        for name, seed in (("up", 21), ("down", 22))
+    }
+    session = Session()
+    session.load(resolve_source(tiny_llama))
+    try:
+        for name, path in top.items():
+            session.attach(path, name)
+        assert first_adapted_layer(session.model) == (1, "")
+        eval_set = datasets.load_eval_set(data_file, session.tokenizer)
+        rows_seen: list[int] = []
+        layer0 = session.model.get_base_model().get_decoder().layers[0]
+        handle = layer0.register_forward_pre_hook(lambda _m, args: rows_seen.append(args[0].shape[0]))
+        try:
+            variants = [Variant.base(), Variant.of_adapter("up"), Variant.of_adapter("down")]
+            mixed = evaluate(session, variants, [eval_set])
+        finally:
+            handle.remove()
+        assert sum(rows_seen) == len(eval_set.examples)  # once per example, not once per variant
+        alone = evaluate(session, variants, [eval_set], mixed=False)
+        for name in ("base", "up", "down"):
+            for a, b in zip(mixed.scores[name], alone.scores[name], strict=True):
+                assert a.nll == pytest.approx(b.nll, abs=1e-5)
+        assert mixed.overall("up").kl > 0
+    finally:
+        session.close()

@@ -8,6 +8,8 @@ Each hook is its own module, named after what it hooks:
   parsed in steps short enough for the window to keep drawing;
 - :mod:`.peft_mixed_batch`: PEFT LoRA ``Linear._mixed_batch_forward``, so that a comparison batch grouped by
   adapter adds each update to a contiguous slice instead of a gather/scatter;
+- :mod:`.shared_prefix`: forward pre-hooks on the decoder layers, so that an evaluation batch of several
+  variants runs the layers below the first adapted one once per example;
 - :mod:`.peft_config`: LoraConfig's field list copied for the locked PEFT, so that reading an adapter
   config does not import PEFT;
 - :mod:`.gguf_pieces`: gguf's ``GGUFWriter.write_tensor_data`` fed row pieces, so that a GGUF export
@@ -29,7 +31,14 @@ from __future__ import annotations
 import importlib
 
 ACTIVE = "active"
-HOOK_MODULES = ("tqdm_progress", "tokenizer_swap", "peft_mixed_batch", "peft_config", "gguf_pieces")
+HOOK_MODULES = (
+    "tqdm_progress",
+    "tokenizer_swap",
+    "peft_mixed_batch",
+    "shared_prefix",
+    "peft_config",
+    "gguf_pieces",
+)
 
 
 def self_check() -> dict[str, str]:

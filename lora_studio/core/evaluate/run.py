@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lora_studio import __version__
 from lora_studio.core._compat.peft_mixed_batch import contiguous_sub_batches
+from lora_studio.core._compat.shared_prefix import shared_prefix
 from lora_studio.core.compare.runs import BASE, mixed_batch_refusal
 from lora_studio.core.compare.variants import Variant
 from lora_studio.core.errors import UserError
@@ -183,10 +184,10 @@ def evaluate(
                 report(Progress(done, len(examples), f"scoring examples {done}/{len(examples)}", "examples"))
                 group_rows = [rows[i] for i in group]
                 logprobs = _group_logprobs(session, columns, on_session, group_rows, reason is None, runners)
-                ref = logprobs[reference]
+                refs = [scoring.Reference(lp) for lp in logprobs[reference]]
                 for name, per_row in logprobs.items():
                     for k, i in enumerate(group):
-                        scores[name][i] = scoring.score(per_row[k], rows[i][1], ref[k])
+                        scores[name][i] = scoring.score(per_row[k], rows[i][1], refs[k])
                 done += len(group)
         finally:
             for runner in runners.values():
@@ -255,9 +256,15 @@ def _group_logprobs(
     out: dict[str, list[torch.Tensor]] = {}
     if on_session and mixed and len(on_session) >= 2:
         names = [v.adapter if v.kind == "adapter" and v.adapter else BASE for v in on_session for _ in rows]
-        with session.mixed_batch_selected() as model, contiguous_sub_batches(names):
+        with (
+            session.mixed_batch_selected() as model,
+            contiguous_sub_batches(names),
+            shared_prefix(model, len(rows), len(on_session)) as shared,
+        ):
+            # shared: the model gets each example once and copies it where the first adapter layer starts
+            batch = rows if shared else [r for _ in on_session for r in rows]
             per_row = scoring.answer_logprobs(
-                model, [r for _ in on_session for r in rows], pad, {"adapter_names": names}
+                model, batch, pad, {"adapter_names": names}, copies=len(on_session) if shared else 1
             )
         for k, v in enumerate(on_session):
             out[v.name] = per_row[k * len(rows) : (k + 1) * len(rows)]

@@ -66,9 +66,12 @@ def chunks(rows: Sequence[Row], copies: int, vocab: int) -> list[list[int]]:
 
 
 def answer_logprobs(
-    model: Any, rows: Sequence[Row], pad_id: int, model_kwargs: dict[str, Any] | None = None
+    model: Any, rows: Sequence[Row], pad_id: int, model_kwargs: dict[str, Any] | None = None, *, copies: int = 1
 ) -> list[torch.Tensor]:
-    """Log-softmax (float32, [answer length, vocab]) of the positions predicting each row's answer."""
+    """Log-softmax (float32, [answer length, vocab]) of the positions predicting each row's answer.
+
+    ``copies``: the model returns that many copies of the batch (copy-major; see ``_compat.shared_prefix``).
+    """
     import torch
 
     device = next(model.parameters()).device
@@ -87,11 +90,15 @@ def answer_logprobs(
             attention_mask=mask.to(device),
             position_ids=positions.to(device),
             logits_to_keep=keep,
+            use_cache=False,
             **(model_kwargs or {}),
         ).logits
     logits = logits[:, -keep:]  # a model that ignores logits_to_keep returns every position
+    if logits.shape[0] != copies * len(rows):
+        raise RuntimeError(f"the model returned {logits.shape[0]} rows for {copies} x {len(rows)}")
     out = []
-    for i, (_, answer) in enumerate(rows):
+    for i in range(copies * len(rows)):
+        answer = rows[i % len(rows)][1]
         row = logits[i, keep - len(answer) - 1 : keep - 1].float().cpu()
         out.append(torch.log_softmax(row, dim=-1))
     return out
@@ -105,9 +112,24 @@ def logprobs_from_logits(logits: Any, prompt_len: int, answer_len: int) -> torch
     return torch.log_softmax(rows, dim=-1)
 
 
-def score(logprobs: torch.Tensor, answer: Sequence[int], reference: torch.Tensor | None) -> ExampleScore:
-    """Sums over the answer's tokens; KL against ``reference`` (its log-probs of the same positions) when given.
+class Reference:
+    """A reference's log-probs of one answer, with what every KL against it reuses."""
 
+    def __init__(self, logprobs: torch.Tensor) -> None:
+        self.logprobs = logprobs
+        self.probs = logprobs.exp()
+        self.neg_entropy = (self.probs * logprobs.clamp_min(LOGPROB_FLOOR)).sum(-1)
+
+
+# log-probabilities are clamped here before products with probabilities: 0 · -inf would be NaN, and a
+# probability below e**-10000 is 0 in float32 anyway
+LOGPROB_FLOOR = -1.0e4
+
+
+def score(logprobs: torch.Tensor, answer: Sequence[int], reference: Reference | None) -> ExampleScore:
+    """Sums over the answer's tokens; KL against ``reference`` (the same positions) when given.
+
+    KL(p || q) = Σ p·log p − Σ p·log q, float32, one product per variant (the first sum is the reference's own).
     Vocabularies of different sizes (a GGUF's padded rows) are compared on the rows they share.
     """
     import torch
@@ -117,10 +139,13 @@ def score(logprobs: torch.Tensor, answer: Sequence[int], reference: torch.Tensor
     correct = int((logprobs.argmax(-1) == target).sum())
     kl = None
     if reference is not None:
-        n = min(reference.shape[-1], logprobs.shape[-1])
-        ref, var = reference[:, :n].double(), logprobs[:, :n].double()
-        p = ref.exp()
-        # where p is 0 the term is 0 even if q is 0
-        terms = torch.where(p > 0, p * (ref - var), torch.zeros_like(p))
-        kl = float(terms.sum(-1).clamp_min(0.0).sum())
+        n = min(reference.probs.shape[-1], logprobs.shape[-1])
+        if n == reference.probs.shape[-1] == logprobs.shape[-1]:
+            cross = (reference.probs * logprobs.clamp_min(LOGPROB_FLOOR)).sum(-1)
+            kl = float((reference.neg_entropy - cross).clamp_min(0.0).sum())
+        else:
+            ref, var = reference.logprobs[:, :n], logprobs[:, :n]
+            p = ref.exp()
+            terms = p * (ref.clamp_min(LOGPROB_FLOOR) - var.clamp_min(LOGPROB_FLOOR))
+            kl = float(terms.sum(-1).clamp_min(0.0).sum())
     return ExampleScore(nll, len(target), correct, kl)
