@@ -111,9 +111,7 @@ def main(argv=None) -> int:
                 "sequential_batched_s": round(med["sequential_batched"], 3),
                 "ratio": round(med["mixed"] / med["sequential"], 3),
                 "ratio_batched": round(med["mixed"] / med["sequential_batched"], 3),
-                "paired_ratios": [
-                    round(m / s, 3) for m, s in zip(times["mixed"], times["sequential"], strict=True)
-                ],
+                "paired_ratios": [round(m / s, 3) for m, s in zip(times["mixed"], times["sequential"], strict=True)],
                 "max_loss_diff": loss_diff,
                 "max_example_diff": example_diff,
                 "losses_equal": loss_diff <= 1e-5,
