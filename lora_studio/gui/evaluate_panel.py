@@ -484,8 +484,8 @@ class EvaluatePanel(Panel):
             ]
             if s.significant and s.delta_loss is not None:
                 colour = BETTER if s.delta_loss < 0 else REGRESSION
-                for c in cells[5:7]:
-                    c.setBackground(colour)
+                for cell in cells[5:7]:
+                    cell.setBackground(colour)
             for c, cell in enumerate(cells):
                 table.setItem(r, c, cell)
         self.verdict.setText(verdict(result, dataset))
@@ -547,7 +547,7 @@ class EvaluatePanel(Panel):
             regressed = result.regressed.get(e.index, [])
             for n in others:
                 delta = result.scores[n][r].loss - ref.loss
-                cell = _Number(delta, f"{delta:+.3f}")
+                cell: QTableWidgetItem = _Number(delta, f"{delta:+.3f}")
                 if n in regressed:
                     cell.setBackground(REGRESSION)
                     cell.setToolTip(f"a regression: {n} is clearly worse than the base here")

@@ -90,7 +90,9 @@ def load_eval_set(
         rows = rows[: max(1, limit)]
     shape = train_data.detect_shape(columns, path.name)
     name = name or set_name(path)
-    examples, warnings, cut = [], [], 0
+    examples: list[EvalExample] = []
+    warnings: list[str] = []
+    cut = 0
     for n, row in enumerate(rows, 1):
         item = train_data.row_as_conversation(row, shape, f"{path.name}, row {n}")
         encoded = train_data.encode(tokenizer, item, completion_only=True, source_row=n)

@@ -248,7 +248,7 @@ def _group_logprobs(
     session: Session,
     columns: list[Column],
     on_session: list[Variant],
-    rows: list[scoring.Row],
+    rows: Sequence[scoring.Row],
     mixed: bool,
     runners: dict[str, Any],
 ) -> dict[str, list[torch.Tensor]]:
@@ -317,15 +317,15 @@ def summarise(
     for name, per in scores.items():
         if name == base:
             continue
-        for e, mine, theirs in zip(examples, per, scores[base], strict=True):
-            if stats.is_regression(mine.loss, theirs.loss):
+        for e, variant_score, base_score in zip(examples, per, scores[base], strict=True):
+            if stats.is_regression(variant_score.loss, base_score.loss):
                 regressed.setdefault(e.index, []).append(name)
     parts: list[tuple[str | None, list[int]]] = [(None, list(range(len(examples))))]
     if len(sets) > 1:
         offset = 0
-        for s in sets:
-            parts.append((s.name, list(range(offset, offset + len(s.examples)))))
-            offset += len(s.examples)
+        for eval_set in sets:
+            parts.append((eval_set.name, list(range(offset, offset + len(eval_set.examples)))))
+            offset += len(eval_set.examples)
     out = []
     for dataset, picks in parts:
         for name, per in scores.items():
@@ -374,12 +374,12 @@ def _provenance(session: Session, column: Column) -> dict[str, Any]:
         }
     if column.kind == "merged":
         assert column.beside is not None
-        weights = sorted(column.beside.path.glob("*.safetensors"))
+        shards = sorted(column.beside.path.glob("*.safetensors"))
         return {
             "name": column.name,
             "kind": "merged",
             "path": str(column.beside.path),
-            "sha256": file_sha256(weights[0]) if len(weights) == 1 else None,
+            "sha256": file_sha256(shards[0]) if len(shards) == 1 else None,
             "scale": None,
         }
     if column.kind == "base":
