@@ -31,20 +31,20 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from lora_studio.app_logging import DEBUG_ENV, log_path
-    from lora_studio.cli import compare_cmd, evaluate_cmd, export_cmd, inspect_cmd, merge_cmd, train_cmd
+    from lora_studio.cli import compare_cmd, evaluate_cmd, export_cmd, inspect_cmd, merge_cmd, reduce_cmd, train_cmd
 
     parser = _OneLineParser(
         prog="lora-studio",
-        description="Load a base model, attach, compare, merge, train, export and evaluate LoRA adapters.",
+        description="Load a base model, attach, compare, merge, train, export, evaluate and reduce LoRA adapters.",
         epilog=f"Log file: {log_path()} (rotating; {DEBUG_ENV}=1 logs more and shows tracebacks).",
     )
     parser.add_argument("--version", action="version", version=f"lora-studio {__version__}")
     parser.add_argument("--demo", action="store_true", help="open the window with the embedded demo model loaded")
     parser.add_argument("--open", dest="base", metavar="PATH", help="open the window with this base model loaded")
     sub = parser.add_subparsers(
-        dest="command", parser_class=_OneLineParser, metavar="{inspect,compare,merge,train,export,evaluate}"
+        dest="command", parser_class=_OneLineParser, metavar="{inspect,compare,merge,train,export,evaluate,reduce}"
     )
-    for module in (inspect_cmd, compare_cmd, merge_cmd, train_cmd, export_cmd, evaluate_cmd):
+    for module in (inspect_cmd, compare_cmd, merge_cmd, train_cmd, export_cmd, evaluate_cmd, reduce_cmd):
         module.add_parser(sub)
     return parser
 

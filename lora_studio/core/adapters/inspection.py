@@ -93,7 +93,7 @@ def inspect_adapter(folder: Path, *, name: str | None = None, base_params: int |
     adapter_files.check_finite(tensors, folder)
     lay = adapter_files.layout(tensors)
     modules = [d for d in (module_delta(k, tensors, config) for k in lay.lora.values()) if d is not None]
-    modules.sort(key=lambda d: _natural_key(d.module))
+    modules.sort(key=lambda d: natural_key(d.module))
     params = sum(int(t.numel()) for t in tensors.values())
     wfile = adapter_files.weights_file(folder)
     warnings = list(config.warnings)
@@ -159,9 +159,8 @@ def init_summary(config: AdapterConfig) -> str:
     return f"{name}, converted" if config.converted_to_lora else name
 
 
-def _natural_key(text: str):
-    import re
-
+def natural_key(text: str) -> list[int | str]:
+    """Sort key ordering "layers.2" before "layers.10"."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
 
 
