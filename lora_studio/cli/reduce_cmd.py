@@ -43,8 +43,10 @@ def run(args) -> int:
     adapter = Path(args.adapter).expanduser()
     plan = read_plan(adapter, name=adapter_name_for(adapter))
     if args.plan:
-        doc = {"kind": "rank_plan", **plan.to_json()}
-        print_json(doc) if args.json else print(render_plan(plan.to_json()))
+        if args.json:
+            print_json({"kind": "rank_plan", **plan.to_json()})
+        else:
+            print(render_plan(plan.to_json()))
         return 0
     if args.rank is None and args.energy is None:
         raise UserError("say how far to cut: --rank K or --energy E", f"e.g. --energy 0.95; --plan shows {plan.name}'s")
@@ -59,7 +61,13 @@ def run(args) -> int:
     progress = stderr_progress()
     try:
         result = reduce_adapter(
-            plan, out, rank=args.rank, energy=args.energy, base_path=base_path, overwrite=args.overwrite, report=progress
+            plan,
+            out,
+            rank=args.rank,
+            energy=args.energy,
+            base_path=base_path,
+            overwrite=args.overwrite,
+            report=progress,
         )
         cost = _measure(args, plan, result, progress) if (args.base or args.demo) else None
     finally:
@@ -124,7 +132,8 @@ def render_result(doc: dict[str, Any]) -> str:
         f"{doc['source']}: rank {doc['r_before']} → {rank_text}, "
         f"{doc['params_before']:,} → {doc['params_after']:,} parameters "
         f"({100 * doc['params_after'] / max(1, doc['params_before']):.0f} %)",
-        f"energy of ΔW kept: {100 * doc['energy_kept']:.2f} % (least: {worst['module']}, {100 * worst['energy']:.2f} %)",
+        f"energy of ΔW kept: {100 * doc['energy_kept']:.2f} % "
+        f"(least: {worst['module']}, {100 * worst['energy']:.2f} %)",
         f"saved: {doc['out']}",
     ]
     cost = doc.get("cost")

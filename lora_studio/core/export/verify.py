@@ -211,7 +211,7 @@ def _prompt_ids(
     bos_text = runner.token_text(runner.bos()) if runner.bos() >= 0 else ""
     eos_text = runner.token_text(runner.eos()) if runner.eos() >= 0 else ""
     try:
-        rendered = Jinja2ChatFormatter(gguf_template, eos_text, bos_text)(messages=messages).prompt  # type: ignore[arg-type]
+        rendered = Jinja2ChatFormatter(gguf_template, eos_text, bos_text)(messages=messages).prompt  # type: ignore[arg-type, unused-ignore]
     except Exception as exc:  # noqa: BLE001 - a template llama.cpp's renderer rejects is the finding itself
         return hf_ids, f"{type(exc).__name__}: {exc}"
     add_bos = runner.metadata.get("tokenizer.ggml.add_bos_token") == "true"

@@ -220,7 +220,11 @@ def _sidecar(plan: RankPlan, result: ReducedAdapter) -> dict[str, Any]:
 
 def card(plan: RankPlan, result: ReducedAdapter) -> str:
     """The reduced adapter's README: where it came from and what the cut kept."""
-    cut = f"rank {int(result.target)}" if result.mode == "rank" else f"{100 * result.target:g} % of each module's energy"
+    if result.mode == "rank":
+        cut = f"rank {int(result.target)}"
+    else:
+        cut = f"{100 * result.target:g} % of each module's energy"
+    uniform = len(set(result.ranks.values())) == 1
     lines = front_matter(
         base_model=plan.config.base_model_name_or_path,
         library_name="peft",
@@ -232,7 +236,7 @@ def card(plan: RankPlan, result: ReducedAdapter) -> str:
         f"# {Path(result.out).name}",
         "",
         f"The LoRA adapter **{plan.name}** cut from rank {result.r_before} to "
-        f"{'rank ' + str(result.r_after) if len(set(result.ranks.values())) == 1 else 'ranks up to ' + str(result.r_after)}"
+        f"{'rank' if uniform else 'ranks up to'} {result.r_after}"
         f" ({cut}) by a truncated SVD of each module's update ΔW = s·B·A, with LoRA Studio {__version__}.",
         "",
         "| | original | reduced |",
@@ -311,7 +315,9 @@ class ReductionCost:
 
     def sentence(self) -> str:
         ci = "" if self.delta_ci is None else f" (95 % CI {self.delta_ci[0]:+.4f} … {self.delta_ci[1]:+.4f})"
-        gain = "" if self.gain_kept is None else f"; keeps {100 * self.gain_kept:.0f} % of the adapter's gain over the base"
+        gain = ""
+        if self.gain_kept is not None:
+            gain = f"; keeps {100 * self.gain_kept:.0f} % of the adapter's gain over the base"
         return f"KL from the original {self.kl:.4f} nats/token, Δloss {self.delta_loss:+.4f}{ci}{gain}"
 
 
@@ -330,11 +336,19 @@ def reduction_cost(
     one mixed batch, with the original as the reference: the reduced column's KL and Δloss are what the cut
     costs."""
     from lora_studio.core.compare import Variant
+    from lora_studio.core.evaluate import stats
     from lora_studio.core.evaluate.run import evaluate
 
     for name in (original, reduced):
         if name not in session.adapters:
             raise UserError(f"adapter {name!r} is not attached", "attach the original and the reduced adapter")
     columns = ([Variant.base()] if with_base else []) + [Variant.of_adapter(original), Variant.of_adapter(reduced)]
-    options = {} if bootstrap_samples is None else {"bootstrap_samples": bootstrap_samples}
-    return evaluate(session, columns, sets, reference=original, cancel=cancel, report=report, **options)
+    return evaluate(
+        session,
+        columns,
+        sets,
+        reference=original,
+        bootstrap_samples=stats.BOOTSTRAP_SAMPLES if bootstrap_samples is None else bootstrap_samples,
+        cancel=cancel,
+        report=report,
+    )
