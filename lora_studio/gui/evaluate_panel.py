@@ -29,7 +29,6 @@ from PySide6.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QPushButton,
-    QSizePolicy,
     QSpinBox,
     QSplitter,
     QTableWidget,
@@ -43,6 +42,7 @@ from lora_studio.core.errors import UserError
 from lora_studio.core.session import SessionState
 from lora_studio.gui.jobs import Job, JobRunner
 from lora_studio.gui.panel import Panel
+from lora_studio.gui.widgets import line_chart
 
 if TYPE_CHECKING:
     from lora_studio.core.evaluate.run import EvaluationResult
@@ -608,14 +608,7 @@ class EvaluatePanel(Panel):
 
         self.sweep = sweep
         if self._plot is None:
-            plot = pg.PlotWidget()
-            plot.setBackground("w")
-            plot.showGrid(x=True, y=True, alpha=0.25)
-            plot.setLabel("bottom", "scale")
-            plot.setLabel("left", "loss (nats/token)")
-            plot.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Ignored)
-            plot.setMinimumHeight(120)
-            plot.addLegend(offset=(-6, 4), labelTextSize="8pt")
+            plot = line_chart("scale", "loss (nats/token)")
             self.plot_placeholder.hide()
             self.plot_holder.addWidget(plot, 1)
             self._plot = plot

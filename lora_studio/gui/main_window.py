@@ -29,6 +29,7 @@ from lora_studio.gui import drop
 from lora_studio.gui.adapter_panel import AdapterPanel
 from lora_studio.gui.compare_panel import ComparePanel
 from lora_studio.gui.evaluate_panel import EvaluatePanel
+from lora_studio.gui.reduce_panel import ReducePanel
 from lora_studio.gui.gc_guard import GuiThreadGarbageCollector
 from lora_studio.gui.job_status import JobStatus
 from lora_studio.gui.jobs import Busy, Job, JobRunner
@@ -105,6 +106,8 @@ class MainWindow(QMainWindow):
             use_scale=self.use_scale_in_merge,
         )
         self.tabs.addTab(self.evaluate_panel, "Evaluate")
+        self.reduce_panel = ReducePanel(self.runner, self.session_model)
+        self.tabs.addTab(self.reduce_panel, "Reduce")
         self.merge_panel = MergePanel(
             self.runner,
             self.session_model,
@@ -160,6 +163,7 @@ class MainWindow(QMainWindow):
             self.adapter_panel,
             self.compare_panel,
             self.evaluate_panel,
+            self.reduce_panel,
             self.merge_panel,
             self.train_panel,
         )

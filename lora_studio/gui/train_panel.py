@@ -24,7 +24,6 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QPushButton,
     QScrollArea,
-    QSizePolicy,
     QSplitter,
     QTextBrowser,
     QVBoxLayout,
@@ -39,7 +38,7 @@ from lora_studio.gui.jobs import Job, JobRunner
 from lora_studio.gui.panel import Panel
 from lora_studio.gui.session_model import SessionModel
 from lora_studio.gui.train_settings import TrainSettingsForm
-from lora_studio.gui.widgets import ElidedLabel
+from lora_studio.gui.widgets import ElidedLabel, line_chart
 
 DRAW_INTERVAL_MS = 200
 DATA_FILTER = "Training data (*.jsonl *.json *.csv *.parquet);;All files (*)"
@@ -474,14 +473,7 @@ class TrainPanel(Panel):
         if self.plot is None:
             import pyqtgraph as pg
 
-            plot = pg.PlotWidget()
-            plot.setBackground("w")
-            plot.showGrid(x=True, y=True, alpha=0.25)
-            plot.setLabel("bottom", "step")
-            plot.setLabel("left", "loss")
-            plot.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Ignored)
-            plot.setMinimumHeight(120)
-            plot.addLegend(offset=(-6, 4), labelTextSize="8pt")
+            plot = line_chart("step", "loss")
             styles = {
                 "lora:train": dict(pen=pg.mkPen("#4c78a8", width=2), name="training loss"),
                 "lora:val": dict(pen=pg.mkPen("#e45756", width=2), symbol="o", symbolSize=5, name="validation loss"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QResizeEvent
 from PySide6.QtWidgets import QLabel, QMessageBox, QProgressBar, QSizePolicy, QWidget
@@ -144,3 +146,22 @@ def ask_yes_no(parent: QWidget, title: str, text: str, *, default_yes: bool = Fa
     """A Yes/No question; True for Yes. ``default_yes`` picks the button Enter presses (No unless it is safe)."""
     yes, no = QMessageBox.StandardButton.Yes, QMessageBox.StandardButton.No
     return QMessageBox.question(parent, title, text, yes | no, yes if default_yes else no) == yes
+
+
+def line_chart(bottom: str, left: str, *, legend: bool = True, min_height: int = 120) -> Any:
+    """A white pyqtgraph plot with a grid, the axis labels and a small legend (the tabs' result charts).
+
+    No preferred height (pyqtgraph asks for 480 px): the chart takes what its layout leaves, so the buttons
+    under it stay in view at 1280×720."""
+    import pyqtgraph as pg
+
+    plot = pg.PlotWidget()
+    plot.setBackground("w")
+    plot.showGrid(x=True, y=True, alpha=0.25)
+    plot.setLabel("bottom", bottom)
+    plot.setLabel("left", left)
+    plot.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Ignored)
+    plot.setMinimumHeight(min_height)
+    if legend:
+        plot.addLegend(offset=(-6, 4), labelTextSize="8pt")
+    return plot

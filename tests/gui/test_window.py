@@ -174,7 +174,7 @@ def test_drop_a_model_and_an_adapter_folder(qtbot, window, tiny_llama, llama_ada
 def test_tabs_and_settings_roundtrip(qtbot, tmp_path, data_dir):
     w = make_window(qtbot, tmp_path)
     titles = [w.tabs.tabText(i) for i in range(w.tabs.count())]
-    assert titles == ["Adapters", "Compare", "Evaluate", "Merge", "Train"]
+    assert titles == ["Adapters", "Compare", "Evaluate", "Reduce", "Merge", "Train"]
     w.log_dock.hide()
     w.close()  # saves geometry and layout, stops workers
     w2 = make_window(qtbot, tmp_path)
