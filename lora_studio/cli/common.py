@@ -61,6 +61,17 @@ def output_path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def check_report_path(text: str, *, overwrite: bool) -> Path:
+    """``--report FILE``, checked before any work: a known type, and not an existing file without --overwrite."""
+    from lora_studio.core.report.share import report_kind
+
+    path = output_path(text)
+    report_kind(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists", "choose another --report file or add --overwrite")
+    return path
+
+
 MIB = 1024**2
 
 

@@ -14,6 +14,7 @@ import textwrap
 from lora_studio.cli.common import (
     add_adapter_argument,
     add_base_argument,
+    check_report_path,
     parse_adapter_specs,
     print_json,
     resolve_base,
@@ -53,6 +54,8 @@ def add_parser(sub) -> None:
     p.add_argument("--sequential", action="store_true", help="run variants one at a time instead of one mixed batch")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load in (default float32)")
     p.add_argument("--device-map", default="cpu", help="cpu, cuda:N or auto (default cpu)")
+    p.add_argument("--report", metavar="FILE", help="also write a report: .html, .md, .jsonl, .csv or .json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -100,6 +103,7 @@ def run(args) -> int:
         )
     if args.reference is not None and args.reference not in names:
         raise UserError(f"--reference {args.reference!r} is not a variant", f"pick one of {', '.join(names)}")
+    report_path = check_report_path(args.report, overwrite=args.overwrite) if args.report else None
 
     progress = stderr_progress()
     source = resolve_base(args, report=progress)
@@ -115,6 +119,11 @@ def run(args) -> int:
         result = comparison.compare(
             session, variants, prompts, settings, reference=args.reference, mixed=not args.sequential, report=progress
         )
+        if report_path is not None:
+            from lora_studio.core.evaluate.run import comparison_report
+            from lora_studio.core.report.share import write_report
+
+            write_report(comparison_report(session, result, variants), report_path, overwrite=args.overwrite)
     finally:
         progress.done()
         session.close()
@@ -122,6 +131,8 @@ def run(args) -> int:
         print_json(to_json(result))
     else:
         print(render(result))
+        if report_path is not None:
+            print(f"\nreport: {report_path}")
     return 0
 
 

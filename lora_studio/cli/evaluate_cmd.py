@@ -14,7 +14,7 @@ from typing import Any
 from lora_studio.cli.common import (
     add_adapter_argument,
     add_base_argument,
-    output_path,
+    check_report_path,
     parse_adapter_specs,
     print_json,
     resolve_base,
@@ -140,9 +140,7 @@ def run(args) -> int:
     data = [Path(d).expanduser() for d in args.data] or datasets.default_sets([p for _, p in adapters])
     if not data:
         raise UserError("no evaluation data", "pass --data FILE (JSONL, CSV, Parquet)")
-    report_path = output_path(args.report) if args.report else None
-    if report_path is not None and report_path.exists() and not args.overwrite:
-        raise UserError(f"{report_path} exists", "choose another --report file or add --overwrite")
+    report_path = check_report_path(args.report, overwrite=args.overwrite) if args.report else None
 
     progress = stderr_progress()
     source = resolve_base(args, report=progress)

@@ -24,12 +24,15 @@ from typing import Any
 
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
+    QApplication,
     QFileDialog,
     QHBoxLayout,
     QLabel,
+    QMenu,
     QPushButton,
     QSizePolicy,
     QSplitter,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -91,6 +94,15 @@ class ComparePanel(Panel):
         self.run_all_btn.clicked.connect(self.run_all)
         self.stop_btn = QPushButton("Stop")
         self.stop_btn.clicked.connect(self.stop)
+        self.share_btn = QToolButton()
+        self.share_btn.setText("Share")
+        self.share_btn.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        share_menu = QMenu(self.share_btn)
+        self.copy_markdown_action = share_menu.addAction("Copy as Markdown", self.copy_markdown)
+        self.save_report_action = share_menu.addAction("Save report…", self.save_report)
+        self.share_btn.setMenu(share_menu)
+        self._shown: tuple[Any, list[Any]] | None = None  # the last finished run: (ComparisonResult, its variants)
+        self._pending_variants: list[Any] = []
         self.note = QLabel("")
         self.note.setStyleSheet("color: palette(mid);")
         self.note.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -100,6 +112,7 @@ class ComparePanel(Panel):
         run_row.addWidget(self.run_btn)
         run_row.addWidget(self.run_all_btn)
         run_row.addWidget(self.stop_btn)
+        run_row.addWidget(self.share_btn)
         self.progress.setMinimumWidth(200)  # "generating: 270/768 tokens" in full
         run_row.addWidget(self.progress, 1)
         run_row.addWidget(self.note, 2)
@@ -193,6 +206,8 @@ class ComparePanel(Panel):
         )
         self.stop_btn.setEnabled(running)
         self.stop_btn.setToolTip("stop the comparison within one decoding step" if running else "nothing is running")
+        share = reason or ("" if self._shown is not None else "run a comparison first")
+        self.set_reasons({self.share_btn: (share, "copy the comparison as Markdown, or save it as an HTML report")})
         self.variants.update_buttons(reason, running)
 
     def settings(self) -> GenerationSettings:
@@ -298,6 +313,7 @@ class ComparePanel(Panel):
         variants = self._variants(ticked)
         buffer = DeltaBuffer()
         session = self.session
+        self._pending_variants = variants
 
         def fn(*, cancel, report):
             return run_comparison(session, variants, prompts, settings, reference, buffer, cancel=cancel, report=report)
@@ -337,10 +353,57 @@ class ComparePanel(Panel):
     def _done(self, outcome: RunOutcome) -> None:
         self.results.show_outcome(outcome)
         result = outcome.result
+        self._shown = (result, self._pending_variants)
         reference = result.prompts[0].divergence.reference
         on = f" on {len(result.prompts)} prompts" if len(result.prompts) > 1 else ""
         self.show_message(f"compared {len(result.variants)} variants{on} against {reference}", "ok")
         self.run_finished.emit(outcome)
+        self.update_buttons()
+
+    # -- share ------------------------------------------------------------------------------------------------------
+    def _with_report(self, name: str, then: Any) -> Job | None:
+        """Build the last comparison's shareable document (hashes read on a worker), then ``then(doc)``."""
+        if self._shown is None:
+            return None
+        from lora_studio.core.evaluate.run import comparison_report
+
+        (result, variants), session = self._shown, self.session
+
+        def fn(*, cancel, report):
+            return comparison_report(session, result, variants)
+
+        return self.op(name, fn, progress=False).on_success(then).run()
+
+    def copy_markdown(self) -> Job | None:
+        from lora_studio.core.report.share import render
+
+        def copy(doc: dict) -> None:
+            QApplication.clipboard().setText(render(doc, "markdown"))
+            self.show_message("the comparison is on the clipboard as Markdown", "ok")
+
+        return self._with_report("copying the comparison", copy)
+
+    def save_report(self) -> None:
+        from lora_studio.gui.evaluate_panel import REPORT_FILTER
+
+        start = str(Path(self.start_folder("report")) / "comparison.html")
+        path, _ = QFileDialog.getSaveFileName(self, "Save the comparison", start, REPORT_FILTER)
+        if path:
+            self.remember_folder("report", str(Path(path).parent))
+            self.write_report(Path(path))
+
+    def write_report(self, path: Path) -> Job | None:
+        from lora_studio.core.report.share import write_report
+
+        def write(doc: dict) -> None:
+            def fn(*, cancel, report):
+                return write_report(doc, path, overwrite=True)  # the dialog asked before replacing
+
+            self.op("saving the report", fn, exclusive=False, key="compare-report", progress=False).on_success(
+                lambda written: self.show_message(f"report saved: {written}", "ok")
+            ).run()
+
+        return self._with_report("preparing the report", write)
 
     def _show_summary(self, note: str, tooltip: str) -> None:
         self.note.setText(note)

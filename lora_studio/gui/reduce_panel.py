@@ -10,6 +10,7 @@ to the session, so Compare, Evaluate and Merge see it beside the original.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,12 +64,15 @@ class ReducePanel(Panel):
         self.adapter_combo = QComboBox()
         self.adapter_combo.setToolTip("an attached LoRA adapter")
         self.suggestions = QTableWidget(0, 4)
-        self.suggestions.setHorizontalHeaderLabels(["energy kept", "one rank", "per-module ranks", "parameters"])
+        self.suggestions.setHorizontalHeaderLabels(["energy", "one rank", "per module", "parameters"])
         self.suggestions.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.suggestions.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.suggestions.verticalHeader().setVisible(False)
         self.suggestions.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        self.suggestions.setMaximumHeight(112)
+        self.suggestions.verticalHeader().setDefaultSectionSize(22)
+        self.suggestions.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.suggestions.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.suggestions.setFixedHeight(self.suggestions.horizontalHeader().sizeHint().height() + 3 * 22 + 4)
         self.suggestions.setToolTip(
             "the smallest cut keeping 90/95/99 % of the update's energy (Σσ² of each ΔW): one rank for every "
             "module, or each module at its own rank (parameters: one rank / per module). Click a row to use it"
@@ -260,7 +264,7 @@ class ReducePanel(Panel):
                 f"{100 * s.energy:g} %",
                 str(s.uniform_rank),
                 f"≤ {s.per_module_max_rank}",
-                f"{s.uniform_params:,} / {s.per_module_params:,}",
+                f"{_thousands(s.uniform_params)} / {_thousands(s.per_module_params)}",
             ]
             for c, text in enumerate(cells):
                 item = QTableWidgetItem(text)
@@ -356,7 +360,7 @@ class ReducePanel(Panel):
         if plan is None:
             return
         if self._plot is None:
-            self._plot = line_chart("rank kept", "energy kept (%)")
+            self._plot = line_chart("rank kept", "energy kept (%)", legend=(-6, -6))
             self.placeholder.hide()
             self.plot_holder.addWidget(self._plot, 1)
         plot = self._plot
@@ -398,6 +402,7 @@ class ReducePanel(Panel):
         session, base = self.session, self.state.base_path
 
         def fn(*, cancel, report):
+            started = time.perf_counter()
             result = reduce_adapter(
                 plan,
                 out,
@@ -409,12 +414,14 @@ class ReducePanel(Panel):
             )
             session.attach(result.out, name, activate=False, cancel=cancel, report=report)
             if not files:
+                result.seconds = time.perf_counter() - started
                 return result, None
             with session.lock:
                 sets = datasets.load_eval_sets(files, session.tokenizer)
             if not sets:
                 raise UserError("no data to measure on", "untick Measure, or add a validation set to the adapter")
             measured = reduction_cost(session, plan.name, name, sets, cancel=cancel, report=report)
+            result.seconds = time.perf_counter() - started  # the cut, the attach and the measurement
             return result, ReductionCost.of(measured, plan.name, name)
 
         job = self.op(f"reducing {plan.name}", fn).on_end(self._ended).on_success(self.show_result).run()
@@ -453,3 +460,7 @@ class ReducePanel(Panel):
 
     def _attached_name(self, result: ReducedAdapter) -> str:
         return next((n for n, p in self.adapter_folders().items() if p == result.out), result.out.name)
+
+
+def _thousands(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.0f} k" if n >= 1e3 else str(n)

@@ -148,8 +148,11 @@ def ask_yes_no(parent: QWidget, title: str, text: str, *, default_yes: bool = Fa
     return QMessageBox.question(parent, title, text, yes | no, yes if default_yes else no) == yes
 
 
-def line_chart(bottom: str, left: str, *, legend: bool = True, min_height: int = 120) -> Any:
-    """A white pyqtgraph plot with a grid, the axis labels and a small legend (the tabs' result charts).
+def line_chart(
+    bottom: str, left: str, *, legend: tuple[int, int] | None = (-6, 4), min_height: int = 120
+) -> Any:
+    """A white pyqtgraph plot with a grid, the axis labels and a small legend (the tabs' result charts); ``legend``
+    is its offset (negative: from the right / the bottom), None for none.
 
     No preferred height (pyqtgraph asks for 480 px): the chart takes what its layout leaves, so the buttons
     under it stay in view at 1280×720."""
@@ -162,6 +165,6 @@ def line_chart(bottom: str, left: str, *, legend: bool = True, min_height: int =
     plot.setLabel("left", left)
     plot.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Ignored)
     plot.setMinimumHeight(min_height)
-    if legend:
-        plot.addLegend(offset=(-6, 4), labelTextSize="8pt")
+    if legend is not None:
+        plot.addLegend(offset=legend, labelTextSize="8pt")
     return plot

@@ -145,3 +145,28 @@ def test_mismatched_adapter_exit_2_in_a_subprocess(tiny_llama, wide_adapter):
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "adapter expects in=64,out=64" in proc.stderr
+
+
+def test_compare_and_evaluate_write_reports(tiny_llama, llama_adapters, tmp_path, capsys):
+    adapters = ["--adapter", f"alpha={llama_adapters['alpha']}", "--adapter", f"beta={llama_adapters['beta']}"]
+    page = tmp_path / "compare.html"
+    argv = ["compare", tiny_llama, *adapters, "--prompt", "hello", "--max-new-tokens", "6", "--report", page]
+    code, out, err = run_in_process(capsys, argv)
+    assert code == 0, err
+    assert f"report: {page}" in out
+    text = page.read_text()
+    assert "<!DOCTYPE html>" in text and "alpha" in text and "beta" in text and "sha256" in text
+    assert str(llama_adapters["alpha"]) in text  # provenance: the adapter's folder and its hash
+    code, _, err = run_in_process(capsys, argv)  # the report exists now
+    assert code == 2 and "exists" in err and "--overwrite" in err
+    code, _, err = run_in_process(capsys, [*argv[:-1], tmp_path / "compare.txt"])
+    assert code == 2 and "unknown report type" in err
+
+    data = tmp_path / "val.jsonl"
+    data.write_text(json.dumps({"prompt": "Say hello.", "completion": "Hello there."}) + "\n")
+    markdown = tmp_path / "evaluation.md"
+    code, out, err = run_in_process(
+        capsys, ["evaluate", tiny_llama, *adapters, "--data", data, "--report", markdown, "--json"]
+    )
+    assert code == 0, err
+    assert "# LoRA Studio evaluation" in markdown.read_text() and json.loads(out)["kind"] == "evaluation"

@@ -270,3 +270,23 @@ def test_200_switch_attempts_while_the_panel_generates(qtbot, window):
     adapters.activate("adapter-beta")
     idle(qtbot, window)
     assert window.session.state().active_adapter == "adapter-beta"
+
+
+def test_share_copies_markdown_and_saves_a_report(qtbot, window, tmp_path):
+    from PySide6.QtWidgets import QApplication
+
+    panel = window.compare_panel
+    assert not panel.share_btn.isEnabled()  # nothing to share yet
+    panel.prompt_edit.setPlainText("hello")
+    panel.max_tokens.setValue(4)
+    panel.run()
+    idle(qtbot, window)
+    assert panel.share_btn.isEnabled()
+    panel.copy_markdown()
+    idle(qtbot, window)
+    text = QApplication.clipboard().text()
+    assert text.startswith("# LoRA Studio comparison") and "adapter-alpha" in text and "sha256" in text
+    page = tmp_path / "comparison.html"
+    panel.write_report(page)
+    qtbot.waitUntil(page.exists, timeout=TIMEOUT)
+    assert "adapter-beta" in page.read_text() and "report saved" in panel.message.text()

@@ -31,6 +31,7 @@ from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 if TYPE_CHECKING:
     import torch
 
+    from lora_studio.core.compare.runs import ComparisonResult
     from lora_studio.core.session import Session
 
 VariantKind = Literal["base", "adapter", "combination", "merged", "gguf"]
@@ -409,3 +410,19 @@ def _base_provenance(session: Session) -> dict[str, Any]:
         "dtype": session.dtype,
         "device": session.device,
     }
+
+
+def comparison_report(session: Session, result: ComparisonResult, variants: Sequence[Variant]) -> dict[str, Any]:
+    """A comparison as a shareable document (core/report/share.py renders it): the base and every variant with
+    their paths and hashes, and each generated token's text for the divergence strips."""
+    from lora_studio.core.report.share import comparison_document
+
+    with session.lock:
+        provenance = {
+            "base": _base_provenance(session),
+            "variants": [_provenance(session, v) for v in variants],
+        }
+        tokenizer = session.tokenizer
+        return comparison_document(
+            result.to_json(), provenance=provenance, token_text=lambda t: tokenizer.decode([t])
+        )

@@ -33,17 +33,24 @@ STRIP_MAX_KL = 2.0  # nats: the KL at which a divergence-strip token is fully re
 def write_report(doc: Document, path: Path, *, overwrite: bool = False) -> Path:
     """Write ``doc`` in the format its suffix names, atomically; the path written."""
     path = Path(path).expanduser()
-    kind = FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise UserError(
-            f"{path.name}: unknown report type {path.suffix or '(none)'}", "use .html, .md, .jsonl, .csv or .json"
-        )
+    kind = report_kind(path)
     if doc.get("kind") not in ("comparison", "evaluation"):
         raise UserError("this is not a comparison or an evaluation", "save a comparison or an evaluation")
     text = render(doc, kind)
     with atomic_output_file(path, overwrite=overwrite) as tmp:
         Path(tmp).write_text(text, "utf-8", newline="")
     return path
+
+
+def report_kind(path: Path) -> str:
+    """The format a report file's suffix names; a suffix of no known format is refused."""
+    kind = FORMATS.get(Path(path).suffix.lower())
+    if kind is None:
+        raise UserError(
+            f"{Path(path).name}: unknown report type {Path(path).suffix or '(none)'}",
+            "use .html, .md, .jsonl, .csv or .json",
+        )
+    return kind
 
 
 def render(doc: Document, kind: str) -> str:
