@@ -70,6 +70,8 @@ class ComparePanel(Panel):
         self.variants = VariantPicker()
         self.variants.ticks_changed.connect(self._ticks_changed)
         self.variants.current_changed.connect(self.update_buttons)
+        self.variants.scale_changed.connect(self.set_adapter_scale)
+        self._last_prompts: list[str] = []
         self.merged_folders = MergedFolders(self)
         self.variants.add_merged_btn.clicked.connect(self.merged_folders.browse)
         self.variants.remove_btn.clicked.connect(self.merged_folders.remove_selected)
@@ -314,6 +316,7 @@ class ComparePanel(Panel):
         buffer = DeltaBuffer()
         session = self.session
         self._pending_variants = variants
+        self._last_prompts = list(prompts)
 
         def fn(*, cancel, report):
             return run_comparison(session, variants, prompts, settings, reference, buffer, cancel=cancel, report=report)
@@ -359,6 +362,21 @@ class ComparePanel(Panel):
         self.show_message(f"compared {len(result.variants)} variants{on} against {reference}", "ok")
         self.run_finished.emit(outcome)
         self.update_buttons()
+
+    # -- scale ------------------------------------------------------------------------------------------------------
+    def set_adapter_scale(self, adapter: str, scale: float) -> Job | None:
+        """Run ``adapter`` at ``scale`` from now on (PEFT's set_scale); the last comparison runs again with it."""
+        session = self.session
+
+        def fn(*, cancel, report):
+            session.set_scale(adapter, scale)
+
+        def done(_result: Any) -> None:
+            self.show_message(f"{adapter} runs at scale {scale:g}", "ok")
+            if self._shown is not None and self._last_prompts and self.job is None:
+                self._start(self._last_prompts)
+
+        return self.op(f"setting {adapter}'s scale", fn, progress=False).on_success(done).run()
 
     # -- share ------------------------------------------------------------------------------------------------------
     def _with_report(self, name: str, then: Any) -> Job | None:

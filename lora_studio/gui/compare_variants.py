@@ -10,26 +10,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QComboBox,
+    QDoubleSpinBox,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QListWidget,
     QListWidgetItem,
     QPushButton,
+    QSlider,
     QVBoxLayout,
     QWidget,
 )
 
-from lora_studio.core.session import SessionState
+from lora_studio.core.session import MAX_SCALE, SessionState
 from lora_studio.gui.compare_columns import KIND_ADAPTER, KIND_BASE, KIND_MERGED
+
+SLIDER_STEPS_PER_UNIT = 20  # the slider moves in steps of 0.05
+SLIDER_MAX = 2.0  # the slider's range; the box beside it goes to MAX_SCALE
+SCALE_SETTLE_MS = 350  # a scale is applied once the slider rests this long
 
 
 class VariantPicker(QGroupBox):
     ticks_changed = Signal()  # the ticked variants (or the reference choices) changed
     current_changed = Signal()  # another row is selected (the Remove button follows it)
+    scale_changed = Signal(str, float)  # (adapter, scale): the user set an adapter's LoRA scale
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__("Variants", parent)
@@ -37,6 +44,7 @@ class VariantPicker(QGroupBox):
         self.merged: dict[str, Any] = {}  # column name -> BesideModel (opaque here)
         self.merged_paths: dict[str, str] = {}
         self.unticked: set[str] = set()  # remembered across list refreshes; new variants start ticked
+        self._scale_free = True  # no model job runs: a scale may be set
         self.variant_list = QListWidget()
         self.variant_list.setToolTip("ticked variants become columns")
         self.variant_list.itemChanged.connect(self._ticks_changed)
@@ -55,6 +63,26 @@ class VariantPicker(QGroupBox):
         ref_row.addWidget(QLabel("Reference"))
         ref_row.addWidget(self.reference_combo, 1)
         layout.addLayout(ref_row)
+        # the selected adapter's LoRA scale (PEFT's set_scale: no merge); the tab runs again when it settles
+        self.scale_slider = QSlider(Qt.Orientation.Horizontal)
+        self.scale_slider.setRange(0, int(SLIDER_MAX * SLIDER_STEPS_PER_UNIT))
+        self.scale_slider.setValue(SLIDER_STEPS_PER_UNIT)
+        self.scale_spin = QDoubleSpinBox(minimum=0.0, maximum=MAX_SCALE, value=1.0, decimals=2, singleStep=0.05)
+        self.scale_spin.setKeyboardTracking(False)
+        self.scale_label = QLabel("Scale")
+        scale_row = QHBoxLayout()
+        scale_row.addWidget(self.scale_label)
+        scale_row.addWidget(self.scale_slider, 1)
+        scale_row.addWidget(self.scale_spin)
+        layout.addLayout(scale_row)
+        self._settle = QTimer(self)
+        self._settle.setSingleShot(True)
+        self._settle.setInterval(SCALE_SETTLE_MS)
+        self._settle.timeout.connect(self._emit_scale)
+        self.scale_slider.valueChanged.connect(self._slider_moved)
+        self.scale_spin.valueChanged.connect(self._spin_changed)
+        self.variant_list.currentItemChanged.connect(lambda *_: self._show_scale())
+        self._show_scale()
 
     # -- what is listed ------------------------------------------------------------------------------------------------
     def base_name(self) -> str:
@@ -83,7 +111,9 @@ class VariantPicker(QGroupBox):
         )
         self.variant_list.clear()
         for name, kind in self.available_variants():
-            label = {KIND_BASE: f"{name}", KIND_ADAPTER: name, KIND_MERGED: f"{name} (merged folder)"}[kind]
+            scale = self.state.scale_of(name) if self.state and kind == KIND_ADAPTER else 1.0
+            scaled = f"{name}  ×{scale:g}" if scale != 1.0 else name
+            label = {KIND_BASE: f"{name}", KIND_ADAPTER: scaled, KIND_MERGED: f"{name} (merged folder)"}[kind]
             item = QListWidgetItem(label)
             item.setData(Qt.ItemDataRole.UserRole, (name, kind))
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
@@ -99,6 +129,67 @@ class VariantPicker(QGroupBox):
                 self.variant_list.setCurrentItem(item)
         self.variant_list.blockSignals(False)
         self._ticks_changed()
+        self._show_scale()
+
+    # -- the selected adapter's scale ----------------------------------------------------------------------------------
+    def selected_adapter(self) -> str | None:
+        item = self.variant_list.currentItem()
+        if item is None or item.data(Qt.ItemDataRole.UserRole)[1] != KIND_ADAPTER:
+            return None
+        return item.data(Qt.ItemDataRole.UserRole)[0]
+
+    def _show_scale(self) -> None:
+        name = self.selected_adapter()
+        scale = self.state.scale_of(name) if self.state and name else 1.0
+        for widget in (self.scale_slider, self.scale_spin):
+            widget.blockSignals(True)
+        self.scale_spin.setValue(scale)
+        self.scale_slider.setValue(round(min(scale, SLIDER_MAX) * SLIDER_STEPS_PER_UNIT))
+        for widget in (self.scale_slider, self.scale_spin):
+            widget.blockSignals(False)
+        self._scale_enabled()
+
+    def _scale_enabled(self) -> None:
+        name = self.selected_adapter()
+        on = self._scale_free and name is not None
+        tip = (
+            f"{name}'s LoRA scale: 0 is the base, 1 the adapter as trained (PEFT's set_scale, no merge); "
+            "the comparison runs again when it settles"
+            if name
+            else "select an adapter in the list to change its scale"
+        )
+        for widget in (self.scale_slider, self.scale_spin, self.scale_label):
+            widget.setEnabled(on)
+            widget.setToolTip(tip)
+
+    def _slider_moved(self, value: int) -> None:
+        self.scale_spin.blockSignals(True)
+        self.scale_spin.setValue(value / SLIDER_STEPS_PER_UNIT)
+        self.scale_spin.blockSignals(False)
+        self._settle.start()
+
+    def _spin_changed(self, value: float) -> None:
+        self.scale_slider.blockSignals(True)
+        self.scale_slider.setValue(round(min(value, SLIDER_MAX) * SLIDER_STEPS_PER_UNIT))
+        self.scale_slider.blockSignals(False)
+        self._settle.start()
+
+    def _emit_scale(self) -> None:
+        name = self.selected_adapter()
+        if name is not None and self.state is not None and self.scale_spin.value() != self.state.scale_of(name):
+            self.scale_changed.emit(name, float(self.scale_spin.value()))
+
+    def set_scale_now(self, name: str, scale: float) -> None:
+        """Select ``name`` and set its scale as the user would, without waiting for the slider to settle."""
+        self.select(name)
+        self.scale_spin.setValue(scale)
+        self._settle.stop()
+        self._emit_scale()
+
+    def select(self, name: str) -> None:
+        for i in range(self.variant_list.count()):
+            if self.variant_list.item(i).data(Qt.ItemDataRole.UserRole)[0] == name:
+                self.variant_list.setCurrentRow(i)
 
     # -- ticks and the reference ---------------------------------------------------------------------------------------
     def ticked(self) -> list[tuple[str, str]]:
@@ -178,6 +269,8 @@ class VariantPicker(QGroupBox):
         """``reason``: why nothing may be loaded now ('' when it may); ``running``: a comparison runs."""
         self.add_merged_btn.setEnabled(not reason)
         self.add_merged_btn.setToolTip(reason or "load a merged model folder read-only beside the session, as a column")
+        self._scale_free = not reason and not running
+        self._scale_enabled()
         removable = self.selected_merged() is not None and not running
         self.remove_btn.setEnabled(removable)
         self.remove_btn.setToolTip(

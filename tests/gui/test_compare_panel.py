@@ -290,3 +290,22 @@ def test_share_copies_markdown_and_saves_a_report(qtbot, window, tmp_path):
     panel.write_report(page)
     qtbot.waitUntil(page.exists, timeout=TIMEOUT)
     assert "adapter-beta" in page.read_text() and "report saved" in panel.message.text()
+
+
+def test_an_adapter_scale_reruns_the_comparison_live(qtbot, window):
+    panel = window.compare_panel
+    panel.prompt_edit.setPlainText("The quick brown fox")
+    panel.max_tokens.setValue(8)
+    panel.run()
+    idle(qtbot, window)
+    before = panel.column("adapter-alpha").streamed
+    assert before != panel.column("base").streamed
+    assert not panel.variants.scale_slider.isEnabled()  # no adapter selected yet
+    panel.variants.set_scale_now("adapter-alpha", 0.0)  # scale 0: the adapter does nothing
+    qtbot.waitUntil(lambda: window.session_model.state.scale_of("adapter-alpha") == 0.0, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: panel.job is not None or panel.column("adapter-alpha").streamed != before, timeout=TIMEOUT)
+    idle(qtbot, window)
+    assert panel.column("adapter-alpha").streamed == panel.column("base").streamed
+    assert panel.variants.scale_slider.isEnabled() and panel.variants.scale_spin.value() == 0.0
+    labels = [panel.variants.variant_list.item(i).text() for i in range(panel.variants.variant_list.count())]
+    assert "adapter-alpha  ×0" in labels
