@@ -25,6 +25,7 @@ from typing import Any
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QApplication,
+    QButtonGroup,
     QFileDialog,
     QHBoxLayout,
     QLabel,
@@ -32,14 +33,17 @@ from PySide6.QtWidgets import (
     QPushButton,
     QSizePolicy,
     QSplitter,
+    QStackedWidget,
     QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
+from lora_studio.core.compare.chat import ChatReply, ChatTurn, Conversation
 from lora_studio.core.errors import UserError
 from lora_studio.core.generation.generate import GenerationSettings, validate
 from lora_studio.core.session import SessionState
+from lora_studio.gui.compare_chat import ChatView
 from lora_studio.gui.compare_columns import KIND_ADAPTER, KIND_BASE, ColumnView
 from lora_studio.gui.compare_inputs import DecodingBox, PromptBox
 from lora_studio.gui.compare_merged import MergedFolders
@@ -82,9 +86,25 @@ class ComparePanel(Panel):
         self.prompt_box.load_btn.clicked.connect(self.browse_prompts)
         self.prompt_edit, self.prompt_select = self.prompt_box.edit, self.prompt_box.select
 
+        # Prompts: one prompt (or a list) through every variant; Chat: a conversation, each variant its own history
+        self.prompts_mode_btn = QPushButton("Prompts")
+        self.chat_mode_btn = QPushButton("Chat")
+        self.chat_mode_btn.setToolTip("a multi-turn conversation: every variant answers the same turns side by side")
+        modes = QButtonGroup(self)
+        for button in (self.prompts_mode_btn, self.chat_mode_btn):
+            button.setCheckable(True)
+            modes.addButton(button)
+        self.prompts_mode_btn.setChecked(True)
+        self.chat_mode_btn.toggled.connect(self.set_chat_mode)
+        mode_row = QHBoxLayout()
+        mode_row.setSpacing(0)
+        mode_row.addWidget(self.prompts_mode_btn)
+        mode_row.addWidget(self.chat_mode_btn)
+
         side = QWidget()
         slay = QVBoxLayout(side)
         slay.setContentsMargins(0, 0, 0, 0)
+        slay.addLayout(mode_row)
         slay.addWidget(self.variants, 1)
         slay.addWidget(self.decoding)
 
@@ -124,13 +144,26 @@ class ComparePanel(Panel):
         self.results = CompareResults()
         self.results.summary_changed.connect(self._show_summary)
 
-        main = QWidget()
-        mlay = QVBoxLayout(main)
+        prompts_page = QWidget()
+        mlay = QVBoxLayout(prompts_page)
         mlay.setContentsMargins(0, 0, 0, 0)
         mlay.addWidget(self.prompt_box)
         mlay.addLayout(run_row)
-        mlay.addWidget(self.message)
         mlay.addWidget(self.results, 1)
+        self.chat = ChatView()
+        self.chat.send_requested.connect(self.send_chat)
+        self.chat.stop_requested.connect(self.stop)
+        self.chat.new_chat_requested.connect(self.new_chat)
+        self.conversation = Conversation()
+        self._chat_buffer: DeltaBuffer | None = None
+        self.pages = QStackedWidget()
+        self.pages.addWidget(prompts_page)
+        self.pages.addWidget(self.chat)
+        main = QWidget()
+        main_layout = QVBoxLayout(main)
+        main_layout.setContentsMargins(0, 0, 0, 0)
+        main_layout.addWidget(self.pages, 1)
+        main_layout.addWidget(self.message)
 
         splitter = QSplitter(Qt.Orientation.Horizontal)
         splitter.addWidget(side)
@@ -177,9 +210,16 @@ class ComparePanel(Panel):
         """Tick exactly ``names`` (and untick the rest)."""
         self.variants.set_ticked(names)
 
+    def _chat_ticks_changed(self) -> None:
+        if self.conversation.turns:
+            self.show_message("the variants changed: a new chat begins", "info")
+        self.new_chat()
+
     def _ticks_changed(self) -> None:
         if self.job is None:
             self.results.show_ticked(self.ticked())
+            if [name for name, _ in self.ticked()] != self.chat.names():
+                self._chat_ticks_changed()
         self.update_buttons()
 
     @property
@@ -208,6 +248,11 @@ class ComparePanel(Panel):
         )
         self.stop_btn.setEnabled(running)
         self.stop_btn.setToolTip("stop the comparison within one decoding step" if running else "nothing is running")
+        send = reason or ("" if self.ticked() else "tick at least one variant")
+        send = send or ("" if self.session_model.has_chat_template() else "this model has no chat template")
+        self.set_reasons({self.chat.send_btn: (send, "send the message to every ticked variant (Ctrl+Enter)")})
+        self.chat.stop_btn.setEnabled(running)
+        self.chat.new_btn.setEnabled(not running)
         share = reason or ("" if self._shown is not None else "run a comparison first")
         self.set_reasons({self.share_btn: (share, "copy the comparison as Markdown, or save it as an HTML report")})
         self.variants.update_buttons(reason, running)
@@ -290,7 +335,10 @@ class ComparePanel(Panel):
         return self._start(list(self.prompts))
 
     def _run_key(self) -> None:
-        if self.run_btn.isEnabled():
+        if self.chat_mode:
+            if self.chat.send_btn.isEnabled():
+                self.send_chat(self.chat.input.toPlainText())
+        elif self.run_btn.isEnabled():
             self.run()
 
     def _start(self, prompts: list[str]) -> Job | None:
@@ -345,6 +393,11 @@ class ComparePanel(Panel):
 
     def flush(self) -> None:
         """Draw what the worker streamed since the last tick (the timer's slot)."""
+        if self._chat_buffer is not None:
+            for (_turn, variant), (text, _count) in self._chat_buffer.drain_prompts().items():
+                if variant in self.chat.names():
+                    self.chat.column(variant).append(text)
+            return
         self.results.add_streamed(self._buffer.drain_prompts())
 
     def _end_run(self) -> None:
@@ -361,6 +414,99 @@ class ComparePanel(Panel):
         on = f" on {len(result.prompts)} prompts" if len(result.prompts) > 1 else ""
         self.show_message(f"compared {len(result.variants)} variants{on} against {reference}", "ok")
         self.run_finished.emit(outcome)
+        self.update_buttons()
+
+    # -- chat -------------------------------------------------------------------------------------------------------
+    @property
+    def chat_mode(self) -> bool:
+        return self.pages.currentWidget() is self.chat
+
+    def set_chat_mode(self, on: bool) -> None:
+        self.pages.setCurrentWidget(self.chat if on else self.pages.widget(0))
+        if on != self.chat_mode_btn.isChecked():
+            self.chat_mode_btn.setChecked(on)
+        if on:
+            self.chat.input.setFocus()
+        self.update_buttons()
+
+    def new_chat(self) -> None:
+        """Forget the conversation; the system prompt in the box applies to the new one."""
+        system = self.chat.system_edit.text().strip() or None
+        self.conversation = Conversation(system=system)
+        self.chat.build(self.ticked())
+        self.chat.note.setText("")
+
+    def _chat_turns(self, name: str) -> list[tuple[str, str, bool]]:
+        turns = [t for t in self.conversation.turns if name in t.replies]
+        return [(t.user, t.replies[name].text, t.replies[name].stopped) for t in turns]
+
+    def send_chat(self, text: str) -> Job | None:
+        """One turn: every ticked variant answers ``text`` after its own history (core chat_turn, one job)."""
+        from lora_studio.core.compare.chat import chat_turn
+
+        settings = self.decoding.settings(use_chat_template=True)
+        try:
+            if not self.state.base:
+                raise UserError("load a base model first", "pick one on the left")
+            if not self.ticked():
+                raise UserError("no variants are ticked", "tick at least one variant")
+            if not text.strip():
+                raise UserError("the message is empty", "type a message")
+            validate(settings, text)
+        except UserError as exc:
+            self.show_message(str(exc), "error")
+            return None
+        if [name for name, _ in self.ticked()] != self.chat.names():
+            self.new_chat()
+        variants = self._variants(self.ticked())
+        conversation, session, buffer = self.conversation, self.session, DeltaBuffer()
+
+        def fn(*, cancel, report):
+            return chat_turn(
+                session, variants, conversation, text, settings, cancel=cancel, report=report, on_tokens=buffer.push
+            )
+
+        what = f"chatting with {len(variants)} variants"
+        job = (
+            self.op(what, fn)
+            .on_end(self._end_chat)
+            .on_success(self._chat_done)
+            .on_cancel(lambda: self._chat_stopped(text))
+            .run()
+        )
+        if job is None:
+            return None
+        self.job, self._chat_buffer = job, buffer
+        for column in self.chat.columns:
+            column.begin_reply(self._chat_turns(column.name), text)
+        self.chat.input.clear()
+        self._flush_timer.start()
+        self.show_message(f"{what}…")
+        self.update_buttons()
+        return job
+
+    def _end_chat(self) -> None:
+        self._flush_timer.stop()
+        self.flush()
+        self._chat_buffer = None
+        self.job = None
+
+    def _chat_done(self, turn: ChatTurn) -> None:
+        self.conversation.turns.append(turn)
+        for column in self.chat.columns:
+            column.show_turns(self._chat_turns(column.name))
+        how = "one mixed batch" if turn.mixed_batch else f"sequential: {turn.fallback_reason}"
+        self.chat.note.setText(f"turn {len(self.conversation.turns)} · {how} · {turn.seconds:.1f} s")
+        self.show_message(f"{len(turn.replies)} variants answered", "ok")
+        self.update_buttons()
+
+    def _chat_stopped(self, text: str) -> None:
+        """Stop: what each variant said so far stays in its history, marked stopped."""
+        replies = {c.name: ChatReply(c.name, c.streamed.strip(), stopped=True) for c in self.chat.columns}
+        self.conversation.turns.append(ChatTurn(text, replies))
+        for column in self.chat.columns:
+            column.show_turns(self._chat_turns(column.name))
+        self.show_message("stopped; the partial replies stay in the conversation", "warn")
         self.update_buttons()
 
     # -- scale ------------------------------------------------------------------------------------------------------

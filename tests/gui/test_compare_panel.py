@@ -309,3 +309,38 @@ def test_an_adapter_scale_reruns_the_comparison_live(qtbot, window):
     assert panel.variants.scale_slider.isEnabled() and panel.variants.scale_spin.value() == 0.0
     labels = [panel.variants.variant_list.item(i).text() for i in range(panel.variants.variant_list.count())]
     assert "adapter-alpha  ×0" in labels
+
+
+def test_chat_keeps_a_history_per_variant_and_stop_keeps_partial_replies(qtbot, window):
+    panel = window.compare_panel
+    panel.set_chat_mode(True)
+    assert panel.chat_mode and panel.chat.names() == ["base", "adapter-alpha", "adapter-beta"]
+    panel.max_tokens.setValue(5)
+    assert panel.send_chat("hello") is not None
+    idle(qtbot, window)
+    assert len(panel.conversation.turns) == 1 and panel.chat.input.toPlainText() == ""
+    first = panel.conversation.turns[0]
+    assert set(first.replies) == {"base", "adapter-alpha", "adapter-beta"}
+    assert "one mixed batch" in panel.chat.note.text()
+    panel.send_chat("and then?")
+    idle(qtbot, window)
+    assert len(panel.conversation.turns) == 2
+    history = panel.conversation.messages_for("adapter-alpha")
+    assert history[1]["content"] == first.replies["adapter-alpha"].text
+    transcript = panel.chat.column("adapter-alpha").transcript.toPlainText()
+    assert "hello" in transcript and "and then?" in transcript
+
+    # Stop keeps what was said, marked stopped
+    panel.max_tokens.setValue(30)  # the tiny model's context is 128 tokens
+    assert panel.send_chat("go on") is not None
+    panel.stop()  # within one decoding step
+    idle(qtbot, window)
+    assert len(panel.conversation.turns) == 3 and all(r.stopped for r in panel.conversation.turns[2].replies.values())
+    assert "stopped" in panel.chat.column("base").transcript.toPlainText()
+
+    panel.chat.new_chat_requested.emit()
+    assert panel.conversation.turns == []
+    panel.set_ticked(["base"])
+    assert panel.chat.names() == ["base"]
+    panel.send_chat("   ")
+    assert panel.message.kind == "error" and "empty" in panel.message.text()

@@ -149,57 +149,21 @@ def compare(
     tokenizer = session.tokenizer
     ids = [generation.prompt_ids(tokenizer, p, settings.use_chat_template) for p in prompts]
     on_session = [v for v in variants if v.on_session]
-    for v in variants:
-        model = _beside(v).model if v.kind == "merged" else session.model
-        for row in ids:
-            generation.check_context(model, len(row), settings)
-
-    outputs: dict[tuple[int, str], list[int]] = {}
-    streams = {(i, v.name): generation.TextStream(tokenizer) for i in range(len(prompts)) for v in variants}
-    total = len(prompts) * len(variants) * settings.max_new_tokens
-    produced = [0]
-
-    def emit(prompt_index: int, variant: str, tok: int) -> None:
-        produced[0] += 1
-        text = streams[(prompt_index, variant)].push(tok)
-        if on_tokens is not None:
-            on_tokens(TokenDelta(prompt_index, variant, [tok], text))
-
-    def tick() -> None:
-        report(Progress(min(produced[0], total), total, "generating", "tokens"))
-
+    rows = {(i, v.name): ids[i] for i in range(len(prompts)) for v in variants}
     with session.lock:
-        reason = mixed_batch_refusal(session, on_session, settings) if mixed else "sequential runs were asked for"
-        used_mixed = False
-        if on_session and reason is None:
-            try:
-                _run_mixed(session, on_session, ids, settings, max_batch_rows, cancel, emit, tick, outputs)
-                used_mixed = True
-            except _MixRefused as refused:  # PEFT said no before the first token: run them one at a time
-                reason = f"PEFT refused a mixed batch: {refused}"
-        if on_session and not used_mixed:
-            for v in on_session:
-                with session.variant_selected(_adapter_of(v)) as model:
-                    for i, row in enumerate(ids):
-                        cancel.raise_if_cancelled()
-                        outputs[(i, v.name)] = _run_rows(
-                            model, tokenizer, [row], settings, cancel, [(i, v.name)], emit, tick
-                        )[0]
-        for v in variants:
-            if v.kind != "merged":
-                continue
-            for i, row in enumerate(ids):
-                cancel.raise_if_cancelled()
-                outputs[(i, v.name)] = _run_rows(
-                    _beside(v).model, tokenizer, [row], settings, cancel, [(i, v.name)], emit, tick
-                )[0]
-
+        outputs, used_mixed, reason = generate_variants(
+            session,
+            variants,
+            rows,
+            settings,
+            mixed=mixed,
+            max_batch_rows=max_batch_rows,
+            cancel=cancel,
+            report=report,
+            on_tokens=on_tokens,
+        )
         # Scoring is deterministic, so sampling does not stop it from using one mixed batch.
         score_mixed = mixed and mixed_batch_refusal(session, on_session, GenerationSettings()) is None
-        for (i, name), stream in streams.items():
-            rest = stream.flush()
-            if rest and on_tokens is not None:
-                on_tokens(TokenDelta(i, name, [], rest))
         results = []
         for i, prompt in enumerate(prompts):
             outs = [
@@ -227,6 +191,77 @@ def compare(
         time.perf_counter() - started,
         settings,
     )
+
+
+def generate_variants(
+    session: Session,
+    variants: Sequence[Variant],
+    rows: dict[tuple[int, str], list[int]],
+    settings: GenerationSettings,
+    *,
+    mixed: bool = True,
+    max_batch_rows: int = MAX_BATCH_ROWS,
+    cancel: CancelToken,
+    report: Report = no_report,
+    on_tokens: Callable[[TokenDelta], None] | None = None,
+) -> tuple[dict[tuple[int, str], list[int]], bool, str | None]:
+    """Every variant's continuation of its prompt rows: ``rows[(i, variant)]`` are the prompt ids of row ``i`` for
+    that variant (the same for every variant in Compare; each variant's own history in a chat).
+
+    Returns the new token ids per ``(i, variant)``, whether the session's variants ran in mixed-adapter batches,
+    and why not. The caller holds the session's lock.
+    """
+    tokenizer = session.tokenizer
+    count = 1 + max(i for i, _ in rows)
+    on_session = [v for v in variants if v.on_session]
+    for v in variants:
+        model = _beside(v).model if v.kind == "merged" else session.model
+        for i in range(count):
+            generation.check_context(model, len(rows[(i, v.name)]), settings)
+
+    outputs: dict[tuple[int, str], list[int]] = {}
+    streams = {key: generation.TextStream(tokenizer) for key in rows}
+    total = len(rows) * settings.max_new_tokens
+    produced = [0]
+
+    def emit(prompt_index: int, variant: str, tok: int) -> None:
+        produced[0] += 1
+        text = streams[(prompt_index, variant)].push(tok)
+        if on_tokens is not None:
+            on_tokens(TokenDelta(prompt_index, variant, [tok], text))
+
+    def tick() -> None:
+        report(Progress(min(produced[0], total), total, "generating", "tokens"))
+
+    reason = mixed_batch_refusal(session, on_session, settings) if mixed else "sequential runs were asked for"
+    used_mixed = False
+    if on_session and reason is None:
+        try:
+            _run_mixed(session, on_session, rows, count, settings, max_batch_rows, cancel, emit, tick, outputs)
+            used_mixed = True
+        except _MixRefused as refused:  # PEFT said no before the first token: run them one at a time
+            reason = f"PEFT refused a mixed batch: {refused}"
+    if on_session and not used_mixed:
+        for v in on_session:
+            with session.variant_selected(_adapter_of(v)) as model:
+                for i in range(count):
+                    cancel.raise_if_cancelled()
+                    outputs[(i, v.name)] = _run_rows(
+                        model, tokenizer, [rows[(i, v.name)]], settings, cancel, [(i, v.name)], emit, tick
+                    )[0]
+    for v in variants:
+        if v.kind != "merged":
+            continue
+        for i in range(count):
+            cancel.raise_if_cancelled()
+            outputs[(i, v.name)] = _run_rows(
+                _beside(v).model, tokenizer, [rows[(i, v.name)]], settings, cancel, [(i, v.name)], emit, tick
+            )[0]
+    for (i, name), stream in streams.items():
+        rest = stream.flush()
+        if rest and on_tokens is not None:
+            on_tokens(TokenDelta(i, name, [], rest))
+    return outputs, used_mixed, reason
 
 
 def _validate(
@@ -289,21 +324,20 @@ class _MixRefused(Exception):
     pass
 
 
-def _run_mixed(session, variants, ids, settings, max_batch_rows, cancel, emit, tick, outputs) -> None:
+def _run_mixed(session, variants, rows, count, settings, max_batch_rows, cancel, emit, tick, outputs) -> None:
     """Variant-major rows, prompts chunked so that a batch has at most ``max_batch_rows`` rows."""
     per_chunk = max(1, max_batch_rows // len(variants))
     with session.mixed_batch_selected() as model:  # a disabled model ignores adapter_names
-        for start in range(0, len(ids), per_chunk):
+        for start in range(0, count, per_chunk):
             cancel.raise_if_cancelled()
-            chunk = list(range(start, min(len(ids), start + per_chunk)))
+            chunk = list(range(start, min(count, start + per_chunk)))
             keys = [(i, v.name) for v in variants for i in chunk]
             names = [v.adapter if v.kind == "adapter" else BASE for v in variants for _ in chunk]
-            rows = [ids[i] for _ in variants for i in chunk]
             with contiguous_sub_batches(names):
                 new = _run_rows(
                     model,
                     session.tokenizer,
-                    rows,
+                    [rows[key] for key in keys],
                     settings,
                     cancel,
                     keys,
