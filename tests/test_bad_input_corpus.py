@@ -552,3 +552,65 @@ def test_a_cuda_device_this_machine_lacks_is_one_line(fixtures, capsys, monkeypa
     argv = ["compare", fixtures["base"], "--adapter", f"a={fixtures['adapter']}", "--prompt", "hi"]
     code, out, err = run_in_process(capsys, [*argv, "--device-map", "cuda:0", "--json"])
     assert_one_line_refusal(code, out, err, r"no CUDA device is available .* the only device here is cpu")
+
+
+def _renamed_keys(fixtures, tmp_path, rename) -> "Path":
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    adapter = shutil.copytree(fixtures["adapter"], tmp_path / "renamed")
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({rename(k): v for k, v in tensors.items()}, adapter / "adapter_model.safetensors")
+    return adapter
+
+
+def test_an_adapter_saved_without_the_peft_prefix_is_applied_by_every_path(fixtures, tmp_path, capsys, one_thread):
+    import factories
+    import torch
+    from safetensors.torch import load_file
+
+    from lora_studio.core.compare import Variant, compare
+    from lora_studio.core.generation.generate import GenerationSettings
+
+    adapter = _renamed_keys(fixtures, tmp_path, lambda k: k.removeprefix("base_model.model."))
+    reference = factories.peft_model(fixtures["base"], {"a": fixtures["adapter"]}, active="a")
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    session = Session()
+    try:
+        session.load(resolve_source(fixtures["base"]))
+        session.attach(adapter, "a")
+        with torch.inference_mode():
+            torch.testing.assert_close(session.model(input_ids=ids).logits, reference(input_ids=ids).logits)
+        result = compare(session, [Variant.base(), Variant.of_adapter("a")], "hello", GenerationSettings(8))
+        outputs = {o.name: o.token_ids for o in result.prompts[0].outputs}
+        assert outputs["a"] != outputs["base"]
+    finally:
+        session.close()
+    merged = {}
+    for engine in ("streaming", "in-memory"):
+        out = tmp_path / engine
+        code, _, err = run_in_process(
+            capsys, ["merge", fixtures["base"], "--adapter", adapter, "--out", out, "--engine", engine]
+        )
+        assert code == 0, err
+        merged[engine] = load_file(str(out / "model.safetensors"))
+    expected = reference.merge_and_unload().state_dict()
+    for name, tensor in merged["streaming"].items():
+        assert torch.equal(tensor, merged["in-memory"][name]), name
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_an_adapter_whose_tensors_peft_does_not_place_is_refused(fixtures, tmp_path, capsys):
+    import factories
+
+    adapter = _renamed_keys(fixtures, tmp_path, lambda k: k)
+    factories.edit_adapter_config(adapter, target_modules=["k_proj"])  # its tensors are for q_proj and v_proj
+    session = Session()
+    try:
+        session.load(resolve_source(fixtures["base"]))
+        with pytest.raises(UserError, match="of its tensors were not placed by PEFT"):
+            session.attach(adapter, "a")
+        assert session.adapters == {} and not session.is_peft
+    finally:
+        session.close()

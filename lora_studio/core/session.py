@@ -15,6 +15,7 @@ than corrupt state.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,6 +34,8 @@ from lora_studio.core.model.estimate import ModelFootprint, read_footprint
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system import garbage
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -279,7 +282,8 @@ class Session:
                     raise
                 self._resize_vocabulary(path, mismatch)
                 compat = self.check_adapter(path)
-            adapter_files.check_finite(adapter_files.load_tensors(path), path)
+            tensors = adapter_files.load_tensors(path)
+            adapter_files.check_finite(tensors, path)
             cancel.raise_if_cancelled()
             report(Progress(1, 2, f"loading {name}", "steps"))
             try:
@@ -296,6 +300,17 @@ class Session:
                     "check that the adapter matches this base",
                 ) from exc
             self.model.eval()
+            if adapter_files.saved_without_prefix(path):
+                self._place_tensors(name, tensors)
+            problem = self._misplaced(name, tensors)
+            if problem:
+                self._drop_adapter(name)
+                if self._active is not None:
+                    self._set_active(self._active)
+                raise UserError(
+                    f"{path.name}: {problem}; attached, it would not be the adapter that was saved",
+                    "check target_modules in adapter_config.json against the weights, or re-save the adapter",
+                )
             if cancel.cancelled:
                 self._drop_adapter(name)
                 raise Cancelled()
@@ -304,12 +319,53 @@ class Session:
             previous = self._active
             self._set_active(name)
             if not self._changes_outputs():
-                # PEFT only warns about keys it could not place; a zero update is legal (fresh init) but worth saying.
-                attached.warnings.append(f"{name} does not change the model's outputs (its lora_B weights may be zero)")
+                # every factor is where the file put it (checked above): a zero update is legal (a fresh init)
+                attached.warnings.append(f"{name} does not change the model's outputs (its lora_B weights are zero)")
             if not activate and previous is not None:
                 self._set_active(previous)
             report(Progress(2, 2, f"attached {name}", "steps"))
             return attached
+
+    def _place_tensors(self, name: str, tensors: dict) -> None:
+        """Set the adapter's tensors under the names PEFT's loader expects (``base_model.model.`` + module): the one
+        key normalisation, so the session, the in-memory merge and Compare use the weights the streaming merge reads."""
+        from peft.utils import set_peft_model_state_dict
+
+        prefixed = {adapter_files.PEFT_PREFIX + key: value for key, value in tensors.items()}
+        set_peft_model_state_dict(self.model, prefixed, adapter_name=name)
+        logger.info(
+            "%s: its %d tensors were saved without PEFT's prefix; placed under PEFT's names", name, len(prefixed)
+        )
+
+    def _misplaced(self, name: str, tensors: dict) -> str:
+        """'' when every LoRA factor of the file is in the model under ``name``, with its values, and the model has no
+        factor the file lacks; else what is wrong. PEFT only warns about keys it could not place (and initialises
+        the modules it found no weights for), so an adapter could otherwise load as something else."""
+        import torch
+        from peft.utils import get_peft_model_state_dict
+
+        def factors(state: dict) -> dict:
+            return {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k or ".lora_embedding_" in k}
+
+        loaded = factors(
+            {
+                adapter_files.strip_prefix(k): v
+                for k, v in get_peft_model_state_dict(
+                    self.model, adapter_name=name, save_embedding_layers=False
+                ).items()
+            }
+        )
+        saved = factors(tensors)
+        missing = sorted(set(saved) - set(loaded))
+        if missing:
+            return f"{len(missing)} of its tensors were not placed by PEFT (e.g. {missing[0]})"
+        extra = sorted(set(loaded) - set(saved))
+        if extra:
+            return f"the model got {len(extra)} LoRA tensors the file does not hold (e.g. {extra[0]}), initialised anew"
+        for key, value in saved.items():
+            if not torch.equal(loaded[key], value.to(device=loaded[key].device, dtype=loaded[key].dtype)):
+                return f"{key} does not hold the file's values after loading"
+        return ""
 
     def _resize_vocabulary(self, adapter: Path, mismatch: compatibility.VocabularyMismatch) -> None:
         if self._adapters:

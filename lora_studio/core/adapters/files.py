@@ -344,6 +344,23 @@ def check_finite(tensors: dict, folder: Path) -> None:
             )
 
 
+def saved_without_prefix(folder: Path) -> bool:
+    """Whether the weights file names its tensors without PEFT's ``base_model.model.`` prefix (some trainers strip
+    it): PEFT's own loader would then place none of them."""
+    path = weights_file(folder)
+    keys = read_header(path).tensors if path.suffix == ".safetensors" else _load_bin(path)
+    return any(not k.startswith(PEFT_PREFIX) for k in keys)
+
+
+def has_update(tensors: dict) -> bool:
+    """Whether some LoRA module's factors are both non-zero, so that attaching the adapter must change outputs."""
+    lay = layout(tensors)
+    return any(
+        m.a is not None and m.b is not None and bool(tensors[m.a].any()) and bool(tensors[m.b].any())
+        for m in lay.lora.values()
+    )
+
+
 def strip_prefix(key: str) -> str:
     return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
 
