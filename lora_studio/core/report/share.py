@@ -393,7 +393,8 @@ def comparison_html(doc: Document) -> str:
 
 
 def _delta_chart(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Inline SVG: one bar per variant's Δloss with its interval as a whisker."""
+    """Inline SVG: one bar per variant's Δloss with its interval as a whisker; green / red when the interval
+    excludes 0, grey when it does not."""
     rows = [r for r in rows if r.get("delta_loss") is not None]
     if not rows:
         return ""
@@ -410,7 +411,9 @@ def _delta_chart(rows: Sequence[Mapping[str, Any]]) -> str:
     for i, r in enumerate(rows):
         y = 4 + 22 * i
         d = r["delta_loss"]
-        colour = "#54a24b" if d < 0 else "#e45756"
+        ci = r.get("delta_ci")
+        clear = not ci or ci[0] > 0 or ci[1] < 0  # grey: the interval includes 0, no clear change
+        colour = ("#54a24b" if d < 0 else "#e45756") if clear else "#9a9a9a"
         parts.append(f'<text x="{label - 6}" y="{y + 13}" text-anchor="end">{_e(r["name"])}</text>')
         parts.append(
             f'<rect x="{min(x(0), x(d)):.1f}" y="{y + 3}" width="{abs(x(d) - x(0)):.1f}" height="12" '
