@@ -1,7 +1,8 @@
 """Does the window survive a working day? Drive the real window for a given time, cycle after cycle:
 
-    load base -> attach adapter -> inspect it -> Try it -> compare (base vs adapter) -> merge -> GGUF export
-    (q8_0, checked in llama.cpp when it is installed) -> detach -> unload all
+    load base -> attach adapter -> inspect it -> Try it -> compare (base vs adapter) -> a chat turn -> the adapter's
+    scale (the comparison runs again) -> evaluate on a small data file -> reduce the adapter (measured, attached)
+    -> merge -> GGUF export (q8_0, checked in llama.cpp when it is installed) -> detach -> unload all
 
 with an idle pause in every cycle (the memory chart keeps drawing then, as on a desk). Every step goes through the
 panels' own methods and the window's job runner, exactly as the buttons do.
@@ -27,6 +28,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -104,7 +106,11 @@ def child(args: argparse.Namespace) -> int:
     wait_for(lambda: window.memory_panel.plot is not None and window.runner.is_idle(), "the first paint")
     print(json.dumps({"event": "started", "model": what, "platform": app.platformName()}), flush=True)
     merged = tmp / "merged"
+    data = tmp / "eval.jsonl"
+    rows = [("Say hello.", "Hello there."), ("Name a colour.", "Blue."), ("Count to three.", "One, two, three.")]
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows), "utf-8")
     ap, cp, mp = window.adapter_panel, window.compare_panel, window.merge_panel
+    ep, rp = window.evaluate_panel, window.reduce_panel
     mp.confirm_overwrite = lambda _path: True
     unload_asked: list[int] = []  # "Unload all" asks first; the soak answers yes and counts the questions
     ap.confirm_unload = lambda names: unload_asked.append(len(names)) is None
@@ -128,6 +134,19 @@ def child(args: argparse.Namespace) -> int:
         cp.prompt_edit.setPlainText("Write one sentence about ships.")
         cp.max_tokens.setValue(args.tokens)
         step("compare", cp.run)
+        cp.set_chat_mode(True)
+        step("chat", lambda: cp.send_chat("Hello! Who are you?"))
+        cp.chat.new_chat_requested.emit()
+        cp.set_chat_mode(False)
+        step("scale", lambda name=name: cp.set_adapter_scale(name, 0.5))
+        wait_for(window.runner.is_idle, "the comparison at scale 0.5")
+        ep.set_data_files([data])
+        step("evaluate", ep.run)
+        wait_for(lambda name=name: rp.plan is not None and rp.plan.name == name and window.runner.is_idle(), "the plan")
+        rp.rank_spin.setValue(1)
+        rp.set_data_files([data])
+        rp.out_edit.setText(str(tmp / f"reduced-{cycle}"))
+        step("reduce", rp.run)
         for row in mp.rows:
             row.check.setChecked(row.name == name)
         mp.out_edit.setText(str(merged))
@@ -142,6 +161,7 @@ def child(args: argparse.Namespace) -> int:
         step("detach", lambda name=name: ap.detach(name))
         step("attach again", lambda: window.attach_adapter(adapter))
         step("unload all", ap.unload_all)
+        shutil.rmtree(tmp / f"reduced-{cycle}", ignore_errors=True)
         if len(unload_asked) != cycle:
             raise RuntimeError("Unload all did not ask to confirm")
         pump(args.idle_s)  # idle: the memory chart keeps sampling and repainting
