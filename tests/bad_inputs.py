@@ -362,6 +362,16 @@ CASES: list[BadCase] = [
         _adapter_case(_weights(_metadata_list)),
         r"__metadata__ is not an object",
     ),
+    BadCase(
+        "adapter-r-disagrees-with-tensors",
+        _adapter_case(_edit_config(r=8)),
+        r"has rank 4 in its tensors but rank 8 in adapter_config\.json \(r\)",
+    ),
+    BadCase(
+        "adapter-rank-pattern-disagrees-with-tensors",
+        _adapter_case(_edit_config(rank_pattern={"v_proj": 2})),
+        r"v_proj has rank 4 in its tensors but rank 2 in adapter_config\.json \(rank_pattern\)",
+    ),
     BadCase("adapter-config-deeply-nested", _adapter_case(_config(_deep())), r"nested too deeply"),
     BadCase(
         "base-config-deeply-nested", _base_case(lambda b: _write(b / "config.json", _deep())), r"nested too deeply"

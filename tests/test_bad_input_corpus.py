@@ -554,7 +554,7 @@ def test_a_cuda_device_this_machine_lacks_is_one_line(fixtures, capsys, monkeypa
     assert_one_line_refusal(code, out, err, r"no CUDA device is available .* the only device here is cpu")
 
 
-def _renamed_keys(fixtures, tmp_path, rename) -> "Path":
+def _renamed_keys(fixtures, tmp_path, rename):
     import shutil
 
     from safetensors.torch import load_file, save_file

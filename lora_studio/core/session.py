@@ -246,6 +246,7 @@ class Session:
             base_label=self.source.label if self.source else "the base",
             base_identity=self.base_identity(),
             architecture=arch,
+            model_type=getattr(self.base_model().config, "model_type", None),
         )
 
     def attach(

@@ -104,7 +104,7 @@ class ChatView(QWidget):
         self.empty_label = QLabel("Tick variants on the left; each answers in a column here.")
         self.empty_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.empty_label.setStyleSheet("color: palette(mid);")
-        self.scroll = scroll
+        self.columns_scroll = scroll
 
         self.input = QPlainTextEdit()
         self.input.setPlaceholderText("your message to every variant… Ctrl+Enter sends")
@@ -149,7 +149,7 @@ class ChatView(QWidget):
         if self.columns:
             self.splitter.setSizes([1000] * len(self.columns))
         self.empty_label.setVisible(not self.columns)
-        self.scroll.setVisible(bool(self.columns))
+        self.columns_scroll.setVisible(bool(self.columns))
 
     def column(self, name: str) -> ChatColumn:
         return next(c for c in self.columns if c.name == name)

@@ -157,6 +157,7 @@ class ComparePanel(Panel):
         self.conversation = Conversation()
         self._chat_buffer: DeltaBuffer | None = None
         self.pages = QStackedWidget()
+        self.prompts_page = prompts_page
         self.pages.addWidget(prompts_page)
         self.pages.addWidget(self.chat)
         main = QWidget()
@@ -422,7 +423,7 @@ class ComparePanel(Panel):
         return self.pages.currentWidget() is self.chat
 
     def set_chat_mode(self, on: bool) -> None:
-        self.pages.setCurrentWidget(self.chat if on else self.pages.widget(0))
+        self.pages.setCurrentWidget(self.chat if on else self.prompts_page)
         if on != self.chat_mode_btn.isChecked():
             self.chat_mode_btn.setChecked(on)
         if on:

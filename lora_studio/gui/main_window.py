@@ -29,7 +29,6 @@ from lora_studio.gui import drop
 from lora_studio.gui.adapter_panel import AdapterPanel
 from lora_studio.gui.compare_panel import ComparePanel
 from lora_studio.gui.evaluate_panel import EvaluatePanel
-from lora_studio.gui.reduce_panel import ReducePanel
 from lora_studio.gui.gc_guard import GuiThreadGarbageCollector
 from lora_studio.gui.job_status import JobStatus
 from lora_studio.gui.jobs import Busy, Job, JobRunner
@@ -37,6 +36,7 @@ from lora_studio.gui.log_panel import LogPanel
 from lora_studio.gui.memory_panel import MemoryMonitor, MemoryPanel
 from lora_studio.gui.merge_panel import MergePanel
 from lora_studio.gui.model_panel import ModelPanel
+from lora_studio.gui.reduce_panel import ReducePanel
 from lora_studio.gui.session_model import SessionModel
 from lora_studio.gui.settings import StudioSettings
 from lora_studio.gui.startup import Preloader, warm_up

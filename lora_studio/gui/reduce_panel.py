@@ -233,9 +233,13 @@ class ReducePanel(Panel):
         return (
             self.op(f"reading {name}'s spectra", fn, exclusive=False, key="reduce-plan", progress=False)
             .on_success(self.show_plan)
-            .on_failure(lambda desc: (self.show_message(desc.message, "error"), self._show_plan()))
+            .on_failure(self._plan_failed)
             .run()
         )
+
+    def _plan_failed(self, desc: Any) -> None:
+        self.show_message(desc.message, "error")
+        self._show_plan()
 
     def show_plan(self, plan: RankPlan) -> None:
         if plan.name != self.adapter_combo.currentText():

@@ -148,9 +148,7 @@ def ask_yes_no(parent: QWidget, title: str, text: str, *, default_yes: bool = Fa
     return QMessageBox.question(parent, title, text, yes | no, yes if default_yes else no) == yes
 
 
-def line_chart(
-    bottom: str, left: str, *, legend: tuple[int, int] | None = (-6, 4), min_height: int = 120
-) -> Any:
+def line_chart(bottom: str, left: str, *, legend: tuple[int, int] | None = (-6, 4), min_height: int = 120) -> Any:
     """A white pyqtgraph plot with a grid, the axis labels and a small legend (the tabs' result charts); ``legend``
     is its offset (negative: from the right / the bottom), None for none.
 

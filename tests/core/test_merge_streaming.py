@@ -16,8 +16,11 @@ from lora_studio.core.merge.streaming import (
 
 
 def streamed(base, adapter, dtype, tied=False, reuse=True):
+    import json
+
     plan = stream_plan(base, dtype)
-    loaded = load_streaming_adapter(adapter, plan.sources, tied)
+    model_type = json.loads((base / "config.json").read_text()).get("model_type")
+    loaded = load_streaming_adapter(adapter, plan.sources, tied, model_type)
     # reuse_buffers: what merge_and_save runs; each tensor is copied before the next overwrites it
     return {k: v.clone() for k, v in stream_merged_tensors(plan, loaded, dtype, reuse_buffers=reuse)}
 
@@ -149,3 +152,27 @@ def test_dora_and_lora_bias_are_refused(models_dir, tiny_llama):
         load_streaming_adapter(dora, plan.sources)
     bias = factories.make_adapter(tiny_llama, models_dir / "merge-bias", seed=25, lora_bias=True)
     assert "lora_bias" in streaming_refusal(bias, plan.sources, False)
+
+
+@pytest.mark.parametrize("wrong", ["linear-says-conv1d", "conv1d-says-linear"])
+def test_fan_in_fan_out_follows_the_layer_as_peft_does(wrong, tmp_path, tiny_llama, tiny_gpt2):
+    """PEFT corrects a fan_in_fan_out that contradicts the layer type (with a warning); so does the streaming engine,
+    for square and non-square weights alike."""
+    import shutil
+
+    from lora_studio.core.adapters import compatibility
+
+    if wrong == "linear-says-conv1d":
+        base, kwargs, flag = tiny_llama, {"target_modules": ("q_proj", "v_proj", "o_proj")}, True
+    else:
+        base, kwargs, flag = tiny_gpt2, {"target_modules": ("c_attn", "c_proj", "c_fc"), "fan_in_fan_out": True}, False
+    made = factories.make_adapter(base, tmp_path / "made", seed=51, **kwargs)
+    adapter = shutil.copytree(made, tmp_path / "wrong")
+    factories.edit_adapter_config(adapter, fan_in_fan_out=flag)
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        reference = peft_merged(base, adapter, "float32")
+    assert_bit_identical(streamed(base, adapter, "float32"), reference)
+    shapes = compatibility.weight_shapes_from_headers(base)
+    model_type = "gpt2" if base == tiny_gpt2 else "llama"
+    warnings = compatibility.check(adapter, shapes, model_type=model_type).warnings
+    assert any("applied per layer as PEFT does" in w for w in warnings)

@@ -30,6 +30,23 @@ class VocabularyMismatch(UserError):
         self.adapter_has_tokenizer = adapter_has_tokenizer
 
 
+# transformers' models whose blocks use Conv1D (weights stored in × out) instead of nn.Linear (out × in)
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+
+
+def stores_in_by_out(module: str, base_shape: tuple[int, ...], in_f: int, out_f: int, model_type: str | None) -> bool:
+    """Whether the base layer stores its weight in × out (transformers' Conv1D) rather than out × in (nn.Linear).
+
+    PEFT decides ``fan_in_fan_out`` per layer from the layer's class, whatever adapter_config.json says (with a
+    warning). Without the class the shapes decide; a square weight is Conv1D in the blocks of a Conv1D model."""
+    shape = tuple(base_shape)
+    if shape == (in_f, out_f) and shape != (out_f, in_f):
+        return True
+    if shape == (out_f, in_f) and shape != (in_f, out_f):
+        return False
+    return model_type in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] != "lm_head"
+
+
 @dataclass(frozen=True)
 class Compatibility:
     adapter: str
@@ -81,8 +98,11 @@ def check(
     base_label: str = "the base",
     base_identity: tuple[str, ...] = (),
     architecture: str = "",
+    model_type: str | None = None,
 ) -> Compatibility:
-    """Raise UserError if the adapter cannot apply to a base with ``base_shapes``; else return warnings."""
+    """Raise UserError if the adapter cannot apply to a base with ``base_shapes``; else return warnings.
+
+    ``model_type``: the base's config.json ``model_type``, which says how a square weight is stored."""
     folder = adapter_files.check_adapter_folder(adapter_folder)
     config = adapter_files.read_adapter_config(folder)
     shapes = adapter_files.tensor_shapes(folder)
@@ -108,6 +128,7 @@ def check(
         )
 
     _check_vocabulary(folder, shapes, lay, base_shapes, base_label)
+    flipped: list[str] = []  # modules whose layer type contradicts the config's fan_in_fan_out
 
     for module, keys in lay.lora.items():
         if keys.a is None or keys.b is None:
@@ -121,6 +142,15 @@ def check(
                 f"{folder.name}: {module} has inconsistent factors A{list(a_shape)} B{list(b_shape)}",
                 "the adapter file is damaged",
             )
+        rank = config.rank_for(module)
+        if a_shape[0] != rank:
+            # PEFT builds the layer with the config's rank and then cannot load the tensors; a merge would scale
+            # the update by the wrong alpha / r
+            raise UserError(
+                f"{folder.name}: {module} has rank {a_shape[0]} in its tensors but rank {rank} in "
+                f"adapter_config.json ({'rank_pattern' if rank != config.r else 'r'})",
+                "the config does not belong to these weights; re-save the adapter",
+            )
         base = base_shapes[f"{module}.weight"]
         if len(base) != 2:
             raise UserError(
@@ -130,10 +160,11 @@ def check(
         want_in, want_out = a_shape[1], b_shape[0]
         if keys.kind == "embedding":
             have_in, have_out = base  # Embedding weight: num_embeddings × dim
-        elif config.fan_in_fan_out:
-            have_in, have_out = base  # GPT-2 Conv1D stores in × out
         else:
-            have_out, have_in = base
+            conv1d = stores_in_by_out(module, base, want_in, want_out, model_type)
+            have_in, have_out = base if conv1d else (base[1], base[0])  # GPT-2 Conv1D stores in × out
+            if conv1d != config.fan_in_fan_out:
+                flipped.append(module)
         if (want_in, want_out) != (have_in, have_out):
             raise UserError(
                 f"{module}: adapter expects {_fmt(want_in, want_out)}, base has {_fmt(have_in, have_out)}",
@@ -146,6 +177,14 @@ def check(
                     f"{module}: DoRA magnitude has {list(mag)}, base out={have_out}",
                     "the adapter was trained on a different base",
                 )
+
+    if flipped:
+        kind = "Conv1D" if not config.fan_in_fan_out else "nn.Linear"
+        warnings.append(
+            f"adapter_config.json says fan_in_fan_out={str(config.fan_in_fan_out).lower()}, but {flipped[0]}"
+            f"{f' and {len(flipped) - 1} more' if len(flipped) > 1 else ''} is a {kind} layer: "
+            "applied per layer as PEFT does"
+        )
 
     for param, key in lay.full_weights.items():
         if param not in base_shapes:

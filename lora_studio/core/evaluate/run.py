@@ -423,6 +423,4 @@ def comparison_report(session: Session, result: ComparisonResult, variants: Sequ
             "variants": [_provenance(session, v) for v in variants],
         }
         tokenizer = session.tokenizer
-        return comparison_document(
-            result.to_json(), provenance=provenance, token_text=lambda t: tokenizer.decode([t])
-        )
+        return comparison_document(result.to_json(), provenance=provenance, token_text=lambda t: tokenizer.decode([t]))

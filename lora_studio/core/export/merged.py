@@ -220,7 +220,9 @@ def write_merged_gguf(
     cancel = cancel or CancelToken()
     adapter = None
     if adapter_folder is not None:
-        adapter = load_streaming_adapter(adapter_folder, stream.sources, tied_embeddings(arch.config))
+        adapter = load_streaming_adapter(
+            adapter_folder, stream.sources, tied_embeddings(arch.config), arch.config.get("model_type")
+        )
     planned = plan_tensors(arch, stream, type_name)
     writer = gguf.GGUFWriter(path=None, arch=arch.gguf_name)
     add_general(writer, arch, model_name, type_name)

@@ -322,7 +322,9 @@ def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session: S
     resize = False
     for a in adapters:
         try:
-            compatibility.check(Path(a.path), shapes, base_label=source.label, architecture=arch)
+            compatibility.check(
+                Path(a.path), shapes, base_label=source.label, architecture=arch, model_type=cfg.get("model_type")
+            )
         except compatibility.VocabularyMismatch as mismatch:
             if not (
                 len(adapters) == 1 and mismatch.adapter_has_tokenizer and mismatch.adapter_vocab > mismatch.base_vocab

@@ -141,7 +141,8 @@ def _run_streaming(source, adapter: AdapterSpec, dtype, tmp: Path, options: Merg
     from lora_studio.core.merge.streaming import load_streaming_adapter, stream_merged_tensors, stream_plan
 
     sp = stream_plan(source.path, dtype)
-    loaded = load_streaming_adapter(adapter.path, sp.sources, tied_embeddings(base_config(source)))
+    config = base_config(source)
+    loaded = load_streaming_adapter(adapter.path, sp.sources, tied_embeddings(config), config.get("model_type"))
     if adapter.weight != 1.0:  # a single adapter's scale, as PEFT's set_scale applies it
         loaded.updates = {t: (kind, a, b, s * adapter.weight) for t, (kind, a, b, s) in loaded.updates.items()}
     targeted = set(loaded.updates)

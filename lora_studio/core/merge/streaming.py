@@ -25,7 +25,7 @@ the in-memory engine, which runs PEFT's own code, handles those.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,7 +62,8 @@ class StreamingAdapter:
     )  # weight name -> (kind, A, B, scaling)
     # base tensor name -> the adapter's saved full tensor
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
-    fan_in_fan_out: bool = False
+    # weight names whose layer stores in × out (Conv1D): PEFT's fan_in_fan_out, decided per layer as PEFT does
+    transposed: set[str] = field(default_factory=set)
     nbytes: int = 0
 
 
@@ -123,11 +124,18 @@ def _base_weight_name(module: str, names: set[str]) -> str | None:
 
 
 def load_streaming_adapter(
-    adapter_folder: Path, base_tensor_names: Iterable[str], tied_embeddings: bool = False
+    adapter_folder: Path,
+    base_tensors: Mapping[str, tuple[Path, TensorInfo]],
+    tied_embeddings: bool = False,
+    model_type: str | None = None,
 ) -> StreamingAdapter:
+    """The adapter's factors per base weight, each with the orientation of its layer (``base_tensors``: the
+    stream plan's sources, for the shapes; ``model_type``: the base config's, for square weights)."""
     import torch
 
-    reason = streaming_refusal(adapter_folder, base_tensor_names, tied_embeddings)
+    from lora_studio.core.adapters.compatibility import stores_in_by_out
+
+    reason = streaming_refusal(adapter_folder, base_tensors, tied_embeddings)
     if reason:
         raise UserError(
             f"the streaming engine cannot merge this adapter exactly: {reason}",
@@ -137,8 +145,8 @@ def load_streaming_adapter(
     tensors = adapter_files.load_tensors(adapter_folder)
     adapter_files.check_finite(tensors, adapter_folder)
     lay = adapter_files.layout(tensors)
-    names = set(base_tensor_names)
-    out = StreamingAdapter(Path(adapter_folder), fan_in_fan_out=config.fan_in_fan_out)
+    names = set(base_tensors)
+    out = StreamingAdapter(Path(adapter_folder))
     for module, entry in lay.lora.items():
         # float32 like PEFT's loaded adapter (autocast_adapter_dtype upcasts half precision)
         a = tensors[entry.a].to(torch.float32)
@@ -147,6 +155,9 @@ def load_streaming_adapter(
         target = _base_weight_name(module, names)
         assert target is not None  # streaming_refusal returned None: every adapted module has its base weight
         out.updates[target] = (entry.kind, a, b, config.scaling_for(module))
+        shape = base_tensors[target][1].shape
+        if entry.kind != "embedding" and stores_in_by_out(module, shape, a.shape[1], b.shape[0], model_type):
+            out.transposed.add(target)
     for full, key in lay.full_weights.items():
         out.replacements[full] = tensors[key]
         out.nbytes += tensors[key].numel() * tensors[key].element_size()
@@ -382,7 +393,6 @@ def stream_merged_tensors(
     target = getattr(torch, out_dtype)
     target_st = st_dtype(target)
     scratch = _Scratch() if reuse_buffers else None
-    fan_in_fan_out = adapter.fan_in_fan_out if adapter is not None else False
     fds: dict[Path, int] = {}
     produced = 0
     try:
@@ -429,6 +439,7 @@ def stream_merged_tensors(
                     tensor = tensor.to(target)
             if update is not None:
                 kind, a, b, scaling = update
+                fan_in_fan_out = adapter is not None and name in adapter.transposed
                 with torch.no_grad():
                     if scratch is not None and kind != "embedding":
                         tensor = _merged_into(scratch, tensor, a, b, scaling, fan_in_fan_out, slot)

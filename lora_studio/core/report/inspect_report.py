@@ -66,7 +66,12 @@ def inspect_base_and_adapters(
     identity = (source.label, str(source.path), source.repo_id or "")
     for name, path in adapters:
         compat = compatibility.check(
-            path, shapes, base_label=source.label, base_identity=identity, architecture=est.footprint.architecture
+            path,
+            shapes,
+            base_label=source.label,
+            base_identity=identity,
+            architecture=est.footprint.architecture,
+            model_type=est.footprint.model_type,
         )
         info = inspect_adapter(path, name=name, base_params=est.footprint.params)
         info.warnings.extend(w for w in compat.warnings if w not in info.warnings)
