@@ -614,3 +614,35 @@ def test_an_adapter_whose_tensors_peft_does_not_place_is_refused(fixtures, tmp_p
         assert session.adapters == {} and not session.is_peft
     finally:
         session.close()
+
+
+@pytest.mark.parametrize("engine", ["in-memory", None])
+def test_lora_bias_on_layers_without_a_bias_is_refused_before_merging(engine, fixtures, tmp_path, capsys):
+    import factories
+
+    adapter = factories.make_adapter(fixtures["base"], tmp_path / "biased", seed=25, lora_bias=True)
+    capsys.readouterr()  # transformers' loading bar while the adapter was made
+    out_dir = tmp_path / "merged"
+    argv = ["merge", fixtures["base"], "--adapter", adapter, "--out", out_dir]
+    argv += ["--engine", engine] if engine else []
+    code, out, err = run_in_process(capsys, argv)
+    assert_one_line_refusal(code, out, err, r"trains LoRA biases \(lora_bias\) for model\.layers\.0\.self_attn")
+    assert leftovers(out_dir) == []
+
+
+def test_the_in_memory_engine_says_a_lora_bias_merge_is_impossible(fixtures, tmp_path):
+    import factories
+    from peft.tuners.lora import LoraLayer
+
+    from lora_studio.core.merge.in_memory import merge_layer_copy
+
+    adapter = factories.make_adapter(fixtures["base"], tmp_path / "biased", seed=25, lora_bias=True)
+    session = Session()
+    try:
+        session.load(resolve_source(fixtures["base"]))
+        session.attach(adapter, "b")
+        layer = next(m for m in session.model.modules() if isinstance(m, LoraLayer))
+        with pytest.raises(UserError, match="PEFT cannot merge it"):
+            merge_layer_copy(layer, "b", safe_merge=False)
+    finally:
+        session.close()

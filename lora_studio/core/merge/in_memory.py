@@ -44,6 +44,11 @@ def merge_layer_copy(layer: LoraLayer, adapter_name: str, safe_merge: bool) -> d
     The layer is left untouched.
     """
     base = layer.get_base_layer()
+    if getattr(layer, "lora_bias", {}).get(adapter_name) and getattr(base, "bias", None) is None:
+        raise UserError(
+            f"{adapter_name} trains LoRA biases (lora_bias) for a layer without a bias: PEFT cannot merge it",
+            "use the adapter unmerged, or retrain it without lora_bias",
+        )
     saved = {}
     for pname in ("weight", "bias"):
         p = getattr(base, pname, None)

@@ -8,7 +8,7 @@ needs to know about its base (config, dtype, tied embeddings).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -296,6 +296,22 @@ def _check_request(adapters: Sequence[AdapterSpec], options: MergeOptions) -> No
     check_members([member_from_config(a.name, c) for a, c in zip(adapters, configs, strict=True)], options.combination)
 
 
+def _check_lora_bias(adapter: Path, name: str, base_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """An adapter that trains LoRA biases (``lora_bias``) merges only into layers that have a bias: PEFT refuses the
+    rest when it merges, after everything is loaded; said here, before."""
+    if not adapter.is_dir():
+        return  # a combination of the session: its members were checked
+    lay = adapter_files.layout(adapter_files.tensor_shapes(adapter))
+    lacking = [m for m, keys in lay.lora.items() if keys.bias and f"{m}.bias" not in base_shapes]
+    if lacking:
+        raise UserError(
+            f"{name} trains LoRA biases (lora_bias) for {lacking[0]}"
+            f"{f' and {len(lacking) - 1} more' if len(lacking) > 1 else ''}, which has no bias in the base: "
+            "PEFT cannot merge them",
+            "use the adapter unmerged, or retrain it without lora_bias",
+        )
+
+
 def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session: Session | SessionState | None) -> bool:
     """Refusals that depend on the base, before anything is written: code it would need, quantized weights,
     adapters whose shapes do not fit (headers only). Returns True when the single adapter brings added tokens
@@ -311,13 +327,16 @@ def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session: S
             "merging into quantized weights would round the adapter's update away",
             "merge into the full-precision base model, then quantize the merged folder if you need to",
         )
+    folder = base_folder(source)
+    shapes = compatibility.weight_shapes_from_headers(folder) if folder is not None else None
+    if shapes is not None:
+        for a in adapters:
+            _check_lora_bias(Path(a.path), a.name, shapes)
     if session is not None:
         return False  # the session's adapters were checked against it when they were attached
     check_remote_code(source, False)
-    folder = base_folder(source)
-    if folder is None:
+    if shapes is None:
         return False  # a GGUF base: the adapters are checked when the in-memory engine attaches them
-    shapes = compatibility.weight_shapes_from_headers(folder)
     arch = (cfg.get("architectures") or [""])[0] if isinstance(cfg.get("architectures"), list) else ""
     resize = False
     for a in adapters:
