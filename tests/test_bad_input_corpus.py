@@ -646,3 +646,29 @@ def test_the_in_memory_engine_says_a_lora_bias_merge_is_impossible(fixtures, tmp
             merge_layer_copy(layer, "b", safe_merge=False)
     finally:
         session.close()
+
+
+HOSTILE_TEMPLATES = {
+    "sandbox": ("{{ ''.__class__.__mro__[1].__subclasses__() }}", r"the sandbox forbids"),
+    "raise-exception": ("{{ raise_exception('no system role allowed') }}", r"failed: no system role allowed"),
+    "unknown-filter": ("{{ messages | nosuchfilter }}", r"failed: .*nosuchfilter"),
+    "endless": (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}",
+        r"ran for more than 5 s and was stopped",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE_TEMPLATES))
+def test_a_broken_or_endless_chat_template_is_one_line(kind, fixtures, tmp_path, capsys, one_thread):
+    import shutil
+    import time
+
+    template, message = HOSTILE_TEMPLATES[kind]
+    base = shutil.copytree(fixtures["base"], tmp_path / "base")
+    (base / "chat_template.jinja").write_text(template)
+    started = time.monotonic()
+    code, out, err = run_in_process(capsys, ["compare", base, "--prompt", "hello", "--max-new-tokens", "2", "--json"])
+    assert_one_line_refusal(code, out, err, message)
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "PWNED").exists()

@@ -17,6 +17,7 @@ from lora_studio.core.compare.runs import TokenDelta, generate_variants
 from lora_studio.core.compare.variants import Variant
 from lora_studio.core.errors import UserError
 from lora_studio.core.generation import generate as generation
+from lora_studio.core.generation.chat_template import chat_ids
 from lora_studio.core.generation.generate import GenerationSettings
 from lora_studio.core.tasks import CancelToken, Report, no_report
 
@@ -81,10 +82,7 @@ def chat_prompt_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
         raise UserError("this model's tokenizer has no chat template", "chat needs an instruct or chat model")
     for message in messages:
         generation.check_text(message["content"])
-    ids: Any = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-    if hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return [int(i) for i in ids]
+    return chat_ids(tokenizer, messages, add_generation_prompt=True)
 
 
 def chat_turn(

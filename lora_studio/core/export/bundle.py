@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_studio.core.generation.chat_template import apply_chat_template
 from lora_studio.core.io.atomic import atomic_output_dir
 
 if TYPE_CHECKING:
@@ -72,8 +73,8 @@ def render_one_turn(tokenizer: PreTrainedTokenizerBase | None) -> str | None:
         return None
     try:
         return str(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+            apply_chat_template(
+                tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
             )
         )
     except Exception:  # noqa: BLE001 - a template that cannot render is simply not translated

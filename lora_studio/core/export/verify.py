@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from lora_studio.core.export.gguf_types import output_type
+from lora_studio.core.generation.chat_template import apply_chat_template
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 if TYPE_CHECKING:
@@ -203,10 +204,10 @@ def _prompt_ids(
 
     messages = list(CHAT)
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = apply_chat_template(tokenizer, messages, add_generation_prompt=True, tokenize=False)
     except Exception:  # noqa: BLE001 - a template without a system role: the user turn alone
         messages = messages[1:]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = apply_chat_template(tokenizer, messages, add_generation_prompt=True, tokenize=False)
     hf_ids = list(tokenizer(str(text), add_special_tokens=False).input_ids)
     bos_text = runner.token_text(runner.bos()) if runner.bos() >= 0 else ""
     eos_text = runner.token_text(runner.eos()) if runner.eos() >= 0 else ""

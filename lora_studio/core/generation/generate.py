@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lora_studio.core.errors import Cancelled, UserError
+from lora_studio.core.generation.chat_template import chat_ids
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 if TYPE_CHECKING:
@@ -67,13 +68,7 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, use_chat_templat
     """Token ids of the prompt, through the chat template when the tokenizer has one."""
     check_text(prompt)
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        # a list of ids, or (newer transformers) a BatchEncoding holding them
-        ids: Any = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        return chat_ids(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
     return [int(i) for i in tokenizer(prompt)["input_ids"]]
 
 

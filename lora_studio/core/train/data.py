@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lora_studio.core.errors import UserError
+from lora_studio.core.generation.chat_template import apply_chat_template
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 from lora_studio.core.train.settings import TrainSettings
 
@@ -269,11 +270,11 @@ def encode(tokenizer: Any, item: Conversation | str, *, completion_only: bool, s
     prompt, completion = item
     if getattr(tokenizer, "chat_template", None):
         prompt_ids = list(
-            tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True, add_generation_prompt=True)[
+            apply_chat_template(tokenizer, prompt, tokenize=True, return_dict=True, add_generation_prompt=True)[
                 "input_ids"
             ]
         )
-        ids = list(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
+        ids = list(apply_chat_template(tokenizer, prompt + completion, tokenize=True, return_dict=True)["input_ids"])
     else:
         eos = tokenizer.eos_token or ""
         prompt_text = "\n\n".join(t["content"] for t in prompt) + "\n\n"
