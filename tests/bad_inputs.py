@@ -193,6 +193,23 @@ def _metadata_list(data: bytes) -> bytes:
     return struct.pack("<Q", len(text)) + text + data[8 + n :]
 
 
+def _drop_base_tensor(name: str):
+    def mutate(b: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(b / "model.safetensors"))
+        del tensors[name]
+        save_file(tensors, str(b / "model.safetensors"), metadata={"format": "pt"})
+
+    return mutate
+
+
+def _with_layers(config: Path, layers: int) -> str:
+    data = json.loads(config.read_text())
+    data["num_hidden_layers"] = layers
+    return json.dumps(data)
+
+
 def _deep(n: int = 100_000) -> str:
     return "[" * n + "]" * n
 
@@ -371,6 +388,24 @@ CASES: list[BadCase] = [
         "adapter-rank-pattern-disagrees-with-tensors",
         _adapter_case(_edit_config(rank_pattern={"v_proj": 2})),
         r"v_proj has rank 4 in its tensors but rank 2 in adapter_config\.json \(rank_pattern\)",
+    ),
+    BadCase(
+        "base-config-declares-more-layers",
+        _base_case(lambda b: _write(b / "config.json", _with_layers(b / "config.json", 3))),
+        r"config\.json declares 3 layers but the checkpoint has no weights for 1 of them \(from layer 2\)",
+    ),
+    BadCase(
+        "base-checkpoint-lacks-a-weight",
+        _base_case(_drop_base_tensor("model.norm.weight")),
+        r"weights that config\.json declares are not in the checkpoint \(e\.g\. model\.norm\.weight\)",
+        # inspect reads headers only; a streaming merge with --no-verify copies what the checkpoint holds (without
+        # the model's code it cannot know the final norm is missing); a verified merge refuses (test below)
+        ok_for=frozenset({"inspect", "merge"}),
+    ),
+    BadCase(
+        "base-layer-lacks-a-weight",
+        _base_case(_drop_base_tensor("model.layers.1.mlp.down_proj.weight")),
+        r"layer 1 of the checkpoint lacks mlp\.down_proj\.weight, which the other layers have",
     ),
     BadCase("adapter-config-deeply-nested", _adapter_case(_config(_deep())), r"nested too deeply"),
     BadCase(

@@ -672,3 +672,14 @@ def test_a_broken_or_endless_chat_template_is_one_line(kind, fixtures, tmp_path,
     assert_one_line_refusal(code, out, err, message)
     assert time.monotonic() - started < 60
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_verified_merge_refuses_a_base_that_lacks_a_weight(fixtures, tmp_path, capsys):
+    case = next(c for c in CASES if c.id == "base-checkpoint-lacks-a-weight")
+    inputs = bad_inputs.build(case, tmp_path / "w", fixtures)
+    out_dir = tmp_path / "w" / "merged"
+    code, out, err = run_in_process(
+        capsys, ["merge", inputs["base"], "--adapter", fixtures["adapter"], "--out", out_dir, "--json"]
+    )
+    assert_one_line_refusal(code, out, err, case.message)
+    assert leftovers(out_dir) == []

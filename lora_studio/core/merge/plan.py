@@ -317,6 +317,7 @@ def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session: S
     adapters whose shapes do not fit (headers only). Returns True when the single adapter brings added tokens
     and its own tokenizer, so the base must be resized to it (the in-memory engine does that)."""
     from lora_studio.core.adapters import compatibility
+    from lora_studio.core.model.config import check_declared_layers
     from lora_studio.core.model.loading import check_remote_code
 
     cfg = base_config(source)
@@ -330,6 +331,7 @@ def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session: S
     folder = base_folder(source)
     shapes = compatibility.weight_shapes_from_headers(folder) if folder is not None else None
     if shapes is not None:
+        check_declared_layers(cfg, shapes, source.label)
         for a in adapters:
             _check_lora_bias(Path(a.path), a.name, shapes)
     if session is not None:

@@ -8,6 +8,8 @@ missing file is a UserError too unless the caller says it can do without (``miss
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from lora_studio.core.errors import UserError
@@ -57,3 +59,36 @@ def tied_embeddings(config: dict) -> bool:
 
 def _short(exc: BaseException) -> str:
     return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+
+
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def check_declared_layers(config: dict, tensor_names: Iterable[str], label: str) -> None:
+    """Refuse a checkpoint holding fewer decoder layers than its config declares, or a layer lacking weights the
+    others have: transformers would initialise what is missing at random (from file headers, no model code)."""
+    declared = next((config[k] for k in _LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)
+    parts: dict[int, set[str]] = {}
+    for name in tensor_names:
+        if m := _LAYER_INDEX.search(name):
+            parts.setdefault(int(m.group(1)), set()).add(name[m.end() :])
+    if declared is None or not parts:
+        return
+    every = set().union(*parts.values())
+    for layer in sorted(parts):
+        lacking = sorted(every - parts[layer])
+        if lacking:
+            raise UserError(
+                f"{label}: layer {layer} of the checkpoint lacks {lacking[0]}"
+                f"{f' and {len(lacking) - 1} more' if len(lacking) > 1 else ''}, which the other layers have; "
+                "it would be random",
+                "the checkpoint is incomplete; download or convert it again",
+            )
+    missing = sorted(set(range(declared)) - set(parts))
+    if missing:
+        raise UserError(
+            f"{label}: config.json declares {declared} layers but the checkpoint has no weights for "
+            f"{len(missing)} of them (from layer {missing[0]}); they would be random",
+            "the checkpoint is incomplete, or config.json belongs to another model",
+        )

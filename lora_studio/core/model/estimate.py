@@ -8,7 +8,7 @@ from typing import Literal
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.safetensors_format import read_headers
-from lora_studio.core.model.config import read_config, tied_embeddings
+from lora_studio.core.model.config import check_declared_layers, read_config, tied_embeddings
 from lora_studio.core.model.dtypes import DTYPE_BYTES, ST_TO_NAME, check_dtype
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system import nvml
@@ -73,6 +73,7 @@ def read_footprint(source: ModelSource) -> ModelFootprint:
             params += info.numel
             nbytes += info.nbytes
             dtypes[info.dtype] += info.numel
+    check_declared_layers(config, names, source.label)
     if tied:
         # Some checkpoints store lm_head even when tied; it is one tensor in memory.
         for head, emb in (

@@ -170,7 +170,7 @@ def load_model(
         warm_page_cache(source.path, cancel)
     try:
         with reporting_progress(cancel, report), utf8_path(source.path) as folder:
-            model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     except (Cancelled, UserError):
         raise
     except pickle.UnpicklingError as exc:
@@ -187,6 +187,15 @@ def load_model(
             f"cannot load {source.label}: {_short(exc)}", "check that the folder is a complete causal language model"
         ) from exc
     cancel.raise_if_cancelled()
+    missing = sorted(info.get("missing_keys") or ())
+    if missing and not source.gguf_file:
+        # transformers initialises them at random and only logs it: every output would be noise
+        del model
+        raise UserError(
+            f"{source.label}: {len(missing)} weights that config.json declares are not in the checkpoint "
+            f"(e.g. {missing[0]}); they would be random",
+            "the checkpoint is incomplete, or config.json belongs to another model",
+        )
     if source.gguf_file:
         _forget_gguf_quantization(model)
         if dtype != "float32":
