@@ -14,7 +14,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lora_studio.core._compat.tqdm_progress import reporting_progress
 from lora_studio.core.errors import Cancelled, UserError
@@ -170,7 +170,10 @@ def load_model(
         warm_page_cache(source.path, cancel)
     try:
         with reporting_progress(cancel, report), utf8_path(source.path) as folder:
-            model, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+            # output_loading_info: (model, info) -- transformers' stubs type only the plain return
+            loaded: Any = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+            model: PreTrainedModel = loaded[0]
+            info: dict = loaded[1]
     except (Cancelled, UserError):
         raise
     except pickle.UnpicklingError as exc:
