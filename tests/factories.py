@@ -114,6 +114,26 @@ def gpt2_config(**overrides):
     return GPT2Config(**kw)
 
 
+def opt_config(**overrides):
+    """OPT: its MLP flattens batch and time before fc1/fc2 (what PEFT's mixed batches cannot follow)."""
+    from transformers import OPTConfig
+
+    kw = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        word_embed_proj_dim=16,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kw.update(overrides)
+    return OPTConfig(**kw)
+
+
 def save_model(folder: Path, config, *, dtype: str = "float32", seed: int = 0, tokenizer=None) -> Path:
     """Build a random causal LM from ``config`` and save it (safetensors, tokenizer, generation config)."""
     import torch

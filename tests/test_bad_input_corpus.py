@@ -683,3 +683,30 @@ def test_a_verified_merge_refuses_a_base_that_lacks_a_weight(fixtures, tmp_path,
     )
     assert_one_line_refusal(code, out, err, case.message)
     assert leftovers(out_dir) == []
+
+
+def test_opt_adapters_on_its_mlp_fall_back_to_sequential_runs(tmp_path, capsys, one_thread):
+    """OPT flattens the batch before fc1/fc2, which PEFT's mixed batches refuse: the run says so and goes on one
+    variant at a time, with the outputs of --sequential (and PEFT's stray hooks from the refused batch gone)."""
+    import json
+
+    import factories
+
+    base = factories.save_model(tmp_path / "opt", factories.opt_config())
+    mlp = factories.make_adapter(base, tmp_path / "mlp", target_modules=("q_proj", "fc1", "out_proj"), seed=3)
+    attn = factories.make_adapter(base, tmp_path / "attn", target_modules=("k_proj", "fc2"), seed=4)
+    capsys.readouterr()
+    argv = ["compare", base, "--adapter", f"mlp={mlp}", "--adapter", f"attn={attn}", "--prompt", "hello"]
+    argv += ["--max-new-tokens", "4", "--json"]
+    code, out, err = run_in_process(capsys, argv)
+    assert code == 0, err
+    mixed = json.loads(out)
+    assert mixed["mixed_batch"] is False and "PEFT cannot mix adapters in one batch on OPT" in mixed["fallback_reason"]
+    code, out, err = run_in_process(capsys, [*argv, "--sequential"])
+    assert code == 0, err
+    assert [v["token_ids"] for v in json.loads(out)["variants"]] == [v["token_ids"] for v in mixed["variants"]]
+    data = tmp_path / "val.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "completion": "there"}) + "\n")
+    code, out, err = run_in_process(capsys, ["evaluate", base, "--adapter", f"mlp={mlp}", "--data", data, "--json"])
+    assert code == 0, err
+    assert json.loads(out)["mixed_batch"] is False

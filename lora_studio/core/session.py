@@ -597,9 +597,11 @@ class Session:
         """Within the block every adapter layer is on, for a batch that names each row's adapter
         (PEFT's ``adapter_names``: a model with its adapters disabled would ignore them); yields the model.
         Restored afterwards, as :meth:`variant_selected`."""
+        from lora_studio.core._compat.peft_mixed_batch import stray_hooks_removed
+
         with self.lock:
             self.require_loaded()
-        with self._selected(None, True) as model:
+        with self._selected(None, True) as model, stray_hooks_removed(model):
             yield model
 
     @contextmanager

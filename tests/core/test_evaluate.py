@@ -210,6 +210,8 @@ def test_demo_sets_and_defaults():
 def test_layers_below_the_first_adapted_one_run_once_per_example(tiny_llama, models_dir, data_file):
     """Adapters on the top layer only: layer 0 sees each example once, and the losses equal sequential runs."""
     from lora_studio.core._compat.shared_prefix import first_adapted_layer
+    from lora_studio.core.compare import mixed_batch_refusal
+    from lora_studio.core.generation.generate import GenerationSettings
     from lora_studio.core.model.sources import resolve_source
     from lora_studio.core.session import Session
 
@@ -226,11 +228,13 @@ def test_layers_below_the_first_adapted_one_run_once_per_example(tiny_llama, mod
             session.attach(path, name)
         assert first_adapted_layer(session.model) == (1, "")
         eval_set = datasets.load_eval_set(data_file, session.tokenizer)
+        variants = [Variant.base(), Variant.of_adapter("up"), Variant.of_adapter("down")]
+        with session.lock:  # the one-time probe of whether PEFT can mix these adapters, before counting
+            assert mixed_batch_refusal(session, variants, GenerationSettings()) is None
         rows_seen: list[int] = []
         layer0 = session.model.get_base_model().get_decoder().layers[0]
         handle = layer0.register_forward_pre_hook(lambda _m, args: rows_seen.append(args[0].shape[0]))
         try:
-            variants = [Variant.base(), Variant.of_adapter("up"), Variant.of_adapter("down")]
             mixed = evaluate(session, variants, [eval_set])
         finally:
             handle.remove()

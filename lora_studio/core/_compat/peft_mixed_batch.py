@@ -74,7 +74,44 @@ def _target() -> tuple[Any, Any, tuple[str, ...], str]:
 
 
 def checks() -> dict[str, str]:
-    return {f"{LAYER_MODULE}.{LAYER_CLASS}.{METHOD}": _target()[3] or ACTIVE}
+    return {
+        f"{LAYER_MODULE}.{LAYER_CLASS}.{METHOD}": _target()[3] or ACTIVE,
+        "torch.nn.Module._forward_pre_hooks": _hooks_reason() or ACTIVE,
+    }
+
+
+def _hooks_reason() -> str:
+    torch_nn, reason = import_target("torch.nn")
+    if torch_nn is None:
+        return reason
+    probe = torch_nn.Module()
+    if not all(
+        isinstance(getattr(probe, n, None), dict) for n in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+    ):
+        return "torch.nn.Module keeps its forward pre-hooks elsewhere"
+    return ""
+
+
+@contextmanager
+def stray_hooks_removed(model: Any) -> Iterator[None]:
+    """PEFT adds a forward pre-hook to every LoRA layer for a mixed batch (to hand each its ``adapter_names``) and
+    removes them only when the forward returns. A forward that raises -- a batch PEFT refuses at run time, such as
+    OPT's MLP, which flattens the batch -- leaves them behind, and every later call on the model would get that
+    batch's names. On an exception inside the block, the pre-hooks added inside it are removed."""
+    reason = _hooks_reason()
+    if reason:
+        warn_inactive("PEFT mixed-batch hook clean-up", reason)
+        yield
+        return
+    before = {id(m): set(m._forward_pre_hooks) for m in model.modules()}
+    try:
+        yield
+    except BaseException:
+        for module in model.modules():
+            for key in set(module._forward_pre_hooks) - before.get(id(module), set()):
+                module._forward_pre_hooks.pop(key, None)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+        raise
 
 
 def groups_of(names: list[str]) -> list[tuple[str, int, int]]:

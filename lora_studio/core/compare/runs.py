@@ -27,6 +27,7 @@ enabled state afterwards (:meth:`Session.variant_selected`,
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -317,7 +318,34 @@ def mixed_batch_refusal(session: Session, variants: Sequence[Variant], settings:
     for module in session.model.modules():
         if isinstance(module, LoraLayer) and getattr(module, "merged", False):
             return "adapter weights are merged into the model's layers; PEFT cannot mix batches then"
-    return None
+    return _probe_refusal(session, adapters)
+
+
+# model -> {adapters: why they cannot share a batch, or None}
+_PROBED: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], str | None]] = weakref.WeakKeyDictionary()
+
+
+def _probe_refusal(session: Session, adapters: Sequence[str | None]) -> str | None:
+    """Some architectures reshape the batch before an adapted layer (OPT flattens batch and time before fc1 and
+    fc2), which PEFT's mixed batches cannot follow. One tiny forward with one row per adapter says so before a
+    real run; cached per model and set of adapters."""
+    import torch
+
+    names = list(dict.fromkeys([*(a for a in adapters if a), BASE]))
+    cache = _PROBED.setdefault(session.model, {})
+    key = tuple(sorted(names))
+    if key not in cache:
+        device = next(session.model.parameters()).device
+        ids = torch.tensor([[1, 2, 3]] * len(names), device=device)
+        reason = None
+        try:
+            with session.mixed_batch_selected() as model, contiguous_sub_batches(names), torch.inference_mode():
+                model(input_ids=ids, adapter_names=names)
+        except (ValueError, RuntimeError, TypeError) as exc:
+            architecture = type(session.base_model()).__name__
+            reason = f"PEFT cannot mix adapters in one batch on {architecture} ({' '.join(str(exc).split())[:160]})"
+        cache[key] = reason
+    return cache[key]
 
 
 class _MixRefused(Exception):
