@@ -81,3 +81,18 @@ def test_train_export_script(capsys, tmp_path, tiny_llama):
     assert "num_processes: 4" in (tmp_path / "job" / "accelerate_ddp.yaml").read_text()
     assert "distributed_type: FSDP" in (tmp_path / "job" / "accelerate_fsdp.yaml").read_text()
     assert not (tmp_path / "a").exists()  # exporting trains nothing
+
+
+def test_train_refuses_an_output_over_its_inputs(capsys, tmp_path, tiny_llama):
+    import shutil
+
+    base = shutil.copytree(tiny_llama, tmp_path / "base")
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    data_folder = tmp_path / "data"
+    data_folder.mkdir()
+    data = data_file(data_folder)
+    for out, label in ((base, "base model"), (data_folder, "training data"), (tmp_path, "base model")):
+        argv = ["train", base, "--data", data, "--out", out, "--overwrite", "--max-steps", "1"]
+        code, _, err = run_in_process(capsys, argv)
+        assert code == 2 and label in err and "would be replaced" in err and err.count("\n") == 1, err
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before and data.is_file()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_studio.core.errors import Cancelled, OutOfMemory, UserError, is_out_of_memory
+from lora_studio.core.io.paths import check_output_apart
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 from lora_studio.core.train.data import PreparedData, as_trainer_dataset, prepare_as_set
@@ -78,6 +79,15 @@ def _train(request: TrainRequest, *, cancel: CancelToken, report: Report, on_met
 
     settings = request.settings
     settings.check()
+    check_output_apart(
+        Path(request.out),
+        {
+            "base model": request.base.path,
+            "training data": Path(request.train_file),
+            "validation data": Path(request.val_file) if request.val_file else None,
+            "checkpoint to resume from": Path(request.resume) if request.resume else None,
+        },
+    )
     out = Path(request.out).expanduser().absolute()
     if out.exists() and not request.overwrite:
         raise UserError(
