@@ -204,6 +204,28 @@ def _drop_base_tensor(name: str):
     return mutate
 
 
+def _gguf(work: Path, *, tensors: bool = True, string_past_end: bool = False) -> Path:
+    """A tiny GGUF, without tensors or with a string whose length runs past the end of the file."""
+    import gguf
+    import numpy as np
+
+    path = work / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_name("tiny")
+    if tensors:
+        writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if string_past_end:
+        data = bytearray(path.read_bytes())
+        at = data.find(b"tiny")
+        struct.pack_into("<Q", data, at - 8, 10**6)  # the u64 length before the string
+        path.write_bytes(bytes(data))
+    return path
+
+
 def _with_layers(config: Path, layers: int) -> str:
     data = json.loads(config.read_text())
     data["num_hidden_layers"] = layers
@@ -406,6 +428,17 @@ CASES: list[BadCase] = [
         "base-layer-lacks-a-weight",
         _base_case(_drop_base_tensor("model.layers.1.mlp.down_proj.weight")),
         r"layer 1 of the checkpoint lacks mlp\.down_proj\.weight, which the other layers have",
+    ),
+    BadCase(
+        "base-gguf-no-tensors", lambda w, fx: {"base": _gguf(w, tensors=False), "adapter": None}, r"holds no tensors"
+    ),
+    BadCase(
+        "base-gguf-string-past-the-end",
+        lambda w, fx: {"base": _gguf(w, string_past_end=True), "adapter": None},
+        r"is damaged or not a GGUF file",
+    ),
+    BadCase(
+        "base-config-is-a-list", _base_case(lambda b: _write(b / "config.json", "[1, 2]")), r"is not a JSON object"
     ),
     BadCase("adapter-config-deeply-nested", _adapter_case(_config(_deep())), r"nested too deeply"),
     BadCase(

@@ -83,3 +83,27 @@ def test_estimate_verdicts(tiny_llama_bf16):
     assert e.verdict == "does_not_fit" and "no GPU" in e.explanation
     with pytest.raises(UserError):
         estimate.estimate(src, "int3", "cpu", footprint=big, gpus=[], free_ram_bytes=gib)
+
+
+def test_a_gguf_is_named_by_its_quantisation_not_its_many_small_tensors(tmp_path):
+    """general.file_type when the file says it; else the type most bytes use (F32 norms are many, but small)."""
+    import gguf
+    import numpy as np
+
+    from lora_studio.core.model.estimate import gguf_quantisation
+
+    def write(name: str, file_type=None) -> gguf.GGUFReader:
+        writer = gguf.GGUFWriter(str(tmp_path / name), arch="llama")
+        if file_type is not None:
+            writer.add_file_type(file_type)
+        for i in range(5):
+            writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(8, dtype=np.float32))
+        writer.add_tensor("token_embd.weight", np.ones((64, 64), dtype=np.float16))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return gguf.GGUFReader(str(tmp_path / name))
+
+    assert gguf_quantisation(write("plain.gguf")) == "F16"
+    assert gguf_quantisation(write("typed.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M)) == "Q4_K_M"

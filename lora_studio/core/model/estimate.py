@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.safetensors_format import read_headers
@@ -124,20 +124,42 @@ def _gguf_footprint(source: ModelSource) -> ModelFootprint:
         reader = gguf.GGUFReader(str(source.file))
     except Exception as exc:
         raise UserError(
-            f"{source.file.name} is not a readable GGUF file ({type(exc).__name__}: {exc})", "pick another .gguf file"
+            f"{source.file.name} is damaged or not a GGUF file ({type(exc).__name__}: {exc})",
+            "download or export it again",
         ) from exc
+    size = source.file.stat().st_size
+    damaged = not reader.tensors or any(int(t.data_offset) + int(t.n_bytes) > size for t in reader.tensors)
+    if damaged:
+        what = "holds no tensors" if not reader.tensors else "names tensor data past its end"
+        raise UserError(f"{source.file.name} is damaged: it {what}", "download or export it again")
     arch = _gguf_field(reader, "general.architecture") or "?"
     names = {t.name for t in reader.tensors}
     params = sum(int(t.n_elements) for t in reader.tensors)
-    types = Counter(t.tensor_type.name for t in reader.tensors)
     return ModelFootprint(
         architecture=f"{arch} (GGUF)",
         model_type=str(arch),
         params=params,
-        checkpoint_dtype="gguf:" + types.most_common(1)[0][0] if types else "gguf",
+        checkpoint_dtype="gguf:" + gguf_quantisation(reader),
         tied_embeddings="output.weight" not in names,
         checkpoint_bytes=source.file.stat().st_size,
     )
+
+
+def gguf_quantisation(reader: Any) -> str:
+    """The file's quantisation as llama.cpp names it: its ``general.file_type`` (Q4_K_M, Q8_0, F16, …), else the
+    type that most weight bytes use (norms and biases are F32 in nearly every file, but few bytes)."""
+    import gguf
+
+    file_type = _gguf_field(reader, "general.file_type")
+    if isinstance(file_type, int):
+        try:
+            return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+        except ValueError:
+            pass
+    by_bytes: Counter = Counter()
+    for t in reader.tensors:
+        by_bytes[t.tensor_type.name] += int(t.n_bytes)
+    return by_bytes.most_common(1)[0][0]
 
 
 def _gguf_field(reader, key: str):
