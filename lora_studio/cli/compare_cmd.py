@@ -143,6 +143,8 @@ def to_json(result) -> dict:
     """
     common = {
         "mixed_batch": result.mixed_batch,
+        "mixed_batch_exact": result.exact,
+        "inexact_reason": result.inexact_reason,
         "fallback_reason": result.fallback_reason,
         "seconds": round(result.seconds, 3),
         "settings": result.settings.to_json(),
@@ -156,6 +158,8 @@ def render(result) -> str:
     out = []
     how = "one mixed-adapter batch" if result.mixed_batch else f"one at a time ({result.fallback_reason})"
     out.append(f"{len(result.variants)} variants, {how}, {result.seconds:.1f}s")
+    if result.inexact_reason:
+        out.append(f"note: {result.inexact_reason} (--sequential)")
     for p in result.prompts:
         out.append("")
         out.append("=" * 72)

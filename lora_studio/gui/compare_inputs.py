@@ -97,12 +97,18 @@ class DecodingBox(QGroupBox):
         self.top_p = QDoubleSpinBox(minimum=0.01, maximum=1.0, singleStep=0.05, value=0.95, decimals=2)
         self.seed = QSpinBox(minimum=0, maximum=2**31 - 1, value=0)
         self.max_tokens = QSpinBox(minimum=1, maximum=MAX_NEW_TOKENS_LIMIT, value=64)
+        self.one_at_a_time = QCheckBox("one at a time")
+        self.one_at_a_time.setToolTip(
+            "run each variant alone instead of in one mixed batch: slower; exact in bfloat16 and float16, where a "
+            "batch can round differently (in float32 both give the same tokens)"
+        )
         form = QFormLayout(self)
         form.addRow("mode", self.mode_combo)
         form.addRow("temperature", self.temperature)
         form.addRow("top-p", self.top_p)
         form.addRow("seed", self.seed)
         form.addRow("max new tokens", self.max_tokens)
+        form.addRow(self.one_at_a_time)
         self._update_enabled()
 
     def _update_enabled(self) -> None:

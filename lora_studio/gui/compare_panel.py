@@ -367,8 +367,12 @@ class ComparePanel(Panel):
         self._pending_variants = variants
         self._last_prompts = list(prompts)
 
+        mixed = not self.decoding.one_at_a_time.isChecked()
+
         def fn(*, cancel, report):
-            return run_comparison(session, variants, prompts, settings, reference, buffer, cancel=cancel, report=report)
+            return run_comparison(
+                session, variants, prompts, settings, reference, buffer, mixed=mixed, cancel=cancel, report=report
+            )
 
         what = f"comparing {len(variants)} variants" + (f" on {len(prompts)} prompts" if len(prompts) > 1 else "")
         job = self.op(what, fn).on_end(self._end_run).on_success(self._done).on_cancel(self._cancelled).run()
@@ -461,10 +465,19 @@ class ComparePanel(Panel):
             self.new_chat()
         variants = self._variants(self.ticked())
         conversation, session, buffer = self.conversation, self.session, DeltaBuffer()
+        mixed = not self.decoding.one_at_a_time.isChecked()
 
         def fn(*, cancel, report):
             return chat_turn(
-                session, variants, conversation, text, settings, cancel=cancel, report=report, on_tokens=buffer.push
+                session,
+                variants,
+                conversation,
+                text,
+                settings,
+                mixed=mixed,
+                cancel=cancel,
+                report=report,
+                on_tokens=buffer.push,
             )
 
         what = f"chatting with {len(variants)} variants"
@@ -497,6 +510,8 @@ class ComparePanel(Panel):
         for column in self.chat.columns:
             column.show_turns(self._chat_turns(column.name))
         how = "one mixed batch" if turn.mixed_batch else f"sequential: {turn.fallback_reason}"
+        if turn.inexact_reason:
+            how += f" (note: {turn.inexact_reason} — tick one at a time)"
         self.chat.note.setText(f"turn {len(self.conversation.turns)} · {how} · {turn.seconds:.1f} s")
         self.show_message(f"{len(turn.replies)} variants answered", "ok")
         self.update_buttons()

@@ -185,6 +185,8 @@ class CompareResults(QWidget):
                 display.token_spans,
             )
         how = "one mixed batch" if result.mixed_batch else f"sequential: {result.fallback_reason}"
+        if result.inexact_reason:
+            how += f" (note: {result.inexact_reason} — tick one at a time)"
         merged = sum(1 for c in self.columns if c.kind == KIND_MERGED)
         if merged and result.mixed_batch:
             how += f" (+{merged} merged folder{'s' if merged > 1 else ''} on its own)"

@@ -88,6 +88,7 @@ def run_comparison(
     reference: str | None,
     buffer: DeltaBuffer,
     *,
+    mixed: bool = True,
     cancel,
     report,
 ) -> RunOutcome:
@@ -95,7 +96,15 @@ def run_comparison(
     from lora_studio.core.compare import compare
 
     result = compare(
-        session, variants, prompts, settings, reference=reference, cancel=cancel, report=report, on_tokens=buffer.push
+        session,
+        variants,
+        prompts,
+        settings,
+        reference=reference,
+        mixed=mixed,
+        cancel=cancel,
+        report=report,
+        on_tokens=buffer.push,
     )
     with session.lock:
         displays = [_prompt_display(session.tokenizer, cmp) for cmp in result.prompts]

@@ -258,3 +258,26 @@ def test_gpt2_conv1d_adapter_mixed_equals_single(tiny_gpt2, gpt2_adapter):
             assert cmp.output("base").token_ids == generate(s.model, s.tokenizer, prompt, GREEDY).token_ids
     finally:
         s.close()
+
+
+def test_a_half_precision_mixed_batch_says_it_may_round_differently(tiny_llama_bf16, models_dir):
+    """float32 mixed batches are token-exact (the tests above); bfloat16 ones are said to be possibly not, in the
+    result and its JSON, and mixed=False (one at a time) is exact by construction."""
+    from lora_studio.core.compare import Variant, compare
+    from lora_studio.core.generation.generate import GenerationSettings
+    from lora_studio.core.model.sources import resolve_source
+    from lora_studio.core.session import Session
+
+    adapter = factories.make_adapter(tiny_llama_bf16, models_dir / "bf16-adapter", seed=61, dtype="bfloat16")
+    session = Session()
+    try:
+        session.load(resolve_source(tiny_llama_bf16), dtype="bfloat16")
+        session.attach(adapter, "a")
+        variants = [Variant.base(), Variant.of_adapter("a")]
+        mixed = compare(session, variants, "hello", GenerationSettings(max_new_tokens=4))
+        alone = compare(session, variants, "hello", GenerationSettings(max_new_tokens=4), mixed=False)
+    finally:
+        session.close()
+    assert mixed.mixed_batch and not mixed.exact and "bfloat16" in (mixed.inexact_reason or "")
+    assert mixed.to_json()["mixed_batch_exact"] is False
+    assert not alone.mixed_batch and alone.exact and alone.to_json()["mixed_batch_exact"] is True

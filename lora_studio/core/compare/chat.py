@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lora_studio.core.compare.runs import TokenDelta, generate_variants
+from lora_studio.core.compare.runs import TokenDelta, generate_variants, inexact_reason
 from lora_studio.core.compare.variants import Variant
 from lora_studio.core.errors import UserError
 from lora_studio.core.generation import generate as generation
@@ -42,6 +42,7 @@ class ChatTurn:
     mixed_batch: bool = False
     fallback_reason: str | None = None
     seconds: float = 0.0
+    inexact_reason: str | None = None  # as ComparisonResult's: half-precision batches can round differently
 
 
 @dataclass
@@ -126,4 +127,11 @@ def chat_turn(
             )
             for v in variants
         }
-    return ChatTurn(user, replies, used_mixed, None if used_mixed else reason, time.perf_counter() - started)
+    return ChatTurn(
+        user,
+        replies,
+        used_mixed,
+        None if used_mixed else reason,
+        time.perf_counter() - started,
+        inexact_reason(session) if used_mixed else None,
+    )

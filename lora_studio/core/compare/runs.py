@@ -104,12 +104,20 @@ class ComparisonResult:
     fallback_reason: str | None  # why they did not (None when they did)
     seconds: float
     settings: GenerationSettings
+    # None: a mixed batch gives each variant's solo tokens exactly; else why it may not (half-precision rounding)
+    inexact_reason: str | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.inexact_reason is None
 
     def to_json(self) -> dict:
         return {
             "prompts": [p.to_json() for p in self.prompts],
             "variant_names": list(self.variants),
             "mixed_batch": self.mixed_batch,
+            "mixed_batch_exact": self.exact,
+            "inexact_reason": self.inexact_reason,
             "fallback_reason": self.fallback_reason,
             "seconds": self.seconds,
             "settings": self.settings.to_json(),
@@ -191,7 +199,24 @@ def compare(
         None if used_mixed else reason,
         time.perf_counter() - started,
         settings,
+        inexact_reason(session) if used_mixed else None,
     )
+
+
+HALF_PRECISION = ("bfloat16", "float16")
+
+
+def inexact_reason(session: Session) -> str | None:
+    """Why a mixed batch may not give each variant's solo tokens exactly, or None. In float32 it does (the tests
+    compare token for token); in half precision a larger batch can round a matmul differently, and a greedy column
+    then parts from its solo run once two tokens come close."""
+    dtype = str(session.dtype)
+    if dtype in HALF_PRECISION:
+        return (
+            f"in {dtype} a batched column can part from its solo run after some tokens (rounding); "
+            "run one at a time for exact outputs"
+        )
+    return None
 
 
 def generate_variants(
