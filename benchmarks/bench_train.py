@@ -115,6 +115,7 @@ def run_plain(base: str, out: Path, steps: int) -> dict:
         report_to="none",
         disable_tqdm=True,
         use_cpu=True,
+        bf16=False,  # TRL's SFTConfig defaults to bf16 autocast; the studio job trains in float32 as asked
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=False,
         completion_only_loss=True,

@@ -566,11 +566,9 @@ class ComparePanel(Panel):
     def save_report(self) -> None:
         from lora_studio.gui.evaluate_panel import REPORT_FILTER
 
-        start = str(Path(self.start_folder("report")) / "comparison.html")
-        path, _ = QFileDialog.getSaveFileName(self, "Save the comparison", start, REPORT_FILTER)
-        if path:
-            self.remember_folder("report", str(Path(path).parent))
-            self.write_report(Path(path))
+        path = self.ask_save_path("report", "Save the comparison", "comparison.html", REPORT_FILTER)
+        if path is not None:
+            self.write_report(path)
 
     def write_report(self, path: Path) -> Job | None:
         from lora_studio.core.report.share import write_report

@@ -91,7 +91,6 @@ class EvaluatePanel(Panel):
         self.merged_models = merged_models  # Compare's merged folders: column name -> BesideModel
         self.open_in_compare = open_in_compare
         self.use_scale_in_merge = use_scale
-        self.job: Job | None = None
         self.result: EvaluationResult | None = None
         self.sweep: ScaleSweep | None = None
         self.ggufs: dict[str, Path] = {}
@@ -430,19 +429,10 @@ class EvaluatePanel(Panel):
             return evaluate(session, columns, sets, reference=reference, cancel=cancel, report=report)
 
         what = f"evaluating {len(columns)} variants"
-        job = self.op(what, fn).on_end(self._ended).on_success(self.show_result).run()
+        job = self.run_cancellable(self.op(what, fn).on_success(self.show_result))
         if job is not None:
-            self.job = job
             self.show_message(f"{what}…")
-            self.update_buttons()
         return job
-
-    def stop(self) -> None:
-        self.cancel_job(self.job, "cancelling…", "warn")
-
-    def _ended(self) -> None:
-        self.job = None
-        self.update_buttons()
 
     def show_result(self, result: EvaluationResult) -> None:
         self.result = result
@@ -596,11 +586,9 @@ class EvaluatePanel(Panel):
                 sets = datasets.load_eval_sets(files, session.tokenizer, limit=limit)
             return sweep_scale(session, adapter, sets, scales, cancel=cancel, report=report)
 
-        job = self.op(f"sweeping {adapter}'s scale", fn).on_end(self._ended).on_success(self.show_sweep).run()
+        job = self.run_cancellable(self.op(f"sweeping {adapter}'s scale", fn).on_success(self.show_sweep))
         if job is not None:
-            self.job = job
             self.results_tabs.setCurrentIndex(2)
-            self.update_buttons()
         return job
 
     def show_sweep(self, sweep: ScaleSweep) -> None:
@@ -660,11 +648,9 @@ class EvaluatePanel(Panel):
     def save_report(self) -> None:
         if self.result is None:
             return
-        start = str(Path(self.start_folder("report")) / "evaluation.html")
-        path, _ = QFileDialog.getSaveFileName(self, "Save the evaluation", start, REPORT_FILTER)
-        if path:
-            self.remember_folder("report", str(Path(path).parent))
-            self.write_report(Path(path))
+        path = self.ask_save_path("report", "Save the evaluation", "evaluation.html", REPORT_FILTER)
+        if path is not None:
+            self.write_report(path)
 
     def write_report(self, path: Path) -> Job | None:
         from lora_studio.core.report.share import write_report

@@ -17,6 +17,7 @@ preview). It never reaches into the window. It
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import Signal
@@ -45,6 +46,7 @@ class Panel(QWidget):
         self.message = MessageLine()
         self.progress = job_progress_bar()
         self.folders: StudioSettings | None = None  # where file dialogs start; set by the window
+        self.job: Job | None = None  # the job the panel's own Cancel stops (see run_cancellable)
         runner.busy_changed.connect(self._busy_changed)
         session_model.state_changed.connect(self.show_state)
 
@@ -76,6 +78,23 @@ class Panel(QWidget):
     ) -> PanelOp:
         """A job of this panel: add handlers to it, then ``.run()``."""
         return PanelOp(self, name, fn, exclusive=exclusive, key=key, progress=progress)
+
+    def run_cancellable(self, op: PanelOp) -> Job | None:
+        """Run ``op`` as the panel's cancellable job: :attr:`job` while it runs (:meth:`stop` cancels it), the
+        buttons refreshed when it starts and ends."""
+        job = op.on_end(self._cancellable_ended).run()
+        if job is not None:
+            self.job = job
+            self.update_buttons()
+        return job
+
+    def stop(self) -> None:
+        """The panel's Cancel: the running :attr:`job` ends at its next safe point."""
+        self.cancel_job(self.job, "cancelling…", "warn")
+
+    def _cancellable_ended(self) -> None:
+        self.job = None
+        self.update_buttons()
 
     def cancel_job(self, job: Job | None, message: str = "cancelling…", kind: str = "info") -> bool:
         """Ask a running job to stop (it ends at its next safe point); True if there was one."""
@@ -110,8 +129,6 @@ class Panel(QWidget):
     # -- file dialogs --------------------------------------------------------------------------------------------------
     def start_folder(self, kind: str, fallback: str = "") -> str:
         """Where a file dialog of this kind opens: where the last one ended, else ``fallback``, else home."""
-        from pathlib import Path
-
         last = self.folders.last_folder(kind) if self.folders is not None else None
         return last or fallback or str(Path.home())
 
@@ -119,6 +136,17 @@ class Panel(QWidget):
         """A dialog of this kind ended on ``path``: the next one opens beside it."""
         if self.folders is not None and path:
             self.folders.remember_folder(kind, path)
+
+    def ask_save_path(self, kind: str, title: str, default_name: str, file_filter: str) -> Path | None:
+        """A save dialog that opens where the last one of ``kind`` ended, with ``default_name`` proposed."""
+        from PySide6.QtWidgets import QFileDialog
+
+        start = str(Path(self.start_folder(kind)) / default_name)
+        path, _ = QFileDialog.getSaveFileName(self, title, start, file_filter)
+        if not path:
+            return None
+        self.remember_folder(kind, str(Path(path).parent))
+        return Path(path)
 
     @staticmethod
     def set_reasons(buttons: Mapping[QAbstractButton, tuple[str, str]]) -> None:

@@ -54,7 +54,6 @@ class ReducePanel(Panel):
     def __init__(self, runner: JobRunner, session_model: SessionModel, parent: QWidget | None = None) -> None:
         super().__init__(runner, session_model, parent)
         self.plan: RankPlan | None = None
-        self.job: Job | None = None
         self.result: tuple[ReducedAdapter, ReductionCost | None] | None = None
         self._plot: Any = None
         self._cut_line: Any = None
@@ -428,19 +427,10 @@ class ReducePanel(Panel):
             result.seconds = time.perf_counter() - started  # the cut, the attach and the measurement
             return result, ReductionCost.of(measured, plan.name, name)
 
-        job = self.op(f"reducing {plan.name}", fn).on_end(self._ended).on_success(self.show_result).run()
+        job = self.run_cancellable(self.op(f"reducing {plan.name}", fn).on_success(self.show_result))
         if job is not None:
-            self.job = job
             self.result_label.setText("")
-            self.update_buttons()
         return job
-
-    def stop(self) -> None:
-        self.cancel_job(self.job, "cancelling…", "warn")
-
-    def _ended(self) -> None:
-        self.job = None
-        self.update_buttons()
 
     def show_result(self, outcome: tuple[ReducedAdapter, ReductionCost | None]) -> None:
         self.result = outcome
