@@ -87,7 +87,8 @@ class PromptBox(QWidget):
 class DecodingBox(QGroupBox):
     """Greedy or sampling, and how many tokens: the same for every column."""
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, parent: QWidget | None = None, *, batching: bool = False) -> None:
+        """``batching``: the box also offers "one at a time" (Compare's columns; Try it runs one variant)."""
         super().__init__("Decoding (same for every column)", parent)
         self.mode_combo = QComboBox()
         self.mode_combo.addItems(["greedy", "sampling"])
@@ -108,7 +109,10 @@ class DecodingBox(QGroupBox):
         form.addRow("top-p", self.top_p)
         form.addRow("seed", self.seed)
         form.addRow("max new tokens", self.max_tokens)
-        form.addRow(self.one_at_a_time)
+        if batching:
+            form.addRow(self.one_at_a_time)
+        else:
+            self.one_at_a_time.hide()
         self._update_enabled()
 
     def _update_enabled(self) -> None:

@@ -80,7 +80,7 @@ class ComparePanel(Panel):
         self.variants.add_merged_btn.clicked.connect(self.merged_folders.browse)
         self.variants.remove_btn.clicked.connect(self.merged_folders.remove_selected)
         self.reference_combo = self.variants.reference_combo
-        self.decoding = DecodingBox()
+        self.decoding = DecodingBox(batching=True)
         self.max_tokens = self.decoding.max_tokens
         self.prompt_box = PromptBox()
         self.prompt_box.load_btn.clicked.connect(self.browse_prompts)

@@ -279,7 +279,7 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: 
        max-width: 1200px; padding: 0 16px; }
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8px; border-bottom: 1px solid #ddd; }
 .meta { color: #555; font-size: 12.5px; } .meta code { font-size: 11.5px; word-break: break-all; }
-table { border-collapse: collapse; margin: 6px 0 12px; width: 100%; }
+table { border-collapse: collapse; margin: 6px 0 12px; width: 100%; } .scroll { overflow-x: auto; }
 th, td { border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; text-align: left; }
 th { background: #f3f5f8; cursor: pointer; white-space: nowrap; } td.num { text-align: right;
      font-variant-numeric: tabular-nums; white-space: nowrap; }
@@ -315,13 +315,17 @@ def _e(text: Any) -> str:
 
 
 def _page(title: str, body: list[str]) -> str:
+    # a table with many variants scrolls inside its own box instead of widening the page
+    scrolled = [
+        part.replace("<table", '<div class="scroll"><table').replace("</table>", "</table></div>") for part in body
+    ]
     return "\n".join(
         [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>",
-            *body,
+            *scrolled,
             f"<script>{SORT_SCRIPT}</script></body></html>",
         ]
     )
