@@ -10,13 +10,19 @@ from window_helpers import TIMEOUT_MS, idle
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_reduce_an_attached_adapter_and_measure_it(qtbot, window, tiny_llama, llama_adapters, tmp_path):
-    window.open_base(str(tiny_llama))
+def reduce_panel_with(qtbot, window, base, adapter):
+    """The Reduce tab once ``adapter`` is attached to ``base`` and its spectra are read."""
+    window.open_base(str(base))
     idle(qtbot, window)
-    window.attach_adapter(str(llama_adapters["beta"]))
+    window.attach_adapter(str(adapter))
     idle(qtbot, window)
     panel = window.reduce_panel
     qtbot.waitUntil(lambda: panel.plan is not None, timeout=TIMEOUT_MS)
+    return panel
+
+
+def test_reduce_an_attached_adapter_and_measure_it(qtbot, window, tiny_llama, llama_adapters, tmp_path):
+    panel = reduce_panel_with(qtbot, window, tiny_llama, llama_adapters["beta"])
     assert panel.plan.r == 8 and panel.suggestions.rowCount() == 3
     assert panel._plot is not None and "rank 8 →" in panel.preview.text()
 
@@ -49,12 +55,7 @@ def test_reduce_an_attached_adapter_and_measure_it(qtbot, window, tiny_llama, ll
 
 
 def test_reduce_refuses_an_output_over_the_adapter(qtbot, window, tiny_llama, llama_adapters):
-    window.open_base(str(tiny_llama))
-    idle(qtbot, window)
-    window.attach_adapter(str(llama_adapters["alpha"]))
-    idle(qtbot, window)
-    panel = window.reduce_panel
-    qtbot.waitUntil(lambda: panel.plan is not None, timeout=TIMEOUT_MS)
+    panel = reduce_panel_with(qtbot, window, tiny_llama, llama_adapters["alpha"])
     panel.measure_check.setChecked(False)
     panel.out_edit.setText(str(llama_adapters["alpha"]))
     panel.run()
