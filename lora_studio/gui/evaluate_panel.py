@@ -69,10 +69,14 @@ class _Number(QTableWidgetItem):
         return float(self.data(Qt.ItemDataRole.UserRole)) < float(other.data(Qt.ItemDataRole.UserRole))
 
 
+ROW_HEIGHT = 22  # compact rows: the base and four variants fit the summary at 1280×720
+
+
 def _read_only(table: QTableWidget) -> None:
     table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
     table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
     table.verticalHeader().setVisible(False)
+    table.verticalHeader().setDefaultSectionSize(ROW_HEIGHT)
     table.setAlternatingRowColors(True)
 
 
