@@ -91,7 +91,6 @@ def _measure(args, plan, result, progress):
     from lora_studio.core.session import Session
 
     data = [Path(d).expanduser() for d in args.data] or datasets.default_sets([plan.path])
-    args.base = args.base or None
     source = resolve_base(args, report=progress)
     session = Session()
     try:
