@@ -1,5 +1,5 @@
-"""Does the window stay responsive? Drive the real window offscreen through load -> attach -> generate -> merge
-while a 5 ms QTimer measures how late the event loop runs (a "stall").
+"""Does the window stay responsive? Drive the real window offscreen through load -> attach -> generate -> merge ->
+train (the Train tab, its live curves drawing) while a 5 ms QTimer measures how late the event loop runs (a "stall").
 
 Model: the demo (SmolLM2-135M-Instruct, float32, CPU) with its shipped 'pirate' adapter when both are on
 this machine, else a small random Llama + adapter built here (tests/factories.py). Every step runs through
@@ -159,6 +159,7 @@ def run_many(runs: int) -> int:
         "startup_s_median": statistics.median(r["startup_s"] for r in results),
         "startup_s_worst": max(r["startup_s"] for r in results),
         "stalls_over_50ms_runs": [r["stalls_over_50ms"] for r in results],
+        "train_max_stall_ms_runs": [r["max_stall_ms_by_step"].get("train") for r in results],
         "model": results[0]["model"],
         "targets": results[0]["targets"],
     }
@@ -171,6 +172,7 @@ def main() -> int:
     parser.add_argument("--model")
     parser.add_argument("--adapter")
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--train-steps", type=int, default=6, help="optimiser steps of the training step (default 6)")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
     parser.add_argument(
         "--trace",
@@ -238,6 +240,7 @@ def main() -> int:
 
     gaps: list[float] = []
     big: list[tuple[str, float]] = []  # (step, ms) of each stall over the target, to say where they happen
+    by_step: dict[str, float] = {}  # the largest stall in each step
     current = ["idle"]
     clock = QElapsedTimer()
     clock.start()
@@ -253,6 +256,7 @@ def main() -> int:
         gaps.append(gap)
         if gap - TICK_MS > 50:
             big.append((current[0], round(gap - TICK_MS, 1)))
+        by_step[current[0]] = max(by_step.get(current[0], 0.0), round(gap - TICK_MS, 1))
         last[0] = now
 
     timer = QTimer()
@@ -300,6 +304,21 @@ def main() -> int:
         )
 
     step("merge", lambda: window.runner.submit("merging", merge, on_done=lambda _: window.memory_panel.mark("merged")))
+
+    # training through the Train tab, as its Train button runs it: the live curves draw while the trainer runs
+    from lora_studio.core.train import TrainSettings
+
+    train = window.train_panel
+    window.tabs.setCurrentWidget(train)
+    rows = tmp / "train.jsonl"
+    pairs = [("Say hello.", "Hello there."), ("Name a colour.", "Blue."), ("Count to three.", "One, two, three.")]
+    rows.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs * 4), "utf-8")
+    train.form.set_settings(TrainSettings(r=4, alpha=8.0, max_steps=args.train_steps, batch_size=2, eval_steps=2))
+    train.data_edit.setText(str(rows))
+    train.out_edit.setText(str(tmp / "trained"))
+    wait_for(lambda: not train.start_reason() and window.runner.is_idle())
+    step("train", train.start)
+    wait_for(lambda: len(window.session.state().adapters) == 2 and window.runner.is_idle())  # attached at the end
     timer.stop()
     if tracer is not None:
         tracer.stop()
@@ -319,6 +338,7 @@ def main() -> int:
         "model": what,
         "switch_interval_s": sys.getswitchinterval(),
         "stalls_over_50ms": big[:20],
+        "max_stall_ms_by_step": by_step,
         "targets": {"max_stall_ms": 50, "startup_s": 2.0},
     }
     print(json.dumps(result))
