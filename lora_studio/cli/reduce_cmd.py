@@ -9,11 +9,14 @@ adapter's gain over the base that is kept.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_studio.cli.common import output_path, print_json, stderr_progress, table
 from lora_studio.core.errors import UserError
 from lora_studio.core.model.dtypes import DTYPES
+
+if TYPE_CHECKING:
+    from lora_studio.core.reduce import ReductionCost
 
 
 def add_parser(sub) -> None:
@@ -78,7 +81,7 @@ def run(args) -> int:
     if args.json:
         print_json(doc)
     else:
-        print(render_result(doc))
+        print(render_result(doc, cost))
         if cost is None:
             print("(give --base or --demo to measure the cost on data)")
     return 0
@@ -123,23 +126,18 @@ def render_plan(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def render_result(doc: dict[str, Any]) -> str:
-    ranks = sorted(set(doc["ranks"].values()))
-    rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]} per module"
+def render_result(doc: dict[str, Any], cost: ReductionCost | None) -> str:
+    from lora_studio.core.reduce.spectrum import rank_text
+
     worst = doc["worst_module"]
     out = [
-        f"{doc['source']}: rank {doc['r_before']} → {rank_text}, "
+        f"{doc['source']}: rank {doc['r_before']} → {rank_text(doc['ranks'])}, "
         f"{doc['params_before']:,} → {doc['params_after']:,} parameters "
         f"({100 * doc['params_after'] / max(1, doc['params_before']):.0f} %)",
         f"energy of ΔW kept: {100 * doc['energy_kept']:.2f} % "
         f"(least: {worst['module']}, {100 * worst['energy']:.2f} %)",
         f"saved: {doc['out']}",
     ]
-    cost = doc.get("cost")
-    if cost:
-        from lora_studio.core.reduce import ReductionCost
-
-        fields = {k: cost[k] for k in ("kl", "delta_loss", "loss_original", "loss_reduced", "loss_base", "tokens")}
-        fields["delta_ci"] = tuple(cost["delta_ci"]) if cost["delta_ci"] else None
-        out.append(f"on {cost['tokens']} answer tokens: {ReductionCost(**fields).sentence()}")
+    if cost is not None:
+        out.append(f"on {cost.tokens} answer tokens: {cost.sentence()}")
     return "\n".join(out)

@@ -295,21 +295,18 @@ class ReducePanel(Panel):
         plan = self.plan
         if plan is None:
             return
+        from lora_studio.core.reduce.spectrum import rank_text
+
         ranks = self.ranks()
-        by = {m.module: m for m in plan.modules}
-        params = sum(by[m].params_at(k) for m, k in ranks.items())
-        total = sum(m.total_energy for m in plan.modules)
-        kept = sum(by[m].energy_at(k) * by[m].total_energy for m, k in ranks.items()) / total if total > 0 else 1.0
-        values = sorted(set(ranks.values()))
-        rank_text = str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]} per module"
+        params = plan.params_kept(ranks)
         self.preview.setText(
-            f"rank {plan.r} → {rank_text}: keeps {100 * kept:.1f} % of the update's energy, "
+            f"rank {plan.r} → {rank_text(ranks)}: keeps {100 * plan.energy_kept(ranks):.1f} % of the update's energy, "
             f"{params:,} of {plan.params:,} parameters ({100 * params / max(1, plan.params):.0f} %)"
         )
         if self._out_is_default:
             self.out_edit.setText(str(data_dir() / "reduced" / self._suggested_name()))
         if self._cut_line is not None:
-            self._cut_line.setValue(max(values))
+            self._cut_line.setValue(max(ranks.values()))
         self.update_buttons()
 
     def _suggested_name(self) -> str:
@@ -434,18 +431,17 @@ class ReducePanel(Panel):
 
     def show_result(self, outcome: tuple[ReducedAdapter, ReductionCost | None]) -> None:
         self.result = outcome
+        from lora_studio.core.reduce.spectrum import rank_text
+
         result, cost = outcome
-        values = sorted(set(result.ranks.values()))
-        rank_text = str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]} per module"
         lines = [
-            f"<b>{result.source}</b>: rank {result.r_before} → {rank_text}, {result.params_before:,} → "
+            f"<b>{result.source}</b>: rank {result.r_before} → {rank_text(result.ranks)}, {result.params_before:,} → "
             f"{result.params_after:,} parameters ({100 * result.params_after / max(1, result.params_before):.0f} %), "
             f"{100 * result.energy_kept:.2f} % of the update's energy kept (least: "
             f"{result.worst_module[0]}, {100 * result.worst_module[1]:.1f} %).",
         ]
         if cost is not None:
-            significant = cost.delta_ci is not None and (cost.delta_ci[0] > 0 or cost.delta_ci[1] < 0)
-            colour = "#c0392b" if significant and cost.delta_loss > 0 else "#2a7a2a"
+            colour = "#c0392b" if cost.clear and cost.delta_loss > 0 else "#2a7a2a"
             lines.append(f"On {cost.tokens} answer tokens: <span style='color:{colour}'>{cost.sentence()}</span>.")
         lines.append(f"Saved to {result.out}; attached as <b>{self._attached_name(result)}</b> beside the original.")
         self.result_label.setText("<br>".join(lines))

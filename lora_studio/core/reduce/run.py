@@ -23,7 +23,7 @@ from lora_studio.core.io.atomic import atomic_output_dir
 from lora_studio.core.io.card_format import front_matter
 from lora_studio.core.io.hashing import file_sha256
 from lora_studio.core.io.paths import check_output_apart, inside, regular_file
-from lora_studio.core.reduce.spectrum import ModuleSpectrum, RankPlan, read_plan
+from lora_studio.core.reduce.spectrum import RankPlan, rank_text, read_plan
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 if TYPE_CHECKING:
@@ -157,9 +157,9 @@ def reduce_adapter(
             plan.r,
             r_after,
             plan.params,
-            sum(by_module[m].params_at(k) for m, k in ranks.items()),
-            _kept(plan.modules, ranks),
-            min(((m, by_module[m].energy_at(k)) for m, k in ranks.items()), key=lambda item: item[1]),
+            plan.params_kept(ranks),
+            plan.energy_kept(ranks),
+            plan.least_kept(ranks),
         )
         (tmp / adapter_files.SIDECAR_NAME).write_text(json.dumps(_sidecar(plan, result), indent=2) + "\n", "utf-8")
         (tmp / CARD_NAME).write_text(card(plan, result), "utf-8")
@@ -167,11 +167,6 @@ def reduce_adapter(
         result.bytes_written = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _kept(modules: Sequence[ModuleSpectrum], ranks: dict[str, int]) -> float:
-    total = sum(m.total_energy for m in modules)
-    return 1.0 if total <= 0 else sum(m.energy_at(ranks[m.module]) * m.total_energy for m in modules) / total
 
 
 def _config(plan: RankPlan, ranks: dict[str, int], r_after: int) -> dict[str, Any]:
@@ -241,7 +236,7 @@ def card(plan: RankPlan, result: ReducedAdapter) -> str:
         "",
         "| | original | reduced |",
         "|---|---|---|",
-        f"| rank | {result.r_before} | {_rank_text(result.ranks)} |",
+        f"| rank | {result.r_before} | {rank_text(result.ranks)} |",
         f"| parameters | {result.params_before:,} | {result.params_after:,} "
         f"({100 * result.params_after / max(1, result.params_before):.0f} %) |",
         f"| energy of ΔW kept | 100 % | {100 * result.energy_kept:.2f} % |",
@@ -262,11 +257,6 @@ def card(plan: RankPlan, result: ReducedAdapter) -> str:
     return "\n".join(lines)
 
 
-def _rank_text(ranks: dict[str, int]) -> str:
-    values = sorted(set(ranks.values()))
-    return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]} per module"
-
-
 @dataclass(frozen=True)
 class ReductionCost:
     """What the cut costs on the data: the reduced adapter against the original (and the base, for scale)."""
@@ -278,6 +268,11 @@ class ReductionCost:
     loss_reduced: float
     loss_base: float | None
     tokens: int
+
+    @property
+    def clear(self) -> bool:
+        """Whether the Δloss interval excludes 0: the cut clearly changed the loss."""
+        return self.delta_ci is not None and (self.delta_ci[0] > 0 or self.delta_ci[1] < 0)
 
     @property
     def gain_kept(self) -> float | None:

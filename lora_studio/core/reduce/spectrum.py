@@ -95,12 +95,23 @@ class RankPlan:
     def params(self) -> int:
         return sum(m.params_at(m.r) for m in self.modules)
 
-    def uniform_energy(self, k: int) -> float:
-        """The share of the adapter's total energy (summed over modules) kept with rank k everywhere."""
+    def energy_kept(self, ranks: dict[str, int]) -> float:
+        """The share of the adapter's total energy (summed over modules) that ``ranks`` (module -> k) keeps."""
         total = sum(m.total_energy for m in self.modules)
         if total <= 0:
             return 1.0
-        return sum(m.energy_at(k) * m.total_energy for m in self.modules) / total
+        return sum(m.energy_at(ranks[m.module]) * m.total_energy for m in self.modules) / total
+
+    def params_kept(self, ranks: dict[str, int]) -> int:
+        return sum(m.params_at(ranks[m.module]) for m in self.modules)
+
+    def least_kept(self, ranks: dict[str, int]) -> tuple[str, float]:
+        """The module keeping the smallest share of its own energy under ``ranks``, and that share."""
+        return min(((m.module, m.energy_at(ranks[m.module])) for m in self.modules), key=lambda item: item[1])
+
+    def uniform_energy(self, k: int) -> float:
+        """The share of the adapter's total energy kept with rank k everywhere."""
+        return self.energy_kept({m.module: k for m in self.modules})
 
     def uniform_rank_for(self, target: float) -> int:
         for k in range(1, self.r + 1):
@@ -123,13 +134,13 @@ class RankPlan:
         out = []
         for target in ENERGY_TARGETS:
             k = self.uniform_rank_for(target)
-            per = {m.module: m.rank_for_energy(target) for m in self.modules}
+            per = self.ranks(energy=target)
             out.append(
                 Suggestion(
                     target,
                     k,
-                    sum(m.params_at(min(k, m.r)) for m in self.modules),
-                    sum(m.params_at(per[m.module]) for m in self.modules),
+                    self.params_kept(self.ranks(rank=k)),
+                    self.params_kept(per),
                     max(per.values(), default=0),
                 )
             )
@@ -153,6 +164,12 @@ class RankPlan:
                 for m in self.modules
             ],
         }
+
+
+def rank_text(ranks: dict[str, int]) -> str:
+    """ "7", or "1–7 per module" when the modules keep different ranks."""
+    values = sorted(set(ranks.values()))
+    return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]} per module"
 
 
 def check_rank(rank: int) -> int:
