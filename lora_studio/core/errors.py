@@ -79,6 +79,11 @@ def describe(exc: BaseException) -> ErrorDescription:
     return ErrorDescription("internal", f"internal error: {type(exc).__name__}: {text}", detail)
 
 
+def first_and_more(items: list[str]) -> str:
+    """How a refusal names what it found: "model.layers.0.q_proj", or "model.layers.0.q_proj and 3 more"."""
+    return items[0] + (f" and {len(items) - 1} more" if len(items) > 1 else "")
+
+
 def _one_line(text: str, limit: int = 400) -> str:
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -564,9 +564,7 @@ class ComparePanel(Panel):
         return self._with_report("copying the comparison", copy)
 
     def save_report(self) -> None:
-        from lora_studio.gui.evaluate_panel import REPORT_FILTER
-
-        path = self.ask_save_path("report", "Save the comparison", "comparison.html", REPORT_FILTER)
+        path = self.ask_report_path("Save the comparison", "comparison.html")
         if path is not None:
             self.write_report(path)
 

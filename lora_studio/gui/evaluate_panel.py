@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 DATA_FILTER = "Evaluation data (*.jsonl *.json *.csv *.parquet);;All files (*)"
 GGUF_FILTER = "GGUF files (*.gguf);;All files (*)"
-REPORT_FILTER = "HTML report (*.html);;Markdown (*.md);;JSON lines (*.jsonl);;CSV (*.csv);;JSON (*.json)"
 ALL_SETS = "all sets"
 REGRESSION = QColor("#f8d7da")
 BETTER = QColor("#d4edda")
@@ -652,7 +651,7 @@ class EvaluatePanel(Panel):
     def save_report(self) -> None:
         if self.result is None:
             return
-        path = self.ask_save_path("report", "Save the evaluation", "evaluation.html", REPORT_FILTER)
+        path = self.ask_report_path("Save the evaluation", "evaluation.html")
         if path is not None:
             self.write_report(path)
 

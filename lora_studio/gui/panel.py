@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from lora_studio.gui.settings import StudioSettings
 
 
+REPORT_FILTER = "HTML report (*.html);;Markdown (*.md);;JSON lines (*.jsonl);;CSV (*.csv);;JSON (*.json)"
+
+
 class Panel(QWidget):
     marker = Signal(str)  # a memory-chart marker: "attached alpha", "merged"
     log_line = Signal(str, str)  # (message, level) for the Log panel
@@ -137,15 +140,15 @@ class Panel(QWidget):
         if self.folders is not None and path:
             self.folders.remember_folder(kind, path)
 
-    def ask_save_path(self, kind: str, title: str, default_name: str, file_filter: str) -> Path | None:
-        """A save dialog that opens where the last one of ``kind`` ended, with ``default_name`` proposed."""
+    def ask_report_path(self, title: str, default_name: str) -> Path | None:
+        """The save dialog for a report (core/report/share.py's formats), opened where the last report went."""
         from PySide6.QtWidgets import QFileDialog
 
-        start = str(Path(self.start_folder(kind)) / default_name)
-        path, _ = QFileDialog.getSaveFileName(self, title, start, file_filter)
+        start = str(Path(self.start_folder("report")) / default_name)
+        path, _ = QFileDialog.getSaveFileName(self, title, start, REPORT_FILTER)
         if not path:
             return None
-        self.remember_folder(kind, str(Path(path).parent))
+        self.remember_folder("report", str(Path(path).parent))
         return Path(path)
 
     @staticmethod

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_studio.core.adapters import files as adapter_files
-from lora_studio.core.errors import UserError
+from lora_studio.core.errors import UserError, first_and_more
 
 if TYPE_CHECKING:
     import torch
@@ -181,8 +181,8 @@ def check(
     if flipped:
         kind = "Conv1D" if not config.fan_in_fan_out else "nn.Linear"
         warnings.append(
-            f"adapter_config.json says fan_in_fan_out={str(config.fan_in_fan_out).lower()}, but {flipped[0]}"
-            f"{f' and {len(flipped) - 1} more' if len(flipped) > 1 else ''} is a {kind} layer: "
+            f"adapter_config.json says fan_in_fan_out={str(config.fan_in_fan_out).lower()}, "
+            f"but {first_and_more(flipped)} is a {kind} layer: "
             "applied per layer as PEFT does"
         )
 

@@ -352,15 +352,6 @@ def saved_without_prefix(folder: Path) -> bool:
     return any(not k.startswith(PEFT_PREFIX) for k in keys)
 
 
-def has_update(tensors: dict) -> bool:
-    """Whether some LoRA module's factors are both non-zero, so that attaching the adapter must change outputs."""
-    lay = layout(tensors)
-    return any(
-        m.a is not None and m.b is not None and bool(tensors[m.a].any()) and bool(tensors[m.b].any())
-        for m in lay.lora.values()
-    )
-
-
 def strip_prefix(key: str) -> str:
     return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.adapters.combinations import check_combination, check_members, member_from_config
-from lora_studio.core.errors import UserError
+from lora_studio.core.errors import UserError, first_and_more
 from lora_studio.core.io import paths
 from lora_studio.core.io.safetensors_format import read_headers
 from lora_studio.core.merge import verify as verification_mod
@@ -305,8 +305,7 @@ def _check_lora_bias(adapter: Path, name: str, base_shapes: Mapping[str, tuple[i
     lacking = [m for m, keys in lay.lora.items() if keys.bias and f"{m}.bias" not in base_shapes]
     if lacking:
         raise UserError(
-            f"{name} trains LoRA biases (lora_bias) for {lacking[0]}"
-            f"{f' and {len(lacking) - 1} more' if len(lacking) > 1 else ''}, which has no bias in the base: "
+            f"{name} trains LoRA biases (lora_bias) for {first_and_more(lacking)}, which has no bias in the base: "
             "PEFT cannot merge them",
             "use the adapter unmerged, or retrain it without lora_bias",
         )

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from lora_studio.core.errors import UserError
+from lora_studio.core.errors import UserError, first_and_more
 from lora_studio.core.io.paths import inside, regular_file
 from lora_studio.core.model.sources import ModelSource
 
@@ -80,9 +80,8 @@ def check_declared_layers(config: dict, tensor_names: Iterable[str], label: str)
         lacking = sorted(every - parts[layer])
         if lacking:
             raise UserError(
-                f"{label}: layer {layer} of the checkpoint lacks {lacking[0]}"
-                f"{f' and {len(lacking) - 1} more' if len(lacking) > 1 else ''}, which the other layers have; "
-                "it would be random",
+                f"{label}: layer {layer} of the checkpoint lacks {first_and_more(lacking)}, "
+                "which the other layers have; it would be random",
                 "the checkpoint is incomplete; download or convert it again",
             )
     missing = sorted(set(range(declared)) - set(parts))

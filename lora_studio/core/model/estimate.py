@@ -141,7 +141,7 @@ def _gguf_footprint(source: ModelSource) -> ModelFootprint:
         params=params,
         checkpoint_dtype="gguf:" + gguf_quantisation(reader),
         tied_embeddings="output.weight" not in names,
-        checkpoint_bytes=source.file.stat().st_size,
+        checkpoint_bytes=size,
     )
 
 
