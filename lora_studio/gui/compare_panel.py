@@ -75,7 +75,6 @@ class ComparePanel(Panel):
         self.variants.ticks_changed.connect(self._ticks_changed)
         self.variants.current_changed.connect(self.update_buttons)
         self.variants.scale_changed.connect(self.set_adapter_scale)
-        self._last_prompts: list[str] = []
         self.merged_folders = MergedFolders(self)
         self.variants.add_merged_btn.clicked.connect(self.merged_folders.browse)
         self.variants.remove_btn.clicked.connect(self.merged_folders.remove_selected)
@@ -211,6 +210,9 @@ class ComparePanel(Panel):
         """Tick exactly ``names`` (and untick the rest)."""
         self.variants.set_ticked(names)
 
+    def _chat_follows_ticks(self) -> bool:
+        return [name for name, _ in self.ticked()] == self.chat.names()
+
     def _chat_ticks_changed(self) -> None:
         if self.conversation.turns:
             self.show_message("the variants changed: a new chat begins", "info")
@@ -219,7 +221,7 @@ class ComparePanel(Panel):
     def _ticks_changed(self) -> None:
         if self.job is None:
             self.results.show_ticked(self.ticked())
-            if [name for name, _ in self.ticked()] != self.chat.names():
+            if not self._chat_follows_ticks():
                 self._chat_ticks_changed()
         self.update_buttons()
 
@@ -365,7 +367,6 @@ class ComparePanel(Panel):
         buffer = DeltaBuffer()
         session = self.session
         self._pending_variants = variants
-        self._last_prompts = list(prompts)
 
         mixed = not self.decoding.one_at_a_time.isChecked()
 
@@ -461,7 +462,7 @@ class ComparePanel(Panel):
         except UserError as exc:
             self.show_message(str(exc), "error")
             return None
-        if [name for name, _ in self.ticked()] != self.chat.names():
+        if not self._chat_follows_ticks():  # the ticks changed while a job ran
             self.new_chat()
         variants = self._variants(self.ticked())
         conversation, session, buffer = self.conversation, self.session, DeltaBuffer()
@@ -535,8 +536,8 @@ class ComparePanel(Panel):
 
         def done(_result: Any) -> None:
             self.show_message(f"{adapter} runs at scale {scale:g}", "ok")
-            if self._shown is not None and self._last_prompts and self.job is None:
-                self._start(self._last_prompts)
+            if self._shown is not None and self.job is None:  # the comparison on screen, again
+                self._start([p.prompt for p in self._shown[0].prompts])
 
         return self.op(f"setting {adapter}'s scale", fn, progress=False).on_success(done).run()
 
