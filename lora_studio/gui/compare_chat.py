@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
 )
 
 from lora_studio.gui.compare_columns import COLUMN_MIN_WIDTH, KIND_ADAPTER, KIND_BASE, KIND_MERGED
+from lora_studio.gui.widgets import append_text
 
 USER_STYLE = "background:#eef3fb; border-radius:4px; padding:4px;"
 
@@ -69,13 +70,7 @@ class ChatColumn(QFrame):
         if not text:
             return
         self.streamed += text
-        bar = self.transcript.verticalScrollBar()
-        at_end = bar.value() >= bar.maximum() - 2
-        cursor = QTextCursor(self.transcript.document())
-        cursor.movePosition(QTextCursor.MoveOperation.End)
-        cursor.insertText(text)
-        if at_end:
-            bar.setValue(bar.maximum())
+        append_text(self.transcript, text)
 
 
 class ChatView(QWidget):

@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
 )
 
 from lora_studio.gui.compare_stream import display_text
+from lora_studio.gui.widgets import append_text
 
 KIND_BASE, KIND_ADAPTER, KIND_MERGED = "base", "adapter", "merged"
 DIVERGED_BACKGROUND = "#fde2c4"  # from the first differing token onward
@@ -249,13 +250,7 @@ class ColumnView(QFrame):
         self.tokens += tokens
         self.streamed += text
         if text:
-            bar = self.text.verticalScrollBar()
-            at_end = bar.value() >= bar.maximum() - 2
-            cursor = QTextCursor(self.text.document())
-            cursor.movePosition(QTextCursor.MoveOperation.End)
-            cursor.insertText(display_text(text))
-            if at_end:
-                bar.setValue(bar.maximum())
+            append_text(self.text, display_text(text))
         self.set_header(f"<span style='color:gray'>{self.tokens} tokens…</span>")
 
     def finish(

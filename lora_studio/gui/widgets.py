@@ -166,3 +166,17 @@ def line_chart(bottom: str, left: str, *, legend: tuple[int, int] | None = (-6, 
     if legend is not None:
         plot.addLegend(offset=legend, labelTextSize="8pt")
     return plot
+
+
+def append_text(edit: Any, text: str) -> None:
+    """Append ``text`` at the end of a text view (QPlainTextEdit, QTextEdit); the view follows the new text only
+    when it was scrolled to the end, so a reader scrolled up is not pulled down while tokens stream in."""
+    from PySide6.QtGui import QTextCursor
+
+    bar = edit.verticalScrollBar()
+    at_end = bar.value() >= bar.maximum() - 2
+    cursor = QTextCursor(edit.document())
+    cursor.movePosition(QTextCursor.MoveOperation.End)
+    cursor.insertText(text)
+    if at_end:
+        bar.setValue(bar.maximum())
