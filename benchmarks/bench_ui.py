@@ -239,7 +239,7 @@ def main() -> int:
         sys.setswitchinterval(args.switch_interval)
 
     gaps: list[float] = []
-    big: list[tuple[str, float]] = []  # (step, ms) of each stall over the target, to say where they happen
+    big: list[tuple[str, float, str]] = []  # (step, ms, the status line then) of each stall over the target
     by_step: dict[str, float] = {}  # the largest stall in each step
     current = ["idle"]
     clock = QElapsedTimer()
@@ -255,7 +255,7 @@ def main() -> int:
         gap = (now - last[0]) / 1e6
         gaps.append(gap)
         if gap - TICK_MS > 50:
-            big.append((current[0], round(gap - TICK_MS, 1)))
+            big.append((current[0], round(gap - TICK_MS, 1), window.status_label.text()[:80]))
         by_step[current[0]] = max(by_step.get(current[0], 0.0), round(gap - TICK_MS, 1))
         last[0] = now
 
@@ -318,7 +318,8 @@ def main() -> int:
     train.out_edit.setText(str(tmp / "trained"))
     wait_for(lambda: not train.start_reason() and window.runner.is_idle())
     step("train", train.start)
-    wait_for(lambda: len(window.session.state().adapters) == 2 and window.runner.is_idle())  # attached at the end
+    # attached at the end (the snapshot the panels read: session.state() would wait for the attach job's lock)
+    wait_for(lambda: len(window.session_model.state.adapters) == 2 and window.runner.is_idle())
     timer.stop()
     if tracer is not None:
         tracer.stop()

@@ -151,6 +151,12 @@ def run(args) -> int:
         f"best validation {_f(lora.best_val_loss)} (step {lora.best_step})"
     )
     print(f"Time        {lora.seconds:.1f} s, {lora.steps} steps, checkpoints in {result.checkpoints}")
+    other = result.alternative
+    if other is not None:
+        print(
+            f"Other       the {other.kind} weights (step {other.step}, validation {_f(other.val_loss)}) "
+            f"are saved too, in {other.path}"
+        )
     if result.baseline is not None:
         b = result.baseline
         print(

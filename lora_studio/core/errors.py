@@ -29,6 +29,17 @@ class UserError(StudioError):
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
+    def __reduce__(self):
+        # the hint and a subclass's own fields survive pickling (a job in a worker process raises them here)
+        return _rebuild_user_error, (type(self), self.message, self.hint, dict(self.__dict__))
+
+
+def _rebuild_user_error(cls: type[UserError], message: str, hint: str, fields: dict) -> UserError:
+    error = cls.__new__(cls)
+    UserError.__init__(error, message, hint)
+    error.__dict__.update(fields)
+    return error
+
 
 class Cancelled(StudioError):
     """The user asked a long job to stop; not a failure."""

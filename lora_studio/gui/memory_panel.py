@@ -33,7 +33,7 @@ MARKER_MIN_GAP_PX = 18  # markers closer than this (about a label's line height)
 REPEAT_MARKER_S = 1.0  # the same text again within this long is one event (a panel and the window both said it)
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 # fixed colours per curve, so the readings above the chart can be its legend
-CURVE_COLORS = {"rss": "#1f77b4", "anon": "#1f77b4", "ram": "#ff7f0e"}
+CURVE_COLORS = {"rss": "#1f77b4", "anon": "#1f77b4", "ram": "#ff7f0e", "workers": "#7f7f7f"}
 GPU_COLORS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 PROCESS_TIP = (
@@ -41,7 +41,8 @@ PROCESS_TIP = (
     "• its own: heap and tensors it created (anonymous memory, RssAnon)\n"
     "• mapped files: pages of files it maps - weights loaded by mmap from .safetensors, libraries (RssFile)\n"
     "Mapped file pages count in RSS, but the system counts clean ones as page cache (reclaimable), so this can be\n"
-    "larger than 'System RAM in use'. Solid line: RSS; dotted: its own memory."
+    "larger than 'System RAM in use'. Solid line: RSS; dotted: its own memory.\n"
+    "Worker process (grey): a training run, which runs in a process of its own beside the window."
 )
 SYSTEM_TIP = (
     "System RAM in use by every process: total - available (the kernel's MemAvailable).\n"
@@ -269,6 +270,8 @@ class MemoryPanel(QWidget):
             self._curve("anon", "its own", Qt.PenStyle.DotLine).setData(
                 xs, [s.rss_anon_bytes / GiB for s in self.samples]
             )
+        if any(s.workers_rss_bytes for s in self.samples):
+            self._curve("workers", "worker process").setData(xs, [s.workers_rss_bytes / GiB for s in self.samples])
         self._curve("ram", "system RAM", Qt.PenStyle.DashLine).setData(
             xs, [s.ram_used_bytes / GiB for s in self.samples]
         )
@@ -287,7 +290,11 @@ class MemoryPanel(QWidget):
                 ys.append(reading.allocated_bytes / GiB if reading else float("nan"))
             self._curve(f"torch-{t.device}", f"torch {t.device}", Qt.PenStyle.DotLine).setData(xs, ys)
         self._set_y_range(
-            max(max(s.rss_bytes, s.ram_used_bytes, *(g.used_bytes for g in s.gpus)) for s in self.samples) / GiB
+            max(
+                max(s.rss_bytes, s.workers_rss_bytes, s.ram_used_bytes, *(g.used_bytes for g in s.gpus))
+                for s in self.samples
+            )
+            / GiB
         )
         self._draw_markers(now)
 
@@ -387,6 +394,8 @@ def process_text(sample: MemorySample) -> str:
             f" = {swatch(CURVE_COLORS['anon'], 'dot')} {format_bytes(sample.rss_anon_bytes)} its own"
             f" + {format_bytes(sample.rss_file_bytes)} mapped files"
         )
+    if sample.workers_rss_bytes:
+        text += f" · {swatch(CURVE_COLORS['workers'])} <b>Worker process</b> {format_bytes(sample.workers_rss_bytes)}"
     return text
 
 

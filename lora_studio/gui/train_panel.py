@@ -144,6 +144,10 @@ class TrainPanel(Panel):
         self.summary_label = QLabel("")
         self.summary_label.setWordWrap(True)
         self.summary_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        # at the end of a run whose best and last weights differ: keep the other ones instead
+        self.swap_btn = QPushButton("")
+        self.swap_btn.clicked.connect(self.use_alternative)
+        self.swap_btn.hide()
         right = QWidget()
         right_layout = QVBoxLayout(right)
         right_layout.addWidget(self.estimate_label)
@@ -151,6 +155,7 @@ class TrainPanel(Panel):
         right_layout.addWidget(self.stats_label)
         right_layout.addWidget(self.warning_label)
         right_layout.addWidget(self.summary_label)
+        right_layout.addWidget(self.swap_btn, 0, Qt.AlignmentFlag.AlignLeft)
         right_layout.addWidget(self.preview_view, 2)
 
         splitter = QSplitter(Qt.Orientation.Horizontal)
@@ -355,16 +360,17 @@ class TrainPanel(Panel):
 
         def run(*, cancel, report):
             from lora_studio.core.model.sources import resolve_source
-            from lora_studio.core.train import TrainRequest, train_adapter
+            from lora_studio.core.train import TrainRequest, train_in_worker_process
 
             request = TrainRequest(resolve_source(base), data, out, settings, val, resume=resume, overwrite=overwrite)
-            return train_adapter(request, cancel=cancel, report=report, on_metrics=self._queue_metrics)
+            return train_in_worker_process(request, cancel=cancel, report=report, on_metrics=self._queue_metrics)
 
         if resume is None:
             self.series.clear()
             self._clear_curves()
         self.result = None
         self.summary_label.setText("")
+        self.swap_btn.hide()
         self.warning_label.hide()
         self.checkpoints = resume.parent if resume else out.parent / f"{out.name}.checkpoints"
         self.job = (
@@ -446,9 +452,19 @@ class TrainPanel(Panel):
     def _trained(self, result: TrainResult) -> None:
         self.result = result
         self.last_checkpoint = None
+        self._show_result(result)
+        self.show_message(f"trained {result.adapter.name}; it is attached to the session (see Adapters)", "ok")
+        self.marker.emit("training finished")
+        path = str(result.adapter)
+        QTimer.singleShot(0, lambda: self.attach(path))
+
+    def _show_result(self, result: TrainResult) -> None:
         lora, base = result.lora, result.baseline
+        kept_loss = result.kept_val_loss
         lines = [
-            f"<b>Saved</b> {html.escape(str(result.adapter))} — {result.kept} weights (step {result.kept_step})",
+            f"<b>Saved</b> {html.escape(str(result.adapter))} — {result.kept} weights (step {result.kept_step}"
+            + (f", validation loss {kept_loss:.4f}" if kept_loss is not None else "")
+            + ")",
             f"{result.data_summary}; {lora.steps} steps in {format_duration(lora.seconds)}; "
             f"{lora.trainable_params:,} trainable parameters",
         ]
@@ -462,11 +478,45 @@ class TrainPanel(Panel):
                 )
                 + "</table>"
             )
+        other = result.alternative
+        if other is not None:
+            lines.append(
+                f"The {other.kind} weights (step {other.step}, validation loss {_loss(other.val_loss)}) are saved "
+                f"too, in {html.escape(str(other.path))}."
+            )
+            self.swap_btn.setText(f"Keep the {other.kind} weights instead")
+            self.swap_btn.setToolTip(
+                f"swap them into {result.adapter.name} (the {result.kept} weights move to {other.path.name}) "
+                "and attach them in place of the current ones"
+            )
+        self.swap_btn.setVisible(other is not None)
         self.summary_label.setText("<br>".join(lines))
-        self.show_message(f"trained {result.adapter.name}; it is attached to the session (see Adapters)", "ok")
-        self.marker.emit("training finished")
-        path = str(result.adapter)
-        QTimer.singleShot(0, lambda: self.attach(path))
+
+    def use_alternative(self) -> Job | None:
+        """The end-of-run choice: the adapter folder gets the other weights (best or last), attached anew."""
+        result = self.result
+        if result is None or result.alternative is None:
+            return None
+        session = self.session
+        adapter, other = result.adapter, result.alternative
+
+        def run(*, cancel, report):
+            from lora_studio.core.train.save import swap_with_alternative
+
+            swap_with_alternative(adapter, other.path)
+            for name, attached in list(session.adapters.items()):
+                if Path(attached.path) == adapter:
+                    session.delete(name)  # its weights are the ones just moved away
+            return result.swapped()
+
+        def done(swapped: TrainResult) -> None:
+            self.result = swapped
+            self._show_result(swapped)
+            self.session_model.refresh()
+            self.show_message(f"{adapter.name} now holds the {swapped.kept} weights (step {swapped.kept_step})", "ok")
+            self.attach(str(adapter))
+
+        return self.op("keeping the other weights", run).on_success(done).run()
 
     # -- drawing -------------------------------------------------------------------------------------------------------
     def _ensure_plot(self) -> Any:

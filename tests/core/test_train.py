@@ -91,6 +91,29 @@ def test_validation_curve_best_weights_and_overfitting_warning(tiny_llama, pairs
     if warnings:  # the memorised pairs teach nothing about "moon": the validation loss usually rises
         assert "overfitting" in warnings[0] and len(warnings) == 1
 
+    # the last weights are saved too (best and last differ here), so the end of the run can still choose them
+    assert result.lora.best_step < result.lora.steps
+    other = result.alternative
+    assert other is not None and other.kind == "last" and other.step == 24
+    assert other.path == result.checkpoints / "last-adapter"
+    best_weights = load_file(result.adapter / "adapter_model.safetensors")
+    last_weights = load_file(other.path / "adapter_model.safetensors")
+    assert any(not torch.equal(best_weights[k], last_weights[k]) for k in best_weights)
+    assert json.loads((other.path / "lora_studio.json").read_text())["result"]["kept"] == "last"
+    assert result.to_json()["alternative"]["path"] == str(other.path)
+
+    from lora_studio.core.train.save import swap_with_alternative
+
+    swap_with_alternative(result.adapter, other.path)
+    swapped = result.swapped()
+    assert (swapped.kept, swapped.kept_step) == ("last", 24)
+    assert (swapped.alternative.kind, swapped.alternative.step) == ("best", result.lora.best_step)
+    assert swapped.alternative.val_loss == result.lora.best_val_loss
+    now = load_file(result.adapter / "adapter_model.safetensors")
+    assert all(torch.equal(now[k], last_weights[k]) for k in now)
+    assert json.loads((result.adapter / "lora_studio.json").read_text())["result"]["kept"] == "last"
+    assert json.loads((other.path / "lora_studio.json").read_text())["result"]["kept"] == "best"
+
 
 def test_olora_and_pissa_apply_to_the_unmodified_base(tiny_llama, pairs, tmp_path):
     ids = torch.tensor([[1, 5, 9, 12, 3, 7]])

@@ -18,6 +18,8 @@ def reduce_panel_with(qtbot, window, base, adapter):
     idle(qtbot, window)
     panel = window.reduce_panel
     qtbot.waitUntil(lambda: panel.plan is not None, timeout=TIMEOUT_MS)
+    assert panel._plot is None  # a hidden tab's chart is drawn when the tab is first shown
+    window.tabs.setCurrentWidget(panel)
     return panel
 
 

@@ -45,6 +45,9 @@ def test_train_tab_end_to_end(qtbot, tmp_path, tiny_llama):
     assert train_x == list(range(1, 13)) and val_x == [0, 3, 6, 9, 12]
     assert "step 12/12" in panel.stats_label.text()
     assert "Saved" in panel.summary_label.text()
+    assert panel.result.adapter.name == "trained"
+    if panel.result.alternative is not None:  # best and last differ: the end of the run offers the other ones
+        assert not panel.swap_btn.isHidden() and panel.result.alternative.kind in panel.swap_btn.text()
     # attached to the session automatically: the Adapters, Compare and Merge tabs see it
     qtbot.waitUntil(lambda: any(a[0] == "trained" for a in window.session_model.state.adapters), timeout=TIMEOUT_MS)
     idle(qtbot, window)

@@ -163,6 +163,19 @@ def _rename_no_replace(src: Path, dst: Path) -> None:
     os.unlink(src)
 
 
+def exchange_folders(a: Path, b: Path) -> None:
+    """Swap two folders: in one step where the filesystem can (renameat2), else by three renames through a parked
+    name that no cleanup removes (``.<a>.swap-<pid>``), so an interrupted swap leaves every file somewhere."""
+    if _exchange(a, b):
+        _fsync_dir(a.parent)
+        return
+    parked = a.with_name(f".{a.name}.swap-{os.getpid()}")
+    os.rename(a, parked)
+    os.rename(b, a)
+    os.rename(parked, b)
+    _fsync_dir(a.parent)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
     import ctypes

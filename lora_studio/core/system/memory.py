@@ -53,6 +53,7 @@ class MemorySample:
     # clean ones as page cache, i.e. "available" - which is why RSS can exceed the system's "used" RAM.
     rss_anon_bytes: int = 0
     rss_file_bytes: int = 0  # file-backed and shared memory pages (RssFile + RssShmem)
+    workers_rss_bytes: int = 0  # the worker processes of running jobs (a training run's), together
 
     @property
     def gpu_used_bytes(self) -> int:
@@ -137,6 +138,7 @@ class MemorySampler:
             vm = self._psutil.virtual_memory()
             rss = int(self._process.memory_info().rss)
             anon, file_backed = read_rss_split() if self._has_proc_status else (0, 0)
+            workers = self._workers_rss()
             return MemorySample(
                 time.monotonic(),
                 rss,
@@ -146,7 +148,19 @@ class MemorySampler:
                 torch_cuda_readings(),
                 anon,
                 file_backed,
+                workers,
             )
+
+    def _workers_rss(self) -> int:
+        from lora_studio.core.system.child_process import running_workers
+
+        total = 0
+        for pid in running_workers():
+            try:
+                total += int(self._psutil.Process(pid).memory_info().rss)
+            except self._psutil.Error:  # it ended between the two calls
+                continue
+        return total
 
     def close(self) -> None:
         with self._lock:

@@ -2,7 +2,13 @@
 
 from lora_studio.core.train.data import PreparedData, PreviewRow, prepare, preview, read_rows
 from lora_studio.core.train.records import RunRecord, TrainMetrics, TrainRequest
-from lora_studio.core.train.run import TrainResult, linear_module_names, train_adapter
+from lora_studio.core.train.run import (
+    SavedWeights,
+    TrainResult,
+    linear_module_names,
+    train_adapter,
+    train_in_worker_process,
+)
 from lora_studio.core.train.settings import ADVICE, INIT_METHODS, SCHEDULERS, TARGET_PRESETS, TrainSettings
 
 __all__ = [
@@ -13,6 +19,7 @@ __all__ = [
     "PreparedData",
     "PreviewRow",
     "RunRecord",
+    "SavedWeights",
     "TrainMetrics",
     "TrainRequest",
     "TrainResult",
@@ -22,4 +29,5 @@ __all__ = [
     "preview",
     "read_rows",
     "train_adapter",
+    "train_in_worker_process",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,19 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class SavedWeights:
+    """One set of trained weights saved as an adapter folder: the best (by validation loss) or the last."""
+
+    kind: str  # "best" or "last"
+    step: int
+    val_loss: float | None
+    path: Path
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kept": self.kind, "step": self.step, "val_loss": self.val_loss, "path": str(self.path)}
+
+
+@dataclass(frozen=True)
 class TrainResult:
     adapter: Path
     checkpoints: Path
@@ -39,6 +52,18 @@ class TrainResult:
     data_summary: str
     warnings: tuple[str, ...]
     settings: TrainSettings
+    alternative: SavedWeights | None = None  # the weights not kept (best or last), when they differ
+
+    @property
+    def kept_val_loss(self) -> float | None:
+        return self.lora.best_val_loss if self.kept == "best" else self.lora.last_val_loss
+
+    def swapped(self) -> TrainResult:
+        """This result once :func:`.save.swap_with_alternative` has exchanged the kept and the other weights."""
+        if self.alternative is None:
+            raise UserError("this run saved one set of weights", "nothing to swap")
+        moved = SavedWeights(self.kept, self.kept_step, self.kept_val_loss, self.alternative.path)
+        return replace(self, kept=self.alternative.kind, kept_step=self.alternative.step, alternative=moved)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -51,6 +76,7 @@ class TrainResult:
             "data": self.data_summary,
             "warnings": list(self.warnings),
             "settings": self.settings.to_json(),
+            "alternative": self.alternative.to_json() if self.alternative else None,
         }
 
 
@@ -115,31 +141,97 @@ def _train(request: TrainRequest, *, cancel: CancelToken, report: Report, on_met
     record = _run_trainer(
         peft_model, tokenizer, data, settings, request.checkpoints, resume, "lora", cancel, report, on_metrics
     )
-    keep = settings.keep if record.best_state is not None and record.best_step is not None else "last"
-    kept_step = record.best_step if keep == "best" and record.best_step is not None else record.steps
-    if keep == "best" and record.best_state is not None:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(peft_model, record.best_state)
-    report(Progress(0, None, "saving the adapter"))
-    adapter = save.save_trained_adapter(
-        request, out, peft_model, tokenizer, data, record, keep=keep, kept_step=kept_step, cancel=cancel
-    )
+    kept, alternative = _save_kept_and_alternative(request, out, peft_model, tokenizer, data, record, cancel, report)
     baseline = None
     if settings.baseline:
         del peft_model, model  # the baseline needs the memory
         baseline = _run_baseline(request, tokenizer, data, cancel, report, on_metrics)
-        save.add_baseline(adapter, record, baseline)
+        save.add_baseline(kept.path, record, baseline)
+        if alternative is not None:
+            save.add_baseline(alternative.path, record, baseline)
     return TrainResult(
-        adapter,
+        kept.path,
         request.checkpoints,
-        keep,
-        kept_step,
+        kept.kind,
+        kept.step,
         record,
         baseline,
         data.summary(),
         tuple(data.warnings) + ((record.overfitting,) if record.overfitting else ()),
         settings,
+        alternative,
+    )
+
+
+def _save_kept_and_alternative(
+    request: TrainRequest,
+    out: Path,
+    peft_model: Any,
+    tokenizer: Any,
+    data: PreparedData,
+    record: RunRecord,
+    cancel: CancelToken,
+    report: Report,
+) -> tuple[SavedWeights, SavedWeights | None]:
+    """The adapter the settings keep, in ``out``; and when the best and the last step differ, the other one
+    beside the checkpoints, so the user can still choose it at the end (:func:`.save.swap_with_alternative`)."""
+    from lora_studio.core.train import save
+
+    has_best = record.best_state is not None and record.best_step is not None
+    keep = request.settings.keep if has_best else "last"
+    wanted = {keep}
+    if has_best and record.best_step != record.steps:
+        wanted.add("last" if keep == "best" else "best")
+    saved: dict[str, SavedWeights] = {}
+    for kind in ("last", "best"):  # the model holds the last weights now: they are saved before the best are loaded
+        if kind not in wanted:
+            continue
+        if kind == "best":
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(peft_model, record.best_state)
+            weights = SavedWeights(kind, record.best_step or 0, record.best_val_loss, out)
+        else:
+            weights = SavedWeights(kind, record.steps, record.last_val_loss, out)
+        if kind != keep:
+            weights = replace(weights, path=request.checkpoints / f"{kind}-adapter")
+        report(Progress(0, None, f"saving the adapter ({kind} weights)"))
+        save.save_trained_adapter(
+            request,
+            weights.path,
+            peft_model,
+            tokenizer,
+            data,
+            record,
+            keep=kind,
+            kept_step=weights.step,
+            cancel=cancel,
+            overwrite=request.overwrite or kind != keep,
+        )
+        saved[kind] = weights
+    record.best_state = None  # saved; not carried further (nor pickled back from a worker process)
+    other = next((w for k, w in saved.items() if k != keep), None)
+    return saved[keep], other
+
+
+def train_in_worker_process(
+    request: TrainRequest,
+    *,
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+    on_metrics: OnMetrics = no_metrics,
+) -> TrainResult:
+    """:func:`train_adapter` in a worker process: the window's way, so its GUI thread never waits for the
+    interpreter lock the run would hold, and a run killed for memory does not take the window with it."""
+    from lora_studio.core.system.child_process import run_in_child_process
+
+    return run_in_child_process(
+        train_adapter,
+        request,
+        cancel=cancel,
+        report=report,
+        callbacks={"on_metrics": on_metrics},
+        name="lora-studio-train",
     )
 
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from lora_studio import __version__
 from lora_studio.core.adapters.files import SIDECAR_NAME
 from lora_studio.core.adapters.training_log import LOSS_CSV
-from lora_studio.core.io.atomic import atomic_output_dir, replace_text
+from lora_studio.core.errors import UserError
+from lora_studio.core.io.atomic import atomic_output_dir, exchange_folders, replace_text
 from lora_studio.core.io.card_format import front_matter
 from lora_studio.core.io.hashing import file_sha256, tree_sha256
 from lora_studio.core.model.identity import base_license, hub_id
@@ -43,11 +44,12 @@ def save_trained_adapter(
     keep: str,
     kept_step: int,
     cancel: CancelToken,
+    overwrite: bool | None = None,
 ) -> Path:
     settings = request.settings
     converted = settings.init in CONVERTED_INITS
     base_id = hub_id(request.base)
-    with atomic_output_dir(out, overwrite=request.overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=request.overwrite if overwrite is None else overwrite) as tmp:
         config = model.peft_config["default"]
         # the adapter names its base as the Hub knows it when it can, else the folder it was trained on
         config.base_model_name_or_path = base_id or str(request.base.file)
@@ -63,6 +65,16 @@ def save_trained_adapter(
         (tmp / SIDECAR_NAME).write_text(json.dumps(provenance, indent=2) + "\n", "utf-8")
         (tmp / CARD).write_text(render_card(provenance), "utf-8")
     return out
+
+
+def swap_with_alternative(adapter: Path, alternative: Path) -> None:
+    """Put the other trained weights (best or last) in the adapter's folder, and the ones it held where those were.
+
+    Each folder's card and sidecar describe its own weights, so after the swap both still tell the truth."""
+    for path in (adapter, alternative):
+        if not (path / SIDECAR_NAME).is_file():
+            raise UserError(f"{path} is not a trained adapter folder", "train again, or pick the folder by hand")
+    exchange_folders(adapter, alternative)
 
 
 def add_baseline(adapter: Path, record: RunRecord, baseline: RunRecord) -> None:
