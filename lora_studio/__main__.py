@@ -1,3 +1,8 @@
+import multiprocessing
+
 from lora_studio.cli.main import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    # a frozen bundle starts its training worker by running itself: this line makes that run the worker
+    multiprocessing.freeze_support()
+    raise SystemExit(main())
