@@ -91,6 +91,7 @@ class TrainPanel(Panel):
         self.series: dict[str, tuple[list[float], list[float]]] = {}
         self.plot: Any = None
         self._curves: dict[str, Any] = {}
+        self._last_train_point: TrainMetrics | None = None
 
         self.data_edit = QLineEdit()
         self.data_edit.setPlaceholderText("training data: .jsonl, .csv, .parquet or a save_to_disk folder")
@@ -368,6 +369,7 @@ class TrainPanel(Panel):
         if resume is None:
             self.series.clear()
             self._clear_curves()
+            self._last_train_point = None
         self.result = None
         self.summary_label.setText("")
         self.swap_btn.hide()
@@ -546,7 +548,7 @@ class TrainPanel(Panel):
         if not points:
             return
         self._ensure_plot()
-        last = None
+        last = self._last_train_point
         for p in points:
             for kind, value in (("train", p.train_loss), ("val", p.val_loss)):
                 if value is not None:
@@ -558,6 +560,7 @@ class TrainPanel(Panel):
                 self.warning_label.show()
             if p.train_loss is not None:
                 last = p
+        self._last_train_point = last  # an evaluation that arrives after the last step still updates the line
         for key, curve in self._curves.items():
             xs, ys = self.series.get(key, ([], []))
             curve.setData(xs, ys)

@@ -44,6 +44,7 @@ def test_train_tab_end_to_end(qtbot, tmp_path, tiny_llama):
     val_x, _ = panel.series["lora:val"]
     assert train_x == list(range(1, 13)) and val_x == [0, 3, 6, 9, 12]
     assert "step 12/12" in panel.stats_label.text()
+    assert f"val {panel.series['lora:val'][1][-1]:.4f}" in panel.stats_label.text()  # the final evaluation's
     assert "Saved" in panel.summary_label.text()
     assert panel.result.adapter.name == "trained"
     if panel.result.alternative is not None:  # best and last differ: the end of the run offers the other ones
