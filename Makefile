@@ -18,8 +18,10 @@ install: $(STAMP)
 # pip's wheel cache makes it seconds.
 llama-cpp: install $(LLAMA_STAMP)
 
+# GGML_NATIVE=OFF: a build tuned to the building CPU crashed (SIGSEGV in decode) on a virtual CPU advertising
+# AVX-512; the portable build runs everywhere the wheel may be reused.
 $(LLAMA_STAMP): requirements.lock
-	$(PY) -m pip install -q --disable-pip-version-check -c requirements.lock llama-cpp-python
+	CMAKE_ARGS="-DGGML_NATIVE=OFF $${CMAKE_ARGS:-}" $(PY) -m pip install -q --disable-pip-version-check -c requirements.lock llama-cpp-python
 	touch $(LLAMA_STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
