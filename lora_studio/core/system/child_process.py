@@ -29,12 +29,11 @@ from typing import Any, TypeVar
 from lora_studio.core.errors import Cancelled, OutOfMemory
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _POLL_S = 0.05  # how often the caller looks at its cancel token while the child is quiet
-_JOIN_S = 30.0
-WORKER_NICENESS = 10  # after the result: how long a child may take to exit before it is terminated
+_JOIN_S = 30.0  # after the result: how long a child may take to exit before it is terminated
+WORKER_NICENESS = 10
 
 
 def run_in_child_process(

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lora_studio.core.system import garbage, nvml
+from lora_studio.core.system.child_process import running_workers
 
 MiB = 1024**2
 GiB = 1024**3
@@ -152,8 +153,6 @@ class MemorySampler:
             )
 
     def _workers_rss(self) -> int:
-        from lora_studio.core.system.child_process import running_workers
-
         total = 0
         for pid in running_workers():
             try:

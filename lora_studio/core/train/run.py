@@ -186,15 +186,14 @@ def _save_kept_and_alternative(
     for kind in ("last", "best"):  # the model holds the last weights now: they are saved before the best are loaded
         if kind not in wanted:
             continue
+        path = out if kind == keep else request.checkpoints / f"{kind}-adapter"
         if kind == "best":
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(peft_model, record.best_state)
-            weights = SavedWeights(kind, record.best_step or 0, record.best_val_loss, out)
+            weights = SavedWeights(kind, record.best_step or 0, record.best_val_loss, path)
         else:
-            weights = SavedWeights(kind, record.steps, record.last_val_loss, out)
-        if kind != keep:
-            weights = replace(weights, path=request.checkpoints / f"{kind}-adapter")
+            weights = SavedWeights(kind, record.steps, record.last_val_loss, path)
         report(Progress(0, None, f"saving the adapter ({kind} weights)"))
         save.save_trained_adapter(
             request,
