@@ -15,13 +15,13 @@ install: $(STAMP)
 
 # llama.cpp's Python binding, for the K-quant GGUF types and checking exports in llama.cpp itself. Optional for
 # `make run` (the window offers it); built from its source distribution once (about 6-9 minutes on 2 cores), then
-# pip's wheel cache makes it seconds.
+# the built wheel is reused from LoRA Studio's cache folder.
 llama-cpp: install $(LLAMA_STAMP)
 
-# GGML_NATIVE=OFF: a build tuned to the building CPU crashed (SIGSEGV in decode) on a virtual CPU advertising
-# AVX-512; the portable build runs everywhere the wheel may be reused.
+# A portable build (GGML_NATIVE=OFF) in a cache folder of its own: a CPU-tuned build crashed (SIGSEGV in decode) on
+# a virtual CPU advertising AVX-512, and pip's wheel cache would hand back whatever was built first, whatever the flags.
 $(LLAMA_STAMP): requirements.lock
-	CMAKE_ARGS="-DGGML_NATIVE=OFF $${CMAKE_ARGS:-}" $(PY) -m pip install -q --disable-pip-version-check -c requirements.lock llama-cpp-python
+	$(PY) -m lora_studio.core.export.llama_build -q -c requirements.lock
 	touch $(LLAMA_STAMP)
 
 $(STAMP): pyproject.toml requirements.lock

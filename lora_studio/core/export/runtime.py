@@ -57,8 +57,11 @@ def require_llama_cpp(purpose: str) -> Any:
 
 
 def install_command() -> list[str]:
-    """The command that installs llama.cpp's binding into this Python (what the window runs in the background)."""
-    return [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off", PINNED]
+    """The command that installs llama.cpp's binding into this Python (what the window runs in the background).
+
+    A portable build (see ``llama_build``): pip's own install would reuse a CPU-tuned wheel from its cache.
+    """
+    return [sys.executable, "-m", "lora_studio.core.export.llama_build"]
 
 
 def install_llama_cpp(*, cancel: CancelToken, report: Report = no_report) -> str:
