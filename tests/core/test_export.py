@@ -310,3 +310,23 @@ def test_without_llama_cpp_the_export_works_and_says_how_to_check_it(llama_pair,
     assert result.out.is_file() and "skipped" in (result.bundle.folder / "README.md").read_text()
     plan = plan_export(ExportRequest(resolve_source(base), tmp_path / "k.gguf", "gguf", "q4_k_m", adapter=adapter))
     assert plan.refusal and "llama.cpp's quantiser" in plan.refusal and "make llama-cpp" in plan.hint
+
+
+def test_a_llama_cpp_build_that_crashes_here_skips_the_check_instead_of_taking_the_process_down(
+    llama_pair, tmp_path, monkeypatch
+):
+    """A build tuned to another CPU dies in decode; its probe child dies instead (here: a child that segfaults)."""
+    from lora_studio.core.export import runtime
+
+    monkeypatch.setattr(runtime, "_build_checked", {})
+    monkeypatch.setattr(runtime, "_PROBE", "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    base, adapter = llama_pair
+    result = export(base, tmp_path / "m.gguf", type_name="q8_0", adapter=adapter)
+    v = result.verification
+    assert v.status == "skipped" and "crashes on this machine (SIGSEGV" in v.reason and "portable" in v.reason
+    assert result.out.is_file()
+    with pytest.raises(runtime.LlamaCppCannotRun):  # remembered: the probe is not run again
+        runtime.check_build_runs(Path("/nonexistent.gguf"))
+    monkeypatch.setattr(runtime, "_build_checked", {})
+    monkeypatch.setattr(runtime, "_PROBE", "raise SystemExit(3)\n")
+    runtime.check_build_runs(result.out)  # a child that merely fails says nothing against the build

@@ -348,7 +348,10 @@ def _verify(
             threshold_type = _file_type_name(model) or type_name
         report(Progress(0, None, export_verify.RUNTIME_STAGE))
         n_ctx = max(len(s) for s in reference.sequences) + 8
-        runner = stack.enter_context(runtime.GgufRunner(model, lora=lora, n_ctx=max(64, n_ctx)))
+        try:
+            runner = stack.enter_context(runtime.GgufRunner(model, lora=lora, n_ctx=max(64, n_ctx)))
+        except runtime.LlamaCppCannotRun as exc:  # the file is ours and complete; only its check cannot run here
+            return export_verify.skipped(type_name, str(exc))
         outputs = export_verify.compare_outputs(runner, reference, cancel, report)
         template = export_verify.check_template(runner, tokenizer, request.source.path)
         sample = export_verify.sample_continuations(runner, reference, tokenizer)

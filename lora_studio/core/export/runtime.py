@@ -180,11 +180,61 @@ def quantise_file(
     report(Progress(expected_bytes, expected_bytes, QUANTISE_STAGE, "bytes"))
 
 
+class LlamaCppCannotRun(UserError):
+    """The installed llama.cpp build dies when it evaluates a model on this machine (a CPU it was not built for)."""
+
+
+# llama-cpp-python version -> None (its build evaluated a model here) or the error it died with
+_build_checked: dict[str, LlamaCppCannotRun | None] = {}
+_PROBE = (
+    "import sys, llama_cpp\n"
+    "llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=32, n_batch=32, n_threads=1, verbose=False)\n"
+    "llm.eval(llm.tokenize(b'Hello there', add_bos=True))\n"
+)
+
+
+def check_build_runs(model: Path, timeout_s: float = 120.0) -> None:
+    """Evaluate a few tokens of ``model`` in a child process, once per llama.cpp version and process.
+
+    A build tuned to another CPU dies in ``decode`` (SIGSEGV, SIGILL), and in this process it would take the
+    window, or a test run, down with it; in a child it becomes one clear error. A child that merely fails (an
+    unreadable file) says nothing about the build: the real load reports that.
+    """
+    version = llama_cpp_version() or "?"
+    if version in _build_checked:
+        known = _build_checked[version]
+        if known is not None:
+            raise known
+        return
+    with tempfile.TemporaryFile() as log:
+        child = subprocess.Popen([sys.executable, "-c", _PROBE, str(model)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = child.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            return  # slow, not dead: let the real run go ahead
+    if code >= 0:
+        _build_checked[version] = None
+        return
+    import signal
+
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    error = LlamaCppCannotRun(
+        f"llama.cpp (llama-cpp-python {version}) crashes on this machine ({name} running a model)",
+        "it was built for another CPU; rebuild it portable: `python -m lora_studio.core.export.llama_build`",
+    )
+    logger.warning("%s", error)
+    _build_checked[version] = error
+    raise error
+
+
 class GgufRunner:
     """A GGUF loaded in llama.cpp (optionally with an adapter GGUF on top), for scoring and tokenising."""
 
     def __init__(self, model: Path, lora: Path | None = None, n_ctx: int = 512, lora_scale: float = 1.0) -> None:
         require_llama_cpp("checking the export in llama.cpp")
+        check_build_runs(model)
         from llama_cpp import Llama
 
         kwargs: dict[str, Any] = {}
