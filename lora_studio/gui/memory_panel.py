@@ -147,6 +147,14 @@ class MemoryPanel(QWidget):
         self.system_label = QLabel("")
         self.system_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.system_label.setToolTip(SYSTEM_TIP)
+        # a training run's worker, on the system line (room there; the process line is full at 1280 px)
+        self.worker_label = QLabel("")
+        self.worker_label.setToolTip(PROCESS_TIP)
+        self.worker_label.hide()
+        # Readings change every second: their text must never set the dock's width. A QLabel asks for its whole
+        # text as its minimum; a longer reading then widened the dock and re-laid out the window (~50 ms).
+        for label in (self.ram_label, self.system_label, self.worker_label):
+            label.setMinimumWidth(1)
         self.gpu_box = QGridLayout()
         self.gpu_labels: list[QLabel] = []
         self.no_gpu_label = ElidedLabel("")  # beside the system line: one line, the full reason in its tooltip
@@ -164,6 +172,7 @@ class MemoryPanel(QWidget):
         self.chart_host.addWidget(self.placeholder)
         system_row = QHBoxLayout()
         system_row.addWidget(self.system_label)
+        system_row.addWidget(self.worker_label)
         system_row.addWidget(self.no_gpu_label, 1)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
@@ -234,6 +243,8 @@ class MemoryPanel(QWidget):
         self.samples.append(sample)
         self.ram_label.setText(process_text(sample))
         self.system_label.setText(system_text(sample))
+        self.worker_label.setText(worker_text(sample))
+        self.worker_label.setVisible(bool(sample.workers_rss_bytes))
         self._update_gpu_labels(sample)
         self._redraw()
 
@@ -394,9 +405,14 @@ def process_text(sample: MemorySample) -> str:
             f" = {swatch(CURVE_COLORS['anon'], 'dot')} {format_bytes(sample.rss_anon_bytes)} its own"
             f" + {format_bytes(sample.rss_file_bytes)} mapped files"
         )
-    if sample.workers_rss_bytes:
-        text += f" · {swatch(CURVE_COLORS['workers'])} <b>Worker process</b> {format_bytes(sample.workers_rss_bytes)}"
     return text
+
+
+def worker_text(sample: MemorySample) -> str:
+    """The worker process's line (a training run): its RSS; empty while no worker runs."""
+    if not sample.workers_rss_bytes:
+        return ""
+    return f"· {swatch(CURVE_COLORS['workers'])} <b>Worker process</b> {format_bytes(sample.workers_rss_bytes)}"
 
 
 def system_text(sample: MemorySample) -> str:

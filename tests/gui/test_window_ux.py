@@ -16,7 +16,14 @@ from lora_studio.core.session import SessionState
 from lora_studio.core.system.memory import MemorySample, MemorySampler, Reclaimed, read_rss_split
 from lora_studio.gui.help_dialogs import about_rows, window_shortcuts
 from lora_studio.gui.main_window import session_markers
-from lora_studio.gui.memory_panel import MemoryMonitor, MemoryPanel, group_markers, process_text, system_text
+from lora_studio.gui.memory_panel import (
+    MemoryMonitor,
+    MemoryPanel,
+    group_markers,
+    process_text,
+    system_text,
+    worker_text,
+)
 
 GiB = 1024**3
 
@@ -107,6 +114,28 @@ def test_readings_say_what_each_number_is(qtbot, window):
     assert "1.70 GiB" in system_text(sample) and "(11%)" in system_text(sample)
     qtbot.waitUntil(lambda: panel.plot is not None and "anon" in panel.curve_names(), timeout=TIMEOUT_MS)
     assert panel.plot.getPlotItem().legend is None  # the readings are the legend: nothing covers the markers
+
+
+def test_a_worker_process_reading_does_not_resize_the_memory_dock(qtbot, window):
+    """Longer readings once widened the dock and re-laid out the window (a ~50 ms stall as a training run began)."""
+    import dataclasses
+
+    window.resize(1280, 720)
+    panel = window.memory_panel
+    qtbot.waitUntil(lambda: len(panel.samples) >= 1 and panel.plot is not None, timeout=TIMEOUT_MS)
+    panel.monitor.sampled.disconnect(panel.on_sample)  # only the samples below
+    quiet = dataclasses.replace(panel.samples[-1], workers_rss_bytes=0)
+    panel.on_sample(quiet)
+    qtbot.wait(50)
+    before = (panel.width(), panel.plot.height())
+    busy = dataclasses.replace(quiet, rss_bytes=40 * GiB, rss_anon_bytes=30 * GiB, workers_rss_bytes=int(1.3 * GiB))
+    panel.on_sample(busy)
+    qtbot.wait(50)
+    assert "Worker process" in panel.worker_label.text() and panel.worker_label.isVisible()
+    assert worker_text(quiet) == "" and (panel.width(), panel.plot.height()) == before
+    panel.on_sample(quiet)
+    qtbot.wait(50)
+    assert not panel.worker_label.isVisible() and (panel.width(), panel.plot.height()) == before
 
 
 # -- markers ---------------------------------------------------------------------------------------------------------
