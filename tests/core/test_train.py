@@ -298,6 +298,11 @@ def test_memory_estimate_parts(tiny_llama):
     assert small.adapter_params > 0 and big.total > small.total
     tight = training_memory(source, TrainSettings(), free_ram_bytes=1)
     assert tight.verdict == "does_not_fit" and "lower the batch size" in tight.explanation
+    # on the CPU everything is RAM; on a GPU the tensors are on the device, the libraries and loading pages in RAM
+    assert small.host == small.on_device + small.runtime and small.total == small.host + small.loading
+    on_gpu = training_memory(source, TrainSettings(batch_size=1, max_length=64, device="cuda:0"))
+    assert on_gpu.on_device == small.on_device and on_gpu.host == on_gpu.runtime
+    assert on_gpu.to_json()["on_device_bytes"] == on_gpu.on_device and "on cuda:0" in on_gpu.summary()
 
 
 def test_exported_script_trains_with_accelerate_on_two_processes(tiny_llama, pairs, tmp_path):

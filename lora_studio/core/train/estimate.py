@@ -1,15 +1,21 @@
 """How much memory a training run needs, before it starts, with the same verdict as loading.
 
-The parts: the base's weights (in the training dtype), the adapter with its gradients and AdamW's two
-states (float32), the activations the backward pass keeps for the chosen batch × length, and the logits
-with their float32 softmax and gradient (for small models with a large vocabulary the largest part).
+The parts on the training device: the base's weights (in the training dtype), the adapter with its
+gradients and AdamW's two states (float32), the activations the backward pass keeps for the chosen
+batch × length (with gradient checkpointing, TRL's default which the job keeps: each layer's input, plus
+one layer's activations while it is recomputed), and the logits in the training dtype with the float32
+copy the loss takes (for small models with a large vocabulary the largest part). In host RAM: the
+libraries a run imports. On the CPU all of it is RAM; on a GPU the device part is judged against the
+GPU's free memory and the host part against free RAM. The checkpoint's pages, mapped while the weights
+load, show in the process's RSS but are page cache the system can take back: reported, not required.
 The sizes come from the checkpoint's headers and config.json; nothing is loaded.
-``benchmarks/bench_train.py`` compares the estimate with the measured peak.
+``benchmarks/bench_train.py`` compares the estimate with the measured peak (RSS on the CPU, torch's peak
+allocation on a GPU).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lora_studio.core.io.safetensors_format import read_headers
 from lora_studio.core.model.config import read_config
@@ -20,12 +26,15 @@ from lora_studio.core.system.memory import format_bytes
 from lora_studio.core.train.run import ATTENTION_WORDS
 from lora_studio.core.train.settings import TrainSettings
 
-# bytes kept per token per layer for the backward pass, in units of hidden size × dtype bytes: the
-# inputs of the attention and MLP blocks, their norms, projections and activations (Korthikanti et al.'s
-# 34·h for a 16-bit transformer block, counted here per dtype byte)
+# bytes one layer keeps per token for its backward pass, in units of hidden size × dtype bytes: the inputs
+# of the attention and MLP blocks, their norms, projections and activations (Korthikanti et al.'s 34·h for
+# a 16-bit transformer block, counted here per dtype byte). With gradient checkpointing only the layer
+# being recomputed holds them; every other layer keeps its input (1·h).
 ACTIVATION_FACTOR = 17
-LOGIT_COPIES = 3  # logits, their float32 log-softmax, and its gradient
-RUNTIME_BYTES = 350 * 1024**2  # torch, transformers, TRL and the Python objects around a run
+LOGIT_LOSS_BYTES = 4  # the float32 copy of the logits that the loss takes, beside the logits themselves
+# Host RAM of the process around a run: Python, torch, transformers, PEFT, TRL and datasets imported
+# (435 MiB measured on the CPU) and the Python objects of a run.
+RUNTIME_BYTES = 450 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -35,24 +44,45 @@ class TrainingMemory:
     adapter_state: int  # adapter weights + gradients + AdamW states
     activations: int
     logits: int
-    runtime: int
+    runtime: int  # host RAM: the imported libraries and the run's Python objects
+    # the checkpoint's pages, mapped while the weights load: counted in the process's RSS, but page cache the
+    # system takes back under pressure, so not part of what must be free
+    loading: int
+    device: str
     verdict: Verdict
     explanation: str
 
     @property
+    def on_device(self) -> int:
+        """What the training device holds: weights, adapter state, activations, logits."""
+        return self.weights + self.adapter_state + self.activations + self.logits
+
+    @property
+    def host(self) -> int:
+        """The RAM the run needs free: the runtime, plus everything on the device when that is the CPU."""
+        return self.runtime + (0 if self.device.startswith("cuda") else self.on_device)
+
+    @property
     def total(self) -> int:
-        return self.weights + self.adapter_state + self.activations + self.logits + self.runtime
+        """Everything, the loading pages included: on the CPU, what the process's peak RSS should come to."""
+        return self.on_device + self.runtime + self.loading
 
     def summary(self) -> str:
+        where = f"on {self.device} (+ {format_bytes(self.host)} RAM)" if self.device.startswith("cuda") else ""
+        needed = self.on_device if where else self.host
         return (
-            f"needs about {format_bytes(self.total)}: weights {format_bytes(self.weights)}, adapter + gradients + "
-            f"optimizer {format_bytes(self.adapter_state)}, activations {format_bytes(self.activations)}, "
-            f"logits {format_bytes(self.logits)}"
+            f"needs about {format_bytes(needed)}{' ' + where if where else ''}: weights "
+            f"{format_bytes(self.weights)}, adapter + gradients + optimizer {format_bytes(self.adapter_state)}, "
+            f"activations {format_bytes(self.activations)}, logits {format_bytes(self.logits)}"
         )
 
     def to_json(self) -> dict:
         return {
             "total_bytes": self.total,
+            "on_device_bytes": self.on_device,
+            "host_bytes": self.host,
+            "device": self.device,
+            "loading_bytes": self.loading,
             "weights_bytes": self.weights,
             "adapter_params": self.adapter_params,
             "adapter_state_bytes": self.adapter_state,
@@ -104,11 +134,19 @@ def training_memory(
     weights = footprint.params * width
     adapter = adapter_parameters(source, settings) or footprint.params // 100
     adapter_state = adapter * 4 * 4  # weights, gradients, two AdamW moments, float32
-    activations = ACTIVATION_FACTOR * hidden * layers * tokens * width
-    logits = LOGIT_COPIES * tokens * vocab * 4
-    needed = weights + adapter_state + activations + logits + RUNTIME_BYTES
+    activations = (layers + ACTIVATION_FACTOR) * hidden * tokens * width
+    logits = tokens * vocab * (width + LOGIT_LOSS_BYTES)
+    loading = footprint.checkpoint_bytes
+    parts = (weights, adapter, adapter_state, activations, logits, RUNTIME_BYTES, loading)
+    memory = TrainingMemory(*parts, device=settings.device, verdict="fits", explanation="")
     free_ram, free_gpu = free_memory(free_ram_bytes)
-    verdict, _where, why = judge(settings.device, needed, free_ram, free_gpu)
+    if settings.device.startswith("cuda"):
+        verdict, _where, why = judge(settings.device, memory.on_device, free_ram, free_gpu)
+        if verdict == "fits" and memory.host > free_ram:
+            verdict = "does_not_fit"
+            why = f"needs {format_bytes(memory.host)} RAM beside the GPU but only {format_bytes(free_ram)} is free"
+    else:
+        verdict, _where, why = judge(settings.device, memory.host, free_ram, free_gpu)
     if verdict != "fits":
         why += ": lower the batch size or the max length"
-    return TrainingMemory(weights, adapter, adapter_state, activations, logits, RUNTIME_BYTES, verdict, why)
+    return replace(memory, verdict=verdict, explanation=why)
