@@ -22,6 +22,14 @@ def add(a, b, *, cancel, report, on_value):
     return {"sum": a + b, "pid": os.getpid()}
 
 
+def niceness_at_import_and_now(*, cancel, report):
+    return {"at_import": NICENESS_AT_IMPORT, "now": os.getpriority(os.PRIO_PROCESS, 0)}
+
+
+# in the worker, this module is imported (to find the job) before the job runs: how low it ran by then
+NICENESS_AT_IMPORT = os.getpriority(os.PRIO_PROCESS, 0)
+
+
 def refuse(*, cancel, report):
     raise UserError("the data has no rows", "pick another file")
 
@@ -98,3 +106,12 @@ def test_the_memory_chart_counts_a_running_worker_and_only_it():
         run_in_child_process(wait_for_cancel, cancel=cancel, callbacks={"on_value": sample_then_stop})
     assert seen[0] > 10 * 2**20  # a Python interpreter's worth
     assert sampler.sample().workers_rss_bytes == 0  # multiprocessing's resource tracker, still alive, is not counted
+
+
+def test_the_worker_runs_below_the_window_from_its_first_imports():
+    """Its bootstrap imports the job's module (for training: torch, TRL) before the job runs: that already runs low."""
+    from lora_studio.core.system.child_process import WORKER_NICENESS
+
+    got = run_in_child_process(niceness_at_import_and_now)
+    assert got["now"] >= WORKER_NICENESS and got["now"] <= 19
+    assert got["at_import"] >= min(WORKER_NICENESS, 19)

@@ -52,6 +52,9 @@ def run_in_child_process(
     child = context.Process(target=_child_main, args=(fn, args, tuple(callbacks), theirs), name=name, daemon=True)
     report(Progress(0, None, "starting a worker process"))
     child.start()
+    # Lowered from here, at once: the child's own bootstrap imports fn's module (torch, transformers, TRL: seconds
+    # of CPU) before _child_main can lower itself, and at the window's priority that competed with the GUI thread.
+    _lower_priority(child.pid)
     _running.add(child.pid or 0)
     theirs.close()  # ours is now the only end here: EOF on it means the child is gone
     cancel_sent = False
@@ -128,6 +131,12 @@ def _death(exitcode: int | None, cancelled: bool) -> Exception:
     return ChildProcessDied(f"the worker process ended without a result (exit code {exitcode})")
 
 
+def _lower_priority(pid: int | None) -> None:
+    """The worker below the window: the scheduler then runs the GUI thread the moment it wakes, every core busy."""
+    with contextlib.suppress(OSError, AttributeError):  # no setpriority() on Windows; the process may be gone
+        os.setpriority(os.PRIO_PROCESS, pid or 0, max(os.getpriority(os.PRIO_PROCESS, pid or 0), WORKER_NICENESS))
+
+
 def _send_quietly(conn: Connection, message: tuple) -> None:
     with contextlib.suppress(OSError, ValueError):  # the other side is gone: nobody left to tell
         conn.send(message)
@@ -186,9 +195,7 @@ def _listen_for_cancel(conn: Connection, cancel: CancelToken) -> None:
 
 
 def _child_main(fn: Callable[..., Any], args: tuple, callback_names: tuple[str, ...], conn: Connection) -> None:
-    with contextlib.suppress(OSError, AttributeError):  # no nice() on Windows
-        # below the window: the scheduler then runs the GUI thread the moment it wakes, even with every core busy
-        os.nice(WORKER_NICENESS)
+    _lower_priority(0)  # the caller did so already, unless it could not
     outbox = _Outbox(conn)
     root = logging.getLogger()
     root.handlers[:] = [_ForwardingHandler(outbox)]
