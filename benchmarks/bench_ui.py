@@ -239,12 +239,16 @@ def main() -> int:
         sys.setswitchinterval(args.switch_interval)
 
     gaps: list[float] = []
-    big: list[tuple[str, float, str]] = []  # (step, ms, the status line then) of each stall over the target
+    # (step, ms, the status line then, the GUI thread's own CPU ms in that gap, seconds into the step) of each stall
+    # over the target: CPU ms near the stall's length means the GUI thread was busy, far below it that it waited
+    big: list[tuple[str, float, str, float, float]] = []
     by_step: dict[str, float] = {}  # the largest stall in each step
     current = ["idle"]
+    step_started = [time.monotonic()]
     clock = QElapsedTimer()
     clock.start()
     last = [clock.nsecsElapsed()]
+    last_cpu = [time.thread_time()]
 
     tracer = StallTracer(args.trace) if args.trace else None
 
@@ -252,12 +256,16 @@ def main() -> int:
         if tracer is not None:
             tracer.last = time.monotonic()
         now = clock.nsecsElapsed()
+        cpu = time.thread_time()
         gap = (now - last[0]) / 1e6
         gaps.append(gap)
         if gap - TICK_MS > 50:
-            big.append((current[0], round(gap - TICK_MS, 1), window.status_label.text()[:80]))
+            into = round(time.monotonic() - step_started[0], 2)
+            status = window.status_label.text()[:80]
+            big.append((current[0], round(gap - TICK_MS, 1), status, round((cpu - last_cpu[0]) * 1000, 1), into))
         by_step[current[0]] = max(by_step.get(current[0], 0.0), round(gap - TICK_MS, 1))
         last[0] = now
+        last_cpu[0] = cpu
 
     timer = QTimer()
     timer.setInterval(TICK_MS)
@@ -272,6 +280,7 @@ def main() -> int:
     def step(name, start):
         t = time.perf_counter()
         current[0] = name
+        step_started[0] = time.monotonic()
         job = start()
         if job is None:
             raise SystemExit(f"{name} did not start: {window.status_label.text()}")
