@@ -12,13 +12,13 @@ fresh process, in interleaved rounds (the order alternates):
 
 Both report tokens/s as the Trainer measures them (non-padding tokens seen / train_runtime) and their
 per-step training losses; the studio process also reports its pre-start memory estimate, compared with
-that process's measured peak RSS.
+that process's measured peak RSS (on a GPU: the estimate's on-device part against torch's peak allocation).
 
 Last line (JSON): {"tokens_per_s_ratio" (median of studio/plain per round; target >= 0.95),
 "max_loss_difference" (largest per-step difference over all rounds; "float noise": < 1e-4),
 "estimate_vs_peak" (median estimate / measured peak; target within 0.8-1.2), the per-round values, ...}.
 
-    .venv/bin/python benchmarks/bench_train.py [--rounds 3] [--steps 8] [--json]
+    .venv/bin/python benchmarks/bench_train.py [--rounds 3] [--steps 8] [--device cuda:0 --dtype bfloat16] [--json]
 """
 
 from __future__ import annotations
@@ -46,7 +46,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_studio(base: str, out: Path, steps: int) -> dict:
+def peak_bytes(device: str) -> int:
+    """The peak the estimate is compared with: torch's allocations on a GPU, the process's RSS on the CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(device))
+    return peak_rss_bytes()
+
+
+def run_studio(base: str, out: Path, steps: int, device: str, dtype: str) -> dict:
     from lora_studio.core.model.sources import resolve_source
     from lora_studio.core.train import TrainRequest, TrainSettings, train_adapter
     from lora_studio.core.train.estimate import training_memory
@@ -63,6 +72,8 @@ def run_studio(base: str, out: Path, steps: int) -> dict:
         val_fraction=0.0,
         save_steps=10_000,
         warmup_ratio=0.0,
+        device=device,
+        dtype=dtype,
     )
     source = resolve_source(base)
     result = train_adapter(TrainRequest(source, DATA, out / "studio", settings))
@@ -73,17 +84,19 @@ def run_studio(base: str, out: Path, steps: int) -> dict:
     longest = max(len(e.input_ids) for e in prepare(DATA, AutoTokenizer.from_pretrained(base), val_fraction=0).train)
     estimate = training_memory(source, settings, longest_row=longest)
     record = result.lora
+    # on a GPU the peak is torch's allocations: the estimate's device part (its host part is RAM)
+    estimated = estimate.on_device if device.startswith("cuda") else estimate.total
     return {
         "tokens_per_s": record.tokens / record.seconds,
         "tokens": record.tokens,
         "seconds": record.seconds,
         "losses": [r["train_loss"] for r in record.rows if r.get("train_loss") is not None],
-        "estimate_bytes": estimate.total,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "estimate_bytes": estimated,
+        "peak_bytes": peak_bytes(device),
     }
 
 
-def run_plain(base: str, out: Path, steps: int) -> dict:
+def run_plain(base: str, out: Path, steps: int, device: str, dtype: str) -> dict:
     import datasets
     import torch
     from peft import LoraConfig
@@ -101,7 +114,7 @@ def run_plain(base: str, out: Path, steps: int) -> dict:
         ]
     )
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype), device_map=device)
     args = SFTConfig(
         output_dir=str(out / "plain"),
         max_steps=steps,
@@ -114,8 +127,8 @@ def run_plain(base: str, out: Path, steps: int) -> dict:
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,  # TRL's SFTConfig defaults to bf16 autocast; the studio job trains in float32 as asked
+        use_cpu=device == "cpu",
+        bf16=dtype == "bfloat16",  # TRL's SFTConfig defaults to bf16 autocast; the studio job trains as asked
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=False,
         completion_only_loss=True,
@@ -139,13 +152,14 @@ def run_plain(base: str, out: Path, steps: int) -> dict:
         "tokens": trainer.state.num_input_tokens_seen,
         "seconds": metrics["train_runtime"],
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_bytes": peak_bytes(device),
     }
 
 
-def child(kind: str, base: str, steps: int) -> dict:
+def child(kind: str, base: str, steps: int, device: str, dtype: str) -> dict:
+    command = [sys.executable, __file__, "--child", kind, "--base", base, "--steps", str(steps)]
     done = subprocess.run(
-        [sys.executable, __file__, "--child", kind, "--base", base, "--steps", str(steps)],
+        [*command, "--device", device, "--dtype", dtype],
         capture_output=True,
         text=True,
         check=False,
@@ -160,6 +174,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--child", choices=("studio", "plain"), help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,7 +185,7 @@ def main() -> int:
         warnings.filterwarnings("ignore")
         with tempfile.TemporaryDirectory() as tmp:
             run = run_studio if args.child == "studio" else run_plain
-            print(json.dumps(run(args.base, Path(tmp), args.steps)))
+            print(json.dumps(run(args.base, Path(tmp), args.steps, args.device, args.dtype)))
         return 0
 
     from lora_studio.core.demo.model import ensure_demo_model
@@ -178,10 +194,10 @@ def main() -> int:
     rounds = []
     for n in range(args.rounds):
         order = ("studio", "plain") if n % 2 == 0 else ("plain", "studio")
-        got = {kind: child(kind, base, args.steps) for kind in order}
+        got = {kind: child(kind, base, args.steps, args.device, args.dtype) for kind in order}
         ratio = got["studio"]["tokens_per_s"] / got["plain"]["tokens_per_s"]
         diff = max(abs(a - b) for a, b in zip(got["studio"]["losses"], got["plain"]["losses"], strict=True))
-        est = got["studio"]["estimate_bytes"] / got["studio"]["peak_rss_bytes"]
+        est = got["studio"]["estimate_bytes"] / got["studio"]["peak_bytes"]
         log(
             f"round {n + 1}/{args.rounds}: tokens/s ratio {ratio:.3f}, max loss difference {diff:.2e}, "
             f"estimate/peak {est:.2f}"
@@ -192,7 +208,7 @@ def main() -> int:
                 "loss_diff": diff,
                 "estimate_vs_peak": est,
                 **{f"{k}_tokens_per_s": round(v["tokens_per_s"], 1) for k, v in got.items()},
-                **{f"{k}_peak_rss_mib": round(v["peak_rss_bytes"] / 2**20) for k, v in got.items()},
+                **{f"{k}_peak_mib": round(v["peak_bytes"] / 2**20) for k, v in got.items()},
                 "estimate_mib": round(got["studio"]["estimate_bytes"] / 2**20),
             }
         )
@@ -200,7 +216,8 @@ def main() -> int:
     estimates = [r["estimate_vs_peak"] for r in rounds]
     summary = {
         "benchmark": "train",
-        "model": "SmolLM2-135M-Instruct (demo), float32, cpu",
+        "model": f"SmolLM2-135M-Instruct (demo), {args.dtype}, {args.device}",
+        "peak": "torch's peak allocation" if args.device.startswith("cuda") else "peak RSS",
         "steps": args.steps,
         "rounds": len(rounds),
         "tokens_per_s_ratio": round(statistics.median(ratios), 3),

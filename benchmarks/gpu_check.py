@@ -6,11 +6,14 @@ On a machine with an NVIDIA GPU and a CUDA build of torch it checks, in this ord
   3. attach / switch / detach of the demo adapters, with the memory that came back after detaching;
   4. a mixed-batch compare (base + adapters in one batch) against the same variants run one by one (time ratio);
   5. a streaming and an in-memory merge of the pirate adapter (time, verification);
-  6. the window's memory panel under ``QT_QPA_PLATFORM=offscreen`` showing the GPU's curve and label.
+  6. a training job (LoRA, the demo pirate data) on the GPU: tokens/s, and the pre-start memory estimate against
+     torch's measured peak;
+  7. the window's memory panel under ``QT_QPA_PLATFORM=offscreen`` showing the GPU's curve and label.
 
-Without a GPU it says so on stderr, prints ``{"gpu": false, ...}`` and exits 0.
+Without a GPU it says so on stderr, prints ``{"gpu": false, ...}`` and exits 0. ``--device cpu`` runs checks 2-7
+on the CPU instead (no NVML): a rehearsal of the script before device time is spent on it.
 
-    .venv/bin/python benchmarks/gpu_check.py [--tokens 32] [--rounds 3] [--json]
+    .venv/bin/python benchmarks/gpu_check.py [--tokens 32] [--rounds 3] [--train-steps 30] [--device cpu] [--json]
 """
 
 from __future__ import annotations
@@ -29,6 +32,19 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 def gib(n: float) -> float:
     return round(n / 2**30, 3)
+
+
+def allocated(device: str) -> int:
+    import torch
+
+    return torch.cuda.memory_allocated(device) if device.startswith("cuda") else 0
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def nvml_check(result: dict) -> None:
@@ -55,7 +71,7 @@ def nvml_check(result: dict) -> None:
     sampler.close()
 
 
-def session_checks(result: dict, tokens: int, rounds: int, tmp: Path) -> None:
+def session_checks(result: dict, device: str, tokens: int, rounds: int, tmp: Path) -> None:
     import torch
 
     from lora_studio.core.compare import Variant, compare
@@ -68,19 +84,20 @@ def session_checks(result: dict, tokens: int, rounds: int, tmp: Path) -> None:
     adapters = {a.name: a.path for a in assets.demo_adapters()}
     session = Session()
     t = time.perf_counter()
-    session.load(source, dtype="bfloat16", device_map="cuda:0")
+    session.load(source, dtype="bfloat16", device_map=device)
     result["load_s"] = round(time.perf_counter() - t, 2)
     result["device"] = session.device
-    result["allocated_after_load_gib"] = gib(torch.cuda.memory_allocated(0))
+    result["allocated_after_load_gib"] = gib(allocated(device))
     for name, path in adapters.items():
         session.attach(path, name)
     session.activate(next(iter(adapters)))
-    result["allocated_with_adapters_gib"] = gib(torch.cuda.memory_allocated(0))
+    result["allocated_with_adapters_gib"] = gib(allocated(device))
     last = list(adapters)[-1]
-    before = torch.cuda.memory_allocated(0)
+    before = allocated(device)
     session.delete(last)
-    torch.cuda.empty_cache()
-    result["detach_freed_mib"] = round((before - torch.cuda.memory_allocated(0)) / 2**20, 2)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    result["detach_freed_mib"] = round((before - allocated(device)) / 2**20, 2)
     session.attach(adapters[last], last)
 
     variants = [Variant.base(), *[Variant.of_adapter(n) for n in adapters]]
@@ -89,10 +106,10 @@ def session_checks(result: dict, tokens: int, rounds: int, tmp: Path) -> None:
     mixed, sequential = [], []
     for _ in range(rounds):
         for flag, times in ((True, mixed), (False, sequential)):
-            torch.cuda.synchronize()
+            synchronize(device)
             t = time.perf_counter()
             compare(session, variants, prompts, settings, mixed=flag, score=False)
-            torch.cuda.synchronize()
+            synchronize(device)
             times.append(time.perf_counter() - t)
     result["compare"] = {
         "variants": len(variants),
@@ -122,8 +139,52 @@ def session_checks(result: dict, tokens: int, rounds: int, tmp: Path) -> None:
             "bytes_written": merged.bytes_written,
         }
     result["merge"] = merges
-    result["peak_allocated_gib"] = gib(torch.cuda.max_memory_allocated(0))
+    result["peak_allocated_gib"] = gib(torch.cuda.max_memory_allocated(device)) if device.startswith("cuda") else None
     session.close()
+
+
+def train_check(result: dict, device: str, steps: int, tmp: Path) -> None:
+    """A LoRA run on the demo pirate data: speed, the loss, and the estimate against what torch allocated."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lora_studio.core.demo import model
+    from lora_studio.core.train import TrainRequest, TrainSettings, prepare, train_adapter
+    from lora_studio.core.train.estimate import training_memory
+
+    data = Path(__file__).resolve().parents[1] / "resources" / "demo" / "data" / "pirate.train.jsonl"
+    source = model.ensure_demo_model()
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    settings = TrainSettings(
+        r=8, init="olora", max_steps=steps, batch_size=4, dtype=dtype, device=device, val_fraction=0.1, eval_steps=10
+    )
+    longest = max(len(e.input_ids) for e in prepare(data, AutoTokenizer.from_pretrained(source.path)).train)
+    estimate = training_memory(source, settings, longest_row=longest)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    done = train_adapter(TrainRequest(source, data, tmp / "trained-pirate", settings))
+    seconds = time.perf_counter() - t
+    record = done.lora
+    peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None
+    on_device = estimate.on_device  # the rest (the libraries, the loading pages) is host RAM
+    result["train"] = {
+        "steps": steps,
+        "dtype": dtype,
+        "init": settings.init,
+        "s": round(seconds, 2),
+        "tokens_per_s": round(record.tokens / record.seconds, 1),
+        "first_train_loss": next((r["train_loss"] for r in record.rows if r.get("train_loss") is not None), None),
+        "last_train_loss": record.last_train_loss,
+        "best_val_loss": record.best_val_loss,
+        "estimate_gib": gib(estimate.total),
+        "estimate_on_device_gib": gib(on_device),
+        "estimate_verdict": estimate.verdict,
+        "peak_allocated_gib": gib(peak) if peak is not None else None,
+        "estimate_on_device_vs_peak": round(on_device / peak, 3) if peak else None,
+        "adapter_saved": (done.adapter / "adapter_model.safetensors").is_file(),
+    }
 
 
 def window_check(result: dict) -> None:
@@ -154,27 +215,45 @@ def window_check(result: dict) -> None:
         window.close()
 
 
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "nvidia-ml-py", "PySide6-Essentials"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    found["python"] = sys.version.split()[0]
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=30)
+    parser.add_argument("--device", default="cuda:0", help="cpu: rehearse checks 2-7 on the CPU (no NVML)")
     parser.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
     args = parser.parse_args()
+    device = args.device
 
     from lora_studio.core.model.loading import offline_environment
 
     offline_environment()
     import torch
 
-    result: dict = {"gpu": torch.cuda.is_available(), "torch": torch.__version__}
-    if not result["gpu"]:
+    result: dict = {"gpu": torch.cuda.is_available(), "torch": torch.__version__, "requested_device": device}
+    if device.startswith("cuda") and not result["gpu"]:
         sys.stderr.write("gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); nothing to check\n")
         print(json.dumps(result))
         return 0
-    result["gpu_name"] = torch.cuda.get_device_name(0)
+    result["gpu_name"] = torch.cuda.get_device_name(0) if result["gpu"] else None
+    result["versions"] = versions()
     checks = (
-        ("nvml", lambda: nvml_check(result)),
-        ("session", lambda: session_checks(result, args.tokens, args.rounds, Path(tmp.name))),
+        ("nvml", lambda: nvml_check(result) if device.startswith("cuda") else None),
+        ("session", lambda: session_checks(result, device, args.tokens, args.rounds, Path(tmp.name))),
+        ("train", lambda: train_check(result, device, args.train_steps, Path(tmp.name))),
         ("window", lambda: window_check(result)),
     )
     tmp = tempfile.TemporaryDirectory()
