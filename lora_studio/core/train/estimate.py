@@ -70,10 +70,11 @@ class TrainingMemory:
     def summary(self) -> str:
         where = f"on {self.device} (+ {format_bytes(self.host)} RAM)" if self.device.startswith("cuda") else ""
         needed = self.on_device if where else self.host
+        libraries = "" if where else f", libraries {format_bytes(self.runtime)}"  # on a GPU: the RAM in brackets
         return (
             f"needs about {format_bytes(needed)}{' ' + where if where else ''}: weights "
             f"{format_bytes(self.weights)}, adapter + gradients + optimizer {format_bytes(self.adapter_state)}, "
-            f"activations {format_bytes(self.activations)}, logits {format_bytes(self.logits)}"
+            f"activations {format_bytes(self.activations)}, logits {format_bytes(self.logits)}{libraries}"
         )
 
     def to_json(self) -> dict:
