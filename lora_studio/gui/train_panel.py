@@ -91,6 +91,7 @@ class TrainPanel(Panel):
         self.series: dict[str, tuple[list[float], list[float]]] = {}
         self.plot: Any = None
         self._curves: dict[str, Any] = {}
+        self._x_span = 0  # the last step the x axis was set to reach
         self._last_train_point: TrainMetrics | None = None
 
         self.data_edit = QLineEdit()
@@ -370,6 +371,8 @@ class TrainPanel(Panel):
             self.series.clear()
             self._clear_curves()
             self._last_train_point = None
+            self._x_span = 0
+        self._list_baseline(settings.baseline)
         self.result = None
         self.summary_label.setText("")
         self.swap_btn.hide()
@@ -534,9 +537,30 @@ class TrainPanel(Panel):
                 ),
             }
             self._curves = {key: plot.plot([], [], **style) for key, style in styles.items()}
+            # steps are whole numbers: no "(x0.001)" scale on the axis while the run has one point
+            plot.getPlotItem().getAxis("bottom").enableAutoSIPrefix(False)
             self.plot_holder.addWidget(plot)
             self.plot = plot
+            self._list_baseline(False)
         return self.plot
+
+    def _list_baseline(self, shown: bool) -> None:
+        """The baseline's curve in the legend only for a run that has one."""
+        legend = self.plot.getPlotItem().legend if self.plot is not None else None
+        curve = self._curves.get("full:val")
+        if legend is None or curve is None:
+            return
+        listed = legend.getLabel(curve) is not None
+        if shown and not listed:
+            legend.addItem(curve, "full fine-tuning (val.)")
+        elif listed and not shown:
+            legend.removeItem(curve)
+
+    def _span_run(self, total_steps: int) -> None:
+        """The x axis from step 0 to the run's last step, from its first point (the curves grow into it)."""
+        if self.plot is not None and total_steps > 0 and self._x_span != total_steps:
+            self._x_span = total_steps
+            self.plot.setXRange(0, total_steps, padding=0.02)
 
     def _clear_curves(self) -> None:
         for curve in self._curves.values():
@@ -560,6 +584,7 @@ class TrainPanel(Panel):
                 self.warning_label.show()
             if p.train_loss is not None:
                 last = p
+            self._span_run(p.total_steps)
         self._last_train_point = last  # an evaluation that arrives after the last step still updates the line
         for key, curve in self._curves.items():
             xs, ys = self.series.get(key, ([], []))

@@ -44,6 +44,11 @@ def test_train_tab_end_to_end(qtbot, tmp_path, tiny_llama):
     val_x, _ = panel.series["lora:val"]
     assert train_x == list(range(1, 13)) and val_x == [0, 3, 6, 9, 12]
     assert "step 12/12" in panel.stats_label.text()
+    # the chart: the x axis spans the run; no baseline ran, so the legend does not list one
+    x_range = panel.plot.getPlotItem().getViewBox().viewRange()[0]
+    assert x_range[0] <= 0 and 12 <= x_range[1] < 13
+    legend = panel.plot.getPlotItem().legend
+    assert [label.text for _, label in legend.items] == ["training loss", "validation loss"]
     assert f"val {panel.series['lora:val'][1][-1]:.4f}" in panel.stats_label.text()  # the final evaluation's
     assert "Saved" in panel.summary_label.text()
     assert panel.result.adapter.name == "trained"
