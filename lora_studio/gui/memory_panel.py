@@ -187,6 +187,7 @@ class MemoryPanel(QWidget):
         self._curves: dict[str, object] = {}
         self._marker_items: list = []
         self.groups: list[MarkerGroup] = []  # the markers as drawn (merged when close)
+        self._markers_pending = False  # events marked since the chart was last drawn
         if not monitor.sampler.has_gpus:
             self.no_gpu_label.setText(monitor.sampler.gpu_status or "no NVIDIA GPU found")
         else:
@@ -308,6 +309,7 @@ class MemoryPanel(QWidget):
             / GiB
         )
         self._draw_markers(now)
+        self._markers_pending = False
 
     def _set_y_range(self, peak_gib: float) -> None:
         """0 .. the next 1-2-5 step above the peak (with headroom); changed only when that step changes."""
@@ -374,10 +376,15 @@ class MemoryPanel(QWidget):
             self._marker_clock.pop(self.markers[0][0], None)
         self.markers.append((now, text))
         self._marker_clock[now] = time.strftime("%H:%M:%S")
-        self._redraw()
+        # drawn with the next sample (every second), not now: the event usually comes with a job's start or end,
+        # which repaints much of the window already, and a chart redraw in the same turn made that stall longer
+        self._markers_pending = True
 
     def marker_groups(self) -> list[tuple[str, str]]:
-        """(label, tooltip) of each drawn marker, oldest first (what a user sees and reads on hover)."""
+        """(label, tooltip) of each drawn marker, oldest first (what a user sees and reads on hover), the
+        markers of events since the last sample included."""
+        if self._markers_pending:
+            self._redraw()
         return [item.shown for item in self._marker_items[: len(self.groups)]]
 
     def show_release(self, reclaimed: Reclaimed) -> None:
