@@ -206,14 +206,14 @@ def check_build_runs(model: Path, timeout_s: float = 120.0) -> None:
         if known is not None:
             raise known
         return
-    with tempfile.TemporaryFile() as log:
-        child = subprocess.Popen([sys.executable, "-c", _PROBE, str(model)], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            code = child.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-            return  # slow, not dead: let the real run go ahead
+    quiet = subprocess.DEVNULL  # llama.cpp's own chatter; only the exit status says anything here
+    child = subprocess.Popen([sys.executable, "-c", _PROBE, str(model)], stdout=quiet, stderr=quiet)
+    try:
+        code = child.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        return  # slow, not dead: let the real run go ahead
     if code >= 0:
         _build_checked[version] = None
         return

@@ -58,9 +58,13 @@ class TrainingMemory:
         return self.weights + self.adapter_state + self.activations + self.logits
 
     @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
     def host(self) -> int:
         """The RAM the run needs free: the runtime, plus everything on the device when that is the CPU."""
-        return self.runtime + (0 if self.device.startswith("cuda") else self.on_device)
+        return self.runtime + (0 if self.on_gpu else self.on_device)
 
     @property
     def total(self) -> int:
@@ -68,14 +72,15 @@ class TrainingMemory:
         return self.on_device + self.runtime + self.loading
 
     def summary(self) -> str:
-        where = f"on {self.device} (+ {format_bytes(self.host)} RAM)" if self.device.startswith("cuda") else ""
-        needed = self.on_device if where else self.host
-        libraries = "" if where else f", libraries {format_bytes(self.runtime)}"  # on a GPU: the RAM in brackets
-        return (
-            f"needs about {format_bytes(needed)}{' ' + where if where else ''}: weights "
-            f"{format_bytes(self.weights)}, adapter + gradients + optimizer {format_bytes(self.adapter_state)}, "
-            f"activations {format_bytes(self.activations)}, logits {format_bytes(self.logits)}{libraries}"
+        parts = (
+            f"weights {format_bytes(self.weights)}, adapter + gradients + optimizer "
+            f"{format_bytes(self.adapter_state)}, activations {format_bytes(self.activations)}, "
+            f"logits {format_bytes(self.logits)}"
         )
+        if self.on_gpu:  # the libraries are the RAM in brackets
+            where = f"on {self.device} (+ {format_bytes(self.host)} RAM)"
+            return f"needs about {format_bytes(self.on_device)} {where}: {parts}"
+        return f"needs about {format_bytes(self.host)}: {parts}, libraries {format_bytes(self.runtime)}"
 
     def to_json(self) -> dict:
         return {
@@ -141,7 +146,7 @@ def training_memory(
     parts = (weights, adapter, adapter_state, activations, logits, RUNTIME_BYTES, loading)
     memory = TrainingMemory(*parts, device=settings.device, verdict="fits", explanation="")
     free_ram, free_gpu = free_memory(free_ram_bytes)
-    if settings.device.startswith("cuda"):
+    if memory.on_gpu:
         verdict, _where, why = judge(settings.device, memory.on_device, free_ram, free_gpu)
         if verdict == "fits" and memory.host > free_ram:
             verdict = "does_not_fit"
