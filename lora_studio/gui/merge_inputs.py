@@ -109,24 +109,30 @@ class AdapterPicker(QGroupBox):
         self.density.valueChanged.connect(self._changed)
 
     def show_adapters(self, adapters: tuple[tuple[str, str, int], ...], active: str | None) -> None:
-        """One row per (name, path, size); ticks and weights of adapters still attached are kept."""
+        """One row per (name, path, size); the rows of adapters still attached are kept with their ticks and weights
+        (a new row reads its adapter's config, so only new adapters are read)."""
         wanted = [(name, path) for name, path, _ in adapters]
         if wanted == [(r.name, r.path) for r in self.rows]:
             return
+        kept = {(r.name, r.path): r for r in self.rows}
         old = {r.name: (r.check.isChecked(), r.weight) for r in self.rows}
         for r in self.rows:
+            gone = (r.name, r.path) not in wanted
             for w in r.widgets():
                 self.rows_grid.removeWidget(w)
-                w.deleteLater()
+                if gone:
+                    w.deleteLater()
         self.rows = []
         for i, (name, path) in enumerate(wanted):
-            # a combination previewed in Compare is registered with a description, not a folder
-            row = AdapterRow(name, path, Path(path).is_dir())
-            checked, weight = old.get(name, (None, 1.0))
-            row.set_weight(weight)
-            row.check.setChecked(bool(checked))
-            row.check.toggled.connect(self._ticks_changed)
-            row.slider.valueChanged.connect(self._changed)
+            row = kept.get((name, path))
+            if row is None:
+                # a combination previewed in Compare is registered with a description, not a folder
+                row = AdapterRow(name, path, Path(path).is_dir())
+                checked, weight = old.get(name, (None, 1.0))
+                row.set_weight(weight)
+                row.check.setChecked(bool(checked))
+                row.check.toggled.connect(self._ticks_changed)
+                row.slider.valueChanged.connect(self._changed)
             for col, widget in enumerate(row.widgets()):
                 self.rows_grid.addWidget(widget, i, col)
             self.rows.append(row)

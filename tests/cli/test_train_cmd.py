@@ -96,3 +96,24 @@ def test_train_refuses_an_output_over_its_inputs(capsys, tmp_path, tiny_llama):
         code, _, err = run_in_process(capsys, argv)
         assert code == 2 and label in err and "would be replaced" in err and err.count("\n") == 1, err
     assert {p.name: p.read_bytes() for p in base.iterdir()} == before and data.is_file()
+
+
+def test_progress_without_a_terminal_is_plain_lines_after_a_quiet_start(capsys, monkeypatch):
+    """A log file gets a line per stage and one per half minute within a stage; a quick command gets none."""
+    from lora_studio.cli import common
+    from lora_studio.core.tasks import Progress
+
+    clock = [100.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: clock[0])
+    progress = common.stderr_progress()
+    progress(Progress(0, None, "loading the model"))
+    assert capsys.readouterr().err == ""  # the first ten seconds: nothing
+    for t, done in ((111, 1), (112, 2), (125, 3), (142, 4)):
+        clock[0] = t
+        progress(Progress(done, 10, "training", "steps"))
+    clock[0] = 143
+    progress(Progress(0, 3, "saving", "files"))  # a new stage, but 1 s after the last line: not yet
+    clock[0] = 145
+    progress(Progress(1, 3, "saving", "files"))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["training · 1/10 steps (10 %)", "training · 4/10 steps (40 %)", "saving · 1/3 files (33 %)"]

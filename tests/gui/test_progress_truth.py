@@ -77,3 +77,27 @@ def test_long_texts_elide_with_the_full_text_in_the_tooltip(qtbot):
     label.show()
     assert label.text() == "x" * 400 and label.toolTip() == "x" * 400
     assert label.minimumSizeHint().width() == 0  # a long status never widens the window
+
+
+def test_a_busy_bar_says_its_stage_and_moves_a_few_times_a_second(qtbot):
+    """While busy the bar draws its own sliding block (the style's busy animation repainted it 60 times a second)."""
+    bar = job_progress_bar()
+    qtbot.addWidget(bar)
+    bar.resize(400, 24)
+    bar.show()
+    show_progress(bar, Progress(0, None, "training: loading the model"))
+    assert bar.is_busy() and bar.text() == "training: loading the model"  # Qt's own text() is empty while busy
+    painted = []
+    bar.installEventFilter(bar)
+    original = bar.paintEvent
+
+    def counting(event) -> None:
+        painted.append(event)
+        original(event)
+
+    bar.paintEvent = counting
+    qtbot.wait(1000)
+    assert 3 <= len(painted) <= 1000 // bar.BUSY_FRAME_MS + 3, len(painted)
+    show_progress(bar, Progress(1, 4, "training", "steps"))
+    qtbot.wait(bar.BUSY_FRAME_MS * 2)
+    assert not bar.is_busy() and not bar._busy_timer.isActive()

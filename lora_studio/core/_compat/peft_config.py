@@ -10,6 +10,7 @@ from a newer PEFT is still refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from lora_studio.core._compat import ACTIVE
 from lora_studio.core._compat.swap import warn_inactive
@@ -33,6 +34,7 @@ LORA_FIELDS = frozenset({
 # fmt: on
 
 
+@functools.cache  # read once: the metadata lookup scans sys.path (~5 ms), and every adapter config check asks
 def installed_peft_version() -> str | None:
     """The installed PEFT's version from its metadata (does not import peft)."""
     from importlib.metadata import PackageNotFoundError, version

@@ -98,6 +98,9 @@ class StudioCallback(TrainerCallback):
     # -- the hooks -------------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._model = model
+        # "0/N steps" until the first step ends (minutes for a big model on a CPU), not the data's finished count
+        what = "training" if self.record.run == "lora" else "full fine-tuning baseline"
+        self.report(Progress(state.global_step, state.max_steps, what, "steps"))
         return control
 
     def on_step_end(self, args, state, control, **kwargs):

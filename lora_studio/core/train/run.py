@@ -137,6 +137,8 @@ def _train(request: TrainRequest, *, cancel: CancelToken, report: Report, on_met
     cancel.raise_if_cancelled()
     for warning in data.warnings:
         log.warning("training data: %s", warning)
+    init = f" ({settings.init} init)" if settings.init != "default" else ""
+    report(Progress(0, None, f"adding the adapter{init}"))  # OLoRA's QR and PiSSA's SVD of every module take a while
     peft_model = _with_new_adapter(model, settings, request.checkpoints, resume)
     record = _run_trainer(
         peft_model, tokenizer, data, settings, request.checkpoints, resume, "lora", cancel, report, on_metrics
