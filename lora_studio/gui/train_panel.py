@@ -214,19 +214,25 @@ class TrainPanel(Panel):
         folder = QFileDialog.getExistingDirectory(self, "Save the adapter in", self.start_folder("train-out"))
         if folder:
             self.remember_folder("train-out", folder)
-            self.out_edit.setText(str(Path(folder) / self._suggested_name()))
+            self.out_edit.setText(str(self._suggested_out(Path(folder))))
 
-    def _suggested_name(self) -> str:
+    def _suggested_out(self, parent: Path) -> Path:
+        """``parent/<data>-<init>-r<r>``, numbered past the folders an earlier run left there (a run refuses to
+        replace one)."""
         stem = Path(self.data_edit.text()).stem.split(".")[0] or "adapter"
         init = self.form.init.currentData()
-        return f"{stem}-{init}-r{self.form.r.value()}" if init != "default" else f"{stem}-r{self.form.r.value()}"
+        name = f"{stem}-{init}-r{self.form.r.value()}" if init != "default" else f"{stem}-r{self.form.r.value()}"
+        out, n = parent / name, 2
+        while out.exists() or out.with_name(f"{out.name}.checkpoints").exists():
+            out, n = parent / f"{name}-{n}", n + 1
+        return out
 
     def _data_changed(self, _text: str) -> None:
         self.longest_row = None
         default_parent = data_dir() / "trained"
         current = self.out_edit.text()
         if not current or Path(current).parent == default_parent:
-            self.out_edit.setText(str(default_parent / self._suggested_name()))
+            self.out_edit.setText(str(self._suggested_out(default_parent)))
         self._settings_changed()
 
     def _settings_changed(self) -> None:

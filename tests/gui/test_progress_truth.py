@@ -88,7 +88,6 @@ def test_a_busy_bar_says_its_stage_and_moves_a_few_times_a_second(qtbot):
     show_progress(bar, Progress(0, None, "training: loading the model"))
     assert bar.is_busy() and bar.text() == "training: loading the model"  # Qt's own text() is empty while busy
     painted = []
-    bar.installEventFilter(bar)
     original = bar.paintEvent
 
     def counting(event) -> None:

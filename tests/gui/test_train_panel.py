@@ -79,3 +79,19 @@ def test_stop_then_resume_in_the_window(qtbot, tmp_path, tiny_llama):
     assert panel.result.lora.steps == stopped_at + 3
     assert panel.series["lora:train"][0][-1] == stopped_at + 3
     idle(qtbot, window)
+
+
+def test_the_suggested_output_folder_is_one_no_run_has_used(qtbot, tmp_path, data_dir):
+    """A second run of the same settings got the first run's folder, and Train then refused it."""
+    from lora_studio.gui.train_panel import TrainPanel
+
+    window = make_window(qtbot, tmp_path)
+    panel: TrainPanel = window.train_panel
+    data = tmp_path / "pirate.train.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n', "utf-8")
+    parent = tmp_path / "trained"
+    (parent / "pirate-r8").mkdir(parents=True)
+    (parent / "pirate-r8-2.checkpoints").mkdir()
+    panel.data_edit.setText(str(data))
+    assert panel._suggested_out(parent) == parent / "pirate-r8-3"
+    window.shutdown()

@@ -153,6 +153,9 @@ def training_memory(
             why = f"needs {format_bytes(memory.host)} RAM beside the GPU but only {format_bytes(free_ram)} is free"
     else:
         verdict, _where, why = judge(settings.device, memory.host, free_ram, free_gpu)
+    # the summary already says what the run needs; the line adds what is free ("needs X, Y free" said X twice)
+    for needed in (memory.on_device, memory.host):
+        why = why.replace(f"needs {format_bytes(needed)}, ", "").replace(f"needs {format_bytes(needed)} but ", "but ")
     if verdict != "fits":
         why += ": lower the batch size or the max length"
     return replace(memory, verdict=verdict, explanation=why)
