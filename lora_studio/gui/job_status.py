@@ -28,10 +28,6 @@ class JobStatus(QObject):
         # wide enough for "verifying: loading the saved folder: 123/456 tensors"; longer texts elide in the middle
         self.progress.setMinimumWidth(300)
         self.progress.setMaximumWidth(420)
-        # its place kept while hidden: a job's start or end then repaints the bar alone, not the whole status bar
-        policy = self.progress.sizePolicy()
-        policy.setRetainSizeWhenHidden(True)
-        self.progress.setSizePolicy(policy)
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(runner.cancel_current)

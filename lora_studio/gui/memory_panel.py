@@ -192,7 +192,6 @@ class MemoryPanel(QWidget):
         self.groups: list[MarkerGroup] = []  # the markers as drawn (merged when close)
         self._markers_pending = False  # events marked since the chart was last drawn
         self._drawn_at = float("-inf")  # the time of the last sample drawn
-        self._drawn_with_worker = False  # whether a worker's reading was shown then
         if not monitor.sampler.has_gpus:
             self.no_gpu_label.setText(monitor.sampler.gpu_status or "no NVIDIA GPU found")
         else:
@@ -249,9 +248,9 @@ class MemoryPanel(QWidget):
         self.samples.append(sample)
         with_worker = bool(sample.workers_rss_bytes)
         due = sample.time - self._drawn_at >= REDRAW_INTERVAL_S * 0.95  # a sample a little early still counts
-        if not due and with_worker == self._drawn_with_worker:  # a worker that came or went is shown at once
+        if not due and with_worker != self.worker_label.isHidden():  # a worker that came or went is shown at once
             return
-        self._drawn_at, self._drawn_with_worker = sample.time, with_worker
+        self._drawn_at = sample.time
         self.ram_label.setText(process_text(sample))
         self.system_label.setText(system_text(sample))
         self.worker_label.setText(worker_text(sample))

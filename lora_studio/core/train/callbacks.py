@@ -95,24 +95,26 @@ class StudioCallback(TrainerCallback):
                 # seen since, unless none beats this one (then the last weights are kept)
                 self._is_new_best(step, val)
 
+    def _report_steps(self, state) -> None:
+        what = "training" if self.record.run == "lora" else "full fine-tuning baseline"
+        self.report(Progress(state.global_step, state.max_steps, what, "steps"))
+
     # -- the hooks -------------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._model = model
         # "0/N steps" until the first step ends (minutes for a big model on a CPU), not the data's finished count
-        what = "training" if self.record.run == "lora" else "full fine-tuning baseline"
-        self.report(Progress(state.global_step, state.max_steps, what, "steps"))
+        self._report_steps(state)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        step, total = state.global_step, state.max_steps
+        step = state.global_step
         if self._first_step is None:
             self._first_step, self._first_step_time = step, time.monotonic()
             self._first_tokens = getattr(state, "num_input_tokens_seen", 0) or 0
         self.record.steps = step
         self.record.peak_rss_bytes = max(self.record.peak_rss_bytes, self._pid_rss())
         self.record.peak_accelerator_bytes = max(self.record.peak_accelerator_bytes, _accelerator_peak())
-        what = "training" if self.record.run == "lora" else "full fine-tuning baseline"
-        self.report(Progress(step, total, what, "steps"))
+        self._report_steps(state)
         if self.cancel.cancelled:
             control.should_training_stop = True
             control.should_save = self.record.run == "lora"  # a checkpoint to resume from
