@@ -213,7 +213,7 @@ def main() -> int:
     offline_environment()
     os.environ["LORA_STUDIO_DATA_DIR"] = str(tmp / "data")
     _app = QApplication.instance() or QApplication([])  # held: the window needs a living application
-    from lora_studio.gui.main_window import MainWindow
+    from lora_studio.gui.window.main_window import MainWindow
 
     window = MainWindow()
     window.resize(1280, 820)
@@ -261,7 +261,7 @@ def main() -> int:
         gaps.append(gap)
         if gap - TICK_MS > 50:
             into = round(time.monotonic() - step_started[0], 2)
-            status = window.status_label.text()[:80]
+            status = window.job_status.label.text()[:80]
             big.append((current[0], round(gap - TICK_MS, 1), status, round((cpu - last_cpu[0]) * 1000, 1), into))
         by_step[current[0]] = max(by_step.get(current[0], 0.0), round(gap - TICK_MS, 1))
         last[0] = now
@@ -283,18 +283,18 @@ def main() -> int:
         step_started[0] = time.monotonic()
         job = start()
         if job is None:
-            raise SystemExit(f"{name} did not start: {window.status_label.text()}")
+            raise SystemExit(f"{name} did not start: {window.job_status.label.text()}")
         wait_for(window.runner.is_idle)
         if job.state != "finished":
-            raise SystemExit(f"{name} {job.state}: {window.status_label.text()}")
+            raise SystemExit(f"{name} {job.state}: {window.job_status.label.text()}")
         steps[name] = round(time.perf_counter() - t, 2)
 
     step("load", lambda: window.open_base(model))
     step("attach", lambda: window.attach_adapter(adapter))
     window.adapter_panel.select(window.session.state().adapters[0][0])
     wait_for(lambda: window.adapter_panel.inspection is not None)
-    window.adapter_panel.prompt_edit.setText("Tell me about the sea.")
-    window.adapter_panel.max_tokens.setValue(args.tokens)
+    window.adapter_panel.try_it.prompt_edit.setText("Tell me about the sea.")
+    window.adapter_panel.try_it.max_tokens.setValue(args.tokens)
     step("generate", window.adapter_panel.generate)
 
     from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save
@@ -323,8 +323,8 @@ def main() -> int:
     pairs = [("Say hello.", "Hello there."), ("Name a colour.", "Blue."), ("Count to three.", "One, two, three.")]
     rows.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs * 4), "utf-8")
     train.form.set_settings(TrainSettings(r=4, alpha=8.0, max_steps=args.train_steps, batch_size=2, eval_steps=2))
-    train.data_edit.setText(str(rows))
-    train.out_edit.setText(str(tmp / "trained"))
+    train.files.data_edit.setText(str(rows))
+    train.files.out_edit.setText(str(tmp / "trained"))
     wait_for(lambda: not train.start_reason() and window.runner.is_idle())
     # a user reads the estimate before clicking Train: the tab's first showing and the estimate's line are drawn
     # in that pause (their stalls still count in the whole run's figures, not in the train step's)

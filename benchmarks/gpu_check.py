@@ -192,8 +192,8 @@ def window_check(result: dict) -> None:
     from PySide6.QtWidgets import QApplication
 
     app = QApplication.instance() or QApplication([])
-    from lora_studio.gui.main_window import MainWindow
-    from lora_studio.gui.settings import StudioSettings
+    from lora_studio.gui.base.settings import StudioSettings
+    from lora_studio.gui.window.main_window import MainWindow
 
     with tempfile.TemporaryDirectory() as tmp:
         window = MainWindow(settings=StudioSettings(Path(tmp) / "window.ini"))

@@ -71,8 +71,8 @@ def child(args: argparse.Namespace) -> int:
     model, adapter, what = pick_model(args.tiny, tmp)
 
     app = QApplication.instance() or QApplication([])
-    from lora_studio.gui.main_window import MainWindow
-    from lora_studio.gui.settings import StudioSettings
+    from lora_studio.gui.base.settings import StudioSettings
+    from lora_studio.gui.window.main_window import MainWindow
 
     window = MainWindow(settings=StudioSettings(tmp / "window.ini"))
     window.resize(1280, 720)
@@ -98,10 +98,10 @@ def child(args: argparse.Namespace) -> int:
     def step(name: str, start) -> None:
         job = start()
         if job is None:
-            raise RuntimeError(f"{name} did not start: {window.status_label.text()}")
+            raise RuntimeError(f"{name} did not start: {window.job_status.label.text()}")
         wait_for(window.runner.is_idle, name)
         if job.state != "finished":
-            raise RuntimeError(f"{name} ended {job.state}: {window.status_label.text()}")
+            raise RuntimeError(f"{name} ended {job.state}: {window.job_status.label.text()}")
 
     wait_for(lambda: window.memory_panel.plot is not None and window.runner.is_idle(), "the first paint")
     print(json.dumps({"event": "started", "model": what, "platform": app.platformName()}), flush=True)
@@ -127,12 +127,12 @@ def child(args: argparse.Namespace) -> int:
             lambda name=name: ap.inspection is not None and ap.inspection.name == name and window.runner.is_idle(),
             "inspect",
         )
-        ap.prompt_edit.setText("Tell me about the sea.")
-        ap.max_tokens.setValue(args.tokens)
+        ap.try_it.prompt_edit.setText("Tell me about the sea.")
+        ap.try_it.max_tokens.setValue(args.tokens)
         step("try it", ap.generate)
         cp.set_ticked([cp.base_name(), name])
-        cp.prompt_edit.setPlainText("Write one sentence about ships.")
-        cp.max_tokens.setValue(args.tokens)
+        cp.prompt_box.edit.setPlainText("Write one sentence about ships.")
+        cp.decoding.max_tokens.setValue(args.tokens)
         step("compare", cp.run)
         cp.set_chat_mode(True)
         step("chat", lambda: cp.send_chat("Hello! Who are you?"))
@@ -143,18 +143,18 @@ def child(args: argparse.Namespace) -> int:
         ep.set_data_files([data])
         step("evaluate", ep.run)
         wait_for(lambda name=name: rp.plan is not None and rp.plan.name == name and window.runner.is_idle(), "the plan")
-        rp.rank_spin.setValue(1)
+        rp.cut.rank_spin.setValue(1)
         rp.set_data_files([data])
-        rp.out_edit.setText(str(tmp / f"reduced-{cycle}"))
+        rp.cut.out_edit.setText(str(tmp / f"reduced-{cycle}"))
         step("reduce", rp.run)
         for row in mp.rows:
             row.check.setChecked(row.name == name)
-        mp.out_edit.setText(str(merged))
+        mp.output.out_edit.setText(str(merged))
         wait_for(lambda: not mp.start_reason(), "the merge plan")
         step("merge", mp.start_merge)
         fmt = mp.output.format_combo
         fmt.setCurrentIndex(fmt.findData("gguf"))
-        mp.out_edit.setText(str(tmp / "export.q8_0.gguf"))
+        mp.output.out_edit.setText(str(tmp / "export.q8_0.gguf"))
         wait_for(lambda: not mp.start_reason(), "the export plan")
         step("export", mp.start_merge)
         fmt.setCurrentIndex(fmt.findData("hf"))

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Headless Chromium for the test that opens an HTML report (tests/core/test_share.py). Best effort: as root
+# Headless Chromium for the test that opens an HTML report (tests/core/report/test_share.py). Best effort: as root
 # with apt-get it installs Debian's chromium-headless-shell; otherwise it says so and the test is skipped.
 # Never fails the build.
 command -v chromium-headless-shell >/dev/null 2>&1 && exit 0

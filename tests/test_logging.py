@@ -48,7 +48,7 @@ def test_debug_raises_the_level(tmp_path):
 
 
 def test_log_panel_shows_the_file_and_logs_its_lines(qtbot, caplog):
-    from lora_studio.gui.log_panel import LogPanel
+    from lora_studio.gui.docks.log import LogPanel
 
     panel = LogPanel()
     qtbot.addWidget(panel)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from lora_studio.core.system.memory import MemorySampler
-from lora_studio.gui.main_window import MainWindow
-from lora_studio.gui.settings import StudioSettings
+from lora_studio.gui.base.settings import StudioSettings
+from lora_studio.gui.window.main_window import MainWindow
 
 TIMEOUT_MS = 30_000
 

@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.system.memory import format_bytes
-from lora_studio.core.tasks import Progress
+from lora_studio.core.tasks import Progress, Report
+
+if TYPE_CHECKING:
+    from lora_studio.core.model.sources import ModelSource
 
 
-def add_base_argument(parser) -> None:
+class SubParsers(Protocol):
+    """What a subcommand module's ``add_parser(sub)`` gets: ``ArgumentParser.add_subparsers()``'s action."""
+
+    def add_parser(self, name: str, *, help: str | None = ...) -> argparse.ArgumentParser: ...
+
+
+def add_base_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "base", nargs="?", help="model folder, .gguf file, or a repo id in the local Hugging Face cache"
     )
     parser.add_argument("--demo", action="store_true", help="use the embedded demo model (SmolLM2-135M-Instruct)")
 
 
-def add_adapter_argument(parser, help_text: str = "adapter folder, optionally named: NAME=PATH (repeatable)") -> None:
+def add_adapter_argument(
+    parser: argparse.ArgumentParser, help_text: str = "adapter folder, optionally named: NAME=PATH (repeatable)"
+) -> None:
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH", help=help_text)
 
 
@@ -42,7 +55,7 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def resolve_base(args, *, report=None):
+def resolve_base(args: argparse.Namespace, *, report: Report | None = None) -> ModelSource:
     from lora_studio.core.demo import model as demo
     from lora_studio.core.model.sources import resolve_source
 
@@ -134,12 +147,12 @@ class stderr_progress:
             sys.stderr.flush()
 
 
-def print_json(obj) -> None:
+def print_json(obj: object) -> None:
     """One JSON object on stdout; NaN and Infinity (not JSON) are written as null."""
     sys.stdout.write(json.dumps(_finite(obj), indent=None, default=str, allow_nan=False) + "\n")
 
 
-def _finite(obj):
+def _finite(obj: object) -> object:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
@@ -149,7 +162,7 @@ def _finite(obj):
     return obj
 
 
-def human_bytes(n) -> str:
+def human_bytes(n: float | None) -> str:
     """Bytes for people, as the window shows them; '?' when unknown."""
     return "?" if n is None else format_bytes(n)
 

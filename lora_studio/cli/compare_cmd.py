@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from typing import TYPE_CHECKING, Any
 
 from lora_studio.cli.common import (
+    SubParsers,
     add_adapter_argument,
     add_base_argument,
     check_report_path,
@@ -24,8 +26,11 @@ from lora_studio.cli.common import (
 from lora_studio.core.errors import UserError
 from lora_studio.core.model.dtypes import DTYPES
 
+if TYPE_CHECKING:
+    from lora_studio.core.compare import ComparisonResult
 
-def add_parser(sub) -> None:
+
+def add_parser(sub: SubParsers) -> None:
     p = sub.add_parser("compare", help="generate with the base, each adapter and a merged model side by side")
     add_base_argument(p)
     add_adapter_argument(p, "adapter folder to compare, optionally named: NAME=PATH (repeatable)")
@@ -60,7 +65,7 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _prompts(args) -> list[str]:
+def _prompts(args: argparse.Namespace) -> list[str]:
     from lora_studio.core.generation.prompts import load_prompts
 
     if args.prompt is not None and args.prompts_file:
@@ -72,7 +77,7 @@ def _prompts(args) -> list[str]:
     return [args.prompt]
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from lora_studio.core import compare as comparison
     from lora_studio.core.generation.generate import GenerationSettings, validate
     from lora_studio.core.session import Session
@@ -136,7 +141,7 @@ def run(args) -> int:
     return 0
 
 
-def to_json(result) -> dict:
+def to_json(result: ComparisonResult) -> dict[str, Any]:
     """The single-prompt shape {"prompt", "variants", "mixed_batch", "seconds", ...}.
 
     Several prompts go under "prompts".
@@ -154,7 +159,7 @@ def to_json(result) -> dict:
     return {"prompts": [p.to_json() for p in result.prompts], **common}
 
 
-def render(result) -> str:
+def render(result: ComparisonResult) -> str:
     out = []
     how = "one mixed-adapter batch" if result.mixed_batch else f"one at a time ({result.fallback_reason})"
     out.append(f"{len(result.variants)} variants, {how}, {result.seconds:.1f}s")
@@ -169,7 +174,7 @@ def render(result) -> str:
             col = div.column(o.name) if div else None
             out.append("")
             head = f"--- {o.name} ({len(o.token_ids)} tokens)"
-            if col is not None and o.name != div.reference:
+            if div is not None and col is not None and o.name != div.reference:
                 fd = "identical" if col.first_divergence is None else f"differs from token {col.first_divergence}"
                 head += f"  vs {div.reference}: {fd}"
             out.append(head)

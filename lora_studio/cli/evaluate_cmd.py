@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_studio.cli.common import (
+    SubParsers,
     add_adapter_argument,
     add_base_argument,
     check_report_path,
@@ -24,8 +25,11 @@ from lora_studio.cli.common import (
 from lora_studio.core.errors import UserError
 from lora_studio.core.model.dtypes import DTYPES
 
+if TYPE_CHECKING:
+    from lora_studio.core.evaluate.run import Column
 
-def add_parser(sub) -> None:
+
+def add_parser(sub: SubParsers) -> None:
     p = sub.add_parser("evaluate", help="score the base, adapters, merged folders and GGUF files on a dataset")
     add_base_argument(p)
     add_adapter_argument(p, "adapter folder to evaluate, optionally named: NAME=PATH (repeatable)")
@@ -102,7 +106,7 @@ def _scales(specs: list[str]) -> dict[str, float]:
     return out
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from lora_studio.core.compare import Variant, load_beside
     from lora_studio.core.evaluate import datasets
     from lora_studio.core.evaluate.run import GgufVariant, evaluate
@@ -148,7 +152,7 @@ def run(args) -> int:
     try:
         session.load(source, dtype=args.dtype, device_map=args.device_map, report=progress)
         sets = datasets.load_eval_sets(data, session.tokenizer, limit=args.limit)
-        columns: list[Any] = [Variant.base()] if args.base_variant else []
+        columns: list[Column] = [Variant.base()] if args.base_variant else []
         for name, path in adapters:
             session.attach(path, name, report=progress)
             columns.append(Variant.of_adapter(name))

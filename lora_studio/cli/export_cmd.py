@@ -5,10 +5,12 @@ A GGUF for llama.cpp / Ollama, verified in llama.cpp, with a serving bundle besi
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from lora_studio.cli.common import (
+    SubParsers,
     add_adapter_argument,
     add_base_argument,
     human_bytes,
@@ -21,7 +23,7 @@ from lora_studio.cli.common import (
 from lora_studio.core.errors import UserError
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: SubParsers) -> None:
     from lora_studio.core.export import DEFAULT_TYPE, FORMATS, OUTPUT_TYPES
 
     p = sub.add_parser("export", help="export a GGUF (merged, or the adapter alone), verified in llama.cpp")
@@ -45,7 +47,7 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from lora_studio.core.export import ExportRequest, export_gguf, plan_export
 
     specs = parse_adapter_specs(args.adapter)

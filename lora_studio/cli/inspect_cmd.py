@@ -5,7 +5,11 @@ What a base and its adapters are, without loading weights.
 
 from __future__ import annotations
 
+import argparse
+from typing import TYPE_CHECKING
+
 from lora_studio.cli.common import (
+    SubParsers,
     add_adapter_argument,
     add_base_argument,
     human_bytes,
@@ -16,8 +20,11 @@ from lora_studio.cli.common import (
 )
 from lora_studio.core.model.dtypes import DTYPES
 
+if TYPE_CHECKING:
+    from lora_studio.core.report.inspect_report import InspectReport
 
-def add_parser(sub) -> None:
+
+def add_parser(sub: SubParsers) -> None:
     p = sub.add_parser("inspect", help="show a base model and adapters: sizes, memory estimate, ranks, ΔW norms")
     add_base_argument(p)
     add_adapter_argument(p)
@@ -27,7 +34,7 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from lora_studio.core.report.inspect_report import inspect_base_and_adapters
 
     adapters = parse_adapter_specs(args.adapter)
@@ -40,7 +47,7 @@ def run(args) -> int:
     return 0
 
 
-def render(report) -> str:
+def render(report: InspectReport) -> str:
     b = report.estimate
     fp = b.footprint
     out = [

@@ -12,10 +12,20 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 from lora_studio import __version__
 from lora_studio.app_logging import setup_logging
 from lora_studio.core.errors import describe
+
+if TYPE_CHECKING:
+    import signal
+    from collections.abc import Callable
+    from types import FrameType
+    from typing import Any, TypeAlias
+
+    # what signal.signal returns and takes: a handler, SIG_DFL / SIG_IGN, or None (set outside Python)
+    _SignalHandler: TypeAlias = Callable[[int, FrameType | None], Any] | int | None
 
 logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -24,7 +34,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit 2."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         raise SystemExit(EXIT_BAD_INPUT)
 
@@ -104,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, handler)
 
 
-def _interrupt_on_termination() -> dict:
+def _interrupt_on_termination() -> dict[signal.Signals, _SignalHandler]:
     """SIGTERM and SIGHUP end a command the way Ctrl-C does: its outputs' temporary siblings are removed on the way
     out (the default action would kill the process and leave them for the next run to clean)."""
     import signal
@@ -113,15 +123,15 @@ def _interrupt_on_termination() -> dict:
     if threading.current_thread() is not threading.main_thread():
         return {}  # signal handlers can only be set from the main thread (an in-process test runner, say)
 
-    def interrupt(signum, _frame):
+    def interrupt(signum: int, _frame: FrameType | None) -> NoReturn:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     return {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
 
 
-def _open_window(args) -> int:
+def _open_window(args: argparse.Namespace) -> int:
     try:
-        from lora_studio.gui.app import run_app
+        from lora_studio.gui.window.app import run_app
     except ImportError as exc:  # e.g. PySide6 missing or no Qt platform libraries
         sys.stderr.write(
             f"lora-studio: the window cannot start ({exc}); the CLI works: try `lora-studio inspect --demo`\n"

@@ -5,9 +5,12 @@ Merge adapters into the base and save a deployable folder.
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from lora_studio.cli.common import (
+    SubParsers,
     add_adapter_argument,
     add_base_argument,
     human_bytes,
@@ -19,8 +22,11 @@ from lora_studio.cli.common import (
 )
 from lora_studio.core.errors import UserError
 
+if TYPE_CHECKING:
+    from lora_studio.core.merge import AdapterSpec
 
-def add_parser(sub) -> None:
+
+def add_parser(sub: SubParsers) -> None:
     from lora_studio.core.adapters.combinations import COMBINATIONS
     from lora_studio.core.merge import ENGINES
     from lora_studio.core.model.dtypes import DTYPES
@@ -58,7 +64,7 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def parse_weights(text, count: int) -> list[float]:
+def parse_weights(text: str | None, count: int) -> list[float]:
     if text is None:
         return [1.0] * count
     try:
@@ -72,7 +78,7 @@ def parse_weights(text, count: int) -> list[float]:
     return weights
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save
 
     specs = parse_adapter_specs(args.adapter)
@@ -122,7 +128,7 @@ def run(args) -> int:
     return 0
 
 
-def _save_adapter_only(args, adapters) -> int:
+def _save_adapter_only(args: argparse.Namespace, adapters: list[AdapterSpec]) -> int:
     """``--adapter-only``: the combination as an adapter folder (PEFT's save), nothing merged or verified."""
     from lora_studio.core.merge import save_combination
 

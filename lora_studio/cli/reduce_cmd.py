@@ -8,18 +8,20 @@ adapter's gain over the base that is kept.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_studio.cli.common import output_path, print_json, stderr_progress, table
+from lora_studio.cli.common import SubParsers, output_path, print_json, stderr_progress, table
 from lora_studio.core.errors import UserError
 from lora_studio.core.model.dtypes import DTYPES
 
 if TYPE_CHECKING:
-    from lora_studio.core.reduce import ReductionCost
+    from lora_studio.core.reduce import RankPlan, ReducedAdapter, ReductionCost
+    from lora_studio.core.tasks import Report
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: SubParsers) -> None:
     p = sub.add_parser("reduce", help="cut an adapter to a lower rank (truncated SVD) and measure what it costs")
     p.add_argument("adapter", help="the LoRA adapter folder")
     what = p.add_mutually_exclusive_group()
@@ -39,7 +41,7 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from lora_studio.core.reduce import read_plan, reduce_adapter
     from lora_studio.core.session import adapter_name_for
 
@@ -87,7 +89,7 @@ def run(args) -> int:
     return 0
 
 
-def _measure(args, plan, result, progress):
+def _measure(args: argparse.Namespace, plan: RankPlan, result: ReducedAdapter, progress: Report) -> ReductionCost:
     from lora_studio.cli.common import resolve_base
     from lora_studio.core.evaluate import datasets
     from lora_studio.core.reduce import ReductionCost, reduction_cost

@@ -6,16 +6,30 @@ current step and writes a checkpoint to resume from (twice: stop at once).
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lora_studio.cli.common import add_base_argument, output_path, print_json, resolve_base, stderr_progress
+from lora_studio.cli.common import (
+    SubParsers,
+    add_base_argument,
+    output_path,
+    print_json,
+    resolve_base,
+    stderr_progress,
+)
 from lora_studio.core.errors import Cancelled
 from lora_studio.core.tasks import CancelToken
 
+if TYPE_CHECKING:
+    from types import FrameType
 
-def add_parser(sub) -> None:
+    from lora_studio.core.train import TrainRequest, TrainSettings
+
+
+def add_parser(sub: SubParsers) -> None:
     from lora_studio.core.model.dtypes import DTYPES
     from lora_studio.core.train import ADVICE, INIT_METHODS, SCHEDULERS, TrainSettings
 
@@ -68,7 +82,7 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def settings_from(args):
+def settings_from(args: argparse.Namespace) -> TrainSettings:
     from lora_studio.core.train import TrainSettings
 
     return TrainSettings(
@@ -99,7 +113,7 @@ def settings_from(args):
     )
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from lora_studio.core.train import TrainRequest, train_adapter
 
     settings = settings_from(args)
@@ -121,7 +135,8 @@ def run(args) -> int:
     cancel = CancelToken()
     previous = signal.getsignal(signal.SIGINT)
 
-    def stop(_signum, _frame):  # first Ctrl+C: stop after this step, with a checkpoint; second: now
+    # first Ctrl+C: stop after this step, with a checkpoint; second: now
+    def stop(_signum: int, _frame: FrameType | None) -> None:
         if cancel.cancelled:
             raise KeyboardInterrupt
         cancel.cancel()
@@ -168,7 +183,7 @@ def run(args) -> int:
     return 0
 
 
-def _export(args, request) -> int:
+def _export(args: argparse.Namespace, request: TrainRequest) -> int:
     from lora_studio.core.train.script import export_script
 
     exported = export_script(request, Path(args.export_script), gpus=args.gpus, overwrite=args.overwrite)

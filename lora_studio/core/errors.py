@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import traceback
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # How an error is shown: a user's mistake, a stop on request, memory ran out, or a bug.
 ErrorKind = Literal["user", "cancelled", "oom", "internal"]
@@ -29,7 +32,7 @@ class UserError(StudioError):
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[..., UserError], tuple[type[UserError], str, str, dict[str, Any]]]:
         # the hint and a subclass's own fields survive pickling (a job in a worker process raises them here)
         return _rebuild_user_error, (type(self), self.message, self.hint, dict(self.__dict__))
 

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 class VocabularyMismatch(UserError):
     """The adapter was trained on a resized vocabulary (added tokens): the base can be resized to match."""
 
-    def __init__(self, message: str, hint: str, *, adapter_vocab: int, base_vocab: int, adapter_has_tokenizer: bool):
+    def __init__(
+        self, message: str, hint: str, *, adapter_vocab: int, base_vocab: int, adapter_has_tokenizer: bool
+    ) -> None:
         super().__init__(message, hint)
         self.adapter_vocab = adapter_vocab
         self.base_vocab = base_vocab
@@ -87,7 +89,7 @@ def _embedding_shape(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] |
     return None
 
 
-def _fmt(in_f, out_f) -> str:
+def _fmt(in_f: int, out_f: int) -> str:
     return f"in={in_f},out={out_f}"
 
 
@@ -224,7 +226,13 @@ VOCAB_PARAMS = (
 )
 
 
-def _check_vocabulary(folder: Path, shapes, lay, base_shapes, base_label: str) -> None:
+def _check_vocabulary(
+    folder: Path,
+    shapes: Mapping[str, tuple[int, ...]],
+    lay: adapter_files.AdapterLayout,
+    base_shapes: Mapping[str, tuple[int, ...]],
+    base_label: str,
+) -> None:
     """Spot an adapter trained with added tokens: its embedding rows outnumber the base's vocabulary."""
     base_vocab = _embedding_shape(base_shapes)
     if base_vocab is None:

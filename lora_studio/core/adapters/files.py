@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from lora_studio.core._compat.peft_config import unknown_config_keys
 from lora_studio.core.errors import UserError
@@ -81,7 +81,7 @@ class AdapterConfig:
         return str(v)
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
     # Same rule as PEFT: a pattern key matches the module name or a dotted suffix of it.
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -98,7 +98,7 @@ def _peft_type_names() -> set[str]:
         return set()
 
 
-def _is_default(value) -> bool:
+def _is_default(value: object) -> bool:
     return value in (None, False, {}, [], "", 0)
 
 
@@ -181,10 +181,12 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
     )
 
 
+_Number = TypeVar("_Number", int, float)
+
 MAX_RANK = 1 << 16  # far above any real adapter; a bigger r is a damaged or hostile config
 
 
-def _rank(value, what: str) -> int:
+def _rank(value: object, what: str) -> int:
     """A rank as PEFT reads it: a positive whole number (not a bool, a float or a string)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise UserError(
@@ -197,7 +199,7 @@ def _rank(value, what: str) -> int:
     return value
 
 
-def _alpha(value, what: str) -> float:
+def _alpha(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{what} is {value!r}; r and lora_alpha must be numbers", "fix or re-save the adapter")
     if not math.isfinite(value):
@@ -205,13 +207,13 @@ def _alpha(value, what: str) -> float:
     return float(value)
 
 
-def _pattern(value, what: str, check) -> dict:
+def _pattern(value: object, what: str, check: Callable[[object, str], _Number]) -> dict[str, _Number]:
     """rank_pattern / alpha_pattern: an object of regular expressions to numbers, each checked."""
     if value in (None, {}):
         return {}
     if not isinstance(value, dict):
         raise UserError(f"{what} is not an object of module patterns", "fix or re-save the adapter")
-    out = {}
+    out: dict[str, _Number] = {}
     for key, number in value.items():
         try:
             re.compile(rf"(.*\.)?({key})$")

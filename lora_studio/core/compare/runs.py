@@ -42,8 +42,14 @@ from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedTokenizerBase
 
+    from lora_studio.core.generation.generate import CausalLM
     from lora_studio.core.session import Session
+
+    # what a generating run calls: a new token of (prompt row, variant); a decoding step done
+    Emit = Callable[[int, str, int], None]
+    Tick = Callable[[], None]
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 MAX_BATCH_ROWS = 16
@@ -291,7 +297,7 @@ def generate_variants(
 
 
 def _validate(
-    session, variants: list[Variant], prompts: list[str], settings: GenerationSettings, reference: str | None
+    session: Session, variants: list[Variant], prompts: list[str], settings: GenerationSettings, reference: str | None
 ) -> None:
     session.require_loaded()
     if not variants:
@@ -377,7 +383,18 @@ class _MixRefused(Exception):
     pass
 
 
-def _run_mixed(session, variants, rows, count, settings, max_batch_rows, cancel, emit, tick, outputs) -> None:
+def _run_mixed(
+    session: Session,
+    variants: Sequence[Variant],
+    rows: dict[tuple[int, str], list[int]],
+    count: int,
+    settings: GenerationSettings,
+    max_batch_rows: int,
+    cancel: CancelToken,
+    emit: Emit,
+    tick: Tick,
+    outputs: dict[tuple[int, str], list[int]],
+) -> None:
     """Variant-major rows, prompts chunked so that a batch has at most ``max_batch_rows`` rows."""
     per_chunk = max(1, max_batch_rows // len(variants))
     with session.mixed_batch_selected() as model:  # a disabled model ignores adapter_names
@@ -385,7 +402,7 @@ def _run_mixed(session, variants, rows, count, settings, max_batch_rows, cancel,
             cancel.raise_if_cancelled()
             chunk = list(range(start, min(count, start + per_chunk)))
             keys = [(i, v.name) for v in variants for i in chunk]
-            names = [v.adapter if v.kind == "adapter" else BASE for v in variants for _ in chunk]
+            names = [_batch_name(v) for v in variants for _ in chunk]
             with contiguous_sub_batches(names):
                 new = _run_rows(
                     model,
@@ -404,11 +421,21 @@ def _run_mixed(session, variants, rows, count, settings, max_batch_rows, cancel,
 
 
 def _run_rows(
-    model, tokenizer, rows, settings, cancel, keys, emit, tick, *, model_kwargs=None, refusable=False
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[list[int]],
+    settings: GenerationSettings,
+    cancel: CancelToken,
+    keys: list[tuple[int, str]],
+    emit: Emit,
+    tick: Tick,
+    *,
+    model_kwargs: dict[str, Any] | None = None,
+    refusable: bool = False,
 ) -> list[list[int]]:
     started = [False]
 
-    def on_step(step):
+    def on_step(step: list[int | None]) -> None:
         started[0] = True
         for key, tok in zip(keys, step, strict=True):
             if tok is not None:
@@ -431,6 +458,14 @@ def _beside(variant: Variant) -> BesideModel:
     return variant.beside
 
 
+def _batch_name(variant: Variant) -> str:
+    """The name a variant's rows carry in a mixed batch: its adapter, or PEFT's name for the base."""
+    if variant.kind != "adapter":
+        return BASE
+    assert variant.adapter is not None, variant.name  # ``Variant.of_adapter`` always names one
+    return variant.adapter
+
+
 def _adapter_of(variant: Variant) -> str | None:
     """What the session selects for a sequential run of ``variant``: its adapter, or None (the base)."""
     return variant.adapter if variant.kind == "adapter" else None
@@ -440,7 +475,12 @@ def _adapter_of(variant: Variant) -> str | None:
 
 
 def _teacher_forced(
-    session, variants, prompt_ids, continuation, reference, mixed_ok
+    session: Session,
+    variants: Sequence[Variant],
+    prompt_ids: Sequence[int],
+    continuation: Sequence[int],
+    reference: str,
+    mixed_ok: bool,
 ) -> dict[str, divergence.TokenScores]:
     """Each variant's logits over ``continuation`` given the prompt; scores against the reference's."""
     import torch
@@ -463,7 +503,7 @@ def _teacher_forced(
     on_session = [v for v in variants if v.on_session]
     if on_session:
         if mixed_ok:
-            names = [v.adapter if v.kind == "adapter" else BASE for v in on_session]
+            names = [_batch_name(v) for v in on_session]
             with session.mixed_batch_selected() as model, contiguous_sub_batches(names):
                 out = forward(model, len(on_session), adapter_names=names)
             for v, row in zip(on_session, out, strict=True):

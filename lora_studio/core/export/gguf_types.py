@@ -26,9 +26,12 @@ Within both: "pass"; within twice the KL and 10 points less agreement: "warn"; e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from lora_studio.core.errors import UserError
+
+if TYPE_CHECKING:
+    import gguf
 
 Writer = Literal["python", "llama.cpp"]
 
@@ -71,7 +74,7 @@ def output_type(name: str) -> OutputType:
         raise UserError(f"unknown GGUF type {name!r}", f"choose one of {', '.join(OUTPUT_TYPES)}") from None
 
 
-def ggml_type(name: str):
+def ggml_type(name: str) -> gguf.GGMLQuantizationType:
     """gguf's GGMLQuantizationType for a type the Python path writes."""
     import gguf
 

@@ -31,8 +31,12 @@ from lora_studio.core.model.config import tied_embeddings
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 if TYPE_CHECKING:
+    import gguf
     import numpy as np
+    import torch
     from transformers import PreTrainedTokenizerBase
+
+    from lora_studio.core.io.safetensors_format import FileSlice
 
 WRITING_STAGE = "writing GGUF tensor"
 QUANTISE_ROWS = 256  # rows per quantisation piece (its float32 temporaries: a few MB)
@@ -143,7 +147,7 @@ def converted_pieces(source: Any, planned: PlannedTensor, threads: int = 1) -> I
     yield from _row_pieces(tensor, planned.qtype, threads)
 
 
-def _float(tensor):
+def _float(tensor: torch.Tensor) -> torch.Tensor:
     import torch
 
     return tensor if tensor.dtype in (torch.float16, torch.float32) else tensor.to(torch.float32)
@@ -153,14 +157,14 @@ def _block_rows(threads: int) -> int:
     return QUANTISE_ROWS * max(1, threads) * 4  # rows converted to float32 at once: a few pieces per thread
 
 
-def _row_pieces(tensor, qtype: Any, threads: int) -> Iterator[np.ndarray]:
+def _row_pieces(tensor: torch.Tensor, qtype: Any, threads: int) -> Iterator[np.ndarray]:
     step = _block_rows(threads)
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for i in range(0, tensor.shape[0], step):
             yield from _quantised_pieces(_float(tensor[i : i + step]).numpy(), qtype, pool)
 
 
-def _slice_pieces(source, planned: PlannedTensor, threads: int) -> Iterator[np.ndarray]:
+def _slice_pieces(source: FileSlice, planned: PlannedTensor, threads: int) -> Iterator[np.ndarray]:
     """An untouched tensor read from its shard a block of rows at a time (no whole copy in memory)."""
     rows = source.shape[0]
     step = _block_rows(threads)
@@ -168,7 +172,7 @@ def _slice_pieces(source, planned: PlannedTensor, threads: int) -> Iterator[np.n
         yield from _row_pieces(_read_rows(source, i, min(step, rows - i)), planned.qtype, threads)
 
 
-def _read_rows(source, start: int, count: int):
+def _read_rows(source: FileSlice, start: int, count: int) -> torch.Tensor:
     """Rows ``start`` .. ``start + count`` of a FileSlice, read with the checkpoint reader's ``pread_exact``."""
     import torch
 
@@ -188,7 +192,7 @@ def _read_rows(source, start: int, count: int):
     return torch.frombuffer(buffer, dtype=torch_dtype(source.dtype)).view(rows.shape)
 
 
-def add_general(writer, arch: Architecture, name: str, type_name: str) -> None:
+def add_general(writer: gguf.GGUFWriter, arch: Architecture, name: str, type_name: str) -> None:
     import gguf
 
     writer.add_type(gguf.GGUFType.MODEL)
@@ -267,12 +271,12 @@ def _byte_shape(p: PlannedTensor) -> tuple[int, ...]:
     return (*p.shape[:-1], p.nbytes // max(1, math.prod(p.shape[:-1])))
 
 
-def _numpy_dtype(qtype: Any):
+def _numpy_dtype(qtype: Any) -> np.dtype[Any]:
     import gguf
     import numpy as np
 
     if qtype == gguf.GGMLQuantizationType.F32:
-        return np.float32
+        return np.dtype(np.float32)
     if qtype == gguf.GGMLQuantizationType.F16:
-        return np.float16
-    return np.uint8
+        return np.dtype(np.float16)
+    return np.dtype(np.uint8)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,6 +42,8 @@ from lora_studio.core.system.memory import format_bytes
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from lora_studio.core.session import Session
 
 Format = Literal["gguf", "gguf-lora"]
@@ -293,7 +295,15 @@ def export_gguf(
     )
 
 
-def _write_merged(request: ExportRequest, arch: Architecture, tokenizer, plan: ExportPlan, tmp: Path, cancel, report):
+def _write_merged(
+    request: ExportRequest,
+    arch: Architecture,
+    tokenizer: PreTrainedTokenizerBase,
+    plan: ExportPlan,
+    tmp: Path,
+    cancel: CancelToken,
+    report: Report,
+) -> VocabSummary:
     """The merged GGUF into ``tmp``; a K-quant through an f16 (bf16 for a bf16 base) file and llama.cpp's quantiser."""
     dtype = base_dtype(request.source)
     quantiser = output_type(plan.type).writer == "llama.cpp"
@@ -329,7 +339,14 @@ def _model_name(request: ExportRequest) -> str:
 
 
 def _verify(
-    request: ExportRequest, arch: Architecture, tokenizer, type_name: str, gguf: Path, session, cancel, report
+    request: ExportRequest,
+    arch: Architecture,
+    tokenizer: PreTrainedTokenizerBase,
+    type_name: str,
+    gguf: Path,
+    session: Session | None,
+    cancel: CancelToken,
+    report: Report,
 ) -> export_verify.GgufVerification:
     if not request.verify:
         return export_verify.skipped(type_name, "not asked (--no-verify)")
@@ -365,7 +382,9 @@ def _verify(
     )
 
 
-def _reference(request: ExportRequest, session, cancel, report) -> merge_verify.Reference:
+def _reference(
+    request: ExportRequest, session: Session | None, cancel: CancelToken, report: Report
+) -> merge_verify.Reference:
     """The adapter model's greedy continuations (the session's model when given, else loaded for the job)."""
     from lora_studio.core.session import Session, release_memory
 
@@ -390,7 +409,14 @@ def _reference(request: ExportRequest, session, cancel, report) -> merge_verify.
 
 
 @contextmanager
-def _temporary_base(request: ExportRequest, arch: Architecture, tokenizer, beside: Path, cancel, report):
+def _temporary_base(
+    request: ExportRequest,
+    arch: Architecture,
+    tokenizer: PreTrainedTokenizerBase,
+    beside: Path,
+    cancel: CancelToken,
+    report: Report,
+) -> Iterator[Path]:
     """A base GGUF (f16) written beside the adapter GGUF just to verify it on, removed afterwards."""
     path = beside.with_name(beside.name + ".base-f16")
     dtype = base_dtype(request.source)
@@ -428,7 +454,7 @@ def _file_type_name(path: Path) -> str | None:
     return {llama_file_type(name): name for name in OUTPUT_TYPES}.get(value)
 
 
-def export_card(request: ExportRequest, type_name: str, out: Path, verification) -> str:
+def export_card(request: ExportRequest, type_name: str, out: Path, verification: export_verify.GgufVerification) -> str:
     """What the file is and how it was proven: the bundle's README and the window's summary."""
     badge = verification.status.upper()
     lines = [

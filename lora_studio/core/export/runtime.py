@@ -27,6 +27,7 @@ from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 if TYPE_CHECKING:
+    import llama_cpp
     import numpy as np
 
 logger = logging.getLogger(__name__)
@@ -297,10 +298,12 @@ class GgufRunner:
     def eos(self) -> int:
         return int(self.llm.token_eos())
 
-    def _vocab(self):
+    def _vocab(self) -> llama_cpp.llama_vocab_p:
         import llama_cpp
 
-        return llama_cpp.llama_model_get_vocab(self.llm.model)  # the C API's vocabulary of the loaded model
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)  # the C API's vocabulary of the loaded model
+        assert vocab is not None  # a loaded model has one
+        return vocab
 
     def is_end_of_generation(self, token: int) -> bool:
         import llama_cpp

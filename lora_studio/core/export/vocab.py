@@ -105,7 +105,7 @@ def add_vocab(
     return replace(summary, chat_template=special.chat_template is not None)
 
 
-def _add_gpt2(writer, tokenizer, spec: dict, vocab_size: int) -> VocabSummary:
+def _add_gpt2(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, spec: dict, vocab_size: int) -> VocabSummary:
     """``get_vocab_base`` of llama.cpp's converter: every id up to the config's vocab size, with its type."""
     pre = pre_tokenizer_name(tokenizer, spec)
     vocab = tokenizer.get_vocab()
@@ -129,7 +129,9 @@ def _add_gpt2(writer, tokenizer, spec: dict, vocab_size: int) -> VocabSummary:
         if token in added:
             # llama.cpp takes control and user-defined tokens as already normalised
             if not decoder[i].normalized:
-                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+                normalised = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+                assert isinstance(normalised, str)  # one sequence of ids decodes to one string
+                token = normalised
             if decoder[i].special or _looks_special(token):
                 kind = CONTROL
             else:
@@ -152,7 +154,7 @@ def _looks_special(token: str) -> bool:
     )
 
 
-def _add_llama_hf(writer, folder: Path) -> VocabSummary:
+def _add_llama_hf(writer: gguf.GGUFWriter, folder: Path) -> VocabSummary:
     import gguf
 
     vocab = gguf.LlamaHfVocab(Path(folder))

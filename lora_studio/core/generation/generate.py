@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.generation.chat_template import chat_ids
@@ -92,7 +92,7 @@ class _StopOnCancel:
     def __init__(self, cancel: CancelToken) -> None:
         self.cancel = cancel
 
-    def __call__(self, input_ids, scores, **kwargs):
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         import torch
 
         return torch.full((input_ids.shape[0],), self.cancel.cancelled, dtype=torch.bool, device=input_ids.device)
@@ -144,7 +144,7 @@ class TextStream:
     stream has ended, ``flush`` returns what is still held back, so the deltas add up to the decoded text.
     """
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._tokenizer = tokenizer
         self._tokens: list[int] = []
         self._line_start = 0  # decode from here (the start of the current line) to keep decoding cheap
@@ -153,7 +153,7 @@ class TextStream:
 
     def push(self, tok: int) -> str:
         self._tokens.append(tok)
-        text = self._tokenizer.decode(self._tokens[self._line_start :], skip_special_tokens=True)
+        text = self._decode(self._tokens[self._line_start :])
         if text.endswith("\ufffd"):
             return ""
         delta = text[self._printed :]
@@ -166,11 +166,16 @@ class TextStream:
 
     def flush(self) -> str:
         """What is still held back once the stream has ended."""
-        full = self._tokenizer.decode(self._tokens, skip_special_tokens=True)
+        full = self._decode(self._tokens)
         emitted = "".join(self._emitted)
         rest = full[len(emitted) :] if full.startswith(emitted) else ""
         self._emitted.append(rest)
         return rest
+
+    def _decode(self, ids: list[int]) -> str:
+        text = self._tokenizer.decode(ids, skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence of ids decodes to one string
+        return text
 
 
 @dataclass(frozen=True)
@@ -286,7 +291,7 @@ class _BatchStreamer:
         pass
 
 
-def _small_batch_linear(module, x):
+def _small_batch_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     import torch
 
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -308,11 +313,11 @@ class _small_batch_linears:
     one-row run is bit-for-bit what it is without this. Restored on exit.
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model: CausalLM) -> None:
         self._model = model
-        self._patched: list = []
+        self._patched: list[torch.nn.Linear] = []
 
-    def __enter__(self):
+    def __enter__(self) -> _small_batch_linears:
         import functools
 
         import torch
@@ -324,11 +329,12 @@ class _small_batch_linears:
                 and module.weight.device.type == "cpu"
                 and module.weight.dtype == torch.float32
             ):
-                module.forward = functools.partial(_small_batch_linear, module)
+                # an instance attribute, as ``module.forward = ...`` sets it (and as __exit__ removes it)
+                module.__dict__["forward"] = functools.partial(_small_batch_linear, module)
                 self._patched.append(module)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for module in self._patched:
             module.__dict__.pop("forward", None)
         self._patched.clear()

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     import torch
     from typing_extensions import Buffer
 
+    # what a tensor stream yields: a name and its tensor (or a slice of a file to copy)
+    NamedTensor = tuple[str, torch.Tensor | FileSlice]
+
 
 _WRITEBACK: Any = None  # None: not looked up yet; False: unavailable; else libc's sync_file_range
 
@@ -54,7 +57,7 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
         )  # SYNC_FILE_RANGE_WRITE: start writeback, do not wait; errors surface at fsync
 
 
-def _write_all(fd: int, data) -> int:
+def _write_all(fd: int, data: Buffer) -> int:
     view = memoryview(data).cast("B")
     done = 0
     while done < len(view):
@@ -160,7 +163,7 @@ class _DirectAppender:
         self._fill = 0
 
 
-def _pwrite_all(fd: int, data, offset: int) -> None:
+def _pwrite_all(fd: int, data: Buffer, offset: int) -> None:
     view = memoryview(data)
     done = 0
     while done < len(view):
@@ -213,7 +216,7 @@ class ShardWriter:
         plan: Mapping[str, tuple[str, tuple[int, ...]]],
         metadata: dict | None = None,
         direct: bool = False,
-    ):
+    ) -> None:
         self.path = Path(path)
         self._order = list(plan)
         header: dict = {}
@@ -272,7 +275,8 @@ class ShardWriter:
                     f"ShardWriter: {name} is {st_dtype(tensor.dtype)}{tuple(tensor.shape)}, planned {dtype}{shape}"
                 )
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
-            n = self._append(data) if data.nbytes else 0
+            # numpy's stubs give ndarray the buffer protocol (__buffer__) only for Python >= 3.12
+            n = self._append(data) if data.nbytes else 0  # type: ignore[arg-type]
         self._pos += n
         self._next += 1
         if self._direct is None and self._pos - self._flushed >= 8 * 1024**2:
@@ -280,7 +284,7 @@ class ShardWriter:
             self._flushed = self._pos
         return n
 
-    def _append(self, data) -> int:
+    def _append(self, data: Buffer) -> int:
         if self._direct is not None:
             return self._direct.append(data)
         return _write_all(self._open_fd(), data)
@@ -397,7 +401,7 @@ def write_state_dict(
     return paths
 
 
-def _next_in_order(it, expected: str):
+def _next_in_order(it: Iterator[NamedTensor], expected: str) -> NamedTensor:
     try:
         got_name, tensor = next(it)
     except StopIteration:
@@ -412,13 +416,20 @@ class _WriterStopped(Exception):
 
 
 def _write_shards_in_background(
-    folder: Path, shards: list[dict], names: list[str], meta: dict, it, on_tensor, direct: bool
-):
+    folder: Path,
+    shards: list[dict[str, tuple[str, tuple[int, ...]]]],
+    names: list[str],
+    meta: dict,
+    it: Iterator[NamedTensor],
+    on_tensor: Callable[[str, int], None] | None,
+    direct: bool,
+) -> tuple[list[Path], int]:
     import queue
     import threading
 
-    todo: queue.Queue = queue.Queue()  # (name, tensor), or None: stop
-    written: queue.Queue = queue.Queue()  # (name, nbytes) per tensor written, then ("", paths); or an exception
+    todo: queue.Queue[NamedTensor | None] = queue.Queue()  # (name, tensor), or None: stop
+    # (name, nbytes) per tensor written, then ("", None); or an exception
+    written: queue.Queue[tuple[str, int | None] | BaseException] = queue.Queue()
     paths: list[Path] = []
 
     def run() -> None:

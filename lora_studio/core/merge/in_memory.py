@@ -22,19 +22,20 @@ if TYPE_CHECKING:
     import torch
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper, TrainableTokensWrapper
 
     # Where an output tensor comes from: a LoRA layer's merged "weight"/"bias", or a tensor saved as it is.
     _Entry = tuple[Literal["lora"], LoraLayer, str] | tuple[Literal["tensor"], torch.Tensor, None]
 
 
-def _wrapper_types():
+def _wrapper_types() -> tuple[type[LoraLayer], type[ModulesToSaveWrapper], type[TrainableTokensWrapper] | tuple[()]]:
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
     try:
         from peft.utils import TrainableTokensWrapper
     except ImportError:  # pragma: no cover - older PEFT
-        TrainableTokensWrapper = ()
+        return LoraLayer, ModulesToSaveWrapper, ()
     return LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper
 
 

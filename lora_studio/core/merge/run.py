@@ -21,7 +21,7 @@ and the result recorded in its README.md model card.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +41,9 @@ from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 if TYPE_CHECKING:
+    import torch
+
+    from lora_studio.core.io.safetensors_format import FileSlice
     from lora_studio.core.session import Session
 
 COMBINED_NAME = "lora_studio_combined"  # the weighted combination a merge builds on a session, for the job only
@@ -135,7 +138,15 @@ def merge_and_save(
     )
 
 
-def _run_streaming(source, adapter: AdapterSpec, dtype, tmp: Path, options: MergeOptions, cancel, report):
+def _run_streaming(
+    source: ModelSource,
+    adapter: AdapterSpec,
+    dtype: str,
+    tmp: Path,
+    options: MergeOptions,
+    cancel: CancelToken,
+    report: Report,
+) -> tuple[list[str], int]:
     import torch
 
     from lora_studio.core.merge.streaming import load_streaming_adapter, stream_merged_tensors, stream_plan
@@ -148,13 +159,14 @@ def _run_streaming(source, adapter: AdapterSpec, dtype, tmp: Path, options: Merg
     targeted = set(loaded.updates)
     check = dtype == "float16"
 
-    def checked():
+    def checked() -> Iterator[tuple[str, torch.Tensor | FileSlice]]:
         for name, t in stream_merged_tensors(
             sp, loaded, dtype, cancel=cancel, reuse_buffers=True, ring=2, file_slices=True
         ):
             # fp16 can overflow where the float32 sum did not: never write Inf silently
-            # (bfloat16 and float32 share float32's range: a finite base plus a finite update stays finite)
-            if check and name in targeted and not bool(torch.isfinite(t).all()):
+            # (bfloat16 and float32 share float32's range: a finite base plus a finite update stays finite);
+            # a targeted tensor is merged, so it comes as a tensor (only untouched ones come as FileSlices)
+            if check and name in targeted and isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()):
                 raise UserError(
                     f"merging {adapter.name} puts NaN/Inf into {name} in {dtype}",
                     "merge in bfloat16 or float32 instead",
@@ -168,12 +180,20 @@ def _run_streaming(source, adapter: AdapterSpec, dtype, tmp: Path, options: Merg
     return _write(tmp, checked(), sp.out_plan, options, report, background=True, direct=True)
 
 
-def _write(tmp: Path, tensors, out_plan, options: MergeOptions, report, background: bool = False, direct: bool = False):
+def _write(
+    tmp: Path,
+    tensors: Iterator[tuple[str, torch.Tensor | FileSlice]],
+    out_plan: dict[str, tuple[str, tuple[int, ...]]],
+    options: MergeOptions,
+    report: Report,
+    background: bool = False,
+    direct: bool = False,
+) -> tuple[list[str], int]:
     total = sum(DTYPE_SIZES[d] * _numel(s) for d, s in out_plan.values())
     count = len(out_plan)
     state = {"bytes": 0, "tensors": 0}
 
-    def on_tensor(name, n):
+    def on_tensor(name: str, n: int) -> None:
         state["bytes"] += n
         state["tensors"] += 1
         report(Progress(state["bytes"], total, f"merging tensor {state['tensors']}/{count}", "bytes"))
@@ -192,7 +212,7 @@ def _write(tmp: Path, tensors, out_plan, options: MergeOptions, report, backgrou
     return [p.name for p in paths], state["bytes"]
 
 
-def _numel(shape) -> int:
+def _numel(shape: Sequence[int]) -> int:
     n = 1
     for d in shape:
         n *= d
@@ -208,7 +228,14 @@ def _verifying(report: Report) -> Report:
     return prefixed
 
 
-def _load_session(source, adapters: Sequence[AdapterSpec], dtype, cancel, report, resize: bool = False) -> Session:
+def _load_session(
+    source: ModelSource,
+    adapters: Sequence[AdapterSpec],
+    dtype: str,
+    cancel: CancelToken,
+    report: Report,
+    resize: bool = False,
+) -> Session:
     from lora_studio.core.session import Session
 
     session = Session()
@@ -241,7 +268,9 @@ def _select_adapter(
     return name
 
 
-def _run_in_memory(session: Session, name: str, dtype, tmp: Path, options: MergeOptions, cancel, report):
+def _run_in_memory(
+    session: Session, name: str, dtype: str, tmp: Path, options: MergeOptions, cancel: CancelToken, report: Report
+) -> tuple[list[str], int]:
     from lora_studio.core.merge.in_memory import InMemoryPlan
 
     with session.lock:
@@ -250,7 +279,14 @@ def _run_in_memory(session: Session, name: str, dtype, tmp: Path, options: Merge
 
 
 def _verify(
-    source, adapters, options: MergeOptions, dtype, tmp: Path, session: Session | None, cancel, report
+    source: ModelSource,
+    adapters: Sequence[AdapterSpec],
+    options: MergeOptions,
+    dtype: str,
+    tmp: Path,
+    session: Session | None,
+    cancel: CancelToken,
+    report: Report,
 ) -> verification_mod.Verification:
     """Reference outputs from the adapter model, then the saved folder loaded plainly and compared."""
     from lora_studio.core.session import release_memory

@@ -164,7 +164,7 @@ def load_streaming_adapter(
     return out
 
 
-def _check_update_shape(delta, weight) -> None:
+def _check_update_shape(delta: torch.Tensor, weight: torch.Tensor) -> None:
     if delta.shape != weight.shape:
         raise UserError(
             f"the adapter's update has shape {tuple(delta.shape)} but the base weight has {tuple(weight.shape)}",
@@ -264,8 +264,9 @@ class _Scratch:
         return flat[:n].view(shape)
 
 
-def _pread_into(fd: int, info: TensorInfo, path: Path, out_bytes) -> None:
-    pread_exact(fd, out_bytes.numpy(), info, path)
+def _pread_into(fd: int, info: TensorInfo, path: Path, out_bytes: torch.Tensor) -> None:
+    # numpy's stubs give ndarray the buffer protocol (__buffer__) only for Python >= 3.12
+    pread_exact(fd, out_bytes.numpy(), info, path)  # type: ignore[arg-type]
 
 
 # Row blocks for the merge arithmetic: each block's float32 update (~2 MB) stays in the CPU caches
@@ -291,7 +292,7 @@ def _row_blocks(m: int, n: int) -> list[tuple[int, int]] | None:
     return [(s, starts[i + 1] if i + 1 < len(starts) else m) for i, s in enumerate(starts)]
 
 
-def _blocking_is_exact(scratch: _Scratch, a, b, blocks: list[tuple[int, int]]) -> bool:
+def _blocking_is_exact(scratch: _Scratch, a: torch.Tensor, b: torch.Tensor, blocks: list[tuple[int, int]]) -> bool:
     """Does ``B[rows] @ A``, block by block, give exactly the rows of PEFT's whole ``B @ A`` here?
 
     It does with the BLAS builds we know (a rank-r product sums r terms in the same order whatever
@@ -317,7 +318,15 @@ def _blocking_is_exact(scratch: _Scratch, a, b, blocks: list[tuple[int, int]]) -
     return exact
 
 
-def _merged_into(scratch: _Scratch, weight, a, b, scaling: float, fan_in_fan_out: bool, slot: int = 0):
+def _merged_into(
+    scratch: _Scratch,
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    fan_in_fan_out: bool,
+    slot: int = 0,
+) -> torch.Tensor:
     """``merged_tensor`` for a linear weight, writing into reused buffers; same bits.
 
     PEFT adds the float32 update to a half-precision weight with a mixed-dtype in-place add;

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.safetensors_format import read_headers
@@ -13,6 +13,9 @@ from lora_studio.core.model.dtypes import DTYPE_BYTES, ST_TO_NAME, check_dtype
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system import nvml
 from lora_studio.core.system.memory import format_bytes
+
+if TYPE_CHECKING:
+    import gguf
 
 # Working memory on top of the weights while loading and running (buffers, caches,
 # allocator slack): 10% or 200 MiB, whichever is larger.
@@ -162,7 +165,7 @@ def gguf_quantisation(reader: Any) -> str:
     return by_bytes.most_common(1)[0][0]
 
 
-def _gguf_field(reader, key: str):
+def _gguf_field(reader: gguf.GGUFReader, key: str) -> Any:  # a field's value: gguf reads it untyped
     f = reader.fields.get(key)
     if f is None:
         return None

@@ -209,7 +209,7 @@ def load_model(
     return model
 
 
-def _forget_gguf_quantization(model) -> None:
+def _forget_gguf_quantization(model: PreTrainedModel) -> None:
     """A GGUF load is fully dequantised; drop the marker that makes transformers refuse to save it."""
     config = model.config
     if getattr(config, "quantization_config", None) is not None:
@@ -222,7 +222,8 @@ def _forget_gguf_quantization(model) -> None:
             setattr(model, attr, None)
     if getattr(model, "is_quantized", False):
         with contextlib.suppress(AttributeError):  # a read-only property on some versions: nothing to drop
-            model.is_quantized = False
+            # torch's stubs type Module.__setattr__ for tensors and modules only; any value is set
+            model.is_quantized = False  # type: ignore[assignment]
 
 
 def _has_safetensors(folder: Path) -> bool:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from lora_studio.core._compat.tokenizer_swap import tokenizer_files_parsed_by
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
+    from tokenizers import AddedToken, Tokenizer
 
 # BPE fields the Python constructor takes, besides vocab and merges (tokenizers 0.2x's serialization)
 _BPE_OPTIONS = (
@@ -55,7 +55,7 @@ def parse_tokenizer_file(path: str | Path) -> Tokenizer:
     return built if built is not None else Tokenizer.from_file(str(path))
 
 
-def _build_bpe_in_steps(path: Path):
+def _build_bpe_in_steps(path: Path) -> Tokenizer | None:
     from tokenizers import AddedToken, Tokenizer
     from tokenizers.models import BPE
 
@@ -86,7 +86,7 @@ def _build_bpe_in_steps(path: Path):
     tokenizer.model = BPE(vocab=vocab, merges=pairs, **options)  # the one long step (~half of from_file)
     # as the deserializer does: each token in file order, special ones as special tokens; runs of one kind
     # go in one call (the same ids: each token is looked up, or numbered, in turn)
-    run: list = []
+    run: list[AddedToken] = []
     for entry in added:
         token = AddedToken(
             entry["content"],
@@ -152,7 +152,7 @@ def read_json_in_pieces(text: str) -> Any:
     return doc
 
 
-def _pieces(text: str, start: int, end: int, cut: re.Pattern, left: str, right: str):
+def _pieces(text: str, start: int, end: int, cut: re.Pattern[str], left: str, right: str) -> Iterator[Any]:
     """The parsed pieces of the JSON object/array body ``text[start:end]``, each about PIECE_CHARS long."""
     while start < end:
         at = start + PIECE_CHARS
@@ -169,16 +169,16 @@ def _pieces(text: str, start: int, end: int, cut: re.Pattern, left: str, right: 
         start = stop + 1
 
 
-def _add(tokenizer, tokens: list) -> None:
+def _add(tokenizer: Tokenizer, tokens: list[AddedToken]) -> None:
     if tokens[0].special:
         tokenizer.add_special_tokens(tokens)
     else:
         tokenizer.add_tokens(tokens)
 
 
-def _merge_pairs(merges: list):
+def _merge_pairs(merges: list[Any]) -> list[tuple[str, str]] | None:
     """Merges as (left, right) tuples: the file holds pairs, or (older files) "left right" strings."""
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for m in merges:
         if isinstance(m, list) and len(m) == 2 and isinstance(m[0], str) and isinstance(m[1], str):
             pairs.append((m[0], m[1]))

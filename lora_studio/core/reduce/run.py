@@ -88,7 +88,9 @@ class ReducedAdapter:
         }
 
 
-def truncate(a: torch.Tensor, b: torch.Tensor, scaling: float, k: int, new_scaling: float):
+def truncate(
+    a: torch.Tensor, b: torch.Tensor, scaling: float, k: int, new_scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (A', B') of rank k with new_scaling·B'·A' = the best rank-k approximation of scaling·B·A."""
     import torch
 

@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,9 @@ from lora_studio.core.tasks import CancelToken, Progress, Report
 from lora_studio.core.train.records import OnMetrics, RunRecord, TrainMetrics
 
 if TYPE_CHECKING:
+    import torch
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
     from lora_studio.core.train.settings import TrainSettings
 
 
@@ -95,18 +99,27 @@ class StudioCallback(TrainerCallback):
                 # seen since, unless none beats this one (then the last weights are kept)
                 self._is_new_best(step, val)
 
-    def _report_steps(self, state) -> None:
+    def _report_steps(self, state: TrainerState) -> None:
         what = "training" if self.record.run == "lora" else "full fine-tuning baseline"
         self.report(Progress(state.global_step, state.max_steps, what, "steps"))
 
     # -- the hooks -------------------------------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         self._model = model
         # "0/N steps" until the first step ends (minutes for a big model on a CPU), not the data's finished count
         self._report_steps(state)
         return control
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         step = state.global_step
         if self._first_step is None:
             self._first_step, self._first_step_time = step, time.monotonic()
@@ -120,7 +133,14 @@ class StudioCallback(TrainerCallback):
             control.should_save = self.record.run == "lora"  # a checkpoint to resume from
         return control
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         logs = logs or {}
         step, total = state.global_step, state.max_steps
         if "loss" in logs:
@@ -143,7 +163,14 @@ class StudioCallback(TrainerCallback):
             self.record.tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)  # over train_runtime
         return control
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         self._on_eval(state.global_step, metrics or {}, state.max_steps or self.total_steps)
         return control
 
@@ -203,7 +230,9 @@ class StudioCallback(TrainerCallback):
         return ""
 
 
-def _metrics(run: str, step: int, total: int, row: dict, elapsed: float, eta: float | None, tokens_per_s):
+def _metrics(
+    run: str, step: int, total: int, row: dict, elapsed: float, eta: float | None, tokens_per_s: float | None
+) -> TrainMetrics:
     return TrainMetrics(
         step,
         total,
@@ -216,7 +245,7 @@ def _metrics(run: str, step: int, total: int, row: dict, elapsed: float, eta: fl
     )
 
 
-def _rss_reader():
+def _rss_reader() -> Callable[[], int]:
     import psutil
 
     process = psutil.Process()

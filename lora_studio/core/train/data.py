@@ -22,12 +22,15 @@ import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.generation.chat_template import apply_chat_template
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 from lora_studio.core.train.settings import TrainSettings
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 Shape = Literal["messages", "prompt_completion", "instruction", "text"]
 SHAPES_ACCEPTED = (
@@ -139,7 +142,7 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]]:
     return [row for _, row in numbered]
 
 
-def _datasets_quietly():
+def _datasets_quietly() -> ModuleType:
     import datasets
 
     datasets.disable_progress_bars()

@@ -1,0 +1,156 @@
+"""The Merge tab's GGUF side: exporting the ticked adapter as a GGUF (merged, or the adapter alone), verified in
+llama.cpp, and installing llama.cpp in the background when it is missing.
+
+The core does the work (core/export: ``plan_export`` as a keyed side job, ``export_gguf`` as one model job with
+the session's model as the verification reference); these functions take the
+Merge tab they act for (:class:`~lora_studio.gui.tabs.merge.host.MergeTab`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lora_studio.core.errors import UserError
+from lora_studio.core.export import ExportPlan, ExportRequest, export_gguf, plan_export
+from lora_studio.core.export.runtime import install_llama_cpp, llama_cpp_version
+from lora_studio.gui.base.jobs import Job
+
+if TYPE_CHECKING:
+    from lora_studio.core.export import ExportResult
+    from lora_studio.core.session import Session
+    from lora_studio.core.tasks import CancelToken, Report
+    from lora_studio.gui.tabs.merge.host import MergeTab
+
+EXPORT_PLAN_KEY = "export-plan"
+
+
+def export_request(panel: MergeTab, out: Path | None = None) -> ExportRequest:
+    """What the inputs ask for as a GGUF export; raises UserError when they cannot make one."""
+    if panel.source is None:
+        raise UserError("no base model is loaded", "load a base model first")
+    rows = panel.checked_rows()
+    fmt = panel.output.format()
+    if len(rows) > 1:
+        raise UserError(
+            "a GGUF export takes one adapter",
+            "save the combination as an adapter (Save as adapter…), attach it, and export that",
+        )
+    if fmt == "gguf-lora" and not rows:
+        raise UserError("an adapter-only GGUF needs an adapter", "tick the adapter to export")
+    path = out or panel.out_path()
+    if path is None:
+        raise UserError("choose the .gguf file to write", "")
+    if path.suffix.lower() != ".gguf":
+        raise UserError(f"{path.name} does not end in .gguf", "name the file like model.q8_0.gguf")
+    row = rows[0] if rows else None
+    if row is not None and row.weight != 1.0:
+        raise UserError(
+            f"{row.name} is set to scale {row.weight:g}: a GGUF export takes an adapter as trained",
+            "merge at this scale to a folder, or set the weight back to 1",
+        )
+    return ExportRequest(
+        panel.source,
+        path,
+        "gguf-lora" if fmt == "gguf-lora" else "gguf",
+        panel.output.gguf_type(),
+        adapter=Path(row.path) if row else None,
+        adapter_name=row.name if row else None,
+        verify=panel.output.verify_check.isChecked(),
+    )
+
+
+def suggested_path(panel: MergeTab) -> Path | None:
+    """``<base>-<adapter>.<type>.gguf`` beside the base: a name that says what the file holds."""
+    if not panel.state.base_path:
+        return None
+    base = Path(panel.state.base_path)
+    rows = panel.checked_rows()
+    adapter = f"-{rows[0].name}" if rows else ""
+    kind = "lora-" if panel.output.format() == "gguf-lora" else ""
+    return base.parent / f"{base.name}{adapter}.{kind}{panel.output.gguf_type()}.gguf"
+
+
+def refresh_export_plan(panel: MergeTab, seq: int) -> Job | None:
+    try:
+        request = export_request(panel)
+    except UserError as exc:
+        panel.plan_done(seq, exc)
+        return None
+
+    def plan() -> ExportPlan:
+        found = plan_export(request)  # headers only: never the model
+        if found.refusal:
+            raise UserError(found.refusal, found.hint)
+        return found
+
+    return panel.run_plan(seq, "checking the export", EXPORT_PLAN_KEY, plan)
+
+
+def plan_text(plan: ExportPlan) -> str:
+    text = f"Needs: {plan.summary()}."
+    if plan.needs_llama_cpp:
+        text += " Written through llama.cpp's quantiser."
+    if llama_cpp_version() is None:
+        text += " llama.cpp is not installed: the file is not checked in llama.cpp (Install llama.cpp… below)."
+    return text
+
+
+def start_export(panel: MergeTab, out: Path) -> Job | None:
+    try:
+        request = export_request(panel, out)
+    except UserError as exc:
+        panel.show_message(str(exc), "error")
+        return None
+    if out.exists():
+        if not panel.confirm_overwrite(out):
+            panel.show_message(f"kept {out} as it is; nothing was written", "info")
+            return None
+        request.overwrite = True
+
+    def run(session: Session, *, cancel: CancelToken, report: Report) -> ExportResult:
+        return export_gguf(request, session=session, cancel=cancel, report=report)
+
+    what = request.adapter_name or "the base"
+    return (
+        panel.op(f"exporting {what} to {out.name}", run)
+        .on_end(panel.end_merge)
+        .on_success(panel.exported)
+        .on_cancel(
+            lambda: panel.show_message("export cancelled; no file was written (an existing one is unchanged)", "warn")
+        )
+        .run(f"exporting {what} as a {request.type_name} GGUF into {out}…")
+    )
+
+
+def install(panel: MergeTab) -> Job | None:
+    """llama.cpp's binding built and installed in the background (a side job: the session stays usable)."""
+    if panel.install_job is not None and not panel.install_job.done:
+        return None
+
+    def ended() -> None:
+        panel.install_job = None
+        panel.output.install_btn.setEnabled(True)
+        panel.update_install_button()
+        panel.inputs_changed()
+
+    job = (
+        panel.op(
+            "installing llama.cpp",
+            lambda session, *, cancel, report: install_llama_cpp(cancel=cancel, report=report),
+            exclusive=False,
+            key="install-llama-cpp",
+        )
+        .on_success(
+            lambda version: panel.show_message(
+                f"llama.cpp {version} is installed: K-quant types and checking exports in llama.cpp are on", "ok"
+            )
+        )
+        .on_cancel(lambda: panel.show_message("llama.cpp installation cancelled", "warn"))
+        .on_end(ended)
+        .run("installing llama.cpp (built from source once: several minutes)…")
+    )
+    if job is not None:
+        panel.install_job = job
+        panel.output.install_btn.setEnabled(False)
+    return job

@@ -1,0 +1,442 @@
+"""The Merge tab: pick adapters (and weights), see what each engine would need, merge and save, verify; or
+export the adapter as a GGUF file verified in llama.cpp (merge_export.py).
+
+Everything heavy is the core's (core/merge/): ``plan_merge`` runs as a keyed read-only side job
+whenever the inputs change (debounced), on the session's snapshot, never the model;
+``merge_and_save`` as one exclusive model job through the window's JobRunner. The panel reads the
+session only through the session model's snapshots. Previews go to the Compare tab through the
+``compare`` collaborator it is given (merge_preview.py); the result box and saving a combination as an
+adapter are merge_result.py's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PySide6.QtCore import QTimer, QUrl
+from PySide6.QtGui import QDesktopServices
+from PySide6.QtWidgets import (
+    QDialog,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
+
+from lora_studio.core.errors import UserError
+from lora_studio.core.export import ExportPlan, ExportResult
+from lora_studio.core.export.runtime import llama_cpp_version
+from lora_studio.core.merge import (
+    AdapterSpec,
+    MergeOptions,
+    MergePlan,
+    MergeResult,
+    merge_and_save,
+    plan_merge,
+)
+from lora_studio.core.session import SessionState
+from lora_studio.gui.base.jobs import Job
+from lora_studio.gui.base.ops import unique_name
+from lora_studio.gui.base.panel import Panel
+from lora_studio.gui.tabs.merge import export as merge_export
+from lora_studio.gui.tabs.merge.host import ComparePreview
+from lora_studio.gui.tabs.merge.inputs import AdapterPicker, OutputBox, merge_request, use_scale
+from lora_studio.gui.tabs.merge.parts import AdapterRow, PlanTable, RunRow, engine_note, start_reason
+from lora_studio.gui.tabs.merge.preview import compare_merged, preview_in_compare
+from lora_studio.gui.tabs.merge.result import (
+    CardDialog,
+    ResultBox,
+    ask_adapter_folder,
+    ask_overwrite,
+    exported_lines,
+    merged_lines,
+    open_card,
+    open_folder,
+    save_as_adapter,
+    show_card,
+)
+
+if TYPE_CHECKING:
+    from lora_studio.core.model.sources import ModelSource
+    from lora_studio.core.session import Session
+    from lora_studio.core.tasks import CancelToken, Report
+    from lora_studio.gui.base.context import TabContext
+
+PLAN_DEBOUNCE_MS = 300
+PLAN_KEY = "merge-plan"
+
+
+class MergePanel(Panel):
+    def __init__(self, ctx: TabContext, parent: QWidget | None = None) -> None:
+        super().__init__(ctx, parent)
+        self.compare: ComparePreview | None = ctx.navigator  # where previews go
+        self.show_compare_tab: Callable[[], None] = ctx.navigator.show_compare_tab
+        self.source: ModelSource | None = None  # the session's ModelSource, with the state
+        self.plan: MergePlan | None = None
+        self.export_plan: ExportPlan | None = None  # the plan when the format is a GGUF
+        self.install_job: Job | None = None
+        self.plan_error = ""
+        self.plan_pending = False
+        self._plan_seq = 0
+        self.merge_job: Job | None = None
+        self.result: MergeResult | ExportResult | None = None
+        # Injectable for tests: answer the overwrite question, open a file or folder.
+        self.confirm_overwrite: Callable[[Path], bool] = lambda path: ask_overwrite(self, path)
+        self.open_url: Callable[[QUrl], object] = QDesktopServices.openUrl
+        self.ask_adapter_folder: Callable[[Path], Path | None] = lambda start: ask_adapter_folder(self, start)
+        self.card_dialog: QDialog | None = None
+        self.save_job: Job | None = None
+
+        self._plan_timer = QTimer(self)
+        self._plan_timer.setSingleShot(True)
+        self._plan_timer.setInterval(PLAN_DEBOUNCE_MS)
+        self._plan_timer.timeout.connect(self.refresh_plan)
+        top = self._build_inputs()
+        self._build_plan()
+        run_row = self._build_run_row()
+        self._build_result()
+        self._build_layout(top, run_row)
+        self.update_install_button()
+        self.show_state(self.state)
+
+    # -- construction ---------------------------------------------------------------------------------------------
+    def _build_inputs(self) -> QHBoxLayout:
+        """The adapters with their weights and combination, beside the output format and folder."""
+        self.adapters = AdapterPicker()
+        self.adapters.changed.connect(self.inputs_changed)
+        self.adapters.preview_btn.clicked.connect(self.preview_in_compare)
+        self.adapters.save_adapter_btn.clicked.connect(lambda: save_as_adapter(self))
+        self.output = OutputBox()
+        self.output.changed.connect(self.inputs_changed)
+        self.output.browse_btn.clicked.connect(self.browse_out)
+        self.output.format_changed.connect(self._format_changed)
+        self.output.install_btn.clicked.connect(self.install_llama_cpp)
+        top = QHBoxLayout()
+        top.addWidget(self.adapters, 3)
+        top.addWidget(self.output, 2)
+        return top
+
+    def _build_plan(self) -> None:
+        """What a merge needs (the plan table), or what a GGUF export needs (one line)."""
+        self.plan_table = PlanTable()
+        self.export_plan_label = QLabel("")
+        self.export_plan_label.setWordWrap(True)
+        self.export_plan_label.hide()
+
+    def _build_run_row(self) -> RunRow:
+        self.run_row = RunRow(self.progress)
+        self.run_row.merge_btn.clicked.connect(self.start_merge)
+        self.run_row.cancel_btn.clicked.connect(self.cancel_merge)
+        return self.run_row
+
+    def _build_result(self) -> None:
+        self.result_box = ResultBox()
+        self.result_box.card_btn.clicked.connect(self.open_card)
+        self.result_box.folder_btn.clicked.connect(self.open_folder)
+        self.result_box.compare_merged_btn.clicked.connect(lambda: compare_merged(self))
+
+    def _build_layout(self, top: QHBoxLayout, run_row: QWidget) -> None:
+        # The tab scrolls rather than growing: a result box appearing must not take height from the Memory dock.
+        body = QWidget()
+        layout = QVBoxLayout(body)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addLayout(top)
+        for widget in (self.plan_table, self.export_plan_label, run_row, self.result_box, self.message):
+            layout.addWidget(widget)
+        layout.addStretch(1)
+        self.body_scroll = QScrollArea()
+        self.body_scroll.setWidgetResizable(True)
+        self.body_scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.body_scroll.setWidget(body)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.body_scroll)
+
+    # -- session state --------------------------------------------------------------------------------------------
+    def show_state(self, state: SessionState) -> None:
+        self.state, self.source = state, self.session_model.source
+        self.output.follow_base(state.base_path, state.dtype)
+        self.adapters.show_adapters(state.adapters, state.active_adapter)
+        self.inputs_changed()
+
+    @property
+    def rows(self) -> list[AdapterRow]:
+        return self.adapters.rows
+
+    # -- the request --------------------------------------------------------------------------------------------------
+    def checked_rows(self) -> list[AdapterRow]:
+        return self.adapters.checked_rows()
+
+    def out_path(self) -> Path | None:
+        return self.output.out_path()
+
+    def is_gguf(self) -> bool:
+        return self.output.format() != "hf"
+
+    def use_scale(self, adapter: str, scale: float) -> None:
+        """Merge ``adapter`` alone at ``scale`` (what the Evaluate tab's scale sweep found best)."""
+        if use_scale(self.adapters, adapter, scale):
+            self.show_message(f"{adapter} ticked alone at scale {scale:g}: Merge writes it at that scale", "ok")
+        else:
+            self.show_message(f"{adapter} is not an adapter folder this tab can merge", "warn")
+
+    def request(self, out: Path | None = None) -> tuple[list[AdapterSpec], MergeOptions]:
+        """What the inputs ask for; raises UserError when they cannot make a merge."""
+        return merge_request(self.adapters, self.output, out)
+
+    def inputs_changed(self, *_args: object) -> None:
+        self.adapters.update_enabled()
+        # a new plan is due: Merge waits for it (the disk check must be current)
+        self._plan_seq += 1
+        self.plan_pending = True
+        if self.runner.closed:
+            return
+        self._plan_timer.start()
+        self.update_buttons()
+
+    # -- the plan (a keyed read-only side job) ------------------------------------------------------------------------
+    def refresh_plan(self) -> Job | None:
+        self._plan_timer.stop()
+        if self.runner.closed:
+            return None
+        seq = self._plan_seq
+        state, source = self.state, self.source
+        if not state.base or source is None:
+            self.plan_done(seq, UserError("no base model is loaded", "load a base model first"))
+            return None
+        if self.is_gguf():
+            return merge_export.refresh_export_plan(self, seq)
+        try:
+            specs, options = self.request()
+        except UserError as exc:
+            self.plan_done(seq, exc)
+            return None
+
+        # the snapshot, not the session: the plan reads its dtype, device and tokenizer only
+        return self.run_plan(
+            seq, "checking the merge", PLAN_KEY, lambda: plan_merge(source, specs, options, session=state)
+        )
+
+    def run_plan(self, seq: int, what: str, key: str, plan: Callable[[], MergePlan | ExportPlan]) -> Job | None:
+        """``plan()`` as a keyed read-only side job; its result, or the UserError it raised, goes to _plan_done."""
+
+        def run(session: Session, *, cancel: CancelToken, report: Report) -> MergePlan | ExportPlan:
+            return plan()
+
+        return (
+            self.op(what, run, exclusive=False, key=key, progress=False)
+            .on_success(lambda result: self.plan_done(seq, result))
+            # bad inputs are a reason shown by the button, not a failed job in the log
+            .on_refusal(UserError, lambda exc: self.plan_done(seq, exc))
+            .on_failure(lambda desc: self.plan_done(seq, UserError(desc.message)))
+            .on_cancel(lambda: None)
+            .run()
+        )
+
+    def plan_done(self, seq: int, result: MergePlan | ExportPlan | UserError) -> None:
+        if seq != self._plan_seq:
+            return  # the inputs changed meanwhile: a newer plan is on its way
+        self.plan_pending = False
+        self.export_plan = None
+        if isinstance(result, UserError):
+            self.plan, self.plan_error = None, str(result)
+        elif isinstance(result, ExportPlan):
+            self.plan, self.export_plan, self.plan_error = None, result, ""
+        else:
+            self.plan, self.plan_error = result, ""
+        gguf = self.is_gguf()
+        self.plan_table.setVisible(not gguf)
+        self.export_plan_label.setVisible(gguf and self.export_plan is not None)
+        if self.export_plan is not None:
+            self.export_plan_label.setText(merge_export.plan_text(self.export_plan))
+        self.plan_table.show_plan(self.plan, self.out_path())
+        self.output.engine_note.setText(
+            ""
+            if self.plan is None
+            else engine_note(self.plan, self.output.engine() is not None, self.output.safe_check.isChecked())
+        )
+        self.update_buttons()
+
+    # -- buttons --------------------------------------------------------------------------------------------------
+    def start_reason(self) -> str:
+        """'' when Merge may start; otherwise why not (shown beside the button)."""
+        return start_reason(
+            busy=self.busy_reason,
+            has_base=bool(self.state.base),
+            output_format=self.output.format(),
+            attached=len(self.rows),
+            ticked=len(self.checked_rows()),
+            plan_error=self.plan_error,
+            plan_pending=self.plan_pending,
+            has_out=self.out_path() is not None,
+            plan=self.plan,
+        )
+
+    def update_buttons(self) -> None:
+        reason = self.start_reason()
+        running = self.merge_job is not None and not self.merge_job.done
+        action = (
+            "write the GGUF, run it in llama.cpp against the adapter, and write its serving bundle"
+            if self.is_gguf()
+            else "merge the ticked adapter(s) into the base and save the folder"
+        )
+        self.set_reasons({self.run_row.merge_btn: (reason, action)})
+        # a combination's refusal is already shown beside its type: one line, not two (the tooltip keeps it)
+        shown_above = bool(self.adapters.refusal_text) and self.adapters.refusal_text in reason
+        self.run_row.reason_label.setText("" if running else reason)
+        self.run_row.reason_label.setVisible(not running and bool(reason) and not shown_above)
+        self.run_row.cancel_btn.setEnabled(running)
+        busy = self.busy_reason
+        no_compare = "" if self.compare is not None else "the Compare panel is not available"
+        if len(self.checked_rows()) > 1:
+            preview_reason = no_compare or busy or self.plan_error
+        else:
+            preview_reason = "tick two or more adapters to preview their combination"
+        compare_reason = no_compare or busy or ("" if self.result is not None else "no merged folder yet")
+        if self.result is not None and isinstance(self.result, ExportResult):
+            compare_reason = "load the GGUF in llama.cpp to compare it (the Compare tab runs transformers models)"
+        self.set_reasons(
+            {
+                self.adapters.preview_btn: (
+                    preview_reason,
+                    "add this weighted combination as a variant in the Compare tab",
+                ),
+                self.adapters.save_adapter_btn: (
+                    (busy or self.plan_error) if len(self.checked_rows()) > 1 else "tick two or more adapters",
+                    "save this weighted combination as a PEFT adapter folder, without merging it into the base",
+                ),
+                self.result_box.compare_merged_btn: (
+                    compare_reason,
+                    "load the saved folder beside the session and compare it with the adapter",
+                ),
+            }
+        )
+
+    def browse_out(self) -> None:
+        base_folder = Path(self.state.base_path).parent if self.state.base_path else Path.home()
+        self.output.browse(base_folder, merge_export.suggested_path(self) if self.is_gguf() else None)
+
+    def _format_changed(self) -> None:
+        """A GGUF wants a .gguf file name: suggest one that says what it holds when the box has a folder."""
+        gguf = self.is_gguf()
+        self.run_row.merge_btn.setText("Export GGUF" if gguf else "Merge && save")
+        self.plan_table.setVisible(not gguf)  # the other format's plan is not this one's: hidden until it comes
+        self.export_plan_label.hide()
+        text = self.output.out_edit.text().strip()
+        if gguf and (not text or not text.lower().endswith(".gguf")):
+            suggested = merge_export.suggested_path(self)
+            if suggested is not None:
+                self.output.out_edit.setText(str(suggested))
+        elif not gguf and text.lower().endswith(".gguf"):
+            self.output.out_edit.setText(text[: -len(".gguf")])
+        self.update_install_button()
+
+    def update_install_button(self) -> None:
+        missing = llama_cpp_version() is None
+        self.output.install_btn.setVisible(self.is_gguf() and (missing or self.install_job is not None))
+
+    def install_llama_cpp(self) -> Job | None:
+        """Build and install llama.cpp's binding in the background (merge_export.install)."""
+        return merge_export.install(self)
+
+    # -- merge --------------------------------------------------------------------------------------------------------
+    def start_merge(self) -> Job | None:
+        """Start the merge job (after confirming an overwrite); returns the Job, or None when it did not start."""
+        reason = self.start_reason()
+        if reason:
+            self.show_message(reason, "warn")
+            return None
+        out = self.out_path()
+        if out is None:  # start_reason() said so already
+            return None
+        if self.is_gguf():
+            return self._track(merge_export.start_export(self, out))
+        try:
+            specs, options = self.request(out)
+        except UserError as exc:
+            self.show_message(str(exc), "error")
+            return None
+        if out.is_dir() and any(out.iterdir()):
+            if not self.confirm_overwrite(out):
+                self.show_message(f"kept {out} as it is; nothing was written", "info")
+                return None
+            options = dataclasses.replace(options, overwrite=True)
+        elif out.is_dir():
+            options = dataclasses.replace(options, overwrite=True)  # an empty folder: nothing to lose
+        source = self.source
+        if source is None:  # start_reason() said so already
+            return None
+
+        def run(session: Session, *, cancel: CancelToken, report: Report) -> MergeResult:
+            return merge_and_save(source, specs, options, session=session, cancel=cancel, report=report)
+
+        what = specs[0].name if len(specs) == 1 else f"{options.combination} of {len(specs)} adapters"
+        job = (
+            self.op(f"merging {what} into {out.name}", run)
+            .on_end(self.end_merge)
+            .on_success(self._merged)
+            .on_cancel(
+                lambda: self.show_message(
+                    "merge cancelled; no output folder was written (an existing one is unchanged)", "warn"
+                )
+            )
+            .run(f"merging {what} into {out}…")
+        )
+        return self._track(job)
+
+    def _track(self, job: Job | None) -> Job | None:
+        """The merge or export job that started: Cancel acts on it; the last result is cleared."""
+        if job is None:
+            return None
+        self.merge_job = job
+        self.result = None
+        self.result_box.hide()
+        self.update_buttons()
+        return job
+
+    def cancel_merge(self) -> None:
+        self.cancel_job(self.merge_job)
+
+    def end_merge(self) -> None:
+        self.merge_job = None
+
+    def _merged(self, result: MergeResult) -> None:
+        self._show_outcome(result, *merged_lines(result), marker="merged")
+
+    def exported(self, result: ExportResult) -> None:
+        self._show_outcome(result, *exported_lines(result), marker="exported")
+
+    def _show_outcome(self, result: MergeResult | ExportResult, message: str, kind: str, log: str, marker: str) -> None:
+        self.result = result
+        if isinstance(result, MergeResult):
+            self.result_box.show_result(result)
+        else:
+            self.result_box.show_export(result)
+        # once laid out, scroll so the verdict and its buttons are in view
+        QTimer.singleShot(0, lambda: self.body_scroll.ensureWidgetVisible(self.result_box, 0, 0))
+        self.show_message(message, kind)
+        self.marker.emit(marker)
+        self.log_line.emit(log, "info" if kind == "ok" else "warn")
+
+    # -- the result and saving the combination as an adapter (merge_result.py) ------------------------------------
+    def open_card(self) -> None:
+        open_card(self)
+
+    def show_card(self, card: Path) -> CardDialog:
+        return show_card(self, card, self)
+
+    def open_folder(self) -> None:
+        open_folder(self)
+
+    # -- the Compare tab ----------------------------------------------------------------------------------------------
+    def variant_name(self, combination: str) -> str:
+        return unique_name(f"mix-{combination}", (a[0] for a in self.state.adapters))
+
+    def preview_in_compare(self) -> None:
+        """Add the ticked adapters' weighted combination as a Compare column (see merge_preview.py)."""
+        preview_in_compare(self)

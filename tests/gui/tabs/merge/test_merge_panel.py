@@ -1,0 +1,184 @@
+"""The Merge tab through the window's real runner.
+
+Plan, merge and verify, overwrite question, cancel, disk refusal, ties.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import factories
+import pytest
+from window_helpers import idle
+from window_helpers import merge_panel_with as loaded
+from window_helpers import plan_settled as planned
+
+from lora_studio.core.merge import plan as merge_core
+
+TIMEOUT = 30_000
+
+
+@pytest.fixture(scope="module")
+def gamma_adapter(models_dir, tiny_llama):
+    """Same rank as alpha (r=4), other targets: ties needs equal ranks."""
+    return factories.make_adapter(tiny_llama, models_dir / "merge-gamma", seed=41, target_modules=("q_proj", "o_proj"))
+
+
+def test_merge_one_adapter_verified(qtbot, window, tiny_llama, llama_adapters, tmp_path):
+    w = window
+    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"])
+    assert w.tabs.tabText(w.tabs.indexOf(panel)) == "Merge"
+    assert [r.checked for r in panel.rows] == [True]  # the only adapter is ticked: a plain merge
+    assert not panel.adapters.combo_type.isEnabled() and not panel.adapters.density.isEnabled()
+    assert panel.output.dtype_combo.currentText() == "float32"  # the base's dtype
+    planned(qtbot, panel)
+    assert not panel.run_row.merge_btn.isEnabled() and "output folder" in panel.run_row.reason_label.text()
+
+    out = tmp_path / "out"
+    panel.output.out_edit.setText(str(out))
+    planned(qtbot, panel)
+    assert panel.run_row.merge_btn.isEnabled(), panel.run_row.reason_label.text()
+    assert panel.plan.engine == "streaming" and "auto → streaming" in panel.output.engine_note.text()
+    assert panel.plan_table.cells["streaming"][1].text().endswith("iB")  # a predicted peak RAM per engine
+    assert "✔" in panel.plan_table.disk_label.text()
+
+    job = panel.start_merge()
+    assert job is not None and panel.run_row.cancel_btn.isEnabled() and not panel.run_row.merge_btn.isEnabled()
+    idle(qtbot, w)
+    assert job.state == "finished", panel.message.text()
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in names and "tokenizer.json" in names and "README.md" in names
+    assert "adapter_config.json" not in names
+    assert panel.result_box.badge.text() == "✔ verified" and panel.result_box.isVisible()
+    assert (
+        "max |Δlogit|" in panel.result_box.numbers.text() and "greedy agreement 100%" in panel.result_box.numbers.text()
+    )
+    assert "merged" in [m for _, m in w.memory_panel.markers]
+    opened = []
+    panel.open_url = opened.append
+    panel.open_card()
+    panel.open_folder()
+    assert [Path(u.toLocalFile()) for u in opened] == [out / "README.md", out]
+    assert w.session.active_adapter == "adapter-alpha"  # the session is as it was
+
+
+def test_existing_folder_and_no_keeps_it(qtbot, window, tiny_llama, llama_adapters, tmp_path):
+    w = window
+    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"])
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    asked = []
+    panel.confirm_overwrite = lambda path: asked.append(path) or False
+    panel.output.out_edit.setText(str(out))
+    planned(qtbot, panel)
+    assert panel.start_merge() is None
+    assert asked == [out] and w.runner.is_idle() and panel.merge_job is None
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+    assert "nothing was written" in panel.message.text()
+
+
+def test_cancel_mid_merge_leaves_no_folder(qtbot, window, tiny_llama, llama_adapters, tmp_path):
+    w = window
+    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"])
+    out = tmp_path / "cancelled"
+    panel.output.out_edit.setText(str(out))
+    planned(qtbot, panel)
+    job = panel.start_merge()
+    seen = []
+
+    def on_progress(p):  # cancel as soon as the merge reports writing tensors
+        seen.append(p)
+        if p.unit == "bytes":
+            panel.run_row.cancel_btn.click()
+
+    job.progressed.connect(on_progress)
+    idle(qtbot, w)
+    assert job.state == "cancelled" and any(p.unit == "bytes" for p in seen)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # the temporary folder is gone too
+    assert "cancelled" in panel.message.text() and panel.run_row.merge_btn.isEnabled()
+
+
+def test_not_enough_disk_disables_merge(qtbot, window, tiny_llama, llama_adapters, tmp_path, monkeypatch):
+    monkeypatch.setattr(merge_core.paths, "free_disk", lambda path: 1024)
+    w = window
+    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"])
+    panel.output.out_edit.setText(str(tmp_path / "full"))
+    planned(qtbot, panel)
+    assert not panel.run_row.merge_btn.isEnabled()
+    reason = panel.run_row.reason_label.text()
+    assert "needs about" in reason and "free" in reason and panel.run_row.merge_btn.toolTip() == reason
+    assert "✖" in panel.plan_table.disk_label.text()
+    assert panel.start_merge() is None and w.runner.is_idle()
+
+
+def test_ties_combination_of_two(qtbot, window, tiny_llama, llama_adapters, gamma_adapter, tmp_path):
+    w = window
+    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"], gamma_adapter)
+    for row in panel.rows:
+        row.check.setChecked(True)
+    panel.rows[1].slider.setValue(0.5)
+    panel.adapters.combo_type.setCurrentText("linear")
+    assert (
+        panel.adapters.combo_type.isEnabled() and not panel.adapters.density.isEnabled()
+    )  # density only where it applies
+    panel.adapters.combo_type.setCurrentText("ties")
+    assert panel.adapters.density.isEnabled()
+    panel.adapters.density.setValue(0.6)
+    out = tmp_path / "ties"
+    panel.output.out_edit.setText(str(out))
+    planned(qtbot, panel)
+    assert panel.plan.engine == "in-memory" and "streaming does not apply" in panel.output.engine_note.text()
+    assert panel.adapters.preview_btn.isEnabled()
+
+    job = panel.start_merge()
+    idle(qtbot, w)
+    assert job.state == "finished", panel.message.text()
+    card = (out / "README.md").read_text()
+    block = json.loads(card.split("```json", 1)[1].split("```", 1)[0])
+    assert block["combination"] == "ties" and block["density"] == 0.6
+    assert [a["weight"] for a in block["adapters"]] == [1.0, 0.5]
+    assert panel.result_box.badge.text() in ("✔ verified", "⚠ check") and panel.result_box.numbers.text()
+    assert [a[0] for a in w.session.state().adapters] == ["adapter-alpha", "merge-gamma"]  # no combination left behind
+
+    # the Compare tab: preview the combination before saving, and the saved folder against the adapters
+    panel.adapters.preview_btn.click()
+    idle(qtbot, w)
+    assert w.tabs.currentWidget() is w.compare_panel
+    assert "mix-ties" in [a[0] for a in w.session.state().adapters]
+    qtbot.waitUntil(lambda: [r.name for r in panel.rows][-1:] == ["mix-ties"], timeout=TIMEOUT)
+    assert not panel.rows[-1].check.isEnabled()  # a preview combination has no folder to merge from
+    w.tabs.setCurrentWidget(panel)
+    assert panel.result_box.compare_merged_btn.isEnabled()
+    panel.result_box.compare_merged_btn.click()
+    idle(qtbot, w)
+    assert "ties" in w.compare_panel.merged and w.tabs.currentWidget() is w.compare_panel
+
+
+def test_bad_combination_is_one_line_and_no_job(qtbot, window, tiny_llama, llama_adapters, tmp_path):
+    """alpha (r=4) and beta (r=8): linear needs equal ranks; the plan refuses it in one line before any job."""
+    w = window
+    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"], llama_adapters["beta"])
+    for row in panel.rows:
+        row.check.setChecked(True)
+    assert panel.adapters.combo_type.currentText() == "cat"  # the default works for any ranks
+    panel.adapters.combo_type.setCurrentText("linear")
+    panel.output.out_edit.setText(str(tmp_path / "bad"))
+    planned(qtbot, panel)
+    reason = panel.run_row.reason_label.text()
+    assert "PEFT cannot combine these adapters with linear" in reason and "same rank" in reason
+    assert "\n" not in reason and not panel.run_row.merge_btn.isEnabled() and not panel.adapters.preview_btn.isEnabled()
+    assert not panel.adapters.save_adapter_btn.isEnabled()
+    # one line, beside the combination type (the Merge button's tooltip says it too)
+    assert "same rank" in panel.adapters.mode_label.text() and not panel.run_row.reason_label.isVisible()
+    assert panel.run_row.merge_btn.toolTip() == reason
+    assert panel.start_merge() is None and w.runner.is_idle() and panel.merge_job is None
+    assert "PEFT cannot combine" in panel.message.text()
+    assert "Traceback" not in w.log_panel.contents()
+    assert not (tmp_path / "bad").exists()
+    w.adapter_panel.detach("adapter-beta")  # the rows follow the session
+    idle(qtbot, w)
+    assert [r.name for r in panel.rows] == ["adapter-alpha"] and panel.rows[0].checked
+    assert not panel.adapters.combo_type.isEnabled()
