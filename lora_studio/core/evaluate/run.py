@@ -26,6 +26,7 @@ from lora_studio.core.evaluate.datasets import EvalExample, EvalSet
 from lora_studio.core.evaluate.scoring import ExampleScore
 from lora_studio.core.generation.generate import pad_token_id
 from lora_studio.core.io.hashing import file_sha256
+from lora_studio.core.model.identity import base_fingerprint
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 if TYPE_CHECKING:
@@ -402,11 +403,10 @@ def _base_provenance(session: Session) -> dict[str, Any]:
     source = session.source
     if source is None:
         return {}
-    config = source.path / "config.json"
     return {
         "label": source.label,
         "path": str(source.file),
-        "config_sha256": file_sha256(source.file if source.gguf_file else config),
+        **base_fingerprint(source),
         "dtype": session.dtype,
         "device": session.device,
     }

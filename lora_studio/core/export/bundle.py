@@ -36,6 +36,32 @@ MISTRAL = (
 )
 
 
+# vLLM's LoRAConfig takes --max-lora-rank from this list only (vllm/config/lora.py, MaxLoRARanks)
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(saved_rank: int | None) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts that holds an adapter of ``saved_rank`` (its largest rank as
+    saved: OLoRA/PiSSA save 2r); vLLM's own default (16) when the rank is unknown, its largest past 512."""
+    if not saved_rank:
+        return 16
+    return next((rank for rank in VLLM_MAX_LORA_RANKS if rank >= saved_rank), VLLM_MAX_LORA_RANKS[-1])
+
+
+def saved_rank(adapter: Path) -> int:
+    """The largest rank an adapter folder holds as saved: ``r``, or a larger one in ``rank_pattern``."""
+    from lora_studio.core.adapters.files import read_adapter_config
+
+    config = read_adapter_config(adapter)
+    return max([config.r, *(int(rank) for rank in config.rank_pattern.values())])
+
+
+def base_gguf_for(source_path: Path, out: Path) -> Path:
+    """Where an adapter-only export's bundle expects its base as a GGUF when none was given: an f16 one beside
+    the adapter's file, named after the base."""
+    return out.with_name(f"{source_path.name}.f16.gguf")
+
+
 @dataclass(frozen=True)
 class ServingBundle:
     folder: Path
@@ -125,9 +151,14 @@ def commands(
     adapter_name: str | None = None,
     base_model: str | None = None,
     rank: int | None = None,
+    make_base: str | None = None,
 ) -> dict[str, str]:
+    """The serving commands, each runnable as given. ``base_gguf``: an adapter-only file's base (served with
+    ``--lora``); ``make_base``: the command that writes that base first, when it does not exist yet."""
     q = shlex.quote
     out: dict[str, str] = {}
+    if make_base is not None:
+        out["the base as a GGUF, once"] = make_base
     if base_gguf is not None:
         out["llama-server"] = f"llama-server -m {q(str(base_gguf))} --lora {q(str(gguf))} --jinja --port 8080"
         out["llama-cpp-python server"] = (
@@ -141,7 +172,7 @@ def commands(
         out["vllm"] = (
             f"vllm serve {q(base_model)} --enable-lora"
             f" --lora-modules {q(adapter_name or peft_adapter.name)}={q(str(peft_adapter))}"
-            f" --max-lora-rank {max(8, rank or 8)}"
+            f" --max-lora-rank {vllm_max_lora_rank(rank)}"
         )
     return out
 
@@ -157,9 +188,11 @@ def write_bundle(
     adapter_name: str | None = None,
     base_model: str | None = None,
     rank: int | None = None,
+    make_base: str | None = None,
     overwrite: bool = True,
 ) -> ServingBundle:
-    """Write ``<gguf>.serve/`` (Modelfile, README.md) beside the export, atomically."""
+    """Write ``<gguf>.serve/`` (Modelfile, README.md) beside the export, atomically. ``rank``: the adapter's
+    largest saved rank (vLLM's ``--max-lora-rank``); ``make_base``: see :func:`commands`."""
     gguf = Path(gguf).absolute()
     folder = gguf.with_name(gguf.name + ".serve")
     name = gguf.stem.replace(".", "-").lower()
@@ -174,6 +207,7 @@ def write_bundle(
         peft_adapter=peft_adapter,
         base_model=base_model,
         rank=rank,
+        make_base=make_base,
     )
     readme = [f"# Serving {gguf.name}", "", card.rstrip(), "", "## Commands", ""]
     for label, line in cmds.items():

@@ -13,6 +13,7 @@ leaves no file. Formats:
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -26,7 +27,7 @@ from lora_studio.core.export import runtime
 from lora_studio.core.export import verify as export_verify
 from lora_studio.core.export.adapter import TYPE_HINT, adapter_refusal, type_refusal, write_adapter_gguf
 from lora_studio.core.export.architecture import Architecture, architecture
-from lora_studio.core.export.bundle import ServingBundle, write_bundle
+from lora_studio.core.export.bundle import ServingBundle, base_gguf_for, saved_rank, write_bundle
 from lora_studio.core.export.gguf_types import DEFAULT_TYPE, K_QUANT_SOURCE, OUTPUT_TYPES, llama_file_type, output_type
 from lora_studio.core.export.merged import plan_tensors, write_merged_gguf
 from lora_studio.core.export.vocab import VocabSummary
@@ -270,16 +271,18 @@ def export_gguf(
         cancel.raise_if_cancelled()
         verification = _verify(request, arch, tokenizer, type_name, tmp, session, cancel, report)
     report(Progress(1, 1, "writing the serving bundle", "steps"))
+    base_gguf, make_base = _served_base(request, out)
     bundle = write_bundle(
         out,
         tokenizer,
         export_verify.hf_stop_tokens(tokenizer, request.source.path),
         export_card(request, type_name, out, verification),
-        base_gguf=request.base_gguf.absolute() if request.format == "gguf-lora" and request.base_gguf else None,
+        base_gguf=base_gguf,
         peft_adapter=Path(request.adapter).absolute() if request.adapter else None,
         adapter_name=request.adapter_label,
         base_model=hub_id(request.source) or str(request.source.path),
-        rank=details.get("adapter", {}).get("rank"),
+        rank=saved_rank(Path(request.adapter)) if request.adapter else None,
+        make_base=make_base,
     )
     report(Progress(1, 1, f"export {verification.status}", "steps"))
     return ExportResult(
@@ -293,6 +296,21 @@ def export_gguf(
         vocab,
         details,
     )
+
+
+def _served_base(request: ExportRequest, out: Path) -> tuple[Path | None, str | None]:
+    """An adapter-only file is served on its base as a GGUF: the one it was checked on, else an f16 one beside it,
+    with the command that writes it (the LoRA is never the model). A merged file is served alone: (None, None)."""
+    if request.format != "gguf-lora":
+        return None, None
+    if request.base_gguf is not None:
+        return request.base_gguf.absolute(), None
+    base = base_gguf_for(request.source.path, out)
+    if base.is_file():
+        return base, None
+    q = shlex.quote
+    make = f"lora-studio export {q(str(request.source.path))} --format gguf --type f16 --out {q(str(base))}"
+    return base, make
 
 
 def _write_merged(

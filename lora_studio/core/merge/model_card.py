@@ -42,7 +42,8 @@ def render(provenance: dict) -> str:
         "",
         "## Provenance",
         "",
-        f"- **Base**: `{base['path']}` (config.json sha256 `{base.get('config_sha256') or 'n/a'}`)",
+        f"- **Base**: `{base['path']}` ({base.get('hashed', 'config.json')} sha256 "
+        f"`{base.get('config_sha256') or 'n/a'}`)",
         f"- **Dtype**: {provenance['dtype']}",
         f"- **Engine**: {provenance['engine']}",
         f"- **Combination**: {provenance.get('combination') or _single(provenance['adapters'])}"

@@ -23,7 +23,7 @@ from lora_studio.core.merge import model_card
 from lora_studio.core.merge.plan import TOKENIZER_PATTERNS, AdapterSpec, MergeOptions, base_config
 from lora_studio.core.model import identity
 from lora_studio.core.model.config import read_config_file, tied_embeddings
-from lora_studio.core.model.identity import base_license
+from lora_studio.core.model.identity import base_fingerprint, base_license
 from lora_studio.core.model.sources import ModelSource
 
 if TYPE_CHECKING:
@@ -68,6 +68,10 @@ def write_config_from_model(model: Any, source: ModelSource, tmp: Path, dtype: s
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    if not getattr(config, "architectures", None):
+        # as transformers' save_pretrained sets it; a config read from a GGUF file has none, and llama.cpp's
+        # convert_hf_to_gguf.py (and AutoModel) find the model's class by it
+        config.architectures = [type(model).__name__]
     config.save_pretrained(str(tmp))
     path = tmp / "config.json"
     cfg = _clean_config(read_config_file(tmp), dtype)
@@ -129,18 +133,13 @@ def provenance(
     source: ModelSource, adapters: Sequence[AdapterSpec], options: MergeOptions, engine: str, dtype: str
 ) -> dict:
     """Where the merge came from (base, adapters with their hashes, options), for the model card."""
-    cfg_path = source.path / "config.json"
     base = {
         "label": source.label,
         "path": str(source.file),
         "kind": source.kind,
         "hub_id": hub_name(source, adapters),
         "license": base_license(source),
-        "config_sha256": model_card.file_sha256(cfg_path)
-        if not source.gguf_file and cfg_path.is_file()
-        else model_card.file_sha256(source.file)
-        if source.gguf_file
-        else None,
+        **base_fingerprint(source),
     }
     items = []
     for a in adapters:

@@ -8,10 +8,18 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lora_studio.core.errors import UserError
+from lora_studio.core.io.hashing import file_sha256
 from lora_studio.core.model.config import read_config
 from lora_studio.core.model.sources import ModelSource
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def base_fingerprint(source: ModelSource) -> dict[str, str | None]:
+    """What identifies a base's files on a card: the SHA-256 of its config.json, or of the GGUF file it was opened
+    from, with the name of the file hashed (``hashed``), so a card never calls a GGUF's hash a config's."""
+    hashed = source.file if source.gguf_file else source.path / "config.json"
+    return {"hashed": hashed.name, "config_sha256": file_sha256(hashed) if hashed.is_file() else None}
 
 
 def hub_id(source: ModelSource, named_by_adapters: Iterable[str] = ()) -> str | None:

@@ -177,7 +177,8 @@ def _provenance_lines(doc: Document) -> list[str]:
     variants = prov.get("variants") or doc.get("variants") or []
     lines = [
         f"- Created: {doc.get('created', '')} with LoRA Studio {prov.get('lora_studio') or doc.get('lora_studio')}",
-        f"- Base: {base.get('label', '-')} `{base.get('path', '-')}` (config sha256 `{base.get('config_sha256')}`)",
+        f"- Base: {base.get('label', '-')} `{base.get('path', '-')}` "
+        f"({base.get('hashed', 'config')} sha256 `{base.get('config_sha256')}`)",
     ]
     for v in variants:
         if v.get("kind") == "base":

@@ -19,8 +19,8 @@ from lora_studio.core.adapters.training_log import LOSS_CSV
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.atomic import atomic_output_dir, exchange_folders, replace_text
 from lora_studio.core.io.card_format import front_matter
-from lora_studio.core.io.hashing import file_sha256, tree_sha256
-from lora_studio.core.model.identity import base_license, hub_id
+from lora_studio.core.io.hashing import tree_sha256
+from lora_studio.core.model.identity import base_fingerprint, base_license, hub_id
 from lora_studio.core.system.versions import versions
 from lora_studio.core.tasks import CancelToken
 from lora_studio.core.train.records import INITIAL_ADAPTER, RunRecord, TrainRequest
@@ -117,7 +117,6 @@ def _provenance(
 ) -> dict[str, Any]:
     settings = request.settings
     base = request.base
-    config_path = base.path / "config.json"
     return {
         "tool": f"lora-studio {__version__} train",
         "init_lora_weights": settings.init,  # what the inspector shows ("OLoRA, converted")
@@ -129,7 +128,7 @@ def _provenance(
             "path": str(base.file),
             "hub_id": base_id,
             "license": base_license(base),
-            "config_sha256": file_sha256(config_path) if not base.gguf_file else file_sha256(base.file),
+            **base_fingerprint(base),
         },
         "data": {
             "train_file": str(data.train_file),
@@ -213,7 +212,7 @@ def render_card(p: dict[str, Any]) -> str:
         "",
         "## Base",
         "",
-        f"- {base['label']}: `{base['path']}` (config sha256 `{base['config_sha256']}`)"
+        f"- {base['label']}: `{base['path']}` ({base.get('hashed', 'config.json')} sha256 `{base['config_sha256']}`)"
         + (f", Hub id `{base['hub_id']}`" if base["hub_id"] else ""),
         "",
         "## Settings",

@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (
     QMessageBox,
     QProgressBar,
     QSizePolicy,
+    QSplitter,
     QStyle,
     QStyleOptionProgressBar,
     QStylePainter,
@@ -235,3 +236,13 @@ def append_text(edit: Any, text: str) -> None:
     cursor.insertText(text)
     if at_end:
         bar.setValue(bar.maximum())
+
+
+def side_by_side(left: QWidget, right: QWidget, widths: tuple[int, int]) -> QSplitter:
+    """A tab's two panes (its inputs | what they give): the right one takes the extra width."""
+    splitter = QSplitter(Qt.Orientation.Horizontal)
+    splitter.addWidget(left)
+    splitter.addWidget(right)
+    splitter.setStretchFactor(1, 1)
+    splitter.setSizes(list(widths))
+    return splitter

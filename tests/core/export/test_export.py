@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
+from shlex import split as shlex_split
 
 import factories
 import pytest
@@ -330,3 +332,81 @@ def test_a_llama_cpp_build_that_crashes_here_skips_the_check_instead_of_taking_t
     monkeypatch.setattr(runtime, "_build_checked", {})
     monkeypatch.setattr(runtime, "_PROBE", "raise SystemExit(3)\n")
     runtime.check_build_runs(result.out)  # a child that merely fails says nothing against the build
+
+
+# -- serving bundles --------------------------------------------------------------------------------------------------
+LLAMA_ARGS = {"-m": "model_path", "--model": "model_path", "--lora": "lora_path", "--lora_path": "lora_path"}
+
+
+def llama_arguments(command: str) -> dict[str, str]:
+    """What a bundle's llama-server / llama_cpp.server line hands llama.cpp: the model and the LoRA, by flag."""
+    import shlex
+
+    words = shlex.split(command)
+    return {LLAMA_ARGS[flag]: value for flag, value in itertools.pairwise(words) if flag in LLAMA_ARGS}
+
+
+def answers(command: str, prompt: list[int]) -> list[int]:
+    """The command's equivalent through llama-cpp-python (the same model and LoRA arguments): its greedy reply."""
+    kwargs = llama_arguments(command)
+    with GgufRunner(Path(kwargs["model_path"]), lora=Path(kwargs["lora_path"]) if "lora_path" in kwargs else None) as r:
+        return r.greedy(prompt, 6)
+
+
+def test_vllm_max_lora_rank_is_the_saved_rank_rounded_up_to_a_size_vllm_takes():
+    from lora_studio.core.export.bundle import vllm_max_lora_rank
+
+    assert [vllm_max_lora_rank(r) for r in (None, 1, 4, 8, 9, 16, 17, 200, 300, 400, 4096)] == [
+        16,
+        1,
+        8,
+        8,
+        16,
+        16,
+        32,
+        256,
+        320,
+        512,
+        512,
+    ]
+
+
+def test_an_adapter_only_bundle_serves_the_lora_on_its_base_and_each_command_answers(llama_pair, tmp_path):
+    """Without --base-gguf the bundle names an f16 base beside the file and the command that writes it; with every
+    command run (through llama-cpp-python, the same arguments), base + LoRA answers as the merged file does."""
+    from lora_studio.cli.main import main
+
+    base, adapter = llama_pair
+    lora = export(base, tmp_path / "a.lora-f32.gguf", "gguf-lora", "f32", adapter=adapter)
+    cmds = lora.bundle.commands
+    base_gguf = tmp_path / f"{base.name}.f16.gguf"
+    make = cmds["the base as a GGUF, once"]
+    assert make.startswith("lora-studio export ") and f"--out {base_gguf}" in make
+    assert main([*shlex_split(make)[1:], "--no-verify"]) == 0 and base_gguf.is_file()
+    for label in ("llama-server", "llama-cpp-python server"):
+        assert llama_arguments(cmds[label]) == {"model_path": str(base_gguf), "lora_path": str(lora.out)}, label
+    modelfile = (lora.bundle.folder / "Modelfile").read_text()
+    assert f"FROM {base_gguf}\nADAPTER {lora.out}\n" in modelfile
+    merged = export(base, tmp_path / "m.f16.gguf", type_name="f16", adapter=adapter, verify=False).out
+    prompt = [7, 50, 60, 70]
+    expected = greedy(merged, prompt, 6)
+    for label in ("llama-server", "llama-cpp-python server"):
+        assert answers(cmds[label], prompt) == expected, label
+    # a merged file is its own model: served alone, no LoRA, no base to make
+    merged_bundle = export(base, tmp_path / "m2.f32.gguf", type_name="f32", adapter=adapter, verify=False).bundle
+    assert "the base as a GGUF, once" not in merged_bundle.commands
+    assert answers(merged_bundle.commands["llama-server"], prompt) == greedy(
+        merged_bundle.folder.parent / "m2.f32.gguf", prompt, 6
+    )
+
+
+def test_every_bundle_of_one_adapter_gives_vllm_the_same_max_lora_rank(llama_pair, tmp_path):
+    """The saved rank (the largest of r and rank_pattern) rounded up to a size vLLM takes, merged or not."""
+    base, _ = llama_pair
+    adapter = factories.make_adapter(
+        base, tmp_path / "patterned", r=4, target_modules=ALL_LINEAR, rank_pattern={"q_proj": 12}
+    )
+    merged = export(base, tmp_path / "m.q8_0.gguf", type_name="q8_0", adapter=adapter, verify=False)
+    lora = export(base, tmp_path / "a.lora.gguf", "gguf-lora", "f16", adapter=adapter, verify=False)
+    for result in (merged, lora):
+        assert "--max-lora-rank 16" in result.bundle.commands["vllm"]

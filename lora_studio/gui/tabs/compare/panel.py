@@ -22,9 +22,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtCore import QTimer, Signal
 from PySide6.QtGui import QShowEvent
-from PySide6.QtWidgets import QFileDialog, QSplitter, QStackedWidget, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QFileDialog, QStackedWidget, QVBoxLayout, QWidget
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.generation.generate import GenerationSettings
@@ -33,6 +33,7 @@ from lora_studio.gui.base.decoding import DecodingBox
 from lora_studio.gui.base.jobs import Job
 from lora_studio.gui.base.panel import Panel
 from lora_studio.gui.base.shortcuts import add_run_shortcuts
+from lora_studio.gui.base.widgets import side_by_side
 from lora_studio.gui.tabs.compare.adapter_edits import AdapterEdits
 from lora_studio.gui.tabs.compare.chat import ChatView
 from lora_studio.gui.tabs.compare.chat_mode import ChatMode
@@ -121,12 +122,7 @@ class ComparePanel(Panel):
         main_layout.setContentsMargins(0, 0, 0, 0)
         main_layout.addWidget(self.pages, 1)
         main_layout.addWidget(self.message)
-        splitter = QSplitter(Qt.Orientation.Horizontal)
-        splitter.addWidget(side)
-        splitter.addWidget(main)
-        splitter.setStretchFactor(0, 0)
-        splitter.setStretchFactor(1, 1)
-        splitter.setSizes([SIDE_WIDTH, 1000])
+        splitter = side_by_side(side, main, (SIDE_WIDTH, 1000))
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(splitter)

@@ -14,14 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QPushButton, QSplitter, QTabWidget, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QPushButton, QTabWidget, QVBoxLayout, QWidget
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.session import SessionState
 from lora_studio.gui.base.file_filters import EVAL_DATA_FILTER, GGUF_FILTER
 from lora_studio.gui.base.jobs import Job
 from lora_studio.gui.base.panel import Panel
+from lora_studio.gui.base.widgets import side_by_side
 from lora_studio.gui.tabs.evaluate.inputs import DataBox, VariantsBox
 from lora_studio.gui.tabs.evaluate.sweep import SweepBox
 from lora_studio.gui.tabs.evaluate.tables import ExamplesPage, SummaryPage
@@ -91,11 +91,7 @@ class EvaluatePanel(Panel):
         return tabs
 
     def _build_layout(self, left: QWidget) -> None:
-        splitter = QSplitter(Qt.Orientation.Horizontal)
-        splitter.addWidget(left)
-        splitter.addWidget(self.results_tabs)
-        splitter.setStretchFactor(1, 1)
-        splitter.setSizes([300, 600])
+        splitter = side_by_side(left, self.results_tabs, (300, 600))
         layout = QVBoxLayout(self)
         layout.addWidget(splitter)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QShowEvent
-from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QSplitter, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from lora_studio.core.io.paths import data_dir
 from lora_studio.core.session import SessionState
@@ -24,6 +24,7 @@ from lora_studio.gui.base.file_filters import EVAL_DATA_FILTER
 from lora_studio.gui.base.jobs import Job
 from lora_studio.gui.base.ops import unique_name
 from lora_studio.gui.base.panel import Panel
+from lora_studio.gui.base.widgets import side_by_side
 from lora_studio.gui.tabs.reduce.chart import EnergyChart
 from lora_studio.gui.tabs.reduce.cut import CutBox
 
@@ -87,11 +88,7 @@ class ReducePanel(Panel):
         return right
 
     def _build_layout(self, left: QWidget, right: QWidget) -> None:
-        splitter = QSplitter(Qt.Orientation.Horizontal)
-        splitter.addWidget(left)
-        splitter.addWidget(right)
-        splitter.setStretchFactor(1, 1)
-        splitter.setSizes([380, 520])
+        splitter = side_by_side(left, right, (380, 520))
         layout = QVBoxLayout(self)
         layout.addWidget(splitter)
 

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QShowEvent
-from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QPushButton, QScrollArea, QSplitter, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.session import SessionState
 from lora_studio.core.train import TrainResult, TrainSettings
 from lora_studio.gui.base.jobs import Job
 from lora_studio.gui.base.panel import Panel
+from lora_studio.gui.base.widgets import side_by_side
 from lora_studio.gui.tabs.train.chart import TrainChart
 from lora_studio.gui.tabs.train.files import DataFiles, default_out_parent
 from lora_studio.gui.tabs.train.form import TrainSettingsForm
@@ -98,11 +99,7 @@ class TrainPanel(Panel):
         return right
 
     def _build_layout(self, left: QWidget, right: QWidget, buttons: QHBoxLayout) -> None:
-        splitter = QSplitter(Qt.Orientation.Horizontal)
-        splitter.addWidget(left)
-        splitter.addWidget(right)
-        splitter.setStretchFactor(1, 1)
-        splitter.setSizes([340, 600])
+        splitter = side_by_side(left, right, (340, 600))
         layout = QVBoxLayout(self)
         layout.addWidget(splitter, 1)
         layout.addLayout(buttons)
