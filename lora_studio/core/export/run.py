@@ -36,7 +36,8 @@ from lora_studio.core.io.paths import check_output_apart, free_disk
 from lora_studio.core.merge import verify as merge_verify
 from lora_studio.core.merge.plan import AdapterSpec, base_dtype, input_paths
 from lora_studio.core.merge.streaming import stream_plan, streaming_refusal
-from lora_studio.core.model.config import read_config, tied_embeddings
+from lora_studio.core.model.config import gguf_config, read_config, tied_embeddings
+from lora_studio.core.model.estimate import read_footprint
 from lora_studio.core.model.identity import hub_id
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system.memory import format_bytes
@@ -153,14 +154,15 @@ def plan_export(request: ExportRequest) -> ExportPlan:
         check_output_apart(request.out, {**input_paths(request.source, adapters), "base GGUF": request.base_gguf})
     except UserError as exc:
         return refused(exc.message, exc.hint)
-    if request.source.gguf_file:
+    gguf_base = request.source.gguf_file is not None
+    if gguf_base and request.format != "gguf-lora":
         return refused(
-            "GGUF export reads the base's safetensors folder; this base is a GGUF file",
-            "open the original Hugging Face model folder as the base",
+            "a merged GGUF export reads the base's safetensors folder; this base is a GGUF file",
+            "export the adapter alone (gguf-lora): it is served and checked on this very GGUF",
         )
     try:
-        arch = architecture(read_config(request.source))
-        stream = stream_plan(request.source.path, base_dtype(request.source))
+        arch = architecture(base_config(request.source))
+        stream = None if gguf_base else stream_plan(request.source.path, base_dtype(request.source))
     except UserError as exc:
         return refused(exc.message, exc.hint)
     spec = output_type(type_name)
@@ -177,6 +179,7 @@ def plan_export(request: ExportRequest) -> ExportPlan:
         peak = size * 4 + WORKING_SET
         disk = size
     else:
+        assert stream is not None  # a GGUF base was refused above
         if request.adapter is not None:
             reason = streaming_refusal(request.adapter, stream.sources, tied_embeddings(arch.config))
             if reason:
@@ -201,8 +204,12 @@ def plan_export(request: ExportRequest) -> ExportPlan:
         largest = stream.largest_tensor_elements
         peak = largest * 16 + _adapter_bytes(request.adapter, "f32") + WORKING_SET
     if request.verify:
-        # the reference model (base + adapter in the base's dtype), then llama.cpp's copy: one at a time
-        reference = sum(info.nbytes for _, info in stream.sources.values())
+        # the reference model (base + adapter in the base's dtype; a GGUF dequantised to float32), then llama.cpp's
+        # copy: one at a time
+        if stream is None:
+            reference = read_footprint(request.source).params * 4
+        else:
+            reference = sum(info.nbytes for _, info in stream.sources.values())
         peak = max(peak, reference + WORKING_SET, size + WORKING_SET)
     free = free_disk(request.out)
     plan = ExportPlan(request.format, type_name, size, peak, disk, free, tensors, spec.writer == "llama.cpp", llama_cpp)
@@ -255,8 +262,11 @@ def export_gguf(
     plan = plan_export(request)
     if plan.refusal:
         raise UserError(plan.refusal, plan.hint)
+    if request.source.gguf_file and request.base_gguf is None:
+        # the adapter of a GGUF base is checked, and served, on that very file
+        request = replace(request, base_gguf=request.source.file)
     type_name = plan.type
-    arch = architecture(read_config(request.source))
+    arch = architecture(base_config(request.source))
     report(Progress(0, None, "reading the tokenizer"))
     tokenizer = session.tokenizer if session is not None else load_tokenizer(request.source)
     out = Path(request.out).absolute()
@@ -296,6 +306,11 @@ def export_gguf(
         vocab,
         details,
     )
+
+
+def base_config(source: ModelSource) -> dict:
+    """The base's Hugging Face configuration: its config.json, or what transformers reads from its GGUF file."""
+    return gguf_config(source) if source.gguf_file else read_config(source)
 
 
 def _served_base(request: ExportRequest, out: Path) -> tuple[Path | None, str | None]:

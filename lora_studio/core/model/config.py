@@ -44,6 +44,20 @@ def read_config(source: ModelSource, *, missing_ok: bool = False) -> dict:
     return read_config_file(source.path, missing_ok=missing_ok)
 
 
+def gguf_config(source: ModelSource) -> dict:
+    """A GGUF base's configuration as transformers reads it from the file's metadata (the Hugging Face config.json
+    it stands for), as a dict; a damaged or foreign file is one UserError."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(source.path), gguf_file=source.gguf_file).to_dict()
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise UserError(
+            f"{source.label}: transformers cannot read this GGUF's configuration ({_short(exc)})",
+            "open its Hugging Face model folder instead",
+        ) from exc
+
+
 def tied_embeddings(config: dict) -> bool:
     """Whether the output embedding (lm_head) shares the input embedding's weights.
 

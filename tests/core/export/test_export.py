@@ -410,3 +410,22 @@ def test_every_bundle_of_one_adapter_gives_vllm_the_same_max_lora_rank(llama_pai
     lora = export(base, tmp_path / "a.lora.gguf", "gguf-lora", "f16", adapter=adapter, verify=False)
     for result in (merged, lora):
         assert "--max-lora-rank 16" in result.bundle.commands["vllm"]
+
+
+def test_an_adapter_on_a_quantised_gguf_base_is_exported_checked_and_served_on_that_very_file(llama_pair, tmp_path):
+    """The user's own quantised GGUF as the base: the adapter-only file is checked in llama.cpp on it (against the
+    adapter on the dequantised base in transformers) and its bundle serves it there; a merged GGUF is refused."""
+    base, adapter = llama_pair
+    base_gguf = export(base, tmp_path / "mine.q8_0.gguf", type_name="q8_0", verify=False).out
+    source = resolve_source(base_gguf)
+    merged = plan_export(ExportRequest(source, tmp_path / "m.gguf", "gguf", "q8_0", adapter=adapter))
+    assert "this base is a GGUF file" in merged.refusal and "gguf-lora" in merged.hint
+    lora = export_gguf(ExportRequest(source, tmp_path / "a.lora-f32.gguf", "gguf-lora", "f32", adapter=adapter))
+    assert lora.verification.status == "pass", lora.verification.summary()
+    assert llama_arguments(lora.bundle.commands["llama-server"]) == {
+        "model_path": str(base_gguf),
+        "lora_path": str(lora.out),
+    }
+    assert "the base as a GGUF, once" not in lora.bundle.commands
+    prompt = [7, 50, 60, 70]
+    assert answers(lora.bundle.commands["llama-cpp-python server"], prompt) == hf_greedy(base, adapter, prompt, 6)
