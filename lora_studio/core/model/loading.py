@@ -200,6 +200,7 @@ def load_model(
             "the checkpoint is incomplete, or config.json belongs to another model",
         )
     if source.gguf_file:
+        _check_gguf_read(model, source)
         _forget_gguf_quantization(model)
         if dtype != "float32":
             # transformers declares .to with functools.wraps(Module.to): mypy then takes the dtype for ``self``
@@ -207,6 +208,34 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _check_gguf_read(model: PreTrainedModel, source: ModelSource) -> None:
+    """transformers can read a GGUF's tensors as other numbers without a word (a float32 GGUF of a Llama was seen
+    loaded with only each tensor's first row right, every key "present", by transformers 5): a few rows of the loaded
+    embedding must be the file's own, dequantised by gguf. A mismatch is one UserError, never a model that answers
+    with noise."""
+    import gguf
+    import numpy as np
+    import torch
+
+    reader = gguf.GGUFReader(str(source.file))
+    tensor = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    embeddings = model.get_input_embeddings()
+    if tensor is None or embeddings is None:
+        return
+    rows = len(tensor.data)
+    picked = sorted({0, 1 % rows, rows // 2, rows - 1})
+    expected = np.asarray(gguf.dequantize(tensor.data[picked], tensor.tensor_type), dtype=np.float32)
+    weight = embeddings.weight
+    assert isinstance(weight, torch.Tensor)  # an embedding's weight
+    loaded = weight[picked].detach().float().cpu().numpy()
+    if expected.shape != loaded.shape or not np.allclose(expected, loaded, rtol=1e-3, atol=1e-3):
+        raise UserError(
+            f"{source.label}: transformers read this GGUF's weights wrongly "
+            f"(its embedding differs from the file's {tensor.tensor_type.name} data)",
+            "open the model's Hugging Face folder, or a GGUF of another type (f16, q8_0) made with llama.cpp",
+        )
 
 
 def _forget_gguf_quantization(model: PreTrainedModel) -> None:

@@ -88,3 +88,28 @@ def test_missing_shard_is_a_clear_error(tiny_llama, tmp_path):
     (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
     with pytest.raises(UserError, match=r"model-00002-of-00002.safetensors but it is missing"):
         Session().load(sources.resolve_source(folder))
+
+
+def test_a_gguf_base_loads_as_its_file_says_or_is_refused_in_one_line(tiny_llama, tmp_path):
+    """transformers once read a float32 GGUF as other numbers, silently: a GGUF base holds the file's weights
+    (within its quantisation) or is refused; an embedding that differs from the file's is caught."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lora_studio.core.export import ExportRequest, export_gguf
+
+    original = load_file(next(tiny_llama.glob("*.safetensors")))["model.layers.0.mlp.up_proj.weight"]
+    for type_name, tolerance in (("f32", 1e-6), ("f16", 1e-2), ("q8_0", 5e-2)):
+        out = tmp_path / f"base.{type_name}.gguf"
+        export_gguf(ExportRequest(sources.resolve_source(tiny_llama), out, "gguf", type_name, verify=False))
+        try:
+            model = loading.load_model(sources.resolve_source(out))
+        except UserError as exc:
+            assert "read this GGUF's weights wrongly" in str(exc) and "\n" not in str(exc), type_name
+            continue
+        loaded = model.state_dict()["model.layers.0.mlp.up_proj.weight"]
+        assert float((loaded - original).abs().max()) < tolerance * float(original.abs().max()), type_name
+    with torch.no_grad():
+        model.get_input_embeddings().weight[1] += 1.0  # what a misread looks like: rows that are not the file's
+    with pytest.raises(UserError, match="read this GGUF's weights wrongly"):
+        loading._check_gguf_read(model, sources.resolve_source(tmp_path / "base.q8_0.gguf"))
