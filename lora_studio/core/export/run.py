@@ -290,7 +290,8 @@ def export_gguf(
         base_gguf=base_gguf,
         peft_adapter=Path(request.adapter).absolute() if request.adapter else None,
         adapter_name=request.adapter_label,
-        base_model=hub_id(request.source) or str(request.source.path),
+        # vLLM serves a Hugging Face model: a GGUF base only by its Hub id
+        base_model=hub_id(request.source) or (None if request.source.gguf_file else str(request.source.path)),
         rank=saved_rank(Path(request.adapter)) if request.adapter else None,
         make_base=make_base,
     )

@@ -427,5 +427,6 @@ def test_an_adapter_on_a_quantised_gguf_base_is_exported_checked_and_served_on_t
         "lora_path": str(lora.out),
     }
     assert "the base as a GGUF, once" not in lora.bundle.commands
+    assert "vllm" not in lora.bundle.commands  # vLLM serves a Hugging Face model; this GGUF names no Hub id
     prompt = [7, 50, 60, 70]
     assert answers(lora.bundle.commands["llama-cpp-python server"], prompt) == hf_greedy(base, adapter, prompt, 6)
