@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             session, variants, prompts, settings, reference=args.reference, mixed=not args.sequential, report=progress
         )
         if report_path is not None:
-            from lora_studio.core.evaluate.run import comparison_report
+            from lora_studio.core.evaluate.provenance import comparison_report
             from lora_studio.core.report.share import write_report
 
             write_report(comparison_report(session, result, variants), report_path, overwrite=args.overwrite)

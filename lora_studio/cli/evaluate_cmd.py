@@ -26,7 +26,7 @@ from lora_studio.core.errors import UserError
 from lora_studio.core.model.dtypes import DTYPES
 
 if TYPE_CHECKING:
-    from lora_studio.core.evaluate.run import Column
+    from lora_studio.core.evaluate.columns import Column
 
 
 def add_parser(sub: SubParsers) -> None:
@@ -109,7 +109,8 @@ def _scales(specs: list[str]) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     from lora_studio.core.compare import Variant, load_beside
     from lora_studio.core.evaluate import datasets
-    from lora_studio.core.evaluate.run import GgufVariant, evaluate
+    from lora_studio.core.evaluate.columns import GgufVariant
+    from lora_studio.core.evaluate.run import evaluate
     from lora_studio.core.evaluate.scale import parse_scales, sweep_scale
     from lora_studio.core.session import Session
 

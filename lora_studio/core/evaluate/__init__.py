@@ -11,6 +11,8 @@ sees whether a difference is more than noise.
 * :mod:`.scoring` -- the batched teacher-forced forward passes (one mixed-adapter batch for every variant of the
   session) and the per-token maths;
 * :mod:`.stats` -- token-weighted means, the paired bootstrap, regressions;
+* :mod:`.columns` -- what is scored: the session's variants and GGUF files run by llama.cpp;
 * :mod:`.run` -- the job: :func:`evaluate` and its result;
+* :mod:`.provenance` -- the base and each variant with its paths and hashes, for the result and for Compare's report;
 * :mod:`.scale` -- per-adapter scales (PEFT's LoRA scaling at run time) and the scale sweep.
 """

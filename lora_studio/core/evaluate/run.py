@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lora_studio import __version__
@@ -22,32 +21,19 @@ from lora_studio.core.compare.runs import BASE, mixed_batch_refusal
 from lora_studio.core.compare.variants import Variant
 from lora_studio.core.errors import UserError
 from lora_studio.core.evaluate import scoring, stats
+from lora_studio.core.evaluate.columns import Column, GgufVariant
 from lora_studio.core.evaluate.datasets import EvalExample, EvalSet
+from lora_studio.core.evaluate.provenance import base_provenance, variant_provenance
 from lora_studio.core.evaluate.scoring import ExampleScore
 from lora_studio.core.generation.generate import pad_token_id
-from lora_studio.core.io.hashing import file_sha256
-from lora_studio.core.model.identity import base_fingerprint
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 if TYPE_CHECKING:
     import torch
 
-    from lora_studio.core.compare.runs import ComparisonResult
     from lora_studio.core.session import Session
 
 VariantKind = Literal["base", "adapter", "combination", "merged", "gguf"]
-
-
-@dataclass(frozen=True)
-class GgufVariant:
-    """A GGUF file (optionally with an adapter GGUF on top) scored by llama.cpp."""
-
-    name: str
-    path: Path
-    lora: Path | None = None
-
-
-Column = Variant | GgufVariant
 
 
 @dataclass(frozen=True)
@@ -199,7 +185,7 @@ def evaluate(
     summary, regressed = summarise(final, list(sets), reference, samples=bootstrap_samples)
     return EvaluationResult(
         list(sets),
-        [_provenance(session, c) for c in columns],
+        [variant_provenance(session, c) for c in columns],
         reference,
         final,
         summary,
@@ -207,7 +193,7 @@ def evaluate(
         mixed_batch=reason is None and len(on_session) >= 2,
         fallback_reason=reason,
         seconds=time.perf_counter() - started,
-        base=_base_provenance(session),
+        base=base_provenance(session),
         settings={"reference": reference, "bootstrap_samples": bootstrap_samples, "confidence": stats.CONFIDENCE},
     )
 
@@ -360,67 +346,3 @@ def summarise(
                 )
             )
     return out, regressed
-
-
-# -- provenance ------------------------------------------------------------------------------------------------------
-
-
-def _provenance(session: Session, column: Column) -> dict[str, Any]:
-    if isinstance(column, GgufVariant):
-        return {
-            "name": column.name,
-            "kind": "gguf",
-            "path": str(column.path) + (f" + {column.lora}" if column.lora else ""),
-            "sha256": file_sha256(column.path),
-            "scale": None,
-        }
-    if column.kind == "merged":
-        assert column.beside is not None
-        shards = sorted(column.beside.path.glob("*.safetensors"))
-        return {
-            "name": column.name,
-            "kind": "merged",
-            "path": str(column.beside.path),
-            "sha256": file_sha256(shards[0]) if len(shards) == 1 else None,
-            "scale": None,
-        }
-    if column.kind == "base":
-        return {"name": column.name, "kind": "base", "path": None, "sha256": None, "scale": None}
-    attached = session.adapters[column.adapter or ""]
-    folder = Path(attached.path)
-    combination = str(attached.path).startswith("combination (")
-    weights = folder / "adapter_model.safetensors"
-    return {
-        "name": column.name,
-        "kind": "combination" if combination else "adapter",
-        "path": str(attached.path),
-        "sha256": None if combination else file_sha256(weights),
-        "scale": session.scales.get(attached.name, 1.0),
-    }
-
-
-def _base_provenance(session: Session) -> dict[str, Any]:
-    source = session.source
-    if source is None:
-        return {}
-    return {
-        "label": source.label,
-        "path": str(source.file),
-        **base_fingerprint(source),
-        "dtype": session.dtype,
-        "device": session.device,
-    }
-
-
-def comparison_report(session: Session, result: ComparisonResult, variants: Sequence[Variant]) -> dict[str, Any]:
-    """A comparison as a shareable document (core/report/share.py renders it): the base and every variant with
-    their paths and hashes, and each generated token's text for the divergence strips."""
-    from lora_studio.core.report.share import comparison_document
-
-    with session.lock:
-        provenance = {
-            "base": _base_provenance(session),
-            "variants": [_provenance(session, v) for v in variants],
-        }
-        tokenizer = session.tokenizer
-        return comparison_document(result.to_json(), provenance=provenance, token_text=lambda t: tokenizer.decode([t]))

@@ -42,7 +42,7 @@ class ShareActions:
         """Build the last comparison's shareable document (hashes read on a worker), then ``then(doc)``."""
         if self.shown is None:
             return None
-        from lora_studio.core.evaluate.run import comparison_report
+        from lora_studio.core.evaluate.provenance import comparison_report
 
         result, variants = self.shown
 

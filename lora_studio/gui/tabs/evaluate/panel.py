@@ -202,7 +202,7 @@ class EvaluatePanel(Panel):
     # -- the evaluation ------------------------------------------------------------------------------------------------
     def _columns(self) -> list[Any]:
         from lora_studio.core.compare import Variant
-        from lora_studio.core.evaluate.run import GgufVariant
+        from lora_studio.core.evaluate.columns import GgufVariant
 
         merged = self.store.models
         columns: list[Any] = []
