@@ -44,30 +44,6 @@ class Navigator(Protocol):
         """The adapter folder at ``path`` attached to the session (after a training run)."""
 
 
-class NoNavigation:
-    """A navigator for a tab built alone (tests): every cross-tab action is a no-op."""
-
-    def open_in_compare(self, prompt: str, variants: Sequence[str]) -> None:
-        pass
-
-    def use_scale_in_merge(self, adapter: str, scale: float) -> None:
-        pass
-
-    def add_combination_variant(
-        self, name: str, weights: dict[str, float], combination_type: str = "linear", density: float | None = None
-    ) -> Job | None:
-        return None
-
-    def add_merged_variant(self, path: str, against: tuple[str, ...] = ()) -> Job | None:
-        return None
-
-    def show_compare_tab(self) -> None:
-        pass
-
-    def attach_adapter(self, path: str) -> Job | None:
-        return None
-
-
 @dataclass(frozen=True)
 class TabContext:
     """Everything a panel may depend on."""

@@ -1,8 +1,9 @@
 """The base of every panel: its collaborators, its one message line, its progress bar, busy tooltips.
 
-A panel receives what it depends on explicitly: the window's :class:`~lora_studio.gui.base.jobs.JobRunner` and
-the :class:`~lora_studio.gui.base.session_model.SessionModel` (plus, per panel, a memory sampler or the Compare
-preview). It never reaches into the window. It
+A panel receives what it depends on explicitly, in one :class:`~lora_studio.gui.base.context.TabContext`: the
+window's :class:`~lora_studio.gui.base.jobs.JobRunner`, the :class:`~lora_studio.gui.base.session_model.SessionModel`,
+the settings, the store of models loaded beside the session, the memory sampler and the navigator for cross-tab
+actions. It never reaches into the window. It
 
 * shows the session through :meth:`show_state`, called for every new snapshot the session model announces;
 * refreshes its buttons through :meth:`update_buttons`, called when the runner becomes busy or free and around
@@ -11,7 +12,7 @@ preview). It never reaches into the window. It
 * says what happened in its one :class:`~lora_studio.gui.base.widgets.MessageLine` (an error stays until the next
   success replaces it) and asks for a chart marker or a log line through its signals;
 * opens its file dialogs where the last one of the same kind ended (:meth:`start_folder`, :meth:`remember_folder`;
-  the window hands every panel its settings as :attr:`folders`).
+  the context's settings, as :attr:`folders`).
 """
 
 from __future__ import annotations
@@ -48,14 +49,13 @@ class Panel(QWidget):
         self.ctx = ctx
         self.runner: JobRunner = ctx.runner
         self.session_model: SessionModel = ctx.session_model
-        runner, session_model = ctx.runner, ctx.session_model
-        self.state: SessionState = session_model.state
+        self.state: SessionState = ctx.session_model.state
         self.message = MessageLine()
         self.progress = job_progress_bar()
         self.folders: StudioSettings = ctx.settings  # file dialogs open where the last one of their kind ended
         self.job: Job | None = None  # the job the panel's own Cancel stops (see run_cancellable)
-        runner.busy_changed.connect(self._busy_changed)
-        session_model.state_changed.connect(self.show_state)
+        ctx.runner.busy_changed.connect(self._busy_changed)
+        ctx.session_model.state_changed.connect(self.show_state)
 
     @property
     def session(self) -> Session:

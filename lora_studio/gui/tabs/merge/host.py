@@ -47,7 +47,7 @@ class MergeTab(PanelHost, Protocol):
     install_job: Job | None
     save_job: Job | None
     card_dialog: QDialog | None
-    compare: ComparePreview | None
+    compare: ComparePreview
     confirm_overwrite: Callable[[Path], bool]
     open_url: Callable[[QUrl], object]
     ask_adapter_folder: Callable[[Path], Path | None]

@@ -74,7 +74,7 @@ PLAN_KEY = "merge-plan"
 class MergePanel(Panel):
     def __init__(self, ctx: TabContext, parent: QWidget | None = None) -> None:
         super().__init__(ctx, parent)
-        self.compare: ComparePreview | None = ctx.navigator  # where previews go
+        self.compare: ComparePreview = ctx.navigator  # where previews go
         self.show_compare_tab: Callable[[], None] = ctx.navigator.show_compare_tab
         self.source: ModelSource | None = None  # the session's ModelSource, with the state
         self.plan: MergePlan | None = None
@@ -292,12 +292,11 @@ class MergePanel(Panel):
         self.run_row.reason_label.setVisible(not running and bool(reason) and not shown_above)
         self.run_row.cancel_btn.setEnabled(running)
         busy = self.busy_reason
-        no_compare = "" if self.compare is not None else "the Compare panel is not available"
         if len(self.checked_rows()) > 1:
-            preview_reason = no_compare or busy or self.plan_error
+            preview_reason = busy or self.plan_error
         else:
             preview_reason = "tick two or more adapters to preview their combination"
-        compare_reason = no_compare or busy or ("" if self.result is not None else "no merged folder yet")
+        compare_reason = busy or ("" if self.result is not None else "no merged folder yet")
         if self.result is not None and isinstance(self.result, ExportResult):
             compare_reason = "load the GGUF in llama.cpp to compare it (the Compare tab runs transformers models)"
         self.set_reasons(

@@ -16,9 +16,6 @@ if TYPE_CHECKING:
 
 def preview_in_compare(panel: MergeTab) -> None:
     """The ticked adapters' weighted combination, made on the session, as a column of the Compare tab."""
-    if panel.compare is None:
-        panel.show_message("the Compare panel is not available", "warn")
-        return
     rows = panel.checked_rows()
     if len(rows) < 2:
         panel.show_message("tick two or more adapters to preview a combination", "warn")
@@ -39,9 +36,6 @@ def compare_merged(panel: MergeTab) -> None:
     """The last saved folder loaded beside the session, ticked against the adapter(s) it was merged from."""
     result = panel.result
     if not isinstance(result, MergeResult):  # nothing merged yet, or a GGUF (the Compare tab runs transformers)
-        return
-    if panel.compare is None:
-        panel.show_message("the Compare panel is not available", "warn")
         return
     try:
         sources = tuple(a["name"] for a in result.provenance.get("adapters", []))
