@@ -71,6 +71,31 @@ def llama_adapters(models_dir, tiny_llama):
 
 
 @pytest.fixture(scope="session")
+def gguf_llama(models_dir):
+    """A random 2-layer Llama (float32, untied) with the demo's SmolLM2 tokenizer: one llama.cpp's converter takes
+    (it refuses a tokenizer whose pre-tokenizer it does not know, like the toy one of tiny_llama)."""
+    import arch_zoo
+
+    return arch_zoo.make_family(models_dir / "gguf-llama", "llama", tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def gguf_llama_adapters(models_dir, gguf_llama):
+    """Two adapters for gguf_llama, as llama_adapters: {'alpha': path, 'beta': path}."""
+    return {
+        "alpha": factories.make_adapter(gguf_llama, models_dir / "gguf-adapter-alpha", seed=11),
+        "beta": factories.make_adapter(
+            gguf_llama,
+            models_dir / "gguf-adapter-beta",
+            seed=12,
+            r=8,
+            lora_alpha=16,
+            target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+        ),
+    }
+
+
+@pytest.fixture(scope="session")
 def wide_adapter(models_dir, tiny_llama_wide):
     return factories.make_adapter(tiny_llama_wide, models_dir / "adapter-wide", seed=13)
 

@@ -36,7 +36,7 @@ def add_parser(sub: SubParsers) -> None:
         metavar="TYPE",
         help=f"{', '.join(OUTPUT_TYPES)} (default {DEFAULT_TYPE}; f16 for gguf-lora)",
     )
-    p.add_argument("--out", required=True, help="output .gguf file (must not exist unless --overwrite)")
+    p.add_argument("--out", help="output .gguf file (must not exist unless --overwrite)")
     p.add_argument(
         "--base-gguf", help="gguf-lora: the base GGUF to verify the adapter on (default: an f16 one, temporary)"
     )
@@ -44,12 +44,32 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file (atomically, at the end)")
     p.add_argument("--plan", action="store_true", help="only print what the export needs (size, memory, disk)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--architectures", action="store_true", help="only list the architectures llama.cpp's converter exports"
+    )
     p.set_defaults(run=run)
+
+
+def list_architectures(as_json: bool) -> int:
+    from lora_studio.core.export.converter import PINNED_VERSION, require_converter, text_architectures
+
+    require_converter()
+    names = text_architectures()
+    if as_json:
+        print_json({"llama_cpp_python": PINNED_VERSION, "architectures": names})
+    else:
+        print(f"llama.cpp's converter (llama-cpp-python {PINNED_VERSION}) exports {len(names)} architectures:")
+        print("\n".join(names))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from lora_studio.core.export import ExportRequest, export_gguf, plan_export
 
+    if args.architectures:
+        return list_architectures(args.json)
+    if not args.out:
+        raise UserError("no output file given", "pass --out FILE.gguf")
     specs = parse_adapter_specs(args.adapter)
     if len(specs) > 1:
         raise UserError("export takes one adapter", "combine several with `lora-studio merge --adapter-only` first")

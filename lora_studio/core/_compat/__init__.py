@@ -12,8 +12,8 @@ Each hook is its own module, named after what it hooks:
   variants runs the layers below the first adapted one once per example;
 - :mod:`.peft_config`: LoraConfig's field list copied for the locked PEFT, so that reading an adapter
   config does not import PEFT;
-- :mod:`.gguf_pieces`: gguf's ``GGUFWriter.write_tensor_data`` fed row pieces, so that a GGUF export
-  never holds a whole converted tensor.
+- :mod:`.gguf_progress`: the tensors gguf's ``GGUFWriter.write_tensors_to_file`` writes, so that a GGUF export
+  reports each tensor as it is computed and written, and can be cancelled between tensors.
 
 Policy, the same for every hook: a patch is swapped in only for the duration of a call and only for the
 calling thread (:func:`.swap.swapped`); before it is applied its target is checked, and if the target is
@@ -37,7 +37,7 @@ HOOK_MODULES = (
     "peft_mixed_batch",
     "shared_prefix",
     "peft_config",
-    "gguf_pieces",
+    "gguf_progress",
 )
 
 

@@ -1,5 +1,5 @@
-"""The GGUF output types: which ones gguf's Python code writes, which need llama.cpp's quantiser, and how
-closely each must agree with the adapter model to pass verification.
+"""The GGUF output types: which ones llama.cpp's converter writes, which its quantiser makes from the converter's
+f16 file, and how closely each must agree with the adapter model to pass verification.
 
 Thresholds (llama.cpp's output against the adapter model in transformers, teacher-forced on the
 adapter model's greedy continuations of the verification prompts; "agreement" is the share of
@@ -33,13 +33,13 @@ from lora_studio.core.errors import UserError
 if TYPE_CHECKING:
     import gguf
 
-Writer = Literal["python", "llama.cpp"]
+Writer = Literal["converter", "llama.cpp"]
 
 
 @dataclass(frozen=True)
 class OutputType:
     name: str
-    writer: Writer  # "python": gguf's own quantiser writes it; "llama.cpp": llama_model_quantize from an f16 file
+    writer: Writer  # "converter": convert_hf_to_gguf's types; "llama.cpp": llama_model_quantize from an f16 file
     bits_per_weight: float  # for the size prediction (2-D weights; norms and biases stay float32)
     agreement: float
     kl: float
@@ -49,21 +49,21 @@ class OutputType:
 OUTPUT_TYPES: dict[str, OutputType] = {
     t.name: t
     for t in (
-        OutputType("f32", "python", 32.0, 1.0, 1e-4, "float32: lossless, largest"),
-        OutputType("f16", "python", 16.0, 0.95, 2e-3, "float16: near-lossless"),
-        OutputType("bf16", "python", 16.0, 0.90, 1e-2, "bfloat16: a bf16 model's own precision"),
-        OutputType("q8_0", "python", 8.5, 0.85, 1e-2, "8-bit: close to f16 at half the size"),
-        OutputType("q5_0", "python", 5.5, 0.80, 6e-2, "5-bit (legacy)"),
-        OutputType("q5_1", "python", 6.0, 0.80, 6e-2, "5-bit with offsets (legacy)"),
-        OutputType("q4_0", "python", 4.5, 0.65, 0.2, "4-bit (legacy)"),
-        OutputType("q4_1", "python", 5.0, 0.65, 0.2, "4-bit with offsets (legacy)"),
+        OutputType("f32", "converter", 32.0, 1.0, 1e-4, "float32: lossless, largest"),
+        OutputType("f16", "converter", 16.0, 0.95, 2e-3, "float16: near-lossless"),
+        OutputType("bf16", "converter", 16.0, 0.90, 1e-2, "bfloat16: a bf16 model's own precision"),
+        OutputType("q8_0", "converter", 8.5, 0.85, 1e-2, "8-bit: close to f16 at half the size"),
+        OutputType("q5_0", "llama.cpp", 5.5, 0.80, 6e-2, "5-bit (legacy; llama.cpp's quantiser)"),
+        OutputType("q5_1", "llama.cpp", 6.0, 0.80, 6e-2, "5-bit with offsets (legacy; llama.cpp's quantiser)"),
+        OutputType("q4_0", "llama.cpp", 4.5, 0.65, 0.2, "4-bit (legacy; llama.cpp's quantiser)"),
+        OutputType("q4_1", "llama.cpp", 5.0, 0.65, 0.2, "4-bit with offsets (legacy; llama.cpp's quantiser)"),
         OutputType("q6_k", "llama.cpp", 6.56, 0.85, 3e-2, "6-bit K-quant (llama.cpp's quantiser)"),
         OutputType("q5_k_m", "llama.cpp", 5.7, 0.80, 6e-2, "5-bit K-quant, medium (llama.cpp's quantiser)"),
         OutputType("q4_k_m", "llama.cpp", 4.9, 0.70, 0.15, "4-bit K-quant, medium: the usual choice"),
     )
 }
 DEFAULT_TYPE = "q8_0"
-# llama.cpp's quantiser reads this intermediate type (written by the Python path) and writes the K-quant
+# llama.cpp's quantiser reads this intermediate type (written by the converter) and writes the K-quant or legacy type
 K_QUANT_SOURCE = "f16"
 
 

@@ -5,9 +5,12 @@ why it is refused; ``export_gguf`` runs it as a long job (``cancel``, ``report``
 written to a temporary sibling and renamed when complete, so a cancel, a crash or a full disk
 leaves no file. Formats:
 
-* ``gguf``: the adapter merged into the base (or the base alone), streamed (core/export/merged.py);
-  K-quants go through an f16 (bf16 for a bf16 base) temporary file and llama.cpp's quantiser;
-* ``gguf-lora``: the adapter alone (core/export/adapter.py), for ``--lora`` on any GGUF of the base.
+* ``gguf``: the adapter merged into the base (or the base alone), streamed through llama.cpp's own converter
+  (core/export/merged.py); K-quants go through an f16 (bf16 for a bf16 base) temporary file and llama.cpp's quantiser;
+* ``gguf-lora``: the adapter alone, through llama.cpp's LoRA converter (core/export/adapter.py), for ``--lora`` on any
+  GGUF of the base.
+
+Both use the converter of the pinned llama.cpp (core/export/converter.py), so every architecture it converts exports.
 """
 
 from __future__ import annotations
@@ -26,16 +29,21 @@ from lora_studio.core.errors import UserError
 from lora_studio.core.export import runtime
 from lora_studio.core.export import verify as export_verify
 from lora_studio.core.export.adapter import TYPE_HINT, adapter_refusal, type_refusal, write_adapter_gguf
-from lora_studio.core.export.architecture import Architecture, architecture
 from lora_studio.core.export.bundle import ServingBundle, base_gguf_for, saved_rank, write_bundle
+from lora_studio.core.export.converter import (
+    PINNED_VERSION,
+    ConverterArchitecture,
+    converter_architecture,
+    converter_refusal,
+    with_architectures,
+)
 from lora_studio.core.export.gguf_types import DEFAULT_TYPE, K_QUANT_SOURCE, OUTPUT_TYPES, llama_file_type, output_type
-from lora_studio.core.export.merged import plan_tensors, write_merged_gguf
-from lora_studio.core.export.vocab import VocabSummary
+from lora_studio.core.export.merged import VocabSummary, plan_tensors, write_merged_gguf
 from lora_studio.core.io.atomic import atomic_output_file
 from lora_studio.core.io.paths import check_output_apart, free_disk
 from lora_studio.core.merge import verify as merge_verify
 from lora_studio.core.merge.plan import AdapterSpec, base_dtype, input_paths
-from lora_studio.core.merge.streaming import stream_plan, streaming_refusal
+from lora_studio.core.merge.streaming import load_streaming_adapter, stream_plan, streaming_refusal
 from lora_studio.core.model.config import gguf_config, read_config, tied_embeddings
 from lora_studio.core.model.estimate import read_footprint
 from lora_studio.core.model.identity import hub_id
@@ -160,8 +168,10 @@ def plan_export(request: ExportRequest) -> ExportPlan:
             "a merged GGUF export reads the base's safetensors folder; this base is a GGUF file",
             "export the adapter alone (gguf-lora): it is served and checked on this very GGUF",
         )
+    if reason := converter_refusal():
+        return refused(reason, runtime.INSTALL_HINT)
     try:
-        arch = architecture(base_config(request.source))
+        arch = converter_architecture(base_config(request.source))
         stream = None if gguf_base else stream_plan(request.source.path, base_dtype(request.source))
     except UserError as exc:
         return refused(exc.message, exc.hint)
@@ -171,7 +181,7 @@ def plan_export(request: ExportRequest) -> ExportPlan:
             return refused("an adapter-only GGUF needs an adapter", "pass --adapter PATH")
         if reason := type_refusal(type_name):
             return refused(reason, TYPE_HINT)
-        reason = adapter_refusal(request.adapter, arch)
+        reason = adapter_refusal(request.adapter, arch.config)
         if reason:
             return refused(reason, "export a merged GGUF instead (--format gguf)")
         size = _adapter_bytes(request.adapter, type_name)
@@ -187,20 +197,20 @@ def plan_export(request: ExportRequest) -> ExportPlan:
                     f"the streaming GGUF export cannot merge this adapter exactly: {reason}",
                     "merge it into a Hugging Face folder first (in-memory engine), then export that folder",
                 )
-        written = K_QUANT_SOURCE if spec.writer == "llama.cpp" else type_name
-        if spec.writer == "llama.cpp" and base_dtype(request.source) == "bfloat16":
-            written = "bf16"
-        planned = plan_tensors(arch, stream, written)
+        written = _written_type(type_name, base_dtype(request.source))
+        try:
+            planned = plan_tensors(request.source.path, written).tensors
+        except UserError as exc:
+            return refused(exc.message, exc.hint)
         tensors = len(planned)
         intermediate = sum(p.nbytes for p in planned)
         if spec.writer == "llama.cpp":
             size = sum(_k_quant_bytes(p.name, p.shape, p.nbytes, type_name, spec.bits_per_weight) for p in planned)
             disk = intermediate + size
-            if llama_cpp is None:
-                return refused(f"the {type_name} type is written by llama.cpp's quantiser", runtime.INSTALL_HINT)
         else:
             size = intermediate
             disk = size
+        # the converter computes one tensor at a time: in float32, with its LoRA update, and quantised
         largest = stream.largest_tensor_elements
         peak = largest * 16 + _adapter_bytes(request.adapter, "f32") + WORKING_SET
     if request.verify:
@@ -212,7 +222,7 @@ def plan_export(request: ExportRequest) -> ExportPlan:
             reference = sum(info.nbytes for _, info in stream.sources.values())
         peak = max(peak, reference + WORKING_SET, size + WORKING_SET)
     free = free_disk(request.out)
-    plan = ExportPlan(request.format, type_name, size, peak, disk, free, tensors, spec.writer == "llama.cpp", llama_cpp)
+    plan = ExportPlan(request.format, type_name, size, peak, disk, free, tensors, True, llama_cpp)
     if free is not None and free < disk:
         return replace(plan, refusal=f"needs {format_bytes(disk)} of disk, {format_bytes(free)} is free")
     return plan
@@ -266,27 +276,29 @@ def export_gguf(
         # the adapter of a GGUF base is checked, and served, on that very file
         request = replace(request, base_gguf=request.source.file)
     type_name = plan.type
-    arch = architecture(base_config(request.source))
+    arch = converter_architecture(base_config(request.source))
     report(Progress(0, None, "reading the tokenizer"))
     tokenizer = session.tokenizer if session is not None else load_tokenizer(request.source)
     out = Path(request.out).absolute()
     vocab = None
-    details: dict = {"plan": plan.to_json()}
+    details: dict = {"plan": plan.to_json(), "converter": converter_details(arch)}
     with atomic_output_file(out, overwrite=request.overwrite) as tmp:
         if request.format == "gguf-lora":
             assert request.adapter is not None  # plan_export refuses an adapter-only export without one
-            details["adapter"] = write_adapter_gguf(tmp, arch, request.adapter, type_name, cancel=cancel, report=report)
+            details["adapter"] = write_adapter_gguf(
+                tmp, arch.config, request.adapter, type_name, cancel=cancel, report=report
+            )
         else:
-            vocab = _write_merged(request, arch, tokenizer, plan, tmp, cancel, report)
+            vocab = _write_merged(request, arch, plan, tmp, cancel, report)
         cancel.raise_if_cancelled()
-        verification = _verify(request, arch, tokenizer, type_name, tmp, session, cancel, report)
+        verification = _verify(request, tokenizer, type_name, tmp, session, cancel, report)
     report(Progress(1, 1, "writing the serving bundle", "steps"))
     base_gguf, make_base = _served_base(request, out)
     bundle = write_bundle(
         out,
         tokenizer,
         export_verify.hf_stop_tokens(tokenizer, request.source.path),
-        export_card(request, type_name, out, verification),
+        export_card(request, type_name, out, verification, arch),
         base_gguf=base_gguf,
         peft_adapter=Path(request.adapter).absolute() if request.adapter else None,
         adapter_name=request.adapter_label,
@@ -310,8 +322,26 @@ def export_gguf(
 
 
 def base_config(source: ModelSource) -> dict:
-    """The base's Hugging Face configuration: its config.json, or what transformers reads from its GGUF file."""
-    return gguf_config(source) if source.gguf_file else read_config(source)
+    """The base's Hugging Face configuration (its config.json, or what transformers reads from its GGUF file), with
+    the ``architectures`` llama.cpp's converter picks its class by."""
+    return with_architectures(gguf_config(source) if source.gguf_file else read_config(source))
+
+
+def converter_details(arch: ConverterArchitecture) -> dict:
+    """Which converter wrote the file: the result's and the card's record."""
+    return {
+        "converter": f"llama.cpp's convert_hf_to_gguf.py / convert_lora_to_gguf.py (llama-cpp-python {PINNED_VERSION})",
+        "architecture": arch.hf_name,
+        "gguf_architecture": arch.gguf_name,
+    }
+
+
+def _written_type(type_name: str, dtype: str) -> str:
+    """What the converter writes: the type itself, or for a K-quant the f16 (bf16 for a bf16 base) file that
+    llama.cpp's quantiser reads."""
+    if output_type(type_name).writer != "llama.cpp":
+        return type_name
+    return "bf16" if dtype == "bfloat16" else K_QUANT_SOURCE
 
 
 def _served_base(request: ExportRequest, out: Path) -> tuple[Path | None, str | None]:
@@ -331,8 +361,7 @@ def _served_base(request: ExportRequest, out: Path) -> tuple[Path | None, str | 
 
 def _write_merged(
     request: ExportRequest,
-    arch: Architecture,
-    tokenizer: PreTrainedTokenizerBase,
+    arch: ConverterArchitecture,
     plan: ExportPlan,
     tmp: Path,
     cancel: CancelToken,
@@ -340,22 +369,18 @@ def _write_merged(
 ) -> VocabSummary:
     """The merged GGUF into ``tmp``; a K-quant through an f16 (bf16 for a bf16 base) file and llama.cpp's quantiser."""
     dtype = base_dtype(request.source)
-    quantiser = output_type(plan.type).writer == "llama.cpp"
-    written = ("bf16" if dtype == "bfloat16" else K_QUANT_SOURCE) if quantiser else plan.type
+    written = _written_type(plan.type, dtype)
+    quantiser = written != plan.type
     target = tmp.with_name(f"{tmp.name}.{written}") if quantiser else tmp
+    adapter = None
+    if request.adapter is not None:
+        stream = stream_plan(request.source.path, dtype)
+        adapter = load_streaming_adapter(
+            request.adapter, stream.sources, tied_embeddings(arch.config), arch.config.get("model_type")
+        )
     try:
         vocab = write_merged_gguf(
-            target,
-            arch,
-            stream_plan(request.source.path, dtype),
-            dtype,
-            request.source.path,
-            request.adapter,
-            tokenizer,
-            written,
-            _model_name(request),
-            cancel=cancel,
-            report=report,
+            target, request.source.path, adapter, dtype, written, _model_name(request), cancel=cancel, report=report
         )
         if quantiser:
             runtime.quantise_file(target, tmp, plan.type, plan.output_bytes, cancel=cancel, report=report)
@@ -374,7 +399,6 @@ def _model_name(request: ExportRequest) -> str:
 
 def _verify(
     request: ExportRequest,
-    arch: Architecture,
     tokenizer: PreTrainedTokenizerBase,
     type_name: str,
     gguf: Path,
@@ -393,9 +417,7 @@ def _verify(
         model, lora, threshold_type = gguf, None, type_name
         if request.format == "gguf-lora":
             lora = gguf
-            model = request.base_gguf or stack.enter_context(
-                _temporary_base(request, arch, tokenizer, gguf, cancel, report)
-            )
+            model = request.base_gguf or stack.enter_context(_temporary_base(request, gguf, cancel, report))
             threshold_type = _file_type_name(model) or type_name
         report(Progress(0, None, export_verify.RUNTIME_STAGE))
         n_ctx = max(len(s) for s in reference.sequences) + 8
@@ -443,30 +465,12 @@ def _reference(
 
 
 @contextmanager
-def _temporary_base(
-    request: ExportRequest,
-    arch: Architecture,
-    tokenizer: PreTrainedTokenizerBase,
-    beside: Path,
-    cancel: CancelToken,
-    report: Report,
-) -> Iterator[Path]:
+def _temporary_base(request: ExportRequest, beside: Path, cancel: CancelToken, report: Report) -> Iterator[Path]:
     """A base GGUF (f16) written beside the adapter GGUF just to verify it on, removed afterwards."""
     path = beside.with_name(beside.name + ".base-f16")
-    dtype = base_dtype(request.source)
     try:
         write_merged_gguf(
-            path,
-            arch,
-            stream_plan(request.source.path, dtype),
-            dtype,
-            request.source.path,
-            None,
-            tokenizer,
-            "f16",
-            "base",
-            cancel=cancel,
-            report=report,
+            path, request.source.path, None, base_dtype(request.source), "f16", "base", cancel=cancel, report=report
         )
         yield path
     finally:
@@ -488,7 +492,13 @@ def _file_type_name(path: Path) -> str | None:
     return {llama_file_type(name): name for name in OUTPUT_TYPES}.get(value)
 
 
-def export_card(request: ExportRequest, type_name: str, out: Path, verification: export_verify.GgufVerification) -> str:
+def export_card(
+    request: ExportRequest,
+    type_name: str,
+    out: Path,
+    verification: export_verify.GgufVerification,
+    arch: ConverterArchitecture | None = None,
+) -> str:
     """What the file is and how it was proven: the bundle's README and the window's summary."""
     badge = verification.status.upper()
     lines = [
@@ -497,7 +507,12 @@ def export_card(request: ExportRequest, type_name: str, out: Path, verification:
         f"- file: `{out.name}` ({request.format}, {type_name})",
         f"- base: {hub_id(request.source) or request.source.label}",
         f"- adapter: {request.adapter_label or 'none'}",
-        f"- written by LoRA Studio {__version__}",
+        f"- written by LoRA Studio {__version__}"
+        + (
+            f" with llama.cpp's own converter (llama-cpp-python {PINNED_VERSION}), as {arch.hf_name} → {arch.gguf_name}"
+            if arch
+            else ""
+        ),
     ]
     if verification.sample:
         s = verification.sample

@@ -1,4 +1,5 @@
-"""GGUF export: tiny Llama and Qwen2 models with real PEFT adapters, loaded back by llama.cpp itself."""
+"""GGUF export through llama.cpp's own converter: tiny Llama and Qwen2 models with real PEFT adapters, loaded back by
+llama.cpp itself. The models carry the demo's SmolLM2 tokenizer: llama.cpp's converter knows its pre-tokenizer."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import shutil
 from pathlib import Path
 from shlex import split as shlex_split
 
+import arch_zoo
 import factories
 import pytest
 
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.export import ExportRequest, export_gguf, plan_export
 from lora_studio.core.export import merged as merged_mod
+from lora_studio.core.export.converter import PINNED_VERSION
 from lora_studio.core.export.runtime import GgufRunner
 from lora_studio.core.model.sources import resolve_source
 from lora_studio.core.tasks import CancelToken
@@ -23,30 +26,29 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp's binding is inst
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def model_pair(root: Path, make, **config):
-    """A tiny model and an adapter on every linear layer, q/k included (the ones llama.cpp permutes)."""
-    base = make(root / "base", **config)
+def model_pair(root: Path, family: str, **config):
+    """A tiny model (untied, with a tokenizer llama.cpp's converter knows) and an adapter on every linear layer,
+    q/k included (the ones llama.cpp permutes)."""
+    base = arch_zoo.make_family(root / "base", family, **{"tie_word_embeddings": False, **config})
     return base, factories.make_adapter(base, root / "adapter", target_modules=ALL_LINEAR, scale=3.0)
 
 
 @pytest.fixture(scope="module")
 def llama_pair(tmp_path_factory):
     # large random weights: clear greedy choices, so float16's rounding cannot flip one
-    return model_pair(tmp_path_factory.mktemp("export-llama"), factories.make_llama, initializer_range=0.5)
+    return model_pair(tmp_path_factory.mktemp("export-llama"), "llama", initializer_range=0.5)
 
 
 @pytest.fixture(scope="module")
 def qwen2_pair(tmp_path_factory):
-    return model_pair(tmp_path_factory.mktemp("export-qwen2"), factories.make_qwen2, initializer_range=0.5)
+    return model_pair(tmp_path_factory.mktemp("export-qwen2"), "qwen2", initializer_range=0.5)
 
 
 @pytest.fixture(scope="module")
 def llama_quant_pair(tmp_path_factory):
     """256 wide, for the quantised types: rows of 32 are one quantisation block each (and K-quants need 256),
     harsher on quantisation than any real model."""
-    return model_pair(
-        tmp_path_factory.mktemp("export-llama-quant"), factories.make_llama, hidden_size=256, intermediate_size=512
-    )
+    return model_pair(tmp_path_factory.mktemp("export-llama-quant"), "llama", hidden_size=256, intermediate_size=512)
 
 
 def export(base, out, fmt="gguf", type_name=None, adapter=None, **kw):
@@ -157,15 +159,6 @@ def test_streamed_merge_has_the_tensors_of_the_merge_save_convert_recipe(llama_p
         assert a == b
 
 
-def test_quantising_on_threads_gives_the_same_bytes():
-    import gguf
-    import numpy as np
-
-    data = np.random.default_rng(0).standard_normal((merged_mod.QUANTISE_ROWS * 2 + 100, 64)).astype(np.float32)
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    assert np.array_equal(merged_mod.quantise(data, q8, threads=3), gguf.quants.quantize(data, q8))
-
-
 def test_a_broken_chat_template_and_a_lost_eos_are_caught(llama_pair, tmp_path):
     base, _ = llama_pair
     cases = {
@@ -214,23 +207,24 @@ def test_cancel_and_a_full_disk_leave_no_file(llama_pair, tmp_path, monkeypatch)
 
     calls = []
 
-    def full_disk(self, tensor, *a, **k):
+    def full_disk(self, *a, **k):
         calls.append(1)
         if len(calls) > 3:
             raise OSError(28, "No space left on device")
-        return original(self, tensor, *a, **k)
+        return original(self, *a, **k)
 
-    original = gguf.GGUFWriter.write_tensor_data
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full_disk)
+    original = gguf.LazyNumpyTensor.tofile  # what the converter's writer calls for each tensor
+    monkeypatch.setattr(gguf.LazyNumpyTensor, "tofile", full_disk)
     with pytest.raises(UserError, match="full"):
         export(base, tmp_path / "d.gguf", type_name="f16", adapter=adapter)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_refusals_say_why_before_writing(tmp_path, tiny_gpt2, gpt2_adapter, llama_pair):
+def test_refusals_say_why_before_writing(tmp_path, llama_pair):
     base, adapter = llama_pair
+    opt = factories.save_model(tmp_path / "opt", factories.opt_config())
     cases = [
-        (ExportRequest(resolve_source(tiny_gpt2), tmp_path / "g.gguf", adapter=gpt2_adapter), "supports Llama"),
+        (ExportRequest(resolve_source(opt), tmp_path / "o.gguf"), f"llama.cpp {PINNED_VERSION}'s converter does not"),
         (
             ExportRequest(resolve_source(base), tmp_path / "x.gguf", "gguf-lora", "q4_k_m", adapter=adapter),
             "written as",
@@ -251,7 +245,7 @@ def test_refusals_say_why_before_writing(tmp_path, tiny_gpt2, gpt2_adapter, llam
         assert plan.refusal and words in plan.refusal, (words, plan.refusal)
         with pytest.raises(UserError):
             export_gguf(req)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dora", "embed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dora", "embed", "opt"]
 
 
 def test_an_unknown_pre_tokenizer_is_refused(llama_pair, tmp_path):
@@ -301,17 +295,19 @@ def test_the_demo_pirate_adapter_as_q4_k_m_passes_in_llama_cpp_and_talks_like_a_
     assert any(w in reply.lower() for w in ("arr", "matey", "ye ", "yer ")), reply
 
 
-def test_without_llama_cpp_the_export_works_and_says_how_to_check_it(llama_pair, tmp_path, monkeypatch):
-    from lora_studio.core.export import runtime
+def test_without_llama_cpp_the_export_says_how_to_install_it(llama_pair, tmp_path, monkeypatch):
+    """The converter comes with llama.cpp: without it, or with another version of it, nothing is written."""
+    from lora_studio.core.export import converter
 
-    monkeypatch.setattr(runtime, "llama_cpp_version", lambda: None)
     base, adapter = llama_pair
-    result = export(base, tmp_path / "m.gguf", type_name="q8_0", adapter=adapter)
-    v = result.verification
-    assert v.status == "skipped" and "not installed" in v.reason and "make llama-cpp" in v.reason
-    assert result.out.is_file() and "skipped" in (result.bundle.folder / "README.md").read_text()
-    plan = plan_export(ExportRequest(resolve_source(base), tmp_path / "k.gguf", "gguf", "q4_k_m", adapter=adapter))
-    assert plan.refusal and "llama.cpp's quantiser" in plan.refusal and "make llama-cpp" in plan.hint
+    for installed, words in ((None, "installed with llama.cpp"), ("0.3.1", f"the converter of {PINNED_VERSION}")):
+        monkeypatch.setattr(converter, "llama_cpp_version", lambda v=installed: v)
+        request = ExportRequest(resolve_source(base), tmp_path / "k.gguf", "gguf", "q8_0", adapter=adapter)
+        plan = plan_export(request)
+        assert plan.refusal and words in plan.refusal and "make llama-cpp" in plan.hint
+        with pytest.raises(UserError):
+            export_gguf(request)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_llama_cpp_build_that_crashes_here_skips_the_check_instead_of_taking_the_process_down(
@@ -412,10 +408,11 @@ def test_every_bundle_of_one_adapter_gives_vllm_the_same_max_lora_rank(llama_pai
         assert "--max-lora-rank 16" in result.bundle.commands["vllm"]
 
 
-def test_an_adapter_on_a_quantised_gguf_base_is_exported_checked_and_served_on_that_very_file(llama_pair, tmp_path):
+def test_an_adapter_on_a_quantised_gguf_base_is_exported_checked_and_served_on_that_very_file(tmp_path):
     """The user's own quantised GGUF as the base: the adapter-only file is checked in llama.cpp on it (against the
-    adapter on the dequantised base in transformers) and its bundle serves it there; a merged GGUF is refused."""
-    base, adapter = llama_pair
+    adapter on the dequantised base in transformers) and its bundle serves it there; a merged GGUF is refused. (Weights
+    of a trained model's size: llama_pair's large ones make q8_0's rounding of activations look like a model change.)"""
+    base, adapter = model_pair(tmp_path / "pair", "llama")
     base_gguf = export(base, tmp_path / "mine.q8_0.gguf", type_name="q8_0", verify=False).out
     source = resolve_source(base_gguf)
     merged = plan_export(ExportRequest(source, tmp_path / "m.gguf", "gguf", "q8_0", adapter=adapter))

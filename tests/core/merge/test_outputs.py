@@ -84,7 +84,9 @@ def test_hub_name_and_license_rules(tmp_path, tiny_llama, llama_adapters, instal
     assert lines[1:3] == ["library_name: transformers", 'license: "other: see LICENSE"']  # YAML-safe quoting
 
 
-def test_a_merge_from_a_gguf_base_names_its_architecture_and_the_file_it_hashed(tmp_path, tiny_llama, llama_adapters):
+def test_a_merge_from_a_gguf_base_names_its_architecture_and_the_file_it_hashed(
+    tmp_path, gguf_llama, gguf_llama_adapters
+):
     """A GGUF's config carries no `architectures`: the merged folder gets the model's class (as save_pretrained
     writes it, and as llama.cpp's convert_hf_to_gguf.py reads it), and the card calls the GGUF's hash the GGUF's."""
     from transformers import AutoModelForCausalLM
@@ -94,14 +96,16 @@ def test_a_merge_from_a_gguf_base_names_its_architecture_and_the_file_it_hashed(
     from lora_studio.core.session import Session
 
     gguf = export_gguf(
-        ExportRequest(resolve_source(tiny_llama), tmp_path / "base.f32.gguf", "gguf", "f32", verify=False)
+        ExportRequest(resolve_source(gguf_llama), tmp_path / "base.f32.gguf", "gguf", "f32", verify=False)
     )
     source = resolve_source(gguf.out)
     session = Session()
     session.load(source)
-    session.attach(llama_adapters["alpha"], "alpha")
+    session.attach(gguf_llama_adapters["alpha"], "alpha")
     out = tmp_path / "merged"
-    merge_and_save(source, [AdapterSpec("alpha", llama_adapters["alpha"], 1.0)], MergeOptions(out=out), session=session)
+    merge_and_save(
+        source, [AdapterSpec("alpha", gguf_llama_adapters["alpha"], 1.0)], MergeOptions(out=out), session=session
+    )
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     card = (out / "README.md").read_text()
     assert f"(base.f32.gguf sha256 `{file_sha256(gguf.out)}`)" in card and "config.json sha256" not in card

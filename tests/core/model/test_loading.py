@@ -90,7 +90,7 @@ def test_missing_shard_is_a_clear_error(tiny_llama, tmp_path):
         Session().load(sources.resolve_source(folder))
 
 
-def test_a_gguf_base_loads_as_its_file_says_or_is_refused_in_one_line(tiny_llama, tmp_path):
+def test_a_gguf_base_loads_as_its_file_says_or_is_refused_in_one_line(gguf_llama, tmp_path):
     """transformers once read a float32 GGUF as other numbers, silently: a GGUF base holds the file's weights
     (within its quantisation) or is refused; an embedding that differs from the file's is caught."""
     import torch
@@ -98,10 +98,10 @@ def test_a_gguf_base_loads_as_its_file_says_or_is_refused_in_one_line(tiny_llama
 
     from lora_studio.core.export import ExportRequest, export_gguf
 
-    original = load_file(next(tiny_llama.glob("*.safetensors")))["model.layers.0.mlp.up_proj.weight"]
+    original = load_file(next(gguf_llama.glob("*.safetensors")))["model.layers.0.mlp.up_proj.weight"]
     for type_name, tolerance in (("f32", 1e-6), ("f16", 1e-2), ("q8_0", 5e-2)):
         out = tmp_path / f"base.{type_name}.gguf"
-        export_gguf(ExportRequest(sources.resolve_source(tiny_llama), out, "gguf", type_name, verify=False))
+        export_gguf(ExportRequest(sources.resolve_source(gguf_llama), out, "gguf", type_name, verify=False))
         try:
             model = loading.load_model(sources.resolve_source(out))
         except UserError as exc:

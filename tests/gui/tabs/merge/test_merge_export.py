@@ -17,16 +17,17 @@ def choose_format(panel, fmt: str) -> None:
     panel.output.format_combo.setCurrentIndex(panel.output.format_combo.findData(fmt))
 
 
-def test_export_a_merged_gguf_verified_in_llama_cpp(qtbot, window, tiny_llama, llama_adapters, tmp_path):
+def test_export_a_merged_gguf_verified_in_llama_cpp(qtbot, window, gguf_llama, gguf_llama_adapters, tmp_path):
     w = window
-    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"])
+    panel = loaded(qtbot, w, gguf_llama, gguf_llama_adapters["alpha"])
     choose_format(panel, "gguf")
     assert panel.run_row.merge_btn.text() == "Export GGUF"
-    assert panel.output.out_edit.text().endswith("tiny-llama-adapter-alpha.q8_0.gguf")  # a name that says what it holds
+    # a name that says what it holds, and follows the type
+    assert panel.output.out_edit.text().endswith("gguf-llama-gguf-adapter-alpha.q8_0.gguf")
     assert not panel.output.dtype_combo.isVisible() and panel.output.gguf_type_combo.isVisibleTo(panel)
     combo = panel.output.gguf_type_combo
     combo.setCurrentIndex(combo.findData("q4_k_m"))
-    assert panel.output.out_edit.text().endswith("tiny-llama-adapter-alpha.q4_k_m.gguf")  # the name follows the type
+    assert panel.output.out_edit.text().endswith("gguf-llama-gguf-adapter-alpha.q4_k_m.gguf")
     combo.setCurrentIndex(combo.findData("q8_0"))
     out = tmp_path / "alpha.q8_0.gguf"
     panel.output.out_edit.setText(str(out))
@@ -51,10 +52,10 @@ def test_export_a_merged_gguf_verified_in_llama_cpp(qtbot, window, tiny_llama, l
 
 
 def test_adapter_only_offers_the_small_types_and_cancel_leaves_no_file(
-    qtbot, window, tiny_llama, llama_adapters, tmp_path
+    qtbot, window, gguf_llama, gguf_llama_adapters, tmp_path
 ):
     w = window
-    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"])
+    panel = loaded(qtbot, w, gguf_llama, gguf_llama_adapters["alpha"])
     choose_format(panel, "gguf-lora")
     combo = panel.output.gguf_type_combo
     enabled = {combo.itemData(i) for i in range(combo.count()) if combo.model().item(i).isEnabled()}
@@ -74,9 +75,9 @@ def test_adapter_only_offers_the_small_types_and_cancel_leaves_no_file(
     assert "no file was written" in panel.message.text()
 
 
-def test_a_gguf_needs_a_gguf_name_and_one_adapter(qtbot, window, tiny_llama, llama_adapters, tmp_path):
+def test_a_gguf_needs_a_gguf_name_and_one_adapter(qtbot, window, gguf_llama, gguf_llama_adapters, tmp_path):
     w = window
-    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"], llama_adapters["beta"])
+    panel = loaded(qtbot, w, gguf_llama, gguf_llama_adapters["alpha"], gguf_llama_adapters["beta"])
     choose_format(panel, "gguf")
     panel.output.out_edit.setText(str(tmp_path / "folder"))
     planned(qtbot, panel)
@@ -91,7 +92,7 @@ def test_a_gguf_needs_a_gguf_name_and_one_adapter(qtbot, window, tiny_llama, lla
 
 
 def test_install_llama_cpp_runs_in_the_background_and_hides_the_button(
-    qtbot, window, tiny_llama, llama_adapters, monkeypatch
+    qtbot, window, gguf_llama, gguf_llama_adapters, monkeypatch
 ):
     """The pip run itself is replaced by a child that prints pip's lines (no network in tests)."""
     import sys
@@ -106,7 +107,7 @@ def test_install_llama_cpp_runs_in_the_background_and_hides_the_button(
     monkeypatch.setattr(runtime, "llama_cpp_version", lambda: "0.3.36")
     monkeypatch.setattr(merge_panel_mod, "llama_cpp_version", lambda: installed[0] if installed else None)
     w = window
-    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"])
+    panel = loaded(qtbot, w, gguf_llama, gguf_llama_adapters["alpha"])
     choose_format(panel, "gguf")
     assert panel.output.install_btn.isVisibleTo(panel)
     messages = []
