@@ -41,6 +41,13 @@ def add_parser(sub: SubParsers) -> None:
         "--base-gguf", help="gguf-lora: the base GGUF to verify the adapter on (default: an f16 one, temporary)"
     )
     p.add_argument("--no-verify", action="store_true", help="skip running the file in llama.cpp")
+    p.add_argument(
+        "--serve-gpu",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="the GPU's memory (GiB) the bundle's vLLM plan fits adapter slots on (default 24)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file (atomically, at the end)")
     p.add_argument("--plan", action="store_true", help="only print what the export needs (size, memory, disk)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -78,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".gguf":
         raise UserError(f"{out.name} does not end in .gguf", "name the output file like model.q8_0.gguf")
     base_gguf = Path(args.base_gguf).expanduser() if args.base_gguf else None
+    if args.serve_gpu is not None and not 1 <= args.serve_gpu <= 4096:
+        raise UserError(f"--serve-gpu {args.serve_gpu:g} is not a GPU's memory in GiB", "give 1 to 4096, e.g. 24")
     if base_gguf is not None and (args.format != "gguf-lora" or not base_gguf.is_file()):
         raise UserError("--base-gguf needs --format gguf-lora and an existing .gguf file", "give the base GGUF's path")
     progress = stderr_progress()
@@ -92,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         overwrite=args.overwrite,
         base_gguf=base_gguf,
+        **({"serve_gpu_gib": args.serve_gpu} if args.serve_gpu is not None else {}),
     )
     if args.plan:
         plan = plan_export(request)

@@ -23,6 +23,8 @@ from lora_studio.core.io.atomic import atomic_output_dir
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from lora_studio.core.export.serving_plan import ServingPlan
+
 CHATML = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 LLAMA3 = (
     "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
@@ -68,9 +70,17 @@ class ServingBundle:
     family: str | None  # the chat template family translated for Ollama, or None
     stop: list[str]
     commands: dict[str, str]
+    serving_plan: ServingPlan | None = None
 
     def to_json(self) -> dict:
-        return {"folder": str(self.folder), "family": self.family, "stop": self.stop, "commands": self.commands}
+        plan = self.serving_plan.to_json() if self.serving_plan else None
+        return {
+            "folder": str(self.folder),
+            "family": self.family,
+            "stop": self.stop,
+            "commands": self.commands,
+            "vllm_plan": plan,
+        }
 
 
 def template_family(rendered: str | None) -> str | None:
@@ -152,9 +162,11 @@ def commands(
     base_model: str | None = None,
     rank: int | None = None,
     make_base: str | None = None,
+    vllm_flags: str = "",
 ) -> dict[str, str]:
     """The serving commands, each runnable as given. ``base_gguf``: an adapter-only file's base (served with
-    ``--lora``); ``make_base``: the command that writes that base first, when it does not exist yet."""
+    ``--lora``); ``make_base``: the command that writes that base first, when it does not exist yet;
+    ``vllm_flags``: the serving plan's ``--max-loras`` / ``--max-cpu-loras``."""
     q = shlex.quote
     out: dict[str, str] = {}
     if make_base is not None:
@@ -172,7 +184,7 @@ def commands(
         out["vllm"] = (
             f"vllm serve {q(base_model)} --enable-lora"
             f" --lora-modules {q(adapter_name or peft_adapter.name)}={q(str(peft_adapter))}"
-            f" --max-lora-rank {vllm_max_lora_rank(rank)}"
+            f" --max-lora-rank {vllm_max_lora_rank(rank)}{vllm_flags}"
         )
     return out
 
@@ -189,10 +201,12 @@ def write_bundle(
     base_model: str | None = None,
     rank: int | None = None,
     make_base: str | None = None,
+    serving_plan: ServingPlan | None = None,
     overwrite: bool = True,
 ) -> ServingBundle:
     """Write ``<gguf>.serve/`` (Modelfile, README.md) beside the export, atomically. ``rank``: the adapter's
-    largest saved rank (vLLM's ``--max-lora-rank``); ``make_base``: see :func:`commands`."""
+    largest saved rank (vLLM's ``--max-lora-rank``); ``make_base``: see :func:`commands`; ``serving_plan``: how
+    many adapters vLLM holds beside the model (its flags go on the vLLM line, its reasoning in the README)."""
     gguf = Path(gguf).absolute()
     folder = gguf.with_name(gguf.name + ".serve")
     name = gguf.stem.replace(".", "-").lower()
@@ -208,11 +222,14 @@ def write_bundle(
         base_model=base_model,
         rank=rank,
         make_base=make_base,
+        vllm_flags=serving_plan.flags() if serving_plan else "",
     )
     readme = [f"# Serving {gguf.name}", "", card.rstrip(), "", "## Commands", ""]
     for label, line in cmds.items():
         readme += [f"{label}:", "", "```sh", line, "```", ""]
+    if serving_plan is not None and "vllm" in cmds:
+        readme += ["## vLLM: adapters beside the model", "", *serving_plan.lines(), ""]
     with atomic_output_dir(folder, overwrite=overwrite) as tmp:
         (tmp / "Modelfile").write_text(text, "utf-8")
         (tmp / "README.md").write_text("\n".join(readme), "utf-8")
-    return ServingBundle(folder, family, stop, cmds)
+    return ServingBundle(folder, family, stop, cmds, serving_plan if "vllm" in cmds else None)

@@ -89,14 +89,18 @@ def write_merged_gguf(
     type_name: str,
     model_name: str,
     *,
+    vocab_from: Path | None = None,
     cancel: CancelToken | None = None,
     report: Report = no_report,
 ) -> VocabSummary:
     """Write the GGUF of ``base_folder`` (+ ``adapter`` merged in, in ``dtype``) to ``out`` with llama.cpp's
-    converter, tensor by tensor."""
+    converter, tensor by tensor. ``vocab_from``: a GGUF whose tokenizer the file takes as it is (the GGUF a base
+    was opened from: llama.cpp's own reading of that tokenizer) instead of converting the folder's."""
     cancel = cancel or CancelToken()
     report(Progress(0, None, PREPARING_STAGE))
-    model = _converter_model(base_folder, Path(out), type_name, adapter, dtype, model_name=model_name)
+    model = _converter_model(
+        base_folder, Path(out), type_name, adapter, dtype, model_name=model_name, vocab_from=vocab_from
+    )
 
     def before_tensor(index: int, count: int, name: str) -> None:
         cancel.raise_if_cancelled()
@@ -127,6 +131,7 @@ def _converter_model(
     *,
     dry_run: bool = False,
     model_name: str | None = None,
+    vocab_from: Path | None = None,
 ) -> Any:
     """An instance of the converter's class for this base, reading the adapter's merged tensors."""
     import gguf
@@ -138,7 +143,7 @@ def _converter_model(
     with converter_refusals(folder):
         hparams = package.ModelBase.load_hparams(folder, False)
     arch = converter_architecture(hparams)
-    merging = _merging_class(arch.model_class, adapter, dtype)
+    merging = _merging_class(arch.model_class, adapter, dtype, vocab_from)
     with converter_refusals(folder):
         model = merging(
             folder,
@@ -153,8 +158,11 @@ def _converter_model(
     return model
 
 
-def _merging_class(model_class: Any, adapter: StreamingAdapter | None, dtype: str | None) -> Any:
-    """The converter's class, reading each adapted weight with its LoRA update added."""
+def _merging_class(
+    model_class: Any, adapter: StreamingAdapter | None, dtype: str | None, vocab_from: Path | None = None
+) -> Any:
+    """The converter's class, reading each adapted weight with its LoRA update added (and taking its tokenizer
+    from the GGUF ``vocab_from`` when given)."""
     import torch
 
     package = conversion()
@@ -163,6 +171,12 @@ def _merging_class(model_class: Any, adapter: StreamingAdapter | None, dtype: st
 
     class MergingModel(model_class):
         model_arch = model_class.model_arch
+
+        def set_vocab(self) -> None:
+            if vocab_from is None:
+                super().set_vocab()
+            else:
+                copy_tokenizer(vocab_from, self.gguf_writer)
 
         def index_tensors(self, remote_hf_model_id: str | None = None) -> dict[str, Any]:
             tensors: dict[str, Any] = super().index_tensors(remote_hf_model_id)
@@ -197,6 +211,19 @@ def _merging_class(model_class: Any, adapter: StreamingAdapter | None, dtype: st
             return str(item[0])
 
     return MergingModel
+
+
+def copy_tokenizer(source: Path, writer: Any) -> None:
+    """Every ``tokenizer.*`` field of the GGUF ``source`` into ``writer``, as the file has it."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    for name, field in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        kind = field.types[0]
+        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), kind, sub_type=sub_type)
 
 
 def _merge_fn(update: tuple[Any, torch.Tensor, torch.Tensor, float], transposed: bool, dtype: torch.dtype) -> Any:

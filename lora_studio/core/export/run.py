@@ -39,6 +39,7 @@ from lora_studio.core.export.converter import (
 )
 from lora_studio.core.export.gguf_types import DEFAULT_TYPE, K_QUANT_SOURCE, OUTPUT_TYPES, llama_file_type, output_type
 from lora_studio.core.export.merged import VocabSummary, plan_tensors, write_merged_gguf
+from lora_studio.core.export.serving_plan import DEFAULT_GPU_GIB, ServingPlan, serving_plan
 from lora_studio.core.io.atomic import atomic_output_file
 from lora_studio.core.io.paths import check_output_apart, free_disk
 from lora_studio.core.merge import verify as merge_verify
@@ -75,6 +76,7 @@ class ExportRequest:
     base_gguf: Path | None = None  # "gguf-lora": the base GGUF to verify (and serve) the adapter on
     prompts: Sequence[str] = merge_verify.PROMPTS
     new_tokens: int = merge_verify.NEW_TOKENS
+    serve_gpu_gib: float = DEFAULT_GPU_GIB  # the GPU the vLLM serving plan fits adapters on
 
     @property
     def adapter_label(self) -> str | None:
@@ -163,11 +165,6 @@ def plan_export(request: ExportRequest) -> ExportPlan:
     except UserError as exc:
         return refused(exc.message, exc.hint)
     gguf_base = request.source.gguf_file is not None
-    if gguf_base and request.format != "gguf-lora":
-        return refused(
-            "a merged GGUF export reads the base's safetensors folder; this base is a GGUF file",
-            "export the adapter alone (gguf-lora): it is served and checked on this very GGUF",
-        )
     if reason := converter_refusal():
         return refused(reason, runtime.INSTALL_HINT)
     try:
@@ -188,8 +185,13 @@ def plan_export(request: ExportRequest) -> ExportPlan:
         tensors = 0
         peak = size * 4 + WORKING_SET
         disk = size
+    elif stream is None:  # a GGUF base: merged through its dequantised weights, saved for the converter a moment
+        params = read_footprint(request.source).params
+        size = int(params * spec.bits_per_weight / 8)
+        tensors = _tensor_count(request.source.file)
+        disk = params * 4 + size + (params * 2 if spec.writer == "llama.cpp" else 0)
+        peak = params * 4 * 2 + _adapter_bytes(request.adapter, "f32") + WORKING_SET
     else:
-        assert stream is not None  # a GGUF base was refused above
         if request.adapter is not None:
             reason = streaming_refusal(request.adapter, stream.sources, tied_embeddings(arch.config))
             if reason:
@@ -306,6 +308,7 @@ def export_gguf(
         base_model=hub_id(request.source) or (None if request.source.gguf_file else str(request.source.path)),
         rank=saved_rank(Path(request.adapter)) if request.adapter else None,
         make_base=make_base,
+        serving_plan=_serving_plan(request, arch.config),
     )
     report(Progress(1, 1, f"export {verification.status}", "steps"))
     return ExportResult(
@@ -334,6 +337,19 @@ def converter_details(arch: ConverterArchitecture) -> dict:
         "architecture": arch.hf_name,
         "gguf_architecture": arch.gguf_name,
     }
+
+
+def _serving_plan(request: ExportRequest, config: dict) -> ServingPlan | None:
+    """How many adapters like this one vLLM holds beside the base on the request's GPU (None: no adapter)."""
+    if request.adapter is None:
+        return None
+    from lora_studio.core.adapters.files import tensor_shapes
+    from lora_studio.core.export.bundle import vllm_max_lora_rank
+
+    adapter_params = sum(math.prod(shape) for shape in tensor_shapes(Path(request.adapter)).values())
+    rank = vllm_max_lora_rank(saved_rank(Path(request.adapter)))
+    params = read_footprint(request.source).params
+    return serving_plan(config, params, adapter_params, rank, request.serve_gpu_gib)
 
 
 def _written_type(type_name: str, dtype: str) -> str:
@@ -367,27 +383,76 @@ def _write_merged(
     cancel: CancelToken,
     report: Report,
 ) -> VocabSummary:
-    """The merged GGUF into ``tmp``; a K-quant through an f16 (bf16 for a bf16 base) file and llama.cpp's quantiser."""
+    """The merged GGUF into ``tmp``; a K-quant through an f16 (bf16 for a bf16 base) file and llama.cpp's quantiser.
+    A GGUF base goes through its dequantised weights, saved beside ``tmp`` for the converter and removed after; the
+    file then keeps that GGUF's own tokenizer."""
     dtype = base_dtype(request.source)
     written = _written_type(plan.type, dtype)
     quantiser = written != plan.type
     target = tmp.with_name(f"{tmp.name}.{written}") if quantiser else tmp
-    adapter = None
-    if request.adapter is not None:
-        stream = stream_plan(request.source.path, dtype)
-        adapter = load_streaming_adapter(
-            request.adapter, stream.sources, tied_embeddings(arch.config), arch.config.get("model_type")
-        )
-    try:
-        vocab = write_merged_gguf(
-            target, request.source.path, adapter, dtype, written, _model_name(request), cancel=cancel, report=report
-        )
-        if quantiser:
-            runtime.quantise_file(target, tmp, plan.type, plan.output_bytes, cancel=cancel, report=report)
-    finally:
-        if quantiser:
-            target.unlink(missing_ok=True)
+    with ExitStack() as stack:
+        folder, vocab_from = request.source.path, None
+        if request.source.gguf_file:
+            folder = stack.enter_context(_dequantised_base(request, tmp, cancel, report))
+            vocab_from = request.source.file
+        adapter = None
+        if request.adapter is not None:
+            stream = stream_plan(folder, dtype)
+            adapter = load_streaming_adapter(
+                request.adapter, stream.sources, tied_embeddings(arch.config), arch.config.get("model_type")
+            )
+        try:
+            vocab = write_merged_gguf(
+                target,
+                folder,
+                adapter,
+                dtype,
+                written,
+                _model_name(request),
+                vocab_from=vocab_from,
+                cancel=cancel,
+                report=report,
+            )
+            if quantiser:
+                runtime.quantise_file(target, tmp, plan.type, plan.output_bytes, cancel=cancel, report=report)
+        finally:
+            if quantiser:
+                target.unlink(missing_ok=True)
     return vocab
+
+
+DEQUANTISING_STAGE = "dequantising the base GGUF for llama.cpp's converter"
+
+
+@contextmanager
+def _dequantised_base(request: ExportRequest, beside: Path, cancel: CancelToken, report: Report) -> Iterator[Path]:
+    """The GGUF base's weights as transformers dequantises them, saved as a Hugging Face folder beside the output
+    (removed afterwards): what the converter reads. The quantisation error of that GGUF stays in them."""
+    import tempfile
+
+    from lora_studio.core.model.loading import load_model
+    from lora_studio.core.session import release_memory
+
+    report(Progress(0, None, DEQUANTISING_STAGE))
+    with tempfile.TemporaryDirectory(prefix=f".{beside.name}.", dir=beside.parent) as work:
+        folder = Path(work) / "base"
+        model = load_model(request.source, dtype=base_dtype(request.source), cancel=cancel, report=report)
+        try:
+            model.save_pretrained(folder)
+        finally:
+            del model
+            release_memory()
+        cancel.raise_if_cancelled()
+        yield folder
+
+
+def _tensor_count(path: Path) -> int:
+    try:
+        import gguf
+
+        return len(gguf.GGUFReader(str(path)).tensors)
+    except Exception:  # noqa: BLE001 - only the plan's count
+        return 0
 
 
 def _model_name(request: ExportRequest) -> str:
@@ -506,6 +571,14 @@ def export_card(
         "",
         f"- file: `{out.name}` ({request.format}, {type_name})",
         f"- base: {hub_id(request.source) or request.source.label}",
+        *(
+            [
+                f"- merged into the weights of {request.source.file.name} as transformers dequantises them: the "
+                "file carries that GGUF's quantisation error, then its own type's"
+            ]
+            if request.source.gguf_file and request.format == "gguf"
+            else []
+        ),
         f"- adapter: {request.adapter_label or 'none'}",
         f"- written by LoRA Studio {__version__}"
         + (

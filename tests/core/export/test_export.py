@@ -408,15 +408,17 @@ def test_every_bundle_of_one_adapter_gives_vllm_the_same_max_lora_rank(llama_pai
         assert "--max-lora-rank 16" in result.bundle.commands["vllm"]
 
 
+@pytest.mark.timeout(900)  # four loads of the base through transformers' GGUF reader, two exports, two checks
 def test_an_adapter_on_a_quantised_gguf_base_is_exported_checked_and_served_on_that_very_file(tmp_path):
     """The user's own quantised GGUF as the base: the adapter-only file is checked in llama.cpp on it (against the
-    adapter on the dequantised base in transformers) and its bundle serves it there; a merged GGUF is refused. (Weights
-    of a trained model's size: llama_pair's large ones make q8_0's rounding of activations look like a model change.)"""
+    adapter on the dequantised base in transformers) and its bundle serves it there; a merged GGUF goes through the
+    dequantised weights, keeps that GGUF's tokenizer, and says so. (Weights of a trained model's size: llama_pair's
+    large ones make q8_0's rounding of activations look like a model change.)"""
+    import gguf
+
     base, adapter = model_pair(tmp_path / "pair", "llama")
     base_gguf = export(base, tmp_path / "mine.q8_0.gguf", type_name="q8_0", verify=False).out
     source = resolve_source(base_gguf)
-    merged = plan_export(ExportRequest(source, tmp_path / "m.gguf", "gguf", "q8_0", adapter=adapter))
-    assert "this base is a GGUF file" in merged.refusal and "gguf-lora" in merged.hint
     lora = export_gguf(ExportRequest(source, tmp_path / "a.lora-f32.gguf", "gguf-lora", "f32", adapter=adapter))
     assert lora.verification.status == "pass", lora.verification.summary()
     assert llama_arguments(lora.bundle.commands["llama-server"]) == {
@@ -427,3 +429,51 @@ def test_an_adapter_on_a_quantised_gguf_base_is_exported_checked_and_served_on_t
     assert "vllm" not in lora.bundle.commands  # vLLM serves a Hugging Face model; this GGUF names no Hub id
     prompt = [7, 50, 60, 70]
     assert answers(lora.bundle.commands["llama-cpp-python server"], prompt) == hf_greedy(base, adapter, prompt, 6)
+
+    from lora_studio.core.session import Session
+
+    session = Session()  # the window's way: the session's model is the reference (one load less)
+    session.load(source)
+    session.attach(adapter, "a")
+    request = ExportRequest(source, tmp_path / "m.q8_0.gguf", "gguf", "q8_0", adapter=adapter, adapter_name="a")
+    try:
+        merged = export_gguf(request, session=session)
+    finally:
+        session.close()
+    assert merged.verification.status == "pass", merged.verification.summary()
+    assert "quantisation error" in (merged.bundle.folder / "README.md").read_text()
+    tokenizer_fields = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre")
+    fields = [gguf.GGUFReader(str(path)).fields for path in (base_gguf, merged.out)]
+    for name in tokenizer_fields:
+        assert fields[0][name].contents() == fields[1][name].contents(), name
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no dequantised copy left
+
+
+def test_the_vllm_serving_plan_fits_adapter_slots_beside_an_8b_model():
+    """docs/serving.md's example: Llama 3 8B, a rank-16 adapter on every linear layer, a 24 GiB GPU."""
+    from lora_studio.core.export.serving_plan import serving_plan, slot_bytes
+
+    config = {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 14336,
+    }
+    assert slot_bytes(config, 16) == 80 * 1024**2
+    plan = serving_plan(config, 8_030_261_248, 41_943_040, 16, 24.0)
+    assert (plan.fit, plan.max_loras, plan.max_cpu_loras) == (21, 16, 64)
+    assert plan.flags() == " --max-loras 16 --max-cpu-loras 64"
+    small = serving_plan(config, 8_030_261_248, 41_943_040, 16, 16.0)
+    assert small.max_loras == 0 and small.flags() == "" and "pick a larger GPU" in small.lines()[0]
+
+
+def test_an_adapter_bundle_names_vllm_slots_for_the_gpu_asked(llama_pair, tmp_path):
+    base, adapter = llama_pair
+    result = export(base, tmp_path / "a.lora.gguf", "gguf-lora", "f16", adapter=adapter, verify=False, serve_gpu_gib=8)
+    assert result.bundle.serving_plan is not None and result.bundle.serving_plan.gpu_bytes == 8 * 1024**3
+    assert "--max-loras 16 --max-cpu-loras 64" in result.bundle.commands["vllm"]
+    readme = (result.bundle.folder / "README.md").read_text()
+    assert "## vLLM: adapters beside the model" in readme and "docs/serving.md" in readme
+    assert result.to_json()["bundle"]["vllm_plan"]["max_loras"] == 16

@@ -57,6 +57,7 @@ def export_request(panel: MergeTab, out: Path | None = None) -> ExportRequest:
         adapter=Path(row.path) if row else None,
         adapter_name=row.name if row else None,
         verify=panel.output.verify_check.isChecked(),
+        serve_gpu_gib=panel.output.serve_gpu_spin.value(),
     )
 
 
@@ -68,7 +69,8 @@ def suggested_path(panel: MergeTab) -> Path | None:
     rows = panel.checked_rows()
     adapter = f"-{rows[0].name}" if rows else ""
     kind = "lora-" if panel.output.format() == "gguf-lora" else ""
-    return base.parent / f"{base.name}{adapter}.{kind}{panel.output.gguf_type()}.gguf"
+    name = base.stem if base.suffix.lower() == ".gguf" else base.name  # a GGUF base: its name, not "x.gguf-…"
+    return base.parent / f"{name}{adapter}.{kind}{panel.output.gguf_type()}.gguf"
 
 
 def refresh_export_plan(panel: MergeTab, seq: int) -> Job | None:

@@ -33,6 +33,7 @@ from lora_studio.core.adapters.combinations import (
 from lora_studio.core.errors import UserError
 from lora_studio.core.export import DEFAULT_TYPE, OUTPUT_TYPES
 from lora_studio.core.export.adapter import ADAPTER_TYPES
+from lora_studio.core.export.serving_plan import DEFAULT_GPU_GIB
 from lora_studio.core.merge import AdapterSpec, MergeOptions
 from lora_studio.core.merge.plan import EngineName
 from lora_studio.core.model.dtypes import DTYPES
@@ -253,6 +254,15 @@ class OutputBox(QGroupBox):
             self.gguf_type_combo.addItem(f"{spec.name} — {spec.description}", spec.name)
         self.gguf_type_combo.setCurrentIndex(list(OUTPUT_TYPES).index(DEFAULT_TYPE))
         self.gguf_type_combo.setToolTip("the GGUF's weight type; the K-quants are written by llama.cpp's quantiser")
+        self.serve_gpu_spin = QDoubleSpinBox()
+        self.serve_gpu_spin.setRange(1.0, 4096.0)
+        self.serve_gpu_spin.setDecimals(0)
+        self.serve_gpu_spin.setValue(DEFAULT_GPU_GIB)
+        self.serve_gpu_spin.setSuffix(" GiB")
+        self.serve_gpu_spin.setToolTip(
+            "the GPU the serving notes plan vLLM on: how many adapters like this one fit beside the model "
+            "(--max-loras, --max-cpu-loras)"
+        )
         self.out_edit = QLineEdit()
         self.out_edit.setPlaceholderText("folder for the merged model (created)")
         self.out_edit.setClearButtonEnabled(True)
@@ -297,6 +307,7 @@ class OutputBox(QGroupBox):
         form.addRow("Engine", self.engine_combo)
         form.addRow("", self.engine_note)
         form.addRow("GGUF type", self.gguf_type_combo)
+        form.addRow("vLLM GPU", self.serve_gpu_spin)
         form.addRow("", checks)
         form.addRow("", self.install_btn)
         self._dtype_for: str | None = None  # the base whose dtype the dtype box was last set to
@@ -307,6 +318,7 @@ class OutputBox(QGroupBox):
         for signal in (
             self.format_combo.currentIndexChanged,
             self.gguf_type_combo.currentIndexChanged,
+            self.serve_gpu_spin.valueChanged,
             self.out_edit.textChanged,
             self.dtype_combo.currentIndexChanged,
             self.engine_combo.currentIndexChanged,
@@ -329,6 +341,7 @@ class OutputBox(QGroupBox):
             self.form.setRowVisible(widget, not gguf)
         self.safe_check.setVisible(not gguf)
         self.form.setRowVisible(self.gguf_type_combo, gguf)
+        self.form.setRowVisible(self.serve_gpu_spin, gguf)
         # an adapter-only GGUF is small: only the float types and q8_0
         model = self.gguf_type_combo.model()
         for i in range(self.gguf_type_combo.count()):
