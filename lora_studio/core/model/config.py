@@ -7,6 +7,7 @@ missing file is a UserError too unless the caller says it can do without (``miss
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -46,7 +47,17 @@ def read_config(source: ModelSource, *, missing_ok: bool = False) -> dict:
 
 def gguf_config(source: ModelSource) -> dict:
     """A GGUF base's configuration as transformers reads it from the file's metadata (the Hugging Face config.json
-    it stands for), as a dict; a damaged or foreign file is one UserError."""
+    it stands for), as a dict; a damaged or foreign file is one UserError. Remembered per file as it is (size and
+    time): reading the metadata parses every token of the vocabulary in Python, a minute for a 262k-token one."""
+    try:
+        stat = (source.path / str(source.gguf_file)).stat()
+    except OSError as exc:
+        raise UserError(f"{source.label}: {_short(exc)}", "choose the GGUF file again") from exc
+    return dict(_gguf_config(source, stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(source: ModelSource, size: int, mtime_ns: int) -> dict:
     from transformers import AutoConfig
 
     try:

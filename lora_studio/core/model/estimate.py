@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -119,6 +120,17 @@ def _meta_footprint(source: ModelSource, config: dict) -> ModelFootprint:
 
 
 def _gguf_footprint(source: ModelSource) -> ModelFootprint:
+    """Remembered per file as it is: gguf's reader parses every token of the vocabulary in Python."""
+    try:
+        stat = source.file.stat()
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise UserError(f"{source.file.name} cannot be read ({reason})", "choose the GGUF file again") from exc
+    return _gguf_footprint_of(source, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_footprint_of(source: ModelSource, size: int, mtime_ns: int) -> ModelFootprint:
     try:
         import gguf
     except ImportError as exc:  # pragma: no cover - gguf is a dependency
