@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from lora_studio.core.errors import UserError
-from lora_studio.core.export.runtime import INSTALL_HINT, PINNED, llama_cpp_version
+from lora_studio.core.export.runtime import INSTALL_HINT, PINNED, llama_cpp_version, restart_needed
 
 # what is unpacked from the source distribution's vendor/llama.cpp
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py", "LICENSE")
@@ -46,6 +46,8 @@ def converter_refusal() -> str | None:
     folder = converter_folder()
     if not all((folder / name).exists() for name in CONVERTER_FILES):
         return f"llama.cpp's converter is not unpacked in {folder}"
+    if restart_needed():
+        return "llama.cpp was installed while LoRA Studio was running: restart LoRA Studio to export GGUF files"
     return None
 
 

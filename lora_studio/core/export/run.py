@@ -103,7 +103,7 @@ class ExportPlan:
     disk_needed_bytes: int
     disk_free_bytes: int | None
     tensors: int
-    needs_llama_cpp: bool
+    quantiser: bool  # written by llama.cpp's quantiser from the converter's f16 file
     llama_cpp: str | None  # the installed llama-cpp-python version
     refusal: str | None = None
     hint: str = ""
@@ -224,7 +224,8 @@ def plan_export(request: ExportRequest) -> ExportPlan:
             reference = sum(info.nbytes for _, info in stream.sources.values())
         peak = max(peak, reference + WORKING_SET, size + WORKING_SET)
     free = free_disk(request.out)
-    plan = ExportPlan(request.format, type_name, size, peak, disk, free, tensors, True, llama_cpp)
+    quantiser = request.format == "gguf" and spec.writer == "llama.cpp"
+    plan = ExportPlan(request.format, type_name, size, peak, disk, free, tensors, quantiser, llama_cpp)
     if free is not None and free < disk:
         return replace(plan, refusal=f"needs {format_bytes(disk)} of disk, {format_bytes(free)} is free")
     return plan

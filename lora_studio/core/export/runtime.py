@@ -110,7 +110,19 @@ def install_llama_cpp(*, cancel: CancelToken, report: Report = no_report) -> str
     version = llama_cpp_version()
     if version is None:
         raise UserError(f"pip reported success but {PACKAGE} is not importable", "see the log file")
+    if "gguf" in sys.modules:  # this process keeps the gguf it imported; the converter needs the one just installed
+        _restart.needed = True
     return version
+
+
+class _restart:
+    needed = False
+
+
+def restart_needed() -> bool:
+    """True when llama.cpp (and its gguf-py) was installed after this process imported gguf: GGUF export then
+    waits for a restart, so the converter never runs on another version of gguf than its own."""
+    return _restart.needed
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.export import ExportPlan, ExportRequest, export_gguf, plan_export
-from lora_studio.core.export.runtime import install_llama_cpp, llama_cpp_version
+from lora_studio.core.export.runtime import install_llama_cpp, restart_needed
 from lora_studio.gui.base.jobs import Job
 
 if TYPE_CHECKING:
@@ -91,11 +91,7 @@ def refresh_export_plan(panel: MergeTab, seq: int) -> Job | None:
 
 def plan_text(plan: ExportPlan) -> str:
     text = f"Needs: {plan.summary()}."
-    if plan.needs_llama_cpp:
-        text += " Written through llama.cpp's quantiser."
-    if llama_cpp_version() is None:
-        text += " llama.cpp is not installed: the file is not checked in llama.cpp (Install llama.cpp… below)."
-    return text
+    return text + " Written by llama.cpp's converter" + (", then its quantiser." if plan.quantiser else ".")
 
 
 def start_export(panel: MergeTab, out: Path) -> Job | None:
@@ -145,7 +141,9 @@ def install(panel: MergeTab) -> Job | None:
         )
         .on_success(
             lambda version: panel.show_message(
-                f"llama.cpp {version} is installed: K-quant types and checking exports in llama.cpp are on", "ok"
+                f"llama.cpp {version} is installed"
+                + (": restart LoRA Studio to export GGUF files" if restart_needed() else ": GGUF export is on"),
+                "warn" if restart_needed() else "ok",
             )
         )
         .on_cancel(lambda: panel.show_message("llama.cpp installation cancelled", "warn"))

@@ -104,6 +104,7 @@ def test_install_llama_cpp_runs_in_the_background_and_hides_the_button(
     fake_pip = "import time\nfor line in ('Collecting llama-cpp-python', 'Building wheel for llama-cpp-python'):\n"
     fake_pip += "    print(line, flush=True); time.sleep(0.3)\nprint('Installing collected packages')\n"
     monkeypatch.setattr(runtime, "install_command", lambda: [sys.executable, "-c", fake_pip])
+    monkeypatch.setattr(runtime._restart, "needed", False)  # put back after the test: it sets it
     monkeypatch.setattr(runtime, "llama_cpp_version", lambda: "0.3.36")
     monkeypatch.setattr(merge_panel_mod, "llama_cpp_version", lambda: installed[0] if installed else None)
     w = window
@@ -119,5 +120,7 @@ def test_install_llama_cpp_runs_in_the_background_and_hides_the_button(
     installed.append("0.3.36")
     panel.update_install_button()
     assert job.state == "finished" and "0.3.36 is installed" in panel.message.text()
+    # this process imported gguf before the install: the converter waits for a restart
+    assert "restart LoRA Studio" in panel.message.text() and runtime.restart_needed()
     assert any("building llama.cpp from source" in m for m in messages)
     assert not panel.output.install_btn.isVisibleTo(panel)
