@@ -245,7 +245,15 @@ def check_build_runs(model: Path, timeout_s: float = 120.0) -> None:
 class GgufRunner:
     """A GGUF loaded in llama.cpp (optionally with an adapter GGUF on top), for scoring and tokenising."""
 
-    def __init__(self, model: Path, lora: Path | None = None, n_ctx: int = 512, lora_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        model: Path,
+        lora: Path | None = None,
+        n_ctx: int = 512,
+        lora_scale: float = 1.0,
+        float32_cache: bool = False,
+    ) -> None:
+        """``float32_cache``: keys and values kept in float32 (llama.cpp's default, float16, rounds them)."""
         require_llama_cpp("checking the export in llama.cpp")
         check_build_runs(model)
         from llama_cpp import Llama
@@ -253,6 +261,8 @@ class GgufRunner:
         kwargs: dict[str, Any] = {}
         if lora is not None:
             kwargs.update(lora_path=str(lora), lora_scale=lora_scale)
+        if float32_cache:
+            kwargs.update(type_k=0, type_v=0)  # GGML_TYPE_F32
         with quiet_stderr():
             try:
                 self.llm = Llama(

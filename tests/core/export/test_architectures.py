@@ -1,9 +1,9 @@
 """Every tested architecture through llama.cpp's own converter, merged and adapter-only, answered by llama.cpp.
 
 Tiny real models of ten families (``arch_zoo``), each with a PEFT LoRA on every linear layer: the merged GGUF holds
-exactly the tensors llama.cpp's converter writes from the PEFT-merged Hugging Face folder, and llama.cpp's logits,
-merged or with the adapter-only file applied to the base's GGUF, are PEFT's within llama.cpp's own rounding (its
-default float16 KV cache, and a float16 GELU table for Gemma: about 2e-3 on these logits).
+exactly the tensors llama.cpp's converter writes from the PEFT-merged Hugging Face folder, and llama.cpp's logits
+(float32 KV cache), merged or with the adapter-only file applied to the base's GGUF, are PEFT's within float32 noise;
+Gemma's within llama.cpp's float16 GELU table (about 1e-3 on these logits).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from lora_studio.core.model.sources import resolve_source
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp's binding is installed by `make test`")
 
 PROMPT = [2, 50, 60, 70, 80, 90, 100]
-TOLERANCE = 5e-3
+TOLERANCE = 1e-4
+GELU_TABLE_TOLERANCE = 3e-3  # llama.cpp's CPU GELU reads a float16 table (Gemma's activation)
 TOKENIZER_FILES = ("tokenizer", "special_tokens", "chat_template", "added_tokens", "generation_config")
 
 
@@ -69,8 +70,9 @@ def test_merged_and_adapter_only_ggufs_are_llama_cpps_own_and_answer_as_peft(fam
     base_gguf = export(base, tmp_path / "base.f32.gguf", "gguf", "f32").out
     lora = export(base, tmp_path / "a.lora-f32.gguf", "gguf-lora", "f32", adapter=adapter, base_gguf=base_gguf).out
     expected = peft_logits(base, adapter)
-    assert abs(peft_logits(base, None) - expected).max() > 5 * TOLERANCE  # the adapter matters
-    with GgufRunner(merged.out) as runner:
-        assert abs(runner.logits(PROMPT) - expected).max() < TOLERANCE, "merged"
-    with GgufRunner(base_gguf, lora=lora) as runner:
-        assert abs(runner.logits(PROMPT) - expected).max() < TOLERANCE, "adapter-only"
+    tolerance = GELU_TABLE_TOLERANCE if family.startswith("gemma") else TOLERANCE
+    assert abs(peft_logits(base, None) - expected).max() > 10 * tolerance  # the adapter matters
+    with GgufRunner(merged.out, float32_cache=True) as runner:
+        assert abs(runner.logits(PROMPT) - expected).max() < tolerance, "merged"
+    with GgufRunner(base_gguf, lora=lora, float32_cache=True) as runner:
+        assert abs(runner.logits(PROMPT) - expected).max() < tolerance, "adapter-only"
