@@ -54,20 +54,25 @@ def tiny_gpt2(models_dir):
     return factories.make_gpt2(models_dir / "tiny-gpt2")
 
 
-@pytest.fixture(scope="session")
-def llama_adapters(models_dir, tiny_llama):
-    """Two adapters for tiny_llama with different targets and seeds: {'alpha': path, 'beta': path}."""
+def two_adapters(base, folder, prefix: str = "adapter") -> dict:
+    """Two adapters for ``base`` with different targets and seeds: {'alpha': path, 'beta': path}."""
     return {
-        "alpha": factories.make_adapter(tiny_llama, models_dir / "adapter-alpha", seed=11),
+        "alpha": factories.make_adapter(base, folder / f"{prefix}-alpha", seed=11),
         "beta": factories.make_adapter(
-            tiny_llama,
-            models_dir / "adapter-beta",
+            base,
+            folder / f"{prefix}-beta",
             seed=12,
             r=8,
             lora_alpha=16,
             target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
         ),
     }
+
+
+@pytest.fixture(scope="session")
+def llama_adapters(models_dir, tiny_llama):
+    """Two adapters for tiny_llama with different targets and seeds: {'alpha': path, 'beta': path}."""
+    return two_adapters(tiny_llama, models_dir)
 
 
 @pytest.fixture(scope="session")
@@ -82,17 +87,7 @@ def gguf_llama(models_dir):
 @pytest.fixture(scope="session")
 def gguf_llama_adapters(models_dir, gguf_llama):
     """Two adapters for gguf_llama, as llama_adapters: {'alpha': path, 'beta': path}."""
-    return {
-        "alpha": factories.make_adapter(gguf_llama, models_dir / "gguf-adapter-alpha", seed=11),
-        "beta": factories.make_adapter(
-            gguf_llama,
-            models_dir / "gguf-adapter-beta",
-            seed=12,
-            r=8,
-            lora_alpha=16,
-            target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
-        ),
-    }
+    return two_adapters(gguf_llama, models_dir, "gguf-adapter")
 
 
 @pytest.fixture(scope="session")
