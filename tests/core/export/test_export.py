@@ -140,25 +140,6 @@ def test_rslora_scaling_is_folded_into_the_adapter_gguf(llama_pair, tmp_path):
     assert result.verification.status == "pass", result.verification.summary()
 
 
-def test_streamed_merge_has_the_tensors_of_the_merge_save_convert_recipe(llama_pair, tmp_path):
-    """The seed recipe (PEFT merge_and_unload, save_pretrained) then a plain conversion of that folder."""
-    import gguf
-
-    base, adapter = llama_pair
-    model = factories.peft_model(base, {"a": adapter}).merge_and_unload()
-    folder = tmp_path / "seed"
-    model.save_pretrained(folder)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (Path(base) / f).exists():
-            shutil.copy(Path(base) / f, folder / f)
-    for type_name in ("f16", "q8_0"):
-        streamed = export(base, tmp_path / f"s.{type_name}.gguf", type_name=type_name, adapter=adapter, verify=False)
-        seed = export(folder, tmp_path / f"seed.{type_name}.gguf", type_name=type_name, verify=False)
-        a = {t.name: bytes(t.data) for t in gguf.GGUFReader(str(streamed.out)).tensors}
-        b = {t.name: bytes(t.data) for t in gguf.GGUFReader(str(seed.out)).tensors}
-        assert a == b
-
-
 def test_a_broken_chat_template_and_a_lost_eos_are_caught(llama_pair, tmp_path):
     base, _ = llama_pair
     cases = {
