@@ -186,9 +186,9 @@ def plan_export(request: ExportRequest) -> ExportPlan:
         peak = size * 4 + WORKING_SET
         disk = size
     elif stream is None:  # a GGUF base: merged through its dequantised weights, saved for the converter a moment
-        params = read_footprint(request.source).params
+        footprint = read_footprint(request.source)  # read once per file: the GGUF's reader is slow
+        params, tensors = footprint.params, footprint.tensors
         size = int(params * spec.bits_per_weight / 8)
-        tensors = _tensor_count(request.source.file)
         disk = params * 4 + size + (params * 2 if spec.writer == "llama.cpp" else 0)
         peak = params * 4 * 2 + _adapter_bytes(request.adapter, "f32") + WORKING_SET
     else:
@@ -447,15 +447,6 @@ def _dequantised_base(request: ExportRequest, beside: Path, cancel: CancelToken,
         yield folder
 
 
-def _tensor_count(path: Path) -> int:
-    try:
-        import gguf
-
-        return len(gguf.GGUFReader(str(path)).tensors)
-    except Exception:  # noqa: BLE001 - only the plan's count
-        return 0
-
-
 def _model_name(request: ExportRequest) -> str:
     base = hub_id(request.source) or request.source.label
     if request.adapter is None:
@@ -563,7 +554,7 @@ def export_card(
     type_name: str,
     out: Path,
     verification: export_verify.GgufVerification,
-    arch: ConverterArchitecture | None = None,
+    arch: ConverterArchitecture,
 ) -> str:
     """What the file is and how it was proven: the bundle's README and the window's summary."""
     badge = verification.status.upper()
@@ -581,12 +572,8 @@ def export_card(
             else []
         ),
         f"- adapter: {request.adapter_label or 'none'}",
-        f"- written by LoRA Studio {__version__}"
-        + (
-            f" with llama.cpp's own converter (llama-cpp-python {PINNED_VERSION}), as {arch.hf_name} → {arch.gguf_name}"
-            if arch
-            else ""
-        ),
+        f"- written by LoRA Studio {__version__} with llama.cpp's own converter (llama-cpp-python {PINNED_VERSION}), "
+        f"as {arch.hf_name} → {arch.gguf_name}",
     ]
     if verification.sample:
         s = verification.sample

@@ -74,27 +74,27 @@ class ServingPlan:
         ]
 
 
-def slot_bytes(config: dict, max_lora_rank: int, dtype_bytes: int = 2) -> int:
-    """One vLLM adapter slot: every LoRA-capable linear of every layer at ``max_lora_rank`` (see the module doc)."""
+def _dimensions(config: dict) -> tuple[int, int, int, int, int]:
+    """(layers, hidden, q, kv, ffn) of a decoder config: q = heads × head_dim, kv = kv_heads × head_dim."""
     hidden = int(config.get("hidden_size") or 0)
-    layers = int(config.get("num_hidden_layers") or 0)
     heads = int(config.get("num_attention_heads") or 1)
     kv_heads = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or hidden // max(1, heads))
     ffn = int(config.get("intermediate_size") or 4 * hidden)
-    q, kv = heads * head_dim, kv_heads * head_dim
+    return int(config.get("num_hidden_layers") or 0), hidden, heads * head_dim, kv_heads * head_dim, ffn
+
+
+def slot_bytes(config: dict, max_lora_rank: int, dtype_bytes: int = 2) -> int:
+    """One vLLM adapter slot: every LoRA-capable linear of every layer at ``max_lora_rank`` (see the module doc)."""
+    layers, hidden, q, kv, ffn = _dimensions(config)
     per_rank = (hidden + q) + 2 * (hidden + kv) + (q + hidden) + 2 * (hidden + ffn) + (ffn + hidden)
     return layers * max_lora_rank * per_rank * dtype_bytes
 
 
 def kv_bytes(config: dict, dtype_bytes: int = 2) -> int:
     """The KV cache for KV_SEQUENCES × KV_TOKENS tokens (keys and values of every layer)."""
-    hidden = int(config.get("hidden_size") or 0)
-    heads = int(config.get("num_attention_heads") or 1)
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // max(1, heads))
-    per_token = 2 * int(config.get("num_hidden_layers") or 0) * kv_heads * head_dim * dtype_bytes
-    return per_token * KV_SEQUENCES * KV_TOKENS
+    layers, _, _, kv, _ = _dimensions(config)
+    return 2 * layers * kv * dtype_bytes * KV_SEQUENCES * KV_TOKENS
 
 
 def serving_plan(

@@ -34,6 +34,7 @@ class ModelFootprint:
     checkpoint_dtype: str  # "float32", "bfloat16", "float16", or e.g. "gguf:Q4_1"
     tied_embeddings: bool
     checkpoint_bytes: int
+    tensors: int = 0  # tensors the checkpoint holds, where its headers were read (0: not counted)
 
 
 # "offload": fits only with part of the weights on the CPU (device_map "auto")
@@ -91,7 +92,13 @@ def read_footprint(source: ModelSource) -> ModelFootprint:
     st_dtype = dtypes.most_common(1)[0][0] if dtypes else "F32"
     archs = config.get("architectures") or ["?"]
     return ModelFootprint(
-        str(archs[0]), str(config.get("model_type", "?")), params, ST_TO_NAME.get(st_dtype, st_dtype), tied, nbytes
+        str(archs[0]),
+        str(config.get("model_type", "?")),
+        params,
+        ST_TO_NAME.get(st_dtype, st_dtype),
+        tied,
+        nbytes,
+        len(names),
     )
 
 
@@ -157,6 +164,7 @@ def _gguf_footprint_of(source: ModelSource, size: int, mtime_ns: int) -> ModelFo
         checkpoint_dtype="gguf:" + gguf_quantisation(reader),
         tied_embeddings="output.weight" not in names,
         checkpoint_bytes=size,
+        tensors=len(reader.tensors),
     )
 
 
