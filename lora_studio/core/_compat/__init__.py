@@ -13,7 +13,9 @@ Each hook is its own module, named after what it hooks:
 - :mod:`.peft_config`: LoraConfig's field list copied for the locked PEFT, so that reading an adapter
   config does not import PEFT;
 - :mod:`.gguf_progress`: the tensors gguf's ``GGUFWriter.write_tensors_to_file`` writes, so that a GGUF export
-  reports each tensor as it is computed and written, and can be cancelled between tensors.
+  reports each tensor as it is computed and written, and can be cancelled between tensors;
+- :mod:`.ggml_quantize`: gguf's ``quants.quantize``, so that the converter's Q8_0 and BF16 tensors are quantised by
+  ggml's own C quantiser of the installed llama.cpp, on every core (byte for byte gguf-py's output).
 
 Policy, the same for every hook: a patch is swapped in only for the duration of a call and only for the
 calling thread (:func:`.swap.swapped`); before it is applied its target is checked, and if the target is
@@ -38,6 +40,7 @@ HOOK_MODULES = (
     "shared_prefix",
     "peft_config",
     "gguf_progress",
+    "ggml_quantize",
 )
 
 

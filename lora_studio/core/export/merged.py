@@ -12,11 +12,12 @@ tokenizer) before a byte is written.
 
 from __future__ import annotations
 
-import functools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_studio.core._compat.ggml_quantize import ggml_quantisers
 from lora_studio.core._compat.gguf_progress import reporting_writes
 from lora_studio.core.errors import UserError
 from lora_studio.core.export.converter import conversion, converter_architecture, converter_refusals
@@ -31,6 +32,9 @@ WRITING_STAGE = "writing GGUF tensor"
 PREPARING_STAGE = "preparing the GGUF (llama.cpp's converter)"
 # what the written types become in the converter's terms (a K-quant is written as f16/bf16, then quantised)
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+# a tensor the converter passes through unchanged is written in row blocks of about this many elements once it has
+# twice as many (an embedding or output head: otherwise the whole tensor in float32 at once, and its mapped pages)
+CHUNK_ELEMENTS = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -54,21 +58,38 @@ class ConverterPlan:
     architecture: str  # the Hugging Face class, e.g. "Qwen3ForCausalLM"
     gguf_architecture: str  # llama.cpp's, e.g. "qwen3"
     tensors: list[PlannedTensor]
-    vocab: VocabSummary
+    vocab: VocabSummary | None  # None: planned without the tokenizer
 
 
-def plan_tensors(base_folder: Path, type_name: str) -> ConverterPlan:
+def plan_tensors(base_folder: Path, type_name: str, *, tokenizer: bool = True) -> ConverterPlan:
     """Every tensor of the GGUF in file order, its type and size, and the tokenizer: llama.cpp's converter in a
     dry run (headers and the tokenizer are read; no tensor is). Whatever the converter refuses is a UserError.
-    Remembered for the folder as it is (its files' sizes and times), so planning then exporting reads it once."""
+    ``tokenizer=False`` leaves the tokenizer out (``vocab`` is None): an export reads it anyway before writing a
+    byte, and it is a second of a small model's export. Remembered for the folder as it is (its files' sizes and
+    times), so the window's plan and the export that follows it run the dry run once."""
     folder = Path(base_folder).absolute()
     files = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()))
-    return _plan(folder, type_name, files)
+    key = (folder, type_name, files)
+    with _plans_lock:
+        remembered = _plans.get(key)
+    if remembered is not None and (remembered.vocab is not None or not tokenizer):
+        return remembered
+    plan = _plan(folder, type_name, tokenizer)
+    with _plans_lock:
+        _plans[key] = plan
+        while len(_plans) > 8:
+            del _plans[next(iter(_plans))]
+    return plan
 
 
-@functools.lru_cache(maxsize=8)
-def _plan(base_folder: Path, type_name: str, files: tuple) -> ConverterPlan:
-    model = _converter_model(base_folder, base_folder / "plan.gguf", type_name, None, None, dry_run=True)
+_plans: dict[tuple, ConverterPlan] = {}
+_plans_lock = threading.Lock()
+
+
+def _plan(base_folder: Path, type_name: str, tokenizer: bool) -> ConverterPlan:
+    model = _converter_model(
+        base_folder, base_folder / "plan.gguf", type_name, None, None, dry_run=True, tokenizer=tokenizer
+    )
     with converter_refusals(base_folder):
         model.prepare_tensors()
         model.prepare_metadata(vocab_only=False)
@@ -78,7 +99,8 @@ def _plan(base_folder: Path, type_name: str, files: tuple) -> ConverterPlan:
         for shard in writer.tensors
         for name, info in shard.items()
     ]
-    return ConverterPlan(model.hf_architecture, model.gguf_architecture, planned, _vocab_summary(writer))
+    vocab = _vocab_summary(writer) if tokenizer else None
+    return ConverterPlan(model.hf_architecture, model.gguf_architecture, planned, vocab)
 
 
 def write_merged_gguf(
@@ -106,18 +128,19 @@ def write_merged_gguf(
         cancel.raise_if_cancelled()
         report(Progress(index, count, f"{WRITING_STAGE} {index + 1}/{count}", "tensors"))
 
-    with converter_refusals(base_folder):
-        model.prepare_tensors()
-        model.prepare_metadata(vocab_only=False)
-    writer = model.gguf_writer
-    count = sum(len(shard) for shard in writer.tensors)
-    reporting_writes(writer, before_tensor)
-    try:
-        writer.write_header_to_file(path=Path(out))
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-    finally:
-        writer.close()
+    with ggml_quantisers():  # queued (and, for a tensor written in row blocks, quantised at write time) with ggml's
+        with converter_refusals(base_folder):
+            model.prepare_tensors()
+            model.prepare_metadata(vocab_only=False)
+        writer = model.gguf_writer
+        count = sum(len(shard) for shard in writer.tensors)
+        reporting_writes(writer, before_tensor)
+        try:
+            writer.write_header_to_file(path=Path(out))
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=False)
+        finally:
+            writer.close()
     report(Progress(count, count, f"{WRITING_STAGE} {count}/{count}", "tensors"))
     return _vocab_summary(writer)
 
@@ -132,6 +155,7 @@ def _converter_model(
     dry_run: bool = False,
     model_name: str | None = None,
     vocab_from: Path | None = None,
+    tokenizer: bool = True,
 ) -> Any:
     """An instance of the converter's class for this base, reading the adapter's merged tensors."""
     import gguf
@@ -143,7 +167,7 @@ def _converter_model(
     with converter_refusals(folder):
         hparams = package.ModelBase.load_hparams(folder, False)
     arch = converter_architecture(hparams)
-    merging = _merging_class(arch.model_class, adapter, dtype, vocab_from)
+    merging = _merging_class(arch.model_class, adapter, dtype, vocab_from, tokenizer)
     with converter_refusals(folder):
         model = merging(
             folder,
@@ -159,20 +183,34 @@ def _converter_model(
 
 
 def _merging_class(
-    model_class: Any, adapter: StreamingAdapter | None, dtype: str | None, vocab_from: Path | None = None
+    model_class: Any,
+    adapter: StreamingAdapter | None,
+    dtype: str | None,
+    vocab_from: Path | None = None,
+    tokenizer: bool = True,
 ) -> Any:
     """The converter's class, reading each adapted weight with its LoRA update added (and taking its tokenizer
-    from the GGUF ``vocab_from`` when given)."""
+    from the GGUF ``vocab_from`` when given; no tokenizer at all for ``tokenizer=False``)."""
     import torch
 
     package = conversion()
     lazy_tensor = package.LazyTorchTensor
     out_dtype = getattr(torch, dtype) if dtype else None
+    merged_names: set[str] = set()
 
     class MergingModel(model_class):
         model_arch = model_class.model_arch
 
+        def modify_tensors(self, data_torch: Any, name: str, bid: int | None) -> list[tuple[str, Any]]:
+            produced = list(super().modify_tensors(data_torch, name, bid))
+            if not self.lazy or name in merged_names or name not in self.model_tensors:
+                return produced
+            # only what the converter hands on as it got it: the rows of the file, cast as a whole tensor would be
+            return [(new, _in_row_blocks(self.model_tensors[name], t) if t is data_torch else t) for new, t in produced]
+
         def set_vocab(self) -> None:
+            if not tokenizer:
+                return
             if vocab_from is None:
                 super().set_vocab()
             else:
@@ -185,6 +223,7 @@ def _merging_class(
             assert out_dtype is not None  # a merge has a dtype
             for target, update in adapter.updates.items():
                 name = self._converter_name(target, tensors)
+                merged_names.add(name)
                 load = tensors[name]
                 merge = _merge_fn(update, target in adapter.transposed, out_dtype)
                 if self.lazy:
@@ -211,6 +250,33 @@ def _merging_class(
             return str(item[0])
 
     return MergingModel
+
+
+def _in_row_blocks(load: Any, tensor: Any) -> Any:
+    """``tensor`` (a lazy 2-D tensor the converter queues as the file has it, cast to float32 when it was neither
+    float16 nor float32) as gguf's ``LazyChunkedTensor``: each block of rows read from the file, cast and quantised
+    as it is written. Small tensors, and anything else, stay as they are."""
+    import gguf
+    import torch
+
+    shape = tuple(tensor.shape)
+    small = len(shape) != 2 or shape[0] * shape[1] < 2 * CHUNK_ELEMENTS
+    if small or tensor.dtype not in (torch.float16, torch.float32):
+        return tensor
+    rows, columns = shape
+    step = max(1, CHUNK_ELEMENTS // columns)
+    dtype = tensor.dtype
+    lazy_tensor = conversion().LazyTorchTensor
+
+    def block(first: int) -> Any:
+        def read() -> Any:
+            # a fresh tensor of the file each time: the mapping of only these rows, let go after the block
+            rows_read = lazy_tensor.to_eager(load())[first : first + step]
+            return rows_read.to(dtype).contiguous().numpy()
+
+        return read
+
+    return gguf.LazyChunkedTensor([block(first) for first in range(0, rows, step)], shape, tensor.numpy().dtype)
 
 
 def copy_tokenizer(source: Path, writer: Any) -> None:

@@ -147,8 +147,9 @@ class ExportResult:
         }
 
 
-def plan_export(request: ExportRequest) -> ExportPlan:
-    """What the export needs, from headers alone; ``refusal`` says why it cannot start."""
+def plan_export(request: ExportRequest, *, tokenizer: bool = True) -> ExportPlan:
+    """What the export needs, from headers alone; ``refusal`` says why it cannot start. ``tokenizer=False``: the
+    converter's plan leaves out the tokenizer (the export reads, and refuses, it anyway before writing a byte)."""
     type_name = request.type_name
     llama_cpp = runtime.llama_cpp_version()
 
@@ -201,7 +202,7 @@ def plan_export(request: ExportRequest) -> ExportPlan:
                 )
         written = _written_type(type_name, base_dtype(request.source))
         try:
-            planned = plan_tensors(request.source.path, written).tensors
+            planned = plan_tensors(request.source.path, written, tokenizer=tokenizer).tensors
         except UserError as exc:
             return refused(exc.message, exc.hint)
         tensors = len(planned)
@@ -272,7 +273,7 @@ def export_gguf(
 
     cancel = cancel or CancelToken()
     started = time.perf_counter()
-    plan = plan_export(request)
+    plan = plan_export(request, tokenizer=False)
     if plan.refusal:
         raise UserError(plan.refusal, plan.hint)
     if request.source.gguf_file and request.base_gguf is None:

@@ -359,3 +359,61 @@ def test_config_keys_are_checked_against_peft_when_another_version_is_installed(
     assert read_adapter_config(llama_adapters["alpha"]).r == 4
     assert calls
     assert any("PEFT config field list" in m and "0.0.0" in m for m in compat_warnings(caplog))
+
+
+# -- ggml's quantiser ------------------------------------------------------------------------------------------------
+
+
+def _rows_to_quantise():
+    import numpy as np
+
+    rows = np.random.default_rng(3).standard_normal((600, 96)).astype(np.float32)  # blocks cross no row: 96 = 3 x 32
+    rows[7] = 0.0
+    rows[9, 5] = np.nan  # a NaN row: written as gguf-py writes it
+    return rows
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "BF16"])
+def test_ggml_quantiser_writes_gguf_pys_bytes_eager_and_lazy(type_name):
+    import gguf
+    import numpy as np
+    from gguf.lazy import LazyNumpyTensor
+
+    from lora_studio.core._compat import ggml_quantize
+
+    qtype = getattr(gguf.GGMLQuantizationType, type_name)
+    rows = _rows_to_quantise()
+    with np.errstate(all="ignore"):
+        expected = gguf.quants.quantize(rows, qtype)
+        with ggml_quantize.ggml_quantisers():
+            assert swap.is_swapped_in(gguf.quants, "quantize")
+            eager = gguf.quants.quantize(rows, qtype)
+            lazy = gguf.quants.quantize(LazyNumpyTensor.from_eager(rows), qtype)
+            odd = gguf.quants.quantize(rows[:, :40], gguf.GGMLQuantizationType.F16)  # not ours: gguf-py's
+        assert not swap.is_swapped_in(gguf.quants, "quantize")
+        assert isinstance(lazy, LazyNumpyTensor) and lazy.shape == expected.shape
+        assert eager.tobytes() == expected.tobytes() == LazyNumpyTensor.to_eager(lazy).tobytes()
+        assert odd.dtype == np.float16
+
+
+def test_ggml_quantiser_falls_back_to_gguf_py_when_ggml_is_missing(monkeypatch, caplog):
+    import gguf
+    import numpy as np
+
+    from lora_studio.core._compat import ggml_quantize
+
+    def missing():
+        raise OSError("libggml-base.so: cannot open shared object file")
+
+    ggml_quantize._inactive_reason.cache_clear()
+    monkeypatch.setattr(ggml_quantize, "_ggml_quantize_chunk", missing)
+    caplog.set_level(logging.WARNING)
+    try:
+        rows, qtype = _rows_to_quantise()[:64], gguf.GGMLQuantizationType.Q8_0
+        with np.errstate(all="ignore"), ggml_quantize.ggml_quantisers():
+            assert not swap.is_swapped_in(gguf.quants, "quantize")
+            assert gguf.quants.quantize(rows, qtype).tobytes() == gguf.quants.quantize(rows, qtype).tobytes()
+        assert "cannot open shared object" in ggml_quantize.checks()[ggml_quantize.TARGET]
+        assert any("ggml quantiser" in m and "plain path" in m for m in compat_warnings(caplog))
+    finally:
+        ggml_quantize._inactive_reason.cache_clear()

@@ -168,6 +168,34 @@ def _edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps(data))
 
 
+@pytest.mark.parametrize("type_name", ["q8_0", "bf16"])
+def test_big_tensors_the_converter_passes_on_are_written_in_row_blocks_with_the_same_bytes(
+    gguf_llama, gguf_llama_adapters, tmp_path, monkeypatch, type_name
+):
+    import gguf
+
+    def tensors(path: Path) -> dict[str, bytes]:
+        return {t.name: bytes(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+
+    adapter = gguf_llama_adapters["alpha"]
+    whole = export(gguf_llama, tmp_path / "whole.gguf", type_name=type_name, adapter=adapter, verify=False)
+    in_blocks = []
+    monkeypatch.setattr(merged_mod, "CHUNK_ELEMENTS", 4096)  # the 49,152-row embedding and head: 64 rows a block
+    monkeypatch.setattr(gguf.LazyChunkedTensor, "tofile", spy(gguf.LazyChunkedTensor.tofile, in_blocks))
+    blocks = export(gguf_llama, tmp_path / "blocks.gguf", type_name=type_name, adapter=adapter, verify=False)
+    # token_embd and output (49,152 rows), and the unadapted projections of 8,192 elements
+    assert len(in_blocks) >= 2 and {c.shape[0] for c in in_blocks} >= {49152}
+    assert tensors(blocks.out) == tensors(whole.out)
+
+
+def spy(function, calls: list):
+    def called(*args, **kwargs):
+        calls.append(args[0])
+        return function(*args, **kwargs)
+
+    return called
+
+
 def test_cancel_and_a_full_disk_leave_no_file(llama_pair, tmp_path, monkeypatch):
     base, adapter = llama_pair
     cancel = CancelToken()
