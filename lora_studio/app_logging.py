@@ -20,6 +20,9 @@ BACKUPS = 3
 DEBUG_ENV = "LORA_STUDIO_DEBUG"
 LOG_DIR_ENV = "LORA_STUDIO_LOG_DIR"  # another folder for the log (tests, portable installs)
 _FORMAT = "%(asctime)s %(levelname)-7s %(threadName)s %(name)s: %(message)s"
+# libraries that log warnings of their own at import (bitsandbytes, imported by PEFT, on a CPU without its optional
+# kernels package): their records go to the log file, not to the terminal through logging's last resort
+LIBRARY_LOGGERS = ("bitsandbytes",)
 
 _handler: logging.Handler | None = None
 
@@ -55,17 +58,26 @@ def setup_logging(front_end: str) -> Path | None:
         return current_log_path()
     try:
         path = log_path()
-        handler = logging.handlers.RotatingFileHandler(
+        handler: logging.Handler = logging.handlers.RotatingFileHandler(
             path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8", delay=True
         )
     except OSError:
+        _route_libraries(logging.NullHandler())
         return None
     handler.setFormatter(logging.Formatter(_FORMAT))
     handler.setLevel(level)
     package.addHandler(handler)
+    _route_libraries(handler)
     _handler = handler
     logging.getLogger(__name__).info("%s started (pid %d, LoRA Studio %s)", front_end, os.getpid(), _version())
     return path
+
+
+def _route_libraries(handler: logging.Handler) -> None:
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.addHandler(handler)
+        library.propagate = False
 
 
 def current_log_path() -> Path | None:

@@ -57,3 +57,16 @@ def test_log_panel_shows_the_file_and_logs_its_lines(qtbot, caplog):
     with caplog.at_level("INFO", logger="lora_studio"):
         panel.log("merged pirate", "error", "the detail")
     assert any("merged pirate" in r.getMessage() and "the detail" in r.getMessage() for r in caplog.records)
+
+
+def test_a_librarys_own_warning_goes_to_the_file_not_the_terminal(tmp_path):
+    # bitsandbytes warns at import (PEFT imports it) on a CPU without its optional kernels package
+    code = (
+        "import logging; from lora_studio.app_logging import setup_logging; p = setup_logging('t'); "
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('optional kernels missing'); print(p)"
+    )
+    env = dict(os.environ, LORA_STUDIO_DATA_DIR=str(tmp_path / "d"))
+    env.pop("LORA_STUDIO_LOG_DIR", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stderr == ""
+    assert "optional kernels missing" in Path(out.stdout.strip()).read_text()

@@ -32,6 +32,16 @@ def add_base_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo", action="store_true", help="use the embedded demo model (SmolLM2-135M-Instruct)")
 
 
+def add_quantize_argument(parser: argparse.ArgumentParser, purpose: str = "load the base") -> None:
+    from lora_studio.core.model.quantize import QUANTIZE_CHOICES
+
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        help=f"{purpose} with its linear weights in 4 bits (nf4, fp4) or 8 (int8), through bitsandbytes",
+    )
+
+
 def add_adapter_argument(
     parser: argparse.ArgumentParser, help_text: str = "adapter folder, optionally named: NAME=PATH (repeatable)"
 ) -> None:

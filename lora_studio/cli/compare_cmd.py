@@ -16,6 +16,7 @@ from lora_studio.cli.common import (
     SubParsers,
     add_adapter_argument,
     add_base_argument,
+    add_quantize_argument,
     check_report_path,
     parse_adapter_specs,
     print_json,
@@ -58,6 +59,7 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("--reference", metavar="NAME", help="the column divergence is measured against (default: the first)")
     p.add_argument("--sequential", action="store_true", help="run variants one at a time instead of one mixed batch")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load in (default float32)")
+    add_quantize_argument(p, "load the base")
     p.add_argument("--device-map", default="cpu", help="cpu, cuda:N or auto (default cpu)")
     p.add_argument("--report", metavar="FILE", help="also write a report: .html, .md, .jsonl, .csv or .json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report file")
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_base(args, report=progress)
     session = Session()
     try:
-        session.load(source, dtype=args.dtype, device_map=args.device_map, report=progress)
+        session.load(source, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize, report=progress)
         variants = [comparison.Variant.base()] if args.base_variant else []
         for name, path in adapters:
             session.attach(path, name, report=progress)

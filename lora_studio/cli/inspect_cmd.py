@@ -12,6 +12,7 @@ from lora_studio.cli.common import (
     SubParsers,
     add_adapter_argument,
     add_base_argument,
+    add_quantize_argument,
     human_bytes,
     parse_adapter_specs,
     print_json,
@@ -30,6 +31,7 @@ def add_parser(sub: SubParsers) -> None:
     add_adapter_argument(p)
     p.add_argument("--dtype", choices=DTYPES, help="dtype for the memory estimate (default: the checkpoint's)")
     p.add_argument("--device-map", default="cpu", help="cpu, cuda:N or auto, for the memory estimate (default: cpu)")
+    add_quantize_argument(p, "estimate the memory of the base")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -39,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
 
     adapters = parse_adapter_specs(args.adapter)
     source = resolve_base(args)
-    report = inspect_base_and_adapters(source, adapters, dtype=args.dtype, device_map=args.device_map)
+    report = inspect_base_and_adapters(
+        source, adapters, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize
+    )
     if args.json:
         print_json(report.to_json())
     else:
@@ -56,7 +60,8 @@ def render(report: InspectReport) -> str:
         f"Arch       {fp.architecture} ({fp.model_type})",
         f"Params     {fp.params:,}" + ("  (tied embeddings counted once)" if fp.tied_embeddings else ""),
         f"Checkpoint {fp.checkpoint_dtype}, {human_bytes(fp.checkpoint_bytes)} on disk",
-        f"Memory     {b.dtype} on {b.device_map}: ~{human_bytes(b.needed_bytes)} -> "
+        f"Memory     {b.dtype}{f' ({report.quantize})' if report.quantize else ''} on {b.device_map}: "
+        f"~{human_bytes(b.needed_bytes)} -> "
         f"{b.verdict.replace('_', ' ')} ({b.explanation})",
     ]
     for a in report.adapters:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from lora_studio.cli.common import (
     SubParsers,
     add_base_argument,
+    add_quantize_argument,
     output_path,
     print_json,
     resolve_base,
@@ -67,6 +68,7 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("--whole-text-loss", action="store_true", help="compute the loss on prompts too")
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="dtype to train in (float32 on the CPU)")
     p.add_argument("--device", default=d.device, help="cpu or cuda:N")
+    add_quantize_argument(p, "QLoRA: train on the base")
     p.add_argument(
         "--keep", choices=("best", "last"), default=d.keep, help="save the best (by validation loss) or last"
     )
@@ -108,6 +110,7 @@ def settings_from(args: argparse.Namespace) -> TrainSettings:
         completion_only=not args.whole_text_loss,
         dtype=args.dtype,
         device=args.device,
+        quantize=args.quantize,
         keep=args.keep,
         baseline=args.baseline,
     )

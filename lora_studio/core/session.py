@@ -25,12 +25,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from lora_studio.core._compat import bnb_cpu_unpack
 from lora_studio.core.adapters import combinations, compatibility
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.io.paths import utf8_path
 from lora_studio.core.model.config import read_config_file
 from lora_studio.core.model.estimate import ModelFootprint, read_footprint
+from lora_studio.core.model.quantize import Quantize, check_quantize, quantization_label
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system import garbage
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
@@ -83,6 +85,7 @@ class Session:
         self.tokenizer: Any = None
         self.tokenizer_source: Path | None = None  # an adapter folder whose tokenizer replaced the base's
         self.quantization: str | None = None  # e.g. "bitsandbytes 4-bit" when the base's weights are quantized
+        self.quantize: Quantize | None = None  # the quantisation asked for on load (None: as the checkpoint is)
         self.dtype: str | None = None
         self.device_map: str | None = None
         self._adapters: dict[str, AttachedAdapter] = {}
@@ -150,26 +153,28 @@ class Session:
         dtype: str = "float32",
         device_map: str = "cpu",
         trust_remote_code: bool = False,
+        quantize: Quantize | None = None,
         cancel: CancelToken | None = None,
         report: Report = no_report,
     ) -> SessionState:
+        """Load ``source`` as the session's base (replacing the one before). ``quantize``: its linear weights in 4
+        or 8 bits through bitsandbytes, computing in ``dtype``."""
         from lora_studio.core.model.loading import load_base
 
         cancel = cancel or CancelToken()
         check_device(device_map)
         footprint = read_footprint(source)
         # read_footprint has already refused a damaged config.json
-        quant = (
-            None
-            if source.gguf_file
-            else compatibility.quantization_label(read_config_file(source.path, missing_ok=True))
-        )
+        config = {} if source.gguf_file else read_config_file(source.path, missing_ok=True)
+        check_quantize(quantize, source, config)
+        quant = quantization_label(quantize, dtype) if quantize else compatibility.quantization_label(config)
         try:
             model, tokenizer = load_base(
                 source,
                 dtype=dtype,
                 device_map=device_map,
                 trust_remote_code=trust_remote_code,
+                quantize=quantize,
                 cancel=cancel,
                 report=report,
             )
@@ -185,7 +190,7 @@ class Session:
             ) from exc
         with self.lock:
             self._release()
-            self.quantization = quant
+            self.quantization, self.quantize = quant, quantize
             self.source, self.footprint = source, footprint
             self.model, self.tokenizer = model, tokenizer
             self.dtype, self.device_map = dtype, device_map
@@ -200,6 +205,7 @@ class Session:
         self.tokenizer = None
         self.tokenizer_source = None
         self.quantization = None
+        self.quantize = None
         self.source = None
         self.footprint = None
         self._adapters.clear()
@@ -269,7 +275,9 @@ class Session:
         cancel = cancel or CancelToken()
         path = Path(path).expanduser().absolute()
         name = validate_adapter_name(adapter_name_for(path) if name is None else name)
-        with self.lock:
+        # PEFT's load_adapter and the check below read the model's state dict: on a CPU, a 4-bit base that has run a
+        # forward would come out of it with its block scales out of order (see _compat.bnb_cpu_unpack)
+        with self.lock, bnb_cpu_unpack.block_scales_restored():
             self.require_loaded()
             if name in self._adapters:
                 raise UserError(

@@ -1,4 +1,4 @@
-"""The one place where LoRA Studio patches library internals (transformers, PEFT, tokenizers, gguf).
+"""The one place where LoRA Studio patches library internals (transformers, PEFT, tokenizers, gguf, bitsandbytes).
 
 Each hook is its own module, named after what it hooks:
 
@@ -15,7 +15,11 @@ Each hook is its own module, named after what it hooks:
 - :mod:`.gguf_progress`: the tensors gguf's ``GGUFWriter.write_tensors_to_file`` writes, so that a GGUF export
   reports each tensor as it is computed and written, and can be cancelled between tensors;
 - :mod:`.ggml_quantize`: gguf's ``quants.quantize``, so that the converter's Q8_0 and BF16 tensors are quantised by
-  ggml's own C quantiser of the installed llama.cpp, on every core (byte for byte gguf-py's output).
+  ggml's own C quantiser of the installed llama.cpp, on every core (byte for byte gguf-py's output);
+- :mod:`.bnb_cpu_unpack`: bitsandbytes' ``_convert_weight_packed_for_cpu_inverse`` as ``Linear4bit`` calls it, so
+  that reading the state dict of a 4-bit base that ran on the CPU (PEFT's ``load_adapter`` does) leaves its block
+  scales in order; and its ``_convert_weight_packed_for_cpu`` during QLoRA training, so that an evaluation does not
+  pack the layers for an inference kernel that has no backward.
 
 Policy, the same for every hook: a patch is swapped in only for the duration of a call and only for the
 calling thread (:func:`.swap.swapped`); before it is applied its target is checked, and if the target is
@@ -41,6 +45,7 @@ HOOK_MODULES = (
     "peft_config",
     "gguf_progress",
     "ggml_quantize",
+    "bnb_cpu_unpack",
 )
 
 

@@ -65,7 +65,14 @@ def weight_shapes_from_headers(folder: Path) -> dict[str, tuple[int, ...]]:
 def weight_shapes_from_model(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of a loaded model, with PEFT wrapping removed from the names."""
     shapes = {}
+    # a quantised weight (bitsandbytes' 4-bit codes are packed two to a byte) has its layer's shape in its module
+    logical = {
+        f"{name}.weight": (int(m.out_features), int(m.in_features))
+        for name, m in model.named_modules()
+        if type(m).__name__ in ("Linear4bit", "Linear8bitLt") and hasattr(m, "in_features")
+    }
     for name, p in model.named_parameters():
+        shape = logical.get(name, tuple(p.shape))
         clean = adapter_files.strip_prefix(name).replace(".base_layer.", ".")
         if (
             ".lora_" in clean
@@ -74,7 +81,7 @@ def weight_shapes_from_model(model: torch.nn.Module) -> dict[str, tuple[int, ...
             or "token_adapter" in clean
         ):
             continue
-        shapes[clean] = tuple(p.shape)
+        shapes[clean] = shape
     if "lm_head.weight" not in shapes:
         emb = _embedding_shape(shapes)
         if emb is not None:

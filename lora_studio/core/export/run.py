@@ -273,6 +273,8 @@ def export_gguf(
 
     cancel = cancel or CancelToken()
     started = time.perf_counter()
+    if session is not None and session.quantize is not None:
+        session = None  # the file holds the full weights: its reference is the model in full precision, not 4-bit
     plan = plan_export(request, tokenizer=False)
     if plan.refusal:
         raise UserError(plan.refusal, plan.hint)

@@ -207,21 +207,39 @@ def estimate(
     footprint: ModelFootprint | None = None,
     gpus: list[nvml.GpuReading] | None = None,
     free_ram_bytes: int | None = None,
+    quantize: str | None = None,
 ) -> MemoryEstimate:
     """Predict the memory a load needs and say whether and where it fits.
 
-    ``gpus`` and ``free_ram_bytes`` default to live readings (NVML, psutil); tests pass their own.
+    ``gpus`` and ``free_ram_bytes`` default to live readings (NVML, psutil); tests pass their own. ``quantize``:
+    the linear weights in 4 or 8 bits (bitsandbytes), the embeddings and head in ``dtype``.
     """
     footprint = footprint or read_footprint(source)
     dtype = dtype or _default_dtype(footprint)
     check_dtype(dtype)
     weights = footprint.params * DTYPE_BYTES[dtype]
+    if quantize and not source.gguf_file:
+        weights = quantized_weight_bytes(footprint.params, read_config(source), dtype, quantize)
     needed = weights + max(int(weights * OVERHEAD_FRACTION), OVERHEAD_MIN_BYTES)
     if source.gguf_file:
         needed += footprint.params * 4  # GGUF tensors are dequantised to float32 first
     free_ram_bytes, free_gpu = free_memory(free_ram_bytes, gpus)
     verdict, where, why = judge(device_map, needed, free_ram_bytes, free_gpu)
     return MemoryEstimate(footprint, dtype, device_map, weights, needed, free_ram_bytes, free_gpu, verdict, where, why)
+
+
+# bytes per quantised value: the codes, and for 4 bits one float32 absmax per block of 64
+QUANTIZED_BYTES = {"nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64, "int8": 1.0 + 4 / 4096}
+
+
+def quantized_weight_bytes(params: int, config: dict, dtype: str, quantize: str) -> int:
+    """The weights of a base quantised on load: its embeddings (and an untied head) stay in ``dtype``, the rest
+    of its parameters, nearly all in linear layers, take QUANTIZED_BYTES each."""
+    vocab = int(config.get("vocab_size") or 0)
+    hidden = int(config.get("hidden_size") or 0)
+    kept = vocab * hidden * (1 if tied_embeddings(config) else 2)
+    kept = min(kept, params)
+    return int(kept * DTYPE_BYTES[dtype] + (params - kept) * QUANTIZED_BYTES[quantize])
 
 
 def free_memory(

@@ -21,6 +21,7 @@ from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.io.paths import utf8_path
 from lora_studio.core.model.config import read_config_file
 from lora_studio.core.model.dtypes import torch_dtype
+from lora_studio.core.model.quantize import Quantize, check_quantize, quantization_config
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
@@ -123,6 +124,7 @@ def load_base(
     dtype: str = "float32",
     device_map: str = "cpu",
     trust_remote_code: bool = False,
+    quantize: Quantize | None = None,
     cancel: CancelToken | None = None,
     report: Report = no_report,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -134,7 +136,13 @@ def load_base(
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     cancel.raise_if_cancelled()
     model = load_model(
-        source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, cancel=cancel, report=report
+        source,
+        dtype=dtype,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        quantize=quantize,
+        cancel=cancel,
+        report=report,
     )
     return model, tokenizer
 
@@ -145,10 +153,12 @@ def load_model(
     dtype: str = "float32",
     device_map: str = "cpu",
     trust_remote_code: bool = False,
+    quantize: Quantize | None = None,
     cancel: CancelToken | None = None,
     report: Report = no_report,
 ) -> PreTrainedModel:
-    """Load the weights alone (frozen, in eval mode), for a caller that has the tokenizer already."""
+    """Load the weights alone (frozen, in eval mode), for a caller that has the tokenizer already. ``quantize``:
+    the linear weights in 4 or 8 bits through bitsandbytes (see ``model.quantize``)."""
     cancel = cancel or CancelToken()
     offline_environment()
     check_remote_code(source, trust_remote_code)
@@ -164,6 +174,11 @@ def load_model(
         kwargs.update(dtype=torch_dtype(dtype), use_safetensors=_has_safetensors(source.path))
     if device_map != "cpu":
         kwargs["device_map"] = device_map
+    if quantize is not None:
+        check_quantize(quantize, source, read_config_file(source.path, missing_ok=True))
+        kwargs["quantization_config"] = quantization_config(quantize, dtype)
+        # bitsandbytes places its weights where the device map says: the CPU too must be named
+        kwargs["device_map"] = {"": "cpu"} if device_map == "cpu" else device_map
     if not source.gguf_file:
         from lora_studio.core.io.page_cache import warm_page_cache
 

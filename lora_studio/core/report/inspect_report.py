@@ -16,6 +16,7 @@ class InspectReport:
     source: ModelSource
     estimate: estimate.MemoryEstimate
     adapters: list[AdapterInspection] = field(default_factory=list)
+    quantize: str | None = None  # the estimate's quantisation on load (None: the checkpoint's own)
 
     def to_json(self) -> dict:
         fp = self.estimate.footprint
@@ -28,6 +29,7 @@ class InspectReport:
                 "model_type": fp.model_type,
                 "params": fp.params,
                 "dtype": self.estimate.dtype,
+                "quantize": self.quantize,
                 "checkpoint_dtype": fp.checkpoint_dtype,
                 "tied_embeddings": fp.tied_embeddings,
                 "estimated_bytes": self.estimate.needed_bytes,
@@ -56,10 +58,19 @@ def base_weight_shapes(source: ModelSource) -> dict[str, tuple[int, ...]]:
 
 
 def inspect_base_and_adapters(
-    source: ModelSource, adapters: list[tuple[str, Path]], *, dtype: str | None = None, device_map: str = "cpu"
+    source: ModelSource,
+    adapters: list[tuple[str, Path]],
+    *,
+    dtype: str | None = None,
+    device_map: str = "cpu",
+    quantize: str | None = None,
 ) -> InspectReport:
-    est = estimate.estimate(source, dtype, device_map)
-    report = InspectReport(source, est)
+    from lora_studio.core.model.config import read_config
+    from lora_studio.core.model.quantize import check_quantize
+
+    check_quantize(quantize, source, read_config(source, missing_ok=True))
+    est = estimate.estimate(source, dtype, device_map, quantize=quantize)
+    report = InspectReport(source, est, quantize=quantize)
     if not adapters:
         return report
     shapes = base_weight_shapes(source)

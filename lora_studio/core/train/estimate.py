@@ -1,6 +1,7 @@
 """How much memory a training run needs, before it starts, with the same verdict as loading.
 
-The parts on the training device: the base's weights (in the training dtype), the adapter with its
+The parts on the training device: the base's weights (in the training dtype; for QLoRA its linear weights in 4 or
+8 bits), the adapter with its
 gradients and AdamW's two states (float32), the activations the backward pass keeps for the chosen
 batch × length (with gradient checkpointing, TRL's default which the job keeps: each layer's input, plus
 one layer's activations while it is recomputed), and the logits in the training dtype with the float32
@@ -20,7 +21,7 @@ from dataclasses import dataclass, replace
 from lora_studio.core.io.safetensors_format import read_headers
 from lora_studio.core.model.config import read_config
 from lora_studio.core.model.dtypes import DTYPE_BYTES
-from lora_studio.core.model.estimate import Verdict, free_memory, judge, read_footprint
+from lora_studio.core.model.estimate import Verdict, free_memory, judge, quantized_weight_bytes, read_footprint
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system.memory import format_bytes
 from lora_studio.core.train.run import ATTENTION_WORDS
@@ -138,6 +139,8 @@ def training_memory(
     length = min(settings.max_length, longest_row) if longest_row else settings.max_length
     tokens = settings.batch_size * length
     weights = footprint.params * width
+    if settings.quantize and not source.gguf_file:
+        weights = quantized_weight_bytes(footprint.params, config, settings.dtype, settings.quantize)
     adapter = adapter_parameters(source, settings) or footprint.params // 100
     adapter_state = adapter * 4 * 4  # weights, gradients, two AdamW moments, float32
     activations = (layers + ACTIVATION_FACTOR) * hidden * tokens * width

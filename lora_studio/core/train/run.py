@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lora_studio.core._compat import bnb_cpu_unpack
 from lora_studio.core.errors import Cancelled, OutOfMemory, UserError, is_out_of_memory
 from lora_studio.core.io.paths import check_output_apart
 from lora_studio.core.model.sources import ModelSource
@@ -132,18 +133,30 @@ def _train(request: TrainRequest, *, cancel: CancelToken, report: Report, on_met
         dtype=settings.dtype,
         device_map=settings.device,
         trust_remote_code=request.trust_remote_code,
+        quantize=settings.quantize,
         cancel=cancel,
     )
+    if settings.quantize:
+        from peft import prepare_model_for_kbit_training
+
+        # QLoRA's preparation: the unquantised parameters (norms, embeddings) in float32, inputs that carry
+        # gradients into the checkpointed layers
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     cancel.raise_if_cancelled()
     for warning in data.warnings:
         log.warning("training data: %s", warning)
     init = f" ({settings.init} init)" if settings.init != "default" else ""
     report(Progress(0, None, f"adding the adapter{init}"))  # OLoRA's QR and PiSSA's SVD of every module take a while
-    peft_model = _with_new_adapter(model, settings, request.checkpoints, resume)
-    record = _run_trainer(
-        peft_model, tokenizer, data, settings, request.checkpoints, resume, "lora", cancel, report, on_metrics
-    )
-    kept, alternative = _save_kept_and_alternative(request, out, peft_model, tokenizer, data, record, cancel, report)
+    # a 4-bit base on the CPU: evaluations must not pack its layers for the inference kernel (it has no backward),
+    # and a state dict (every checkpoint) must keep their block scales in order
+    with bnb_cpu_unpack.packing_off(), bnb_cpu_unpack.block_scales_restored():
+        peft_model = _with_new_adapter(model, settings, request.checkpoints, resume)
+        record = _run_trainer(
+            peft_model, tokenizer, data, settings, request.checkpoints, resume, "lora", cancel, report, on_metrics
+        )
+        kept, alternative = _save_kept_and_alternative(
+            request, out, peft_model, tokenizer, data, record, cancel, report
+        )
     baseline = None
     if settings.baseline:
         del peft_model, model  # the baseline needs the memory
@@ -348,6 +361,9 @@ def _with_new_adapter(model: Any, settings: TrainSettings, checkpoints: Path, re
 def _sft_config(settings: TrainSettings, output_dir: Path, has_val: bool, run: str) -> Any:
     from trl import SFTConfig
 
+    optimiser: dict[str, Any] = {}
+    if settings.quantize and settings.device.startswith("cuda"):
+        optimiser["optim"] = "paged_adamw_8bit"  # QLoRA's: AdamW's states in 8 bits, paged out under memory pressure
     return SFTConfig(
         output_dir=str(output_dir),
         per_device_train_batch_size=settings.batch_size,
@@ -376,6 +392,7 @@ def _sft_config(settings: TrainSettings, output_dir: Path, has_val: bool, run: s
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=False,
         dataset_num_proc=None,
+        **optimiser,
     )
 
 

@@ -21,6 +21,7 @@ from lora_studio.core.io.atomic import atomic_output_dir, exchange_folders, repl
 from lora_studio.core.io.card_format import front_matter
 from lora_studio.core.io.hashing import tree_sha256
 from lora_studio.core.model.identity import base_fingerprint, base_license, hub_id
+from lora_studio.core.model.quantize import quantization_record
 from lora_studio.core.system.versions import versions
 from lora_studio.core.tasks import CancelToken
 from lora_studio.core.train.records import INITIAL_ADAPTER, RunRecord, TrainRequest
@@ -129,6 +130,8 @@ def _provenance(
             "hub_id": base_id,
             "license": base_license(base),
             **base_fingerprint(base),
+            # QLoRA: the weights the adapter learned on were these, not the checkpoint's (see merge --merge-into)
+            "quantization": quantization_record(settings.quantize, settings.dtype) if settings.quantize else None,
         },
         "data": {
             "train_file": str(data.train_file),
@@ -145,6 +148,17 @@ def _provenance(
         "result": {**record.to_json(), "kept": keep, "kept_step": kept_step, "overfitting": record.overfitting or None},
         "versions": dict(versions()),
     }
+
+
+def _quantized_base(base: dict[str, Any]) -> str:
+    q = base.get("quantization")
+    if not q:
+        return ""
+    blocks = f", blocks of {q['block_size']}, computing in {q['compute_dtype']}" if q.get("block_size") else ""
+    return (
+        f" QLoRA: the base was quantised on load ({q['method']} {q['type']}{blocks}); the adapter learned on those "
+        "weights."
+    )
 
 
 def _loss(value: Any) -> str:
@@ -167,7 +181,7 @@ def render_card(p: dict[str, Any]) -> str:
         f"# {init} adapter for {base['label']}",
         "",
         f"Trained by {p['tool']} with TRL's SFTTrainer on {data['train_rows']} rows of "
-        f"`{Path(data['train_file']).name}`.{converted} Load it with PEFT "
+        f"`{Path(data['train_file']).name}`.{converted}{_quantized_base(base)} Load it with PEFT "
         "(`PeftModel.from_pretrained(base, folder)`) or attach it in LoRA Studio.",
         "",
         "## Result",

@@ -212,6 +212,11 @@ def export_script(request: TrainRequest, folder: Path, *, gpus: int = 2, overwri
     settings.check()
     if request.base.gguf_file:
         raise UserError("a GGUF base cannot be trained by the exported script", "export from a Hugging Face folder")
+    if settings.quantize:
+        raise UserError(
+            "the exported multi-GPU script trains the base in full precision, not QLoRA",
+            "export it without --quantize, or train QLoRA in LoRA Studio (train --quantize)",
+        )
     if gpus < 1:
         raise UserError("the accelerate configs need at least one GPU", "")
     target_modules = script_targets(request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from PySide6.QtWidgets import (
 
 from lora_studio.core.model.dtypes import DTYPES
 from lora_studio.core.model.estimate import MemoryEstimate
+from lora_studio.core.model.quantize import QUANTIZE_CHOICES, Quantize
 from lora_studio.core.session import SessionState
 from lora_studio.core.system.memory import format_bytes
 from lora_studio.gui.base.jobs import Job
@@ -96,9 +98,17 @@ class ModelPanel(Panel):
             self.device_combo.addItem(f"cuda:{i}")
         self.device_combo.addItem("auto")
         self.device_combo.setToolTip("cpu, one GPU, or auto (spread over GPUs and RAM)")
-        # dtype and device on one row: the Load button and the Loaded box stay in view on a 720-pixel screen
+        self.quantize_combo = QComboBox()
+        self.quantize_combo.addItem("none", None)
+        for kind in QUANTIZE_CHOICES:
+            self.quantize_combo.addItem(kind, kind)
+        self.quantize_combo.setToolTip(
+            "Quantize the base on load (bitsandbytes): its linear weights in 4 bits (nf4, fp4) or 8 (int8), "
+            "computing in the dtype; adapters attach, switch and compare on it as on any base"
+        )
+        # dtype, device and quantize on one row: the Load button and the Loaded box stay in view on a 720-pixel screen
         form = QHBoxLayout()
-        for text, combo in (("dtype", self.dtype_combo), ("device", self.device_combo)):
+        for text, combo in (("dtype", self.dtype_combo), ("device", self.device_combo), ("quant", self.quantize_combo)):
             label = QLabel(text)
             label.setBuddy(combo)
             form.addWidget(label)
@@ -151,6 +161,7 @@ class ModelPanel(Panel):
         self.source_edit.textChanged.connect(lambda _: self._estimate_timer.start())
         self.dtype_combo.currentTextChanged.connect(lambda _: self._estimate_timer.start())
         self.device_combo.currentTextChanged.connect(lambda _: self._estimate_timer.start())
+        self.quantize_combo.currentIndexChanged.connect(lambda _: self._estimate_timer.start())
         self._local_sources: dict[str, object] = {}
         self.update_buttons()
         self.show_state(self.state)
@@ -163,6 +174,11 @@ class ModelPanel(Panel):
     @property
     def device(self) -> str:
         return self.device_combo.currentText()
+
+    @property
+    def quantize(self) -> Quantize | None:
+        kind = self.quantize_combo.currentData()
+        return kind if kind in QUANTIZE_CHOICES else None
 
     def set_source(self, path: str) -> None:
         self.source_edit.setText(str(path))
@@ -235,12 +251,12 @@ class ModelPanel(Panel):
         from lora_studio.core.model.estimate import estimate
         from lora_studio.core.model.sources import resolve_source
 
-        dtype, device = self.dtype, self.device
+        dtype, device, quantize = self.dtype, self.device, self.quantize
 
         def run(session: Session, *, cancel: CancelToken, report: Report) -> MemoryEstimate:
             source = resolve_source(text)
             cancel.raise_if_cancelled()
-            return estimate(source, dtype, device)
+            return estimate(source, dtype, device, quantize=None if source.gguf_file else quantize)
 
         self.verdict_label.show_message("estimating…")
         self.op("estimating memory", run, exclusive=False, key="estimate", progress=False).on_success(
@@ -254,7 +270,9 @@ class ModelPanel(Panel):
         fp = est.footprint
         self.detail_label.setText(
             f"{fp.architecture} · {format_params(fp.params)} params · checkpoint {fp.checkpoint_dtype} "
-            f"({format_bytes(fp.checkpoint_bytes)}) · weights as {est.dtype}: {format_bytes(est.weights_bytes)}, "
+            f"({format_bytes(fp.checkpoint_bytes)}) · weights as {est.dtype}"
+            f"{f' + {self.quantize}' if self.quantize and not fp.checkpoint_dtype.startswith('gguf') else ''}: "
+            f"{format_bytes(est.weights_bytes)}, "
             f"needs ≈ {format_bytes(est.needed_bytes)}"
         )
         self.load_btn.setText("Load anyway" if est.verdict == "does_not_fit" else "Load")
@@ -273,11 +291,11 @@ class ModelPanel(Panel):
         from lora_studio.core.model.sources import resolve_source
 
         text = (source_text if isinstance(source_text, str) else self.source_edit.text()).strip()
-        dtype, device = self.dtype, self.device
+        dtype, device, quantize = self.dtype, self.device, self.quantize
 
         def run(session: Session, *, cancel: CancelToken, report: Report) -> SessionState:
             source = resolve_source(text)
-            return session.load(source, dtype=dtype, device_map=device, cancel=cancel, report=report)
+            return session.load(source, dtype=dtype, device_map=device, quantize=quantize, cancel=cancel, report=report)
 
         label = Path(text).name or text or "model"
         job = (
@@ -313,8 +331,9 @@ class ModelPanel(Panel):
             self.loaded_label.setText("No base model loaded.")
             return
         params = f"{format_params(state.params)} params" if state.params else ""
+        quantized = f"<br>{html.escape(state.quantization)}" if state.quantization else ""
         self.loaded_label.setText(
-            f"<b>{state.base}</b><br>{state.dtype} on {state.device} · {params}<br>"
+            f"<b>{state.base}</b><br>{state.dtype} on {state.device} · {params}{quantized}<br>"
             f"<span style='color:gray'>{state.base_path}</span>"
         )
 

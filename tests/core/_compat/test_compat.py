@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lora_studio.core import _compat
-from lora_studio.core._compat import peft_config, peft_mixed_batch, swap, tokenizer_swap, tqdm_progress
+from lora_studio.core._compat import bnb_cpu_unpack, peft_config, peft_mixed_batch, swap, tokenizer_swap, tqdm_progress
 from lora_studio.core.model import tokenizer_parse
 from lora_studio.core.model.loading import load_base, load_tokenizer
 from lora_studio.core.model.sources import resolve_source
@@ -417,3 +417,109 @@ def test_ggml_quantiser_falls_back_to_gguf_py_when_ggml_is_missing(monkeypatch, 
         assert any("ggml quantiser" in m and "plain path" in m for m in compat_warnings(caplog))
     finally:
         ggml_quantize._inactive_reason.cache_clear()
+
+
+# -- bitsandbytes' CPU 4-bit unpacking -------------------------------------------------------------------------------
+
+
+def _packed_4bit_layer():
+    """A 64x128 NF4 Linear4bit whose weight is in bitsandbytes' CPU layout, as its first inference forward leaves it
+    on a CPU with AVX512-BF16 (packed here by the same function, so on any CPU)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    modules = bnb.nn.modules
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(128, 64, bias=False)
+    layer = bnb.nn.Linear4bit(
+        128, 64, bias=False, compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4"
+    )
+    layer.load_state_dict(plain.state_dict())
+    layer = layer.to("cpu").eval()  # quantises
+    weight = layer.weight
+    weight.data, weight.quant_state = modules._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    return modules, layer
+
+
+def _repacked(modules, layer):
+    weight = layer.weight
+    weight.data, weight.quant_state = modules._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    return weight.data.clone(), weight.quant_state.absmax.clone()
+
+
+def test_a_4bit_layer_keeps_its_block_scales_through_a_state_dict():
+    modules, layer = _packed_4bit_layer()
+    packed, scales = layer.weight.data.clone(), layer.weight.quant_state.absmax.clone()
+    with bnb_cpu_unpack.block_scales_restored():
+        saved = layer.state_dict()
+    assert not swap.is_swapped_in(modules, bnb_cpu_unpack.NAME)
+    assert saved["weight.absmax"].shape == (64 * 128 // 64,) and saved["weight.absmax"].dtype == torch.float32
+    again, again_scales = _repacked(modules, layer)
+    assert torch.equal(again, packed) and torch.equal(again_scales, scales)
+
+
+def test_bitsandbytes_alone_scrambles_the_block_scales_through_a_state_dict():
+    """What the hook is for: if this fails, bitsandbytes restores the scales itself and the hook does nothing."""
+    modules, layer = _packed_4bit_layer()
+    packed, scales = layer.weight.data.clone(), layer.weight.quant_state.absmax.clone()
+    layer.state_dict()
+    again, again_scales = _repacked(modules, layer)
+    assert torch.equal(again, packed) and not torch.equal(again_scales, scales)
+
+
+def test_no_4bit_layer_is_packed_for_the_inference_kernel_while_a_run_trains():
+    bnb = pytest.importorskip("bitsandbytes")
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("bitsandbytes packs 4-bit weights for the CPU only with AVX512-BF16")
+    modules, layer = _packed_4bit_layer()
+    weight = layer.weight
+    weight.data, weight.quant_state = modules._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    with torch.no_grad(), bnb_cpu_unpack.packing_off():
+        layer(torch.randn(3, 128))  # an evaluation: inference, outside training mode
+        assert not layer.weight.quant_state.packing_format_for_cpu
+    assert not swap.is_swapped_in(modules, bnb_cpu_unpack.PACK)
+    with torch.no_grad():
+        layer(torch.randn(3, 128))
+    assert layer.weight.quant_state.packing_format_for_cpu  # outside, bitsandbytes packs as it always does
+
+
+def test_a_4bit_layer_computes_the_same_after_a_state_dict_on_a_cpu_that_packs():
+    bnb = pytest.importorskip("bitsandbytes")
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("bitsandbytes packs 4-bit weights for the CPU only with AVX512-BF16")
+    _, layer = _packed_4bit_layer()
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        before = layer(x)
+        with bnb_cpu_unpack.block_scales_restored():
+            layer.state_dict()
+        assert not layer.weight.quant_state.packing_format_for_cpu
+        after = layer(x)
+    assert layer.weight.quant_state.packing_format_for_cpu and torch.equal(before, after)
+
+
+def test_state_dict_works_when_bitsandbytes_moved_the_unpacking(monkeypatch, caplog):
+    _, layer = _packed_4bit_layer()
+    monkeypatch.setattr(bnb_cpu_unpack, "NAME", "_convert_weight_packed_for_cpu_inverse_renamed")
+    assert (
+        "no _convert_weight_packed_for_cpu_inverse_renamed"
+        in _compat.self_check()["bitsandbytes.nn.modules._convert_weight_packed_for_cpu_inverse_renamed"]
+    )
+    caplog.set_level(logging.WARNING)
+    with bnb_cpu_unpack.block_scales_restored():
+        saved = layer.state_dict()  # bitsandbytes' own unpacking
+    assert "weight.absmax" in saved and not layer.weight.quant_state.packing_format_for_cpu
+    assert any("CPU 4-bit unpacking" in m and "renamed" in m for m in compat_warnings(caplog))
+
+
+def test_state_dict_works_when_bitsandbytes_changed_the_signature(monkeypatch, caplog):
+    modules, layer = _packed_4bit_layer()
+    original = modules._convert_weight_packed_for_cpu_inverse
+
+    def changed(packed_weight, quant_state, block_n=32, *, new_option=None):  # a release with a new parameter
+        return original(packed_weight, quant_state, block_n)
+
+    monkeypatch.setattr(modules, "_convert_weight_packed_for_cpu_inverse", changed)
+    caplog.set_level(logging.WARNING)
+    with bnb_cpu_unpack.block_scales_restored():
+        layer.state_dict()
+    assert not swap.is_swapped_in(modules, bnb_cpu_unpack.NAME)
+    assert any("another signature" in m for m in compat_warnings(caplog))

@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (
 )
 
 from lora_studio.core.model.dtypes import DTYPES
+from lora_studio.core.model.quantize import QUANTIZE_CHOICES
 from lora_studio.core.train import ADVICE, INIT_METHODS, SCHEDULERS, TARGET_PRESETS, TrainSettings
 
 INIT_LABELS = {
@@ -91,6 +92,11 @@ class TrainSettingsForm(QWidget):
         self.dtype.setToolTip("float32 on the CPU; bfloat16 on a recent GPU")
         self.device = QComboBox()
         self.device.addItem("cpu")
+        self.quantize = QComboBox()
+        self.quantize.addItem("none (LoRA)", None)
+        for kind in QUANTIZE_CHOICES:
+            self.quantize.addItem(f"{kind} (QLoRA)", kind)
+        self.quantize.setToolTip(ADVICE["quantize"])
         self.keep = QComboBox()
         self.keep.addItems(["best", "last"])
         self.keep.setToolTip("save the weights with the best validation loss, or those of the last step")
@@ -122,6 +128,7 @@ class TrainSettingsForm(QWidget):
         run.addRow(self.completion_only)
         run.addRow("Dtype", self.dtype)
         run.addRow("Device", self.device)
+        run.addRow("Quantize base", self.quantize)
         run.addRow("Keep", self.keep)
         run.addRow(self.baseline)
         run_box = QGroupBox("Run")
@@ -175,6 +182,7 @@ class TrainSettingsForm(QWidget):
             completion_only=self.completion_only.isChecked(),
             dtype=self.dtype.currentText(),
             device=self.device.currentText(),
+            quantize=self.quantize.currentData(),
             keep=self.keep.currentText(),
             baseline=self.baseline.isChecked(),
         )
@@ -188,3 +196,4 @@ class TrainSettingsForm(QWidget):
         self.learning_rate.setText(f"{s.learning_rate:g}")
         self.eval_steps.setValue(s.eval_steps)
         self.batch_size.setValue(s.batch_size)
+        self.quantize.setCurrentIndex(max(0, self.quantize.findData(s.quantize)) if s.quantize else 0)

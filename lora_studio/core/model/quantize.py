@@ -1,0 +1,81 @@
+"""Quantize on load: a base's linear weights in 4 or 8 bits through bitsandbytes, on the CPU or CUDA.
+
+``nf4`` and ``fp4`` are bitsandbytes' 4-bit types (QLoRA's NF4 by default), ``int8`` its LLM.int8(); embeddings,
+norms and the output head stay in the load dtype, which is also the 4-bit layers' compute dtype. PEFT's LoRA layers
+wrap bitsandbytes' ``Linear4bit``/``Linear8bitLt`` directly, so adapters attach, switch, scale and compare on the
+quantised base as on any other. A GGUF base (already quantised, dequantised by transformers on load) and a folder
+saved quantised are not quantised again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from lora_studio.core.errors import UserError
+from lora_studio.core.model.dtypes import torch_dtype
+from lora_studio.core.model.sources import ModelSource
+
+Quantize = Literal["nf4", "fp4", "int8"]
+QUANTIZE_CHOICES: tuple[Quantize, ...] = ("nf4", "fp4", "int8")
+BLOCK_SIZE_4BIT = 64  # bitsandbytes' 4-bit block (values sharing one absmax)
+BITS = {"nf4": 4, "fp4": 4, "int8": 8}
+INSTALL_HINT = "install bitsandbytes (pip install bitsandbytes): its 4- and 8-bit kernels run on the CPU and CUDA"
+
+
+def bitsandbytes_version() -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def quantize_refusal(kind: str | None, source: ModelSource, config: dict | None = None) -> str | None:
+    """Why ``source`` cannot be quantised as ``kind`` on load, or None (``kind`` None: nothing to say)."""
+    if kind is None:
+        return None
+    if kind not in QUANTIZE_CHOICES:
+        return f"unknown quantisation {kind!r}: choose {', '.join(QUANTIZE_CHOICES)}"
+    if source.gguf_file:
+        return f"{source.label} is a GGUF file, already quantised: it loads as transformers dequantises it"
+    if config is not None and config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "quantised")
+        return f"{source.label} is saved quantised ({method}): it opens as it is, without --quantize"
+    if bitsandbytes_version() is None:
+        return f"quantising on load needs bitsandbytes, which is not installed ({INSTALL_HINT})"
+    return None
+
+
+def quantization_config(kind: Quantize, dtype: str) -> Any:
+    """transformers' BitsAndBytesConfig for ``kind``, computing in ``dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=kind,
+        bnb_4bit_compute_dtype=torch_dtype(dtype),
+        bnb_4bit_use_double_quant=False,
+    )
+
+
+def quantization_label(kind: Quantize, dtype: str) -> str:
+    """What the session says of its base: ``bitsandbytes nf4 (blocks of 64, compute float32)``."""
+    if kind == "int8":
+        return "bitsandbytes int8 (LLM.int8)"
+    return f"bitsandbytes {kind} (blocks of {BLOCK_SIZE_4BIT}, compute {dtype})"
+
+
+def quantization_record(kind: Quantize, dtype: str) -> dict:
+    """The base's quantisation as cards and JSON record it."""
+    record: dict = {"method": "bitsandbytes", "type": kind, "bits": BITS[kind]}
+    if kind != "int8":
+        record.update(block_size=BLOCK_SIZE_4BIT, compute_dtype=dtype)
+    return record
+
+
+def check_quantize(kind: str | None, source: ModelSource, config: dict | None = None) -> None:
+    if reason := quantize_refusal(kind, source, config):
+        raise UserError(reason, "" if bitsandbytes_version() else INSTALL_HINT)

@@ -1,0 +1,176 @@
+"""Quantize on load: the base's linear weights in 4 or 8 bits through bitsandbytes (its CPU kernels), adapters on it
+exactly as PEFT puts them on the same quantised model, and what cannot be quantised refused in one line."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import factories
+import pytest
+import torch
+from cli_helpers import run_in_process
+
+from lora_studio.core.errors import UserError
+from lora_studio.core.model.estimate import estimate
+from lora_studio.core.model.sources import resolve_source
+from lora_studio.core.session import Session
+
+pytest.importorskip("bitsandbytes", reason="bitsandbytes is a dependency")
+
+IDS = torch.tensor([[5, 17, 42, 99, 120, 7]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def peft_on_quantized(base, adapters: dict, kind: str):
+    """The reference: PEFT's own PeftModel on the same model quantised by transformers + bitsandbytes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_studio.core.model.quantize import quantization_config
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base), quantization_config=quantization_config(kind, "float32"), device_map={"": "cpu"}
+    )
+    items = list(adapters.items())
+    pm = PeftModel.from_pretrained(model, str(items[0][1]), adapter_name=items[0][0])
+    for name, path in items[1:]:
+        pm.load_adapter(str(path), adapter_name=name)
+    return pm.eval()
+
+
+@pytest.mark.parametrize(("kind", "layer"), [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_a_base_quantized_on_load_takes_adapters_as_peft_does(kind, layer, gguf_llama, gguf_llama_adapters):
+    session = Session()
+    try:
+        state = session.load(resolve_source(gguf_llama), quantize=kind)
+        assert type(session.model.model.layers[0].self_attn.q_proj).__name__ == layer
+        assert state.quantization and f"bitsandbytes {kind}" in state.quantization
+        base = logits(session.model)
+        for name, path in gguf_llama_adapters.items():
+            session.attach(path, name)
+        ref = peft_on_quantized(gguf_llama, gguf_llama_adapters, kind)
+        for name in gguf_llama_adapters:
+            session.activate(name)
+            ref.set_adapter(name)
+            assert torch.allclose(logits(session.model), logits(ref), atol=1e-5), name
+            assert not torch.allclose(logits(session.model), base, atol=1e-3), name
+        session.disable_adapters()
+        assert torch.allclose(logits(session.model), base, atol=1e-6)
+    finally:
+        session.close()
+
+
+def test_what_cannot_be_quantized_on_load_is_one_line(gguf_llama, tmp_path):
+    from lora_studio.core.export import ExportRequest, export_gguf
+
+    gguf = export_gguf(
+        ExportRequest(resolve_source(gguf_llama), tmp_path / "b.f16.gguf", "gguf", "f16", verify=False)
+    ).out
+    saved = tmp_path / "saved-quantized"
+    factories.save_model(saved, factories.llama_config(hidden_size=64))
+    config = json.loads((saved / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (saved / "config.json").write_text(json.dumps(config))
+    for source, kind, words in (
+        (gguf, "nf4", "already quantised"),
+        (saved, "nf4", "saved quantised (bitsandbytes)"),
+        (gguf_llama, "q3", "unknown quantisation"),
+    ):
+        with pytest.raises(UserError, match=re.escape(words)) as caught:
+            Session().load(resolve_source(source), quantize=kind)
+        assert "\n" not in str(caught.value)
+
+
+def test_the_estimate_counts_four_bit_weights(gguf_llama):
+    source = resolve_source(gguf_llama)
+    full = estimate(source, "float32", free_ram_bytes=10**12, gpus=[])
+    nf4 = estimate(source, "float32", free_ram_bytes=10**12, gpus=[], quantize="nf4")
+    int8 = estimate(source, "float32", free_ram_bytes=10**12, gpus=[], quantize="int8")
+    assert nf4.weights_bytes < int8.weights_bytes < full.weights_bytes
+
+
+def test_cli_compare_and_inspect_take_quantize(gguf_llama, gguf_llama_adapters, capsys):
+    adapter = f"alpha={gguf_llama_adapters['alpha']}"
+    compare = ["compare", gguf_llama, "--adapter", adapter, "--prompt", "hi", "--max-new-tokens", "3"]
+    code, out, err = run_in_process(capsys, [*compare, "--quantize", "nf4", "--json"])
+    assert code == 0, err
+    assert json.loads(out)["variants"]
+    code, out, err = run_in_process(capsys, ["inspect", gguf_llama, "--quantize", "nf4", "--json"])
+    plain = json.loads(run_in_process(capsys, ["inspect", gguf_llama, "--json"])[1])
+    assert code == 0 and json.loads(out)["base"]["quantize"] == "nf4"
+    assert json.loads(out)["base"]["weights_bytes"] < plain["base"]["weights_bytes"]
+
+
+# -- QLoRA -------------------------------------------------------------------------------------------------------------
+
+
+# torch's warning when a backward runs through bitsandbytes' CPU inference kernel (it has none): wrong gradients
+@pytest.mark.filterwarnings("error:.*autograd kernel was not registered:UserWarning")
+def test_qlora_trains_on_a_four_bit_base_and_the_adapter_records_it(gguf_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    from lora_studio.core.train import TrainRequest, TrainSettings, train_adapter
+    from lora_studio.core.train.estimate import training_memory
+
+    def rows(path, words):
+        path.write_text("".join(json.dumps({"instruction": f"say {w}", "output": f"{w} {w}"}) + "\n" for w in words))
+        return path
+
+    data = rows(tmp_path / "train.jsonl", ["cat", "dog", "sun", "sea"] * 4)
+    val = rows(tmp_path / "val.jsonl", ["red", "blue"])
+    # no dropout, nothing held out: with and without the validation file, the same rows and random draws
+    settings = TrainSettings(max_steps=6, eval_steps=2, save_steps=2, learning_rate=1e-2, batch_size=4, keep="last")
+    settings = settings.with_changes(dropout=0.0, val_fraction=0.0, quantize="nf4")
+    source = resolve_source(gguf_llama)
+    full = training_memory(source, settings.with_changes(quantize=None))
+    assert training_memory(source, settings).weights < full.weights
+    points: list = []
+    # evaluations (forwards outside training mode) and checkpoints (state dicts) between the steps ...
+    result = train_adapter(TrainRequest(source, data, tmp_path / "qlora", settings, val), on_metrics=points.append)
+    assert any(p.val_loss is not None for p in points) and (tmp_path / "qlora.checkpoints" / "checkpoint-2").is_dir()
+    # ... change nothing: the same steps without them end with the same adapter
+    plain = train_adapter(TrainRequest(source, data, tmp_path / "plain", settings))
+    trained, reference = (load_file(str(a / "adapter_model.safetensors")) for a in (result.adapter, plain.adapter))
+    assert all(torch.allclose(trained[k], reference[k], atol=1e-6) for k in reference)
+    meta = json.loads((result.adapter / "lora_studio.json").read_text())
+    assert meta["base"]["quantization"] == {
+        "method": "bitsandbytes",
+        "type": "nf4",
+        "bits": 4,
+        "block_size": 64,
+        "compute_dtype": "float32",
+    }
+    assert meta["settings"]["quantize"] == "nf4" and "QLoRA" in (result.adapter / "README.md").read_text()
+    # attached to the same nf4 base, it answers as PEFT's own PeftModel on that base
+    session = Session()
+    try:
+        session.load(source, quantize="nf4")
+        session.attach(result.adapter, "qlora")
+        ref = peft_on_quantized(gguf_llama, {"qlora": result.adapter}, "nf4")
+        assert torch.allclose(logits(session.model), logits(ref), atol=1e-5)
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [({"init": "pissa"}, "pissa rewrites the base weights"), ({"baseline": True}, "baseline cannot train nf4")],
+)
+def test_qlora_refuses_what_a_four_bit_base_cannot_hold(gguf_llama, tmp_path, changes, message):
+    from lora_studio.core.train import TrainRequest, TrainSettings, train_adapter
+
+    settings = TrainSettings(quantize="nf4").with_changes(**changes)
+    with pytest.raises(UserError, match=message):
+        train_adapter(TrainRequest(resolve_source(gguf_llama), tmp_path / "none.jsonl", tmp_path / "out", settings))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_train_takes_quantize(gguf_llama, tmp_path, capsys):
+    argv = ["train", gguf_llama, "--data", tmp_path / "none.jsonl", "--out", tmp_path / "o", "--quantize", "nf4"]
+    code, _out, err = run_in_process(capsys, [*argv, "--init", "olora"])
+    assert code == 2 and "olora rewrites the base weights" in err and len(err.strip().splitlines()) == 1
