@@ -13,6 +13,7 @@ from lora_studio.cli.common import (
     SubParsers,
     add_adapter_argument,
     add_base_argument,
+    add_quantize_argument,
     human_bytes,
     output_path,
     parse_adapter_specs,
@@ -60,6 +61,13 @@ def add_parser(sub: SubParsers) -> None:
         action="store_true",
         help="save the weighted combination (--combination) as a PEFT adapter folder instead of merging it",
     )
+    add_quantize_argument(p, "the adapter learned on (QLoRA; default: its lora_studio.json record); measure it on")
+    p.add_argument(
+        "--merge-into",
+        choices=("auto", "original", "dequantized"),
+        help="for an adapter trained on a quantised base: merge into the checkpoint's weights (original), into the "
+        "dequantised ones it learned on (dequantized), or the closer of the two, measured (auto, the default)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -105,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         safe_merge=args.safe_merge,
         verify=not args.no_verify,
         overwrite=args.overwrite,
+        quantize=args.quantize,
+        merge_into=args.merge_into,
     )
     try:
         result = merge_and_save(source, adapters, options, report=progress)
@@ -119,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         f"Engine    {result.engine}, {result.dtype}, {len(result.files)} shard(s), "
         f"{human_bytes(result.bytes_written)} in {result.seconds:.1f} s"
     )
+    if result.quantized_base is not None:
+        print(f"QLoRA     {result.quantized_base.summary()}")
     print(f"Verified  {v.summary() if v else 'skipped (--no-verify)'}")
     if v is not None and v.status != "pass":
         sys.stderr.write(

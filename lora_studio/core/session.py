@@ -64,6 +64,7 @@ class SessionState:
     active_adapter: str | None  # None: base behaviour
     adapters_enabled: bool
     quantization: str | None = None  # e.g. "bitsandbytes 4-bit" when the base's weights are quantized
+    quantize: str | None = None  # the quantisation asked for on load (nf4, fp4, int8), None: as the checkpoint is
     tokenizer_source: str | None = None  # an adapter folder whose tokenizer replaced the base's
     scales: tuple[tuple[str, float], ...] = ()  # (adapter, scale) for the adapters whose scale is not 1
 
@@ -127,6 +128,7 @@ class Session:
                 active_adapter=self.active_adapter,
                 adapters_enabled=self._enabled,
                 quantization=self.quantization,
+                quantize=self.quantize,
                 tokenizer_source=str(self.tokenizer_source) if self.tokenizer_source is not None else None,
                 scales=tuple(self._scales.items()),
             )

@@ -28,6 +28,41 @@ def _single(adapters: list[dict]) -> str:
     return "none (single adapter)" if weight == 1.0 else f"none (single adapter at scale {weight:g})"
 
 
+def _quantised_base(q: dict | None) -> list[str]:
+    """What the merge of an adapter trained on a quantised base (QLoRA) chose, and the figures it chose by."""
+    if not q:
+        return []
+    how = "measured" if q["asked"] == "auto" else "chosen by the user"
+    lines = [
+        "",
+        "## Quantised base (QLoRA)",
+        "",
+        f"The adapter learned on the base quantised as {q['quantize']} (computing in {q['compute_dtype']}). "
+        f"Merged into the **{q['chosen']}** weights ({how}): "
+        + (
+            "W = dequant(Wq) + ΔW, the weights the adapter was trained on."
+            if q["chosen"] == "dequantized"
+            else "W = W16 + ΔW, the checkpoint's own weights."
+        )
+        + " The output is not quantised again.",
+    ]
+    if q["kl"]:
+        kl = ", ".join(f"{name} {value:.4g}" for name, value in q["kl"].items())
+        lines += ["", f"Mean KL(adapter on the quantised base ‖ candidate) over {q['tokens']} positions: {kl}."]
+    if q["layers"]:
+        rows = sorted(q["layers"], key=lambda x: x["ratio"], reverse=True)[:12]
+        lines += [
+            "",
+            f"‖W16 − dequant(Wq)‖ / ‖ΔW‖ per adapted layer: median {q['median_gap_ratio']:.3g}, "
+            f"{q['layers_gap_above_update']} of {len(q['layers'])} layers above 1 (the largest below):",
+            "",
+            "| layer | ‖W16 − dequant(Wq)‖ | ‖ΔW‖ | ratio |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| `{x['module']}` | {x['gap']:.4g} | {x['update']:.4g} | {x['ratio']:.3g} |" for x in rows]
+    return lines
+
+
 def render(provenance: dict) -> str:
     """Markdown with YAML front matter (Hub-style) and the full provenance as a JSON block."""
     base = provenance["base"]
@@ -58,6 +93,7 @@ def render(provenance: dict) -> str:
             f"{'yes' if a['use_rslora'] else 'no'} | {'yes' if a['use_dora'] else 'no'} | "
             f"`{a['sha256']}` | `{a['path']}` |"
         )
+    lines += _quantised_base(provenance.get("quantized_base"))
     lines += ["", "## Verification", ""]
     v = provenance.get("verification")
     if v is None:

@@ -19,8 +19,10 @@ from lora_studio.core.errors import UserError, first_and_more
 from lora_studio.core.io import paths
 from lora_studio.core.io.safetensors_format import read_headers
 from lora_studio.core.merge import verify as verification_mod
+from lora_studio.core.merge.quantized import check_merge_into
 from lora_studio.core.model.config import read_config, tied_embeddings
 from lora_studio.core.model.dtypes import DTYPE_BYTES, DTYPES, ST_TO_NAME
+from lora_studio.core.model.quantize import QUANTIZE_CHOICES
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system.memory import format_bytes
 
@@ -68,6 +70,10 @@ class MergeOptions:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     verify_prompts: tuple[str, ...] = verification_mod.PROMPTS
     verify_tokens: int = verification_mod.NEW_TOKENS
+    # an adapter trained on a quantised base (QLoRA): that quantisation, and which base weights to merge into
+    # (auto: measured; core/merge/quantized.py). None: the adapter's own record decides (lora_studio.json)
+    quantize: str | None = None
+    merge_into: str | None = None
 
 
 @dataclass(frozen=True)
@@ -211,7 +217,8 @@ def plan_merge(
         0,
         (model_bytes if options.verify else 0) if session is not None else verify_one_model,
     )
-    if session is not None and session.loaded:
+    # a session loaded quantised is not merged (that would re-quantise): the job loads the base in full precision
+    if session is not None and session.loaded and getattr(session, "quantize", None) is None:
         extra = 2 * largest * elem
         predictions["in-memory"] = EnginePrediction(
             "in-memory",
@@ -239,6 +246,8 @@ def plan_merge(
 
     engine = options.engine
     refusal, hint = None, ""
+    if quantised_merge(options, adapters, session):
+        engine = "in-memory"  # both candidate weights are measured on a loaded model
     if engine is None:
         engine = "streaming" if predictions["streaming"].available and not options.safe_merge else "in-memory"
     elif engine == "streaming" and not predictions["streaming"].available:
@@ -257,6 +266,19 @@ def plan_merge(
     if refusal:
         plan.engine, plan.refusal, plan.refusal_hint = None, refusal, hint
     return plan
+
+
+def quantised_merge(
+    options: MergeOptions, adapters: Sequence[AdapterSpec], session: Session | SessionState | None
+) -> bool:
+    """Whether the merge is of an adapter trained on a quantised base: asked, a session loaded quantised, or the
+    adapter's own record (QLoRA); such a merge measures its target weights in memory (core/merge/quantized.py)."""
+    from lora_studio.core.merge.quantized import recorded_quantization
+
+    if options.quantize is not None or getattr(session, "quantize", None) is not None:
+        return True
+    single = len(adapters) == 1 and options.combination is None
+    return single and recorded_quantization(adapters[0].path) is not None
 
 
 def _current_rss() -> int:
@@ -280,6 +302,18 @@ def _check_request(adapters: Sequence[AdapterSpec], options: MergeOptions) -> No
         raise UserError(f"unknown engine {options.engine!r}", f"choose one of {', '.join(ENGINES)}")
     if options.verify_tokens < 1:
         raise UserError("verification needs at least one token", "use a positive number of tokens")
+    if options.quantize is not None:
+        if options.quantize not in QUANTIZE_CHOICES:
+            choices = ", ".join(QUANTIZE_CHOICES)
+            raise UserError(f"unknown quantisation {options.quantize!r}", f"choose one of {choices}")
+        if options.combination is not None or len(adapters) != 1:
+            raise UserError("a merge onto a quantised base takes one adapter", "merge the adapters one at a time")
+        if options.engine == "streaming":
+            raise UserError(
+                "a merge onto a quantised base runs in memory (it measures both candidate weights)",
+                "leave the engine to choose, or pass --engine in-memory",
+            )
+    check_merge_into(options.merge_into, options.quantize)
     if options.combination is None and len(adapters) == 1:
         from lora_studio.core.session import check_scale
 

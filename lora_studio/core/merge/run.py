@@ -33,7 +33,7 @@ from lora_studio.core.io.atomic import atomic_output_dir
 from lora_studio.core.io.page_cache import read_ahead
 from lora_studio.core.io.safetensors_format import DTYPE_SIZES
 from lora_studio.core.io.shard_writer import write_state_dict
-from lora_studio.core.merge import outputs
+from lora_studio.core.merge import outputs, quantized
 from lora_studio.core.merge import verify as verification_mod
 from lora_studio.core.merge.plan import AdapterSpec, EngineName, MergeOptions, base_config, plan_merge
 from lora_studio.core.model.config import tied_embeddings
@@ -59,6 +59,7 @@ class MergeResult:
     seconds: float
     verification: verification_mod.Verification | None
     provenance: dict = field(default_factory=dict)
+    quantized_base: quantized.MergeTarget | None = None  # an adapter trained on a quantised base: what was chosen
 
     def to_json(self) -> dict:
         return {
@@ -69,6 +70,7 @@ class MergeResult:
             "bytes_written": self.bytes_written,
             "seconds": round(self.seconds, 3),
             "verification": self.verification.to_json() if self.verification else None,
+            "quantized_base": self.quantized_base.to_json() if self.quantized_base else None,
         }
 
 
@@ -88,6 +90,7 @@ def merge_and_save(
     """
     cancel = cancel or CancelToken()
     started = time.perf_counter()
+    options, session, compute_dtype = _quantised_base(options, adapters, session)
     plan = plan_merge(source, adapters, options, session=session)
     if plan.refusal:
         raise UserError(plan.refusal, plan.refusal_hint)
@@ -99,6 +102,7 @@ def merge_and_save(
             raise UserError(f"adapter {missing[0]!r} is not attached to the session", "attach it before merging")
     provenance = outputs.provenance(source, adapters, options, engine, dtype)
     owned = None  # a session this job loaded itself (freed at the end)
+    target = None
     try:
         # ``selection`` gives the session back its own selection (and drops a combination built here) at the end
         with ExitStack() as selection, atomic_output_dir(Path(options.out), overwrite=options.overwrite) as tmp:
@@ -107,6 +111,22 @@ def merge_and_save(
             name = None
             if session is not None:  # the adapter (or combination) to merge is selected: it is the reference
                 name = _select_adapter(session, adapters, options, selection)
+            if options.quantize is not None:  # QLoRA: the session's quantised layers get the chosen weights
+                assert session is not None and name is not None  # a quantised-base merge is in-memory
+                target = quantized.choose_merge_target(
+                    session,
+                    source,
+                    adapters[0].path,
+                    name,
+                    options.quantize,  # type: ignore[arg-type]  # checked by plan_merge
+                    compute_dtype or dtype,
+                    options.merge_into or "auto",  # type: ignore[arg-type]  # checked by plan_merge
+                    options.verify_prompts,
+                    options.verify_tokens,
+                    cancel=cancel,
+                    report=report,
+                )
+                provenance["quantized_base"] = target.to_json()
             if engine == "streaming":
                 files, written = _run_streaming(source, adapters[0], dtype, tmp, options, cancel, report)
                 outputs.write_config_from_folder(source, tmp, dtype)
@@ -135,7 +155,25 @@ def merge_and_save(
         time.perf_counter() - started,
         verification,
         provenance,
+        target,
     )
+
+
+def _quantised_base(
+    options: MergeOptions, adapters: Sequence[AdapterSpec], session: Session | None
+) -> tuple[MergeOptions, Session | None, str | None]:
+    """The options with the quantisation the adapter learned on (asked, the session's, or the adapter's own record),
+    the session to merge (none when it is quantised: its model would be merged re-quantised), the compute dtype."""
+    quantize, compute_dtype = options.quantize, None
+    if session is not None and session.quantize is not None:
+        quantize = quantize or session.quantize
+        compute_dtype = session.dtype
+        session = None  # the job loads the base in full precision
+    if len(adapters) == 1 and options.combination is None:
+        record = quantized.recorded_quantization(adapters[0].path)
+        if record is not None and quantize in (None, record["type"]):
+            quantize, compute_dtype = record["type"], record.get("compute_dtype") or compute_dtype
+    return replace(options, quantize=quantize), session, compute_dtype
 
 
 def _run_streaming(

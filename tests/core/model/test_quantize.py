@@ -12,6 +12,7 @@ import torch
 from cli_helpers import run_in_process
 
 from lora_studio.core.errors import UserError
+from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save
 from lora_studio.core.model.estimate import estimate
 from lora_studio.core.model.sources import resolve_source
 from lora_studio.core.session import Session
@@ -146,6 +147,9 @@ def test_qlora_trains_on_a_four_bit_base_and_the_adapter_records_it(gguf_llama, 
         "compute_dtype": "float32",
     }
     assert meta["settings"]["quantize"] == "nf4" and "QLoRA" in (result.adapter / "README.md").read_text()
+    # merged, its record names the base's quantisation: no flag needed
+    merged = merge_and_save(source, [AdapterSpec("qlora", result.adapter)], MergeOptions(tmp_path / "m", verify=False))
+    assert merged.quantized_base is not None and merged.quantized_base.quantize == "nf4"
     # attached to the same nf4 base, it answers as PEFT's own PeftModel on that base
     session = Session()
     try:
@@ -174,3 +178,40 @@ def test_cli_train_takes_quantize(gguf_llama, tmp_path, capsys):
     argv = ["train", gguf_llama, "--data", tmp_path / "none.jsonl", "--out", tmp_path / "o", "--quantize", "nf4"]
     code, _out, err = run_in_process(capsys, [*argv, "--init", "olora"])
     assert code == 2 and "olora rewrites the base weights" in err and len(err.strip().splitlines()) == 1
+
+
+def test_merge_onto_a_quantised_base_measures_both_candidates_and_keeps_the_closer(
+    gguf_llama, gguf_llama_adapters, tmp_path
+):
+    from safetensors.torch import load_file
+
+    source, adapter = resolve_source(gguf_llama), gguf_llama_adapters["alpha"]
+    result = merge_and_save(source, [AdapterSpec("alpha", adapter)], MergeOptions(tmp_path / "auto", quantize="nf4"))
+    target = result.quantized_base
+    assert target is not None and target.asked == "auto" and set(target.kl) == {"original", "dequantized"}
+    # what the adapter learned on is what the nf4 base computes: that candidate is (nearly) exact
+    assert target.chosen == "dequantized" and target.kl["dequantized"] < 1e-6 < target.kl["original"]
+    assert target.layers and all(layer.update > 0 and layer.gap > 0 for layer in target.layers)
+    assert result.verification is not None and result.verification.status == "pass"  # the folder is that candidate
+    card = (tmp_path / "auto" / "README.md").read_text()
+    assert "Quantised base (QLoRA)" in card and "**dequantized**" in card and "‖W16 − dequant(Wq)‖" in card
+    assert result.to_json()["quantized_base"]["chosen"] == "dequantized"
+
+    # asked for the original weights: W16 + ΔW, a plain merge's tensors
+    original = merge_and_save(
+        source,
+        [AdapterSpec("alpha", adapter)],
+        MergeOptions(tmp_path / "original", quantize="nf4", merge_into="original", verify=False),
+    )
+    plain = merge_and_save(source, [AdapterSpec("alpha", adapter)], MergeOptions(tmp_path / "plain", verify=False))
+    assert original.quantized_base is not None and original.quantized_base.chosen == "original"
+    assert original.quantized_base.kl == {}  # not measured: asked
+    ours, reference = (load_file(str(r.out / "model.safetensors")) for r in (original, plain))
+    assert all(torch.allclose(ours[k], reference[k], atol=1e-6) for k in reference)
+
+
+def test_merge_into_without_a_quantised_base_is_one_line(gguf_llama, gguf_llama_adapters, tmp_path, capsys):
+    argv = ["merge", gguf_llama, "--adapter", gguf_llama_adapters["alpha"], "--out", tmp_path / "m"]
+    code, _out, err = run_in_process(capsys, [*argv, "--merge-into", "dequantized"])
+    assert code == 2 and "trained on a quantised base" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()

@@ -279,6 +279,18 @@ class OutputBox(QGroupBox):
         self.engine_combo.setToolTip(
             "auto: streaming (one tensor at a time, low memory) where it applies, else in-memory"
         )
+        self.merge_into_combo = QComboBox()
+        for label, value in (
+            ("auto (measured)", None),
+            ("original weights (W16 + ΔW)", "original"),
+            ("dequantized weights (dequant(Wq) + ΔW)", "dequantized"),
+        ):
+            self.merge_into_combo.addItem(label, value)
+        self.merge_into_combo.setToolTip(
+            "For an adapter trained on a quantised base (QLoRA, or a base loaded quantised): merge into the "
+            "checkpoint's weights, into the dequantised ones the adapter learned on, or the closer of the two "
+            "measured against the adapter on the quantised base (auto). The output is never quantised again."
+        )
         self.engine_note = QLabel("")
         self.engine_note.setWordWrap(True)
         self.engine_note.setStyleSheet("color: palette(mid);")
@@ -306,6 +318,7 @@ class OutputBox(QGroupBox):
         form.addRow("dtype", self.dtype_combo)
         form.addRow("Engine", self.engine_combo)
         form.addRow("", self.engine_note)
+        form.addRow("Merge into", self.merge_into_combo)
         form.addRow("GGUF type", self.gguf_type_combo)
         form.addRow("vLLM GPU", self.serve_gpu_spin)
         form.addRow("", checks)
@@ -322,6 +335,7 @@ class OutputBox(QGroupBox):
             self.out_edit.textChanged,
             self.dtype_combo.currentIndexChanged,
             self.engine_combo.currentIndexChanged,
+            self.merge_into_combo.currentIndexChanged,
             self.verify_check.toggled,
             self.safe_check.toggled,
         ):
@@ -337,7 +351,7 @@ class OutputBox(QGroupBox):
     def _format_changed(self, *_args: object) -> None:
         fmt = self.format()
         gguf = fmt != "hf"
-        for widget in (self.dtype_combo, self.engine_combo, self.engine_note):
+        for widget in (self.dtype_combo, self.engine_combo, self.engine_note, self.merge_into_combo):
             self.form.setRowVisible(widget, not gguf)
         self.safe_check.setVisible(not gguf)
         self.form.setRowVisible(self.gguf_type_combo, gguf)
@@ -424,5 +438,6 @@ def merge_request(
         density=density,
         safe_merge=output.safe_check.isChecked(),
         verify=output.verify_check.isChecked(),
+        merge_into=output.merge_into_combo.currentData(),
     )
     return specs, options

@@ -101,10 +101,19 @@ class ResultBox(QGroupBox):
             )
         else:
             self.numbers.setText("verification was off")
+        target = result.quantized_base
+        qlora = ""
+        if target is not None:  # an adapter trained on a quantised base: the weights chosen, and why
+            ratios = target.to_json()
+            qlora = (
+                f"<br>QLoRA ({target.quantize}): {html.escape(target.summary())}; ‖W16 − dequant(Wq)‖ / ‖ΔW‖ median "
+                f"{ratios['median_gap_ratio'] or 0:.3g}, {ratios['layers_gap_above_update']} of "
+                f"{len(target.layers)} layers above 1 (the table is in the model card)"
+            )
         self.saved_label.setText(
-            f"Saved <b>{result.out}</b> — {result.engine} engine, {result.dtype}, "
+            f"Saved <b>{html.escape(str(result.out))}</b> — {result.engine} engine, {result.dtype}, "
             f"{len(result.files)} shard(s), {format_bytes(result.bytes_written)} in "
-            f"{result.seconds:.1f} s"
+            f"{result.seconds:.1f} s{qlora}"
         )
         self.compare_merged_btn.show()
         self.card_btn.setText("Open model card")
