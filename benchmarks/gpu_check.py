@@ -8,9 +8,11 @@ On a machine with an NVIDIA GPU and a CUDA build of torch it checks, in this ord
   5. a streaming and an in-memory merge of the pirate adapter (time, verification);
   6. a training job (LoRA, the demo pirate data) on the GPU: tokens/s, and the pre-start memory estimate against
      torch's measured peak;
-  7. the window's memory panel under ``QT_QPA_PLATFORM=offscreen`` showing the GPU's curve and label.
+  7. a QLoRA job (the demo in NF4 through bitsandbytes, a paged 8-bit AdamW on the GPU) and the merge of its adapter
+     with the measured choice of target weights (both candidates' KL, the verification);
+  8. the window's memory panel under ``QT_QPA_PLATFORM=offscreen`` showing the GPU's curve and label.
 
-Without a GPU it says so on stderr, prints ``{"gpu": false, ...}`` and exits 0. ``--device cpu`` runs checks 2-7
+Without a GPU it says so on stderr, prints ``{"gpu": false, ...}`` and exits 0. ``--device cpu`` runs checks 2-8
 on the CPU instead (no NVML): a rehearsal of the script before device time is spent on it.
 
     .venv/bin/python benchmarks/gpu_check.py [--tokens 32] [--rounds 3] [--train-steps 30] [--device cpu] [--json]
@@ -187,6 +189,42 @@ def train_check(result: dict, device: str, steps: int, tmp: Path) -> None:
     }
 
 
+def qlora_check(result: dict, device: str, steps: int, tmp: Path) -> None:
+    """A QLoRA run (the demo in NF4 through bitsandbytes' CUDA kernels, a paged 8-bit AdamW): speed, the loss, the
+    estimate against what torch allocated, and the merge's measured choice of target weights."""
+    import torch
+
+    from lora_studio.core.demo import model
+    from lora_studio.core.merge import AdapterSpec, MergeOptions, merge_and_save
+    from lora_studio.core.train import TrainRequest, TrainSettings, train_adapter
+    from lora_studio.core.train.estimate import training_memory
+
+    data = Path(__file__).resolve().parents[1] / "resources" / "demo" / "data" / "pirate.train.jsonl"
+    source = model.ensure_demo_model()
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    settings = TrainSettings(r=8, max_steps=steps, batch_size=4, dtype=dtype, device=device, quantize="nf4")
+    estimate = training_memory(source, settings)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    done = train_adapter(TrainRequest(source, data, tmp / "qlora-pirate", settings))
+    peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None
+    record = done.lora
+    merged = merge_and_save(source, [AdapterSpec("qlora", done.adapter)], MergeOptions(tmp / "qlora-merged"))
+    target = merged.quantized_base
+    result["qlora"] = {
+        "steps": steps,
+        "dtype": dtype,
+        "tokens_per_s": round(record.tokens / record.seconds, 1),
+        "last_train_loss": record.last_train_loss,
+        "estimate_on_device_gib": gib(estimate.on_device),
+        "peak_allocated_gib": gib(peak) if peak is not None else None,
+        "merge_kl": target.kl if target else None,
+        "merge_chosen": target.chosen if target else None,
+        "merge_verification": merged.verification.status if merged.verification else None,
+    }
+
+
 def window_check(result: dict) -> None:
     from PySide6.QtCore import QEventLoop, QTimer
     from PySide6.QtWidgets import QApplication
@@ -254,6 +292,7 @@ def main() -> int:
         ("nvml", lambda: nvml_check(result) if device.startswith("cuda") else None),
         ("session", lambda: session_checks(result, device, args.tokens, args.rounds, Path(tmp.name))),
         ("train", lambda: train_check(result, device, args.train_steps, Path(tmp.name))),
+        ("qlora", lambda: qlora_check(result, device, args.train_steps, Path(tmp.name))),
         ("window", lambda: window_check(result)),
     )
     tmp = tempfile.TemporaryDirectory()

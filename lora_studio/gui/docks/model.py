@@ -10,6 +10,7 @@ from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QComboBox,
     QFileDialog,
+    QGridLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -106,13 +107,20 @@ class ModelPanel(Panel):
             "Quantize the base on load (bitsandbytes): its linear weights in 4 bits (nf4, fp4) or 8 (int8), "
             "computing in the dtype; adapters attach, switch and compare on it as on any base"
         )
-        # dtype, device and quantize on one row: the Load button and the Loaded box stay in view on a 720-pixel screen
-        form = QHBoxLayout()
-        for text, combo in (("dtype", self.dtype_combo), ("device", self.device_combo), ("quant", self.quantize_combo)):
+        # dtype and device on one row, quantize under them: the column stays narrow (no sideways scrolling) and the
+        # Load button and the Loaded box stay in view on a 720-pixel screen (the model list gives up the height)
+        form = QGridLayout()
+        for row, column, text, combo in (
+            (0, 0, "dtype", self.dtype_combo),
+            (0, 2, "device", self.device_combo),
+            (1, 0, "quant", self.quantize_combo),
+        ):
             label = QLabel(text)
             label.setBuddy(combo)
-            form.addWidget(label)
-            form.addWidget(combo, 1)
+            form.addWidget(label, row, column)
+            form.addWidget(combo, row, column + 1)
+        form.setColumnStretch(1, 1)
+        form.setColumnStretch(3, 1)
 
         self.verdict_label = MessageLine()
         self.verdict_label.show_message("pick a model to see whether it fits")

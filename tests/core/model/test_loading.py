@@ -99,7 +99,7 @@ def test_a_gguf_base_loads_as_its_file_says_or_is_refused_in_one_line(gguf_llama
     from lora_studio.core.export import ExportRequest, export_gguf
 
     original = load_file(next(gguf_llama.glob("*.safetensors")))["model.layers.0.mlp.up_proj.weight"]
-    for type_name, tolerance in (("f32", 1e-6), ("f16", 1e-2), ("q8_0", 5e-2)):
+    for type_name, tolerance in (("f32", 1e-6), ("q8_0", 5e-2)):  # a GGUF load takes ~20 s: the two ends
         out = tmp_path / f"base.{type_name}.gguf"
         export_gguf(ExportRequest(sources.resolve_source(gguf_llama), out, "gguf", type_name, verify=False))
         try:

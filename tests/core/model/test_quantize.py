@@ -215,3 +215,29 @@ def test_merge_into_without_a_quantised_base_is_one_line(gguf_llama, gguf_llama_
     code, _out, err = run_in_process(capsys, [*argv, "--merge-into", "dequantized"])
     assert code == 2 and "trained on a quantised base" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
+
+
+def test_a_folder_saved_in_four_bits_opens_as_it_is_and_takes_an_adapter(gguf_llama, gguf_llama_adapters, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from lora_studio.core.model.quantize import quantization_config
+
+    saved = tmp_path / "saved-nf4"
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_llama), quantization_config=quantization_config("nf4", "float32"), device_map={"": "cpu"}
+    )
+    model.save_pretrained(saved)
+    for file in gguf_llama.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(file, saved / file.name)
+    session = Session()
+    try:
+        state = session.load(resolve_source(saved))
+        assert state.quantization and "4-bit" in state.quantization
+        session.attach(gguf_llama_adapters["alpha"], "alpha")
+        ref = peft_on_quantized(saved, {"alpha": gguf_llama_adapters["alpha"]}, "nf4")
+        assert torch.allclose(logits(session.model), logits(ref), atol=1e-5)
+    finally:
+        session.close()
