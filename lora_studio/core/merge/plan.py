@@ -217,8 +217,8 @@ def plan_merge(
         0,
         (model_bytes if options.verify else 0) if session is not None else verify_one_model,
     )
-    # a session loaded quantised is not merged (that would re-quantise): the job loads the base in full precision
-    if session is not None and session.loaded and getattr(session, "quantize", None) is None:
+    # a quantised-base merge does not merge the session (see merge.run): the job loads the base in full precision
+    if session is not None and session.loaded and not quantised_merge(options, adapters, session):
         extra = 2 * largest * elem
         predictions["in-memory"] = EnginePrediction(
             "in-memory",

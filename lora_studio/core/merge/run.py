@@ -163,17 +163,19 @@ def _quantised_base(
     options: MergeOptions, adapters: Sequence[AdapterSpec], session: Session | None
 ) -> tuple[MergeOptions, Session | None, str | None]:
     """The options with the quantisation the adapter learned on (asked, the session's, or the adapter's own record),
-    the session to merge (none when it is quantised: its model would be merged re-quantised), the compute dtype."""
+    the session to merge, and the compute dtype. A quantised-base merge never uses the caller's session: one loaded
+    quantised would be merged re-quantised, and a full-precision one would have its layers' weights replaced while
+    the candidates are measured; the job loads the base itself."""
     quantize, compute_dtype = options.quantize, None
     if session is not None and session.quantize is not None:
-        quantize = quantize or session.quantize
-        compute_dtype = session.dtype
-        session = None  # the job loads the base in full precision
+        quantize, compute_dtype = quantize or session.quantize, session.dtype
     if len(adapters) == 1 and options.combination is None:
         record = quantized.recorded_quantization(adapters[0].path)
         if record is not None and quantize in (None, record["type"]):
             quantize, compute_dtype = record["type"], record.get("compute_dtype") or compute_dtype
-    return replace(options, quantize=quantize), session, compute_dtype
+    if quantize is None:
+        return options, session, None
+    return replace(options, quantize=quantize), None, compute_dtype
 
 
 def _run_streaming(

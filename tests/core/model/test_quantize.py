@@ -241,3 +241,28 @@ def test_a_folder_saved_in_four_bits_opens_as_it_is_and_takes_an_adapter(gguf_ll
         assert torch.allclose(logits(session.model), logits(ref), atol=1e-5)
     finally:
         session.close()
+
+
+def test_a_qlora_merge_leaves_the_windows_session_as_it_was(gguf_llama, gguf_llama_adapters, tmp_path):
+    import shutil
+
+    from lora_studio.core.adapters.files import SIDECAR_NAME
+
+    adapter = tmp_path / "qlora-alpha"  # an adapter whose record says it learned on the base in nf4
+    shutil.copytree(gguf_llama_adapters["alpha"], adapter)
+    record = {"method": "bitsandbytes", "type": "nf4", "bits": 4, "block_size": 64, "compute_dtype": "float32"}
+    (adapter / SIDECAR_NAME).write_text(json.dumps({"base": {"quantization": record}}))
+    source = resolve_source(gguf_llama)
+    session = Session()  # the window's: the base in full precision, the adapter attached
+    try:
+        session.load(source)
+        session.attach(adapter, "qlora")
+        before = {name: p.detach().clone() for name, p in session.model.named_parameters()}
+        result = merge_and_save(
+            source, [AdapterSpec("qlora", adapter)], MergeOptions(tmp_path / "m", verify=False), session=session
+        )
+        assert result.quantized_base is not None and result.quantized_base.chosen == "dequantized"
+        after = dict(session.model.named_parameters())
+        assert all(torch.equal(before[name], after[name]) for name in before)
+    finally:
+        session.close()
