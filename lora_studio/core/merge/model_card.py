@@ -28,6 +28,12 @@ def _single(adapters: list[dict]) -> str:
     return "none (single adapter)" if weight == 1.0 else f"none (single adapter at scale {weight:g})"
 
 
+def _blocks(kind: str) -> str:
+    from lora_studio.core.model.quantize import BITS, BLOCK_SIZE_4BIT
+
+    return f", blocks of {BLOCK_SIZE_4BIT}" if BITS.get(kind) == 4 else ""
+
+
 def _quantised_base(q: dict | None) -> list[str]:
     """What the merge of an adapter trained on a quantised base (QLoRA) chose, and the figures it chose by."""
     if not q:
@@ -37,14 +43,16 @@ def _quantised_base(q: dict | None) -> list[str]:
         "",
         "## Quantised base (QLoRA)",
         "",
-        f"The adapter learned on the base quantised as {q['quantize']} (computing in {q['compute_dtype']}). "
+        f"The adapter learned on the base quantised as {q['quantize']}{_blocks(q['quantize'])} (computing in "
+        f"{q['compute_dtype']}). "
         f"Merged into the **{q['chosen']}** weights ({how}): "
         + (
             "W = dequant(Wq) + ΔW, the weights the adapter was trained on."
             if q["chosen"] == "dequantized"
             else "W = W16 + ΔW, the checkpoint's own weights."
         )
-        + " The output is not quantised again.",
+        + " The output is not quantised again. The verification below compares the saved folder with the adapter "
+        "on exactly these weights.",
     ]
     if q["kl"]:
         kl = ", ".join(f"{name} {value:.4g}" for name, value in q["kl"].items())

@@ -171,6 +171,7 @@ def plan_merge(
     from lora_studio.core.merge.streaming import stream_plan, streaming_refusal
 
     _check_request(adapters, options)
+    check_merge_into(options.merge_into, merge_quantization(options, adapters, session)[0])
     paths.check_output_apart(options.out, input_paths(source, adapters))
     resize = _check_base(source, adapters, session)
     dtype = options.dtype or base_dtype(source, session)
@@ -268,17 +269,29 @@ def plan_merge(
     return plan
 
 
+def merge_quantization(
+    options: MergeOptions, adapters: Sequence[AdapterSpec], session: Session | SessionState | None
+) -> tuple[str | None, str | None]:
+    """The quantisation an adapter learned on, and its compute dtype: asked (``options.quantize``), the session's
+    (a base loaded quantised), or the adapter's own record (QLoRA, lora_studio.json); (None, None) for a plain merge.
+    Such a merge measures its target weights in memory (core/merge/quantized.py)."""
+    from lora_studio.core.merge.quantized import recorded_quantization
+
+    quantize, compute_dtype = options.quantize, None
+    if getattr(session, "quantize", None) is not None:
+        quantize, compute_dtype = quantize or getattr(session, "quantize", None), getattr(session, "dtype", None)
+    if len(adapters) == 1 and options.combination is None:
+        record = recorded_quantization(adapters[0].path)
+        if record is not None and quantize in (None, record["type"]):
+            quantize, compute_dtype = record["type"], record.get("compute_dtype") or compute_dtype
+    return quantize, compute_dtype if quantize else None
+
+
 def quantised_merge(
     options: MergeOptions, adapters: Sequence[AdapterSpec], session: Session | SessionState | None
 ) -> bool:
-    """Whether the merge is of an adapter trained on a quantised base: asked, a session loaded quantised, or the
-    adapter's own record (QLoRA); such a merge measures its target weights in memory (core/merge/quantized.py)."""
-    from lora_studio.core.merge.quantized import recorded_quantization
-
-    if options.quantize is not None or getattr(session, "quantize", None) is not None:
-        return True
-    single = len(adapters) == 1 and options.combination is None
-    return single and recorded_quantization(adapters[0].path) is not None
+    """Whether the merge is of an adapter trained on a quantised base (see :func:`merge_quantization`)."""
+    return merge_quantization(options, adapters, session)[0] is not None
 
 
 def _current_rss() -> int:
@@ -313,7 +326,7 @@ def _check_request(adapters: Sequence[AdapterSpec], options: MergeOptions) -> No
                 "a merge onto a quantised base runs in memory (it measures both candidate weights)",
                 "leave the engine to choose, or pass --engine in-memory",
             )
-    check_merge_into(options.merge_into, options.quantize)
+
     if options.combination is None and len(adapters) == 1:
         from lora_studio.core.session import check_scale
 
@@ -354,7 +367,10 @@ def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session: S
     from lora_studio.core.model.loading import check_remote_code
 
     cfg = base_config(source)
-    quant = compatibility.quantization_label(cfg) or getattr(session, "quantization", None)
+    # a base loaded quantised on load is merged from its full-precision checkpoint (merge.quantized); one saved
+    # quantised has no full-precision weights to merge into
+    loaded_quantised = getattr(session, "quantize", None) is None and getattr(session, "quantization", None)
+    quant = compatibility.quantization_label(cfg) or loaded_quantised
     if quant:
         raise UserError(
             f"{source.label} is quantized ({quant}): "

@@ -110,8 +110,8 @@ def check_merge_into(merge_into: str | None, quantize: str | None) -> None:
         raise UserError(f"unknown merge target {merge_into!r}", f"choose one of {', '.join(MERGE_INTO)}")
     if quantize is None:
         raise UserError(
-            f"--merge-into {merge_into} is for an adapter trained on a quantised base (QLoRA)",
-            "pass the base's quantisation (--quantize nf4), or merge without --merge-into",
+            f"merging into the {merge_into} weights is for an adapter trained on a quantised base (QLoRA)",
+            "this adapter records none: name its base's quantisation (--quantize), or choose auto",
         )
 
 

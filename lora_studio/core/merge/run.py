@@ -35,7 +35,14 @@ from lora_studio.core.io.safetensors_format import DTYPE_SIZES
 from lora_studio.core.io.shard_writer import write_state_dict
 from lora_studio.core.merge import outputs, quantized
 from lora_studio.core.merge import verify as verification_mod
-from lora_studio.core.merge.plan import AdapterSpec, EngineName, MergeOptions, base_config, plan_merge
+from lora_studio.core.merge.plan import (
+    AdapterSpec,
+    EngineName,
+    MergeOptions,
+    base_config,
+    merge_quantization,
+    plan_merge,
+)
 from lora_studio.core.model.config import tied_embeddings
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
@@ -166,13 +173,7 @@ def _quantised_base(
     the session to merge, and the compute dtype. A quantised-base merge never uses the caller's session: one loaded
     quantised would be merged re-quantised, and a full-precision one would have its layers' weights replaced while
     the candidates are measured; the job loads the base itself."""
-    quantize, compute_dtype = options.quantize, None
-    if session is not None and session.quantize is not None:
-        quantize, compute_dtype = quantize or session.quantize, session.dtype
-    if len(adapters) == 1 and options.combination is None:
-        record = quantized.recorded_quantization(adapters[0].path)
-        if record is not None and quantize in (None, record["type"]):
-            quantize, compute_dtype = record["type"], record.get("compute_dtype") or compute_dtype
+    quantize, compute_dtype = merge_quantization(options, adapters, session)
     if quantize is None:
         return options, session, None
     return replace(options, quantize=quantize), None, compute_dtype

@@ -414,8 +414,11 @@ def _run_trainer(
     from lora_studio.core.train.callbacks import StudioCallback
 
     record = RunRecord(run)
-    record.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    record.total_params = sum(p.numel() for p in model.parameters())
+    if hasattr(model, "get_nb_trainable_parameters"):  # PEFT's count: a packed 4-bit tensor holds two per byte
+        record.trainable_params, record.total_params = model.get_nb_trainable_parameters()
+    else:
+        record.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        record.total_params = sum(p.numel() for p in model.parameters())
     callback = StudioCallback(record, settings, cancel, report, on_metrics)
     trainer = SFTTrainer(
         model=model,

@@ -266,3 +266,21 @@ def test_a_qlora_merge_leaves_the_windows_session_as_it_was(gguf_llama, gguf_lla
         assert all(torch.equal(before[name], after[name]) for name in before)
     finally:
         session.close()
+
+
+def test_the_merge_plan_takes_a_session_loaded_quantised_and_a_recorded_qlora_adapter(
+    gguf_llama, gguf_llama_adapters, tmp_path
+):
+    from lora_studio.core.merge import plan_merge
+
+    source, adapter = resolve_source(gguf_llama), gguf_llama_adapters["alpha"]
+    session = Session()
+    try:
+        session.load(source, quantize="nf4")
+        session.attach(adapter, "alpha")
+        for merge_into in (None, "original", "dequantized"):  # the session names the quantisation
+            options = MergeOptions(tmp_path / "m", merge_into=merge_into)
+            plan = plan_merge(source, [AdapterSpec("alpha", adapter)], options, session=session.state())
+            assert plan.refusal is None and plan.engine == "in-memory", plan.refusal
+    finally:
+        session.close()

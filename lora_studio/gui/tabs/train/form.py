@@ -18,6 +18,7 @@ from PySide6.QtWidgets import (
 from lora_studio.core.model.dtypes import DTYPES
 from lora_studio.core.model.quantize import QUANTIZE_CHOICES
 from lora_studio.core.train import ADVICE, INIT_METHODS, SCHEDULERS, TARGET_PRESETS, TrainSettings
+from lora_studio.core.train.settings import CONVERTED_INITS
 
 INIT_LABELS = {
     "default": "LoRA (default)",
@@ -144,6 +145,17 @@ class TrainSettingsForm(QWidget):
         for check in self.findChildren(QCheckBox):
             check.toggled.connect(self.changed)
         self.learning_rate.textChanged.connect(self.changed)
+        self.quantize.currentIndexChanged.connect(self._quantize_changed)
+
+    def _quantize_changed(self, *_args: object) -> None:
+        """QLoRA: OLoRA and PiSSA rewrite the base weights, which a quantised base holds only re-quantised."""
+        quantised = self.quantize.currentData() is not None
+        model = self.init.model()
+        for i in range(self.init.count()):
+            if self.init.itemData(i) in CONVERTED_INITS:
+                model.item(i).setEnabled(not quantised)  # type: ignore[attr-defined]  # a QStandardItemModel
+        if quantised and self.init.currentData() in CONVERTED_INITS:
+            self.init.setCurrentIndex(max(0, self.init.findData("default")))
 
     def set_devices(self, devices: list[str]) -> None:
         current = self.device.currentText()
