@@ -284,3 +284,37 @@ def test_the_merge_plan_takes_a_session_loaded_quantised_and_a_recorded_qlora_ad
             assert plan.refusal is None and plan.engine == "in-memory", plan.refusal
     finally:
         session.close()
+
+
+def test_compare_and_scale_on_a_four_bit_base_equal_peft_on_it(gguf_llama, gguf_llama_adapters):
+    from lora_studio.core.compare import compare, session_variants
+    from lora_studio.core.generation.generate import GenerationSettings
+
+    session = Session()
+    try:
+        session.load(resolve_source(gguf_llama), quantize="nf4")
+        for name, path in gguf_llama_adapters.items():
+            session.attach(path, name)
+        ref = peft_on_quantized(gguf_llama, gguf_llama_adapters, "nf4")
+        # a comparison in one mixed batch gives each variant's tokens as the variants run one at a time
+        settings = GenerationSettings(max_new_tokens=8)
+        prompts = ["hello world", "Paris is"]
+        mixed = compare(session, session_variants(session), prompts, settings, score=False)
+        alone = compare(session, session_variants(session), prompts, settings, mixed=False, score=False)
+        assert mixed.mixed_batch, mixed.fallback_reason
+        for a, b in zip(mixed.prompts, alone.prompts, strict=True):
+            assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+        # an adapter at a scale: PEFT's set_scale on the same quantised model
+        session.activate("alpha")
+        full_scale = logits(session.model)
+        session.set_scale("alpha", 0.5)
+        assert not torch.allclose(logits(session.model), full_scale, atol=1e-4)
+        ref.set_adapter("alpha")
+        from peft.tuners.lora import LoraLayer
+
+        for module in ref.modules():  # PEFT's own per-layer scale
+            if isinstance(module, LoraLayer):
+                module.set_scale("alpha", 0.5)
+        assert torch.allclose(logits(session.model), logits(ref), atol=1e-5)
+    finally:
+        session.close()
