@@ -44,6 +44,7 @@ from lora_studio.core.io.atomic import atomic_output_file
 from lora_studio.core.io.paths import check_output_apart, free_disk
 from lora_studio.core.merge import verify as merge_verify
 from lora_studio.core.merge.plan import AdapterSpec, base_dtype, input_paths
+from lora_studio.core.merge.quantized import recorded_quantization
 from lora_studio.core.merge.streaming import load_streaming_adapter, stream_plan, streaming_refusal
 from lora_studio.core.model.config import gguf_config, read_config, tied_embeddings
 from lora_studio.core.model.estimate import read_footprint
@@ -174,6 +175,16 @@ def plan_export(request: ExportRequest, *, tokenizer: bool = True) -> ExportPlan
     except UserError as exc:
         return refused(exc.message, exc.hint)
     spec = output_type(type_name)
+    recorded = recorded_quantization(request.adapter) if request.adapter is not None else None
+    if request.format == "gguf" and recorded is not None:
+        # streamed into the converter, the update would be added to the checkpoint's weights, not to the quantised
+        # ones it learned on: which of the two is right is measured by the merge (core/merge/quantized.py)
+        return refused(
+            f"this adapter learned on the base quantised as {recorded['type']} (QLoRA): a merged GGUF made here "
+            "would add its update to the full-precision weights",
+            "merge it first (merge, or the Merge tab's Hugging Face folder: it measures which weights to merge "
+            "into), then export the merged folder",
+        )
     if request.format == "gguf-lora":
         if request.adapter is None:
             return refused("an adapter-only GGUF needs an adapter", "pass --adapter PATH")

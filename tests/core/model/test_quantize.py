@@ -318,3 +318,17 @@ def test_compare_and_scale_on_a_four_bit_base_equal_peft_on_it(gguf_llama, gguf_
         assert torch.allclose(logits(session.model), logits(ref), atol=1e-5)
     finally:
         session.close()
+
+
+def test_a_merged_gguf_of_a_qlora_adapter_is_refused_before_writing(gguf_llama, gguf_llama_adapters, tmp_path, capsys):
+    import shutil
+
+    from lora_studio.core.adapters.files import SIDECAR_NAME
+
+    adapter = tmp_path / "qlora-alpha"
+    shutil.copytree(gguf_llama_adapters["alpha"], adapter)
+    (adapter / SIDECAR_NAME).write_text(json.dumps({"base": {"quantization": {"type": "nf4"}}}))
+    argv = ["export", gguf_llama, "--adapter", adapter, "--format", "gguf", "--type", "q8_0"]
+    code, _out, err = run_in_process(capsys, [*argv, "--out", tmp_path / "m.q8_0.gguf"])
+    assert code == 2 and "learned on the base quantised as nf4" in err and "merge it first" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.q8_0.gguf").exists()
