@@ -134,7 +134,9 @@ def packing_off() -> Iterator[None]:
     module, reason = import_target(MODULE)
     layer = getattr(module, LAYER_CLASS, None) if module is not None else None
     if module is not None and not (
-        inspect.isfunction(original_of(getattr(module, PACK, None))) and code_uses_name(layer, PACK)
+        inspect.isfunction(original_of(getattr(module, PACK, None)))
+        and isinstance(layer, type)
+        and code_uses_name(layer, PACK)
     ):
         reason = f"{MODULE}.{LAYER_CLASS} no longer packs its weight with {PACK}"
     if reason or module is None:

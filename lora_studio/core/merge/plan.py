@@ -19,10 +19,10 @@ from lora_studio.core.errors import UserError, first_and_more
 from lora_studio.core.io import paths
 from lora_studio.core.io.safetensors_format import read_headers
 from lora_studio.core.merge import verify as verification_mod
-from lora_studio.core.merge.quantized import check_merge_into
+from lora_studio.core.merge.quantized import check_merge_into, recorded_quantization
 from lora_studio.core.model.config import read_config, tied_embeddings
 from lora_studio.core.model.dtypes import DTYPE_BYTES, DTYPES, ST_TO_NAME
-from lora_studio.core.model.quantize import QUANTIZE_CHOICES
+from lora_studio.core.model.quantize import check_quantize_choice
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system.memory import format_bytes
 
@@ -275,8 +275,6 @@ def merge_quantization(
     """The quantisation an adapter learned on, and its compute dtype: asked (``options.quantize``), the session's
     (a base loaded quantised), or the adapter's own record (QLoRA, lora_studio.json); (None, None) for a plain merge.
     Such a merge measures its target weights in memory (core/merge/quantized.py)."""
-    from lora_studio.core.merge.quantized import recorded_quantization
-
     quantize, compute_dtype = options.quantize, None
     if getattr(session, "quantize", None) is not None:
         quantize, compute_dtype = quantize or getattr(session, "quantize", None), getattr(session, "dtype", None)
@@ -316,9 +314,7 @@ def _check_request(adapters: Sequence[AdapterSpec], options: MergeOptions) -> No
     if options.verify_tokens < 1:
         raise UserError("verification needs at least one token", "use a positive number of tokens")
     if options.quantize is not None:
-        if options.quantize not in QUANTIZE_CHOICES:
-            choices = ", ".join(QUANTIZE_CHOICES)
-            raise UserError(f"unknown quantisation {options.quantize!r}", f"choose one of {choices}")
+        check_quantize_choice(options.quantize)
         if options.combination is not None or len(adapters) != 1:
             raise UserError("a merge onto a quantised base takes one adapter", "merge the adapters one at a time")
         if options.engine == "streaming":

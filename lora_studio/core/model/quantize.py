@@ -31,12 +31,17 @@ def bitsandbytes_version() -> str | None:
         return None
 
 
+def check_quantize_choice(kind: str) -> None:
+    """One line naming the choices when ``kind`` is not a quantisation LoRA Studio offers."""
+    if kind not in QUANTIZE_CHOICES:
+        raise UserError(f"unknown quantisation {kind!r}", f"choose one of {', '.join(QUANTIZE_CHOICES)}")
+
+
 def quantize_refusal(kind: str | None, source: ModelSource, config: dict | None = None) -> str | None:
-    """Why ``source`` cannot be quantised as ``kind`` on load, or None (``kind`` None: nothing to say)."""
+    """Why ``source`` cannot be quantised as ``kind`` (one of QUANTIZE_CHOICES) on load, or None (``kind`` None:
+    nothing to say)."""
     if kind is None:
         return None
-    if kind not in QUANTIZE_CHOICES:
-        return f"unknown quantisation {kind!r}: choose {', '.join(QUANTIZE_CHOICES)}"
     if source.gguf_file:
         return f"{source.label} is a GGUF file, already quantised: it loads as transformers dequantises it"
     if config is not None and config.get("quantization_config"):
@@ -77,5 +82,7 @@ def quantization_record(kind: Quantize, dtype: str) -> dict:
 
 
 def check_quantize(kind: str | None, source: ModelSource, config: dict | None = None) -> None:
+    if kind is not None:
+        check_quantize_choice(kind)
     if reason := quantize_refusal(kind, source, config):
         raise UserError(reason, "" if bitsandbytes_version() else INSTALL_HINT)

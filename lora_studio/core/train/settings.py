@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from lora_studio.core.errors import UserError
-from lora_studio.core.model.quantize import QUANTIZE_CHOICES, Quantize
+from lora_studio.core.model.quantize import Quantize, check_quantize_choice
 
 # PEFT's init_lora_weights values offered: the plain (Kaiming A, zero B) one and the two that start from the
 # base's own structure (OLoRA: QR; PiSSA: SVD), converted on save so the adapter applies to the unmodified base.
@@ -135,8 +135,7 @@ class TrainSettings:
             self._check_quantize()
 
     def _check_quantize(self) -> None:
-        if self.quantize not in QUANTIZE_CHOICES:
-            raise UserError(f"unknown quantisation {self.quantize!r}", f"choose one of {', '.join(QUANTIZE_CHOICES)}")
+        check_quantize_choice(self.quantize)  # type: ignore[arg-type]  # called when set
         if self.init in CONVERTED_INITS:
             raise UserError(
                 f"{self.init} rewrites the base weights, which a {self.quantize} base holds only re-quantised",
