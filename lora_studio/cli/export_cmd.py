@@ -116,17 +116,23 @@ def run(args: argparse.Namespace) -> int:
         result = export_gguf(request, report=progress)
     finally:
         progress.done()
+    v = result.verification
     if args.json:
         print_json(result.to_json())
-        return 0
-    v = result.verification
-    print(f"Saved     {result.out}")
-    print(f"Format    {result.format}, {result.type}, {human_bytes(result.bytes_written)} in {result.seconds:.1f} s")
-    print(f"Verified  {v.summary()}")
-    if result.bundle is not None:
-        print(f"Serving   {result.bundle.folder}/ (Modelfile, README.md)")
-        for label, line in result.bundle.commands.items():
-            print(f"  {label}: {line}")
+    else:
+        print(f"Saved     {result.out}")
+        size = human_bytes(result.bytes_written)
+        print(f"Format    {result.format}, {result.type}, {size} in {result.seconds:.1f} s")
+        print(f"Verified  {v.summary()}")
+        if result.carried is not None:
+            print(f"Carried   {result.carried.summary()}")
+        if result.bundle is not None:
+            print(f"Serving   {result.bundle.folder}/ (Modelfile, README.md)")
+            for label, line in result.bundle.commands.items():
+                print(f"  {label}: {line}")
+    # on stderr with --json too: a script reading the JSON still sees it
     if v.status in ("warn", "fail"):
         sys.stderr.write(f"lora-studio: warning: verification {v.status}: {v.reason}\n")
+    if result.carried is not None and result.carried.status == "washed out":
+        sys.stderr.write(f"lora-studio: warning: {result.carried.summary()}\n")
     return 0

@@ -48,6 +48,22 @@ def ggml_quantisers() -> Iterator[None]:
         yield
 
 
+def quantize_rows(rows: Any, qtype: Any) -> Any:
+    """``rows`` (2-D float32) quantised to ``qtype`` by ggml itself, any type llama.cpp's quantiser writes (K-quants
+    included, which gguf-py cannot write): the bytes llama.cpp writes for these rows, each row on its own. Raises
+    OSError when ggml's library is not loadable (the carried-adapter measure is then not made)."""
+    import gguf
+    import numpy as np
+
+    chunk = _ggml_quantize_chunk()
+    src = np.ascontiguousarray(rows, dtype=np.float32)
+    count, width = src.shape
+    out = np.empty((count, gguf.quant_shape_to_byte_shape((width,), qtype)[0]), dtype=np.uint8)
+    if count:
+        chunk(int(qtype), src.ctypes.data, out.ctypes.data, 0, count, width, None)
+    return out
+
+
 def checks() -> dict[str, str]:
     return {TARGET: _inactive_reason() or ACTIVE}
 

@@ -103,6 +103,14 @@ def _plan(base_folder: Path, type_name: str, tokenizer: bool) -> ConverterPlan:
     return ConverterPlan(model.hf_architecture, model.gguf_architecture, planned, vocab)
 
 
+def converter_for(base_folder: Path, type_name: str) -> Any:
+    """llama.cpp's converter for ``base_folder`` in a dry run, without tokenizer or adapter: its tensor names and
+    transforms (``converted``, ``converter_name``, ``model_tensors``) for reading the base as the file holds it."""
+    return _converter_model(
+        base_folder, base_folder / "plan.gguf", type_name, None, None, dry_run=True, tokenizer=False
+    )
+
+
 def write_merged_gguf(
     out: Path,
     base_folder: Path,
@@ -208,6 +216,12 @@ def _merging_class(
             # only what the converter hands on as it got it: the rows of the file, cast as a whole tensor would be
             return [(new, _in_row_blocks(self.model_tensors[name], t) if t is data_torch else t) for new, t in produced]
 
+        def converted(self, data: Any, name: str) -> list[tuple[str, Any]]:
+            """The converter's own tensors from checkpoint tensor ``name`` holding ``data`` (eager, float32), as its
+            writing loop makes them (block id from the name) but without the row-block wrapping above."""
+            bid = next((int(part) for part in name.split(".") if part.isdecimal()), None)
+            return list(model_class.modify_tensors(self, data, name, bid))
+
         def set_vocab(self) -> None:
             if not tokenizer:
                 return
@@ -222,10 +236,10 @@ def _merging_class(
                 return tensors
             assert out_dtype is not None  # a merge has a dtype
             for target, update in adapter.updates.items():
-                name = self._converter_name(target, tensors)
+                name = self.converter_name(target, tensors)
                 merged_names.add(name)
                 load = tensors[name]
-                merge = _merge_fn(update, target in adapter.transposed, out_dtype)
+                merge = merge_fn(update, target in adapter.transposed, out_dtype)
                 if self.lazy:
                     tensors[name] = lambda load=load, merge=merge: lazy_tensor._wrap_fn(merge, meta_noop=out_dtype)(
                         load()
@@ -233,13 +247,13 @@ def _merging_class(
                 else:
                     tensors[name] = lambda load=load, merge=merge: merge(load())
             for target, full in adapter.replacements.items():
-                name = self._converter_name(target, tensors)
+                name = self.converter_name(target, tensors)
                 # a saved full tensor (modules_to_save) replaces the base's, in the base's dtype as PEFT loads it
                 replacement = full.to(out_dtype)
                 tensors[name] = lambda t=replacement: lazy_tensor.from_eager(t) if self.lazy else t
             return tensors
 
-        def _converter_name(self, target: str, tensors: dict[str, Any]) -> str:
+        def converter_name(self, target: str, tensors: dict[str, Any]) -> str:
             """The converter's name of a checkpoint tensor (its ``filter_tensors`` may rename or drop it)."""
             item = self.filter_tensors((target, lambda: None))
             if item is None or item[0] not in tensors:
@@ -292,7 +306,7 @@ def copy_tokenizer(source: Path, writer: Any) -> None:
         writer.add_key_value(name, field.contents(), kind, sub_type=sub_type)
 
 
-def _merge_fn(update: tuple[Any, torch.Tensor, torch.Tensor, float], transposed: bool, dtype: torch.dtype) -> Any:
+def merge_fn(update: tuple[Any, torch.Tensor, torch.Tensor, float], transposed: bool, dtype: torch.dtype) -> Any:
     kind, a, b, scaling = update
 
     def merge(weight: torch.Tensor) -> torch.Tensor:

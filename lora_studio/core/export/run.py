@@ -30,6 +30,12 @@ from lora_studio.core.export import runtime
 from lora_studio.core.export import verify as export_verify
 from lora_studio.core.export.adapter import TYPE_HINT, adapter_refusal, type_refusal, write_adapter_gguf
 from lora_studio.core.export.bundle import ServingBundle, base_gguf_for, saved_rank, write_bundle
+from lora_studio.core.export.carried import (
+    CHANGED_FLOOR,
+    CORRELATION_FLOOR,
+    CarriedAdapter,
+    measure_carried,
+)
 from lora_studio.core.export.converter import (
     PINNED_VERSION,
     ConverterArchitecture,
@@ -61,6 +67,7 @@ if TYPE_CHECKING:
 Format = Literal["gguf", "gguf-lora"]
 FORMATS: tuple[Format, ...] = ("gguf", "gguf-lora")
 DEFAULT_ADAPTER_TYPE = "f16"
+CARRIED_BADGES = {"carried": "✔ carried", "washed out": "⚠ washed out", "not measured": "not measured"}
 WORKING_SET = 300 * 1024**2  # Python, torch and the tokenizer beside the tensors in flight
 
 
@@ -133,6 +140,7 @@ class ExportResult:
     bundle: ServingBundle | None
     vocab: VocabSummary | None = None
     details: dict = field(default_factory=dict)
+    carried: CarriedAdapter | None = None  # a merged file of an adapter: how much of it the file's weights carry
 
     def to_json(self) -> dict:
         return {
@@ -144,6 +152,7 @@ class ExportResult:
             "verification": self.verification.to_json(),
             "bundle": self.bundle.to_json() if self.bundle else None,
             "vocab": asdict(self.vocab) if self.vocab else None,
+            "carried": self.carried.to_json() if self.carried else None,
             **self.details,
         }
 
@@ -297,7 +306,7 @@ def export_gguf(
     report(Progress(0, None, "reading the tokenizer"))
     tokenizer = session.tokenizer if session is not None else load_tokenizer(request.source)
     out = Path(request.out).absolute()
-    vocab = None
+    vocab = carried = None
     details: dict = {"plan": plan.to_json(), "converter": converter_details(arch)}
     with atomic_output_file(out, overwrite=request.overwrite) as tmp:
         if request.format == "gguf-lora":
@@ -306,7 +315,7 @@ def export_gguf(
                 tmp, arch.config, request.adapter, type_name, cancel=cancel, report=report
             )
         else:
-            vocab = _write_merged(request, arch, plan, tmp, cancel, report)
+            vocab, carried = _write_merged(request, arch, plan, tmp, cancel, report)
         cancel.raise_if_cancelled()
         verification = _verify(request, tokenizer, type_name, tmp, session, cancel, report)
     report(Progress(1, 1, "writing the serving bundle", "steps"))
@@ -315,7 +324,7 @@ def export_gguf(
         out,
         tokenizer,
         export_verify.hf_stop_tokens(tokenizer, request.source.path),
-        export_card(request, type_name, out, verification, arch),
+        export_card(request, type_name, out, verification, arch, carried),
         base_gguf=base_gguf,
         peft_adapter=Path(request.adapter).absolute() if request.adapter else None,
         adapter_name=request.adapter_label,
@@ -336,6 +345,7 @@ def export_gguf(
         bundle,
         vocab,
         details,
+        carried,
     )
 
 
@@ -397,10 +407,10 @@ def _write_merged(
     tmp: Path,
     cancel: CancelToken,
     report: Report,
-) -> VocabSummary:
+) -> tuple[VocabSummary, CarriedAdapter | None]:
     """The merged GGUF into ``tmp``; a K-quant through an f16 (bf16 for a bf16 base) file and llama.cpp's quantiser.
     A GGUF base goes through its dequantised weights, saved beside ``tmp`` for the converter and removed after; the
-    file then keeps that GGUF's own tokenizer."""
+    file then keeps that GGUF's own tokenizer. With an adapter, how much of it the written file carries."""
     dtype = base_dtype(request.source)
     written = _written_type(plan.type, dtype)
     quantiser = written != plan.type
@@ -433,7 +443,10 @@ def _write_merged(
         finally:
             if quantiser:
                 target.unlink(missing_ok=True)
-    return vocab
+        carried = None
+        if adapter is not None:
+            carried = measure_carried(tmp, folder, adapter, dtype, written, plan.type, cancel=cancel, report=report)
+    return vocab, carried
 
 
 DEQUANTISING_STAGE = "dequantising the base GGUF for llama.cpp's converter"
@@ -569,11 +582,13 @@ def export_card(
     out: Path,
     verification: export_verify.GgufVerification,
     arch: ConverterArchitecture,
+    carried: CarriedAdapter | None = None,
 ) -> str:
     """What the file is and how it was proven: the bundle's README and the window's summary."""
     badge = verification.status.upper()
     lines = [
         f"**Verification: {badge}** — {verification.summary()}",
+        *([f"**Adapter carried: {CARRIED_BADGES[carried.status]}** — {carried.summary()}"] if carried else []),
         "",
         f"- file: `{out.name}` ({request.format}, {type_name})",
         f"- base: {hub_id(request.source) or request.source.label}",
@@ -603,4 +618,18 @@ def export_card(
     if verification.thresholds:
         agreement, kl = verification.thresholds
         lines += ["", f"Thresholds for {verification.type}: greedy agreement ≥ {agreement:.0%}, top-k KL ≤ {kl:g}."]
+    if carried is not None and carried.tensors:
+        lines += [
+            "",
+            "## The adapter in the file's weights",
+            "",
+            "Each adapted tensor of this file against the base exported alone to the same type (quantised by ggml "
+            "as llama.cpp does, row by row): the share of weights with a non-zero update whose quantised value "
+            f"changed (floor {CHANGED_FLOOR:.0%}), and the correlation of that change with the update ΔW (floor "
+            f"{CORRELATION_FLOOR:g}). ⚠ marks a tensor under either floor: its update is mostly rounded away.",
+            "",
+            *carried.table(),
+        ]
+        if carried.left_out:
+            lines += ["", "Not measured: " + "; ".join(f"`{k}` ({v})" for k, v in carried.left_out.items())]
     return "\n".join(lines)

@@ -116,6 +116,26 @@ def test_the_k_quants_go_through_llama_cpps_quantiser(llama_quant_pair, tmp_path
     v = result.verification
     assert v.mean_top_k_kl is not None and v.mean_top_k_kl <= v.thresholds[1], v.summary()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.q4_k_m.gguf", "m.q4_k_m.gguf.serve"]
+    # every adapted tensor's bytes reproduced by ggml from the merged weights, and measured against the base alone
+    carried = result.carried
+    assert carried is not None and not carried.left_out and len(carried.tensors) == 2 * 7
+    assert {t.type for t in carried.tensors} >= {"q4_k"} and carried.status in ("carried", "washed out")
+    assert "## The adapter in the file's weights" in (result.bundle.folder / "README.md").read_text()
+
+
+def test_an_update_rounded_away_by_the_quantised_type_is_flagged_with_a_higher_type(llama_quant_pair, tmp_path):
+    base, _ = llama_quant_pair
+    faint = factories.make_adapter(base, tmp_path / "faint", target_modules=ALL_LINEAR, scale=1e-3)
+    washed = export(base, tmp_path / "faint.q4_0.gguf", type_name="q4_0", adapter=faint, verify=False).carried
+    assert washed is not None and washed.status == "washed out" and washed.suggestion == "q6_k"
+    assert len(washed.washed_out) == len(washed.tensors) == 2 * 7
+    # rounding to nearest passes the update on in expectation (gain about 1), as noise ten times its size
+    assert all(t.correlation < 0.2 for t in washed.tensors), washed.table()
+    assert "rounded away" in washed.summary() and "try q6_k" in washed.summary()
+    # the same update at float16 is all there, change for change
+    kept = export(base, tmp_path / "faint.f16.gguf", type_name="f16", adapter=faint, verify=False).carried
+    assert kept is not None and kept.status == "carried", kept.summary()
+    assert min(t.correlation for t in kept.tensors) > 0.8 and min(t.gain for t in kept.tensors) > 0.9
 
 
 def test_adapter_only_gguf_on_a_base_gguf_equals_the_merged_gguf(llama_pair, tmp_path):

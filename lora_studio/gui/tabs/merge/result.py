@@ -143,6 +143,10 @@ class ResultBox(QGroupBox):
             f"Saved <b>{result.out}</b> — {result.format}, {result.type}, {format_bytes(result.bytes_written)} "
             f"in {result.seconds:.1f} s"
         ]
+        if result.carried is not None:
+            carried = result.carried
+            mark = {"carried": "✔", "washed out": "⚠"}.get(carried.status, "·")
+            lines.append(f"{mark} Adapter in the {result.type} weights: {html.escape(carried.summary())}")
         if v.sample:
             lines.append(
                 f"“{html.escape(v.sample['prompt'])}” → adapter: <i>{html.escape(v.sample['adapter'])}</i> · "
@@ -329,4 +333,11 @@ def exported_lines(result: ExportResult) -> tuple[str, str, str]:
     v = result.verification
     passed = v.status == "pass"
     message = f"saved {result.out}" + ("" if passed else f" — verification {v.status}: {v.reason or v.summary()}")
-    return message, "ok" if passed else "warn", f"exported {result.out}: {v.summary()}"
+    log = f"exported {result.out}: {v.summary()}"
+    if result.carried is not None and result.carried.status != "not measured":
+        log += f"; {result.carried.summary()}"
+    if result.carried is not None and result.carried.status == "washed out":
+        suggestion = f" (try {result.carried.suggestion})" if result.carried.suggestion else ""
+        message += f" — {len(result.carried.washed_out)} tensors barely carry the adapter{suggestion}"
+        passed = False
+    return message, "ok" if passed else "warn", log
