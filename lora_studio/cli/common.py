@@ -16,7 +16,9 @@ from lora_studio.core.system.memory import format_bytes
 from lora_studio.core.tasks import Progress, Report
 
 if TYPE_CHECKING:
+    from lora_studio.core.model.placement import MaxMemory
     from lora_studio.core.model.sources import ModelSource
+    from lora_studio.core.session import Session
 
 
 class SubParsers(Protocol):
@@ -40,6 +42,31 @@ def add_quantize_argument(parser: argparse.ArgumentParser, purpose: str = "load 
         choices=QUANTIZE_CHOICES,
         help=f"{purpose} with its linear weights in 4 bits (nf4, fp4) or 8 (int8), through bitsandbytes",
     )
+
+
+def add_max_memory_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-memory",
+        metavar="DEV=SIZE,...",
+        help="each device's limit, e.g. cuda:0=20GiB,cuda:1=20GiB,cpu=64GiB: accelerate places the layers, "
+        "what is left goes to disk",
+    )
+
+
+def max_memory_of(args: argparse.Namespace) -> MaxMemory | None:
+    """``--max-memory`` parsed (a UserError, exit 2, when it is wrong)."""
+    from lora_studio.core.model.placement import parse_max_memory
+
+    text = getattr(args, "max_memory", None)
+    return parse_max_memory(text) if text is not None else None
+
+
+def report_placement(session: Session) -> None:
+    """Where the layers went, on stderr, when accelerate placed them."""
+    placed = session.placement()
+    if placed:
+        line = "; ".join(f"{device}: {modules}" for device, modules in placed.items())
+        sys.stderr.write(f"lora-studio: placed {line}\n")
 
 
 def add_adapter_argument(

@@ -12,8 +12,10 @@ from lora_studio.cli.common import (
     SubParsers,
     add_adapter_argument,
     add_base_argument,
+    add_max_memory_argument,
     add_quantize_argument,
     human_bytes,
+    max_memory_of,
     parse_adapter_specs,
     print_json,
     resolve_base,
@@ -32,6 +34,7 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, help="dtype for the memory estimate (default: the checkpoint's)")
     p.add_argument("--device-map", default="cpu", help="cpu, cuda:N or auto, for the memory estimate (default: cpu)")
     add_quantize_argument(p, "estimate the memory of the base")
+    add_max_memory_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -41,13 +44,23 @@ def run(args: argparse.Namespace) -> int:
 
     adapters = parse_adapter_specs(args.adapter)
     source = resolve_base(args)
+    max_memory = max_memory_of(args)
     report = inspect_base_and_adapters(
         source, adapters, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize
     )
+    placement = None
+    if max_memory is not None:
+        from lora_studio.core.model.placement import plan_placement
+
+        placement = plan_placement(source, report.estimate.dtype, max_memory)
     if args.json:
-        print_json(report.to_json())
+        print_json({**report.to_json(), "placement": placement.to_json() if placement else None})
     else:
         print(render(report))
+        if placement is not None:
+            for device, size in placement.bytes_per_device.items():
+                layers = placement.to_json()["layers"].get(device, "")
+                print(f"Placement  {device}: ~{human_bytes(size)} ({layers})")
     return 0
 
 

@@ -12,7 +12,17 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_studio.cli.common import SubParsers, add_quantize_argument, output_path, print_json, stderr_progress, table
+from lora_studio.cli.common import (
+    SubParsers,
+    add_max_memory_argument,
+    add_quantize_argument,
+    max_memory_of,
+    output_path,
+    print_json,
+    report_placement,
+    stderr_progress,
+    table,
+)
 from lora_studio.core.errors import UserError
 from lora_studio.core.model.dtypes import DTYPES
 
@@ -38,6 +48,7 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="the first N rows of each file only")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to measure in (default float32)")
     add_quantize_argument(p, "measure on the base")
+    add_max_memory_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -100,7 +111,8 @@ def _measure(args: argparse.Namespace, plan: RankPlan, result: ReducedAdapter, p
     source = resolve_base(args, report=progress)
     session = Session()
     try:
-        session.load(source, dtype=args.dtype, quantize=args.quantize, report=progress)
+        session.load(source, dtype=args.dtype, quantize=args.quantize, max_memory=max_memory_of(args), report=progress)
+        report_placement(session)
         sets = datasets.load_eval_sets(data, session.tokenizer, limit=args.limit)
         reduced = f"{plan.name}-reduced"
         session.attach(plan.path, plan.name, report=progress)

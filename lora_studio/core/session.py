@@ -32,6 +32,7 @@ from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.io.paths import utf8_path
 from lora_studio.core.model.config import read_config_file
 from lora_studio.core.model.estimate import ModelFootprint, read_footprint
+from lora_studio.core.model.placement import MaxMemory, check_max_memory, placed_layers
 from lora_studio.core.model.quantize import Quantize, check_quantize, quantization_label
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system import garbage
@@ -67,6 +68,9 @@ class SessionState:
     quantize: str | None = None  # the quantisation asked for on load (nf4, fp4, int8), None: as the checkpoint is
     tokenizer_source: str | None = None  # an adapter folder whose tokenizer replaced the base's
     scales: tuple[tuple[str, float], ...] = ()  # (adapter, scale) for the adapters whose scale is not 1
+    # where accelerate put the layers, per device ({"cpu": "embed_tokens, layers 0–3", "disk": "layers 4–29, …"});
+    # empty when the whole model is on one device
+    placement: tuple[tuple[str, str], ...] = ()
 
     @property
     def loaded(self) -> bool:
@@ -89,6 +93,8 @@ class Session:
         self.quantize: Quantize | None = None  # the quantisation asked for on load (None: as the checkpoint is)
         self.dtype: str | None = None
         self.device_map: str | None = None
+        self.max_memory: MaxMemory | None = None  # the limits per device the base was placed under
+        self._offload: Any = None  # a TemporaryDirectory: the layers accelerate offloaded to disk
         self._adapters: dict[str, AttachedAdapter] = {}
         self._scales: dict[str, float] = {}  # adapters whose LoRA scale is not 1 (see set_scale)
         self._active: str | None = None  # the selection made by activate / disable_adapters
@@ -131,7 +137,15 @@ class Session:
                 quantize=self.quantize,
                 tokenizer_source=str(self.tokenizer_source) if self.tokenizer_source is not None else None,
                 scales=tuple(self._scales.items()),
+                placement=tuple(self.placement().items()),
             )
+
+    def placement(self) -> dict[str, str]:
+        """Per device, the layers accelerate placed there (empty: one device, no device map)."""
+        if self.model is None or self.max_memory is None:
+            return {}
+        device_map = getattr(self.base_model(), "hf_device_map", None) or {}
+        return placed_layers(device_map)
 
     @property
     def device(self) -> str | None:
@@ -156,20 +170,27 @@ class Session:
         device_map: str = "cpu",
         trust_remote_code: bool = False,
         quantize: Quantize | None = None,
+        max_memory: MaxMemory | None = None,
         cancel: CancelToken | None = None,
         report: Report = no_report,
     ) -> SessionState:
         """Load ``source`` as the session's base (replacing the one before). ``quantize``: its linear weights in 4
-        or 8 bits through bitsandbytes, computing in ``dtype``."""
+        or 8 bits through bitsandbytes, computing in ``dtype``. ``max_memory``: each device's limit, accelerate
+        placing the layers and offloading what is left to a disk folder of the session's."""
+        import tempfile
+
         from lora_studio.core.model.loading import load_base
 
         cancel = cancel or CancelToken()
         check_device(device_map)
+        if max_memory is not None:
+            check_max_memory(max_memory)
         footprint = read_footprint(source)
         # read_footprint has already refused a damaged config.json
         config = {} if source.gguf_file else read_config_file(source.path, missing_ok=True)
         check_quantize(quantize, source, config)
         quant = quantization_label(quantize, dtype) if quantize else compatibility.quantization_label(config)
+        offload = tempfile.TemporaryDirectory(prefix="lora-studio-offload-") if max_memory is not None else None
         try:
             model, tokenizer = load_base(
                 source,
@@ -177,6 +198,8 @@ class Session:
                 device_map=device_map,
                 trust_remote_code=trust_remote_code,
                 quantize=quantize,
+                max_memory=max_memory,
+                offload_folder=Path(offload.name) if offload is not None else None,
                 cancel=cancel,
                 report=report,
             )
@@ -190,12 +213,17 @@ class Session:
             raise UserError(
                 f"cannot load {source.label}: {first}", "install the missing library, or pick another model"
             ) from exc
+        except BaseException:
+            if offload is not None:
+                offload.cleanup()
+            raise
         with self.lock:
             self._release()
             self.quantization, self.quantize = quant, quantize
             self.source, self.footprint = source, footprint
             self.model, self.tokenizer = model, tokenizer
             self.dtype, self.device_map = dtype, device_map
+            self.max_memory, self._offload = max_memory, offload
         if quantize is not None:
             from lora_studio.core.system.memory import trim_heap
 
@@ -207,6 +235,13 @@ class Session:
     def close(self) -> None:
         with self.lock:
             self._release()
+
+    def _placed(self) -> dict[str, Any]:
+        """PEFT's arguments to place the wrapped model as the base was (it re-dispatches a model with layers on
+        the CPU or disk, and without them would move every layer to one device)."""
+        if self.max_memory is None or self._offload is None:
+            return {}
+        return {"max_memory": dict(self.max_memory), "offload_folder": self._offload.name, "device_map": "sequential"}
 
     def _release(self) -> None:
         self.model = None
@@ -221,7 +256,11 @@ class Session:
         self._active = None
         self._enabled = True
         self._live = None
+        self.max_memory = None
         release_memory()
+        if self._offload is not None:  # after the model that mapped its files
+            self._offload.cleanup()
+            self._offload = None
 
     def base_model(self) -> PreTrainedModel:
         """The underlying transformers model (inside the PEFT wrapper when there is one)."""
@@ -309,7 +348,7 @@ class Session:
                         self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
                     else:
                         self.model = PeftModel.from_pretrained(
-                            self.model, str(folder), adapter_name=name, is_trainable=False
+                            self.model, str(folder), adapter_name=name, is_trainable=False, **self._placed()
                         )
             except (ValueError, RuntimeError, KeyError, OSError) as exc:
                 raise UserError(
@@ -380,6 +419,8 @@ class Session:
         if extra:
             return f"the model got {len(extra)} LoRA tensors the file does not hold (e.g. {extra[0]}), initialised anew"
         for key, value in saved.items():
+            if loaded[key].is_meta:  # a layer offloaded by accelerate: PEFT wrote its factors to the offload folder
+                continue
             if not torch.equal(loaded[key], value.to(device=loaded[key].device, dtype=loaded[key].dtype)):
                 return f"{key} does not hold the file's values after loading"
         return ""
@@ -426,8 +467,9 @@ class Session:
             self._set_active(name)
 
     def _set_active(self, name: str) -> None:
-        self.model.set_adapter(name)
-        self.model.base_model.enable_adapter_layers()
+        with self._selecting():
+            self.model.set_adapter(name, inference_mode=True)
+            self.model.base_model.enable_adapter_layers()
         self._active = name
         self._enabled = True
 
@@ -462,7 +504,7 @@ class Session:
         else:
             if self.model.active_adapter == name:
                 other = next(n for n in self.model.peft_config if n != name)
-                self.model.set_adapter(other)
+                self.model.set_adapter(other, inference_mode=True)
             self.model.delete_adapter(name)
 
     def unload_all(self) -> None:
@@ -542,7 +584,7 @@ class Session:
                 self.model.delete_adapter(name)
             raise
         finally:
-            self.model.set_adapter(previous)
+            self.model.set_adapter(previous, inference_mode=True)
 
     # -- scales ----------------------------------------------------------------
     @property
@@ -639,12 +681,25 @@ class Session:
         """Point the PEFT model at ``adapter`` (when given and still there) and switch its adapter layers on or off."""
         if not self.is_peft:
             return  # the plain base: base behaviour is the only one
-        if adapter is not None and adapter in self.model.peft_config:
-            self.model.set_adapter(adapter)
-        if enabled:
-            self.model.base_model.enable_adapter_layers()
-        else:
-            self.model.base_model.disable_adapter_layers()
+        with self._selecting():
+            if adapter is not None and adapter in self.model.peft_config:
+                self.model.set_adapter(adapter, inference_mode=True)
+            if enabled:
+                self.model.base_model.enable_adapter_layers()
+            else:
+                self.model.base_model.disable_adapter_layers()
+
+    def _selecting(self) -> Any:
+        """Where PEFT's adapter switches run: in inference mode for a model accelerate placed, whose offloaded
+        layers come back from a generation holding inference tensors (PEFT's enable_adapter_layers marks the active
+        adapter trainable, which torch allows on those only in inference mode)."""
+        import contextlib
+
+        if self.max_memory is None:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.inference_mode()
 
     def _adapter_bytes(self, name: str) -> int:
         total = 0

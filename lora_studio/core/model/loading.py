@@ -21,6 +21,7 @@ from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.io.paths import utf8_path
 from lora_studio.core.model.config import read_config_file
 from lora_studio.core.model.dtypes import torch_dtype
+from lora_studio.core.model.placement import PLACED_MAPS, MaxMemory
 from lora_studio.core.model.quantize import Quantize, check_quantize, quantization_config
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
@@ -125,6 +126,8 @@ def load_base(
     device_map: str = "cpu",
     trust_remote_code: bool = False,
     quantize: Quantize | None = None,
+    max_memory: MaxMemory | None = None,
+    offload_folder: Path | None = None,
     cancel: CancelToken | None = None,
     report: Report = no_report,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -141,6 +144,8 @@ def load_base(
         device_map=device_map,
         trust_remote_code=trust_remote_code,
         quantize=quantize,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
         cancel=cancel,
         report=report,
     )
@@ -154,11 +159,15 @@ def load_model(
     device_map: str = "cpu",
     trust_remote_code: bool = False,
     quantize: Quantize | None = None,
+    max_memory: MaxMemory | None = None,
+    offload_folder: Path | None = None,
     cancel: CancelToken | None = None,
     report: Report = no_report,
 ) -> PreTrainedModel:
     """Load the weights alone (frozen, in eval mode), for a caller that has the tokenizer already. ``quantize``:
-    the linear weights in 4 or 8 bits through bitsandbytes (see ``model.quantize``)."""
+    the linear weights in 4 or 8 bits through bitsandbytes (see ``model.quantize``). ``max_memory``: each device's
+    limit (``model.placement``), accelerate placing the layers (``device_map`` auto unless one of its other
+    strategies); what overflows goes to disk in ``offload_folder``."""
     cancel = cancel or CancelToken()
     offline_environment()
     check_remote_code(source, trust_remote_code)
@@ -179,6 +188,14 @@ def load_model(
         kwargs["quantization_config"] = quantization_config(quantize, dtype)
         # bitsandbytes places its weights where the device map says: the CPU too must be named
         kwargs["device_map"] = {"": "cpu"} if device_map == "cpu" else device_map
+    if max_memory is not None:
+        if source.gguf_file:
+            raise UserError("a GGUF base is placed on one device", "drop --max-memory for a .gguf base")
+        kwargs.update(
+            device_map=device_map if device_map in PLACED_MAPS else "auto",
+            max_memory=dict(max_memory),
+            offload_folder=str(offload_folder) if offload_folder is not None else None,
+        )
     if not source.gguf_file:
         from lora_studio.core.io.page_cache import warm_page_cache
 

@@ -24,6 +24,7 @@ from PySide6.QtWidgets import (
 
 from lora_studio.core.model.dtypes import DTYPES
 from lora_studio.core.model.estimate import MemoryEstimate
+from lora_studio.core.model.placement import PlannedPlacement, parse_max_memory, plan_placement
 from lora_studio.core.model.quantize import QUANTIZE_CHOICES, Quantize
 from lora_studio.core.session import SessionState
 from lora_studio.core.system.memory import format_bytes
@@ -60,6 +61,7 @@ class ModelPanel(Panel):
     def __init__(self, ctx: TabContext, gpu_count: int = 0, parent: QWidget | None = None) -> None:
         super().__init__(ctx, parent)
         self.estimate: MemoryEstimate | None = None
+        self.placement_plan: PlannedPlacement | None = None  # accelerate's share of each device, under the limits
         self.load_job: Job | None = None
 
         self.source_edit = QLineEdit()
@@ -107,6 +109,12 @@ class ModelPanel(Panel):
             "Quantize the base on load (bitsandbytes): its linear weights in 4 bits (nf4, fp4) or 8 (int8), "
             "computing in the dtype; adapters attach, switch and compare on it as on any base"
         )
+        self.max_memory_edit = QLineEdit()
+        self.max_memory_edit.setPlaceholderText("one device")
+        self.max_memory_edit.setToolTip(
+            "Each device's limit, e.g. cuda:0=20GiB,cuda:1=20GiB,cpu=64GiB: accelerate places the layers (the "
+            "estimate shows each device's share), and what is left goes to disk. Empty: the whole model on the device"
+        )
         # dtype and device on one row, quantize under them: the column stays narrow (no sideways scrolling) and the
         # Load button and the Loaded box stay in view on a 720-pixel screen (the model list gives up the height)
         form = QGridLayout()
@@ -114,6 +122,7 @@ class ModelPanel(Panel):
             (0, 0, "dtype", self.dtype_combo),
             (0, 2, "device", self.device_combo),
             (1, 0, "quant", self.quantize_combo),
+            (1, 2, "limits", self.max_memory_edit),
         ):
             label = QLabel(text)
             label.setBuddy(combo)
@@ -169,6 +178,7 @@ class ModelPanel(Panel):
         self.source_edit.textChanged.connect(lambda _: self._estimate_timer.start())
         self.dtype_combo.currentTextChanged.connect(lambda _: self._estimate_timer.start())
         self.device_combo.currentTextChanged.connect(lambda _: self._estimate_timer.start())
+        self.max_memory_edit.textChanged.connect(lambda _: self._estimate_timer.start())
         self.quantize_combo.currentIndexChanged.connect(lambda _: self._estimate_timer.start())
         self._local_sources: dict[str, object] = {}
         self.update_buttons()
@@ -259,19 +269,24 @@ class ModelPanel(Panel):
         from lora_studio.core.model.estimate import estimate
         from lora_studio.core.model.sources import resolve_source
 
-        dtype, device, quantize = self.dtype, self.device, self.quantize
+        dtype, device, quantize, limits = self.dtype, self.device, self.quantize, self.max_memory_text
 
-        def run(session: Session, *, cancel: CancelToken, report: Report) -> MemoryEstimate:
+        def run(
+            session: Session, *, cancel: CancelToken, report: Report
+        ) -> tuple[MemoryEstimate, PlannedPlacement | None]:
             source = resolve_source(text)
             cancel.raise_if_cancelled()
-            return estimate(source, dtype, device, quantize=None if source.gguf_file else quantize)
+            found = estimate(source, dtype, device, quantize=None if source.gguf_file else quantize)
+            plan = plan_placement(source, dtype, parse_max_memory(limits)) if limits else None
+            return found, plan
 
         self.verdict_label.show_message("estimating…")
         self.op("estimating memory", run, exclusive=False, key="estimate", progress=False).on_success(
             self._show_estimate
         ).on_failure(self._estimate_failed).on_cancel(lambda: None).run()
 
-    def _show_estimate(self, est: MemoryEstimate) -> None:
+    def _show_estimate(self, found: tuple[MemoryEstimate, PlannedPlacement | None]) -> None:
+        est, self.placement_plan = found
         self.estimate = est
         text, kind = VERDICT_TEXT.get(est.verdict, (est.verdict, "info"))
         self.verdict_label.show_message(f"{text} — {est.explanation}", kind)
@@ -282,8 +297,21 @@ class ModelPanel(Panel):
             f"{f' + {self.quantize}' if self.quantize and not fp.checkpoint_dtype.startswith('gguf') else ''}: "
             f"{format_bytes(est.weights_bytes)}, "
             f"needs ≈ {format_bytes(est.needed_bytes)}"
+            + (f"<br>placed: {html.escape(self._plan_text())}" if self.placement_plan is not None else "")
         )
         self.load_btn.setText("Load anyway" if est.verdict == "does_not_fit" else "Load")
+
+    def _plan_text(self) -> str:
+        plan = self.placement_plan
+        if plan is None:
+            return ""
+        layers = plan.to_json()["layers"]
+        shares = plan.bytes_per_device.items()
+        return "; ".join(f"{device} ≈ {format_bytes(size)} ({layers.get(device, '')})" for device, size in shares)
+
+    @property
+    def max_memory_text(self) -> str:
+        return self.max_memory_edit.text().strip()
 
     def _estimate_failed(self, desc: ErrorDescription) -> None:
         self.estimate = None
@@ -299,11 +327,20 @@ class ModelPanel(Panel):
         from lora_studio.core.model.sources import resolve_source
 
         text = (source_text if isinstance(source_text, str) else self.source_edit.text()).strip()
-        dtype, device, quantize = self.dtype, self.device, self.quantize
+        dtype, device, quantize, limits = self.dtype, self.device, self.quantize, self.max_memory_text
 
         def run(session: Session, *, cancel: CancelToken, report: Report) -> SessionState:
             source = resolve_source(text)
-            return session.load(source, dtype=dtype, device_map=device, quantize=quantize, cancel=cancel, report=report)
+            max_memory = parse_max_memory(limits) if limits else None
+            return session.load(
+                source,
+                dtype=dtype,
+                device_map=device,
+                quantize=quantize,
+                max_memory=max_memory,
+                cancel=cancel,
+                report=report,
+            )
 
         label = Path(text).name or text or "model"
         job = (
@@ -340,6 +377,9 @@ class ModelPanel(Panel):
             return
         params = f"{format_params(state.params)} params" if state.params else ""
         quantized = f"<br>{html.escape(state.quantization)}" if state.quantization else ""
+        if state.placement:
+            placed = "; ".join(f"{device}: {modules}" for device, modules in state.placement)
+            quantized += f"<br>placed: {html.escape(placed)}"
         self.loaded_label.setText(
             f"<b>{state.base}</b><br>{state.dtype} on {state.device} · {params}{quantized}<br>"
             f"<span style='color:gray'>{state.base_path}</span>"

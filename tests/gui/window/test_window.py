@@ -158,6 +158,23 @@ def test_memory_monitor_shows_two_fake_gpus(qtbot, tmp_path, data_dir):
         w.shutdown()
 
 
+def test_limits_per_device_place_the_layers_and_the_dock_says_where(qtbot, window, tiny_llama, llama_adapters):
+    w = window
+    w.model_panel.set_source(str(tiny_llama))
+    w.model_panel.max_memory_edit.setText("cpu=lots")
+    qtbot.waitUntil(lambda: "not DEVICE=SIZE" in w.model_panel.verdict_label.text(), timeout=TIMEOUT)
+    w.model_panel.max_memory_edit.setText("cpu=140KB")  # the embedding fits, the rest goes to disk
+    qtbot.waitUntil(lambda: "placed:" in w.model_panel.detail_label.text(), timeout=TIMEOUT)
+    assert "cpu ≈" in w.model_panel.detail_label.text() and "disk ≈" in w.model_panel.detail_label.text()
+    w.model_panel.load()
+    idle(qtbot, w)
+    assert dict(w.session.state().placement).keys() == {"cpu", "disk"}
+    assert "placed: cpu:" in w.model_panel.loaded_label.text()
+    w.attach_adapter(str(llama_adapters["alpha"]))
+    idle(qtbot, w)
+    assert w.session.active_adapter == "adapter-alpha"
+
+
 def test_no_gpu_is_said_and_ram_still_drawn(qtbot, window):
     qtbot.waitUntil(lambda: len(window.memory_panel.samples) >= 2, timeout=TIMEOUT)
     assert "no NVIDIA GPU found" in window.memory_panel.no_gpu_label.text()

@@ -1,0 +1,105 @@
+"""Your devices, your placement: --max-memory parsed, accelerate's plan per device, and a base spread over the CPU
+and disk (a tiny real Llama, real PEFT adapters) answering exactly as the same base in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import factories
+import pytest
+import torch
+
+from lora_studio.core.errors import UserError
+from lora_studio.core.model.placement import parse_max_memory, placed_layers, plan_placement
+from lora_studio.core.model.sources import resolve_source
+from lora_studio.core.session import Session
+
+
+def test_max_memory_is_read_as_accelerate_takes_it_and_a_wrong_part_is_named():
+    assert parse_max_memory("cuda:0=20GiB, cuda:1=1.5GB,cpu=64GiB,disk=100MB") == {
+        0: 20 * 1024**3,
+        1: 1_500_000_000,
+        "cpu": 64 * 1024**3,
+        "disk": 100_000_000,
+    }
+    assert parse_max_memory("cuda:0=20GiB,cpu=512MiB") == {0: 20 * 1024**3, "cpu": 512 * 1024**2}
+    for bad, named in (
+        ("cpu", "'cpu' is not DEVICE=SIZE"),
+        ("cpu=lots", "'cpu=lots' is not DEVICE=SIZE"),
+        ("gpu0=1GiB", "'gpu0' is not a device"),
+        ("cpu=1GiB,cpu=2GiB", "name cpu twice"),
+        (" , ", "are empty"),
+    ):
+        with pytest.raises(UserError, match=named):
+            parse_max_memory(bad)
+
+
+def test_layers_are_named_by_device_with_runs_folded():
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu"}
+    device_map |= {"model.layers.2": "disk", "model.layers.3": "disk", "model.norm": "disk", "lm_head": 0}
+    assert placed_layers(device_map) == {
+        "cpu": "embed_tokens, layers 0–1",
+        "disk": "layers 2–3, norm",
+        "cuda:0": "lm_head",
+    }
+
+
+@pytest.fixture(scope="module")
+def spread(tmp_path_factory):
+    root = tmp_path_factory.mktemp("placement")
+    base = factories.make_llama(root / "base", num_hidden_layers=4)
+    adapters = {
+        f"a{seed}": factories.make_adapter(
+            base, root / f"a{seed}", seed=seed, target_modules=("q_proj", "v_proj", "down_proj")
+        )
+        for seed in (1, 2)
+    }
+    return base, adapters
+
+
+def test_a_base_spread_over_cpu_and_disk_answers_as_in_memory_with_every_adapter(spread):
+    base, adapters = spread
+    source = resolve_source(base)
+    whole, placed = Session(), Session()
+    whole.load(source)
+    size = sum(p.numel() * p.element_size() for p in whole.model.parameters())
+    limits = {"cpu": size // 2}
+    plan = plan_placement(source, "float32", limits)
+    assert set(plan.bytes_per_device) == {"cpu", "disk"} and plan.bytes_per_device["cpu"] <= size // 2
+    state = placed.load(source, max_memory=limits)
+    assert {device for device, _ in state.placement} == {"cpu", "disk"}
+    offload = Path(placed._offload.name)  # the disk's layers are read from the checkpoint's safetensors
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+
+    def logits(session: Session) -> torch.Tensor:
+        with torch.no_grad():
+            return session.model(input_ids=ids).logits
+
+    try:
+        assert torch.equal(logits(whole), logits(placed))
+        for name, path in adapters.items():
+            whole.attach(path, name)
+            placed.attach(path, name)
+            assert torch.equal(logits(whole), logits(placed)), name
+        # a generation in inference mode, then a switch: the offloaded layers' adapters switch too
+        with placed.variant_selected("a1") as model, torch.inference_mode():
+            model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+        for name in adapters:
+            whole.activate(name)
+            placed.activate(name)
+            assert torch.equal(logits(whole), logits(placed)), name
+        whole.disable_adapters()
+        placed.disable_adapters()
+        assert torch.equal(logits(whole), logits(placed))
+    finally:
+        whole.close()
+        placed.close()
+    assert not offload.exists()  # the session's offload folder goes with the base
+
+
+def test_a_device_this_machine_lacks_is_one_line_before_loading(spread):
+    base, _ = spread
+    if torch.cuda.is_available():
+        pytest.skip("a machine with CUDA has cuda:0")
+    with pytest.raises(UserError, match=r"name cuda:0; this machine has no CUDA device"):
+        Session().load(resolve_source(base), max_memory={0: 1024, "cpu": 1024})
