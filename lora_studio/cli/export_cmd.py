@@ -13,6 +13,7 @@ from lora_studio.cli.common import (
     SubParsers,
     add_adapter_argument,
     add_base_argument,
+    add_quantize_argument,
     human_bytes,
     output_path,
     parse_adapter_specs,
@@ -47,6 +48,13 @@ def add_parser(sub: SubParsers) -> None:
         default=None,
         metavar="GIB",
         help="the GPU's memory (GiB) the bundle's vLLM plan fits adapter slots on (default 24)",
+    )
+    add_quantize_argument(p, "merge a QLoRA adapter as it learned on the base (default: its lora_studio.json record),")
+    p.add_argument(
+        "--merge-into",
+        choices=("auto", "original", "dequantized"),
+        help="for such an adapter: add its update to the checkpoint's weights (original), to the dequantised ones it "
+        "learned on (dequantized), or to the closer of the two, measured (auto, the default)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file (atomically, at the end)")
     p.add_argument("--plan", action="store_true", help="only print what the export needs (size, memory, disk)")
@@ -101,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         overwrite=args.overwrite,
         base_gguf=base_gguf,
+        quantize=args.quantize,
+        merge_into=args.merge_into,
         **({"serve_gpu_gib": args.serve_gpu} if args.serve_gpu is not None else {}),
     )
     if args.plan:

@@ -49,12 +49,14 @@ from lora_studio.core.export.serving_plan import DEFAULT_GPU_GIB, ServingPlan, s
 from lora_studio.core.io.atomic import atomic_output_file
 from lora_studio.core.io.paths import check_output_apart, free_disk
 from lora_studio.core.merge import verify as merge_verify
+from lora_studio.core.merge.model_card import quantised_base_card
 from lora_studio.core.merge.plan import AdapterSpec, base_dtype, input_paths
-from lora_studio.core.merge.quantized import recorded_quantization
+from lora_studio.core.merge.quantized import MergeInto, MergeTarget, check_merge_into, recorded_quantization
 from lora_studio.core.merge.streaming import load_streaming_adapter, stream_plan, streaming_refusal
 from lora_studio.core.model.config import gguf_config, read_config, tied_embeddings
 from lora_studio.core.model.estimate import read_footprint
 from lora_studio.core.model.identity import hub_id
+from lora_studio.core.model.quantize import Quantize, check_quantize_choice
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system.memory import format_bytes
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
@@ -85,6 +87,21 @@ class ExportRequest:
     prompts: Sequence[str] = merge_verify.PROMPTS
     new_tokens: int = merge_verify.NEW_TOKENS
     serve_gpu_gib: float = DEFAULT_GPU_GIB  # the GPU the vLLM serving plan fits adapters on
+    # an adapter trained on a quantised base (QLoRA): the quantisation it learned on (default: its lora_studio.json
+    # record) and which weights its update is added to (core/merge/quantized.py; default: measured)
+    quantize: Quantize | None = None
+    merge_into: MergeInto | None = None
+
+    def qlora(self) -> tuple[Quantize, str] | None:
+        """(quantisation, compute dtype) of the base the adapter learned on, for a merged GGUF; None otherwise."""
+        if self.format != "gguf" or self.adapter is None:
+            return None
+        record = recorded_quantization(self.adapter)
+        quantize = self.quantize or (record["type"] if record else None)
+        if quantize is None:
+            return None
+        compute = record.get("compute_dtype") if record and record["type"] == quantize else None
+        return quantize, compute or base_dtype(self.source)
 
     @property
     def adapter_label(self) -> str | None:
@@ -141,6 +158,7 @@ class ExportResult:
     vocab: VocabSummary | None = None
     details: dict = field(default_factory=dict)
     carried: CarriedAdapter | None = None  # a merged file of an adapter: how much of it the file's weights carry
+    quantized_base: MergeTarget | None = None  # a QLoRA adapter: the weights its update was added to, and why
 
     def to_json(self) -> dict:
         return {
@@ -153,6 +171,7 @@ class ExportResult:
             "bundle": self.bundle.to_json() if self.bundle else None,
             "vocab": asdict(self.vocab) if self.vocab else None,
             "carried": self.carried.to_json() if self.carried else None,
+            "quantized_base": self.quantized_base.to_json() if self.quantized_base else None,
             **self.details,
         }
 
@@ -184,15 +203,17 @@ def plan_export(request: ExportRequest, *, tokenizer: bool = True) -> ExportPlan
     except UserError as exc:
         return refused(exc.message, exc.hint)
     spec = output_type(type_name)
-    recorded = recorded_quantization(request.adapter) if request.adapter is not None else None
-    if request.format == "gguf" and recorded is not None:
-        # streamed into the converter, the update would be added to the checkpoint's weights, not to the quantised
-        # ones it learned on: which of the two is right is measured by the merge (core/merge/quantized.py)
+    qlora = request.qlora()
+    try:
+        if request.quantize is not None:
+            check_quantize_choice(request.quantize)
+        check_merge_into(request.merge_into, qlora[0] if qlora else None)
+    except UserError as exc:
+        return refused(exc.message, exc.hint)
+    if qlora is not None and gguf_base:
         return refused(
-            f"this adapter learned on the base quantised as {recorded['type']} (QLoRA): a merged GGUF made here "
-            "would add its update to the full-precision weights",
-            "merge it first (merge, or the Merge tab's Hugging Face folder: it measures which weights to merge "
-            "into), then export the merged folder",
+            "an adapter trained on a quantised base merges into a GGUF from a safetensors base",
+            "export it adapter-only (--format gguf-lora) for this GGUF, or open the base's Hugging Face folder",
         )
     if request.format == "gguf-lora":
         if request.adapter is None:
@@ -236,6 +257,9 @@ def plan_export(request: ExportRequest, *, tokenizer: bool = True) -> ExportPlan
         # the converter computes one tensor at a time: in float32, with its LoRA update, and quantised
         largest = stream.largest_tensor_elements
         peak = largest * 16 + _adapter_bytes(request.adapter, "f32") + WORKING_SET
+    if qlora is not None and stream is not None:
+        # the merge target is measured on the base in full precision and quantised, side by side
+        peak = max(peak, sum(info.nbytes for _, info in stream.sources.values()) * 2 + WORKING_SET)
     if request.verify:
         # the reference model (base + adapter in the base's dtype; a GGUF dequantised to float32), then llama.cpp's
         # copy: one at a time
@@ -306,25 +330,30 @@ def export_gguf(
     report(Progress(0, None, "reading the tokenizer"))
     tokenizer = session.tokenizer if session is not None else load_tokenizer(request.source)
     out = Path(request.out).absolute()
-    vocab = carried = None
+    vocab = carried = target = None
     details: dict = {"plan": plan.to_json(), "converter": converter_details(arch)}
-    with atomic_output_file(out, overwrite=request.overwrite) as tmp:
+    with ExitStack() as stack:
+        work = request  # what is written and checked: for a QLoRA adapter, the base with the weights chosen
+        if (qlora := request.qlora()) is not None:
+            work, target = stack.enter_context(_qlora_base(request, *qlora, out, cancel, report))
+            session = None
+        tmp = stack.enter_context(atomic_output_file(out, overwrite=request.overwrite))
         if request.format == "gguf-lora":
             assert request.adapter is not None  # plan_export refuses an adapter-only export without one
             details["adapter"] = write_adapter_gguf(
                 tmp, arch.config, request.adapter, type_name, cancel=cancel, report=report
             )
         else:
-            vocab, carried = _write_merged(request, arch, plan, tmp, cancel, report)
+            vocab, carried = _write_merged(work, arch, plan, tmp, cancel, report)
         cancel.raise_if_cancelled()
-        verification = _verify(request, tokenizer, type_name, tmp, session, cancel, report)
+        verification = _verify(work, tokenizer, type_name, tmp, session, cancel, report)
     report(Progress(1, 1, "writing the serving bundle", "steps"))
     base_gguf, make_base = _served_base(request, out)
     bundle = write_bundle(
         out,
         tokenizer,
         export_verify.hf_stop_tokens(tokenizer, request.source.path),
-        export_card(request, type_name, out, verification, arch, carried),
+        export_card(request, type_name, out, verification, arch, carried, target),
         base_gguf=base_gguf,
         peft_adapter=Path(request.adapter).absolute() if request.adapter else None,
         adapter_name=request.adapter_label,
@@ -346,6 +375,7 @@ def export_gguf(
         vocab,
         details,
         carried,
+        target,
     )
 
 
@@ -447,6 +477,66 @@ def _write_merged(
         if adapter is not None:
             carried = measure_carried(tmp, folder, adapter, dtype, written, plan.type, cancel=cancel, report=report)
     return vocab, carried
+
+
+@contextmanager
+def _qlora_base(
+    request: ExportRequest, quantize: Quantize, compute_dtype: str, beside: Path, cancel: CancelToken, report: Report
+) -> Iterator[tuple[ExportRequest, MergeTarget]]:
+    """The merge's own choice of weights for an adapter trained on a quantised base (core/merge/quantized.py:
+    measured on the verification prompts unless asked), and the request to write and check: the same one for the
+    checkpoint's weights, else one whose base is a folder of the weights the adapter learned on (dequant(Wq) in the
+    quantised layers), saved beside the output and removed afterwards. The adapter is then streamed onto that base
+    as onto any other, so the file's check and carried-adapter measure compare with the chosen weights."""
+    import shutil
+    import tempfile
+
+    from lora_studio.core.merge.quantized import choose_merge_target
+    from lora_studio.core.model.sources import resolve_source
+    from lora_studio.core.session import Session, release_memory
+
+    assert request.adapter is not None  # qlora() is None without an adapter
+    name = request.adapter_label or "adapter"
+    session = Session()
+    try:
+        session.load(request.source, dtype=base_dtype(request.source), cancel=cancel, report=report)
+        session.attach(Path(request.adapter), name, cancel=cancel, report=report)
+        session.activate(name)
+        target = choose_merge_target(
+            session,
+            request.source,
+            Path(request.adapter),
+            name,
+            quantize,
+            compute_dtype,
+            request.merge_into or "auto",
+            request.prompts,
+            request.new_tokens,
+            cancel=cancel,
+            report=report,
+        )
+        if target.chosen == "original":
+            session.close()
+            yield request, target
+            return
+        report(Progress(0, None, "saving the weights the adapter learned on for llama.cpp's converter"))
+        with tempfile.TemporaryDirectory(prefix=f".{beside.name}.", dir=beside.parent) as work:
+            folder = Path(work) / "base"
+            # the job's own session: PEFT's layers taken out (not merged), their base weights saved as they are now
+            session.model.unload().save_pretrained(folder)
+            for item in request.source.path.iterdir():  # the tokenizer and generation files, as the base has them
+                if item.is_file() and not (folder / item.name).exists() and _tokenizer_file(item):
+                    shutil.copy2(item, folder / item.name)
+            session.close()
+            release_memory()
+            cancel.raise_if_cancelled()
+            yield replace(request, source=resolve_source(str(folder)), quantize=None, merge_into=None), target
+    finally:
+        session.close()
+
+
+def _tokenizer_file(path: Path) -> bool:
+    return path.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".gguf") and not path.name.endswith(".index.json")
 
 
 DEQUANTISING_STAGE = "dequantising the base GGUF for llama.cpp's converter"
@@ -583,6 +673,7 @@ def export_card(
     verification: export_verify.GgufVerification,
     arch: ConverterArchitecture,
     carried: CarriedAdapter | None = None,
+    target: MergeTarget | None = None,
 ) -> str:
     """What the file is and how it was proven: the bundle's README and the window's summary."""
     badge = verification.status.upper()
@@ -618,6 +709,8 @@ def export_card(
     if verification.thresholds:
         agreement, kl = verification.thresholds
         lines += ["", f"Thresholds for {verification.type}: greedy agreement ≥ {agreement:.0%}, top-k KL ≤ {kl:g}."]
+    if target is not None:
+        lines += quantised_base_card(target.to_json())
     if carried is not None and carried.tensors:
         lines += [
             "",

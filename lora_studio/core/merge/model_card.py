@@ -34,7 +34,7 @@ def _blocks(kind: str) -> str:
     return f", blocks of {BLOCK_SIZE_4BIT}" if BITS.get(kind) == 4 else ""
 
 
-def _quantised_base(q: dict | None) -> list[str]:
+def quantised_base_card(q: dict | None) -> list[str]:
     """What the merge of an adapter trained on a quantised base (QLoRA) chose, and the figures it chose by."""
     if not q:
         return []
@@ -51,8 +51,8 @@ def _quantised_base(q: dict | None) -> list[str]:
             if q["chosen"] == "dequantized"
             else "W = W16 + ΔW, the checkpoint's own weights."
         )
-        + " The output is not quantised again. The verification below compares the saved folder with the adapter "
-        "on exactly these weights.",
+        + f" Nothing is re-quantised to {q['quantize']}. The verification below compares the output with the "
+        "adapter on exactly these weights.",
     ]
     if q["kl"]:
         kl = ", ".join(f"{name} {value:.4g}" for name, value in q["kl"].items())
@@ -101,7 +101,7 @@ def render(provenance: dict) -> str:
             f"{'yes' if a['use_rslora'] else 'no'} | {'yes' if a['use_dora'] else 'no'} | "
             f"`{a['sha256']}` | `{a['path']}` |"
         )
-    lines += _quantised_base(provenance.get("quantized_base"))
+    lines += quantised_base_card(provenance.get("quantized_base"))
     lines += ["", "## Verification", ""]
     v = provenance.get("verification")
     if v is None:

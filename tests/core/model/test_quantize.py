@@ -320,15 +320,43 @@ def test_compare_and_scale_on_a_four_bit_base_equal_peft_on_it(gguf_llama, gguf_
         session.close()
 
 
-def test_a_merged_gguf_of_a_qlora_adapter_is_refused_before_writing(gguf_llama, gguf_llama_adapters, tmp_path, capsys):
+def test_a_merged_gguf_of_a_qlora_adapter_holds_the_measured_weights_and_carries_the_adapter(
+    gguf_llama, gguf_llama_adapters, tmp_path, capsys
+):
     import shutil
 
-    from lora_studio.core.adapters.files import SIDECAR_NAME
+    import gguf
 
+    from lora_studio.core.adapters.files import SIDECAR_NAME
+    from lora_studio.core.export import ExportRequest, export_gguf
+
+    pytest.importorskip("llama_cpp", reason="llama.cpp's binding is installed by `make test`")
     adapter = tmp_path / "qlora-alpha"
     shutil.copytree(gguf_llama_adapters["alpha"], adapter)
     (adapter / SIDECAR_NAME).write_text(json.dumps({"base": {"quantization": {"type": "nf4"}}}))
-    argv = ["export", gguf_llama, "--adapter", adapter, "--format", "gguf", "--type", "q8_0"]
-    code, _out, err = run_in_process(capsys, [*argv, "--out", tmp_path / "m.q8_0.gguf"])
-    assert code == 2 and "learned on the base quantised as nf4" in err and "merge it first" in err
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.q8_0.gguf").exists()
+    argv = ["export", gguf_llama, "--adapter", adapter, "--format", "gguf", "--type", "q8_0", "--json"]
+    code, out, err = run_in_process(capsys, [*argv, "--out", tmp_path / "m.q8_0.gguf"])
+    assert code == 0, err
+    result = json.loads(out)
+    target = result["quantized_base"]
+    assert target["asked"] == "auto" and set(target["kl"]) == {"original", "dequantized"}
+    assert target["chosen"] == "dequantized" and result["verification"]["status"] == "pass"
+    # measured against the base the adapter learned on (dequantised), every tensor reproduced
+    assert result["carried"]["status"] == "carried" and not result["carried"]["left_out"]
+    readme = (tmp_path / "m.q8_0.gguf.serve" / "README.md").read_text()
+    assert "Quantised base (QLoRA)" in readme and "**dequantized**" in readme
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.q8_0.gguf", "m.q8_0.gguf.serve", "qlora-alpha"]
+
+    # the same tensors as the GGUF of the folder the measured merge writes
+    merge_and_save(
+        resolve_source(gguf_llama), [AdapterSpec("alpha", adapter)], MergeOptions(tmp_path / "folder", verify=False)
+    )
+    export_gguf(ExportRequest(resolve_source(tmp_path / "folder"), tmp_path / "f.gguf", "gguf", "q8_0", verify=False))
+
+    def tensors(path) -> dict[str, bytes]:
+        return {t.name: bytes(t.data.tobytes()) for t in gguf.GGUFReader(str(path)).tensors}
+
+    assert tensors(tmp_path / "m.q8_0.gguf") == tensors(tmp_path / "f.gguf")
+
+    code, _out, err = run_in_process(capsys, [*argv[:-1], "--merge-into", "sideways", "--out", tmp_path / "x.gguf"])
+    assert code == 2 and len(err.strip().splitlines()) == 1

@@ -9,7 +9,7 @@ Merge tab they act for (:class:`~lora_studio.gui.tabs.merge.host.MergeTab`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.export import ExportPlan, ExportRequest, export_gguf, plan_export
@@ -18,6 +18,7 @@ from lora_studio.gui.base.jobs import Job
 
 if TYPE_CHECKING:
     from lora_studio.core.export import ExportResult
+    from lora_studio.core.model.quantize import Quantize
     from lora_studio.core.session import Session
     from lora_studio.core.tasks import CancelToken, Report
     from lora_studio.gui.tabs.merge.host import MergeTab
@@ -58,6 +59,9 @@ def export_request(panel: MergeTab, out: Path | None = None) -> ExportRequest:
         adapter_name=row.name if row else None,
         verify=panel.output.verify_check.isChecked(),
         serve_gpu_gib=panel.output.serve_gpu_spin.value(),
+        # as the folder merge takes them: a base loaded quantised is what the adapter ran on
+        quantize=cast("Quantize | None", panel.state.quantize) if row is not None and fmt == "gguf" else None,
+        merge_into=panel.output.merge_into_combo.currentData() if row is not None and fmt == "gguf" else None,
     )
 
 

@@ -351,8 +351,10 @@ class OutputBox(QGroupBox):
     def _format_changed(self, *_args: object) -> None:
         fmt = self.format()
         gguf = fmt != "hf"
-        for widget in (self.dtype_combo, self.engine_combo, self.engine_note, self.merge_into_combo):
+        for widget in (self.dtype_combo, self.engine_combo, self.engine_note):
             self.form.setRowVisible(widget, not gguf)
+        # a merged GGUF of a QLoRA adapter is written from the weights chosen the same way
+        self.form.setRowVisible(self.merge_into_combo, fmt != "gguf-lora")
         self.safe_check.setVisible(not gguf)
         self.form.setRowVisible(self.gguf_type_combo, gguf)
         self.form.setRowVisible(self.serve_gpu_spin, gguf)

@@ -143,6 +143,8 @@ class ResultBox(QGroupBox):
             f"Saved <b>{result.out}</b> — {result.format}, {result.type}, {format_bytes(result.bytes_written)} "
             f"in {result.seconds:.1f} s"
         ]
+        if result.quantized_base is not None:
+            lines.append(f"QLoRA ({result.quantized_base.quantize}): {html.escape(result.quantized_base.summary())}")
         if result.carried is not None:
             carried = result.carried
             mark = {"carried": "✔", "washed out": "⚠"}.get(carried.status, "·")
