@@ -66,6 +66,53 @@ def test_a_base_quantized_on_load_takes_adapters_as_peft_does(kind, layer, gguf_
         session.close()
 
 
+def test_evaluate_and_chat_on_a_quantized_base_equal_peft_on_the_same_model(gguf_llama, gguf_llama_adapters, tmp_path):
+    from lora_studio.core.compare import Variant
+    from lora_studio.core.compare.chat import Conversation, chat_prompt_ids, chat_turn
+    from lora_studio.core.evaluate import datasets
+    from lora_studio.core.evaluate.run import evaluate
+    from lora_studio.core.generation.generate import GenerationSettings
+
+    rows = [{"instruction": "Say hello.", "answer": "Hello there."}, {"instruction": "Count.", "answer": "One, two."}]
+    data = tmp_path / "tiny.val.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    session = Session()
+    try:
+        session.load(resolve_source(gguf_llama), quantize="nf4")
+        for name, path in gguf_llama_adapters.items():
+            session.attach(path, name)
+        ref = peft_on_quantized(gguf_llama, gguf_llama_adapters, "nf4")
+        eval_set = datasets.load_eval_set(data, session.tokenizer)
+        variants = [Variant.base(), *(Variant.of_adapter(name) for name in gguf_llama_adapters)]
+        result = evaluate(session, variants, [eval_set], mixed=False)
+        for variant in variants:
+            for example, got in zip(eval_set.examples, result.scores[variant.name], strict=True):
+                ids = torch.tensor([list(example.prompt_ids) + list(example.answer_ids)])
+                with torch.inference_mode():
+                    if variant.name == "base":
+                        with ref.disable_adapter():
+                            out = ref(input_ids=ids).logits[0]
+                    else:
+                        ref.set_adapter(variant.name)
+                        out = ref(input_ids=ids).logits[0]
+                start = len(example.prompt_ids)
+                nll = float(torch.nn.functional.cross_entropy(out[start - 1 : -1], ids[0, start:], reduction="sum"))
+                assert got.nll == pytest.approx(nll, abs=1e-4), variant.name
+
+        settings = GenerationSettings(max_new_tokens=6)
+        turn = chat_turn(session, [Variant.of_adapter("alpha")], Conversation(), "Hello!", settings, mixed=False)
+        prompt = chat_prompt_ids(session.tokenizer, [{"role": "user", "content": "Hello!"}])
+        ref.set_adapter("alpha")
+        with torch.inference_mode():
+            generated = ref.generate(
+                input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0
+            )[0, len(prompt) :]
+        expected = [t for t in generated.tolist() if t not in (session.tokenizer.eos_token_id,)]
+        assert list(turn.replies["alpha"].token_ids)[: len(expected)] == expected and expected
+    finally:
+        session.close()
+
+
 def test_what_cannot_be_quantized_on_load_is_one_line(gguf_llama, tmp_path):
     from lora_studio.core.export import ExportRequest, export_gguf
 
