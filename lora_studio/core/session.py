@@ -25,7 +25,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from lora_studio.core._compat import bnb_cpu_unpack
+from lora_studio.core._compat import bnb_cpu_unpack, peft_offload
 from lora_studio.core.adapters import combinations, compatibility
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.errors import Cancelled, UserError
@@ -243,6 +243,15 @@ class Session:
             return {}
         return {"max_memory": dict(self.max_memory), "offload_folder": self._offload.name, "device_map": "sequential"}
 
+    def _offload_copies(self) -> Any:
+        """Where PEFT writes its copies of disk-offloaded checkpoint files as an adapter attaches: the session's
+        offload folder (see _compat.peft_offload)."""
+        import contextlib
+
+        if self._offload is None:
+            return contextlib.nullcontext()
+        return peft_offload.offload_copies_in(Path(self._offload.name))
+
     def _release(self) -> None:
         self.model = None
         self.tokenizer = None
@@ -343,7 +352,7 @@ class Session:
             cancel.raise_if_cancelled()
             report(Progress(1, 2, f"loading {name}", "steps"))
             try:
-                with utf8_path(path) as folder:
+                with utf8_path(path) as folder, self._offload_copies():
                     if self.is_peft:
                         self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
                     else:

@@ -19,7 +19,10 @@ Each hook is its own module, named after what it hooks:
 - :mod:`.bnb_cpu_unpack`: bitsandbytes' ``_convert_weight_packed_for_cpu_inverse`` as ``Linear4bit`` calls it, so
   that reading the state dict of a 4-bit base that ran on the CPU (PEFT's ``load_adapter`` does) leaves its block
   scales in order; and its ``_convert_weight_packed_for_cpu`` during QLoRA training, so that an evaluation does not
-  pack the layers for an inference kernel that has no backward.
+  pack the layers for an inference kernel that has no backward;
+- :mod:`.peft_offload`: the ``os`` of PEFT's ``peft_model`` module while an adapter attaches to a model with layers
+  offloaded to disk, so that PEFT's copies of those checkpoint files go to the session's offload folder, not under
+  the working directory.
 
 Policy, the same for every hook: a patch is swapped in only for the duration of a call and only for the
 calling thread (:func:`.swap.swapped`); before it is applied its target is checked, and if the target is
@@ -46,6 +49,7 @@ HOOK_MODULES = (
     "gguf_progress",
     "ggml_quantize",
     "bnb_cpu_unpack",
+    "peft_offload",
 )
 
 

@@ -57,8 +57,9 @@ def spread(tmp_path_factory):
     return base, adapters
 
 
-def test_a_base_spread_over_cpu_and_disk_answers_as_in_memory_with_every_adapter(spread):
+def test_a_base_spread_over_cpu_and_disk_answers_as_in_memory_with_every_adapter(spread, tmp_path, monkeypatch):
     base, adapters = spread
+    monkeypatch.chdir(tmp_path)  # PEFT's copies of offloaded files must not land under the working directory
     source = resolve_source(base)
     whole, placed = Session(), Session()
     whole.load(source)
@@ -81,6 +82,7 @@ def test_a_base_spread_over_cpu_and_disk_answers_as_in_memory_with_every_adapter
             whole.attach(path, name)
             placed.attach(path, name)
             assert torch.equal(logits(whole), logits(placed)), name
+        assert any(offload.rglob("*.safetensors"))  # PEFT's copies, with the adapter's factors, are the session's
         # a generation in inference mode, then a switch: the offloaded layers' adapters switch too
         with placed.variant_selected("a1") as model, torch.inference_mode():
             model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
@@ -95,6 +97,7 @@ def test_a_base_spread_over_cpu_and_disk_answers_as_in_memory_with_every_adapter
         whole.close()
         placed.close()
     assert not offload.exists()  # the session's offload folder goes with the base
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_device_this_machine_lacks_is_one_line_before_loading(spread):
