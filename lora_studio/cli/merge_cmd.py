@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_studio.cli.common import (
@@ -68,6 +69,12 @@ def add_parser(sub: SubParsers) -> None:
         help="for an adapter trained on a quantised base: merge into the checkpoint's weights (original), into the "
         "dequantised ones it learned on (dequantized), or the closer of the two, measured (auto, the default)",
     )
+    p.add_argument(
+        "--full-precision",
+        metavar="DIR",
+        help="for a base saved quantised (bitsandbytes): the 16/32-bit folder it was quantised from, whose weights "
+        "are the original ones to merge into or measure against",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -115,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         quantize=args.quantize,
         merge_into=args.merge_into,
+        full_precision=Path(args.full_precision).expanduser() if args.full_precision else None,
     )
     try:
         result = merge_and_save(source, adapters, options, report=progress)

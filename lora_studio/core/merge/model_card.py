@@ -54,6 +54,12 @@ def quantised_base_card(q: dict | None) -> list[str]:
         + f" Nothing is re-quantised to {q['quantize']}. The verification below compares the output with the "
         "adapter on exactly these weights.",
     ]
+    if q.get("saved_quantised"):
+        lines += [
+            "",
+            f"The quantised weights are those saved in `{q['saved_quantised']}`; the original ones those of the "
+            "full-precision folder it was quantised from (the base named above).",
+        ]
     if q["kl"]:
         kl = ", ".join(f"{name} {value:.4g}" for name, value in q["kl"].items())
         lines += ["", f"Mean KL(adapter on the quantised base ‖ candidate) over {q['tokens']} positions: {kl}."]

@@ -9,7 +9,7 @@ needs to know about its base (config, dtype, tied embeddings).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -74,6 +74,9 @@ class MergeOptions:
     # (auto: measured; core/merge/quantized.py). None: the adapter's own record decides (lora_studio.json)
     quantize: str | None = None
     merge_into: str | None = None
+    # a base saved quantised (bitsandbytes): the 16/32-bit folder it was quantised from, whose weights are the
+    # "original" ones (the saved base stays the quantised one the adapter learned on)
+    full_precision: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,44 @@ def merge_quantization(
     return quantize, compute_dtype if quantize else None
 
 
+def full_precision_source(
+    source: ModelSource, options: MergeOptions
+) -> tuple[ModelSource, MergeOptions, ModelSource | None, str | None]:
+    """For a base saved quantised with bitsandbytes and the 16/32-bit folder it was quantised from
+    (``options.full_precision``): that folder as the base to merge into, the options with the saved quantisation,
+    the saved base (the quantised weights the adapter learned on, loaded as saved) and its compute dtype. Without
+    ``full_precision``: everything as given."""
+    if options.full_precision is None:
+        return source, options, None, None
+    from lora_studio.core.adapters.compatibility import quantization_label
+    from lora_studio.core.model.quantize import saved_quantization
+    from lora_studio.core.model.sources import resolve_source
+
+    saved = saved_quantization(base_config(source))
+    if saved is None:
+        raise UserError(
+            f"{source.label} is not saved quantised with bitsandbytes",
+            "a full-precision folder is for merging into a base saved in 4 or 8 bits; merge without it",
+        )
+    kind, compute_dtype = saved
+    full = resolve_source(str(options.full_precision))
+    full_config = base_config(full)
+    if full.gguf_file or quantization_label(full_config):
+        raise UserError(f"{full.label} is not a 16/32-bit checkpoint", "name the folder the base was quantised from")
+    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"):
+        if full_config.get(key) != base_config(source).get(key):
+            raise UserError(
+                f"{full.label} is not the model {source.label} was quantised from ({key}: "
+                f"{full_config.get(key)} against {base_config(source).get(key)})",
+                "name the folder the base was quantised from",
+            )
+    if options.quantize not in (None, kind):
+        raise UserError(
+            f"{source.label} is saved as {kind}, not {options.quantize}", f"drop --quantize, or pass {kind}"
+        )
+    return full, replace(options, quantize=kind, full_precision=None), source, compute_dtype
+
+
 def quantised_merge(
     options: MergeOptions, adapters: Sequence[AdapterSpec], session: Session | SessionState | None
 ) -> bool:
@@ -371,7 +412,8 @@ def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session: S
         raise UserError(
             f"{source.label} is quantized ({quant}): "
             "merging into quantized weights would round the adapter's update away",
-            "merge into the full-precision base model, then quantize the merged folder if you need to",
+            "name the 16/32-bit folder it was quantised from (merge --full-precision DIR), or merge into the "
+            "full-precision base model",
         )
     folder = base_folder(source)
     shapes = compatibility.weight_shapes_from_headers(folder) if folder is not None else None

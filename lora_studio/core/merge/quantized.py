@@ -68,6 +68,7 @@ class MergeTarget:
     kl: dict[str, float] = field(default_factory=dict)  # candidate -> mean KL(reference ‖ candidate); {} unmeasured
     layers: list[LayerGap] = field(default_factory=list)
     tokens: int = 0
+    saved_quantised: str | None = None  # a base saved quantised: its folder (the "original" weights are another's)
 
     def to_json(self) -> dict:
         ratios = [layer.ratio for layer in self.layers]
@@ -78,6 +79,7 @@ class MergeTarget:
             "chosen": self.chosen,
             "kl": self.kl,
             "tokens": self.tokens,
+            "saved_quantised": self.saved_quantised,
             "median_gap_ratio": _median(ratios),
             "layers_gap_above_update": sum(r > WIDE_GAP for r in ratios),
             "layers": [{"module": x.module, "gap": x.gap, "update": x.update, "ratio": x.ratio} for x in self.layers],
@@ -126,11 +128,14 @@ def choose_merge_target(
     prompts: Sequence[str],
     new_tokens: int,
     *,
+    quantised_source: ModelSource | None = None,
     cancel: CancelToken | None = None,
     report: Report = no_report,
 ) -> MergeTarget:
     """Measure (for ``auto``) and apply the merge target on ``session``: a full-precision session with the adapter
-    ``name`` attached and active. Its quantised layers are left holding the chosen base weights."""
+    ``name`` attached and active. Its quantised layers are left holding the chosen base weights. The quantised
+    base is ``source`` quantised on load, or ``quantised_source`` as saved (a checkpoint saved quantised, whose
+    full-precision folder ``source`` is)."""
     from lora_studio.core.merge.verify import reference_outputs
     from lora_studio.core.session import Session, release_memory
 
@@ -142,8 +147,12 @@ def choose_merge_target(
         # bitsandbytes must not pack the 4-bit layers for its CPU inference kernel (attaching runs a forward):
         # their weights are dequantised below, from the layout they were quantised in
         stack.enter_context(bnb_cpu_unpack.packing_off())
-        report(Progress(0, None, f"loading {source.label} in {quantize}"))
-        quantised.load(source, dtype=compute_dtype, quantize=quantize, cancel=cancel, report=report)
+        if quantised_source is not None:
+            report(Progress(0, None, f"loading {quantised_source.label} as saved ({quantize})"))
+            quantised.load(quantised_source, dtype=compute_dtype, cancel=cancel, report=report)
+        else:
+            report(Progress(0, None, f"loading {source.label} in {quantize}"))
+            quantised.load(source, dtype=compute_dtype, quantize=quantize, cancel=cancel, report=report)
         quantised.attach(adapter, name, cancel=cancel)
         quantised.activate(name)
         reference = None
@@ -153,6 +162,8 @@ def choose_merge_target(
                     quantised.model, quantised.tokenizer, prompts, new_tokens, cancel, _staged(report, REFERENCE_STAGE)
                 )
         target = MergeTarget(quantize, compute_dtype, merge_into, "dequantized")
+        if quantised_source is not None:
+            target.saved_quantised = str(quantised_source.path)
         with session.lock, quantised.lock:
             if reference is not None:
                 report(Progress(0, None, CANDIDATE_STAGE.format(candidate="original")))

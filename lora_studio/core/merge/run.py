@@ -40,6 +40,7 @@ from lora_studio.core.merge.plan import (
     EngineName,
     MergeOptions,
     base_config,
+    full_precision_source,
     merge_quantization,
     plan_merge,
 )
@@ -97,7 +98,11 @@ def merge_and_save(
     """
     cancel = cancel or CancelToken()
     started = time.perf_counter()
+    source, options, quantised_source, saved_compute = full_precision_source(source, options)
+    if quantised_source is not None:
+        session = None  # merged from the full-precision folder, loaded for the job
     options, session, compute_dtype = _quantised_base(options, adapters, session)
+    compute_dtype = saved_compute or compute_dtype
     plan = plan_merge(source, adapters, options, session=session)
     if plan.refusal:
         raise UserError(plan.refusal, plan.refusal_hint)
@@ -130,6 +135,7 @@ def merge_and_save(
                     options.merge_into or "auto",  # type: ignore[arg-type]  # checked by plan_merge
                     options.verify_prompts,
                     options.verify_tokens,
+                    quantised_source=quantised_source,
                     cancel=cancel,
                     report=report,
                 )

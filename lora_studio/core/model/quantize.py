@@ -81,6 +81,21 @@ def quantization_record(kind: Quantize, dtype: str) -> dict:
     return record
 
 
+def saved_quantization(config: dict) -> tuple[Quantize, str] | None:
+    """(type, compute dtype) of a checkpoint saved quantised with bitsandbytes (its ``quantization_config``), or
+    None for any other checkpoint."""
+    q = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(q, dict) or str(q.get("quant_method", "bitsandbytes")) != "bitsandbytes":
+        return None
+    compute = str(q.get("bnb_4bit_compute_dtype") or "float32").removeprefix("torch.")
+    if q.get("load_in_8bit"):
+        return "int8", compute
+    kind = q.get("bnb_4bit_quant_type")
+    if q.get("load_in_4bit") and kind in ("nf4", "fp4"):
+        return kind, compute
+    return None
+
+
 def check_quantize(kind: str | None, source: ModelSource, config: dict | None = None) -> None:
     if kind is not None:
         check_quantize_choice(kind)

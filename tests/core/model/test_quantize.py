@@ -257,6 +257,40 @@ def test_merge_onto_a_quantised_base_measures_both_candidates_and_keeps_the_clos
     assert all(torch.allclose(ours[k], reference[k], atol=1e-6) for k in reference)
 
 
+def test_a_base_saved_in_four_bits_merges_with_the_folder_it_was_quantised_from(
+    gguf_llama, gguf_llama_adapters, tmp_path, capsys
+):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from lora_studio.core.model.quantize import quantization_config
+
+    saved = tmp_path / "saved-nf4"
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_llama), quantization_config=quantization_config("nf4", "float32"), device_map={"": "cpu"}
+    )
+    model.save_pretrained(saved)
+    for file in gguf_llama.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(file, saved / file.name)
+    capsys.readouterr()  # transformers' own progress bars
+    argv = ["merge", saved, "--adapter", gguf_llama_adapters["alpha"], "--json"]
+    code, _out, err = run_in_process(capsys, [*argv, "--out", tmp_path / "refused"])
+    assert code == 2 and "--full-precision" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_in_process(capsys, [*argv, "--out", tmp_path / "m", "--full-precision", gguf_llama])
+    assert code == 0, err
+    target = json.loads(out)["quantized_base"]
+    assert target["quantize"] == "nf4" and target["saved_quantised"] == str(saved)
+    # the saved 4-bit weights are what the adapter ran on: merged into them, the folder is that model
+    assert target["chosen"] == "dequantized" and target["kl"]["dequantized"] < 1e-6 < target["kl"]["original"]
+    assert json.loads(out)["verification"]["status"] == "pass"
+    assert "The quantised weights are those saved in" in (tmp_path / "m" / "README.md").read_text()
+    wrong = ["--full-precision", saved, "--out", tmp_path / "w"]
+    code, _out, err = run_in_process(capsys, [*argv, *wrong])
+    assert code == 2 and "not a 16/32-bit checkpoint" in err
+
+
 def test_merge_into_without_a_quantised_base_is_one_line(gguf_llama, gguf_llama_adapters, tmp_path, capsys):
     argv = ["merge", gguf_llama, "--adapter", gguf_llama_adapters["alpha"], "--out", tmp_path / "m"]
     code, _out, err = run_in_process(capsys, [*argv, "--merge-into", "dequantized"])
