@@ -174,6 +174,9 @@ def plan_merge(
     from lora_studio.core.merge.streaming import stream_plan, streaming_refusal
 
     _check_request(adapters, options)
+    if options.full_precision is not None:  # a base saved quantised: merged from the folder it was quantised from
+        source, options, _, _ = full_precision_source(source, options)
+        session = None
     check_merge_into(options.merge_into, merge_quantization(options, adapters, session)[0])
     paths.check_output_apart(options.out, input_paths(source, adapters))
     resize = _check_base(source, adapters, session)
@@ -319,6 +322,7 @@ def full_precision_source(
                 f"{full_config.get(key)} against {base_config(source).get(key)})",
                 "name the folder the base was quantised from",
             )
+    paths.check_output_apart(options.out, {"base model": source.path, "full-precision base": full.path})
     if options.quantize not in (None, kind):
         raise UserError(
             f"{source.label} is saved as {kind}, not {options.quantize}", f"drop --quantize, or pass {kind}"

@@ -291,6 +291,19 @@ class OutputBox(QGroupBox):
             "checkpoint's weights, into the dequantised ones the adapter learned on, or the closer of the two "
             "measured against the adapter on the quantised base (auto). The output is never quantised again."
         )
+        self.full_precision_edit = QLineEdit()
+        self.full_precision_edit.setPlaceholderText("the 16/32-bit folder this base was quantised from")
+        self.full_precision_edit.setToolTip(
+            "A base saved in 4 or 8 bits has no full-precision weights of its own: name the folder it was quantised "
+            "from. Its weights are the original ones; the saved quantised ones are what the adapter learned on."
+        )
+        full_precision_btn = QPushButton("…")
+        full_precision_btn.setToolTip("choose the full-precision folder")
+        full_precision_btn.clicked.connect(self._browse_full_precision)
+        self.full_precision_row = QHBoxLayout()
+        self.full_precision_row.addWidget(self.full_precision_edit, 1)
+        self.full_precision_row.addWidget(full_precision_btn)
+        self._saved_quantised = False
         self.engine_note = QLabel("")
         self.engine_note.setWordWrap(True)
         self.engine_note.setStyleSheet("color: palette(mid);")
@@ -319,6 +332,7 @@ class OutputBox(QGroupBox):
         form.addRow("Engine", self.engine_combo)
         form.addRow("", self.engine_note)
         form.addRow("Merge into", self.merge_into_combo)
+        form.addRow("16-bit base", self.full_precision_row)
         form.addRow("GGUF type", self.gguf_type_combo)
         form.addRow("vLLM GPU", self.serve_gpu_spin)
         form.addRow("", checks)
@@ -336,6 +350,7 @@ class OutputBox(QGroupBox):
             self.dtype_combo.currentIndexChanged,
             self.engine_combo.currentIndexChanged,
             self.merge_into_combo.currentIndexChanged,
+            self.full_precision_edit.textChanged,
             self.verify_check.toggled,
             self.safe_check.toggled,
         ):
@@ -355,6 +370,7 @@ class OutputBox(QGroupBox):
             self.form.setRowVisible(widget, not gguf)
         # a merged GGUF of a QLoRA adapter is written from the weights chosen the same way
         self.form.setRowVisible(self.merge_into_combo, fmt != "gguf-lora")
+        self.form.setRowVisible(self.full_precision_row, not gguf and self._saved_quantised)
         self.safe_check.setVisible(not gguf)
         self.form.setRowVisible(self.gguf_type_combo, gguf)
         self.form.setRowVisible(self.serve_gpu_spin, gguf)
@@ -392,6 +408,22 @@ class OutputBox(QGroupBox):
     def out_path(self) -> Path | None:
         text = self.out_edit.text().strip()
         return Path(text).expanduser().absolute() if text else None
+
+    def _browse_full_precision(self) -> None:
+        start = self.full_precision_edit.text().strip() or str(Path.home())
+        path = QFileDialog.getExistingDirectory(self, "Choose the folder the base was quantised from", start)
+        if path:
+            self.full_precision_edit.setText(path)
+
+    def full_precision(self) -> Path | None:
+        """The full-precision folder of a base saved quantised (None: not asked, or the base is not)."""
+        text = self.full_precision_edit.text().strip()
+        return Path(text).expanduser().absolute() if text and self._saved_quantised else None
+
+    def show_saved_quantised(self, saved: bool) -> None:
+        """The 16-bit base row is for a base saved in 4 or 8 bits (a base quantised on load has its own)."""
+        self._saved_quantised = saved
+        self._format_changed()
 
     def follow_base(self, base_path: str | None, dtype: str | None) -> None:
         """A new base: the dtype box starts at the base's dtype (core.merge.base_dtype with a session)."""
@@ -441,5 +473,6 @@ def merge_request(
         safe_merge=output.safe_check.isChecked(),
         verify=output.verify_check.isChecked(),
         merge_into=output.merge_into_combo.currentData(),
+        full_precision=output.full_precision(),
     )
     return specs, options

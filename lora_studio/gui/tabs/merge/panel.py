@@ -161,6 +161,7 @@ class MergePanel(Panel):
     def show_state(self, state: SessionState) -> None:
         self.state, self.source = state, self.session_model.source
         self.output.follow_base(state.base_path, state.dtype)
+        self.output.show_saved_quantised(bool(state.quantization) and state.quantize is None)
         self.adapters.show_adapters(state.adapters, state.active_adapter)
         self.inputs_changed()
 

@@ -182,3 +182,32 @@ def test_bad_combination_is_one_line_and_no_job(qtbot, window, tiny_llama, llama
     idle(qtbot, w)
     assert [r.name for r in panel.rows] == ["adapter-alpha"] and panel.rows[0].checked
     assert not panel.adapters.combo_type.isEnabled()
+
+
+def test_a_base_saved_in_four_bits_asks_for_the_folder_it_was_quantised_from(
+    qtbot, window, gguf_llama, gguf_llama_adapters, tmp_path
+):
+    import shutil
+
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is a dependency")
+    from transformers import AutoModelForCausalLM
+
+    from lora_studio.core.model.quantize import quantization_config
+
+    saved = tmp_path / "saved-nf4"
+    AutoModelForCausalLM.from_pretrained(
+        str(gguf_llama), quantization_config=quantization_config("nf4", "float32"), device_map={"": "cpu"}
+    ).save_pretrained(saved)
+    for file in gguf_llama.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(file, saved / file.name)
+    panel = loaded(qtbot, window, saved, gguf_llama_adapters["alpha"])
+    assert panel.output.form.isRowVisible(panel.output.full_precision_row)
+    panel.output.out_edit.setText(str(tmp_path / "merged"))
+    planned(qtbot, panel)
+    assert not panel.run_row.merge_btn.isEnabled() and "16/32-bit folder" in panel.run_row.reason_label.text()
+    panel.output.full_precision_edit.setText(str(gguf_llama))
+    planned(qtbot, panel)
+    assert panel.run_row.merge_btn.isEnabled(), panel.run_row.reason_label.text()
+    panel.output.format_combo.setCurrentIndex(panel.output.format_combo.findData("gguf"))
+    assert not panel.output.form.isRowVisible(panel.output.full_precision_row)
