@@ -105,6 +105,15 @@ def resolve_base(args: argparse.Namespace, *, report: Report | None = None) -> M
     return resolve_source(args.base)
 
 
+def base_path(args: argparse.Namespace) -> Path | None:
+    """The base named on the command line as a path, when it is one (not a repo id of the Hugging Face cache)."""
+    base = getattr(args, "base", None)
+    if not base or getattr(args, "demo", False):
+        return None
+    path = Path(base).expanduser()
+    return path if path.exists() else None
+
+
 def output_path(text: str) -> Path:
     """``--out`` as a path; an empty one is bad input (``Path("")`` would silently mean the current folder)."""
     if not text.strip():
@@ -112,12 +121,15 @@ def output_path(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def check_report_path(text: str, *, overwrite: bool) -> Path:
-    """``--report FILE``, checked before any work: a known type, and not an existing file without --overwrite."""
+def check_report_path(text: str, *, overwrite: bool, inputs: dict[str, Path | None]) -> Path:
+    """``--report FILE``, checked before any work: a known type, apart from every input of the command (``inputs``:
+    the base, adapters, data and prompts files), and not an existing file without --overwrite."""
+    from lora_studio.core.io.paths import check_output_apart
     from lora_studio.core.report.share import report_kind
 
     path = output_path(text)
     report_kind(path)
+    check_output_apart(path, inputs)
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists", "choose another --report file or add --overwrite")
     return path

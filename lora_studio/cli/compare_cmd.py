@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_studio.cli.common import (
@@ -18,6 +19,7 @@ from lora_studio.cli.common import (
     add_base_argument,
     add_max_memory_argument,
     add_quantize_argument,
+    base_path,
     check_report_path,
     max_memory_of,
     parse_adapter_specs,
@@ -114,7 +116,12 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.reference is not None and args.reference not in names:
         raise UserError(f"--reference {args.reference!r} is not a variant", f"pick one of {', '.join(names)}")
-    report_path = check_report_path(args.report, overwrite=args.overwrite) if args.report else None
+    inputs = {
+        "base model": base_path(args),
+        "prompts file": Path(args.prompts_file).expanduser() if args.prompts_file else None,
+        **{f"variant {name}": path for name, path in adapters + merged},
+    }
+    report_path = check_report_path(args.report, overwrite=args.overwrite, inputs=inputs) if args.report else None
 
     progress = stderr_progress()
     source = resolve_base(args, report=progress)
@@ -142,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
             from lora_studio.core.evaluate.provenance import comparison_report
             from lora_studio.core.report.share import write_report
 
-            write_report(comparison_report(session, result, variants), report_path, overwrite=args.overwrite)
+            doc = comparison_report(session, result, variants)
+            write_report(doc, report_path, overwrite=args.overwrite, inputs=inputs)
     finally:
         progress.done()
         session.close()

@@ -17,6 +17,7 @@ from lora_studio.cli.common import (
     add_base_argument,
     add_max_memory_argument,
     add_quantize_argument,
+    base_path,
     check_report_path,
     max_memory_of,
     parse_adapter_specs,
@@ -151,7 +152,12 @@ def run(args: argparse.Namespace) -> int:
     data = [Path(d).expanduser() for d in args.data] or datasets.default_sets([p for _, p in adapters])
     if not data:
         raise UserError("no evaluation data", "pass --data FILE (JSONL, CSV, Parquet)")
-    report_path = check_report_path(args.report, overwrite=args.overwrite) if args.report else None
+    inputs = {
+        "base model": base_path(args),
+        **{f"variant {name}": path for name, path in adapters + merged + ggufs},
+        **{f"data file {n + 1}": path for n, path in enumerate(data)},
+    }
+    report_path = check_report_path(args.report, overwrite=args.overwrite, inputs=inputs) if args.report else None
 
     progress = stderr_progress()
     source = resolve_base(args, report=progress)
@@ -190,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     if report_path is not None:
         from lora_studio.core.report.share import write_report
 
-        write_report(doc, report_path, overwrite=args.overwrite)
+        write_report(doc, report_path, overwrite=args.overwrite, inputs=inputs)
     if args.json:
         print_json(doc)
     else:

@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             energy=args.energy,
             base_path=base_path,
             overwrite=args.overwrite,
+            inputs={f"data file {n + 1}": Path(d).expanduser() for n, d in enumerate(args.data)},
             report=progress,
         )
         cost = _measure(args, plan, result, progress) if (args.base or args.demo) else None

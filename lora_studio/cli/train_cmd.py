@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
     )
-    if args.export_script:
+    if args.export_script is not None:  # "" too: an empty folder name is bad input, not "no script"
         return _export(args, request)
     cancel = CancelToken()
     previous = signal.getsignal(signal.SIGINT)
@@ -187,8 +187,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace, request: TrainRequest) -> int:
+    from lora_studio.core.errors import UserError
     from lora_studio.core.train.script import export_script
 
+    if not args.export_script.strip():
+        raise UserError("--export-script is empty", "name the folder to write the script into")
     exported = export_script(request, Path(args.export_script), gpus=args.gpus, overwrite=args.overwrite)
     if args.json:
         print_json(exported.to_json())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,16 +112,18 @@ def reduce_adapter(
     energy: float | None = None,
     base_path: Path | None = None,
     overwrite: bool = False,
+    inputs: Mapping[str, Path | None] | None = None,
     cancel: CancelToken | None = None,
     report: Report = no_report,
 ) -> ReducedAdapter:
     """Write ``adapter`` cut to ``rank`` (every module, never above its own) or to the smallest per-module ranks
-    keeping ``energy`` of each module's update, as the standard PEFT adapter folder ``out``."""
+    keeping ``energy`` of each module's update, as the standard PEFT adapter folder ``out`` (never over the adapter,
+    the base or the other ``inputs`` of the job, such as the data its cost is measured on)."""
     cancel = cancel or CancelToken()
     started = time.perf_counter()
     plan = adapter if isinstance(adapter, RankPlan) else read_plan(Path(adapter))
     ranks = plan.ranks(rank=rank, energy=energy)
-    check_output_apart(Path(out), {"adapter": plan.path, "base": base_path})
+    check_output_apart(Path(out), {"adapter": plan.path, "base": base_path, **(inputs or {})})
     tensors = adapter_files.load_tensors(plan.path)
     r_after = max(ranks.values())
     by_module = {m.module: m for m in plan.modules}

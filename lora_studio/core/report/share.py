@@ -21,6 +21,7 @@ from typing import Any
 from lora_studio import __version__
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.atomic import atomic_output_file
+from lora_studio.core.io.paths import check_output_apart
 
 Document = Mapping[str, Any]
 FORMATS = {".html": "html", ".htm": "html", ".md": "markdown", ".jsonl": "jsonl", ".csv": "csv", ".json": "json"}
@@ -30,16 +31,37 @@ STRIP_MAX_KL = 2.0  # nats: the KL at which a divergence-strip token is fully re
 # -- writing -----------------------------------------------------------------------------------------------------
 
 
-def write_report(doc: Document, path: Path, *, overwrite: bool = False) -> Path:
-    """Write ``doc`` in the format its suffix names, atomically; the path written."""
+def write_report(
+    doc: Document, path: Path, *, overwrite: bool = False, inputs: Mapping[str, Path | None] | None = None
+) -> Path:
+    """Write ``doc`` in the format its suffix names, atomically; the path written. Never over what the document
+    was made from (its base, variants and data sets, and ``inputs``: a prompts file, say)."""
     path = Path(path).expanduser()
     kind = report_kind(path)
     if doc.get("kind") not in ("comparison", "evaluation"):
         raise UserError("this is not a comparison or an evaluation", "save a comparison or an evaluation")
+    check_output_apart(path, {**report_inputs(doc), **(inputs or {})})
     text = render(doc, kind)
     with atomic_output_file(path, overwrite=overwrite) as tmp:
         Path(tmp).write_text(text, "utf-8", newline="")
     return path
+
+
+def report_inputs(doc: Document) -> dict[str, Path | None]:
+    """What a comparison or evaluation was made from, by what it is: its base, each variant's folder or file and
+    each data set (a report written over one would destroy it)."""
+    prov = doc.get("provenance") or {}
+    base = prov.get("base") or doc.get("base") or {}
+    inputs: dict[str, Path | None] = {"base model": Path(base["path"]) if base.get("path") else None}
+    for variant in prov.get("variants") or doc.get("variants") or []:
+        if isinstance(variant, Mapping) and variant.get("path"):
+            # an adapter beside a GGUF variant is named "file.gguf + adapter"
+            for n, part in enumerate(str(variant["path"]).split(" + ")):
+                inputs[f"variant {variant.get('name')}" + (f" ({n})" if n else "")] = Path(part)
+    for data_set in doc.get("datasets") or doc.get("sets") or []:
+        if isinstance(data_set, Mapping) and data_set.get("path"):
+            inputs[f"data set {data_set.get('name')}"] = Path(data_set["path"])
+    return inputs
 
 
 def report_kind(path: Path) -> str:

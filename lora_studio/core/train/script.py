@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.atomic import atomic_output_dir
+from lora_studio.core.io.paths import check_output_apart
 from lora_studio.core.train.records import TrainRequest
 
 SCRIPT_NAME = "train_lora.py"
@@ -230,6 +231,17 @@ def export_script(request: TrainRequest, folder: Path, *, gpus: int = 2, overwri
         "resume": str(request.resume) if request.resume else None,
     }
     precision = "bf16" if settings.dtype == "bfloat16" else "fp16" if settings.dtype == "float16" else "no"
+    if not str(folder).strip():
+        raise UserError("the script folder is empty", "name the folder to write the script into")
+    check_output_apart(
+        Path(folder),
+        {
+            "base model": request.base.path,
+            "training data": Path(request.train_file),
+            "validation data": Path(request.val_file) if request.val_file else None,
+            "checkpoint to resume": Path(request.resume) if request.resume else None,
+        },
+    )
     folder = Path(folder).expanduser().absolute()
     with atomic_output_dir(folder, overwrite=overwrite) as tmp:
         script = tmp / SCRIPT_NAME

@@ -1,0 +1,83 @@
+"""Every file or folder a command writes stays apart from what it reads: a report over its data, prompts, adapter or
+base, a training script over the base, the data or the working folder, a reduced adapter over its data. Each is
+refused in one line before any work, and the input is left as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from cli_helpers import run_in_process
+
+
+def digest(path: Path) -> str:
+    """The contents of a file, or of every file under a folder."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path.parent)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def inputs(tmp_path, tiny_llama, llama_adapters):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": "Say hi.", "completion": " Hi!"}, {"prompt": "Count.", "completion": " One."}]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "prompts.txt").write_text("Hello\n")
+    return {"base": Path(tiny_llama), "adapter": Path(llama_adapters["alpha"]), "data": data / "train.jsonl"}
+
+
+def refused(capsys, argv, touched: Path, *words: str) -> None:
+    before = digest(touched)
+    code, out, err = run_in_process(capsys, argv)
+    assert code == 2 and not out, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    assert digest(touched) == before
+
+
+@pytest.mark.parametrize("target", ["data", "adapter_config", "base_config"])
+def test_an_evaluation_report_never_replaces_what_it_reads(target, inputs, capsys):
+    path = {
+        "data": inputs["data"],
+        "adapter_config": inputs["adapter"] / "adapter_config.json",
+        "base_config": inputs["base"] / "config.json",
+    }[target]
+    argv = ["evaluate", inputs["base"], "--adapter", f"a={inputs['adapter']}", "--data", inputs["data"]]
+    refused(capsys, [*argv, "--report", path, "--overwrite"], path.parent, "replac")
+
+
+def test_a_comparison_report_never_replaces_its_prompts(inputs, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    csv = tmp_path / "prompts.csv"
+    prompts.rename(csv)  # a report type: the prompts file itself is the report asked for
+    argv = ["compare", inputs["base"], "--adapter", f"a={inputs['adapter']}", "--prompts-file", csv]
+    refused(capsys, [*argv, "--report", csv, "--overwrite"], csv, "prompts file")
+
+
+@pytest.mark.parametrize("target", ["base", "data folder", "working folder", "empty"])
+def test_a_training_script_never_replaces_the_base_the_data_or_the_working_folder(
+    target, inputs, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    folder = {
+        "base": str(inputs["base"]),
+        "data folder": str(inputs["data"].parent),
+        "working folder": ".",
+        "empty": "",
+    }[target]
+    argv = ["train", inputs["base"], "--data", inputs["data"], "--out", tmp_path / "run", "--max-steps", "1"]
+    touched = inputs["data"].parent if target != "base" else inputs["base"]
+    words = ("empty",) if target == "empty" else ()
+    refused(capsys, [*argv, "--export-script", folder, "--overwrite"], touched, *words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_reduced_adapter_never_replaces_its_data(inputs, capsys):
+    argv = ["reduce", inputs["adapter"], "--rank", "2", "--data", inputs["data"], "--base", inputs["base"]]
+    refused(capsys, [*argv, "--out", inputs["data"].parent, "--overwrite"], inputs["data"].parent, "data file")
