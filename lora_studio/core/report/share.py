@@ -13,6 +13,7 @@ import html
 import io
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -89,9 +90,17 @@ def render(doc: Document, kind: str) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["empty"])  # RFC 4180: CRLF, \r quoted
     writer.writeheader()
-    # NUL ends a field for most CSV readers: a generated output may hold one
-    writer.writerows({k: v.replace("\x00", "") if isinstance(v, str) else v for k, v in r.items()} for r in rows)
+    writer.writerows({k: _csv_cell(v) for k, v in r.items()} for r in rows)
     return out.getvalue()
+
+
+def _csv_cell(value: Any) -> Any:
+    """A CSV cell: text that a spreadsheet would run as a formula (=, +, -, @, a tab or CR first) gets a leading
+    apostrophe (OWASP's advice), and NUL, which ends a field for most CSV readers, is dropped."""
+    if not isinstance(value, str):
+        return value
+    value = value.replace("\x00", "")
+    return "'" + value if value.startswith(("=", "+", "-", "@", "\t", "\r")) else value
 
 
 def _finite(value: Any) -> Any:
@@ -174,9 +183,27 @@ def evaluation_rows(doc: Document) -> list[dict[str, Any]]:
 # -- Markdown ----------------------------------------------------------------------------------------------------
 
 
+# what a Markdown viewer would read as markup inline: HTML and autolinks, links and images, emphasis, code, headings,
+# entities, table pipes; a backslash makes each a plain character (numbers keep their "-", "." and "+")
+_MARKUP = re.compile(r"([\\`*_\[\]()<>#!|&~{}])")
+
+
+def _text(text: Any) -> str:
+    """Untrusted text (a name, a prompt) shown as text by any Markdown viewer, on one line."""
+    return _MARKUP.sub(r"\\\1", str(text).replace("\r", "")).replace("\n", " ")
+
+
+def _code(text: Any) -> str:
+    """Untrusted text (a path, a hash) as a code span, whatever backticks it holds (a longer fence)."""
+    text = str(text).replace("\r", " ").replace("\n", " ")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _md(text: Any) -> str:
-    """A table cell: pipes escaped, lines joined with <br>, HTML escaped."""
-    return html.escape(str(text)).replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+    """A table cell: markup escaped as in _text, lines joined with <br>."""
+    return _MARKUP.sub(r"\\\1", str(text).replace("\r", "")).replace("\n", "<br>")
 
 
 def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -198,30 +225,36 @@ def _provenance_lines(doc: Document) -> list[str]:
     base = prov.get("base") or doc.get("base") or {}
     variants = prov.get("variants") or doc.get("variants") or []
     lines = [
-        f"- Created: {doc.get('created', '')} with LoRA Studio {prov.get('lora_studio') or doc.get('lora_studio')}",
-        f"- Base: {base.get('label', '-')} `{base.get('path', '-')}` "
-        f"({base.get('hashed', 'config')} sha256 `{base.get('config_sha256')}`)",
+        f"- Created: {_text(doc.get('created', ''))} with LoRA Studio "
+        f"{_text(prov.get('lora_studio') or doc.get('lora_studio'))}",
+        f"- Base: {_text(base.get('label', '-'))} {_code(base.get('path', '-'))} "
+        f"({_text(base.get('hashed', 'config'))} sha256 {_code(base.get('config_sha256'))})",
     ]
     for v in variants:
         if v.get("kind") == "base":
             continue
         scale = f", scale {v['scale']:g}" if v.get("scale") not in (None, 1.0) else ""
-        lines.append(f"- {v['name']} ({v.get('kind', '')}{scale}): `{v.get('path') or '-'}` sha256 `{v.get('sha256')}`")
+        lines.append(
+            f"- {_text(v['name'])} ({_text(v.get('kind', ''))}{scale}): {_code(v.get('path') or '-')} "
+            f"sha256 {_code(v.get('sha256'))}"
+        )
     return lines
 
 
 def comparison_markdown(doc: Document) -> str:
     names = doc.get("variant_names") or [v["name"] for v in doc["prompts"][0]["variants"]]
-    how = "one mixed-adapter batch" if doc.get("mixed_batch") else f"one at a time ({doc.get('fallback_reason')})"
+    reason = _text(doc.get("fallback_reason"))
+    how = "one mixed-adapter batch" if doc.get("mixed_batch") else f"one at a time ({reason})"
     out = ["# LoRA Studio comparison", "", *_provenance_lines(doc), f"- Run: {how}, {doc.get('seconds', 0):.1f} s", ""]
     for n, prompt in enumerate(doc.get("prompts", []), 1):
         outputs = {v["name"]: v for v in prompt["variants"]}
         columns = {c["name"]: c for c in (prompt.get("divergence") or {}).get("columns", [])}
-        out += [f"## Prompt {n}", "", "> " + html.escape(prompt["prompt"]).replace("\n", "\n> "), ""]
+        quoted = "\n> ".join(_text(line) for line in str(prompt["prompt"]).split("\n"))
+        out += [f"## Prompt {n}", "", "> " + quoted, ""]
         out += _md_table(names, [[outputs[name]["text"] for name in names if name in outputs]])
         if columns:
             ref = prompt["divergence"]["reference"]
-            out += ["", f"Teacher-forced on {ref}'s continuation:", ""]
+            out += ["", f"Teacher-forced on {_text(ref)}'s continuation:", ""]
             out += _md_table(
                 ["variant", "first divergence", "mean KL", "greedy agreement"],
                 [
@@ -259,16 +292,16 @@ SUMMARY_HEADERS = ["variant", "loss", "perplexity", "accuracy", "KL", "Δloss", 
 
 
 def evaluation_markdown(doc: Document) -> str:
-    sets = ", ".join(f"{d['name']} ({d['rows']} rows, sha256 `{d.get('sha256')}`)" for d in doc["datasets"])
+    sets = ", ".join(f"{_text(d['name'])} ({d['rows']} rows, sha256 {_code(d.get('sha256'))})" for d in doc["datasets"])
     out = ["# LoRA Studio evaluation", "", *_provenance_lines(doc), f"- Data: {sets}"]
-    out += [f"- Reference: {doc['reference']}; loss in nats per answer token; 95 % bootstrap intervals", ""]
+    out += [f"- Reference: {_text(doc['reference'])}; loss in nats per answer token; 95 % bootstrap intervals", ""]
     out += ["## All sets", "", *_md_table(SUMMARY_HEADERS, _summary_rows(doc, None)), ""]
     if len(doc["datasets"]) > 1:
         for d in doc["datasets"]:
-            out += [f"## {d['name']}", "", *_md_table(SUMMARY_HEADERS, _summary_rows(doc, d["name"])), ""]
+            out += [f"## {_text(d['name'])}", "", *_md_table(SUMMARY_HEADERS, _summary_rows(doc, d["name"])), ""]
     sweep = doc.get("scale_sweep")
     if sweep:
-        out += [f"## Scale sweep of {sweep['adapter']} (best {sweep['best_scale']:g})", ""]
+        out += [f"## Scale sweep of {_text(sweep['adapter'])} (best {sweep['best_scale']:g})", ""]
         out += _md_table(
             ["scale", "loss", "KL from base", "accuracy"],
             [

@@ -119,3 +119,34 @@ def test_the_page_opens_in_headless_chromium(request, tmp_path, fixture):
     names = [v["name"] for v in doc["variants"]] if fixture == "evaluation" else doc["variant_names"]
     for name in names:
         assert any(h == name or h.startswith(f"{name} ") for h in headers), (name, headers)
+
+
+PAYLOADS = ("<marquee>x</marquee>", "<img src=x onerror=alert(1)>", "[click](javascript:alert(1))", "a`b`<b>c</b>")
+
+
+@pytest.mark.parametrize("fixture", ["evaluation", "comparison"])
+def test_markdown_shows_hostile_names_as_text_and_csv_runs_no_formula(request, tmp_path, fixture):
+    import copy
+
+    from markdown_it import MarkdownIt
+
+    doc = copy.deepcopy(request.getfixturevalue(fixture))
+    hostile = " ".join(PAYLOADS)
+    prov = doc.setdefault("provenance", {})
+    prov["base"] = {"label": hostile, "path": "/m/`x`/<i>y</i>", "config_sha256": hostile}
+    prov["variants"] = [{"name": hostile, "kind": hostile, "path": "/a/``b``", "sha256": "c"}]
+    doc["fallback_reason"], doc["mixed_batch"] = hostile, False
+    for data_set in doc.get("datasets", []):
+        data_set["name"] = hostile
+    if fixture == "comparison":
+        doc["prompts"][0]["prompt"] = '=HYPERLINK("http://x")\n' + hostile
+    else:
+        doc["examples"][0]["prompt"] = '=HYPERLINK("http://x")'
+    page = MarkdownIt("commonmark").enable("table").render(share.render(doc, "markdown"))
+    for tag in ("<marquee", "<img", "<b>", "<i>", 'href="javascript'):
+        assert tag not in page, tag
+    assert "&lt;marquee&gt;" in page  # shown, as text
+    with open(share.write_report(doc, tmp_path / "r.csv"), newline="") as f:
+        cells = [cell for row in csv.reader(f) for cell in row]
+    assert not [c for c in cells if c.startswith(("=", "@", "+"))]
+    assert any(c.startswith("'=HYPERLINK") for c in cells)
