@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from lora_studio.core.evaluate.columns import GgufVariant
     from lora_studio.core.evaluate.run import evaluate
     from lora_studio.core.evaluate.scale import parse_scales, sweep_scale
+    from lora_studio.core.io.paths import regular_file
     from lora_studio.core.session import Session
 
     # Everything a user can get wrong is checked before the (slow) model load.
@@ -128,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     for name, path in adapters + merged + ggufs:
         if not path.exists():
             raise UserError(f"{path} does not exist", f"check the path given for {name}")
+        regular_file(path, name)  # a pipe would block the load for ever
     combos = _combinations(args.combine, [n for n, _ in adapters])
     scales = _scales(args.scale)
     names = (

@@ -8,6 +8,7 @@ weights then equal PEFT's merge at that scale.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -68,7 +69,15 @@ def parse_scales(text: str) -> list[float]:
             start, stop, step = (float(x) for x in text.split(":"))
             if step <= 0:
                 raise UserError("the step of a scale range must be positive", "e.g. 0:1.5:0.25")
-            count = round((stop - start) / step) + 1
+            span = (stop - start) / step
+            if not math.isfinite(span) or span + 1 > MAX_POINTS:  # counted before any list is built
+                raise UserError(
+                    f"{text} would try {span + 1:,.0f} scales; at most {MAX_POINTS}"
+                    if math.isfinite(span)
+                    else f"{text} is not a range of scales",
+                    "use a coarser step",
+                )
+            count = round(span) + 1
             values = [start + i * step for i in range(max(0, count))]
         else:
             values = [float(x) for x in text.replace(";", ",").split(",") if x.strip()]

@@ -254,6 +254,11 @@ class GgufRunner:
         float32_cache: bool = False,
     ) -> None:
         """``float32_cache``: keys and values kept in float32 (llama.cpp's default, float16, rounds them)."""
+        from lora_studio.core.io.paths import regular_file
+
+        for path in (model, lora):
+            if path is not None:  # llama.cpp would block for ever reading a pipe
+                regular_file(Path(path), "GGUF file")
         require_llama_cpp("checking the export in llama.cpp")
         check_build_runs(model)
         from llama_cpp import Llama

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.generation.chat_template import apply_chat_template
+from lora_studio.core.io.paths import inside, regular_file
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 from lora_studio.core.train.settings import TrainSettings
 
@@ -39,6 +40,7 @@ SHAPES_ACCEPTED = (
 OUTPUT_COLUMNS = ("output", "response", "answer")
 SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 MAX_FILE_BYTES = 4 * 1024**3  # a training file this big is not meant for a desktop run
+MAX_ROW_CHARS = 1_000_000  # about 250k tokens: far above any max_length, far below what hangs the tokeniser
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,11 @@ def read_rows(path: Path) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"{path} does not exist", "pick a JSONL, CSV or Parquet file, or a save_to_disk folder")
+    regular_file(path, "data file")  # a pipe or a device (a link to /dev/zero) would block or never end
     if path.is_dir():
-        return _read_saved_dataset(path)
+        rows, names = _read_saved_dataset(path)
+        _check_row_sizes(rows, path)
+        return rows, names
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise UserError(
@@ -93,10 +98,35 @@ def read_rows(path: Path) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
         if kind == "csv":
             _check_utf8(path)
         rows = _read_with_datasets(path, kind)
+    _check_row_sizes(rows, path)
     columns: dict[str, None] = {}
     for row in rows:
         columns.update(dict.fromkeys(row))
     return rows, tuple(columns)
+
+
+def _check_row_sizes(rows: list[dict[str, Any]], path: Path) -> None:
+    """A row of more than MAX_ROW_CHARS characters is refused before anything tokenises it: training cuts it at
+    max_length tokens anyway, and tokenising tens of megabytes of one row takes gigabytes and minutes."""
+    for number, row in enumerate(rows, 1):
+        size = _characters(row)
+        if size > MAX_ROW_CHARS:
+            raise UserError(
+                f"{path.name}, row {number}: {size:,} characters of text; at most {MAX_ROW_CHARS:,} per row",
+                "split the row into examples of a training length (rows are cut at max_length tokens anyway)",
+            )
+
+
+def _characters(value: Any, depth: int = 0) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if depth > 8:  # the shapes read here nest two levels (messages: a list of dicts)
+        return 0
+    if isinstance(value, dict):
+        return sum(_characters(v, depth + 1) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_characters(v, depth + 1) for v in value)
+    return 0
 
 
 def _check_utf8(path: Path) -> None:
@@ -169,6 +199,7 @@ def _read_saved_dataset(path: Path) -> tuple[list[dict[str, Any]], tuple[str, ..
             f"{path} is a folder but not one written by datasets.save_to_disk",
             "pick a data file, or the folder that holds dataset_info.json",
         )
+    _check_saved_files(path)
     try:
         loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
     except Exception as exc:
@@ -177,6 +208,41 @@ def _read_saved_dataset(path: Path) -> tuple[list[dict[str, Any]], tuple[str, ..
         split = "train" if "train" in loaded else next(iter(loaded))
         loaded = loaded[split]
     return loaded.to_list(), tuple(loaded.column_names)
+
+
+def _check_saved_files(folder: Path) -> None:
+    """Every file a ``save_to_disk`` folder names (state.json's arrow files, a DatasetDict's split folders) lies inside
+    it once links are followed and is a regular file: datasets would read ``../x.arrow``, an absolute path or a link
+    out of the folder, and block on a pipe."""
+    splits = [folder]
+    dict_file = folder / "dataset_dict.json"
+    if dict_file.is_file():
+        names = _small_json(regular_file(inside(folder, "dataset_dict.json", "split list"), "split list"), folder)
+        split_names = names.get("splits") if isinstance(names, dict) else None
+        if not isinstance(split_names, list) or not all(isinstance(n, str) for n in split_names):
+            raise UserError(f"{folder.name}/dataset_dict.json lists no splits", "save the dataset again")
+        splits = [inside(folder, name, "split folder") for name in split_names]
+    for split in splits:
+        for listed in ("dataset_info.json", "state.json"):
+            if (split / listed).exists():
+                regular_file(inside(split, listed, "dataset file"), "dataset file")
+        state = _small_json(split / "state.json", folder) if (split / "state.json").exists() else {}
+        files = state.get("_data_files") if isinstance(state, dict) else None
+        for entry in files if isinstance(files, list) else []:
+            filename = entry.get("filename") if isinstance(entry, dict) else None
+            if not isinstance(filename, str) or not filename:
+                raise UserError(f"{split.name}/state.json names a data file without a name", "save the dataset again")
+            regular_file(inside(split, filename, "arrow file"), "arrow file")
+
+
+def _small_json(path: Path, folder: Path) -> Any:
+    """A small JSON file of a saved dataset (its lists and state), read with a size bound."""
+    if path.stat().st_size > 16 * 1024**2:
+        raise UserError(f"{folder.name}: {path.name} is too large for a dataset's state", "save the dataset again")
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise UserError(f"{folder.name}: {path.name} is not valid JSON", "save the dataset again") from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,110 @@
+"""Readers under hostile input: a pipe or a device where a file should be, a saved dataset that names files outside
+its folder, a row of tens of megabytes, a scale range of a billion points. Each is one line (exit 2 in the CLI),
+before anything blocks, reads without end or builds what it was told to."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from cli_helpers import run_in_process
+
+from lora_studio.core.errors import UserError
+from lora_studio.core.train.data import MAX_ROW_CHARS, read_rows
+
+pytestmark = pytest.mark.timeout(120)  # a hang fails here instead of stalling the suite
+ROWS = [{"prompt": "Say hi.", "completion": " Hi!"}, {"prompt": "Count.", "completion": " One."}]
+
+
+def one_line(code, out, err, *words):
+    assert code == 2 and not out, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+
+
+def write_rows(path: Path, rows=ROWS) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "data.jsonl"
+    os.mkfifo(path)
+    return path
+
+
+def test_a_pipe_or_a_device_as_data_is_refused_without_blocking(fifo, tmp_path):
+    with pytest.raises(UserError, match="not a regular file"):
+        read_rows(fifo)
+    zero = tmp_path / "zero.jsonl"
+    zero.symlink_to("/dev/zero")
+    with pytest.raises(UserError, match="not a regular file"):
+        read_rows(zero)
+
+
+def test_the_cli_refuses_a_pipe_for_training_validation_evaluation_and_gguf_data(
+    fifo, tmp_path, tiny_llama, llama_adapters, capsys
+):
+    data = write_rows(tmp_path / "ok.jsonl")
+    val = tmp_path / "val.csv"
+    os.mkfifo(val)
+    train = ["train", tiny_llama, "--out", tmp_path / "run", "--max-steps", "1"]
+    one_line(*run_in_process(capsys, [*train, "--data", fifo]), "not a regular file")
+    one_line(*run_in_process(capsys, [*train, "--data", data, "--val", val]), "not a regular file")
+    evaluate = ["evaluate", tiny_llama, "--adapter", f"a={llama_adapters['alpha']}"]
+    one_line(*run_in_process(capsys, [*evaluate, "--data", fifo]), "not a regular file")
+    gguf = tmp_path / "variant.gguf"
+    os.mkfifo(gguf)
+    one_line(*run_in_process(capsys, [*evaluate, "--data", data, "--gguf", f"g={gguf}"]), "not a regular file")
+    assert not (tmp_path / "run").exists()
+
+
+def saved_dataset(folder: Path) -> Path:
+    from datasets import Dataset
+
+    Dataset.from_list(ROWS).save_to_disk(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("how", ["parent", "absolute", "link"])
+def test_a_saved_dataset_never_reads_a_file_outside_its_folder(how, tmp_path):
+    folder = saved_dataset(tmp_path / "saved")
+    outside = saved_dataset(tmp_path / "elsewhere")
+    state = json.loads((folder / "state.json").read_text())
+    arrow = folder / state["_data_files"][0]["filename"]
+    foreign = outside / json.loads((outside / "state.json").read_text())["_data_files"][0]["filename"]
+    if how == "link":
+        arrow.unlink()
+        arrow.symlink_to(foreign)
+    else:
+        name = f"../elsewhere/{foreign.name}" if how == "parent" else str(foreign)
+        state["_data_files"][0]["filename"] = name
+        (folder / "state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError, match="points outside the folder"):
+        read_rows(folder)
+
+
+def test_a_pipe_as_a_saved_datasets_arrow_file_is_refused(tmp_path):
+    folder = saved_dataset(tmp_path / "saved")
+    arrow = folder / json.loads((folder / "state.json").read_text())["_data_files"][0]["filename"]
+    arrow.unlink()
+    os.mkfifo(arrow)
+    with pytest.raises(UserError, match="not a regular file"):
+        read_rows(folder)
+
+
+def test_a_row_of_megabytes_is_refused_before_tokenising(tmp_path):
+    path = write_rows(tmp_path / "big.jsonl", [*ROWS, {"prompt": "x" * (MAX_ROW_CHARS + 1), "completion": "y"}])
+    with pytest.raises(UserError, match=r"row 3: 1,000,002 characters"):
+        read_rows(path)
+
+
+def test_a_scale_range_is_counted_before_it_is_built(tiny_llama, llama_adapters, tmp_path, capsys):
+    data = write_rows(tmp_path / "ok.jsonl")
+    argv = ["evaluate", tiny_llama, "--adapter", f"a={llama_adapters['alpha']}", "--data", data, "--sweep", "a"]
+    one_line(*run_in_process(capsys, [*argv, "--scales", "0:1:1e-9"]), "1,000,000,001 scales")
+    one_line(*run_in_process(capsys, [*argv, "--scales", "0:4:1e-320"]), "not a range")
