@@ -108,3 +108,45 @@ def test_a_scale_range_is_counted_before_it_is_built(tiny_llama, llama_adapters,
     argv = ["evaluate", tiny_llama, "--adapter", f"a={llama_adapters['alpha']}", "--data", data, "--sweep", "a"]
     one_line(*run_in_process(capsys, [*argv, "--scales", "0:1:1e-9"]), "1,000,000,001 scales")
     one_line(*run_in_process(capsys, [*argv, "--scales", "0:4:1e-320"]), "not a range")
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--seed", "-1"], "seed -1 must be"),
+        (["--seed", str(2**40)], "must be a whole number"),
+        (["--device", "cuda:0"], "no CUDA device"),
+    ],
+)
+def test_training_settings_out_of_range_are_one_line(extra, words, tiny_llama, tmp_path, capsys):
+    if "cuda:0" in extra:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    data = write_rows(tmp_path / "ok.jsonl")
+    argv = ["train", tiny_llama, "--data", data, "--out", tmp_path / "run", "--max-steps", "1", *extra]
+    one_line(*run_in_process(capsys, argv), words)
+
+
+def test_text_no_tokenizer_can_hold_and_json_nested_too_deep_are_one_line(tiny_llama, llama_adapters, tmp_path, capsys):
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"prompt": "x\\ud800", "completion": "y"}\n')
+    with pytest.raises(UserError, match="lone UTF-16 surrogate"):
+        read_rows(surrogate)
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(UserError, match="nested too deep"):
+        read_rows(deep)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    argv = ["compare", tiny_llama, "--adapter", f"a={llama_adapters['alpha']}", "--prompts-file", prompts]
+    one_line(*run_in_process(capsys, argv), "nested too deep")
+
+
+def test_an_output_under_a_regular_file_is_one_line(tiny_llama, tmp_path, capsys):
+    data = write_rows(tmp_path / "ok.jsonl")
+    (tmp_path / "afile").write_text("x")
+    argv = ["train", tiny_llama, "--data", data, "--out", tmp_path / "afile" / "run", "--max-steps", "1"]
+    one_line(*run_in_process(capsys, argv), "is a file")
+    assert (tmp_path / "afile").read_text() == "x"

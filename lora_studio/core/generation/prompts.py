@@ -31,9 +31,10 @@ def load_prompts(path: str | Path) -> list[str]:
         if jsonl:
             try:
                 item = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, RecursionError) as exc:  # nested thousands deep: Python's parser recurses
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deep"
                 raise UserError(
-                    f"{path.name} line {number} is not JSON: {exc.msg}", 'write one {"prompt": "..."} object per line'
+                    f"{path.name} line {number} is not JSON: {reason}", 'write one {"prompt": "..."} object per line'
                 ) from exc
             prompt = item.get("prompt") if isinstance(item, dict) else None
             if not isinstance(prompt, str) or not prompt.strip():

@@ -9,7 +9,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from lora_studio.core.errors import UserError
@@ -76,6 +76,13 @@ def _prepare(target: Path, overwrite: bool, kind: str) -> tuple[Path, Path, Path
     return target, parent, parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file, if there is one: on a read-only file system unlink fails (EROFS) even for a file
+    that was never created, and that must not hide the error that says why nothing was written."""
+    with suppress(OSError):
+        tmp.unlink(missing_ok=True)
+
+
 def _raise_write_error(exc: BaseException, parent: Path) -> None:
     """A full or read-only disk is the user's to fix: say so in one line (the partial output is already gone)."""
     if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
@@ -108,7 +115,7 @@ def atomic_output_file(target: Path, *, overwrite: bool = False) -> Iterator[Pat
             _rename_no_replace(tmp, target)
         _fsync_dir(parent)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         _raise_write_error(exc, parent)
         raise
 

@@ -119,6 +119,11 @@ def check_output_apart(out: Path, inputs: dict[str, Path | None]) -> None:
     if not str(out).strip():
         raise UserError("the output path is empty", "give a folder or file name for the output")
     target = Path(os.path.abspath(out))
+    for folder in target.parents:  # an output "under" a regular file cannot be created
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"{folder} is a file, so {target} cannot be written", "choose an output in a folder")
+            break
     resolved = target.resolve()
     for label, source in inputs.items():
         if source is None:

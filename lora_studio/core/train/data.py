@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,11 +111,31 @@ def _check_row_sizes(rows: list[dict[str, Any]], path: Path) -> None:
     max_length tokens anyway, and tokenising tens of megabytes of one row takes gigabytes and minutes."""
     for number, row in enumerate(rows, 1):
         size = _characters(row)
+        if _surrogate(row):  # JSON's \ud800 escapes: text no tokenizer (or UTF-8) can hold
+            raise UserError(
+                f"{path.name}, row {number}: a lone UTF-16 surrogate (such as \\ud800) in its text",
+                "fix the text: it is not valid Unicode",
+            )
         if size > MAX_ROW_CHARS:
             raise UserError(
                 f"{path.name}, row {number}: {size:,} characters of text; at most {MAX_ROW_CHARS:,} per row",
                 "split the row into examples of a training length (rows are cut at max_length tokens anyway)",
             )
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogate(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    if depth > 8:
+        return False
+    if isinstance(value, dict):
+        return any(_surrogate(v, depth + 1) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_surrogate(v, depth + 1) for v in value)
+    return False
 
 
 def _characters(value: Any, depth: int = 0) -> int:
@@ -152,8 +173,11 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]]:
     if stripped.startswith("["):  # one JSON array of rows
         try:
             rows = json.loads(text)
-        except ValueError as exc:
-            raise UserError(f"{path.name}: not valid JSON ({exc})", "one JSON array of objects, or JSON Lines") from exc
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested thousands deep
+            raise UserError(
+                f"{path.name}: not valid JSON ({exc if isinstance(exc, ValueError) else 'nested too deep'})",
+                "one JSON array of objects, or JSON Lines",
+            ) from exc
         numbered = list(enumerate(rows, 1))
     else:
         numbered = []
@@ -162,9 +186,11 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]]:
                 continue
             try:
                 numbered.append((number, json.loads(text_line)))
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise UserError(
-                    f"{path.name}, line {number}: not valid JSON ({exc})", "one JSON object per line"
+                    f"{path.name}, line {number}: not valid JSON "
+                    f"({exc if isinstance(exc, ValueError) else 'nested too deep'})",
+                    "one JSON object per line",
                 ) from exc
     for number, row in numbered:
         if not isinstance(row, dict):

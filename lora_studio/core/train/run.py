@@ -11,15 +11,17 @@ seed, on the CPU). The saved adapter is a standard PEFT folder; OLoRA / PiSSA ar
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from lora_studio.core._compat import bnb_cpu_unpack
 from lora_studio.core.errors import Cancelled, OutOfMemory, UserError, is_out_of_memory
-from lora_studio.core.io.paths import check_output_apart
+from lora_studio.core.io.paths import check_output_apart, inside, regular_file
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 from lora_studio.core.train.data import PreparedData, as_trainer_dataset, prepare_as_set
@@ -250,11 +252,28 @@ def train_in_worker_process(
 
 
 def _checked_checkpoint(path: Path) -> Path:
+    """A checkpoint folder whose files are what the Trainer writes: its state an object of the Trainer's keys, and
+    only regular files inside it (the pickles it holds are opened with weights_only, see _refused_pickle)."""
     path = Path(path).expanduser().absolute()
-    if not (path / "trainer_state.json").is_file():
+    state_file = path / "trainer_state.json"
+    if not state_file.is_file():
         raise UserError(
             f"{path} is not a training checkpoint (no trainer_state.json)",
             "pick a checkpoint-N folder inside the run's .checkpoints folder",
+        )
+    for item in path.iterdir():
+        regular_file(inside(path, item.name, "checkpoint file"), "checkpoint file")
+    try:
+        state = json.loads(state_file.read_text("utf-8"))
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path.name}/trainer_state.json is not valid JSON", "pick an intact checkpoint") from exc
+    from transformers import TrainerState
+
+    known = set(TrainerState.__dataclass_fields__)
+    if not isinstance(state, dict) or not set(state) <= known or not isinstance(state.get("log_history", []), list):
+        raise UserError(
+            f"{path.name}/trainer_state.json is not a Trainer's state",
+            "pick a checkpoint-N folder written by LoRA Studio's training",
         )
     return path
 
@@ -438,6 +457,12 @@ def _run_trainer(
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     except (Cancelled, UserError):
         raise
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused a file of the checkpoint
+        raise UserError(
+            f"{resume.name if resume else 'the checkpoint'}: a file of it is not plain tensors and was not opened "
+            "(it could run code)",
+            "resume only from checkpoints this training wrote",
+        ) from exc
     except (RuntimeError, MemoryError) as exc:
         if is_out_of_memory(exc):
             raise _oom(settings) from exc

@@ -131,6 +131,12 @@ class TrainSettings:
             raise UserError(f"validation fraction {self.val_fraction} must be in [0, 1)", "0.1 holds out 10 %")
         if self.keep not in ("best", "last"):
             raise UserError(f"keep {self.keep!r} must be best or last", "")
+        if not 0 <= self.seed < 2**32:  # numpy's and the data sampler's range
+            raise UserError(f"seed {self.seed} must be a whole number from 0 to {2**32 - 1}", "e.g. 42")
+        if self.device.startswith("cuda"):
+            from lora_studio.core.session import check_device
+
+            check_device(self.device)
         if self.quantize is not None:
             self._check_quantize()
 

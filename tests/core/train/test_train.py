@@ -343,3 +343,40 @@ def test_exported_script_trains_with_accelerate_on_two_processes(tiny_llama, pai
     assert '"steps": 4' in done.stdout
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(tmp_path / "cluster-out"))
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+
+def test_a_hostile_checkpoint_is_one_line_and_runs_nothing(tiny_llama, pairs, tmp_path):
+    import os
+    import pickle
+    import shutil
+
+    settings = QUICK.with_changes(max_steps=2, save_steps=1, keep="last", val_fraction=0.0)
+    train_adapter(request(tiny_llama, pairs, tmp_path / "run", settings))
+    good = tmp_path / "run.checkpoints" / "checkpoint-1"
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    def poisoned(name: str, change) -> object:
+        folder = tmp_path / f"poisoned-{name}"
+        shutil.copytree(good, folder)
+        change(folder)
+        with pytest.raises(UserError) as caught:
+            train_adapter(request(tiny_llama, pairs, tmp_path / f"out-{name}", settings, resume=folder))
+        assert "\n" not in str(caught.value) and not (tmp_path / f"out-{name}").exists()
+        return caught.value
+
+    for file in ("rng_state.pth", "optimizer.pt", "scheduler.pt"):
+        if (good / file).exists():
+            error = poisoned(file, lambda f, file=file: pickle.dump({"x": Evil()}, open(f / file, "wb")))  # noqa: SIM115
+            assert "not plain tensors" in str(error), error
+    state = json.loads((good / "trainer_state.json").read_text())
+    listed = poisoned("state-list", lambda f: (f / "trainer_state.json").write_text("[1, 2]"))
+    assert "not a Trainer's state" in str(listed)
+    unknown = poisoned("state-keys", lambda f: (f / "trainer_state.json").write_text(json.dumps({**state, "evil": 1})))
+    assert "not a Trainer's state" in str(unknown)
+    piped = poisoned("fifo", lambda f: ((f / "scheduler.pt").unlink(missing_ok=True), os.mkfifo(f / "scheduler.pt")))
+    assert "not a regular file" in str(piped)
+    assert not marker.exists()
