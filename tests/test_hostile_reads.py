@@ -150,3 +150,28 @@ def test_an_output_under_a_regular_file_is_one_line(tiny_llama, tmp_path, capsys
     argv = ["train", tiny_llama, "--data", data, "--out", tmp_path / "afile" / "run", "--max-steps", "1"]
     one_line(*run_in_process(capsys, argv), "is a file")
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_an_evaluation_row_longer_than_the_models_positions_is_cut_at_them(tiny_gpt2, gpt2_adapter, tmp_path, capsys):
+    data = write_rows(tmp_path / "long.jsonl", [{"prompt": "a b " * 20, "completion": " c d" * 200}, *ROWS])
+    argv = ["evaluate", tiny_gpt2, "--adapter", f"g={gpt2_adapter}", "--data", data, "--json"]
+    code, out, err = run_in_process(capsys, argv)
+    assert code == 0, err  # GPT-2's 128 positions, not 1024: the row is cut where the model ends
+    assert "longer than 128 tokens" in out + err
+
+
+def test_a_corrupt_parquet_file_is_our_line_alone(tiny_llama, tmp_path, capsys):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1" + b"garbage" * 3 + b"PAR1")
+    argv = ["train", tiny_llama, "--data", bad, "--out", tmp_path / "run", "--max-steps", "1"]
+    one_line(*run_in_process(capsys, argv), "cannot read it as PARQUET")
+
+
+@pytest.mark.parametrize("targets", ["attention", "c_attn"])
+def test_gpt2s_conv1d_attention_is_a_target(targets, tiny_gpt2, tmp_path, capsys):
+    data = write_rows(tmp_path / "ok.jsonl")
+    argv = ["train", tiny_gpt2, "--data", data, "--out", tmp_path / "run", "--max-steps", "1", "--targets", targets]
+    code, _out, err = run_in_process(capsys, [*argv, "--json"])
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert "c_attn" in config["target_modules"] and config["fan_in_fan_out"]

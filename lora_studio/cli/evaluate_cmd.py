@@ -174,7 +174,9 @@ def run(args: argparse.Namespace) -> int:
             report=progress,
         )
         report_placement(session)
-        sets = datasets.load_eval_sets(data, session.tokenizer, limit=args.limit)
+        sets = datasets.load_eval_sets(
+            data, session.tokenizer, limit=args.limit, max_length=datasets.max_length_for(session.model)
+        )
         columns: list[Column] = [Variant.base()] if args.base_variant else []
         for name, path in adapters:
             session.attach(path, name, report=progress)

@@ -114,7 +114,9 @@ def _measure(args: argparse.Namespace, plan: RankPlan, result: ReducedAdapter, p
     try:
         session.load(source, dtype=args.dtype, quantize=args.quantize, max_memory=max_memory_of(args), report=progress)
         report_placement(session)
-        sets = datasets.load_eval_sets(data, session.tokenizer, limit=args.limit)
+        sets = datasets.load_eval_sets(
+            data, session.tokenizer, limit=args.limit, max_length=datasets.max_length_for(session.model)
+        )
         reduced = f"{plan.name}-reduced"
         session.attach(plan.path, plan.name, report=progress)
         session.attach(result.out, reduced, report=progress)

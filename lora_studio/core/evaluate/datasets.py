@@ -122,6 +122,15 @@ def load_eval_set(
     return EvalSet(name, path, tree_sha256(path), shape, tuple(examples), tuple(warnings))
 
 
+def max_length_for(model: Any) -> int:
+    """The tokens of prompt + answer an evaluation row keeps on ``model``: MAX_LENGTH, or fewer when the model has
+    fewer positions (GPT-2's 1024, a tiny model's 128): a longer row would index past its position table."""
+    from lora_studio.core.generation.generate import context_limit
+
+    positions = context_limit(model)
+    return min(MAX_LENGTH, positions) if isinstance(positions, int) and positions > 1 else MAX_LENGTH
+
+
 def load_eval_sets(
     paths: Sequence[str | Path], tokenizer: Any, *, max_length: int = MAX_LENGTH, limit: int | None = None
 ) -> list[EvalSet]:

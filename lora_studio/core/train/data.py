@@ -202,7 +202,8 @@ def _datasets_quietly() -> ModuleType:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # its own error lines (a corrupt Parquet file's schema) would print beside the one line LoRA Studio gives
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     return datasets
 
 

@@ -297,14 +297,21 @@ def _check_baseline_allowed(source: ModelSource) -> None:
 
 def linear_module_names(model: Any) -> list[str]:
     """The leaf names of the model's linear layers that can carry a LoRA (the output head excluded)."""
-    import torch
-
     names = set()
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for full_name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not output:
+        if isinstance(module, _linear_kinds()) and module is not output:
             names.add(full_name.rsplit(".", 1)[-1])
     return sorted(names)
+
+
+def _linear_kinds() -> tuple[type, ...]:
+    """The layers a LoRA targets as linear ones: torch's Linear and transformers' Conv1D (GPT-2's attention and MLP,
+    stored in × out: PEFT's fan_in_fan_out)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D)
 
 
 ATTENTION_WORDS = ("attn", "attention")
@@ -312,8 +319,6 @@ ATTENTION_WORDS = ("attn", "attention")
 
 def resolve_targets(model: Any, targets: tuple[str, ...]) -> list[str] | str:
     """Module names for LoraConfig from a preset or the user's names; unknown names list the valid ones."""
-    import torch
-
     valid = linear_module_names(model)
     if tuple(targets) == ("all-linear",):
         return "all-linear"
@@ -322,7 +327,7 @@ def resolve_targets(model: Any, targets: tuple[str, ...]) -> list[str] | str:
             {
                 name.rsplit(".", 1)[-1]
                 for name, module in model.named_modules()
-                if isinstance(module, torch.nn.Linear) and any(w in name.lower() for w in ATTENTION_WORDS)
+                if isinstance(module, _linear_kinds()) and any(w in name.lower() for w in ATTENTION_WORDS)
             }
         )
         if not found:

@@ -226,7 +226,9 @@ class EvaluatePanel(Panel):
 
         def fn(session: Session, *, cancel: CancelToken, report: Report) -> EvaluationResult:
             with session.lock:
-                sets = datasets.load_eval_sets(files, session.tokenizer, limit=limit)
+                sets = datasets.load_eval_sets(
+                    files, session.tokenizer, limit=limit, max_length=datasets.max_length_for(session.model)
+                )
             return evaluate(session, columns, sets, reference=reference, cancel=cancel, report=report)
 
         what = f"evaluating {len(columns)} variants"
@@ -272,7 +274,9 @@ class EvaluatePanel(Panel):
 
         def fn(session: Session, *, cancel: CancelToken, report: Report) -> ScaleSweep:
             with session.lock:
-                sets = datasets.load_eval_sets(files, session.tokenizer, limit=limit)
+                sets = datasets.load_eval_sets(
+                    files, session.tokenizer, limit=limit, max_length=datasets.max_length_for(session.model)
+                )
             return sweep_scale(session, adapter, sets, scales, cancel=cancel, report=report)
 
         job = self.run_cancellable(self.op(f"sweeping {adapter}'s scale", fn).on_success(self.show_sweep))

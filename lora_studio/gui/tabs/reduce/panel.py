@@ -275,7 +275,9 @@ class ReducePanel(Panel):
                 result.seconds = time.perf_counter() - started
                 return result, None
             with session.lock:
-                sets = datasets.load_eval_sets(files, session.tokenizer)
+                sets = datasets.load_eval_sets(
+                    files, session.tokenizer, max_length=datasets.max_length_for(session.model)
+                )
             if not sets:
                 raise UserError("no data to measure on", "untick Measure, or add a validation set to the adapter")
             measured = reduction_cost(session, plan.name, name, sets, cancel=cancel, report=report)
