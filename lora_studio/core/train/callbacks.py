@@ -113,6 +113,11 @@ class StudioCallback(TrainerCallback):
         **kwargs: Any,
     ) -> TrainerControl:
         self._model = model
+        # the validation loss before any step was taken by an evaluate() before train(), whose fresh state has no
+        # record of it: put it in the state's history, so every checkpoint carries it and a resumed run's CSV too
+        start = self._rows.get(0, {}).get("val_loss")
+        if state.global_step == 0 and start is not None and not any(e.get("step") == 0 for e in state.log_history):
+            state.log_history.insert(0, {"eval_loss": start, "step": 0, "epoch": 0.0})
         # "0/N steps" until the first step ends (minutes for a big model on a CPU), not the data's finished count
         self._report_steps(state)
         return control

@@ -122,7 +122,7 @@ def _train(request: TrainRequest, *, cancel: CancelToken, report: Report, on_met
         raise UserError(
             f"{out} already exists", "choose another output folder, or confirm overwriting it (--overwrite)"
         )
-    resume = _checked_checkpoint(request.resume) if request.resume is not None else None
+    resume = _checked_checkpoint(request.resume, settings) if request.resume is not None else None
     if settings.baseline:
         _check_baseline_allowed(request.base)
     # the data first: a bad file is said before the weights are loaded
@@ -251,7 +251,7 @@ def train_in_worker_process(
     )
 
 
-def _checked_checkpoint(path: Path) -> Path:
+def _checked_checkpoint(path: Path, settings: TrainSettings) -> Path:
     """A checkpoint folder whose files are what the Trainer writes: its state an object of the Trainer's keys, and
     only regular files inside it (the pickles it holds are opened with weights_only, see _refused_pickle)."""
     path = Path(path).expanduser().absolute()
@@ -275,6 +275,16 @@ def _checked_checkpoint(path: Path) -> Path:
             f"{path.name}/trainer_state.json is not a Trainer's state",
             "pick a checkpoint-N folder written by LoRA Studio's training",
         )
+    if (path / "adapter_config.json").is_file():  # a checkpoint of another run: its tensors would not fit this one
+        from lora_studio.core.adapters.files import read_adapter_config
+
+        saved = read_adapter_config(path)
+        if saved.r != settings.r or float(saved.lora_alpha) != float(settings.alpha):
+            raise UserError(
+                f"{path.name} was saved by a run with r={saved.r}, alpha={saved.lora_alpha:g}; this run has "
+                f"r={settings.r}, alpha={settings.alpha:g}",
+                "resume with the settings of the run that wrote the checkpoint",
+            )
     return path
 
 

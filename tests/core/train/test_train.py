@@ -155,6 +155,10 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tiny_llama, pairs, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = read_loss_log(resumed.adapter)
     assert list(log.train.steps) == list(range(1, 17))  # the steps before the stop are in the log too
+    # the validation points too, the one before the first step included
+    whole_val = read_loss_log(whole.adapter).val
+    assert list(log.val.steps) == list(whole_val.steps) and log.val.steps[0] == 0
+    assert list(log.val.values) == pytest.approx(list(whole_val.values))
 
 
 @pytest.mark.parametrize(
@@ -380,3 +384,6 @@ def test_a_hostile_checkpoint_is_one_line_and_runs_nothing(tiny_llama, pairs, tm
     piped = poisoned("fifo", lambda f: ((f / "scheduler.pt").unlink(missing_ok=True), os.mkfifo(f / "scheduler.pt")))
     assert "not a regular file" in str(piped)
     assert not marker.exists()
+    other_rank = settings.with_changes(r=settings.r * 2)
+    with pytest.raises(UserError, match=f"was saved by a run with r={settings.r}"):
+        train_adapter(request(tiny_llama, pairs, tmp_path / "other-rank", other_rank, resume=good))
