@@ -35,19 +35,11 @@ MEASURING_STAGE = "measuring the adapter in the quantised file"
 CORRELATION_FLOOR = 0.5  # realised change against ΔW
 CHANGED_FLOOR = 0.2  # share of updated weights whose quantised value moved
 MEASURED_ELEMENTS = 1 << 20  # per tensor; more rows than that are sampled evenly
-# the type to try when the update is washed out: about two bits more, then lossless
-HIGHER_TYPE = {
-    "q4_0": "q6_k",
-    "q4_1": "q6_k",
-    "q4_k_m": "q6_k",
-    "q5_0": "q8_0",
-    "q5_1": "q8_0",
-    "q5_k_m": "q8_0",
-    "q6_k": "q8_0",
-    "q8_0": "f16",
-    "bf16": "f32",
-    "f16": "f32",
-}
+# bits per weight of each tensor type a file holds, and the output types to suggest in their order: a washed-out
+# tensor needs a type above its own (a K-quant file writes rows that do not fill 256-wide blocks as q5_0 or q8_0)
+TYPE_BITS = {"q2_k": 2, "q3_k": 3, "q4_0": 4, "q4_1": 4, "q4_k": 4, "q5_0": 5, "q5_1": 5, "q5_k": 5, "q6_k": 6}
+TYPE_BITS |= {"q8_0": 8, "bf16": 16, "f16": 16}
+HIGHER_TYPES = (("q6_k", 6), ("q8_0", 8), ("f16", 16), ("f32", 32))
 
 Status = Literal["carried", "washed out", "not measured"]
 
@@ -86,9 +78,11 @@ class CarriedAdapter:
 
     @property
     def suggestion(self) -> str | None:
+        """The smallest output type above every washed-out tensor's own type in this file."""
         if self.status != "washed out":
             return None
-        return HIGHER_TYPE.get(self.type)
+        bits = max(TYPE_BITS.get(t.type, 16) for t in self.washed_out)
+        return next((name for name, higher in HIGHER_TYPES if higher > bits), None)
 
     def median(self, attribute: str) -> float | None:
         values = sorted(getattr(t, attribute) for t in self.tensors)
@@ -135,7 +129,7 @@ class CarriedAdapter:
             "| tensor | type | rows measured | updated weights changed | correlation with ΔW | gain along ΔW |",
             "|---|---|---|---|---|---|",
         ]
-        for t in self.tensors:
+        for t in sorted(self.tensors, key=lambda t: t.correlation):  # the least carried first
             mark = " ⚠" if t.washed_out else ""
             lines.append(
                 f"| `{t.name}`{mark} | {t.type} | {t.rows_measured}/{t.rows} | {t.changed_share:.0%} | "

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 MaxMemory = dict[int | str, int]  # accelerate's keys: a GPU index, "cpu", "mps" or "disk"; sizes in bytes
 PLACED_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-HINT = "write it like cuda:0=20GiB,cuda:1=20GiB,cpu=64GiB (sizes in GiB, GB, MiB or MB)"
+HINT = "write it like cuda:0=20GiB,cuda:1=20GiB,cpu=64GiB; sizes in GiB, GB, MiB or MB"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|mib|mb|kib|kb|b)?\s*$", re.IGNORECASE)
 _UNITS = {"gib": 1024**3, "gb": 10**9, "mib": 1024**2, "mb": 10**6, "kib": 1024, "kb": 1000, "b": 1}
 
@@ -32,8 +32,10 @@ def parse_max_memory(text: str) -> MaxMemory:
         device, sep, size = part.partition("=")
         device = device.strip().lower()
         match = _SIZE.match(size)
-        if not sep or match is None:
+        if not sep:
             raise UserError(f"memory limits: {part!r} is not DEVICE=SIZE", HINT)
+        if match is None:
+            raise UserError(f"memory limits: {size.strip()!r} is not a size (for {device.strip()})", HINT)
         key: int | str
         if device in ("cpu", "mps", "disk"):
             key = device
@@ -87,10 +89,13 @@ class PlannedPlacement:
 def plan_placement(
     source: ModelSource, dtype: str, limits: Mapping[int | str, int], *, device_map: str = "auto"
 ) -> PlannedPlacement:
-    """accelerate's device map for ``source`` under ``limits``, from the configuration alone (no weights read)."""
+    """The device map ``from_pretrained`` makes for ``source`` under ``limits`` (transformers' own placement
+    functions, on the model built without weights: tied weights count once), and each device's bytes of weights,
+    from the configuration alone."""
+    import torch
     from accelerate import init_empty_weights
-    from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import accelerate as placing
 
     from lora_studio.core.model.dtypes import torch_dtype
 
@@ -99,18 +104,25 @@ def plan_placement(
     config = AutoConfig.from_pretrained(str(source.path))
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
-    no_split = getattr(model, "_no_split_modules", None) or []
-    memory: dict[int | str, int] = dict(limits)
+    model.tie_weights()  # a tied head shares the embedding's tensor, as in the loaded model
+    no_split = model._no_split_modules
+    # as transformers' _get_device_map does it for from_pretrained(device_map=..., max_memory=...)
     if device_map != "sequential":
-        memory = get_balanced_memory(
-            model, max_memory=memory, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
+        memory = placing.get_balanced_memory(
+            model, max_memory=dict(limits), no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
         )
-    placed = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split, dtype=torch_dtype(dtype))
-    sizes = compute_module_sizes(model, dtype=torch_dtype(dtype))
+    else:
+        memory = placing.get_max_memory(dict(limits))
+    placed = placing.infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
     per_device: dict[str, int] = {}
-    for module, device in placed.items():
-        label = device_label(device)
-        per_device[label] = per_device.get(label, 0) + int(sizes.get(module, 0))
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:  # each shared tensor once
+        owner = max((m for m in placed if m == "" or name == m or name.startswith(m + ".")), key=len, default=None)
+        if owner is None:
+            continue
+        label = device_label(placed[owner])
+        per_device[label] = (
+            per_device.get(label, 0) + tensor.numel() * torch.empty((), dtype=tensor.dtype).element_size()
+        )
     return PlannedPlacement(per_device, {m: device_label(d) for m, d in placed.items()})
 
 

@@ -289,7 +289,9 @@ class ModelPanel(Panel):
         est, self.placement_plan = found
         self.estimate = est
         text, kind = VERDICT_TEXT.get(est.verdict, (est.verdict, "info"))
-        self.verdict_label.show_message(f"{text} — {est.explanation}", kind)
+        offloaded = self.placement_plan is not None and "disk" in self.placement_plan.bytes_per_device
+        disk = " · beyond the limits, layers run from disk (slower)" if offloaded else ""
+        self.verdict_label.show_message(f"{text} — {est.explanation}{disk}", "warn" if offloaded else kind)
         fp = est.footprint
         self.detail_label.setText(
             f"{fp.architecture} · {format_params(fp.params)} params · checkpoint {fp.checkpoint_dtype} "
@@ -297,7 +299,11 @@ class ModelPanel(Panel):
             f"{f' + {self.quantize}' if self.quantize and not fp.checkpoint_dtype.startswith('gguf') else ''}: "
             f"{format_bytes(est.weights_bytes)}, "
             f"needs ≈ {format_bytes(est.needed_bytes)}"
-            + (f"<br>placed: {html.escape(self._plan_text())}" if self.placement_plan is not None else "")
+            + (
+                "<br>placed: " + html.escape(self._plan_text()).replace("\n", "<br>")
+                if self.placement_plan is not None
+                else ""
+            )
         )
         self.load_btn.setText("Load anyway" if est.verdict == "does_not_fit" else "Load")
 
@@ -307,7 +313,7 @@ class ModelPanel(Panel):
             return ""
         layers = plan.to_json()["layers"]
         shares = plan.bytes_per_device.items()
-        return "; ".join(f"{device} ≈ {format_bytes(size)} ({layers.get(device, '')})" for device, size in shares)
+        return "\n".join(f"{device} ≈ {format_bytes(size)} ({layers.get(device, '')})" for device, size in shares)
 
     @property
     def max_memory_text(self) -> str:
@@ -378,8 +384,8 @@ class ModelPanel(Panel):
         params = f"{format_params(state.params)} params" if state.params else ""
         quantized = f"<br>{html.escape(state.quantization)}" if state.quantization else ""
         if state.placement:
-            placed = "; ".join(f"{device}: {modules}" for device, modules in state.placement)
-            quantized += f"<br>placed: {html.escape(placed)}"
+            placed = "<br>".join(html.escape(f"{device}: {modules}") for device, modules in state.placement)
+            quantized += f"<br>placed: {placed}"
         self.loaded_label.setText(
             f"<b>{state.base}</b><br>{state.dtype} on {state.device} · {params}{quantized}<br>"
             f"<span style='color:gray'>{state.base_path}</span>"

@@ -25,7 +25,7 @@ def test_max_memory_is_read_as_accelerate_takes_it_and_a_wrong_part_is_named():
     assert parse_max_memory("cuda:0=20GiB,cpu=512MiB") == {0: 20 * 1024**3, "cpu": 512 * 1024**2}
     for bad, named in (
         ("cpu", "'cpu' is not DEVICE=SIZE"),
-        ("cpu=lots", "'cpu=lots' is not DEVICE=SIZE"),
+        ("cpu=lots", "'lots' is not a size"),
         ("gpu0=1GiB", "'gpu0' is not a device"),
         ("cpu=1GiB,cpu=2GiB", "name cpu twice"),
         (" , ", "are empty"),
@@ -69,6 +69,10 @@ def test_a_base_spread_over_cpu_and_disk_answers_as_in_memory_with_every_adapter
     assert set(plan.bytes_per_device) == {"cpu", "disk"} and plan.bytes_per_device["cpu"] <= size // 2
     state = placed.load(source, max_memory=limits)
     assert {device for device, _ in state.placement} == {"cpu", "disk"}
+    # the plan is the placement the load makes, and counts every weight once
+    assert placed_layers(plan.device_map) == placed.placement()
+    buffers = sum(b.numel() * b.element_size() for b in whole.model.buffers())  # rotary frequencies
+    assert sum(plan.bytes_per_device.values()) == size + buffers
     offload = Path(placed._offload.name)  # the disk's layers are read from the checkpoint's safetensors
     ids = torch.tensor([[1, 5, 9, 13, 17]])
 
@@ -98,6 +102,23 @@ def test_a_base_spread_over_cpu_and_disk_answers_as_in_memory_with_every_adapter
         placed.close()
     assert not offload.exists()  # the session's offload folder goes with the base
     assert not list(tmp_path.iterdir())
+
+
+def test_the_plan_counts_a_tied_head_once_and_places_it_with_its_embedding(tmp_path):
+    base = factories.make_llama(tmp_path / "tied", num_hidden_layers=4, tie_word_embeddings=True)
+    source = resolve_source(base)
+    session = Session()
+    try:
+        session.load(source)
+        size = sum(p.numel() * p.element_size() for p in session.model.parameters())  # the tied tensor once
+        limits = {"cpu": size // 2}
+        plan = plan_placement(source, "float32", limits)
+        session.load(source, max_memory=limits)
+        buffers = sum(b.numel() * b.element_size() for b in session.model.buffers())
+        assert placed_layers(plan.device_map) == session.placement()
+        assert sum(plan.bytes_per_device.values()) == size + buffers
+    finally:
+        session.close()
 
 
 def test_a_device_this_machine_lacks_is_one_line_before_loading(spread):

@@ -162,7 +162,7 @@ def test_limits_per_device_place_the_layers_and_the_dock_says_where(qtbot, windo
     w = window
     w.model_panel.set_source(str(tiny_llama))
     w.model_panel.max_memory_edit.setText("cpu=lots")
-    qtbot.waitUntil(lambda: "not DEVICE=SIZE" in w.model_panel.verdict_label.text(), timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: "is not a size" in w.model_panel.verdict_label.text(), timeout=TIMEOUT)
     w.model_panel.max_memory_edit.setText("cpu=140KB")  # the embedding fits, the rest goes to disk
     qtbot.waitUntil(lambda: "placed:" in w.model_panel.detail_label.text(), timeout=TIMEOUT)
     assert "cpu ≈" in w.model_panel.detail_label.text() and "disk ≈" in w.model_panel.detail_label.text()
@@ -173,6 +173,20 @@ def test_limits_per_device_place_the_layers_and_the_dock_says_where(qtbot, windo
     w.attach_adapter(str(llama_adapters["alpha"]))
     idle(qtbot, w)
     assert w.session.active_adapter == "adapter-alpha"
+
+
+def test_train_quantize_base_follows_each_load(qtbot, window, gguf_llama):
+    w = window
+    w.model_panel.set_source(str(gguf_llama))
+    w.model_panel.quantize_combo.setCurrentIndex(w.model_panel.quantize_combo.findData("nf4"))
+    w.model_panel.load()
+    idle(qtbot, w)
+    assert w.train_panel.form.quantize.currentData() == "nf4"
+    w.train_panel.form.quantize.setCurrentIndex(0)  # the user's choice stays until the next load
+    w.model_panel.quantize_combo.setCurrentIndex(0)
+    w.model_panel.load()
+    idle(qtbot, w)
+    assert w.train_panel.form.quantize.currentData() is None
 
 
 def test_no_gpu_is_said_and_ram_still_drawn(qtbot, window):

@@ -199,6 +199,10 @@ class TrainSettingsForm(QWidget):
             baseline=self.baseline.isChecked(),
         )
 
+    def follow_quantize(self, kind: str | None) -> None:
+        """Quantize base as the session's base was loaded (none for a full-precision one)."""
+        self.quantize.setCurrentIndex(max(0, self.quantize.findData(kind)) if kind in QUANTIZE_CHOICES else 0)
+
     def set_settings(self, s: TrainSettings) -> None:
         self.r.setValue(s.r)
         self.alpha.setValue(s.alpha)

@@ -46,6 +46,7 @@ class TrainPanel(Panel):
         self.job: Job | None = None
         self.last_checkpoint: Path | None = None
         self.checkpoints: Path | None = None  # the running (or last) run's checkpoint folder
+        self._quantize_followed: tuple[str | None, str | None] | None = None  # the load Quantize base last followed
         left = self._build_inputs()
         buttons = self._build_buttons()
         right = self._build_results()
@@ -153,6 +154,12 @@ class TrainPanel(Panel):
     def show_state(self, state: SessionState) -> None:
         super().show_state(state)
         self.form.set_devices(["cpu"] + ([state.device] if state.device and state.device.startswith("cuda") else []))
+        # a base loaded quantised is what the user means to train on (QLoRA): the choice follows each new load,
+        # and stays the user's between loads
+        loaded = (state.base_path, state.quantize)
+        if state.base_path and loaded != self._quantize_followed:
+            self._quantize_followed = loaded
+            self.form.follow_quantize(state.quantize)
         self.data_preview.estimate_soon()
         self.update_buttons()
 
