@@ -10,6 +10,7 @@ its jobs.
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -186,9 +187,12 @@ def card_markdown(text: str) -> str:
 
 
 class CardDialog(QDialog):
-    """A model card shown inside the app, read-only, rendered as Markdown (where no desktop app opens files)."""
+    """A model card shown inside the app, read-only, rendered as Markdown; "Open with…" hands the file to the
+    desktop's app for it."""
 
-    def __init__(self, path: Path, parent: QWidget | None = None) -> None:
+    def __init__(
+        self, path: Path, parent: QWidget | None = None, open_external: Callable[[], object] | None = None
+    ) -> None:
         super().__init__(parent)
         self.path = path
         self.setWindowTitle(f"Model card — {path.parent.name}")
@@ -206,6 +210,11 @@ class CardDialog(QDialog):
         self.path_label.setStyleSheet("color: palette(mid);")
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         buttons.rejected.connect(self.reject)
+        self.external_btn = buttons.addButton("Open with…", QDialogButtonBox.ButtonRole.ActionRole)
+        self.external_btn.setToolTip("the desktop's app for Markdown files, where there is one")
+        self.external_btn.setVisible(open_external is not None)
+        if open_external is not None:
+            self.external_btn.clicked.connect(lambda: open_external())
         layout = QVBoxLayout(self)
         layout.addWidget(self.browser, 1)
         layout.addWidget(self.path_label)
@@ -215,13 +224,11 @@ class CardDialog(QDialog):
 
 # -- the result's actions ----------------------------------------------------------------------------------------------
 def open_card(panel: MergeTab) -> None:
-    """The desktop's app for README.md; where none opens it (no launcher: openUrl says False), the card is
-    shown inside the app."""
+    """The card inside the app: the desktop's opener cannot say whether an app opened the file (xdg-open with no
+    app for Markdown reports success and shows nothing), so the dialog offers it as a button instead."""
     if panel.result is None:
         return
-    card = result_card(panel.result)
-    if not panel.open_url(QUrl.fromLocalFile(str(card))):
-        panel.show_card(card)
+    panel.show_card(result_card(panel.result))
 
 
 def show_card(panel: MergeTab, card: Path, parent: QWidget) -> CardDialog:
@@ -229,7 +236,7 @@ def show_card(panel: MergeTab, card: Path, parent: QWidget) -> CardDialog:
     if panel.card_dialog is not None:
         panel.card_dialog.close()
         panel.card_dialog.deleteLater()
-    dialog = CardDialog(card, parent)
+    dialog = CardDialog(card, parent, open_external=lambda: panel.open_url(QUrl.fromLocalFile(str(card))))
     panel.card_dialog = dialog
     dialog.show()
     return dialog

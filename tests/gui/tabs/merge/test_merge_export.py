@@ -47,7 +47,10 @@ def test_export_a_merged_gguf_verified_in_llama_cpp(qtbot, window, gguf_llama, g
     panel.open_url = opened.append
     panel.open_card()
     panel.open_folder()
-    assert [Path(u.toLocalFile()) for u in opened] == [tmp_path / "alpha.q8_0.gguf.serve" / "README.md", tmp_path]
+    assert [Path(u.toLocalFile()) for u in opened] == [tmp_path]  # the folder in the file manager
+    assert panel.card_dialog is not None and panel.card_dialog.path == tmp_path / "alpha.q8_0.gguf.serve" / "README.md"
+    panel.card_dialog.external_btn.click()  # and the card in the desktop's app, when asked
+    assert Path(opened[-1].toLocalFile()) == panel.card_dialog.path
     assert "exported" in [m for _, m in w.memory_panel.markers]
 
 

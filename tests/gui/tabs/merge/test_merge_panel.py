@@ -59,7 +59,8 @@ def test_merge_one_adapter_verified(qtbot, window, tiny_llama, llama_adapters, t
     panel.open_url = opened.append
     panel.open_card()
     panel.open_folder()
-    assert [Path(u.toLocalFile()) for u in opened] == [out / "README.md", out]
+    assert [Path(u.toLocalFile()) for u in opened] == [out]  # the card opens inside the app
+    assert panel.card_dialog is not None and panel.card_dialog.path == out / "README.md"
     assert w.session.active_adapter == "adapter-alpha"  # the session is as it was
 
 
