@@ -243,3 +243,21 @@ def alpha_beta_session(base: Path, adapters: dict):
     session.attach(adapters["beta"], "beta")
     session.activate("alpha")
     return session
+
+
+def save_quantised(base: Path, folder: Path, kind: str = "nf4") -> Path:
+    """``base`` quantised by transformers + bitsandbytes and saved so (a checkpoint saved in 4 bits), with its
+    tokenizer files."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from lora_studio.core.model.quantize import quantization_config
+
+    AutoModelForCausalLM.from_pretrained(
+        str(base), quantization_config=quantization_config(kind, "float32"), device_map={"": "cpu"}
+    ).save_pretrained(folder)
+    for file in Path(base).iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(file, folder / file.name)
+    return folder

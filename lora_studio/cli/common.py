@@ -61,12 +61,25 @@ def max_memory_of(args: argparse.Namespace) -> MaxMemory | None:
     return parse_max_memory(text) if text is not None else None
 
 
-def report_placement(session: Session) -> None:
-    """Where the layers went, on stderr, when accelerate placed them."""
+def load_base(session: Session, source: ModelSource, args: argparse.Namespace, report: Report) -> None:
+    """``session.load`` as the command's options ask (dtype, device map, quantisation, memory limits), then where
+    the layers went on stderr when accelerate placed them."""
+    session.load(
+        source,
+        dtype=args.dtype,
+        device_map=getattr(args, "device_map", "cpu"),
+        quantize=args.quantize,
+        max_memory=max_memory_of(args),
+        report=report,
+    )
     placed = session.placement()
     if placed:
         line = "; ".join(f"{device}: {modules}" for device, modules in placed.items())
         sys.stderr.write(f"lora-studio: placed {line}\n")
+
+
+def add_merge_into_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--merge-into", choices=("auto", "original", "dequantized"), help=help_text)
 
 
 def add_adapter_argument(

@@ -21,10 +21,9 @@ from lora_studio.cli.common import (
     add_quantize_argument,
     base_path,
     check_report_path,
-    max_memory_of,
+    load_base,
     parse_adapter_specs,
     print_json,
-    report_placement,
     resolve_base,
     stderr_progress,
     table,
@@ -127,15 +126,7 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_base(args, report=progress)
     session = Session()
     try:
-        session.load(
-            source,
-            dtype=args.dtype,
-            device_map=args.device_map,
-            quantize=args.quantize,
-            max_memory=max_memory_of(args),
-            report=progress,
-        )
-        report_placement(session)
+        load_base(session, source, args, progress)
         variants = [comparison.Variant.base()] if args.base_variant else []
         for name, path in adapters:
             session.attach(path, name, report=progress)

@@ -19,10 +19,9 @@ from lora_studio.cli.common import (
     add_quantize_argument,
     base_path,
     check_report_path,
-    max_memory_of,
+    load_base,
     parse_adapter_specs,
     print_json,
-    report_placement,
     resolve_base,
     stderr_progress,
     table,
@@ -165,15 +164,7 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_base(args, report=progress)
     session = Session()
     try:
-        session.load(
-            source,
-            dtype=args.dtype,
-            device_map=args.device_map,
-            quantize=args.quantize,
-            max_memory=max_memory_of(args),
-            report=progress,
-        )
-        report_placement(session)
+        load_base(session, source, args, progress)
         sets = datasets.load_eval_sets(
             data, session.tokenizer, limit=args.limit, max_length=datasets.max_length_for(session.model)
         )

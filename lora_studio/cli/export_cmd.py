@@ -13,6 +13,7 @@ from lora_studio.cli.common import (
     SubParsers,
     add_adapter_argument,
     add_base_argument,
+    add_merge_into_argument,
     add_quantize_argument,
     human_bytes,
     output_path,
@@ -50,10 +51,9 @@ def add_parser(sub: SubParsers) -> None:
         help="the GPU's memory (GiB) the bundle's vLLM plan fits adapter slots on (default 24)",
     )
     add_quantize_argument(p, "merge a QLoRA adapter as it learned on the base (default: its lora_studio.json record),")
-    p.add_argument(
-        "--merge-into",
-        choices=("auto", "original", "dequantized"),
-        help="for such an adapter: add its update to the checkpoint's weights (original), to the dequantised ones it "
+    add_merge_into_argument(
+        p,
+        "for such an adapter: add its update to the checkpoint's weights (original), to the dequantised ones it "
         "learned on (dequantized), or to the closer of the two, measured (auto, the default)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file (atomically, at the end)")

@@ -14,6 +14,7 @@ from lora_studio.cli.common import (
     SubParsers,
     add_adapter_argument,
     add_base_argument,
+    add_merge_into_argument,
     add_quantize_argument,
     human_bytes,
     output_path,
@@ -63,10 +64,9 @@ def add_parser(sub: SubParsers) -> None:
         help="save the weighted combination (--combination) as a PEFT adapter folder instead of merging it",
     )
     add_quantize_argument(p, "the adapter learned on (QLoRA; default: its lora_studio.json record); measure it on")
-    p.add_argument(
-        "--merge-into",
-        choices=("auto", "original", "dequantized"),
-        help="for an adapter trained on a quantised base: merge into the checkpoint's weights (original), into the "
+    add_merge_into_argument(
+        p,
+        "for an adapter trained on a quantised base: merge into the checkpoint's weights (original), into the "
         "dequantised ones it learned on (dequantized), or the closer of the two, measured (auto, the default)",
     )
     p.add_argument(

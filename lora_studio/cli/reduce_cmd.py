@@ -16,10 +16,9 @@ from lora_studio.cli.common import (
     SubParsers,
     add_max_memory_argument,
     add_quantize_argument,
-    max_memory_of,
+    load_base,
     output_path,
     print_json,
-    report_placement,
     stderr_progress,
     table,
 )
@@ -112,8 +111,7 @@ def _measure(args: argparse.Namespace, plan: RankPlan, result: ReducedAdapter, p
     source = resolve_base(args, report=progress)
     session = Session()
     try:
-        session.load(source, dtype=args.dtype, quantize=args.quantize, max_memory=max_memory_of(args), report=progress)
-        report_placement(session)
+        load_base(session, source, args, progress)
         sets = datasets.load_eval_sets(
             data, session.tokenizer, limit=args.limit, max_length=datasets.max_length_for(session.model)
         )

@@ -127,3 +127,23 @@ def test_a_device_this_machine_lacks_is_one_line_before_loading(spread):
         pytest.skip("a machine with CUDA has cuda:0")
     with pytest.raises(UserError, match=r"name cuda:0; this machine has no CUDA device"):
         Session().load(resolve_source(base), max_memory={0: 1024, "cpu": 1024})
+
+
+def test_the_cli_plans_places_and_says_where(spread, capsys):
+    import json
+
+    from cli_helpers import run_in_process
+
+    base, adapters = spread
+    limits = "cpu=115KB"
+    code, out, err = run_in_process(capsys, ["inspect", base, "--max-memory", limits, "--json"])
+    assert code == 0, err
+    planned = json.loads(out)["placement"]
+    assert set(planned["bytes_per_device"]) == {"cpu", "disk"}
+    argv = ["compare", base, "--adapter", f"a={adapters['a1']}", "--prompt", "hi", "--max-new-tokens", "2"]
+    code, out, err = run_in_process(capsys, [*argv, "--max-memory", limits, "--json"])
+    assert code == 0, err
+    placed = next(line for line in err.splitlines() if line.startswith("lora-studio: placed "))
+    assert all(f"{device}: {layers}" in placed for device, layers in planned["layers"].items())
+    code, out, err = run_in_process(capsys, [*argv, "--max-memory", "gpu=1GB"])
+    assert code == 2 and "is not a device" in err and len(err.strip().splitlines()) == 1

@@ -260,20 +260,7 @@ def test_merge_onto_a_quantised_base_measures_both_candidates_and_keeps_the_clos
 def test_a_base_saved_in_four_bits_merges_with_the_folder_it_was_quantised_from(
     gguf_llama, gguf_llama_adapters, tmp_path, capsys
 ):
-    import shutil
-
-    from transformers import AutoModelForCausalLM
-
-    from lora_studio.core.model.quantize import quantization_config
-
-    saved = tmp_path / "saved-nf4"
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_llama), quantization_config=quantization_config("nf4", "float32"), device_map={"": "cpu"}
-    )
-    model.save_pretrained(saved)
-    for file in gguf_llama.iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(file, saved / file.name)
+    saved = factories.save_quantised(gguf_llama, tmp_path / "saved-nf4")
     capsys.readouterr()  # transformers' own progress bars
     argv = ["merge", saved, "--adapter", gguf_llama_adapters["alpha"], "--json"]
     code, _out, err = run_in_process(capsys, [*argv, "--out", tmp_path / "refused"])
@@ -299,20 +286,7 @@ def test_merge_into_without_a_quantised_base_is_one_line(gguf_llama, gguf_llama_
 
 
 def test_a_folder_saved_in_four_bits_opens_as_it_is_and_takes_an_adapter(gguf_llama, gguf_llama_adapters, tmp_path):
-    import shutil
-
-    from transformers import AutoModelForCausalLM
-
-    from lora_studio.core.model.quantize import quantization_config
-
-    saved = tmp_path / "saved-nf4"
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_llama), quantization_config=quantization_config("nf4", "float32"), device_map={"": "cpu"}
-    )
-    model.save_pretrained(saved)
-    for file in gguf_llama.iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(file, saved / file.name)
+    saved = factories.save_quantised(gguf_llama, tmp_path / "saved-nf4")
     session = Session()
     try:
         state = session.load(resolve_source(saved))

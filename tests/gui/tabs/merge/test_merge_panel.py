@@ -188,20 +188,8 @@ def test_bad_combination_is_one_line_and_no_job(qtbot, window, tiny_llama, llama
 def test_a_base_saved_in_four_bits_asks_for_the_folder_it_was_quantised_from(
     qtbot, window, gguf_llama, gguf_llama_adapters, tmp_path
 ):
-    import shutil
-
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is a dependency")
-    from transformers import AutoModelForCausalLM
-
-    from lora_studio.core.model.quantize import quantization_config
-
-    saved = tmp_path / "saved-nf4"
-    AutoModelForCausalLM.from_pretrained(
-        str(gguf_llama), quantization_config=quantization_config("nf4", "float32"), device_map={"": "cpu"}
-    ).save_pretrained(saved)
-    for file in gguf_llama.iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(file, saved / file.name)
+    saved = factories.save_quantised(gguf_llama, tmp_path / "saved-nf4")
     panel = loaded(qtbot, window, saved, gguf_llama_adapters["alpha"])
     assert panel.output.form.isRowVisible(panel.output.full_precision_row)
     panel.output.out_edit.setText(str(tmp_path / "merged"))
