@@ -100,13 +100,18 @@ def _inactive_reason() -> str:
 
 
 @functools.cache
-def _ggml_quantize_chunk() -> Callable[..., int]:
-    """``ggml_quantize_chunk`` of the installed llama-cpp-python's ggml, without importing llama_cpp."""
+def ggml_base() -> ctypes.CDLL:
+    """The installed llama-cpp-python's ``libggml-base`` (without importing llama_cpp); OSError when missing."""
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
         raise OSError("llama-cpp-python is not installed")
-    library = Path(next(iter(spec.submodule_search_locations))) / "lib" / "libggml-base.so"
-    function = ctypes.CDLL(str(library)).ggml_quantize_chunk
+    return ctypes.CDLL(str(Path(next(iter(spec.submodule_search_locations))) / "lib" / "libggml-base.so"))
+
+
+@functools.cache
+def _ggml_quantize_chunk() -> Callable[..., int]:
+    """``ggml_quantize_chunk`` of the installed llama-cpp-python's ggml."""
+    function = ggml_base().ggml_quantize_chunk
     # size_t ggml_quantize_chunk(type, const float * src, void * dst, int64_t start, nrows, n_per_row, imatrix)
     function.restype = ctypes.c_size_t
     int64, pointer = ctypes.c_int64, ctypes.c_void_p

@@ -171,7 +171,10 @@ def measure_carried(
         quantize_rows(torch.zeros(1, 32).numpy(), gguf.GGMLQuantizationType.Q8_0)
     except OSError as exc:
         return not_measured(type_name, f"ggml's quantiser is not loadable ({exc})")
-    file_tensors = {t.name: t for t in gguf.GGUFReader(str(gguf_file)).tensors}
+    try:
+        file_tensors = _tensor_index(Path(gguf_file))
+    except (OSError, AttributeError) as exc:
+        return not_measured(type_name, f"ggml's GGUF reader is not loadable ({exc})")
     converter = converter_for(base_folder, written)
     to_eager = conversion().LazyTorchTensor.to_eager
     out_dtype = getattr(torch, dtype)
@@ -203,13 +206,78 @@ def measure_carried(
             if found is None or base_t.dim() != 2:
                 left_out[gguf_name] = "not a 2-D tensor of the file"
                 continue
-            result = _measure_tensor(gguf_name, found, base_t, merged_t, intended_t, stage, quantize_rows)
+            if found.data.size % base_t.shape[0]:
+                left_out[gguf_name] = "the file holds it in another layout"
+                continue
+            try:
+                result = _measure_tensor(gguf_name, found, base_t, merged_t, intended_t, stage, quantize_rows)
+            except (ValueError, RuntimeError, IndexError, NotImplementedError) as exc:  # a type gguf-py cannot read
+                result = f"not measured ({type(exc).__name__}: {str(exc)[:80]})"
             if isinstance(result, str):
                 left_out[gguf_name] = result
             else:
                 measured.append(result)
     report(Progress(count, count, f"{MEASURING_STAGE} {count}/{count}", "tensors"))
     return CarriedAdapter(type_name, measured, left_out, "" if measured else "no adapted tensor could be measured")
+
+
+@dataclass(frozen=True)
+class _FileTensor:
+    """One tensor of the written file: its type and its rows' bytes (mapped, not read)."""
+
+    tensor_type: int  # ggml's type number (gguf.GGMLQuantizationType)
+    data: Any  # its bytes, a numpy uint8 view of the mapped file
+
+
+def _tensor_index(path: Path) -> dict[str, _FileTensor]:
+    """Every 2-D tensor of a GGUF by name, through ggml's own GGUF reader (gguf-py's builds every field of the
+    header in Python: seconds for a 49k-token vocabulary), its data mapped from the file."""
+    import ctypes
+
+    import numpy as np
+
+    from lora_studio.core._compat.ggml_quantize import ggml_base
+
+    lib = ggml_base()
+
+    class InitParams(ctypes.Structure):  # gguf.h: struct gguf_init_params {bool no_alloc; ggml_context ** ctx;}
+        _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+    lib.gguf_init_from_file.restype = ctypes.c_void_p
+    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, InitParams]
+    for name, restype in (
+        ("gguf_get_n_tensors", ctypes.c_int64),
+        ("gguf_get_data_offset", ctypes.c_size_t),
+        ("gguf_get_tensor_name", ctypes.c_char_p),
+        ("gguf_get_tensor_offset", ctypes.c_size_t),
+        ("gguf_get_tensor_type", ctypes.c_int),
+        ("gguf_get_tensor_size", ctypes.c_size_t),
+    ):
+        function = getattr(lib, name)
+        function.restype = restype
+        function.argtypes = [ctypes.c_void_p] + ([ctypes.c_int64] if "tensor_" in name else [])
+    lib.gguf_free.argtypes = [ctypes.c_void_p]
+    context = lib.gguf_init_from_file(str(path).encode(), InitParams(True, None))
+    if not context:
+        raise OSError(f"ggml cannot read {path.name}")
+    try:
+        data_offset = lib.gguf_get_data_offset(context)
+        entries = [
+            (
+                lib.gguf_get_tensor_name(context, i).decode(),
+                lib.gguf_get_tensor_type(context, i),
+                lib.gguf_get_tensor_offset(context, i),
+                lib.gguf_get_tensor_size(context, i),
+            )
+            for i in range(lib.gguf_get_n_tensors(context))
+        ]
+    finally:
+        lib.gguf_free(context)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    return {
+        name: _FileTensor(kind, mapped[data_offset + offset : data_offset + offset + size])
+        for name, kind, offset, size in entries
+    }
 
 
 def _measure_tensor(
@@ -243,7 +311,10 @@ def _measure_tensor(
         merged_codes = quantize_rows(as_written(merged), qtype)
     except OSError as exc:
         return f"ggml's quantiser is not loadable ({exc})"
-    file_codes = np.ascontiguousarray(found.data[picked]).view(np.uint8).reshape(merged_codes.shape)
+    by_row = found.data.reshape(rows, -1)
+    if by_row.shape[1] != merged_codes.shape[1]:
+        return "the file holds it in another layout"
+    file_codes = np.ascontiguousarray(by_row[picked])
     if not np.array_equal(file_codes, merged_codes):
         return "its bytes in the file could not be reproduced"
     realised = (
