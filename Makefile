@@ -44,7 +44,7 @@ LINT_PATHS := lora_studio tests benchmarks resources packaging
 # One command: each step runs only if the one before passed, and any failure fails `make test`.
 test: install llama-cpp
 	@sh packaging/install_test_browser.sh
-	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q --durations=30
 	$(MAKE) --no-print-directory lint-only
 
 # The static checks alone (no pytest): ruff lint, ruff format, mypy, the import contracts.

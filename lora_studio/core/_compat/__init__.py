@@ -22,7 +22,9 @@ Each hook is its own module, named after what it hooks:
   pack the layers for an inference kernel that has no backward;
 - :mod:`.peft_offload`: the ``os`` of PEFT's ``peft_model`` module while an adapter attaches to a model with layers
   offloaded to disk, so that PEFT's copies of those checkpoint files go to the session's offload folder, not under
-  the working directory.
+  the working directory;
+- :mod:`.hf_placement`: (no patch) transformers' own placement functions in the order its ``from_pretrained`` runs
+  them, so that a planned device map is the one the load makes.
 
 Policy, the same for every hook: a patch is swapped in only for the duration of a call and only for the
 calling thread (:func:`.swap.swapped`); before it is applied its target is checked, and if the target is
@@ -50,6 +52,7 @@ HOOK_MODULES = (
     "ggml_quantize",
     "bnb_cpu_unpack",
     "peft_offload",
+    "hf_placement",
 )
 
 

@@ -95,8 +95,8 @@ def plan_placement(
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.integrations import accelerate as placing
 
+    from lora_studio.core._compat.hf_placement import planned_device_map
     from lora_studio.core.model.dtypes import torch_dtype
 
     if source.gguf_file:
@@ -105,15 +105,7 @@ def plan_placement(
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
     model.tie_weights()  # a tied head shares the embedding's tensor, as in the loaded model
-    no_split = model._no_split_modules
-    # as transformers' _get_device_map does it for from_pretrained(device_map=..., max_memory=...)
-    if device_map != "sequential":
-        memory = placing.get_balanced_memory(
-            model, max_memory=dict(limits), no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
-        )
-    else:
-        memory = placing.get_max_memory(dict(limits))
-    placed = placing.infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    placed = planned_device_map(model, limits, device_map)
     per_device: dict[str, int] = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:  # each shared tensor once
         owner = max((m for m in placed if m == "" or name == m or name.startswith(m + ".")), key=len, default=None)

@@ -319,9 +319,9 @@ def _linear_kinds() -> tuple[type, ...]:
     """The layers a LoRA targets as linear ones: torch's Linear and transformers' Conv1D (GPT-2's attention and MLP,
     stored in × out: PEFT's fan_in_fan_out)."""
     import torch
-    from transformers.pytorch_utils import Conv1D
+    import transformers
 
-    return (torch.nn.Linear, Conv1D)
+    return (torch.nn.Linear, transformers.Conv1D)
 
 
 ATTENTION_WORDS = ("attn", "attention")
