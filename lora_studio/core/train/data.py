@@ -66,6 +66,9 @@ class PreparedData:
     rows_too_long: int = 0  # rows cut at max_length
     max_length: int = 0
     warnings: list[str] = field(default_factory=list)
+    # how a prompt and its answer became one text: "chat_template" (the tokenizer's), or "plain": joined as written,
+    # TRL's convention for a base without a chat template, so the adapter is prompted with the bare prompt
+    text_format: str = "chat_template"
 
     def summary(self) -> str:
         val = f", {len(self.val)} validation" if self.val else ", no validation"
@@ -371,9 +374,10 @@ def encode(tokenizer: Any, item: Conversation | str, *, completion_only: bool, s
             ]
         )
         ids = list(apply_chat_template(tokenizer, prompt + completion, tokenize=True, return_dict=True)["input_ids"])
-    else:
+    else:  # no chat template: TRL's convention, prompt and completion joined as written (and the prompt is the
+        # bare prompt at generation); turns of a multi-turn prompt are separated by a blank line
         eos = tokenizer.eos_token or ""
-        prompt_text = "\n\n".join(t["content"] for t in prompt) + "\n\n"
+        prompt_text = "\n\n".join(t["content"] for t in prompt)
         answer = "\n\n".join(t["content"] for t in completion)
         answer = answer if answer.endswith(eos) else answer + eos
         prompt_ids = list(tokenizer(text=prompt_text)["input_ids"])
@@ -479,7 +483,8 @@ def prepare(
         warnings.append(
             f"{too_long} row(s) are longer than {max_length} tokens (longest {longest}) and are cut at the end"
         )
-    return PreparedData(train, val, shape, columns, train_file, val_file, too_long, max_length, warnings)
+    text_format = "chat_template" if getattr(tokenizer, "chat_template", None) or shape == "text" else "plain"
+    return PreparedData(train, val, shape, columns, train_file, val_file, too_long, max_length, warnings, text_format)
 
 
 def prepare_as_set(

@@ -139,6 +139,7 @@ def _provenance(
             "val_file": str(data.val_file) if data.val_file else None,
             "val_sha256": tree_sha256(data.val_file) if data.val_file else None,
             "shape": data.shape,
+            "text_format": data.text_format,
             "train_rows": len(data.train),
             "val_rows": len(data.val),
             "rows_cut_at_max_length": data.rows_too_long,
@@ -148,6 +149,13 @@ def _provenance(
         "result": {**record.to_json(), "kept": keep, "kept_step": kept_step, "overfitting": record.overfitting or None},
         "versions": dict(versions()),
     }
+
+
+TEXT_FORMATS = {
+    "chat_template": "each row rendered with the tokenizer's chat template; prompt it the same way",
+    "plain": "prompt and answer joined as written (the base has no chat template; TRL's convention): prompt it with "
+    "the bare prompt, no template and no separator",
+}
 
 
 def _quantized_base(base: dict[str, Any]) -> str:
@@ -222,6 +230,7 @@ def render_card(p: dict[str, Any]) -> str:
         if data["val_file"]
         else f"- validation: {data['val_rows']} rows held out of the training file "
         f"({settings['val_fraction']:.0%}, seed {settings['seed']})",
+        f"- text: {TEXT_FORMATS.get(data.get('text_format', 'chat_template'), data.get('text_format'))}",
         *[f"- note: {w}" for w in data["warnings"]],
         "",
         "## Base",

@@ -387,3 +387,45 @@ def test_a_hostile_checkpoint_is_one_line_and_runs_nothing(tiny_llama, pairs, tm
     other_rank = settings.with_changes(r=settings.r * 2)
     with pytest.raises(UserError, match=f"was saved by a run with r={settings.r}"):
         train_adapter(request(tiny_llama, pairs, tmp_path / "other-rank", other_rank, resume=good))
+
+
+@pytest.fixture(scope="module")
+def plain_llama(models_dir):
+    """A tiny Llama whose tokenizer has no chat template (a base model, not an instruct one)."""
+    return factories.save_model(
+        models_dir / "plain-llama", factories.llama_config(), tokenizer=factories.make_tokenizer(chat_template=False)
+    )
+
+
+def test_a_base_without_a_chat_template_trains_prompt_and_answer_as_written_as_trl_does(plain_llama, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from lora_studio.core.evaluate import datasets as eval_datasets
+
+    rows = [{"prompt": "The sea is", "completion": " blue and deep."}, {"prompt": "One, two,", "completion": " three"}]
+    path = write_jsonl(tmp_path / "plain.jsonl", rows)
+    tokenizer = AutoTokenizer.from_pretrained(plain_llama)
+    data = prepare(path, tokenizer, val_fraction=0.0)
+    assert data.text_format == "plain"
+    # TRL's own tokenisation of the same rows
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(plain_llama),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "trl"), report_to=[], completion_only_loss=True, use_cpu=True, bf16=False
+        ),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    # (TRL folds its completion mask into the labels: -100 where no loss is computed)
+    trl_rows = {tuple(r["input_ids"]): [int(label != -100) for label in r["labels"]] for r in trainer.train_dataset}
+    ours = {tuple(e.input_ids): e.completion_mask for e in data.train}
+    assert ours == trl_rows
+    # evaluation scores the same tokens: the prompt as written, then the answer
+    examples = eval_datasets.load_eval_set(path, tokenizer).examples
+    assert {tuple(e.prompt_ids) + tuple(e.answer_ids) for e in examples} == set(trl_rows)
+    # the adapter says how it was trained, and so how to prompt it
+    one_step = QUICK.with_changes(max_steps=1, val_fraction=0)
+    result = train_adapter(request(plain_llama, path, tmp_path / "out", one_step))
+    assert json.loads((result.adapter / "lora_studio.json").read_text())["data"]["text_format"] == "plain"
+    assert "prompt it with the bare prompt" in (result.adapter / "README.md").read_text()
