@@ -75,3 +75,18 @@ def test_a_data_file_of_the_wrong_shape(tiny_llama, tmp_path, capsys):
     bad.write_text('{"question": "x"}\n')
     code, _out, err = run_in_process(capsys, ["evaluate", tiny_llama, "--data", bad])
     assert code == 2 and "match no dataset shape" in err
+
+
+def test_a_gguf_of_the_base_is_scored_beside_it_in_llama_cpp(tmp_path, capsys, gguf_llama):
+    pytest.importorskip("llama_cpp", reason="llama.cpp's binding is installed by `make test`")
+    from lora_studio.core.export import ExportRequest, export_gguf
+    from lora_studio.core.model.sources import resolve_source
+
+    gguf = export_gguf(ExportRequest(resolve_source(gguf_llama), tmp_path / "b.f32.gguf", "gguf", "f32", verify=False))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "The sea is", "completion": " blue."}\n{"prompt": "Hi", "completion": " there."}\n')
+    argv = ["evaluate", gguf_llama, "--data", data, "--gguf", f"file={gguf.out}", "--json"]
+    code, out, err = run_in_process(capsys, argv)
+    assert code == 0, err
+    summary = {s["name"]: s for s in json.loads(out)["summary"] if s["dataset"] is None}
+    assert summary["file"]["loss"] == pytest.approx(summary["base"]["loss"], abs=1e-3)  # float32: the same model

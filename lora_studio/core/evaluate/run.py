@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lora_studio import __version__
@@ -165,7 +166,8 @@ def evaluate(
             groups = [g[i : i + batch_examples] for g in groups for i in range(0, len(g), max(1, batch_examples))]
         scores: dict[str, list[ExampleScore | None]] = {_name(c): [None] * len(examples) for c in columns}
         done = 0
-        runners = _gguf_runners(columns)
+        used = 1 + max((max(p + a, default=0) for p, a in rows), default=0)  # the largest token id the rows hold
+        runners = _gguf_runners(columns, used)
         try:
             for group in groups:
                 cancel.raise_if_cancelled()
@@ -272,7 +274,7 @@ def _group_logprobs(
     return {_name(c): out[_name(c)] for c in columns}
 
 
-def _gguf_runners(columns: list[Column]) -> dict[str, Any]:
+def _gguf_runners(columns: list[Column], vocab: int | None = None) -> dict[str, Any]:
     ggufs = [c for c in columns if isinstance(c, GgufVariant)]
     if not ggufs:
         return {}
@@ -281,7 +283,13 @@ def _gguf_runners(columns: list[Column]) -> dict[str, Any]:
     runners: dict[str, Any] = {}
     try:
         for c in ggufs:
-            runners[c.name] = GgufRunner(c.path, c.lora, n_ctx=2048)
+            runner = runners[c.name] = GgufRunner(c.path, c.lora, n_ctx=2048)
+            if vocab is not None and runner.llm.n_vocab() < vocab:  # llama_decode would fail on such ids
+                raise UserError(
+                    f"{c.name}: {Path(c.path).name} has {runner.llm.n_vocab():,} tokens, fewer than the base's "
+                    f"tokenizer uses ({vocab:,}): it is another model's GGUF",
+                    "give a GGUF of this base (its own export)",
+                )
     except BaseException:
         for runner in runners.values():
             runner.close()
