@@ -33,7 +33,7 @@ from lora_studio.core.io.paths import utf8_path
 from lora_studio.core.model.config import read_config_file
 from lora_studio.core.model.estimate import ModelFootprint, read_footprint
 from lora_studio.core.model.placement import MaxMemory, check_max_memory, placed_layers
-from lora_studio.core.model.quantize import Quantize, check_quantize, quantization_label
+from lora_studio.core.model.quantize import Quantize, check_quantize, quantization_label, saved_quantization
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system import garbage
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
@@ -189,7 +189,14 @@ class Session:
         # read_footprint has already refused a damaged config.json
         config = {} if source.gguf_file else read_config_file(source.path, missing_ok=True)
         check_quantize(quantize, source, config)
-        quant = quantization_label(quantize, dtype) if quantize else compatibility.quantization_label(config)
+        saved = saved_quantization(config)
+        quant = (
+            quantization_label(quantize, dtype)
+            if quantize
+            else f"{quantization_label(*saved)}, as saved"
+            if saved
+            else compatibility.quantization_label(config)
+        )
         offload = tempfile.TemporaryDirectory(prefix="lora-studio-offload-") if max_memory is not None else None
         try:
             model, tokenizer = load_base(

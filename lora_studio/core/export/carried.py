@@ -100,7 +100,7 @@ class CarriedAdapter:
         )
         if self.status == "carried":
             return f"the {self.type} file carries the adapter: {figures}"
-        washed = self.washed_out
+        washed = sorted(self.washed_out, key=lambda t: t.correlation)  # the least carried named first
         names = ", ".join(t.name for t in washed[:4]) + (f" and {len(washed) - 4} more" if len(washed) > 4 else "")
         higher = f"; try {self.suggestion}" if self.suggestion else ""
         return (

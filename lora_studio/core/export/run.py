@@ -379,6 +379,11 @@ def export_gguf(
     )
 
 
+def _one_line(text: str) -> str:
+    """Generated text in a list item: its line breaks shown as ⏎ (a blank line would end the list)."""
+    return " ⏎ ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def base_config(source: ModelSource) -> dict:
     """The base's Hugging Face configuration (its config.json, or what transformers reads from its GGUF file), with
     the ``architectures`` llama.cpp's converter picks its class by."""
@@ -679,7 +684,7 @@ def export_card(
     badge = verification.status.upper()
     lines = [
         f"**Verification: {badge}** — {verification.summary()}",
-        *([f"**Adapter carried: {CARRIED_BADGES[carried.status]}** — {carried.summary()}"] if carried else []),
+        *(["", f"**Adapter carried: {CARRIED_BADGES[carried.status]}** — {carried.summary()}"] if carried else []),
         "",
         f"- file: `{out.name}` ({request.format}, {type_name})",
         f"- base: {hub_id(request.source) or request.source.label}",
@@ -701,8 +706,8 @@ def export_card(
             "",
             f"Greedy continuation of “{s['prompt']}”:",
             "",
-            f"- adapter model (transformers + PEFT): “{s['adapter']}”",
-            f"- this file in llama.cpp: “{s['llama_cpp']}”",
+            f"- adapter model (transformers + PEFT): “{_one_line(s['adapter'])}”",
+            f"- this file in llama.cpp: “{_one_line(s['llama_cpp'])}”",
         ]
     if verification.template is not None and verification.template.problems:
         lines += ["", "Template and token problems:", *[f"- {p}" for p in verification.template.problems]]

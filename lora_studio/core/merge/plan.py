@@ -416,8 +416,8 @@ def _check_base(source: ModelSource, adapters: Sequence[AdapterSpec], session: S
         raise UserError(
             f"{source.label} is quantized ({quant}): "
             "merging into quantized weights would round the adapter's update away",
-            "name the 16/32-bit folder it was quantised from (merge --full-precision DIR), or merge into the "
-            "full-precision base model",
+            "name the 16/32-bit folder it was quantised from (the Merge tab's 16-bit base; --full-precision in the "
+            "command line), or merge into the full-precision base model",
         )
     folder = base_folder(source)
     shapes = compatibility.weight_shapes_from_headers(folder) if folder is not None else None

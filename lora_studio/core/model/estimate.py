@@ -11,6 +11,7 @@ from lora_studio.core.errors import UserError
 from lora_studio.core.io.safetensors_format import read_headers
 from lora_studio.core.model.config import check_declared_layers, read_config, tied_embeddings
 from lora_studio.core.model.dtypes import DTYPE_BYTES, ST_TO_NAME, check_dtype
+from lora_studio.core.model.quantize import saved_quantization
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system import nvml
 from lora_studio.core.system.memory import format_bytes
@@ -72,12 +73,17 @@ def read_footprint(source: ModelSource) -> ModelFootprint:
     params = 0
     nbytes = 0
     dtypes: Counter = Counter()
+    saved = saved_quantization(config)  # a checkpoint saved by bitsandbytes: packed codes and their block scales
     for header in headers:
         for info in header.tensors.values():
             names.add(info.name)
-            params += info.numel
             nbytes += info.nbytes
-            dtypes[info.dtype] += info.numel
+            if saved is not None and _quantisation_state(info.name):
+                continue  # absmax, quant_map, ...: the scales of the codes, not parameters of the model
+            # 4-bit codes are packed two to a byte
+            numel = info.numel * 2 if saved is not None and saved[0] != "int8" and info.dtype == "U8" else info.numel
+            params += numel
+            dtypes[info.dtype] += numel
     check_declared_layers(config, names, source.label)
     if tied:
         # Some checkpoints store lm_head even when tied; it is one tensor in memory.
@@ -90,6 +96,8 @@ def read_footprint(source: ModelSource) -> ModelFootprint:
                     if head in header.tensors:
                         params -= header.tensors[head].numel
     st_dtype = dtypes.most_common(1)[0][0] if dtypes else "F32"
+    if saved is not None:
+        st_dtype = f"bitsandbytes {saved[0]}"
     archs = config.get("architectures") or ["?"]
     return ModelFootprint(
         str(archs[0]),
@@ -199,6 +207,21 @@ def _default_dtype(footprint: ModelFootprint) -> str:
     return footprint.checkpoint_dtype if footprint.checkpoint_dtype in DTYPE_BYTES else "float32"
 
 
+_STATE_PARTS = (
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+    ".quant_state.",
+    ".SCB",
+    ".weight_format",
+)
+
+
+def _quantisation_state(name: str) -> bool:
+    return any(part in name for part in _STATE_PARTS)
+
+
 def estimate(
     source: ModelSource,
     dtype: str | None = None,
@@ -218,8 +241,10 @@ def estimate(
     dtype = dtype or _default_dtype(footprint)
     check_dtype(dtype)
     weights = footprint.params * DTYPE_BYTES[dtype]
-    if quantize and not source.gguf_file:
-        weights = quantized_weight_bytes(footprint.params, read_config(source), dtype, quantize)
+    saved = None if source.gguf_file else saved_quantization(read_config(source))
+    if (quantize or saved) and not source.gguf_file:
+        kind = quantize or saved[0]  # type: ignore[index]  # one of the two is set
+        weights = quantized_weight_bytes(footprint.params, read_config(source), dtype, kind)
     needed = weights + max(int(weights * OVERHEAD_FRACTION), OVERHEAD_MIN_BYTES)
     if source.gguf_file:
         needed += footprint.params * 4  # GGUF tensors are dequantised to float32 first

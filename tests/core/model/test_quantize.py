@@ -290,7 +290,7 @@ def test_a_folder_saved_in_four_bits_opens_as_it_is_and_takes_an_adapter(gguf_ll
     session = Session()
     try:
         state = session.load(resolve_source(saved))
-        assert state.quantization and "4-bit" in state.quantization
+        assert state.quantization and "nf4" in state.quantization and "as saved" in state.quantization
         session.attach(gguf_llama_adapters["alpha"], "alpha")
         ref = peft_on_quantized(saved, {"alpha": gguf_llama_adapters["alpha"]}, "nf4")
         assert torch.allclose(logits(session.model), logits(ref), atol=1e-5)

@@ -195,7 +195,8 @@ class CardDialog(QDialog):
     ) -> None:
         super().__init__(parent)
         self.path = path
-        self.setWindowTitle(f"Model card — {path.parent.name}")
+        what = "Serving notes" if path.parent.name.endswith(".serve") else "Model card"
+        self.setWindowTitle(f"{what} — {path.parent.name.removesuffix('.serve')}")
         self.browser = QTextBrowser()
         self.browser.setOpenExternalLinks(False)
         self.browser.setReadOnly(True)
