@@ -175,3 +175,33 @@ def test_gpt2s_conv1d_attention_is_a_target(targets, tiny_gpt2, tmp_path, capsys
     assert code == 0, err
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert "c_attn" in config["target_modules"] and config["fan_in_fan_out"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("num_hidden_layers", 10**12), ("hidden_size", -32), ("vocab_size", 0), ("n_positions", "8")]
+)
+def test_a_config_of_impossible_sizes_is_one_line_before_anything_is_built(key, value, tiny_llama, tmp_path, capsys):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, key: value}))
+    one_line(*run_in_process(capsys, ["inspect", base]), f"{key} is")
+
+
+def test_compare_settings_and_outputs_the_system_refuses_are_one_line(tiny_llama, llama_adapters, tmp_path, capsys):
+    argv = ["compare", tiny_llama, "--adapter", f"a={llama_adapters['alpha']}", "--prompt", "hi"]
+    argv += ["--max-new-tokens", "2"]
+    one_line(*run_in_process(capsys, [*argv, "--seed", str(10**23)]), "seed")
+    one_line(*run_in_process(capsys, [*argv, "--report", "/proc/self/r.md"]), "cannot write in /proc/self")
+    one_line(*run_in_process(capsys, [*argv, "--report", tmp_path / ("x" * 250 + ".md")]), "bytes long")
+    one_line(*run_in_process(capsys, [*argv, "--max-memory", "cpu=1B"]), "no room")
+    one_line(*run_in_process(capsys, [*argv, "--quantize", "nf4"]), "not a multiple of bitsandbytes' 4-bit block")
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    for file in Path(tiny_llama).iterdir():
+        if file.suffix != ".safetensors":
+            (garbage / file.name).write_bytes(file.read_bytes())
+    (garbage / "model.safetensors").write_bytes(os.urandom(100))
+    one_line(*run_in_process(capsys, [*argv, "--merged", f"m={garbage}"]), "cannot load garbage")

@@ -224,6 +224,16 @@ class Session:
             if offload is not None:
                 offload.cleanup()
             raise
+        if max_memory is not None and not set(map(str, getattr(model, "hf_device_map", {}).values())) - {"disk"}:
+            # nothing placed on a device: PEFT cannot attach to a model that lives on disk alone
+            del model
+            assert offload is not None
+            offload.cleanup()
+            release_memory()
+            raise UserError(
+                f"the memory limits leave no room for {source.label} on any device: all of it would run from disk",
+                "raise the limit of the CPU or a GPU (its embeddings at least must fit)",
+            )
         with self.lock:
             self._release()
             self.quantization, self.quantize = quant, quantize

@@ -50,6 +50,8 @@ def validate(settings: GenerationSettings, prompt: str) -> None:
         raise UserError(f"max new tokens is {settings.max_new_tokens:,}", f"ask for at most {MAX_NEW_TOKENS_LIMIT:,}")
     if settings.do_sample and not (settings.temperature > 0 and 0 < settings.top_p <= 1):
         raise UserError("sampling needs temperature > 0 and 0 < top-p ≤ 1", "fix the decoding settings")
+    if not 0 <= settings.seed < 2**63:  # torch.manual_seed's range
+        raise UserError(f"seed {settings.seed} must be a whole number from 0 to {2**63 - 1}", "e.g. 0")
 
 
 def check_text(prompt: str) -> None:

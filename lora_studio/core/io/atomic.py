@@ -94,6 +94,14 @@ def _raise_write_error(exc: BaseException, parent: Path) -> None:
         raise UserError(
             f"cannot write to {parent}: {exc.strerror}", "choose a writable output location; nothing was written"
         ) from exc
+    if not isinstance(exc, OSError):
+        return
+    if any(str(name).startswith(str(parent)) and ".partial-" in str(name) for name in (exc.filename, exc.filename2)):
+        # the temporary itself could not be made (a name too long, a folder like /proc that takes no new files)
+        raise UserError(
+            f"cannot write in {parent}: {exc.strerror}",
+            "choose another output location or a shorter name; nothing was written",
+        ) from exc
 
 
 @contextmanager

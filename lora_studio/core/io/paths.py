@@ -119,6 +119,8 @@ def check_output_apart(out: Path, inputs: dict[str, Path | None]) -> None:
     if not str(out).strip():
         raise UserError("the output path is empty", "give a folder or file name for the output")
     target = Path(os.path.abspath(out))
+    if len(os.fsencode(target.name)) > 200:  # its temporary sibling adds a suffix: the file system takes 255 bytes
+        raise UserError(f"the output's name is {len(os.fsencode(target.name))} bytes long", "choose a shorter name")
     for folder in target.parents:  # an output "under" a regular file cannot be created
         if folder.exists():
             if not folder.is_dir():

@@ -35,7 +35,44 @@ def read_config_file(folder: Path, *, missing_ok: bool = False) -> dict:
         raise UserError(f"{path} is not valid JSON ({_short(exc)})", "the model folder is damaged") from exc
     if not isinstance(doc, dict):
         raise UserError(f"{path} is not a JSON object", "the model folder is damaged")
+    check_sizes(doc, path)
+    for nested in ("text_config", "llm_config"):
+        if isinstance(doc.get(nested), dict):
+            check_sizes(doc[nested], path)
     return doc
+
+
+# the sizes a config.json declares, and the largest any real model has (with room): a size outside is refused before
+# anything is built from it (a list of a billion layers, a negative hidden size)
+SIZE_LIMITS = {
+    "vocab_size": 16_000_000,
+    "hidden_size": 1_000_000,
+    "n_embd": 1_000_000,
+    "d_model": 1_000_000,
+    "intermediate_size": 4_000_000,
+    "num_hidden_layers": 4096,
+    "n_layer": 4096,
+    "num_layers": 4096,
+    "num_attention_heads": 65536,
+    "num_key_value_heads": 65536,
+    "n_head": 65536,
+    "head_dim": 65536,
+    "max_position_embeddings": 1 << 28,
+    "n_positions": 1 << 28,
+}
+
+
+def check_sizes(config: dict, path: Path) -> None:
+    """Every size in SIZE_LIMITS that ``config`` declares is a whole number from 1 to its limit."""
+    for key, limit in SIZE_LIMITS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise UserError(
+                f"{path}: {key} is {str(value)[:40]}, not a whole number from 1 to {limit:,}",
+                "the model folder is damaged, or its config.json belongs to no real model",
+            )
 
 
 def read_config(source: ModelSource, *, missing_ok: bool = False) -> dict:

@@ -172,6 +172,7 @@ def load_model(
     offline_environment()
     check_remote_code(source, trust_remote_code)
     report(Progress(0, None, "loading weights"))
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     # weights_only: a .bin checkpoint is never unpickled with arbitrary code.
@@ -213,7 +214,7 @@ def load_model(
             f"{source.label}: a .bin weights file was refused because it is not plain tensors (it could run code)",
             "LoRA Studio opens pickles only with weights_only=True; get a safetensors copy of this model",
         ) from exc
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         from lora_studio.core.errors import is_out_of_memory
 
         if is_out_of_memory(exc):

@@ -49,6 +49,16 @@ def quantize_refusal(kind: str | None, source: ModelSource, config: dict | None 
         return f"{source.label} is saved quantised ({method}): it opens as it is, without --quantize"
     if bitsandbytes_version() is None:
         return f"quantising on load needs bitsandbytes, which is not installed ({INSTALL_HINT})"
+    if config is not None and BITS.get(kind) == 4:
+        # bitsandbytes' 4-bit kernels work on rows of whole blocks (its CPU kernel fails on anything else)
+        widths = {k: int(config[k]) for k in ("hidden_size", "intermediate_size") if isinstance(config.get(k), int)}
+        odd = {k: v for k, v in widths.items() if v % BLOCK_SIZE_4BIT}
+        if odd:
+            name, width = next(iter(odd.items()))
+            return (
+                f"{source.label}'s {name} is {width}, not a multiple of bitsandbytes' 4-bit block of "
+                f"{BLOCK_SIZE_4BIT}: its layers cannot be quantised to {kind}"
+            )
     return None
 
 
