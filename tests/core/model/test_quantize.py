@@ -44,6 +44,19 @@ def peft_on_quantized(base, adapters: dict, kind: str):
     return pm.eval()
 
 
+def nf4_session_with(base, adapters: dict) -> Session:
+    """A session with ``base`` quantised to nf4 on load and ``adapters`` attached (closing it is the caller's)."""
+    session = Session()
+    try:
+        session.load(resolve_source(base), quantize="nf4")
+        for name, path in adapters.items():
+            session.attach(path, name)
+    except BaseException:
+        session.close()
+        raise
+    return session
+
+
 @pytest.mark.parametrize(("kind", "layer"), [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
 def test_a_base_quantized_on_load_takes_adapters_as_peft_does(kind, layer, gguf_llama, gguf_llama_adapters):
     session = Session()
@@ -76,11 +89,8 @@ def test_evaluate_and_chat_on_a_quantized_base_equal_peft_on_the_same_model(gguf
     rows = [{"instruction": "Say hello.", "answer": "Hello there."}, {"instruction": "Count.", "answer": "One, two."}]
     data = tmp_path / "tiny.val.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    session = Session()
+    session = nf4_session_with(gguf_llama, gguf_llama_adapters)
     try:
-        session.load(resolve_source(gguf_llama), quantize="nf4")
-        for name, path in gguf_llama_adapters.items():
-            session.attach(path, name)
         ref = peft_on_quantized(gguf_llama, gguf_llama_adapters, "nf4")
         eval_set = datasets.load_eval_set(data, session.tokenizer)
         variants = [Variant.base(), *(Variant.of_adapter(name) for name in gguf_llama_adapters)]
@@ -345,11 +355,8 @@ def test_compare_and_scale_on_a_four_bit_base_equal_peft_on_it(gguf_llama, gguf_
     from lora_studio.core.compare import compare, session_variants
     from lora_studio.core.generation.generate import GenerationSettings
 
-    session = Session()
+    session = nf4_session_with(gguf_llama, gguf_llama_adapters)
     try:
-        session.load(resolve_source(gguf_llama), quantize="nf4")
-        for name, path in gguf_llama_adapters.items():
-            session.attach(path, name)
         ref = peft_on_quantized(gguf_llama, gguf_llama_adapters, "nf4")
         # a comparison in one mixed batch gives each variant's tokens as the variants run one at a time
         settings = GenerationSettings(max_new_tokens=8)
