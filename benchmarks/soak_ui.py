@@ -51,9 +51,17 @@ def slope(xs: list[float], ys: list[float]) -> float:
 
 # -- the child: the window ---------------------------------------------------------------------------------------------
 def pick_model(tiny: bool, tmp: Path) -> tuple[str, str, str]:
-    from bench_models import demo_or_random
+    from bench_models import REPO, demo_or_random
 
-    return demo_or_random(tmp, layers=2, hidden=128, heads=4, kv_heads=2, use_demo=not tiny)
+    if not tiny:
+        return demo_or_random(tmp, layers=2, hidden=128, heads=4, kv_heads=2)
+    # the tests' small Llama with SmolLM2's tokenizer: one llama.cpp's converter takes, so the cycle's export runs
+    sys.path.insert(0, str(REPO / "tests"))
+    import arch_zoo
+
+    base = arch_zoo.make_family(tmp / "soak-llama", "llama")
+    adapter = arch_zoo.make_family_adapter(tmp / "soak-adapter", base, r=8)
+    return str(base), str(adapter), "random Llama (SmolLM2's tokenizer) + r=8 adapter"
 
 
 def child(args: argparse.Namespace) -> int:
@@ -95,6 +103,9 @@ def child(args: argparse.Namespace) -> int:
             QTimer.singleShot(10, loop.quit)
             loop.exec()
 
+    def attached(name: str) -> bool:
+        return any(a[0] == name for a in window.session.state().adapters)
+
     def step(name: str, start) -> None:
         job = start()
         if job is None:
@@ -112,6 +123,8 @@ def child(args: argparse.Namespace) -> int:
     ap, cp, mp = window.adapter_panel, window.compare_panel, window.merge_panel
     ep, rp = window.evaluate_panel, window.reduce_panel
     mp.confirm_overwrite = lambda _path: True
+    window.model_panel.confirm_replace_base = lambda _names: True  # "Load another base?" (none are attached then)
+    tp = window.train_panel
     unload_asked: list[int] = []  # "Unload all" asks first; the soak answers yes and counts the questions
     ap.confirm_unload = lambda names: unload_asked.append(len(names)) is None
     started = time.monotonic()
@@ -158,10 +171,20 @@ def child(args: argparse.Namespace) -> int:
         wait_for(lambda: not mp.start_reason(), "the export plan")
         step("export", mp.start_merge)
         fmt.setCurrentIndex(fmt.findData("hf"))
+        # a short training run in its own process, the window free beside it; its adapter attaches at the end
+        tp.files.data_edit.setText(str(data))
+        trained = tmp / f"trained-{cycle}"
+        tp.files.out_edit.setText(str(trained))
+        tp.form.max_steps.setValue(2)
+        wait_for(lambda: tp.data_preview.memory is not None and window.runner.is_idle(), "the training estimate")
+        step("train", tp.start)
+        wait_for(lambda run=trained.name: attached(run) and window.runner.is_idle(), "the trained adapter attached")
         step("detach", lambda name=name: ap.detach(name))
         step("attach again", lambda: window.attach_adapter(adapter))
         step("unload all", ap.unload_all)
         shutil.rmtree(tmp / f"reduced-{cycle}", ignore_errors=True)
+        shutil.rmtree(trained, ignore_errors=True)
+        shutil.rmtree(tmp / f"trained-{cycle}.checkpoints", ignore_errors=True)
         if len(unload_asked) != cycle:
             raise RuntimeError("Unload all did not ask to confirm")
         pump(args.idle_s)  # idle: the memory chart keeps sampling and repainting

@@ -20,9 +20,10 @@ BACKUPS = 3
 DEBUG_ENV = "LORA_STUDIO_DEBUG"
 LOG_DIR_ENV = "LORA_STUDIO_LOG_DIR"  # another folder for the log (tests, portable installs)
 _FORMAT = "%(asctime)s %(levelname)-7s %(threadName)s %(name)s: %(message)s"
-# libraries that log warnings of their own at import (bitsandbytes, imported by PEFT, on a CPU without its optional
-# kernels package): their records go to the log file, not to the terminal through logging's last resort
-LIBRARY_LOGGERS = ("bitsandbytes",)
+# libraries that log warnings of their own (bitsandbytes at import, imported by PEFT, on a CPU without its optional
+# kernels package; accelerate placing a model, "Some parameters are on the meta device…"): their records go to the
+# log file, not to the terminal through logging's last resort
+LIBRARY_LOGGERS = ("bitsandbytes", "accelerate")
 
 _handler: logging.Handler | None = None
 

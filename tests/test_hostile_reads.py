@@ -205,3 +205,81 @@ def test_compare_settings_and_outputs_the_system_refuses_are_one_line(tiny_llama
             (garbage / file.name).write_bytes(file.read_bytes())
     (garbage / "model.safetensors").write_bytes(os.urandom(100))
     one_line(*run_in_process(capsys, [*argv, "--merged", f"m={garbage}"]), "cannot load garbage")
+
+
+def test_a_pipe_as_an_adapter_folder_is_one_line(tiny_llama, tmp_path, capsys):
+    pipe = tmp_path / "adapter"
+    os.mkfifo(pipe)
+    for argv in (
+        ["inspect", tiny_llama, "--adapter", pipe],
+        ["merge", tiny_llama, "--adapter", pipe, "--out", tmp_path / "m"],
+        ["reduce", pipe, "--rank", "1", "--out", tmp_path / "r"],
+    ):
+        one_line(*run_in_process(capsys, argv), "not a folder")
+
+
+def test_training_bounds_are_checked_before_any_step(tiny_llama, tmp_path, capsys):
+    data = write_rows(tmp_path / "ok.jsonl")
+    argv = ["train", tiny_llama, "--data", data, "--out", tmp_path / "run"]
+    one_line(*run_in_process(capsys, [*argv, "--max-steps", str(10**12)]), "more than 1,000,000")
+    one_line(*run_in_process(capsys, [*argv, "--epochs", "1e9"]), "optimiser steps")
+    one_line(*run_in_process(capsys, [*argv, "--max-steps", "1", "--r", "100000"]), "from 1 to 65536")
+    # tiny-llama's widest layer holds rank 32 at most (its hidden size)
+    one_line(*run_in_process(capsys, [*argv, "--max-steps", "1", "--r", "64"]), "more than any targeted layer")
+    one_line(*run_in_process(capsys, [*argv, "--max-steps", "1", "--targets", "q_proj,,v_proj"]), "empty item")
+    (tmp_path / "existing.md").write_text("x")
+    argv[-1] = tmp_path / "existing.md"
+    one_line(*run_in_process(capsys, [*argv, "--max-steps", "1", "--overwrite"]), "is not a folder")
+    assert not (tmp_path / "existing.md.checkpoints").exists() and not (tmp_path / "run.checkpoints").exists()
+
+
+def test_a_gguf_that_is_not_one_is_refused_before_the_work(gguf_llama, gguf_llama_adapters, tmp_path, capsys):
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf" * 10)
+    adapter = next(iter(gguf_llama_adapters.values()))
+    argv = ["export", gguf_llama, "--adapter", adapter, "--format", "gguf-lora", "--out", tmp_path / "a.gguf"]
+    one_line(*run_in_process(capsys, [*argv, "--base-gguf", garbage]), "not a GGUF file")
+    one_line(*run_in_process(capsys, [*argv, "--base-gguf", tmp_path]), "is a folder")
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_options_a_command_would_ignore_and_values_out_of_range_are_one_line(
+    tiny_llama, llama_adapters, tmp_path, capsys
+):
+    alpha, beta = llama_adapters["alpha"], llama_adapters["beta"]
+    data = write_rows(tmp_path / "ok.jsonl")
+    evaluate = ["evaluate", tiny_llama, "--adapter", f"a={alpha}", "--data", data]
+    one_line(*run_in_process(capsys, [*evaluate, "--scales", "0,1"]), "--sweep")
+    one_line(*run_in_process(capsys, [*evaluate, "--combine", "mix=a:1,a:1"]), "named twice")
+    one_line(*run_in_process(capsys, [*evaluate, "--report", ""]), "--report is empty")
+    (tmp_path / "folder.md").mkdir()
+    one_line(*run_in_process(capsys, [*evaluate, "--report", tmp_path / "folder.md", "--overwrite"]), "is a folder")
+    one_line(*run_in_process(capsys, [*evaluate, "--gguf", f"g={tmp_path}"]), "is a folder")
+    one_line(*run_in_process(capsys, ["reduce", alpha, "--plan", "--out", tmp_path / "r"]), "writes nothing")
+    one_line(*run_in_process(capsys, ["reduce", alpha, "--rank", "1", "--data", data]), "--base")
+    merge = ["merge", tiny_llama, "--adapter", alpha, "--adapter", beta, "--combination", "linear"]
+    one_line(*run_in_process(capsys, [*merge, "--weights", "1,,2", "--out", tmp_path / "m"]), "empty item")
+    one_line(*run_in_process(capsys, [*merge, "--weights", "1e30,1", "--out", tmp_path / "m"]), "outside -4 to 4")
+    compare = ["compare", tiny_llama, "--adapter", f"a={alpha}", "--prompt", "hi", "--sample"]
+    one_line(*run_in_process(capsys, [*compare, "--temperature", "inf"]), "temperature")
+    one_line(*run_in_process(capsys, ["inspect", tiny_llama, "--device-map", "cuda:-1"]), "unknown device map")
+    one_line(*run_in_process(capsys, ["inspect", tiny_llama, "--max-memory", "cuda:9=1GB"]), "cuda:9")
+    one_line(*run_in_process(capsys, ["merge", tiny_llama, "--adapter", alpha]), "lora-studio: error: the following")
+
+
+def test_lora_factors_stored_as_whole_numbers_are_refused(tiny_llama, llama_adapters, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "ints"
+    shutil.copytree(llama_adapters["alpha"], adapter)
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v.to(dtype=__import__("torch").int32) for k, v in load_file(weights).items()}, weights)
+    one_line(*run_in_process(capsys, ["inspect", tiny_llama, "--adapter", adapter]), "not floating point")
+
+
+def test_accelerates_placement_chatter_stays_in_the_log(tiny_llama, llama_adapters, tmp_path, capsys):
+    data = write_rows(tmp_path / "ok.jsonl")
+    argv = ["evaluate", tiny_llama, "--adapter", f"a={llama_adapters['alpha']}", "--data", data]
+    one_line(*run_in_process(capsys, [*argv, "--max-memory", "cpu=1B"]), "no room")

@@ -49,7 +49,7 @@ def test_an_evaluation_report_never_replaces_what_it_reads(target, inputs, capsy
         "base_config": inputs["base"] / "config.json",
     }[target]
     argv = ["evaluate", inputs["base"], "--adapter", f"a={inputs['adapter']}", "--data", inputs["data"]]
-    refused(capsys, [*argv, "--report", path, "--overwrite"], path.parent, "replac")
+    refused(capsys, [*argv, "--report", path, "--overwrite"], path.parent, "would")  # be replaced, or change
 
 
 def test_a_comparison_report_never_replaces_its_prompts(inputs, tmp_path, capsys):
@@ -81,3 +81,24 @@ def test_a_training_script_never_replaces_the_base_the_data_or_the_working_folde
 def test_a_reduced_adapter_never_replaces_its_data(inputs, capsys):
     argv = ["reduce", inputs["adapter"], "--rank", "2", "--data", inputs["data"], "--base", inputs["base"]]
     refused(capsys, [*argv, "--out", inputs["data"].parent, "--overwrite"], inputs["data"].parent, "data file")
+
+
+@pytest.mark.parametrize("command", ["merge", "train", "reduce", "evaluate", "compare"])
+def test_a_new_output_inside_an_input_folder_is_refused(command, inputs, capsys):
+    """Not only replacing: a new name inside the adapter or base folder changes that folder too."""
+    base, adapter, data = inputs["base"], inputs["adapter"], inputs["data"]
+    argv, touched = {
+        "merge": (["merge", base, "--adapter", adapter, "--out", adapter / "merged"], adapter),
+        "train": (["train", base, "--data", data, "--max-steps", "1", "--out", base / "run"], base),
+        "reduce": (["reduce", adapter, "--rank", "2", "--out", adapter / "r2"], adapter),
+        "evaluate": (
+            ["evaluate", base, "--adapter", f"a={adapter}", "--data", data, "--report", adapter / "r.jsonl"],
+            adapter,
+        ),
+        "compare": (
+            ["compare", base, "--adapter", f"a={adapter}", "--prompt", "hi", "--report", base / "r.md"],
+            base,
+        ),
+    }[command]
+    refused(capsys, argv, touched, "inside the")
+    assert not any(p.name in ("merged", "run", "run.checkpoints", "r2", "r.jsonl", "r.md") for p in touched.iterdir())

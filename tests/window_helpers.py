@@ -19,6 +19,7 @@ def make_window(qtbot, tmp_path, sampler=None, sample_interval_s: float = 0.05) 
     # pytest-qt closes the window after each test; a job still running then (a slow machine) must not open the
     # modal "Quit?" question, which nothing in a test answers: the run would wait for ever
     window.confirm_quit = lambda _job_name: True
+    window.model_panel.confirm_replace_base = lambda _attached: True  # likewise "Load another base?"
     qtbot.addWidget(window)
     window.show()
     qtbot.waitExposed(window)

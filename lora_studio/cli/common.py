@@ -127,11 +127,22 @@ def base_path(args: argparse.Namespace) -> Path | None:
     return path if path.exists() else None
 
 
-def output_path(text: str) -> Path:
+def output_path(text: str, option: str = "--out") -> Path:
     """``--out`` as a path; an empty one is bad input (``Path("")`` would silently mean the current folder)."""
     if not text.strip():
-        raise UserError("--out is empty", "give the output's name")
+        raise UserError(f"{option} is empty", "give the output's name")
     return Path(text).expanduser()
+
+
+def comma_list(text: str, option: str) -> list[str]:
+    """``a,b,c`` as its stripped items; an empty item inside (``a,,b``) is a typo, refused, not skipped (a trailing
+    comma is let through)."""
+    items = [item.strip() for item in text.split(",")]
+    if items and not items[-1]:
+        items.pop()
+    if not items or not all(items):
+        raise UserError(f"{option} {text!r} has an empty item", f"write it like {option} a,b")
+    return items
 
 
 def check_report_path(text: str, *, overwrite: bool, inputs: dict[str, Path | None]) -> Path:
@@ -140,9 +151,11 @@ def check_report_path(text: str, *, overwrite: bool, inputs: dict[str, Path | No
     from lora_studio.core.io.paths import check_output_apart
     from lora_studio.core.report.share import report_kind
 
-    path = output_path(text)
+    path = output_path(text, "--report")
     report_kind(path)
     check_output_apart(path, inputs)
+    if path.is_dir():  # said now, not after the work the report is for
+        raise UserError(f"{path} is a folder", "give the report a file name, like report.html")
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists", "choose another --report file or add --overwrite")
     return path

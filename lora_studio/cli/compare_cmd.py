@@ -120,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
         "prompts file": Path(args.prompts_file).expanduser() if args.prompts_file else None,
         **{f"variant {name}": path for name, path in adapters + merged},
     }
-    report_path = check_report_path(args.report, overwrite=args.overwrite, inputs=inputs) if args.report else None
+    report_path = (
+        check_report_path(args.report, overwrite=args.overwrite, inputs=inputs) if args.report is not None else None
+    )
 
     progress = stderr_progress()
     source = resolve_base(args, report=progress)

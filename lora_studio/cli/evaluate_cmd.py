@@ -29,6 +29,8 @@ from lora_studio.cli.common import (
 from lora_studio.core.errors import UserError
 from lora_studio.core.model.dtypes import DTYPES
 
+DEFAULT_SWEEP = "0:1.5:0.25"
+
 if TYPE_CHECKING:
     from lora_studio.core.evaluate.columns import Column
 
@@ -65,7 +67,7 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("--reference", metavar="NAME", help="KL and Δloss against this variant (default: the base)")
     p.add_argument("--scale", action="append", default=[], metavar="NAME=S", help="run adapter NAME at scale S")
     p.add_argument("--sweep", metavar="NAME", help="also sweep adapter NAME's scale")
-    p.add_argument("--scales", default="0:1.5:0.25", help="scales of the sweep: 0,0.5,1 or 0:1.5:0.25 (default)")
+    p.add_argument("--scales", help=f"scales of the sweep: 0,0.5,1 or 0:1.5:0.25 (default {DEFAULT_SWEEP})")
     p.add_argument("--sequential", action="store_true", help="run variants one at a time instead of one mixed batch")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load in (default float32)")
     add_quantize_argument(p, "load the base")
@@ -89,6 +91,8 @@ def _combinations(specs: list[str], adapters: list[str]) -> list[tuple[str, dict
             adapter = adapter.strip()
             if adapter not in adapters:
                 raise UserError(f"--combine {name}: {adapter!r} is not a given --adapter", "name adapters with NAME=")
+            if adapter in weights:
+                raise UserError(f"--combine {name}: {adapter!r} is named twice", "give each adapter one weight")
             try:
                 weights[adapter] = float(weight) if colon else 1.0
             except ValueError:
@@ -119,16 +123,19 @@ def run(args: argparse.Namespace) -> int:
     from lora_studio.core.evaluate.run import evaluate
     from lora_studio.core.evaluate.scale import parse_scales, sweep_scale
     from lora_studio.core.io.paths import regular_file
+    from lora_studio.core.model.sources import check_gguf_file
     from lora_studio.core.session import Session
 
     # Everything a user can get wrong is checked before the (slow) model load.
     adapters = parse_adapter_specs(args.adapter)
     merged = parse_adapter_specs(args.merged)
     ggufs = parse_adapter_specs(args.gguf)
-    for name, path in adapters + merged + ggufs:
+    for name, path in adapters + merged:
         if not path.exists():
             raise UserError(f"{path} does not exist", f"check the path given for {name}")
         regular_file(path, name)  # a pipe would block the load for ever
+    for name, path in ggufs:
+        check_gguf_file(path, name)
     combos = _combinations(args.combine, [n for n, _ in adapters])
     scales = _scales(args.scale)
     names = (
@@ -147,7 +154,9 @@ def run(args: argparse.Namespace) -> int:
     for name in [*scales, *([args.sweep] if args.sweep else [])]:
         if name not in [n for n, _ in adapters]:
             raise UserError(f"{name!r} is not a given --adapter", "scale and sweep adapters given with --adapter")
-    sweep_values = parse_scales(args.scales) if args.sweep else []
+    if args.scales is not None and not args.sweep:
+        raise UserError("--scales are the points of a sweep", "add --sweep NAME, or drop --scales")
+    sweep_values = parse_scales(args.scales or DEFAULT_SWEEP) if args.sweep else []
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be at least 1", "e.g. --limit 32")
     data = [Path(d).expanduser() for d in args.data] or datasets.default_sets([p for _, p in adapters])
@@ -158,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
         **{f"variant {name}": path for name, path in adapters + merged + ggufs},
         **{f"data file {n + 1}": path for n, path in enumerate(data)},
     }
-    report_path = check_report_path(args.report, overwrite=args.overwrite, inputs=inputs) if args.report else None
+    report_path = (
+        check_report_path(args.report, overwrite=args.overwrite, inputs=inputs) if args.report is not None else None
+    )
 
     progress = stderr_progress()
     source = resolve_base(args, report=progress)

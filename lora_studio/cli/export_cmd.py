@@ -57,7 +57,11 @@ def add_parser(sub: SubParsers) -> None:
         "learned on (dequantized), or to the closer of the two, measured (auto, the default)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file (atomically, at the end)")
-    p.add_argument("--plan", action="store_true", help="only print what the export needs (size, memory, disk)")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="only print what the export to --out needs (size, memory, the disk there); write nothing",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--architectures", action="store_true", help="only list the architectures llama.cpp's converter exports"
@@ -80,6 +84,7 @@ def list_architectures(as_json: bool) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from lora_studio.core.export import ExportRequest, export_gguf, plan_export
+    from lora_studio.core.model.sources import check_gguf_file
 
     if args.architectures:
         return list_architectures(args.json)
@@ -95,8 +100,10 @@ def run(args: argparse.Namespace) -> int:
     base_gguf = Path(args.base_gguf).expanduser() if args.base_gguf else None
     if args.serve_gpu is not None and not 1 <= args.serve_gpu <= 4096:
         raise UserError(f"--serve-gpu {args.serve_gpu:g} is not a GPU's memory in GiB", "give 1 to 4096, e.g. 24")
-    if base_gguf is not None and (args.format != "gguf-lora" or not base_gguf.is_file()):
-        raise UserError("--base-gguf needs --format gguf-lora and an existing .gguf file", "give the base GGUF's path")
+    if base_gguf is not None:
+        if args.format != "gguf-lora":
+            raise UserError("--base-gguf is the base of an adapter-only GGUF", "add --format gguf-lora, or drop it")
+        check_gguf_file(base_gguf, "base GGUF")
     progress = stderr_progress()
     source = resolve_base(args, report=progress)
     request = ExportRequest(

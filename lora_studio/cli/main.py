@@ -35,7 +35,8 @@ class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        # every bad input starts the same way, a subcommand's own usage errors included
+        sys.stderr.write(f"lora-studio: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(EXIT_BAD_INPUT)
 
 
@@ -72,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # the libraries' own progress bars (llama.cpp's GGUF writer, transformers' save): ours is on stderr already.
+        # Read when tqdm and huggingface_hub are imported, which is after this.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for stream in (sys.stdout, sys.stderr):
         # File names need not be UTF-8 on Linux; escape what cannot be encoded instead of failing.
         if hasattr(stream, "reconfigure"):

@@ -16,6 +16,7 @@ from lora_studio.cli.common import (
     add_base_argument,
     add_merge_into_argument,
     add_quantize_argument,
+    comma_list,
     human_bytes,
     output_path,
     parse_adapter_specs,
@@ -83,7 +84,7 @@ def parse_weights(text: str | None, count: int) -> list[float]:
     if text is None:
         return [1.0] * count
     try:
-        weights = [float(w) for w in text.split(",") if w.strip()]
+        weights = [float(w) for w in comma_list(text, "--weights")]
     except ValueError as exc:
         raise UserError(
             f"--weights {text!r} is not a comma-separated list of numbers", "write e.g. --weights 0.7,0.3"

@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     from lora_studio.core.session import adapter_name_for
 
     adapter = Path(args.adapter).expanduser()
+    if args.plan and args.out:
+        raise UserError("--plan writes nothing", "drop --out, or drop --plan to write the reduced adapter")
+    if args.data and not (args.base or args.demo):
+        raise UserError("--data measures the cost on a base model", "add --base PATH or --demo, or drop --data")
     plan = read_plan(adapter, name=adapter_name_for(adapter))
     if args.plan:
         if args.json:

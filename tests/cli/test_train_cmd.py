@@ -46,8 +46,10 @@ def test_train_bad_input_is_one_line_exit_2(capsys, tmp_path, tiny_llama):
     cases = [
         (["--targets", "nope"], "target module(s) nope not found"),
         (["--lr", "0"], "trains nothing"),
-        (["--resume", tmp_path], "is not a training checkpoint"),
+        (["--resume", tmp_path / "data"], "is not a training checkpoint"),
+        (["--resume", tmp_path], "inside the checkpoint to resume from"),
     ]
+    (tmp_path / "data").mkdir()
     for extra, message in cases:
         code, _, err = run_in_process(capsys, ["train", tiny_llama, "--data", data, "--out", tmp_path / "x", *extra])
         assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, (extra, err)

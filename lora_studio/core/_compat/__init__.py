@@ -23,6 +23,8 @@ Each hook is its own module, named after what it hooks:
 - :mod:`.peft_offload`: the ``os`` of PEFT's ``peft_model`` module while an adapter attaches to a model with layers
   offloaded to disk, so that PEFT's copies of those checkpoint files go to the session's offload folder, not under
   the working directory;
+- :mod:`.peft_init_progress`: PEFT ``LoraModel._create_and_replace``, so that an adapter's init (OLoRA's QR, PiSSA's
+  SVD of every layer) reports each layer and can be cancelled between layers;
 - :mod:`.hf_placement`: (no patch) transformers' own placement functions in the order its ``from_pretrained`` runs
   them, so that a planned device map is the one the load makes.
 
@@ -53,6 +55,7 @@ HOOK_MODULES = (
     "bnb_cpu_unpack",
     "peft_offload",
     "hf_placement",
+    "peft_init_progress",
 )
 
 

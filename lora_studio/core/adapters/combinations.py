@@ -24,6 +24,7 @@ NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 # PEFT stacks these per layer: every adapter needs the same rank, which the result keeps
 EQUAL_RANKS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 DEFAULT_COMBINATION = "cat"  # exact (the weighted sum of the updates), any ranks; the result's rank is their sum
+MAX_WEIGHT = 4.0  # as the largest scale of one adapter (session.MAX_SCALE); negative weights subtract an adapter
 RANK_KEEPING_FALLBACK = "svd"  # any ranks; keeps the largest rank (a truncated SVD of the weighted sum)
 
 
@@ -157,6 +158,8 @@ def check_combination(
     for w in weights:
         if not (w == w) or abs(w) == float("inf"):
             raise UserError(f"weight {w} is not a finite number", "use numbers like 0.5")
+        if abs(w) > MAX_WEIGHT:  # a single adapter's scale stops at 4 too; beyond it the model is noise
+            raise UserError(f"weight {w:g} is outside -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}", "use weights like 0.7,0.3")
     if combination in NEEDS_DENSITY and density is None:
         raise UserError(f"the {combination} combination needs a density", "add --density, e.g. --density 0.5")
     if density is not None:

@@ -121,6 +121,12 @@ def check(
     if "lm_head.weight" not in base_shapes and embedding is not None:
         base_shapes["lm_head.weight"] = embedding
     warnings = list(config.warnings)
+    # where the adapter says which base it was trained on, the way out names it
+    pick_base = (
+        f"pick the base it was trained on: {config.base_model_name_or_path}"
+        if config.base_model_name_or_path
+        else "pick the base the adapter was trained on"
+    )
 
     missing = [m for m in lay.lora if f"{m}.weight" not in base_shapes]
     if missing:
@@ -128,12 +134,12 @@ def check(
         if len(missing) == len(lay.lora):
             raise UserError(
                 f"{folder.name} does not fit {base_label}{arch}: it adapts {missing[0]}, which this base does not have",
-                "the adapter was made for another architecture; pick the base it was trained on",
+                f"the adapter was made for another architecture; {pick_base}",
             )
         listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UserError(
             f"{folder.name} adapts modules {base_label} does not have: {listed}",
-            "these weights would be ignored; pick the base the adapter was trained on",
+            f"these weights would be ignored; {pick_base}",
         )
 
     _check_vocabulary(folder, shapes, lay, base_shapes, base_label)
@@ -177,14 +183,14 @@ def check(
         if (want_in, want_out) != (have_in, have_out):
             raise UserError(
                 f"{module}: adapter expects {_fmt(want_in, want_out)}, base has {_fmt(have_in, have_out)}",
-                f"{folder.name} was trained on a different base; pick the base it was made for",
+                f"{folder.name} was trained on a different base; {pick_base}",
             )
         if keys.magnitude is not None:
             mag = shapes[keys.magnitude]
             if mag and mag[-1] != have_out and mag[0] != have_out:
                 raise UserError(
                     f"{module}: DoRA magnitude has {list(mag)}, base out={have_out}",
-                    "the adapter was trained on a different base",
+                    f"the adapter was trained on a different base; {pick_base}",
                 )
 
     if flipped:
@@ -199,7 +205,7 @@ def check(
         if param not in base_shapes:
             raise UserError(
                 f"{folder.name} replaces {param}, which {base_label} does not have",
-                "pick the base the adapter was trained on",
+                pick_base,
             )
         if tuple(shapes[key]) != tuple(base_shapes[param]):
             raise UserError(
@@ -213,7 +219,7 @@ def check(
         if base_shape is None or shapes[key][-1] != base_shape[-1]:
             raise UserError(
                 f"{folder.name}: trainable tokens of {module} do not fit {base_label}",
-                "pick the base the adapter was trained on",
+                pick_base,
             )
 
     trained_on = config.base_model_name_or_path

@@ -246,6 +246,10 @@ def check_adapter_folder(folder: Path) -> Path:
         if folder.name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
             return folder.parent.absolute()
         raise UserError(f"{folder} is a file, not an adapter folder", "pick the folder that holds adapter_config.json")
+    if not folder.is_dir():  # a pipe, socket or device
+        raise UserError(
+            f"{folder} is not a folder (a pipe, socket or device)", "pick the folder that holds adapter_config.json"
+        )
     if not (folder / CONFIG_NAME).exists():
         if (folder / "config.json").is_file():
             raise UserError(f"{folder.name} is a full model, not a LoRA adapter", "load it as a base model instead")
@@ -328,10 +332,16 @@ def load_tensors(folder: Path) -> dict:
 
 
 def check_finite(tensors: dict, folder: Path) -> None:
-    """Refuse NaN/Inf weights: attached or merged, they would corrupt every output."""
+    """Refuse NaN/Inf weights (attached or merged, they would corrupt every output) and LoRA factors stored as
+    whole numbers (no trainer writes them; PEFT would cast them silently)."""
     import torch
 
     for key, t in tensors.items():
+        if not t.is_floating_point() and "lora_" in key:
+            raise UserError(
+                f"{Path(folder).name}: {key} is stored as {str(t.dtype).removeprefix('torch.')}, not floating point",
+                "the adapter weights are damaged; save the adapter again",
+            )
         if not t.is_floating_point() or t.numel() == 0:
             continue
         # A NaN or Inf makes the sum NaN or Inf, so a finite sum proves every value finite: one cheap

@@ -44,6 +44,7 @@ class ScaleSweep:
     points: list[ScalePoint]
     base_loss: float
     seconds: float
+    data: tuple[str, ...] = ()  # the names of the sets it was judged on
 
     @property
     def best(self) -> ScalePoint:
@@ -58,6 +59,7 @@ class ScaleSweep:
             "best_scale": self.best.scale,
             "points": [p.to_json() for p in self.points],
             "seconds": self.seconds,
+            "data": list(self.data),
         }
 
 
@@ -123,4 +125,4 @@ def sweep_scale(
         base_loss = base.loss
         points.append(ScalePoint(scale, mine.loss, mine.kl or 0.0, mine.accuracy))
     report(Progress(len(values), len(values), "scale sweep done", "scales"))
-    return ScaleSweep(adapter, points, base_loss, time.perf_counter() - started)
+    return ScaleSweep(adapter, points, base_loss, time.perf_counter() - started, tuple(s.name for s in sets))

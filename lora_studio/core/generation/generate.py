@@ -41,6 +41,9 @@ class GenerationSettings:
         return asdict(self)
 
 
+MAX_TEMPERATURE = 100.0  # far above any useful one (2 is already noise); inf would divide the logits to nothing
+
+
 def validate(settings: GenerationSettings, prompt: str) -> None:
     if not prompt or not prompt.strip():
         raise UserError("the prompt is empty", "type a prompt first")
@@ -48,8 +51,11 @@ def validate(settings: GenerationSettings, prompt: str) -> None:
         raise UserError(f"max new tokens is {settings.max_new_tokens}", "ask for at least 1 new token")
     if settings.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
         raise UserError(f"max new tokens is {settings.max_new_tokens:,}", f"ask for at most {MAX_NEW_TOKENS_LIMIT:,}")
-    if settings.do_sample and not (settings.temperature > 0 and 0 < settings.top_p <= 1):
-        raise UserError("sampling needs temperature > 0 and 0 < top-p ≤ 1", "fix the decoding settings")
+    if settings.do_sample and not (0 < settings.temperature <= MAX_TEMPERATURE and 0 < settings.top_p <= 1):
+        raise UserError(
+            f"sampling needs a temperature above 0 and at most {MAX_TEMPERATURE:g}, and 0 < top-p ≤ 1",
+            "fix the decoding settings",
+        )
     if not 0 <= settings.seed < 2**63:  # torch.manual_seed's range
         raise UserError(f"seed {settings.seed} must be a whole number from 0 to {2**63 - 1}", "e.g. 0")
 

@@ -112,8 +112,8 @@ def regular_file(path: Path, what: str = "file") -> Path:
 
 
 def check_output_apart(out: Path, inputs: dict[str, Path | None]) -> None:
-    """Refuse an output that is, contains or lies in one of the inputs (the inputs would be replaced or mixed
-    into the output), the working folder, or a mount point (it cannot be replaced in one step)."""
+    """Refuse an output that is, contains or lies in one of the inputs (the inputs would be replaced, mixed into
+    the output or changed), the working folder, or a mount point (it cannot be replaced in one step)."""
     from lora_studio.core.errors import UserError
 
     if not str(out).strip():
@@ -136,9 +136,11 @@ def check_output_apart(out: Path, inputs: dict[str, Path | None]) -> None:
                 f"the output {target} is or contains the {label} ({src}); it would be replaced",
                 "choose an output outside the input folders",
             )
-        if resolved.is_relative_to(src) and target.exists():
+        if resolved.is_relative_to(src) and (target.exists() or src.is_dir()):
+            # a new name inside an input folder changes that folder too: an adapter folder gains a model, a base
+            # folder a report that the next load or scan would meet
             raise UserError(
-                f"the output {target} is inside the {label} ({src}) and exists; replacing it would change the {label}",
+                f"the output {target} is inside the {label} ({src}); writing it would change the {label}",
                 "choose an output outside the input folders",
             )
     if resolved == Path.cwd().resolve() or Path.cwd().resolve().is_relative_to(resolved):

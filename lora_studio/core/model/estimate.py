@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -292,6 +293,8 @@ def judge(device_map: str, needed: int, free_ram: int, free_gpu: dict[str, int])
             return "fits", "cpu", f"needs {format_bytes(needed)}, {format_bytes(free_ram)} RAM free"
         return "does_not_fit", "cpu", f"needs {format_bytes(needed)} but only {format_bytes(free_ram)} RAM is free"
     if device_map.startswith("cuda"):
+        if device_map != "cuda" and not re.fullmatch(r"cuda:\d+", device_map):
+            raise UserError(f"unknown device map {device_map!r}", "use cpu, cuda:N or auto")
         if device_map not in free_gpu:
             return (
                 "does_not_fit",

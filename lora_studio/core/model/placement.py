@@ -101,6 +101,7 @@ def plan_placement(
 
     if source.gguf_file:
         raise UserError("a GGUF base is placed on one device", "drop --max-memory for a .gguf base")
+    check_max_memory(limits)
     config = AutoConfig.from_pretrained(str(source.path))
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))

@@ -45,6 +45,22 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
+def check_gguf_file(path: Path, what: str = "GGUF") -> Path:
+    """``path`` when it is a plain file that starts like a GGUF, before llama.cpp is asked to load it (a folder or a
+    file of something else would fail deep in llama.cpp, after the work before it)."""
+    from lora_studio.core.io.paths import regular_file
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"{path} does not exist", f"check the path given for the {what}")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a .gguf file", f"give the {what}'s .gguf file")
+    regular_file(path, what)
+    if not is_gguf(path):
+        raise UserError(f"{path.name} is not a GGUF file (its first bytes are not 'GGUF')", f"give the {what}'s file")
+    return path
+
+
 def _folder_source(
     path: Path, kind: SourceKind = "folder", label: str | None = None, repo_id: str | None = None
 ) -> ModelSource:

@@ -26,7 +26,7 @@ from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 from lora_studio.core.train.data import PreparedData, as_trainer_dataset, prepare_as_set
 from lora_studio.core.train.records import INITIAL_ADAPTER, OnMetrics, RunRecord, TrainRequest, no_metrics
-from lora_studio.core.train.settings import CONVERTED_INITS, TrainSettings
+from lora_studio.core.train.settings import CONVERTED_INITS, MAX_TRAIN_STEPS, TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,12 @@ def _train(request: TrainRequest, *, cancel: CancelToken, report: Report, on_met
         },
     )
     out = Path(request.out).expanduser().absolute()
+    for folder in (out, Path(request.checkpoints)):  # found before training, not when saving after it
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder} exists and is not a folder", "choose another output folder")
     if out.exists() and not request.overwrite:
         raise UserError(
-            f"{out} already exists", "choose another output folder, or confirm overwriting it (--overwrite)"
+            f"{out} already exists", "choose another output folder, or allow replacing it (--overwrite in the CLI)"
         )
     resume = _checked_checkpoint(request.resume, settings) if request.resume is not None else None
     if settings.baseline:
@@ -129,6 +132,13 @@ def _train(request: TrainRequest, *, cancel: CancelToken, report: Report, on_met
     report(Progress(0, None, "reading the tokenizer"))
     tokenizer = load_tokenizer(request.base, trust_remote_code=request.trust_remote_code)
     data = prepare_as_set(settings, request.train_file, tokenizer, request.val_file, cancel=cancel, report=report)
+    steps = total_steps(settings, len(data.train))
+    if steps > MAX_TRAIN_STEPS:
+        raise UserError(
+            f"{steps:,} optimiser steps ({settings.epochs:g} epochs of {len(data.train):,} rows): more than "
+            f"{MAX_TRAIN_STEPS:,}",
+            "lower the epochs or set max steps",
+        )
     report(Progress(0, None, "loading the base model"))
     model = load_model(
         request.base,
@@ -152,7 +162,7 @@ def _train(request: TrainRequest, *, cancel: CancelToken, report: Report, on_met
     # a 4-bit base on the CPU: evaluations must not pack its layers for the inference kernel (it has no backward),
     # and a state dict (every checkpoint) must keep their block scales in order
     with bnb_cpu_unpack.packing_off(), bnb_cpu_unpack.block_scales_restored():
-        peft_model = _with_new_adapter(model, settings, request.checkpoints, resume)
+        peft_model = _with_new_adapter(model, settings, request.checkpoints, resume, cancel, report)
         record = _run_trainer(
             peft_model, tokenizer, data, settings, request.checkpoints, resume, "lora", cancel, report, on_metrics
         )
@@ -358,11 +368,13 @@ def lora_config(model: Any, settings: TrainSettings) -> Any:
     from peft import LoraConfig
 
     init: Any = True if settings.init == "default" else settings.init
+    targets = resolve_targets(model, settings.targets)
+    _check_rank_usable(model, settings.r, targets)
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float alpha works
         lora_dropout=settings.dropout,
-        target_modules=resolve_targets(model, settings.targets),
+        target_modules=targets,
         init_lora_weights=init,
         use_rslora=settings.rslora,
         use_dora=settings.dora,
@@ -370,13 +382,54 @@ def lora_config(model: Any, settings: TrainSettings) -> Any:
     )
 
 
-def _with_new_adapter(model: Any, settings: TrainSettings, checkpoints: Path, resume: Path | None) -> Any:
+def targeted_layers(model: Any, targets: list[str] | str) -> list[Any]:
+    """The layers a LoraConfig of ``targets`` (names, or "all-linear") adapts."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, _linear_kinds())
+        and module is not output
+        and (targets == "all-linear" or name.rsplit(".", 1)[-1] in targets)
+    ]
+
+
+def _check_rank_usable(model: Any, r: int, targets: list[str] | str) -> None:
+    """A rank that some targeted layer can hold: above every layer's min(in, out), B·A only costs memory (a
+    rank of 100 000 on a small model writes gigabytes and learns what a full-rank update would)."""
+    ranks = [_full_rank(layer) for layer in targeted_layers(model, targets)]
+    if ranks and r > max(ranks):
+        raise UserError(
+            f"rank r={r} is more than any targeted layer can hold (at most {max(ranks)}: the smaller of its sizes)",
+            "4-8 is usually enough",
+        )
+
+
+def _full_rank(layer: Any) -> int:
+    """min(in, out) from the layer's sizes, not its weight's shape (a 4-bit weight is packed into one column);
+    transformers' Conv1D names them nx and nf."""
+    return min(getattr(layer, "in_features", 0) or layer.nx, getattr(layer, "out_features", 0) or layer.nf)
+
+
+def _with_new_adapter(
+    model: Any,
+    settings: TrainSettings,
+    checkpoints: Path,
+    resume: Path | None,
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+) -> Any:
     import torch
     from peft import get_peft_model
 
+    from lora_studio.core._compat.peft_init_progress import reporting_layers
+
     config = lora_config(model, settings)
     torch.manual_seed(settings.seed)  # the initial A (and the QR/SVD inits are deterministic)
-    peft_model = get_peft_model(model, config)
+    init = f" ({settings.init} init)" if settings.init != "default" else ""
+    layers = len(targeted_layers(model, config.target_modules))
+    with reporting_layers(layers, f"adding the adapter{init}", cancel or CancelToken(), report):
+        peft_model = get_peft_model(model, config)
     if settings.init in CONVERTED_INITS:
         initial = checkpoints / INITIAL_ADAPTER
         if resume is None or not initial.is_dir():

@@ -207,6 +207,9 @@ def script_targets(request: TrainRequest) -> list[str] | str:
     return resolve_targets(model, request.settings.targets)
 
 
+MAX_PROCESSES = 1024  # processes over every machine of a job; more is a typo
+
+
 def export_script(request: TrainRequest, folder: Path, *, gpus: int = 2, overwrite: bool = False) -> ExportedScript:
     """Write ``train_lora.py`` and two accelerate configs (DDP, FSDP) into ``folder`` (atomically)."""
     settings = request.settings
@@ -218,8 +221,8 @@ def export_script(request: TrainRequest, folder: Path, *, gpus: int = 2, overwri
             "the exported multi-GPU script trains the base in full precision, not QLoRA",
             "export it without --quantize, or train QLoRA in LoRA Studio (train --quantize)",
         )
-    if gpus < 1:
-        raise UserError("the accelerate configs need at least one GPU", "")
+    if not 1 <= gpus <= MAX_PROCESSES:
+        raise UserError(f"{gpus} GPUs: the accelerate configs take 1 to {MAX_PROCESSES}", "one process per GPU")
     target_modules = script_targets(request)
     job = {
         "base": str(request.base.path),

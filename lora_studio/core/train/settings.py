@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from lora_studio.core.adapters.files import MAX_RANK
 from lora_studio.core.errors import UserError
 from lora_studio.core.model.quantize import Quantize, check_quantize_choice
 
@@ -20,6 +21,7 @@ INIT_METHODS: tuple[str, ...] = ("default", "gaussian", "olora", "pissa")
 CONVERTED_INITS = ("olora", "pissa")  # these rewrite the base weights while training
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 TARGET_PRESETS = ("attention", "all-linear")
+MAX_TRAIN_STEPS = 1_000_000  # optimiser steps of one run: weeks on a GPU for a LoRA, so more is a typo
 
 # The guide's advice, shown as tooltips in the window and as --help in the CLI.
 ADVICE = {
@@ -101,8 +103,8 @@ class TrainSettings:
 
     def check(self) -> None:
         """Raise a UserError naming the first setting that cannot work."""
-        if self.r < 1:
-            raise UserError(f"rank r={self.r} must be at least 1", "4-8 is usually enough")
+        if not 1 <= self.r <= MAX_RANK:
+            raise UserError(f"rank r={self.r} must be from 1 to {MAX_RANK}", "4-8 is usually enough")
         _finite_positive("alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout {self.dropout} must be in [0, 1)", "0.05 is a common choice")
@@ -118,6 +120,10 @@ class TrainSettings:
             raise UserError(f"a learning rate of {self.learning_rate:g} trains nothing", "try 2e-4 (1e-4 to 3e-4)")
         if self.max_steps < 0:
             raise UserError(f"max steps {self.max_steps} is negative", "0 runs the epochs")
+        if self.max_steps > MAX_TRAIN_STEPS:
+            raise UserError(
+                f"max steps {self.max_steps:,} is more than {MAX_TRAIN_STEPS:,}", "a LoRA run takes hundreds"
+            )
         if self.max_steps == 0:
             _finite_positive("epochs", self.epochs)
         for name in ("batch_size", "grad_accum", "max_length", "eval_steps", "save_steps", "patience"):

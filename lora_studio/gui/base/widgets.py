@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from PySide6.QtCore import QSize, Qt, QTimer
@@ -29,6 +30,9 @@ STYLES = {
 }
 
 
+PATH_SEPARATOR = re.compile(r"(?<!<)/(?!>)|\\")  # a / or \ of a path, not of a tag like </b> or <br/>
+
+
 class MessageLine(QLabel):
     """One line saying what just happened; errors in red, never a dialog."""
 
@@ -37,12 +41,23 @@ class MessageLine(QLabel):
         self.setWordWrap(True)
         self.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.kind = "info"
+        self._full = ""
 
     def show_message(self, text: str, kind: str = "info") -> None:
         self.kind = kind
         self.setStyleSheet(STYLES.get(kind, ""))
         self.setText(text)
         self.setToolTip(text)
+
+    def setText(self, text: str) -> None:
+        self._full = text
+        # a long path has no space to wrap at: it would widen the panel past the window; a break is allowed after
+        # each separator (a zero-width space, invisible)
+        super().setText(PATH_SEPARATOR.sub("\\g<0>\u200b", text))
+
+    def text(self) -> str:
+        """The message as given (the label's own text has the break points)."""
+        return self._full
 
 
 class ElidedLabel(QLabel):

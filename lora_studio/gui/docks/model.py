@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ from lora_studio.core.session import SessionState
 from lora_studio.core.system.memory import format_bytes
 from lora_studio.gui.base.jobs import Job
 from lora_studio.gui.base.panel import Panel
-from lora_studio.gui.base.widgets import MessageLine
+from lora_studio.gui.base.widgets import MessageLine, ask_yes_no
 
 if TYPE_CHECKING:
     from lora_studio.core.errors import ErrorDescription
@@ -63,6 +64,8 @@ class ModelPanel(Panel):
         self.estimate: MemoryEstimate | None = None
         self.placement_plan: PlannedPlacement | None = None  # accelerate's share of each device, under the limits
         self.load_job: Job | None = None
+        # loading another base detaches the adapters: asked first (tests answer it)
+        self.confirm_replace_base: Callable[[Sequence[str]], bool] = self._ask_replace_base
 
         self.source_edit = QLineEdit()
         self.source_edit.setPlaceholderText("model folder, .gguf file, or cached repo id")
@@ -334,6 +337,10 @@ class ModelPanel(Panel):
 
         text = (source_text if isinstance(source_text, str) else self.source_edit.text()).strip()
         dtype, device, quantize, limits = self.dtype, self.device, self.quantize, self.max_memory_text
+        attached = [name for name, _path, _size in self.state.adapters]
+        if attached and not self.busy_reason and not self.confirm_replace_base(attached):
+            self.show_message("the loaded base and its adapters stay", "info")
+            return None
 
         def run(session: Session, *, cancel: CancelToken, report: Report) -> SessionState:
             source = resolve_source(text)
@@ -361,6 +368,15 @@ class ModelPanel(Panel):
             self.load_job = job
             self.update_buttons()  # the Cancel button follows load_job
         return job
+
+    def _ask_replace_base(self, attached: Sequence[str]) -> bool:
+        shown = ", ".join(attached[:5]) + (f" and {len(attached) - 5} more" if len(attached) > 5 else "")
+        return ask_yes_no(
+            self,
+            "Load another base?",
+            f"Loading another base detaches the {len(attached)} attached adapter(s) ({shown}) with the current "
+            "one.\n\nTheir folders on disk stay as they are; attach them again to use them. Load it?",
+        )
 
     def cancel_load(self) -> None:
         self.cancel_job(self.load_job)

@@ -128,7 +128,8 @@ class AboutDialog(QDialog):
             f"<tr><td style='padding-right:12px'><b>{escape(k)}</b></td><td>{escape(v)}</td></tr>" for k, v in self.rows
         )
         self.text = QLabel(
-            "<h3>LoRA Studio</h3><p>Load a base model, attach, inspect and compare LoRA adapters, merge and save."
+            "<h3>LoRA Studio</h3><p>Train LoRA adapters, judge them (compare, chat, evaluate, scale, reduce) and "
+            "ship them (merge, export to GGUF) on your own models."
             f"</p><table>{table}</table>"
         )
         self.text.setTextFormat(Qt.TextFormat.RichText)

@@ -11,6 +11,7 @@ target tab's public methods here. It also fills the Base model dock, Compare and
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -54,6 +55,10 @@ from lora_studio.gui.window.status import JobStatus
 from lora_studio.gui.window.tabs import TABS
 
 P = TypeVar("P", bound=Panel)
+log = logging.getLogger(__name__)
+# under these a dock is squeezed out of use (the Base model column at ~60 px after a small window): laid out anew
+MIN_MODEL_DOCK_WIDTH = 200
+MIN_BOTTOM_DOCK_HEIGHT = 80
 
 
 def session_markers(before: SessionState, after: SessionState) -> list[str]:
@@ -129,6 +134,7 @@ class MainWindow(QMainWindow):
         # Memory and Log share the bottom right of it
         self.setCorner(Qt.Corner.BottomLeftCorner, Qt.DockWidgetArea.LeftDockWidgetArea)
         self.model_dock = self._dock("Base model", self.model_panel, Qt.DockWidgetArea.LeftDockWidgetArea, "dock-model")
+        self.model_dock.setMinimumWidth(MIN_MODEL_DOCK_WIDTH)  # a small window squeezes the tabs, not this column
         self.memory_dock = self._dock(
             "Memory", self.memory_panel, Qt.DockWidgetArea.BottomDockWidgetArea, "dock-memory"
         )
@@ -146,6 +152,7 @@ class MainWindow(QMainWindow):
                 attach_folder=self.adapter_panel.browse_attach,
                 open_base=self.open_base,
                 attach_adapter=self.attach_adapter,
+                reset_layout=self.reset_layout,
             ),
             (self.model_dock, self.memory_dock, self.log_dock),
             self.settings,
@@ -194,7 +201,37 @@ class MainWindow(QMainWindow):
             self.resize(size)
         if state is not None:
             self.restoreState(state)
+            self._repair_layout_when_shown = True
         else:
+            self.fit_docks()
+
+    def reset_layout(self) -> None:
+        """View → Reset layout: every dock shown, docked where it starts, at the first layout's sizes."""
+        for dock in (self.model_dock, self.memory_dock, self.log_dock):
+            dock.setFloating(False)
+            dock.show()
+        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, self.model_dock)
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.memory_dock)
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.log_dock)
+        self.splitDockWidget(self.memory_dock, self.log_dock, Qt.Orientation.Horizontal)
+        self.fit_docks()
+
+    def collapsed_docks(self) -> list[QDockWidget]:
+        """Docks shown in the window but squeezed below use (a layout saved in a small window): the Base model
+        column under its minimum width, Memory or Log under their minimum height."""
+        docked = [d for d in (self.model_dock, self.memory_dock, self.log_dock) if d.isVisible() and not d.isFloating()]
+        return [
+            d
+            for d in docked
+            if (d is self.model_dock and d.width() < MIN_MODEL_DOCK_WIDTH)
+            or (d is not self.model_dock and d.height() < MIN_BOTTOM_DOCK_HEIGHT)
+        ]
+
+    def _repair_layout(self) -> None:
+        """A saved layout that left a dock collapsed is laid out anew, as the first start does."""
+        collapsed = [d.objectName() for d in self.collapsed_docks()]
+        if collapsed:
+            log.info("the saved layout left %s collapsed: laid out anew", ", ".join(collapsed))
             self.fit_docks()
 
     def fit_docks(self) -> None:
@@ -313,6 +350,7 @@ class MainWindow(QMainWindow):
             self.job_status.label.setText(f"demo loaded: {state.base} with {len(state.adapters)} adapters")
             self.compare_panel.prefill_demo()
             self.train_panel.prefill_demo()
+            self.adapter_panel.try_it.prefill_demo(state.active_adapter)
             if state.active_adapter:
                 self.adapter_panel.select(state.active_adapter)  # the inspector and loss plot show something at once
             self._log_since_start("demo ready")
@@ -336,6 +374,7 @@ class MainWindow(QMainWindow):
     shown_at: float | None = None  # time.time() of the first paint (startup measurement)
     _closed = False
     _started = False  # the first show ran _after_shown
+    _repair_layout_when_shown = False  # a saved layout was restored: checked for collapsed docks once shown
 
     def _log_since_start(self, what: str, until: str = "") -> None:
         """'<what> after 1.23 s (process start → <until>)' in the log panel and on stdout."""
@@ -370,6 +409,8 @@ class MainWindow(QMainWindow):
     def _after_shown(self) -> None:
         if self._closed:
             return
+        if self._repair_layout_when_shown:  # sizes are known once the window is shown
+            self._repair_layout()
         # Off the critical path: sampling, the local model scan, and pyqtgraph's import on a thread.
         self.monitor.start()
         self.model_panel.refresh_local()
@@ -403,11 +444,19 @@ class MainWindow(QMainWindow):
         return ask_yes_no(
             self,
             "Quit LoRA Studio?",
-            f"“{job_name}” is still running.\n\nQuit anyway? The job is cancelled at its next safe point first.",
+            f"“{job_name}” is still running.\n\nQuit anyway? The job is cancelled at its next safe point first"
+            + (
+                f" (a training run after its current step: its checkpoints stay in {self.train_panel.checkpoints}, "
+                "and Resume continues from them)."
+                if job_name == "training" and self.train_panel.checkpoints
+                else "."
+            ),
         )
 
     def closeEvent(self, event: QCloseEvent) -> None:
-        job = None if self._closed else self.runner.current
+        # a training run beside the session's work is not the runner's current job, and it is the one to ask about
+        training = self.train_panel.job if self.train_panel.running else None
+        job = None if self._closed else (training or self.runner.current)
         if job is not None and not job.done and not self.confirm_quit(job.name):
             event.ignore()  # the user keeps the window and the job
             return

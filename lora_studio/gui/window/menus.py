@@ -1,4 +1,4 @@
-"""The window's menus: File (open, attach, Recent, Quit), View (the docks), Help (shortcuts, About).
+"""The window's menus: File (open, attach, Recent, Quit), View (the docks, Reset layout), Help (shortcuts, About).
 
 The Recent menu is filled each time it opens, from the settings' recent bases and adapters.
 """
@@ -26,6 +26,7 @@ class MenuActions:
     attach_folder: Callable[[], object]
     open_base: Callable[[str], object]
     attach_adapter: Callable[[str], object]
+    reset_layout: Callable[[], object]
 
 
 class WindowMenus(QObject):
@@ -57,6 +58,12 @@ class WindowMenus(QObject):
         view = bar.addMenu("&View")
         for dock in docks:
             view.addAction(dock.toggleViewAction())
+        view.addSeparator()
+        act = QAction("&Reset layout", window)
+        act.setToolTip("every panel shown and docked, at the sizes of the first start")
+        act.triggered.connect(actions.reset_layout)
+        view.addAction(act)
+        self.reset_layout_action = act
         help_menu = bar.addMenu("&Help")
         act = QAction("&Keyboard shortcuts…", window, shortcut=QKeySequence("Ctrl+/"))
         act.triggered.connect(self.show_shortcuts)

@@ -19,7 +19,7 @@ import torch
 from lora_studio.core import _compat
 from lora_studio.core._compat import bnb_cpu_unpack, peft_config, peft_mixed_batch, swap, tokenizer_swap, tqdm_progress
 from lora_studio.core.model import tokenizer_parse
-from lora_studio.core.model.loading import load_base, load_tokenizer
+from lora_studio.core.model.loading import load_base, load_model, load_tokenizer
 from lora_studio.core.model.sources import resolve_source
 
 pytestmark = [
@@ -523,3 +523,38 @@ def test_state_dict_works_when_bitsandbytes_changed_the_signature(monkeypatch, c
         layer.state_dict()
     assert not swap.is_swapped_in(modules, bnb_cpu_unpack.NAME)
     assert any("another signature" in m for m in compat_warnings(caplog))
+
+
+def test_an_init_reports_each_layer_it_adapts_and_cancels_between_them(tiny_llama, monkeypatch, caplog):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraModel
+
+    from lora_studio.core._compat import peft_init_progress
+    from lora_studio.core.errors import Cancelled
+    from lora_studio.core.tasks import CancelToken
+
+    config = dict(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights="olora")
+    reports: list = []
+    model = load_model(resolve_source(tiny_llama))
+    with peft_init_progress.reporting_layers(4, "adding the adapter", CancelToken(), reports.append):
+        get_peft_model(model, LoraConfig(**config))
+    assert [p.message for p in reports] == [f"adding the adapter: layer {n}/4" for n in range(5)]
+    assert not swap.is_swapped_in(LoraModel, "_create_and_replace")
+
+    token = CancelToken()
+
+    def cancel_after_one(progress):
+        if progress.done == 1:
+            token.cancel()
+
+    model = load_model(resolve_source(tiny_llama))
+    with pytest.raises(Cancelled), peft_init_progress.reporting_layers(4, "init", token, cancel_after_one):
+        get_peft_model(model, LoraConfig(**config))
+    # PEFT moved on: the init runs without the count, and says so once
+    monkeypatch.setattr(peft_init_progress, "EXPECTED", ("self", "gone"))
+    caplog.set_level(logging.WARNING)
+    reports.clear()
+    model = load_model(resolve_source(tiny_llama))
+    with peft_init_progress.reporting_layers(4, "init", CancelToken(), reports.append):
+        get_peft_model(model, LoraConfig(**config))
+    assert not reports and any("PEFT init progress" in m for m in compat_warnings(caplog))

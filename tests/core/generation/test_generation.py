@@ -107,7 +107,8 @@ def test_text_stream_holds_back_an_incomplete_character(session):
         ("hi", GenerationSettings(max_new_tokens=0), "max new tokens is 0"),
         ("hi", GenerationSettings(max_new_tokens=1_000_000), "max new tokens is 1,000,000"),
         ("hi", GenerationSettings(max_new_tokens=200), "exceeds the model's context of 128"),
-        ("hi", GenerationSettings(do_sample=True, temperature=0), "temperature > 0"),
+        ("hi", GenerationSettings(do_sample=True, temperature=0), "temperature above 0"),
+        ("hi", GenerationSettings(do_sample=True, temperature=float("inf")), "at most 100"),
     ],
 )
 def test_bad_settings(session, prompt, settings, needle):

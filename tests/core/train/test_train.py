@@ -255,7 +255,7 @@ def test_overlap_and_long_rows_are_counted(tiny_llama, pairs, tmp_path):
     [
         ({"learning_rate": 0.0}, "trains nothing"),
         ({"learning_rate": float("nan")}, "not a number"),
-        ({"r": 0}, "at least 1"),
+        ({"r": 0}, "from 1 to 65536"),
         ({"targets": ("q_proj", "attn_nope")}, "attn_nope not found in this model.*choose from: .*k_proj"),
         ({"init": "olora", "dora": True}, "DoRA cannot be combined"),
     ],

@@ -7,9 +7,9 @@ import threading
 import time
 
 import pytest
-from PySide6.QtCore import QPoint
+from PySide6.QtCore import QPoint, Qt
 from PySide6.QtWidgets import QScrollArea, QWidget
-from window_helpers import TIMEOUT_MS, idle
+from window_helpers import TIMEOUT_MS, idle, make_window
 
 from lora_studio.core.session import SessionState
 from lora_studio.core.system.memory import Reclaimed
@@ -214,3 +214,43 @@ def test_a_merge_result_does_not_squeeze_the_memory_chart(qtbot, window, tiny_ll
     assert w.minimumSizeHint().height() <= 680
     # the tab scrolled to the verdict: the badge is in view
     qtbot.waitUntil(lambda: _visible_in(panel.body_scroll, panel.result_box.badge), timeout=TIMEOUT_MS)
+
+
+def test_reset_layout_and_a_collapsed_saved_layout_repaired(qtbot, tmp_path, data_dir):
+    from lora_studio.gui.window.main_window import MIN_BOTTOM_DOCK_HEIGHT, MIN_MODEL_DOCK_WIDTH
+
+    w = make_window(qtbot, tmp_path)
+    w.resize(1280, 720)
+    w.log_dock.hide()
+    w.memory_dock.setFloating(True)
+    w.menus.reset_layout_action.trigger()
+    qtbot.waitUntil(lambda: w.log_dock.isVisible() and not w.memory_dock.isFloating())
+    assert w.model_dock.width() >= MIN_MODEL_DOCK_WIDTH and not w.collapsed_docks()
+    # a layout saved with the Base model column squeezed to ~60 px (as a window of 1000 x 600 left it before the
+    # column had a minimum width) opens with the column usable
+    w.model_dock.setMinimumWidth(0)
+    w.resizeDocks([w.model_dock], [60], Qt.Orientation.Horizontal)
+    qtbot.waitUntil(lambda: w.model_dock.width() < MIN_MODEL_DOCK_WIDTH)
+    w.settings.save_window(w.saveGeometry(), w.saveState())
+    w.shutdown()
+    again = make_window(qtbot, tmp_path)
+    qtbot.waitUntil(lambda: again.model_dock.width() >= MIN_MODEL_DOCK_WIDTH, timeout=5000)
+    assert not again.collapsed_docks() and again.memory_dock.height() >= MIN_BOTTOM_DOCK_HEIGHT
+    again.shutdown()
+
+
+def test_loading_another_base_asks_before_it_detaches_the_adapters(
+    qtbot, window, tiny_llama, tiny_llama_tied, llama_adapters
+):
+    window.open_base(str(tiny_llama))
+    idle(qtbot, window)
+    window.attach_adapter(str(llama_adapters["alpha"]))
+    idle(qtbot, window)
+    asked: list = []
+    window.model_panel.confirm_replace_base = lambda names: asked.append(list(names)) or False
+    assert window.open_base(str(tiny_llama_tied)) is None
+    assert asked == [["adapter-alpha"]] and window.session_model.state.adapters  # kept
+    window.model_panel.confirm_replace_base = lambda names: True
+    assert window.open_base(str(tiny_llama_tied)) is not None
+    idle(qtbot, window)
+    assert not window.session_model.state.adapters

@@ -97,6 +97,19 @@ class TryItBox(QGroupBox):
         self.stop_btn.setEnabled(running)
         self.stop_btn.setToolTip("stop generating within one decoding step" if running else "nothing is generating")
 
+    def prefill_demo(self, adapter: str | None) -> None:
+        """--demo: the active demo adapter's own prompt, as Compare has it (an empty box asks the user to guess)."""
+        from lora_studio.core.demo import assets as demo_assets
+        from lora_studio.core.errors import UserError
+
+        try:
+            prompts = demo_assets.demo_prompts()
+        except UserError:
+            return
+        prompt = prompts.get(adapter or "") or next(iter(prompts.values()), "")
+        if prompt and not self.prompt_edit.text():
+            self.prompt_edit.setText(prompt)
+
     def generate(self) -> Job | None:
         """Generate with the active adapter (or the base), streamed into the output box as tokens arrive."""
         from lora_studio.core.generation.generate import generate
@@ -118,7 +131,9 @@ class TryItBox(QGroupBox):
 
         def done(generated: Generated) -> None:
             self.output.setPlainText(generated.text)  # exactly the decoded result, whatever was streamed
-            panel.show_message(f"{who}: {len(generated.token_ids)} tokens", "ok")
+            count = len(generated.token_ids)
+            cut = " — cut at the max new tokens (raise it for the rest)" if count >= settings.max_new_tokens else ""
+            panel.show_message(f"{who}: {count} tokens{cut}", "ok")
 
         job = (
             panel.op(f"generating with {who}", run)

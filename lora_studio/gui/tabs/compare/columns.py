@@ -272,11 +272,14 @@ class ColumnView(QFrame):
         pieces: list[str],
         offset: int | None,
         token_spans: list[tuple[int, int]] | None = None,
+        *,
+        limit: int | None = None,
     ) -> None:
         """Final text, the divergence mark, the strip and the summary in the header.
 
         ``output``: the column's core VariantOutput; ``column``: its ColumnDivergence against ``reference``;
-        ``token_spans``: where each reference token sits in the reference's shown text (for the hover).
+        ``token_spans``: where each reference token sits in the reference's shown text (for the hover); ``limit``:
+        the run's max new tokens (an answer that used them all was cut there, maybe mid-word: the header says so).
         """
         shown = display_text(output.text)
         if self.text.toPlainText() != shown:
@@ -293,7 +296,8 @@ class ColumnView(QFrame):
             cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
             cursor.mergeCharFormat(fmt)
         self.strip.set_scores(column.scores, pieces, column.first_divergence)
-        parts = [f"{self.tokens} tokens"]
+        cut = limit is not None and self.tokens >= limit
+        parts = [f"{self.tokens} tokens" + (" (cut: the max new tokens)" if cut else "")]
         if self.name == reference:
             parts.append("<i>reference</i>")
         elif column.first_divergence is None:

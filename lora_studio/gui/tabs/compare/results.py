@@ -183,6 +183,7 @@ class CompareResults(QWidget):
                 display.reference_pieces,
                 display.divergence_offsets.get(column.name),
                 display.token_spans,
+                limit=result.settings.max_new_tokens,
             )
         how = "one mixed batch" if result.mixed_batch else f"sequential: {result.fallback_reason}"
         if result.inexact_reason:

@@ -108,6 +108,7 @@ class EvaluatePanel(Panel):
         self.scale_box.sweep_requested.connect(self.run_sweep)
         self.scale_box.apply_requested.connect(self.apply_best_scale)
         self.scale_box.merge_requested.connect(self.merge_at_best_scale)
+        self.scale_box.scale_adapter.currentTextChanged.connect(lambda _name: self.refresh_sweep_data())
 
     # -- state ---------------------------------------------------------------------------------------------------------
     def show_state(self, state: SessionState) -> None:
@@ -116,7 +117,17 @@ class EvaluatePanel(Panel):
         if self._data_is_default:
             self.use_default_data()
         self.scale_box.set_adapters([name for name, _path, _size in state.adapters])
+        self.refresh_sweep_data()
         self.update_buttons()
+
+    def refresh_sweep_data(self) -> None:
+        """The sweep's data choices follow the files and the adapter chosen (its validation set first)."""
+        from lora_studio.core.evaluate.datasets import default_set_for
+
+        chosen = self.scale_box.scale_adapter.currentText()
+        folder = next((Path(path) for name, path, _size in self.state.adapters if name == chosen), None)
+        own = default_set_for(folder) if folder is not None and folder.is_dir() else None
+        self.scale_box.set_data_choices(self.data_files(), own)
 
     def available_variants(self) -> list[tuple[str, str]]:
         """(name, kind) of every variant that can be ticked now."""
@@ -147,7 +158,9 @@ class EvaluatePanel(Panel):
         run_reason = reason or ("" if self.ticked() else "tick at least one variant")
         run_reason = run_reason or ("" if self.data_files() else "add an evaluation file")
         sweep_reason = reason or ("" if self.scale_box.scale_adapter.count() else "attach an adapter first")
-        sweep_reason = sweep_reason or ("" if self.data_files() else "add an evaluation file")
+        sweep_reason = sweep_reason or (
+            "" if self.scale_box.sweep_files(self.data_files()) else "add an evaluation file"
+        )
         best = "" if self.sweep is not None else "sweep a scale first"
         self.set_reasons(
             {
@@ -167,6 +180,7 @@ class EvaluatePanel(Panel):
     def set_data_files(self, paths: list[Path], *, default: bool = False) -> None:
         self.data.set_files(paths)
         self._data_is_default = default
+        self.refresh_sweep_data()
         self.update_buttons()
 
     def use_default_data(self) -> None:
@@ -186,6 +200,7 @@ class EvaluatePanel(Panel):
 
     def _data_removed(self) -> None:
         self._data_is_default = False
+        self.refresh_sweep_data()
         self.update_buttons()
 
     def browse_gguf(self) -> None:
@@ -270,7 +285,7 @@ class EvaluatePanel(Panel):
         except UserError as exc:
             self.show_message(str(exc), "error")
             return None
-        files, limit, _session = self.data_files(), self.data.limit(), self.session
+        files, limit, _session = self.scale_box.sweep_files(self.data_files()), self.data.limit(), self.session
 
         def fn(session: Session, *, cancel: CancelToken, report: Report) -> ScaleSweep:
             with session.lock:

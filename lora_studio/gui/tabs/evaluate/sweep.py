@@ -1,4 +1,4 @@
-"""The Evaluate tab's Scale page: pick an adapter and its scales, chart a sweep, offer its best scale.
+"""The Evaluate tab's Scale page: pick an adapter, its scales and the data, chart a sweep, offer its best scale.
 
 :class:`SweepBox` takes the attached adapters' names (:meth:`SweepBox.set_adapters`) and a finished
 :class:`~lora_studio.core.evaluate.scale.ScaleSweep` (:meth:`SweepBox.show_sweep`); its buttons answer with
@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import Qt, Signal
@@ -16,6 +17,8 @@ from lora_studio.gui.base.widgets import line_chart
 
 if TYPE_CHECKING:
     from lora_studio.core.evaluate.scale import ScaleSweep
+
+ALL_FILES = "*"  # the data choice "every evaluation file together"
 
 
 class SweepBox(QWidget):
@@ -29,6 +32,11 @@ class SweepBox(QWidget):
         super().__init__(parent)
         self.plot: Any = None  # the chart, made on the first sweep
         self.scale_adapter = QComboBox()
+        self.scale_data = QComboBox()
+        self.scale_data.setToolTip(
+            "the data the sweep judges the scale on: the adapter's own validation set by default (a scale that suits "
+            "other tasks' data is not the adapter's best)"
+        )
         self.scale_values = QLineEdit("0:1.5:0.25")
         self.scale_values.setToolTip("scales to try: 0, 0.5, 1 or a range start:stop:step")
         self.sweep_btn = QPushButton("Sweep")
@@ -57,6 +65,10 @@ class SweepBox(QWidget):
         scale_row.addWidget(self.scale_values, 1)
         scale_row.addWidget(self.sweep_btn)
         layout.addLayout(scale_row)
+        data_row = QHBoxLayout()
+        data_row.addWidget(QLabel("On"))
+        data_row.addWidget(self.scale_data, 1)
+        layout.addLayout(data_row)
         layout.addLayout(self.plot_holder, 1)
         best_row = QHBoxLayout()
         best_row.addWidget(self.best_label, 1)
@@ -77,6 +89,29 @@ class SweepBox(QWidget):
         if current in names:
             self.scale_adapter.setCurrentText(current)
         self.scale_adapter.blockSignals(False)
+
+    def set_data_choices(self, files: list[Path], own: Path | None) -> None:
+        """The sets to sweep on: each evaluation file, and every one together; ``own`` (the adapter's validation
+        set, listed first when it is not among the files) is chosen, else the one chosen before, else them all."""
+        current = self.scale_data.currentData()
+        choices = ([own] if own is not None and own not in files else []) + files
+        self.scale_data.blockSignals(True)
+        self.scale_data.clear()
+        for path in choices:
+            label = f"{path.name} (the adapter's validation set)" if path == own else path.name
+            self.scale_data.addItem(label, str(path))
+            self.scale_data.setItemData(self.scale_data.count() - 1, str(path), Qt.ItemDataRole.ToolTipRole)
+        if len(files) > 1:
+            self.scale_data.addItem(f"all {len(files)} evaluation files", ALL_FILES)
+        pick = str(own) if own is not None else current or ALL_FILES  # no set of its own: every file, as before
+        index = self.scale_data.findData(pick) if pick is not None else -1
+        self.scale_data.setCurrentIndex(max(index, 0))
+        self.scale_data.blockSignals(False)
+
+    def sweep_files(self, files: list[Path]) -> list[Path]:
+        """The files the sweep is to run on."""
+        chosen = self.scale_data.currentData()
+        return files if chosen in (None, ALL_FILES) else [Path(chosen)]
 
     def show_sweep(self, sweep: ScaleSweep) -> None:
         """Chart the loss, the KL from the base and the base's loss against the scale; mark and say the best."""
@@ -108,6 +143,7 @@ class SweepBox(QWidget):
         self.best_label.setText(
             f"{sweep.adapter}: best scale {best.scale:g} — loss {best.loss:.4f} (at 1: "
             f"{loss_at(sweep, 1.0)}; base {sweep.base_loss:.4f}), KL from base {best.kl_from_base:.4f}"
+            + (f" — on {', '.join(sweep.data)}" if sweep.data else "")
         )
 
 

@@ -66,15 +66,25 @@ def export_request(panel: MergeTab, out: Path | None = None) -> ExportRequest:
 
 
 def suggested_path(panel: MergeTab) -> Path | None:
-    """``<base>-<adapter>.<type>.gguf`` beside the base: a name that says what the file holds."""
+    """Beside the base, a name that says what the output holds, numbered past what is there: a merged folder
+    ``<base>-<adapter>-merged``, a merged GGUF ``<base>-<adapter>.<type>.gguf``, an adapter-only GGUF
+    ``<base>-<adapter>.lora-<type>.gguf`` (the base's name first: it is served with that base)."""
     if not panel.state.base_path:
         return None
     base = Path(panel.state.base_path)
     rows = panel.checked_rows()
-    adapter = f"-{rows[0].name}" if rows else ""
-    kind = "lora-" if panel.output.format() == "gguf-lora" else ""
+    adapter = f"-{rows[0].name}" if len(rows) == 1 else "-combined" if rows else ""
     name = base.stem if base.suffix.lower() == ".gguf" else base.name  # a GGUF base: its name, not "x.gguf-…"
-    return base.parent / f"{name}{adapter}.{kind}{panel.output.gguf_type()}.gguf"
+    fmt = panel.output.format()
+    if fmt == "hf":
+        stem, suffix = f"{name}{adapter}-merged", ""
+    else:
+        kind = "lora-" if fmt == "gguf-lora" else ""
+        stem, suffix = f"{name}{adapter}", f".{kind}{panel.output.gguf_type()}.gguf"
+    path, n = base.parent / f"{stem}{suffix}", 2
+    while path.exists():
+        path, n = base.parent / f"{stem}-{n}{suffix}", n + 1
+    return path
 
 
 def refresh_export_plan(panel: MergeTab, seq: int) -> Job | None:

@@ -339,6 +339,7 @@ class OutputBox(QGroupBox):
         form.addRow("", self.install_btn)
         self._dtype_for: str | None = None  # the base whose dtype the dtype box was last set to
         self._last_format = ""
+        self.suggested_out: str | None = None  # the output the tab last suggested (it follows the inputs)
         self.format_combo.currentIndexChanged.connect(self._format_changed)
         self._format_changed()
         self.gguf_type_combo.currentIndexChanged.connect(self._gguf_type_changed)
@@ -388,10 +389,14 @@ class OutputBox(QGroupBox):
     def _gguf_type_changed(self, *_args: object) -> None:
         """A file name that says its type (``….q8_0.gguf``) follows a new type."""
         text = self.out_edit.text().strip()
+        if text == self.suggested_out:
+            return  # the tab suggests the new name itself
         for name in OUTPUT_TYPES:
-            if text.endswith(f".{name}.gguf"):
-                self.out_edit.setText(text[: -len(f".{name}.gguf")] + f".{self.gguf_type()}.gguf")
-                return
+            for said in (f".{name}.gguf", f".lora-{name}.gguf"):
+                if text.endswith(said):
+                    kind = "lora-" if said.startswith(".lora-") else ""
+                    self.out_edit.setText(text[: -len(said)] + f".{kind}{self.gguf_type()}.gguf")
+                    return
 
     def browse(self, base_folder: Path, suggested_gguf: Path | None) -> None:
         """The output's dialog: a .gguf file to save (starting at ``suggested_gguf``), or a folder."""

@@ -108,10 +108,12 @@ class MergePanel(Panel):
     def _build_inputs(self) -> QHBoxLayout:
         """The adapters with their weights and combination, beside the output format and folder."""
         self.adapters = AdapterPicker()
+        self.adapters.changed.connect(self.suggest_output)  # before the plan, which checks the output
         self.adapters.changed.connect(self.inputs_changed)
         self.adapters.preview_btn.clicked.connect(self.preview_in_compare)
         self.adapters.save_adapter_btn.clicked.connect(lambda: save_as_adapter(self))
         self.output = OutputBox()
+        self.output.gguf_type_combo.currentIndexChanged.connect(lambda _index: self.suggest_output())
         self.output.changed.connect(self.inputs_changed)
         self.output.browse_btn.clicked.connect(self.browse_out)
         self.output.format_changed.connect(self._format_changed)
@@ -163,7 +165,19 @@ class MergePanel(Panel):
         self.output.follow_base(state.base_path, state.dtype)
         self.output.show_saved_quantised(bool(state.quantization) and state.quantize is None)
         self.adapters.show_adapters(state.adapters, state.active_adapter)
+        self.suggest_output()
         self.inputs_changed()
+
+    def suggest_output(self) -> None:
+        """An output left empty or as suggested follows the base, the ticked adapters, the format and the type
+        (a name of the last base's, or a .lora-f16 name for an f32 file, would say what the output is not); a
+        name the user wrote stays, and so does a box the user emptied until the inputs change."""
+        text = self.output.out_edit.text().strip()
+        if text and text != self.output.suggested_out:
+            return
+        suggested = merge_export.suggested_path(self)
+        self.output.suggested_out = str(suggested) if suggested is not None else None
+        self.output.out_edit.setText(self.output.suggested_out or "")
 
     @property
     def rows(self) -> list[AdapterRow]:
@@ -328,12 +342,9 @@ class MergePanel(Panel):
         self.plan_table.setVisible(not gguf)  # the other format's plan is not this one's: hidden until it comes
         self.export_plan_label.hide()
         text = self.output.out_edit.text().strip()
-        if gguf and (not text or not text.lower().endswith(".gguf")):
-            suggested = merge_export.suggested_path(self)
-            if suggested is not None:
-                self.output.out_edit.setText(str(suggested))
-        elif not gguf and text.lower().endswith(".gguf"):
-            self.output.out_edit.setText(text[: -len(".gguf")])
+        if text and text != self.output.suggested_out and gguf != text.lower().endswith(".gguf"):
+            self.output.out_edit.setText("")  # the user's name for the other format: this one gets its own
+        self.suggest_output()
         self.update_install_button()
 
     def update_install_button(self) -> None:

@@ -21,15 +21,16 @@ BASELINE_LABEL = "full fine-tuning (val.)"
 
 
 def format_duration(seconds: float | None) -> str:
-    """``m:ss``, or ``h:mm:ss`` from an hour; "…" when unknown."""
+    """A duration in words, ``42 s``, ``15 min 49 s``, ``2 h 05 min`` (``15:49`` reads like a time of day);
+    "…" when unknown."""
     if seconds is None:
         return "…"
     seconds = int(seconds)
-    return (
-        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        if seconds >= 3600
-        else f"{seconds // 60}:{seconds % 60:02d}"
-    )
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds // 60 % 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
 
 
 class TrainChart(QObject):
@@ -68,6 +69,7 @@ class TrainChart(QObject):
             self._x_span = 0
         self._list_baseline(baseline)
         self.warning_label.hide()
+        self.stats_label.setText("")  # the last run's "step 20/20" is not this one's
 
     def start(self) -> None:
         """Draw what arrives, five times a second."""
@@ -150,5 +152,6 @@ class TrainChart(QObject):
             + (f" · val {val[-1]:.4f}" if val else "")
             + (f" · lr {last.learning_rate:.2e}" if last.learning_rate is not None else "")
             + (f" · {last.tokens_per_s:,.0f} tokens/s" if last.tokens_per_s else "")
-            + f" · {format_duration(last.elapsed_s)} elapsed · ETA {format_duration(last.eta_s)}"
+            + f" · {format_duration(last.elapsed_s)} elapsed · "
+            + (f"{format_duration(last.eta_s)} left" if last.eta_s is not None else "time left: after a few steps")
         )

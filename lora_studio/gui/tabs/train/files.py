@@ -14,6 +14,7 @@ from typing import Protocol
 from PySide6.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QWidget
 
 from lora_studio.core.io.paths import data_dir
+from lora_studio.core.train.settings import CONVERTED_INITS
 from lora_studio.gui.base.file_filters import TRAIN_DATA_FILTER
 from lora_studio.gui.tabs.train.form import TrainSettingsForm
 
@@ -80,11 +81,24 @@ class DataFiles(QWidget):
         replace one)."""
         stem = Path(self.data_edit.text()).stem.split(".")[0] or "adapter"
         init = self.form.init.currentData()
-        name = f"{stem}-{init}-r{self.form.r.value()}" if init != "default" else f"{stem}-r{self.form.r.value()}"
+        # the rank the folder will hold: OLoRA and PiSSA are saved converted to a plain LoRA of twice the rank
+        r = self.form.r.value() * (2 if init in CONVERTED_INITS else 1)
+        name = f"{stem}-{init}-r{r}" if init != "default" else f"{stem}-r{r}"
         out, n = parent / name, 2
         while out.exists() or out.with_name(f"{out.name}.checkpoints").exists():
             out, n = parent / f"{name}-{n}", n + 1
         return out
+
+    def advance(self) -> None:
+        """A run ended, or another base was loaded: a folder name already taken moves on to the next free one in
+        the same place (a second run with the defaults would otherwise be refused, or replace the first)."""
+        current = self.out_edit.text().strip()
+        if not current:
+            self.follow_data()
+            return
+        taken = Path(current).expanduser()
+        if taken.exists() or taken.with_name(f"{taken.name}.checkpoints").exists():
+            self.out_edit.setText(str(self.suggested_out(taken.parent)))
 
     def follow_data(self) -> None:
         """The data changed: an adapter folder left empty or in the default place follows its name."""

@@ -23,7 +23,7 @@ from lora_studio.core.session import SessionState
 from lora_studio.core.train import TrainResult, TrainSettings
 from lora_studio.gui.base.jobs import Job
 from lora_studio.gui.base.panel import Panel
-from lora_studio.gui.base.widgets import side_by_side
+from lora_studio.gui.base.widgets import ask_yes_no, side_by_side
 from lora_studio.gui.tabs.train.chart import TrainChart
 from lora_studio.gui.tabs.train.files import DataFiles, default_out_parent
 from lora_studio.gui.tabs.train.form import TrainSettingsForm
@@ -46,7 +46,10 @@ class TrainPanel(Panel):
         self.job: Job | None = None
         self.last_checkpoint: Path | None = None
         self.checkpoints: Path | None = None  # the running (or last) run's checkpoint folder
+        self.trained_on = ""  # the base folder of the running (or last) run
         self._quantize_followed: tuple[str | None, str | None] | None = None  # the load Quantize base last followed
+        self._attach_when_free: str | None = None  # a trained adapter waiting for the model job that runs
+        self.confirm_replace: Callable[[Path], bool] = self._ask_replace  # tests answer it
         left = self._build_inputs()
         buttons = self._build_buttons()
         right = self._build_results()
@@ -128,6 +131,8 @@ class TrainPanel(Panel):
         self._settings_changed()
 
     def _settings_changed(self) -> None:
+        if not self.running:
+            self.files.follow_data()  # a suggested name follows the rank and init it names
         self.data_preview.estimate_soon()
         self.update_buttons()
 
@@ -160,6 +165,8 @@ class TrainPanel(Panel):
         if state.base_path and loaded != self._quantize_followed:
             self._quantize_followed = loaded
             self.form.follow_quantize(state.quantize)
+            if not self.running:
+                self.files.advance()
         self.data_preview.estimate_soon()
         self.update_buttons()
 
@@ -183,6 +190,8 @@ class TrainPanel(Panel):
         return self.chart.plot
 
     def start_reason(self) -> str:
+        if self.running:
+            return "a training run is going on (Stop ends it after the current step)"
         if not self.state.loaded:
             return "load a base model first (training uses its folder)"
         if not self.files.data_edit.text().strip():
@@ -238,6 +247,11 @@ class TrainPanel(Panel):
             self.show_message(str(exc), "error")
             return None
         overwrite = resume is not None and out.exists()
+        if resume is None and out.exists():
+            if not self.confirm_replace(out):
+                self.show_message(f"{out.name} exists: choose another folder to save to", "warn")
+                return None
+            overwrite = True
         chart = self.chart
 
         def run(session: Session, *, cancel: CancelToken, report: Report) -> TrainResult:
@@ -247,21 +261,43 @@ class TrainPanel(Panel):
             request = TrainRequest(resolve_source(base), data, out, settings, val, resume=resume, overwrite=overwrite)
             return train_in_worker_process(request, cancel=cancel, report=report, on_metrics=chart.queue)
 
+        # the run is a process of its own: where memory holds a second copy of the model, the window's other work
+        # goes on beside it; where it does not, the window waits (a compare beside it could exhaust the memory)
+        beside = self.data_preview.room_beside_the_session()
         chart.begin_run(fresh=resume is None, baseline=settings.baseline)
         self.summary.clear()
         self.checkpoints = resume.parent if resume else out.parent / f"{out.name}.checkpoints"
+        self.trained_on = base
+        what = f"training {out.name}" if resume is None else f"resuming from {resume.name}"
         self.job = (
-            self.op("training", run)
+            self.op("training", run, exclusive=not beside)
             .on_success(self._trained)
             .on_cancel(self._stopped)
-            .on_end(chart.stop)
-            .run(f"training {out.name}…" if resume is None else f"resuming from {resume.name}…")
+            .on_end(self._run_ended)
+            .run(
+                f"{what}… — the rest of the window stays usable"
+                if beside
+                else f"{what}… — the window waits for it: the memory free holds no second copy of the model"
+                " beside the loaded one (see the estimate)"
+            )
         )
         if self.job is not None:
             chart.start()
             self.marker.emit(f"training {out.name}")
         self.update_buttons()
         return self.job
+
+    def _ask_replace(self, out: Path) -> bool:
+        return ask_yes_no(
+            self,
+            "Replace the adapter folder?",
+            f"{out} exists.\n\nReplace it with this run's adapter? It is replaced when the run ends; until then, "
+            "and if the run fails or is stopped, it stays as it is.",
+        )
+
+    def _run_ended(self) -> None:
+        self.chart.stop()
+        self.files.advance()  # the folder just written is taken: the next run gets the next name
 
     def stop(self) -> None:
         self.cancel_job(self.job, "stopping after this step (a checkpoint is written)…")
@@ -326,12 +362,28 @@ class TrainPanel(Panel):
     def _trained(self, result: TrainResult) -> None:
         self.last_checkpoint = None
         self.summary.show(result)
-        self.show_message(f"trained {result.adapter.name}; it is attached to the session (see Adapters)", "ok")
         self.marker.emit("training finished")
+        if self.state.base_path != self.trained_on:  # another base was loaded while the run went on
+            self.show_message(f"trained {result.adapter}; load its base {self.trained_on} to attach it", "ok")
+            return
+        self.show_message(f"trained {result.adapter.name}; it is attached to the session (see Adapters)", "ok")
         path = str(result.adapter)
         # a moment later, in a turn of its own: the result's table and the chart's last draw repaint the tab first
         # (in the same turn as the attach job's start, the window stalled 60-70 ms on a 2-core machine)
-        QTimer.singleShot(ATTACH_DELAY_MS, self, lambda: self.attach(path))  # dropped if the panel goes first
+        QTimer.singleShot(ATTACH_DELAY_MS, self, lambda: self._attach_trained(path))  # dropped if the panel goes
+
+    def _attach_trained(self, path: str) -> None:
+        if self.busy_reason:  # a compare or an evaluation beside the run: the attach follows it
+            self._attach_when_free = path
+            self.show_message(f"trained {Path(path).name}; it is attached when the running job ends", "ok")
+            return
+        self.attach(path)
+
+    def _busy_changed(self, reason: str) -> None:
+        super()._busy_changed(reason)
+        if not reason and self._attach_when_free is not None:
+            path, self._attach_when_free = self._attach_when_free, None
+            self._attach_trained(path)
 
     def use_alternative(self) -> Job | None:
         """The end-of-run choice: the adapter folder gets the other weights (best or last), attached anew."""

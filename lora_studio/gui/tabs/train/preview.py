@@ -58,6 +58,7 @@ class DataPreview(QObject):
         super().__init__(parent)
         self.host = host
         self.longest_row: int | None = None  # tokens, from the last preview of this data
+        self.memory: TrainingMemory | None = None  # the last estimate of these settings
         self.preview_view = QTextBrowser()
         self.preview_view.setPlaceholderText("Preview data shows the first rows as the model will see them.")
         self.preview_view.setMinimumHeight(60)
@@ -71,6 +72,11 @@ class DataPreview(QObject):
     def estimate_soon(self) -> None:
         """The settings changed: a new estimate once they rest."""
         self._estimate_timer.start()
+
+    def room_beside_the_session(self) -> bool:
+        """Whether the run fits in the memory free now, beside the loaded model (the estimate counts what is
+        free): then training, in a process of its own, leaves the window's other work free to run."""
+        return self.memory is not None and self.memory.verdict == "fits"
 
     def preview(self) -> None:
         """Read and tokenize the data (a side job), then show its first rows and the estimate for its longest."""
@@ -98,6 +104,7 @@ class DataPreview(QObject):
 
     def refresh_estimate(self) -> None:
         """The memory a run of these settings needs on the loaded base (a side job)."""
+        self.memory = None
         if not self.host.state.loaded:
             self.estimate_label.setText("")
             return
@@ -111,6 +118,7 @@ class DataPreview(QObject):
             return training_memory(resolve_source(base), settings, longest_row=longest)
 
         def done(memory: TrainingMemory) -> None:
+            self.memory = memory
             mark = "✔" if memory.verdict == "fits" else "✖"
             basis = f"rows up to {longest} tokens" if longest else f"rows of {settings.max_length} tokens"
             self.estimate_label.setText(f"{mark} {memory.summary()} ({basis}; {memory.explanation})")

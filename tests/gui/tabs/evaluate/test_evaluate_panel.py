@@ -86,3 +86,20 @@ def test_bad_scales_are_one_line(qtbot, loaded):
     panel.scale_box.scale_values.setText("0:1:0")
     assert panel.run_sweep() is None
     assert "positive" in panel.message.text()
+
+
+def test_the_sweep_runs_on_the_set_chosen_for_it(qtbot, loaded, tmp_path):
+    window, panel = loaded
+    box = panel.scale_box
+    assert box.scale_data.currentText() == "all 2 evaluation files"  # no set of the adapter's own
+    box.scale_data.setCurrentIndex(box.scale_data.findData(str(tmp_path / "two.jsonl")))
+    box.scale_values.setText("0, 1")
+    assert panel.run_sweep() is not None
+    qtbot.waitUntil(lambda: panel.sweep is not None, timeout=TIMEOUT_MS)
+    idle(qtbot, window)
+    assert panel.sweep.data == ("two",) and "on two" in box.best_label.text()
+    # an adapter trained in the app names its validation set: it is offered first and chosen
+    own = tmp_path / "own.val.jsonl"
+    own.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    box.set_data_choices(panel.data_files(), own)
+    assert box.scale_data.currentData() == str(own) and box.sweep_files(panel.data_files()) == [own]

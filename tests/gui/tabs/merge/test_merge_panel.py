@@ -33,6 +33,10 @@ def test_merge_one_adapter_verified(qtbot, window, tiny_llama, llama_adapters, t
     assert not panel.adapters.combo_type.isEnabled() and not panel.adapters.density.isEnabled()
     assert panel.output.dtype_combo.currentText() == "float32"  # the base's dtype
     planned(qtbot, panel)
+    # an output is suggested beside the base, named for what it holds
+    assert panel.output.out_edit.text() == str(Path(tiny_llama).parent / "tiny-llama-adapter-alpha-merged")
+    panel.output.out_edit.setText("")
+    planned(qtbot, panel)
     assert not panel.run_row.merge_btn.isEnabled() and "output folder" in panel.run_row.reason_label.text()
 
     out = tmp_path / "out"
@@ -200,3 +204,29 @@ def test_a_base_saved_in_four_bits_asks_for_the_folder_it_was_quantised_from(
     assert panel.run_row.merge_btn.isEnabled(), panel.run_row.reason_label.text()
     panel.output.format_combo.setCurrentIndex(panel.output.format_combo.findData("gguf"))
     assert not panel.output.form.isRowVisible(panel.output.full_precision_row)
+
+
+def test_the_suggested_output_follows_the_inputs_and_a_written_one_stays(
+    qtbot, window, tiny_llama, llama_adapters, tmp_path
+):
+    panel = loaded(qtbot, window, tiny_llama, llama_adapters["alpha"], llama_adapters["beta"])
+    for row in panel.rows:
+        row.check.setChecked(row.name == "adapter-alpha")
+    beside = Path(tiny_llama).parent
+    assert panel.output.out_edit.text() == str(beside / "tiny-llama-adapter-alpha-merged")
+    for row in panel.rows:
+        row.check.setChecked(row.name == "adapter-beta")
+    assert panel.output.out_edit.text() == str(beside / "tiny-llama-adapter-beta-merged")
+    fmt = panel.output.format_combo
+    fmt.setCurrentIndex(fmt.findData("gguf-lora"))
+    assert panel.output.out_edit.text() == str(beside / "tiny-llama-adapter-beta.lora-f16.gguf")
+    types = panel.output.gguf_type_combo
+    types.setCurrentIndex(types.findData("f32"))
+    assert panel.output.out_edit.text().endswith("tiny-llama-adapter-beta.lora-f32.gguf")  # not lora-f16
+    fmt.setCurrentIndex(fmt.findData("hf"))
+    assert panel.output.out_edit.text() == str(beside / "tiny-llama-adapter-beta-merged")  # not "….lora-f32"
+    mine = tmp_path / "mine"
+    panel.output.out_edit.setText(str(mine))
+    for row in panel.rows:
+        row.check.setChecked(row.name == "adapter-alpha")
+    assert panel.output.out_edit.text() == str(mine)  # the user's own name stays

@@ -95,3 +95,55 @@ def test_the_suggested_output_folder_is_one_no_run_has_used(qtbot, tmp_path, dat
     panel.files.data_edit.setText(str(data))
     assert panel._suggested_out(parent) == parent / "pirate-r8-3"
     window.shutdown()
+
+
+def test_training_beside_the_window_then_the_next_name_and_the_replace_question(qtbot, tmp_path, tiny_llama):
+    """A run the memory holds beside the session leaves the window's model jobs free; its folder is then taken, so
+    the next name moves on; a folder that exists is asked about before anything runs (no CLI flag in a window)."""
+    window, panel, data = train_tab(qtbot, tmp_path, tiny_llama)
+    window.tabs.setCurrentWidget(panel)
+    panel.files.data_edit.setText(str(data))
+    first = tmp_path / "runs" / "pairs-r8"
+    panel.files.out_edit.setText(str(first))
+    panel.form.max_steps.setValue(2)
+    panel.form.eval_steps.setValue(1)
+    qtbot.waitUntil(lambda: panel.data_preview.memory is not None, timeout=TIMEOUT_MS)
+    assert panel.data_preview.room_beside_the_session()  # a tiny model on this machine
+    job = panel.start()
+    assert job is not None and not job.exclusive
+    assert window.runner.busy_reason == "" and "usable" in panel.message.text()
+    assert not panel.start_btn.isEnabled() and "training run" in panel.start_btn.toolTip()
+    qtbot.waitUntil(lambda: job.done, timeout=120_000)
+    assert job.state == "finished", panel.message.text()
+    assert panel.files.out_edit.text() == str(tmp_path / "runs" / "pairs-r8-2")  # the next free name
+    qtbot.waitUntil(lambda: any(a[0] == "pairs-r8" for a in window.session_model.state.adapters), timeout=TIMEOUT_MS)
+    idle(qtbot, window)
+
+    series = dict(panel.series)
+    asked: list = []
+    panel.files.out_edit.setText(str(first))
+    panel.confirm_replace = lambda out: asked.append(out) or False
+    assert panel.start() is None and asked == [first]
+    assert panel.series == series and "exists" in panel.message.text()  # nothing cleared, nothing ran
+    panel.confirm_replace = lambda out: True
+    job = panel.start()
+    assert job is not None
+    qtbot.waitUntil(lambda: job.done, timeout=120_000)
+    assert job.state == "finished", panel.message.text()
+    idle(qtbot, window)
+
+
+def test_durations_read_as_durations():
+    from lora_studio.gui.tabs.train.chart import format_duration
+
+    assert [format_duration(s) for s in (None, 42, 949, 7500)] == ["…", "42 s", "15 min 49 s", "2 h 05 min"]
+
+
+def test_an_olora_folder_is_named_for_the_rank_it_holds(qtbot, tmp_path, data_dir):
+    window = make_window(qtbot, tmp_path)
+    panel = window.train_panel
+    panel.files.data_edit.setText(str(tmp_path / "pirate.train.jsonl"))
+    panel.form.r.setValue(8)
+    panel.form.init.setCurrentIndex(panel.form.init.findData("olora"))
+    assert panel.files.suggested_out(tmp_path).name == "pirate-olora-r16"  # saved converted, at twice the rank
+    window.shutdown()
