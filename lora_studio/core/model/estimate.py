@@ -37,6 +37,8 @@ class ModelFootprint:
     tied_embeddings: bool
     checkpoint_bytes: int
     tensors: int = 0  # tensors the checkpoint holds, where its headers were read (0: not counted)
+    # a GGUF's sizes from its metadata (a folder's are in its config.json): width, layers, vocabulary; 0 unknown
+    gguf_sizes: tuple[int, int, int] = (0, 0, 0)
 
 
 # "offload": fits only with part of the weights on the CPU (device_map "auto")
@@ -166,6 +168,12 @@ def _gguf_footprint_of(source: ModelSource, size: int, mtime_ns: int) -> ModelFo
     arch = _gguf_field(reader, "general.architecture") or "?"
     names = {t.name for t in reader.tensors}
     params = sum(int(t.n_elements) for t in reader.tensors)
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    sizes = (
+        _whole(_gguf_field(reader, f"{arch}.embedding_length")),
+        _whole(_gguf_field(reader, f"{arch}.block_count")),
+        int(max(embedding.shape)) if embedding is not None and len(embedding.shape) else 0,
+    )
     return ModelFootprint(
         architecture=f"{arch} (GGUF)",
         model_type=str(arch),
@@ -174,7 +182,12 @@ def _gguf_footprint_of(source: ModelSource, size: int, mtime_ns: int) -> ModelFo
         tied_embeddings="output.weight" not in names,
         checkpoint_bytes=size,
         tensors=len(reader.tensors),
+        gguf_sizes=sizes,
     )
+
+
+def _whole(value: Any) -> int:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def gguf_quantisation(reader: Any) -> str:

@@ -337,6 +337,7 @@ h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8p
 .meta { color: #555; font-size: 12.5px; } .meta code { font-size: 11.5px; word-break: break-all; }
 table { border-collapse: collapse; margin: 6px 0 12px; width: 100%; } .scroll { overflow-x: auto; }
 th, td { border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; text-align: left; }
+td { overflow-wrap: anywhere; }
 th { background: #f3f5f8; cursor: pointer; white-space: nowrap; } td.num { text-align: right;
      font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.regressed td { background: #fdf0f1; } .better { background: #dff3e3; } .worse { background: #fbdde0; }

@@ -132,9 +132,10 @@ def training_memory(
     footprint = read_footprint(source)
     config = read_config(source, missing_ok=True)
     text = config.get("text_config") or config
-    hidden = int(text.get("hidden_size") or text.get("n_embd") or 0)
-    layers = int(text.get("num_hidden_layers") or text.get("n_layer") or 0)
-    vocab = int(text.get("vocab_size") or 0)
+    gguf_hidden, gguf_layers, gguf_vocab = footprint.gguf_sizes  # a GGUF base's, from its metadata
+    hidden = int(text.get("hidden_size") or text.get("n_embd") or gguf_hidden)
+    layers = int(text.get("num_hidden_layers") or text.get("n_layer") or gguf_layers)
+    vocab = int(text.get("vocab_size") or gguf_vocab)
     width = DTYPE_BYTES.get(settings.dtype, 4)
     length = min(settings.max_length, longest_row) if longest_row else settings.max_length
     tokens = settings.batch_size * length

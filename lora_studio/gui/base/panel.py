@@ -5,7 +5,8 @@ window's :class:`~lora_studio.gui.base.jobs.JobRunner`, the :class:`~lora_studio
 the settings, the store of models loaded beside the session, the memory sampler and the navigator for cross-tab
 actions. It never reaches into the window. It
 
-* shows the session through :meth:`show_state`, called for every new snapshot the session model announces;
+* shows the session through :meth:`show_state`, called for every new snapshot the session model announces, and
+  forgets what it said of the last base when another is loaded (:meth:`forget_base`);
 * refreshes its buttons through :meth:`update_buttons`, called when the runner becomes busy or free and around
   every job it runs (:meth:`set_reasons` enables a button or disables it with the reason as its tooltip);
 * runs its jobs through :meth:`op` (see :mod:`lora_studio.gui.base.ops`);
@@ -17,11 +18,12 @@ actions. It never reaches into the window. It
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from PySide6.QtCore import Signal
+from PySide6.QtCore import QUrl, Signal
+from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import QAbstractButton, QWidget
 
 from lora_studio.core.session import SessionState
@@ -54,7 +56,10 @@ class Panel(QWidget):
         self.progress = job_progress_bar()
         self.folders: StudioSettings = ctx.settings  # file dialogs open where the last one of their kind ended
         self.job: Job | None = None  # the job the panel's own Cancel stops (see run_cancellable)
+        self.open_url: Callable[[QUrl], object] = QDesktopServices.openUrl  # the desktop's app (tests record it)
+        self._shown_base: tuple[str | None, bool] = (self.state.base_path, self.state.loaded)
         ctx.runner.busy_changed.connect(self._busy_changed)
+        ctx.session_model.state_changed.connect(self._check_base)  # first: a new base's lines come after
         ctx.session_model.state_changed.connect(self.show_state)
 
     @property
@@ -66,6 +71,18 @@ class Panel(QWidget):
     def show_state(self, state: SessionState) -> None:
         """Show a new session snapshot (the session model calls this after every change)."""
         self.state = state
+
+    def forget_base(self) -> None:
+        """Another base was loaded (or the base unloaded): what the panel said of the last one goes (an "attached
+        …" or "trained …" line, a merge's result), unless a job of the panel's still runs. Tabs add their own."""
+        if self.job is None or self.job.done:
+            self.show_message("", "info")
+
+    def _check_base(self, state: SessionState) -> None:
+        base = (state.base_path, state.loaded)
+        if base != self._shown_base:
+            self._shown_base = base
+            self.forget_base()
 
     def update_buttons(self) -> None:
         """Enable what may run now, with the reason as the tooltip of what may not."""
@@ -119,6 +136,12 @@ class Panel(QWidget):
     # -- the message line and the progress bar -------------------------------------------------------------------------
     def show_message(self, text: str, kind: str = "info") -> None:
         self.message.show_message(text, kind)
+
+    def show_saved(self, what: str, path: Path) -> None:
+        """'<what> saved: <path> — open it', the link opening the file in the desktop's app."""
+        self.message.show_with_link(
+            f"{what} saved: {path}", "open it", lambda: self.open_url(QUrl.fromLocalFile(str(path)))
+        )
 
     def clear_error(self) -> None:
         """A success after a failure: the old error line goes (a success handler may then say more)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import re
+from collections.abc import Callable
 from typing import Any
 
 from PySide6.QtCore import QSize, Qt, QTimer
@@ -42,6 +44,11 @@ class MessageLine(QLabel):
         self.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.kind = "info"
         self._full = ""
+        self._on_link: Callable[[], object] | None = None
+        self.setTextInteractionFlags(
+            Qt.TextInteractionFlag.TextSelectableByMouse | Qt.TextInteractionFlag.LinksAccessibleByMouse
+        )
+        self.linkActivated.connect(self._link_activated)
 
     def show_message(self, text: str, kind: str = "info") -> None:
         self.kind = kind
@@ -51,9 +58,23 @@ class MessageLine(QLabel):
 
     def setText(self, text: str) -> None:
         self._full = text
+        self._on_link = None
+        self.setTextFormat(Qt.TextFormat.PlainText)  # a name with "<" in it is shown, not parsed
         # a long path has no space to wrap at: it would widen the panel past the window; a break is allowed after
         # each separator (a zero-width space, invisible)
         super().setText(PATH_SEPARATOR.sub("\\g<0>\u200b", text))
+
+    def show_with_link(self, text: str, link: str, on_link: Callable[[], object], kind: str = "ok") -> None:
+        """``text — link``: the link (an "open it") calls ``on_link``; ``text()`` is ``text``."""
+        self.show_message(text, kind)
+        self._on_link = on_link
+        self.setTextFormat(Qt.TextFormat.RichText)
+        breakable = PATH_SEPARATOR.sub("\\g<0>\u200b", html.escape(text))
+        QLabel.setText(self, f'{breakable} — <a href="#">{html.escape(link)}</a>')
+
+    def _link_activated(self, _href: str) -> None:
+        if self._on_link is not None:
+            self._on_link()
 
     def text(self) -> str:
         """The message as given (the label's own text has the break points)."""

@@ -113,3 +113,10 @@ def test_a_gguf_base_loads_as_its_file_says_or_is_refused_in_one_line(gguf_llama
         model.get_input_embeddings().weight[1] += 1.0  # what a misread looks like: rows that are not the file's
     with pytest.raises(UserError, match="read this GGUF's weights wrongly"):
         loading._check_gguf_read(model, sources.resolve_source(tmp_path / "base.q8_0.gguf"))
+    # a training estimate on the GGUF counts the activations and logits the folder's does (its sizes from metadata)
+    from lora_studio.core.train import TrainSettings
+    from lora_studio.core.train.estimate import training_memory
+
+    from_gguf = training_memory(sources.resolve_source(tmp_path / "base.q8_0.gguf"), TrainSettings())
+    from_folder = training_memory(sources.resolve_source(gguf_llama), TrainSettings())
+    assert from_gguf.activations == from_folder.activations > 0 and from_gguf.logits == from_folder.logits > 0

@@ -250,7 +250,9 @@ def test_loading_another_base_asks_before_it_detaches_the_adapters(
     window.model_panel.confirm_replace_base = lambda names: asked.append(list(names)) or False
     assert window.open_base(str(tiny_llama_tied)) is None
     assert asked == [["adapter-alpha"]] and window.session_model.state.adapters  # kept
+    assert "adapter-alpha" in window.adapter_panel.message.text()  # "attached …"
     window.model_panel.confirm_replace_base = lambda names: True
     assert window.open_base(str(tiny_llama_tied)) is not None
     idle(qtbot, window)
     assert not window.session_model.state.adapters
+    assert window.adapter_panel.message.text() == ""  # nothing said of the last base stays

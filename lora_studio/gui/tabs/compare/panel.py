@@ -338,9 +338,12 @@ class ComparePanel(Panel):
         return self.pages.currentWidget() is self.chat
 
     def set_chat_mode(self, on: bool) -> None:
+        switched = (self.pages.currentWidget() is self.chat) != on
         self.pages.setCurrentWidget(self.chat if on else self.prompts_page)
         if on != self.modes.chat_btn.isChecked():
             self.modes.chat_btn.setChecked(on)
+        if switched and self.message.kind != "error" and (self.job is None or self.job.done):
+            self.show_message("")  # a line about the other mode ("press Run") is not this one's
         if on:
             self.chat.input.setFocus()
         self.update_buttons()

@@ -75,7 +75,7 @@ class ShareActions:
                 return write_report(doc, path, overwrite=True)  # the dialog asked before replacing
 
             host.op("saving the report", fn, exclusive=False, key="compare-report", progress=False).on_success(
-                lambda written: host.show_message(f"report saved: {written}", "ok")
+                lambda written: host.show_saved("report", written)
             ).run()
 
         return self._with_report("preparing the report", write)

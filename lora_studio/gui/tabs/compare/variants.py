@@ -38,6 +38,9 @@ SLIDER_MAX = 2.0  # the slider's range; the box beside it goes to MAX_SCALE
 SCALE_SETTLE_MS = 350  # a scale is applied once the slider rests this long
 
 
+MAX_NEW_TICKED = 4  # four columns fit a 1280-pixel window; a variant added beyond them arrives unticked
+
+
 class VariantPicker(QGroupBox):
     ticks_changed = Signal()  # the ticked variants (or the reference choices) changed
     current_changed = Signal()  # another row is selected (the Remove button follows it)
@@ -47,7 +50,8 @@ class VariantPicker(QGroupBox):
         super().__init__("Variants", parent)
         self.state: SessionState | None = None
         self.store = store  # the merged folders loaded beside the session (the window's one store)
-        self.unticked: set[str] = set()  # remembered across list refreshes; new variants start ticked
+        self.unticked: set[str] = set()  # remembered across list refreshes; new variants start ticked (a few)
+        self._listed: set[str] = set()  # the variants the list showed last
         self._scale_free = True  # no model job runs: a scale may be set
         self.variant_list = QListWidget()
         self.variant_list.setToolTip("ticked variants become columns")
@@ -114,7 +118,17 @@ class VariantPicker(QGroupBox):
             self.variant_list.currentItem().data(Qt.ItemDataRole.UserRole) if self.variant_list.currentItem() else None
         )
         self.variant_list.clear()
-        for name, kind in self.available_variants():
+        variants = self.available_variants()
+        ticked = sum(1 for name, _ in variants if name in self._listed and name not in self.unticked)
+        for name, _kind in variants:
+            if name not in self._listed and name not in self.unticked:
+                # a variant new to the list starts ticked while the columns still fit the window
+                if ticked >= MAX_NEW_TICKED:
+                    self.unticked.add(name)
+                else:
+                    ticked += 1
+        self._listed = {name for name, _ in variants}
+        for name, kind in variants:
             scale = self.state.scale_of(name) if self.state and kind == KIND_ADAPTER else 1.0
             scaled = f"{name}  ×{scale:g}" if scale != 1.0 else name
             label = {KIND_BASE: f"{name}", KIND_ADAPTER: scaled, KIND_MERGED: f"{name} (merged folder)"}[kind]

@@ -344,6 +344,6 @@ class EvaluatePanel(Panel):
 
         return (
             self.op("saving the report", fn, exclusive=False, key="evaluate-report", progress=False)
-            .on_success(lambda written: self.show_message(f"report saved: {written}", "ok"))
+            .on_success(lambda written: self.show_saved("report", written))
             .run()
         )

@@ -69,6 +69,9 @@ class SummaryPage(QWidget):
         )
         read_only(self.summary_table)
         self.summary_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        # the names take what the numbers leave (elided in the middle): the last column stays in view at 1280 px
+        self.summary_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.summary_table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.summary_table.setToolTip(
             "loss: mean cross-entropy per answer token (nats); accuracy: the variant's greedy token is the answer's; "
             "KL: from the reference; Δloss: against the reference, with the paired bootstrap's 95 % interval "

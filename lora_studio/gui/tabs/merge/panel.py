@@ -16,8 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import QTimer, QUrl
-from PySide6.QtGui import QDesktopServices
+from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import (
     QDialog,
     QFrame,
@@ -87,7 +86,6 @@ class MergePanel(Panel):
         self.result: MergeResult | ExportResult | None = None
         # Injectable for tests: answer the overwrite question, open a file or folder.
         self.confirm_overwrite: Callable[[Path], bool] = lambda path: ask_overwrite(self, path)
-        self.open_url: Callable[[QUrl], object] = QDesktopServices.openUrl
         self.ask_adapter_folder: Callable[[Path], Path | None] = lambda start: ask_adapter_folder(self, start)
         self.card_dialog: QDialog | None = None
         self.save_job: Job | None = None
@@ -167,6 +165,10 @@ class MergePanel(Panel):
         self.adapters.show_adapters(state.adapters, state.active_adapter)
         self.suggest_output()
         self.inputs_changed()
+
+    def forget_base(self) -> None:
+        super().forget_base()
+        self.result_box.hide()  # the last base's merge
 
     def suggest_output(self) -> None:
         """An output left empty or as suggested follows the base, the ticked adapters, the format and the type

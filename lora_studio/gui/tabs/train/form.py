@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import Signal
+from PySide6.QtCore import QCoreApplication, QEvent, QObject, Qt, Signal
 from PySide6.QtWidgets import (
+    QAbstractSpinBox,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
@@ -44,6 +45,19 @@ def _double(low: float, high: float, value: float, decimals: int, step: float, t
     box.setValue(value)
     box.setToolTip(tip)
     return box
+
+
+class FocusedWheelOnly(QObject):
+    """An event filter: a wheel event reaches a field only while it has the focus; otherwise it goes to the
+    scroll area around it."""
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        if event.type() == QEvent.Type.Wheel and isinstance(watched, QWidget) and not watched.hasFocus():
+            parent = watched.parentWidget()
+            if parent is not None:  # Qt hands an unhandled wheel on up, to the scroll area
+                QCoreApplication.sendEvent(parent, event)
+            return True
+        return super().eventFilter(watched, event)
 
 
 class TrainSettingsForm(QWidget):
@@ -138,6 +152,12 @@ class TrainSettingsForm(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(adapter_box)
         layout.addWidget(run_box)
+        # the wheel scrolls the pane: a field changes by it only once clicked (a scroll over the form changed the
+        # rank, the steps or the scheduler on the way down)
+        self._wheel_guard = FocusedWheelOnly(self)
+        for field in self.findChildren(QAbstractSpinBox) + self.findChildren(QComboBox):
+            field.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+            field.installEventFilter(self._wheel_guard)
         for spin in self.findChildren(QSpinBox) + self.findChildren(QDoubleSpinBox):
             spin.valueChanged.connect(self.changed)
         for combo in self.findChildren(QComboBox):

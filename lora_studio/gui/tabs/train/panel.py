@@ -72,6 +72,10 @@ class TrainPanel(Panel):
         scroll.setWidgetResizable(True)
         scroll.setMinimumWidth(300)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        # with the bar off, a focused field beyond the right edge still scrolled the pane sideways and cut the
+        # labels ("ata", "ave to"): the pane stays at its left edge
+        bar = scroll.horizontalScrollBar()
+        bar.valueChanged.connect(lambda value: bar.setValue(0) if value else None)
         return scroll
 
     def _build_buttons(self) -> QHBoxLayout:

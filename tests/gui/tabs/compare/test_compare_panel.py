@@ -6,6 +6,7 @@ Columns, streamed text equal to core compare(), Stop, divergence.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import factories
 import pytest
@@ -291,6 +292,10 @@ def test_share_copies_markdown_and_saves_a_report(qtbot, window, tmp_path):
     # the file is renamed into place on the worker; the message follows when the window handles the job's end
     qtbot.waitUntil(lambda: page.exists() and "report saved" in panel.message.text(), timeout=TIMEOUT)
     assert "adapter-beta" in page.read_text()
+    opened = []
+    panel.open_url = opened.append
+    panel.message.linkActivated.emit("#")  # the message's "open it"
+    assert [Path(u.toLocalFile()) for u in opened] == [page]
 
 
 def test_an_adapter_scale_reruns_the_comparison_live(qtbot, window):

@@ -147,3 +147,38 @@ def test_an_olora_folder_is_named_for_the_rank_it_holds(qtbot, tmp_path, data_di
     panel.form.init.setCurrentIndex(panel.form.init.findData("olora"))
     assert panel.files.suggested_out(tmp_path).name == "pirate-olora-r16"  # saved converted, at twice the rank
     window.shutdown()
+
+
+def test_the_wheel_changes_a_setting_only_once_it_is_clicked(qtbot, tmp_path, data_dir):
+    from PySide6.QtCore import QPoint, QPointF, Qt
+    from PySide6.QtGui import QWheelEvent
+    from PySide6.QtWidgets import QApplication
+
+    window = make_window(qtbot, tmp_path)
+    panel = window.train_panel
+    window.tabs.setCurrentWidget(panel)
+    rank = panel.form.r
+    before = rank.value()
+
+    def wheel() -> None:
+        at = QPointF(5, 5)
+        event = QWheelEvent(
+            at,
+            QPointF(rank.mapToGlobal(QPoint(5, 5))),
+            QPoint(0, 0),
+            QPoint(0, 120),
+            Qt.MouseButton.NoButton,
+            Qt.KeyboardModifier.NoModifier,
+            Qt.ScrollPhase.NoScrollPhase,
+            False,
+        )
+        QApplication.sendEvent(rank, event)
+
+    wheel()
+    assert rank.value() == before  # scrolling past the form leaves the rank alone
+    window.activateWindow()
+    rank.setFocus()
+    if rank.hasFocus():  # focus needs an active window, which some platforms do not give an offscreen one
+        wheel()
+        assert rank.value() != before
+    window.shutdown()
