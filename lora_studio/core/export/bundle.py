@@ -163,10 +163,13 @@ def commands(
     rank: int | None = None,
     make_base: str | None = None,
     vllm_flags: str = "",
+    qlora_nf4: bool = False,
 ) -> dict[str, str]:
     """The serving commands, each runnable as given. ``base_gguf``: an adapter-only file's base (served with
     ``--lora``); ``make_base``: the command that writes that base first, when it does not exist yet;
-    ``vllm_flags``: the serving plan's ``--max-loras`` / ``--max-cpu-loras``."""
+    ``vllm_flags``: the serving plan's ``--max-loras`` / ``--max-cpu-loras``; ``qlora_nf4``: the adapter learned on
+    the base in bitsandbytes' NF4, which vLLM quantises the base to on load as well (``--quantization
+    bitsandbytes``), so it serves the adapter on the weights it learned on."""
     q = shlex.quote
     out: dict[str, str] = {}
     if make_base is not None:
@@ -185,6 +188,7 @@ def commands(
             f"vllm serve {q(base_model)} --enable-lora"
             f" --lora-modules {q(adapter_name or peft_adapter.name)}={q(str(peft_adapter))}"
             f" --max-lora-rank {vllm_max_lora_rank(rank)}{vllm_flags}"
+            + (" --quantization bitsandbytes" if qlora_nf4 else "")
         )
     return out
 
@@ -203,6 +207,7 @@ def write_bundle(
     make_base: str | None = None,
     serving_plan: ServingPlan | None = None,
     overwrite: bool = True,
+    qlora_nf4: bool = False,
 ) -> ServingBundle:
     """Write ``<gguf>.serve/`` (Modelfile, README.md) beside the export, atomically. ``rank``: the adapter's
     largest saved rank (vLLM's ``--max-lora-rank``); ``make_base``: see :func:`commands`; ``serving_plan``: how
@@ -223,6 +228,7 @@ def write_bundle(
         rank=rank,
         make_base=make_base,
         vllm_flags=serving_plan.flags() if serving_plan else "",
+        qlora_nf4=qlora_nf4,
     )
     readme = [f"# Serving {gguf.name}", "", card.rstrip(), "", "## Commands", ""]
     for label, line in cmds.items():

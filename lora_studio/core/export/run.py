@@ -362,6 +362,7 @@ def export_gguf(
         rank=saved_rank(Path(request.adapter)) if request.adapter else None,
         make_base=make_base,
         serving_plan=_serving_plan(request, arch.config),
+        qlora_nf4=request.adapter is not None and (recorded_quantization(request.adapter) or {}).get("type") == "nf4",
     )
     report(Progress(1, 1, f"export {verification.status}", "steps"))
     return ExportResult(

@@ -408,6 +408,7 @@ def test_a_merged_gguf_of_a_qlora_adapter_holds_the_chosen_weights_and_carries_t
     assert result["carried"]["status"] == "carried" and not result["carried"]["left_out"]
     readme = (tmp_path / "m.q8_0.gguf.serve" / "README.md").read_text()
     assert "Quantised base (QLoRA)" in readme and "**dequantized**" in readme
+    assert "--quantization bitsandbytes" in result["bundle"]["commands"]["vllm"]  # served on the NF4 it learned on
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.q8_0.gguf", "m.q8_0.gguf.serve", "qlora-alpha"]
 
     # the same tensors as the GGUF of the folder the measured merge writes
