@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from PySide6.QtCore import QSize, Qt, QTimer
@@ -232,6 +232,11 @@ def reset_progress(bar: QProgressBar) -> None:
     bar.setValue(0)
     bar.setFormat("")
     bar.setToolTip("")
+
+
+def names_shown(names: Sequence[str], most: int = 5) -> str:
+    """``a, b, c`` for a question, at most ``most`` of them: ``a, b, c, d, e and 3 more``."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def ask_yes_no(parent: QWidget, title: str, text: str, *, default_yes: bool = False) -> bool:

@@ -31,7 +31,7 @@ from lora_studio.core.session import SessionState
 from lora_studio.core.system.memory import format_bytes
 from lora_studio.gui.base.jobs import Job
 from lora_studio.gui.base.panel import Panel
-from lora_studio.gui.base.widgets import MessageLine, ask_yes_no
+from lora_studio.gui.base.widgets import MessageLine, ask_yes_no, names_shown
 
 if TYPE_CHECKING:
     from lora_studio.core.errors import ErrorDescription
@@ -370,12 +370,12 @@ class ModelPanel(Panel):
         return job
 
     def _ask_replace_base(self, attached: Sequence[str]) -> bool:
-        shown = ", ".join(attached[:5]) + (f" and {len(attached) - 5} more" if len(attached) > 5 else "")
         return ask_yes_no(
             self,
             "Load another base?",
-            f"Loading another base detaches the {len(attached)} attached adapter(s) ({shown}) with the current "
-            "one.\n\nTheir folders on disk stay as they are; attach them again to use them. Load it?",
+            f"Loading another base detaches the {len(attached)} attached adapter(s) ({names_shown(attached)}) "
+            "with the current one.\n\nTheir folders on disk stay as they are; attach them again to use them. "
+            "Load it?",
         )
 
     def cancel_load(self) -> None:

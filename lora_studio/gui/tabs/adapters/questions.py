@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from PySide6.QtWidgets import QWidget
 
 from lora_studio.core.adapters.compatibility import VocabularyMismatch
-from lora_studio.gui.base.widgets import ask_yes_no
+from lora_studio.gui.base.widgets import ask_yes_no, names_shown
 
 
 def ask_resize(parent: QWidget, mismatch: VocabularyMismatch) -> bool:
@@ -28,10 +28,9 @@ def ask_resize(parent: QWidget, mismatch: VocabularyMismatch) -> bool:
 
 def ask_unload(parent: QWidget, names: Sequence[str]) -> bool:
     """Yes: detach every adapter in ``names`` (the base stays)."""
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     return ask_yes_no(
         parent,
         "Unload all adapters?",
-        f"Detach all {len(names)} adapters ({shown}) from the model and free their memory?\n\n"
+        f"Detach all {len(names)} adapters ({names_shown(names)}) from the model and free their memory?\n\n"
         "The base stays loaded and the adapter folders on disk are untouched; attach them again to use them.",
     )
