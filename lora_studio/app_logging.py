@@ -28,16 +28,17 @@ LIBRARY_LOGGERS = ("bitsandbytes", "accelerate")
 _handler: logging.Handler | None = None
 
 
-def log_path() -> Path:
-    """Where the log file is (the folder is created; the file may not exist yet)."""
+def log_path(*, create: bool = True) -> Path:
+    """Where the log file is (the folder is created unless ``create`` is False; the file may not exist yet)."""
     override = os.environ.get(LOG_DIR_ENV)
     if override:
         folder = Path(override)
     else:
         from lora_studio.core.io.paths import data_dir
 
-        folder = data_dir() / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
+        folder = data_dir(create=create) / "logs"
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     return folder / LOG_NAME
 
 
@@ -60,7 +61,13 @@ def setup_logging(front_end: str) -> Path | None:
     try:
         path = log_path()
         handler: logging.Handler = logging.handlers.RotatingFileHandler(
-            path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8", delay=True
+            # a path of bytes that are not UTF-8 is logged escaped, not as logging's own traceback on stderr
+            path,
+            maxBytes=MAX_BYTES,
+            backupCount=BACKUPS,
+            encoding="utf-8",
+            delay=True,
+            errors="backslashreplace",
         )
     except OSError:
         _route_libraries(logging.NullHandler())

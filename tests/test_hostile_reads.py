@@ -276,10 +276,42 @@ def test_lora_factors_stored_as_whole_numbers_are_refused(tiny_llama, llama_adap
     shutil.copytree(llama_adapters["alpha"], adapter)
     weights = adapter / "adapter_model.safetensors"
     save_file({k: v.to(dtype=__import__("torch").int32) for k, v in load_file(weights).items()}, weights)
-    one_line(*run_in_process(capsys, ["inspect", tiny_llama, "--adapter", adapter]), "not floating point")
+    one_line(*run_in_process(capsys, ["inspect", tiny_llama, "--adapter", adapter]), "not as 16, 32 or")
 
 
 def test_accelerates_placement_chatter_stays_in_the_log(tiny_llama, llama_adapters, tmp_path, capsys):
     data = write_rows(tmp_path / "ok.jsonl")
     argv = ["evaluate", tiny_llama, "--adapter", f"a={llama_adapters['alpha']}", "--data", data]
     one_line(*run_in_process(capsys, [*argv, "--max-memory", "cpu=1B"]), "no room")
+
+
+def test_a_reduction_measured_on_a_wrong_base_writes_nothing(tiny_gpt2, llama_adapters, tmp_path, capsys):
+    data = write_rows(tmp_path / "ok.jsonl")
+    argv = ["reduce", llama_adapters["alpha"], "--rank", "1", "--base", tiny_gpt2, "--data", data]
+    one_line(*run_in_process(capsys, [*argv, "--out", tmp_path / "r"]))
+    assert not (tmp_path / "r").exists()  # the base is checked before the reduced adapter is written
+
+
+def test_what_the_system_refuses_of_a_path_is_one_line(tiny_llama, tmp_path, capsys, monkeypatch):
+    one_line(*run_in_process(capsys, ["inspect", tmp_path / ("b" * 300)]), "too long for the file system")
+    deep = tmp_path.joinpath(*["c" * 200] * 25)  # short parts, over 4096 bytes in all
+    argv = ["merge", tiny_llama, "--adapter", tmp_path, "--out", deep]
+    code, _out, err = run_in_process(capsys, argv)
+    assert code == 2 and "internal error" not in err, err
+    from lora_studio.cli.main import main
+
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.delenv("QT_QPA_PLATFORM", raising=False)
+    assert main([]) == 2 and "no display" in capsys.readouterr().err  # not Qt's abort
+
+
+def test_a_chat_template_asking_for_a_huge_range_is_one_line(tiny_llama, tmp_path):
+    from lora_studio.core.generation.chat_template import apply_chat_template
+    from lora_studio.core.model.loading import load_tokenizer
+    from lora_studio.core.model.sources import resolve_source
+
+    tokenizer = load_tokenizer(resolve_source(tiny_llama))
+    tokenizer.chat_template = "{% for i in range(100000000) %}x{% endfor %}"
+    with pytest.raises(UserError, match="chat template"):
+        apply_chat_template(tokenizer, [{"role": "user", "content": "hi"}], tokenize=False)

@@ -102,3 +102,16 @@ def test_a_new_output_inside_an_input_folder_is_refused(command, inputs, capsys)
     }[command]
     refused(capsys, argv, touched, "inside the")
     assert not any(p.name in ("merged", "run", "run.checkpoints", "r2", "r.jsonl", "r.md") for p in touched.iterdir())
+
+
+def test_replacing_an_output_that_is_a_link_leaves_no_temporary(inputs, tmp_path, capsys):
+    from cli_helpers import run_in_process as run
+
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    code, _out, err = run(capsys, ["reduce", inputs["adapter"], "--rank", "2", "--out", link, "--overwrite"])
+    assert code == 0, err
+    assert (link / "adapter_config.json").is_file() and not link.is_symlink() and real.is_dir()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no hidden partial left

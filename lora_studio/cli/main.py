@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="lora-studio",
         description="Load a base model, attach, compare, merge, train, export, evaluate and reduce LoRA adapters.",
-        epilog=f"Log file: {log_path()} (rotating; {DEBUG_ENV}=1 logs more and shows tracebacks).",
+        # where the log goes, without creating its folder: a home that is not a folder is the command's to say
+        epilog=f"Log file: {log_path(create=False)} (rotating; {DEBUG_ENV}=1 logs more and shows tracebacks).",
     )
     parser.add_argument("--version", action="version", version=f"lora-studio {__version__}")
     parser.add_argument("--demo", action="store_true", help="open the window with the embedded demo model loaded")
@@ -135,6 +136,18 @@ def _interrupt_on_termination() -> dict[signal.Signals, _SignalHandler]:
 
 
 def _open_window(args: argparse.Namespace) -> int:
+    if sys.platform.startswith("linux") and not any(
+        os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")
+    ):
+        # Qt would abort the process (SIGABRT) after five lines of its own
+        sys.stderr.write(
+            "lora-studio: error: no display to open the window on (DISPLAY is not set); the CLI works without one: "
+            "try `lora-studio inspect --demo`\n"
+        )
+        return EXIT_BAD_INPUT
+    if args.base and not os.path.exists(os.path.expanduser(args.base)) and args.base.count("/") != 1:
+        sys.stderr.write(f"lora-studio: error: {args.base} does not exist (check the path given to --open)\n")
+        return EXIT_BAD_INPUT
     try:
         from lora_studio.gui.window.app import run_app
     except ImportError as exc:  # e.g. PySide6 missing or no Qt platform libraries

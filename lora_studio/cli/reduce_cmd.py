@@ -26,7 +26,9 @@ from lora_studio.core.errors import UserError
 from lora_studio.core.model.dtypes import DTYPES
 
 if TYPE_CHECKING:
+    from lora_studio.core.evaluate.datasets import EvalSet
     from lora_studio.core.reduce import RankPlan, ReducedAdapter, ReductionCost
+    from lora_studio.core.session import Session
     from lora_studio.core.tasks import Report
 
 
@@ -79,7 +81,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--limit must be at least 1", "e.g. --limit 32")
     base_path = Path(args.base).expanduser() if args.base else None
     progress = stderr_progress()
+    from lora_studio.core.session import Session
+
+    session: Session | None = Session() if (args.base or args.demo) else None
     try:
+        # what the cost is measured on is loaded and checked first: a wrong base or data is said before the
+        # reduced adapter is written
+        sets = _measured_on(args, plan, session, progress) if session is not None else None
         result = reduce_adapter(
             plan,
             out,
@@ -90,9 +98,11 @@ def run(args: argparse.Namespace) -> int:
             inputs={f"data file {n + 1}": Path(d).expanduser() for n, d in enumerate(args.data)},
             report=progress,
         )
-        cost = _measure(args, plan, result, progress) if (args.base or args.demo) else None
+        cost = _measure(session, plan, result, sets, progress) if session is not None and sets else None
     finally:
         progress.done()
+        if session is not None:
+            session.close()
     doc: dict[str, Any] = result.to_json()
     doc["suggestions"] = [s.to_json() for s in plan.suggestions()]
     doc["cost"] = None if cost is None else cost.to_json()
@@ -105,26 +115,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measure(args: argparse.Namespace, plan: RankPlan, result: ReducedAdapter, progress: Report) -> ReductionCost:
+def _measured_on(args: argparse.Namespace, plan: RankPlan, session: Session, progress: Report) -> list[EvalSet]:
+    """The base loaded, the data read and the adapter attached to it: every check of the measurement's inputs."""
     from lora_studio.cli.common import resolve_base
     from lora_studio.core.evaluate import datasets
-    from lora_studio.core.reduce import ReductionCost, reduction_cost
-    from lora_studio.core.session import Session
 
     data = [Path(d).expanduser() for d in args.data] or datasets.default_sets([plan.path])
     source = resolve_base(args, report=progress)
-    session = Session()
-    try:
-        load_base(session, source, args, progress)
-        sets = datasets.load_eval_sets(
-            data, session.tokenizer, limit=args.limit, max_length=datasets.max_length_for(session.model)
-        )
-        reduced = f"{plan.name}-reduced"
-        session.attach(plan.path, plan.name, report=progress)
-        session.attach(result.out, reduced, report=progress)
-        return ReductionCost.of(reduction_cost(session, plan.name, reduced, sets, report=progress), plan.name, reduced)
-    finally:
-        session.close()
+    load_base(session, source, args, progress)
+    sets = datasets.load_eval_sets(
+        data, session.tokenizer, limit=args.limit, max_length=datasets.max_length_for(session.model)
+    )
+    session.attach(plan.path, plan.name, report=progress)
+    return sets
+
+
+def _measure(
+    session: Session, plan: RankPlan, result: ReducedAdapter, sets: list[EvalSet], progress: Report
+) -> ReductionCost:
+    from lora_studio.core.reduce import ReductionCost, reduction_cost
+
+    reduced = f"{plan.name}-reduced"
+    session.attach(result.out, reduced, report=progress)
+    return ReductionCost.of(reduction_cost(session, plan.name, reduced, sets, report=progress), plan.name, reduced)
 
 
 def render_plan(doc: dict[str, Any]) -> str:

@@ -6,6 +6,8 @@ exception into words, so a message reads the same wherever it surfaces.
 
 from __future__ import annotations
 
+import errno
+import os
 import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -89,8 +91,35 @@ def describe(exc: BaseException) -> ErrorDescription:
         )
     if isinstance(exc, KeyboardInterrupt):
         return ErrorDescription("cancelled", "interrupted", detail)
+    if isinstance(exc, OSError) and exc.errno in SYSTEM_REFUSALS:
+        # what the system refused of a path the user gave (a name too long, a full or read-only disk): bad input
+        where = f": {_elided(os.fsdecode(exc.filename))}" if exc.filename else ""
+        return ErrorDescription("user", f"{SYSTEM_REFUSALS[exc.errno]}{where}", detail)
+    if isinstance(exc, UnicodeEncodeError) and "surrogate" in str(exc):
+        return ErrorDescription(
+            "user",
+            "a file or folder name holds bytes that are not UTF-8, which the files LoRA Studio writes cannot name "
+            "(rename it)",
+            detail,
+        )
     text = _one_line(str(exc)) or type(exc).__name__
     return ErrorDescription("internal", f"internal error: {type(exc).__name__}: {text}", detail)
+
+
+SYSTEM_REFUSALS = {
+    errno.ENAMETOOLONG: "a file name is too long for the file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ELOOP: "too many levels of symbolic links",
+    errno.ENOTDIR: "a folder on the path is a file",
+}
+
+
+def _elided(path: str, limit: int = 120) -> str:
+    return path if len(path) <= limit else path[: limit // 2 - 1] + "…" + path[-(limit // 2) :]
 
 
 def first_and_more(items: list[str]) -> str:

@@ -336,10 +336,13 @@ def check_finite(tensors: dict, folder: Path) -> None:
     whole numbers (no trainer writes them; PEFT would cast them silently)."""
     import torch
 
+    readable = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     for key, t in tensors.items():
-        if not t.is_floating_point() and "lora_" in key:
+        # whole-number factors, or float8 anywhere (torch cannot even sum it on a CPU)
+        if t.dtype not in readable and ("lora_" in key or t.is_floating_point()):
             raise UserError(
-                f"{Path(folder).name}: {key} is stored as {str(t.dtype).removeprefix('torch.')}, not floating point",
+                f"{Path(folder).name}: {key} is stored as {str(t.dtype).removeprefix('torch.')}, not as 16, 32 or "
+                "64-bit floating point",
                 "the adapter weights are damaged; save the adapter again",
             )
         if not t.is_floating_point() or t.numel() == 0:

@@ -174,8 +174,12 @@ def default_set_for(adapter_folder: Path) -> Path | None:
         return None
     data = record.get("data") if isinstance(record, dict) else None
     val = data.get("val_file") if isinstance(data, dict) else None
-    if isinstance(val, str) and Path(val).exists():
-        return Path(val)
+    digest = data.get("val_sha256") if isinstance(data, dict) else None
+    # only the very file the training recorded (its hash): a record that names another file, anywhere on the
+    # machine, is not a reason to read it
+    recorded = isinstance(val, str) and isinstance(digest, str) and (Path(val).is_file() or Path(val).is_dir())
+    if recorded and tree_sha256(Path(str(val))) == digest:
+        return Path(str(val))
     demo = demo_dir() / "data" / f"{Path(adapter_folder).name}.val.jsonl"
     if isinstance(record, dict) and "demo" in str(record.get("tool", "")) and demo.is_file():
         return demo

@@ -55,6 +55,8 @@ def apply_chat_template(tokenizer: Any, messages: Sequence[dict[str, str]], **kw
         raise UserError(f"the chat template failed: {' '.join(str(exc).split())[:200]}", _FIX) from None
     except RecursionError:
         raise UserError("the chat template recursed without end", _FIX) from None
+    except (OverflowError, MemoryError) as exc:  # the sandbox refuses a range of hundreds of millions this way
+        raise UserError(f"the chat template asked for too much ({type(exc).__name__}: {exc})", _FIX) from None
     finally:
         sys.settrace(previous)
 

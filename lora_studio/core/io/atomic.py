@@ -39,7 +39,7 @@ def atomic_output_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path
             raise _appeared(target)
         if target.exists():
             if _exchange(tmp, target):
-                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+                _remove_replaced(tmp)  # tmp now holds the old folder (or the link that stood there)
             else:  # no renameat2: two renames, old folder kept aside until the new one is in place
                 old = parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 os.rename(target, old)
@@ -48,7 +48,7 @@ def atomic_output_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path
                 except BaseException:
                     os.rename(old, target)
                     raise
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_replaced(old)
         else:
             _rename_no_replace(tmp, target)
         _fsync_dir(parent)
@@ -56,6 +56,14 @@ def atomic_output_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_write_error(exc, parent)
         raise
+
+
+def _remove_replaced(path: Path) -> None:
+    """What an output replaced: a folder, or a link to one (the link goes; the folder it named stays)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _prepare(target: Path, overwrite: bool, kind: str) -> tuple[Path, Path, Path]:

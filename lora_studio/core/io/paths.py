@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def data_dir() -> Path:
-    """The user's data directory (the converted demo model lives here).
+def data_dir(*, create: bool = True) -> Path:
+    """The user's data directory (the converted demo model lives here), created unless ``create`` is False.
 
     ``LORA_STUDIO_DATA_DIR`` overrides it, for tests and portable installs.
     """
@@ -22,7 +22,8 @@ def data_dir() -> Path:
         from platformdirs import user_data_dir
 
         path = Path(user_data_dir("lora-studio", appauthor=False))
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -207,6 +207,29 @@ def test_demo_sets_and_defaults():
     assert datasets.default_set_for(demo_dir() / "adapters" / "pirate").name == "pirate.val.jsonl"
 
 
+def test_the_default_set_is_the_very_file_the_training_recorded(tmp_path):
+    import json
+
+    from lora_studio.core.adapters.files import SIDECAR_NAME
+    from lora_studio.core.io.hashing import tree_sha256
+
+    val = tmp_path / "val.jsonl"
+    val.write_text('{"prompt": "a", "completion": "b"}\n')
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+
+    def recorded(path, digest):
+        (adapter / SIDECAR_NAME).write_text(json.dumps({"data": {"val_file": str(path), "val_sha256": digest}}))
+        return datasets.default_set_for(adapter)
+
+    assert recorded(val, tree_sha256(val)) == val
+    assert recorded(val, "0" * 64) is None  # another file now, or a record naming any file on the machine
+    assert recorded(val, None) is None
+    decoy = tmp_path / "decoy.jsonl"
+    decoy.symlink_to("/dev/zero")
+    assert recorded(decoy, "0" * 64) is None  # not opened: not a regular file
+
+
 def test_layers_below_the_first_adapted_one_run_once_per_example(tiny_llama, models_dir, data_file):
     """Adapters on the top layer only: layer 0 sees each example once, and the losses equal sequential runs."""
     from lora_studio.core._compat.shared_prefix import first_adapted_layer

@@ -147,11 +147,12 @@ class TrainChart(QObject):
     def _show_stats(self, last: TrainMetrics) -> None:
         val = self.series.get(f"{last.run}:val", ([], []))[1]
         what = "baseline " if last.run == "full" else ""
+        # the time left first: a narrow pane elides the end of the line, and the rates matter least
+        left = f"{format_duration(last.eta_s)} left" if last.eta_s is not None else "time left: after a few steps"
         self.stats_label.setText(
-            f"{what}step {last.step}/{last.total_steps} · train {last.train_loss:.4f}"
+            f"{what}step {last.step}/{last.total_steps} · {left} ({format_duration(last.elapsed_s)} elapsed)"
+            + f" · train {last.train_loss:.4f}"
             + (f" · val {val[-1]:.4f}" if val else "")
             + (f" · lr {last.learning_rate:.2e}" if last.learning_rate is not None else "")
             + (f" · {last.tokens_per_s:,.0f} tokens/s" if last.tokens_per_s else "")
-            + f" · {format_duration(last.elapsed_s)} elapsed · "
-            + (f"{format_duration(last.eta_s)} left" if last.eta_s is not None else "time left: after a few steps")
         )
