@@ -77,7 +77,7 @@ def test_a_data_file_of_the_wrong_shape(tiny_llama, tmp_path, capsys):
     assert code == 2 and "match no dataset shape" in err
 
 
-def test_a_gguf_of_the_base_is_scored_beside_it_in_llama_cpp(tmp_path, capsys, gguf_llama):
+def test_a_gguf_of_the_base_is_scored_beside_it_in_llama_cpp(tmp_path, capsys, gguf_llama, tiny_llama):
     pytest.importorskip("llama_cpp", reason="llama.cpp's binding is installed by `make test`")
     from lora_studio.core.export import ExportRequest, export_gguf
     from lora_studio.core.model.sources import resolve_source
@@ -90,3 +90,7 @@ def test_a_gguf_of_the_base_is_scored_beside_it_in_llama_cpp(tmp_path, capsys, g
     assert code == 0, err
     summary = {s["name"]: s for s in json.loads(out)["summary"] if s["dataset"] is None}
     assert summary["file"]["loss"] == pytest.approx(summary["base"]["loss"], abs=1e-3)  # float32: the same model
+    # the same file beside another base (320 tokens, not 49,152): its scores would not compare, so it is refused
+    code, out, err = run_in_process(capsys, ["evaluate", tiny_llama, "--data", data, "--gguf", f"file={gguf.out}"])
+    # (in a test, llama.cpp's Python logger writes to the captured sys.stderr, not to the descriptor it silences)
+    assert code == 2 and "more than the base's 320" in err.strip().splitlines()[-1], err

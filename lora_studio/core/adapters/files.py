@@ -331,9 +331,14 @@ def load_tensors(folder: Path) -> dict:
     return {strip_prefix(k): v for k, v in data.items()}
 
 
+# no trainer writes a factor or weight this large (LoRA factors are around 1, PiSSA's the root of a singular value);
+# beyond it B·A overflows a 16-bit weight, and a merge writes Inf
+MAX_WEIGHT_VALUE = 1e6
+
+
 def check_finite(tensors: dict, folder: Path) -> None:
-    """Refuse NaN/Inf weights (attached or merged, they would corrupt every output) and LoRA factors stored as
-    whole numbers (no trainer writes them; PEFT would cast them silently)."""
+    """Refuse NaN/Inf weights (attached or merged, they would corrupt every output), values no trainer writes (over
+    MAX_WEIGHT_VALUE) and LoRA factors stored as whole numbers (PEFT would cast them silently)."""
     import torch
 
     readable = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -347,15 +352,19 @@ def check_finite(tensors: dict, folder: Path) -> None:
             )
         if not t.is_floating_point() or t.numel() == 0:
             continue
-        # A NaN or Inf makes the sum NaN or Inf, so a finite sum proves every value finite: one cheap
-        # reduction instead of a boolean tensor per weight (a sum that overflows falls through to the exact check).
-        if bool(torch.isfinite(t.sum())):
-            continue
-        if not bool(torch.isfinite(t).all()):
+        # one reduction a tensor: a NaN or Inf makes the extremes NaN or Inf, and they bound every value
+        low, high = torch.aminmax(t.float() if t.dtype != torch.float32 else t)
+        peak = max(-float(low), float(high))
+        if not math.isfinite(peak):
             bad = int((~torch.isfinite(t)).sum())
             raise UserError(
                 f"{Path(folder).name}: {key} has {bad} NaN/Inf values",
                 "the training diverged; this adapter would corrupt every output",
+            )
+        if peak > MAX_WEIGHT_VALUE:
+            raise UserError(
+                f"{Path(folder).name}: {key} holds values up to {peak:.3g}; a merge of it overflows",
+                "the training diverged, or the file is not a real adapter",
             )
 
 

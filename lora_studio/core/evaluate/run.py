@@ -167,7 +167,7 @@ def evaluate(
         scores: dict[str, list[ExampleScore | None]] = {_name(c): [None] * len(examples) for c in columns}
         done = 0
         used = 1 + max((max(p + a, default=0) for p, a in rows), default=0)  # the largest token id the rows hold
-        runners = _gguf_runners(columns, used)
+        runners = _gguf_runners(columns, used, vocab)
         try:
             for group in groups:
                 cancel.raise_if_cancelled()
@@ -274,7 +274,7 @@ def _group_logprobs(
     return {_name(c): out[_name(c)] for c in columns}
 
 
-def _gguf_runners(columns: list[Column], vocab: int | None = None) -> dict[str, Any]:
+def _gguf_runners(columns: list[Column], vocab: int | None = None, model_vocab: int | None = None) -> dict[str, Any]:
     ggufs = [c for c in columns if isinstance(c, GgufVariant)]
     if not ggufs:
         return {}
@@ -288,6 +288,12 @@ def _gguf_runners(columns: list[Column], vocab: int | None = None) -> dict[str, 
                 raise UserError(
                     f"{c.name}: {Path(c.path).name} has {runner.llm.n_vocab():,} tokens, fewer than the base's "
                     f"tokenizer uses ({vocab:,}): it is another model's GGUF",
+                    "give a GGUF of this base (its own export)",
+                )
+            if model_vocab is not None and runner.llm.n_vocab() > model_vocab:  # its logits mean other tokens
+                raise UserError(
+                    f"{c.name}: {Path(c.path).name} has {runner.llm.n_vocab():,} tokens, more than the base's "
+                    f"{model_vocab:,}: it is another model's GGUF, and its scores would not compare",
                     "give a GGUF of this base (its own export)",
                 )
     except BaseException:
