@@ -315,3 +315,21 @@ def test_a_chat_template_asking_for_a_huge_range_is_one_line(tiny_llama, tmp_pat
     tokenizer.chat_template = "{% for i in range(100000000) %}x{% endfor %}"
     with pytest.raises(UserError, match="chat template"):
         apply_chat_template(tokenizer, [{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_whole_weights_an_adapter_does_not_declare_are_said(tiny_llama, llama_adapters, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "extra"
+    shutil.copytree(llama_adapters["alpha"], adapter)
+    weights = adapter / "adapter_model.safetensors"
+    base = load_file(next(Path(tiny_llama).glob("*.safetensors")))
+    head = base.get("lm_head.weight", base["model.embed_tokens.weight"])
+    save_file({**load_file(weights), "base_model.model.lm_head.weight": torch.zeros_like(head)}, weights)
+    code, out, err = run_in_process(capsys, ["inspect", tiny_llama, "--adapter", adapter, "--json"])
+    assert code == 0, err
+    warnings = json.loads(out)["adapters"][0]["warnings"]
+    assert any("lm_head.weight" in w and "replace the base's" in w for w in warnings), warnings

@@ -213,6 +213,14 @@ def check(
                 "the adapter was trained with a resized vocabulary or on another base; "
                 "resize the base's embeddings to the adapter's tokenizer first",
             )
+    declared = set(config.modules_to_save or ())
+    undeclared = sorted(p for p in lay.full_weights if p.rsplit(".", 2)[-2] not in declared)
+    if undeclared:
+        # PEFT loads such a tensor over the base's own (a saved embedding layer does this): said, not silent
+        warnings.append(
+            f"{folder.name} holds whole weights for {first_and_more(undeclared)} that its config does not list in "
+            "modules_to_save: attached or merged, they replace the base's"
+        )
 
     for module, key in lay.trainable_tokens.items():
         base_shape = base_shapes.get(f"{module}.weight")
