@@ -172,6 +172,8 @@ def progress_text(p: Progress) -> str:
     percent = f"{max(0.0, min(1.0, p.done / total)) * 100:.0f} %"
     if p.unit == "bytes":
         return f"{p.message} · {p.done / MIB:,.1f} / {total / MIB:,.1f} MiB ({percent})"
+    if p.counted:
+        return f"{p.message} ({percent})"
     unit = f" {p.unit}" if p.unit else ""
     return f"{p.message} · {int(p.done)}/{int(total)}{unit} ({percent})"
 

@@ -18,6 +18,9 @@ from lora_studio.core.errors import Cancelled
 _COUNTS = re.compile(r"\s*\d[\d,.]*(?:\s*/\s*\d[\d,.]*)?")
 
 
+_COUNT = re.compile(r"\d[\d,]*\s*/\s*\d[\d,]*")  # "26/36", "1,024 / 2,048"
+
+
 def stage_of(message: str) -> str:
     """The stage a message names: the message without its counts ("merging tensor 5/272" -> "merging tensor")."""
     return _COUNTS.sub("", message).strip()
@@ -37,6 +40,11 @@ class Progress:
     def __post_init__(self) -> None:
         if not self.stage:
             object.__setattr__(self, "stage", stage_of(self.message))
+
+    @property
+    def counted(self) -> bool:
+        """Whether the message carries a count of its own ("layer 5/120"): a front end then shows no second one."""
+        return _COUNT.search(self.message) is not None
 
     @property
     def fraction(self) -> float | None:

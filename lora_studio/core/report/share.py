@@ -220,7 +220,11 @@ def _ci(ci: Any) -> str:
     return "-" if not ci else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
-def _provenance_lines(doc: Document) -> list[str]:
+def _provenance_lines(
+    doc: Document, text: Callable[[Any], str] = _text, code: Callable[[Any], str] = _code
+) -> list[str]:
+    """The document's provenance as "- " lines: Markdown by default, or with ``text``/``code`` of another format."""
+    _text, _code = text, code
     prov = doc.get("provenance") or {}
     base = prov.get("base") or doc.get("base") or {}
     variants = prov.get("variants") or doc.get("variants") or []
@@ -389,14 +393,10 @@ def _page(title: str, body: list[str]) -> str:
 
 
 def _provenance_html(doc: Document) -> str:
-    items = "".join(f"<li>{_inline_code(line[2:])}</li>" for line in _provenance_lines(doc))
+    # the same lines, escaped for HTML (Markdown's backslashes would show on the page)
+    lines = _provenance_lines(doc, text=_e, code=lambda value: f"<code>{_e(value)}</code>")
+    items = "".join(f"<li>{line[2:]}</li>" for line in lines)
     return f'<ul class="meta">{items}</ul>'
-
-
-def _inline_code(markdown_line: str) -> str:
-    """`x` spans of a provenance line as <code>, the rest escaped."""
-    parts = markdown_line.split("`")
-    return "".join(f"<code>{_e(p)}</code>" if i % 2 else _e(p) for i, p in enumerate(parts))
 
 
 def _cell(value: Any, text: str, cls: str = "num") -> str:
@@ -556,7 +556,7 @@ def evaluation_html(doc: Document) -> str:
         for d in doc["datasets"]:
             body += [
                 f"<h2>{_e(d['name'])}</h2>",
-                '<p class="meta">' + _inline_code(f"`{d['path']}` sha256 `{d.get('sha256')}`") + "</p>",
+                f'<p class="meta"><code>{_e(d["path"])}</code> sha256 <code>{_e(d.get("sha256"))}</code></p>',
             ]
             body.append(_summary_table(doc, d["name"]))
     sweep = doc.get("scale_sweep")

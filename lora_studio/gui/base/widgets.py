@@ -210,6 +210,8 @@ def progress_text(progress: Progress) -> str:
     if progress.unit == "bytes":
         done, total = format_bytes(int(progress.done)), format_bytes(int(progress.total or 0))
         return f"{progress.message} · {done} of {total}"
+    if progress.counted:  # "scoring examples 26/36" says its count already; a second one could disagree
+        return progress.message
     unit = f" {progress.unit}" if progress.unit else ""
     return f"{progress.message}: {int(progress.done):,}/{int(progress.total or 0):,}{unit}"
 

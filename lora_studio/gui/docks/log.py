@@ -9,7 +9,9 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QFont, QTextCursor
-from PySide6.QtWidgets import QHBoxLayout, QLabel, QPlainTextEdit, QPushButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QHBoxLayout, QPlainTextEdit, QPushButton, QVBoxLayout, QWidget
+
+from lora_studio.gui.base.widgets import ElidedLabel
 
 MAX_BLOCKS = 5000  # old lines scroll away instead of growing without bound
 _LEVELS = {
@@ -44,8 +46,8 @@ class LogPanel(QWidget):
         layout.addLayout(row)
         # Plain copies, for tests and "copy log"; bounded like the view, or a day of jobs would grow it for ever.
         self.lines: deque[str] = deque(maxlen=MAX_BLOCKS)
-        self.log_file = QLabel("")
-        self.log_file.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        # elided: a long path asked the dock for its whole width, which cut the Clear button
+        self.log_file = ElidedLabel("", mode=Qt.TextElideMode.ElideMiddle)
         self.log_file.setStyleSheet("color: palette(mid);")
         row.insertWidget(0, self.log_file, 1)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from PySide6.QtCore import QSize, Qt, QTimer
-from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent, QPaintEvent, QShowEvent
+from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent, QPaintEvent, QResizeEvent, QShowEvent
 from PySide6.QtWidgets import (
     QDockWidget,
     QFrame,
@@ -56,9 +56,14 @@ from lora_studio.gui.window.tabs import TABS
 
 P = TypeVar("P", bound=Panel)
 log = logging.getLogger(__name__)
-# under these a dock is squeezed out of use (the Base model column at ~60 px after a small window): laid out anew
+# the Base model column never gets narrower than this (a small window squeezes the tabs instead)
 MIN_MODEL_DOCK_WIDTH = 200
-MIN_BOTTOM_DOCK_HEIGHT = 80
+# under these a dock is squeezed out of use (the column scrolls sideways, the memory chart is a strip): when the
+# window has room for more, on a resize and at the start, it is laid out anew
+USABLE_MODEL_DOCK_WIDTH = 260
+USABLE_BOTTOM_DOCK_HEIGHT = 120
+ROOMY_WINDOW = QSize(1200, 680)  # a window at least this large has room for every dock's usable size
+REPAIR_DELAY_MS = 300  # after the last resize (a drag resizes many times)
 
 
 def session_markers(before: SessionState, after: SessionState) -> list[str]:
@@ -223,12 +228,20 @@ class MainWindow(QMainWindow):
         return [
             d
             for d in docked
-            if (d is self.model_dock and d.width() < MIN_MODEL_DOCK_WIDTH)
-            or (d is not self.model_dock and d.height() < MIN_BOTTOM_DOCK_HEIGHT)
+            if (d is self.model_dock and d.width() < USABLE_MODEL_DOCK_WIDTH)
+            or (d is not self.model_dock and d.height() < USABLE_BOTTOM_DOCK_HEIGHT)
         ]
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        # back from a small size, Qt leaves the docks as small as they were: a roomy window gets them back
+        if self._started and self._repair_timer is not None:
+            self._repair_timer.start()
 
     def _repair_layout(self) -> None:
         """A saved layout that left a dock collapsed is laid out anew, as the first start does."""
+        if self.width() < ROOMY_WINDOW.width() or self.height() < ROOMY_WINDOW.height():
+            return  # a small window: small docks are its choice
         collapsed = [d.objectName() for d in self.collapsed_docks()]
         if collapsed:
             log.info("the saved layout left %s collapsed: laid out anew", ", ".join(collapsed))
@@ -375,6 +388,7 @@ class MainWindow(QMainWindow):
     _closed = False
     _started = False  # the first show ran _after_shown
     _repair_layout_when_shown = False  # a saved layout was restored: checked for collapsed docks once shown
+    _repair_timer: QTimer | None = None  # made once shown: a resize then checks the docks (see _repair_layout)
 
     def _log_since_start(self, what: str, until: str = "") -> None:
         """'<what> after 1.23 s (process start → <until>)' in the log panel and on stdout."""
@@ -409,8 +423,12 @@ class MainWindow(QMainWindow):
     def _after_shown(self) -> None:
         if self._closed:
             return
-        if self._repair_layout_when_shown:  # sizes are known once the window is shown
-            self._repair_layout()
+        self._repair_timer = QTimer(self)
+        self._repair_timer.setSingleShot(True)
+        self._repair_timer.setInterval(REPAIR_DELAY_MS)
+        self._repair_timer.timeout.connect(self._repair_layout)
+        if self._repair_layout_when_shown:  # sizes are known once the window is shown and laid out
+            self._repair_timer.start()
         # Off the critical path: sampling, the local model scan, and pyqtgraph's import on a thread.
         self.monitor.start()
         self.model_panel.refresh_local()

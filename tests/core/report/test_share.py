@@ -150,3 +150,8 @@ def test_markdown_shows_hostile_names_as_text_and_csv_runs_no_formula(request, t
         cells = [cell for row in csv.reader(f) for cell in row]
     assert not [c for c in cells if c.startswith(("=", "@", "+"))]
     assert any(c.startswith("'=HYPERLINK") for c in cells)
+    # the HTML page shows a name as written: Markdown's backslashes are not the page's
+    plain = copy.deepcopy(request.getfixturevalue(fixture))
+    plain.setdefault("provenance", {})["base"] = {"label": "SmolLM2 (demo) *x* <b>", "path": "/m", "config_sha256": "c"}
+    html_page = share.render(plain, "html")
+    assert "SmolLM2 (demo) *x* &lt;b&gt;" in html_page and "\\(demo\\)" not in html_page

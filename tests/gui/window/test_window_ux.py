@@ -217,7 +217,11 @@ def test_a_merge_result_does_not_squeeze_the_memory_chart(qtbot, window, tiny_ll
 
 
 def test_reset_layout_and_a_collapsed_saved_layout_repaired(qtbot, tmp_path, data_dir):
-    from lora_studio.gui.window.main_window import MIN_BOTTOM_DOCK_HEIGHT, MIN_MODEL_DOCK_WIDTH
+    from lora_studio.gui.window.main_window import (
+        MIN_MODEL_DOCK_WIDTH,
+        USABLE_BOTTOM_DOCK_HEIGHT,
+        USABLE_MODEL_DOCK_WIDTH,
+    )
 
     w = make_window(qtbot, tmp_path)
     w.resize(1280, 720)
@@ -225,7 +229,17 @@ def test_reset_layout_and_a_collapsed_saved_layout_repaired(qtbot, tmp_path, dat
     w.memory_dock.setFloating(True)
     w.menus.reset_layout_action.trigger()
     qtbot.waitUntil(lambda: w.log_dock.isVisible() and not w.memory_dock.isFloating())
-    assert w.model_dock.width() >= MIN_MODEL_DOCK_WIDTH and not w.collapsed_docks()
+    qtbot.waitUntil(lambda: w.model_dock.width() >= USABLE_MODEL_DOCK_WIDTH and not w.collapsed_docks())
+    # 1000 x 600 squeezes the docks; back at 1280 x 720 they are usable again (Qt would leave them squeezed)
+    w.resize(1000, 600)
+    qtbot.waitUntil(lambda: w.width() < 1280)  # as small as the window's minimum allows
+    w.resizeDocks([w.memory_dock, w.log_dock], [40, 40], Qt.Orientation.Vertical)
+    w.resizeDocks([w.model_dock], [MIN_MODEL_DOCK_WIDTH], Qt.Orientation.Horizontal)
+    w.resize(1280, 720)
+    qtbot.waitUntil(
+        lambda: w.model_dock.width() >= USABLE_MODEL_DOCK_WIDTH and w.memory_dock.height() >= USABLE_BOTTOM_DOCK_HEIGHT,
+        timeout=5000,
+    )
     # a layout saved with the Base model column squeezed to ~60 px (as a window of 1000 x 600 left it before the
     # column had a minimum width) opens with the column usable
     w.model_dock.setMinimumWidth(0)
@@ -234,8 +248,9 @@ def test_reset_layout_and_a_collapsed_saved_layout_repaired(qtbot, tmp_path, dat
     w.settings.save_window(w.saveGeometry(), w.saveState())
     w.shutdown()
     again = make_window(qtbot, tmp_path)
-    qtbot.waitUntil(lambda: again.model_dock.width() >= MIN_MODEL_DOCK_WIDTH, timeout=5000)
-    assert not again.collapsed_docks() and again.memory_dock.height() >= MIN_BOTTOM_DOCK_HEIGHT
+    again.resize(1280, 720)
+    qtbot.waitUntil(lambda: again.model_dock.width() >= USABLE_MODEL_DOCK_WIDTH, timeout=5000)
+    assert not again.collapsed_docks() and again.memory_dock.height() >= USABLE_BOTTOM_DOCK_HEIGHT
     again.shutdown()
 
 

@@ -64,6 +64,7 @@ class ComparePanel(Panel):
     def __init__(self, ctx: TabContext, parent: QWidget | None = None) -> None:
         super().__init__(ctx, parent)
         self.job: Job | None = None
+        self._demo_prompts = False  # the selector holds the demo adapters' prompts (prefill_demo)
         self._columns_stale = False  # the ticks changed while the tab was hidden: columns built when it is shown
         self._flush_timer = QTimer(self)
         self._flush_timer.setInterval(FLUSH_INTERVAL_MS)
@@ -290,6 +291,7 @@ class ComparePanel(Panel):
         attached = {a[0] for a in self.state.adapters}
         chosen = {name: p for name, p in prompts.items() if name in attached} or prompts
         self.set_prompts(list(chosen.values()), [f"{name}: {p}" for name, p in chosen.items()])
+        self._demo_prompts = True
         self.set_ticked([self.base_name(), *[name for name in chosen if name in attached]])
         self.show_message("demo: one prompt per adapter is ready; press Run to compare them", "ok")
 
@@ -336,6 +338,15 @@ class ComparePanel(Panel):
     @property
     def chat_mode(self) -> bool:
         return self.pages.currentWidget() is self.chat
+
+    def forget_base(self) -> None:
+        """Outputs of the last base, and the demo's prompts for its adapters, are not this base's."""
+        super().forget_base()
+        if self.job is None or self.job.done:
+            self.results.forget()
+            if self._demo_prompts:  # one prompt per demo adapter: not this base's
+                self._demo_prompts = False
+                self.set_prompts([""])
 
     def set_chat_mode(self, on: bool) -> None:
         switched = (self.pages.currentWidget() is self.chat) != on

@@ -134,6 +134,15 @@ class CompareResults(QWidget):
         if self.outcome is not None:
             self._show_result(index)
 
+    def forget(self) -> None:
+        """No run (another base was loaded): the columns empty, the run's note gone."""
+        self.outcome = None
+        self._streamed = {}
+        for column in self.columns:
+            column.reset()
+            column.text.setPlaceholderText("press Run")
+        self.summary_changed.emit("", "")
+
     # -- a run ---------------------------------------------------------------------------------------------------------
     def start_run(self, prompts: list[str], variants: list[tuple[str, str]]) -> None:
         """A run of ``prompts`` through ``variants`` begins: fresh columns waiting, the first prompt shown."""

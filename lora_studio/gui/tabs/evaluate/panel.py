@@ -120,6 +120,16 @@ class EvaluatePanel(Panel):
         self.refresh_sweep_data()
         self.update_buttons()
 
+    def forget_base(self) -> None:
+        """Scores of the last base are not this one's: the tables, the sweep and Save report go."""
+        super().forget_base()
+        if self.job is None:
+            self.result, self.sweep = None, None
+            self.summary.clear()
+            self.examples.clear()
+            self.scale_box.clear()
+            self.update_buttons()
+
     def refresh_sweep_data(self) -> None:
         """The sweep's data choices follow the files and the adapter chosen (its validation set first)."""
         from lora_studio.core.evaluate.datasets import default_set_for

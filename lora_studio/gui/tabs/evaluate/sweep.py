@@ -90,6 +90,12 @@ class SweepBox(QWidget):
             self.scale_adapter.setCurrentText(current)
         self.scale_adapter.blockSignals(False)
 
+    def clear(self) -> None:
+        """No sweep (another base was loaded)."""
+        if self.plot is not None:
+            self.plot.clear()
+        self.best_label.setText("")
+
     def set_data_choices(self, files: list[Path], own: Path | None) -> None:
         """The sets to sweep on: each evaluation file, and every one together; ``own`` (the adapter's validation
         set, listed first when it is not among the files) is chosen, else the one chosen before, else them all."""

@@ -52,6 +52,9 @@ def read_only(table: QTableWidget) -> None:
     table.setAlternatingRowColors(True)
 
 
+NO_RESULT = "Pick the data and the variants, then Evaluate."
+
+
 class SummaryPage(QWidget):
     """The set picker, the summary table, the Δloss of each variant on each set, and the verdict."""
 
@@ -61,7 +64,7 @@ class SummaryPage(QWidget):
         self.set_combo = QComboBox()
         self.set_combo.addItem(ALL_SETS)
         self.set_combo.setToolTip("the summary of one set, or of every set together")
-        self.verdict = QLabel("Pick the data and the variants, then Evaluate.")
+        self.verdict = QLabel(NO_RESULT)
         self.verdict.setWordWrap(True)
         self.summary_table = QTableWidget(0, 8)
         self.summary_table.setHorizontalHeaderLabels(
@@ -94,6 +97,17 @@ class SummaryPage(QWidget):
         layout.addWidget(self.by_set_table, 1)
         layout.addWidget(self.verdict)
         self.set_combo.currentIndexChanged.connect(lambda _i: self.show_summary())
+
+    def clear(self) -> None:
+        """No result (another base was loaded): the tables empty, the first words back."""
+        self.result = None
+        self.summary_table.setRowCount(0)
+        self.by_set_table.hide()
+        self.set_combo.blockSignals(True)
+        self.set_combo.clear()
+        self.set_combo.addItem(ALL_SETS)
+        self.set_combo.blockSignals(False)
+        self.verdict.setText(NO_RESULT)
 
     def show_result(self, result: EvaluationResult) -> None:
         """A new evaluation: one set entry per set (when there are several), every table filled."""
@@ -151,6 +165,10 @@ class ExamplesPage(QWidget):
             f"{len(result.examples)} examples; {total} regression(s) (loss above the base's by more than "
             f"{_regression_nats():g} nats/token). Double-click an example to open it in Compare."
         )
+
+    def clear(self) -> None:
+        self.examples_table.setRowCount(0)
+        self.examples_note.setText("")
 
     def _double_clicked(self, row: int, _column: int) -> None:
         item = self.examples_table.item(row, 2)

@@ -84,9 +84,10 @@ class CutBox(QGroupBox):
         form.addRow(self.suggestions)
         form.addRow("Mode", self.mode_combo)
         target_row = QHBoxLayout()
-        target_row.addWidget(QLabel("rank"))
+        self.rank_label, self.energy_label = QLabel("rank"), QLabel("energy")
+        target_row.addWidget(self.rank_label)
         target_row.addWidget(self.rank_spin)
-        target_row.addWidget(QLabel("energy"))
+        target_row.addWidget(self.energy_label)
         target_row.addWidget(self.energy_spin)
         target_row.addStretch(1)
         form.addRow("Keep", target_row)
@@ -147,8 +148,13 @@ class CutBox(QGroupBox):
         self.data_btn.setEnabled(self.measure_check.isChecked())
         for widget in (self.mode_combo, self.rank_spin, self.energy_spin, self.suggestions):
             widget.setEnabled(has_plan)
-        self.rank_spin.setVisible(self.mode() == BY_RANK)
-        self.energy_spin.setVisible(self.mode() == BY_ENERGY)
+        by_rank = self.mode() == BY_RANK
+        for shown, widgets in (
+            (by_rank, (self.rank_label, self.rank_spin)),
+            (not by_rank, (self.energy_label, self.energy_spin)),
+        ):
+            for box in widgets:  # a box's label goes with it
+                box.setVisible(shown)
 
     def _use_suggestion(self, row: int, column: int) -> None:
         if not 0 <= row < len(self._suggestions):

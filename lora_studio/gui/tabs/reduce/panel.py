@@ -118,6 +118,16 @@ class ReducePanel(Panel):
             self.read_plan()
         self.update_buttons()
 
+    def forget_base(self) -> None:
+        """The last base's reduction (its chart, its saved line) is not this one's."""
+        super().forget_base()
+        if self.job is None:
+            self.result = None
+            self.result_label.setText("")
+            if self.chart.plot is not None:
+                self.chart.plot.clear()
+            self.chart.drawn = False
+
     def update_buttons(self) -> None:
         reason = self.busy_reason or ("" if self.state.loaded else "load a base model first")
         reason = reason or ("" if self.plan is not None else "attach a LoRA adapter first")

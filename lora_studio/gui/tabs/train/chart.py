@@ -76,9 +76,11 @@ class TrainChart(QObject):
         self._timer.start()
 
     def stop(self) -> None:
-        """The run ended: the last points are drawn."""
+        """The run ended: the last points are drawn, and the line says how long it took, not what is left."""
         self._timer.stop()
         self.draw()
+        if self._last_train_point is not None:
+            self._show_stats(self._last_train_point, ended=True)
 
     def ensure_plot(self) -> Any:
         """The chart, made on first use (the empty chart, axes and legend, before the first point)."""
@@ -144,13 +146,18 @@ class TrainChart(QObject):
         if last is not None:
             self._show_stats(last)
 
-    def _show_stats(self, last: TrainMetrics) -> None:
+    def _show_stats(self, last: TrainMetrics, *, ended: bool = False) -> None:
         val = self.series.get(f"{last.run}:val", ([], []))[1]
         what = "baseline " if last.run == "full" else ""
         # the time left first: a narrow pane elides the end of the line, and the rates matter least
         left = f"{format_duration(last.eta_s)} left" if last.eta_s is not None else "time left: after a few steps"
+        timing = (
+            f"ended after {format_duration(last.elapsed_s)}"
+            if ended
+            else f"{left} ({format_duration(last.elapsed_s)} elapsed)"
+        )
         self.stats_label.setText(
-            f"{what}step {last.step}/{last.total_steps} · {left} ({format_duration(last.elapsed_s)} elapsed)"
+            f"{what}step {last.step}/{last.total_steps} · {timing}"
             + f" · train {last.train_loss:.4f}"
             + (f" · val {val[-1]:.4f}" if val else "")
             + (f" · lr {last.learning_rate:.2e}" if last.learning_rate is not None else "")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtGui import QShowEvent
-from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QPushButton, QScrollArea, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QFileDialog, QFrame, QHBoxLayout, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.session import SessionState
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from lora_studio.gui.base.context import TabContext
 
 ATTACH_DELAY_MS = 150  # from a run's end to the attach of its adapter
+RESULTS_MIN_HEIGHT = 420  # the estimate, the chart, its lines and the result without overlap; less scrolls
 
 
 class TrainPanel(Panel):
@@ -104,7 +105,14 @@ class TrainPanel(Panel):
         right_layout.addWidget(self.summary.summary_label)
         right_layout.addWidget(self.summary.swap_btn, 0, Qt.AlignmentFlag.AlignLeft)
         right_layout.addWidget(self.data_preview.preview_view, 2)
-        return right
+        # scrolled when the column is short (1280 x 720 after a run): the result lines never slide under the chart
+        scroll = QScrollArea()
+        scroll.setWidget(right)
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        right.setMinimumHeight(RESULTS_MIN_HEIGHT)
+        return scroll
 
     def _build_layout(self, left: QWidget, right: QWidget, buttons: QHBoxLayout) -> None:
         splitter = side_by_side(left, right, (340, 600))
@@ -173,6 +181,15 @@ class TrainPanel(Panel):
                 self.files.advance()
         self.data_preview.estimate_soon()
         self.update_buttons()
+
+    def forget_base(self) -> None:
+        """The last base's run (its curves, its result and the offer of its other weights) is not this base's; a
+        run still going on keeps its own."""
+        if self.running:
+            return
+        super().forget_base()
+        self.summary.clear()
+        self.chart.begin_run(fresh=True, baseline=False)
 
     @property
     def running(self) -> bool:
