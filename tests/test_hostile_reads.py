@@ -333,3 +333,18 @@ def test_whole_weights_an_adapter_does_not_declare_are_said(tiny_llama, llama_ad
     assert code == 0, err
     warnings = json.loads(out)["adapters"][0]["warnings"]
     assert any("lm_head.weight" in w and "replace the base's" in w for w in warnings), warnings
+
+
+def test_a_base_with_nan_weights_is_one_line(tiny_llama, llama_adapters, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "nan-base"
+    shutil.copytree(tiny_llama, base)
+    weights = next(base.glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    argv = ["compare", base, "--adapter", f"a={llama_adapters['alpha']}", "--prompt", "hi", "--max-new-tokens", "2"]
+    one_line(*run_in_process(capsys, argv), "NaN/Inf")

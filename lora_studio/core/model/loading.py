@@ -232,6 +232,7 @@ def load_model(
             f"(e.g. {missing[0]}); they would be random",
             "the checkpoint is incomplete, or config.json belongs to another model",
         )
+    _check_finite_weights(model, source)
     if source.gguf_file:
         _check_gguf_read(model, source)
         _forget_gguf_quantization(model)
@@ -241,6 +242,24 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _check_finite_weights(model: PreTrainedModel, source: ModelSource) -> None:
+    """A base with a NaN or Inf weight answers NaN everywhere, and a merge of it is NaN: one line instead. One
+    reduction a parameter (a finite sum proves every value finite; an overflowing one gets the exact check);
+    weights stored as whole numbers (4/8-bit codes) and offloaded ones (on the meta device) are left alone."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if not param.is_floating_point() or param.device.type == "meta" or param.numel() == 0:
+            continue
+        if bool(torch.isfinite(param.sum())) or bool(torch.isfinite(param).all()):
+            continue
+        bad = int((~torch.isfinite(param)).sum())
+        raise UserError(
+            f"{source.label}: {name} holds {bad} NaN/Inf values; every output would be NaN",
+            "the checkpoint is damaged; download or save the model again",
+        )
 
 
 def _check_gguf_read(model: PreTrainedModel, source: ModelSource) -> None:
