@@ -401,7 +401,7 @@ def _encode_rows(
 ) -> list[Example]:
     out = []
     for n, row in enumerate(rows, 1):
-        if n % 64 == 0:
+        if n % 64 == 0 or n == 1:  # the stage is said from the first row, with its count
             cancel.raise_if_cancelled()
             report(Progress(n, len(rows), f"preparing data: row {n}/{len(rows)}", "rows"))
         out.append(

@@ -147,6 +147,7 @@ def _train(request: TrainRequest, *, cancel: CancelToken, report: Report, on_met
         trust_remote_code=request.trust_remote_code,
         quantize=settings.quantize,
         cancel=cancel,
+        report=report,  # each tensor counted, as a load in the window is
     )
     if settings.quantize:
         from peft import prepare_model_for_kbit_training
@@ -588,6 +589,7 @@ def _run_baseline(
         device_map=settings.device,
         trust_remote_code=request.trust_remote_code,
         cancel=cancel,
+        report=report,
     )
     model.requires_grad_(True)
     with tempfile.TemporaryDirectory(prefix="lora-studio-baseline-") as scratch:

@@ -429,3 +429,12 @@ def test_a_base_without_a_chat_template_trains_prompt_and_answer_as_written_as_t
     result = train_adapter(request(plain_llama, path, tmp_path / "out", one_step))
     assert json.loads((result.adapter / "lora_studio.json").read_text())["data"]["text_format"] == "plain"
     assert "prompt it with the bare prompt" in (result.adapter / "README.md").read_text()
+
+
+def test_the_start_of_a_run_counts_its_stages(tiny_llama, pairs, tmp_path):
+    """Before step 0: the rows prepared, the weights loaded and the init's layers, each with its count."""
+    reports = []
+    settings = QUICK.with_changes(max_steps=1, init="olora")
+    train_adapter(request(tiny_llama, pairs, tmp_path / "a", settings), report=reports.append)
+    counted = {p.stage for p in reports if p.total}
+    assert {"preparing data: row", "loading weights", "adding the adapter (olora init): layer"} <= counted, counted
