@@ -115,3 +115,15 @@ def test_replacing_an_output_that_is_a_link_leaves_no_temporary(inputs, tmp_path
     assert code == 0, err
     assert (link / "adapter_config.json").is_file() and not link.is_symlink() and real.is_dir()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no hidden partial left
+
+
+def test_an_output_beside_a_gguf_base_is_not_inside_it(tmp_path, capsys):
+    """A GGUF base is its file: an adapter saved in the folder that holds it is apart from it."""
+    gguf = tmp_path / "models" / "base.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)  # refused later, when it is read, not as the output's container
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    argv = ["train", gguf, "--data", data, "--max-steps", "1", "--out", gguf.parent / "adapter"]
+    code, _out, err = run_in_process(capsys, argv)
+    assert code == 2 and "inside" not in err, err

@@ -111,7 +111,7 @@ def _train(request: TrainRequest, *, cancel: CancelToken, report: Report, on_met
     check_output_apart(
         Path(request.out),
         {
-            "base model": request.base.path,
+            "base model": request.base.file,  # a GGUF base: the file (its folder may hold the output)
             "training data": Path(request.train_file),
             "validation data": Path(request.val_file) if request.val_file else None,
             "checkpoint to resume from": Path(request.resume) if request.resume else None,

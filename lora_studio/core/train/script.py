@@ -239,7 +239,7 @@ def export_script(request: TrainRequest, folder: Path, *, gpus: int = 2, overwri
     check_output_apart(
         Path(folder),
         {
-            "base model": request.base.path,
+            "base model": request.base.file,
             "training data": Path(request.train_file),
             "validation data": Path(request.val_file) if request.val_file else None,
             "checkpoint to resume": Path(request.resume) if request.resume else None,
