@@ -19,7 +19,7 @@ def test_progress_text_reads_in_mib_and_percent():
     assert common.progress_text(big) == "merging tensor 100/200 · 1,536.0 / 3,072.0 MiB (50 %)"
     assert (
         common.progress_text(Progress(1, 2, "verifying: prompt 1/2", "steps"))
-        == "verifying: prompt 1/2 · 1/2 steps (50 %)"
+        == "verifying: prompt 1/2 (50 %)"  # a message that says its count gets no second one
     )
     assert common.progress_text(Progress(0, None, "loading")) == "loading…"
     assert common.progress_text(Progress(0, 0, "loading")) == "loading…"
