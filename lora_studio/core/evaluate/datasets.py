@@ -11,6 +11,7 @@ Defaults, when the user names no file: the validation file recorded in a trained
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -178,12 +179,30 @@ def default_set_for(adapter_folder: Path) -> Path | None:
     # only the very file the training recorded (its hash): a record that names another file, anywhere on the
     # machine, is not a reason to read it
     recorded = isinstance(val, str) and isinstance(digest, str) and (Path(val).is_file() or Path(val).is_dir())
-    if recorded and tree_sha256(Path(str(val))) == digest:
+    if recorded and _hash_of(Path(str(val))) == digest:
         return Path(str(val))
     demo = demo_dir() / "data" / f"{Path(adapter_folder).name}.val.jsonl"
     if isinstance(record, dict) and "demo" in str(record.get("tool", "")) and demo.is_file():
         return demo
     return None
+
+
+def _hash_of(path: Path) -> str | None:
+    """``tree_sha256`` of a recorded data file, read once while it is unchanged (size and time): the window asks
+    for the default sets after every change of the session, on its own thread. A folder's time does not follow its
+    files' contents, so a saved dataset is hashed each time."""
+    if path.is_dir():
+        return tree_sha256(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return _hash_of_version(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_of_version(path: Path, _size: int, _mtime_ns: int) -> str | None:
+    return tree_sha256(path)
 
 
 def default_sets(adapter_folders: Sequence[Path]) -> list[Path]:
