@@ -68,13 +68,18 @@ def demo_source_if_available() -> ModelSource | None:
 
 
 def list_local_models(extra_dirs: tuple[Path, ...] = ()) -> list[ModelSource]:
-    """Everything loadable that is on this machine: the demo, the HF cache, and models under ``extra_dirs``."""
+    """Everything loadable that is on this machine: the demo, the HF cache, the models in LoRA Studio's own models
+    folder (where a merge of the demo is suggested) and those under ``extra_dirs`` (where the user saved some)."""
     found: list[ModelSource] = []
     demo_source = demo_source_if_available()
     if demo_source is not None:
         found.append(demo_source)
     found.extend(hf_cache_models())
-    found.extend(models_in_folders(extra_dirs))
+    seen = {demo_folder().absolute()}
+    for source in models_in_folders((demo_folder().parent, *extra_dirs)):
+        if source.file not in seen:  # the demo once, a folder named twice once
+            seen.add(source.file)
+            found.append(source)
     return found
 
 

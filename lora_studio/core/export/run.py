@@ -159,6 +159,7 @@ class ExportResult:
     details: dict = field(default_factory=dict)
     carried: CarriedAdapter | None = None  # a merged file of an adapter: how much of it the file's weights carry
     quantized_base: MergeTarget | None = None  # a QLoRA adapter: the weights its update was added to, and why
+    base_to_write: Path | None = None  # an adapter-only file: the base GGUF its serving commands name, not yet written
 
     def to_json(self) -> dict:
         return {
@@ -377,6 +378,7 @@ def export_gguf(
         details,
         carried,
         target,
+        base_gguf if make_base is not None else None,
     )
 
 

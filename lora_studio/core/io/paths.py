@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +24,17 @@ def data_dir(*, create: bool = True) -> Path:
         path = Path(user_data_dir("lora-studio", appauthor=False))
     if create:
         path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def free_path(
+    parent: Path, stem: str, suffix: str = "", taken: Callable[[Path], bool] = lambda path: path.exists()
+) -> Path:
+    """``parent/<stem><suffix>``, else ``<stem>-2<suffix>``, ``<stem>-3<suffix>``…: the first name not ``taken``
+    (a suggested output never names what an earlier run left there)."""
+    path, n = parent / f"{stem}{suffix}", 2
+    while taken(path):
+        path, n = parent / f"{stem}-{n}{suffix}", n + 1
     return path
 
 

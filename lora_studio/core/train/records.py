@@ -14,6 +14,11 @@ from lora_studio.core.train.settings import TrainSettings
 INITIAL_ADAPTER = "initial-adapter"  # the OLoRA/PiSSA starting point, needed to convert the result on save
 
 
+def checkpoints_beside(out: Path) -> Path:
+    """Where a run into ``out`` keeps its checkpoints until it ends (a stopped run leaves them there)."""
+    return out.parent / f"{out.name}.checkpoints"
+
+
 @dataclass(frozen=True)
 class TrainRequest:
     base: ModelSource
@@ -29,8 +34,7 @@ class TrainRequest:
     def checkpoints(self) -> Path:
         if self.resume is not None:
             return Path(self.resume).expanduser().absolute().parent
-        out = Path(self.out).expanduser().absolute()
-        return out.parent / f"{out.name}.checkpoints"
+        return checkpoints_beside(Path(self.out).expanduser().absolute())
 
 
 @dataclass(frozen=True)

@@ -139,9 +139,12 @@ class Panel(QWidget):
 
     def show_saved(self, what: str, path: Path) -> None:
         """'<what> saved: <path> — open it', the link opening the file in the desktop's app."""
-        self.message.show_with_link(
-            f"{what} saved: {path}", "open it", lambda: self.open_url(QUrl.fromLocalFile(str(path)))
-        )
+        self.message.show_with_link(f"{what} saved: {path}", "open it", lambda: self.open_path(path))
+
+    def open_path(self, path: Path) -> None:
+        """``path`` in the desktop's app for it; where none opens it (no browser, no file manager), it says so."""
+        if not self.open_url(QUrl.fromLocalFile(str(path))):
+            self.show_message(f"no program here opens {path.name}; it is at {path}", "info")
 
     def clear_error(self) -> None:
         """A success after a failure: the old error line goes (a success handler may then say more)."""

@@ -7,9 +7,11 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from PySide6.QtCore import QSize, Qt, QTimer
+from PySide6.QtCore import QCoreApplication, QEvent, QObject, QSize, Qt, QTimer
 from PySide6.QtGui import QColor, QPaintEvent, QResizeEvent
 from PySide6.QtWidgets import (
+    QAbstractSpinBox,
+    QComboBox,
     QLabel,
     QMessageBox,
     QProgressBar,
@@ -289,3 +291,42 @@ def side_by_side(left: QWidget, right: QWidget, widths: tuple[int, int]) -> QSpl
     splitter.setStretchFactor(1, 1)
     splitter.setSizes(list(widths))
     return splitter
+
+
+class FocusedWheelOnly(QObject):
+    """An event filter: a wheel event reaches a field only while it has the focus; otherwise it goes to the
+    scroll area around it."""
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        if event.type() == QEvent.Type.Wheel and isinstance(watched, QWidget) and not watched.hasFocus():
+            parent = watched.parentWidget()
+            if parent is not None:  # Qt hands an unhandled wheel on up, to the scroll area
+                QCoreApplication.sendEvent(parent, event)
+            return True
+        return super().eventFilter(watched, event)
+
+
+def wheel_scrolls_past_fields(root: QWidget) -> FocusedWheelOnly:
+    """The wheel over ``root`` scrolls its pane: a spin box or list box under it changes by the wheel only once
+    clicked (a scroll down a form changed the rank, the steps or a GPU size on the way). Keep the returned filter."""
+    guard = FocusedWheelOnly(root)
+    for field in root.findChildren(QAbstractSpinBox) + root.findChildren(QComboBox):
+        field.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+        field.installEventFilter(guard)
+    return guard
+
+
+def refill_adapter_choices(combo: QComboBox, names: list[str], *, choose_new: bool = True) -> None:
+    """Fill ``combo`` with ``names`` without a signal. An adapter new since the last fill is chosen, unless
+    ``choose_new`` is False (the one just trained or attached is the one to judge next); otherwise the choice stays
+    while it is attached."""
+    before = [combo.itemText(i) for i in range(combo.count())]
+    current = combo.currentText()
+    new = [name for name in names if name not in before] if choose_new else []
+    combo.blockSignals(True)
+    combo.clear()
+    combo.addItems(names)
+    chosen = new[-1] if new and before else current
+    if chosen in names:
+        combo.setCurrentText(chosen)
+    combo.blockSignals(False)

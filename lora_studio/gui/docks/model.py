@@ -64,6 +64,7 @@ class ModelPanel(Panel):
         self.estimate: MemoryEstimate | None = None
         self.placement_plan: PlannedPlacement | None = None  # accelerate's share of each device, under the limits
         self.load_job: Job | None = None
+        self.saved_model_folders: list[Path] = []  # where this window saved merged models: listed "on this machine"
         # loading another base detaches the adapters: asked first (tests answer it)
         self.confirm_replace_base: Callable[[Sequence[str]], bool] = self._ask_replace_base
 
@@ -226,12 +227,19 @@ class ModelPanel(Panel):
         beside = Path(text).expanduser().parent if text else None
         return self.start_folder("model", str(beside) if beside is not None and beside.is_dir() else "")
 
+    def add_saved_models(self, folder: str) -> None:
+        """A merged model was saved in ``folder``: list what is there with the machine's models."""
+        if Path(folder) not in self.saved_model_folders:
+            self.saved_model_folders.append(Path(folder))
+        self.refresh_local()
+
     def refresh_local(self) -> None:
         from lora_studio.core.demo.model import list_local_models
 
+        folders = tuple(self.saved_model_folders)
         self.op(
             "listing local models",
-            lambda session, *, cancel, report: list_local_models(),
+            lambda session, *, cancel, report: list_local_models(folders),
             exclusive=False,
             key="list-models",
             progress=False,

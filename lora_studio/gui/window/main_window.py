@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from PySide6.QtCore import QSize, Qt, QTimer
+from PySide6.QtCore import QCoreApplication, QEventLoop, QSize, Qt, QTimer
 from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent, QPaintEvent, QResizeEvent, QShowEvent
 from PySide6.QtWidgets import (
     QDockWidget,
@@ -193,6 +193,7 @@ class MainWindow(QMainWindow):
         self._marked_state = self.session_model.state
         self.adapter_panel.released.connect(self._released)
         self.adapter_panel.adapter_attached.connect(self.settings.add_recent_adapter)
+        self.merge_panel.model_saved.connect(self.model_panel.add_saved_models)
 
     def _restore(self) -> None:
         geometry, state = self.settings.window_geometry(), self.settings.window_state()
@@ -479,6 +480,10 @@ class MainWindow(QMainWindow):
             event.ignore()  # the user keeps the window and the job
             return
         self.settings.save_window(self.saveGeometry(), self.saveState())
+        if job is not None and not job.done:
+            # the window goes at once; the job stops at its safe point behind it (a run writes its step's checkpoint)
+            self.hide()
+            QCoreApplication.processEvents(QEventLoop.ProcessEventsFlag.ExcludeUserInputEvents)
         self.shutdown()
         super().closeEvent(event)
 

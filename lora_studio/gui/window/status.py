@@ -51,24 +51,27 @@ class JobStatus(QObject):
             self.label.setText(f"{job.name}…")
             self.progress.show()
             self.progress.setRange(0, 0)
+        elif _beside(job):
+            self.log_panel.log(f"{job.name} (beside the window)…")
+            self.label.setText(f"{job.name} (beside the window)…")
 
     def _job_progress(self, job: Job, progress: Progress) -> None:
         if job.exclusive:
             show_progress(self.progress, progress)
 
     def _job_finished(self, job: Job, _result: object) -> None:
-        if job.exclusive:
+        if job.exclusive or _beside(job):
             self.log_panel.log(f"{job.name}: done in {time.monotonic() - job.started_at:.1f} s")
             self.label.setText(f"{job.name}: done")
 
     def _job_failed(self, job: Job, desc: ErrorDescription) -> None:
         # One readable line in the window; the full story (traceback for internal errors) in the log.
         self.log_panel.log(f"{job.name}: {desc.message}", "error", desc.detail if desc.kind == "internal" else "")
-        if job.exclusive:  # a side job's failure (an estimate, an inspection) is its panel's line, not the window's
+        if job.exclusive or _beside(job):  # a side job's failure (an estimate…) is its panel's line, not the window's
             self.label.setText(f"✖ {desc.message}")
 
     def _job_cancelled(self, job: Job) -> None:
-        if job.exclusive:
+        if job.exclusive or _beside(job):
             self.log_panel.log(f"{job.name}: cancelled", "warn")
             self.label.setText(f"{job.name}: cancelled")
 
@@ -81,3 +84,9 @@ class JobStatus(QObject):
     def _refused(self, message: str) -> None:
         # the panel that asked says it too, as a warning; not an error for the log (nothing failed)
         self.label.setText(message)
+
+
+def _beside(job: Job) -> bool:
+    """A job the user started that leaves the model to others (a training run in its own process): the status bar
+    names it as a model job, without taking the one Cancel; keyed side jobs (estimates, plans) stay quiet."""
+    return not job.exclusive and job.key is None

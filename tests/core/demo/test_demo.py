@@ -55,3 +55,18 @@ def test_list_local_models_includes_demo_and_extra_dirs(tiny_llama):
     kinds = {s.kind for s in found}
     assert "demo" in kinds
     assert any(s.path == tiny_llama for s in found)
+
+
+def test_list_local_models_includes_the_models_folder_once_each(tiny_llama, data_dir):
+    """LoRA Studio's models folder (the demo's, where a merge of the demo is suggested) is listed; the demo's own
+    folder and a folder named twice come once."""
+    import shutil
+
+    from lora_studio.core.demo.model import demo_folder, list_local_models
+
+    merged = demo_folder().parent / "demo-pirate-merged"
+    shutil.copytree(tiny_llama, merged)
+    shutil.copytree(tiny_llama, demo_folder())  # as if converted: a folder with a config.json
+    found = list_local_models(extra_dirs=(demo_folder().parent,))
+    files = [s.file for s in found]
+    assert files.count(merged.absolute()) == 1 and demo_folder().absolute() not in files

@@ -271,3 +271,21 @@ def test_loading_another_base_asks_before_it_detaches_the_adapters(
     idle(qtbot, window)
     assert not window.session_model.state.adapters
     assert window.adapter_panel.message.text() == ""  # nothing said of the last base stays
+
+
+def test_the_adapter_just_attached_is_the_one_chosen_to_judge(qtbot, window, tiny_llama, llama_adapters):
+    """Evaluate's sweep and Reduce choose a newly attached adapter (the one just trained or attached); a choice the
+    user made stays through session changes that add none."""
+    window.open_base(str(tiny_llama))
+    idle(qtbot, window)
+    window.attach_adapter(str(llama_adapters["alpha"]))
+    idle(qtbot, window)
+    sweep, cut = window.evaluate_panel.scale_box.scale_adapter, window.reduce_panel.cut.adapter_combo
+    assert sweep.currentText() == cut.currentText() == "adapter-alpha"
+    window.attach_adapter(str(llama_adapters["beta"]))
+    idle(qtbot, window)
+    assert sweep.currentText() == cut.currentText() == "adapter-beta"
+    sweep.setCurrentText("adapter-alpha")
+    window.adapter_panel.activate("adapter-alpha")  # a session change that attaches nothing new
+    idle(qtbot, window)
+    assert window.session_model.state.active_adapter == "adapter-alpha" and sweep.currentText() == "adapter-alpha"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QLineEdit, QPushButton, QVBoxLayout, QWidget
 
-from lora_studio.gui.base.widgets import line_chart
+from lora_studio.gui.base.widgets import line_chart, refill_adapter_choices
 
 if TYPE_CHECKING:
     from lora_studio.core.evaluate.scale import ScaleSweep
@@ -81,14 +81,8 @@ class SweepBox(QWidget):
         self.merge_scale_btn.clicked.connect(lambda: self.merge_requested.emit())
 
     def set_adapters(self, names: list[str]) -> None:
-        """The adapters to choose from; the one chosen stays chosen while it is attached."""
-        current = self.scale_adapter.currentText()
-        self.scale_adapter.blockSignals(True)
-        self.scale_adapter.clear()
-        self.scale_adapter.addItems(names)
-        if current in names:
-            self.scale_adapter.setCurrentText(current)
-        self.scale_adapter.blockSignals(False)
+        """The adapters to choose from: a newly attached one is chosen, else the choice stays."""
+        refill_adapter_choices(self.scale_adapter, names)
 
     def clear(self) -> None:
         """No sweep (another base was loaded)."""

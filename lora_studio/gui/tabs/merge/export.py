@@ -8,12 +8,14 @@ Merge tab they act for (:class:`~lora_studio.gui.tabs.merge.host.MergeTab`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.export import ExportPlan, ExportRequest, export_gguf, plan_export
 from lora_studio.core.export.runtime import install_llama_cpp, restart_needed
+from lora_studio.core.io.paths import data_dir, free_path
 from lora_studio.gui.base.jobs import Job
 
 if TYPE_CHECKING:
@@ -66,9 +68,10 @@ def export_request(panel: MergeTab, out: Path | None = None) -> ExportRequest:
 
 
 def suggested_path(panel: MergeTab) -> Path | None:
-    """Beside the base, a name that says what the output holds, numbered past what is there: a merged folder
-    ``<base>-<adapter>-merged``, a merged GGUF ``<base>-<adapter>.<type>.gguf``, an adapter-only GGUF
-    ``<base>-<adapter>.lora-<type>.gguf`` (the base's name first: it is served with that base)."""
+    """Beside the base (a cached one's in LoRA Studio's models folder), a name that says what the output holds,
+    numbered past what is there: a merged folder ``<base>-<adapter>-merged``, a merged GGUF
+    ``<base>-<adapter>.<type>.gguf``, an adapter-only GGUF ``<base>-<adapter>.lora-<type>.gguf`` (the base's name
+    first: it is served with that base)."""
     if not panel.state.base_path:
         return None
     base = Path(panel.state.base_path)
@@ -81,10 +84,10 @@ def suggested_path(panel: MergeTab) -> Path | None:
     else:
         kind = "lora-" if fmt == "gguf-lora" else ""
         stem, suffix = f"{name}{adapter}", f".{kind}{panel.output.gguf_type()}.gguf"
-    path, n = base.parent / f"{stem}{suffix}", 2
-    while path.exists():
-        path, n = base.parent / f"{stem}-{n}{suffix}", n + 1
-    return path
+    # beside the base; a base in the Hugging Face cache is the cache's to manage: LoRA Studio's models folder
+    source = panel.source
+    parent = data_dir() / "models" if source is not None and source.kind == "hf-cache" else base.parent
+    return free_path(parent, stem, suffix)
 
 
 def refresh_export_plan(panel: MergeTab, seq: int) -> Job | None:
@@ -132,6 +135,26 @@ def start_export(panel: MergeTab, out: Path) -> Job | None:
             lambda: panel.show_message("export cancelled; no file was written (an existing one is unchanged)", "warn")
         )
         .run(f"exporting {what} as a {request.type_name} GGUF into {out}…")
+    )
+
+
+def write_base(panel: MergeTab, out: Path, written: Callable[[ExportResult], None]) -> Job | None:
+    """The base alone as an f16 GGUF at ``out``, where an adapter-only file's serving commands expect it; the
+    adapter's result stays shown (``written`` says the new file)."""
+    if panel.source is None:
+        panel.show_message("load the base model again to write its GGUF", "warn")
+        return None
+    request = ExportRequest(panel.source, out, "gguf", "f16", verify=panel.output.verify_check.isChecked())
+
+    def run(session: Session, *, cancel: CancelToken, report: Report) -> ExportResult:
+        return export_gguf(request, session=session, cancel=cancel, report=report)
+
+    return (
+        panel.op(f"writing the base to {out.name}", run)
+        .on_end(panel.end_merge)
+        .on_success(written)
+        .on_cancel(lambda: panel.show_message("cancelled; no base GGUF was written", "warn"))
+        .run(f"writing the base as an f16 GGUF into {out}…")
     )
 
 

@@ -325,6 +325,10 @@ class OutputBox(QGroupBox):
             "the GGUF in llama.cpp itself"
         )
         self.install_btn.hide()
+        for combo in (self.format_combo, self.gguf_type_combo, self.merge_into_combo):
+            # long choices ("q4_k_m — …") elide in a narrow window instead of scrolling the tab sideways
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(14)
         self.form = form = QFormLayout(self)
         form.addRow("Format", self.format_combo)
         form.addRow("Save to", out_row)

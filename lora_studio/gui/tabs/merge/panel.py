@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import QTimer
+from PySide6.QtCore import QTimer, Signal
 from PySide6.QtWidgets import (
     QDialog,
     QFrame,
@@ -42,6 +42,7 @@ from lora_studio.core.session import SessionState
 from lora_studio.gui.base.jobs import Job
 from lora_studio.gui.base.ops import unique_name
 from lora_studio.gui.base.panel import Panel
+from lora_studio.gui.base.widgets import wheel_scrolls_past_fields
 from lora_studio.gui.tabs.merge import export as merge_export
 from lora_studio.gui.tabs.merge.host import ComparePreview
 from lora_studio.gui.tabs.merge.inputs import AdapterPicker, OutputBox, merge_request, use_scale
@@ -71,6 +72,8 @@ PLAN_KEY = "merge-plan"
 
 
 class MergePanel(Panel):
+    model_saved = Signal(str)  # the folder a merged model was saved in: the local model list shows it
+
     def __init__(self, ctx: TabContext, parent: QWidget | None = None) -> None:
         super().__init__(ctx, parent)
         self.compare: ComparePreview = ctx.navigator  # where previews go
@@ -139,6 +142,7 @@ class MergePanel(Panel):
         self.result_box.card_btn.clicked.connect(self.open_card)
         self.result_box.folder_btn.clicked.connect(self.open_folder)
         self.result_box.compare_merged_btn.clicked.connect(lambda: compare_merged(self))
+        self.result_box.write_base_btn.clicked.connect(self.write_base_gguf)
 
     def _build_layout(self, top: QHBoxLayout, run_row: QWidget) -> None:
         # The tab scrolls rather than growing: a result box appearing must not take height from the Memory dock.
@@ -153,6 +157,7 @@ class MergePanel(Panel):
         self.body_scroll.setWidgetResizable(True)
         self.body_scroll.setFrameShape(QFrame.Shape.NoFrame)
         self.body_scroll.setWidget(body)
+        self._wheel_guard = wheel_scrolls_past_fields(body)  # the wheel scrolls the tab, not the GPU size under it
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(self.body_scroll)
@@ -412,6 +417,27 @@ class MergePanel(Panel):
         self.update_buttons()
         return job
 
+    def write_base_gguf(self) -> Job | None:
+        """The base GGUF an adapter-only result's serving commands name, written alone (f16)."""
+        out = self.result.base_to_write if isinstance(self.result, ExportResult) else None
+        if out is None:
+            return None
+
+        def written(result: ExportResult) -> None:
+            self.result_box.write_base_btn.hide()
+            said = {
+                "pass": " (verified in llama.cpp)",
+                "warn": " (⚠ llama.cpp differs a little)",
+                "fail": " (✖ llama.cpp disagrees with transformers: see the Log)",
+            }.get(result.verification.status, "")
+            self.show_saved(f"the base GGUF{said}", result.out)
+
+        job = merge_export.write_base(self, out, written)
+        if job is not None:
+            self.merge_job = job  # Cancel acts on it
+            self.update_buttons()
+        return job
+
     def cancel_merge(self) -> None:
         self.cancel_job(self.merge_job)
 
@@ -433,6 +459,9 @@ class MergePanel(Panel):
         # once laid out, scroll so the verdict and its buttons are in view
         QTimer.singleShot(0, lambda: self.body_scroll.ensureWidgetVisible(self.result_box, 0, 0))
         self.show_message(message, kind)
+        if isinstance(result, MergeResult) or result.format == "gguf":  # a model to load, not an adapter-only file
+            self.model_saved.emit(str(Path(result.out).parent))
+        self.suggest_output()  # a suggested output now names what was just written: the next one moves on
         self.marker.emit(marker)
         self.log_line.emit(log, "info" if kind == "ok" else "warn")
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import Qt, QUrl
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
@@ -70,11 +70,17 @@ class ResultBox(QGroupBox):
         self.card_btn = QPushButton("Open model card")
         self.folder_btn = QPushButton("Open folder")
         self.compare_merged_btn = QPushButton("Compare merged vs adapter")
+        self.write_base_btn = QPushButton("Write the base GGUF")
+        self.write_base_btn.setToolTip(
+            "an adapter-only file is served on its base as a GGUF: write the base alone (f16) where the serving "
+            "notes' commands expect it"
+        )
+        self.write_base_btn.hide()
         badge_row = QHBoxLayout()
         badge_row.addWidget(self.badge)
         badge_row.addWidget(self.numbers, 1)
         buttons = QHBoxLayout()
-        for b in (self.card_btn, self.folder_btn, self.compare_merged_btn):
+        for b in (self.card_btn, self.folder_btn, self.compare_merged_btn, self.write_base_btn):
             buttons.addWidget(b)
         buttons.addStretch(1)
         layout = QVBoxLayout(self)
@@ -117,6 +123,7 @@ class ResultBox(QGroupBox):
             f"{result.seconds:.1f} s{qlora}"
         )
         self.compare_merged_btn.show()
+        self.write_base_btn.hide()
         self.card_btn.setText("Open model card")
         self.show()
 
@@ -161,6 +168,7 @@ class ResultBox(QGroupBox):
         self.saved_label.setText("<br>".join(lines))
         self.card_btn.setText("Open serving notes")
         self.compare_merged_btn.hide()
+        self.write_base_btn.setVisible(result.base_to_write is not None and not result.base_to_write.exists())
         self.show()
 
 
@@ -237,7 +245,7 @@ def show_card(panel: MergeTab, card: Path, parent: QWidget) -> CardDialog:
     if panel.card_dialog is not None:
         panel.card_dialog.close()
         panel.card_dialog.deleteLater()
-    dialog = CardDialog(card, parent, open_external=lambda: panel.open_url(QUrl.fromLocalFile(str(card))))
+    dialog = CardDialog(card, parent, open_external=lambda: panel.open_path(card))
     panel.card_dialog = dialog
     dialog.show()
     return dialog
@@ -246,9 +254,7 @@ def show_card(panel: MergeTab, card: Path, parent: QWidget) -> CardDialog:
 def open_folder(panel: MergeTab) -> None:
     if panel.result is None:
         return
-    folder = result_folder(panel.result)
-    if not panel.open_url(QUrl.fromLocalFile(str(folder))):
-        panel.show_message(f"no file manager opens folders here; the output is in {folder}", "info")
+    panel.open_path(result_folder(panel.result))
 
 
 # -- save the combination as an adapter --------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from lora_studio.gui.base.widgets import refill_adapter_choices
+
 if TYPE_CHECKING:
     from lora_studio.core.reduce.spectrum import Suggestion
 
@@ -103,15 +105,9 @@ class CutBox(QGroupBox):
         form.addRow(self.data_label)
 
     # -- values --------------------------------------------------------------------------------------------------------
-    def set_adapters(self, names: list[str]) -> None:
-        """The adapters to choose from, without a signal; the one chosen stays chosen while it is attached."""
-        current = self.adapter_combo.currentText()
-        self.adapter_combo.blockSignals(True)
-        self.adapter_combo.clear()
-        self.adapter_combo.addItems(names)
-        if current in names:
-            self.adapter_combo.setCurrentText(current)
-        self.adapter_combo.blockSignals(False)
+    def set_adapters(self, names: list[str], *, choose_new: bool = True) -> None:
+        """The adapters to choose from: a newly attached one is chosen (``choose_new``), else the choice stays."""
+        refill_adapter_choices(self.adapter_combo, names, choose_new=choose_new)
 
     def mode(self) -> str:
         return str(self.mode_combo.currentData())

@@ -18,7 +18,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QShowEvent
 from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from lora_studio.core.io.paths import data_dir
+from lora_studio.core.io.paths import data_dir, free_path
 from lora_studio.core.session import SessionState
 from lora_studio.gui.base.file_filters import EVAL_DATA_FILTER
 from lora_studio.gui.base.jobs import Job
@@ -113,7 +113,8 @@ class ReducePanel(Panel):
 
     def show_state(self, state: SessionState) -> None:
         super().show_state(state)
-        self.cut.set_adapters(list(self.adapter_folders()))
+        # the reduction this tab just attached is not the next one to reduce: the choice stays on its source
+        self.cut.set_adapters(list(self.adapter_folders()), choose_new=self.job is None)
         if self.cut.adapter_combo.currentText() != (self.plan.name if self.plan else ""):
             self.read_plan()
         self.update_buttons()
@@ -202,13 +203,14 @@ class ReducePanel(Panel):
             f"{params:,} of {plan.params:,} parameters ({100 * params / max(1, plan.params):.0f} %)"
         )
         if self._out_is_default:
-            self.cut.out_edit.setText(str(data_dir() / "reduced" / self._suggested_name()))
+            self.cut.out_edit.setText(str(self._suggested_out(data_dir() / "reduced")))
         self.chart.set_cut(max(ranks.values()))
         self.update_buttons()
 
-    def _suggested_name(self) -> str:
+    def _suggested_out(self, parent: Path) -> Path:
+        """``parent/<adapter>-<cut>``, numbered past the folders earlier reductions left there."""
         assert self.plan is not None
-        return f"{self.plan.name}-{self.cut.name_suffix()}"
+        return free_path(parent, f"{self.plan.name}-{self.cut.name_suffix()}")
 
     def _out_edited(self, _text: str) -> None:
         self._out_is_default = False
@@ -219,7 +221,7 @@ class ReducePanel(Panel):
         if folder and self.plan is not None:
             self.remember_folder("reduce-out", folder)
             self._out_is_default = False
-            self.cut.out_edit.setText(str(Path(folder) / self._suggested_name()))
+            self.cut.out_edit.setText(str(self._suggested_out(Path(folder))))
             self.update_buttons()
 
     def data_files(self) -> list[Path]:
@@ -317,6 +319,7 @@ class ReducePanel(Panel):
         self.result_label.setText("<br>".join(lines))
         self.show_message(f"reduced {result.source} in {result.seconds:.1f} s", "ok")
         self.marker.emit(f"reduced {result.source}")
+        self._cut_changed()  # a suggested output now names the folder just written: the next one moves on
 
     def _attached_name(self, result: ReducedAdapter) -> str:
         return next((n for n, p in self.adapter_folders().items() if p == result.out), result.out.name)

@@ -13,7 +13,8 @@ from typing import Protocol
 
 from PySide6.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QWidget
 
-from lora_studio.core.io.paths import data_dir
+from lora_studio.core.io.paths import data_dir, free_path
+from lora_studio.core.train.records import checkpoints_beside
 from lora_studio.core.train.settings import CONVERTED_INITS
 from lora_studio.gui.base.file_filters import TRAIN_DATA_FILTER
 from lora_studio.gui.tabs.train.form import TrainSettingsForm
@@ -84,10 +85,7 @@ class DataFiles(QWidget):
         # the rank the folder will hold: OLoRA and PiSSA are saved converted to a plain LoRA of twice the rank
         r = self.form.r.value() * (2 if init in CONVERTED_INITS else 1)
         name = f"{stem}-{init}-r{r}" if init != "default" else f"{stem}-r{r}"
-        out, n = parent / name, 2
-        while out.exists() or out.with_name(f"{out.name}.checkpoints").exists():
-            out, n = parent / f"{name}-{n}", n + 1
-        return out
+        return free_path(parent, name, taken=lambda out: out.exists() or checkpoints_beside(out).exists())
 
     def advance(self) -> None:
         """A run ended, or another base was loaded: a folder name already taken moves on to the next free one in
@@ -97,7 +95,7 @@ class DataFiles(QWidget):
             self.follow_data()
             return
         taken = Path(current).expanduser()
-        if taken.exists() or taken.with_name(f"{taken.name}.checkpoints").exists():
+        if taken.exists() or checkpoints_beside(taken).exists():
             self.out_edit.setText(str(self.suggested_out(taken.parent)))
 
     def follow_data(self) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import QCoreApplication, QEvent, QObject, Qt, Signal
+from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
-    QAbstractSpinBox,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
@@ -20,6 +19,7 @@ from lora_studio.core.model.dtypes import DTYPES
 from lora_studio.core.model.quantize import QUANTIZE_CHOICES
 from lora_studio.core.train import ADVICE, INIT_METHODS, SCHEDULERS, TARGET_PRESETS, TrainSettings
 from lora_studio.core.train.settings import CONVERTED_INITS
+from lora_studio.gui.base.widgets import wheel_scrolls_past_fields
 
 INIT_LABELS = {
     "default": "LoRA (default)",
@@ -45,19 +45,6 @@ def _double(low: float, high: float, value: float, decimals: int, step: float, t
     box.setValue(value)
     box.setToolTip(tip)
     return box
-
-
-class FocusedWheelOnly(QObject):
-    """An event filter: a wheel event reaches a field only while it has the focus; otherwise it goes to the
-    scroll area around it."""
-
-    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
-        if event.type() == QEvent.Type.Wheel and isinstance(watched, QWidget) and not watched.hasFocus():
-            parent = watched.parentWidget()
-            if parent is not None:  # Qt hands an unhandled wheel on up, to the scroll area
-                QCoreApplication.sendEvent(parent, event)
-            return True
-        return super().eventFilter(watched, event)
 
 
 class TrainSettingsForm(QWidget):
@@ -154,10 +141,7 @@ class TrainSettingsForm(QWidget):
         layout.addWidget(run_box)
         # the wheel scrolls the pane: a field changes by it only once clicked (a scroll over the form changed the
         # rank, the steps or the scheduler on the way down)
-        self._wheel_guard = FocusedWheelOnly(self)
-        for field in self.findChildren(QAbstractSpinBox) + self.findChildren(QComboBox):
-            field.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
-            field.installEventFilter(self._wheel_guard)
+        self._wheel_guard = wheel_scrolls_past_fields(self)
         for spin in self.findChildren(QSpinBox) + self.findChildren(QDoubleSpinBox):
             spin.valueChanged.connect(self.changed)
         for combo in self.findChildren(QComboBox):

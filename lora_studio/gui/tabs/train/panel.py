@@ -21,6 +21,7 @@ from PySide6.QtWidgets import QFileDialog, QFrame, QHBoxLayout, QPushButton, QSc
 from lora_studio.core.errors import UserError
 from lora_studio.core.session import SessionState
 from lora_studio.core.train import TrainResult, TrainSettings
+from lora_studio.core.train.records import checkpoints_beside
 from lora_studio.gui.base.jobs import Job
 from lora_studio.gui.base.panel import Panel
 from lora_studio.gui.base.widgets import ask_yes_no, side_by_side
@@ -287,7 +288,7 @@ class TrainPanel(Panel):
         beside = self.data_preview.room_beside_the_session()
         chart.begin_run(fresh=resume is None, baseline=settings.baseline)
         self.summary.clear()
-        self.checkpoints = resume.parent if resume else out.parent / f"{out.name}.checkpoints"
+        self.checkpoints = resume.parent if resume else checkpoints_beside(out)
         self.trained_on = base
         what = f"training {out.name}" if resume is None else f"resuming from {resume.name}"
         self.job = (

@@ -127,3 +127,29 @@ def test_install_llama_cpp_runs_in_the_background_and_hides_the_button(
     assert "restart LoRA Studio" in panel.message.text() and runtime.restart_needed()
     assert any("building llama.cpp from source" in m for m in messages)
     assert not panel.output.install_btn.isVisibleTo(panel)
+
+
+def test_an_adapter_only_result_writes_the_base_gguf_its_commands_name(
+    qtbot, window, gguf_llama, gguf_llama_adapters, tmp_path
+):
+    """The serving notes of an adapter-only file name an f16 base GGUF beside it: one button writes it (no CLI)."""
+    w = window
+    panel = loaded(qtbot, w, gguf_llama, gguf_llama_adapters["alpha"])
+    choose_format(panel, "gguf-lora")
+    panel.output.verify_check.setChecked(False)
+    out = tmp_path / "alpha.lora-f16.gguf"
+    panel.output.out_edit.setText(str(out))
+    planned(qtbot, panel)
+    job = panel.start_merge()
+    idle(qtbot, w)
+    assert job.state == "finished", panel.message.text()
+    base = panel.result.base_to_write
+    assert base == tmp_path / "gguf-llama.f16.gguf" and not base.exists()
+    assert panel.result_box.write_base_btn.isVisibleTo(panel)
+    assert panel.output.out_edit.text() == str(out)  # the user's own name stays
+    panel.result_box.write_base_btn.click()
+    idle(qtbot, w)
+    assert base.is_file() and not panel.result_box.write_base_btn.isVisibleTo(panel)
+    assert "the base GGUF saved" in panel.message.text() and panel.result.out == out  # the adapter's result stays
+    assert str(base) in panel.result_box.saved_label.text()  # the commands it serves with name that file
+    assert w.model_panel.saved_model_folders == []  # an adapter-only file is not a model to load

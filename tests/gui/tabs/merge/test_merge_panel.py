@@ -230,3 +230,32 @@ def test_the_suggested_output_follows_the_inputs_and_a_written_one_stays(
     for row in panel.rows:
         row.check.setChecked(row.name == "adapter-alpha")
     assert panel.output.out_edit.text() == str(mine)  # the user's own name stays
+
+
+def test_a_suggested_output_moves_on_after_saving_and_the_model_is_listed(
+    qtbot, window, tiny_llama, llama_adapters, tmp_path
+):
+    """Saved under the suggested name, the next suggestion is a free one, and the merged folder is among the
+    machine's models in the Base model column; a desktop without a program to open it says where it is."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    panel = loaded(qtbot, window, base, llama_adapters["alpha"])
+    first = tmp_path / "base-adapter-alpha-merged"
+    assert panel.output.out_edit.text() == str(first)
+    panel.output.verify_check.setChecked(False)
+    planned(qtbot, panel)
+    job = panel.start_merge()
+    idle(qtbot, window)
+    assert job.state == "finished", panel.message.text() and first.is_dir()
+    assert panel.output.out_edit.text() == str(tmp_path / "base-adapter-alpha-merged-2")
+    assert not panel.result_box.write_base_btn.isVisibleTo(panel)
+    assert window.model_panel.saved_model_folders == [tmp_path]
+    local = window.model_panel.local_list
+    qtbot.waitUntil(
+        lambda: str(first) in [local.item(i).data(256) for i in range(local.count())], timeout=TIMEOUT
+    )  # Qt.UserRole
+    panel.open_url = lambda url: False  # what QDesktopServices.openUrl says with no program for it
+    panel.open_folder()
+    assert "no program here opens" in panel.message.text() and str(tmp_path) in panel.message.text()

@@ -48,6 +48,7 @@ def test_reduce_an_attached_adapter_and_measure_it(qtbot, window, tiny_llama, ll
     names = [name for name, _path, _size in window.session_model.state.adapters]
     assert names == ["adapter-beta", "beta-r2"]
     assert window.session.active_adapter == "adapter-beta"  # the original stays active
+    assert panel.cut.adapter_combo.currentText() == "adapter-beta"  # and stays the one to reduce
 
     # energy mode: per-module ranks
     panel.cut.mode_combo.setCurrentIndex(1)

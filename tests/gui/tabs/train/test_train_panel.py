@@ -112,9 +112,11 @@ def test_training_beside_the_window_then_the_next_name_and_the_replace_question(
     job = panel.start()
     assert job is not None and not job.exclusive
     assert window.runner.busy_reason == "" and "usable" in panel.message.text()
+    assert window.job_status.label.text() == "training (beside the window)…"  # not the last model job's "done"
     assert not panel.start_btn.isEnabled() and "training run" in panel.start_btn.toolTip()
     qtbot.waitUntil(lambda: job.done, timeout=120_000)
     assert job.state == "finished", panel.message.text()
+    assert window.job_status.label.text() == "training: done"
     assert panel.files.out_edit.text() == str(tmp_path / "runs" / "pairs-r8-2")  # the next free name
     qtbot.waitUntil(lambda: any(a[0] == "pairs-r8" for a in window.session_model.state.adapters), timeout=TIMEOUT_MS)
     idle(qtbot, window)
@@ -160,11 +162,11 @@ def test_the_wheel_changes_a_setting_only_once_it_is_clicked(qtbot, tmp_path, da
     rank = panel.form.r
     before = rank.value()
 
-    def wheel() -> None:
+    def wheel(field=rank) -> None:
         at = QPointF(5, 5)
         event = QWheelEvent(
             at,
-            QPointF(rank.mapToGlobal(QPoint(5, 5))),
+            QPointF(field.mapToGlobal(QPoint(5, 5))),
             QPoint(0, 0),
             QPoint(0, 120),
             Qt.MouseButton.NoButton,
@@ -172,10 +174,14 @@ def test_the_wheel_changes_a_setting_only_once_it_is_clicked(qtbot, tmp_path, da
             Qt.ScrollPhase.NoScrollPhase,
             False,
         )
-        QApplication.sendEvent(rank, event)
+        QApplication.sendEvent(field, event)
 
     wheel()
     assert rank.value() == before  # scrolling past the form leaves the rank alone
+    gpu = window.merge_panel.output.serve_gpu_spin  # and the Merge tab's GPU size
+    gpu_before = gpu.value()
+    wheel(gpu)
+    assert gpu.value() == gpu_before
     window.activateWindow()
     rank.setFocus()
     if rank.hasFocus():  # focus needs an active window, which some platforms do not give an offscreen one
