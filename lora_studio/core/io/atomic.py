@@ -221,8 +221,11 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _remove_stale_temporaries(parent: Path, name: str) -> None:
     """Delete temporary folders and files left by runs that were killed (their process is gone)."""
+    # the names compared, not globbed: a glob of each output's name reads "[…]" in it as a pattern, and compiles
+    # (and caches, for the process's life) a pattern per name written
+    names = [entry.name for entry in os.scandir(parent)]
     for prefix in (f".{name}.partial-", f".{name}.old-"):
-        for path in parent.glob(prefix + "*"):
+        for path in (parent / found for found in names if found.startswith(prefix)):
             try:
                 pid = int(path.name[len(prefix) :].split("-")[0])
             except ValueError:

@@ -100,6 +100,11 @@ def test_leftovers_of_killed_runs_are_cleaned_or_restored(tmp_path):
     with pytest.raises(UserError, match="already exists"), atomic.atomic_output_dir(tmp_path / "prev"):
         pass
     assert (tmp_path / "prev" / "f").read_text() == "old"  # killed between renames: the old folder came back
+    bracketed = tmp_path / f".run[1].partial-{dead_pid}-abcd"  # a name a glob would read as a pattern
+    bracketed.mkdir()
+    with atomic.atomic_output_dir(tmp_path / "run[1]") as tmp:
+        (tmp / "f").write_text("new")
+    assert not bracketed.exists()
 
 
 def test_exchange_swaps_atomically(tmp_path):

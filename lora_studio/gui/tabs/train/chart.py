@@ -90,7 +90,16 @@ class TrainChart(QObject):
             plot = line_chart("step", "loss")
             styles = {
                 "lora:train": dict(pen=pg.mkPen("#4c78a8", width=2), name="training loss"),
-                "lora:val": dict(pen=pg.mkPen("#e45756", width=2), symbol="o", symbolSize=5, name="validation loss"),
+                # the symbols' pen and brush made once: given as colours (or left to pyqtgraph's default tuples),
+                # each draw converts them again through numpy, which keeps a reference to None per conversion
+                "lora:val": dict(
+                    pen=pg.mkPen("#e45756", width=2),
+                    symbol="o",
+                    symbolSize=5,
+                    symbolPen=pg.mkPen("#e45756"),
+                    symbolBrush=pg.mkBrush("#e45756"),
+                    name="validation loss",
+                ),
                 "full:val": dict(pen=pg.mkPen("#777", width=2, style=Qt.PenStyle.DashLine), name=BASELINE_LABEL),
             }
             self._curves = {key: plot.plot([], [], **style) for key, style in styles.items()}
