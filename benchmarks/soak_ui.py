@@ -225,7 +225,9 @@ def child(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp / f"trained-{cycle}.checkpoints", ignore_errors=True)
         if len(unload_asked) != cycle:
             raise RuntimeError("Unload all did not ask to confirm")
+        refs = sys.getrefcount(None)
         pump(args.idle_s)  # idle: the memory chart keeps sampling and repainting
+        none_by_step["idle"] += sys.getrefcount(None) - refs
         gc.collect()
         objects = gc.get_objects()
         by_type = Counter(kind_of(o) for o in objects)

@@ -38,6 +38,17 @@ def free_path(
     return path
 
 
+def owned_by_a_cache(path: Path) -> bool:
+    """Whether ``path`` lies in a folder a cache or an installer manages: the user's cache folder (``XDG_CACHE_HOME``,
+    where the Hugging Face cache and downloaded packages' data live) or this Python environment. Outputs are not
+    suggested there: they would be lost to a cache clean or a reinstall."""
+    import sys
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    resolved = Path(os.path.abspath(path))
+    return any(resolved.is_relative_to(Path(os.path.abspath(root))) for root in (cache, sys.prefix))
+
+
 def is_utf8_path(path: Path) -> bool:
     try:
         os.fsencode(str(path)).decode("utf-8")

@@ -143,7 +143,11 @@ class Panel(QWidget):
 
     def open_path(self, path: Path) -> None:
         """``path`` in the desktop's app for it; where none opens it (no browser, no file manager), it says so."""
-        if not self.open_url(QUrl.fromLocalFile(str(path))):
+        # the desktop's launcher may take the request and then find no program (xdg-open without a desktop says
+        # so only on its stderr): where the file is, is said either way
+        if self.open_url(QUrl.fromLocalFile(str(path))):
+            self.show_message(f"asked the desktop to open {path.name}; if nothing opens, it is at {path}", "info")
+        else:
             self.show_message(f"no program here opens {path.name}; it is at {path}", "info")
 
     def clear_error(self) -> None:

@@ -134,6 +134,10 @@ class ModelPanel(Panel):
             form.addWidget(combo, row, column + 1)
         form.setColumnStretch(1, 1)
         form.setColumnStretch(3, 1)
+        for combo in (self.dtype_combo, self.device_combo, self.quantize_combo):
+            # "bfloat16" elides in a narrow column rather than making it scroll sideways
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(1)
 
         self.verdict_label = MessageLine()
         self.verdict_label.show_message("pick a model to see whether it fits")
@@ -148,6 +152,9 @@ class ModelPanel(Panel):
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(self.cancel_load)
         # the load's progress between Load and Cancel (its place kept while hidden), not on a row of its own
+        self.progress.setMinimumWidth(40)  # it elides its text: the column stays narrow at 1000 pixels
+        for button in (folder_btn, gguf_btn, refresh, self.load_btn, self.cancel_btn):
+            button.setMinimumWidth(64)  # under the style's 80 pixels: the column fits a 1000-pixel window whole
         btn_row = QHBoxLayout()
         btn_row.addWidget(self.load_btn)
         btn_row.addWidget(self.progress, 1)

@@ -57,7 +57,7 @@ from lora_studio.gui.window.tabs import TABS
 P = TypeVar("P", bound=Panel)
 log = logging.getLogger(__name__)
 # the Base model column never gets narrower than this (a small window squeezes the tabs instead)
-MIN_MODEL_DOCK_WIDTH = 200
+MIN_MODEL_DOCK_WIDTH = 256  # the column's content whole (241 px) beside its vertical scroll bar
 # under these a dock is squeezed out of use (the column scrolls sideways, the memory chart is a strip): when the
 # window has room for more, on a resize and at the start, it is laid out anew
 USABLE_MODEL_DOCK_WIDTH = 260

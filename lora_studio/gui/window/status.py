@@ -44,6 +44,7 @@ class JobStatus(QObject):
         runner.job_cancelled.connect(self._job_cancelled)
         runner.busy_changed.connect(self._busy_changed)
         runner.refused.connect(self._refused)  # a model job refused while another runs: said in the status bar
+        self._beside_jobs: list[Job] = []  # running jobs the user started that leave the model to others
 
     def _job_started(self, job: Job) -> None:
         if job.exclusive:
@@ -52,6 +53,7 @@ class JobStatus(QObject):
             self.progress.show()
             self.progress.setRange(0, 0)
         elif _beside(job):
+            self._beside_jobs.append(job)
             self.log_panel.log(f"{job.name} (beside the window)…")
             self.label.setText(f"{job.name} (beside the window)…")
 
@@ -62,18 +64,26 @@ class JobStatus(QObject):
     def _job_finished(self, job: Job, _result: object) -> None:
         if job.exclusive or _beside(job):
             self.log_panel.log(f"{job.name}: done in {time.monotonic() - job.started_at:.1f} s")
-            self.label.setText(f"{job.name}: done")
+            self._say_end(job, f"{job.name}: done")
 
     def _job_failed(self, job: Job, desc: ErrorDescription) -> None:
         # One readable line in the window; the full story (traceback for internal errors) in the log.
         self.log_panel.log(f"{job.name}: {desc.message}", "error", desc.detail if desc.kind == "internal" else "")
         if job.exclusive or _beside(job):  # a side job's failure (an estimate…) is its panel's line, not the window's
-            self.label.setText(f"✖ {desc.message}")
+            self._say_end(job, f"✖ {desc.message}")
 
     def _job_cancelled(self, job: Job) -> None:
         if job.exclusive or _beside(job):
             self.log_panel.log(f"{job.name}: cancelled", "warn")
-            self.label.setText(f"{job.name}: cancelled")
+            self._say_end(job, f"{job.name}: cancelled")
+
+    def _say_end(self, job: Job, text: str) -> None:
+        """``text`` in the bar, and what still runs beside the window after it (a compare that ends during a
+        training run must not leave the bar saying only 'done')."""
+        if job in self._beside_jobs:
+            self._beside_jobs.remove(job)
+        still = [j.name for j in self._beside_jobs if not j.done]
+        self.label.setText(text + "".join(f" · {name} (beside the window)…" for name in still))
 
     def _busy_changed(self, reason: str) -> None:
         self.cancel_btn.setEnabled(bool(reason))

@@ -70,3 +70,19 @@ def test_the_core_cycle_leaves_no_objects_behind(qtbot, tmp_path, tiny_llama, ll
     total = sum(after.values()) - sum(before.values())
     growers = sorted(grown.items(), key=lambda item: -item[1])[:8]
     assert total <= TOLERANCE, f"{total} more objects after {MEASURED_CYCLES - 1} cycles; most grown: {growers}"
+
+
+def test_superseded_side_jobs_keep_nothing_alive(qtbot, tmp_path, data_dir):
+    """The local model list refreshed twice in a row, as a merge and an export ask for it: once every job has ended,
+    none of their work objects is left (a QRunnable subclass that the pool deleted kept some alive for good)."""
+    from lora_studio.gui.base import jobs
+
+    window = make_window(qtbot, tmp_path)
+    idle(qtbot, window)
+    for _ in range(8):
+        window.model_panel.refresh_local()
+        window.model_panel.refresh_local()
+        idle(qtbot, window)
+    qtbot.wait(100)  # the ended jobs' deleteLater
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, jobs._Runnable)] == []

@@ -8,7 +8,9 @@ from __future__ import annotations
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QSizePolicy, QToolButton, QWidget
 
-PROGRESS_MIN_WIDTH = 200  # "generating: 270/768 tokens" in full
+# "generating: 270/768 tokens" is whole from about 200 pixels; below, the bar elides it (its tooltip has it all): the
+# tab stays narrow enough for a 1000-pixel window beside the Base model column
+PROGRESS_MIN_WIDTH = 110
 
 
 class RunBar(QWidget):

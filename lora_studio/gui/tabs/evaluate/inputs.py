@@ -46,6 +46,7 @@ class DataBox(QGroupBox):
         self.limit_spin = QSpinBox(minimum=0, maximum=100000, value=0)
         self.limit_spin.setSpecialValueText("all rows")
         self.limit_spin.setToolTip("evaluate the first N rows of each file (all rows: 0)")
+        self.limit_spin.setMinimumWidth(self.limit_spin.sizeHint().width())  # "all rows" whole in a narrow pane
         grid = QGridLayout(self)
         grid.addWidget(self.data_list, 0, 0, 1, 4)
         grid.addWidget(self.add_data_btn, 1, 0)

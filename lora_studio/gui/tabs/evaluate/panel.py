@@ -116,7 +116,8 @@ class EvaluatePanel(Panel):
         self.refresh_variants()
         if self._data_is_default:
             self.use_default_data()
-        self.scale_box.set_adapters([name for name, _path, _size in state.adapters])
+        # a sweep on the screen stays with the adapter it measured; with none, a newly attached adapter is chosen
+        self.scale_box.set_adapters([name for name, _path, _size in state.adapters], choose_new=self.sweep is None)
         self.refresh_sweep_data()
         self.update_buttons()
 

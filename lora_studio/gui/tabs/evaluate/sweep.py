@@ -80,9 +80,9 @@ class SweepBox(QWidget):
         self.apply_scale_btn.clicked.connect(lambda: self.apply_requested.emit())
         self.merge_scale_btn.clicked.connect(lambda: self.merge_requested.emit())
 
-    def set_adapters(self, names: list[str]) -> None:
-        """The adapters to choose from: a newly attached one is chosen, else the choice stays."""
-        refill_adapter_choices(self.scale_adapter, names)
+    def set_adapters(self, names: list[str], *, choose_new: bool = True) -> None:
+        """The adapters to choose from: a newly attached one is chosen (``choose_new``), else the choice stays."""
+        refill_adapter_choices(self.scale_adapter, names, choose_new=choose_new)
 
     def clear(self) -> None:
         """No sweep (another base was loaded)."""

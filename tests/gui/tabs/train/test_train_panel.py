@@ -113,6 +113,10 @@ def test_training_beside_the_window_then_the_next_name_and_the_replace_question(
     assert job is not None and not job.exclusive
     assert window.runner.busy_reason == "" and "usable" in panel.message.text()
     assert window.job_status.label.text() == "training (beside the window)…"  # not the last model job's "done"
+    other = window.runner.submit("comparing", lambda *, cancel, report: None)  # a model job beside the run
+    qtbot.waitUntil(lambda: other.done, timeout=TIMEOUT_MS)
+    if not job.done:
+        assert window.job_status.label.text() == "comparing: done · training (beside the window)…"
     assert not panel.start_btn.isEnabled() and "training run" in panel.start_btn.toolTip()
     qtbot.waitUntil(lambda: job.done, timeout=120_000)
     assert job.state == "finished", panel.message.text()
