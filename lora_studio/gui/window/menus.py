@@ -78,17 +78,19 @@ class WindowMenus(QObject):
         actions, menu = self.actions, self.recent_menu
         menu.clear()
         bases, adapters = self.settings.recent_bases(), self.settings.recent_adapters()
+        menu.setToolTipsVisible(True)
         if bases:
             menu.addSection("Base models")
         for path in bases:
-            act = menu.addAction(Path(path).name or path)
+            act = menu.addAction(recent_label(path, bases))
             act.setToolTip(path)
             act.setData(path)
             act.triggered.connect(lambda _=False, p=path: actions.open_base(p))
         if adapters:
             menu.addSection("Adapters")
         for path in adapters:
-            act = menu.addAction(Path(path).name or path)
+            act = menu.addAction(recent_label(path, adapters))
+            act.setToolTip(path)
             act.setData(path)
             act.triggered.connect(lambda _=False, p=path: actions.attach_adapter(p))
         if not bases and not adapters:
@@ -109,3 +111,12 @@ class WindowMenus(QObject):
     def show_about(self) -> None:
         self.about_dialog = AboutDialog(self.window)
         self.about_dialog.show()
+
+
+def recent_label(path: str, among: list[str]) -> str:
+    """A recent entry's name, with its folder where another entry has the same name (two adapters called "pirate"
+    from two folders must read differently)."""
+    name = Path(path).name or path
+    if sum(1 for other in among if (Path(other).name or other) == name) > 1:
+        return f"{name} — {Path(path).parent}"
+    return name

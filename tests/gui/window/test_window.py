@@ -214,3 +214,10 @@ def test_tabs_and_settings_roundtrip(qtbot, tmp_path, data_dir):
         assert w2.log_dock.isHidden() and not w2.memory_dock.isHidden()  # panel layout came back
     finally:
         w2.shutdown()
+
+
+def test_recent_entries_of_one_name_say_their_folders():
+    from lora_studio.gui.window.menus import recent_label
+
+    among = ["/a/pirate", "/b/pirate", "/c/sql"]
+    assert [recent_label(p, among) for p in among] == ["pirate — /a", "pirate — /b", "sql"]

@@ -431,6 +431,7 @@ class MergePanel(Panel):
                 "fail": " (✖ llama.cpp disagrees with transformers: see the Log)",
             }.get(result.verification.status, "")
             self.show_saved(f"the base GGUF{said}", result.out)
+            QTimer.singleShot(0, lambda: self.body_scroll.ensureWidgetVisible(self.message))  # under the result
 
         job = merge_export.write_base(self, out, written)
         if job is not None:

@@ -67,6 +67,8 @@ class TrainChart(QObject):
                 curve.setData([], [])
             self._last_train_point = None
             self._x_span = 0
+            if self.plot is not None:  # the last run's axes go with its curves
+                self.plot.enableAutoRange()
         self._list_baseline(baseline)
         self.warning_label.hide()
         self.stats_label.setText("")  # the last run's "step 20/20" is not this one's
