@@ -142,8 +142,10 @@ def child(args: argparse.Namespace) -> int:
 
     none_by_step: Counter[str] = Counter()  # the rise of sys.getrefcount(None) over each step, this cycle
 
+    rss_by_step: Counter[str] = Counter()  # the RSS each step added (MiB), this cycle
+
     def step(name: str, start) -> None:
-        refs = sys.getrefcount(None)
+        refs, rss = sys.getrefcount(None), proc.memory_info().rss
         job = start()
         if job is None:
             raise RuntimeError(f"{name} did not start: {window.job_status.label.text()}")
@@ -151,6 +153,7 @@ def child(args: argparse.Namespace) -> int:
         if job.state != "finished":
             raise RuntimeError(f"{name} ended {job.state}: {window.job_status.label.text()}")
         none_by_step[name] += sys.getrefcount(None) - refs
+        rss_by_step[name] += (proc.memory_info().rss - rss) / 2**20
 
     wait_for(lambda: window.memory_panel.plot is not None and window.runner.is_idle(), "the first paint")
     print(json.dumps({"event": "started", "model": what, "platform": app.platformName()}), flush=True)
@@ -250,12 +253,14 @@ def child(args: argparse.Namespace) -> int:
                     "refcount_false": sys.getrefcount(False),
                     "none_held_by": none_holders,
                     "none_by_step": dict(none_by_step),
+                    "rss_mib_by_step": {name: round(mib, 2) for name, mib in rss_by_step.items()},
                 }
             ),
             flush=True,
         )
         del objects
         none_by_step.clear()
+        rss_by_step.clear()
     window.shutdown()
     window.close()
     tmp_dir.cleanup()

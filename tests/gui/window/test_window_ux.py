@@ -289,3 +289,23 @@ def test_the_adapter_just_attached_is_the_one_chosen_to_judge(qtbot, window, tin
     window.adapter_panel.activate("adapter-alpha")  # a session change that attaches nothing new
     idle(qtbot, window)
     assert window.session_model.state.active_adapter == "adapter-alpha" and sweep.currentText() == "adapter-alpha"
+
+
+def test_at_1000x600_nothing_scrolls_sideways(qtbot, window, tiny_llama, llama_adapters):
+    """The smallest window the README names: the Base model column whole, the Merge tab's boxes one above the other
+    in every format (side by side they need ~800 pixels)."""
+    window.open_base(str(tiny_llama))
+    idle(qtbot, window)
+    window.attach_adapter(str(llama_adapters["alpha"]))
+    idle(qtbot, window)
+    window.resize(1000, 600)
+    merge = window.merge_panel
+    window.tabs.setCurrentWidget(merge)
+    qtbot.waitUntil(lambda: window.width() == 1000, timeout=TIMEOUT_MS)
+    column = window.model_dock.widget()
+    for fmt in ("hf", "gguf", "gguf-lora"):
+        merge.output.format_combo.setCurrentIndex(merge.output.format_combo.findData(fmt))
+        qtbot.wait(200)
+        assert window.width() == 1000, fmt
+        assert merge.body_scroll.horizontalScrollBar().maximum() == 0, fmt
+        assert column.horizontalScrollBar().maximum() == 0, fmt

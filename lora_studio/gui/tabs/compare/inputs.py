@@ -31,7 +31,7 @@ class PromptBox(QWidget):
         self.select = QComboBox()
         self.select.setToolTip("prompts from the loaded file; the chosen one goes into the box")
         self.select.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.select.setMinimumContentsLength(30)
+        self.select.setMinimumContentsLength(12)  # a long prompt label elides: the tab fits a 1000-pixel window
         self.select.currentIndexChanged.connect(self._picked)
         self.select.hide()
         self.load_btn = QPushButton("Load prompts…")

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QTimer, Signal
+from PySide6.QtGui import QResizeEvent
 from PySide6.QtWidgets import (
+    QBoxLayout,
     QDialog,
     QFrame,
     QHBoxLayout,
@@ -68,6 +70,7 @@ if TYPE_CHECKING:
     from lora_studio.gui.base.context import TabContext
 
 PLAN_DEBOUNCE_MS = 300
+SIDE_BY_SIDE_WIDTH = 820  # the adapters and the output box side by side from this tab width, else one above the other
 PLAN_KEY = "merge-plan"
 
 
@@ -119,7 +122,7 @@ class MergePanel(Panel):
         self.output.browse_btn.clicked.connect(self.browse_out)
         self.output.format_changed.connect(self._format_changed)
         self.output.install_btn.clicked.connect(self.install_llama_cpp)
-        top = QHBoxLayout()
+        top = self.inputs_row = QHBoxLayout()
         top.addWidget(self.adapters, 3)
         top.addWidget(self.output, 2)
         return top
@@ -161,6 +164,15 @@ class MergePanel(Panel):
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(self.body_scroll)
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        # side by side the two boxes need ~800 pixels: a narrower tab (a 1000-pixel window) stacks them instead of
+        # scrolling sideways
+        super().resizeEvent(event)
+        side_by_side = event.size().width() >= SIDE_BY_SIDE_WIDTH
+        self.inputs_row.setDirection(
+            QBoxLayout.Direction.LeftToRight if side_by_side else QBoxLayout.Direction.TopToBottom
+        )
 
     # -- session state --------------------------------------------------------------------------------------------
     def show_state(self, state: SessionState) -> None:
