@@ -14,12 +14,12 @@ crash instead of killing the soak. The child prints one JSON line per cycle; the
     {"minutes", "cycles", "crashes", "rss_growth_pct_per_cycle", "objects_growth_per_cycle", "top_growing_types",
      "none_refs_growth_per_cycle", "rss_mib_projected_8h", "within", "survived", "passed", ...}
 
-After the first three cycles each cycle also prints the growth so far (least-squares slopes per cycle): RSS, the
-objects the collector tracks with the five types that grew most, and ``sys.getrefcount(None)``. Passes when nothing
-crashed, a cycle ran, and after the first three cycles RSS grows by at most 0.01 % a cycle, tracked objects by at
-most one a cycle, and references to ``None`` by at most one a cycle. ``--who-holds-none`` also counts the references
-to ``None`` that tracked objects hold, by their type: a rise that no object holds is a library's extra reference,
-not memory (docs/benchmarks.md). ``--records FILE`` keeps every cycle's record.
+After the warm-up each cycle also prints the growth so far (least-squares slopes per cycle): RSS, the objects the
+collector tracks with the five types that grew most, and ``sys.getrefcount(None)``. Passes when nothing crashed, a
+cycle ran, and after the warm-up (three cycles and three minutes) RSS grows by at most 0.01 % a cycle, tracked
+objects by at most one a cycle, and references to ``None`` by at most one a cycle. ``--who-holds-none`` also counts
+the references to ``None`` that tracked objects hold, by their type: a rise that no object holds is a library's extra
+reference, not memory (docs/benchmarks.md). ``--records FILE`` keeps every cycle's record.
 
     .venv/bin/python benchmarks/soak_ui.py --minutes 30 [--tiny] [--idle-s 5] [--json]
 
@@ -51,6 +51,7 @@ OBJECTS_GROWTH_LIMIT = 1.0
 NONE_REFS_GROWTH_LIMIT = 1.0
 TYPES_KEPT = 400  # the commonest types counted in each cycle's record (a grower is among them)
 WARMUP_CYCLES = 3
+WARMUP_MIN = 3.0  # the memory chart keeps two minutes of samples: its deque is full after them
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -199,7 +200,9 @@ def child(args: argparse.Namespace) -> int:
         wait_for(lambda name=name: rp.plan is not None and rp.plan.name == name and window.runner.is_idle(), "the plan")
         rp.cut.rank_spin.setValue(1)
         rp.set_data_files([data])
-        rp.cut.out_edit.setText(str(tmp / f"reduced-{cycle}"))
+        # the same names each cycle (the folders go at its end): a day's adapters have a few names, and a new name
+        # a cycle would only fill Python's regex cache (PEFT matches keys against each adapter's name; 512 at most)
+        rp.cut.out_edit.setText(str(tmp / "reduced"))
         step("reduce", rp.run)
         for row in mp.rows:
             row.check.setChecked(row.name == name)
@@ -214,7 +217,7 @@ def child(args: argparse.Namespace) -> int:
         fmt.setCurrentIndex(fmt.findData("hf"))
         # a short training run in its own process, the window free beside it; its adapter attaches at the end
         tp.files.data_edit.setText(str(data))
-        trained = tmp / f"trained-{cycle}"
+        trained = tmp / "trained"
         tp.files.out_edit.setText(str(trained))
         tp.form.max_steps.setValue(2)
         wait_for(lambda: tp.data_preview.memory is not None and window.runner.is_idle(), "the training estimate")
@@ -223,9 +226,9 @@ def child(args: argparse.Namespace) -> int:
         step("detach", lambda name=name: ap.detach(name))
         step("attach again", lambda: window.attach_adapter(adapter))
         step("unload all", ap.unload_all)
-        shutil.rmtree(tmp / f"reduced-{cycle}", ignore_errors=True)
+        shutil.rmtree(tmp / "reduced", ignore_errors=True)
         shutil.rmtree(trained, ignore_errors=True)
-        shutil.rmtree(tmp / f"trained-{cycle}.checkpoints", ignore_errors=True)
+        shutil.rmtree(tmp / "trained.checkpoints", ignore_errors=True)
         if len(unload_asked) != cycle:
             raise RuntimeError("Unload all did not ask to confirm")
         refs = sys.getrefcount(None)
@@ -294,7 +297,7 @@ def growth(cycles: list[dict]) -> dict:
 
 def growth_line(cycles: list[dict]) -> str:
     """The growth so far, after the warm-up cycles, as one line for the console."""
-    g = growth(cycles[WARMUP_CYCLES:])
+    g = growth(settled(cycles))
     top = ", ".join(f"{name} {rate:+.1f}" for name, rate in g["top_types"] if rate > 0) or "none"
     return (
         f"growth per cycle: RSS {g['rss_pct']:+.3f} % ({g['rss_mib']:+.2f} MiB), objects {g['objects']:+.1f} "
@@ -302,8 +305,15 @@ def growth_line(cycles: list[dict]) -> str:
     )
 
 
+def settled(cycles: list[dict]) -> list[dict]:
+    """The cycles after the warm-up: the first three, and the first minutes while the memory chart's history (two
+    minutes of samples, capped) fills; all but the first when too few are left to fit a slope."""
+    after = [c for c in cycles[WARMUP_CYCLES:] if c["elapsed_min"] >= WARMUP_MIN]
+    return after if len(after) > 1 else cycles[1:]
+
+
 def summarise(cycles: list[dict], returncode: int, stderr_tail: str, minutes: float, model: str) -> dict:
-    after = cycles[WARMUP_CYCLES:] if len(cycles) > WARMUP_CYCLES + 1 else cycles[1:]
+    after = settled(cycles)
     g = growth(after)
     minutes_x = [c["elapsed_min"] for c in cycles]
     none_per_min = slope(minutes_x, [float(c["refcount_none"]) for c in cycles])
@@ -339,6 +349,7 @@ def summarise(cycles: list[dict], returncode: int, stderr_tail: str, minutes: fl
             "objects_growth_per_cycle": OBJECTS_GROWTH_LIMIT,
             "none_refs_growth_per_cycle": NONE_REFS_GROWTH_LIMIT,
             "after_cycles": WARMUP_CYCLES,
+            "after_minutes": WARMUP_MIN,
         },
         "within": within,
         "survived": bool(not crashed and cycles),
@@ -402,7 +413,7 @@ def main() -> int:
                     f"soak: cycle {record['cycle']} {record['seconds']} s, RSS {record['rss_mib']} MiB, "
                     f"None refs {record['refcount_none']}\n"
                 )
-                if len(cycles) > WARMUP_CYCLES + 1:
+                if len(settled(cycles)) > 1:
                     sys.stderr.write(f"soak: {growth_line(cycles)}\n")
         returncode = proc.wait()
         err.seek(0)
