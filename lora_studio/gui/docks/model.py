@@ -261,7 +261,10 @@ class ModelPanel(Panel):
             )
             item = QListWidgetItem(f"{source.label}   [{kind}]")
             item.setData(Qt.ItemDataRole.UserRole, str(source.file))
-            item.setToolTip(str(source.file))
+            item.setToolTip(
+                str(source.file)
+                + ("\nthe base alone: File → Open the demo also attaches its adapters" if source.kind == "demo" else "")
+            )
             self.local_list.addItem(item)
         if not sources:
             item = QListWidgetItem("(none found: use Folder… or GGUF…)")

@@ -154,6 +154,7 @@ class MainWindow(QMainWindow):
             MenuActions(
                 open_folder=self.model_panel.browse_folder,
                 open_gguf=self.model_panel.browse_gguf,
+                open_demo=self.load_demo,
                 attach_folder=self.adapter_panel.browse_attach,
                 open_base=self.open_base,
                 attach_adapter=self.attach_adapter,
@@ -340,6 +341,9 @@ class MainWindow(QMainWindow):
         from lora_studio.core.tasks import Progress
 
         session = self.session
+        attached = [name for name, _path, _size in self.session_model.state.adapters]
+        if attached and not self.model_panel.confirm_replace_base(attached):  # as loading any other base asks
+            return None
 
         def run(*, cancel: CancelToken, report: Report) -> SessionState:
             source = demo.ensure_demo_model(cancel=cancel, report=report)

@@ -1,4 +1,4 @@
-"""The window's menus: File (open, attach, Recent, Quit), View (the docks, Reset layout), Help (shortcuts, About).
+"""The window's menus: File (open, the demo, attach, Recent, Quit), View (the docks, Reset layout), Help.
 
 The Recent menu is filled each time it opens, from the settings' recent bases and adapters.
 """
@@ -23,6 +23,7 @@ class MenuActions:
 
     open_folder: Callable[[], object]
     open_gguf: Callable[[], object]
+    open_demo: Callable[[], object]
     attach_folder: Callable[[], object]
     open_base: Callable[[str], object]
     attach_adapter: Callable[[str], object]
@@ -44,6 +45,10 @@ class WindowMenus(QObject):
         file_menu.addAction(act)
         act = QAction("Open &GGUF file…", window)
         act.triggered.connect(actions.open_gguf)
+        file_menu.addAction(act)
+        act = QAction("Open the &demo", window)
+        act.setToolTip("the demo model with its pirate, bullets and sql adapters; Train and Compare filled for it")
+        act.triggered.connect(actions.open_demo)
         file_menu.addAction(act)
         act = QAction("&Attach adapter folder…", window, shortcut=QKeySequence("Ctrl+A"))
         act.triggered.connect(actions.attach_folder)

@@ -265,6 +265,9 @@ def test_loading_another_base_asks_before_it_detaches_the_adapters(
     window.model_panel.confirm_replace_base = lambda names: asked.append(list(names)) or False
     assert window.open_base(str(tiny_llama_tied)) is None
     assert asked == [["adapter-alpha"]] and window.session_model.state.adapters  # kept
+    assert window.load_demo() is None and asked[-1] == ["adapter-alpha"]  # File → Open the demo asks as well
+    file_menu = window.menuBar().actions()[0].menu()
+    assert "Open the &demo" in [a.text() for a in file_menu.actions()]
     assert "adapter-alpha" in window.adapter_panel.message.text()  # "attached …"
     window.model_panel.confirm_replace_base = lambda names: True
     assert window.open_base(str(tiny_llama_tied)) is not None
