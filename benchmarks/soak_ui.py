@@ -305,11 +305,11 @@ def growth_line(cycles: list[dict]) -> str:
     )
 
 
-def settled(cycles: list[dict]) -> list[dict]:
+def settled(cycles: list[dict], *, or_all: bool = True) -> list[dict]:
     """The cycles after the warm-up: the first three, and the first minutes while the memory chart's history (two
-    minutes of samples, capped) fills; all but the first when too few are left to fit a slope."""
+    minutes of samples, capped) fills; when too few are left to fit a slope, all but the first (``or_all``) or none."""
     after = [c for c in cycles[WARMUP_CYCLES:] if c["elapsed_min"] >= WARMUP_MIN]
-    return after if len(after) > 1 else cycles[1:]
+    return after if len(after) > 1 or not or_all else cycles[1:]
 
 
 def summarise(cycles: list[dict], returncode: int, stderr_tail: str, minutes: float, model: str) -> dict:
@@ -413,7 +413,7 @@ def main() -> int:
                     f"soak: cycle {record['cycle']} {record['seconds']} s, RSS {record['rss_mib']} MiB, "
                     f"None refs {record['refcount_none']}\n"
                 )
-                if len(settled(cycles)) > 1:
+                if len(settled(cycles, or_all=False)) > 1:
                     sys.stderr.write(f"soak: {growth_line(cycles)}\n")
         returncode = proc.wait()
         err.seek(0)
