@@ -19,6 +19,7 @@ from lora_studio.core._compat.peft_config import unknown_config_keys
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.paths import check_folder_contained, inside, regular_file
 from lora_studio.core.io.safetensors_format import read_header
+from lora_studio.core.io.tensor_values import largest_magnitude
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -352,9 +353,7 @@ def check_finite(tensors: dict, folder: Path) -> None:
             )
         if not t.is_floating_point() or t.numel() == 0:
             continue
-        # one reduction a tensor: a NaN or Inf makes the extremes NaN or Inf, and they bound every value
-        low, high = torch.aminmax(t.float() if t.dtype != torch.float32 else t)
-        peak = max(-float(low), float(high))
+        peak = largest_magnitude(t)  # NaN or Inf when the tensor holds one
         if not math.isfinite(peak):
             bad = int((~torch.isfinite(t)).sum())
             raise UserError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import re
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from lora_studio.core._compat.tqdm_progress import reporting_progress
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.io.paths import utf8_path
+from lora_studio.core.io.tensor_values import largest_magnitude
 from lora_studio.core.model.config import read_config_file
 from lora_studio.core.model.dtypes import torch_dtype
 from lora_studio.core.model.placement import PLACED_MAPS, MaxMemory
@@ -246,14 +248,14 @@ def load_model(
 
 def _check_finite_weights(model: PreTrainedModel, source: ModelSource) -> None:
     """A base with a NaN or Inf weight answers NaN everywhere, and a merge of it is NaN: one line instead. One
-    reduction a parameter (a finite sum proves every value finite; an overflowing one gets the exact check);
-    weights stored as whole numbers (4/8-bit codes) and offloaded ones (on the meta device) are left alone."""
+    reduction a parameter, as for an adapter's tensors; weights stored as whole numbers (4/8-bit codes) and
+    offloaded ones (on the meta device) are left alone."""
     import torch
 
     for name, param in model.named_parameters():
         if not param.is_floating_point() or param.device.type == "meta" or param.numel() == 0:
             continue
-        if bool(torch.isfinite(param.sum())) or bool(torch.isfinite(param).all()):
+        if math.isfinite(largest_magnitude(param.detach())):
             continue
         bad = int((~torch.isfinite(param)).sum())
         raise UserError(
