@@ -346,6 +346,15 @@ class ModelPanel(Panel):
         self.detail_label.setText("")
 
     # -- loading ------------------------------------------------------------------------------------------------------
+    def may_replace_base(self) -> bool:
+        """Whether another base may load: with adapters attached, the user is asked first (they would be detached);
+        a "no" is said in the message line. While a job runs the load is refused anyway: nothing is asked."""
+        attached = [name for name, _path, _size in self.state.adapters]
+        if attached and not self.busy_reason and not self.confirm_replace_base(attached):
+            self.show_message("the loaded base and its adapters stay", "info")
+            return False
+        return True
+
     def load(self, source_text: str | None = None) -> Job | None:
         """Load a base model (a model job).
 
@@ -355,9 +364,7 @@ class ModelPanel(Panel):
 
         text = (source_text if isinstance(source_text, str) else self.source_edit.text()).strip()
         dtype, device, quantize, limits = self.dtype, self.device, self.quantize, self.max_memory_text
-        attached = [name for name, _path, _size in self.state.adapters]
-        if attached and not self.busy_reason and not self.confirm_replace_base(attached):
-            self.show_message("the loaded base and its adapters stay", "info")
+        if not self.may_replace_base():
             return None
 
         def run(session: Session, *, cancel: CancelToken, report: Report) -> SessionState:

@@ -341,8 +341,7 @@ class MainWindow(QMainWindow):
         from lora_studio.core.tasks import Progress
 
         session = self.session
-        attached = [name for name, _path, _size in self.session_model.state.adapters]
-        if attached and not self.model_panel.confirm_replace_base(attached):  # as loading any other base asks
+        if not self.model_panel.may_replace_base():  # as loading any other base asks
             return None
 
         def run(*, cancel: CancelToken, report: Report) -> SessionState:

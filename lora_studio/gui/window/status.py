@@ -44,7 +44,7 @@ class JobStatus(QObject):
         runner.job_cancelled.connect(self._job_cancelled)
         runner.busy_changed.connect(self._busy_changed)
         runner.refused.connect(self._refused)  # a model job refused while another runs: said in the status bar
-        self._beside_jobs: list[Job] = []  # running jobs the user started that leave the model to others
+        self.runner = runner
 
     def _job_started(self, job: Job) -> None:
         if job.exclusive:
@@ -53,7 +53,6 @@ class JobStatus(QObject):
             self.progress.show()
             self.progress.setRange(0, 0)
         elif _beside(job):
-            self._beside_jobs.append(job)
             self.log_panel.log(f"{job.name} (beside the window)…")
             self.label.setText(f"{job.name} (beside the window)…")
 
@@ -80,9 +79,7 @@ class JobStatus(QObject):
     def _say_end(self, job: Job, text: str) -> None:
         """``text`` in the bar, and what still runs beside the window after it (a compare that ends during a
         training run must not leave the bar saying only 'done')."""
-        if job in self._beside_jobs:
-            self._beside_jobs.remove(job)
-        still = [j.name for j in self._beside_jobs if not j.done]
+        still = [j.name for j in self.runner.running_jobs() if _beside(j) and j is not job]
         self.label.setText(text + "".join(f" · {name} (beside the window)…" for name in still))
 
     def _busy_changed(self, reason: str) -> None:
