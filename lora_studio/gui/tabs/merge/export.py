@@ -125,18 +125,14 @@ def start_export(panel: MergeTab, out: Path) -> Job | None:
             return None
         request.overwrite = True
 
-    def run(session: Session, *, cancel: CancelToken, report: Report) -> ExportResult:
-        return export_gguf(request, session=session, cancel=cancel, report=report)
-
     what = request.adapter_name or "the base"
-    return (
-        panel.op(f"exporting {what} to {out.name}", run)
-        .on_end(panel.end_merge)
-        .on_success(panel.exported)
-        .on_cancel(
-            lambda: panel.show_message("export cancelled; no file was written (an existing one is unchanged)", "warn")
-        )
-        .run(f"exporting {what} as a {request.type_name} GGUF into {out}…")
+    return _export_job(
+        panel,
+        request,
+        f"exporting {what} to {out.name}",
+        f"exporting {what} as a {request.type_name} GGUF into {out}…",
+        panel.exported,
+        "export cancelled; no file was written (an existing one is unchanged)",
     )
 
 
@@ -147,16 +143,35 @@ def write_base(panel: MergeTab, out: Path, written: Callable[[ExportResult], Non
         panel.show_message("load the base model again to write its GGUF", "warn")
         return None
     request = ExportRequest(panel.source, out, "gguf", "f16", verify=panel.output.verify_check.isChecked())
+    return _export_job(
+        panel,
+        request,
+        f"writing the base to {out.name}",
+        f"writing the base as an f16 GGUF into {out}…",
+        written,
+        "cancelled; no base GGUF was written",
+    )
+
+
+def _export_job(
+    panel: MergeTab,
+    request: ExportRequest,
+    name: str,
+    start_message: str,
+    done: Callable[[ExportResult], None],
+    cancelled: str,
+) -> Job | None:
+    """``request`` exported as the tab's model job: Cancel acts on it, ``done`` gets the result."""
 
     def run(session: Session, *, cancel: CancelToken, report: Report) -> ExportResult:
         return export_gguf(request, session=session, cancel=cancel, report=report)
 
     return (
-        panel.op(f"writing the base to {out.name}", run)
+        panel.op(name, run)
         .on_end(panel.end_merge)
-        .on_success(written)
-        .on_cancel(lambda: panel.show_message("cancelled; no base GGUF was written", "warn"))
-        .run(f"writing the base as an f16 GGUF into {out}…")
+        .on_success(done)
+        .on_cancel(lambda: panel.show_message(cancelled, "warn"))
+        .run(start_message)
     )
 
 
