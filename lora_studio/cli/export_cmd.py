@@ -1,6 +1,7 @@
-"""``lora-studio export BASE [--adapter PATH] --format gguf|gguf-lora --type TYPE --out FILE``.
+"""``lora-studio export BASE [--adapter PATH] --format gguf|gguf-lora|mlx|peft [--type TYPE] --out FILE|DIR``.
 
-A GGUF for llama.cpp / Ollama, verified in llama.cpp, with a serving bundle beside it.
+A GGUF for llama.cpp / Ollama, verified in llama.cpp, with a serving bundle beside it; or an adapter for mlx-lm
+(``mlx``), or a PEFT adapter from an mlx-lm one (``peft``), each a folder checked in mlx-lm.
 """
 
 from __future__ import annotations
@@ -28,17 +29,25 @@ from lora_studio.core.errors import UserError
 def add_parser(sub: SubParsers) -> None:
     from lora_studio.core.export import DEFAULT_TYPE, FORMATS, OUTPUT_TYPES
 
-    p = sub.add_parser("export", help="export a GGUF (merged, or the adapter alone), verified in llama.cpp")
+    p = sub.add_parser(
+        "export", help="export a GGUF (merged, or the adapter alone) verified in llama.cpp, or an adapter for mlx-lm"
+    )
     add_base_argument(p)
     add_adapter_argument(p, "adapter folder, optionally NAME=PATH (without it, --format gguf exports the base)")
-    p.add_argument("--format", choices=FORMATS, default="gguf", help="gguf: merged model; gguf-lora: adapter alone")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="gguf",
+        help="gguf: merged model; gguf-lora: adapter alone; mlx: the adapter for mlx-lm (a folder); peft: an mlx-lm "
+        "adapter as a PEFT folder",
+    )
     p.add_argument(
         "--type",
         choices=list(OUTPUT_TYPES),
         metavar="TYPE",
         help=f"{', '.join(OUTPUT_TYPES)} (default {DEFAULT_TYPE}; f16 for gguf-lora)",
     )
-    p.add_argument("--out", help="output .gguf file (must not exist unless --overwrite)")
+    p.add_argument("--out", help="output .gguf file, or folder for mlx / peft (must not exist unless --overwrite)")
     p.add_argument(
         "--base-gguf", help="gguf-lora: the base GGUF to verify the adapter on (default: an f16 one, temporary)"
     )
@@ -83,7 +92,7 @@ def list_architectures(as_json: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lora_studio.core.export import ExportRequest, export_gguf, plan_export
+    from lora_studio.core.export import MLX_FORMATS, ExportRequest, export_gguf, plan_export
     from lora_studio.core.model.sources import check_gguf_file
 
     if args.architectures:
@@ -95,7 +104,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("export takes one adapter", "combine several with `lora-studio merge --adapter-only` first")
     name, adapter = specs[0] if specs else (None, None)
     out = output_path(args.out)
-    if out.suffix.lower() != ".gguf":
+    if args.format in MLX_FORMATS:
+        if args.type not in (None, "f32") or args.base_gguf or args.quantize or args.merge_into:
+            raise UserError(
+                f"--format {args.format} writes the adapter's factors as they are",
+                "drop --type, --base-gguf, --quantize and --merge-into",
+            )
+    elif out.suffix.lower() != ".gguf":
         raise UserError(f"{out.name} does not end in .gguf", "name the output file like model.q8_0.gguf")
     base_gguf = Path(args.base_gguf).expanduser() if args.base_gguf else None
     if args.serve_gpu is not None and not 1 <= args.serve_gpu <= 4096:
@@ -144,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
         if result.carried is not None:
             print(f"Carried   {result.carried.summary()}")
         if result.bundle is not None:
-            print(f"Serving   {result.bundle.folder}/ (Modelfile, README.md)")
+            files = "README.md" if result.format in MLX_FORMATS else "Modelfile, README.md"
+            print(f"Serving   {result.bundle.folder}/ ({files})")
             for label, line in result.bundle.commands.items():
                 print(f"  {label}: {line}")
     # on stderr with --json too: a script reading the JSON still sees it

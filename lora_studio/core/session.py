@@ -26,7 +26,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from lora_studio.core._compat import bnb_cpu_unpack, peft_offload
-from lora_studio.core.adapters import combinations, compatibility
+from lora_studio.core.adapters import combinations, compatibility, mlx_format
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.io.paths import utf8_path
@@ -348,6 +348,7 @@ class Session:
         cancel = cancel or CancelToken()
         path = Path(path).expanduser().absolute()
         name = validate_adapter_name(adapter_name_for(path) if name is None else name)
+        path, converted = mlx_format.as_peft_folder(path)  # an mlx-lm adapter is attached as PEFT's
         # PEFT's load_adapter and the check below read the model's state dict: on a CPU, a 4-bit base that has run a
         # forward would come out of it with its block scales out of order (see _compat.bnb_cpu_unpack)
         with self.lock, bnb_cpu_unpack.block_scales_restored():
@@ -397,6 +398,8 @@ class Session:
                 self._drop_adapter(name)
                 raise Cancelled()
             attached = AttachedAdapter(name, path, self._adapter_bytes(name), list(compat.warnings))
+            if converted:
+                attached.warnings.append(f"{name}: {converted}")
             self._adapters[name] = attached
             previous = self._active
             self._set_active(name)

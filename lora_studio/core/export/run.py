@@ -18,18 +18,18 @@ from __future__ import annotations
 import math
 import shlex
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from lora_studio import __version__
 from lora_studio.core.errors import UserError
 from lora_studio.core.export import runtime
 from lora_studio.core.export import verify as export_verify
 from lora_studio.core.export.adapter import TYPE_HINT, adapter_refusal, type_refusal, write_adapter_gguf
-from lora_studio.core.export.bundle import ServingBundle, base_gguf_for, saved_rank, write_bundle
+from lora_studio.core.export.bundle import base_gguf_for, saved_rank, write_bundle
 from lora_studio.core.export.carried import (
     CHANGED_FLOOR,
     CORRELATION_FLOOR,
@@ -43,15 +43,24 @@ from lora_studio.core.export.converter import (
     converter_refusal,
     with_architectures,
 )
-from lora_studio.core.export.gguf_types import DEFAULT_TYPE, K_QUANT_SOURCE, OUTPUT_TYPES, llama_file_type, output_type
+from lora_studio.core.export.gguf_types import K_QUANT_SOURCE, OUTPUT_TYPES, llama_file_type, output_type
 from lora_studio.core.export.merged import VocabSummary, plan_tensors, write_merged_gguf
-from lora_studio.core.export.serving_plan import DEFAULT_GPU_GIB, ServingPlan, serving_plan
+from lora_studio.core.export.request import (
+    CARRIED_BADGES,
+    FORMATS,
+    MLX_FORMATS,
+    WORKING_SET,
+    ExportPlan,
+    ExportRequest,
+    ExportResult,
+    adapter_reference,
+)
+from lora_studio.core.export.serving_plan import ServingPlan, serving_plan
 from lora_studio.core.io.atomic import atomic_output_file
 from lora_studio.core.io.paths import check_output_apart, free_disk
-from lora_studio.core.merge import verify as merge_verify
 from lora_studio.core.merge.model_card import quantised_base_card
 from lora_studio.core.merge.plan import AdapterSpec, base_dtype, input_paths
-from lora_studio.core.merge.quantized import MergeInto, MergeTarget, check_merge_into, recorded_quantization
+from lora_studio.core.merge.quantized import MergeTarget, check_merge_into, recorded_quantization
 from lora_studio.core.merge.streaming import load_streaming_adapter, stream_plan, streaming_refusal
 from lora_studio.core.model.config import gguf_config, read_config, tied_embeddings
 from lora_studio.core.model.estimate import read_footprint
@@ -66,120 +75,14 @@ if TYPE_CHECKING:
 
     from lora_studio.core.session import Session
 
-Format = Literal["gguf", "gguf-lora"]
-FORMATS: tuple[Format, ...] = ("gguf", "gguf-lora")
-DEFAULT_ADAPTER_TYPE = "f16"
-CARRIED_BADGES = {"carried": "✔ carried", "washed out": "⚠ washed out", "not measured": "not measured"}
-WORKING_SET = 300 * 1024**2  # Python, torch and the tokenizer beside the tensors in flight
-
-
-@dataclass
-class ExportRequest:
-    source: ModelSource
-    out: Path
-    format: Format = "gguf"
-    type: str | None = None  # None: q8_0 for a merged GGUF, f16 for an adapter
-    adapter: Path | None = None  # None with "gguf": the base alone
-    adapter_name: str | None = None  # the session's name of the adapter (its folder name by default)
-    verify: bool = True
-    overwrite: bool = False
-    base_gguf: Path | None = None  # "gguf-lora": the base GGUF to verify (and serve) the adapter on
-    prompts: Sequence[str] = merge_verify.PROMPTS
-    new_tokens: int = merge_verify.NEW_TOKENS
-    serve_gpu_gib: float = DEFAULT_GPU_GIB  # the GPU the vLLM serving plan fits adapters on
-    # an adapter trained on a quantised base (QLoRA): the quantisation it learned on (default: its lora_studio.json
-    # record) and which weights its update is added to (core/merge/quantized.py; default: measured)
-    quantize: Quantize | None = None
-    merge_into: MergeInto | None = None
-
-    def qlora(self) -> tuple[Quantize, str] | None:
-        """(quantisation, compute dtype) of the base the adapter learned on, for a merged GGUF; None otherwise."""
-        if self.format != "gguf" or self.adapter is None:
-            return None
-        record = recorded_quantization(self.adapter)
-        quantize = self.quantize or (record["type"] if record else None)
-        if quantize is None:
-            return None
-        compute = record.get("compute_dtype") if record and record["type"] == quantize else None
-        return quantize, compute or base_dtype(self.source)
-
-    @property
-    def adapter_label(self) -> str | None:
-        """The adapter's name: the one given, else the session's rule for a folder name."""
-        from lora_studio.core.session import adapter_name_for
-
-        if self.adapter_name:
-            return self.adapter_name
-        return adapter_name_for(Path(self.adapter)) if self.adapter is not None else None
-
-    @property
-    def type_name(self) -> str:
-        if self.type:
-            return self.type.lower()
-        return DEFAULT_ADAPTER_TYPE if self.format == "gguf-lora" else DEFAULT_TYPE
-
-
-@dataclass(frozen=True)
-class ExportPlan:
-    format: Format
-    type: str
-    output_bytes: int
-    peak_memory_bytes: int
-    disk_needed_bytes: int
-    disk_free_bytes: int | None
-    tensors: int
-    quantiser: bool  # written by llama.cpp's quantiser from the converter's f16 file
-    llama_cpp: str | None  # the installed llama-cpp-python version
-    refusal: str | None = None
-    hint: str = ""
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    def summary(self) -> str:
-        if self.refusal:
-            return self.refusal
-        return (
-            f"{self.type} GGUF of about {format_bytes(self.output_bytes)}; peak memory about "
-            f"{format_bytes(self.peak_memory_bytes)}; needs {format_bytes(self.disk_needed_bytes)} of disk"
-            + (f" ({format_bytes(self.disk_free_bytes)} free)" if self.disk_free_bytes is not None else "")
-        )
-
-
-@dataclass
-class ExportResult:
-    out: Path
-    format: Format
-    type: str
-    bytes_written: int
-    seconds: float
-    verification: export_verify.GgufVerification
-    bundle: ServingBundle | None
-    vocab: VocabSummary | None = None
-    details: dict = field(default_factory=dict)
-    carried: CarriedAdapter | None = None  # a merged file of an adapter: how much of it the file's weights carry
-    quantized_base: MergeTarget | None = None  # a QLoRA adapter: the weights its update was added to, and why
-    base_to_write: Path | None = None  # an adapter-only file: the base GGUF its serving commands name, not yet written
-
-    def to_json(self) -> dict:
-        return {
-            "out": str(self.out),
-            "format": self.format,
-            "type": self.type,
-            "bytes": self.bytes_written,
-            "seconds": round(self.seconds, 3),
-            "verification": self.verification.to_json(),
-            "bundle": self.bundle.to_json() if self.bundle else None,
-            "vocab": asdict(self.vocab) if self.vocab else None,
-            "carried": self.carried.to_json() if self.carried else None,
-            "quantized_base": self.quantized_base.to_json() if self.quantized_base else None,
-            **self.details,
-        }
-
 
 def plan_export(request: ExportRequest, *, tokenizer: bool = True) -> ExportPlan:
     """What the export needs, from headers alone; ``refusal`` says why it cannot start. ``tokenizer=False``: the
     converter's plan leaves out the tokenizer (the export reads, and refuses, it anyway before writing a byte)."""
+    if request.format in MLX_FORMATS:
+        from lora_studio.core.export.mlx import plan_mlx
+
+        return plan_mlx(request)
     type_name = request.type_name
     llama_cpp = runtime.llama_cpp_version()
 
@@ -316,6 +219,10 @@ def export_gguf(
     ``request.adapter_name``) whose model is the verification reference, instead of loading one."""
     from lora_studio.core.model.loading import load_tokenizer
 
+    if request.format in MLX_FORMATS:
+        from lora_studio.core.export.mlx import export_mlx
+
+        return export_mlx(request, session=session, cancel=cancel, report=report)
     cancel = cancel or CancelToken()
     started = time.perf_counter()
     if session is not None and session.quantize is not None:
@@ -593,7 +500,7 @@ def _verify(
     version = runtime.llama_cpp_version()
     if version is None:
         return export_verify.skipped(type_name, f"llama.cpp is not installed; {runtime.INSTALL_HINT}")
-    reference = _reference(request, session, cancel, report)
+    reference = adapter_reference(request, session, cancel, report)
     cancel.raise_if_cancelled()
     with ExitStack() as stack:
         model, lora, threshold_type = gguf, None, type_name
@@ -618,32 +525,6 @@ def _verify(
         f"llama.cpp (llama-cpp-python {version})",
         sample,
     )
-
-
-def _reference(
-    request: ExportRequest, session: Session | None, cancel: CancelToken, report: Report
-) -> merge_verify.Reference:
-    """The adapter model's greedy continuations (the session's model when given, else loaded for the job)."""
-    from lora_studio.core.session import Session, release_memory
-
-    report(Progress(0, None, merge_verify.REFERENCE_STAGE))
-    owned = None
-    name = request.adapter_label
-    if session is None:
-        owned = session = Session()
-        session.load(request.source, dtype=base_dtype(request.source), cancel=cancel, report=report)
-        if request.adapter is not None:
-            assert name is not None
-            session.attach(Path(request.adapter), name, cancel=cancel, report=report)
-    try:
-        with session.lock, session.variant_selected(name):
-            return merge_verify.reference_outputs(
-                session.model, session.tokenizer, request.prompts, request.new_tokens, cancel, report
-            )
-    finally:
-        if owned is not None:
-            owned.close()
-            release_memory()
 
 
 @contextmanager

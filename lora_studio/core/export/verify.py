@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from lora_studio.core.export.gguf_types import output_type
 from lora_studio.core.generation.chat_template import apply_chat_template
@@ -77,8 +77,9 @@ class GgufVerification:
         if self.status == "skipped":
             return f"skipped: {self.reason}"
         assert self.greedy_agreement is not None and self.mean_top_k_kl is not None
+        engine = self.runtime.split(" (")[0] or "llama.cpp"
         text = (
-            f"{self.status}: llama.cpp agrees with the adapter on {self.greedy_agreement:.0%} of "
+            f"{self.status}: {engine} agrees with the adapter on {self.greedy_agreement:.0%} of "
             f"{self.tokens_compared} greedy tokens, top-{TOP_K} KL {self.mean_top_k_kl:.2g} ({self.type})"
         )
         if self.template is not None and self.template.status != "none":
@@ -92,10 +93,21 @@ def skipped(type_name: str, reason: str) -> GgufVerification:
     return GgufVerification("skipped", type_name, reason=reason)
 
 
+class LogitsRunner(Protocol):
+    """What the comparison asks of a runtime: the logits of every position of a token sequence."""
+
+    def logits(self, tokens: list[int]) -> Any: ...
+
+
 def compare_outputs(
-    runner: GgufRunner, reference: Reference, cancel: CancelToken | None = None, report: Report = no_report
+    runner: LogitsRunner,
+    reference: Reference,
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+    stage: str = RUNTIME_STAGE,
 ) -> tuple[float, float, float, int]:
-    """(greedy agreement, mean top-k KL, max |Δlogit|, generated tokens) of llama.cpp against ``reference``."""
+    """(greedy agreement, mean top-k KL, max |Δlogit|, generated tokens) of the runtime (llama.cpp, mlx-lm) against
+    ``reference``."""
     import torch
 
     agree = compared = positions = 0
@@ -106,7 +118,7 @@ def compare_outputs(
     ):
         if cancel is not None:
             cancel.raise_if_cancelled()
-        report(Progress(done, count, RUNTIME_STAGE, "prompts"))
+        report(Progress(done, count, stage, "prompts"))
         logits = torch.from_numpy(runner.logits([int(t) for t in seq]))
         vocab = min(logits.shape[-1], ref_logits.shape[-1])
         logits, ref = logits[:, :vocab], ref_logits[:, :vocab]
@@ -120,7 +132,7 @@ def compare_outputs(
         predicted = logits[plen - 1 : -1].argmax(-1)
         agree += int((predicted == seq[plen:]).sum())
         compared += int(seq.numel() - plen)
-    report(Progress(count, count, RUNTIME_STAGE, "prompts"))
+    report(Progress(count, count, stage, "prompts"))
     return agree / compared if compared else 1.0, kl_sum / max(positions, 1), max_diff, compared
 
 

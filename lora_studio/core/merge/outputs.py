@@ -38,6 +38,11 @@ def _clean_config(cfg: dict, dtype: str) -> dict:
     # the base's hub name goes into the model card's front matter
     cfg.pop("_name_or_path", None)
     cfg["dtype"] = dtype
+    rope = cfg.get("rope_parameters")
+    if "rope_theta" not in cfg and isinstance(rope, dict) and isinstance(rope.get("rope_theta"), (int, float)):
+        # transformers 5 keeps the rotary base only inside rope_parameters; mlx-lm (0.32) and other runtimes read
+        # the top-level key and would otherwise run the model with their own default
+        cfg["rope_theta"] = rope["rope_theta"]
     return cfg
 
 
