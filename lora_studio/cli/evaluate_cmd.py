@@ -72,7 +72,7 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load in (default float32)")
     add_quantize_argument(p, "load the base")
     add_max_memory_argument(p)
-    p.add_argument("--device-map", default="cpu", help="cpu, cuda:N or auto (default cpu)")
+    p.add_argument("--device-map", default="cpu", help="cpu, cuda:N, mps (Apple silicon) or auto (default cpu)")
     p.add_argument("--report", metavar="FILE", help="write a report: .html, .md, .jsonl, .csv or .json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report file")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -32,7 +32,9 @@ def add_parser(sub: SubParsers) -> None:
     add_base_argument(p)
     add_adapter_argument(p)
     p.add_argument("--dtype", choices=DTYPES, help="dtype for the memory estimate (default: the checkpoint's)")
-    p.add_argument("--device-map", default="cpu", help="cpu, cuda:N or auto, for the memory estimate (default: cpu)")
+    p.add_argument(
+        "--device-map", default="cpu", help="cpu, cuda:N, mps or auto, for the memory estimate (default: cpu)"
+    )
     add_quantize_argument(p, "estimate the memory of the base")
     add_max_memory_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")

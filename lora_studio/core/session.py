@@ -36,6 +36,7 @@ from lora_studio.core.model.placement import MaxMemory, check_max_memory, placed
 from lora_studio.core.model.quantize import Quantize, check_quantize, quantization_label, saved_quantization
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system import garbage
+from lora_studio.core.system.devices import MPS, Devices, check_mps, this_machine
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 logger = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ class Session:
         from lora_studio.core.model.loading import load_base
 
         cancel = cancel or CancelToken()
-        check_device(device_map)
+        check_device(device_map, dtype=dtype, quantize=quantize)
         if max_memory is not None:
             check_max_memory(max_memory)
         footprint = read_footprint(source)
@@ -761,13 +762,19 @@ def validate_adapter_name(name: str) -> str:
     return name
 
 
-def check_device(device_map: str) -> None:
-    """A ``cuda:N`` that this machine has, before anything loads (torch would fail with an AssertionError)."""
+def check_device(
+    device_map: str, *, dtype: str | None = None, quantize: str | None = None, devices: Devices | None = None
+) -> None:
+    """A ``cuda:N`` that this machine has, or ``mps`` where it runs (with a dtype and quantisation it can run),
+    before anything loads (torch would fail with an AssertionError, or deep inside a kernel)."""
+    if device_map == MPS:
+        check_mps(dtype, quantize, devices)
+        return
     if not device_map.startswith("cuda"):
         return
     import torch
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = (devices or this_machine()).cuda
     if count == 0:
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
         raise UserError(
@@ -776,8 +783,8 @@ def check_device(device_map: str) -> None:
         )
     index = device_map.partition(":")[2]
     if index and (not index.isdigit() or int(index) >= count):
-        devices = ", ".join(f"cuda:{i}" for i in range(count))
-        raise UserError(f"there is no {device_map}; this machine has {devices}", "pick one of those, or cpu")
+        devices_here = ", ".join(f"cuda:{i}" for i in range(count))
+        raise UserError(f"there is no {device_map}; this machine has {devices_here}", "pick one of those, or cpu")
 
 
 def adapter_name_for(folder: Path) -> str:

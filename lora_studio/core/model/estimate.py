@@ -15,6 +15,7 @@ from lora_studio.core.model.dtypes import DTYPE_BYTES, ST_TO_NAME, check_dtype
 from lora_studio.core.model.quantize import saved_quantization
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system import nvml
+from lora_studio.core.system.devices import mps_here
 from lora_studio.core.system.memory import format_bytes
 
 if TYPE_CHECKING:
@@ -299,15 +300,23 @@ def free_memory(
     return free_ram_bytes, {f"cuda:{g.index}": g.free_bytes for g in gpus}
 
 
-def judge(device_map: str, needed: int, free_ram: int, free_gpu: dict[str, int]) -> tuple[Verdict, str, str]:
-    """Whether ``needed`` bytes fit where ``device_map`` puts them: (verdict, where, one line saying why)."""
+def judge(
+    device_map: str, needed: int, free_ram: int, free_gpu: dict[str, int], *, mps: bool | None = None
+) -> tuple[Verdict, str, str]:
+    """Whether ``needed`` bytes fit where ``device_map`` puts them: (verdict, where, one line saying why). ``mps``:
+    whether Apple silicon's GPU runs here (read from torch when ``auto`` needs to know); its memory is the RAM."""
+    if device_map == "mps":
+        unified = f"{format_bytes(free_ram)} of unified memory free (the RAM the GPU shares)"
+        if needed <= free_ram:
+            return "fits", "mps", f"needs {format_bytes(needed)}, {unified}"
+        return "does_not_fit", "mps", f"needs {format_bytes(needed)} but only {unified}"
     if device_map == "cpu":
         if needed <= free_ram:
             return "fits", "cpu", f"needs {format_bytes(needed)}, {format_bytes(free_ram)} RAM free"
         return "does_not_fit", "cpu", f"needs {format_bytes(needed)} but only {format_bytes(free_ram)} RAM is free"
     if device_map.startswith("cuda"):
         if device_map != "cuda" and not re.fullmatch(r"cuda:\d+", device_map):
-            raise UserError(f"unknown device map {device_map!r}", "use cpu, cuda:N or auto")
+            raise UserError(f"unknown device map {device_map!r}", "use cpu, cuda:N, mps or auto")
         if device_map not in free_gpu:
             return (
                 "does_not_fit",
@@ -326,6 +335,8 @@ def judge(device_map: str, needed: int, free_ram: int, free_gpu: dict[str, int])
         for dev, free in free_gpu.items():
             if needed <= free:
                 return "fits", dev, f"fits on {dev} ({format_bytes(free)} free)"
+        if not free_gpu and (mps if mps is not None else mps_here()):
+            return judge("mps", needed, free_ram, free_gpu)
         if not free_gpu:
             if needed <= free_ram:
                 return "fits", "cpu", f"no GPU: loads on the CPU ({format_bytes(free_ram)} RAM free)"
@@ -342,4 +353,4 @@ def judge(device_map: str, needed: int, free_ram: int, free_gpu: dict[str, int])
             f"needs {format_bytes(needed)}; "
             f"GPUs and RAM together have {format_bytes(sum(free_gpu.values()) + free_ram)} free",
         )
-    raise UserError(f"unknown device map {device_map!r}", "use cpu, cuda:N or auto")
+    raise UserError(f"unknown device map {device_map!r}", "use cpu, cuda:N, mps or auto")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from lora_studio.core.system import garbage, nvml
 from lora_studio.core.system.child_process import running_workers
+from lora_studio.core.system.devices import mps_memory
 
 MiB = 1024**2
 GiB = 1024**3
@@ -36,7 +37,7 @@ RECLAIM_WARN_FRACTION = 0.5
 
 @dataclass(frozen=True)
 class TorchCudaReading:
-    device: str  # "cuda:N"
+    device: str  # "cuda:N", or "mps" (Apple silicon: reserved is the Metal driver's allocations, in the shared RAM)
     allocated_bytes: int
     reserved_bytes: int
 
@@ -80,14 +81,17 @@ def read_rss_split(status_path: str = "/proc/self/status") -> tuple[int, int]:
 
 
 def torch_cuda_readings() -> tuple[TorchCudaReading, ...]:
-    """torch's own view of CUDA memory; empty unless torch is imported and CUDA is initialised."""
+    """torch's own view of GPU memory: each initialised CUDA device, and mps where it runs; empty unless torch is
+    imported."""
     torch = sys.modules.get("torch")
     if torch is None:
         return ()
+    mps = mps_memory()
+    on_mps = (TorchCudaReading("mps", *mps),) if mps is not None else ()
     try:
         if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-            return ()
-        return tuple(
+            return on_mps
+        return on_mps + tuple(
             TorchCudaReading(f"cuda:{i}", int(torch.cuda.memory_allocated(i)), int(torch.cuda.memory_reserved(i)))
             for i in range(torch.cuda.device_count())
         )

@@ -139,10 +139,10 @@ class TrainSettings:
             raise UserError(f"keep {self.keep!r} must be best or last", "")
         if not 0 <= self.seed < 2**32:  # numpy's and the data sampler's range
             raise UserError(f"seed {self.seed} must be a whole number from 0 to {2**32 - 1}", "e.g. 42")
-        if self.device.startswith("cuda"):
+        if self.device.startswith("cuda") or self.device == "mps":
             from lora_studio.core.session import check_device
 
-            check_device(self.device)
+            check_device(self.device, dtype=self.dtype, quantize=self.quantize)
         if self.quantize is not None:
             self._check_quantize()
 

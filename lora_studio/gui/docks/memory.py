@@ -52,6 +52,10 @@ SYSTEM_TIP = (
     "Page cache, which includes the weight files this process maps, counts as available, not as in use."
 )
 
+MPS_TIP = (
+    "torch's allocations on Apple silicon's GPU (torch.mps.current_allocated_memory) and all the Metal driver holds "
+    "for this process (torch.mps.driver_allocated_memory); both come out of the RAM the CPU uses"
+)
 GPU_TIP = (
     "GPU memory in use by every process on this GPU (NVML), and torch's allocator in this process:\n"
     "allocated = live tensors (dotted line); reserved = what torch keeps cached for reuse (also counts in use)."
@@ -160,6 +164,7 @@ class MemoryPanel(QWidget):
             label.setMinimumWidth(1)
         self.gpu_box = QGridLayout()
         self.gpu_labels: list[QLabel] = []
+        self.mps_label: QLabel | None = None
         self.no_gpu_label = ElidedLabel("")  # beside the system line: one line, the full reason in its tooltip
         self.no_gpu_label.setStyleSheet("color: palette(mid);")
         self.no_gpu_label.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
@@ -277,7 +282,17 @@ class MemoryPanel(QWidget):
                 )
             label.setText(text)
             label.setToolTip(GPU_TIP)
-        if not sample.gpus and self.monitor.sampler.gpu_status:
+        mps = torch_by_dev.get("mps")
+        if mps is not None:  # Apple silicon: its memory is the RAM above, so a line of its own and no curve
+            if self.mps_label is None:
+                self.mps_label = QLabel()
+                self.mps_label.setToolTip(MPS_TIP)
+                self.gpu_box.addWidget(self.mps_label, len(self.gpu_labels), 0)
+            self.mps_label.setText(
+                f"<b>Apple GPU (mps)</b>: torch {format_bytes(mps.allocated_bytes)} allocated, the Metal driver "
+                f"{format_bytes(mps.reserved_bytes)} (unified memory: part of the RAM above)"
+            )
+        if not sample.gpus and self.monitor.sampler.gpu_status and mps is None:
             self.no_gpu_label.setText(self.monitor.sampler.gpu_status)
             self.no_gpu_label.show()
 

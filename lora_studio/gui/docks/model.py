@@ -28,6 +28,7 @@ from lora_studio.core.model.estimate import MemoryEstimate
 from lora_studio.core.model.placement import PlannedPlacement, parse_max_memory, plan_placement
 from lora_studio.core.model.quantize import QUANTIZE_CHOICES, Quantize
 from lora_studio.core.session import SessionState
+from lora_studio.core.system.devices import Devices
 from lora_studio.core.system.memory import format_bytes
 from lora_studio.gui.base.jobs import Job
 from lora_studio.gui.base.panel import Panel
@@ -59,7 +60,9 @@ class ModelPanel(Panel):
     loaded = Signal(object)  # SessionState after a successful load
     load_failed = Signal(object)  # ErrorDescription
 
-    def __init__(self, ctx: TabContext, gpu_count: int = 0, parent: QWidget | None = None) -> None:
+    def __init__(
+        self, ctx: TabContext, gpu_count: int = 0, parent: QWidget | None = None, *, mps: bool = False
+    ) -> None:
         super().__init__(ctx, parent)
         self.estimate: MemoryEstimate | None = None
         self.placement_plan: PlannedPlacement | None = None  # accelerate's share of each device, under the limits
@@ -100,11 +103,12 @@ class ModelPanel(Panel):
         self.dtype_combo.addItems(DTYPES)
         self.dtype_combo.setToolTip("Precision of the weights in memory; bfloat16/float16 halve the memory of float32")
         self.device_combo = QComboBox()
-        self.device_combo.addItem("cpu")
-        for i in range(gpu_count):
-            self.device_combo.addItem(f"cuda:{i}")
-        self.device_combo.addItem("auto")
-        self.device_combo.setToolTip("cpu, one GPU, or auto (spread over GPUs and RAM)")
+        self.device_combo.addItems(Devices(gpu_count, mps).choices())
+        self.device_combo.setToolTip(
+            "cpu, one GPU, mps (Apple silicon: the GPU shares the RAM), or auto (spread over GPUs and RAM)"
+            if mps
+            else "cpu, one GPU, or auto (spread over GPUs and RAM)"
+        )
         self.quantize_combo = QComboBox()
         self.quantize_combo.addItem("none", None)
         for kind in QUANTIZE_CHOICES:

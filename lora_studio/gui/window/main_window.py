@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
 
 from lora_studio.app_logging import current_log_path
 from lora_studio.core.session import Session, SessionState
+from lora_studio.core.system.devices import mps_here
 from lora_studio.core.system.memory import MemorySampler, Reclaimed
 from lora_studio.core.tasks import CancelToken, Report
 from lora_studio.gui.base.beside_store import BesideModels
@@ -119,7 +120,7 @@ class MainWindow(QMainWindow):
             sampler=self.monitor.sampler,
             navigator=self,
         )
-        self.model_panel = ModelPanel(self.context, gpu_count=gpus)
+        self.model_panel = ModelPanel(self.context, gpu_count=gpus, mps=mps_here())
 
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)

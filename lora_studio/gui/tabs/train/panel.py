@@ -171,7 +171,8 @@ class TrainPanel(Panel):
     # -- state ---------------------------------------------------------------------------------------------------------
     def show_state(self, state: SessionState) -> None:
         super().show_state(state)
-        self.form.set_devices(["cpu"] + ([state.device] if state.device and state.device.startswith("cuda") else []))
+        on_gpu = state.device and (state.device.startswith("cuda") or state.device == "mps")
+        self.form.set_devices(["cpu"] + ([state.device] if on_gpu and state.device else []))
         # a base loaded quantised is what the user means to train on (QLoRA): the choice follows each new load,
         # and stays the user's between loads
         loaded = (state.base_path, state.quantize)
