@@ -37,7 +37,7 @@ class ModelSource:
         return {"kind": self.kind, "path": str(self.file), "label": self.label, "repo_id": self.repo_id}
 
 
-def is_gguf(path: Path) -> bool:
+def is_export(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
             return f.read(4) == GGUF_MAGIC
@@ -56,7 +56,7 @@ def check_gguf_file(path: Path, what: str = "GGUF") -> Path:
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a .gguf file", f"give the {what}'s .gguf file")
     regular_file(path, what)
-    if not is_gguf(path):
+    if not is_export(path):
         raise UserError(f"{path.name} is not a GGUF file (its first bytes are not 'GGUF')", f"give the {what}'s file")
     return path
 
@@ -74,8 +74,8 @@ def resolve_source(spec: str | Path) -> ModelSource:
         raise UserError("no base model given", "pass a model folder, a .gguf file, a cached repo id, or --demo")
     path = Path(text).expanduser()
     if path.is_file():
-        if path.suffix.lower() == ".gguf" or is_gguf(path):
-            if not is_gguf(path):
+        if path.suffix.lower() == ".gguf" or is_export(path):
+            if not is_export(path):
                 raise UserError(
                     f"{path.name} is not a GGUF file (its first bytes are not 'GGUF')", "pick a real .gguf model file"
                 )
@@ -179,6 +179,6 @@ def models_in_folders(roots: tuple[Path, ...]) -> list[ModelSource]:
         for config in sorted(root.glob("*/config.json")):
             found.append(_folder_source(config.parent.absolute()))
         for gguf in sorted(root.glob("*.gguf")):
-            if is_gguf(gguf):
+            if is_export(gguf):
                 found.append(ModelSource("gguf", gguf.parent.absolute(), gguf.name, gguf_file=gguf.name))
     return found

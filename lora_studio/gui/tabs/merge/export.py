@@ -1,5 +1,5 @@
-"""The Merge tab's GGUF side: exporting the ticked adapter as a GGUF (merged, or the adapter alone), verified in
-llama.cpp, and installing llama.cpp in the background when it is missing.
+"""The Merge tab's export side: the ticked adapter as a GGUF (merged, or the adapter alone), verified in llama.cpp,
+or as an mlx-lm adapter folder, verified in mlx-lm; and installing llama.cpp in the background when it is missing.
 
 The core does the work (core/export: ``plan_export`` as a keyed side job, ``export_gguf`` as one model job with
 the session's model as the verification reference); these functions take the
@@ -16,6 +16,7 @@ from lora_studio.core.errors import UserError
 from lora_studio.core.export import ExportPlan, ExportRequest, export_gguf, plan_export
 from lora_studio.core.export.runtime import install_llama_cpp, restart_needed
 from lora_studio.core.io.paths import data_dir, free_path, owned_by_a_cache
+from lora_studio.core.system.memory import format_bytes
 from lora_studio.gui.base.jobs import Job
 
 if TYPE_CHECKING:
@@ -41,22 +42,26 @@ def export_request(panel: MergeTab, out: Path | None = None) -> ExportRequest:
         )
     if fmt == "gguf-lora" and not rows:
         raise UserError("an adapter-only GGUF needs an adapter", "tick the adapter to export")
+    if fmt == "mlx" and not rows:
+        raise UserError("an mlx-lm adapter needs an adapter", "tick the adapter to export")
     path = out or panel.out_path()
     if path is None:
-        raise UserError("choose the .gguf file to write", "")
-    if path.suffix.lower() != ".gguf":
+        raise UserError("choose the folder to write" if fmt == "mlx" else "choose the .gguf file to write", "")
+    if fmt == "mlx":
+        pass  # a folder, created
+    elif path.suffix.lower() != ".gguf":
         raise UserError(f"{path.name} does not end in .gguf", "name the file like model.q8_0.gguf")
     row = rows[0] if rows else None
     if row is not None and row.weight != 1.0:
         raise UserError(
-            f"{row.name} is set to scale {row.weight:g}: a GGUF export takes an adapter as trained",
+            f"{row.name} is set to scale {row.weight:g}: an export takes an adapter as trained",
             "merge at this scale to a folder, or set the weight back to 1",
         )
     return ExportRequest(
         panel.source,
         path,
-        "gguf-lora" if fmt == "gguf-lora" else "gguf",
-        panel.output.gguf_type(),
+        "gguf-lora" if fmt == "gguf-lora" else "mlx" if fmt == "mlx" else "gguf",
+        None if fmt == "mlx" else panel.output.gguf_type(),
         adapter=Path(row.path) if row else None,
         adapter_name=row.name if row else None,
         verify=panel.output.verify_check.isChecked(),
@@ -81,6 +86,8 @@ def suggested_path(panel: MergeTab) -> Path | None:
     fmt = panel.output.format()
     if fmt == "hf":
         stem, suffix = f"{name}{adapter}-merged", ""
+    elif fmt == "mlx":
+        stem, suffix = f"{name}{adapter}-mlx", ""
     else:
         kind = "lora-" if fmt == "gguf-lora" else ""
         stem, suffix = f"{name}{adapter}", f".{kind}{panel.output.gguf_type()}.gguf"
@@ -109,6 +116,9 @@ def refresh_export_plan(panel: MergeTab, seq: int) -> Job | None:
 
 
 def plan_text(plan: ExportPlan) -> str:
+    if plan.format == "mlx":
+        checked = plan.hint or "checked in mlx-lm against the adapter in PEFT."
+        return f"Writes an mlx-lm adapter folder of about {format_bytes(plan.output_bytes)}; {checked}"
     text = f"Needs: {plan.summary()}."
     return text + " Written by llama.cpp's converter" + (", then its quantiser." if plan.quantiser else ".")
 
@@ -130,7 +140,9 @@ def start_export(panel: MergeTab, out: Path) -> Job | None:
         panel,
         request,
         f"exporting {what} to {out.name}",
-        f"exporting {what} as a {request.type_name} GGUF into {out}…",
+        f"exporting {what} for mlx-lm into {out}…"
+        if request.format == "mlx"
+        else f"exporting {what} as a {request.type_name} GGUF into {out}…",
         panel.exported,
         "export cancelled; no file was written (an existing one is unchanged)",
     )

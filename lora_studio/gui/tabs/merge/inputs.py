@@ -46,6 +46,7 @@ FORMAT_CHOICES = (
     ("Hugging Face folder", "hf"),
     ("GGUF, merged (llama.cpp, Ollama)", "gguf"),
     ("GGUF, adapter only (llama-server --lora)", "gguf-lora"),
+    ("mlx-lm adapter (Mac: mlx_lm --adapter-path)", "mlx"),
 )
 
 
@@ -362,7 +363,7 @@ class OutputBox(QGroupBox):
             signal.connect(lambda *_: self.changed.emit())
 
     def format(self) -> str:
-        """ "hf", "gguf" or "gguf-lora"."""
+        """ "hf", "gguf", "gguf-lora" or "mlx"."""
         return str(self.format_combo.currentData())
 
     def gguf_type(self) -> str:
@@ -370,13 +371,13 @@ class OutputBox(QGroupBox):
 
     def _format_changed(self, *_args: object) -> None:
         fmt = self.format()
-        gguf = fmt != "hf"
+        gguf = fmt in ("gguf", "gguf-lora")
         for widget in (self.dtype_combo, self.engine_combo, self.engine_note):
-            self.form.setRowVisible(widget, not gguf)
+            self.form.setRowVisible(widget, fmt == "hf")
         # a merged GGUF of a QLoRA adapter is written from the weights chosen the same way
-        self.form.setRowVisible(self.merge_into_combo, fmt != "gguf-lora")
-        self.form.setRowVisible(self.full_precision_row, not gguf and self._saved_quantised)
-        self.safe_check.setVisible(not gguf)
+        self.form.setRowVisible(self.merge_into_combo, fmt in ("hf", "gguf"))
+        self.form.setRowVisible(self.full_precision_row, fmt == "hf" and self._saved_quantised)
+        self.safe_check.setVisible(fmt == "hf")
         self.form.setRowVisible(self.gguf_type_combo, gguf)
         self.form.setRowVisible(self.serve_gpu_spin, gguf)
         # an adapter-only GGUF is small: only the float types and q8_0
@@ -387,7 +388,13 @@ class OutputBox(QGroupBox):
         if fmt == "gguf-lora" and self._last_format != "gguf-lora":  # an adapter is small: f16, as llama.cpp's
             self.gguf_type_combo.setCurrentIndex(list(OUTPUT_TYPES).index("f16"))
         self._last_format = fmt
-        self.out_edit.setPlaceholderText("the .gguf file to write" if gguf else "folder for the merged model (created)")
+        self.out_edit.setPlaceholderText(
+            "the .gguf file to write"
+            if gguf
+            else "folder for the mlx-lm adapter (created)"
+            if fmt == "mlx"
+            else "folder for the merged model (created)"
+        )
         self.format_changed.emit()
 
     def _gguf_type_changed(self, *_args: object) -> None:
@@ -405,12 +412,13 @@ class OutputBox(QGroupBox):
     def browse(self, base_folder: Path, suggested_gguf: Path | None) -> None:
         """The output's dialog: a .gguf file to save (starting at ``suggested_gguf``), or a folder."""
         start = self.out_edit.text().strip() or str(base_folder)
-        if self.format() != "hf":
+        if self.format() in ("gguf", "gguf-lora"):
             path, _ = QFileDialog.getSaveFileName(
                 self, "Save the GGUF as", str(suggested_gguf or start), "GGUF files (*.gguf)"
             )
         else:
-            path = QFileDialog.getExistingDirectory(self, "Choose the output folder for the merged model", start)
+            what = "the mlx-lm adapter" if self.format() == "mlx" else "the merged model"
+            path = QFileDialog.getExistingDirectory(self, f"Choose the output folder for {what}", start)
         if path:
             self.out_edit.setText(path)
 

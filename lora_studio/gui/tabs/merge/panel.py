@@ -209,7 +209,8 @@ class MergePanel(Panel):
     def out_path(self) -> Path | None:
         return self.output.out_path()
 
-    def is_gguf(self) -> bool:
+    def is_export(self) -> bool:
+        """A file or folder for a runtime (GGUF, mlx-lm), written by core/export, not a merged model folder."""
         return self.output.format() != "hf"
 
     def use_scale(self, adapter: str, scale: float) -> None:
@@ -243,7 +244,7 @@ class MergePanel(Panel):
         if not state.base or source is None:
             self.plan_done(seq, UserError("no base model is loaded", "load a base model first"))
             return None
-        if self.is_gguf():
+        if self.is_export():
             return merge_export.refresh_export_plan(self, seq)
         try:
             specs, options = self.request()
@@ -283,7 +284,7 @@ class MergePanel(Panel):
             self.plan, self.export_plan, self.plan_error = None, result, ""
         else:
             self.plan, self.plan_error = result, ""
-        gguf = self.is_gguf()
+        gguf = self.is_export()
         self.plan_table.setVisible(not gguf)
         self.export_plan_label.setVisible(gguf and self.export_plan is not None)
         if self.export_plan is not None:
@@ -316,7 +317,7 @@ class MergePanel(Panel):
         running = self.merge_job is not None and not self.merge_job.done
         action = (
             "write the GGUF, run it in llama.cpp against the adapter, and write its serving bundle"
-            if self.is_gguf()
+            if self.is_export()
             else "merge the ticked adapter(s) into the base and save the folder"
         )
         self.set_reasons({self.run_row.merge_btn: (reason, action)})
@@ -352,13 +353,17 @@ class MergePanel(Panel):
 
     def browse_out(self) -> None:
         base_folder = Path(self.state.base_path).parent if self.state.base_path else Path.home()
-        self.output.browse(base_folder, merge_export.suggested_path(self) if self.is_gguf() else None)
+        self.output.browse(base_folder, merge_export.suggested_path(self) if self.is_export() else None)
 
     def _format_changed(self) -> None:
-        """A GGUF wants a .gguf file name: suggest one that says what it holds when the box has a folder."""
-        gguf = self.is_gguf()
-        self.run_row.merge_btn.setText("Export GGUF" if gguf else "Merge && save")
-        self.plan_table.setVisible(not gguf)  # the other format's plan is not this one's: hidden until it comes
+        """A GGUF wants a .gguf file name, a folder format a folder: suggest a name that says what it holds when the
+        box has the other kind."""
+        fmt = self.output.format()
+        gguf = fmt in ("gguf", "gguf-lora")
+        self.run_row.merge_btn.setText(
+            "Export GGUF" if gguf else "Export for mlx-lm" if fmt == "mlx" else "Merge && save"
+        )
+        self.plan_table.setVisible(fmt == "hf")  # the other format's plan is not this one's: hidden until it comes
         self.export_plan_label.hide()
         text = self.output.out_edit.text().strip()
         if text and text != self.output.suggested_out and gguf != text.lower().endswith(".gguf"):
@@ -368,7 +373,8 @@ class MergePanel(Panel):
 
     def update_install_button(self) -> None:
         missing = llama_cpp_version() is None
-        self.output.install_btn.setVisible(self.is_gguf() and (missing or self.install_job is not None))
+        gguf = self.output.format() in ("gguf", "gguf-lora")
+        self.output.install_btn.setVisible(gguf and (missing or self.install_job is not None))
 
     def install_llama_cpp(self) -> Job | None:
         """Build and install llama.cpp's binding in the background (merge_export.install)."""
@@ -384,7 +390,7 @@ class MergePanel(Panel):
         out = self.out_path()
         if out is None:  # start_reason() said so already
             return None
-        if self.is_gguf():
+        if self.is_export():
             return self._track(merge_export.start_export(self, out))
         try:
             specs, options = self.request(out)

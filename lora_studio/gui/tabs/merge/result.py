@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from lora_studio.core.export import ExportResult
+from lora_studio.core.export import MLX_FORMATS, ExportResult
 from lora_studio.core.merge import MergeResult, SavedCombination, save_combination
 from lora_studio.core.system.memory import format_bytes
 from lora_studio.gui.base.jobs import Job
@@ -133,18 +133,24 @@ class ResultBox(QGroupBox):
         text, style = BADGES[v.status]
         self.badge.setText(text)
         self.badge.setStyleSheet(style)
-        if v.status == "skipped" or v.thresholds is None:  # a run in llama.cpp always has its thresholds
-            self.numbers.setText(f"not run in llama.cpp: {v.reason}")
+        mlx = result.format in MLX_FORMATS
+        engine = "mlx-lm" if mlx else "llama.cpp"
+        if v.status == "skipped" or v.thresholds is None:  # a run in the runtime always has its thresholds
+            self.numbers.setText(f"not run in {engine}: {v.reason}")
         else:
             agreement, kl = v.thresholds
             template = v.template.status if v.template is not None else "none"
             self.numbers.setText(
-                f"llama.cpp vs the adapter: greedy agreement {v.greedy_agreement:.0%} (≥ {agreement:.0%}) · "
-                f"top-k KL {v.mean_top_k_kl:.2g} (≤ {kl:g}) over {v.tokens_compared} tokens, {v.type} · "
-                f"chat template & stop tokens: {template}" + (f" — {v.reason}" if v.reason else "")
+                f"{engine} vs the adapter: greedy agreement {v.greedy_agreement:.0%} (≥ {agreement:.0%}) · "
+                f"top-k KL {v.mean_top_k_kl:.2g} (≤ {kl:g}) over {v.tokens_compared} tokens, {v.type}"
+                + ("" if mlx else f" · chat template & stop tokens: {template}")
+                + (f" — {v.reason}" if v.reason else "")
             )
         self.numbers.setToolTip(
-            "the GGUF run by llama.cpp (llama-cpp-python) against base + adapter in transformers on the same "
+            "the base with the adapter folder run by mlx-lm against base + adapter in transformers (PEFT) on the "
+            "same tokens"
+            if mlx
+            else "the GGUF run by llama.cpp (llama-cpp-python) against base + adapter in transformers on the same "
             "tokens; the chat template embedded in the GGUF tokenised by llama.cpp against the Hugging Face one"
         )
         lines = [
@@ -160,13 +166,13 @@ class ResultBox(QGroupBox):
         if v.sample:
             lines.append(
                 f"“{html.escape(v.sample['prompt'])}” → adapter: <i>{html.escape(v.sample['adapter'])}</i> · "
-                f"llama.cpp: <i>{html.escape(v.sample['llama_cpp'])}</i>"
+                f"{engine}: <i>{html.escape(v.sample.get('llama_cpp') or v.sample.get('mlx_lm') or '')}</i>"
             )
         if result.bundle is not None:
             for label, line in result.bundle.commands.items():
                 lines.append(f"<b>{label}</b>: <code>{html.escape(line)}</code>")
         self.saved_label.setText("<br>".join(lines))
-        self.card_btn.setText("Open serving notes")
+        self.card_btn.setText("Open the adapter's README" if mlx else "Open serving notes")
         self.compare_merged_btn.hide()
         self.write_base_btn.setVisible(result.base_to_write is not None and not result.base_to_write.exists())
         self.show()
@@ -175,7 +181,7 @@ class ResultBox(QGroupBox):
 def result_card(result: MergeResult | ExportResult) -> Path:
     """The README of a merge's folder, or of an export's serving bundle."""
     if isinstance(result, ExportResult) and result.bundle is not None:
-        return Path(result.bundle.folder) / "README.md"
+        return Path(result.bundle.folder) / "README.md"  # for an mlx-lm adapter: the folder itself
     return Path(result.out) / "README.md"
 
 
