@@ -302,7 +302,7 @@ def as_peft_folder(folder: Path) -> tuple[Path, str | None]:
     digest = hashlib.sha256()
     for name in (MLX_CONFIG, MLX_WEIGHTS):  # the files as they are now: an edited adapter is converted again
         digest.update(regular_file(inside(folder, name), "adapter file").read_bytes())
-    target = data_dir() / CONVERTED_FOLDER / f"{folder.name}-mlx-{digest.hexdigest()[:12]}"
+    target = data_dir() / CONVERTED_FOLDER / f"{folder.name}.peft-{digest.hexdigest()[:12]}"
     if not (target / adapter_files.SAFETENSORS_NAME).is_file():
         with atomic_output_dir(target, overwrite=True) as tmp:
             mlx_to_peft(folder, tmp)

@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 
 from lora_studio import __version__
 from lora_studio.core.errors import UserError
-from lora_studio.core.io.atomic import atomic_output_dir
+from lora_studio.core.io.atomic import atomic_output_dir, replace_text
 from lora_studio.core.io.paths import data_dir
 from lora_studio.core.io.safetensors_format import st_dtype
 from lora_studio.core.io.shard_writer import write_state_dict
+from lora_studio.core.model.config import with_top_level_rope_theta
 from lora_studio.core.model.sources import ModelSource, hf_cache_models, models_in_folders
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
@@ -58,6 +59,17 @@ def _converted() -> bool:
     return (demo_folder() / PROVENANCE_FILE).is_file()
 
 
+def _name_rope_theta(path: Path) -> None:
+    """A demo converted before its config named rope_theta at the top (mlx-lm reads it there): named now."""
+    try:
+        config = json.loads(path.read_text("utf-8"))
+        named = with_top_level_rope_theta(config)
+        if named is not config:
+            replace_text(path, json.dumps(named, indent=2, sort_keys=True) + "\n")
+    except (OSError, ValueError):
+        pass  # a damaged demo folder is reported by its load
+
+
 def demo_source_if_available() -> ModelSource | None:
     if _converted():
         return ModelSource("demo", demo_folder(), f"{DEMO_NAME} (demo)")
@@ -87,6 +99,7 @@ def ensure_demo_model(*, cancel: CancelToken | None = None, report: Report = no_
     """The demo model as a safetensors folder, converting it from the GGUF on first use."""
     cancel = cancel or CancelToken()
     if _converted():
+        _name_rope_theta(demo_folder() / "config.json")
         return ModelSource("demo", demo_folder(), f"{DEMO_NAME} (demo)")
     gguf = demo_gguf_path()
     if gguf is None:
@@ -133,6 +146,7 @@ def convert_gguf(
         config.pop("quantization_config", None)
         config["architectures"] = [type(model).__name__]
         config["dtype"] = "float32"
+        config = with_top_level_rope_theta(config)  # as the Hub's SmolLM2 config has it: mlx-lm reads it there
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

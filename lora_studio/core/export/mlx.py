@@ -171,7 +171,7 @@ def serving_commands(request: ExportRequest, out: Path, mlx_folder: Path, writte
         "mlx-lm in Python": "python -c "
         + q(
             f"from mlx_lm import load, generate; model, tokenizer = load({json.dumps(str(request.source.path))}, "
-            f"adapter_path={json.dumps(str(mlx_folder))}); print(generate(model, tokenizer, prompt='Hello'))"
+            f'adapter_path={json.dumps(str(mlx_folder))}); print(generate(model, tokenizer, prompt="Hello"))'
         ),
     }
     peft = out if request.format == "peft" else Path(request.adapter or out)

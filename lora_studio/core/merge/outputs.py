@@ -22,7 +22,7 @@ from lora_studio.core.io.safetensors_format import read_headers
 from lora_studio.core.merge import model_card
 from lora_studio.core.merge.plan import TOKENIZER_PATTERNS, AdapterSpec, MergeOptions, base_config
 from lora_studio.core.model import identity
-from lora_studio.core.model.config import read_config_file, tied_embeddings
+from lora_studio.core.model.config import read_config_file, tied_embeddings, with_top_level_rope_theta
 from lora_studio.core.model.identity import base_fingerprint, base_license
 from lora_studio.core.model.sources import ModelSource
 
@@ -38,12 +38,7 @@ def _clean_config(cfg: dict, dtype: str) -> dict:
     # the base's hub name goes into the model card's front matter
     cfg.pop("_name_or_path", None)
     cfg["dtype"] = dtype
-    rope = cfg.get("rope_parameters")
-    if "rope_theta" not in cfg and isinstance(rope, dict) and isinstance(rope.get("rope_theta"), (int, float)):
-        # transformers 5 keeps the rotary base only inside rope_parameters; mlx-lm (0.32) and other runtimes read
-        # the top-level key and would otherwise run the model with their own default
-        cfg["rope_theta"] = rope["rope_theta"]
-    return cfg
+    return with_top_level_rope_theta(cfg)
 
 
 def hub_name(source: ModelSource, adapters: Sequence[AdapterSpec] = ()) -> str | None:

@@ -153,3 +153,13 @@ def check_declared_layers(config: dict, tensor_names: Iterable[str], label: str)
             f"{len(missing)} of them (from layer {missing[0]}); they would be random",
             "the checkpoint is incomplete, or config.json belongs to another model",
         )
+
+
+def with_top_level_rope_theta(config: dict) -> dict:
+    """``config`` with ``rope_theta`` at the top as well, when transformers 5 keeps it only inside
+    ``rope_parameters``: mlx-lm (0.32) and other runtimes read the top-level key and would otherwise run the model
+    with their own default rotary base. transformers reads either."""
+    rope = config.get("rope_parameters")
+    if "rope_theta" not in config and isinstance(rope, dict) and isinstance(rope.get("rope_theta"), (int, float)):
+        return {**config, "rope_theta": rope["rope_theta"]}
+    return config
