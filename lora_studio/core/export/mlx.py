@@ -34,7 +34,7 @@ from lora_studio.core.adapters.mlx_format import (
 )
 from lora_studio.core.errors import UserError
 from lora_studio.core.export import verify as export_verify
-from lora_studio.core.export.bundle import ServingBundle, vllm_max_lora_rank
+from lora_studio.core.export.bundle import ServingBundle, saved_rank, vllm_max_lora_rank
 from lora_studio.core.export.request import (
     WORKING_SET,
     ExportPlan,
@@ -181,7 +181,7 @@ def serving_commands(request: ExportRequest, out: Path, mlx_folder: Path, writte
         f'mlx_lm.generate --model {q(str(merged))} --prompt "Hello"'
     )
     if request.format == "peft":
-        rank = vllm_max_lora_rank(_saved_rank(written))
+        rank = vllm_max_lora_rank(saved_rank(written))
         lines["vllm"] = (
             f"vllm serve {hub_id(request.source) or base} --enable-lora --lora-modules "
             f"{q(request.adapter_label or out.name)}={q(str(out))} --max-lora-rank {rank}"
@@ -313,11 +313,6 @@ def _adapter_floats(adapter: Path) -> int:
     import math
 
     return sum(math.prod(shape) for shape in adapter_files.tensor_shapes(adapter).values())
-
-
-def _saved_rank(folder: Path) -> int:
-    config = adapter_files.read_adapter_config(folder)
-    return max([config.r, *(int(rank) for rank in config.rank_pattern.values())])
 
 
 def _format_name(request: ExportRequest) -> str:
