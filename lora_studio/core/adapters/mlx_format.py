@@ -36,6 +36,7 @@ from lora_studio.core.io.paths import data_dir, inside, regular_file
 MLX_WEIGHTS = "adapters.safetensors"
 MLX_CONFIG = adapter_files.CONFIG_NAME  # the same name as PEFT's; its keys tell them apart
 CONVERTED_FOLDER = "converted-adapters"  # in LoRA Studio's data folder: mlx-lm adapters converted to PEFT on attach
+ORIGIN_NAME = "mlx_origin.json"  # in a converted folder: the mlx-lm folder it was converted from
 # a module inside a decoder layer: "<anything>layers.<index>.<path inside the layer>"
 _IN_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<index>\d+)\.(?P<key>.+)$")
 _LEAVES = {"lora_a", "lora_b", "m"}
@@ -306,4 +307,15 @@ def as_peft_folder(folder: Path) -> tuple[Path, str | None]:
     if not (target / adapter_files.SAFETENSORS_NAME).is_file():
         with atomic_output_dir(target, overwrite=True) as tmp:
             mlx_to_peft(folder, tmp)
+            (tmp / ORIGIN_NAME).write_text(json.dumps({"mlx_folder": str(folder.absolute())}) + "\n", "utf-8")
     return target, f"converted from mlx-lm's format to a PEFT adapter ({target})"
+
+
+def mlx_origin(folder: Path) -> Path | None:
+    """The mlx-lm folder a converted PEFT folder came from, while it is still there; None for any other folder."""
+    try:
+        recorded = json.loads((Path(folder) / ORIGIN_NAME).read_text("utf-8"))["mlx_folder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    origin = Path(str(recorded))
+    return origin if is_mlx_adapter(origin) else None

@@ -18,6 +18,7 @@ import importlib.metadata
 import importlib.util
 import json
 import shlex
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.adapters.mlx_format import (
     MLX_WEIGHTS,
     is_mlx_adapter,
+    mlx_origin,
     mlx_refusal,
     mlx_to_peft,
     peft_to_mlx,
@@ -49,6 +51,7 @@ from lora_studio.core.model.config import read_config
 from lora_studio.core.model.estimate import read_footprint
 from lora_studio.core.model.identity import hub_id
 from lora_studio.core.system.child_process import run_in_child_process
+from lora_studio.core.system.installer import run_installer
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 if TYPE_CHECKING:
@@ -57,6 +60,8 @@ if TYPE_CHECKING:
 
 MLX_STAGE = "verifying: running the adapter in mlx-lm"
 INSTALL_HINT = "install mlx-lm: pip install 'lora-studio[mlx]' (on Linux it brings mlx's CPU build)"
+# what the window installs: the versions of requirements.lock (mlx's CPU build off a Mac, its Metal build on one)
+MLX_LM_PIN, MLX_PIN = "mlx-lm==0.32.2", "mlx==0.32.4"
 _DTYPE_TYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}  # the thresholds of the base's precision
 
 
@@ -70,9 +75,26 @@ def mlx_lm_version() -> str | None:
         return None
 
 
+def install_command() -> list[str]:
+    """pip installing mlx-lm and mlx into this Python (what the window runs in the background)."""
+    mlx = MLX_PIN if sys.platform == "darwin" else MLX_PIN.replace("mlx==", "mlx[cpu]==")
+    return [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", MLX_LM_PIN, mlx]
+
+
+def install_mlx(*, cancel: CancelToken, report: Report = no_report) -> str:
+    """Install mlx-lm (and mlx) with pip, as a long job (Cancel kills pip); its version. The check runs mlx-lm in
+    a worker process, so it works at once, without a restart."""
+    run_installer(install_command(), "mlx-lm", cancel=cancel, report=report)
+    version = mlx_lm_version()
+    if version is None:
+        raise UserError("pip reported success but mlx-lm is not importable", "see the log file")
+    return version
+
+
 def plan_mlx(request: ExportRequest) -> ExportPlan:
     """What the export needs (a few MB), or why it cannot start."""
     version = mlx_lm_version()
+    request = _from_origin(request)
 
     def refused(reason: str, hint: str = "") -> ExportPlan:
         return ExportPlan(request.format, "f32", 0, 0, 0, None, 0, False, None, reason, hint)
@@ -122,6 +144,7 @@ def export_mlx(
     it in mlx-lm, and put a README with its serving lines in it."""
     cancel = cancel or CancelToken()
     started = time.perf_counter()
+    request = _from_origin(request)
     plan = plan_mlx(request)
     if plan.refusal:
         raise UserError(plan.refusal, plan.hint)
@@ -157,6 +180,14 @@ def export_mlx(
         ServingBundle(out, None, [], commands),
         details=details,
     )
+
+
+def _from_origin(request: ExportRequest) -> ExportRequest:
+    """For ``peft``: an adapter attached from an mlx-lm folder is given as its converted copy; the folder it came
+    from is what is converted and checked."""
+    if request.format == "peft" and request.adapter is not None and (origin := mlx_origin(request.adapter)):
+        return replace(request, adapter=origin)
+    return request
 
 
 def serving_commands(request: ExportRequest, out: Path, mlx_folder: Path, written: Path) -> dict[str, str]:

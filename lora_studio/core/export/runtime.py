@@ -14,7 +14,6 @@ import contextlib
 import importlib.metadata
 import logging
 import os
-import select
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_studio.core.errors import Cancelled, UserError
+from lora_studio.core.system.installer import run_installer
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 if TYPE_CHECKING:
@@ -67,46 +67,14 @@ def install_command() -> list[str]:
 
 def install_llama_cpp(*, cancel: CancelToken, report: Report = no_report) -> str:
     """Install llama.cpp's binding into this Python with pip (a long job: Cancel kills pip); its version."""
-    import importlib
-
-    started = time.monotonic()
-    stage = "starting pip"
-    child = subprocess.Popen(
-        install_command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    run_installer(
+        install_command(),
+        "llama.cpp",
+        building="building llama.cpp from source (several minutes, once)",
+        hint="the log file has pip's output; a C++ compiler and cmake are needed to build it",
+        cancel=cancel,
+        report=report,
     )
-    tail: list[str] = []
-    try:
-        assert child.stdout is not None  # stdout=PIPE
-        while True:
-            if cancel.cancelled:
-                raise Cancelled()
-            # wait at most half a second for pip's next line, so Cancel and the clock stay live during the build
-            ready, _, _ = select.select([child.stdout], [], [], 0.5)
-            line = child.stdout.readline().strip() if ready else ""
-            if ready and not line and child.poll() is not None:
-                break
-            if line:
-                tail = [*tail, line][-5:]
-                logger.debug("pip: %s", line)
-            if "Building wheel" in line:
-                stage = "building llama.cpp from source (several minutes, once)"
-            elif line.startswith(("Collecting", "Downloading")):
-                stage = "downloading"
-            elif line.startswith("Installing collected"):
-                stage = "installing"
-            minutes, seconds = divmod(int(time.monotonic() - started), 60)
-            report(Progress(0, None, f"installing llama.cpp: {stage} ({minutes}:{seconds:02d})"))
-        child.wait()
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    if child.returncode != 0:
-        raise UserError(
-            f"pip could not install {PINNED}: {tail[-1] if tail else 'no output'}",
-            "the log file has pip's output; a C++ compiler and cmake are needed to build it",
-        )
-    importlib.invalidate_caches()
     version = llama_cpp_version()
     if version is None:
         raise UserError(f"pip reported success but {PACKAGE} is not importable", "see the log file")

@@ -17,7 +17,7 @@ import torch
 from cli_helpers import run_in_process
 
 from lora_studio.core.adapters import files as adapter_files
-from lora_studio.core.adapters.mlx_format import is_mlx_adapter, mlx_refusal, mlx_to_peft, peft_to_mlx
+from lora_studio.core.adapters.mlx_format import is_mlx_adapter, mlx_origin, mlx_refusal, mlx_to_peft, peft_to_mlx
 from lora_studio.core.errors import UserError
 from lora_studio.core.export import ExportRequest, export_gguf, plan_export
 from lora_studio.core.model.sources import resolve_source
@@ -149,7 +149,7 @@ def test_an_mlx_lm_adapter_attached_here_gives_mlx_lm_logits(tmp_path, bases, da
     attached = session.attach(mlx)
     assert attached.name == "trained-in-mlx"
     assert any("converted from mlx-lm" in w for w in attached.warnings)
-    assert attached.path.is_relative_to(data_dir)
+    assert attached.path.is_relative_to(data_dir) and mlx_origin(attached.path) == mlx
     with torch.no_grad():
         ours = session.model(torch.tensor([IDS])).logits[0]
     import mlx.core as mx

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from lora_studio.core.errors import UserError
-from lora_studio.core.export import ExportPlan, ExportRequest, export_gguf, plan_export
+from lora_studio.core.export import MLX_FORMATS, ExportPlan, ExportRequest, export_gguf, plan_export
+from lora_studio.core.export.mlx import install_mlx
 from lora_studio.core.export.runtime import install_llama_cpp, restart_needed
 from lora_studio.core.io.paths import data_dir, free_path, owned_by_a_cache
 from lora_studio.core.system.memory import format_bytes
@@ -42,12 +43,12 @@ def export_request(panel: MergeTab, out: Path | None = None) -> ExportRequest:
         )
     if fmt == "gguf-lora" and not rows:
         raise UserError("an adapter-only GGUF needs an adapter", "tick the adapter to export")
-    if fmt == "mlx" and not rows:
-        raise UserError("an mlx-lm adapter needs an adapter", "tick the adapter to export")
+    if fmt in MLX_FORMATS and not rows:
+        raise UserError("tick the adapter to export", "")
     path = out or panel.out_path()
     if path is None:
-        raise UserError("choose the folder to write" if fmt == "mlx" else "choose the .gguf file to write", "")
-    if fmt == "mlx":
+        raise UserError("choose the folder to write" if fmt in MLX_FORMATS else "choose the .gguf file to write", "")
+    if fmt in MLX_FORMATS:
         pass  # a folder, created
     elif path.suffix.lower() != ".gguf":
         raise UserError(f"{path.name} does not end in .gguf", "name the file like model.q8_0.gguf")
@@ -60,8 +61,8 @@ def export_request(panel: MergeTab, out: Path | None = None) -> ExportRequest:
     return ExportRequest(
         panel.source,
         path,
-        "gguf-lora" if fmt == "gguf-lora" else "mlx" if fmt == "mlx" else "gguf",
-        None if fmt == "mlx" else panel.output.gguf_type(),
+        "gguf-lora" if fmt == "gguf-lora" else "mlx" if fmt == "mlx" else "peft" if fmt == "peft" else "gguf",
+        None if fmt in MLX_FORMATS else panel.output.gguf_type(),
         adapter=Path(row.path) if row else None,
         adapter_name=row.name if row else None,
         verify=panel.output.verify_check.isChecked(),
@@ -86,8 +87,8 @@ def suggested_path(panel: MergeTab) -> Path | None:
     fmt = panel.output.format()
     if fmt == "hf":
         stem, suffix = f"{name}{adapter}-merged", ""
-    elif fmt == "mlx":
-        stem, suffix = f"{name}{adapter}-mlx", ""
+    elif fmt in MLX_FORMATS:
+        stem, suffix = f"{name}{adapter}-{fmt}", ""
     else:
         kind = "lora-" if fmt == "gguf-lora" else ""
         stem, suffix = f"{name}{adapter}", f".{kind}{panel.output.gguf_type()}.gguf"
@@ -116,9 +117,10 @@ def refresh_export_plan(panel: MergeTab, seq: int) -> Job | None:
 
 
 def plan_text(plan: ExportPlan) -> str:
-    if plan.format == "mlx":
+    if plan.format in MLX_FORMATS:
         checked = plan.hint or "checked in mlx-lm against the adapter in PEFT."
-        return f"Writes an mlx-lm adapter folder of about {format_bytes(plan.output_bytes)}; {checked}"
+        what = "an mlx-lm" if plan.format == "mlx" else "a PEFT"
+        return f"Writes {what} adapter folder of about {format_bytes(plan.output_bytes)}; {checked}"
     text = f"Needs: {plan.summary()}."
     return text + " Written by llama.cpp's converter" + (", then its quantiser." if plan.quantiser else ".")
 
@@ -142,6 +144,8 @@ def start_export(panel: MergeTab, out: Path) -> Job | None:
         f"exporting {what} to {out.name}",
         f"exporting {what} for mlx-lm into {out}…"
         if request.format == "mlx"
+        else f"saving {what} as a PEFT adapter into {out}…"
+        if request.format == "peft"
         else f"exporting {what} as a {request.type_name} GGUF into {out}…",
         panel.exported,
         "export cancelled; no file was written (an existing one is unchanged)",
@@ -188,9 +192,27 @@ def _export_job(
 
 
 def install(panel: MergeTab) -> Job | None:
-    """llama.cpp's binding built and installed in the background (a side job: the session stays usable)."""
+    """The chosen format's runtime installed in the background (a side job: the session stays usable): mlx-lm for
+    the mlx-lm format, else llama.cpp's binding, built from source."""
     if panel.install_job is not None and not panel.install_job.done:
         return None
+    if panel.output.format() == "mlx":
+        what, work, start = "mlx-lm", install_mlx, "installing mlx-lm with pip…"
+
+        def installed(version: str) -> tuple[str, str]:
+            return f"mlx-lm {version} is installed: exports are checked in it", "ok"
+
+    else:
+        what, work, start = (
+            "llama.cpp",
+            install_llama_cpp,
+            "installing llama.cpp (built from source once: several minutes)…",
+        )
+
+        def installed(version: str) -> tuple[str, str]:
+            if restart_needed():
+                return f"llama.cpp {version} is installed: restart LoRA Studio to export GGUF files", "warn"
+            return f"llama.cpp {version} is installed: GGUF export is on", "ok"
 
     def ended() -> None:
         panel.install_job = None
@@ -200,21 +222,15 @@ def install(panel: MergeTab) -> Job | None:
 
     job = (
         panel.op(
-            "installing llama.cpp",
-            lambda session, *, cancel, report: install_llama_cpp(cancel=cancel, report=report),
+            f"installing {what}",
+            lambda session, *, cancel, report: work(cancel=cancel, report=report),
             exclusive=False,
-            key="install-llama-cpp",
+            key=f"install-{what.replace('.', '-')}",
         )
-        .on_success(
-            lambda version: panel.show_message(
-                f"llama.cpp {version} is installed"
-                + (": restart LoRA Studio to export GGUF files" if restart_needed() else ": GGUF export is on"),
-                "warn" if restart_needed() else "ok",
-            )
-        )
-        .on_cancel(lambda: panel.show_message("llama.cpp installation cancelled", "warn"))
+        .on_success(lambda version: panel.show_message(*installed(version)))
+        .on_cancel(lambda: panel.show_message(f"{what} installation cancelled", "warn"))
         .on_end(ended)
-        .run("installing llama.cpp (built from source once: several minutes)…")
+        .run(start)
     )
     if job is not None:
         panel.install_job = job

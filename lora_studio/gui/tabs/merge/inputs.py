@@ -47,6 +47,7 @@ FORMAT_CHOICES = (
     ("GGUF, merged (llama.cpp, Ollama)", "gguf"),
     ("GGUF, adapter only (llama-server --lora)", "gguf-lora"),
     ("mlx-lm adapter (Mac: mlx_lm --adapter-path)", "mlx"),
+    ("PEFT adapter, from one attached from mlx-lm", "peft"),
 )
 
 
@@ -363,7 +364,7 @@ class OutputBox(QGroupBox):
             signal.connect(lambda *_: self.changed.emit())
 
     def format(self) -> str:
-        """ "hf", "gguf", "gguf-lora" or "mlx"."""
+        """ "hf", "gguf", "gguf-lora", "mlx" or "peft"."""
         return str(self.format_combo.currentData())
 
     def gguf_type(self) -> str:
@@ -393,6 +394,8 @@ class OutputBox(QGroupBox):
             if gguf
             else "folder for the mlx-lm adapter (created)"
             if fmt == "mlx"
+            else "folder for the PEFT adapter (created)"
+            if fmt == "peft"
             else "folder for the merged model (created)"
         )
         self.format_changed.emit()
@@ -417,7 +420,7 @@ class OutputBox(QGroupBox):
                 self, "Save the GGUF as", str(suggested_gguf or start), "GGUF files (*.gguf)"
             )
         else:
-            what = "the mlx-lm adapter" if self.format() == "mlx" else "the merged model"
+            what = {"mlx": "the mlx-lm adapter", "peft": "the PEFT adapter"}.get(self.format(), "the merged model")
             path = QFileDialog.getExistingDirectory(self, f"Choose the output folder for {what}", start)
         if path:
             self.out_edit.setText(path)

@@ -1,5 +1,6 @@
 """The Merge tab: pick adapters (and weights), see what each engine would need, merge and save, verify; or
-export the adapter as a GGUF file verified in llama.cpp (merge_export.py).
+export the adapter as a GGUF file verified in llama.cpp, or as an mlx-lm adapter (or a PEFT one from it) verified in
+mlx-lm (merge_export.py).
 
 Everything heavy is the core's (core/merge/): ``plan_merge`` runs as a keyed read-only side job
 whenever the inputs change (debounced), on the session's snapshot, never the model;
@@ -31,6 +32,7 @@ from PySide6.QtWidgets import (
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.export import ExportPlan, ExportResult
+from lora_studio.core.export.mlx import mlx_lm_version
 from lora_studio.core.export.runtime import llama_cpp_version
 from lora_studio.core.merge import (
     AdapterSpec,
@@ -121,7 +123,7 @@ class MergePanel(Panel):
         self.output.changed.connect(self.inputs_changed)
         self.output.browse_btn.clicked.connect(self.browse_out)
         self.output.format_changed.connect(self._format_changed)
-        self.output.install_btn.clicked.connect(self.install_llama_cpp)
+        self.output.install_btn.clicked.connect(self.install_runtime)
         top = self.inputs_row = QHBoxLayout()
         top.addWidget(self.adapters, 3)
         top.addWidget(self.output, 2)
@@ -315,10 +317,14 @@ class MergePanel(Panel):
     def update_buttons(self) -> None:
         reason = self.start_reason()
         running = self.merge_job is not None and not self.merge_job.done
-        action = (
-            "write the GGUF, run it in llama.cpp against the adapter, and write its serving bundle"
-            if self.is_export()
-            else "merge the ticked adapter(s) into the base and save the folder"
+        actions = {
+            "hf": "merge the ticked adapter(s) into the base and save the folder",
+            "mlx": "write the adapter for mlx-lm and run it in mlx-lm against the adapter in PEFT",
+            "peft": "write the adapter attached from mlx-lm as a PEFT folder, checked in mlx-lm",
+        }
+        action = actions.get(
+            self.output.format(),
+            "write the GGUF, run it in llama.cpp against the adapter, and write its serving bundle",
         )
         self.set_reasons({self.run_row.merge_btn: (reason, action)})
         # a combination's refusal is already shown beside its type: one line, not two (the tooltip keeps it)
@@ -360,9 +366,8 @@ class MergePanel(Panel):
         box has the other kind."""
         fmt = self.output.format()
         gguf = fmt in ("gguf", "gguf-lora")
-        self.run_row.merge_btn.setText(
-            "Export GGUF" if gguf else "Export for mlx-lm" if fmt == "mlx" else "Merge && save"
-        )
+        labels = {"hf": "Merge && save", "mlx": "Export for mlx-lm", "peft": "Save as PEFT"}
+        self.run_row.merge_btn.setText(labels.get(fmt, "Export GGUF"))
         self.plan_table.setVisible(fmt == "hf")  # the other format's plan is not this one's: hidden until it comes
         self.export_plan_label.hide()
         text = self.output.out_edit.text().strip()
@@ -373,11 +378,17 @@ class MergePanel(Panel):
 
     def update_install_button(self) -> None:
         missing = llama_cpp_version() is None
-        gguf = self.output.format() in ("gguf", "gguf-lora")
-        self.output.install_btn.setVisible(gguf and (missing or self.install_job is not None))
+        fmt = self.output.format()
+        if fmt == "mlx":  # the check's runtime; without it the folder is written unchecked
+            missing = mlx_lm_version() is None
+        button = self.output.install_btn
+        if self.install_job is None:  # a running install keeps its own label
+            button.setText("Install mlx-lm…" if fmt == "mlx" else "Install llama.cpp…")
+        button.setVisible(fmt != "hf" and (missing or self.install_job is not None))
 
-    def install_llama_cpp(self) -> Job | None:
-        """Build and install llama.cpp's binding in the background (merge_export.install)."""
+    def install_runtime(self) -> Job | None:
+        """Install the chosen format's runtime in the background: llama.cpp's binding (built from source) or
+        mlx-lm (merge_export.install)."""
         return merge_export.install(self)
 
     # -- merge --------------------------------------------------------------------------------------------------------

@@ -220,7 +220,7 @@ def start_reason(
     if plan_error and not plan_pending:
         return plan_error  # what is wrong with the request comes before where to save it
     if not has_out:
-        return "choose the .gguf file" if gguf else "choose an output folder"
+        return "choose the .gguf file" if output_format in ("gguf", "gguf-lora") else "choose an output folder"
     if plan_pending:
         return "checking what the export needs…" if gguf else "checking what the merge needs…"
     if plan is not None and plan.refusal:

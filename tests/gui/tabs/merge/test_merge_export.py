@@ -115,7 +115,7 @@ def test_install_llama_cpp_runs_in_the_background_and_hides_the_button(
     choose_format(panel, "gguf")
     assert panel.output.install_btn.isVisibleTo(panel)
     messages = []
-    job = panel.install_llama_cpp()
+    job = panel.install_runtime()
     assert job is not None and not panel.output.install_btn.isEnabled()
     job.progressed.connect(lambda p: messages.append(p.message))
     assert w.runner.busy_reason == ""  # a side job: the session stays usable

@@ -37,3 +37,50 @@ def test_an_adapter_exported_for_mlx_lm_is_checked_there_and_attaches_back(
     idle(qtbot, w)
     assert "alpha-mlx" in [name for name, *_ in w.session.state().adapters]
     assert "converted from mlx-lm's format" in w.adapter_panel.message.text()  # and where the PEFT copy is
+    # and saved where the user chooses as a PEFT folder, converted from the mlx-lm folder it came from
+    for row in panel.rows:
+        row.check.setChecked(row.name == "alpha-mlx")
+    combo.setCurrentIndex(combo.findData("peft"))
+    assert panel.run_row.merge_btn.text() == "Save as PEFT"
+    saved = tmp_path / "alpha-as-peft"
+    panel.output.out_edit.setText(str(saved))
+    planned(qtbot, panel)
+    assert panel.run_row.merge_btn.isEnabled(), panel.run_row.reason_label.text()
+    job = panel.start_merge()
+    idle(qtbot, w)
+    assert job.state == "finished", panel.message.text()
+    assert (saved / "adapter_model.safetensors").is_file() and panel.result_box.badge.text() == "✔ verified"
+    # a PEFT adapter that did not come from mlx-lm is refused before anything is written
+    for row in panel.rows:
+        row.check.setChecked(row.name != "alpha-mlx")
+    planned(qtbot, panel)
+    assert "is not an mlx-lm adapter" in panel.run_row.reason_label.toolTip() + panel.run_row.reason_label.text()
+
+
+def test_without_mlx_the_tab_offers_to_install_it(qtbot, window, tiny_llama, llama_adapters, monkeypatch):
+    """The pip run itself is replaced by a child that prints pip's lines (no network in tests)."""
+    import sys
+
+    from lora_studio.core.export import mlx
+    from lora_studio.gui.tabs.merge import panel as merge_panel_mod
+
+    installed: list[str] = []
+    fake_pip = "print('Collecting mlx-lm', flush=True)\nprint('Installing collected packages', flush=True)\n"
+    monkeypatch.setattr(mlx, "install_command", lambda: [sys.executable, "-c", fake_pip])
+    monkeypatch.setattr(mlx, "mlx_lm_version", lambda: "0.32.2")
+    monkeypatch.setattr(merge_panel_mod, "mlx_lm_version", lambda: installed[0] if installed else None)
+    w = window
+    panel = loaded(qtbot, w, tiny_llama, llama_adapters["alpha"])
+    combo = panel.output.format_combo
+    combo.setCurrentIndex(combo.findData("mlx"))
+    button = panel.output.install_btn
+    assert button.isVisibleTo(panel) and button.text() == "Install mlx-lm…"
+    job = panel.install_runtime()
+    assert job is not None and w.runner.busy_reason == ""  # a side job: the session stays usable
+    qtbot.waitUntil(lambda: job.done, timeout=20_000)
+    installed.append("0.32.2")
+    panel.update_install_button()
+    assert job.state == "finished" and "mlx-lm 0.32.2 is installed" in panel.message.text()
+    assert not button.isVisibleTo(panel)
+    combo.setCurrentIndex(combo.findData("hf"))
+    assert not button.isVisibleTo(panel)
