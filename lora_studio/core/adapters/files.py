@@ -434,3 +434,25 @@ def layout(keys: Iterable[str]) -> AdapterLayout:
             else:
                 out.unknown.append(key)
     return out
+
+
+def factors_refusal(folder: Path, runtime: str, *, dora: bool) -> str | None:
+    """Why ``runtime`` (an inference engine holding an adapter as LoRA factors, and DoRA's magnitudes when ``dora``)
+    cannot take this adapter as it is, or None: the checks the GGUF and mlx-lm exports share."""
+    config = read_adapter_config(folder)
+    lay = layout(tensor_shapes(folder))
+    name = Path(folder).name
+    if config.peft_type != "LORA":
+        return f"{name} is a {config.peft_type} adapter; {runtime} loads {'LoRA and DoRA' if dora else 'LoRA'} adapters"
+    if not dora and (config.use_dora or any(m.magnitude for m in lay.lora.values())):
+        return f"{name} is a DoRA adapter; {runtime} does not apply DoRA's magnitudes"
+    if any(m.bias for m in lay.lora.values()):
+        return f"{name} trains LoRA biases (lora_bias), which {runtime}'s adapters do not hold"
+    if lay.full_weights:
+        key = next(iter(lay.full_weights))
+        return f"{name} saves full weights ({key}: modules_to_save or resized embeddings), not LoRA factors"
+    if lay.trainable_tokens or config.trainable_token_indices:
+        return f"{name} trains token embeddings (trainable_token_indices)"
+    if lay.unknown:
+        return f"{name} has tensors that are not LoRA factors ({lay.unknown[0]})"
+    return None

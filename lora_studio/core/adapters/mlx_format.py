@@ -74,20 +74,11 @@ class MlxAdapterSummary:
 
 def mlx_refusal(adapter_folder: Path) -> str | None:
     """Why this PEFT adapter cannot be an mlx-lm adapter, or None."""
+    if reason := adapter_files.factors_refusal(adapter_folder, "mlx-lm", dora=True):
+        return reason
     config = adapter_files.read_adapter_config(adapter_folder)
     lay = adapter_files.layout(adapter_files.tensor_shapes(adapter_folder))
     name = Path(adapter_folder).name
-    if config.peft_type != "LORA":
-        return f"{name} is a {config.peft_type} adapter; mlx-lm loads LoRA and DoRA adapters"
-    if any(m.bias for m in lay.lora.values()):
-        return f"{name} trains LoRA biases (lora_bias), which mlx-lm's LoRA layers do not have"
-    if lay.full_weights:
-        key = next(iter(lay.full_weights))
-        return f"{name} saves full weights ({key}: modules_to_save or resized embeddings), not LoRA factors"
-    if lay.trainable_tokens or config.trainable_token_indices:
-        return f"{name} trains token embeddings (trainable_token_indices), which mlx-lm's adapters do not hold"
-    if lay.unknown:
-        return f"{name} has tensors that are not LoRA factors ({lay.unknown[0]})"
     if config.fan_in_fan_out:
         return f"{name} adapts Conv1D layers (fan_in_fan_out: a GPT-2 style model); mlx-lm's models use Linear layers"
     for module, entry in lay.lora.items():

@@ -48,22 +48,10 @@ def type_refusal(type_name: str) -> str | None:
 
 def adapter_refusal(adapter_folder: Path, base_config: dict) -> str | None:
     """Why this adapter cannot be an adapter-only GGUF, or None."""
-    config = adapter_files.read_adapter_config(adapter_folder)
+    if reason := adapter_files.factors_refusal(adapter_folder, "llama.cpp", dora=False):
+        return reason
     lay = adapter_files.layout(adapter_files.tensor_shapes(adapter_folder))
     name = Path(adapter_folder).name
-    if config.peft_type != "LORA":
-        return f"{name} is a {config.peft_type} adapter; llama.cpp loads LoRA adapters"
-    if config.use_dora or any(m.magnitude for m in lay.lora.values()):
-        return f"{name} is a DoRA adapter; llama.cpp does not apply DoRA's magnitudes"
-    if any(m.bias for m in lay.lora.values()):
-        return f"{name} trains LoRA biases (lora_bias), which llama.cpp's adapters do not hold"
-    if lay.full_weights:
-        key = next(iter(lay.full_weights))
-        return f"{name} saves full weights ({key}: modules_to_save or resized embeddings), not LoRA factors"
-    if lay.trainable_tokens or config.trainable_token_indices:
-        return f"{name} trains token embeddings (trainable_token_indices)"
-    if lay.unknown:
-        return f"{name} has tensors that are not LoRA factors ({lay.unknown[0]})"
     for module, entry in lay.lora.items():
         if entry.kind == "embedding":
             return f"{name} adapts the embedding {module}"
