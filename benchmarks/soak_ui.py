@@ -107,7 +107,9 @@ def child(args: argparse.Namespace) -> int:
     from PySide6.QtWidgets import QApplication
 
     from lora_studio.core.model.loading import offline_environment
+    from lora_studio.core.system.allocator import limit_malloc_arenas
 
+    limit_malloc_arenas()  # as `lora-studio` does first thing
     offline_environment()
     tmp_dir = tempfile.TemporaryDirectory(prefix="soak-")
     tmp = Path(tmp_dir.name)

@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from lora_studio.core.model.loading import offline_environment
+    from lora_studio.core.system.allocator import limit_malloc_arenas
 
+    limit_malloc_arenas()  # before the libraries start their threads
     offline_environment()
     if not os.environ.get("LORA_STUDIO_DEBUG"):
         import warnings

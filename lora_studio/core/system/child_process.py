@@ -195,6 +195,9 @@ def _listen_for_cancel(conn: Connection, cancel: CancelToken) -> None:
 
 
 def _child_main(fn: Callable[..., Any], args: tuple, callback_names: tuple[str, ...], conn: Connection) -> None:
+    from lora_studio.core.system.allocator import limit_malloc_arenas
+
+    limit_malloc_arenas()  # as the window's own process
     _lower_priority(0)  # the caller did so already, unless it could not
     outbox = _Outbox(conn)
     root = logging.getLogger()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from lora_studio.core.system import memory
+from lora_studio.core.system import allocator, memory
 from lora_studio.core.system.memory import MemorySampler, Reclaimed, SamplingThread, measure_release
 from lora_studio.core.system.nvml import GpuReading
 
@@ -110,3 +110,14 @@ def test_format_bytes():
     assert memory.format_bytes(512) == "512 B"
     assert memory.format_bytes(3.5 * 1024) == "3.5 KiB"
     assert memory.format_bytes(2 * GiB) == "2.00 GiB"
+
+
+def test_the_heap_is_kept_to_two_arenas_unless_the_environment_says(monkeypatch):
+    """glibc's mallopt(M_ARENA_MAX) takes effect for the arenas made after it (a soak's RSS growth: docs/benchmarks.md);
+    MALLOC_ARENA_MAX set by the user is left to glibc."""
+    import sys
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert allocator.limit_malloc_arenas() is sys.platform.startswith("linux")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert allocator.limit_malloc_arenas() is False
