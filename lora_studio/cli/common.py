@@ -90,6 +90,7 @@ def add_adapter_argument(
 
 def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
     """``NAME=PATH`` or ``PATH`` (named after the folder); names must be unique."""
+    from lora_studio.core.adapters.mlx_format import as_peft_folder
     from lora_studio.core.session import adapter_name_for
 
     out: list[tuple[str, Path]] = []
@@ -101,6 +102,10 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, Path]]:
         name = name or adapter_name_for(path_obj)
         if any(n == name for n, _ in out):
             raise UserError(f"two adapters are named {name!r}", "give each a unique name with NAME=PATH")
+        # an mlx-lm adapter folder goes in as its PEFT conversion (made once), as the window attaches it
+        path_obj, converted = as_peft_folder(path_obj)
+        if converted:
+            sys.stderr.write(f"lora-studio: {name}: {converted}\n")
         out.append((name, path_obj))
     return out
 

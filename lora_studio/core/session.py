@@ -51,6 +51,7 @@ class AttachedAdapter:
     path: Path
     size_bytes: int  # memory its weights take in the loaded model
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was done to attach it, not a problem (a conversion)
 
 
 @dataclass(frozen=True)
@@ -400,7 +401,7 @@ class Session:
                 raise Cancelled()
             attached = AttachedAdapter(name, path, self._adapter_bytes(name), list(compat.warnings))
             if converted:
-                attached.warnings.append(f"{name}: {converted}")
+                attached.notes.append(converted)
             self._adapters[name] = attached
             previous = self._active
             self._set_active(name)

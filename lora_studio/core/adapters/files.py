@@ -125,6 +125,12 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
     peft_type = str(raw.get("peft_type", "")).upper()
     version = raw.get("peft_version")
     if peft_type != "LORA":
+        if not peft_type and "lora_parameters" in raw:
+            raise UserError(
+                f"{folder.name} is an mlx-lm adapter, not a PEFT one",
+                f"attach it (it is converted to PEFT), or convert it: lora-studio export BASE --adapter {folder} "
+                "--format peft --out DIR",
+            )
         if not peft_type:
             raise UserError(f"{path.name} in {folder.name} has no peft_type", "this does not look like a PEFT adapter")
         if peft_type in _peft_type_names():

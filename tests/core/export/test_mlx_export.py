@@ -148,7 +148,7 @@ def test_an_mlx_lm_adapter_attached_here_gives_mlx_lm_logits(tmp_path, bases, da
     session.load(resolve_source(str(base)), dtype="float32")
     attached = session.attach(mlx)
     assert attached.name == "trained-in-mlx"
-    assert any("converted from mlx-lm" in w for w in attached.warnings)
+    assert any("converted from mlx-lm" in n for n in attached.notes) and not attached.warnings
     assert attached.path.is_relative_to(data_dir) and mlx_origin(attached.path) == mlx
     with torch.no_grad():
         ours = session.model(torch.tensor([IDS])).logits[0]
@@ -229,3 +229,17 @@ def test_a_dora_adapter_on_some_layers_runs_in_mlx_lm_and_comes_back(tmp_path, b
     (back := tmp_path / "back").mkdir()
     mlx_to_peft(out, back)
     torch.testing.assert_close(peft_logits(base, back), peft_logits(base, adapter), rtol=0, atol=1e-5)
+
+
+def test_the_cli_takes_an_mlx_lm_adapter_wherever_it_takes_an_adapter(tmp_path, bases, data_dir, capsys):
+    """inspect, compare, merge, export…: the folder goes in as its PEFT conversion, which stderr names."""
+    base = bases["llama"]
+    mlx = make_mlx_lm_adapter(base, tmp_path / "trained-in-mlx")
+    code, out, err = run_in_process(capsys, ["inspect", base, "--adapter", mlx, "--json"])
+    assert code == 0, err
+    assert "converted from mlx-lm's format" in err
+    assert json.loads(out)["adapters"][0]["r"] == 4
+    merged = tmp_path / "merged"
+    code, _, err = run_in_process(capsys, ["merge", base, "--adapter", mlx, "--out", merged, "--no-verify"])
+    assert code == 0, err
+    assert (merged / "config.json").is_file()

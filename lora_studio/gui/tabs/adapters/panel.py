@@ -275,10 +275,8 @@ class AdapterPanel(Panel):
 
         def done(attached: AttachedAdapter) -> None:
             text = f"attached {attached.name} ({format_bytes(attached.size_bytes)})"
-            if attached.warnings:
-                self.show_message(text + " — " + "; ".join(attached.warnings), "warn")
-            else:
-                self.show_message(text, "ok")
+            said = "; ".join([*attached.notes, *attached.warnings])
+            self.show_message(text + (f" — {said}" if said else ""), "warn" if attached.warnings else "ok")
             self.adapter_attached.emit(str(path))
 
         job = self._run(
