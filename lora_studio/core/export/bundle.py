@@ -42,6 +42,9 @@ MISTRAL = (
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+MAKE_BASE_COMMAND = "the base as a GGUF, once"  # the bundle's command that writes an adapter-only file's base
+
+
 def vllm_max_lora_rank(saved_rank: int | None) -> int:
     """The smallest ``--max-lora-rank`` vLLM accepts that holds an adapter of ``saved_rank`` (its largest rank as
     saved: OLoRA/PiSSA save 2r); vLLM's own default (16) when the rank is unknown, its largest past 512."""
@@ -173,7 +176,7 @@ def commands(
     q = shlex.quote
     out: dict[str, str] = {}
     if make_base is not None:
-        out["the base as a GGUF, once"] = make_base
+        out[MAKE_BASE_COMMAND] = make_base
     if base_gguf is not None:
         out["llama-server"] = f"llama-server -m {q(str(base_gguf))} --lora {q(str(gguf))} --jinja --port 8080"
         out["llama-cpp-python server"] = (

@@ -453,6 +453,8 @@ class MergePanel(Panel):
             return None
 
         def written(result: ExportResult) -> None:
+            if isinstance(self.result, ExportResult):
+                self.result_box.show_export(self.result)  # its commands without the one that wrote the base
             self.result_box.write_base_btn.hide()
             said = {
                 "pass": " (verified in llama.cpp)",

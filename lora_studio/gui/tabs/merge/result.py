@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
 )
 
 from lora_studio.core.export import MLX_FORMATS, ExportResult
+from lora_studio.core.export.bundle import MAKE_BASE_COMMAND
 from lora_studio.core.merge import MergeResult, SavedCombination, save_combination
 from lora_studio.core.system.memory import format_bytes
 from lora_studio.gui.base.jobs import Job
@@ -168,13 +169,16 @@ class ResultBox(QGroupBox):
                 f"“{html.escape(v.sample['prompt'])}” → adapter: <i>{html.escape(v.sample['adapter'])}</i> · "
                 f"{engine}: <i>{html.escape(v.sample.get('llama_cpp') or v.sample.get('mlx_lm') or '')}</i>"
             )
+        base_written = result.base_to_write is not None and result.base_to_write.exists()
         if result.bundle is not None:
             for label, line in result.bundle.commands.items():
+                if label == MAKE_BASE_COMMAND and base_written:
+                    continue  # written since (the button below): what is left to run is serving it
                 lines.append(f"<b>{label}</b>: <code>{html.escape(line)}</code>")
         self.saved_label.setText("<br>".join(lines))
         self.card_btn.setText("Open the adapter's README" if mlx else "Open serving notes")
         self.compare_merged_btn.hide()
-        self.write_base_btn.setVisible(result.base_to_write is not None and not result.base_to_write.exists())
+        self.write_base_btn.setVisible(result.base_to_write is not None and not base_written)
         self.show()
 
 

@@ -152,4 +152,5 @@ def test_an_adapter_only_result_writes_the_base_gguf_its_commands_name(
     assert base.is_file() and not panel.result_box.write_base_btn.isVisibleTo(panel)
     assert "the base GGUF saved" in panel.message.text() and panel.result.out == out  # the adapter's result stays
     assert str(base) in panel.result_box.saved_label.text()  # the commands it serves with name that file
+    assert "the base as a GGUF, once" not in panel.result_box.saved_label.text()  # done: not asked again
     assert w.model_panel.saved_model_folders == []  # an adapter-only file is not a model to load
