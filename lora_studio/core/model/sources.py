@@ -45,6 +45,18 @@ def is_export(path: Path) -> bool:
         return False
 
 
+def is_adapter_gguf(path: Path) -> bool:
+    """A GGUF that holds a LoRA adapter, not a model (``general.type = adapter``, as llama.cpp's LoRA converter
+    writes); read from its header. False for anything unreadable: listing it is harmless, loading it says why."""
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(str(path)).fields.get("general.type")
+        return field is not None and bytes(field.parts[field.data[0]]).decode("utf-8", "replace") == "adapter"
+    except Exception:  # noqa: BLE001 - a damaged or foreign file is not an adapter we know of
+        return False
+
+
 def check_gguf_file(path: Path, what: str = "GGUF") -> Path:
     """``path`` when it is a plain file that starts like a GGUF, before llama.cpp is asked to load it (a folder or a
     file of something else would fail deep in llama.cpp, after the work before it)."""
@@ -179,6 +191,6 @@ def models_in_folders(roots: tuple[Path, ...]) -> list[ModelSource]:
         for config in sorted(root.glob("*/config.json")):
             found.append(_folder_source(config.parent.absolute()))
         for gguf in sorted(root.glob("*.gguf")):
-            if is_export(gguf):
+            if is_export(gguf) and not is_adapter_gguf(gguf):  # an adapter-only file is served on a model, not one
                 found.append(ModelSource("gguf", gguf.parent.absolute(), gguf.name, gguf_file=gguf.name))
     return found

@@ -107,3 +107,26 @@ def test_a_gguf_is_named_by_its_quantisation_not_its_many_small_tensors(tmp_path
 
     assert gguf_quantisation(write("plain.gguf")) == "F16"
     assert gguf_quantisation(write("typed.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M)) == "Q4_K_M"
+
+
+def test_adapter_only_ggufs_are_not_listed_as_models(tmp_path):
+    """A folder's adapter-only GGUF (general.type = adapter, as llama.cpp's LoRA converter writes) is served on a
+    model, not loaded as one: the local list leaves it out and keeps the model beside it."""
+    import gguf
+    import numpy as np
+
+    from lora_studio.core.model.sources import is_adapter_gguf, models_in_folders
+
+    def write(name: str, kind: str) -> None:
+        writer = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        writer.add_type(kind)
+        writer.add_tensor("t", np.zeros((2, 2), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    write("base.f16.gguf", "model")
+    write("mine.lora-f16.gguf", "adapter")
+    assert is_adapter_gguf(tmp_path / "mine.lora-f16.gguf") and not is_adapter_gguf(tmp_path / "base.f16.gguf")
+    assert [m.label for m in models_in_folders((tmp_path,))] == ["base.f16.gguf"]
