@@ -320,6 +320,11 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return {strip_prefix(k): tuple(v.shape) for k, v in _load_bin(path).items()}
 
 
+def stored_values(folder: Path) -> int:
+    """How many values the adapter's weights file holds (headers only for safetensors)."""
+    return sum(math.prod(shape) for shape in tensor_shapes(folder).values())
+
+
 def load_tensors(folder: Path) -> dict:
     """All adapter tensors (small), PEFT prefix stripped."""
     path = weights_file(folder)

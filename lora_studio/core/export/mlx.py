@@ -47,15 +47,15 @@ from lora_studio.core.export.request import (
 from lora_studio.core.io.atomic import atomic_output_dir
 from lora_studio.core.io.paths import check_output_apart, free_disk
 from lora_studio.core.merge.plan import AdapterSpec, base_dtype, input_paths
-from lora_studio.core.model.config import read_config
+from lora_studio.core.model.config import read_config, with_top_level_rope_theta
 from lora_studio.core.model.estimate import read_footprint
 from lora_studio.core.model.identity import hub_id
+from lora_studio.core.model.loading import load_tokenizer
 from lora_studio.core.system.child_process import run_in_child_process
 from lora_studio.core.system.installer import run_installer
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 if TYPE_CHECKING:
-    from lora_studio.core.merge.verify import Reference
     from lora_studio.core.session import Session
 
 MLX_STAGE = "verifying: running the adapter in mlx-lm"
@@ -114,7 +114,7 @@ def plan_mlx(request: ExportRequest) -> ExportPlan:
                 return refused(f"{Path(request.adapter).name} is already an mlx-lm adapter", "use it as it is")
             if reason := mlx_refusal(request.adapter):
                 return refused(reason, "merge it into a Hugging Face folder instead, which mlx-lm loads")
-            size = _adapter_floats(request.adapter) * 4
+            size = adapter_files.stored_values(request.adapter) * 4
         else:
             if not is_mlx_adapter(request.adapter):
                 return refused(
@@ -254,9 +254,10 @@ def _verify(
         return export_verify.GgufVerification(
             "fail", type_name, runtime=f"mlx-lm ({version})", reason=exc.message, prompts=len(sequences)
         )
-    runner = _Recorded(ran["logits"])
+    runner = _Recorded(ran["logits"], ran["greedy"])
     outputs = export_verify.compare_outputs(runner, reference, cancel, report, MLX_STAGE)
-    sample = _sample(reference, ran["greedy"], session, request)
+    tokenizer = session.tokenizer if session is not None else load_tokenizer(request.source)
+    sample = export_verify.sample_continuations(runner, reference, tokenizer, key="mlx_lm")
     verification = export_verify.verdict(type_name, outputs, None, len(sequences), f"mlx-lm ({version})", sample)
     if verification.status != "pass" and (hint := _config_hint(request)):
         verification = replace(verification, reason=f"{verification.reason}; {hint}".lstrip("; "))
@@ -299,8 +300,9 @@ def run_in_mlx_lm(
 class _Recorded:
     """mlx-lm's outputs, answered as the GGUF check's runner answers (core/export/verify.compare_outputs)."""
 
-    def __init__(self, logits: list[Any]) -> None:
+    def __init__(self, logits: list[Any], greedy: list[int]) -> None:
         self._logits = logits
+        self._greedy = greedy
         self._next = 0
 
     def logits(self, tokens: list[int]) -> Any:
@@ -308,24 +310,15 @@ class _Recorded:
         self._next += 1
         return out
 
-
-def _sample(reference: Reference, greedy: list[int], session: Session | None, request: ExportRequest) -> dict:
-    from lora_studio.core.model.loading import load_tokenizer
-
-    tokenizer = session.tokenizer if session is not None else load_tokenizer(request.source)
-    seq, plen = reference.sequences[0], reference.prompt_lengths[0]
-    return {
-        "prompt": tokenizer.decode([int(t) for t in seq[:plen]], skip_special_tokens=True),
-        "adapter": tokenizer.decode([int(t) for t in seq[plen:]], skip_special_tokens=True),
-        "mlx_lm": tokenizer.decode(greedy, skip_special_tokens=True),
-    }
+    def greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
+        return self._greedy[:new_tokens]  # the first prompt's, run in the worker
 
 
 def _config_hint(request: ExportRequest) -> str:
     """mlx-lm reads a model's rotary base from ``rope_theta`` at the top of config.json; transformers 5 saves it
     inside ``rope_parameters`` only, and mlx-lm then takes its own default: the outputs differ from the base's."""
     config = read_config(request.source)
-    if "rope_theta" not in config and isinstance(config.get("rope_parameters"), dict):
+    if with_top_level_rope_theta(config) is not config:
         return (
             "the base's config.json keeps rope_theta only inside rope_parameters (as transformers 5 saves it), "
             "which this mlx-lm does not read: it runs the base with its default rotary base"
@@ -338,12 +331,6 @@ def _decoder_layers(config: dict) -> int:
     if not isinstance(layers, int) or layers <= 0:
         raise UserError("the base's config.json does not say how many decoder layers it has", "check the base folder")
     return layers
-
-
-def _adapter_floats(adapter: Path) -> int:
-    import math
-
-    return sum(math.prod(shape) for shape in adapter_files.tensor_shapes(adapter).values())
 
 
 def _format_name(request: ExportRequest) -> str:

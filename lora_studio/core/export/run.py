@@ -201,11 +201,10 @@ def _k_quant_bytes(name: str, shape: tuple[int, ...], planned_bytes: int, type_n
 def _adapter_bytes(adapter: Path | None, type_name: str) -> int:
     if adapter is None:
         return 0
-    from lora_studio.core.adapters.files import tensor_shapes
+    from lora_studio.core.adapters.files import stored_values
 
     per = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 1.0625}[type_name]
-    total = sum(math.prod(shape) for shape in tensor_shapes(adapter).values())
-    return int(total * per)
+    return int(stored_values(adapter) * per)
 
 
 def export_gguf(
@@ -313,10 +312,10 @@ def _serving_plan(request: ExportRequest, config: dict) -> ServingPlan | None:
     """How many adapters like this one vLLM holds beside the base on the request's GPU (None: no adapter)."""
     if request.adapter is None:
         return None
-    from lora_studio.core.adapters.files import tensor_shapes
+    from lora_studio.core.adapters.files import stored_values
     from lora_studio.core.export.bundle import vllm_max_lora_rank
 
-    adapter_params = sum(math.prod(shape) for shape in tensor_shapes(Path(request.adapter)).values())
+    adapter_params = stored_values(Path(request.adapter))
     rank = vllm_max_lora_rank(saved_rank(Path(request.adapter)))
     params = read_footprint(request.source).params
     return serving_plan(config, params, adapter_params, rank, request.serve_gpu_gib)

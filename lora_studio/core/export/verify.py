@@ -93,14 +93,17 @@ def skipped(type_name: str, reason: str) -> GgufVerification:
     return GgufVerification("skipped", type_name, reason=reason)
 
 
-class LogitsRunner(Protocol):
-    """What the comparison asks of a runtime: the logits of every position of a token sequence."""
+class Runner(Protocol):
+    """What the check asks of a runtime (llama.cpp's GgufRunner, mlx-lm's recorded outputs): the logits of every
+    position of a token sequence, and a greedy continuation."""
 
     def logits(self, tokens: list[int]) -> Any: ...
 
+    def greedy(self, prompt: list[int], new_tokens: int) -> list[int]: ...
+
 
 def compare_outputs(
-    runner: LogitsRunner,
+    runner: Runner,
     reference: Reference,
     cancel: CancelToken | None = None,
     report: Report = no_report,
@@ -136,15 +139,18 @@ def compare_outputs(
     return agree / compared if compared else 1.0, kl_sum / max(positions, 1), max_diff, compared
 
 
-def sample_continuations(runner: GgufRunner, reference: Reference, tokenizer: PreTrainedTokenizerBase) -> dict:
-    """The first prompt continued greedily by the adapter model and, on its own, by llama.cpp: what a user reads."""
+def sample_continuations(
+    runner: Runner, reference: Reference, tokenizer: PreTrainedTokenizerBase, key: str = "llama_cpp"
+) -> dict:
+    """The first prompt continued greedily by the adapter model and, on its own, by the runtime (under ``key``):
+    what a user reads."""
     seq, plen = reference.sequences[0], reference.prompt_lengths[0]
     prompt = [int(t) for t in seq[:plen]]
     ours = runner.greedy(prompt, int(seq.numel() - plen))
     return {
         "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
         "adapter": tokenizer.decode([int(t) for t in seq[plen:]], skip_special_tokens=True),
-        "llama_cpp": tokenizer.decode(ours, skip_special_tokens=True),
+        key: tokenizer.decode(ours, skip_special_tokens=True),
     }
 
 
