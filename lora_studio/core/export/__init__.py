@@ -10,13 +10,22 @@ a PEFT adapter from one), checked in mlx-lm itself; ``request`` holds what every
 """
 
 from lora_studio.core.export.gguf_types import DEFAULT_TYPE, OUTPUT_TYPES, OutputType
-from lora_studio.core.export.request import FORMATS, MLX_FORMATS, ExportPlan, ExportRequest, ExportResult, Format
+from lora_studio.core.export.request import (
+    FORMATS,
+    GGUF_FORMATS,
+    MLX_FORMATS,
+    ExportPlan,
+    ExportRequest,
+    ExportResult,
+    Format,
+)
 from lora_studio.core.export.run import export_gguf, plan_export
 from lora_studio.core.export.verify import GgufVerification, TemplateCheck
 
 __all__ = [
     "DEFAULT_TYPE",
     "FORMATS",
+    "GGUF_FORMATS",
     "MLX_FORMATS",
     "OUTPUT_TYPES",
     "ExportPlan",

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 Format = Literal["gguf", "gguf-lora", "mlx", "peft"]
 FORMATS: tuple[Format, ...] = ("gguf", "gguf-lora", "mlx", "peft")
+GGUF_FORMATS: tuple[Format, ...] = ("gguf", "gguf-lora")  # core/export/run.py: files for llama.cpp
 MLX_FORMATS: tuple[Format, ...] = ("mlx", "peft")  # core/export/mlx.py: an adapter for mlx-lm, or one from it
 DEFAULT_ADAPTER_TYPE = "f16"
 CARRIED_BADGES = {"carried": "✔ carried", "washed out": "⚠ washed out", "not measured": "not measured"}

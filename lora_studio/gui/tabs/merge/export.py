@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from lora_studio.core.errors import UserError
-from lora_studio.core.export import MLX_FORMATS, ExportPlan, ExportRequest, export_gguf, plan_export
+from lora_studio.core.export import GGUF_FORMATS, MLX_FORMATS, ExportPlan, ExportRequest, export_gguf, plan_export
 from lora_studio.core.export.mlx import install_mlx
 from lora_studio.core.export.runtime import install_llama_cpp, restart_needed
 from lora_studio.core.io.paths import data_dir, free_path, owned_by_a_cache
@@ -21,7 +21,7 @@ from lora_studio.core.system.memory import format_bytes
 from lora_studio.gui.base.jobs import Job
 
 if TYPE_CHECKING:
-    from lora_studio.core.export import ExportResult
+    from lora_studio.core.export import ExportResult, Format
     from lora_studio.core.model.quantize import Quantize
     from lora_studio.core.session import Session
     from lora_studio.core.tasks import CancelToken, Report
@@ -48,9 +48,7 @@ def export_request(panel: MergeTab, out: Path | None = None) -> ExportRequest:
     path = out or panel.out_path()
     if path is None:
         raise UserError("choose the folder to write" if fmt in MLX_FORMATS else "choose the .gguf file to write", "")
-    if fmt in MLX_FORMATS:
-        pass  # a folder, created
-    elif path.suffix.lower() != ".gguf":
+    if fmt in GGUF_FORMATS and path.suffix.lower() != ".gguf":  # the others write a folder
         raise UserError(f"{path.name} does not end in .gguf", "name the file like model.q8_0.gguf")
     row = rows[0] if rows else None
     if row is not None and row.weight != 1.0:
@@ -61,7 +59,7 @@ def export_request(panel: MergeTab, out: Path | None = None) -> ExportRequest:
     return ExportRequest(
         panel.source,
         path,
-        "gguf-lora" if fmt == "gguf-lora" else "mlx" if fmt == "mlx" else "peft" if fmt == "peft" else "gguf",
+        cast("Format", fmt),  # this side's formats are core/export's own
         None if fmt in MLX_FORMATS else panel.output.gguf_type(),
         adapter=Path(row.path) if row else None,
         adapter_name=row.name if row else None,
@@ -142,11 +140,10 @@ def start_export(panel: MergeTab, out: Path) -> Job | None:
         panel,
         request,
         f"exporting {what} to {out.name}",
-        f"exporting {what} for mlx-lm into {out}…"
-        if request.format == "mlx"
-        else f"saving {what} as a PEFT adapter into {out}…"
-        if request.format == "peft"
-        else f"exporting {what} as a {request.type_name} GGUF into {out}…",
+        {
+            "mlx": f"exporting {what} for mlx-lm into {out}…",
+            "peft": f"saving {what} as a PEFT adapter into {out}…",
+        }.get(request.format, f"exporting {what} as a {request.type_name} GGUF into {out}…"),
         panel.exported,
         "export cancelled; no file was written (an existing one is unchanged)",
     )

@@ -31,7 +31,7 @@ from lora_studio.core.adapters.combinations import (
     fitting_combination,
 )
 from lora_studio.core.errors import UserError
-from lora_studio.core.export import DEFAULT_TYPE, OUTPUT_TYPES
+from lora_studio.core.export import DEFAULT_TYPE, GGUF_FORMATS, OUTPUT_TYPES
 from lora_studio.core.export.adapter import ADAPTER_TYPES
 from lora_studio.core.export.serving_plan import DEFAULT_GPU_GIB
 from lora_studio.core.merge import AdapterSpec, MergeOptions
@@ -372,7 +372,7 @@ class OutputBox(QGroupBox):
 
     def _format_changed(self, *_args: object) -> None:
         fmt = self.format()
-        gguf = fmt in ("gguf", "gguf-lora")
+        gguf = fmt in GGUF_FORMATS
         for widget in (self.dtype_combo, self.engine_combo, self.engine_note):
             self.form.setRowVisible(widget, fmt == "hf")
         # a merged GGUF of a QLoRA adapter is written from the weights chosen the same way
@@ -415,7 +415,7 @@ class OutputBox(QGroupBox):
     def browse(self, base_folder: Path, suggested_gguf: Path | None) -> None:
         """The output's dialog: a .gguf file to save (starting at ``suggested_gguf``), or a folder."""
         start = self.out_edit.text().strip() or str(base_folder)
-        if self.format() in ("gguf", "gguf-lora"):
+        if self.format() in GGUF_FORMATS:
             path, _ = QFileDialog.getSaveFileName(
                 self, "Save the GGUF as", str(suggested_gguf or start), "GGUF files (*.gguf)"
             )

@@ -31,7 +31,7 @@ from PySide6.QtWidgets import (
 )
 
 from lora_studio.core.errors import UserError
-from lora_studio.core.export import ExportPlan, ExportResult
+from lora_studio.core.export import GGUF_FORMATS, ExportPlan, ExportResult
 from lora_studio.core.export.mlx import mlx_lm_version
 from lora_studio.core.export.runtime import llama_cpp_version
 from lora_studio.core.merge import (
@@ -365,7 +365,7 @@ class MergePanel(Panel):
         """A GGUF wants a .gguf file name, a folder format a folder: suggest a name that says what it holds when the
         box has the other kind."""
         fmt = self.output.format()
-        gguf = fmt in ("gguf", "gguf-lora")
+        gguf = fmt in GGUF_FORMATS
         labels = {"hf": "Merge && save", "mlx": "Export for mlx-lm", "peft": "Save as PEFT"}
         self.run_row.merge_btn.setText(labels.get(fmt, "Export GGUF"))
         self.plan_table.setVisible(fmt == "hf")  # the other format's plan is not this one's: hidden until it comes

@@ -23,6 +23,7 @@ from superqt import QDoubleSlider
 from lora_studio.core.adapters import files as adapter_files
 from lora_studio.core.adapters.combinations import CombinationMember, member_from_config
 from lora_studio.core.errors import UserError
+from lora_studio.core.export import GGUF_FORMATS
 from lora_studio.core.merge import MergePlan
 from lora_studio.core.system.memory import format_bytes
 from lora_studio.gui.base.widgets import STYLES
@@ -207,7 +208,7 @@ def start_reason(
     plan: MergePlan | None,
 ) -> str:
     """'' when Merge (or Export) may start; otherwise why not, the first reason in the order a user fixes them."""
-    gguf = output_format != "hf"
+    export = output_format != "hf"
     gguf_base_only = output_format == "gguf"  # a GGUF of the base alone needs no adapter
     if busy:
         return busy
@@ -220,9 +221,9 @@ def start_reason(
     if plan_error and not plan_pending:
         return plan_error  # what is wrong with the request comes before where to save it
     if not has_out:
-        return "choose the .gguf file" if output_format in ("gguf", "gguf-lora") else "choose an output folder"
+        return "choose the .gguf file" if output_format in GGUF_FORMATS else "choose an output folder"
     if plan_pending:
-        return "checking what the export needs…" if gguf else "checking what the merge needs…"
+        return "checking what the export needs…" if export else "checking what the merge needs…"
     if plan is not None and plan.refusal:
         hint = f" ({plan.refusal_hint})" if plan.refusal_hint else ""
         return f"cannot start: {plan.refusal}{hint}"
