@@ -190,10 +190,10 @@ def _export_job(
 
 def install(panel: MergeTab) -> Job | None:
     """The chosen format's runtime installed in the background (a side job: the session stays usable): mlx-lm for
-    the mlx-lm format, else llama.cpp's binding, built from source."""
+    the mlx-lm formats, else llama.cpp's binding, built from source."""
     if panel.install_job is not None and not panel.install_job.done:
         return None
-    if panel.output.format() == "mlx":
+    if panel.output.format() in MLX_FORMATS:  # both are checked in mlx-lm
         what, work, start = "mlx-lm", install_mlx, "installing mlx-lm with pip…"
 
         def installed(version: str) -> tuple[str, str]:

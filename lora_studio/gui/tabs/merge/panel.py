@@ -31,7 +31,7 @@ from PySide6.QtWidgets import (
 )
 
 from lora_studio.core.errors import UserError
-from lora_studio.core.export import GGUF_FORMATS, ExportPlan, ExportResult
+from lora_studio.core.export import GGUF_FORMATS, MLX_FORMATS, ExportPlan, ExportResult
 from lora_studio.core.export.mlx import mlx_lm_version
 from lora_studio.core.export.runtime import llama_cpp_version
 from lora_studio.core.merge import (
@@ -377,13 +377,12 @@ class MergePanel(Panel):
         self.update_install_button()
 
     def update_install_button(self) -> None:
-        missing = llama_cpp_version() is None
         fmt = self.output.format()
-        if fmt == "mlx":  # the check's runtime; without it the folder is written unchecked
-            missing = mlx_lm_version() is None
+        mlx = fmt in MLX_FORMATS  # checked in mlx-lm; without it the folder is written unchecked
+        missing = (mlx_lm_version() if mlx else llama_cpp_version()) is None
         button = self.output.install_btn
         if self.install_job is None:  # a running install keeps its own label
-            button.setText("Install mlx-lm…" if fmt == "mlx" else "Install llama.cpp…")
+            button.setText("Install mlx-lm…" if mlx else "Install llama.cpp…")
         button.setVisible(fmt != "hf" and (missing or self.install_job is not None))
 
     def install_runtime(self) -> Job | None:

@@ -74,6 +74,9 @@ def test_without_mlx_the_tab_offers_to_install_it(qtbot, window, tiny_llama, lla
     combo = panel.output.format_combo
     combo.setCurrentIndex(combo.findData("mlx"))
     button = panel.output.install_btn
+    combo.setCurrentIndex(combo.findData("peft"))  # checked in mlx-lm too: not llama.cpp's button
+    assert button.isVisibleTo(panel) and button.text() == "Install mlx-lm…"
+    combo.setCurrentIndex(combo.findData("mlx"))
     assert button.isVisibleTo(panel) and button.text() == "Install mlx-lm…"
     job = panel.install_runtime()
     assert job is not None and w.runner.busy_reason == ""  # a side job: the session stays usable
