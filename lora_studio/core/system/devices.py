@@ -80,7 +80,7 @@ def mps_memory() -> tuple[int, int] | None:
     """(torch's current allocations, the Metal driver's allocations) on mps in bytes; None where mps is not in use
     (torch not imported, or no mps)."""
     torch = sys.modules.get("torch")
-    if torch is None:
+    if torch is None or sys.platform != "darwin":  # read at every memory sample: nothing to ask off a Mac
         return None
     try:
         if not torch.backends.mps.is_available():
