@@ -328,19 +328,21 @@ def stored_values(folder: Path) -> int:
 def load_tensors(folder: Path) -> dict:
     """All adapter tensors (small), PEFT prefix stripped."""
     path = weights_file(folder)
-    if path.suffix == ".safetensors":
-        read_header(path)  # clear message for a truncated or corrupt file before safetensors' own
-        from safetensors.torch import load
-
-        try:
-            data = load(path.read_bytes())  # bytes, not a path: works whatever the folder's name
-        except Exception as exc:
-            raise UserError(
-                f"cannot read {path.name}: {exc}", "the adapter weights are damaged; save the adapter again"
-            ) from exc
-    else:
-        data = _load_bin(path)
+    data = load_safetensors(path) if path.suffix == ".safetensors" else _load_bin(path)
     return {strip_prefix(k): v for k, v in data.items()}
+
+
+def load_safetensors(path: Path) -> dict:
+    """An adapter's safetensors file, whole (adapters are small), as torch tensors; a damaged file is one line."""
+    read_header(path)  # clear message for a truncated or corrupt file before safetensors' own
+    from safetensors.torch import load
+
+    try:
+        return load(path.read_bytes())  # bytes, not a path: works whatever the folder's name
+    except Exception as exc:
+        raise UserError(
+            f"cannot read {path.name}: {exc}", "the adapter weights are damaged; save the adapter again"
+        ) from exc
 
 
 # no trainer writes a factor or weight this large (LoRA factors are around 1, PiSSA's the root of a singular value);

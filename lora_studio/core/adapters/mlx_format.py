@@ -217,17 +217,12 @@ def mlx_to_peft(folder: Path, into: Path) -> dict:
     """Write the mlx-lm adapter in ``folder`` as a PEFT LoRA folder ``into`` (a folder to fill); what was written."""
     import torch
     from peft import LoraConfig
-    from safetensors.torch import load as load_safetensors
     from safetensors.torch import save_file
 
     folder = Path(folder)
     config = read_mlx_config(folder)
     scale = float(config["lora_parameters"]["scale"])
-    path = regular_file(inside(folder, MLX_WEIGHTS, "weights file"), "weights file")
-    try:
-        tensors = load_safetensors(path.read_bytes())
-    except Exception as exc:
-        raise UserError(f"cannot read {path.name}: {exc}", "the adapter weights are damaged") from exc
+    tensors = adapter_files.load_safetensors(regular_file(inside(folder, MLX_WEIGHTS, "weights file"), "weights file"))
     adapter_files.check_finite(tensors, folder)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
