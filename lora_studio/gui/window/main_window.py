@@ -208,8 +208,7 @@ class MainWindow(QMainWindow):
                 size = size.boundedTo(screen.availableGeometry().size())
             self.resize(size)
         if state is not None:
-            self.restoreState(state)
-            self._repair_layout_when_shown = True
+            self.restoreState(state)  # checked for collapsed docks once shown (_after_shown)
         else:
             self.fit_docks()
 
@@ -392,7 +391,6 @@ class MainWindow(QMainWindow):
     shown_at: float | None = None  # time.time() of the first paint (startup measurement)
     _closed = False
     _started = False  # the first show ran _after_shown
-    _repair_layout_when_shown = False  # a saved layout was restored: checked for collapsed docks once shown
     _repair_timer: QTimer | None = None  # made once shown: a resize then checks the docks (see _repair_layout)
 
     def _log_since_start(self, what: str, until: str = "") -> None:
@@ -432,8 +430,9 @@ class MainWindow(QMainWindow):
         self._repair_timer.setSingleShot(True)
         self._repair_timer.setInterval(REPAIR_DELAY_MS)
         self._repair_timer.timeout.connect(self._repair_layout)
-        if self._repair_layout_when_shown:  # sizes are known once the window is shown and laid out
-            self._repair_timer.start()
+        # sizes are known once the window is shown and laid out: a saved layout, or a resize before now, that left a
+        # dock collapsed is repaired then
+        self._repair_timer.start()
         # Off the critical path: sampling, the local model scan, and pyqtgraph's import on a thread.
         self.monitor.start()
         self.model_panel.refresh_local()

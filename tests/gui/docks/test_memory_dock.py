@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from window_helpers import TIMEOUT_MS
+from window_helpers import TIMEOUT_MS, idle
 
 from lora_studio.core.system.memory import MemorySample, MemorySampler, read_rss_split
 from lora_studio.gui.docks.memory import (
@@ -55,13 +55,18 @@ def test_a_worker_process_reading_does_not_resize_the_memory_dock(qtbot, window)
     panel.monitor.sampled.disconnect(panel.on_sample)  # only the samples below
     quiet = dataclasses.replace(panel.samples[-1], workers_rss_bytes=0)
     panel.on_sample(quiet)
-    # the window's own layout after the resize settles first (slowly on a loaded machine): only then is a change
-    # of width the reading's doing
+    # the window's own work (its start-up jobs) and its layout after the resize settle first, slowly on a loaded
+    # machine: only then is a change of width the reading's doing
+    idle(qtbot, window)
+    # the resize's layout repair (a timer, later than its 300 ms on a loaded machine) may refit the docks
+    qtbot.waitUntil(
+        lambda: window._repair_timer is not None and not window._repair_timer.isActive(), timeout=TIMEOUT_MS
+    )
     widths: list[tuple[int, int]] = []
-    for _ in range(40):
-        qtbot.wait(50)
+    for _ in range(60):
+        qtbot.wait(100)
         widths.append((panel.width(), panel.plot.height()))
-        if len(widths) >= 3 and len(set(widths[-3:])) == 1:
+        if len(widths) >= 5 and len(set(widths[-5:])) == 1:
             break
     before = (panel.width(), panel.plot.height())
     busy = dataclasses.replace(quiet, rss_bytes=40 * GiB, rss_anon_bytes=30 * GiB, workers_rss_bytes=int(1.3 * GiB))

@@ -254,6 +254,17 @@ def test_reset_layout_and_a_collapsed_saved_layout_repaired(qtbot, tmp_path, dat
     again.shutdown()
 
 
+def test_a_resize_before_the_window_has_started_is_repaired_once_it_has(qtbot, tmp_path, data_dir):
+    """A resize that came before the start-up turn (a slow machine, a test) once left the Base model column
+    squeezed until the next resize; whichever came first, the docks were then laid out as the timing fell."""
+    from lora_studio.gui.window.main_window import USABLE_MODEL_DOCK_WIDTH
+
+    w = make_window(qtbot, tmp_path)
+    w.resize(1280, 720)  # the start-up turn (_after_shown) has not run yet: no repair timer to start
+    qtbot.waitUntil(lambda: w.model_dock.width() >= USABLE_MODEL_DOCK_WIDTH and not w.collapsed_docks(), timeout=5000)
+    w.shutdown()
+
+
 def test_loading_another_base_asks_before_it_detaches_the_adapters(
     qtbot, window, tiny_llama, tiny_llama_tied, llama_adapters
 ):
