@@ -73,6 +73,7 @@ from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from lora_studio.core.merge import verify as merge_verify
     from lora_studio.core.session import Session
 
 
@@ -213,15 +214,47 @@ def export_gguf(
     session: Session | None = None,
     cancel: CancelToken | None = None,
     report: Report = no_report,
+    in_worker_process: bool = False,
 ) -> ExportResult:
     """Write, verify and bundle the export. ``session``: a loaded session holding the adapter (by
-    ``request.adapter_name``) whose model is the verification reference, instead of loading one."""
-    from lora_studio.core.model.loading import load_tokenizer
+    ``request.adapter_name``) whose model is the verification reference, instead of loading one.
 
+    ``in_worker_process``: the window's way. The file is written and checked in a worker process, whose memory
+    goes back to the system when it ends: the converter's and llama.cpp's native buffers, kept in part by the
+    allocator after each export, grew a window left open all day by ~2 MiB an export. The session's model still
+    gives the reference outputs, here, before the worker starts."""
     if request.format in MLX_FORMATS:
         from lora_studio.core.export.mlx import export_mlx
 
         return export_mlx(request, session=session, cancel=cancel, report=report)
+    if not in_worker_process:
+        return _export_gguf(request, session, None, cancel=cancel, report=report)
+    from lora_studio.core.system.child_process import run_in_child_process
+
+    cancel = cancel or CancelToken()
+    reference = None
+    session_is_reference = session is not None and session.quantize is None and request.qlora() is None
+    if session_is_reference and request.verify and runtime.llama_cpp_version() is not None:
+        plan = plan_export(request, tokenizer=False)
+        if plan.refusal:  # said before the reference is spent on it
+            raise UserError(plan.refusal, plan.hint)
+        reference = adapter_reference(request, session, cancel, report)
+    return run_in_child_process(
+        _export_gguf, request, None, reference, cancel=cancel, report=report, name="lora-studio-export"
+    )
+
+
+def _export_gguf(
+    request: ExportRequest,
+    session: Session | None,
+    reference: merge_verify.Reference | None,
+    *,
+    cancel: CancelToken | None = None,
+    report: Report = no_report,
+) -> ExportResult:
+    """:func:`export_gguf` here; ``reference``: the adapter model's outputs, already computed."""
+    from lora_studio.core.model.loading import load_tokenizer
+
     cancel = cancel or CancelToken()
     started = time.perf_counter()
     if session is not None and session.quantize is not None:
@@ -253,7 +286,7 @@ def export_gguf(
         else:
             vocab, carried = _write_merged(work, arch, plan, tmp, cancel, report)
         cancel.raise_if_cancelled()
-        verification = _verify(work, tokenizer, type_name, tmp, session, cancel, report)
+        verification = _verify(work, tokenizer, type_name, tmp, session, reference, cancel, report)
     report(Progress(1, 1, "writing the serving bundle", "steps"))
     base_gguf, make_base = _served_base(request, out)
     bundle = write_bundle(
@@ -491,6 +524,7 @@ def _verify(
     type_name: str,
     gguf: Path,
     session: Session | None,
+    reference: merge_verify.Reference | None,
     cancel: CancelToken,
     report: Report,
 ) -> export_verify.GgufVerification:
@@ -499,7 +533,8 @@ def _verify(
     version = runtime.llama_cpp_version()
     if version is None:
         return export_verify.skipped(type_name, f"llama.cpp is not installed; {runtime.INSTALL_HINT}")
-    reference = adapter_reference(request, session, cancel, report)
+    if reference is None:
+        reference = adapter_reference(request, session, cancel, report)
     cancel.raise_if_cancelled()
     with ExitStack() as stack:
         model, lora, threshold_type = gguf, None, type_name

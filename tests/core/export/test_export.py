@@ -248,6 +248,46 @@ def test_cancel_and_a_full_disk_leave_no_file(llama_pair, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_in_a_worker_process_the_sessions_model_is_the_reference_and_cancel_still_leaves_no_file(llama_pair, tmp_path):
+    """The window's way (``in_worker_process``): the file is written and checked in a worker process, whose
+    native memory goes back to the system when it ends; the outputs it is checked against are the session's."""
+    from lora_studio.core.merge.verify import REFERENCE_STAGE
+    from lora_studio.core.session import Session
+    from lora_studio.core.system.child_process import running_workers
+
+    base, adapter = llama_pair
+    session = Session()
+    session.load(resolve_source(base))
+    session.attach(adapter, "a")
+    stages: list[tuple[str, bool]] = []  # (message, a worker running)
+
+    def record(progress):
+        stages.append((progress.message, bool(running_workers())))
+
+    request = ExportRequest(resolve_source(base), tmp_path / "m.gguf", "gguf", "f16", adapter=adapter, adapter_name="a")
+    result = export_gguf(request, session=session, report=record, in_worker_process=True)
+    assert result.verification.status == "pass" and result.verification.greedy_agreement == 1.0
+    assert (REFERENCE_STAGE, False) in stages  # the session's model, before the worker started
+    assert any(message.startswith(merged_mod.WRITING_STAGE) and worker for message, worker in stages)
+    assert (result.bundle.folder / "README.md").is_file() and not running_workers()
+    cancel = CancelToken()
+
+    def cancel_while_writing(progress):
+        if progress.message.startswith(merged_mod.WRITING_STAGE):
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        export_gguf(
+            ExportRequest(resolve_source(base), tmp_path / "c.gguf", "gguf", "f16", adapter=adapter, adapter_name="a"),
+            session=session,
+            cancel=cancel,
+            report=cancel_while_writing,
+            in_worker_process=True,
+        )
+    assert not (tmp_path / "c.gguf").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    session.close()
+
+
 def test_refusals_say_why_before_writing(tmp_path, llama_pair):
     base, adapter = llama_pair
     opt = factories.save_model(tmp_path / "opt", factories.opt_config())

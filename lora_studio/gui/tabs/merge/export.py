@@ -2,7 +2,8 @@
 or as an mlx-lm adapter folder, verified in mlx-lm; and installing llama.cpp in the background when it is missing.
 
 The core does the work (core/export: ``plan_export`` as a keyed side job, ``export_gguf`` as one model job with
-the session's model as the verification reference); these functions take the
+the session's model as the verification reference, the file written and checked in a worker process so that a
+window open all day keeps none of the converter's memory); these functions take the
 Merge tab they act for (:class:`~lora_studio.gui.tabs.merge.host.MergeTab`).
 """
 
@@ -177,7 +178,7 @@ def _export_job(
     """``request`` exported as the tab's model job: Cancel acts on it, ``done`` gets the result."""
 
     def run(session: Session, *, cancel: CancelToken, report: Report) -> ExportResult:
-        return export_gguf(request, session=session, cancel=cancel, report=report)
+        return export_gguf(request, session=session, cancel=cancel, report=report, in_worker_process=True)
 
     return (
         panel.op(name, run)

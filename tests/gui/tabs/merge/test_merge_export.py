@@ -12,6 +12,8 @@ from window_helpers import plan_settled as planned
 
 pytest.importorskip("llama_cpp", reason="llama.cpp's binding is installed by `make test`")
 
+from lora_studio.core.export.verify import RUNTIME_STAGE
+
 
 def choose_format(panel, fmt: str) -> None:
     panel.output.format_combo.setCurrentIndex(panel.output.format_combo.findData(fmt))
@@ -69,7 +71,7 @@ def test_adapter_only_offers_the_small_types_and_cancel_leaves_no_file(
     job = panel.start_merge()
 
     def on_progress(p):
-        if "verifying" in p.message:
+        if p.message == RUNTIME_STAGE:  # in the worker process, the file written beside its name
             panel.run_row.cancel_btn.click()
 
     job.progressed.connect(on_progress)
