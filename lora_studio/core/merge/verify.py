@@ -83,6 +83,25 @@ class Reference:
     prompt_lengths: list[int]
     logits: list[torch.Tensor]  # [seq_len, vocab] float32
 
+    def __reduce__(self) -> tuple:
+        # Sent to a worker process as safetensors bytes: tensors pickled for another process go through
+        # torch.multiprocessing's shared memory, and its cache keeps a weak reference for each tensor sent.
+        from safetensors.torch import save
+
+        tensors = {f"sequence.{i}": t.contiguous() for i, t in enumerate(self.sequences)}
+        tensors |= {f"logits.{i}": t.contiguous() for i, t in enumerate(self.logits)}
+        return (_reference_from_bytes, (save(tensors), list(self.prompt_lengths)))
+
+
+def _reference_from_bytes(blob: bytes, prompt_lengths: list[int]) -> Reference:
+    from safetensors.torch import load
+
+    tensors = load(blob)
+    count = len(prompt_lengths)
+    return Reference(
+        [tensors[f"sequence.{i}"] for i in range(count)], prompt_lengths, [tensors[f"logits.{i}"] for i in range(count)]
+    )
+
 
 def _model_device(model: CausalLM) -> torch.device:
     return next(model.parameters()).device
