@@ -64,6 +64,7 @@ from lora_studio.core.merge.quantized import MergeTarget, check_merge_into, reco
 from lora_studio.core.merge.streaming import load_streaming_adapter, stream_plan, streaming_refusal
 from lora_studio.core.model.config import gguf_config, read_config, tied_embeddings
 from lora_studio.core.model.estimate import read_footprint
+from lora_studio.core.model.file_reads import CarriedReads, carried_reads, take_reads
 from lora_studio.core.model.identity import hub_id
 from lora_studio.core.model.quantize import Quantize, check_quantize_choice
 from lora_studio.core.model.sources import ModelSource
@@ -232,16 +233,52 @@ def export_gguf(
     from lora_studio.core.system.child_process import run_in_child_process
 
     cancel = cancel or CancelToken()
-    reference = None
-    session_is_reference = session is not None and session.quantize is None and request.qlora() is None
-    if session_is_reference and request.verify and runtime.llama_cpp_version() is not None:
-        plan = plan_export(request, tokenizer=False)
-        if plan.refusal:  # said before the reference is spent on it
-            raise UserError(plan.refusal, plan.hint)
+    plan = plan_export(request, tokenizer=False)
+    if plan.refusal:  # said before the reference is spent on it, or a worker is started
+        raise UserError(plan.refusal, plan.hint)
+    reference, tokenizer, carried = None, None, CarriedReads()
+    session = _reference_session(session, request)
+    if session is not None and request.verify and runtime.llama_cpp_version() is not None:
         reference = adapter_reference(request, session, cancel, report)
+    if request.source.gguf_file:
+        # what the window has read of the GGUF (its configuration, its tensor list, its tokenizer) goes with the
+        # work: read again in the worker, ~55 s for Gemma 3's 262k-token vocabulary
+        carried = carried_reads(request.source.file)
+        tokenizer = session.tokenizer if session is not None else None
     return run_in_child_process(
-        _export_gguf, request, None, reference, cancel=cancel, report=report, name="lora-studio-export"
+        _export_in_worker,
+        request,
+        plan,
+        reference,
+        tokenizer,
+        carried,
+        cancel=cancel,
+        report=report,
+        name="lora-studio-export",
     )
+
+
+def _export_in_worker(
+    request: ExportRequest,
+    plan: ExportPlan,
+    reference: merge_verify.Reference | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    carried: CarriedReads,
+    *,
+    cancel: CancelToken,
+    report: Report,
+) -> ExportResult:
+    take_reads(carried)
+    return _export_gguf(request, None, reference, plan=plan, tokenizer=tokenizer, cancel=cancel, report=report)
+
+
+def _reference_session(session: Session | None, request: ExportRequest) -> Session | None:
+    """The session whose model the written file is checked against, if it can be: not on a quantised base (the file
+    holds the full weights: its reference is the model in full precision) nor for an adapter trained on one (the
+    reference is then the base with the weights the merge chose)."""
+    if session is None or session.quantize is not None or request.qlora() is not None:
+        return None
+    return session
 
 
 def _export_gguf(
@@ -249,17 +286,20 @@ def _export_gguf(
     session: Session | None,
     reference: merge_verify.Reference | None,
     *,
+    plan: ExportPlan | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     cancel: CancelToken | None = None,
     report: Report = no_report,
 ) -> ExportResult:
-    """:func:`export_gguf` here; ``reference``: the adapter model's outputs, already computed."""
+    """:func:`export_gguf` here; ``reference``: the adapter model's outputs, already computed; ``plan`` and
+    ``tokenizer``: the base's, already read."""
     from lora_studio.core.model.loading import load_tokenizer
 
     cancel = cancel or CancelToken()
     started = time.perf_counter()
-    if session is not None and session.quantize is not None:
-        session = None  # the file holds the full weights: its reference is the model in full precision, not 4-bit
-    plan = plan_export(request, tokenizer=False)
+    session = _reference_session(session, request)
+    if plan is None:
+        plan = plan_export(request, tokenizer=False)
     if plan.refusal:
         raise UserError(plan.refusal, plan.hint)
     if request.source.gguf_file and request.base_gguf is None:
@@ -268,7 +308,8 @@ def _export_gguf(
     type_name = plan.type
     arch = converter_architecture(base_config(request.source))
     report(Progress(0, None, "reading the tokenizer"))
-    tokenizer = session.tokenizer if session is not None else load_tokenizer(request.source)
+    if tokenizer is None:
+        tokenizer = session.tokenizer if session is not None else load_tokenizer(request.source)
     out = Path(request.out).absolute()
     vocab = carried = target = None
     details: dict = {"plan": plan.to_json(), "converter": converter_details(arch)}
@@ -276,7 +317,6 @@ def _export_gguf(
         work = request  # what is written and checked: for a QLoRA adapter, the base with the weights chosen
         if (qlora := request.qlora()) is not None:
             work, target = stack.enter_context(_qlora_base(request, *qlora, out, cancel, report))
-            session = None
         tmp = stack.enter_context(atomic_output_file(out, overwrite=request.overwrite))
         if request.format == "gguf-lora":
             assert request.adapter is not None  # plan_export refuses an adapter-only export without one

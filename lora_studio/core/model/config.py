@@ -7,7 +7,6 @@ missing file is a UserError too unless the caller says it can do without (``miss
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Iterable
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from lora_studio.core.errors import UserError, first_and_more
 from lora_studio.core.io.paths import inside, regular_file
+from lora_studio.core.model.file_reads import FileReads, file_key
 from lora_studio.core.model.sources import ModelSource
 
 CONFIG_NAME = "config.json"
@@ -87,14 +87,16 @@ def gguf_config(source: ModelSource) -> dict:
     it stands for), as a dict; a damaged or foreign file is one UserError. Remembered per file as it is (size and
     time): reading the metadata parses every token of the vocabulary in Python, a minute for a 262k-token one."""
     try:
-        stat = (source.path / str(source.gguf_file)).stat()
+        key = file_key(source.path / str(source.gguf_file))
     except OSError as exc:
         raise UserError(f"{source.label}: {_short(exc)}", "choose the GGUF file again") from exc
-    return dict(_gguf_config(source, stat.st_size, stat.st_mtime_ns))
+    return dict(_GGUF_CONFIGS.get(key, lambda: _read_gguf_config(source)))
 
 
-@functools.lru_cache(maxsize=4)
-def _gguf_config(source: ModelSource, size: int, mtime_ns: int) -> dict:
+_GGUF_CONFIGS: FileReads[dict] = FileReads("gguf config")
+
+
+def _read_gguf_config(source: ModelSource) -> dict:
     from transformers import AutoConfig
 
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -12,6 +11,7 @@ from lora_studio.core.errors import UserError
 from lora_studio.core.io.safetensors_format import read_headers
 from lora_studio.core.model.config import check_declared_layers, read_config, tied_embeddings
 from lora_studio.core.model.dtypes import DTYPE_BYTES, ST_TO_NAME, check_dtype
+from lora_studio.core.model.file_reads import FileReads, file_key
 from lora_studio.core.model.quantize import saved_quantization
 from lora_studio.core.model.sources import ModelSource
 from lora_studio.core.system import nvml
@@ -141,15 +141,17 @@ def _meta_footprint(source: ModelSource, config: dict) -> ModelFootprint:
 def _gguf_footprint(source: ModelSource) -> ModelFootprint:
     """Remembered per file as it is: gguf's reader parses every token of the vocabulary in Python."""
     try:
-        stat = source.file.stat()
+        key = file_key(source.file)
     except OSError as exc:
         reason = exc.strerror or exc
         raise UserError(f"{source.file.name} cannot be read ({reason})", "choose the GGUF file again") from exc
-    return _gguf_footprint_of(source, stat.st_size, stat.st_mtime_ns)
+    return _GGUF_FOOTPRINTS.get(key, lambda: _read_gguf_footprint(source))
 
 
-@functools.lru_cache(maxsize=4)
-def _gguf_footprint_of(source: ModelSource, size: int, mtime_ns: int) -> ModelFootprint:
+_GGUF_FOOTPRINTS: FileReads[ModelFootprint] = FileReads("gguf footprint")
+
+
+def _read_gguf_footprint(source: ModelSource) -> ModelFootprint:
     try:
         import gguf
     except ImportError as exc:  # pragma: no cover - gguf is a dependency

@@ -500,12 +500,12 @@ def test_an_adapter_on_a_quantised_gguf_base_is_exported_checked_and_served_on_t
 
     from lora_studio.core.session import Session
 
-    session = Session()  # the window's way: the session's model is the reference (one load less)
-    session.load(source)
+    session = Session()  # the window's way: the session's model is the reference (one load less), in a worker
+    session.load(source)  # that takes what the window read of the GGUF, its tokenizer too
     session.attach(adapter, "a")
     request = ExportRequest(source, tmp_path / "m.q8_0.gguf", "gguf", "q8_0", adapter=adapter, adapter_name="a")
     try:
-        merged = export_gguf(request, session=session)
+        merged = export_gguf(request, session=session, in_worker_process=True)
     finally:
         session.close()
     assert merged.verification.status == "pass", merged.verification.summary()
