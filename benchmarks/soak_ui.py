@@ -125,6 +125,9 @@ def pick_model(tiny: bool, tmp: Path) -> tuple[str, str, str]:
 
 
 def child(args: argparse.Namespace) -> int:
+    from lora_studio.core.system.allocator import restart_with_system_allocator
+
+    restart_with_system_allocator()  # as `lora-studio` does before it opens the window
     if not os.environ.get("DISPLAY"):
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     import psutil
@@ -132,7 +135,8 @@ def child(args: argparse.Namespace) -> int:
     from PySide6.QtWidgets import QApplication
 
     from lora_studio.core.model.loading import offline_environment
-    from lora_studio.core.system.allocator import limit_malloc_arenas
+    from lora_studio.core.system.allocator import heap_usage, limit_malloc_arenas
+    from lora_studio.core.system.memory import read_rss_split
 
     limit_malloc_arenas()  # as `lora-studio` does first thing
     offline_environment()
@@ -204,6 +208,11 @@ def child(args: argparse.Namespace) -> int:
     ap.confirm_unload = lambda names: unload_asked.append(len(names)) is None
     started = time.monotonic()
     cycle = 0
+    traced = None  # tracemalloc's snapshot at the end of the warm-up
+    if args.tracemalloc:
+        import tracemalloc
+
+        tracemalloc.start(12)
     while time.monotonic() - started < args.minutes * 60 or cycle == 0:
         cycle += 1
         t0 = time.monotonic()
@@ -272,6 +281,20 @@ def child(args: argparse.Namespace) -> int:
         by_type = Counter(kind_of(o) for o in objects)
         none_holders = none_held_by_type(objects) if args.who_holds_none else {}
         held = none_held(objects)
+        anon_file = read_rss_split()
+        grown_at: list[tuple[str, float]] = []
+        if args.tracemalloc:
+            snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+            if traced is None and cycle >= WARMUP_CYCLES:
+                traced = snapshot
+            elif traced is not None:
+                grown_at = [
+                    (
+                        " < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in list(stat.traceback)[::-1][:6]),
+                        round(stat.size_diff / 1024, 1),
+                    )
+                    for stat in snapshot.compare_to(traced, "traceback")[:8]
+                ]
         print(
             json.dumps(
                 {
@@ -280,6 +303,7 @@ def child(args: argparse.Namespace) -> int:
                     "seconds": round(time.monotonic() - t0, 2),
                     "elapsed_min": round((time.monotonic() - started) / 60, 3),
                     "rss_mib": round(proc.memory_info().rss / 2**20, 2),
+                    "python_allocator": os.environ.get("PYTHONMALLOC", "pymalloc"),
                     "objects": len(objects),
                     # the commonest types, and every function made three times or more (a closure made again in
                     # each cycle and kept is a function of one name whose count follows the cycles)
@@ -292,6 +316,10 @@ def child(args: argparse.Namespace) -> int:
                     "none_held_by": none_holders,
                     "none_by_step": dict(none_by_step),
                     "rss_mib_by_step": {name: round(mib, 2) for name, mib in rss_by_step.items()},
+                    # where the RSS is: anonymous or file-backed pages; glibc's heap in use, held free, mmapped
+                    "rss_split_mib": dict(zip(("anon", "file"), (round(b / 2**20, 2) for b in anon_file), strict=True)),
+                    "heap_mib": {k: round(b / 2**20, 2) for k, b in (heap_usage() or {}).items()},
+                    "grown_at_kib": grown_at,  # --tracemalloc: the call sites that grew most since the warm-up
                 }
             ),
             flush=True,
@@ -365,6 +393,7 @@ def summarise(cycles: list[dict], returncode: int, stderr_tail: str, minutes: fl
         "cycles": len(cycles),
         "crashes": int(crashed),
         "exit": returncode,
+        "python_allocator": cycles[-1].get("python_allocator") if cycles else None,
         "cycle_s_median": round(statistics.median(c["seconds"] for c in cycles), 2) if cycles else None,
         "rss_mib_first": cycles[0]["rss_mib"] if cycles else None,
         "rss_mib_last": cycles[-1]["rss_mib"] if cycles else None,
@@ -407,6 +436,11 @@ def main() -> int:
     parser.add_argument(
         "--who-holds-none", action="store_true", help="count the references to None each type of object holds"
     )
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="trace Python's allocations (slow): each cycle names the sites that grew most since the warm-up",
+    )
     parser.add_argument("--records", type=Path, help="also write each cycle's record (a JSON line) to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -427,6 +461,7 @@ def main() -> int:
         ]
         + (["--tiny"] if args.tiny else [])
         + (["--who-holds-none"] if args.who_holds_none else [])
+        + (["--tracemalloc"] if args.tracemalloc else [])
     )
     cycles: list[dict] = []
     model = "?"

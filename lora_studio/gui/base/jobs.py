@@ -37,6 +37,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from PySide6.QtCore import QObject, Qt, QThreadPool, Signal, Slot
 
 from lora_studio.core.errors import ErrorDescription, UserError, describe
+from lora_studio.core.system.allocator import release_free_memory
 from lora_studio.core.tasks import CancelToken, Progress, Report
 
 PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress updates a second reach the GUI thread
@@ -304,6 +305,10 @@ class JobRunner(QObject):
             desc = describe(payload)  # type: ignore[arg-type]
             self._end(job, CANCELLED if desc.kind == "cancelled" else FAILED, desc)
         job.deleteLater()
+        if not self._jobs:
+            # what the job and its listeners freed (a model, its results) goes back to the system now, not when the
+            # heap happens to shrink at its top
+            release_free_memory()
 
     def _end(self, job: Job, state: JobState, payload: object) -> None:
         if job.done:

@@ -121,3 +121,29 @@ def test_the_heap_is_kept_to_two_arenas_unless_the_environment_says(monkeypatch)
     assert allocator.limit_malloc_arenas() is sys.platform.startswith("linux")
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert allocator.limit_malloc_arenas() is False
+
+
+def test_the_window_runs_again_with_glibcs_allocator_once_and_the_users_choice_wins():
+    """pymalloc keeps an arena while one object in it lives: the window, open all day, restarts itself with
+    PYTHONMALLOC=malloc before it starts (docs/benchmarks.md, "The small-object allocator"); freed pages go back."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os; from lora_studio.core.system.allocator import restart_with_system_allocator;"
+        "print('start', os.environ.get('PYTHONMALLOC'), flush=True); restart_with_system_allocator();"
+        "print('running', os.environ.get('PYTHONMALLOC'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"}
+
+    def lines(**extra: str) -> list[str]:
+        run = subprocess.run([sys.executable, "-c", code], env=env | extra, capture_output=True, text=True, check=True)
+        return run.stdout.splitlines()
+
+    if sys.platform.startswith("linux"):
+        assert lines() == ["start None", "start malloc", "running malloc"]  # the same command, run again
+        assert allocator.release_free_memory() is True
+    else:
+        assert lines() == ["start None", "running None"]
+    assert lines(PYTHONMALLOC="pymalloc") == ["start pymalloc", "running pymalloc"]

@@ -95,6 +95,24 @@ def test_only_one_model_job_at_a_time(qtbot, runner):
     assert seen == [("finished", True)]
 
 
+def test_freed_pages_go_back_to_the_system_when_the_last_running_job_ends(qtbot, runner, monkeypatch):
+    """What a job and its listeners freed (a model closed, a comparison dropped) is handed back then, not kept as
+    the window's RSS (allocator.release_free_memory)."""
+    from lora_studio.gui.base import jobs
+
+    released: list[int] = []
+    monkeypatch.setattr(jobs, "release_free_memory", lambda: released.append(len(runner.running_jobs())))
+    gate = threading.Event()
+    model_job = runner.submit("loading x", lambda *, cancel, report: gate.wait(5))
+    side = runner.submit("estimate", lambda *, cancel, report: 7, exclusive=False, key="estimate")
+    seen, side_seen = record(model_job), record(side)
+    qtbot.waitUntil(lambda: bool(side_seen), timeout=5000)
+    assert released == []  # a job still runs
+    gate.set()
+    settle(qtbot, runner, seen)
+    assert released == [0]
+
+
 def test_stale_keyed_result_is_dropped(qtbot, runner):
     release = threading.Event()
 
