@@ -319,6 +319,7 @@ def child(args: argparse.Namespace) -> int:
                     # where the RSS is: anonymous or file-backed pages; glibc's heap in use, held free, mmapped
                     "rss_split_mib": dict(zip(("anon", "file"), (round(b / 2**20, 2) for b in anon_file), strict=True)),
                     "heap_mib": {k: round(b / 2**20, 2) for k, b in (heap_usage() or {}).items()},
+                    "log_lines": window.log_panel.text.document().blockCount(),  # capped: gui/docks/log.MAX_BLOCKS
                     "grown_at_kib": grown_at,  # --tracemalloc: the call sites that grew most since the warm-up
                 }
             ),

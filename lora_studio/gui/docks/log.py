@@ -13,7 +13,9 @@ from PySide6.QtWidgets import QHBoxLayout, QPlainTextEdit, QPushButton, QVBoxLay
 
 from lora_studio.gui.base.widgets import ElidedLabel
 
-MAX_BLOCKS = 5000  # old lines scroll away instead of growing without bound
+# Old lines scroll away instead of growing without bound. Each line shown costs ~7 KiB (Qt's text layout of it, kept by
+# QPlainTextEdit), so the dock holds a few sessions' jobs, ~7 MiB; the log file keeps every line.
+MAX_BLOCKS = 1000
 _LEVELS = {
     "info": logging.INFO,
     "ok": logging.INFO,
