@@ -6,6 +6,9 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # glibc's mallopt parameters (malloc.h)
 _M_ARENA_MAX = -8
@@ -31,6 +34,9 @@ def limit_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
 # malloc_trim hands the freed pages back (docs/benchmarks.md, "The small-object allocator").
 SYSTEM_ALLOCATOR_ENV = "PYTHONMALLOC"
 SYSTEM_ALLOCATOR = "malloc"
+# Set beside PYTHONMALLOC by the restart: the window chose glibc's allocator, its worker processes go back to Python's
+_CHOSEN_FOR_THE_WINDOW = "LORA_STUDIO_WINDOW_ALLOCATOR"
+_SPAWN_LOCK = threading.Lock()
 
 
 def restart_with_system_allocator() -> None:
@@ -41,12 +47,30 @@ def restart_with_system_allocator() -> None:
     if not sys.platform.startswith("linux") or SYSTEM_ALLOCATOR_ENV in os.environ or not _glibc():
         return
     os.environ[SYSTEM_ALLOCATOR_ENV] = SYSTEM_ALLOCATOR
+    os.environ[_CHOSEN_FOR_THE_WINDOW] = "1"
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     try:
         os.execv(sys.executable, list(sys.orig_argv))
     except OSError:  # the interpreter cannot be run again (moved, permissions): the process goes on with pymalloc
-        del os.environ[SYSTEM_ALLOCATOR_ENV]
+        del os.environ[SYSTEM_ALLOCATOR_ENV], os.environ[_CHOSEN_FOR_THE_WINDOW]
+
+
+@contextmanager
+def worker_allocator() -> Iterator[None]:
+    """Around the start of a worker process (training, an export): Python's own allocator for it, as the CLI runs,
+    when the window chose glibc's. A worker lives minutes, so it gains nothing from glibc's allocator and would load
+    slower with it (benchmarks/load_fragmentation.py). A ``PYTHONMALLOC`` the user set is left to the worker too."""
+    if os.environ.get(_CHOSEN_FOR_THE_WINDOW) != "1":
+        yield
+        return
+    with _SPAWN_LOCK:  # one worker started at a time while the variable is out of the environment
+        chosen = os.environ.pop(SYSTEM_ALLOCATOR_ENV, None)
+        try:
+            yield
+        finally:
+            if chosen is not None:
+                os.environ[SYSTEM_ALLOCATOR_ENV] = chosen
 
 
 def release_free_memory() -> bool:

@@ -147,3 +147,24 @@ def test_the_window_runs_again_with_glibcs_allocator_once_and_the_users_choice_w
     else:
         assert lines() == ["start None", "running None"]
     assert lines(PYTHONMALLOC="pymalloc") == ["start pymalloc", "running pymalloc"]
+
+
+def test_the_windows_workers_run_on_pythons_allocator_as_the_cli_does(monkeypatch):
+    """A worker lives minutes: it goes back to pymalloc when the window chose glibc's allocator for itself; a
+    PYTHONMALLOC the user set reaches the worker too."""
+    import os
+
+    from lora_studio.core.system.child_process import run_in_child_process
+
+    monkeypatch.setenv("PYTHONMALLOC", "malloc")
+    monkeypatch.setenv("LORA_STUDIO_WINDOW_ALLOCATOR", "1")  # as restart_with_system_allocator leaves it
+    assert run_in_child_process(_worker_env_allocator) is None
+    assert os.environ["PYTHONMALLOC"] == "malloc"  # the window's own is unchanged
+    monkeypatch.delenv("LORA_STUDIO_WINDOW_ALLOCATOR")  # the user's choice
+    assert run_in_child_process(_worker_env_allocator) == "malloc"
+
+
+def _worker_env_allocator(*, cancel, report) -> str | None:
+    import os
+
+    return os.environ.get("PYTHONMALLOC")
