@@ -324,7 +324,7 @@ def _export_gguf(
                 tmp, arch.config, request.adapter, type_name, cancel=cancel, report=report
             )
         else:
-            vocab, carried = _write_merged(work, arch, plan, tmp, cancel, report)
+            vocab, carried = _write_merged(work, arch, plan, tokenizer, tmp, cancel, report)
         cancel.raise_if_cancelled()
         verification = _verify(work, tokenizer, type_name, tmp, session, reference, cancel, report)
     report(Progress(1, 1, "writing the serving bundle", "steps"))
@@ -421,6 +421,7 @@ def _write_merged(
     request: ExportRequest,
     arch: ConverterArchitecture,
     plan: ExportPlan,
+    tokenizer: PreTrainedTokenizerBase,
     tmp: Path,
     cancel: CancelToken,
     report: Report,
@@ -435,7 +436,7 @@ def _write_merged(
     with ExitStack() as stack:
         folder, vocab_from = request.source.path, None
         if request.source.gguf_file:
-            folder = stack.enter_context(_dequantised_base(request, tmp, cancel, report))
+            folder = stack.enter_context(_dequantised_base(request, tmp, tokenizer, cancel, report))
             vocab_from = request.source.file
         adapter = None
         if request.adapter is not None:
@@ -530,9 +531,13 @@ DEQUANTISING_STAGE = "dequantising the base GGUF for llama.cpp's converter"
 
 
 @contextmanager
-def _dequantised_base(request: ExportRequest, beside: Path, cancel: CancelToken, report: Report) -> Iterator[Path]:
+def _dequantised_base(
+    request: ExportRequest, beside: Path, tokenizer: PreTrainedTokenizerBase, cancel: CancelToken, report: Report
+) -> Iterator[Path]:
     """The GGUF base's weights as transformers dequantises them, saved as a Hugging Face folder beside the output
-    (removed afterwards): what the converter reads. The quantisation error of that GGUF stays in them."""
+    (removed afterwards): what the converter reads. The quantisation error of that GGUF stays in them. With the
+    tokenizer read from the GGUF: the file keeps the GGUF's own vocabulary, but some of the converter's classes
+    count the folder's tokens (Gemma 3 drops the embedding rows past them)."""
     import tempfile
 
     from lora_studio.core.model.loading import load_model
@@ -547,6 +552,7 @@ def _dequantised_base(request: ExportRequest, beside: Path, cancel: CancelToken,
         finally:
             del model
             release_memory()
+        tokenizer.save_pretrained(folder)
         cancel.raise_if_cancelled()
         yield folder
 

@@ -76,3 +76,14 @@ def test_merged_and_adapter_only_ggufs_are_llama_cpps_own_and_answer_as_peft(fam
         assert abs(runner.logits(PROMPT) - expected).max() < tolerance, "merged"
     with GgufRunner(base_gguf, lora=lora, float32_cache=True) as runner:
         assert abs(runner.logits(PROMPT) - expected).max() < tolerance, "adapter-only"
+
+
+def test_a_gemma3_gguf_base_merges_an_adapter_and_answers_as_peft(tmp_path):
+    """From a GGUF base the merge goes through the base's dequantised weights, saved as a folder for the converter:
+    with the GGUF's tokenizer, whose tokens Gemma 3's converter counts to drop unused embedding rows."""
+    base = arch_zoo.make_family(tmp_path / "base", "gemma3")
+    adapter = arch_zoo.make_family_adapter(tmp_path / "adapter", base)
+    base_gguf = export(base, tmp_path / "base.f32.gguf", "gguf", "f32").out
+    merged = export(base_gguf, tmp_path / "merged.f32.gguf", "gguf", "f32", adapter=adapter)
+    with GgufRunner(merged.out, float32_cache=True) as runner:
+        assert abs(runner.logits(PROMPT) - peft_logits(base, adapter)).max() < GELU_TABLE_TOLERANCE
