@@ -59,8 +59,12 @@ def test_the_core_cycle_leaves_no_objects_behind(qtbot, tmp_path, tiny_llama, ll
         ep.run()
         idle(qtbot, window)
         ap.unload_all()
-        idle(qtbot, window)
-        qtbot.wait(300)
+        # until nothing is left to run: the jobs, and the Train tab's memory estimate, which starts once the state
+        # has rested (ESTIMATE_DELAY_MS) and was caught half-way by the count on a loaded machine
+        estimate_waits = window.train_panel.data_preview._estimate_timer
+        for _ in range(2):
+            qtbot.waitUntil(lambda: window.runner.is_idle() and not estimate_waits.isActive(), timeout=60_000)
+            qtbot.wait(300)
         gc.collect()
         return Counter(type(o).__qualname__ for o in gc.get_objects())
 
