@@ -208,11 +208,6 @@ def child(args: argparse.Namespace) -> int:
     ap.confirm_unload = lambda names: unload_asked.append(len(names)) is None
     started = time.monotonic()
     cycle = 0
-    traced = None  # tracemalloc's snapshot at the end of the warm-up
-    if args.tracemalloc:
-        import tracemalloc
-
-        tracemalloc.start(12)
     while time.monotonic() - started < args.minutes * 60 or cycle == 0:
         cycle += 1
         t0 = time.monotonic()
@@ -282,19 +277,6 @@ def child(args: argparse.Namespace) -> int:
         none_holders = none_held_by_type(objects) if args.who_holds_none else {}
         held = none_held(objects)
         anon_file = read_rss_split()
-        grown_at: list[tuple[str, float]] = []
-        if args.tracemalloc:
-            snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
-            if traced is None and cycle >= WARMUP_CYCLES:
-                traced = snapshot
-            elif traced is not None:
-                grown_at = [
-                    (
-                        " < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in list(stat.traceback)[::-1][:6]),
-                        round(stat.size_diff / 1024, 1),
-                    )
-                    for stat in snapshot.compare_to(traced, "traceback")[:8]
-                ]
         print(
             json.dumps(
                 {
@@ -320,7 +302,6 @@ def child(args: argparse.Namespace) -> int:
                     "rss_split_mib": dict(zip(("anon", "file"), (round(b / 2**20, 2) for b in anon_file), strict=True)),
                     "heap_mib": {k: round(b / 2**20, 2) for k, b in (heap_usage() or {}).items()},
                     "log_lines": window.log_panel.text.document().blockCount(),  # capped: gui/docks/log.MAX_BLOCKS
-                    "grown_at_kib": grown_at,  # --tracemalloc: the call sites that grew most since the warm-up
                 }
             ),
             flush=True,
@@ -437,11 +418,6 @@ def main() -> int:
     parser.add_argument(
         "--who-holds-none", action="store_true", help="count the references to None each type of object holds"
     )
-    parser.add_argument(
-        "--tracemalloc",
-        action="store_true",
-        help="trace Python's allocations (slow): each cycle names the sites that grew most since the warm-up",
-    )
     parser.add_argument("--records", type=Path, help="also write each cycle's record (a JSON line) to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -462,7 +438,6 @@ def main() -> int:
         ]
         + (["--tiny"] if args.tiny else [])
         + (["--who-holds-none"] if args.who_holds_none else [])
-        + (["--tracemalloc"] if args.tracemalloc else [])
     )
     cycles: list[dict] = []
     model = "?"

@@ -31,7 +31,7 @@ def limit_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
 # Loading a model, attaching an adapter and freeing both leaves a few long-lived objects (library caches, interned
 # names) scattered over the arenas the model's objects filled, and the window's RSS grew about 0.3 MiB a cycle of
 # the soak, load after load, with no object count growing. Served by glibc instead, the same cycle stays level and
-# malloc_trim hands the freed pages back (docs/benchmarks.md, "The small-object allocator").
+# malloc_trim hands the freed pages back (docs/benchmarks.md, "The allocator and the Log dock").
 SYSTEM_ALLOCATOR_ENV = "PYTHONMALLOC"
 SYSTEM_ALLOCATOR = "malloc"
 # Set beside PYTHONMALLOC by the restart: the window chose glibc's allocator, its worker processes go back to Python's

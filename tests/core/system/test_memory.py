@@ -125,7 +125,7 @@ def test_the_heap_is_kept_to_two_arenas_unless_the_environment_says(monkeypatch)
 
 def test_the_window_runs_again_with_glibcs_allocator_once_and_the_users_choice_wins():
     """pymalloc keeps an arena while one object in it lives: the window, open all day, restarts itself with
-    PYTHONMALLOC=malloc before it starts (docs/benchmarks.md, "The small-object allocator"); freed pages go back."""
+    PYTHONMALLOC=malloc before it starts (docs/benchmarks.md, "The allocator and the Log dock"); freed pages go back."""
     import os
     import subprocess
     import sys
