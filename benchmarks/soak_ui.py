@@ -12,15 +12,17 @@ The window runs in a child process, so a hard abort (a binding bug that frees ``
 crash instead of killing the soak. The child prints one JSON line per cycle; the parent prints one JSON line last:
 
     {"minutes", "cycles", "crashes", "rss_growth_pct_per_cycle", "objects_growth_per_cycle", "top_growing_types",
-     "none_held_growth_per_cycle", "none_refs_growth_per_cycle", "rss_mib_projected_8h", "within", "survived",
-     "passed", ...}
+     "none_held_growth_per_cycle", "none_refs_growth_per_cycle", "rss_mib_projected_8h", "judged_from_cycle",
+     "growth_from_cycle_4", "within", "survived", "passed", ...}
 
-After the warm-up each cycle also prints the growth so far (least-squares slopes per cycle): RSS, the objects the
-collector tracks with the five types that grew most, the references to ``None`` that objects hold, and
-``sys.getrefcount(None)``. Passes when nothing crashed, a cycle ran, and after the warm-up (three cycles and three
-minutes) RSS grows by at most 0.01 % a cycle, tracked objects by at most one a cycle, and the references to ``None``
-that objects hold by at most one a cycle. ``sys.getrefcount(None)`` is reported, not judged: PySide6 6.11 adds to it
-for every Qt object it wraps, and nothing holds those (``none_held``; docs/benchmarks.md).
+After the first three cycles and minutes each cycle also prints the growth so far (least-squares slopes per cycle):
+RSS, the objects the collector tracks with the five types that grew most, the references to ``None`` that objects
+hold, and ``sys.getrefcount(None)``. Passes when nothing crashed, a cycle ran, and after the warm-up RSS grows by at
+most 0.01 % a cycle, tracked objects by at most one a cycle, and the references to ``None`` that objects hold by at
+most one a cycle. The warm-up is the first three cycles and three minutes, and the cycles until what the window keeps
+on purpose is full: the memory chart's two minutes, the Log dock's lines (``judged_from_cycle``; the same fit from the
+fourth cycle is reported beside it as ``growth_from_cycle_4``). ``sys.getrefcount(None)`` is reported, not judged:
+PySide6 6.11 adds to it for every Qt object it wraps, and nothing holds those (``none_held``; docs/benchmarks.md).
 ``--who-holds-none`` also counts the held references by the holder's type. ``--records FILE`` keeps every cycle's
 record.
 
@@ -146,6 +148,7 @@ def child(args: argparse.Namespace) -> int:
 
     app = QApplication.instance() or QApplication([])
     from lora_studio.gui.base.settings import StudioSettings
+    from lora_studio.gui.docks.log import MAX_BLOCKS as LOG_CAP
     from lora_studio.gui.window.main_window import MainWindow
 
     window = MainWindow(settings=StudioSettings(tmp / "window.ini"))
@@ -301,7 +304,8 @@ def child(args: argparse.Namespace) -> int:
                     # where the RSS is: anonymous or file-backed pages; glibc's heap in use, held free, mmapped
                     "rss_split_mib": dict(zip(("anon", "file"), (round(b / 2**20, 2) for b in anon_file), strict=True)),
                     "heap_mib": {k: round(b / 2**20, 2) for k, b in (heap_usage() or {}).items()},
-                    "log_lines": window.log_panel.text.document().blockCount(),  # capped: gui/docks/log.MAX_BLOCKS
+                    "log_lines": window.log_panel.text.document().blockCount(),
+                    "log_cap": LOG_CAP,
                 }
             ),
             flush=True,
@@ -342,8 +346,9 @@ def growth(cycles: list[dict]) -> dict:
 
 
 def growth_line(cycles: list[dict]) -> str:
-    """The growth so far, after the warm-up cycles, as one line for the console."""
-    g = growth(settled(cycles))
+    """The growth so far, after the first three cycles and minutes (the Log dock may still be filling), as one line
+    for the console."""
+    g = growth(settled(cycles, log_full=False))
     top = ", ".join(f"{name} {rate:+.1f}" for name, rate in g["top_types"] if rate > 0) or "none"
     return (
         f"growth per cycle: RSS {g['rss_pct']:+.3f} % ({g['rss_mib']:+.2f} MiB), objects {g['objects']:+.1f} "
@@ -351,10 +356,16 @@ def growth_line(cycles: list[dict]) -> str:
     )
 
 
-def settled(cycles: list[dict], *, or_all: bool = True) -> list[dict]:
-    """The cycles after the warm-up: the first three, and the first minutes while the memory chart's history (two
-    minutes of samples, capped) fills; when too few are left to fit a slope, all but the first (``or_all``) or none."""
+def settled(cycles: list[dict], *, or_all: bool = True, log_full: bool = True) -> list[dict]:
+    """The cycles after the warm-up: the first three, the first minutes while the memory chart's history (two
+    minutes of samples, capped) fills, and (``log_full``) those until the Log dock holds as many lines as it keeps
+    (gui/docks/log.MAX_BLOCKS: ~36 lines a cycle, ~7 KiB each, full after ~28 cycles). When too few are left to fit
+    a slope, all but the first (``or_all``) or none."""
     after = [c for c in cycles[WARMUP_CYCLES:] if c["elapsed_min"] >= WARMUP_MIN]
+    if log_full and after and "log_lines" in after[0]:
+        cap = after[0].get("log_cap") or max(c["log_lines"] for c in cycles)  # records made before log_cap: the most
+        full = next((i for i, c in enumerate(cycles) if c["log_lines"] >= cap), len(cycles))
+        after = [c for c in after if c["cycle"] > cycles[full]["cycle"]] if full < len(cycles) else []
     return after if len(after) > 1 or not or_all else cycles[1:]
 
 
@@ -402,6 +413,15 @@ def summarise(cycles: list[dict], returncode: int, stderr_tail: str, minutes: fl
         "within": within,
         "survived": bool(not crashed and cycles),
     }
+    # the same fit from the fourth cycle, the Log dock still filling: reported beside, not judged
+    filling = growth(settled(cycles, log_full=False))
+    result["growth_from_cycle_4"] = {
+        "rss_pct": round(filling["rss_pct"], 4),
+        "rss_mib": round(filling["rss_mib"], 3),
+        "objects": round(filling["objects"], 2),
+        "none_held": round(filling["none_held"], 2),
+    }
+    result["judged_from_cycle"] = after[0]["cycle"] if after else None
     result["passed"] = bool(result["survived"] and all(within.values()))
     if crashed:
         result["error"] = stderr_tail[-1500:]
@@ -461,7 +481,7 @@ def main() -> int:
                     f"soak: cycle {record['cycle']} {record['seconds']} s, RSS {record['rss_mib']} MiB, "
                     f"None refs {record['refcount_none']}\n"
                 )
-                if len(settled(cycles, or_all=False)) > 1:
+                if len(settled(cycles, or_all=False, log_full=False)) > 1:
                     sys.stderr.write(f"soak: {growth_line(cycles)}\n")
         returncode = proc.wait()
         err.seek(0)
