@@ -127,9 +127,6 @@ def pick_model(tiny: bool, tmp: Path) -> tuple[str, str, str]:
 
 
 def child(args: argparse.Namespace) -> int:
-    from lora_studio.core.system.allocator import restart_with_system_allocator
-
-    restart_with_system_allocator()  # as `lora-studio` does before it opens the window
     if not os.environ.get("DISPLAY"):
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     import psutil

@@ -150,9 +150,6 @@ def _open_window(args: argparse.Namespace) -> int:
     if args.base and not os.path.exists(os.path.expanduser(args.base)) and args.base.count("/") != 1:
         sys.stderr.write(f"lora-studio: error: {args.base} does not exist (check the path given to --open)\n")
         return EXIT_BAD_INPUT
-    from lora_studio.core.system.allocator import restart_with_system_allocator
-
-    restart_with_system_allocator()  # the window lives all day: its small objects in glibc's heap (allocator.py)
     try:
         from lora_studio.gui.window.app import run_app
     except ImportError as exc:  # e.g. PySide6 missing or no Qt platform libraries

@@ -27,7 +27,6 @@ from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
 from lora_studio.core.errors import Cancelled, OutOfMemory
-from lora_studio.core.system.allocator import worker_allocator
 from lora_studio.core.tasks import CancelToken, Progress, Report, no_report
 
 T = TypeVar("T")
@@ -52,8 +51,7 @@ def run_in_child_process(
     ours, theirs = context.Pipe()
     child = context.Process(target=_child_main, args=(fn, args, tuple(callbacks), theirs), name=name, daemon=True)
     report(Progress(0, None, "starting a worker process"))
-    with worker_allocator():
-        child.start()
+    child.start()
     # Lowered from here, at once: the child's own bootstrap imports fn's module (torch, transformers, TRL: seconds
     # of CPU) before _child_main can lower itself, and at the window's priority that competed with the GUI thread.
     _lower_priority(child.pid)

@@ -123,48 +123,11 @@ def test_the_heap_is_kept_to_two_arenas_unless_the_environment_says(monkeypatch)
     assert allocator.limit_malloc_arenas() is False
 
 
-def test_the_window_runs_again_with_glibcs_allocator_once_and_the_users_choice_wins():
-    """pymalloc keeps an arena while one object in it lives: the window, open all day, restarts itself with
-    PYTHONMALLOC=malloc before it starts (docs/benchmarks.md, "The allocator and the Log dock"); freed pages go back."""
-    import os
-    import subprocess
+def test_freed_pages_are_handed_back_and_the_heap_is_measured():
+    """malloc_trim when the window's jobs end; mallinfo2 for the soak's split of the RSS (glibc only)."""
     import sys
 
-    code = (
-        "import os; from lora_studio.core.system.allocator import restart_with_system_allocator;"
-        "print('start', os.environ.get('PYTHONMALLOC'), flush=True); restart_with_system_allocator();"
-        "print('running', os.environ.get('PYTHONMALLOC'))"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"}
-
-    def lines(**extra: str) -> list[str]:
-        run = subprocess.run([sys.executable, "-c", code], env=env | extra, capture_output=True, text=True, check=True)
-        return run.stdout.splitlines()
-
-    if sys.platform.startswith("linux"):
-        assert lines() == ["start None", "start malloc", "running malloc"]  # the same command, run again
-        assert allocator.release_free_memory() is True
-    else:
-        assert lines() == ["start None", "running None"]
-    assert lines(PYTHONMALLOC="pymalloc") == ["start pymalloc", "running pymalloc"]
-
-
-def test_the_windows_workers_run_on_pythons_allocator_as_the_cli_does(monkeypatch):
-    """A worker lives minutes: it goes back to pymalloc when the window chose glibc's allocator for itself; a
-    PYTHONMALLOC the user set reaches the worker too."""
-    import os
-
-    from lora_studio.core.system.child_process import run_in_child_process
-
-    monkeypatch.setenv("PYTHONMALLOC", "malloc")
-    monkeypatch.setenv("LORA_STUDIO_WINDOW_ALLOCATOR", "1")  # as restart_with_system_allocator leaves it
-    assert run_in_child_process(_worker_env_allocator) is None
-    assert os.environ["PYTHONMALLOC"] == "malloc"  # the window's own is unchanged
-    monkeypatch.delenv("LORA_STUDIO_WINDOW_ALLOCATOR")  # the user's choice
-    assert run_in_child_process(_worker_env_allocator) == "malloc"
-
-
-def _worker_env_allocator(*, cancel, report) -> str | None:
-    import os
-
-    return os.environ.get("PYTHONMALLOC")
+    linux = sys.platform.startswith("linux")
+    assert allocator.release_free_memory() is linux
+    heap = allocator.heap_usage()
+    assert heap is None if not linux else heap["in_use"] > 0 and set(heap) == {"in_use", "free", "mapped"}
