@@ -1,5 +1,5 @@
 """How much resident memory a process keeps for each model load it has freed again (the soak's remaining growth),
-with Python's small-object allocator (pymalloc) and with glibc's (``PYTHONMALLOC=malloc``, the window's).
+with Python's small-object allocator (pymalloc) and with glibc's (``PYTHONMALLOC=malloc``).
 
 Loads the test Llama (tests/arch_zoo.py, SmolLM2's tokenizer) over and over in one process, in five ways, each in
 a fresh child process so the figures do not share a heap:
