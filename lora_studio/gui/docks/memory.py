@@ -234,6 +234,9 @@ class MemoryPanel(QWidget):
         self.plot = plot
         self.placeholder.hide()
         self.chart_host.addWidget(plot, 1)
+        # Every marker line the chart can show, made now and hidden (~1 ms each): the chart's items are then a fixed
+        # set from the start, not a pool that grows over the first hours as more events share the chart.
+        self._marker_items = [self._new_marker_line() for _ in range(MAX_MARKERS)]
         self._redraw()
 
     def _curve(self, key: str, label: str, style: Qt.PenStyle = Qt.PenStyle.SolidLine) -> Any:
@@ -365,6 +368,7 @@ class MemoryPanel(QWidget):
         )
         line.label.setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)  # the text only moves with time
         line.shown = ("", "")  # (label, tooltip) it shows: set again only when they change
+        line.setVisible(False)  # shown when a marker group takes it
         self.plot.addItem(line)
         return line
 
@@ -372,12 +376,15 @@ class MemoryPanel(QWidget):
         from PySide6.QtGui import QFontMetrics
 
         visible = [(t, text) for t, text in self.markers if t - now > -HISTORY_S]
-        self.groups = group_markers(visible, self._marker_gap_s())
-        while len(self._marker_items) < len(self.groups):
-            self._marker_items.append(self._new_marker_line())
+        self.groups = group_markers(visible, self._marker_gap_s())  # at most MAX_MARKERS, one line each
         room = max(40, int(self.plot.getPlotItem().getViewBox().height()) - 8)  # the label's length, in pixels
         for item, group in zip(self._marker_items, self.groups, strict=False):
             item.setPos(group.time - now)
+            if not item.isVisible():
+                # Shown first: pyqtgraph's label skips new text and the view's changes while its line is hidden.
+                item.setVisible(True)
+                item.viewTransformChanged()
+                item.label.viewTransformChanged()
             tip = "\n".join(f"{self._marker_clock.get(t, '')}  {text}".strip() for t, text in group.events)
             label = QFontMetrics(item.label.textItem.font()).elidedText(group.label, Qt.TextElideMode.ElideRight, room)
             if item.shown != (label, tip):
@@ -385,7 +392,6 @@ class MemoryPanel(QWidget):
                 item.label.setFormat(label)
                 item.label.setToolTip(tip)
                 item.setToolTip(tip)
-            item.setVisible(True)
         for item in self._marker_items[len(self.groups) :]:
             item.setVisible(False)
 

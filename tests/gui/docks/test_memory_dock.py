@@ -9,6 +9,7 @@ from window_helpers import TIMEOUT_MS, idle
 
 from lora_studio.core.system.memory import MemorySample, MemorySampler, read_rss_split
 from lora_studio.gui.docks.memory import (
+    MAX_MARKERS,
     MemoryMonitor,
     MemoryPanel,
     group_markers,
@@ -114,5 +115,31 @@ def test_close_markers_collapse_with_a_tooltip_and_far_ones_stay_apart(qtbot, tm
         centre = line.label.mapToScene(line.label.boundingRect().center())
         under = [item.toolTip() for item in panel.plot.scene().items(centre) if item.toolTip()]
         assert under and under[0] == tip
+    finally:
+        monitor.close()
+
+
+def test_the_charts_marker_lines_are_a_fixed_set_made_with_the_chart(qtbot):
+    """The chart holds one hidden line per marker it can show from the start: a long session adds no items to it."""
+    monitor = MemoryMonitor(MemorySampler(open_nvml=False), 0.05)
+    panel = MemoryPanel(monitor)
+    qtbot.addWidget(panel)
+    panel.resize(560, 200)
+    panel.show()
+    panel.build_chart()
+    monitor.start()
+    try:
+        assert len(panel._marker_items) == MAX_MARKERS and not any(line.isVisible() for line in panel._marker_items)
+        qtbot.waitUntil(lambda: len(panel.samples) >= 2, timeout=TIMEOUT_MS)
+        items = list(panel.plot.getPlotItem().items)  # the curves come with the first samples
+        now = time.monotonic()
+        panel.markers.extend((now - 100 + 3 * i, f"event {i}") for i in range(2 * MAX_MARKERS))  # 30 kept
+        panel.mark("one more")
+        assert len(panel.marker_groups()) > 1
+        shown = [line for line in panel._marker_items if line.isVisible()]
+        assert len(shown) == len(panel.groups)
+        # pyqtgraph drops a label's text set while its line is hidden: each line shown says its group's label
+        assert [line.label.textItem.toPlainText() for line in shown] == [label for label, _ in panel.marker_groups()]
+        assert list(panel.plot.getPlotItem().items) == items
     finally:
         monitor.close()
