@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_studio.core._compat.ggml_quantize import ggml_quantisers
 from lora_studio.core._compat.gguf_progress import reporting_writes
+from lora_studio.core._compat.gguf_reader import fast_gguf_reads
 from lora_studio.core.errors import UserError
 from lora_studio.core.export.converter import conversion, converter_architecture, converter_refusals
 from lora_studio.core.export.gguf_types import llama_file_type
@@ -297,7 +298,8 @@ def copy_tokenizer(source: Path, writer: Any) -> None:
     """Every ``tokenizer.*`` field of the GGUF ``source`` into ``writer``, as the file has it."""
     import gguf
 
-    reader = gguf.GGUFReader(str(source))
+    with fast_gguf_reads():
+        reader = gguf.GGUFReader(str(source))
     for name, field in reader.fields.items():
         if not name.startswith("tokenizer."):
             continue

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_studio import __version__
+from lora_studio.core._compat.gguf_reader import fast_gguf_reads
 from lora_studio.core.errors import UserError
 from lora_studio.core.export import runtime
 from lora_studio.core.export import verify as export_verify
@@ -625,7 +626,8 @@ def _file_type_name(path: Path) -> str | None:
     try:
         import gguf
 
-        reader = gguf.GGUFReader(str(path))
+        with fast_gguf_reads():
+            reader = gguf.GGUFReader(str(path))
         field_ = reader.fields.get("general.file_type")
         if field_ is None:
             return None

@@ -11,11 +11,15 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_studio.core.errors import UserError, first_and_more
 from lora_studio.core.io.paths import inside, regular_file
 from lora_studio.core.model.file_reads import FileReads, file_key
 from lora_studio.core.model.sources import ModelSource
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 CONFIG_NAME = "config.json"
 
@@ -96,11 +100,29 @@ def gguf_config(source: ModelSource) -> dict:
 _GGUF_CONFIGS: FileReads[dict] = FileReads("gguf config")
 
 
+def gguf_pretrained_config(source: ModelSource) -> PreTrainedConfig:
+    """:func:`gguf_config` as the config object transformers would make from the file (equal, field for field),
+    for ``from_pretrained(..., config=)``: a load then does not parse the file's metadata a second time."""
+    from transformers import CONFIG_MAPPING
+
+    config = gguf_config(source)
+    try:
+        return CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UserError(
+            f"{source.label}: transformers cannot read this GGUF's configuration ({_short(exc)})",
+            "open its Hugging Face model folder instead",
+        ) from exc
+
+
 def _read_gguf_config(source: ModelSource) -> dict:
     from transformers import AutoConfig
 
+    from lora_studio.core._compat.gguf_reader import fast_gguf_reads
+
     try:
-        return AutoConfig.from_pretrained(str(source.path), gguf_file=source.gguf_file).to_dict()
+        with fast_gguf_reads():
+            return AutoConfig.from_pretrained(str(source.path), gguf_file=source.gguf_file).to_dict()
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise UserError(
             f"{source.label}: transformers cannot read this GGUF's configuration ({_short(exc)})",

@@ -138,26 +138,51 @@ def _meta_footprint(source: ModelSource, config: dict) -> ModelFootprint:
     )
 
 
+@dataclass(frozen=True)
+class EmbeddingSample:
+    """A few rows of a GGUF's token embedding as gguf dequantises them: what a load must have read from the file."""
+
+    rows: tuple[int, ...]
+    values: Any  # float32 array, one row of the embedding a row picked
+    tensor_type: str  # the file's type of the embedding, e.g. "Q8_0"
+
+
+@dataclass(frozen=True)
+class GgufTensorsRead:
+    """What one pass of gguf's reader over a file's tensors gives: its footprint, and its embedding's sample."""
+
+    footprint: ModelFootprint
+    embedding: EmbeddingSample | None  # None: the file has no token embedding
+
+
 def _gguf_footprint(source: ModelSource) -> ModelFootprint:
-    """Remembered per file as it is: gguf's reader parses every token of the vocabulary in Python."""
+    return gguf_tensors_read(source).footprint
+
+
+def gguf_tensors_read(source: ModelSource) -> GgufTensorsRead:
+    """Remembered per file as it is: gguf's reader parses every token of the vocabulary in Python (15–20 s for
+    262k tokens), so the estimate, the plans and the check of a load share one read."""
     try:
         key = file_key(source.file)
     except OSError as exc:
         reason = exc.strerror or exc
         raise UserError(f"{source.file.name} cannot be read ({reason})", "choose the GGUF file again") from exc
-    return _GGUF_FOOTPRINTS.get(key, lambda: _read_gguf_footprint(source))
+    return _GGUF_TENSORS.get(key, lambda: _read_gguf_tensors(source))
 
 
-_GGUF_FOOTPRINTS: FileReads[ModelFootprint] = FileReads("gguf footprint")
+_GGUF_TENSORS: FileReads[GgufTensorsRead] = FileReads("gguf tensors")
 
 
-def _read_gguf_footprint(source: ModelSource) -> ModelFootprint:
+def _read_gguf_tensors(source: ModelSource) -> GgufTensorsRead:
     try:
         import gguf
     except ImportError as exc:  # pragma: no cover - gguf is a dependency
         raise UserError("reading .gguf files needs the 'gguf' package", "pip install gguf") from exc
+    from lora_studio.core._compat.gguf_reader import fast_gguf_reads
+
     try:
-        reader = gguf.GGUFReader(str(source.file))
+        with fast_gguf_reads():
+            reader = gguf.GGUFReader(str(source.file))
     except Exception as exc:
         raise UserError(
             f"{source.file.name} is damaged or not a GGUF file ({type(exc).__name__}: {exc})",
@@ -177,7 +202,7 @@ def _read_gguf_footprint(source: ModelSource) -> ModelFootprint:
         _whole(_gguf_field(reader, f"{arch}.block_count")),
         int(max(embedding.shape)) if embedding is not None and len(embedding.shape) else 0,
     )
-    return ModelFootprint(
+    footprint = ModelFootprint(
         architecture=f"{arch} (GGUF)",
         model_type=str(arch),
         params=params,
@@ -187,6 +212,20 @@ def _read_gguf_footprint(source: ModelSource) -> ModelFootprint:
         tensors=len(reader.tensors),
         gguf_sizes=sizes,
     )
+    return GgufTensorsRead(footprint, _embedding_sample(embedding))
+
+
+def _embedding_sample(tensor: Any) -> EmbeddingSample | None:
+    """The first, second, middle and last rows (a misread seen once got only the first row right)."""
+    import gguf
+    import numpy as np
+
+    if tensor is None or not len(tensor.data):
+        return None
+    count = len(tensor.data)
+    rows = tuple(sorted({0, 1 % count, count // 2, count - 1}))
+    values = np.asarray(gguf.dequantize(tensor.data[list(rows)], tensor.tensor_type), dtype=np.float32)
+    return EmbeddingSample(rows, values, tensor.tensor_type.name)
 
 
 def _whole(value: Any) -> int:

@@ -17,11 +17,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_studio.core._compat.gguf_reader import fast_gguf_reads
 from lora_studio.core._compat.tqdm_progress import reporting_progress
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.io.paths import utf8_path
 from lora_studio.core.io.tensor_values import largest_magnitude
-from lora_studio.core.model.config import read_config_file
+from lora_studio.core.model.config import gguf_pretrained_config, read_config_file
 from lora_studio.core.model.dtypes import torch_dtype
 from lora_studio.core.model.placement import PLACED_MAPS, MaxMemory
 from lora_studio.core.model.quantize import Quantize, check_quantize, quantization_config
@@ -112,7 +113,7 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> P
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else added_tokens_hint(Path(source.path))
     try:
-        with utf8_path(source.path) as folder, stepwise_tokenizer_parsing():
+        with utf8_path(source.path) as folder, stepwise_tokenizer_parsing(), fast_gguf_reads():
             return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
     except Exception as exc:
         raise UserError(
@@ -184,8 +185,9 @@ def load_model(
     # weights_only: a .bin checkpoint is never unpickled with arbitrary code.
     kwargs: dict = {"trust_remote_code": trust_remote_code, "weights_only": True}
     if source.gguf_file:
-        # GGUF tensors are dequantised to float32; cast afterwards to the chosen dtype.
-        kwargs.update(gguf_file=source.gguf_file, dtype=torch_dtype("float32"))
+        # GGUF tensors are dequantised to float32; cast afterwards to the chosen dtype. The configuration is the one
+        # remembered for this file (read once, ~20 s for a 262k-token vocabulary): the plans and export use it too.
+        kwargs.update(gguf_file=source.gguf_file, dtype=torch_dtype("float32"), config=gguf_pretrained_config(source))
     else:
         kwargs.update(dtype=torch_dtype(dtype), use_safetensors=_has_safetensors(source.path))
     if device_map != "cpu":
@@ -208,7 +210,7 @@ def load_model(
 
         warm_page_cache(source.path, cancel)
     try:
-        with reporting_progress(cancel, report), utf8_path(source.path) as folder:
+        with reporting_progress(cancel, report), utf8_path(source.path) as folder, fast_gguf_reads():
             # output_loading_info: (model, info) -- transformers' stubs type only the plain return
             loaded: Any = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
             model: PreTrainedModel = loaded[0]
@@ -271,27 +273,25 @@ def _check_finite_weights(model: PreTrainedModel, source: ModelSource) -> None:
 def _check_gguf_read(model: PreTrainedModel, source: ModelSource) -> None:
     """transformers can read a GGUF's tensors as other numbers without a word (a float32 GGUF of a Llama was seen
     loaded with only each tensor's first row right, every key "present", by transformers 5): a few rows of the loaded
-    embedding must be the file's own, dequantised by gguf. A mismatch is one UserError, never a model that answers
-    with noise."""
-    import gguf
+    embedding must be the file's own, dequantised by gguf (read with the file's footprint, once per file). A mismatch
+    is one UserError, never a model that answers with noise."""
     import numpy as np
     import torch
 
-    reader = gguf.GGUFReader(str(source.file))
-    tensor = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    from lora_studio.core.model.estimate import gguf_tensors_read
+
+    sample = gguf_tensors_read(source).embedding
     embeddings = model.get_input_embeddings()
-    if tensor is None or embeddings is None:
+    if sample is None or embeddings is None:
         return
-    rows = len(tensor.data)
-    picked = sorted({0, 1 % rows, rows // 2, rows - 1})
-    expected = np.asarray(gguf.dequantize(tensor.data[picked], tensor.tensor_type), dtype=np.float32)
     weight = embeddings.weight
     assert isinstance(weight, torch.Tensor)  # an embedding's weight
-    loaded = weight[picked].detach().float().cpu().numpy()
-    if expected.shape != loaded.shape or not np.allclose(expected, loaded, rtol=1e-3, atol=1e-3):
+    fits = max(sample.rows) < weight.shape[0]
+    loaded = weight[list(sample.rows)].detach().float().cpu().numpy() if fits else None
+    if loaded is None or loaded.shape != sample.values.shape or not np.allclose(sample.values, loaded, 1e-3, 1e-3):
         raise UserError(
             f"{source.label}: transformers read this GGUF's weights wrongly "
-            f"(its embedding differs from the file's {tensor.tensor_type.name} data)",
+            f"(its embedding differs from the file's {sample.tensor_type} data)",
             "open the model's Hugging Face folder, or a GGUF of another type (f16, q8_0) made with llama.cpp",
         )
 

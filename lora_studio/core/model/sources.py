@@ -51,7 +51,10 @@ def is_adapter_gguf(path: Path) -> bool:
     try:
         import gguf
 
-        field = gguf.GGUFReader(str(path)).fields.get("general.type")
+        from lora_studio.core._compat.gguf_reader import fast_gguf_reads
+
+        with fast_gguf_reads():
+            field = gguf.GGUFReader(str(path)).fields.get("general.type")
         return field is not None and bytes(field.parts[field.data[0]]).decode("utf-8", "replace") == "adapter"
     except Exception:  # noqa: BLE001 - a damaged or foreign file is not an adapter we know of
         return False

@@ -49,11 +49,12 @@ def base_weight_shapes(source: ModelSource) -> dict[str, tuple[int, ...]]:
         return compatibility.weight_shapes_from_headers(source.path)
     # GGUF tensor names differ from transformers'; build the model on the meta device instead.
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(source.path), gguf_file=source.gguf_file)
+    from lora_studio.core.model.config import gguf_pretrained_config
+
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(gguf_pretrained_config(source))
     return compatibility.weight_shapes_from_model(model)
 
 

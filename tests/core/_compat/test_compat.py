@@ -419,6 +419,68 @@ def test_ggml_quantiser_falls_back_to_gguf_py_when_ggml_is_missing(monkeypatch, 
         ggml_quantize._inactive_reason.cache_clear()
 
 
+# -- gguf_reader ---------------------------------------------------------------------------------------------------
+
+
+def _demo_gguf():
+    import importlib.util
+    from pathlib import Path
+
+    from arch_zoo import SMOLLM2_DIR, SMOLLM2_GGUF
+
+    spec = importlib.util.find_spec(SMOLLM2_DIR)
+    assert spec is not None and spec.submodule_search_locations
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+def _read(path):
+    """Every field's parts and every tensor's name, type and bytes, as gguf's reader gives them."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    fields = {name: (f.types, f.data, [bytes(part) for part in f.parts]) for name, f in reader.fields.items()}
+    tensors = [(t.name, t.tensor_type, list(t.shape), t.data.tobytes()) for t in reader.tensors]
+    return fields, tensors
+
+
+def test_a_gguf_is_read_the_same_through_the_plain_view_and_gguf_is_put_back():
+    import gguf
+    import numpy as np
+
+    from lora_studio.core._compat import gguf_reader
+
+    path = _demo_gguf()
+    expected = _read(path)
+    with gguf_reader.fast_gguf_reads():
+        assert swap.is_swapped_in(gguf.GGUFReader, "_get")
+        fields, tensors = _read(path)
+        reader = gguf.GGUFReader(str(path))
+        assert type(reader.tensors[0].data) is not np.memmap and reader.tensors[0].data.base is not None  # a view
+    assert not swap.is_swapped_in(gguf.GGUFReader, "_get")
+    assert (fields, tensors) == expected and len(fields["tokenizer.ggml.tokens"][1]) == 49_152
+
+
+def test_a_gguf_is_read_by_gguf_itself_when_its_reader_changed(monkeypatch, caplog):
+    import gguf
+
+    from lora_studio.core._compat import gguf_reader
+
+    original = gguf.GGUFReader._get
+
+    def changed(self, offset, dtype, count=1, override_order=None):
+        return original(self, offset, dtype, count, override_order)
+
+    monkeypatch.setattr(gguf.GGUFReader, "_get", changed)
+    caplog.set_level(logging.WARNING)
+    path = _demo_gguf()
+    with gguf_reader.fast_gguf_reads():
+        assert not swap.is_swapped_in(gguf.GGUFReader, "_get")
+        fields, _ = _read(path)
+    assert len(fields["tokenizer.ggml.tokens"][1]) == 49_152
+    assert "no longer does" in gguf_reader.checks()[gguf_reader.TARGET]
+    assert any("GGUF metadata reading" in m and "plain path" in m for m in compat_warnings(caplog))
+
+
 # -- bitsandbytes' CPU 4-bit unpacking -------------------------------------------------------------------------------
 
 
