@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 
+import pytest
 from window_helpers import TIMEOUT_MS, idle
 
 from lora_studio.core.system.memory import MemorySample, MemorySampler, read_rss_split
@@ -87,7 +88,9 @@ def test_group_markers_merges_close_events_only():
     assert all(b.time - a.time >= 2.0 for a, b in itertools.pairwise(groups))
 
 
-def test_close_markers_collapse_with_a_tooltip_and_far_ones_stay_apart(qtbot, tmp_path, data_dir):
+@pytest.fixture
+def panel(qtbot):
+    """A memory panel with its chart built, sampling every 50 ms."""
     monitor = MemoryMonitor(MemorySampler(open_nvml=False), 0.05)
     panel = MemoryPanel(monitor)
     qtbot.addWidget(panel)
@@ -96,50 +99,44 @@ def test_close_markers_collapse_with_a_tooltip_and_far_ones_stay_apart(qtbot, tm
     panel.build_chart()
     monitor.start()
     try:
-        qtbot.waitUntil(lambda: len(panel.samples) >= 2, timeout=TIMEOUT_MS)
-        now = time.monotonic()
-        panel.markers.extend([(now - 60, "loaded tiny-llama"), (now - 30, "merged")])
-        for text in ("attached alpha", "attached beta", "activated alpha"):
-            panel.mark(text)
-        panel.mark("activated alpha")  # the same event said twice (window and panel): one marker
-        groups = panel.marker_groups()
-        assert [label for label, _ in groups][1:] == ["merged", "3 events"]
-        # a label longer than the chart is tall is elided; its tooltip has the full text (and the time)
-        assert "loaded tiny-llama".startswith(groups[0][0].rstrip("…")) and groups[0][1].endswith("loaded tiny-llama")
-        tip = groups[-1][1]
-        assert tip.count("\n") == 2 and "attached alpha" in tip and "activated alpha" in tip
-        assert sum(text == "activated alpha" for _, text in panel.markers) == 1
-        line = panel._marker_items[2]
-        assert line.label.toolTip() == tip and line.toolTip() == tip
-        # what Qt shows on hover: the first item under the cursor that has a tooltip (QGraphicsScene.helpEvent)
-        centre = line.label.mapToScene(line.label.boundingRect().center())
-        under = [item.toolTip() for item in panel.plot.scene().items(centre) if item.toolTip()]
-        assert under and under[0] == tip
+        yield panel
     finally:
         monitor.close()
 
 
-def test_the_charts_marker_lines_are_a_fixed_set_made_with_the_chart(qtbot):
+def test_close_markers_collapse_with_a_tooltip_and_far_ones_stay_apart(qtbot, panel, tmp_path, data_dir):
+    qtbot.waitUntil(lambda: len(panel.samples) >= 2, timeout=TIMEOUT_MS)
+    now = time.monotonic()
+    panel.markers.extend([(now - 60, "loaded tiny-llama"), (now - 30, "merged")])
+    for text in ("attached alpha", "attached beta", "activated alpha"):
+        panel.mark(text)
+    panel.mark("activated alpha")  # the same event said twice (window and panel): one marker
+    groups = panel.marker_groups()
+    assert [label for label, _ in groups][1:] == ["merged", "3 events"]
+    # a label longer than the chart is tall is elided; its tooltip has the full text (and the time)
+    assert "loaded tiny-llama".startswith(groups[0][0].rstrip("…")) and groups[0][1].endswith("loaded tiny-llama")
+    tip = groups[-1][1]
+    assert tip.count("\n") == 2 and "attached alpha" in tip and "activated alpha" in tip
+    assert sum(text == "activated alpha" for _, text in panel.markers) == 1
+    line = panel._marker_items[2]
+    assert line.label.toolTip() == tip and line.toolTip() == tip
+    # what Qt shows on hover: the first item under the cursor that has a tooltip (QGraphicsScene.helpEvent)
+    centre = line.label.mapToScene(line.label.boundingRect().center())
+    under = [item.toolTip() for item in panel.plot.scene().items(centre) if item.toolTip()]
+    assert under and under[0] == tip
+
+
+def test_the_charts_marker_lines_are_a_fixed_set_made_with_the_chart(qtbot, panel):
     """The chart holds one hidden line per marker it can show from the start: a long session adds no items to it."""
-    monitor = MemoryMonitor(MemorySampler(open_nvml=False), 0.05)
-    panel = MemoryPanel(monitor)
-    qtbot.addWidget(panel)
-    panel.resize(560, 200)
-    panel.show()
-    panel.build_chart()
-    monitor.start()
-    try:
-        assert len(panel._marker_items) == MAX_MARKERS and not any(line.isVisible() for line in panel._marker_items)
-        qtbot.waitUntil(lambda: len(panel.samples) >= 2, timeout=TIMEOUT_MS)
-        items = list(panel.plot.getPlotItem().items)  # the curves come with the first samples
-        now = time.monotonic()
-        panel.markers.extend((now - 100 + 3 * i, f"event {i}") for i in range(2 * MAX_MARKERS))  # 30 kept
-        panel.mark("one more")
-        assert len(panel.marker_groups()) > 1
-        shown = [line for line in panel._marker_items if line.isVisible()]
-        assert len(shown) == len(panel.groups)
-        # pyqtgraph drops a label's text set while its line is hidden: each line shown says its group's label
-        assert [line.label.textItem.toPlainText() for line in shown] == [label for label, _ in panel.marker_groups()]
-        assert list(panel.plot.getPlotItem().items) == items
-    finally:
-        monitor.close()
+    assert len(panel._marker_items) == MAX_MARKERS and not any(line.isVisible() for line in panel._marker_items)
+    qtbot.waitUntil(lambda: len(panel.samples) >= 2, timeout=TIMEOUT_MS)
+    items = list(panel.plot.getPlotItem().items)  # the curves come with the first samples
+    now = time.monotonic()
+    panel.markers.extend((now - 100 + 3 * i, f"event {i}") for i in range(2 * MAX_MARKERS))  # 30 kept
+    panel.mark("one more")
+    assert len(panel.marker_groups()) > 1
+    shown = [line for line in panel._marker_items if line.isVisible()]
+    assert len(shown) == len(panel.groups)
+    # pyqtgraph drops a label's text set while its line is hidden: each line shown says its group's label
+    assert [line.label.textItem.toPlainText() for line in shown] == [label for label, _ in panel.marker_groups()]
+    assert list(panel.plot.getPlotItem().items) == items
