@@ -13,6 +13,7 @@ from typing import Literal
 
 from lora_studio.core.errors import UserError
 from lora_studio.core.io.paths import check_folder_contained
+from lora_studio.core.model.file_reads import FileReads, file_key
 
 GGUF_MAGIC = b"GGUF"
 
@@ -47,7 +48,20 @@ def is_export(path: Path) -> bool:
 
 def is_adapter_gguf(path: Path) -> bool:
     """A GGUF that holds a LoRA adapter, not a model (``general.type = adapter``, as llama.cpp's LoRA converter
-    writes); read from its header. False for anything unreadable: listing it is harmless, loading it says why."""
+    writes); read from its header, once per file as it is (gguf's reader parses the whole vocabulary of a model's
+    file, and the local list asks again at each refresh). False for anything unreadable: listing it is harmless,
+    loading it says why."""
+    try:
+        key = file_key(path)
+    except OSError:
+        return False
+    return _ADAPTER_GGUFS.get(key, lambda: _read_is_adapter_gguf(path))
+
+
+_ADAPTER_GGUFS: FileReads[bool] = FileReads("gguf is an adapter")
+
+
+def _read_is_adapter_gguf(path: Path) -> bool:
     try:
         import gguf
 
