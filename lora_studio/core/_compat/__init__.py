@@ -15,7 +15,7 @@ Each hook is its own module, named after what it hooks:
 - :mod:`.gguf_progress`: the tensors gguf's ``GGUFWriter.write_tensors_to_file`` writes, so that a GGUF export
   reports each tensor as it is computed and written, and can be cancelled between tensors;
 - :mod:`.gguf_reader`: gguf's ``GGUFReader._get``, so that a GGUF's metadata (a vocabulary of 262k tokens) is
-  parsed from a plain view of the file's mapping, without numpy's per-slice ``memmap`` overhead (3× faster);
+  parsed from a plain view of the file's mapping, without numpy's per-slice ``memmap`` overhead (~2.6× faster);
 - :mod:`.ggml_quantize`: gguf's ``quants.quantize``, so that the converter's Q8_0 and BF16 tensors are quantised by
   ggml's own C quantiser of the installed llama.cpp, on every core (byte for byte gguf-py's output);
 - :mod:`.bnb_cpu_unpack`: bitsandbytes' ``_convert_weight_packed_for_cpu_inverse`` as ``Linear4bit`` calls it, so
