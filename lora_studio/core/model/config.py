@@ -89,7 +89,7 @@ def read_config(source: ModelSource, *, missing_ok: bool = False) -> dict:
 def gguf_config(source: ModelSource) -> dict:
     """A GGUF base's configuration as transformers reads it from the file's metadata (the Hugging Face config.json
     it stands for), as a dict; a damaged or foreign file is one UserError. Remembered per file as it is (size and
-    time): reading the metadata parses every token of the vocabulary in Python, a minute for a 262k-token one."""
+    time): reading the metadata parses every token of the vocabulary in Python, ~4 s for a 262k-token one."""
     try:
         key = file_key(source.path / str(source.gguf_file))
     except OSError as exc:

@@ -186,7 +186,7 @@ def load_model(
     kwargs: dict = {"trust_remote_code": trust_remote_code, "weights_only": True}
     if source.gguf_file:
         # GGUF tensors are dequantised to float32; cast afterwards to the chosen dtype. The configuration is the one
-        # remembered for this file (read once, ~20 s for a 262k-token vocabulary): the plans and export use it too.
+        # remembered for this file (read once, ~4 s for a 262k-token vocabulary): the plans and export use it too.
         kwargs.update(gguf_file=source.gguf_file, dtype=torch_dtype("float32"), config=gguf_pretrained_config(source))
     else:
         kwargs.update(dtype=torch_dtype(dtype), use_safetensors=_has_safetensors(source.path))

@@ -235,7 +235,7 @@ class MemoryPanel(QWidget):
         self.placeholder.hide()
         self.chart_host.addWidget(plot, 1)
         # Every marker line the chart can show, made now and hidden (~1 ms each): the chart's items are then a fixed
-        # set from the start, not a pool that grows over the first hours as more events share the chart.
+        # set from the start, not a pool that grows as more events share the chart.
         self._marker_items = [self._new_marker_line() for _ in range(MAX_MARKERS)]
         self._redraw()
 
