@@ -103,6 +103,25 @@ def gpt2_adapter(models_dir, tiny_gpt2):
 
 
 @pytest.fixture
+def gguf_reads(monkeypatch) -> list[str]:
+    """The names of the GGUF files gguf's reader parses during the test, one entry a read (LoRA Studio's own reads
+    and transformers', with or without the compat hook: the count is taken where the reader parses the metadata)."""
+    from pathlib import Path
+
+    import gguf
+
+    reads: list[str] = []
+    build_fields = gguf.GGUFReader._build_fields  # once a read, after the file is mapped
+
+    def counted(self, *args, **kwargs):
+        reads.append(Path(self.data.filename).name)
+        return build_fields(self, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFReader, "_build_fields", counted)
+    return reads
+
+
+@pytest.fixture
 def data_dir(tmp_path, monkeypatch):
     """A private LORA_STUDIO_DATA_DIR for tests that write app data."""
     path = tmp_path / "data"

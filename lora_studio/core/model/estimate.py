@@ -67,7 +67,7 @@ class MemoryEstimate:
 
 def read_footprint(source: ModelSource) -> ModelFootprint:
     if source.gguf_file:
-        return _gguf_footprint(source)
+        return gguf_tensors_read(source).footprint
     config = read_config(source)
     if not any(source.path.glob("*.safetensors")) and any(source.path.glob("*.bin")):
         return _meta_footprint(source, config)
@@ -153,10 +153,6 @@ class GgufTensorsRead:
 
     footprint: ModelFootprint
     embedding: EmbeddingSample | None  # None: the file has no token embedding
-
-
-def _gguf_footprint(source: ModelSource) -> ModelFootprint:
-    return gguf_tensors_read(source).footprint
 
 
 def gguf_tensors_read(source: ModelSource) -> GgufTensorsRead:

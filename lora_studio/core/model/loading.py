@@ -113,7 +113,7 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> P
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else added_tokens_hint(Path(source.path))
     try:
-        with utf8_path(source.path) as folder, stepwise_tokenizer_parsing(), fast_gguf_reads():
+        with utf8_path(source.path) as folder, stepwise_tokenizer_parsing(), _gguf_reads(source):
             return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
     except Exception as exc:
         raise UserError(
@@ -210,7 +210,7 @@ def load_model(
 
         warm_page_cache(source.path, cancel)
     try:
-        with reporting_progress(cancel, report), utf8_path(source.path) as folder, fast_gguf_reads():
+        with reporting_progress(cancel, report), utf8_path(source.path) as folder, _gguf_reads(source):
             # output_loading_info: (model, info) -- transformers' stubs type only the plain return
             loaded: Any = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
             model: PreTrainedModel = loaded[0]
@@ -268,6 +268,11 @@ def _check_finite_weights(model: PreTrainedModel, source: ModelSource) -> None:
             f"{source.label}: {name} holds {bad} NaN/Inf values; every output would be NaN",
             "the checkpoint is damaged; download or save the model again",
         )
+
+
+def _gguf_reads(source: ModelSource) -> contextlib.AbstractContextManager[None]:
+    """gguf's reader through the compat hook while transformers reads a GGUF base; a folder's load leaves it be."""
+    return fast_gguf_reads() if source.gguf_file else contextlib.nullcontext()
 
 
 def _check_gguf_read(model: PreTrainedModel, source: ModelSource) -> None:

@@ -423,14 +423,11 @@ def test_ggml_quantiser_falls_back_to_gguf_py_when_ggml_is_missing(monkeypatch, 
 
 
 def _demo_gguf():
-    import importlib.util
-    from pathlib import Path
+    from lora_studio.core.demo.model import demo_gguf_path
 
-    from arch_zoo import SMOLLM2_DIR, SMOLLM2_GGUF
-
-    spec = importlib.util.find_spec(SMOLLM2_DIR)
-    assert spec is not None and spec.submodule_search_locations
-    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    path = demo_gguf_path()
+    assert path is not None, "the demo model is not installed (make install)"
+    return path
 
 
 def _read(path):

@@ -1,7 +1,6 @@
 """Base model sources (folder, HF cache, GGUF) and the memory estimate from headers."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -110,7 +109,7 @@ def test_a_gguf_is_named_by_its_quantisation_not_its_many_small_tensors(tmp_path
     assert gguf_quantisation(write("typed.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M)) == "Q4_K_M"
 
 
-def test_adapter_only_ggufs_are_not_listed_as_models(tmp_path, monkeypatch):
+def test_adapter_only_ggufs_are_not_listed_as_models(tmp_path, gguf_reads):
     """A folder's adapter-only GGUF (general.type = adapter, as llama.cpp's LoRA converter writes) is served on a
     model, not loaded as one: the local list leaves it out and keeps the model beside it."""
     import gguf
@@ -132,15 +131,8 @@ def test_adapter_only_ggufs_are_not_listed_as_models(tmp_path, monkeypatch):
     assert is_adapter_gguf(tmp_path / "mine.lora-f16.gguf") and not is_adapter_gguf(tmp_path / "base.f16.gguf")
     assert [m.label for m in models_in_folders((tmp_path,))] == ["base.f16.gguf"]
     # read once per file as it is: the list's next refresh reads no header, a rewritten file is read again
-    reads: list[str] = []
-    build_fields = gguf.GGUFReader._build_fields
-
-    def counted(self, *args, **kwargs):
-        reads.append(Path(self.data.filename).name)
-        return build_fields(self, *args, **kwargs)
-
-    monkeypatch.setattr(gguf.GGUFReader, "_build_fields", counted)
-    assert [m.label for m in models_in_folders((tmp_path,))] == ["base.f16.gguf"] and reads == []
+    gguf_reads.clear()
+    assert [m.label for m in models_in_folders((tmp_path,))] == ["base.f16.gguf"] and gguf_reads == []
     write("mine.lora-f16.gguf", "model")
     assert [m.label for m in models_in_folders((tmp_path,))] == ["base.f16.gguf", "mine.lora-f16.gguf"]
-    assert reads == ["mine.lora-f16.gguf"]
+    assert gguf_reads == ["mine.lora-f16.gguf"]
