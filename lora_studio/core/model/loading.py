@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -209,8 +210,10 @@ def load_model(
         from lora_studio.core.io.page_cache import warm_page_cache
 
         warm_page_cache(source.path, cancel)
+    weight_files = [source.path / source.gguf_file] if source.gguf_file else _weight_files(source.path)
+    report_tensors = _releasing_as_it_loads(weight_files, report)
     try:
-        with reporting_progress(cancel, report), utf8_path(source.path) as folder, _gguf_reads(source):
+        with reporting_progress(cancel, report_tensors), utf8_path(source.path) as folder, _gguf_reads(source):
             # output_loading_info: (model, info) -- transformers' stubs type only the plain return
             loaded: Any = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
             model: PreTrainedModel = loaded[0]
@@ -250,6 +253,34 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(path for pattern in ("*.safetensors", "*.bin") for path in folder.glob(pattern))
+
+
+def _releasing_as_it_loads(weight_files: list[Path], report: Report) -> Report:
+    """``report``, and while transformers reports its tensors, the memory the load is done with handed back: the
+    checkpoint's mapped pages read so far (they stay in the page cache), every 30 ms, and glibc's freed heap pages
+    (the full-precision copies a quantised load reads its rows from), every 300 ms: each costs milliseconds. Without
+    it a load's peak RSS counted the whole checkpoint on top of the model (docs/benchmarks.md, bench_quantized.py)."""
+    from lora_studio.core.io.page_cache import release_mapped_pages
+    from lora_studio.core.system.allocator import release_free_memory
+
+    last_release = last_trim = -math.inf  # from the first tensor on
+
+    def report_and_release(progress: Progress) -> None:
+        nonlocal last_release, last_trim
+        now = time.monotonic()
+        if progress.unit == "tensors" and now - last_release >= 0.03:
+            release_mapped_pages(weight_files)  # at a report, the tensors before it have been copied out
+            last_release = now
+        if progress.unit == "tensors" and now - last_trim >= 0.3:
+            release_free_memory()
+            last_trim = now
+        report(progress)
+
+    return report_and_release
 
 
 def _check_finite_weights(model: PreTrainedModel, source: ModelSource) -> None:

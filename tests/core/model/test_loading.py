@@ -120,3 +120,26 @@ def test_a_gguf_base_loads_as_its_file_says_or_is_refused_in_one_line(gguf_llama
     from_gguf = training_memory(sources.resolve_source(tmp_path / "base.q8_0.gguf"), TrainSettings())
     from_folder = training_memory(sources.resolve_source(gguf_llama), TrainSettings())
     assert from_gguf.activations == from_folder.activations > 0 and from_gguf.logits == from_folder.logits > 0
+
+
+def test_a_load_lets_go_of_its_checkpoints_pages_as_it_reads_and_loads_the_same_weights(tiny_llama, monkeypatch):
+    """The checkpoint's mapped pages are let go of while transformers reports its tensors (their RSS; the page cache
+    keeps them), and what loads is what the file holds (docs/benchmarks.md, bench_quantized.py)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lora_studio.core.io import page_cache
+
+    released: list[tuple[list, int]] = []
+    release = page_cache.release_mapped_pages
+
+    def recorded(files):
+        released.append((list(files), freed := release(files)))
+        return freed
+
+    monkeypatch.setattr(page_cache, "release_mapped_pages", recorded)
+    model = loading.load_model(sources.resolve_source(tiny_llama))
+    assert released and all(files == [tiny_llama / "model.safetensors"] for files, _ in released)
+    state = model.state_dict()
+    for name, tensor in load_file(tiny_llama / "model.safetensors").items():
+        assert torch.equal(state[name], tensor), name
