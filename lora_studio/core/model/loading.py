@@ -261,23 +261,24 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def _releasing_as_it_loads(weight_files: list[Path], report: Report) -> Report:
     """``report``, and while transformers reports its tensors, the memory the load is done with handed back: the
-    checkpoint's mapped pages read so far (they stay in the page cache), every 30 ms, and glibc's freed heap pages
-    (the full-precision copies a quantised load reads its rows from), every 300 ms: each costs milliseconds. Without
-    it a load's peak RSS counted the whole checkpoint on top of the model (docs/benchmarks.md, bench_quantized.py)."""
+    checkpoint's mapped pages read so far (they stay in the page cache), every 30 ms or ten times what the last call
+    took (~1 ms for 0.5 GB; a big checkpoint's page table takes longer to check), and glibc's freed heap pages (the
+    full-precision copies a quantised load reads its rows from) every 300 ms. Without it a load's peak RSS counted the
+    whole checkpoint on top of the model (docs/benchmarks.md, bench_quantized.py)."""
     from lora_studio.core.io.page_cache import release_mapped_pages
     from lora_studio.core.system.allocator import release_free_memory
 
-    last_release = last_trim = -math.inf  # from the first tensor on
+    next_release = next_trim = -math.inf  # from the first tensor on
 
     def report_and_release(progress: Progress) -> None:
-        nonlocal last_release, last_trim
+        nonlocal next_release, next_trim
         now = time.monotonic()
-        if progress.unit == "tensors" and now - last_release >= 0.03:
+        if progress.unit == "tensors" and now >= next_release:
             release_mapped_pages(weight_files)  # at a report, the tensors before it have been copied out
-            last_release = now
-        if progress.unit == "tensors" and now - last_trim >= 0.3:
+            next_release = now + max(0.03, 10 * (time.monotonic() - now))
+        if progress.unit == "tensors" and now >= next_trim:
             release_free_memory()
-            last_trim = now
+            next_trim = now + 0.3
         report(progress)
 
     return report_and_release
