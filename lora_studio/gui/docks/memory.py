@@ -359,7 +359,7 @@ class MemoryPanel(QWidget):
             pen=pg.mkPen("#888", width=1, style=Qt.PenStyle.DashLine),
             label="",
             labelOpts={
-                "position": 0.04,
+                "position": 0.06,  # clear of the bottom axis, which covered the first letter
                 "color": "#333",
                 "rotateAxis": (1, 0),
                 "anchors": [(0, 1), (0, 1)],
@@ -377,7 +377,7 @@ class MemoryPanel(QWidget):
 
         visible = [(t, text) for t, text in self.markers if t - now > -HISTORY_S]
         self.groups = group_markers(visible, self._marker_gap_s())  # at most MAX_MARKERS, one line each
-        room = max(40, int(self.plot.getPlotItem().getViewBox().height()) - 8)  # the label's length, in pixels
+        room = max(40, int(self.plot.getPlotItem().getViewBox().height() * 0.9) - 8)  # the label's length, in pixels
         for item, group in zip(self._marker_items, self.groups, strict=False):
             item.setPos(group.time - now)
             if not item.isVisible():
@@ -386,7 +386,8 @@ class MemoryPanel(QWidget):
                 item.viewTransformChanged()
                 item.label.viewTransformChanged()
             tip = "\n".join(f"{self._marker_clock.get(t, '')}  {text}".strip() for t, text in group.events)
-            label = QFontMetrics(item.label.textItem.font()).elidedText(group.label, Qt.TextElideMode.ElideRight, room)
+            # cut in the middle: the event's kind and its end ("(nf4)", a file's suffix) both stay readable
+            label = QFontMetrics(item.label.textItem.font()).elidedText(group.label, Qt.TextElideMode.ElideMiddle, room)
             if item.shown != (label, tip):
                 item.shown = (label, tip)
                 item.label.setFormat(label)

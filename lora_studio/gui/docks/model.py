@@ -384,7 +384,8 @@ class ModelPanel(Panel):
                 report=report,
             )
 
-        label = Path(text).name or text or "model"
+        settings = ", ".join(filter(None, (dtype, quantize, device)))
+        label = f"{Path(text).name or text or 'model'} ({settings})"  # the log says which load of a model it was
         job = (
             self.op(f"loading {label}", run)
             .on_end(self._end_load)

@@ -293,7 +293,7 @@ class MainWindow(QMainWindow):
         self.tabs.setCurrentWidget(self.compare_panel)
 
     def _base_loaded(self, state: SessionState) -> None:
-        self.memory_panel.mark(f"loaded {state.base}")
+        self.memory_panel.mark(f"loaded {state.base} ({state.quantize or state.dtype})")  # two loads of one model
         if state.base_path:
             self.settings.add_recent_base(state.base_path)
 

@@ -82,7 +82,7 @@ def test_load_attach_switch_delete_unload(qtbot, window, tiny_llama, llama_adapt
     idle(qtbot, w)
     assert w.session.state().adapters == () and w.session.loaded
     marks = [m for _, m in w.memory_panel.markers]
-    assert marks[:3] == ["loaded tiny-llama", "attached adapter-alpha", "attached adapter-beta"]
+    assert marks[:3] == ["loaded tiny-llama (float32)", "attached adapter-alpha", "attached adapter-beta"]
     assert "unloaded all adapters" in marks
     assert str(tiny_llama) in w.settings.recent_bases()
     assert str(llama_adapters["alpha"]) in w.settings.recent_adapters()

@@ -73,7 +73,9 @@ class AdapterInspector(QGroupBox):
             label.setToolTip("")
         self.fields["name"].setText(why)
         if self.chart is not None:
-            self.chart.getPlotItem().clear()
+            plot = self.chart.getPlotItem()
+            plot.clear()
+            plot.getAxis("bottom").setTicks(None)  # no layer names left from the adapter shown before
 
     def show_error(self, message: str) -> None:
         self.fields["notes"].setText(message)

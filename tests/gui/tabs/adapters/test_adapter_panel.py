@@ -133,6 +133,7 @@ def test_inspector_clears_for_the_base_and_names_the_init(qtbot, loaded, llama_a
     panel.select(BASE_ROW)
     assert panel.inspection is None and "base" in panel.inspector.fields["name"].text()
     assert panel.inspector.fields["rank r"].text() == "–" and panel.inspector.chart_values is None
+    assert panel.inspector.chart.getPlotItem().getAxis("bottom")._tickLevels is None  # no layers of the adapter
     panel.select("adapter-alpha")
     qtbot.waitUntil(
         lambda: panel.inspection is not None and panel.inspection.name == "adapter-alpha", timeout=TIMEOUT_MS
