@@ -249,9 +249,17 @@ def ask_yes_no(parent: QWidget, title: str, text: str, *, default_yes: bool = Fa
     return QMessageBox.question(parent, title, text, yes | no, yes if default_yes else no) == yes
 
 
-def line_chart(bottom: str, left: str, *, legend: tuple[int, int] | None = (-6, 4), min_height: int = 120) -> Any:
-    """A white pyqtgraph plot with a grid, the axis labels and a small legend (the tabs' result charts); ``legend``
-    is its offset (negative: from the right / the bottom), None for none.
+SWATCH_GLYPHS = {"solid": "━━", "dash": "╍╍", "dot": "┉┉"}
+
+
+def swatch(color: str, style: str = "solid") -> str:
+    """A short coloured line in rich text ("solid", "dash" or "dot"): the legend entry of a curve in a label."""
+    return f"<span style='color:{color}; font-weight:bold'>{SWATCH_GLYPHS[style]}</span>"
+
+
+def line_chart(bottom: str, left: str, *, legend: bool = True, min_height: int = 120) -> Any:
+    """A white pyqtgraph plot with a grid, the axis labels and a small legend above the plot area (the tabs' result
+    charts); ``legend`` False for none.
 
     No preferred height (pyqtgraph asks for 480 px): the chart takes what its layout leaves, so the buttons
     under it stay in view at 1280×720."""
@@ -264,9 +272,24 @@ def line_chart(bottom: str, left: str, *, legend: tuple[int, int] | None = (-6, 
     plot.setLabel("left", left)
     plot.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Ignored)
     plot.setMinimumHeight(min_height)
-    if legend is not None:
-        plot.addLegend(offset=legend, labelTextSize="8pt")
+    if legend:
+        _legend_above(plot)
     return plot
+
+
+def _legend_above(plot: Any, columns: int = 4) -> Any:
+    """Give ``plot`` a legend in a row of its own above the plot area, where pyqtgraph's title would be: inside
+    the plot area a legend covers the lines it names. Curves plotted with a ``name`` are listed in it, as with
+    ``addLegend``; ``columns`` entries a row. The legend."""
+    import pyqtgraph as pg
+
+    item = plot.getPlotItem()
+    legend = pg.LegendItem(colCount=columns, labelTextSize="8pt", labelTextColor="#333", horSpacing=12, verSpacing=-6)
+    item.layout.removeItem(item.titleLabel)  # these charts have no title: its row takes the legend
+    item.titleLabel.hide()
+    item.layout.addItem(legend, 0, 1)
+    item.legend = legend  # where PlotItem.plot(name=...) adds each curve
+    return legend
 
 
 def append_text(edit: Any, text: str) -> None:

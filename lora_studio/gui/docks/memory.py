@@ -24,7 +24,7 @@ from PySide6.QtCore import QObject, Qt, Signal, Slot
 from PySide6.QtWidgets import QGraphicsItem, QGridLayout, QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from lora_studio.core.system.memory import GiB, MemorySample, MemorySampler, Reclaimed, SamplingThread, format_bytes
-from lora_studio.gui.base.widgets import ElidedLabel
+from lora_studio.gui.base.widgets import ElidedLabel, swatch
 
 HISTORY_S = 120.0  # the chart shows the last two minutes
 SAMPLE_INTERVAL_S = 0.25
@@ -87,14 +87,6 @@ def group_markers(markers: Sequence[tuple[float, str]], min_gap_s: float) -> lis
         else:
             groups.append([(t, text)])
     return [MarkerGroup(g[0][0], tuple(g)) for g in groups]
-
-
-SWATCH_GLYPHS = {"solid": "━━", "dash": "╍╍", "dot": "┉┉"}
-
-
-def swatch(color: str, style: str = "solid") -> str:
-    """A short coloured line in rich text ("solid", "dash" or "dot"): the legend entry of a curve."""
-    return f"<span style='color:{color}; font-weight:bold'>{SWATCH_GLYPHS[style]}</span>"
 
 
 def nice_ceiling(value: float) -> float:

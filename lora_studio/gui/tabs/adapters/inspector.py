@@ -8,6 +8,7 @@ pyqtgraph's preload), never at import time.
 
 from __future__ import annotations
 
+import html
 from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import Qt
@@ -15,12 +16,14 @@ from PySide6.QtWidgets import QFormLayout, QGroupBox, QLabel, QSizePolicy, QVBox
 
 from lora_studio.core.adapters.inspection import AdapterInspection, per_layer_norms
 from lora_studio.core.system.memory import format_bytes
+from lora_studio.gui.base.widgets import swatch
 
 if TYPE_CHECKING:
     from lora_studio.core.adapters.training_log import TrainingLog
 
 FIELDS = ("name", "rank r", "alpha", "scaling", "init", "targets", "params", "file", "notes")
 NOTHING_SELECTED = "select an adapter in the list to inspect it"
+TRAIN_COLOR, VALIDATION_COLOR = "#4c78a8", "#e45756"
 MAX_LABELLED_BARS = 12  # more labels are unreadable, and each one costs text layout in every axis repaint
 
 
@@ -53,6 +56,7 @@ class AdapterInspector(QGroupBox):
         loss_layout.setContentsMargins(0, 0, 0, 0)
         self.loss_title = QLabel("training loss (loss.csv)")
         self.loss_title.setStyleSheet("color: palette(mid);")
+        self.loss_title.setTextFormat(Qt.TextFormat.RichText)  # the curves' swatches
         self.loss_title.setWordWrap(True)
         loss_layout.addWidget(self.loss_title)
         self.loss_host = QVBoxLayout()
@@ -111,7 +115,6 @@ class AdapterInspector(QGroupBox):
             self.chart_host.addWidget(self.chart, 1)
         if self.loss_chart is None:
             self.loss_chart = _static_plot(pg, 110, "step", "loss", x_grid=True)
-            self.loss_chart.addLegend(offset=(-6, 4), brush=pg.mkBrush(255, 255, 255, 210), labelTextSize="8pt")
             self.loss_host.addWidget(self.loss_chart, 1)
 
     def _draw_norms(self, insp: AdapterInspection) -> None:
@@ -140,7 +143,7 @@ class AdapterInspector(QGroupBox):
             return
         self.loss_box.show()
         if isinstance(log, str):
-            self.loss_title.setText(f"training loss: {log}")
+            self.loss_title.setText(f"training loss: {html.escape(log)}")
             if self.loss_chart is not None:
                 self.loss_chart.hide()
             self.loss_values = None
@@ -153,25 +156,25 @@ class AdapterInspector(QGroupBox):
         plot.clear()
         train, val = log.train, log.val
         if len(train):
-            plot.plot(list(train.steps), list(train.values), pen=pg.mkPen("#4c78a8", width=2), name="train")
+            plot.plot(list(train.steps), list(train.values), pen=pg.mkPen(TRAIN_COLOR, width=2), name="train")
         if len(val):
             plot.plot(
                 list(val.steps),
                 list(val.values),
-                pen=pg.mkPen("#e45756", width=2),
+                pen=pg.mkPen(VALIDATION_COLOR, width=2),
                 name="validation",
                 symbol="o",
                 symbolSize=5,
-                symbolBrush="#e45756",
+                symbolBrush=VALIDATION_COLOR,
                 symbolPen=None,
             )
-        parts = [
-            f"train {train.last:.3f} (best {train.best:.3f})" if len(train) else "",
-            f"validation {val.last:.3f} (best {val.best:.3f})" if len(val) else "",
+        parts = [  # each with its line's swatch: the title is the chart's legend, which covers no line
+            f"{swatch(TRAIN_COLOR)}&nbsp;train {train.last:.3f} (best {train.best:.3f})" if len(train) else "",
+            f"{swatch(VALIDATION_COLOR)}&nbsp;validation {val.last:.3f} (best {val.best:.3f})" if len(val) else "",
         ]
         title = "training loss (loss.csv): " + ", ".join(p for p in parts if p)
         if log.warnings:
-            title += " — " + "; ".join(log.warnings)
+            title += " — " + html.escape("; ".join(log.warnings))
         self.loss_title.setText(title)
         self.loss_values = (list(train.steps), list(train.values), list(val.steps), list(val.values))
 

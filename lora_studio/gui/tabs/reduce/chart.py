@@ -41,7 +41,7 @@ class EnergyChart(QWidget):
 
         self.drawn = True
         if self.plot is None:
-            self.plot = line_chart("rank kept", "energy kept (%)", legend=(-6, -6))
+            self.plot = line_chart("rank kept", "energy kept (%)")
             self.placeholder.hide()
             self.plot_holder.addWidget(self.plot, 1)
         plot = self.plot
