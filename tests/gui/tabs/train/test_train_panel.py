@@ -49,6 +49,8 @@ def test_train_tab_end_to_end(qtbot, tmp_path, tiny_llama):
     assert x_range[0] <= 0 and 12 <= x_range[1] < 13
     legend = panel.plot.getPlotItem().legend
     assert [label.text for _, label in legend.items] == ["training loss", "validation loss"]
+    view_box = panel.plot.getPlotItem().getViewBox()  # the legend sits above the plot area, over none of its lines
+    assert legend.sceneBoundingRect().bottom() <= view_box.sceneBoundingRect().top()
     assert f"val {panel.series['lora:val'][1][-1]:.4f}" in panel.chart.stats_label.text()  # the final evaluation's
     assert "Saved" in panel.summary.summary_label.text()
     assert panel.result.adapter.name == "trained"
