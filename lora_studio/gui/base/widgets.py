@@ -257,9 +257,9 @@ def swatch(color: str, style: str = "solid") -> str:
     return f"<span style='color:{color}; font-weight:bold'>{SWATCH_GLYPHS[style]}</span>"
 
 
-def line_chart(bottom: str, left: str, *, legend: bool = True, min_height: int = 120) -> Any:
+def line_chart(bottom: str, left: str, *, min_height: int = 120) -> Any:
     """A white pyqtgraph plot with a grid, the axis labels and a small legend above the plot area (the tabs' result
-    charts); ``legend`` False for none.
+    charts).
 
     No preferred height (pyqtgraph asks for 480 px): the chart takes what its layout leaves, so the buttons
     under it stay in view at 1280×720."""
@@ -272,8 +272,7 @@ def line_chart(bottom: str, left: str, *, legend: bool = True, min_height: int =
     plot.setLabel("left", left)
     plot.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Ignored)
     plot.setMinimumHeight(min_height)
-    if legend:
-        _legend_above(plot)
+    _legend_above(plot)
     return plot
 
 
