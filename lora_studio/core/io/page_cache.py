@@ -94,7 +94,8 @@ def release_mapped_pages(files: Iterable[Path]) -> int:
     checkpoint on top of the model it built (a float32 demo checkpoint: 513 MB). The pages stay in the page cache, so
     reading one again costs a minor fault, not the disk. A mapping is let go of only when every page of it is the
     file's own (``/proc/self/pagemap``: none is a private copy that something wrote, resident or swapped), so no
-    data can be lost. Linux only; elsewhere 0. About 1 ms for a 0.5 GB checkpoint.
+    data can be lost. Linux only; elsewhere 0. For a 0.5 GB checkpoint: 6 ms with nothing resident, 30 ms with all
+    of it (beside torch's mappings, on two cores).
     """
     import numpy as np
 

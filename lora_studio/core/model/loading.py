@@ -262,7 +262,7 @@ def _weight_files(folder: Path) -> list[Path]:
 def _releasing_as_it_loads(weight_files: list[Path], report: Report) -> Report:
     """``report``, and while transformers reports its tensors, the memory the load is done with handed back: the
     checkpoint's mapped pages read so far (they stay in the page cache), every 30 ms or ten times what the last call
-    took (~1 ms for 0.5 GB; a big checkpoint's page table takes longer to check), and glibc's freed heap pages (the
+    took (6-30 ms for 0.5 GB; a big checkpoint's page table takes longer to check), and glibc's freed heap pages (the
     full-precision copies a quantised load reads its rows from) every 300 ms. Without it a load's peak RSS counted the
     whole checkpoint on top of the model (docs/benchmarks.md, bench_quantized.py)."""
     from lora_studio.core.io.page_cache import release_mapped_pages
