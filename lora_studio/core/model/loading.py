@@ -261,21 +261,24 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def _releasing_as_it_loads(weight_files: list[Path], report: Report) -> Report:
     """``report``, and while transformers reports its tensors, the memory the load is done with handed back: the
-    checkpoint's mapped pages read so far (they stay in the page cache), every 30 ms or ten times what the last call
-    took (6-30 ms for 0.5 GB; a big checkpoint's page table takes longer to check), and glibc's freed heap pages (the
-    full-precision copies a quantised load reads its rows from) every 300 ms. Without it a load's peak RSS counted the
-    whole checkpoint on top of the model (docs/benchmarks.md, bench_quantized.py)."""
+    checkpoint's mapped pages read so far (they stay in the page cache), every 30 ms or five times what checking its
+    page table alone takes (6 ms for 0.5 GB: a big checkpoint is checked less often), and glibc's freed heap pages
+    (the full-precision copies a quantised load reads its rows from) every 300 ms. Without it a load's peak RSS
+    counted the whole checkpoint on top of the model (docs/benchmarks.md, bench_quantized.py)."""
     from lora_studio.core.io.page_cache import release_mapped_pages
     from lora_studio.core.system.allocator import release_free_memory
 
     next_release = next_trim = -math.inf  # from the first tensor on
+    interval = 0.03
 
     def report_and_release(progress: Progress) -> None:
-        nonlocal next_release, next_trim
+        nonlocal next_release, next_trim, interval
         now = time.monotonic()
         if progress.unit == "tensors" and now >= next_release:
-            release_mapped_pages(weight_files)  # at a report, the tensors before it have been copied out
-            next_release = now + max(0.03, 10 * (time.monotonic() - now))
+            released = release_mapped_pages(weight_files)  # at a report, the tensors before it have been copied out
+            if not released:  # what reading the page table alone costs: a big checkpoint's is checked less often
+                interval = max(interval, 5 * (time.monotonic() - now))
+            next_release = now + interval
         if progress.unit == "tensors" and now >= next_trim:
             release_free_memory()
             next_trim = now + 0.3
