@@ -265,8 +265,7 @@ def _releasing_as_it_loads(weight_files: list[Path], report: Report) -> Report:
     page table alone takes (6 ms for 0.5 GB: a big checkpoint is checked less often), and glibc's freed heap pages
     (the full-precision copies a quantised load reads its rows from) every 300 ms. Without it a load's peak RSS
     counted the whole checkpoint on top of the model (docs/benchmarks.md, bench_quantized.py)."""
-    from lora_studio.core.io.page_cache import release_mapped_pages
-    from lora_studio.core.system.allocator import release_free_memory
+    from lora_studio.core.system.allocator import release_free_memory, release_mapped_pages
 
     next_release = next_trim = -math.inf  # from the first tensor on
     interval = 0.03

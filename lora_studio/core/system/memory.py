@@ -15,8 +15,6 @@ how much came back and whether that matches what should have.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import sys
 import threading
 import time
@@ -203,15 +201,11 @@ class SamplingThread:
 
 def trim_heap(collect: bool = True) -> None:
     """Ask glibc to hand freed heap pages back to the OS, so RSS shows what was really freed."""
+    from lora_studio.core.system.allocator import release_free_memory
+
     if collect:
         garbage.collect()  # ~0.3 s with torch loaded: once per measurement, not more
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # musl and others have no malloc_trim
-        pass
+    release_free_memory()  # a no-op off glibc (musl and others have no malloc_trim)
 
 
 @dataclass(frozen=True)

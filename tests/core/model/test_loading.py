@@ -128,16 +128,16 @@ def test_a_load_lets_go_of_its_checkpoints_pages_as_it_reads_and_loads_the_same_
     import torch
     from safetensors.torch import load_file
 
-    from lora_studio.core.io import page_cache
+    from lora_studio.core.system import allocator
 
     released: list[tuple[list, int]] = []
-    release = page_cache.release_mapped_pages
+    release = allocator.release_mapped_pages
 
     def recorded(files):
         released.append((list(files), freed := release(files)))
         return freed
 
-    monkeypatch.setattr(page_cache, "release_mapped_pages", recorded)
+    monkeypatch.setattr(allocator, "release_mapped_pages", recorded)
     model = loading.load_model(sources.resolve_source(tiny_llama))
     assert released and all(files == [tiny_llama / "model.safetensors"] for files, _ in released)
     state = model.state_dict()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_studio.core.io.page_cache import release_mapped_pages
+from lora_studio.core.system.allocator import release_mapped_pages
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
 
