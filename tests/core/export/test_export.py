@@ -3,7 +3,6 @@ llama.cpp itself. The models carry the demo's SmolLM2 tokenizer: llama.cpp's con
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ from shlex import split as shlex_split
 import arch_zoo
 import factories
 import pytest
+from cli_helpers import llama_arguments
 
 from lora_studio.core.errors import Cancelled, UserError
 from lora_studio.core.export import ExportRequest, export_gguf, plan_export
@@ -399,17 +399,6 @@ def test_a_llama_cpp_build_that_crashes_here_skips_the_check_instead_of_taking_t
 
 
 # -- serving bundles --------------------------------------------------------------------------------------------------
-LLAMA_ARGS = {"-m": "model_path", "--model": "model_path", "--lora": "lora_path", "--lora_path": "lora_path"}
-
-
-def llama_arguments(command: str) -> dict[str, str]:
-    """What a bundle's llama-server / llama_cpp.server line hands llama.cpp: the model and the LoRA, by flag."""
-    import shlex
-
-    words = shlex.split(command)
-    return {LLAMA_ARGS[flag]: value for flag, value in itertools.pairwise(words) if flag in LLAMA_ARGS}
-
-
 def answers(command: str, prompt: list[int]) -> list[int]:
     """The command's equivalent through llama-cpp-python (the same model and LoRA arguments): its greedy reply."""
     kwargs = llama_arguments(command)
